@@ -1,0 +1,39 @@
+# Every target bootstraps its own virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
+export FLEET_STATE_DIR ?= $(CURDIR)/.fleet/state
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fleetd
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check fleetd fleetctl protocol tests bench
+	$(BIN)/ruff format --check fleetd fleetctl protocol tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix fleetd fleetctl protocol tests bench
+	$(BIN)/ruff format fleetd fleetctl protocol tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .fleet bench/results

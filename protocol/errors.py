@@ -1,0 +1,168 @@
+"""One exception tree for both sides of the wire.
+
+    FleetError                     error, exit 1
+    ├── BadFrame                   bad_frame: not JSON, not UTF-8, not an object
+    │   └── FrameTooLarge          frame_too_large: over the frame limit
+    ├── UnknownOp                  unknown_op: an op this side does not know
+    ├── InvalidRequest             invalid_request: missing field, wrong type, bad value
+    ├── Unsupported                unsupported: understood but not implemented here
+    ├── Internal                   internal: a bug; the daemon logged the traceback
+    ├── StoreFull                  no_space: the disk is full; nothing was written
+    ├── AlreadyRunning             already_running: another fleetd holds the lock
+    ├── ClientClosed               closed: your code closed the client, then used it
+    ├── NotOwned                   not_owned, exit 10
+    ├── NotEnabled                 not_enabled, exit 10
+    ├── Absent                     absent, exit 11
+    ├── Contested                  contested, exit 12
+    ├── Timeout                    timeout, exit 13
+    ├── Unavailable                unavailable, exit 14: no daemon answers at the socket
+    │   └── ConnectionLost         connection_lost: the daemon went away mid-conversation
+    └── Incompatible               incompatible, exit 15: protocol versions differ
+
+The daemon turns an exception into an error frame with ``code``; the client turns the code
+back into the same class with ``error_for_code``. Codes are stable: never reuse one.
+"""
+
+from typing import Any, ClassVar
+
+from protocol.outcomes import Outcome
+
+
+class FleetError(Exception):
+    """Base of every error fleet reports; `code` travels on the wire, `outcome` maps to exit."""
+
+    code: ClassVar[str] = "error"
+    outcome: ClassVar[Outcome] = Outcome.ERROR
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class BadFrame(FleetError):
+    """The bytes are not a JSON object; the connection is closed after the error frame."""
+
+    code = "bad_frame"
+
+
+class FrameTooLarge(BadFrame):
+    """A line exceeded the frame limit; the stream cannot be resynchronised, so it is closed."""
+
+    code = "frame_too_large"
+
+
+class UnknownOp(FleetError):
+    """The request's op is not one this peer knows (perhaps a newer client)."""
+
+    code = "unknown_op"
+
+
+class InvalidRequest(FleetError):
+    """A field is missing, has the wrong type or a value out of range; fix the request."""
+
+    code = "invalid_request"
+
+
+class Unsupported(FleetError):
+    """Well-formed, understood, and not implemented here (say, a remote worker host)."""
+
+    code = "unsupported"
+
+
+class Internal(FleetError):
+    """An unexpected failure inside fleetd: a bug. The daemon logged the traceback."""
+
+    code = "internal"
+
+
+class StoreFull(FleetError):
+    """The store could not write because the disk is full; nothing was changed."""
+
+    code = "no_space"
+
+
+class AlreadyRunning(FleetError):
+    """Another fleetd holds the lock on this socket or state directory."""
+
+    code = "already_running"
+
+
+class ClientClosed(FleetError):
+    """The client was used after your code closed it."""
+
+    code = "closed"
+
+
+class NotOwned(FleetError):
+    """The caller does not own the resource (any more): stop acting on it."""
+
+    code = "not_owned"
+    outcome = Outcome.NOT_OWNED
+
+
+class NotEnabled(FleetError):
+    """The feature is switched off in this daemon's configuration."""
+
+    code = "not_enabled"
+    outcome = Outcome.NOT_ENABLED
+
+
+class Absent(FleetError):
+    """No such resource."""
+
+    code = "absent"
+    outcome = Outcome.ABSENT
+
+
+class Contested(FleetError):
+    """Another live owner holds the resource."""
+
+    code = "contested"
+    outcome = Outcome.CONTESTED
+
+
+class Timeout(FleetError):
+    """The deadline passed before the operation completed."""
+
+    code = "timeout"
+    outcome = Outcome.TIMEOUT
+
+
+class Unavailable(FleetError):
+    """No daemon answers at the socket: start fleetd or point --socket/FLEET_SOCKET at it."""
+
+    code = "unavailable"
+    outcome = Outcome.UNAVAILABLE
+
+
+class ConnectionLost(Unavailable):
+    """The daemon closed the connection or died with requests in flight."""
+
+    code = "connection_lost"
+
+
+class Incompatible(FleetError):
+    """The peers speak different protocol versions; upgrade the older side."""
+
+    code = "incompatible"
+    outcome = Outcome.INCOMPATIBLE
+
+
+def _all_subclasses(cls: type[FleetError]) -> list[type[FleetError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+ERRORS_BY_CODE: dict[str, type[FleetError]] = {c.code: c for c in _all_subclasses(FleetError)}
+
+
+def error_for_code(code: str, message: str, details: dict[str, Any] | None = None) -> FleetError:
+    """Rebuild the exception a peer reported; an unknown code becomes a plain FleetError."""
+    cls = ERRORS_BY_CODE.get(code, FleetError)
+    error = cls(message, **(details or {}))
+    if cls is FleetError and code != FleetError.code:
+        error.details["code"] = code
+    return error
