@@ -10,6 +10,7 @@
     ├── StoreFull                  no_space: the disk is full; nothing was written
     ├── AlreadyRunning             already_running: another fleetd holds the lock
     ├── ClientClosed               closed: your code closed the client, then used it
+    ├── PermissionDenied           permission_denied: another user's process, refused
     ├── NotOwned                   not_owned, exit 10
     ├── NotEnabled                 not_enabled, exit 10
     ├── Absent                     absent, exit 11
@@ -92,6 +93,12 @@ class ClientClosed(FleetError):
     """The client was used after your code closed it."""
 
     code = "closed"
+
+
+class PermissionDenied(FleetError):
+    """The peer runs as another user; only the daemon's own user and root may connect."""
+
+    code = "permission_denied"
 
 
 class NotOwned(FleetError):

@@ -1,0 +1,41 @@
+"""fleetctl: the client library and CLI of fleetd.
+
+Names are imported on first use, so that the CLI starts without loading what a command does
+not need (anyio alone costs several milliseconds).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from protocol import RELEASE as __version__
+
+if TYPE_CHECKING:
+    from fleetctl.client import Client as Client
+    from fleetctl.sync import SyncClient as SyncClient
+    from protocol.errors import (
+        ConnectionLost as ConnectionLost,
+        FleetError as FleetError,
+        Incompatible as Incompatible,
+        Timeout as Timeout,
+        Unavailable as Unavailable,
+    )
+
+_LAZY = {
+    "Client": "fleetctl.client",
+    "SyncClient": "fleetctl.sync",
+    "FleetError": "protocol.errors",
+    "ConnectionLost": "protocol.errors",
+    "Incompatible": "protocol.errors",
+    "Timeout": "protocol.errors",
+    "Unavailable": "protocol.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fleetctl' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

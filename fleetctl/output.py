@@ -1,0 +1,46 @@
+"""How fleetctl reports: human lines on a terminal, one JSON envelope with --json.
+
+Every --json run prints exactly one envelope ``{"outcome": ...}`` on stdout and exits with the
+outcome's code; errors carry ``"error": {"code", "message"}``. Nothing else goes to stdout.
+"""
+
+import sys
+from typing import Any
+
+import msgspec
+
+from protocol.errors import FleetError
+from protocol.outcomes import Outcome
+
+
+def envelope(outcome: Outcome, **fields: Any) -> bytes:
+    return msgspec.json.encode({"outcome": outcome.value, **fields}) + b"\n"
+
+
+def emit(json_mode: bool, human: str, outcome: Outcome = Outcome.OK, **fields: Any) -> int:
+    if json_mode:
+        sys.stdout.buffer.write(envelope(outcome, **fields))
+    else:
+        sys.stdout.write(human + "\n")
+    sys.stdout.flush()
+    return outcome.exit_code
+
+
+def fail(json_mode: bool, error: FleetError) -> int:
+    if json_mode:
+        sys.stdout.buffer.write(
+            envelope(error.outcome, error={"code": error.code, "message": error.message})
+        )
+        sys.stdout.flush()
+    else:
+        sys.stderr.write(f"fleetctl: {error.message}\n")
+    return error.outcome.exit_code
+
+
+def usage(json_mode: bool, message: str) -> int:
+    if json_mode:
+        sys.stdout.buffer.write(
+            envelope(Outcome.USAGE, error={"code": "usage", "message": message})
+        )
+        sys.stdout.flush()
+    return Outcome.USAGE.exit_code

@@ -1,0 +1,50 @@
+"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`)."""
+
+import os
+import resource
+import sys
+
+import anyio
+import click
+
+from protocol.errors import FleetError
+from protocol.paths import control_socket_path, state_dir_path
+
+from fleetd.daemon import Daemon, DaemonConfig
+from fleetd.log import configure_logging
+
+
+def _raise_fd_limit() -> None:
+    """A supervisor holds a socket per member and per client: use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", default=lambda: control_socket_path(os.environ),
+              show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock, "
+              "else /run/fleet/fleetd.sock", help="Control socket to listen on.")
+@click.option("--state-dir", default=lambda: state_dir_path(os.environ),
+              show_default="$FLEET_STATE_DIR, else $XDG_STATE_HOME/fleet, else /var/lib/fleet",
+              help="Directory for the store and holder state.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
+    """Run fleetd in the foreground."""
+    if ctx.invoked_subcommand is not None:
+        return
+    configure_logging(log_level)
+    _raise_fd_limit()
+    config = DaemonConfig(socket_path=os.path.abspath(socket_path),
+                          state_dir=os.path.abspath(state_dir))
+    try:
+        anyio.run(Daemon(config).run, backend="asyncio", backend_options={"use_uvloop": True})
+    except FleetError as exc:
+        click.echo(f"fleetd: {exc.message}", err=True)
+        sys.exit(exc.outcome.exit_code)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,169 @@
+"""The daemon's lifecycle: lock, open the store, listen, serve, and shut down in order.
+
+Services start in dependency order with ``await tg.start(...)``, so READY=1 is only sent to
+systemd once every one of them is really ready; shutdown runs the same path backwards.
+"""
+
+import fcntl
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import anyio
+import structlog
+from anyio.abc import SocketListener
+
+from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.errors import AlreadyRunning, FleetError, Incompatible
+from protocol.messages import Empty, Hello, HelloResult, Ping, Shutdown, Version, VersionResult
+from protocol.paths import socket_path_problem
+
+from fleetd import systemd
+from fleetd.dispatch import Dispatcher, Peer
+from fleetd.server import ControlServer
+
+log = structlog.get_logger("fleetd")
+
+SHUTDOWN_GRACE = 10.0
+"""Seconds in-flight requests get to finish after SIGTERM before they are cancelled."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: str
+    state_dir: str
+
+
+class StartupError(FleetError):
+    """fleetd cannot start as configured (path too long, directory not writable...)."""
+
+    code = "startup_failed"
+
+
+def check_config(config: DaemonConfig) -> None:
+    problem = socket_path_problem(config.socket_path)
+    if problem:
+        raise StartupError(problem)
+
+
+@contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an flock on `path` for the daemon's lifetime; a second daemon fails here, before
+    it could unlink and steal the socket of the first."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise AlreadyRunning(f"another fleetd (pid {holder}) holds {path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_private_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+async def open_listener(socket_path: str) -> tuple[SocketListener, bool]:
+    """The control listener, from systemd (socket activation) when it passed one; the flag
+    says whether we created the socket file and so must remove it on exit."""
+    inherited = systemd.listen_sockets()
+    if inherited:
+        return await SocketListener.from_socket(inherited[0]), False
+    _make_private_dir(os.path.dirname(socket_path) or ".")
+    return await anyio.create_unix_listener(socket_path, mode=0o600), True
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self._stopping = anyio.Event()
+
+    def dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher()
+        dispatcher.register(Hello, self.hello)
+        dispatcher.register(Ping, self.ping, chatty=True)
+        dispatcher.register(Version, self.version)
+        dispatcher.register(Shutdown, self.shutdown)
+        return dispatcher
+
+    def hello(self, request: Hello, peer: Peer) -> HelloResult:
+        if request.version != PROTOCOL_VERSION:
+            raise Incompatible(
+                f"client speaks protocol {request.version}, fleetd speaks {PROTOCOL_VERSION}",
+                server_version=PROTOCOL_VERSION,
+            )
+        return HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
+
+    def ping(self, request: Ping, peer: Peer) -> Empty:
+        return Empty()
+
+    def version(self, request: Version, peer: Peer) -> VersionResult:
+        return VersionResult(version=RELEASE, protocol=PROTOCOL_VERSION)
+
+    def shutdown(self, request: Shutdown, peer: Peer) -> Empty:
+        log.info("shutdown_requested", peer_pid=peer.pid)
+        self._stopping.set()
+        return Empty()
+
+    async def run(self) -> None:
+        config = self.config
+        check_config(config)
+        with ExitStack() as held:
+            _make_private_dir(config.state_dir)
+            held.enter_context(exclusive_lock(os.path.join(config.state_dir, "fleetd.lock")))
+            held.enter_context(exclusive_lock(config.socket_path + ".lock"))
+            async with anyio.create_task_group() as daemon:
+                daemon.start_soon(self._watch_signals)
+                await self._serve(daemon)
+                daemon.cancel_scope.cancel()
+        log.info("fleetd_stopped")
+
+    async def _serve(self, daemon: anyio.abc.TaskGroup) -> None:
+        listener, owns_socket_file = await open_listener(self.config.socket_path)
+        try:
+            server = ControlServer(self.dispatcher())
+            async with anyio.create_task_group() as serving:
+                await serving.start(server.serve, listener)
+                self._announce_ready(daemon)
+                await self._stopping.wait()
+                systemd.notify("STOPPING=1", "STATUS=finishing in-flight requests")
+                log.info("fleetd_stopping")
+                server.stop()
+                serving.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
+        finally:
+            if owns_socket_file:
+                _unlink_quietly(self.config.socket_path)
+
+    def _announce_ready(self, daemon: anyio.abc.TaskGroup) -> None:
+        systemd.notify("READY=1", f"STATUS=serving {self.config.socket_path}")
+        interval = systemd.watchdog_interval()
+        if interval:
+            daemon.start_soon(_pet_watchdog, interval)
+        log.info("fleetd_ready", socket=self.config.socket_path, state_dir=self.config.state_dir,
+                 pid=os.getpid(), version=RELEASE)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                self._stopping.set()
+
+
+async def _pet_watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await anyio.sleep(interval)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

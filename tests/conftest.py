@@ -1,0 +1,69 @@
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from tests.processes import RUN_TAG, Fleetd, running_fleetd, short_tempdir, tagged_processes
+
+LEAK_GRACE = 5.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_tag() -> Iterator[str]:
+    """Tag the environment that every spawned process inherits, to find leftovers."""
+    tag = uuid.uuid4().hex
+    os.environ[RUN_TAG] = tag
+    yield tag
+
+
+def _tempdirs() -> set[str]:
+    return {name for name in os.listdir("/tmp") if name.startswith("fl-")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(run_tag: str) -> Iterator[None]:
+    """Fail any test that leaves a process, or a short temp dir (and the sockets in it), behind."""
+    dirs_before = _tempdirs()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while (left := tagged_processes(run_tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    new_dirs = _tempdirs() - dirs_before
+    for name in new_dirs:
+        shutil.rmtree(os.path.join("/tmp", name), ignore_errors=True)
+    assert not left, f"test left processes behind: {left}"
+    assert not new_dirs, f"test left temp dirs behind: {sorted(new_dirs)}"
+
+
+@pytest.fixture(autouse=True)
+def reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    return ("asyncio", {"use_uvloop": True})
+
+
+@pytest.fixture
+def tempdir() -> Iterator[str]:
+    path = short_tempdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fleetd(tempdir: str) -> Iterator[Fleetd]:
+    with running_fleetd(tempdir) as daemon:
+        yield daemon

@@ -1,0 +1,150 @@
+"""Test support: a real fleetd as a subprocess, and the leak scan every test ends with."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+RUN_TAG = "FLEET_TEST_RUN"
+"""Set in the environment of everything a test starts, so that leftovers can be found."""
+
+FLEETD = [sys.executable, "-m", "fleetd"]
+FLEETCTL = [sys.executable, "-m", "fleetctl"]
+
+
+def short_tempdir() -> str:
+    """Unix socket paths must stay under 107 bytes: pytest's tmp_path is too deep."""
+    return tempfile.mkdtemp(dir="/tmp", prefix="fl-")
+
+
+def tagged_processes(tag: str) -> list[tuple[int, str]]:
+    """Live processes (not zombies) whose environment carries this run's tag."""
+    needle = f"{RUN_TAG}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found.append((int(entry), f.read().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            continue
+    return found
+
+
+def wait_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for READY=1 on the NOTIFY_SOCKET we gave fleetd: its own word that it serves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        notify.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            message = notify.recv(4096)
+        except TimeoutError:
+            break
+        if b"READY=1" in message.split(b"\n"):
+            return
+    process.kill()
+    process.wait()
+    raise AssertionError(f"fleetd did not become ready within {timeout}s")
+
+
+@dataclass
+class Fleetd:
+    """A fleetd subprocess in its own short temporary directory."""
+
+    root: str
+    process: subprocess.Popen[bytes] | None = None
+    notify: socket.socket | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.root, "fleetd.sock")
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.root, "state")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.root, "fleetd.log")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "FLEET_SOCKET": self.socket_path,
+                "FLEET_STATE_DIR": self.state_dir, **self.extra_env}
+
+    def start(self, timeout: float = 15.0) -> "Fleetd":
+        notify_path = os.path.join(self.root, "notify.sock")
+        if self.notify is None:
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.bind(notify_path)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                FLEETD, env={**self.env, "NOTIFY_SOCKET": notify_path},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
+        wait_ready(self.notify, self.process, timeout)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; SIGKILL if it will not go."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def close(self) -> None:
+        self.stop()
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+
+def fleetctl(*args: str, env: dict[str, str], input: bytes | None = None,
+             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run fleetctl as a real process: what a shell script sees."""
+    return subprocess.run(
+        [*FLEETCTL, *args], env=env, input=input.decode() if input is not None else None,
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+@contextmanager
+def running_fleetd(root: str, **extra_env: str) -> Iterator[Fleetd]:
+    daemon = Fleetd(root, extra_env=extra_env).start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
