@@ -13,9 +13,17 @@ if TYPE_CHECKING:
     from fleetctl.sync import SyncClient as SyncClient
     from protocol.errors import (
         ConnectionLost as ConnectionLost,
+    )
+    from protocol.errors import (
         FleetError as FleetError,
+    )
+    from protocol.errors import (
         Incompatible as Incompatible,
+    )
+    from protocol.errors import (
         Timeout as Timeout,
+    )
+    from protocol.errors import (
         Unavailable as Unavailable,
     )
 
@@ -29,7 +37,16 @@ _LAZY = {
     "Unavailable": "protocol.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "Client",
+    "ConnectionLost",
+    "FleetError",
+    "Incompatible",
+    "SyncClient",
+    "Timeout",
+    "Unavailable",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

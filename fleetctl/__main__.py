@@ -8,6 +8,11 @@ def main() -> None:
 
 
 def _run(argv: list[str]) -> int:
+    from fleetctl import _fast
+
+    fast = _fast.parse(argv)
+    if fast is not None:
+        return _fast.run(*fast)
     from fleetctl.cli import run
 
     return run(argv)

@@ -42,6 +42,7 @@ def check_server_version(hello: HelloResult) -> HelloResult:
 def unavailable(socket_path: str, exc: OSError) -> Unavailable:
     return Unavailable(f"no fleetd at {socket_path}: {exc.strerror or exc}")
 
+
 _result_decoders: dict[type[Message], msgspec.json.Decoder[Any]] = {}
 
 

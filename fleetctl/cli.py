@@ -9,11 +9,10 @@ from typing import Any
 
 import click
 
+from fleetctl.output import emit, fail, usage
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import FleetError
 from protocol.paths import control_socket_path
-
-from fleetctl.output import emit, fail, usage
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ def run_command(body: Callable[[Globals], int]) -> Callable[..., None]:
     """Run `body` with the global options, mapping every FleetError to its outcome."""
 
     @click.pass_obj
-    def command(globals_: Globals, **_: Any) -> None:
+    def command(globals_: Globals, /, **_: Any) -> None:
         try:
             code = body(globals_)
         except FleetError as error:
@@ -45,13 +44,26 @@ def run_command(body: Callable[[Globals], int]) -> Callable[..., None]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", default=lambda: control_socket_path(os.environ),
-              show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock",
-              help="fleetd's control socket.")
-@click.option("--json", "json_mode", is_flag=True,
-              help="Print one JSON envelope on stdout; the exit code is the outcome's.")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.001),
-              help="Seconds to wait for fleetd.")
+@click.option(
+    "--socket",
+    "socket_path",
+    default=lambda: control_socket_path(os.environ),
+    show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock",
+    help="fleetd's control socket.",
+)
+@click.option(
+    "--json",
+    "json_mode",
+    is_flag=True,
+    help="Print one JSON envelope on stdout; the exit code is the outcome's.",
+)
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="Seconds to wait for fleetd.",
+)
 @click.version_option(RELEASE, prog_name="fleetctl")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str, json_mode: bool, timeout: float) -> None:

@@ -13,6 +13,15 @@ from typing import Any, Self
 import anyio
 from anyio.abc import SocketStream
 
+from fleetctl._conversation import (
+    DEFAULT_TIMEOUT,
+    Conversation,
+    R,
+    check_server_version,
+    decode_result,
+    resolve_socket,
+    unavailable,
+)
 from protocol import PROTOCOL_VERSION
 from protocol.errors import (
     ClientClosed,
@@ -32,16 +41,6 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.paths import socket_path_problem
-
-from fleetctl._conversation import (
-    DEFAULT_TIMEOUT,
-    Conversation,
-    R,
-    check_server_version,
-    decode_result,
-    resolve_socket,
-    unavailable,
-)
 
 _READ_SIZE = 65536
 
@@ -71,7 +70,9 @@ class Client:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
@@ -92,7 +93,9 @@ class Client:
             raise unavailable(self.socket_path, exc) from None
         self.state = State.OPENED
         try:
-            hello = await self.request(Hello, HelloResult, version=PROTOCOL_VERSION, client="fleetctl")
+            hello = await self.request(
+                Hello, HelloResult, version=PROTOCOL_VERSION, client="fleetctl"
+            )
             self.server = check_server_version(hello)
         except BaseException:
             await self.aclose()
@@ -116,8 +119,12 @@ class Client:
         await self.request(Shutdown, Empty)
 
     async def request(
-        self, request_type: type[Request], result_type: type[R], *,
-        timeout: float | None = None, **fields: Any,
+        self,
+        request_type: type[Request],
+        result_type: type[R],
+        *,
+        timeout: float | None = None,
+        **fields: Any,
     ) -> R:
         """Send one request and wait for its answer; the typed methods are built on this."""
         stream = self._opened()

@@ -5,6 +5,15 @@ import time
 from types import TracebackType
 from typing import Any, Self
 
+from fleetctl._conversation import (
+    DEFAULT_TIMEOUT,
+    Conversation,
+    R,
+    check_server_version,
+    decode_result,
+    resolve_socket,
+    unavailable,
+)
 from protocol import PROTOCOL_VERSION
 from protocol.errors import ClientClosed, ConnectionLost, Timeout, Unavailable
 from protocol.messages import (
@@ -18,16 +27,6 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.paths import socket_path_problem
-
-from fleetctl._conversation import (
-    DEFAULT_TIMEOUT,
-    Conversation,
-    R,
-    check_server_version,
-    decode_result,
-    resolve_socket,
-    unavailable,
-)
 
 _READ_SIZE = 65536
 
@@ -48,7 +47,9 @@ class SyncClient:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -94,8 +95,12 @@ class SyncClient:
         self.request(Shutdown, Empty)
 
     def request(
-        self, request_type: type[Request], result_type: type[R], *,
-        timeout: float | None = None, **fields: Any,
+        self,
+        request_type: type[Request],
+        result_type: type[R],
+        *,
+        timeout: float | None = None,
+        **fields: Any,
     ) -> R:
         sock = self._sock
         if sock is None:

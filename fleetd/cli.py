@@ -7,11 +7,10 @@ import sys
 import anyio
 import click
 
-from protocol.errors import FleetError
-from protocol.paths import control_socket_path, state_dir_path
-
 from fleetd.daemon import Daemon, DaemonConfig
 from fleetd.log import configure_logging
+from protocol.errors import FleetError
+from protocol.paths import control_socket_path, state_dir_path
 
 
 def _raise_fd_limit() -> None:
@@ -22,14 +21,26 @@ def _raise_fd_limit() -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", default=lambda: control_socket_path(os.environ),
-              show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock, "
-              "else /run/fleet/fleetd.sock", help="Control socket to listen on.")
-@click.option("--state-dir", default=lambda: state_dir_path(os.environ),
-              show_default="$FLEET_STATE_DIR, else $XDG_STATE_HOME/fleet, else /var/lib/fleet",
-              help="Directory for the store and holder state.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--socket",
+    "socket_path",
+    default=lambda: control_socket_path(os.environ),
+    show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock, "
+    "else /run/fleet/fleetd.sock",
+    help="Control socket to listen on.",
+)
+@click.option(
+    "--state-dir",
+    default=lambda: state_dir_path(os.environ),
+    show_default="$FLEET_STATE_DIR, else $XDG_STATE_HOME/fleet, else /var/lib/fleet",
+    help="Directory for the store and holder state.",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
     """Run fleetd in the foreground."""
@@ -37,8 +48,9 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
         return
     configure_logging(log_level)
     _raise_fd_limit()
-    config = DaemonConfig(socket_path=os.path.abspath(socket_path),
-                          state_dir=os.path.abspath(state_dir))
+    config = DaemonConfig(
+        socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
+    )
     try:
         anyio.run(Daemon(config).run, backend="asyncio", backend_options={"use_uvloop": True})
     except FleetError as exc:

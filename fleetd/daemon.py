@@ -7,22 +7,22 @@ systemd once every one of them is really ready; shutdown runs the same path back
 import fcntl
 import os
 import signal
+import socket
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 
 import anyio
 import structlog
 from anyio.abc import SocketListener
 
+from fleetd import systemd
+from fleetd.dispatch import Dispatcher, Peer
+from fleetd.server import ControlServer
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import AlreadyRunning, FleetError, Incompatible
 from protocol.messages import Empty, Hello, HelloResult, Ping, Shutdown, Version, VersionResult
 from protocol.paths import socket_path_problem
-
-from fleetd import systemd
-from fleetd.dispatch import Dispatcher, Peer
-from fleetd.server import ControlServer
 
 log = structlog.get_logger("fleetd")
 
@@ -42,8 +42,8 @@ class StartupError(FleetError):
     code = "startup_failed"
 
 
-def check_config(config: DaemonConfig) -> None:
-    problem = socket_path_problem(config.socket_path)
+def check_socket_path(socket_path: str) -> None:
+    problem = socket_path_problem(socket_path)
     if problem:
         raise StartupError(problem)
 
@@ -70,19 +70,23 @@ def _make_private_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
-async def open_listener(socket_path: str) -> tuple[SocketListener, bool]:
-    """The control listener, from systemd (socket activation) when it passed one; the flag
-    says whether we created the socket file and so must remove it on exit."""
-    inherited = systemd.listen_sockets()
-    if inherited:
-        return await SocketListener.from_socket(inherited[0]), False
+def _socket_file_of(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    return name if isinstance(name, str) else ""
+
+
+async def open_listener(socket_path: str, inherited: socket.socket | None) -> SocketListener:
+    """The control listener: systemd's socket under activation, else a new 0600 socket."""
+    if inherited is not None:
+        return await SocketListener.from_socket(inherited)
     _make_private_dir(os.path.dirname(socket_path) or ".")
-    return await anyio.create_unix_listener(socket_path, mode=0o600), True
+    return await anyio.create_unix_listener(socket_path, mode=0o600)
 
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
+        self.socket_path = config.socket_path
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -113,20 +117,34 @@ class Daemon:
         return Empty()
 
     async def run(self) -> None:
-        config = self.config
-        check_config(config)
+        """Serve until SIGTERM/SIGINT or a shutdown request. Startup problems raise
+        StartupError or AlreadyRunning before anything is touched."""
+        try:
+            inherited = next(iter(systemd.listen_sockets()), None)
+        except OSError as exc:
+            raise StartupError(f"cannot use the socket systemd passed: {exc}") from None
+        if inherited is not None:
+            self.socket_path = _socket_file_of(inherited) or self.socket_path
+        check_socket_path(self.socket_path)
         with ExitStack() as held:
-            _make_private_dir(config.state_dir)
-            held.enter_context(exclusive_lock(os.path.join(config.state_dir, "fleetd.lock")))
-            held.enter_context(exclusive_lock(config.socket_path + ".lock"))
+            try:
+                _make_private_dir(self.config.state_dir)
+                held.enter_context(
+                    exclusive_lock(os.path.join(self.config.state_dir, "fleetd.lock"))
+                )
+                held.enter_context(exclusive_lock(self.socket_path + ".lock"))
+                listener = await open_listener(self.socket_path, inherited)
+            except OSError as exc:
+                raise StartupError(f"cannot start: {exc}") from None
             async with anyio.create_task_group() as daemon:
                 daemon.start_soon(self._watch_signals)
-                await self._serve(daemon)
+                await self._serve(daemon, listener, owns_socket_file=inherited is None)
                 daemon.cancel_scope.cancel()
         log.info("fleetd_stopped")
 
-    async def _serve(self, daemon: anyio.abc.TaskGroup) -> None:
-        listener, owns_socket_file = await open_listener(self.config.socket_path)
+    async def _serve(
+        self, daemon: anyio.abc.TaskGroup, listener: SocketListener, *, owns_socket_file: bool
+    ) -> None:
         try:
             server = ControlServer(self.dispatcher())
             async with anyio.create_task_group() as serving:
@@ -139,15 +157,20 @@ class Daemon:
                 serving.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
         finally:
             if owns_socket_file:
-                _unlink_quietly(self.config.socket_path)
+                _unlink_quietly(self.socket_path)
 
     def _announce_ready(self, daemon: anyio.abc.TaskGroup) -> None:
-        systemd.notify("READY=1", f"STATUS=serving {self.config.socket_path}")
+        systemd.notify("READY=1", f"STATUS=serving {self.socket_path}")
         interval = systemd.watchdog_interval()
         if interval:
             daemon.start_soon(_pet_watchdog, interval)
-        log.info("fleetd_ready", socket=self.config.socket_path, state_dir=self.config.state_dir,
-                 pid=os.getpid(), version=RELEASE)
+        log.info(
+            "fleetd_ready",
+            socket=self.socket_path,
+            state_dir=self.config.state_dir,
+            pid=os.getpid(),
+            version=RELEASE,
+        )
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -163,7 +186,5 @@ async def _pet_watchdog(interval: float) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

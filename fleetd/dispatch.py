@@ -77,7 +77,9 @@ class Dispatcher:
             return _failed(request, route, exc, started)
         return _succeeded(request, route, result, started)  # type: ignore[arg-type]
 
-    async def _finish(self, request: Request, route: _Route, peer: Peer, started: float) -> Response:
+    async def _finish(
+        self, request: Request, route: _Route, peer: Peer, started: float
+    ) -> Response:
         try:
             result = await route.handler(request, peer)  # type: ignore[misc]
         except Exception as exc:
@@ -92,19 +94,31 @@ def _op(request: Request) -> str:
 def _succeeded(request: Request, route: _Route, result: Message, started: float) -> Response:
     outcome = getattr(result, "outcome", "ok")
     emit = log.debug if route.chatty else log.info
-    emit("request_handled", op=_op(request), id=request.id, outcome=str(outcome),
-         duration_us=round((time.perf_counter() - started) * 1e6))
+    emit(
+        "request_handled",
+        op=_op(request),
+        id=request.id,
+        outcome=str(outcome),
+        duration_us=round((time.perf_counter() - started) * 1e6),
+    )
     return Response(id=request.id, ok=True, result=result)
 
 
 def _failed(request: Request, route: _Route, exc: Exception, started: float) -> Response:
     duration_us = round((time.perf_counter() - started) * 1e6)
     if isinstance(exc, FleetError):
-        log.info("request_failed", op=_op(request), id=request.id, outcome=str(exc.outcome),
-                 code=exc.code, duration_us=duration_us)
+        log.info(
+            "request_failed",
+            op=_op(request),
+            id=request.id,
+            outcome=str(exc.outcome),
+            code=exc.code,
+            duration_us=duration_us,
+        )
         return error_response(request.id, exc.code, exc.message, **exc.details)
-    log.error("request_crashed", op=_op(request), id=request.id, duration_us=duration_us,
-              exc_info=exc)
+    log.error(
+        "request_crashed", op=_op(request), id=request.id, duration_us=duration_us, exc_info=exc
+    )
     return error_response(request.id, Internal.code, f"internal error: {type(exc).__name__}")
 
 

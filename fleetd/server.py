@@ -13,12 +13,11 @@ import anyio
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
+from fleetd.dispatch import Dispatcher, Peer, Pending
 from protocol import MAX_FRAME
 from protocol.errors import BadFrame, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
 from protocol.messages import Response
-
-from fleetd.dispatch import Dispatcher, Peer, Pending
 
 log = structlog.get_logger("fleetd.server")
 
@@ -63,7 +62,9 @@ class ControlServer:
         for connection in self._connections:
             connection.stop_reading()
 
-    async def _accept_forever(self, listener: SocketListener, connections: anyio.abc.TaskGroup) -> None:
+    async def _accept_forever(
+        self, listener: SocketListener, connections: anyio.abc.TaskGroup
+    ) -> None:
         while True:
             try:
                 stream = await listener.accept()

@@ -8,6 +8,7 @@
     ├── Unsupported                unsupported: understood but not implemented here
     ├── Internal                   internal: a bug; the daemon logged the traceback
     ├── StoreFull                  no_space: the disk is full; nothing was written
+    ├── Compacted                  compacted: that revision is no longer in the store's history
     ├── AlreadyRunning             already_running: another fleetd holds the lock
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
@@ -81,6 +82,13 @@ class StoreFull(FleetError):
     """The store could not write because the disk is full; nothing was changed."""
 
     code = "no_space"
+
+
+class Compacted(FleetError):
+    """A watch asked for changes older than the store's history keeps: read the current state,
+    then watch from the revision of that read plus one."""
+
+    code = "compacted"
 
 
 class AlreadyRunning(FleetError):

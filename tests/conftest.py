@@ -4,6 +4,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 
 import pytest
 import structlog
@@ -34,10 +35,8 @@ def no_leaks(run_tag: str) -> Iterator[None]:
     while (left := tagged_processes(run_tag)) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid, _ in left:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     new_dirs = _tempdirs() - dirs_before
     for name in new_dirs:
         shutil.rmtree(os.path.join("/tmp", name), ignore_errors=True)

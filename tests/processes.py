@@ -44,7 +44,7 @@ def tagged_processes(tag: str) -> list[tuple[int, str]]:
     return found
 
 
-def wait_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> bytes:
     """Wait for READY=1 on the NOTIFY_SOCKET we gave fleetd: its own word that it serves."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,7 +54,7 @@ def wait_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout:
         except TimeoutError:
             break
         if b"READY=1" in message.split(b"\n"):
-            return
+            return message
     process.kill()
     process.wait()
     raise AssertionError(f"fleetd did not become ready within {timeout}s")
@@ -68,6 +68,7 @@ class Fleetd:
     process: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    ready_message: bytes = b""
 
     @property
     def socket_path(self) -> str:
@@ -83,8 +84,12 @@ class Fleetd:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLEET_SOCKET": self.socket_path,
-                "FLEET_STATE_DIR": self.state_dir, **self.extra_env}
+        return {
+            **os.environ,
+            "FLEET_SOCKET": self.socket_path,
+            "FLEET_STATE_DIR": self.state_dir,
+            **self.extra_env,
+        }
 
     def start(self, timeout: float = 15.0) -> "Fleetd":
         notify_path = os.path.join(self.root, "notify.sock")
@@ -93,10 +98,17 @@ class Fleetd:
             self.notify.bind(notify_path)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                FLEETD, env={**self.env, "NOTIFY_SOCKET": notify_path},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                FLEETD,
+                env={**self.env, "NOTIFY_SOCKET": notify_path},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
-        wait_ready(self.notify, self.process, timeout)
+        try:
+            self.ready_message = wait_ready(self.notify, self.process, timeout)
+        except AssertionError:
+            self.close()
+            raise AssertionError(f"fleetd did not become ready; its log:\n{self.log()}") from None
         return self
 
     def signal(self, signum: int) -> None:
@@ -132,12 +144,18 @@ class Fleetd:
             self.notify = None
 
 
-def fleetctl(*args: str, env: dict[str, str], input: bytes | None = None,
-             timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def fleetctl(
+    *args: str, env: dict[str, str], input: bytes | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
     """Run fleetctl as a real process: what a shell script sees."""
     return subprocess.run(
-        [*FLEETCTL, *args], env=env, input=input.decode() if input is not None else None,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [*FLEETCTL, *args],
+        env=env,
+        input=input.decode() if input is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -1,17 +1,21 @@
 """fleetd as a process: start, answer, refuse a twin, stop cleanly."""
 
+import json
 import os
 import signal
-import stat
-
 import socket
+import stat
+import subprocess
+import sys
+import time
 
 import anyio
 
 import fleetctl
 from protocol.framing import decode_response, encode
 from protocol.messages import Ping
-from tests.processes import Fleetd, fleetctl as run_fleetctl
+from tests.processes import Fleetd, wait_ready
+from tests.processes import fleetctl as run_fleetctl
 
 
 def test_control_socket_is_private(fleetd: Fleetd) -> None:
@@ -24,14 +28,19 @@ def test_second_fleetd_on_same_state_dir_refuses_and_keeps_the_first_serving(
 ) -> None:
     twin = Fleetd(os.path.join(tempdir, "twin"))
     os.mkdir(twin.root)
-    twin.extra_env = {"FLEET_STATE_DIR": fleetd.state_dir,
-                      "FLEET_SOCKET": os.path.join(twin.root, "other.sock")}
+    twin.extra_env = {
+        "FLEET_STATE_DIR": fleetd.state_dir,
+        "FLEET_SOCKET": os.path.join(twin.root, "other.sock"),
+    }
     result = run_fleetctl("ping", env=fleetd.env)
-    import subprocess
-    import sys
-
-    refused = subprocess.run([sys.executable, "-m", "fleetd"], env=twin.env,
-                             capture_output=True, text=True, timeout=30, check=False)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fleetd"],
+        env=twin.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert refused.returncode == 1
     assert "another fleetd" in refused.stderr and f"pid {fleetd.process.pid}" in refused.stderr
     assert result.returncode == 0
@@ -39,12 +48,15 @@ def test_second_fleetd_on_same_state_dir_refuses_and_keeps_the_first_serving(
 
 
 def test_second_fleetd_on_same_socket_refuses_without_stealing_it(fleetd: Fleetd) -> None:
-    import subprocess
-    import sys
-
     env = {**fleetd.env, "FLEET_STATE_DIR": fleetd.state_dir + "-other"}
-    refused = subprocess.run([sys.executable, "-m", "fleetd"], env=env,
-                             capture_output=True, text=True, timeout=30, check=False)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fleetd"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert refused.returncode == 1
     assert "another fleetd" in refused.stderr
     assert run_fleetctl("ping", env=fleetd.env).returncode == 0
@@ -85,10 +97,70 @@ def test_requests_read_before_sigterm_are_all_answered(fleetd: Fleetd) -> None:
 def test_each_request_is_logged_once_with_op_outcome_and_duration(fleetd: Fleetd) -> None:
     run_fleetctl("version", env=fleetd.env)
     fleetd.stop()
-    import json
-
     lines = [json.loads(line) for line in fleetd.log().splitlines()]
     handled = [line for line in lines if line.get("event") == "request_handled"]
     assert [line["op"] for line in handled] == ["hello", "version"]
     for line in handled:
         assert line["outcome"] == "ok" and isinstance(line["duration_us"], int)
+
+
+def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    launcher = (
+        "import os, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        f"s.bind({daemon.socket_path!r}); s.listen()\n"
+        "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
+        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'fleetd', '--socket', '/nonexistent/x'])\n"
+    )
+    notify_path = os.path.join(tempdir, "notify.sock")
+    daemon.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.notify.bind(notify_path)
+    with open(daemon.log_path, "wb") as log:
+        daemon.process = subprocess.Popen(
+            [sys.executable, "-c", launcher],
+            env={**daemon.env, "NOTIFY_SOCKET": notify_path},
+            stdout=log,
+            stderr=log,
+            pass_fds=(),
+        )
+    try:
+        wait_ready(daemon.notify, daemon.process, 15)
+        assert run_fleetctl("ping", env=daemon.env).returncode == 0
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+        assert os.path.exists(daemon.socket_path)
+    finally:
+        daemon.close()
+
+
+def notifications(daemon: Fleetd, until: bytes, timeout: float = 10.0) -> list[bytes]:
+    assert daemon.notify is not None
+    daemon.notify.settimeout(timeout)
+    seen: list[bytes] = []
+    while until not in seen:
+        seen.extend(daemon.notify.recv(4096).split(b"\n"))
+    return seen
+
+
+def test_watchdog_is_pinged_at_half_the_interval(tempdir: str) -> None:
+    daemon = Fleetd(tempdir, extra_env={"WATCHDOG_USEC": "200000"}).start()
+    try:
+        started = time.monotonic()
+        seen = notifications(daemon, b"WATCHDOG=1")
+        seen += notifications(daemon, b"WATCHDOG=1")
+        assert seen.count(b"WATCHDOG=1") >= 2
+        assert time.monotonic() - started < 2.0
+    finally:
+        daemon.close()
+
+
+def test_sigterm_tells_systemd_stopping(fleetd: Fleetd) -> None:
+    fleetd.signal(signal.SIGTERM)
+    assert b"STOPPING=1" in notifications(fleetd, b"STOPPING=1")
+    assert fleetd.wait() == 0
+
+
+def test_ready_status_names_the_socket(fleetd: Fleetd) -> None:
+    assert f"STATUS=serving {fleetd.socket_path}".encode() in fleetd.ready_message.split(b"\n")

@@ -1,0 +1,212 @@
+"""A start-up fast path for the commands that scripts and health checks run in loops.
+
+The interpreter starts in about 12 ms; importing click and msgspec would add about 40 ms more,
+four times the cost of the work itself. For `ping` and `version` with plain global options,
+fleetctl speaks the protocol here with only the C modules `_socket` and `_json`, printing
+exactly what the click commands print (tests/test_cli.py runs both and compares). Anything
+else (other commands, --help, a typo) returns None and goes through click.
+"""
+
+import _json
+import _socket
+import os
+import sys
+import time
+from typing import Any, ClassVar
+
+from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.outcomes import Outcome
+from protocol.paths import control_socket_path, socket_path_problem
+
+_COMMANDS = ("ping", "version")
+_DEFAULT_TIMEOUT = 10.0
+
+
+class _ScanContext:
+    """What _json.make_scanner reads from json.JSONDecoder, without importing json."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float
+    memo: ClassVar[dict[str, Any]] = {}
+
+
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]  # duck-typed context
+_quote = _json.encode_basestring
+
+
+class _Failure(Exception):
+    def __init__(self, outcome: Outcome, code: str, message: str) -> None:
+        self.outcome, self.code, self.message = outcome, code, message
+
+
+def parse(argv: list[str]) -> tuple[str, str | None, bool] | None:
+    """(command, socket, json) when argv is a plain fast-path command line, else None."""
+    socket_path, json_mode, rest = None, False, list(argv)
+    while rest and rest[0].startswith("--"):
+        option = rest.pop(0)
+        if option == "--json":
+            json_mode = True
+        elif option == "--socket" and rest:
+            socket_path = rest.pop(0)
+        elif option.startswith("--socket="):
+            socket_path = option.removeprefix("--socket=")
+        else:
+            return None
+    if len(rest) != 1 or rest[0] not in _COMMANDS or socket_path == "":
+        return None
+    return rest[0], socket_path, json_mode
+
+
+def run(command: str, socket_path: str | None, json_mode: bool) -> int:
+    path = socket_path or control_socket_path(os.environ)
+    try:
+        with _Connection(path) as connection:
+            hello = connection.call(
+                f'"op":"hello","version":{PROTOCOL_VERSION},"client":"fleetctl"'
+            )
+            _check_version(hello)
+            if command == "ping":
+                return _ping(connection, hello, json_mode)
+            return _version(connection, json_mode)
+    except _Failure as failure:
+        return _fail(failure, json_mode)
+
+
+def _check_version(hello: dict[str, Any]) -> None:
+    """The same refusal as fleetctl._conversation.check_server_version."""
+    if hello.get("version") != PROTOCOL_VERSION:
+        raise _Failure(
+            Outcome.INCOMPATIBLE,
+            "incompatible",
+            f"fleetd speaks protocol {hello.get('version')}, this client speaks {PROTOCOL_VERSION}",
+        )
+
+
+def _ping(connection: "_Connection", hello: dict[str, Any], json_mode: bool) -> int:
+    started = time.perf_counter()
+    connection.call('"op":"ping"')
+    rtt_us = round((time.perf_counter() - started) * 1e6)
+    server, pid = hello["server"], hello["pid"]
+    if json_mode:
+        return _envelope(f'"daemon":{{"version":{_quote(server)},"pid":{pid:d}}},"rtt_us":{rtt_us}')
+    return _print(f"pong from fleetd {server} (pid {pid}) in {rtt_us} µs")
+
+
+def _version(connection: "_Connection", json_mode: bool) -> int:
+    daemon = connection.call('"op":"version"')
+    version, protocol = daemon["version"], daemon["protocol"]
+    if json_mode:
+        return _envelope(
+            f'"client":{{"version":{_quote(RELEASE)},"protocol":{PROTOCOL_VERSION}}},'
+            f'"daemon":{{"version":{_quote(version)},"protocol":{protocol:d}}}'
+        )
+    return _print(
+        f"fleetctl {RELEASE} (protocol {PROTOCOL_VERSION})\nfleetd {version} (protocol {protocol})"
+    )
+
+
+def _print(text: str) -> int:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _envelope(fields: str) -> int:
+    sys.stdout.write(f'{{"outcome":"ok",{fields}}}\n')
+    sys.stdout.flush()
+    return 0
+
+
+def _fail(failure: _Failure, json_mode: bool) -> int:
+    if json_mode:
+        outcome, code = _quote(failure.outcome.value), _quote(failure.code)
+        sys.stdout.write(
+            f'{{"outcome":{outcome},"error":{{"code":{code},"message":{_quote(failure.message)}}}}}\n'
+        )
+        sys.stdout.flush()
+    else:
+        sys.stderr.write(f"fleetctl: {failure.message}\n")
+    return failure.outcome.exit_code
+
+
+_OUTCOME_OF_CODE = {
+    "incompatible": Outcome.INCOMPATIBLE,
+    "unavailable": Outcome.UNAVAILABLE,
+    "connection_lost": Outcome.UNAVAILABLE,
+    "timeout": Outcome.TIMEOUT,
+}
+
+
+class _Connection:
+    """One request at a time over a blocking socket; answers are matched by id."""
+
+    def __init__(self, path: str) -> None:
+        problem = socket_path_problem(path)
+        if problem:
+            raise _Failure(Outcome.UNAVAILABLE, "unavailable", problem)
+        self.path = path
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self.sock.settimeout(_DEFAULT_TIMEOUT)
+        self.buffer = b""
+        self.next_id = 0
+
+    def __enter__(self) -> "_Connection":
+        try:
+            self.sock.connect(self.path)
+        except TimeoutError:
+            raise self._timeout(
+                f"connecting to {self.path} took over {_DEFAULT_TIMEOUT}s"
+            ) from None
+        except OSError as exc:
+            raise _Failure(
+                Outcome.UNAVAILABLE,
+                "unavailable",
+                f"no fleetd at {self.path}: {exc.strerror or exc}",
+            ) from None
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+    def _timeout(self, message: str) -> _Failure:
+        return _Failure(Outcome.TIMEOUT, "timeout", message)
+
+    def call(self, body: str) -> dict[str, Any]:
+        self.next_id += 1
+        try:
+            self.sock.sendall(f'{{{body},"id":{self.next_id}}}\n'.encode())
+            response = self._read_response()
+        except TimeoutError:
+            raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
+        except OSError as exc:
+            raise _Failure(
+                Outcome.UNAVAILABLE, "connection_lost", f"fleetd went away: {exc.strerror or exc}"
+            ) from None
+        if response.get("ok") is True:
+            result: dict[str, Any] = response["result"]
+            return result
+        error = response.get("error") or {}
+        code = str(error.get("code", "error"))
+        raise _Failure(
+            _OUTCOME_OF_CODE.get(code, Outcome.ERROR),
+            code,
+            str(error.get("message", "fleetd refused the request")),
+        )
+
+    def _read_response(self) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise _Failure(
+                    Outcome.UNAVAILABLE, "connection_lost", "fleetd closed the connection"
+                )
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        response, _ = _scan(line.decode(), 0)
+        if not isinstance(response, dict):
+            raise _Failure(Outcome.ERROR, "bad_frame", "fleetd sent a bad frame")
+        return response

@@ -1,0 +1,171 @@
+"""fleetctl as scripts see it: one envelope on stdout with --json, stable exit codes."""
+
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+
+from fleetctl.cli import cli, run
+from protocol import PROTOCOL_VERSION, RELEASE
+from tests.processes import Fleetd, fleetctl
+
+
+def envelope(stdout: str) -> dict[str, object]:
+    lines = stdout.splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stdout, got {stdout!r}"
+    parsed: dict[str, object] = json.loads(lines[0])
+    return parsed
+
+
+def without_timing(text: str) -> str:
+    return text.rsplit(" in ", 1)[0] if text.startswith("pong") else text
+
+
+def test_ping_prints_the_daemon_and_exits_zero(fleetd: Fleetd) -> None:
+    result = fleetctl("ping", env=fleetd.env)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"pong from fleetd {RELEASE} (pid {fleetd.process.pid}) in ")
+
+
+def test_json_ping_prints_one_ok_envelope(fleetd: Fleetd) -> None:
+    result = fleetctl("--json", "ping", env=fleetd.env)
+    assert result.returncode == 0
+    body = envelope(result.stdout)
+    assert body["outcome"] == "ok"
+    assert body["daemon"] == {"version": RELEASE, "pid": fleetd.process.pid}
+    assert isinstance(body["rtt_us"], int)
+
+
+def test_version_names_client_and_daemon(fleetd: Fleetd) -> None:
+    result = fleetctl("--json", "version", env=fleetd.env)
+    assert result.returncode == 0
+    assert envelope(result.stdout) == {
+        "outcome": "ok",
+        "client": {"version": RELEASE, "protocol": PROTOCOL_VERSION},
+        "daemon": {"version": RELEASE, "protocol": PROTOCOL_VERSION},
+    }
+
+
+def test_no_daemon_is_one_line_on_stderr_and_exit_14(tempdir: str) -> None:
+    result = fleetctl("--socket", os.path.join(tempdir, "none.sock"), "ping", env=dict(os.environ))
+    assert result.returncode == 14
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert "no fleetd at" in result.stderr
+
+
+def test_no_daemon_with_json_is_an_unavailable_envelope(tempdir: str) -> None:
+    result = fleetctl(
+        "--json", "--socket", os.path.join(tempdir, "x.sock"), "version", env=dict(os.environ)
+    )
+    assert result.returncode == 14
+    assert envelope(result.stdout)["outcome"] == "unavailable"
+
+
+def test_socket_path_over_the_limit_is_refused_clearly(tempdir: str) -> None:
+    long_path = os.path.join(tempdir, "s" * 120 + ".sock")
+    result = fleetctl("--socket", long_path, "ping", env=dict(os.environ))
+    assert result.returncode == 14
+    assert "107-byte limit" in result.stderr
+
+
+def test_bad_flag_is_a_usage_error_exit_2(tempdir: str) -> None:
+    result = fleetctl("--no-such-flag", "ping", env=dict(os.environ))
+    assert result.returncode == 2
+    assert "No such option" in result.stderr
+
+
+def test_bad_flag_with_json_is_a_usage_envelope() -> None:
+    result = fleetctl("--json", "ping", "--no-such-flag", env=dict(os.environ))
+    assert result.returncode == 2
+    assert envelope(result.stdout)["outcome"] == "usage"
+
+
+@pytest.fixture
+def fake_daemon(tempdir: str) -> Iterator[tuple[str, list[bytes]]]:
+    """A listener that answers every hello as a fleetd of a newer protocol would."""
+    path = os.path.join(tempdir, "fake.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    server.settimeout(10)
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                seen.append(request)
+                request_id = json.loads(request.splitlines()[0])["id"]
+                answer = {
+                    "id": request_id,
+                    "ok": True,
+                    "result": {"version": PROTOCOL_VERSION + 1, "server": "9.9", "pid": 1},
+                }
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield path, seen
+    server.shutdown(socket.SHUT_RDWR)
+    server.close()
+    thread.join(5)
+
+
+@pytest.mark.parametrize("command", ["ping", "version"])
+def test_protocol_mismatch_is_refused_with_exit_15(
+    fake_daemon: tuple[str, list[bytes]], command: str
+) -> None:
+    path, _ = fake_daemon
+    fast = fleetctl("--socket", path, command, env=dict(os.environ))
+    slow = CliRunner().invoke(cli, ["--socket", path, command])
+    assert fast.returncode == 15
+    assert "protocol" in fast.stderr
+    assert slow.exit_code != 0
+    assert run(["--socket", path, command]) == 15
+
+
+@pytest.mark.parametrize("argv", [["ping"], ["--json", "ping"], ["version"], ["--json", "version"]])
+def test_fast_path_prints_what_the_click_command_prints(
+    fleetd: Fleetd, argv: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    fast = fleetctl(*argv, env=fleetd.env)
+    code = run(["--socket", fleetd.socket_path, *argv])
+    slow = capfd.readouterr().out
+    assert code == fast.returncode == 0
+    if "--json" in argv:
+        fast_body, slow_body = envelope(fast.stdout), envelope(slow)
+        fast_body.pop("rtt_us", None)
+        slow_body.pop("rtt_us", None)
+        assert fast_body == slow_body
+        assert list(json.loads(fast.stdout)) == list(json.loads(slow))
+    else:
+        assert without_timing(fast.stdout) == without_timing(slow)
+
+
+@pytest.mark.parametrize("argv", [["--json", "ping"], ["version"]])
+def test_fast_path_reports_a_missing_daemon_like_the_click_command(
+    tempdir: str, argv: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = os.path.join(tempdir, "gone.sock")
+    fast = fleetctl("--socket", path, *argv, env=dict(os.environ))
+    code = run(["--socket", path, *argv])
+    captured = capfd.readouterr()
+    assert code == fast.returncode == 14
+    assert (fast.stdout, fast.stderr) == (captured.out, captured.err)
+
+
+def test_help_lists_the_commands() -> None:
+    result = fleetctl("--help", env=dict(os.environ))
+    assert result.returncode == 0
+    assert "ping" in result.stdout and "version" in result.stdout
+    assert sys.executable
