@@ -20,14 +20,14 @@ from protocol.errors import (
 )
 from protocol.framing import FrameSplitter, decode_response, encode
 from protocol.messages import HelloResult, Message, RawResponse, Request
-from protocol.paths import control_socket_path
+from protocol.paths import client_socket_path
 
 R = TypeVar("R", bound=Message)
 DEFAULT_TIMEOUT = 10.0
 
 
 def resolve_socket(socket_path: str | None) -> str:
-    return socket_path or control_socket_path(os.environ)
+    return socket_path or client_socket_path(os.environ, os.path.exists)
 
 
 def check_server_version(hello: HelloResult) -> HelloResult:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.outcomes import Outcome
-from protocol.paths import control_socket_path, socket_path_problem
+from protocol.paths import client_socket_path, socket_path_problem
 
 _COMMANDS = ("ping", "version")
 _DEFAULT_TIMEOUT = 10.0
@@ -62,7 +62,7 @@ def parse(argv: list[str]) -> tuple[str, str | None, bool] | None:
 
 
 def run(command: str, socket_path: str | None, json_mode: bool) -> int:
-    path = socket_path or control_socket_path(os.environ)
+    path = socket_path or client_socket_path(os.environ, os.path.exists)
     try:
         with _Connection(path) as connection:
             hello = connection.call(

@@ -12,7 +12,7 @@ import click
 from fleetctl.output import emit, fail, usage
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import FleetError
-from protocol.paths import control_socket_path
+from protocol.paths import client_socket_path
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ def run_command(body: Callable[[Globals], int]) -> Callable[..., None]:
 @click.option(
     "--socket",
     "socket_path",
-    default=lambda: control_socket_path(os.environ),
-    show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock",
+    default=lambda: client_socket_path(os.environ, os.path.exists),
+    show_default="$FLEET_SOCKET, else the first of $XDG_RUNTIME_DIR/fleet/fleetd.sock "
+    "and /run/fleet/fleetd.sock that exists",
     help="fleetd's control socket.",
 )
 @click.option(

@@ -1,17 +1,35 @@
 """Default locations, resolved from an environment mapping (pure: the caller passes os.environ)."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 SUN_PATH_MAX = 107
 """Longest unix socket path Linux accepts (sun_path is 108 bytes with its NUL)."""
 
 
+SYSTEM_SOCKET = "/run/fleet/fleetd.sock"
+"""Where the systemd unit puts the control socket."""
+
+
 def control_socket_path(env: Mapping[str, str]) -> str:
+    """Where fleetd listens by default."""
+    return control_socket_candidates(env)[0]
+
+
+def control_socket_candidates(env: Mapping[str, str]) -> list[str]:
+    """Where a client looks, in order: $FLEET_SOCKET alone when set; else the user's runtime
+    directory, then the system daemon's socket (a root shell has $XDG_RUNTIME_DIR set, and
+    should still find the fleetd that systemd runs)."""
     if env.get("FLEET_SOCKET"):
-        return env["FLEET_SOCKET"]
+        return [env["FLEET_SOCKET"]]
     if env.get("XDG_RUNTIME_DIR"):
-        return env["XDG_RUNTIME_DIR"] + "/fleet/fleetd.sock"
-    return "/run/fleet/fleetd.sock"
+        return [env["XDG_RUNTIME_DIR"] + "/fleet/fleetd.sock", SYSTEM_SOCKET]
+    return [SYSTEM_SOCKET]
+
+
+def client_socket_path(env: Mapping[str, str], exists: Callable[[str], bool]) -> str:
+    """The first candidate that `exists`, else the first: what the error message names."""
+    candidates = control_socket_candidates(env)
+    return next((path for path in candidates if exists(path)), candidates[0])
 
 
 def state_dir_path(env: Mapping[str, str]) -> str:
