@@ -53,9 +53,21 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
     )
     try:
         anyio.run(Daemon(config).run, backend="asyncio", backend_options={"use_uvloop": True})
-    except FleetError as exc:
-        click.echo(f"fleetd: {exc.message}", err=True)
-        sys.exit(exc.outcome.exit_code)
+    except* FleetError as failed:
+        for error in _leaves(failed):
+            click.echo(f"fleetd: {error.message}", err=True)
+        sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[FleetError]) -> list[FleetError]:
+    """The errors inside a (possibly nested) exception group, for one line each."""
+    found: list[FleetError] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            found.extend(_leaves(error))
+        else:
+            found.append(error)
+    return found
 
 
 def main() -> None:

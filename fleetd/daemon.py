@@ -19,12 +19,15 @@ from anyio.abc import SocketListener
 from fleetd import systemd
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.server import ControlServer
+from fleetd.store.sqlite import SQLiteStore
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import AlreadyRunning, FleetError, Incompatible
 from protocol.messages import Empty, Hello, HelloResult, Ping, Shutdown, Version, VersionResult
 from protocol.paths import socket_path_problem
 
 log = structlog.get_logger("fleetd")
+
+STORE_FILE = "fleet.db"
 
 SHUTDOWN_GRACE = 10.0
 """Seconds in-flight requests get to finish after SIGTERM before they are cancelled."""
@@ -87,6 +90,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.socket_path = config.socket_path
+        self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -133,11 +137,15 @@ class Daemon:
                     exclusive_lock(os.path.join(self.config.state_dir, "fleetd.lock"))
                 )
                 held.enter_context(exclusive_lock(self.socket_path + ".lock"))
-                listener = await open_listener(self.socket_path, inherited)
             except OSError as exc:
                 raise StartupError(f"cannot start: {exc}") from None
             async with anyio.create_task_group() as daemon:
                 daemon.start_soon(self._watch_signals)
+                await daemon.start(self.store.serve)
+                try:
+                    listener = await open_listener(self.socket_path, inherited)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {self.socket_path}: {exc}") from None
                 await self._serve(daemon, listener, owns_socket_file=inherited is None)
                 daemon.cancel_scope.cancel()
         log.info("fleetd_stopped")

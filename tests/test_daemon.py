@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -164,3 +165,41 @@ def test_sigterm_tells_systemd_stopping(fleetd: Fleetd) -> None:
 
 def test_ready_status_names_the_socket(fleetd: Fleetd) -> None:
     assert f"STATUS=serving {fleetd.socket_path}".encode() in fleetd.ready_message.split(b"\n")
+
+
+def run_fleetd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetd", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_store_newer_than_fleetd_is_refused_and_no_socket_is_left(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    os.mkdir(daemon.state_dir)
+    with sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db")) as db:
+        db.execute("PRAGMA user_version = 99")
+    refused = run_fleetd(daemon.env)
+    assert refused.returncode == 1
+    assert "newer than this fleetd knows" in refused.stderr
+    assert not os.path.exists(daemon.socket_path)
+
+
+def test_socket_path_over_107_bytes_is_refused_clearly(tempdir: str) -> None:
+    refused = run_fleetd(
+        {**Fleetd(tempdir).env}, "--socket", os.path.join(tempdir, "s" * 120 + ".sock")
+    )
+    assert refused.returncode == 1
+    assert "107-byte limit" in refused.stderr
+
+
+def test_unwritable_state_dir_is_refused_clearly(tempdir: str) -> None:
+    blocker = os.path.join(tempdir, "file")
+    open(blocker, "w").close()
+    refused = run_fleetd({**Fleetd(tempdir).env, "FLEET_STATE_DIR": os.path.join(blocker, "x")})
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("fleetd: cannot start:")

@@ -1,0 +1,823 @@
+"""The SQLite backend: one file in WAL mode, ``synchronous=FULL``, one database thread.
+
+    _LeaseTable   live leases and their deadlines; pure, every decision is given `now`
+    _Database     the connection and all the work done on it, on the database thread
+    _Watcher      one watch's queue of events
+    SQLiteStore   the async face: the queue, the writer task, the lease timer, the watchers
+
+Group commit: a thread hop costs more than a small SQLite transaction, so callers never hop
+themselves. They queue a job and wait; one writer task takes everything queued, runs it on the
+database thread in one SQLite transaction (each job with its own revision), commits once (one
+fsync) and only then wakes the callers, so an answer always means durable. Reads queue the same
+way: no database work is ever done on the event loop.
+
+Leases follow etcd: grant and revoke are durable writes, a keepalive only moves a deadline in
+memory, and a reopened store gives every lease its full TTL again, because the time that passed
+while no store was running is unknown. Lease holders must therefore fence with revisions.
+"""
+
+import heapq
+import math
+import operator
+import os
+import sqlite3
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from msgspec.structs import astuple
+
+from fleetd.store import (
+    Compare,
+    CompareOp,
+    Delete,
+    DeleteRange,
+    DeleteResult,
+    Event,
+    Get,
+    KeyValue,
+    Lease,
+    Operation,
+    Put,
+    PutResult,
+    Range,
+    RangeResult,
+    Response,
+    Store,
+    StoreStatistics,
+    Target,
+    TxnResult,
+    check_branch,
+)
+from protocol.errors import (
+    Absent,
+    Compacted,
+    FleetError,
+    Incompatible,
+    Internal,
+    InvalidRequest,
+    StoreFull,
+)
+
+__all__ = ["HISTORY", "MIGRATIONS", "SQLiteStore"]
+
+T = TypeVar("T")
+
+HISTORY = 10_000
+"""Revisions of events kept for watches that resume; older ones are compacted."""
+
+QUEUE = 1024
+"""Jobs waiting for the database thread; callers beyond it wait to queue (back-pressure)."""
+
+WATCH_QUEUE = 1024
+"""Events a watch holds for a slow reader before it falls back to reading the history."""
+
+REVOKE_RETRY = 1.0
+"""Seconds before retrying to delete an expired lease's keys after the disk was full."""
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        "INSERT INTO meta VALUES ('revision', 1), ('compact_revision', 0), ('next_lease', 1)",
+        "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL,"
+        " create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL,"
+        " version INTEGER NOT NULL, lease INTEGER NOT NULL) WITHOUT ROWID",
+        "CREATE INDEX kv_lease ON kv (lease)",
+        "CREATE TABLE leases (id INTEGER PRIMARY KEY, ttl REAL NOT NULL)",
+        "CREATE TABLE history (id INTEGER PRIMARY KEY, revision INTEGER NOT NULL,"
+        " key TEXT NOT NULL, event BLOB NOT NULL)",
+        "CREATE INDEX history_revision ON history (revision)",
+    ),
+)
+"""Schema migrations in order: applying entry i moves ``PRAGMA user_version`` from i to i + 1.
+Append only; never edit an entry that has shipped."""
+
+_SELECT_KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
+_COMPARATORS: dict[CompareOp, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_ENCODE_EVENT = msgspec.msgpack.Encoder().encode
+_DECODE_EVENT = msgspec.msgpack.Decoder(Event).decode
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least key above every key that starts with `prefix`; None when that is all keys."""
+    stripped = prefix.rstrip(chr(sys.maxunicode))
+    if not stripped:
+        return None
+    following = ord(stripped[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates cannot be encoded for SQLite
+        following = 0xE000
+    return stripped[:-1] + chr(following)
+
+
+def _under(prefix: str) -> tuple[str, tuple[str, ...]]:
+    """A WHERE condition on `key` (and its parameters) that an index can serve."""
+    end = _prefix_end(prefix)
+    if end is None:
+        return "key >= ?", (prefix,)
+    return "key >= ? AND key < ?", (prefix, end)
+
+
+def _target(kv: KeyValue | None, target: Target) -> bytes | int | None:
+    """The compared field, with etcd's zeros for an absent key (None: no value to compare)."""
+    if kv is None:
+        return None if target == "value" else 0
+    match target:
+        case "value":
+            return kv.value
+        case "version":
+            return kv.version
+        case "create":
+            return kv.create_revision
+        case "mod":
+            return kv.mod_revision
+
+
+def _compacted(revision: int, compact_revision: int) -> Compacted:
+    return Compacted(
+        f"revision {revision} is compacted: the history starts after {compact_revision}",
+        revision=revision,
+        compact_revision=compact_revision,
+    )
+
+
+def _is_full(error: Exception) -> bool:
+    return isinstance(error, sqlite3.Error) and error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
+
+
+def _translate(error: Exception) -> FleetError:
+    """The one mapping from what the database thread raised to what callers see."""
+    if isinstance(error, FleetError):
+        return error
+    if _is_full(error):
+        translated: FleetError = StoreFull("the store's disk is full; nothing was written")
+    else:
+        translated = Internal(f"the store failed: {error!r}")
+    translated.__cause__ = error
+    return translated
+
+
+class _LeaseTable:
+    """Live leases and when each expires.
+
+    The heap holds at most one entry per lease: a keepalive only moves the lease's deadline in a
+    dict, and an entry found early when popped goes back at the current deadline. So a keepalive
+    is O(1) and the timer wakes once per actual expiry, not once per keepalive.
+    """
+
+    def __init__(self) -> None:
+        self._ttls: dict[int, float] = {}
+        self._deadlines: dict[int, float] = {}
+        self._heap: list[tuple[float, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def add(self, lease: int, ttl: float, now: float) -> None:
+        self._ttls[lease] = ttl
+        self._deadlines[lease] = now + ttl
+        heapq.heappush(self._heap, (now + ttl, lease))
+
+    def renew(self, lease: int, now: float) -> float:
+        """The full TTL again, or 0 if the lease is unknown or already past its deadline."""
+        deadline = self._deadlines.get(lease)
+        if deadline is None or deadline <= now:
+            return 0.0
+        ttl = self._ttls[lease]
+        self._deadlines[lease] = now + ttl
+        return ttl
+
+    def discard(self, lease: int) -> bool:
+        """Forgets the lease; whether it was live. Its heap entry is dropped when popped."""
+        self._ttls.pop(lease, None)
+        return self._deadlines.pop(lease, None) is not None
+
+    def clear(self) -> None:
+        self._ttls.clear()
+        self._deadlines.clear()
+        self._heap.clear()
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_expired(self, now: float) -> list[int]:
+        expired = []
+        while self._heap and self._heap[0][0] <= now:
+            _, lease = heapq.heappop(self._heap)
+            deadline = self._deadlines.get(lease)
+            if deadline is None:
+                continue
+            if deadline <= now:
+                self.discard(lease)
+                expired.append(lease)
+            else:
+                heapq.heappush(self._heap, (deadline, lease))
+        return expired
+
+    def snapshot(self, now: float) -> tuple[Lease, ...]:
+        return tuple(
+            Lease(lease, self._ttls[lease], max(0.0, deadline - now))
+            for lease, deadline in sorted(self._deadlines.items())
+        )
+
+
+@dataclass(slots=True)
+class _State:
+    """What the database thread counts; persisted are the first three (in `meta`)."""
+
+    revision: int = 0
+    compact_revision: int = 0
+    next_lease: int = 0
+    transactions: int = 0
+    operations: int = 0
+    commits: int = 0
+
+
+class _Job(Generic[T]):
+    """One request on its way through the database thread and back."""
+
+    __slots__ = ("apply", "done", "error", "result", "settled")
+
+    def __init__(self, apply: "Callable[[_Database], T]") -> None:
+        self.apply = apply
+        self.done = anyio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.settled = False
+
+    def succeed(self, result: T) -> None:
+        self.result, self.error, self.settled = result, None, True
+
+    def fail(self, error: BaseException) -> None:
+        self.result, self.error, self.settled = None, error, True
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return cast(T, self.result)
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """What one batch changed, handed from the database thread back to the event loop."""
+
+    events: tuple[Event, ...]
+    state: _State
+
+
+class _Database:
+    """The connection and everything done with it. Used by one thread at a time, in turn."""
+
+    def __init__(self, connection: sqlite3.Connection, history: int) -> None:
+        self._db = connection
+        self._history = history
+        self._default_max_pages: int = self._pragma("max_page_count")
+        meta = dict(connection.execute("SELECT name, value FROM meta"))
+        self.state = _State(meta["revision"], meta["compact_revision"], meta["next_lease"])
+        self.events: list[Event] = []
+
+    @classmethod
+    def open(cls, path: str, history: int) -> "_Database":
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            _migrate(connection, path)
+            if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise Internal(f"{path}: SQLite refused WAL mode")
+            connection.execute("PRAGMA synchronous = FULL")
+            return cls(connection, history)
+        except BaseException:
+            connection.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def leases(self) -> list[tuple[int, float]]:
+        return self._db.execute("SELECT id, ttl FROM leases").fetchall()
+
+    # Batches -------------------------------------------------------------------------------
+
+    def run_batch(self, jobs: Sequence[_Job[Any]]) -> _Report:
+        """Runs the jobs in one transaction, each under a savepoint, and commits once.
+
+        A job that fails while the transaction survives (an unknown lease, a bug) is rolled
+        back to its savepoint alone. But SQLite ends the whole transaction itself on
+        SQLITE_FULL (observed with max_page_count), and a COMMIT can fail when the WAL cannot
+        grow; then nothing of the batch was written, and each job is run again in a
+        transaction of its own, so that only the jobs that still fail report the error.
+        Retrying costs one fsync per job, but only on that rare path.
+        """
+        self.events = []
+        if not self._commit(jobs):
+            for job in jobs:
+                self._commit([job])
+        return _Report(tuple(self.events), replace(self.state))
+
+    def _commit(self, jobs: Sequence[_Job[Any]]) -> bool:
+        before, mark = replace(self.state), len(self.events)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                self._run(job)
+            self._compact()
+            self._save(before)
+            self._db.execute("COMMIT")
+        except Exception as error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self.state = before
+            del self.events[mark:]
+            if len(jobs) == 1:
+                jobs[0].fail(_translate(error))
+            return False
+        self.state.commits += 1
+        return True
+
+    def _run(self, job: _Job[Any]) -> None:
+        before, mark = replace(self.state), len(self.events)
+        self._db.execute("SAVEPOINT job")
+        try:
+            result = job.apply(self)
+        except Exception as error:
+            if not self._db.in_transaction:
+                raise
+            self._db.execute("ROLLBACK TO job")
+            self._db.execute("RELEASE job")
+            self.state = before
+            del self.events[mark:]
+            job.fail(_translate(error))
+        else:
+            self._db.execute("RELEASE job")
+            job.succeed(result)
+
+    def _compact(self) -> None:
+        floor = self.state.revision - self._history
+        if floor > self.state.compact_revision:
+            self._db.execute("DELETE FROM history WHERE revision <= ?", (floor,))
+            self.state.compact_revision = floor
+
+    def _save(self, before: _State) -> None:
+        for name in ("revision", "compact_revision", "next_lease"):
+            value = getattr(self.state, name)
+            if value != getattr(before, name):
+                self._db.execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
+
+    # Jobs ----------------------------------------------------------------------------------
+
+    def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Operation],
+        failure: Sequence[Operation],
+    ) -> TxnResult:
+        succeeded = all(self._holds(compare) for compare in compares)
+        operations = success if succeeded else failure
+        self._require_leases(operations)
+        revision, mark = self.state.revision + 1, len(self.events)
+        responses = tuple(self._apply(operation, revision) for operation in operations)
+        if len(self.events) > mark:
+            self.state.revision = revision
+        self.state.transactions += 1
+        self.state.operations += len(operations)
+        return TxnResult(succeeded, self.state.revision, responses)
+
+    def grant(self, ttl: float) -> int:
+        lease = self.state.next_lease
+        self._db.execute("INSERT INTO leases VALUES (?, ?)", (lease, ttl))
+        self.state.next_lease += 1
+        return lease
+
+    def revoke(self, leases: Sequence[int]) -> None:
+        """Each lease's keys go in a revision of their own, as in etcd."""
+        for lease in leases:
+            kvs = self._select("lease = ?", (lease,))
+            if kvs:
+                self.state.revision += 1
+                self._delete(kvs, self.state.revision)
+            self._db.execute("DELETE FROM leases WHERE id = ?", (lease,))
+
+    def history_since(self, prefix: str, revision: int) -> tuple[list[Event], int]:
+        """Events under `prefix` from `revision` on, and the revision they are complete to."""
+        if revision <= self.state.compact_revision:
+            raise _compacted(revision, self.state.compact_revision)
+        condition, parameters = _under(prefix)
+        rows = self._db.execute(
+            f"SELECT event FROM history WHERE revision >= ? AND {condition} ORDER BY id",
+            (revision, *parameters),
+        )
+        return [_DECODE_EVENT(event) for (event,) in rows], self.state.revision
+
+    def set_max_pages(self, pages: int | None) -> int:
+        return self._pragma(f"max_page_count = {int(pages or self._default_max_pages)}")
+
+    # Operations ----------------------------------------------------------------------------
+
+    def _holds(self, compare: Compare) -> bool:
+        actual = _target(self._get(compare.key), compare.target)
+        return actual is not None and _COMPARATORS[compare.op](actual, compare.operand)
+
+    def _require_leases(self, operations: Sequence[Operation]) -> None:
+        """Checked before any write, so that a put with a lost lease changes nothing."""
+        for lease in {op.lease for op in operations if isinstance(op, Put) and op.lease}:
+            if self._db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone() is None:
+                raise Absent(f"lease {lease} not found", lease=lease)
+
+    def _apply(self, operation: Operation, revision: int) -> Response:
+        match operation:
+            case Put():
+                return self._put(operation, revision)
+            case Delete(key=key):
+                return DeleteResult(self._delete(self._select("key = ?", (key,)), revision))
+            case DeleteRange(prefix=prefix):
+                return DeleteResult(self._delete(self._select(*_under(prefix)), revision))
+            case Get(key=key):
+                kv = self._get(key)
+                return RangeResult((kv,) if kv else ())
+            case Range(prefix=prefix, limit=limit):
+                return self._range(prefix, limit)
+
+    def _put(self, put: Put, revision: int) -> PutResult:
+        prev = self._get(put.key)
+        create = prev.create_revision if prev else revision
+        version = prev.version + 1 if prev else 1
+        kv = KeyValue(put.key, put.value, create, revision, version, put.lease)
+        self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)", astuple(kv))
+        self._record(Event("put", kv, prev))
+        return PutResult(prev)
+
+    def _range(self, prefix: str, limit: int) -> RangeResult:
+        """Reads one key past `limit` to tell whether there are more."""
+        condition, parameters = _under(prefix)
+        if not limit:
+            return RangeResult(self._select(f"{condition} ORDER BY key", parameters))
+        kvs = self._select(f"{condition} ORDER BY key LIMIT ?", (*parameters, limit + 1))
+        return RangeResult(kvs[:limit], more=len(kvs) > limit)
+
+    def _delete(self, kvs: tuple[KeyValue, ...], revision: int) -> tuple[KeyValue, ...]:
+        self._db.executemany("DELETE FROM kv WHERE key = ?", [(kv.key,) for kv in kvs])
+        for kv in kvs:
+            self._record(Event("delete", KeyValue(kv.key, b"", 0, revision, 0), kv))
+        return kvs
+
+    def _record(self, event: Event) -> None:
+        self._db.execute(
+            "INSERT INTO history (revision, key, event) VALUES (?, ?, ?)",
+            (event.revision, event.kv.key, _ENCODE_EVENT(event)),
+        )
+        self.events.append(event)
+
+    def _get(self, key: str) -> KeyValue | None:
+        kvs = self._select("key = ?", (key,))
+        return kvs[0] if kvs else None
+
+    def _select(self, condition: str, parameters: tuple[Any, ...]) -> tuple[KeyValue, ...]:
+        rows = self._db.execute(f"{_SELECT_KV} WHERE {condition}", parameters)
+        return tuple(KeyValue(*row) for row in rows)
+
+    def _pragma(self, name: str) -> int:
+        return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
+
+
+def _migrate(connection: sqlite3.Connection, path: str) -> None:
+    """Brings the schema up to date, or refuses a database written by a newer fleetd."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > len(MIGRATIONS):
+        raise Incompatible(
+            f"{path} has schema version {version}, newer than this fleetd knows "
+            f"({len(MIGRATIONS)}): upgrade fleetd",
+            path=path,
+            version=version,
+        )
+    if version == len(MIGRATIONS):
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for migration in MIGRATIONS[version:]:
+            for statement in migration:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+class _Watcher:
+    """One watch's queue.
+
+    After each commit the store offers the new events. A watcher that starts in the past, or
+    whose queue would overflow because its reader is slow, is `lagging`: it is offered nothing
+    and its reader reads the history instead, until that reaches the store's revision. Nothing
+    is lost and nothing is delivered twice: every event below `next_revision` has been queued,
+    and no event at or above it has.
+    """
+
+    __slots__ = ("arrived", "closed", "lagging", "next_revision", "pending", "prefix")
+
+    def __init__(self, prefix: str, next_revision: int, *, lagging: bool) -> None:
+        self.prefix = prefix
+        self.next_revision = next_revision
+        self.lagging = lagging
+        self.pending: deque[Event] = deque()
+        self.arrived = anyio.Event()
+        self.closed = False
+
+    def offer(self, events: Sequence[Event], revision: int) -> None:
+        if self.lagging:
+            return
+        matching = [
+            event
+            for event in events
+            if event.kv.key.startswith(self.prefix) and event.revision >= self.next_revision
+        ]
+        if len(self.pending) + len(matching) > WATCH_QUEUE:
+            self.lagging = True
+        else:
+            self.pending.extend(matching)
+            self.next_revision = max(self.next_revision, revision + 1)
+        if matching or self.lagging:
+            self.arrived.set()
+
+    def catch_up(self, events: Sequence[Event], complete_to: int, revision: int) -> None:
+        self.pending.extend(events)
+        self.next_revision = max(self.next_revision, complete_to + 1)
+        self.lagging = complete_to < revision
+
+    def close(self) -> None:
+        self.closed = True
+        self.arrived.set()
+
+
+class _EventStream:
+    """What a watch yields; it ends when the store closes."""
+
+    def __init__(self, store: "SQLiteStore", watcher: _Watcher) -> None:
+        self._store = store
+        self._watcher = watcher
+
+    def __aiter__(self) -> "_EventStream":
+        return self
+
+    async def __anext__(self) -> Event:
+        watcher = self._watcher
+        while not watcher.pending:
+            if watcher.closed:
+                raise StopAsyncIteration
+            if watcher.lagging:
+                await self._store._catch_up(watcher)
+            else:
+                watcher.arrived = anyio.Event()
+                await watcher.arrived.wait()
+        return watcher.pending.popleft()
+
+
+class SQLiteStore(Store):
+    """The store in one SQLite file; see the module docstring for how it commits.
+
+    Run it with ``await tg.start(store.serve)``, or ``async with SQLiteStore.open(path)``.
+
+    Args:
+        path: the database file; its directory must exist.
+        clock: the monotonic clock that lease deadlines are measured on.
+        history: how many revisions of events are kept for watches that resume.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        history: int = HISTORY,
+    ) -> None:
+        self._path = os.fspath(path)
+        self._clock = clock
+        self._history = history
+        self._limiter = anyio.CapacityLimiter(1)
+        self._send, self._receive = anyio.create_memory_object_stream[_Job[Any]](QUEUE)
+        self._state = _State()
+        self._leases = _LeaseTable()
+        self._doomed: set[int] = set()
+        """Leases expired or revoked whose keys could not be deleted yet (disk full)."""
+        self._timer_due = anyio.Event()
+        self._watchers: set[_Watcher] = set()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        history: int = HISTORY,
+    ) -> AsyncIterator["SQLiteStore"]:
+        """The store, served for the duration of the block."""
+        store = cls(path, clock=clock, history=history)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            try:
+                await tg.start(store.serve)
+                yield store
+            except Exception as error:  # raised below, not wrapped in an exception group
+                failure = error
+            finally:
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Opens the database, then serves until cancelled; ready once the database is open."""
+        try:
+            with anyio.CancelScope(shield=True):
+                database = await self._in_thread(_Database.open, self._path, self._history)
+            try:
+                await self._serve(database, task_status)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._in_thread(database.close)
+        finally:
+            self._stop()
+
+    async def _serve(self, database: "_Database", task_status: TaskStatus[None]) -> None:
+        self._state = replace(database.state)
+        now = self._clock()
+        for lease, ttl in await self._in_thread(database.leases):
+            self._leases.add(lease, ttl, now)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._write_batches, database)
+            tg.start_soon(self._expire_leases)
+            task_status.started()
+
+    # Store -----------------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self._state.revision
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[Operation] = (),
+        failure: Sequence[Operation] = (),
+    ) -> TxnResult:
+        guards, then, otherwise = tuple(compares), tuple(success), tuple(failure)
+        check_branch(then)
+        check_branch(otherwise)
+        return await self._submit(lambda db: db.txn(guards, then, otherwise))
+
+    async def grant(self, ttl: float) -> tuple[int, float]:
+        if not ttl > 0:
+            raise InvalidRequest("a lease TTL must be positive", ttl=ttl)
+        with anyio.CancelScope(shield=True):  # a granted lease must reach the timer
+            lease = await self._submit(lambda db: db.grant(ttl))
+            self._leases.add(lease, ttl, self._clock())
+            self._timer_due.set()
+        return lease, ttl
+
+    async def keepalive(self, lease: int) -> float:
+        ttl = self._leases.renew(lease, self._clock())
+        if not ttl:
+            self._timer_due.set()  # it may be overdue: expire it now, not at the timer's leisure
+        return ttl
+
+    async def revoke(self, lease: int) -> None:
+        if not self._leases.discard(lease):
+            raise Absent(f"lease {lease} not found", lease=lease)
+        try:
+            await self._submit(lambda db: db.revoke((lease,)))
+        except StoreFull:
+            self._doomed.add(lease)  # the timer retries, so its keys still go
+            self._timer_due.set()
+            raise
+
+    async def leases(self) -> tuple[Lease, ...]:
+        return self._leases.snapshot(self._clock())
+
+    @asynccontextmanager
+    async def watch(
+        self, prefix: str, start_revision: int | None = None
+    ) -> AsyncIterator[AsyncIterator[Event]]:
+        watcher = self._watcher(prefix, start_revision)
+        self._watchers.add(watcher)
+        try:
+            yield _EventStream(self, watcher)
+        finally:
+            self._watchers.discard(watcher)
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            revision=self._state.revision,
+            compact_revision=self._state.compact_revision,
+            transactions=self._state.transactions,
+            operations=self._state.operations,
+            commits=self._state.commits,
+            queued=self._receive.statistics().current_buffer_used,
+            leases=len(self._leases),
+            watchers=len(self._watchers),
+        )
+
+    async def set_max_pages(self, pages: int | None) -> int:
+        """Caps the database at `pages` pages (None: SQLite's default cap) and returns the cap,
+        which SQLite never sets below the current size. At the cap SQLite fails exactly as on
+        a full disk, which is how the tests exercise StoreFull."""
+        return await self._submit(lambda db: db.set_max_pages(pages))
+
+    # Internals -------------------------------------------------------------------------------
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)
+
+    async def _submit(self, apply: Callable[[_Database], T]) -> T:
+        job = _Job(apply)
+        await self._send.send(job)
+        await job.done.wait()
+        return job.outcome()
+
+    async def _write_batches(self, database: _Database) -> None:
+        async for first in self._receive:
+            batch = [first, *self._queued()]
+            with anyio.CancelScope(shield=True):  # a committed batch always gets answered
+                try:
+                    report = await self._in_thread(database.run_batch, batch)
+                    self._publish(report)
+                finally:
+                    self._answer(batch)
+
+    def _queued(self) -> list[_Job[Any]]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._receive.receive_nowait())
+            except anyio.WouldBlock:
+                return jobs
+
+    def _publish(self, report: _Report) -> None:
+        self._state = report.state
+        if report.events:
+            for watcher in self._watchers:
+                watcher.offer(report.events, report.state.revision)
+
+    @staticmethod
+    def _answer(batch: Sequence[_Job[Any]]) -> None:
+        for job in batch:
+            if not job.settled:
+                job.fail(Internal("the store's database thread failed; see the daemon log"))
+            job.done.set()
+
+    async def _expire_leases(self) -> None:
+        while True:
+            self._doomed.update(self._leases.pop_expired(self._clock()))
+            if self._doomed:
+                await self._delete_doomed()
+            await self._wait_for_timer()
+
+    async def _delete_doomed(self) -> None:
+        doomed = tuple(sorted(self._doomed))
+        try:
+            await self._submit(lambda db: db.revoke(doomed))
+        except StoreFull:
+            return
+        self._doomed.difference_update(doomed)
+
+    async def _wait_for_timer(self) -> None:
+        """Sleeps until the next deadline, or until a grant or keepalive calls for a recount."""
+        deadline = self._leases.next_deadline()
+        delay = math.inf if deadline is None else deadline - self._clock()
+        if self._doomed:
+            delay = min(delay, REVOKE_RETRY)
+        with anyio.move_on_after(delay):
+            await self._timer_due.wait()
+        self._timer_due = anyio.Event()
+
+    def _watcher(self, prefix: str, start_revision: int | None) -> _Watcher:
+        if start_revision is None:
+            return _Watcher(prefix, self.revision + 1, lagging=False)
+        if start_revision <= self._state.compact_revision:
+            raise _compacted(start_revision, self._state.compact_revision)
+        return _Watcher(prefix, start_revision, lagging=True)
+
+    async def _catch_up(self, watcher: _Watcher) -> None:
+        prefix, since = watcher.prefix, watcher.next_revision
+        events, complete_to = await self._submit(lambda db: db.history_since(prefix, since))
+        watcher.catch_up(events, complete_to, self.revision)
+
+    def _stop(self) -> None:
+        """Refuses new requests, fails the queued ones and ends the watches."""
+        for job in self._queued():
+            job.fail(anyio.ClosedResourceError("the store is closed"))
+            job.done.set()
+        self._send.close()
+        self._receive.close()
+        self._leases.clear()
+        for watcher in self._watchers:
+            watcher.close()
