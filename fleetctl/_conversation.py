@@ -56,7 +56,10 @@ def decode_result(response: RawResponse, result_type: type[R]) -> R:
     decoder = _result_decoders.get(result_type)
     if decoder is None:
         decoder = _result_decoders[result_type] = msgspec.json.Decoder(result_type)
-    result: R = decoder.decode(response.result)
+    try:
+        result: R = decoder.decode(response.result)
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        raise BadFrame(f"fleetd sent a malformed result: {exc}") from None
     return result
 
 

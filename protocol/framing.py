@@ -25,6 +25,7 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
+_UNDECODABLE = (msgspec.MsgspecError, RecursionError, UnicodeDecodeError)
 
 
 class FrameSplitter:
@@ -61,38 +62,61 @@ def encode_response(response: Response, buffer: bytearray) -> None:
 
 def decode_request(frame: bytes) -> Request:
     """Decode one frame into a request, raising the error its response should carry."""
+    _require_utf8(frame)
     try:
         request: Request = _request_decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise _explain_invalid(frame, exc) from None
     except msgspec.DecodeError as exc:
         raise BadFrame(f"malformed frame: {exc}") from None
+    except RecursionError:
+        raise BadFrame("frame is nested too deeply") from None
     return request
+
+
+def _require_utf8(frame: bytes) -> None:
+    """msgspec skips unknown fields without validating their bytes: check the whole frame
+    (cheaply, since almost every frame is ASCII)."""
+    if not frame.isascii():
+        try:
+            frame.decode()
+        except UnicodeDecodeError as exc:
+            raise BadFrame(f"frame is not UTF-8: {exc.reason} at byte {exc.start}") from None
 
 
 def request_id_of(frame: bytes) -> int | None:
     """The id a rejected frame carried, so that its error can echo it."""
     try:
         return _envelope_decoder.decode(frame).id
-    except msgspec.MsgspecError:
+    except _UNDECODABLE:
         return None
 
 
+_ECHO_LIMIT = 100
+"""Characters of a client's bad value echoed back, so an error frame stays small."""
+
+
 def _explain_invalid(frame: bytes, exc: msgspec.ValidationError) -> Exception:
+    if not frame.lstrip().startswith(b"{"):
+        return BadFrame("frame is not a JSON object")
     try:
         envelope = _envelope_decoder.decode(frame)
-    except msgspec.MsgspecError:
+    except _UNDECODABLE:
         return InvalidRequest(f"invalid request: {exc}")
     if isinstance(envelope.op, str) and envelope.op not in OPS:
-        return UnknownOp(f"unknown op {envelope.op!r}", op=envelope.op)
+        op = envelope.op[:_ECHO_LIMIT]
+        return UnknownOp(f"unknown op {op!r}", op=op)
     return InvalidRequest(f"invalid request: {exc}")
 
 
 def decode_response(frame: bytes) -> RawResponse:
+    _require_utf8(frame)
     try:
         response: RawResponse = _response_decoder.decode(frame)
     except msgspec.MsgspecError as exc:
         raise BadFrame(f"malformed response frame: {exc}") from None
+    except RecursionError:
+        raise BadFrame("response frame is nested too deeply") from None
     return response
 
 

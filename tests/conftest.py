@@ -9,7 +9,14 @@ from contextlib import suppress
 import pytest
 import structlog
 
-from tests.processes import RUN_TAG, Fleetd, running_fleetd, short_tempdir, tagged_processes
+from tests.processes import (
+    RUN_TAG,
+    Fleetd,
+    running_fleetd,
+    short_tempdir,
+    tagged_processes,
+    tempdir_prefix,
+)
 
 LEAK_GRACE = 5.0
 
@@ -23,7 +30,8 @@ def run_tag() -> Iterator[str]:
 
 
 def _tempdirs() -> set[str]:
-    return {name for name in os.listdir("/tmp") if name.startswith("fl-")}
+    prefix = tempdir_prefix()
+    return {name for name in os.listdir("/tmp") if name.startswith(prefix)}
 
 
 @pytest.fixture(autouse=True)

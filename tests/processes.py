@@ -20,7 +20,12 @@ FLEETCTL = [sys.executable, "-m", "fleetctl"]
 
 def short_tempdir() -> str:
     """Unix socket paths must stay under 107 bytes: pytest's tmp_path is too deep."""
-    return tempfile.mkdtemp(dir="/tmp", prefix="fl-")
+    return tempfile.mkdtemp(dir="/tmp", prefix=tempdir_prefix())
+
+
+def tempdir_prefix() -> str:
+    """Per test run, so that concurrent runs on one machine never see each other's dirs."""
+    return f"fl-{os.environ.get(RUN_TAG, 'norun')[:6]}-"
 
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
