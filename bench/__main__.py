@@ -1,0 +1,93 @@
+"""`python -m bench [SECTION ...]`: run the benchmarks, print a table, write results/latest.json.
+
+With no arguments every section runs; results/latest.json holds only the sections that ran.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+
+from bench import control
+from bench.harness import Figure
+
+RESULTS = Path(__file__).parent / "results" / "latest.json"
+
+
+def _store() -> list[Figure]:
+    from bench.store import measure
+
+    figures = anyio.run(measure, backend_options={"use_uvloop": True})
+    return [Figure(key, key, value) for key, value in figures.items()]
+
+
+SECTIONS: dict[str, Callable[[], list[Figure]]] = {
+    "control": control.measure,
+    "store": _store,
+}
+
+
+def main(argv: list[str]) -> int:
+    unknown = [name for name in argv if name not in SECTIONS]
+    if unknown:
+        print(
+            f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}",
+            file=sys.stderr,
+        )
+        return 2
+    results = {}
+    for name in argv or SECTIONS:
+        print(f"running {name}…", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        figures = SECTIONS[name]()
+        print(_table(name, figures, time.perf_counter() - started), flush=True)
+        results[name] = {figure.key: _as_json(figure) for figure in figures}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine": _machine(), "sections": results}, indent=2) + "\n")
+    print(f"wrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+def _table(section: str, figures: list[Figure], seconds: float) -> str:
+    lines = [
+        f"\n== {section} ({seconds:.0f} s)",
+        f"{'figure':<36} {'value':>12}  {'unit':<6} {'target':>10}",
+    ]
+    for f in figures:
+        lines.append(
+            f"{f.label:<36} {_number(f.value):>12}  {f.unit:<6} "
+            f"{f.target or ''!s:>10}  {f.verdict}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _as_json(figure: Figure) -> dict[str, object]:
+    entry: dict[str, object] = {"value": figure.value, "unit": figure.unit, "label": figure.label}
+    if figure.target is not None:
+        entry |= {"target": str(figure.target), "pass": figure.target.met(figure.value)}
+    return entry
+
+
+def _machine() -> dict[str, object]:
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

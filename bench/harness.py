@@ -1,0 +1,171 @@
+"""Shared benchmark support: figures with targets, a real fleetd, and what /proc says about it.
+
+Nothing here imports the tests: the benchmarks start fleetd the way systemd would, and wait for
+its own READY=1 on a NOTIFY_SOCKET we hand it.
+"""
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+"""The virtual environment's bin directory: fleetd, fleetctl and python live side by side."""
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound a figure should stay within: at most `bound` (upper) or at least `bound`."""
+
+    bound: float
+    upper: bool = True
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.upper else value >= self.bound
+
+    def __str__(self) -> str:
+        return f"{'≤' if self.upper else '≥'} {self.bound:,g}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured number. `key` names it in the JSON; `label` in the table."""
+
+    key: str
+    label: str
+    value: float
+    unit: str = ""
+    target: Target | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        return "PASS" if self.target.met(self.value) else "MISS"
+
+
+def percentile(samples: Sequence[float], p: float) -> float:
+    """The p-th percentile (0..100) of `samples`, interpolating between closest ranks."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * p / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, from VmRSS in /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads), from /proc/PID/stat.
+
+    The kernel counts in clock ticks, so the resolution is 1/SC_CLK_TCK (usually 10 ms).
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (utime + stime) / _CLOCK_TICKS
+
+
+@dataclass(frozen=True)
+class Fleetd:
+    """A running fleetd started by `running_fleetd`."""
+
+    process: subprocess.Popen[bytes]
+    root: str
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.root, "fleetd.sock")
+
+    @property
+    def env(self) -> dict[str, str]:
+        """An environment in which fleetctl finds this fleetd without --socket."""
+        return {**os.environ, "FLEET_SOCKET": self.socket_path}
+
+
+@contextmanager
+def running_fleetd(ready_timeout: float = 15.0) -> Iterator[Fleetd]:
+    """Start `fleetd` in a fresh short /tmp directory and yield it once it has said READY=1.
+
+    The daemon is stopped and the directory removed however the block ends, KeyboardInterrupt
+    included. fleetd runs in its own session, so a ^C reaches only us and we stop it in order.
+    """
+    root = tempfile.mkdtemp(dir="/tmp", prefix="flb-")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        notify_path = os.path.join(root, "notify.sock")
+        notify.bind(notify_path)
+        env = {
+            **os.environ,
+            "FLEET_SOCKET": os.path.join(root, "fleetd.sock"),
+            "FLEET_STATE_DIR": os.path.join(root, "state"),
+            "NOTIFY_SOCKET": notify_path,
+        }
+        with open(os.path.join(root, "fleetd.log"), "wb") as log:
+            process = subprocess.Popen(
+                [str(BIN / "fleetd")],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        _wait_ready(notify, ready_timeout, root)
+        yield Fleetd(process, root)
+    finally:
+        try:
+            if process is not None:
+                _stop(process)
+        finally:
+            notify.close()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_ready(notify: socket.socket, timeout: float, root: str) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        notify.settimeout(left)
+        try:
+            message = notify.recv(4096)
+        except TimeoutError:
+            break
+        if b"READY=1" in message.split(b"\n"):
+            return
+    with open(os.path.join(root, "fleetd.log"), errors="replace") as f:
+        log = f.read()
+    raise RuntimeError(f"fleetd did not say READY=1 within {timeout}s; its log:\n{log}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM and wait; SIGKILL if it will not go."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait()
