@@ -28,7 +28,8 @@ from protocol.messages import Ping
 RTT_WARMUP, RTT_SAMPLES = 1_000, 10_000
 RATE_WARMUP, RATE_SECONDS = 0.3, 2.0
 IN_FLIGHT = 256
-"""Pings in flight per connection, in the library (tasks) and raw (frames per batch) alike."""
+"""Pings in flight in all, spread over the connections: a client process with 16 connections
+keeps 16 each in flight, in the library (tasks) and raw (frames per batch) alike."""
 RAW_BATCHES = 2
 """Batches outstanding per raw connection: the daemon works on one while we read the other."""
 CLI_WARMUP, CLI_RUNS = 3, 20
@@ -124,7 +125,7 @@ def _throughput(socket_path: str) -> list[Figure]:
 
 
 async def _library_rate(socket_path: str, connections: int) -> float:
-    """Requests/s with IN_FLIGHT concurrent `ping()` tasks on each of `connections` clients."""
+    """Requests/s with IN_FLIGHT concurrent `ping()` tasks spread over `connections` clients."""
     async with AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(Client(socket_path)) for _ in range(connections)]
         await _ping_until(clients, RATE_WARMUP)
@@ -145,7 +146,7 @@ async def _ping_until(clients: list[Client], seconds: float) -> int:
 
     async with anyio.create_task_group() as tg:
         for client in clients:
-            for _ in range(IN_FLIGHT):
+            for _ in range(IN_FLIGHT // len(clients)):
                 tg.start_soon(pinger, client)
     return answered
 
@@ -177,8 +178,9 @@ class _RawConnection:
 
 def _raw_rate(socket_path: str, connections: int) -> float:
     """Requests/s when batches of pre-encoded ping frames are written on plain sockets."""
-    batch = b"".join(encode(Ping(id=i)) for i in range(IN_FLIGHT))
-    conns = [_RawConnection(socket_path, batch, IN_FLIGHT) for _ in range(connections)]
+    per_connection = IN_FLIGHT // connections
+    batch = b"".join(encode(Ping(id=i)) for i in range(per_connection))
+    conns = [_RawConnection(socket_path, batch, per_connection) for _ in range(connections)]
     try:
         for conn in conns:
             for _ in range(RAW_BATCHES):
@@ -203,7 +205,7 @@ def _answer_batches(conns: list[_RawConnection], seconds: float) -> int:
     while time.perf_counter() < deadline:
         for conn in conns:
             conn.await_batch()
-            answered += IN_FLIGHT
+            answered += conn.size
             conn.send()
     return answered
 

@@ -1,12 +1,15 @@
 """The async client of fleetd's control socket.
 
-Many requests may be in flight on one connection. There is no background task: whichever
-caller is waiting reads the socket for everyone (one at a time, under a lock) and files each
-answer under its request id, so the client needs no task group and works with plain
-``connect()`` / ``aclose()`` as well as ``async with``.
+Many requests may be in flight on one connection. There is no background task: one waiting
+caller at a time reads the socket for everyone and files each answer under its request id,
+waking exactly the callers it answered (and, when it leaves with its own answer, one more to
+read next). Likewise one caller at a time writes, taking along every frame queued meanwhile.
+So the client needs no task group and works with plain ``connect()`` / ``aclose()`` as well
+as ``async with``, and a thousand callers in flight cost one event each, not a lock queue.
 """
 
 import enum
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -62,8 +65,9 @@ class Client:
         self._stream: SocketStream | None = None
         self._conversation = Conversation()
         self._outbox = bytearray()
-        self._sending = anyio.Lock()
-        self._reading = anyio.Lock()
+        self._writing = False
+        self._reading = False
+        self._sleepers: dict[int, anyio.Event] = {}
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -145,29 +149,57 @@ class Client:
         return self._stream
 
     async def _send(self, stream: SocketStream, frame: bytes) -> None:
-        """Frames queued while another caller is writing go out together in its next write."""
+        """Queue `frame`; the caller already writing sends it with its next write."""
         self._outbox += frame
-        async with self._sending:
-            if not self._outbox:
-                return
-            data = bytes(self._outbox)
-            self._outbox.clear()
-            try:
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while self._outbox:
+                data = bytes(self._outbox)
+                self._outbox.clear()
                 await stream.send(data)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._conversation.fail(ConnectionLost(f"fleetd went away: {exc!r}"))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._conversation.fail(ConnectionLost(f"fleetd went away: {exc!r}"))
+            self._wake(self._sleepers)
+        finally:
+            self._writing = False
 
     async def _answer(self, stream: SocketStream, request_id: int) -> RawResponse:
         conversation = self._conversation
-        while True:
-            answer = conversation.outcome(request_id)
-            if answer is not None:
-                return answer
-            async with self._reading:
-                answer = conversation.outcome(request_id)
-                if answer is not None:
-                    return answer
+        while (answer := conversation.outcome(request_id)) is None:
+            if self._reading:
+                await self._sleep(request_id)
+                continue
+            self._reading = True
+            try:
                 await self._read_once(stream)
+            finally:
+                self._reading = False
+                self._wake_answered()
+        return answer
+
+    async def _sleep(self, request_id: int) -> None:
+        wakeup = self._sleepers[request_id] = anyio.Event()
+        try:
+            await wakeup.wait()
+        finally:
+            self._sleepers.pop(request_id, None)
+
+    def _wake_answered(self) -> None:
+        """Wake the callers whose answers came, or all on failure; and one more to read next."""
+        conversation = self._conversation
+        if conversation.failure is not None:
+            self._wake(self._sleepers)
+            return
+        answered = [i for i in self._sleepers if i in conversation.answers]
+        self._wake(answered)
+        if self._sleepers:
+            self._wake([next(iter(self._sleepers))])
+
+    def _wake(self, request_ids: Iterable[int]) -> None:
+        for request_id in list(request_ids):
+            self._sleepers.pop(request_id).set()
 
     async def _read_once(self, stream: SocketStream) -> None:
         try:

@@ -51,4 +51,4 @@ def test_sync_client_does_not_load_anyio() -> None:
 
 def test_fast_commands_load_neither_click_nor_msgspec() -> None:
     loaded = top_level(modules_after("from fleetctl import _fast"))
-    assert not loaded & {"click", "msgspec", "anyio", "structlog", "json"}
+    assert not loaded & {"click", "msgspec", "anyio", "structlog", "json", "typing"}
