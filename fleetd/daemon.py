@@ -70,7 +70,14 @@ def exclusive_lock(path: str) -> Iterator[None]:
 
 
 def _make_private_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create `path` and any missing parent mode 0700 (os.makedirs gives parents 0777 & umask);
+    a directory that already exists is left as its owner set it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    _make_private_dir(os.path.dirname(path))
+    with suppress(FileExistsError):
+        os.mkdir(path, 0o700)
 
 
 def _socket_file_of(sock: socket.socket) -> str:
@@ -82,7 +89,6 @@ async def open_listener(socket_path: str, inherited: socket.socket | None) -> So
     """The control listener: systemd's socket under activation, else a new 0600 socket."""
     if inherited is not None:
         return await SocketListener.from_socket(inherited)
-    _make_private_dir(os.path.dirname(socket_path) or ".")
     return await anyio.create_unix_listener(socket_path, mode=0o600)
 
 
@@ -133,6 +139,7 @@ class Daemon:
         with ExitStack() as held:
             try:
                 _make_private_dir(self.config.state_dir)
+                _make_private_dir(os.path.dirname(self.socket_path))
                 held.enter_context(
                     exclusive_lock(os.path.join(self.config.state_dir, "fleetd.lock"))
                 )

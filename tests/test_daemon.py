@@ -203,3 +203,19 @@ def test_unwritable_state_dir_is_refused_clearly(tempdir: str) -> None:
     refused = run_fleetd({**Fleetd(tempdir).env, "FLEET_STATE_DIR": os.path.join(blocker, "x")})
     assert refused.returncode == 1
     assert refused.stderr.startswith("fleetd: cannot start:")
+
+
+def test_directories_and_store_fleetd_creates_are_private(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    daemon.extra_env = {
+        "FLEET_STATE_DIR": os.path.join(tempdir, "a", "b", "state"),
+        "FLEET_SOCKET": os.path.join(tempdir, "r", "s", "fleetd.sock"),
+    }
+    daemon.start()
+    try:
+        for created in ("a", "a/b", "a/b/state", "r", "r/s"):
+            assert stat.S_IMODE(os.stat(os.path.join(tempdir, created)).st_mode) == 0o700, created
+        store = os.path.join(tempdir, "a", "b", "state", "fleet.db")
+        assert stat.S_IMODE(os.stat(store).st_mode) == 0o600
+    finally:
+        daemon.close()

@@ -289,6 +289,7 @@ class _Database:
 
     @classmethod
     def open(cls, path: str, history: int) -> "_Database":
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
             _migrate(connection, path)
