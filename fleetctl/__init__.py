@@ -8,6 +8,7 @@ from protocol import RELEASE as __version__
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the CLI 3 ms
 if TYPE_CHECKING:
+    from fleetctl.bound import cluster as cluster
     from fleetctl.client import Client as Client
     from fleetctl.sync import SyncClient as SyncClient
     from protocol.errors import (
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
+    "cluster": "fleetctl.bound",
     "Client": "fleetctl.client",
     "SyncClient": "fleetctl.sync",
     "FleetError": "protocol.errors",
@@ -45,6 +47,7 @@ __all__ = [
     "Timeout",
     "Unavailable",
     "__version__",
+    "cluster",
 ]
 
 

@@ -41,7 +41,10 @@ class _Route:
 
 
 class Dispatcher:
-    def __init__(self) -> None:
+    def __init__(self, decode: Callable[[bytes], Request] = decode_request) -> None:
+        """`decode` turns a frame into a request of this socket's ops (default: the control
+        socket's), raising the FleetError its response should carry."""
+        self._decode = decode
         self._routes: dict[type[Request], _Route] = {}
 
     def register(
@@ -60,7 +63,7 @@ class Dispatcher:
         """
         started = time.perf_counter()
         try:
-            request = decode_request(frame)
+            request = self._decode(frame)
         except BadFrame:
             raise
         except FleetError as exc:

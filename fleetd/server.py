@@ -2,12 +2,17 @@
 
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
 error frame and lose its own connection. Nothing escapes into the accept loop.
+
+The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
+`accept_forever` (the accept loop) and `Connection` (frames in, answers out).
 """
 
 import errno
 import os
 import socket
 import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 import structlog
@@ -39,12 +44,43 @@ def may_connect(peer: Peer) -> bool:
     return peer.uid in (os.getuid(), 0)
 
 
+async def admit(stream: SocketStream) -> Peer | None:
+    """The peer, if it may use this socket; else it gets a refusal frame and None."""
+    peer = peer_of(stream)
+    structlog.contextvars.bind_contextvars(peer_pid=peer.pid, peer_uid=peer.uid)
+    if may_connect(peer):
+        return peer
+    log.warning("peer_refused")
+    await stream.send(encode(_refusal(peer)))
+    return None
+
+
+async def accept_forever(
+    listener: SocketListener,
+    connections: anyio.abc.TaskGroup,
+    handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
+) -> None:
+    """Accept until cancelled, each connection handled in `connections`; running out of file
+    descriptors or memory pauses accepting instead of ending it. `handle` must be an error
+    firewall: an exception escaping it ends the whole task group."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+                raise
+            log.warning("accept_failed", error=os.strerror(exc.errno or 0))
+            await anyio.sleep(_ACCEPT_RETRY_DELAY)
+            continue
+        connections.start_soon(handle, stream)
+
+
 class ControlServer:
     def __init__(self, dispatcher: Dispatcher, *, max_frame: int = MAX_FRAME) -> None:
         self._dispatcher = dispatcher
         self._max_frame = max_frame
         self._accepting = anyio.CancelScope()
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
 
     async def serve(
         self, listener: SocketListener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -54,27 +90,13 @@ class ControlServer:
             task_status.started()
             with self._accepting:
                 async with listener:
-                    await self._accept_forever(listener, connections)
+                    await accept_forever(listener, connections, self._connection)
 
     def stop(self) -> None:
         """Stop accepting and stop reading new requests; in-flight requests still finish."""
         self._accepting.cancel()
         for connection in self._connections:
             connection.stop_reading()
-
-    async def _accept_forever(
-        self, listener: SocketListener, connections: anyio.abc.TaskGroup
-    ) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
-                    raise
-                log.warning("accept_failed", error=os.strerror(exc.errno or 0))
-                await anyio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            connections.start_soon(self._connection, stream)
 
     async def _connection(self, stream: SocketStream) -> None:
         try:
@@ -86,13 +108,10 @@ class ControlServer:
                 await stream.aclose()
 
     async def _converse(self, stream: SocketStream) -> None:
-        peer = peer_of(stream)
-        structlog.contextvars.bind_contextvars(peer_pid=peer.pid, peer_uid=peer.uid)
-        if not may_connect(peer):
-            log.warning("peer_refused")
-            await stream.send(encode(_refusal(peer)))
+        peer = await admit(stream)
+        if peer is None:
             return
-        connection = _Connection(stream, self._dispatcher, peer, self._max_frame)
+        connection = Connection(stream, self._dispatcher, peer, self._max_frame)
         self._connections.add(connection)
         try:
             if self._accepting.cancel_called:
@@ -107,11 +126,11 @@ def _refusal(peer: Peer) -> Response:
     return error_response(
         None,
         PermissionDenied.code,
-        f"uid {peer.uid} may not use this fleetd (it serves uid {os.getuid()} and root)",
+        f"uid {peer.uid} may not use this socket (it serves uid {os.getuid()} and root)",
     )
 
 
-class _Connection:
+class Connection:
     """One peer's conversation: frames in, answers out, many requests in flight."""
 
     def __init__(self, stream: SocketStream, dispatcher: Dispatcher, peer: Peer, max_frame: int):
@@ -148,10 +167,10 @@ class _Connection:
             except BadFrame as exc:
                 log.info("frame_refused", code=exc.code, reason=exc.message)
                 encode_response(error_response(None, exc.code, exc.message), answers)
-                await self._send(answers)
+                await self.send(answers)
                 return
             if answers:
-                await self._send(answers)
+                await self.send(answers)
 
     def _answer(self, frame: bytes, answers: bytearray, in_flight: anyio.abc.TaskGroup) -> None:
         answer = self._dispatcher.handle(frame, self._peer)
@@ -163,9 +182,11 @@ class _Connection:
     async def _answer_later(self, pending: Pending) -> None:
         answer = bytearray()
         encode_response(await pending, answer)
-        await self._send(answer)
+        await self.send(answer)
 
-    async def _send(self, data: bytearray) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
+        """Write frames whole, never interleaved with another writer's; a peer that has gone
+        away is not an error (its answers have nobody to read them)."""
         async with self._sending:
             try:
                 await self._stream.send(bytes(data))

@@ -12,6 +12,7 @@
     ├── AlreadyRunning             already_running: another fleetd holds the lock
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
+    ├── MemberFailed               member_failed: a member entered `error` while awaited
     ├── NotOwned                   not_owned, exit 10
     ├── NotEnabled                 not_enabled, exit 10
     ├── Absent                     absent, exit 11
@@ -107,6 +108,13 @@ class PermissionDenied(FleetError):
     """The peer runs as another user; only the daemon's own user and root may connect."""
 
     code = "permission_denied"
+
+
+class MemberFailed(FleetError):
+    """A member entered the `error` state while the caller waited for it to run; the message
+    carries the member's own error (its exit, its OS error, its start timeout)."""
+
+    code = "member_failed"
 
 
 class NotOwned(FleetError):

@@ -62,11 +62,19 @@ def encode_response(response: Response, buffer: bytearray) -> None:
 
 def decode_request(frame: bytes) -> Request:
     """Decode one frame into a request, raising the error its response should carry."""
+    return decode_request_with(_request_decoder, OPS, frame)
+
+
+def decode_request_with(
+    decoder: msgspec.json.Decoder[Any], ops: frozenset[str], frame: bytes
+) -> Request:
+    """Decode `frame` with `decoder`, a decoder of a union of requests whose tags are `ops`
+    (the member sockets speak their own ops in the same framing)."""
     _require_utf8(frame)
     try:
-        request: Request = _request_decoder.decode(frame)
+        request: Request = decoder.decode(frame)
     except msgspec.ValidationError as exc:
-        raise _explain_invalid(frame, exc) from None
+        raise _explain_invalid(frame, exc, ops) from None
     except msgspec.DecodeError as exc:
         raise BadFrame(f"malformed frame: {exc}") from None
     except RecursionError:
@@ -96,14 +104,14 @@ _ECHO_LIMIT = 100
 """Characters of a client's bad value echoed back, so an error frame stays small."""
 
 
-def _explain_invalid(frame: bytes, exc: msgspec.ValidationError) -> Exception:
+def _explain_invalid(frame: bytes, exc: msgspec.ValidationError, ops: frozenset[str]) -> Exception:
     if not frame.lstrip().startswith(b"{"):
         return BadFrame("frame is not a JSON object")
     try:
         envelope = _envelope_decoder.decode(frame)
     except _UNDECODABLE:
         return InvalidRequest(f"invalid request: {exc}")
-    if isinstance(envelope.op, str) and envelope.op not in OPS:
+    if isinstance(envelope.op, str) and envelope.op not in ops:
         op = envelope.op[:_ECHO_LIMIT]
         return UnknownOp(f"unknown op {op!r}", op=op)
     return InvalidRequest(f"invalid request: {exc}")

@@ -1,0 +1,609 @@
+"""Bound clusters: members that live exactly as long as the calling process, no daemon needed.
+
+    async with fleetctl.cluster("fleet.toml", name="it") as c:    # async methods
+        await c.wait_running()
+        url = "http://" + c.address("web")
+
+    with fleetctl.cluster({"members": {...}}) as c:                # the same, blocking
+        c.wait_running()
+
+`cluster()` spawns a holder (`python -m fleetd.holder`, a child process: fleetctl never
+imports fleetd), binds to it over a member socket (bind, then ack) and keeps that connection
+open. Leaving the block stops every member and reaps the holder. If the calling process dies
+first, SIGKILL included, the holder sees the connection close and the pid go, and stops every
+member itself.
+
+The blocking form runs the same async code on a private event loop thread (an anyio blocking
+portal), so both forms behave alike.
+"""
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self, TypeVar, overload
+
+import anyio
+import msgspec
+from anyio.abc import Process, SocketStream, TaskGroup
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from fleetctl._conversation import decode_result
+from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol.definitions import (
+    ClusterSpec,
+    MemberSpec,
+    cluster_from_dict,
+    load_toml,
+    member_from_dict,
+)
+from protocol.errors import (
+    Absent,
+    BadFrame,
+    ClientClosed,
+    ConnectionLost,
+    FleetError,
+    Incompatible,
+    InvalidRequest,
+    MemberFailed,
+    Timeout,
+)
+from protocol.framing import FrameSplitter, decode_response, encode
+from protocol.members import (
+    CLUSTER_FILE,
+    HOLDER_LOG,
+    Ack,
+    AddMember,
+    Bind,
+    BindResult,
+    MemberState,
+    MemberStatus,
+    Status,
+    Stop,
+    Watch,
+    WatchResult,
+    member_log_path,
+    member_socket_path,
+    member_statefile,
+    runtime_dir_problem,
+)
+from protocol.messages import Empty, Message, RawResponse, Request
+
+Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
+"""A `fleet.toml` path, a ClusterSpec, or a dict shaped like the TOML file."""
+
+R = TypeVar("R", bound=Message)
+
+DEFAULT_TIMEOUT = 30.0
+_READ_SIZE = 65536
+_STOP_MARGIN = 5.0
+"""Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
+
+
+def cluster(
+    definitions: Definitions,
+    *,
+    name: str | None = None,
+    runtime_dir: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> "Cluster":
+    """A cluster bound to this process, started on entering `async with` or `with`.
+
+    `name` overrides the definitions' cluster name. `runtime_dir` (sockets, logs, state) is a
+    fresh directory, removed at exit, unless given (then it is kept, logs included).
+    `timeout` bounds starting the holder and each call that does not take its own.
+    """
+    return Cluster(definitions, name=name, runtime_dir=runtime_dir, timeout=timeout)
+
+
+def to_cluster_spec(definitions: Definitions, name: str | None = None) -> ClusterSpec:
+    if isinstance(definitions, ClusterSpec):
+        return definitions if name is None else msgspec.structs.replace(definitions, name=name)
+    if isinstance(definitions, Mapping):
+        return cluster_from_dict(definitions, name=name)
+    return load_toml(os.fspath(definitions), name=name)
+
+
+class Cluster:
+    """A bound cluster. `async with` gives this object (async methods); `with` gives a
+    SyncCluster (the same methods, blocking)."""
+
+    def __init__(
+        self,
+        definitions: Definitions,
+        *,
+        name: str | None = None,
+        runtime_dir: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.spec = to_cluster_spec(definitions, name)
+        self.name = self.spec.name
+        self.timeout = timeout
+        self._given_dir = runtime_dir
+        self.runtime_dir = ""
+        self.holder_pid: int | None = None
+        self._statuses: dict[str, MemberStatus] = {}
+        self._changed = anyio.Event()
+        self._process: Process | None = None
+        self._link: _Link | None = None
+        self._stack: AsyncExitStack | None = None
+        self._blocking: contextlib.ExitStack | None = None
+
+    # -- async lifecycle
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise ClientClosed("a Cluster can be entered once")
+        self._stack = AsyncExitStack()
+        try:
+            tasks = await self._stack.enter_async_context(anyio.create_task_group())
+            self._stack.push_async_callback(self._shut_down)
+            await self._start(tasks)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._stack is not None
+        await self._stack.aclose()
+
+    async def _start(self, tasks: TaskGroup) -> None:
+        self.runtime_dir = self._given_dir or tempfile.mkdtemp(prefix="fleet-", dir=_temp_base())
+        problem = runtime_dir_problem(self.runtime_dir, [m.name for m in self.spec.members])
+        if problem:
+            raise InvalidRequest(problem)
+        await self._spawn_holder()
+        stream = await _connect(member_socket_path(self.runtime_dir, self.spec.members[0].name))
+        self._link = _Link(stream, on_push=self._on_push, on_failure=self._changed_now)
+        tasks.start_soon(self._link.read_forever)
+        await self._bind(self._link)
+
+    async def _spawn_holder(self) -> None:
+        spec_path = os.path.join(self.runtime_dir, CLUSTER_FILE)
+        _write_file(spec_path, msgspec.json.encode(self.spec))
+        log = os.open(
+            os.path.join(self.runtime_dir, HOLDER_LOG),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+            0o600,
+        )
+        ready_read, ready_write = os.pipe()
+        command = [
+            sys.executable,
+            "-m",
+            "fleetd.holder",
+            f"--spec={spec_path}",
+            f"--dir={self.runtime_dir}",
+            f"--bind-pid={os.getpid()}",
+            f"--ready-fd={ready_write}",
+        ]
+        if self._given_dir is None:
+            command.append("--ephemeral")
+        try:
+            self._process = await anyio.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                pass_fds=(ready_write,),
+            )
+            os.close(log)
+            os.close(ready_write)
+            self.holder_pid = self._process.pid
+            await self._holder_ready(ready_read)
+        finally:
+            for fd in (log, ready_write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            os.close(ready_read)
+
+    async def _holder_ready(self, ready: int) -> None:
+        """The holder writes "ready" once every member socket listens; EOF means it failed."""
+        os.set_blocking(ready, False)
+        received = b""
+        try:
+            with anyio.fail_after(self.timeout):
+                while b"\n" not in received:
+                    await anyio.wait_readable(ready)
+                    chunk = os.read(ready, 64)
+                    if not chunk:
+                        raise FleetError(f"the holder failed to start: {self._holder_log()}")
+                    received += chunk
+        except TimeoutError:
+            raise Timeout(f"the holder did not start within {self.timeout}s") from None
+
+    def _holder_log(self, lines: int = 5) -> str:
+        try:
+            with open(os.path.join(self.runtime_dir, HOLDER_LOG), errors="replace") as f:
+                return " | ".join(f.read().strip().splitlines()[-lines:]) or "(no output)"
+        except OSError:
+            return "(no log)"
+
+    async def _bind(self, link: "_Link") -> None:
+        bound = await link.request(
+            Bind, BindResult, self.timeout, version=PROTOCOL_VERSION, pid=os.getpid()
+        )
+        if bound.version != PROTOCOL_VERSION:
+            raise Incompatible(
+                f"the holder speaks protocol {bound.version}, this client {PROTOCOL_VERSION}",
+                server_version=bound.version,
+            )
+        await link.request(Ack, Empty, self.timeout)
+        snapshot = await link.request(Watch, WatchResult, self.timeout, pushes=True)
+        for status in snapshot.members:
+            self._statuses[status.name] = status
+
+    async def _shut_down(self) -> None:
+        """Closing the bound connection tells the holder to stop everything; then reap it."""
+        with anyio.CancelScope(shield=True):
+            if self._link is not None:
+                await self._link.aclose()
+            if self._process is not None:
+                await self._reap_holder(self._process)
+            if self._given_dir is None and self.runtime_dir:
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    async def _reap_holder(self, process: Process) -> None:
+        grace = max(m.stop_timeout for m in self.spec.members) + _STOP_MARGIN
+        with anyio.move_on_after(grace):
+            await process.wait()
+            return
+        process.kill()  # its members have SIGKILL as their parent-death signal
+        await process.wait()
+
+    # -- blocking lifecycle
+
+    def __enter__(self) -> "SyncCluster":
+        if self._blocking is not None:
+            raise ClientClosed("a Cluster can be entered once")
+        self._blocking = contextlib.ExitStack()
+        try:
+            portal = self._blocking.enter_context(start_blocking_portal("asyncio"))
+            self._blocking.enter_context(portal.wrap_async_context_manager(self))
+        except BaseException:
+            self._blocking.close()
+            raise
+        return SyncCluster(self, portal)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._blocking is not None
+        self._blocking.__exit__(exc_type, exc, tb)
+
+    # -- the calls
+
+    @property
+    def members(self) -> list[str]:
+        """Names of the members the holder reported, in order of joining."""
+        return list(self._statuses)
+
+    async def wait_running(
+        self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, MemberStatus]:
+        """Until every named member (default: all) is running. Raises MemberFailed as soon as
+        one enters `error` (with its error), Absent for a name not in the cluster, Timeout."""
+        wanted = list(names) if names is not None else self.members
+        try:
+            with anyio.fail_after(timeout):
+                while not self._all_running(wanted):
+                    changed = self._changed
+                    await changed.wait()
+        except TimeoutError:
+            states = ", ".join(f"{n}={self._statuses[n].state}" for n in wanted)
+            raise Timeout(f"members not running within {timeout}s: {states}") from None
+        return {name: self._statuses[name] for name in wanted}
+
+    def _all_running(self, names: list[str]) -> bool:
+        link = self._opened()
+        if link.failure is not None:
+            raise link.failure
+        for name in names:
+            status = self._statuses.get(name)
+            if status is None:
+                raise Absent(f"no member {name!r} in cluster {self.name!r}")
+            if status.state == MemberState.ERROR:
+                raise MemberFailed(f"member {name!r} failed: {status.error}", member=name)
+        return all(self._statuses[name].state == MemberState.RUNNING for name in names)
+
+    @overload
+    async def status(self, name: str) -> MemberStatus: ...
+    @overload
+    async def status(self, name: None = None) -> dict[str, MemberStatus]: ...
+    async def status(self, name: str | None = None) -> MemberStatus | dict[str, MemberStatus]:
+        """One member's status, or every member's by name. The live holder answers; once it is
+        gone, the state files do (`stopped` if the member existed, else `absent`)."""
+        if name is not None:
+            return await self._status_of(name)
+        statuses: dict[str, MemberStatus] = {}
+
+        async def fetch(member: str) -> None:
+            statuses[member] = await self._status_of(member)
+
+        async with anyio.create_task_group() as tasks:
+            for member in self.members:
+                tasks.start_soon(fetch, member)
+        return {member: statuses[member] for member in self.members}
+
+    async def _status_of(self, name: str) -> MemberStatus:
+        link = self._opened()
+        if link.failure is None:
+            with contextlib.suppress(ConnectionLost):
+                return await link.request(Status, MemberStatus, self.timeout, name=name)
+        return _status_on_disk(self.runtime_dir, name)
+
+    async def stop(self, name: str) -> MemberStatus:
+        """Stop one member (its siblings keep running); returns its final status."""
+        spec = self.spec.member(name)
+        timeout = (spec.stop_timeout if spec else self.timeout) + _STOP_MARGIN
+        return await self._opened().request(Stop, MemberStatus, timeout, name=name)
+
+    async def add(
+        self,
+        spec: MemberSpec | Mapping[str, Any],
+        sibling: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> MemberStatus:
+        """Boot a new member into the live cluster (it gets the same peers) and wait until it
+        runs. `spec` may be a MemberSpec or a dict like a [members.NAME] table plus "name".
+        `sibling` names the member whose socket carries the request (default: any)."""
+        member = _to_member_spec(spec)
+        if sibling is None:
+            status = await self._opened().request(AddMember, MemberStatus, timeout, spec=member)
+        else:
+            status = await _one_request(
+                member_socket_path(self.runtime_dir, sibling), AddMember, timeout, spec=member
+            )
+        self._statuses.setdefault(member.name, status)
+        self.spec = ClusterSpec(name=self.name, members=[*self.spec.members, member])
+        return (await self.wait_running([member.name], timeout))[member.name]
+
+    def logs(self, name: str, stderr: bool = False) -> str:
+        """What the member wrote to stdout (or stderr), the rotated part first."""
+        path = member_log_path(self.runtime_dir, name, stderr=stderr)
+        text = ""
+        for part in (f"{path}.1", path):
+            with contextlib.suppress(FileNotFoundError), open(part, errors="replace") as f:
+                text += f.read()
+        return text
+
+    def address(self, name: str) -> str:
+        """host:port of the member's {port}, or its unix:PATH; "" when it has neither."""
+        status = self._statuses.get(name)
+        if status is None:
+            raise Absent(f"no member {name!r} in cluster {self.name!r}")
+        return status.address
+
+    def _opened(self) -> "_Link":
+        if self._link is None:
+            raise ClientClosed("the cluster is not started: use `async with` or `with`")
+        return self._link
+
+    def _on_push(self, status: MemberStatus) -> None:
+        self._statuses[status.name] = status
+        self._changed_now()
+
+    def _changed_now(self) -> None:
+        """Wake every wait_running caller to look again."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
+class SyncCluster:
+    """The blocking face of a Cluster (what `with cluster(...)` gives): the same calls, run on
+    the cluster's private event loop thread."""
+
+    def __init__(self, cluster: Cluster, portal: BlockingPortal) -> None:
+        self.cluster = cluster
+        self._portal = portal
+
+    @property
+    def name(self) -> str:
+        return self.cluster.name
+
+    @property
+    def runtime_dir(self) -> str:
+        return self.cluster.runtime_dir
+
+    @property
+    def holder_pid(self) -> int | None:
+        return self.cluster.holder_pid
+
+    @property
+    def members(self) -> list[str]:
+        return self.cluster.members
+
+    def wait_running(
+        self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> dict[str, MemberStatus]:
+        return self._portal.call(self.cluster.wait_running, names, timeout)
+
+    @overload
+    def status(self, name: str) -> MemberStatus: ...
+    @overload
+    def status(self, name: None = None) -> dict[str, MemberStatus]: ...
+    def status(self, name: str | None = None) -> MemberStatus | dict[str, MemberStatus]:
+        return self._portal.call(self.cluster.status, name)
+
+    def stop(self, name: str) -> MemberStatus:
+        return self._portal.call(self.cluster.stop, name)
+
+    def add(
+        self,
+        spec: MemberSpec | Mapping[str, Any],
+        sibling: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> MemberStatus:
+        return self._portal.call(lambda: self.cluster.add(spec, sibling, timeout=timeout))
+
+    def logs(self, name: str, stderr: bool = False) -> str:
+        return self.cluster.logs(name, stderr)
+
+    def address(self, name: str) -> str:
+        return self.cluster.address(name)
+
+
+# --- one connection to a member socket ------------------------------------------------------
+
+
+class _Link:
+    """A connection to a member socket with one reader task: answers go to the caller waiting
+    on their id, watch pushes to `on_push`. Many requests may be in flight."""
+
+    def __init__(
+        self,
+        stream: SocketStream,
+        *,
+        on_push: Callable[[MemberStatus], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._on_push = on_push
+        self._on_failure = on_failure
+        self._splitter = FrameSplitter(MAX_FRAME)
+        self._next_id = 0
+        self._waiting: dict[int, anyio.Event] = {}
+        self._answers: dict[int, RawResponse] = {}
+        self._watch_id: int | None = None
+        self._push_decoder = msgspec.json.Decoder(MemberStatus)
+        self._sending = anyio.Lock()
+        self.failure: FleetError | None = None
+
+    async def request(
+        self,
+        request_type: type[Request],
+        result_type: type[R],
+        timeout: float,
+        *,
+        pushes: bool = False,
+        **fields: Any,
+    ) -> R:
+        """Send a request and wait for its answer. `pushes`: later frames with its id are
+        watch pushes (see protocol.members.Watch)."""
+        self._next_id += 1
+        request_id = self._next_id
+        answered = self._waiting[request_id] = anyio.Event()
+        if pushes:
+            self._watch_id = request_id
+        try:
+            with anyio.fail_after(timeout):
+                await self._send(encode(request_type(id=request_id, **fields)))
+                await answered.wait()
+        except TimeoutError:
+            raise Timeout(f"no answer from the holder within {timeout}s") from None
+        finally:
+            self._waiting.pop(request_id, None)
+        answer = self._answers.pop(request_id, None)
+        if answer is None:
+            raise self.failure or ConnectionLost("the holder closed the connection")
+        return decode_result(answer, result_type)
+
+    async def _send(self, frame: bytes) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            async with self._sending:
+                await self._stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"the holder went away: {exc!r}") from None
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive(_READ_SIZE)
+                for frame in self._splitter.feed(data):
+                    self._received(decode_response(frame))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._fail(ConnectionLost("the holder closed the connection (it exited)"))
+        except BadFrame as exc:
+            self._fail(ConnectionLost(f"the holder sent a bad frame: {exc.message}"))
+
+    def _received(self, response: RawResponse) -> None:
+        request_id = response.id
+        answered = self._waiting.pop(request_id, None) if request_id is not None else None
+        if request_id is not None and answered is not None:
+            self._answers[request_id] = response  # frames after it with a watch's id: pushes
+            answered.set()
+        elif request_id == self._watch_id and self._on_push is not None:
+            self._on_push(self._push_decoder.decode(response.result))
+
+    def _fail(self, error: FleetError) -> None:
+        self.failure = error
+        for answered in self._waiting.values():
+            answered.set()
+        if self._on_failure is not None:
+            self._on_failure()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _connect(path: str) -> SocketStream:
+    try:
+        return await anyio.connect_unix(path)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
+
+
+async def _one_request(
+    path: str, request_type: type[Request], timeout: float, **fields: Any
+) -> MemberStatus:
+    """One request on a connection of its own (to address a particular member's socket)."""
+    link = _Link(await _connect(path))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(link.read_forever)
+        try:
+            status = await link.request(request_type, MemberStatus, timeout, **fields)
+        finally:
+            await link.aclose()
+    return status
+
+
+def _to_member_spec(spec: MemberSpec | Mapping[str, Any]) -> MemberSpec:
+    if isinstance(spec, MemberSpec):
+        return spec
+    table = dict(spec)
+    name = table.pop("name", None)
+    if not isinstance(name, str):
+        raise InvalidRequest('a member needs a "name"')
+    return member_from_dict(name, table)
+
+
+def _status_on_disk(runtime_dir: str, name: str) -> MemberStatus:
+    """With no holder to ask: `stopped` if the member left a state file, else `absent`."""
+    try:
+        with open(member_statefile(runtime_dir, name), "rb") as f:
+            last = msgspec.json.decode(f.read(), type=MemberStatus)
+    except (OSError, msgspec.MsgspecError):
+        return MemberStatus(name=name, state=MemberState.ABSENT)
+    return msgspec.structs.replace(last, state=MemberState.STOPPED, pid=None, running=False)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _temp_base() -> str:
+    """Where a fresh runtime directory goes: a short path (socket paths must stay under 107
+    bytes, so not a deep $TMPDIR) on tmpfs when possible, since a holder creates a few files
+    per member: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp."""
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR", ""), "/dev/shm"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return "/tmp"

@@ -1,0 +1,563 @@
+"""The holder: one process per cluster, parent and supervisor of its members (as containerd-shim
+is of a container), serving one unix socket per member.
+
+    python -m fleetd.holder --spec cluster.json --dir RUNTIME_DIR [--bind-pid PID] [--ready-fd FD]
+
+It becomes a child subreaper (orphans of members are re-parented to it and reaped) and gives
+each member a parent-death signal, so a holder that dies, even by SIGKILL, leaks no member.
+It exits when its last member leaves (stop), or on SIGTERM/SIGINT after stopping them all.
+
+Bound mode (`--bind-pid`, the library's lifetime): the holder stops every member and exits as
+soon as the client process dies (pidfd) or a connection that completed bind + ack reaches EOF.
+A connection that closes before its ack (a dial retry, a probe) tears nothing down.
+
+Runtime directory (0700), see protocol.members for the names:
+
+    holder.pid  cluster.json  notify  <member>.sock  <member>/{stdout.log,stderr.log,pid,state.json}
+"""
+
+import argparse
+import contextlib
+import functools
+import math
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import SocketStream, TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from fleetd.dispatch import Dispatcher, Peer
+from fleetd.log import configure_logging
+from fleetd.members import (
+    LOG_MAX_BYTES,
+    Member,
+    NotifySocket,
+    Reaper,
+    ancestry,
+    become_subreaper,
+    block_sigchld,
+    needs_port,
+    write_atomically,
+    write_pidfile,
+)
+from fleetd.server import Connection, accept_forever, admit
+from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest
+from protocol.framing import encode_response
+from protocol.members import (
+    CLUSTER_FILE,
+    HOLDER_PIDFILE,
+    NOTIFY_SOCKET,
+    Ack,
+    AddMember,
+    Bind,
+    BindResult,
+    MemberState,
+    MemberStatus,
+    Status,
+    Stop,
+    Watch,
+    WatchResult,
+    decode_member_request,
+    member_dir,
+    member_socket_path,
+    runtime_dir_problem,
+)
+from protocol.messages import Empty, Response
+
+log = structlog.get_logger("fleetd.holder")
+
+_EXIT_GRACE = 1.0
+"""Seconds connections get to receive their last answers once the last member left."""
+
+
+def _listening_socket(path: str) -> socket.socket:
+    """A member socket, mode 0600 (made synchronously: anyio's create_unix_listener binds in a
+    worker thread, a thread hop per member)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)  # in a 0700 directory: nobody else can reach it before the chmod
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the member binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Holder:
+    """Supervises one cluster's members and serves their sockets until the last one leaves.
+
+    Run it in a process of its own, through `main`: it needs SIGCHLD blocked in every thread
+    (see fleetd.members.Reaper) and it becomes the subreaper of everything it starts.
+    """
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        runtime_dir: str,
+        *,
+        bind_pid: int | None = None,
+        log_max_bytes: int = LOG_MAX_BYTES,
+    ) -> None:
+        """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
+        death (or whose acked connection's EOF) stops the cluster, in bound mode."""
+        self.spec = spec
+        self.cluster = spec.name
+        self.runtime_dir = os.path.abspath(runtime_dir)
+        self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
+        self.reaper = Reaper()
+        self._bind_pid = bind_pid
+        self._log_max_bytes = log_max_bytes
+        self._members: dict[str, Member] = {}
+        self._departed: dict[str, MemberStatus] = {}
+        self._listening: dict[str, anyio.CancelScope] = {}
+        self._by_pid: dict[int, Member] = {}
+        self._peers: list[tuple[str, str]] | None = None
+        self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
+        self._unsaved: dict[str, Member] = {}
+        self._save_soon = anyio.Event()
+        self._tearing_down = False
+        self._finished = anyio.Event()
+        self._open: set[Connection] = set()
+        self._tasks: TaskGroup | None = None
+        self._connections: TaskGroup | None = None
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every member, report started, serve until the last member left."""
+        self._prepare_directory()
+        try:
+            async with anyio.create_task_group() as self._tasks:
+                await self._tasks.start(self.reaper.run)
+                await self._tasks.start(self._watch_signals)
+                self._tasks.start_soon(self._save_forever)
+                self._tasks.start_soon(NotifySocket(self.notify_path, self._owner_of).run)
+                if self._bind_pid is not None:
+                    self._tasks.start_soon(self._watch_client, self._bind_pid)
+                async with anyio.create_task_group() as self._connections:
+                    for spec in self.spec.members:
+                        if self._tearing_down:  # the client died while we started up
+                            break
+                        await self._admit(spec)
+                    log.info(
+                        "holder_ready",
+                        cluster=self.cluster,
+                        members=len(self._members),
+                        pid=os.getpid(),
+                        bind_pid=self._bind_pid,
+                    )
+                    task_status.started()
+                    await self._finished.wait()
+                    self._finish_connections()
+                self._tasks.cancel_scope.cancel()
+        finally:
+            self._save_changed()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.runtime_dir, HOLDER_PIDFILE))
+        log.info("holder_stopped", cluster=self.cluster)
+
+    def _prepare_directory(self) -> None:
+        problem = runtime_dir_problem(self.runtime_dir, [m.name for m in self.spec.members])
+        if problem:
+            raise FleetError(problem)
+        try:
+            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o700)
+            write_pidfile(os.path.join(self.runtime_dir, HOLDER_PIDFILE), os.getpid())
+        except OSError as exc:
+            raise FleetError(f"cannot use {self.runtime_dir}: {exc.strerror or exc}") from None
+        self._save_cluster()
+
+    def _finish_connections(self) -> None:
+        """Let every connection deliver what it owes (the answer to the stop that made the last
+        member leave, the watchers' last changes), then end it; at most _EXIT_GRACE."""
+        for watcher in self._watchers:
+            watcher.close()
+        for connection in self._open:
+            connection.stop_reading()
+        assert self._connections is not None
+        self._connections.cancel_scope.deadline = anyio.current_time() + _EXIT_GRACE
+
+    def teardown(self, reason: str) -> None:
+        """Stop every member (concurrently); the holder exits once they are all down."""
+        if self._tearing_down:
+            return
+        self._tearing_down = True
+        log.info("holder_tearing_down", cluster=self.cluster, reason=reason)
+        assert self._tasks is not None
+        for member in list(self._members.values()):
+            self._tasks.start_soon(member.stop)
+        if not self._members:
+            self._finished.set()
+
+    async def _watch_signals(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.teardown(signal.Signals(signum).name)
+
+    async def _watch_client(self, pid: int) -> None:
+        """Bound mode: the client's death, whatever killed it, stops the cluster."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.teardown("client_gone")
+            return
+        try:
+            await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.teardown("client_gone")
+
+    # -- members joining and leaving
+
+    async def _admit(self, spec: MemberSpec) -> MemberStatus:
+        """Open the member's socket and start supervising it."""
+        assert self._tasks is not None and self._connections is not None
+        path = member_socket_path(self.runtime_dir, spec.name)
+        listener = await anyio.abc.SocketListener.from_socket(_listening_socket(path))
+        member = Member(
+            spec,
+            host=self,
+            directory=member_dir(self.runtime_dir, spec.name),
+            port=free_port() if needs_port(spec) else None,
+            log_max_bytes=self._log_max_bytes,
+        )
+        self._members[spec.name] = member
+        self._departed.pop(spec.name, None)
+        self._peers = None
+        scope = self._listening[spec.name] = anyio.CancelScope()
+        handle = functools.partial(self._connection, spec.name)
+        self._tasks.start_soon(self._serve, path, listener, scope, handle)
+        self._tasks.start_soon(self._supervise, member)
+        return member.status()
+
+    async def _serve(
+        self,
+        path: str,
+        listener: anyio.abc.SocketListener,
+        scope: anyio.CancelScope,
+        handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
+    ) -> None:
+        assert self._connections is not None
+        try:
+            with scope:
+                async with listener:
+                    await accept_forever(listener, self._connections, handle)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def _supervise(self, member: Member) -> None:
+        try:
+            await member.run()
+        except Exception:
+            log.exception("member_supervision_crashed", member=member.name)
+        self._depart(member)
+
+    def _depart(self, member: Member) -> None:
+        """A stopped member leaves: its socket closes (connections made through it stay)."""
+        self._members.pop(member.name, None)
+        self._departed[member.name] = member.status()
+        self._listening.pop(member.name).cancel()
+        self._peers = None
+        if not self._tearing_down:
+            self._save_cluster()
+        log.info("member_left", member=member.name, remaining=len(self._members))
+        if not self._members:
+            self._finished.set()
+
+    async def add_member(self, spec: MemberSpec) -> MemberStatus:
+        if self._tearing_down:
+            raise InvalidRequest(f"cluster {self.cluster!r} is shutting down")
+        if spec.name in self._members:
+            raise InvalidRequest(f"member {spec.name!r} is already in cluster {self.cluster!r}")
+        problem = runtime_dir_problem(self.runtime_dir, [spec.name])
+        if problem:
+            raise InvalidRequest(problem)
+        status = await self._admit(spec)
+        self._save_cluster()
+        log.info("member_added", member=spec.name)
+        return status
+
+    async def stop_member(self, name: str) -> MemberStatus:
+        member = self._members.get(name)
+        if member is not None:
+            return await member.stop()
+        if name in self._departed:
+            return self._departed[name]
+        raise Absent(f"no member {name!r} in cluster {self.cluster!r}")
+
+    def status_of(self, name: str) -> MemberStatus:
+        member = self._members.get(name)
+        if member is not None:
+            return member.status()
+        return self._departed.get(name) or MemberStatus(name=name, state=MemberState.ABSENT)
+
+    def _save_cluster(self) -> None:
+        """cluster.json: the members this holder serves now, for whoever re-adopts it."""
+        members = [m.spec for m in self._members.values()] or list(self.spec.members)
+        spec = ClusterSpec(name=self.cluster, members=members)
+        write_atomically(os.path.join(self.runtime_dir, CLUSTER_FILE), msgspec.json.encode(spec))
+
+    # -- what members ask of their holder (fleetd.members.Host)
+
+    def peers_of(self, name: str) -> str:
+        if self._peers is None:
+            self._peers = [(n, f"{n}={m.address}") for n, m in self._members.items()]
+        return ",".join([entry for sibling, entry in self._peers if sibling != name])
+
+    def member_changed(self, member: Member) -> None:
+        if member.pid is not None:
+            self._by_pid[member.pid] = member
+        self._unsaved[member.name] = member
+        self._save_soon.set()
+        status = member.status()
+        emit = log.warning if status.state == MemberState.ERROR else log.debug
+        emit(
+            "member_state",
+            member=member.name,
+            state=str(status.state),
+            pid=status.pid,
+            error=status.error or None,
+        )
+        for watcher in list(self._watchers):
+            try:
+                watcher.send_nowait(status)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._watchers.discard(watcher)
+
+    async def _save_forever(self) -> None:
+        """Write changed members' files once per event-loop turn, however many changed."""
+        while True:
+            await self._save_soon.wait()
+            self._save_soon = anyio.Event()
+            self._save_changed()
+
+    def _save_changed(self) -> None:
+        unsaved, self._unsaved = self._unsaved, {}
+        for member in unsaved.values():
+            member.save()
+
+    def _owner_of(self, pid: int) -> Member | None:
+        """The member a notify sender belongs to: itself, its group, or an ancestor."""
+        for candidate in ancestry(pid):
+            member = self._by_pid.get(candidate)
+            if member is not None and member.pid == candidate:
+                return member
+        return None
+
+    # -- connections
+
+    def watch(self) -> tuple[list[MemberStatus], MemoryObjectReceiveStream[MemberStatus]]:
+        """Every member's status now, and a stream of every change from now on."""
+        send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
+        self._watchers.add(send)
+        return [m.status() for m in self._members.values()], receive
+
+    async def _connection(self, member: str, stream: SocketStream) -> None:
+        try:
+            await self._converse(member, stream)
+        except Exception as exc:
+            log.warning("connection_failed", error=repr(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _converse(self, member: str, stream: SocketStream) -> None:
+        peer = await admit(stream)
+        if peer is None:
+            return
+        async with anyio.create_task_group() as pushers:
+            session = _Session(self, member, pushers)
+            connection = session.connection = Connection(
+                stream, session.dispatcher(), peer, MAX_FRAME
+            )
+            self._open.add(connection)
+            try:
+                async with anyio.create_task_group() as in_flight:
+                    await connection.read_requests(in_flight)
+                    if session.acked:
+                        self.teardown("client_disconnected")
+            finally:
+                self._open.discard(connection)
+            if not self._finished.is_set():
+                pushers.cancel_scope.cancel()  # the peer left; else pushers drain and end
+
+
+class _Session:
+    """One connection's state: whether it is bound (its EOF then stops the cluster), and the
+    watches it asked for."""
+
+    def __init__(self, holder: Holder, member: str, pushers: TaskGroup) -> None:
+        self.holder = holder
+        self.member = member
+        self.pushers = pushers
+        self.connection: Connection | None = None
+        self.bound = False
+        self.acked = False
+
+    def dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher(decode_member_request)
+        dispatcher.register(Status, self.status, chatty=True)
+        dispatcher.register(Stop, self.stop)
+        dispatcher.register(AddMember, self.add_member)
+        dispatcher.register(Bind, self.bind)
+        dispatcher.register(Ack, self.ack)
+        dispatcher.register(Watch, self.watch)
+        return dispatcher
+
+    def status(self, request: Status, peer: Peer) -> MemberStatus:
+        return self.holder.status_of(request.name or self.member)
+
+    async def stop(self, request: Stop, peer: Peer) -> MemberStatus:
+        return await self.holder.stop_member(request.name or self.member)
+
+    async def add_member(self, request: AddMember, peer: Peer) -> MemberStatus:
+        return await self.holder.add_member(request.spec)
+
+    def bind(self, request: Bind, peer: Peer) -> BindResult:
+        if request.version != PROTOCOL_VERSION:
+            raise Incompatible(
+                f"client speaks protocol {request.version}, this holder speaks {PROTOCOL_VERSION}",
+                server_version=PROTOCOL_VERSION,
+            )
+        self.bound = True
+        return BindResult(version=PROTOCOL_VERSION, pid=os.getpid())
+
+    def ack(self, request: Ack, peer: Peer) -> Empty:
+        if not self.bound:
+            raise InvalidRequest("ack before bind: send bind first")
+        self.acked = True
+        log.info("client_bound", client_pid=peer.pid)
+        return Empty()
+
+    def watch(self, request: Watch, peer: Peer) -> WatchResult:
+        """The snapshot answers now; changes follow as pushed responses with this id. They
+        cannot overtake the snapshot: it is queued on the connection before the pusher runs,
+        and both go out under the connection's one send lock."""
+        snapshot, changes = self.holder.watch()
+        self.pushers.start_soon(self._push, request.id, changes)
+        return WatchResult(members=snapshot)
+
+    async def _push(
+        self, request_id: int, changes: MemoryObjectReceiveStream[MemberStatus]
+    ) -> None:
+        assert self.connection is not None
+        async with changes:
+            async for first in changes:
+                frames = bytearray()
+                encode_response(Response(id=request_id, ok=True, result=first), frames)
+                while True:  # take along every change queued meanwhile: one write
+                    try:
+                        status = changes.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    encode_response(Response(id=request_id, ok=True, result=status), frames)
+                await self.connection.send(frames)
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def _raise_fd_limit() -> None:
+    """Each member costs a socket, two pipes and two log files: use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetd holder", description="Supervise one cluster's members (see fleetd.holder)."
+    )
+    parser.add_argument("--spec", required=True, help="the cluster, a JSON ClusterSpec file")
+    parser.add_argument("--dir", required=True, help="runtime directory (sockets, logs, state)")
+    parser.add_argument("--bind-pid", type=int, help="bound mode: the client process")
+    parser.add_argument("--ready-fd", type=int, help="write 'ready' here once members are up")
+    parser.add_argument(
+        "--ephemeral", action="store_true", help="remove the runtime directory on exit"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def _load_spec(path: str) -> ClusterSpec:
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=ClusterSpec)
+    except OSError as exc:
+        raise FleetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except msgspec.MsgspecError as exc:
+        raise FleetError(f"{path} is not a cluster spec: {exc}") from None
+
+
+async def _serve(holder: Holder, ready_fd: int | None) -> None:
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(holder.run)
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a holder until its last member leaves; 0, or 1 when it cannot start."""
+    block_sigchld()  # before any thread exists: see fleetd.members.Reaper
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.ready_fd is not None:
+        os.set_inheritable(args.ready_fd, False)  # members must not hold it open
+    failures: list[Exception] = []
+    try:
+        become_subreaper()
+        _raise_fd_limit()
+        holder = Holder(_load_spec(args.spec), args.dir, bind_pid=args.bind_pid)
+        anyio.run(
+            _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
+        )
+    except* (FleetError, OSError) as failed:
+        failures = _leaves(failed)
+    finally:
+        if args.ephemeral:
+            shutil.rmtree(args.dir, ignore_errors=True)
+    for error in failures:
+        print(f"fleetd holder: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

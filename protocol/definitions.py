@@ -1,0 +1,378 @@
+"""Member and cluster definitions: what to run, pure data, and the strict `fleet.toml` loader.
+
+`MemberSpec` and `ClusterSpec` travel on the wire (addmember) and to a holder, so they follow
+the wire rules (unknown fields ignored, new fields get defaults) and validate their values on
+construction and on decode, raising InvalidRequest that names the bad value.
+
+The TOML loader is strict instead: a misspelt key is an error, reported with the key and its
+line in the file, because a typo in a config file must never be silently ignored.
+"""
+
+import math
+import re
+import signal
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from protocol.errors import InvalidRequest
+from protocol.messages import Message
+
+T = TypeVar("T")
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+"""Member and cluster names: short, lowercase, safe in paths, socket names and env values."""
+
+RESTART_POLICIES = ("no", "on-failure", "always")
+READY_KINDS = ("tcp", "notify", "none", "unix:PATH", "log:REGEX")
+
+DEFAULT_STOP_TIMEOUT = 5.0
+DEFAULT_START_TIMEOUT = 10.0
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def check_name(name: object, what: str = "member") -> str:
+    """`name` if it is a valid member or cluster name; InvalidRequest naming it otherwise."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid {what} name {name!r}: use 1 to 63 characters of a-z, 0-9, '.', '_' "
+            "and '-', starting with a letter or digit",
+            name=str(name),
+        )
+    return name
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "500ms", "5s", "1m", "1m30s", "1h", or a plain number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidRequest(f'invalid duration {value!r}: use a string such as "5s"')
+    if isinstance(value, str):
+        if not _DURATION.fullmatch(value):
+            raise InvalidRequest(
+                f'invalid duration {value!r}: use a number and a unit, e.g. "500ms", "5s", "1m"'
+            )
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequest(f"invalid duration {value!r}: must be finite and not negative")
+    return seconds
+
+
+def check_ready(ready: object) -> str:
+    """A readiness check: tcp, notify, none, unix:PATH or log:REGEX (the regex must compile)."""
+    if ready in ("tcp", "notify", "none"):
+        return str(ready)
+    if isinstance(ready, str) and ready.startswith("unix:") and len(ready) > len("unix:"):
+        return ready
+    if isinstance(ready, str) and ready.startswith("log:") and len(ready) > len("log:"):
+        try:
+            re.compile(ready[len("log:") :])
+        except re.error as exc:
+            raise InvalidRequest(
+                f"invalid ready {ready!r}: bad regular expression: {exc}"
+            ) from None
+        return ready
+    raise InvalidRequest(f"invalid ready {ready!r}: use one of {', '.join(READY_KINDS)}")
+
+
+def check_restart(restart: object) -> str:
+    if restart not in RESTART_POLICIES:
+        raise InvalidRequest(
+            f"invalid restart {restart!r}: use one of {', '.join(RESTART_POLICIES)}"
+        )
+    return str(restart)
+
+
+def check_signal(name: object) -> str:
+    """A signal name without its SIG prefix ("TERM", "INT", "USR1"...)."""
+    if not isinstance(name, str) or name.startswith("SIG") or not hasattr(signal, f"SIG{name}"):
+        raise InvalidRequest(f"invalid stop_signal {name!r}: use a name such as TERM, INT, QUIT")
+    return name
+
+
+def check_argv(argv: object, key: str) -> list[str]:
+    """An argv list (a command is never a shell string: write ["sh", "-c", ...] for that)."""
+    if isinstance(argv, str):
+        raise InvalidRequest(f"{key} must be a list of arguments, not a string: {argv!r}")
+    if not isinstance(argv, list | tuple) or not argv:
+        raise InvalidRequest(f"{key} must be a non-empty list of arguments")
+    if not all(isinstance(arg, str) and "\0" not in arg for arg in argv):
+        raise InvalidRequest(f"{key} arguments must be strings without NUL bytes")
+    if not argv[0]:
+        raise InvalidRequest(f"{key}[0], the program, is empty")
+    return list(argv)
+
+
+def check_env(env: object) -> dict[str, str]:
+    if not isinstance(env, Mapping):
+        raise InvalidRequest("env must be a table of names to strings")
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise InvalidRequest(f"invalid environment variable name {key!r}")
+        if not isinstance(value, str) or "\0" in value:
+            raise InvalidRequest(f"environment variable {key} must be a string without NUL")
+    return dict(env)
+
+
+class MemberSpec(Message, frozen=True):
+    """One member: an argv to run and how to supervise it. Durations are in seconds.
+
+    `command`, `env` and `cwd` may use the placeholders {port} (a free loopback port the holder
+    allocates), {name} and {dir} (the member's own directory).
+    """
+
+    name: str
+    command: list[str]
+    ready: str = "none"
+    restart: str = "no"
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    cwd: str | None = None
+    stop_signal: str = "TERM"
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    prepare: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        check_argv(self.command, "command")
+        check_ready(self.ready)
+        check_restart(self.restart)
+        check_env(self.env)
+        check_signal(self.stop_signal)
+        parse_duration(self.stop_timeout)
+        parse_duration(self.start_timeout)
+        if self.prepare is not None:
+            check_argv(self.prepare, "prepare")
+
+
+class ClusterSpec(Message, frozen=True):
+    """A named group of members served by one holder."""
+
+    name: str
+    members: list[MemberSpec]
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "cluster")
+        if not self.members:
+            raise InvalidRequest(f"cluster {self.name!r} has no members")
+        seen: set[str] = set()
+        for member in self.members:
+            if member.name in seen:
+                raise InvalidRequest(f"duplicate member name {member.name!r}", name=member.name)
+            seen.add(member.name)
+
+    def member(self, name: str) -> MemberSpec | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+# --- the strict file format ----------------------------------------------------------------
+
+
+class _MemberTable(msgspec.Struct, forbid_unknown_fields=True):
+    """One `[members.NAME]` table as written; values are checked after the shape."""
+
+    command: list[str]
+    ready: str = "none"
+    restart: str = "no"
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    stop_signal: str = "TERM"
+    stop_timeout: str | float = DEFAULT_STOP_TIMEOUT
+    start_timeout: str | float = DEFAULT_START_TIMEOUT
+    prepare: list[str] | None = None
+
+
+class _ClusterTable(msgspec.Struct, forbid_unknown_fields=True):
+    name: str | None = None
+    members: dict[str, dict[str, Any]] = {}
+
+
+class _KeyProblem(Exception):
+    """A bad value under `keys`, before the line it is on is known."""
+
+    def __init__(self, keys: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.message = message
+
+
+def load_toml(path: str, *, name: str | None = None) -> ClusterSpec:
+    """The cluster a `fleet.toml` defines; `name` overrides its top-level `name` (default:
+    "default"). Raises InvalidRequest naming the file, line and key of the first problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_toml(raw.decode(errors="replace"), source=path, name=name)
+
+
+def parse_toml(text: str, *, source: str = "fleet.toml", name: str | None = None) -> ClusterSpec:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidRequest(f"{source}: {exc}") from None
+    return _from_document(document, text=text, source=source, name=name)
+
+
+def cluster_from_dict(
+    document: Mapping[str, Any], *, name: str | None = None, source: str = "definitions"
+) -> ClusterSpec:
+    """The cluster a dict shaped like the TOML file defines (as the library accepts)."""
+    return _from_document(document, text=None, source=source, name=name)
+
+
+def member_from_dict(name: str, table: Mapping[str, Any]) -> MemberSpec:
+    """The member a dict shaped like a `[members.NAME]` table defines."""
+    try:
+        return _build_member(name, table)
+    except _KeyProblem as problem:
+        raise InvalidRequest(f"{'.'.join(problem.keys)}: {problem.message}") from None
+
+
+def _from_document(
+    document: Mapping[str, Any], *, text: str | None, source: str, name: str | None
+) -> ClusterSpec:
+    try:
+        spec = _build_cluster(document, name)
+    except _KeyProblem as problem:
+        line = _line_of(text, problem.keys) if text is not None else None
+        where = f"{source}:{line}" if line else source
+        raise InvalidRequest(
+            f"{where}: {'.'.join(problem.keys) or '(top level)'}: {problem.message}",
+            key=".".join(problem.keys),
+            line=line,
+        ) from None
+    return spec
+
+
+def _build_cluster(document: Mapping[str, Any], name: str | None) -> ClusterSpec:
+    table = _shaped(document, _ClusterTable, ())
+    cluster_name = name or table.name or "default"
+    _checked(("name",), lambda: check_name(cluster_name, "cluster"))
+    if not table.members:
+        raise _KeyProblem(("members",), "no members defined: add a [members.NAME] table")
+    members = [_build_member(key, value) for key, value in table.members.items()]
+    return ClusterSpec(name=cluster_name, members=members)
+
+
+def _build_member(key: str, document: Mapping[str, Any]) -> MemberSpec:
+    where = ("members", key)
+    _checked(where, lambda: check_name(key))
+    table = _shaped(document, _MemberTable, where)
+
+    def checked(field: str, check: Callable[[Any], T], value: Any) -> T:
+        return _checked((*where, field), lambda: check(value))
+
+    return MemberSpec(
+        name=key,
+        command=checked("command", lambda v: check_argv(v, "command"), table.command),
+        ready=checked("ready", check_ready, table.ready),
+        restart=checked("restart", check_restart, table.restart),
+        env=checked("env", check_env, table.env),
+        cwd=table.cwd,
+        stop_signal=checked("stop_signal", check_signal, table.stop_signal),
+        stop_timeout=checked("stop_timeout", parse_duration, table.stop_timeout),
+        start_timeout=checked("start_timeout", parse_duration, table.start_timeout),
+        prepare=None
+        if table.prepare is None
+        else checked("prepare", lambda v: check_argv(v, "prepare"), table.prepare),
+    )
+
+
+def _checked(keys: tuple[str, ...], check: Callable[[], T]) -> T:
+    try:
+        return check()
+    except InvalidRequest as exc:
+        raise _KeyProblem(keys, exc.message) from None
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<field>[^`]*)`")
+_MISSING_FIELD = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
+
+
+def _shaped(document: Any, table: type[T], where: tuple[str, ...]) -> T:
+    """`document` converted to `table`, or the problem at the key msgspec complains about."""
+    if not isinstance(document, Mapping):
+        raise _KeyProblem(where, "must be a table")
+    try:
+        return msgspec.convert(document, table)
+    except msgspec.ValidationError as exc:
+        raise _problem_at(str(exc), where) from None
+
+
+def _problem_at(message: str, where: tuple[str, ...]) -> _KeyProblem:
+    match = _MSGSPEC_PATH.match(message)
+    assert match is not None  # the pattern matches any string
+    what, path = match["what"], match["path"] or ""
+    keys = (*where, *(k for k in re.split(r"\.|\[[^\]]*\]", path) if k))
+    if unknown := _UNKNOWN_FIELD.match(what):
+        return _KeyProblem((*keys, unknown["field"]), "unknown key")
+    if missing := _MISSING_FIELD.match(what):
+        return _KeyProblem(keys, f"missing required key {missing['field']!r}")
+    return _KeyProblem(keys, what.replace("`", "").replace("Expected", "expected"))
+
+
+# --- finding the line of a key (tomllib keeps no positions) ----------------------------------
+
+_KEY_TOKEN = re.compile(r"""\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*""")
+
+
+def _split_key(text: str) -> tuple[tuple[str, ...], str] | None:
+    """The dotted key at the start of `text` and what follows it, or None."""
+    keys: list[str] = []
+    rest = text
+    while True:
+        token = _KEY_TOKEN.match(rest)
+        if token is None:
+            return None
+        keys.append(next(group for group in token.groups() if group is not None))
+        rest = rest[token.end() :]
+        if not rest.startswith("."):
+            return tuple(keys), rest
+        rest = rest[1:]
+
+
+def _line_of(text: str | None, keys: tuple[str, ...]) -> int | None:
+    """The 1-based line where `keys` is written: the line of the key itself, else of the
+    closest enclosing table, else where a table under `keys` first appears."""
+    if text is None:
+        return None
+    best: tuple[int, int] | None = None  # (matched depth, line)
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        full = _header_keys(stripped) if stripped.startswith("[") else None
+        if full is not None:
+            table = full
+        else:
+            split = _split_key(stripped)
+            if split is None or not split[1].startswith("="):
+                continue
+            full = (*table, *split[0])
+        depth = _common_prefix(full, keys)
+        if depth == min(len(full), len(keys)) and (best is None or depth > best[0]):
+            best = (depth, number)
+    return best[1] if best else None
+
+
+def _header_keys(line: str) -> tuple[str, ...] | None:
+    inner = line.strip("[]")
+    split = _split_key(inner)
+    return split[0] if split is not None else None
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    depth = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        depth += 1
+    return depth

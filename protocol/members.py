@@ -1,0 +1,167 @@
+"""The member-socket protocol: what a holder answers on each of its per-member unix sockets.
+
+Same framing and response envelope as the control socket (protocol.framing), its own ops:
+
+    status     -> MemberStatus   a member's status (default: the socket's own member)
+    stop       -> MemberStatus   stop one member; the holder keeps serving its siblings
+    addmember  -> MemberStatus   boot a new member into the live cluster, same peers
+    bind       -> BindResult     exchange versions and pids (bound mode, step 1)
+    ack        -> Empty          the client accepted the holder's version (step 2): only now
+                                 does the holder treat this connection's EOF as the client dying
+    watch      -> WatchResult    every member's status now; then, on the same connection, one
+                                 pushed response with the watch's id and a MemberStatus result
+                                 each time any member changes state, until the connection closes
+
+Evolution follows protocol.messages: new fields get defaults, ops are never reused, and
+PROTOCOL_VERSION (exchanged on bind) is bumped only for an incompatible change.
+"""
+
+import os
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+from protocol.definitions import MemberSpec
+from protocol.framing import decode_request_with
+from protocol.messages import Empty, Message, Request
+from protocol.paths import socket_path_problem
+
+
+class MemberState(StrEnum):
+    PREPARING = "preparing"
+    """Running the member's one-time `prepare` command (not charged to start_timeout)."""
+    STARTING = "starting"
+    """Spawned, not ready yet (or waiting to be restarted after a clean exit)."""
+    RUNNING = "running"
+    """Ready, by its readiness check."""
+    STOPPED = "stopped"
+    """Stopped on request, or exited cleanly and not restarted."""
+    ERROR = "error"
+    """Failed (see `error`): cannot spawn, exited non-zero, not ready in time. A restart policy
+    may still bring it back."""
+    ABSENT = "absent"
+    """Nobody serves that name and nothing about it is on disk."""
+
+
+class MemberStatus(Message, frozen=True):
+    """A member as its holder sees it. `started_at` is the wall-clock time of the last spawn;
+    `exit_code` is that of the last exit, negative for a signal (-9 for SIGKILL)."""
+
+    name: str
+    state: MemberState
+    pid: int | None = None
+    running: bool = False
+    address: str = ""
+    holder_pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    started_at: float | None = None
+    error: str = ""
+
+
+class BindResult(Message, frozen=True):
+    version: int
+    pid: int
+
+
+class WatchResult(Message, frozen=True):
+    members: list[MemberStatus]
+
+
+class Status(Request, tag="status", frozen=True):
+    """The status of `name`, else of the socket's own member; `absent` for an unknown name."""
+
+    name: str | None = None
+    result_type = MemberStatus
+
+
+class Stop(Request, tag="stop", frozen=True):
+    """Stop `name` (else the socket's member): stop_signal to its process group, SIGKILL after
+    stop_timeout. Answers once it is stopped. The holder exits when its last member leaves."""
+
+    name: str | None = None
+    result_type = MemberStatus
+
+
+class AddMember(Request, tag="addmember", frozen=True):
+    """Boot a new member into the cluster. Answers at once (state starting or preparing):
+    watch or poll status to see it become ready."""
+
+    spec: MemberSpec
+    result_type = MemberStatus
+
+
+class Bind(Request, tag="bind", frozen=True):
+    """Bound mode, step 1: the client's protocol version and pid. A version the holder does
+    not speak is refused with `incompatible`."""
+
+    version: int
+    pid: int
+    result_type = BindResult
+
+
+class Ack(Request, tag="ack", frozen=True):
+    """Bound mode, step 2, sent only after the client accepted the holder's version: from now
+    on, this connection closing means the client is gone, and the holder stops everything."""
+
+    result_type = Empty
+
+
+class Watch(Request, tag="watch", frozen=True):
+    result_type = WatchResult
+
+
+AnyMemberRequest = Status | Stop | AddMember | Bind | Ack | Watch
+MEMBER_REQUEST_TYPES: tuple[type[Request], ...] = (Status, Stop, AddMember, Bind, Ack, Watch)
+MEMBER_OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in MEMBER_REQUEST_TYPES)
+
+_member_request_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyMemberRequest)
+
+
+def decode_member_request(frame: bytes) -> Request:
+    """Decode one member-socket frame, raising the error its response should carry."""
+    return decode_request_with(_member_request_decoder, MEMBER_OPS, frame)
+
+
+# --- where a holder's files live (both sides compute them the same way) ----------------------
+
+HOLDER_PIDFILE = "holder.pid"
+HOLDER_LOG = "holder.log"
+CLUSTER_FILE = "cluster.json"
+NOTIFY_SOCKET = "notify"
+PIDFILE = "pid"
+"""In a member's directory: "PID START_TIME" of its live process (see fleetd.members)."""
+STATEFILE = "state.json"
+"""In a member's directory: its last MemberStatus, as JSON."""
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+
+
+def member_socket_path(runtime_dir: str, name: str) -> str:
+    return os.path.join(runtime_dir, f"{name}.sock")
+
+
+def member_dir(runtime_dir: str, name: str) -> str:
+    """The member's own directory ({dir}): its logs, pidfile and state file."""
+    return os.path.join(runtime_dir, name)
+
+
+def member_log_path(runtime_dir: str, name: str, *, stderr: bool = False) -> str:
+    return os.path.join(member_dir(runtime_dir, name), STDERR_LOG if stderr else STDOUT_LOG)
+
+
+def member_pidfile(runtime_dir: str, name: str) -> str:
+    return os.path.join(member_dir(runtime_dir, name), PIDFILE)
+
+
+def member_statefile(runtime_dir: str, name: str) -> str:
+    return os.path.join(member_dir(runtime_dir, name), STATEFILE)
+
+
+def runtime_dir_problem(runtime_dir: str, names: list[str]) -> str | None:
+    """Why the sockets of these members cannot live in `runtime_dir`, or None."""
+    candidates = [os.path.join(runtime_dir, NOTIFY_SOCKET)]
+    candidates += [member_socket_path(runtime_dir, name) for name in names]
+    longest = max(candidates, key=lambda path: len(path.encode()))
+    return socket_path_problem(longest)

@@ -1,0 +1,216 @@
+"""Member definitions: the strict fleet.toml loader, names, durations, the wire decoding."""
+
+import os
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.definitions import (
+    NAME_PATTERN,
+    ClusterSpec,
+    MemberSpec,
+    check_name,
+    cluster_from_dict,
+    load_toml,
+    parse_duration,
+    parse_toml,
+)
+from protocol.errors import InvalidRequest, UnknownOp
+from protocol.framing import encode
+from protocol.members import AddMember, Status, decode_member_request
+
+BRIEF_EXAMPLE = """\
+name = "demo"
+
+[members.web]
+command = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+ready = "tcp"                 # tcp | notify | unix:PATH | log:REGEX | none
+restart = "on-failure"
+env = { PYTHONUNBUFFERED = "1" }
+stop_signal = "TERM"
+stop_timeout = "5s"
+start_timeout = "10s"
+
+[members.db]
+command = ["sleep", "100"]
+"""
+
+
+def problem_in(text: str) -> str:
+    with pytest.raises(InvalidRequest) as raised:
+        parse_toml(text)
+    return raised.value.message
+
+
+def test_the_brief_example_loads() -> None:
+    spec = parse_toml(BRIEF_EXAMPLE)
+    assert spec.name == "demo"
+    web, db = spec.members
+    assert web == MemberSpec(
+        name="web",
+        command=["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
+        ready="tcp",
+        restart="on-failure",
+        env={"PYTHONUNBUFFERED": "1"},
+        stop_signal="TERM",
+        stop_timeout=5.0,
+        start_timeout=10.0,
+    )
+    assert (db.ready, db.restart, db.stop_timeout) == ("none", "no", 5.0)
+
+
+def test_a_misspelt_key_is_reported_with_its_line() -> None:
+    text = BRIEF_EXAMPLE.replace('stop_signal = "TERM"', 'stop_signnal = "TERM"')
+    assert problem_in(text) == "fleet.toml:8: members.web.stop_signnal: unknown key"
+
+
+def test_an_unknown_top_level_table_is_reported_with_its_line() -> None:
+    assert problem_in("\n[memberz.web]\ncommand = ['x']\n") == "fleet.toml:2: memberz: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "words"),
+    [
+        ('stop_timeout = "5 s"', "stop_timeout", "invalid duration '5 s'"),
+        ('start_timeout = "-1s"', "start_timeout", "invalid duration"),
+        ('ready = "http"', "ready", "invalid ready 'http'"),
+        ('ready = "log:(unclosed"', "ready", "bad regular expression"),
+        ('restart = "sometimes"', "restart", "invalid restart 'sometimes'"),
+        ('stop_signal = "SIGTERM"', "stop_signal", "invalid stop_signal 'SIGTERM'"),
+        ("env = { A = 1 }", "env", "expected str, got int"),
+        ("prepare = []", "prepare", "non-empty list"),
+    ],
+)
+def test_a_bad_value_is_reported_with_its_key_and_line(line: str, key: str, words: str) -> None:
+    text = BRIEF_EXAMPLE + line + "\n"
+    message = problem_in(text)
+    assert message.startswith(f"fleet.toml:14: members.db.{key}: "), message
+    assert words in message
+
+
+def test_a_command_must_be_an_argv_list_not_a_shell_string() -> None:
+    message = problem_in('[members.web]\ncommand = "python3 -m http.server"\n')
+    assert message.startswith("fleet.toml:2: members.web.command: ")
+
+
+def test_a_missing_command_names_the_members_table() -> None:
+    message = problem_in('\n\n[members.web]\nready = "tcp"\n')
+    assert message == "fleet.toml:3: members.web: missing required key 'command'"
+
+
+def test_a_bad_member_name_is_named_with_its_line() -> None:
+    message = problem_in('[members.Web_Server]\ncommand = ["x"]\n')
+    assert message.startswith("fleet.toml:1: members.Web_Server: invalid member name 'Web_Server'")
+
+
+def test_keys_written_as_dotted_keys_are_located_too() -> None:
+    text = '[members]\nweb.command = ["x"]\nweb.stop_timeout = "forever"\n'
+    assert problem_in(text).startswith("fleet.toml:3: members.web.stop_timeout: ")
+
+
+def test_a_duplicate_member_is_refused() -> None:
+    message = problem_in('[members.a]\ncommand = ["x"]\n[members.a]\ncommand = ["y"]\n')
+    assert "line 3" in message
+    with pytest.raises(InvalidRequest, match="duplicate member name 'a'"):
+        ClusterSpec(name="c", members=[MemberSpec(name="a", command=["x"])] * 2)
+
+
+def test_toml_syntax_errors_carry_tomllibs_line() -> None:
+    assert "line 2" in problem_in("[members.a]\ncommand = = 1\n")
+
+
+def test_no_members_is_an_error() -> None:
+    assert "no members defined" in problem_in('name = "empty"\n')
+
+
+def test_a_file_is_named_in_its_errors(tempdir: str) -> None:
+    path = os.path.join(tempdir, "fleet.toml")
+    with open(path, "w") as f:
+        f.write('[members.a]\ncommand = ["x"]\nbogus = 1\n')
+    with pytest.raises(InvalidRequest, match=re.escape(f"{path}:3: members.a.bogus: unknown key")):
+        load_toml(path)
+    with pytest.raises(InvalidRequest, match="cannot read"):
+        load_toml(os.path.join(tempdir, "missing.toml"))
+
+
+def test_a_dict_loads_like_the_file_and_errors_name_the_key() -> None:
+    spec = cluster_from_dict({"members": {"a": {"command": ["x"], "stop_timeout": "1m"}}})
+    assert spec.members[0].stop_timeout == 60.0 and spec.name == "default"
+    with pytest.raises(InvalidRequest, match=r"^definitions: members\.a\.ready: invalid ready"):
+        cluster_from_dict({"members": {"a": {"command": ["x"], "ready": "tcpp"}}})
+
+
+def test_a_name_argument_overrides_the_files_name() -> None:
+    assert parse_toml(BRIEF_EXAMPLE, name="other").name == "other"
+    with pytest.raises(InvalidRequest, match="invalid cluster name"):
+        parse_toml(BRIEF_EXAMPLE, name="Not OK")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("5s", 5.0), ("1m", 60.0), ("1h", 3600.0), ("1m30s", 90.0), ("1.5s", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 s", "1d", "-1s", "s", "1.s", "ms5", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(InvalidRequest, match="invalid duration"):
+        parse_duration(text)
+
+
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(list(UNITS))), min_size=1))
+def test_a_written_duration_parses_to_the_sum_of_its_parts(parts: list[tuple[int, str]]) -> None:
+    text = "".join(f"{number}{unit}" for number, unit in parts)
+    expected = sum(number * UNITS[unit] for number, unit in parts)
+    assert parse_duration(text) == pytest.approx(expected)
+
+
+@given(st.floats(min_value=0, max_value=1e9) | st.integers(0, 10**9))
+def test_a_number_is_seconds(value: float) -> None:
+    assert parse_duration(value) == float(value)
+
+
+@given(st.from_regex(NAME_PATTERN, fullmatch=True))
+def test_valid_names_pass(name: str) -> None:
+    assert check_name(name) == name
+
+
+@given(st.text(max_size=80))
+def test_the_name_validator_agrees_with_the_rule(name: str) -> None:
+    valid = (
+        1 <= len(name) <= 63
+        and name[0] in "abcdefghijklmnopqrstuvwxyz0123456789"
+        and all(c in "abcdefghijklmnopqrstuvwxyz0123456789._-" for c in name)
+    )
+    if valid:
+        assert check_name(name) == name
+    else:
+        with pytest.raises(InvalidRequest, match="invalid member name"):
+            check_name(name)
+
+
+def test_a_member_spec_validates_itself_when_built_in_code() -> None:
+    with pytest.raises(InvalidRequest, match=re.escape("invalid member name '../etc'")):
+        MemberSpec(name="../etc", command=["x"])
+    with pytest.raises(InvalidRequest, match="non-empty list"):
+        MemberSpec(name="a", command=[])
+
+
+def test_member_requests_decode_and_a_bad_spec_is_an_invalid_request() -> None:
+    frame = encode(AddMember(id=3, spec=MemberSpec(name="a", command=["x"])))
+    assert decode_member_request(frame[:-1]) == AddMember(
+        id=3, spec=MemberSpec(name="a", command=["x"])
+    )
+    bad = b'{"op":"addmember","id":4,"spec":{"name":"A B","command":["x"]}}'
+    with pytest.raises(InvalidRequest, match="invalid member name 'A B'"):
+        decode_member_request(bad)
+    with pytest.raises(UnknownOp):
+        decode_member_request(b'{"op":"hello","id":1,"version":1}')
+    assert decode_member_request(b'{"op":"status","id":1,"extra":true}') == Status(id=1)

@@ -1,0 +1,453 @@
+"""Holders with real member processes: readiness, restarts, stops, bound-mode lifetimes."""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import closing
+
+import anyio
+import pytest
+
+import fleetctl
+from fleetctl.bound import SyncCluster
+from fleetd.members import LineMatcher, LogFile, is_running, process_start_time, write_pidfile
+from protocol.errors import Absent, Incompatible, InvalidRequest, MemberFailed, Timeout
+from protocol.framing import decode_response, encode
+from protocol.members import (
+    Ack,
+    Bind,
+    MemberState,
+    Status,
+    member_socket_path,
+)
+
+SLEEPER = ["sleep", "60"]
+HTTP = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+PRINT_ARGS = "import sys; print(repr(sys.argv[1:]), flush=True)"
+
+
+def members(**tables: dict[str, object]) -> dict[str, object]:
+    return {"members": tables}
+
+
+def alive(pid: int) -> bool:
+    """Exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout}s: {condition}")
+        time.sleep(0.02)
+
+
+def member_pids(cluster: SyncCluster) -> list[int]:
+    return [s.pid for s in cluster.status().values() if s.pid is not None]
+
+
+# --- readiness --------------------------------------------------------------------------------
+
+
+def test_http_members_become_ready_on_tcp_and_serve() -> None:
+    web = {"command": HTTP, "ready": "tcp"}
+    with fleetctl.cluster(members(a=web, b=web)) as c:
+        statuses = c.wait_running(timeout=20)
+        assert statuses["a"].state == MemberState.RUNNING and statuses["a"].running
+        for name in ("a", "b"):
+            with urllib.request.urlopen(f"http://{c.address(name)}/", timeout=5) as page:
+                assert page.status == 200
+        assert statuses["a"].holder_pid == c.holder_pid
+        assert stat.S_IMODE(os.stat(c.runtime_dir).st_mode) == 0o700
+        socket_mode = os.stat(member_socket_path(c.runtime_dir, "a")).st_mode
+        assert stat.S_ISSOCK(socket_mode) and stat.S_IMODE(socket_mode) == 0o600
+        wait_until(lambda: "GET / HTTP" in c.logs("a", stderr=True))
+        runtime_dir = c.runtime_dir
+    assert not os.path.exists(runtime_dir)
+
+
+@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="systemd-notify not installed")
+def test_a_member_is_ready_when_systemd_notify_says_so() -> None:
+    script = "sleep 0.3; systemd-notify --ready; echo notified; exec sleep 60"
+    with fleetctl.cluster(members(n={"command": ["sh", "-c", script], "ready": "notify"})) as c:
+        assert c.status("n").state == MemberState.STARTING
+        started = time.monotonic()
+        c.wait_running(timeout=10)
+        assert time.monotonic() - started < 3, "the barrier of systemd-notify was not answered"
+        wait_until(lambda: "notified" in c.logs("n"))
+
+
+def test_a_member_is_ready_when_its_output_matches() -> None:
+    script = "echo warming up; sleep 0.3; echo >&2 'listening on 8080'; exec sleep 60"
+    with fleetctl.cluster(
+        members(l={"command": ["sh", "-c", script], "ready": r"log:listening on \d+"})
+    ) as c:
+        assert c.status("l").state == MemberState.STARTING
+        c.wait_running(timeout=10)
+        assert c.logs("l") == "warming up\n" and "listening" in c.logs("l", stderr=True)
+
+
+def test_a_member_is_ready_when_its_unix_socket_accepts() -> None:
+    server = (
+        "import socket, time; time.sleep(0.2); s = socket.socket(socket.AF_UNIX);"
+        " s.bind('{dir}/api.sock'); s.listen(); time.sleep(60)"
+    )
+    spec = {"command": ["python3", "-c", server], "ready": "unix:{dir}/api.sock"}
+    with fleetctl.cluster(members(u=spec)) as c:
+        status = c.wait_running(timeout=10)["u"]
+        assert status.address == os.path.join(c.runtime_dir, "u", "api.sock")
+
+
+def test_not_ready_within_start_timeout_is_an_error() -> None:
+    spec = {"command": SLEEPER, "ready": "tcp", "start_timeout": "300ms", "stop_timeout": "1s"}
+    with fleetctl.cluster(members(slow=spec)) as c:
+        with pytest.raises(MemberFailed, match=r"not ready within 0\.3s"):
+            c.wait_running(timeout=10)
+        assert c.status("slow").state == MemberState.ERROR
+
+
+def test_prepare_runs_once_before_the_member() -> None:
+    spec = {
+        "command": ["sh", "-c", "cat {dir}/prepared; exec sleep 60"],
+        "prepare": ["sh", "-c", "echo prepared >> {dir}/prepared"],
+    }
+    with fleetctl.cluster(members(p=spec)) as c:
+        c.wait_running(timeout=10)
+        wait_until(lambda: c.logs("p") == "prepared\n")
+
+
+# --- processes and restarts -------------------------------------------------------------------
+
+
+def test_a_crashing_member_restarts_at_once_then_with_growing_delays() -> None:
+    script = "date +%s.%N >> {dir}/starts; exit 3"
+    spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
+    with fleetctl.cluster(members(crash=spec)) as c:
+        starts_file = os.path.join(c.runtime_dir, "crash", "starts")
+
+        def starts() -> list[float]:
+            with open(starts_file) as f:
+                return [float(line) for line in f.read().split()]
+
+        wait_until(lambda: os.path.exists(starts_file) and len(starts()) >= 5, timeout=10)
+        started = starts()
+        gaps = [b - a for a, b in itertools.pairwise(started)]
+        assert gaps[0] < 0.2, f"first restart not immediate: {gaps}"
+        assert gaps[3] > 0.3, f"no backoff: {gaps}"  # 0.4s less up to 20% jitter
+        wait_until(lambda: c.status("crash").state == MemberState.ERROR)
+        status = c.status("crash")
+        assert status.exit_code == 3 and "exited with code 3; restarting in" in status.error
+        with pytest.raises(MemberFailed, match="exited with code 3"):
+            c.wait_running(timeout=10)
+
+
+def test_a_killed_member_is_restarted_quickly_with_a_new_pid() -> None:
+    with fleetctl.cluster(members(s={"command": SLEEPER, "restart": "on-failure"})) as c:
+        first = c.wait_running()["s"]
+        assert first.pid is not None
+        killed = time.monotonic()
+        os.kill(first.pid, signal.SIGKILL)
+        wait_until(lambda: c.status("s").restarts == 1 and c.status("s").pid is not None)
+        assert time.monotonic() - killed < 2
+        again = c.wait_running()["s"]
+        assert again.pid != first.pid and again.exit_code == -9 and alive(again.pid)
+
+
+def test_a_missing_program_is_an_error_with_the_os_error_and_no_busy_loop() -> None:
+    spec = {"command": ["fleet-no-such-program"], "restart": "always"}
+    with fleetctl.cluster(members(ghost=spec)) as c:
+        with pytest.raises(MemberFailed, match="No such file or directory"):
+            c.wait_running(timeout=10)
+        time.sleep(1.0)
+        status = c.status("ghost")
+        assert status.state == MemberState.ERROR and "fleet-no-such-program" in status.error
+        assert 2 <= status.restarts <= 6, status.restarts  # 0, 0.1, 0.2, 0.4 ... not thousands
+
+
+def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        " print('up', flush=True); time.sleep(60)"
+    )
+    spec = {"command": ["python3", "-c", stubborn], "ready": "log:up", "stop_timeout": "500ms"}
+    with fleetctl.cluster(members(stubborn=spec, other={"command": SLEEPER})) as c:
+        c.wait_running(timeout=10)
+        started = time.monotonic()
+        stopped = c.stop("stubborn")
+        assert 0.5 <= time.monotonic() - started < 3
+        assert stopped.state == MemberState.STOPPED and stopped.exit_code == -signal.SIGKILL
+
+
+def test_shell_metacharacters_are_passed_literally() -> None:
+    args = ["$HOME; touch pwned", "`id`", "*", "a b", "'q'", "{name}", "{unknown}"]
+    spec = {"command": ["python3", "-c", PRINT_ARGS, *args], "cwd": "{dir}"}
+    with fleetctl.cluster(members(lit=spec)) as c:
+        wait_until(lambda: c.logs("lit").endswith("\n"))
+        expected = [*args[:5], "lit", "{unknown}"]
+        assert c.logs("lit") == repr(expected) + "\n"
+        assert not os.path.exists(os.path.join(c.runtime_dir, "lit", "pwned"))
+
+
+def test_members_get_their_identity_and_peers() -> None:
+    show = "echo $FLEET_MEMBER $FLEET_CLUSTER $FLEET_PEERS $NOTIFY_SOCKET $GREETING; exec sleep 60"
+    spec = {"command": ["sh", "-c", show], "env": {"GREETING": "hi-{name}"}, "ready": "log:hi"}
+    with fleetctl.cluster(
+        members(web={"command": HTTP, "ready": "tcp"}, me=spec), name="crew"
+    ) as c:
+        c.wait_running(timeout=20)
+        name, cluster, peers, notify, greeting = c.logs("me").split()
+        assert (name, cluster, greeting) == ("me", "crew", "hi-me")
+        assert peers == f"web={c.address('web')}"
+        assert notify == os.path.join(c.runtime_dir, "notify")
+
+
+def test_a_member_added_to_a_live_cluster_sees_its_peers() -> None:
+    with fleetctl.cluster(
+        members(web={"command": HTTP, "ready": "tcp"}, s={"command": SLEEPER})
+    ) as c:
+        c.wait_running(timeout=20)
+        show = ["sh", "-c", "echo peers=$FLEET_PEERS; exec sleep 60"]
+        added = c.add({"name": "late", "command": show, "ready": "log:peers"}, sibling="s")
+        assert added.state == MemberState.RUNNING
+        line = c.logs("late").strip()
+        assert sorted(line.removeprefix("peers=").split(",")) == sorted(
+            [f"web={c.address('web')}", "s="]
+        )
+        with pytest.raises(InvalidRequest, match="already in cluster"):
+            c.add({"name": "late", "command": SLEEPER})
+
+
+def test_stopping_one_member_leaves_its_siblings_running() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER}, b={"command": SLEEPER})) as c:
+        running = c.wait_running()
+        stopped = c.stop("a")
+        assert stopped.state == MemberState.STOPPED and not alive(running["a"].pid or 0)
+        wait_until(lambda: not os.path.exists(member_socket_path(c.runtime_dir, "a")))
+        assert c.status("b").state == MemberState.RUNNING and alive(running["b"].pid or 0)
+        assert c.status("a").state == MemberState.STOPPED
+        assert c.status("nobody").state == MemberState.ABSENT
+        with pytest.raises(Absent):
+            c.wait_running(["nobody"])
+
+
+def test_the_holder_exits_when_its_last_member_leaves(tempdir: str) -> None:
+    with fleetctl.cluster(members(only={"command": SLEEPER}), runtime_dir=tempdir) as c:
+        c.wait_running()
+        c.stop("only")
+        holder = c.holder_pid
+        assert holder is not None
+        wait_until(lambda: not alive(holder))
+        assert c.status("only").state == MemberState.STOPPED  # from its state file
+
+
+def test_two_clusters_live_side_by_side() -> None:
+    same = members(a={"command": SLEEPER}, b={"command": SLEEPER})
+    with fleetctl.cluster(same, name="one") as one, fleetctl.cluster(same, name="two") as two:
+        pids_one, pids_two = member_pids(one), member_pids(two)
+        assert one.holder_pid != two.holder_pid and not set(pids_one) & set(pids_two)
+        one.stop("a")
+        assert two.wait_running()["a"].state == MemberState.RUNNING
+    assert not any(alive(pid) for pid in pids_one + pids_two)
+
+
+# --- lifetimes ------------------------------------------------------------------------------
+
+CLIENT = textwrap.dedent(
+    """
+    import json, sys, time, fleetctl
+    with fleetctl.cluster({"members": {"a": {"command": ["sleep", "60"]},
+                                       "b": {"command": ["sleep", "60"]}}}) as c:
+        c.wait_running()
+        pids = [s.pid for s in c.status().values()]
+        print(json.dumps({"holder": c.holder_pid, "members": pids, "dir": c.runtime_dir}),
+              flush=True)
+        time.sleep(60)
+    """
+)
+
+
+@pytest.fixture
+def bound_client() -> Iterator[tuple[subprocess.Popen[str], dict[str, object]]]:
+    """A separate process holding a bound cluster, and what it reported about it."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT], stdout=subprocess.PIPE, text=True, env=os.environ
+    )
+    try:
+        assert client.stdout is not None
+        yield client, json.loads(client.stdout.readline())
+    finally:
+        client.kill()
+        client.wait()
+        if client.stdout is not None:
+            client.stdout.close()
+
+
+def test_a_sigkilled_client_takes_its_holder_and_members_along(
+    bound_client: tuple[subprocess.Popen[str], dict[str, object]],
+) -> None:
+    client, report = bound_client
+    pids = [report["holder"], *report["members"]]  # type: ignore[list-item]
+    assert all(alive(pid) for pid in pids)
+    client.kill()
+    client.wait()
+    wait_until(lambda: not any(alive(pid) for pid in pids))
+    wait_until(lambda: not os.path.exists(str(report["dir"])))
+
+
+def test_a_sigkilled_holder_leaves_no_member() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER}, b={"command": SLEEPER})) as c:
+        pids = member_pids(c)
+        assert c.holder_pid is not None
+        os.kill(c.holder_pid, signal.SIGKILL)
+        wait_until(lambda: not any(alive(pid) for pid in pids))
+        with pytest.raises(fleetctl.ConnectionLost):
+            c.wait_running()
+
+
+def raw_request(sock: socket.socket, frame: bytes) -> dict[str, object]:
+    sock.sendall(frame)
+    data = b""
+    while not data.endswith(b"\n"):
+        data += sock.recv(65536)
+    response = decode_response(data[:-1])
+    return {"ok": response.ok, "error": response.error}
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def test_a_bind_with_another_protocol_version_is_refused() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            answer = raw_request(sock, encode(Bind(id=1, version=999, pid=os.getpid())))
+        assert not answer["ok"] and answer["error"].code == Incompatible.code  # type: ignore[union-attr]
+        time.sleep(0.2)
+        assert c.status("a").state == MemberState.RUNNING
+
+
+def test_connections_closed_before_the_ack_tear_nothing_down() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        path = member_socket_path(c.runtime_dir, "a")
+        connect(path).close()  # a probe
+        with closing(connect(path)) as sock:  # a dial that gives up mid-handshake
+            assert raw_request(sock, encode(Bind(id=1, version=1, pid=os.getpid())))["ok"]
+        with closing(connect(path)) as sock:
+            assert not raw_request(sock, encode(Ack(id=1)))["ok"]  # ack without bind
+        time.sleep(0.3)
+        assert c.status("a").state == MemberState.RUNNING and alive(c.holder_pid or 0)
+
+
+def test_a_second_acked_connection_closing_stops_the_cluster() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        pid = c.wait_running()["a"].pid or 0
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            assert raw_request(sock, encode(Bind(id=1, version=1, pid=os.getpid())))["ok"]
+            assert raw_request(sock, encode(Ack(id=2)))["ok"]
+            assert raw_request(sock, encode(Status(id=3)))["ok"]
+        wait_until(lambda: not alive(pid) and not alive(c.holder_pid or 0))
+
+
+def test_a_socket_path_over_the_limit_fails_clearly() -> None:
+    too_deep = "/tmp/" + "d" * 100
+    defs = members(a={"command": SLEEPER})
+    with (
+        pytest.raises(InvalidRequest, match="107-byte limit"),
+        fleetctl.cluster(defs, runtime_dir=too_deep),
+    ):
+        pass
+
+
+def test_the_holder_refuses_a_bad_spec_file(tempdir: str) -> None:
+    spec = os.path.join(tempdir, "spec.json")
+    with open(spec, "w") as f:
+        f.write('{"name": "x", "members": [{"name": "Bad Name", "command": ["x"]}]}')
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetd.holder", f"--spec={spec}", f"--dir={tempdir}/rt"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "invalid member name 'Bad Name'" in result.stderr
+
+
+async def test_the_async_form() -> None:
+    async with fleetctl.cluster(
+        members(a={"command": SLEEPER}, w={"command": HTTP, "ready": "tcp"})
+    ) as c:
+        statuses = await c.wait_running(timeout=20)
+        assert set(statuses) == {"a", "w"}
+        assert (await c.status("a")).state == MemberState.RUNNING
+        await c.stop("a")
+        with anyio.fail_after(5):
+            assert (await c.status())["a"].state == MemberState.STOPPED
+        with pytest.raises(Timeout):
+            await c.wait_running(["a"], timeout=0.2)
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def test_is_running_never_trusts_a_pid_alone(tempdir: str) -> None:
+    pidfile = os.path.join(tempdir, "pid")
+    write_pidfile(pidfile, os.getpid())
+    assert is_running(pidfile)
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()} {(process_start_time(os.getpid()) or 0) + 1}\n")
+    assert not is_running(pidfile), "a recycled pid (other start time) passed"
+    with open(pidfile, "w") as f:
+        f.write("999999999 1\n")
+    assert not is_running(pidfile)
+    with open(pidfile, "w") as f:
+        f.write("garbage")
+    assert not is_running(pidfile)
+    assert not is_running(os.path.join(tempdir, "missing"))
+
+
+def test_log_files_are_capped_and_rotated_once(tempdir: str) -> None:
+    path = os.path.join(tempdir, "out.log")
+    log = LogFile(path, max_bytes=10)
+    assert not os.path.exists(path)
+    for chunk in (b"12345", b"67890", b"abc", b"defghijkl", b"z"):
+        log.write(chunk)
+    log.close()
+    with open(path, "rb") as f, open(path + ".1", "rb") as g:
+        assert (g.read(), f.read()) == (b"abc", b"defghijklz")
+
+
+def test_log_readiness_sees_whole_lines_across_chunks_and_streams() -> None:
+    matcher = LineMatcher(r"^ready on \d+$")
+    assert not matcher.feed(1, b"rea")
+    assert not matcher.feed(2, b"dy on 80\n")  # another stream: not the same line
+    assert not matcher.feed(1, b"dy on 80")
+    assert matcher.feed(1, b"80\n")
+
+
+@pytest.mark.parametrize("module", ["fleetctl.bound", "fleetctl.pytest_plugin", "protocol.members"])
+def test_the_library_never_imports_fleetd(module: str) -> None:
+    from tests.test_layering import modules_after, top_level
+
+    loaded = top_level(modules_after(f"import {module}"))
+    assert "fleetd" not in loaded
+    if module.startswith("protocol"):
+        assert not loaded & {"anyio", "socket", "asyncio", "structlog"}
