@@ -27,9 +27,16 @@ def _store() -> list[Figure]:
     return [Figure(key, key, value) for key, value in figures.items()]
 
 
+def _leases() -> list[Figure]:
+    from bench.leases import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
+    "leases": _leases,
 }
 
 

@@ -107,10 +107,183 @@ cli.command("ping", help="Check that fleetd answers, and how fast.")(run_command
 cli.command("version", help="Print the versions of fleetctl and of fleetd.")(run_command(_version))
 
 
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A duration as `15s`, `500ms`, `2m`, `1h` or plain seconds; the value is in seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float | int):
+            return float(value)
+        from protocol.leases import parse_duration
+
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+@cli.group("lease")
+def lease_group() -> None:
+    """Leases with fencing tokens. Always prints one JSON envelope {"outcome", "lease"}."""
+
+
+def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
+    """Run `call` on a SyncClient and print its envelope, whatever happened."""
+    from fleetctl.sync import SyncClient
+
+    try:
+        with SyncClient(g.socket_path, timeout=g.timeout) as client:
+            result = call(client)
+    except FleetError as error:
+        raise Exit(fail(True, error)) from None
+    raise Exit(_lease_envelope(result))
+
+
+def _lease_envelope(result: Any) -> int:
+    import msgspec
+
+    from protocol.messages import LeaseList
+    from protocol.outcomes import Outcome
+
+    if isinstance(result, LeaseList):
+        return emit(True, "", Outcome.OK, leases=msgspec.to_builtins(result.leases))
+    fields = {"lease": msgspec.to_builtins(result.lease)}
+    if result.message:
+        fields["message"] = result.message
+    if result.previous is not None:
+        fields |= {"previous": msgspec.to_builtins(result.previous), "fence": result.fence}
+    return emit(True, "", result.outcome, **fields)
+
+
+_OWNER = click.option("--owner", required=True, help="Who holds the lease (an agent id).")
+_TOKEN = click.option(
+    "--token", type=int, default=0, help="Only this grant of the lease (its fencing token)."
+)
+
+
+@lease_group.command("acquire")
+@click.argument("name")
+@_OWNER
+@click.option("--ttl", type=DURATION, default="15s", show_default=True, help="Lease lifetime.")
+@click.option(
+    "--pid",
+    type=int,
+    default=None,
+    help="The process to bind the lease to: this command's parent (default) or an ancestor.",
+)
+@click.pass_obj
+def lease_acquire(g: Globals, name: str, owner: str, ttl: float, pid: int | None) -> None:
+    """Acquire NAME: acquired (0), already_acquired (0) or contested (12)."""
+    bound = pid if pid is not None else os.getppid()
+    _lease_call(g, lambda client: client.lease_acquire(name, owner, ttl, pid=bound))
+
+
+@lease_group.command("heartbeat")
+@click.argument("name")
+@_OWNER
+@_TOKEN
+@click.pass_obj
+def lease_heartbeat(g: Globals, name: str, owner: str, token: int) -> None:
+    """Renew NAME to its full TTL: renewed (0) or not_owned (10)."""
+    _lease_call(g, lambda client: client.lease_heartbeat(name, owner, token))
+
+
+@lease_group.command("release")
+@click.argument("name")
+@_OWNER
+@_TOKEN
+@click.pass_obj
+def lease_release(g: Globals, name: str, owner: str, token: int) -> None:
+    """Release NAME: released, already_released (0), not_owned (10) or absent (11)."""
+    _lease_call(g, lambda client: client.lease_release(name, owner, token))
+
+
+@lease_group.command("inspect")
+@click.argument("name")
+@click.pass_obj
+def lease_inspect(g: Globals, name: str) -> None:
+    """Show NAME's record: ok (0) or absent (11)."""
+    _lease_call(g, lambda client: client.lease_inspect(name))
+
+
+@lease_group.command("list")
+@click.argument("prefix", default="")
+@click.pass_obj
+def lease_list(g: Globals, prefix: str) -> None:
+    """Every lease record whose name starts with PREFIX."""
+    _lease_call(g, lambda client: client.lease_list(prefix))
+
+
+@cli.command(
+    "coord-run",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--agent", required=True, help="The agent id that owns the lease.")
+@click.option("--lease", "lease_name", required=True, help="The lease to hold.")
+@click.option("--ttl", type=DURATION, default="15s", show_default=True, help="Lease lifetime.")
+@click.option("--cleanup", default=None, help="A shell command run once on every exit path.")
+@click.option(
+    "--grace",
+    type=DURATION,
+    default="5s",
+    show_default=True,
+    help="SIGTERM to SIGKILL, when the lease is lost and the child must stop.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def coord_run(
+    g: Globals,
+    *,
+    agent: str,
+    lease_name: str,
+    ttl: float,
+    cleanup: str | None,
+    grace: float,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND while holding a lease; stand down (exit 0) if a healthy leader holds it.
+
+    Exits with the child's code, 128+signal for a forwarded SIGTERM/SIGINT/SIGHUP, 10 when the
+    lease is lost (the child is stopped), 14 when fleetd is unreachable, 1 on an internal error.
+    """
+    from fleetctl.coordrun import Options, coord_run
+
+    options = Options(
+        socket_path=g.socket_path,
+        agent=agent,
+        lease=lease_name,
+        ttl=ttl,
+        command=command,
+        cleanup=cleanup,
+        grace=grace,
+        timeout=g.timeout,
+    )
+    raise Exit(coord_run(options))
+
+
+_GLOBAL_OPTIONS_WITH_VALUES = ("--socket", "--timeout")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv, skipping the global options."""
+    rest = iter(argv)
+    for arg in rest:
+        if arg in _GLOBAL_OPTIONS_WITH_VALUES:
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def json_requested(argv: list[str]) -> bool:
-    """Whether --json was given before any `--`: needed when click could not parse argv."""
+    """Whether --json was given before any `--` (or the command always speaks JSON): needed
+    when click could not parse argv."""
     options = argv[: argv.index("--")] if "--" in argv else argv
-    return "--json" in options
+    return "--json" in options or _command_of(options) == "lease"
 
 
 def run(argv: list[str]) -> int:

@@ -9,7 +9,7 @@ as ``async with``, and a thousand callers in flight cost one event each, not a l
 """
 
 import enum
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,14 +28,25 @@ from fleetctl._conversation import (
 from protocol import PROTOCOL_VERSION
 from protocol.errors import (
     ClientClosed,
+    Compacted,
     ConnectionLost,
     Timeout,
     Unavailable,
 )
+from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent
 from protocol.messages import (
     Empty,
     Hello,
     HelloResult,
+    LeaseAcquire,
+    LeaseEvents,
+    LeaseHeartbeat,
+    LeaseInspect,
+    LeaseList,
+    LeaseListRequest,
+    LeaseRelease,
+    LeaseResult,
+    LeaseWatch,
     Ping,
     RawResponse,
     Request,
@@ -121,6 +132,55 @@ class Client:
     async def shutdown(self) -> None:
         """Ask fleetd to finish in-flight requests and exit."""
         await self.request(Shutdown, Empty)
+
+    # Leases: each answers a LeaseResult whose `outcome` says what happened (protocol.leases).
+
+    async def lease_acquire(
+        self, name: str, owner: str, ttl: float = DEFAULT_TTL, *, pid: int = 0
+    ) -> LeaseResult:
+        """Acquire `name` for `owner`, bound to this process (or `pid`, an ancestor of it)."""
+        return await self.request(
+            LeaseAcquire, LeaseResult, name=name, owner=owner, ttl=ttl, pid=pid
+        )
+
+    async def lease_heartbeat(self, name: str, owner: str, token: int = 0) -> LeaseResult:
+        return await self.request(LeaseHeartbeat, LeaseResult, name=name, owner=owner, token=token)
+
+    async def lease_release(self, name: str, owner: str, token: int = 0) -> LeaseResult:
+        return await self.request(LeaseRelease, LeaseResult, name=name, owner=owner, token=token)
+
+    async def lease_inspect(self, name: str) -> LeaseResult:
+        return await self.request(LeaseInspect, LeaseResult, name=name)
+
+    async def lease_list(self, prefix: str = "") -> LeaseList:
+        return await self.request(LeaseListRequest, LeaseList, prefix=prefix)
+
+    async def lease_watch(
+        self, prefix: str = "", after: int | None = None, *, epoch: str = "", wait: float = 25.0
+    ) -> LeaseEvents:
+        """One long poll: events after cursor `after` (None: just the current cursor)."""
+        return await self.request(
+            LeaseWatch,
+            LeaseEvents,
+            timeout=wait + self.timeout,
+            prefix=prefix,
+            after=after,
+            epoch=epoch,
+            wait=min(wait, MAX_WAIT),
+        )
+
+    async def watch_leases(self, prefix: str = "") -> AsyncIterator[LeaseEvent]:
+        """Every lease event under `prefix` from now on, long poll after long poll. Raises
+        Compacted if this client fell too far behind (or fleetd restarted): list, then watch."""
+        start = await self.lease_watch(prefix)
+        cursor, epoch = start.cursor, start.epoch
+        while True:
+            answer = await self.lease_watch(prefix, cursor, epoch=epoch)
+            if answer.epoch != epoch:
+                raise Compacted("fleetd restarted while watching", epoch=answer.epoch)
+            cursor = answer.cursor
+            for event in answer.events:
+                yield event
 
     async def request(
         self,

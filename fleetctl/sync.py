@@ -16,10 +16,20 @@ from fleetctl._conversation import (
 )
 from protocol import PROTOCOL_VERSION
 from protocol.errors import ClientClosed, ConnectionLost, Timeout, Unavailable
+from protocol.leases import DEFAULT_TTL, MAX_WAIT
 from protocol.messages import (
     Empty,
     Hello,
     HelloResult,
+    LeaseAcquire,
+    LeaseEvents,
+    LeaseHeartbeat,
+    LeaseInspect,
+    LeaseList,
+    LeaseListRequest,
+    LeaseRelease,
+    LeaseResult,
+    LeaseWatch,
     Ping,
     Request,
     Shutdown,
@@ -93,6 +103,44 @@ class SyncClient:
 
     def shutdown(self) -> None:
         self.request(Shutdown, Empty)
+
+    def lease_acquire(
+        self, name: str, owner: str, ttl: float = DEFAULT_TTL, *, pid: int = 0
+    ) -> LeaseResult:
+        return self.request(LeaseAcquire, LeaseResult, name=name, owner=owner, ttl=ttl, pid=pid)
+
+    def lease_heartbeat(
+        self, name: str, owner: str, token: int = 0, *, timeout: float | None = None
+    ) -> LeaseResult:
+        return self.request(
+            LeaseHeartbeat, LeaseResult, timeout=timeout, name=name, owner=owner, token=token
+        )
+
+    def lease_release(
+        self, name: str, owner: str, token: int = 0, *, timeout: float | None = None
+    ) -> LeaseResult:
+        return self.request(
+            LeaseRelease, LeaseResult, timeout=timeout, name=name, owner=owner, token=token
+        )
+
+    def lease_inspect(self, name: str) -> LeaseResult:
+        return self.request(LeaseInspect, LeaseResult, name=name)
+
+    def lease_list(self, prefix: str = "") -> LeaseList:
+        return self.request(LeaseListRequest, LeaseList, prefix=prefix)
+
+    def lease_watch(
+        self, prefix: str = "", after: int | None = None, *, epoch: str = "", wait: float = 25.0
+    ) -> LeaseEvents:
+        return self.request(
+            LeaseWatch,
+            LeaseEvents,
+            timeout=wait + self.timeout,
+            prefix=prefix,
+            after=after,
+            epoch=epoch,
+            wait=min(wait, MAX_WAIT),
+        )
 
     def request(
         self,

@@ -18,11 +18,26 @@ from anyio.abc import SocketListener
 
 from fleetd import systemd
 from fleetd.dispatch import Dispatcher, Peer
+from fleetd.leases import LeaseManager
 from fleetd.server import ControlServer
 from fleetd.store.sqlite import SQLiteStore
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import AlreadyRunning, FleetError, Incompatible
-from protocol.messages import Empty, Hello, HelloResult, Ping, Shutdown, Version, VersionResult
+from protocol.messages import (
+    Empty,
+    Hello,
+    HelloResult,
+    LeaseAcquire,
+    LeaseHeartbeat,
+    LeaseInspect,
+    LeaseListRequest,
+    LeaseRelease,
+    LeaseWatch,
+    Ping,
+    Shutdown,
+    Version,
+    VersionResult,
+)
 from protocol.paths import socket_path_problem
 
 log = structlog.get_logger("fleetd")
@@ -97,6 +112,7 @@ class Daemon:
         self.config = config
         self.socket_path = config.socket_path
         self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
+        self.leases = LeaseManager(self.store)
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -105,6 +121,12 @@ class Daemon:
         dispatcher.register(Ping, self.ping, chatty=True)
         dispatcher.register(Version, self.version)
         dispatcher.register(Shutdown, self.shutdown)
+        dispatcher.register(LeaseAcquire, self.leases.acquire)
+        dispatcher.register(LeaseHeartbeat, self.leases.heartbeat, chatty=True)
+        dispatcher.register(LeaseRelease, self.leases.release)
+        dispatcher.register(LeaseInspect, self.leases.inspect)
+        dispatcher.register(LeaseListRequest, self.leases.list)
+        dispatcher.register(LeaseWatch, self.leases.watch, chatty=True)
         return dispatcher
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
@@ -149,6 +171,7 @@ class Daemon:
             async with anyio.create_task_group() as daemon:
                 daemon.start_soon(self._watch_signals)
                 await daemon.start(self.store.serve)
+                await daemon.start(self.leases.serve)
                 try:
                     listener = await open_listener(self.socket_path, inherited)
                 except OSError as exc:
@@ -169,6 +192,7 @@ class Daemon:
                 systemd.notify("STOPPING=1", "STATUS=finishing in-flight requests")
                 log.info("fleetd_stopping")
                 server.stop()
+                self.leases.close_watches()
                 serving.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
         finally:
             if owns_socket_file:

@@ -8,6 +8,9 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent, LeaseInfo
+from protocol.outcomes import Outcome
+
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Project-wide struct options."""
@@ -57,8 +60,103 @@ class Shutdown(Request, tag="shutdown", frozen=True):
     result_type = Empty
 
 
-AnyRequest = Hello | Ping | Version | Shutdown
-REQUEST_TYPES: tuple[type[Request], ...] = (Hello, Ping, Version, Shutdown)
+class LeaseResult(Message, frozen=True):
+    """The answer to a lease op (see protocol.leases): an outcome and the lease as it stands.
+
+    ``message`` is one line for a human; on a takeover ``previous`` is the stale holder's record
+    and ``fence`` says what STONITH did to its process: ``terminated`` (it exited after
+    SIGTERM), ``killed`` (it needed SIGKILL), ``gone``, ``pid_reused`` (the PID now belongs to
+    another process, which was left alone), ``not_permitted``, ``other_host`` or ``survived``."""
+
+    outcome: Outcome
+    lease: LeaseInfo | None = None
+    message: str = ""
+    previous: LeaseInfo | None = None
+    fence: str = ""
+
+
+class LeaseList(Message, frozen=True):
+    leases: list[LeaseInfo] = []
+
+
+class LeaseEvents(Message, frozen=True):
+    """Events after the cursor asked for, oldest first, and the cursor to ask with next."""
+
+    cursor: int
+    epoch: str
+    events: list[LeaseEvent] = []
+
+
+class LeaseAcquire(Request, tag="lease_acquire", frozen=True):
+    """Acquire `name` for `owner`; `pid` binds the lease to the peer (0) or an ancestor of it."""
+
+    name: str
+    owner: str
+    ttl: float = DEFAULT_TTL
+    pid: int = 0
+    result_type = LeaseResult
+
+
+class LeaseHeartbeat(Request, tag="lease_heartbeat", frozen=True):
+    """Renew `owner`'s lease on `name` to its full TTL; with `token`, only that grant of it."""
+
+    name: str
+    owner: str
+    token: int = 0
+    result_type = LeaseResult
+
+
+class LeaseRelease(Request, tag="lease_release", frozen=True):
+    name: str
+    owner: str
+    token: int = 0
+    result_type = LeaseResult
+
+
+class LeaseInspect(Request, tag="lease_inspect", frozen=True):
+    name: str
+    result_type = LeaseResult
+
+
+class LeaseListRequest(Request, tag="lease_list", frozen=True):
+    prefix: str = ""
+    result_type = LeaseList
+
+
+class LeaseWatch(Request, tag="lease_watch", frozen=True):
+    """A long poll for lease events under `prefix` after cursor `after` (None: from now)."""
+
+    prefix: str = ""
+    after: int | None = None
+    epoch: str = ""
+    wait: float = MAX_WAIT / 2
+    result_type = LeaseEvents
+
+
+AnyRequest = (
+    Hello
+    | Ping
+    | Version
+    | Shutdown
+    | LeaseAcquire
+    | LeaseHeartbeat
+    | LeaseRelease
+    | LeaseInspect
+    | LeaseListRequest
+    | LeaseWatch
+)
+REQUEST_TYPES: tuple[type[Request], ...] = (
+    Hello,
+    Ping,
+    Version,
+    Shutdown,
+    LeaseAcquire,
+    LeaseHeartbeat,
+    LeaseRelease,
+    LeaseInspect,
+    LeaseListRequest,
+    LeaseWatch,
+)
 OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in REQUEST_TYPES)
 
 

@@ -6,6 +6,7 @@ from enum import StrEnum
 class Outcome(StrEnum):
     ACQUIRED = "acquired"
     ALREADY_ACQUIRED = "already_acquired"
+    RENEWED = "renewed"
     RELEASED = "released"
     ALREADY_RELEASED = "already_released"
     CONNECTED = "connected"
@@ -28,6 +29,7 @@ class Outcome(StrEnum):
 EXIT_CODES: dict[Outcome, int] = {
     Outcome.ACQUIRED: 0,
     Outcome.ALREADY_ACQUIRED: 0,
+    Outcome.RENEWED: 0,
     Outcome.RELEASED: 0,
     Outcome.ALREADY_RELEASED: 0,
     Outcome.CONNECTED: 0,

@@ -38,6 +38,12 @@ from protocol.messages import (
     ErrorBody,
     Hello,
     HelloResult,
+    LeaseAcquire,
+    LeaseHeartbeat,
+    LeaseInspect,
+    LeaseListRequest,
+    LeaseRelease,
+    LeaseWatch,
     Ping,
     Request,
     Response,
@@ -54,11 +60,42 @@ from protocol.outcomes import EXIT_CODES, Outcome
 ids = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.integers()
 """Request ids: the client counts up from 1, but the codec must carry any JSON integer."""
 
+finite = st.floats(allow_nan=False, allow_infinity=False)
+"""JSON has no NaN or infinity: a float field carries any finite double."""
+
 REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
     Hello: st.builds(Hello, id=ids, version=st.integers(-(2**63), 2**63 - 1), client=st.text()),
     Ping: st.builds(Ping, id=ids),
     Version: st.builds(Version, id=ids),
     Shutdown: st.builds(Shutdown, id=ids),
+    **{
+        kind: st.builds(
+            kind,
+            id=ids,
+            name=st.text(),
+            owner=st.text(),
+            token=st.integers(0, 2**63 - 1),
+        )
+        for kind in (LeaseHeartbeat, LeaseRelease)
+    },
+    LeaseAcquire: st.builds(
+        LeaseAcquire,
+        id=ids,
+        name=st.text(),
+        owner=st.text(),
+        ttl=finite,
+        pid=st.integers(0, 2**31),
+    ),
+    LeaseInspect: st.builds(LeaseInspect, id=ids, name=st.text()),
+    LeaseListRequest: st.builds(LeaseListRequest, id=ids, prefix=st.text()),
+    LeaseWatch: st.builds(
+        LeaseWatch,
+        id=ids,
+        prefix=st.text(),
+        after=st.none() | st.integers(0, 2**63 - 1),
+        epoch=st.text(),
+        wait=finite,
+    ),
 }
 requests = st.one_of(*REQUEST_STRATEGIES.values())
 
@@ -428,11 +465,12 @@ def test_response_ignores_unknown_fields() -> None:
 # -- error codes and exit codes -----------------------------------------------------------------
 
 BRIEF_EXIT_CODES = {
-    "acquired": 0, "already_acquired": 0, "released": 0, "already_released": 0,
+    "acquired": 0, "already_acquired": 0, "renewed": 0, "released": 0, "already_released": 0,
     "connected": 0, "ok": 0, "error": 1, "usage": 2, "not_owned": 10, "not_enabled": 10,
     "absent": 11, "contested": 12, "timeout": 13, "unavailable": 14, "incompatible": 15,
 }  # fmt: skip
-"""The table in BRIEF.md "Outcomes and exit codes", copied by hand: it is a public contract."""
+"""The table in BRIEF.md "Outcomes and exit codes", copied by hand: it is a public contract.
+`renewed` comes from the brief's Leases section (heartbeat -> renewed | not_owned)."""
 
 BRIEF_ERROR_EXITS = {
     "error": 1, "bad_frame": 1, "frame_too_large": 1, "unknown_op": 1, "invalid_request": 1,

@@ -1,0 +1,695 @@
+"""The lease manager: who holds which name, until when, and what happens to stale holders.
+
+    decide_acquire / decide_heartbeat / decide_release   pure verdicts, given `now`
+    LeaseTable        the records in memory and one heap of deadlines; pure, given `now`
+    EventLog          what happened, numbered, for long-polling watchers
+    LeaseManager      the edges: the store, /proc identities, STONITH, the timer task
+
+Durability. Every grant, release and expiry is a record under ``leases/NAME`` in the store,
+written in a transaction guarded on the record's mod_revision, so the record on disk always
+says who last held the name and with which token. The token is the revision of the granting
+write: global and strictly increasing, so never reused, across restarts too.
+
+Heartbeats write nothing, as etcd's keepalives: a deadline lives on fleetd's monotonic clock,
+which means nothing after a restart, and a restarted fleetd gives every held lease its full TTL
+again anyway. Writing heartbeats (even batched) would buy no safety and cost the disk 10,000
+writes a second for 10,000 leases at 1 Hz.
+
+Expiry. One timer task sleeps until the earliest deadline. A heartbeat only moves a deadline
+in a dict; a heap entry found early when it comes up goes back at the lease's current deadline,
+so the timer wakes about once per TTL per lease, never once per heartbeat, and never polls.
+
+Writes to one name are serialised by a lock of that name (a grant may have to wait for STONITH
+to finish); reads and heartbeats never wait for it.
+"""
+
+import heapq
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+
+from fleetd import identity as proc
+from fleetd.dispatch import Peer
+from fleetd.store import Compare, Put, Store
+from protocol.errors import Compacted, Internal, InvalidRequest
+from protocol.leases import (
+    MAX_WAIT,
+    EventType,
+    Identity,
+    LeaseEvent,
+    LeaseInfo,
+    LeaseState,
+    check_name,
+    check_owner,
+    check_ttl,
+)
+from protocol.messages import (
+    LeaseAcquire,
+    LeaseEvents,
+    LeaseHeartbeat,
+    LeaseInspect,
+    LeaseList,
+    LeaseListRequest,
+    LeaseRelease,
+    LeaseResult,
+    LeaseWatch,
+)
+from protocol.outcomes import Outcome
+
+log = structlog.get_logger("fleetd.leases")
+
+PREFIX = "leases/"
+"""Where lease records live in the store."""
+
+STONITH_GRACE = 5.0
+"""Seconds a stale holder gets between SIGTERM and SIGKILL."""
+
+EVENT_BUFFER = 100_000
+"""Events kept for watchers that fall behind; an older cursor gets `compacted`."""
+
+EVENTS_PER_ANSWER = 1_000
+
+
+class StoredLease(msgspec.Struct, frozen=True, kw_only=True):
+    """A lease record as stored. The granting write cannot know its own revision, so it stores
+    ``token`` 0, meaning "the revision of this write" (the key's mod_revision); every later
+    write of the record carries the token explicitly."""
+
+    owner: str
+    identity: Identity
+    ttl: float
+    state: LeaseState
+    token: int = 0
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_stored = msgspec.json.Decoder(StoredLease).decode
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """A name's record in memory; `deadline` (monotonic) matters only while held. `dirty`
+    marks an expiry decided but not yet written."""
+
+    name: str
+    record: StoredLease
+    mod_revision: int
+    deadline: float = 0.0
+    dirty: bool = False
+
+    @property
+    def token(self) -> int:
+        return self.record.token
+
+    def live(self, now: float) -> bool:
+        return self.record.state == "held" and self.deadline > now
+
+
+# Decisions ---------------------------------------------------------------------------------
+
+
+class Verdict(Enum):
+    GRANT = "grant"
+    RENEW = "renew"
+    CONTEST = "contest"
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireDecision:
+    """`stale` is the holder a grant takes over from (its lease expired, or its process is
+    gone): the one STONITH may have to end."""
+
+    verdict: Verdict
+    stale: Entry | None = None
+    reason: str = ""
+
+
+def decide_acquire(
+    entry: Entry | None, owner: str, now: float, alive: Callable[[Identity], bool]
+) -> AcquireDecision:
+    """Who gets the name. `alive` is asked only about a holder within its deadline. A holder
+    whose lease expired stays stale (a STONITH candidate) until the name is granted again;
+    one that released it does not."""
+    if entry is None or entry.record.state == "released":
+        return AcquireDecision(Verdict.GRANT, reason="free")
+    if entry.record.state == "expired" or entry.deadline <= now:
+        return AcquireDecision(Verdict.GRANT, entry, "expired")
+    if not alive(entry.record.identity):
+        return AcquireDecision(Verdict.GRANT, entry, "holder_gone")
+    if entry.record.owner == owner:
+        return AcquireDecision(Verdict.RENEW)
+    return AcquireDecision(Verdict.CONTEST)
+
+
+def owns(entry: Entry, owner: str, token: int) -> bool:
+    """Whether `owner` (and, if given, its grant `token`) is the record's."""
+    return entry.record.owner == owner and token in (0, entry.token)
+
+
+def decide_heartbeat(entry: Entry | None, owner: str, token: int, now: float) -> bool:
+    """Renew only a lease still live: one past its deadline is lost even if not yet taken."""
+    return entry is not None and entry.live(now) and owns(entry, owner, token)
+
+
+def decide_release(entry: Entry | None, owner: str, token: int, now: float) -> Outcome:
+    if entry is None:
+        return Outcome.ABSENT
+    if not owns(entry, owner, token):
+        return Outcome.NOT_OWNED
+    return Outcome.RELEASED if entry.live(now) else Outcome.ALREADY_RELEASED
+
+
+# The table ---------------------------------------------------------------------------------
+
+
+class LeaseTable:
+    """Every record by name, and a heap of (deadline, n, entry) with at most one item per held
+    entry: replacing a name's entry orphans the old item, which is dropped when it comes up."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._heap: list[tuple[float, int, Entry]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str) -> Entry | None:
+        return self._entries.get(name)
+
+    def entries(self, prefix: str = "") -> list[Entry]:
+        return [e for name, e in sorted(self._entries.items()) if name.startswith(prefix)]
+
+    def install(self, entry: Entry) -> bool:
+        """Make `entry` its name's record; whether its deadline is now the earliest."""
+        self._entries[entry.name] = entry
+        if entry.record.state != "held":
+            return False
+        earliest = not self._heap or entry.deadline < self._heap[0][0]
+        heapq.heappush(self._heap, (entry.deadline, next(self._counter), entry))
+        return earliest
+
+    def renew(self, entry: Entry, now: float) -> None:
+        entry.deadline = now + entry.record.ttl
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def pop_expired(self, now: float) -> list[tuple[Entry, float]]:
+        """Mark every lease past its deadline expired (dirty: to be written); returns each
+        new entry with the deadline it missed."""
+        expired = []
+        while self._heap and self._heap[0][0] <= now:
+            _, _, entry = heapq.heappop(self._heap)
+            if self._entries.get(entry.name) is not entry or entry.record.state != "held":
+                continue
+            if entry.deadline > now:
+                heapq.heappush(self._heap, (entry.deadline, next(self._counter), entry))
+                continue
+            gone = Entry(
+                entry.name,
+                msgspec.structs.replace(entry.record, state="expired"),
+                entry.mod_revision,
+                dirty=True,
+            )
+            self._entries[entry.name] = gone
+            expired.append((gone, entry.deadline))
+        return expired
+
+
+def info(entry: Entry, now: float, wall: float) -> LeaseInfo:
+    record = entry.record
+    remaining = max(0.0, entry.deadline - now) if record.state == "held" else 0.0
+    return LeaseInfo(
+        name=entry.name,
+        owner=record.owner,
+        token=record.token,
+        ttl=record.ttl,
+        state=record.state,
+        identity=record.identity,
+        remaining=round(remaining, 3),
+        expires_at=round(wall + remaining, 3) if remaining else 0.0,
+    )
+
+
+# Events ------------------------------------------------------------------------------------
+
+
+class EventLog:
+    """Numbered events in a bounded buffer, and one broadcast wake-up for long polls."""
+
+    def __init__(self, capacity: int = EVENT_BUFFER) -> None:
+        self.epoch = uuid.uuid4().hex[:16]
+        self.seq = 0
+        self._events: deque[LeaseEvent] = deque(maxlen=capacity)
+        self._arrived = anyio.Event()
+        self._waiting = 0
+        self._closed = False
+
+    def append(self, type_: EventType, lease: LeaseInfo, deadline: float = 0.0) -> None:
+        self.seq += 1
+        self._events.append(LeaseEvent(seq=self.seq, type=type_, lease=lease, deadline=deadline))
+        if self._waiting:
+            self._waiting = 0
+            self._arrived.set()
+            self._arrived = anyio.Event()
+
+    def close(self) -> None:
+        """Answer every waiting long poll now (fleetd is stopping)."""
+        self._closed = True
+        self._arrived.set()
+
+    def since(self, after: int, prefix: str) -> tuple[list[LeaseEvent], int]:
+        """Events after `after` under `prefix`, and the cursor to continue from."""
+        oldest = self._events[0].seq if self._events else self.seq + 1
+        if after + 1 < oldest:
+            raise Compacted(
+                f"lease events after {after} are no longer kept (oldest is {oldest}): "
+                "list the leases, then watch from the cursor that answer gives",
+                cursor=self.seq,
+                epoch=self.epoch,
+            )
+        start = max(0, len(self._events) - (self.seq - after))
+        found, cursor = [], self.seq
+        for event in itertools.islice(self._events, start, None):
+            if event.lease.name.startswith(prefix):
+                found.append(event)
+                if len(found) == EVENTS_PER_ANSWER:
+                    cursor = event.seq
+                    break
+        return found, cursor
+
+    async def wait(self, after: int, prefix: str, timeout: float) -> tuple[list[LeaseEvent], int]:
+        with anyio.move_on_after(timeout):
+            while not self._closed:
+                events, cursor = self.since(after, prefix)
+                if events:
+                    return events, cursor
+                after = cursor
+                self._waiting += 1
+                await self._arrived.wait()
+        return self.since(after, prefix)
+
+
+# The manager -------------------------------------------------------------------------------
+
+
+class NameLocks:
+    """One mutex per name, existing only while in use, handed to waiters in FIFO order.
+
+    Taking a free name costs a dict insert and no checkpoint: this sits on the path of every
+    grant and release, where an anyio.Lock per name (and a dict of them) cost more than the
+    decision itself."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, deque[anyio.Event]] = {}
+
+    def hold(self, name: str) -> "_Held":
+        return _Held(self, name)
+
+    async def acquire(self, name: str) -> None:
+        waiters = self._waiters.get(name)
+        if waiters is None:
+            self._waiters[name] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # handed over just as we were cancelled: pass it on
+                self.release(name)
+            else:
+                waiters.remove(turn)
+            raise
+
+    def release(self, name: str) -> None:
+        waiters = self._waiters[name]
+        if waiters:
+            waiters.popleft().set()
+        else:
+            del self._waiters[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._waiters
+
+
+class _Held:
+    __slots__ = ("_locks", "_name")
+
+    def __init__(self, locks: NameLocks, name: str) -> None:
+        self._locks, self._name = locks, name
+
+    async def __aenter__(self) -> None:
+        await self._locks.acquire(self._name)
+
+    async def __aexit__(self, *_: object) -> None:
+        self._locks.release(self._name)
+
+
+class LeaseManager:
+    """Leases over the control socket; start it with ``await tg.start(manager.serve)`` once
+    the store serves.
+
+    Args:
+        store: where records live.
+        clock: the monotonic clock deadlines are measured on.
+        grace: seconds between SIGTERM and SIGKILL when fencing a stale holder.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        grace: float = STONITH_GRACE,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._grace = grace
+        self.table = LeaseTable()
+        self.events = EventLog()
+        self._locks = NameLocks()
+        self._fencing: set[str] = set()
+        self._timer_due = anyio.Event()
+        self._writers: anyio.abc.TaskGroup | None = None
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Load every record (held ones get their full TTL again), then expire until cancelled."""
+        await self._load()
+        async with anyio.create_task_group() as writers:
+            self._writers = writers
+            writers.start_soon(self._expire_forever)
+            task_status.started()
+
+    def close_watches(self) -> None:
+        self.events.close()
+
+    async def _load(self) -> None:
+        now = self._clock()
+        held = 0
+        for kv in await self._store.range(PREFIX):
+            record = _decode_stored(kv.value)
+            if not record.token:
+                record = msgspec.structs.replace(record, token=kv.mod_revision)
+            name = kv.key.removeprefix(PREFIX)
+            deadline = now + record.ttl if record.state == "held" else 0.0
+            self.table.install(Entry(name, record, kv.mod_revision, deadline))
+            held += record.state == "held"
+        log.info("leases_loaded", records=len(self.table), held=held)
+
+    # Handlers --------------------------------------------------------------------------------
+
+    async def acquire(self, request: LeaseAcquire, peer: Peer) -> LeaseResult:
+        check_name(request.name)
+        check_owner(request.owner)
+        check_ttl(request.ttl)
+        holder = _identify(request.pid, peer)
+        fast = self._contested(request.name, request.owner)
+        if fast is not None:
+            return fast
+        async with self._exclusive(request.name):
+            return await self._acquire_locked(request, holder, peer)
+
+    def heartbeat(self, request: LeaseHeartbeat, peer: Peer) -> LeaseResult:
+        check_name(request.name)
+        now = self._clock()
+        entry = self.table.get(request.name)
+        if not decide_heartbeat(entry, request.owner, request.token, now):
+            return self._not_owned(entry, request.owner, now)
+        assert entry is not None
+        self.table.renew(entry, now)
+        return LeaseResult(outcome=Outcome.RENEWED, lease=self._info(entry))
+
+    async def release(self, request: LeaseRelease, peer: Peer) -> LeaseResult:
+        """A release waits for the name's lock, so that it takes effect after an acquire sent
+        before it; except while a successor's acquire is fencing the stale holder: that holder
+        releasing must get its answer (already_released), not wait for its own death."""
+        check_name(request.name)
+        if request.name not in self._locks or request.name in self._fencing:
+            refused = self._release_refused(request)
+            if refused is not None:
+                return refused
+        async with self._exclusive(request.name):
+            refused = self._release_refused(request)
+            if refused is not None:
+                return refused
+            entry = self.table.get(request.name)
+            assert entry is not None
+            released = await self._write(entry, state="released")
+            self.events.append("released", self._info(released))
+            return LeaseResult(outcome=Outcome.RELEASED, lease=self._info(released))
+
+    def _release_refused(self, request: LeaseRelease) -> LeaseResult | None:
+        """The answer to a release that changes nothing; None when it would release."""
+        now = self._clock()
+        entry = self.table.get(request.name)
+        outcome = decide_release(entry, request.owner, request.token, now)
+        if outcome is Outcome.RELEASED:
+            return None
+        if entry is None:
+            return LeaseResult(outcome=outcome, message=f"no lease named {request.name!r}")
+        if outcome is Outcome.NOT_OWNED:
+            return self._not_owned(entry, request.owner, now)
+        return LeaseResult(outcome=outcome, lease=self._info(entry))
+
+    def inspect(self, request: LeaseInspect, peer: Peer) -> LeaseResult:
+        check_name(request.name)
+        entry = self.table.get(request.name)
+        if entry is None:
+            return LeaseResult(outcome=Outcome.ABSENT, message=f"no lease named {request.name!r}")
+        return LeaseResult(outcome=Outcome.OK, lease=self._info(entry))
+
+    def list(self, request: LeaseListRequest, peer: Peer) -> LeaseList:
+        now, wall = self._clock(), time.time()
+        return LeaseList(leases=[info(e, now, wall) for e in self.table.entries(request.prefix)])
+
+    async def watch(self, request: LeaseWatch, peer: Peer) -> LeaseEvents:
+        log_ = self.events
+        if request.after is None:
+            return LeaseEvents(cursor=log_.seq, epoch=log_.epoch)
+        if request.epoch and request.epoch != log_.epoch:
+            raise Compacted(
+                "fleetd restarted since that cursor: list the leases, then watch again",
+                cursor=log_.seq,
+                epoch=log_.epoch,
+            )
+        if not 0 <= request.wait <= MAX_WAIT:
+            raise InvalidRequest(f"wait must be between 0 and {MAX_WAIT:g}s", wait=request.wait)
+        events, cursor = await log_.wait(request.after, request.prefix, request.wait)
+        return LeaseEvents(cursor=cursor, epoch=log_.epoch, events=events)
+
+    # Acquire ---------------------------------------------------------------------------------
+
+    def _contested(self, name: str, owner: str) -> LeaseResult | None:
+        """Answer a plainly contested acquire without queueing on the name's lock."""
+        entry = self.table.get(name)
+        decision = decide_acquire(entry, owner, self._clock(), proc.is_alive)
+        if decision.verdict is not Verdict.CONTEST:
+            return None
+        assert entry is not None
+        return self._contest(entry)
+
+    async def _acquire_locked(
+        self, request: LeaseAcquire, holder: Identity, peer: Peer
+    ) -> LeaseResult:
+        entry = self.table.get(request.name)
+        decision = decide_acquire(entry, request.owner, self._clock(), proc.is_alive)
+        match decision.verdict:
+            case Verdict.CONTEST:
+                assert entry is not None
+                return self._contest(entry)
+            case Verdict.RENEW:
+                assert entry is not None
+                return await self._renew(entry, request.ttl)
+        fence = ""
+        if decision.stale is not None:
+            fence = await self._fence(decision.stale, peer)
+        granted = await self._grant(request, holder, entry)
+        result = LeaseResult(
+            outcome=Outcome.ACQUIRED,
+            lease=self._info(granted),
+            previous=self._info(decision.stale) if decision.stale else None,
+            fence=fence,
+            message=_grant_message(granted, decision, fence),
+        )
+        self.events.append("acquired", result.lease)  # type: ignore[arg-type]
+        return result
+
+    async def _renew(self, entry: Entry, ttl: float) -> LeaseResult:
+        """Same owner: the full TTL again (a new TTL is written, and may move the deadline
+        earlier, so the written entry goes into the heap at its new deadline)."""
+        if ttl != entry.record.ttl:
+            entry = await self._write(entry, state="held", ttl=ttl)
+        else:
+            self.table.renew(entry, self._clock())
+        return LeaseResult(
+            outcome=Outcome.ALREADY_ACQUIRED,
+            lease=self._info(entry),
+            message=f"{entry.record.owner} already holds {entry.name!r} (token {entry.token})",
+        )
+
+    async def _fence(self, stale: Entry, peer: Peer) -> str:
+        """STONITH the stale holder, unless it is the caller itself or an ancestor of it."""
+        target = stale.record.identity
+        if proc.is_local(target) and proc.is_ancestor_or_self(target.pid, peer.pid):
+            return "self"
+        self._fencing.add(stale.name)
+        try:
+            outcome = await proc.fence(target, peer.uid, self._grace)
+        finally:
+            self._fencing.discard(stale.name)
+        log.info(
+            "lease_holder_fenced",
+            lease=stale.name,
+            owner=stale.record.owner,
+            pid=target.pid,
+            fence=outcome,
+        )
+        return outcome
+
+    async def _grant(self, request: LeaseAcquire, holder: Identity, entry: Entry | None) -> Entry:
+        record = StoredLease(owner=request.owner, identity=holder, ttl=request.ttl, state="held")
+        key = PREFIX + request.name
+        guard = (
+            Compare(key, "mod", "==", entry.mod_revision)
+            if entry is not None
+            else Compare(key, "create", "==", 0)
+        )
+        result = await self._store.txn((guard,), (Put(key, _encode(record)),))
+        if not result.succeeded:
+            raise Internal(f"lease record {request.name!r} changed behind the lease manager")
+        granted = Entry(
+            request.name,
+            msgspec.structs.replace(record, token=result.revision),
+            result.revision,
+            deadline=self._clock() + request.ttl,
+        )
+        self._install(granted)
+        return granted
+
+    # Writes ----------------------------------------------------------------------------------
+
+    async def _write(self, entry: Entry, *, state: LeaseState, ttl: float | None = None) -> Entry:
+        """Rewrite `entry`'s record (same token) and install the result."""
+        record = msgspec.structs.replace(
+            entry.record, state=state, ttl=entry.record.ttl if ttl is None else ttl
+        )
+        key = PREFIX + entry.name
+        result = await self._store.txn(
+            (Compare(key, "mod", "==", entry.mod_revision),), (Put(key, _encode(record)),)
+        )
+        if not result.succeeded:
+            raise Internal(f"lease record {entry.name!r} changed behind the lease manager")
+        deadline = self._clock() + record.ttl if state == "held" else 0.0
+        written = Entry(entry.name, record, result.revision, deadline)
+        self._install(written)
+        return written
+
+    def _install(self, entry: Entry) -> None:
+        if self.table.install(entry):
+            self._timer_due.set()
+
+    def _exclusive(self, name: str) -> "_Held":
+        return self._locks.hold(name)
+
+    # Expiry ----------------------------------------------------------------------------------
+
+    async def _expire_forever(self) -> None:
+        while True:
+            expired = self.table.pop_expired(self._clock())
+            if expired:
+                self._expired(expired)
+            await self._wait_for_timer()
+
+    def _expired(self, expired: Iterable[tuple[Entry, float]]) -> None:
+        assert self._writers is not None
+        now = self._clock()
+        for entry, deadline in expired:
+            self.events.append("expired", self._info(entry), deadline)
+            log.info(
+                "lease_expired",
+                lease=entry.name,
+                owner=entry.record.owner,
+                late_ms=round((now - deadline) * 1e3, 1),
+            )
+            self._writers.start_soon(self._persist_expiry, entry)
+
+    async def _persist_expiry(self, entry: Entry) -> None:
+        """Write an expiry decided in memory, unless the name moved on meanwhile."""
+        try:
+            async with self._exclusive(entry.name):
+                if self.table.get(entry.name) is entry:
+                    await self._write(entry, state="expired")
+        except Exception as exc:  # the record stays held on disk; a restart renews it
+            log.warning("lease_expiry_not_written", lease=entry.name, error=repr(exc))
+
+    async def _wait_for_timer(self) -> None:
+        deadline = self.table.next_deadline()
+        delay = float("inf") if deadline is None else deadline - self._clock()
+        with anyio.move_on_after(delay):
+            await self._timer_due.wait()
+        self._timer_due = anyio.Event()
+
+    # Answers ---------------------------------------------------------------------------------
+
+    def _info(self, entry: Entry) -> LeaseInfo:
+        return info(entry, self._clock(), time.time())
+
+    def _contest(self, entry: Entry) -> LeaseResult:
+        lease = self._info(entry)
+        return LeaseResult(
+            outcome=Outcome.CONTESTED,
+            lease=lease,
+            message=f"{entry.name!r} is held by {lease.owner} (pid {lease.identity.pid}, "
+            f"token {lease.token}) for {lease.remaining:g}s more",
+        )
+
+    def _not_owned(self, entry: Entry | None, owner: str, now: float) -> LeaseResult:
+        if entry is None:
+            return LeaseResult(outcome=Outcome.NOT_OWNED, message="no such lease")
+        lease = info(entry, now, time.time())
+        if entry.record.owner != owner:
+            why = f"it was last held by {entry.record.owner!r}, not {owner!r}"
+        elif entry.live(now):
+            why = f"{owner!r} holds it under a newer token ({entry.token})"
+        else:
+            why = (
+                f"the lease is {entry.record.state if entry.record.state != 'held' else 'expired'}"
+            )
+        return LeaseResult(
+            outcome=Outcome.NOT_OWNED, lease=lease, message=f"{entry.name!r} not owned: {why}"
+        )
+
+
+def _identify(pid: int, peer: Peer) -> Identity:
+    """The identity of the process a lease binds to: the peer, or an ancestor it names."""
+    target = pid or peer.pid
+    if pid and not proc.is_ancestor_or_self(pid, peer.pid):
+        raise InvalidRequest(
+            f"pid {pid} is neither the caller ({peer.pid}) nor one of its ancestors", pid=pid
+        )
+    try:
+        return proc.identify(target, None if pid and pid != peer.pid else peer.uid)
+    except proc.ProcessGone:
+        raise InvalidRequest(f"cannot identify process {target}: it is gone", pid=target) from None
+
+
+def _grant_message(granted: Entry, decision: AcquireDecision, fence: str) -> str:
+    text = f"{granted.record.owner} acquired {granted.name!r} (token {granted.token})"
+    if decision.stale is not None:
+        stale = decision.stale.record
+        text += (
+            f", taken over from {stale.owner} (pid {stale.identity.pid}, {decision.reason}"
+            f"{'; ' + fence if fence else ''})"
+        )
+    return text
