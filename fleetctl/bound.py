@@ -23,18 +23,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import Any, Self, overload
 
 import anyio
 import msgspec
-from anyio.abc import Process, SocketStream, TaskGroup
+from anyio.abc import Process, TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from fleetctl._conversation import decode_result
-from protocol import MAX_FRAME, PROTOCOL_VERSION
+from fleetctl.members_client import (
+    MemberLink,
+    connect_member,
+    holder_ready,
+    one_request,
+    status_on_disk,
+)
+from protocol import PROTOCOL_VERSION
 from protocol.definitions import (
     ClusterSpec,
     MemberSpec,
@@ -44,16 +50,13 @@ from protocol.definitions import (
 )
 from protocol.errors import (
     Absent,
-    BadFrame,
     ClientClosed,
     ConnectionLost,
-    FleetError,
     Incompatible,
     InvalidRequest,
     MemberFailed,
     Timeout,
 )
-from protocol.framing import FrameSplitter, decode_response, encode
 from protocol.members import (
     CLUSTER_FILE,
     HOLDER_LOG,
@@ -69,15 +72,12 @@ from protocol.members import (
     WatchResult,
     member_log_path,
     member_socket_path,
-    member_statefile,
     runtime_dir_problem,
 )
-from protocol.messages import Empty, Message, RawResponse, Request
+from protocol.messages import Empty
 
 Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
 """A `fleet.toml` path, a ClusterSpec, or a dict shaped like the TOML file."""
-
-R = TypeVar("R", bound=Message)
 
 DEFAULT_TIMEOUT = 30.0
 _READ_SIZE = 65536
@@ -130,7 +130,7 @@ class Cluster:
         self._statuses: dict[str, MemberStatus] = {}
         self._changed = anyio.Event()
         self._process: Process | None = None
-        self._link: _Link | None = None
+        self._link: MemberLink | None = None
         self._stack: AsyncExitStack | None = None
         self._blocking: contextlib.ExitStack | None = None
 
@@ -164,8 +164,10 @@ class Cluster:
         if problem:
             raise InvalidRequest(problem)
         await self._spawn_holder()
-        stream = await _connect(member_socket_path(self.runtime_dir, self.spec.members[0].name))
-        self._link = _Link(stream, on_push=self._on_push, on_failure=self._changed_now)
+        stream = await connect_member(
+            member_socket_path(self.runtime_dir, self.spec.members[0].name)
+        )
+        self._link = MemberLink(stream, on_push=self._on_push, on_failure=self._changed_now)
         tasks.start_soon(self._link.read_forever)
         await self._bind(self._link)
 
@@ -200,36 +202,14 @@ class Cluster:
             os.close(log)
             os.close(ready_write)
             self.holder_pid = self._process.pid
-            await self._holder_ready(ready_read)
+            await holder_ready(ready_read, self.timeout, self.runtime_dir)
         finally:
             for fd in (log, ready_write):
                 with contextlib.suppress(OSError):
                     os.close(fd)
             os.close(ready_read)
 
-    async def _holder_ready(self, ready: int) -> None:
-        """The holder writes "ready" once every member socket listens; EOF means it failed."""
-        os.set_blocking(ready, False)
-        received = b""
-        try:
-            with anyio.fail_after(self.timeout):
-                while b"\n" not in received:
-                    await anyio.wait_readable(ready)
-                    chunk = os.read(ready, 64)
-                    if not chunk:
-                        raise FleetError(f"the holder failed to start: {self._holder_log()}")
-                    received += chunk
-        except TimeoutError:
-            raise Timeout(f"the holder did not start within {self.timeout}s") from None
-
-    def _holder_log(self, lines: int = 5) -> str:
-        try:
-            with open(os.path.join(self.runtime_dir, HOLDER_LOG), errors="replace") as f:
-                return " | ".join(f.read().strip().splitlines()[-lines:]) or "(no output)"
-        except OSError:
-            return "(no log)"
-
-    async def _bind(self, link: "_Link") -> None:
+    async def _bind(self, link: "MemberLink") -> None:
         bound = await link.request(
             Bind, BindResult, self.timeout, version=PROTOCOL_VERSION, pid=os.getpid()
         )
@@ -343,7 +323,7 @@ class Cluster:
         if link.failure is None:
             with contextlib.suppress(ConnectionLost):
                 return await link.request(Status, MemberStatus, self.timeout, name=name)
-        return _status_on_disk(self.runtime_dir, name)
+        return status_on_disk(self.runtime_dir, name)
 
     async def stop(self, name: str) -> MemberStatus:
         """Stop one member (its siblings keep running); returns its final status."""
@@ -365,7 +345,7 @@ class Cluster:
         if sibling is None:
             status = await self._opened().request(AddMember, MemberStatus, timeout, spec=member)
         else:
-            status = await _one_request(
+            status = await one_request(
                 member_socket_path(self.runtime_dir, sibling), AddMember, timeout, spec=member
             )
         self._statuses.setdefault(member.name, status)
@@ -388,7 +368,7 @@ class Cluster:
             raise Absent(f"no member {name!r} in cluster {self.name!r}")
         return status.address
 
-    def _opened(self) -> "_Link":
+    def _opened(self) -> "MemberLink":
         if self._link is None:
             raise ClientClosed("the cluster is not started: use `async with` or `with`")
         return self._link
@@ -458,122 +438,6 @@ class SyncCluster:
         return self.cluster.address(name)
 
 
-# --- one connection to a member socket ------------------------------------------------------
-
-
-class _Link:
-    """A connection to a member socket with one reader task: answers go to the caller waiting
-    on their id, watch pushes to `on_push`. Many requests may be in flight."""
-
-    def __init__(
-        self,
-        stream: SocketStream,
-        *,
-        on_push: Callable[[MemberStatus], None] | None = None,
-        on_failure: Callable[[], None] | None = None,
-    ) -> None:
-        self._stream = stream
-        self._on_push = on_push
-        self._on_failure = on_failure
-        self._splitter = FrameSplitter(MAX_FRAME)
-        self._next_id = 0
-        self._waiting: dict[int, anyio.Event] = {}
-        self._answers: dict[int, RawResponse] = {}
-        self._watch_id: int | None = None
-        self._push_decoder = msgspec.json.Decoder(MemberStatus)
-        self._sending = anyio.Lock()
-        self.failure: FleetError | None = None
-
-    async def request(
-        self,
-        request_type: type[Request],
-        result_type: type[R],
-        timeout: float,
-        *,
-        pushes: bool = False,
-        **fields: Any,
-    ) -> R:
-        """Send a request and wait for its answer. `pushes`: later frames with its id are
-        watch pushes (see protocol.members.Watch)."""
-        self._next_id += 1
-        request_id = self._next_id
-        answered = self._waiting[request_id] = anyio.Event()
-        if pushes:
-            self._watch_id = request_id
-        try:
-            with anyio.fail_after(timeout):
-                await self._send(encode(request_type(id=request_id, **fields)))
-                await answered.wait()
-        except TimeoutError:
-            raise Timeout(f"no answer from the holder within {timeout}s") from None
-        finally:
-            self._waiting.pop(request_id, None)
-        answer = self._answers.pop(request_id, None)
-        if answer is None:
-            raise self.failure or ConnectionLost("the holder closed the connection")
-        return decode_result(answer, result_type)
-
-    async def _send(self, frame: bytes) -> None:
-        if self.failure is not None:
-            raise self.failure
-        try:
-            async with self._sending:
-                await self._stream.send(frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise ConnectionLost(f"the holder went away: {exc!r}") from None
-
-    async def read_forever(self) -> None:
-        try:
-            while True:
-                data = await self._stream.receive(_READ_SIZE)
-                for frame in self._splitter.feed(data):
-                    self._received(decode_response(frame))
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._fail(ConnectionLost("the holder closed the connection (it exited)"))
-        except BadFrame as exc:
-            self._fail(ConnectionLost(f"the holder sent a bad frame: {exc.message}"))
-
-    def _received(self, response: RawResponse) -> None:
-        request_id = response.id
-        answered = self._waiting.pop(request_id, None) if request_id is not None else None
-        if request_id is not None and answered is not None:
-            self._answers[request_id] = response  # frames after it with a watch's id: pushes
-            answered.set()
-        elif request_id == self._watch_id and self._on_push is not None:
-            self._on_push(self._push_decoder.decode(response.result))
-
-    def _fail(self, error: FleetError) -> None:
-        self.failure = error
-        for answered in self._waiting.values():
-            answered.set()
-        if self._on_failure is not None:
-            self._on_failure()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-async def _connect(path: str) -> SocketStream:
-    try:
-        return await anyio.connect_unix(path)
-    except OSError as exc:
-        raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
-
-
-async def _one_request(
-    path: str, request_type: type[Request], timeout: float, **fields: Any
-) -> MemberStatus:
-    """One request on a connection of its own (to address a particular member's socket)."""
-    link = _Link(await _connect(path))
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(link.read_forever)
-        try:
-            status = await link.request(request_type, MemberStatus, timeout, **fields)
-        finally:
-            await link.aclose()
-    return status
-
-
 def _to_member_spec(spec: MemberSpec | Mapping[str, Any]) -> MemberSpec:
     if isinstance(spec, MemberSpec):
         return spec
@@ -582,16 +446,6 @@ def _to_member_spec(spec: MemberSpec | Mapping[str, Any]) -> MemberSpec:
     if not isinstance(name, str):
         raise InvalidRequest('a member needs a "name"')
     return member_from_dict(name, table)
-
-
-def _status_on_disk(runtime_dir: str, name: str) -> MemberStatus:
-    """With no holder to ask: `stopped` if the member left a state file, else `absent`."""
-    try:
-        with open(member_statefile(runtime_dir, name), "rb") as f:
-            last = msgspec.json.decode(f.read(), type=MemberStatus)
-    except (OSError, msgspec.MsgspecError):
-        return MemberStatus(name=name, state=MemberState.ABSENT)
-    return msgspec.structs.replace(last, state=MemberState.STOPPED, pid=None, running=False)
 
 
 def _write_file(path: str, data: bytes) -> None:

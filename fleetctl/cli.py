@@ -299,3 +299,217 @@ def run(argv: list[str]) -> int:
         sys.stderr.write("fleetctl: aborted\n")
         return 1
     return 0
+
+
+# --- detached clusters ------------------------------------------------------------------------
+
+
+def _member_call(g: Globals, call: Callable[[Any], int]) -> None:
+    """Run `call` on a connected SyncClient; a FleetError becomes its outcome's exit code."""
+    from fleetctl.sync import SyncClient
+
+    try:
+        with SyncClient(g.socket_path, timeout=g.timeout) as client:
+            code = call(client)
+    except FleetError as error:
+        raise Exit(fail(g.json, error)) from None
+    raise Exit(code)
+
+
+_STATUS_COLUMNS = ("MEMBER", "STATE", "PID", "RESTARTS", "ADDRESS", "ERROR")
+
+
+def _status_table(statuses: list[Any]) -> str:
+    """One row per member, columns padded to their widest cell."""
+    rows = [_STATUS_COLUMNS] + [
+        (
+            f"{s.cluster}/{s.name}" if s.cluster else s.name,
+            str(s.state),
+            str(s.pid or "-"),
+            str(s.restarts),
+            s.address or "-",
+            s.error or "",
+        )
+        for s in statuses
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields: Any) -> int:
+    import msgspec
+
+    from protocol.outcomes import Outcome
+
+    if outcome is None:
+        absent = any(s.state == "absent" for s in statuses)
+        outcome = Outcome.ABSENT if absent else Outcome.OK
+    table = _status_table(statuses) if statuses else "no members"
+    return emit(g.json, table, outcome, members=msgspec.to_builtins(statuses), **fields)
+
+
+_WAIT_TIMEOUT = click.option(
+    "--timeout",
+    "wait_timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="How long to wait for the members to run.",
+)
+
+
+@cli.command("up")
+@click.option("-f", "--file", "path", default="fleet.toml", show_default=True, help="Definitions.")
+@click.option("--name", default=None, help="The cluster's name (default: the file's `name`).")
+@click.option("--wait", is_flag=True, help="Wait until every member runs.")
+@_WAIT_TIMEOUT
+@click.option(
+    "--idempotent", is_flag=True, help="Already up with the same definition: succeed (0)."
+)
+@click.pass_obj
+def up(
+    g: Globals,
+    *,
+    path: str,
+    name: str | None,
+    wait: bool,
+    wait_timeout: float,
+    idempotent: bool,
+) -> None:
+    """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
+    from protocol.definitions import load_toml
+
+    def call(client: Any) -> int:
+        result = client.cluster_up(load_toml(path, name=name), idempotent=idempotent)
+        members = result.members
+        if wait:
+            names = [f"{result.cluster}/{m.name}" for m in members]
+            members = client.member_wait(names, wait_timeout)
+        if not g.json:
+            head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
+            return emit(False, head + "\n" + _status_table(members), result.outcome)
+        return _emit_members(
+            g,
+            members,
+            result.outcome,
+            cluster=result.cluster,
+            holder_pid=result.holder_pid,
+            runtime_dir=result.runtime_dir,
+        )
+
+    _member_call(g, call)
+
+
+@cli.command("status")
+@click.argument("names", nargs=-1)
+@click.pass_obj
+def status(g: Globals, names: tuple[str, ...]) -> None:
+    """Members' status (NAME, or CLUSTER/NAME); every live member without NAMEs. absent: 11."""
+    _member_call(g, lambda client: _emit_members(g, client.member_status(names)))
+
+
+@cli.command("wait")
+@click.argument("names", nargs=-1, required=True)
+@_WAIT_TIMEOUT
+@click.pass_obj
+def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> None:
+    """Until every NAME runs: ok (0), timeout (13), absent (11), or the member's error (1)."""
+    _member_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
+
+
+@cli.command("stop")
+@click.argument("name")
+@click.pass_obj
+def stop(g: Globals, name: str) -> None:
+    """Stop one member; its siblings keep running."""
+    _member_call(g, lambda client: _emit_members(g, [client.member_stop(name)]))
+
+
+@cli.command("add")
+@click.argument("name")
+@click.option("--sibling", required=True, help="A live member: NAME joins its cluster.")
+@click.option("-f", "--file", "path", default=None, help="Take the definition from this file...")
+@click.option("--member", default=None, help="...its [members.MEMBER] table (default: NAME).")
+@click.option("--wait", is_flag=True, help="Wait until the new member runs.")
+@_WAIT_TIMEOUT
+@click.pass_obj
+def add(
+    g: Globals,
+    *,
+    name: str,
+    sibling: str,
+    path: str | None,
+    member: str | None,
+    wait: bool,
+    wait_timeout: float,
+) -> None:
+    """Boot NAME into SIBLING's cluster, with the same peers. Without -f, NAME is defined
+    like SIBLING (its own {port}, {name} and {dir})."""
+    spec = _member_definition(path, member or name) if path else None
+
+    def call(client: Any) -> int:
+        added = client.member_add(name, sibling, spec)
+        if wait:
+            added = client.member_wait([f"{added.cluster}/{added.name}"], wait_timeout)[0]
+        return _emit_members(g, [added])
+
+    _member_call(g, call)
+
+
+def _member_definition(path: str, member: str) -> Any:
+    from protocol.definitions import load_toml
+    from protocol.errors import InvalidRequest
+
+    try:
+        spec = load_toml(path).member(member)
+    except InvalidRequest as error:
+        raise Exit(fail(False, error)) from None
+    if spec is None:
+        raise click.UsageError(f"{path} defines no member {member!r}")
+    return spec
+
+
+@cli.command("down")
+@click.argument("cluster")
+@click.pass_obj
+def down(g: Globals, cluster: str) -> None:
+    """Stop every member of CLUSTER: released, already_released (0) or absent (11)."""
+
+    def call(client: Any) -> int:
+        result = client.cluster_down(cluster, timeout=max(g.timeout, 60.0))
+        return emit(g.json, f"cluster {cluster} {result.outcome}", result.outcome, cluster=cluster)
+
+    _member_call(g, call)
+
+
+@cli.command("logs")
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing what the member writes.")
+@click.option("--stderr", is_flag=True, help="Its stderr (default: stdout).")
+@click.pass_obj
+def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
+    """Print a member's log (the rotated part first). -f hands over to `tail -F`, which follows
+    the file across rotations by inotify."""
+
+    def call(client: Any) -> int:
+        paths = client.member_logs(name)
+        return _print_log(paths.stderr if stderr else paths.stdout, follow)
+
+    _member_call(g, call)
+
+
+def _print_log(path: str, follow: bool) -> int:
+    if follow:
+        sys.stdout.flush()
+        os.execvp("tail", ["tail", "-n", "+1", "-F", path])
+    for part in (f"{path}.1", path):
+        try:
+            with open(part, "rb") as f:
+                sys.stdout.buffer.write(f.read())
+        except FileNotFoundError:
+            continue
+    sys.stdout.flush()
+    return 0

@@ -9,7 +9,7 @@ as ``async with``, and a thousand callers in flight cost one event each, not a l
 """
 
 import enum
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -26,6 +26,19 @@ from fleetctl._conversation import (
     unavailable,
 )
 from protocol import PROTOCOL_VERSION
+from protocol.clusters import (
+    ClusterDown,
+    ClusterResult,
+    ClusterUp,
+    LogPaths,
+    MemberAdd,
+    MemberList,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import (
     ClientClosed,
     Compacted,
@@ -55,6 +68,7 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.paths import socket_path_problem
+from protocol.status import MemberStatus
 
 _READ_SIZE = 65536
 
@@ -181,6 +195,46 @@ class Client:
             cursor = answer.cursor
             for event in answer.events:
                 yield event
+
+    # Detached clusters (protocol.clusters). Members are NAME, or CLUSTER/NAME when ambiguous.
+
+    async def cluster_up(self, spec: ClusterSpec, *, idempotent: bool = False) -> ClusterResult:
+        """Start `spec` under a detached holder; answers once its member sockets listen."""
+        return await self.request(
+            ClusterUp, ClusterResult, timeout=self.timeout + 30, spec=spec, idempotent=idempotent
+        )
+
+    async def cluster_down(self, cluster: str, *, timeout: float = 60.0) -> ClusterResult:
+        """Stop every member of `cluster` and wait for its holder to exit."""
+        return await self.request(ClusterDown, ClusterResult, timeout=timeout, cluster=cluster)
+
+    async def member_status(self, names: Sequence[str] = ()) -> list[MemberStatus]:
+        """The named members (absent for unknown ones), else every live member."""
+        answer = await self.request(MemberStatusRequest, MemberList, names=list(names))
+        return answer.members
+
+    async def member_wait(self, names: Sequence[str], timeout: float = 30.0) -> list[MemberStatus]:
+        """Until every named member runs; raises MemberFailed, Absent or Timeout."""
+        answer = await self.request(
+            MemberWait,
+            MemberList,
+            timeout=timeout + self.timeout,
+            names=list(names),
+            wait=timeout,
+        )
+        return answer.members
+
+    async def member_stop(self, name: str, *, timeout: float = 60.0) -> MemberStatus:
+        return await self.request(MemberStop, MemberStatus, timeout=timeout, name=name)
+
+    async def member_add(
+        self, name: str, sibling: str, spec: MemberSpec | None = None
+    ) -> MemberStatus:
+        """Boot `name` beside `sibling` (defined by `spec`, else like the sibling)."""
+        return await self.request(MemberAdd, MemberStatus, name=name, sibling=sibling, spec=spec)
+
+    async def member_logs(self, name: str) -> LogPaths:
+        return await self.request(MemberLogs, LogPaths, name=name)
 
     async def request(
         self,

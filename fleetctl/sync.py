@@ -2,6 +2,7 @@
 
 import socket
 import time
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -15,6 +16,19 @@ from fleetctl._conversation import (
     unavailable,
 )
 from protocol import PROTOCOL_VERSION
+from protocol.clusters import (
+    ClusterDown,
+    ClusterResult,
+    ClusterUp,
+    LogPaths,
+    MemberAdd,
+    MemberList,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import ClientClosed, ConnectionLost, Timeout, Unavailable
 from protocol.leases import DEFAULT_TTL, MAX_WAIT
 from protocol.messages import (
@@ -37,6 +51,7 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.paths import socket_path_problem
+from protocol.status import MemberStatus
 
 _READ_SIZE = 65536
 
@@ -141,6 +156,44 @@ class SyncClient:
             epoch=epoch,
             wait=min(wait, MAX_WAIT),
         )
+
+    # Detached clusters (protocol.clusters). Members are NAME, or CLUSTER/NAME when ambiguous.
+
+    def cluster_up(self, spec: ClusterSpec, *, idempotent: bool = False) -> ClusterResult:
+        """Start `spec` under a detached holder; answers once its member sockets listen."""
+        return self.request(
+            ClusterUp, ClusterResult, timeout=self.timeout + 30, spec=spec, idempotent=idempotent
+        )
+
+    def cluster_down(self, cluster: str, *, timeout: float = 60.0) -> ClusterResult:
+        """Stop every member of `cluster` and wait for its holder to exit."""
+        return self.request(ClusterDown, ClusterResult, timeout=timeout, cluster=cluster)
+
+    def member_status(self, names: Sequence[str] = ()) -> list[MemberStatus]:
+        """The named members (absent for unknown ones), else every live member."""
+        answer = self.request(MemberStatusRequest, MemberList, names=list(names))
+        return answer.members
+
+    def member_wait(self, names: Sequence[str], timeout: float = 30.0) -> list[MemberStatus]:
+        """Until every named member runs; raises MemberFailed, Absent or Timeout."""
+        answer = self.request(
+            MemberWait,
+            MemberList,
+            timeout=timeout + self.timeout,
+            names=list(names),
+            wait=timeout,
+        )
+        return answer.members
+
+    def member_stop(self, name: str, *, timeout: float = 60.0) -> MemberStatus:
+        return self.request(MemberStop, MemberStatus, timeout=timeout, name=name)
+
+    def member_add(self, name: str, sibling: str, spec: MemberSpec | None = None) -> MemberStatus:
+        """Boot `name` beside `sibling` (defined by `spec`, else like the sibling)."""
+        return self.request(MemberAdd, MemberStatus, name=name, sibling=sibling, spec=spec)
+
+    def member_logs(self, name: str) -> LogPaths:
+        return self.request(MemberLogs, LogPaths, name=name)
 
     def request(
         self,

@@ -18,10 +18,20 @@ from anyio.abc import SocketListener
 
 from fleetd import systemd
 from fleetd.dispatch import Dispatcher, Peer
+from fleetd.holders import HolderRegistry
 from fleetd.leases import LeaseManager
 from fleetd.server import ControlServer
 from fleetd.store.sqlite import SQLiteStore
 from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.clusters import (
+    ClusterDown,
+    ClusterUp,
+    MemberAdd,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
 from protocol.errors import AlreadyRunning, FleetError, Incompatible
 from protocol.messages import (
     Empty,
@@ -113,6 +123,7 @@ class Daemon:
         self.socket_path = config.socket_path
         self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
         self.leases = LeaseManager(self.store)
+        self.holders = HolderRegistry(self.store, config.state_dir)
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -127,6 +138,13 @@ class Daemon:
         dispatcher.register(LeaseInspect, self.leases.inspect)
         dispatcher.register(LeaseListRequest, self.leases.list)
         dispatcher.register(LeaseWatch, self.leases.watch, chatty=True)
+        dispatcher.register(ClusterUp, self.holders.up)
+        dispatcher.register(ClusterDown, self.holders.down)
+        dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
+        dispatcher.register(MemberWait, self.holders.wait)
+        dispatcher.register(MemberStop, self.holders.stop)
+        dispatcher.register(MemberAdd, self.holders.add)
+        dispatcher.register(MemberLogs, self.holders.logs)
         return dispatcher
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
@@ -172,6 +190,7 @@ class Daemon:
                 daemon.start_soon(self._watch_signals)
                 await daemon.start(self.store.serve)
                 await daemon.start(self.leases.serve)
+                await daemon.start(self.holders.serve, os.path.dirname(self.socket_path))
                 try:
                     listener = await open_listener(self.socket_path, inherited)
                 except OSError as exc:

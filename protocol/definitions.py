@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from protocol.base import Message
 from protocol.errors import InvalidRequest
-from protocol.messages import Message
 
 T = TypeVar("T")
 

@@ -17,7 +17,6 @@ PROTOCOL_VERSION (exchanged on bind) is bumped only for an incompatible change.
 """
 
 import os
-from enum import StrEnum
 from typing import Any
 
 import msgspec
@@ -26,38 +25,8 @@ from protocol.definitions import MemberSpec
 from protocol.framing import decode_request_with
 from protocol.messages import Empty, Message, Request
 from protocol.paths import socket_path_problem
-
-
-class MemberState(StrEnum):
-    PREPARING = "preparing"
-    """Running the member's one-time `prepare` command (not charged to start_timeout)."""
-    STARTING = "starting"
-    """Spawned, not ready yet (or waiting to be restarted after a clean exit)."""
-    RUNNING = "running"
-    """Ready, by its readiness check."""
-    STOPPED = "stopped"
-    """Stopped on request, or exited cleanly and not restarted."""
-    ERROR = "error"
-    """Failed (see `error`): cannot spawn, exited non-zero, not ready in time. A restart policy
-    may still bring it back."""
-    ABSENT = "absent"
-    """Nobody serves that name and nothing about it is on disk."""
-
-
-class MemberStatus(Message, frozen=True):
-    """A member as its holder sees it. `started_at` is the wall-clock time of the last spawn;
-    `exit_code` is that of the last exit, negative for a signal (-9 for SIGKILL)."""
-
-    name: str
-    state: MemberState
-    pid: int | None = None
-    running: bool = False
-    address: str = ""
-    holder_pid: int | None = None
-    restarts: int = 0
-    exit_code: int | None = None
-    started_at: float | None = None
-    error: str = ""
+from protocol.status import MemberState as MemberState  # noqa: PLC0414 (re-exported)
+from protocol.status import MemberStatus as MemberStatus  # noqa: PLC0414 (re-exported)
 
 
 class BindResult(Message, frozen=True):

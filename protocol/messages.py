@@ -4,27 +4,25 @@ Evolution rules: new fields get defaults; a field's type never changes; an op na
 reused. Unknown fields are ignored, so an older peer can read a newer peer's frames.
 """
 
-from typing import Any, ClassVar
+from typing import Any
 
 import msgspec
 
+from protocol.base import Empty as Empty  # noqa: PLC0414 (re-exported)
+from protocol.base import Message as Message  # noqa: PLC0414 (re-exported)
+from protocol.base import Request as Request  # noqa: PLC0414 (re-exported)
+from protocol.clusters import (
+    CLUSTER_REQUEST_TYPES,
+    ClusterDown,
+    ClusterUp,
+    MemberAdd,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
 from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent, LeaseInfo
 from protocol.outcomes import Outcome
-
-
-class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Project-wide struct options."""
-
-
-class Request(Message, tag_field="op", frozen=True):
-    """Every request carries an `id` that its response echoes."""
-
-    id: int
-    result_type: ClassVar[type[Message]]
-
-
-class Empty(Message, frozen=True):
-    """The result of an op that has nothing to say but that it succeeded."""
 
 
 class HelloResult(Message, frozen=True):
@@ -76,7 +74,7 @@ class LeaseResult(Message, frozen=True):
 
 
 class LeaseList(Message, frozen=True):
-    leases: list[LeaseInfo] = []
+    leases: list[LeaseInfo] = msgspec.field(default_factory=list)
 
 
 class LeaseEvents(Message, frozen=True):
@@ -84,7 +82,7 @@ class LeaseEvents(Message, frozen=True):
 
     cursor: int
     epoch: str
-    events: list[LeaseEvent] = []
+    events: list[LeaseEvent] = msgspec.field(default_factory=list)
 
 
 class LeaseAcquire(Request, tag="lease_acquire", frozen=True):
@@ -144,6 +142,13 @@ AnyRequest = (
     | LeaseInspect
     | LeaseListRequest
     | LeaseWatch
+    | ClusterUp
+    | ClusterDown
+    | MemberStatusRequest
+    | MemberWait
+    | MemberStop
+    | MemberAdd
+    | MemberLogs
 )
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello,
@@ -156,6 +161,7 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     LeaseInspect,
     LeaseListRequest,
     LeaseWatch,
+    *CLUSTER_REQUEST_TYPES,
 )
 OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in REQUEST_TYPES)
 
@@ -163,7 +169,7 @@ OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in REQUEST_TY
 class ErrorBody(Message, frozen=True):
     code: str
     message: str
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class Response(Message, frozen=True):

@@ -11,6 +11,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol.clusters import (
+    ClusterDown,
+    ClusterUp,
+    MemberAdd,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import (
     ERRORS_BY_CODE,
     BadFrame,
@@ -63,6 +73,18 @@ ids = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.integers()
 finite = st.floats(allow_nan=False, allow_infinity=False)
 """JSON has no NaN or infinity: a float field carries any finite double."""
 
+valid_names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,10}", fullmatch=True)
+member_specs = st.builds(
+    MemberSpec,
+    name=valid_names,
+    command=st.lists(st.text(min_size=1).filter(lambda a: "\0" not in a), min_size=1),
+)
+cluster_specs = st.builds(
+    ClusterSpec,
+    name=valid_names,
+    members=st.lists(member_specs, min_size=1, max_size=3, unique_by=lambda m: m.name),
+)
+
 REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
     Hello: st.builds(Hello, id=ids, version=st.integers(-(2**63), 2**63 - 1), client=st.text()),
     Ping: st.builds(Ping, id=ids),
@@ -96,6 +118,15 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         epoch=st.text(),
         wait=finite,
     ),
+    ClusterUp: st.builds(ClusterUp, id=ids, spec=cluster_specs, idempotent=st.booleans()),
+    ClusterDown: st.builds(ClusterDown, id=ids, cluster=st.text()),
+    MemberStatusRequest: st.builds(MemberStatusRequest, id=ids, names=st.lists(st.text())),
+    MemberWait: st.builds(MemberWait, id=ids, names=st.lists(st.text()), wait=finite),
+    MemberStop: st.builds(MemberStop, id=ids, name=st.text()),
+    MemberAdd: st.builds(
+        MemberAdd, id=ids, name=st.text(), sibling=st.text(), spec=st.none() | member_specs
+    ),
+    MemberLogs: st.builds(MemberLogs, id=ids, name=st.text()),
 }
 requests = st.one_of(*REQUEST_STRATEGIES.values())
 

@@ -1,0 +1,180 @@
+"""The client side of a holder's member sockets, shared by bound clusters (fleetctl.bound)
+and by fleetd's registry of detached holders (fleetd.holders): one pipelined connection with
+watch pushes, a one-shot request, readiness of a freshly spawned holder, and the on-disk status
+of a member whose holder is gone.
+
+It imports nothing of fleetd, so fleetctl stays a client that never loads the daemon.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+from anyio.abc import SocketStream
+
+from fleetctl._conversation import decode_result
+from protocol import MAX_FRAME
+from protocol.errors import BadFrame, ConnectionLost, FleetError, Timeout
+from protocol.framing import FrameSplitter, decode_response, encode
+from protocol.members import HOLDER_LOG, MemberState, MemberStatus, member_statefile
+from protocol.messages import Message, RawResponse, Request
+
+R = TypeVar("R", bound=Message)
+
+_READ_SIZE = 65536
+
+
+class MemberLink:
+    """A connection to a member socket with one reader task: answers go to the caller waiting
+    on their id, watch pushes to `on_push`. Many requests may be in flight."""
+
+    def __init__(
+        self,
+        stream: SocketStream,
+        *,
+        on_push: Callable[[MemberStatus], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._on_push = on_push
+        self._on_failure = on_failure
+        self._splitter = FrameSplitter(MAX_FRAME)
+        self._next_id = 0
+        self._waiting: dict[int, anyio.Event] = {}
+        self._answers: dict[int, RawResponse] = {}
+        self._watch_id: int | None = None
+        self._push_decoder = msgspec.json.Decoder(MemberStatus)
+        self._sending = anyio.Lock()
+        self.failure: FleetError | None = None
+
+    async def request(
+        self,
+        request_type: type[Request],
+        result_type: type[R],
+        timeout: float,
+        *,
+        pushes: bool = False,
+        **fields: Any,
+    ) -> R:
+        """Send a request and wait for its answer. `pushes`: later frames with its id are
+        watch pushes (see protocol.members.Watch)."""
+        self._next_id += 1
+        request_id = self._next_id
+        answered = self._waiting[request_id] = anyio.Event()
+        if pushes:
+            self._watch_id = request_id
+        try:
+            with anyio.fail_after(timeout):
+                await self._send(encode(request_type(id=request_id, **fields)))
+                await answered.wait()
+        except TimeoutError:
+            raise Timeout(f"no answer from the holder within {timeout}s") from None
+        finally:
+            self._waiting.pop(request_id, None)
+        answer = self._answers.pop(request_id, None)
+        if answer is None:
+            raise self.failure or ConnectionLost("the holder closed the connection")
+        return decode_result(answer, result_type)
+
+    async def _send(self, frame: bytes) -> None:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            async with self._sending:
+                await self._stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"the holder went away: {exc!r}") from None
+
+    async def read_forever(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive(_READ_SIZE)
+                for frame in self._splitter.feed(data):
+                    self._received(decode_response(frame))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._fail(ConnectionLost("the holder closed the connection (it exited)"))
+        except BadFrame as exc:
+            self._fail(ConnectionLost(f"the holder sent a bad frame: {exc.message}"))
+
+    def _received(self, response: RawResponse) -> None:
+        request_id = response.id
+        answered = self._waiting.pop(request_id, None) if request_id is not None else None
+        if request_id is not None and answered is not None:
+            self._answers[request_id] = response  # frames after it with a watch's id: pushes
+            answered.set()
+        elif request_id == self._watch_id and self._on_push is not None:
+            self._on_push(self._push_decoder.decode(response.result))
+
+    def _fail(self, error: FleetError) -> None:
+        self.failure = error
+        for answered in self._waiting.values():
+            answered.set()
+        if self._on_failure is not None:
+            self._on_failure()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def connect_member(path: str) -> SocketStream:
+    try:
+        return await anyio.connect_unix(path)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
+
+
+async def one_request(
+    path: str, request_type: type[Request], timeout: float, **fields: Any
+) -> MemberStatus:
+    """One request on a connection of its own (to address a particular member's socket)."""
+    link = MemberLink(await connect_member(path))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(link.read_forever)
+        try:
+            status = await link.request(request_type, MemberStatus, timeout, **fields)
+        finally:
+            await link.aclose()
+    return status
+
+
+def status_on_disk(runtime_dir: str, name: str) -> MemberStatus:
+    """With no holder to ask: `stopped` if the member left a state file, else `absent`."""
+    try:
+        with open(member_statefile(runtime_dir, name), "rb") as f:
+            last = msgspec.json.decode(f.read(), type=MemberStatus)
+    except (OSError, msgspec.MsgspecError):
+        return MemberStatus(name=name, state=MemberState.ABSENT)
+    return msgspec.structs.replace(last, state=MemberState.STOPPED, pid=None, running=False)
+
+
+async def holder_ready(ready: int, timeout: float, runtime_dir: str) -> None:
+    """Wait for the "ready" line a holder writes on its ready fd once every member socket
+    listens (non-blocking reads on the pipe's read end, which this closes not); EOF means the
+    holder failed to start, and the error carries the end of its log."""
+    os.set_blocking(ready, False)
+    received = b""
+    try:
+        with anyio.fail_after(timeout):
+            while b"\n" not in received:
+                await anyio.wait_readable(ready)
+                chunk = os.read(ready, 64)
+                if not chunk:
+                    raise FleetError(f"the holder failed to start: {holder_log(runtime_dir)}")
+                received += chunk
+    except TimeoutError:
+        raise Timeout(f"the holder did not start within {timeout}s") from None
+
+
+def holder_log(log_path_or_dir: str, lines: int = 5) -> str:
+    """The last lines of a holder's log (given the file, or the runtime directory holding
+    holder.log), on one line, for an error message."""
+    path = log_path_or_dir
+    if os.path.isdir(path):
+        path = os.path.join(path, HOLDER_LOG)
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-lines:]) or "(no output)"
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,660 @@
+"""The registry of detached holders: clusters that fleetd starts for `fleetctl up` and that
+outlive fleetd itself (as containerd's shims outlive containerd).
+
+    decide_up / resolve / status_on_disk     pure decisions
+    HolderRegistry                           the edges: spawning, the journal, watches, pidfds
+
+Lifetime. A detached holder is a session leader with no tie to fleetd: fleetd's SIGTERM, crash
+or upgrade leaves it and its members running. On start, fleetd re-adopts every holder its
+journal names whose pidfile still names the same process (pid *and* start time): it opens a
+pidfd and a `watch` on a member socket, and nothing is restarted. A journaled holder that died
+meanwhile is cleaned up (its sockets, its journal entries); its members then read `stopped`
+from their state files.
+
+Status from memory. Each live holder pushes every member change on the watch connection, so
+status and wait are answered from a dict, and wait sleeps on an event, never polls a holder.
+A holder's exit is seen on its pidfd, at once.
+
+Journal (the store, only fleetd writes it):
+
+    holders/<cluster>            HolderRecord: definition, runtime dir, log, pid + start time,
+                                 state starting | live | exited
+    members/<cluster>/<member>   MemberRecord: its socket, directory and logs, owner holders/<c>
+
+An exited holder keeps its record (its directory, logs and state files stay on disk, owned by
+it) and loses its member records (their sockets are gone).
+"""
+
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from fleetctl.members_client import (
+    MemberLink,
+    connect_member,
+    holder_log,
+    holder_ready,
+    status_on_disk,
+)
+from fleetd.dispatch import Peer
+from fleetd.members import process_start_time, read_pidfile, write_atomically
+from fleetd.store import Delete, DeleteRange, Put, Store
+from protocol.clusters import (
+    ClusterDown,
+    ClusterResult,
+    ClusterUp,
+    LogPaths,
+    MemberAdd,
+    MemberList,
+    MemberLogs,
+    MemberStatusRequest,
+    MemberStop,
+    MemberWait,
+)
+from protocol.definitions import ClusterSpec, MemberSpec, check_name
+from protocol.errors import (
+    Absent,
+    ConnectionLost,
+    Contested,
+    FleetError,
+    InvalidRequest,
+    MemberFailed,
+    Timeout,
+)
+from protocol.members import (
+    CLUSTER_FILE,
+    HOLDER_LOG,
+    HOLDER_PIDFILE,
+    NOTIFY_SOCKET,
+    AddMember,
+    MemberState,
+    MemberStatus,
+    Stop,
+    Watch,
+    WatchResult,
+    member_dir,
+    member_log_path,
+    member_socket_path,
+    runtime_dir_problem,
+)
+from protocol.outcomes import Outcome
+
+log = structlog.get_logger("fleetd.holders")
+
+HOLDERS = "holders/"
+MEMBERS = "members/"
+CLUSTERS_DIR = "clusters"
+"""Under the state directory: clusters/<name>/cluster.json, the definition as brought up."""
+RUNTIME_SUBDIR = "c"
+"""Beside the control socket: c/<name>/, a holder's runtime directory (short: socket paths)."""
+
+READY_TIMEOUT = 30.0
+"""Seconds a new holder gets to open every member socket."""
+STOP_MARGIN = 5.0
+"""Seconds beyond the longest stop_timeout for a holder to report its members stopped."""
+REQUEST_TIMEOUT = 10.0
+
+_SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_SCRUBBED_PREFIXES = ("LISTEN_",)
+
+HolderState = Literal["starting", "live", "exited"]
+
+
+class HolderRecord(msgspec.Struct, frozen=True, kw_only=True):
+    spec: ClusterSpec
+    dir: str
+    log: str
+    pid: int = 0
+    start_time: int = 0
+    state: HolderState = "starting"
+
+
+class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
+    owner: str
+    socket: str
+    dir: str
+    stdout: str
+    stderr: str
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_holder = msgspec.json.Decoder(HolderRecord).decode
+
+
+# --- pure decisions ---------------------------------------------------------------------
+
+
+def decide_up(current: ClusterSpec | None, wanted: ClusterSpec, idempotent: bool) -> Outcome:
+    """acquired (start it), already_acquired (it runs as asked), or contested."""
+    if current is None:
+        return Outcome.ACQUIRED
+    if idempotent and current == wanted:
+        return Outcome.ALREADY_ACQUIRED
+    return Outcome.CONTESTED
+
+
+def up_refusal(name: str, current: ClusterSpec, wanted: ClusterSpec) -> str:
+    if current == wanted:
+        return f"cluster {name!r} is already up with this definition (use --idempotent)"
+    return f"cluster {name!r} is already up with another definition: `fleetctl down {name}` first"
+
+
+def resolve(name: str, clusters: Mapping[str, Iterable[str]]) -> tuple[str, str] | None:
+    """(cluster, member) for `CLUSTER/NAME`, or for a bare `NAME` found in one cluster only;
+    None when no cluster has it. A bare name in several clusters is ambiguous: an error."""
+    if "/" in name:
+        cluster, _, member = name.partition("/")
+        check_name(cluster, "cluster")
+        check_name(member)
+        return (cluster, member) if member in clusters.get(cluster, ()) else None
+    check_name(name)
+    found = [cluster for cluster, members in clusters.items() if name in members]
+    if len(found) > 1:
+        raise InvalidRequest(
+            f"member {name!r} is in clusters {', '.join(sorted(found))}: say CLUSTER/{name}"
+        )
+    return (found[0], name) if found else None
+
+
+def holder_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """fleetd's environment minus what systemd meant for fleetd alone: a holder that inherited
+    NOTIFY_SOCKET would speak for fleetd, and LISTEN_FDS would name fds it does not have."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_PREFIXES)
+    }
+
+
+def wait_verdict(statuses: Mapping[str, MemberStatus]) -> bool:
+    """Whether every member runs; raises MemberFailed for one that cannot get there."""
+    for key, status in statuses.items():
+        if status.state == MemberState.ABSENT:
+            raise Absent(f"no member {key!r}")
+        if status.state in (MemberState.ERROR, MemberState.STOPPED):
+            reason = status.error or f"it is {status.state}"
+            raise MemberFailed(f"member {key!r} failed: {reason}", member=key)
+    return all(s.state == MemberState.RUNNING for s in statuses.values())
+
+
+# --- the edges --------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Held:
+    """A live holder as fleetd follows it."""
+
+    name: str
+    record: HolderRecord
+    pidfd: int
+    specs: dict[str, MemberSpec]
+    statuses: dict[str, MemberStatus] = field(default_factory=dict)
+    link: MemberLink | None = None
+    process: subprocess.Popen[bytes] | None = None
+    gone: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    def update(self, status: MemberStatus) -> MemberStatus:
+        status = msgspec.structs.replace(status, cluster=self.name)
+        self.statuses[status.name] = status
+        return status
+
+
+class HolderRegistry:
+    """Starts, follows and re-adopts detached holders; serves the cluster control ops."""
+
+    def __init__(self, store: Store, state_dir: str) -> None:
+        self.store = store
+        self.state_dir = state_dir
+        self.runtime_root = ""
+        self._live: dict[str, Held] = {}
+        self._exited: dict[str, HolderRecord] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._changed = anyio.Event()
+        self._tasks: TaskGroup | None = None
+
+    async def serve(
+        self, runtime_root: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Re-adopt the journaled holders, report started, follow them until cancelled (which
+        leaves every holder running: they are not fleetd's to stop)."""
+        self.runtime_root = runtime_root
+        async with anyio.create_task_group() as self._tasks:
+            await self._readopt()
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # -- ops
+
+    async def up(self, request: ClusterUp, peer: Peer) -> ClusterResult:
+        spec = request.spec
+        async with self._lock(spec.name):
+            held = self._live.get(spec.name)
+            current = held.record.spec if held is not None else None
+            outcome = decide_up(current, spec, request.idempotent)
+            if outcome is Outcome.CONTESTED:
+                assert current is not None
+                raise Contested(up_refusal(spec.name, current, spec), cluster=spec.name)
+            if held is None:
+                held = await self._launch(spec)
+            return self._result(held, outcome)
+
+    async def down(self, request: ClusterDown, peer: Peer) -> ClusterResult:
+        check_name(request.cluster, "cluster")
+        async with self._lock(request.cluster):
+            held = self._live.get(request.cluster)
+            if held is None:
+                if request.cluster in self._exited:
+                    return ClusterResult(outcome=Outcome.ALREADY_RELEASED, cluster=request.cluster)
+                raise Absent(f"no cluster {request.cluster!r}", cluster=request.cluster)
+            await self._stop_holder(held)
+            return self._result(held, Outcome.RELEASED)
+
+    def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList:
+        if not request.names:
+            every = [s for held in self._live.values() for s in held.statuses.values()]
+            return MemberList(members=every)
+        return MemberList(members=[self._status_of(name) for name in request.names])
+
+    async def wait(self, request: MemberWait, peer: Peer) -> MemberList:
+        """Sleeps on the change event between looks: pushes from holders wake it."""
+        try:
+            with anyio.fail_after(request.wait):
+                while True:
+                    changed = self._changed
+                    statuses = {name: self._status_of(name) for name in request.names}
+                    if wait_verdict(statuses):
+                        return MemberList(members=list(statuses.values()))
+                    await changed.wait()
+        except TimeoutError:
+            states = ", ".join(f"{n}={self._status_of(n).state}" for n in request.names)
+            raise Timeout(f"members not running within {request.wait}s: {states}") from None
+
+    async def stop(self, request: MemberStop, peer: Peer) -> MemberStatus:
+        held, member = self._find_live(request.name)
+        if held is None or held.link is None:
+            return self._status_or_absent(request.name)
+        spec = held.specs.get(member)
+        timeout = (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
+        status = await held.link.request(Stop, MemberStatus, timeout, name=member)
+        return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
+
+    async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
+        held, sibling = self._find_live(request.sibling)
+        if held is None:
+            raise Absent(f"no live member {request.sibling!r} to add beside")
+        spec = self._new_member_spec(held, request, sibling)
+        if held.link is None:
+            raise ConnectionLost(f"cluster {held.name!r} does not answer")
+        # The holder answers with the status it had at admission, possibly after it pushed
+        # newer ones: the answer only fills a gap, pushes are the truth.
+        held.statuses.pop(spec.name, None)
+        status = await held.link.request(AddMember, MemberStatus, REQUEST_TIMEOUT, spec=spec)
+        held.specs[spec.name] = spec
+        if spec.name not in held.statuses:
+            held.update(status)
+            self._changed_now()
+        await self.store.txn((), [self._member_put(held.name, held.record.dir, spec.name)])
+        log.info("member_added", cluster=held.name, member=spec.name)
+        return held.statuses[spec.name]
+
+    def logs(self, request: MemberLogs, peer: Peer) -> LogPaths:
+        found = resolve(request.name, self._known_members())
+        if found is None:
+            raise Absent(f"no member {request.name!r}")
+        cluster, member = found
+        runtime_dir = self._runtime_dir_of(cluster)
+        return LogPaths(
+            cluster=cluster,
+            member=member,
+            stdout=member_log_path(runtime_dir, member),
+            stderr=member_log_path(runtime_dir, member, stderr=True),
+        )
+
+    # -- looking members up
+
+    def _lock(self, cluster: str) -> anyio.Lock:
+        return self._locks.setdefault(cluster, anyio.Lock())
+
+    def _known_members(self) -> dict[str, list[str]]:
+        """Every cluster's member names: live ones from memory, exited ones from their
+        definitions (the names whose state files may answer)."""
+        known = {name: [m.name for m in r.spec.members] for name, r in self._exited.items()}
+        for name, held in self._live.items():
+            known[name] = list({**held.specs, **held.statuses})
+        return known
+
+    def _find_live(self, name: str) -> tuple[Held | None, str]:
+        found = resolve(name, self._known_members())
+        if found is None:
+            raise Absent(f"no member {name!r}")
+        cluster, member = found
+        return self._live.get(cluster), member
+
+    def _status_of(self, name: str) -> MemberStatus:
+        found = resolve(name, self._known_members())
+        if found is None:
+            return MemberStatus(name=name, state=MemberState.ABSENT)
+        cluster, member = found
+        held = self._live.get(cluster)
+        if held is not None and member in held.statuses:
+            return held.statuses[member]
+        on_disk = status_on_disk(self._runtime_dir_of(cluster), member)
+        return msgspec.structs.replace(on_disk, cluster=cluster)
+
+    def _status_or_absent(self, name: str) -> MemberStatus:
+        status = self._status_of(name)
+        if status.state == MemberState.ABSENT:
+            raise Absent(f"no member {name!r}")
+        return status
+
+    def _runtime_dir_of(self, cluster: str) -> str:
+        held = self._live.get(cluster)
+        if held is not None:
+            return held.record.dir
+        record = self._exited.get(cluster)
+        return record.dir if record is not None else self._runtime_dir(cluster)
+
+    def _runtime_dir(self, cluster: str) -> str:
+        return os.path.join(self.runtime_root, RUNTIME_SUBDIR, cluster)
+
+    def _new_member_spec(self, held: Held, request: MemberAdd, sibling: str) -> MemberSpec:
+        check_name(request.name)
+        if request.name in held.statuses and held.statuses[request.name].state not in (
+            MemberState.STOPPED,
+            MemberState.ABSENT,
+        ):
+            raise InvalidRequest(f"member {request.name!r} is already in cluster {held.name!r}")
+        template = request.spec or held.specs.get(sibling)
+        if template is None:
+            raise InvalidRequest(f"no definition of {sibling!r} to reuse: give one with -f")
+        return msgspec.structs.replace(template, name=request.name)
+
+    def _result(self, held: Held, outcome: Outcome) -> ClusterResult:
+        return ClusterResult(
+            outcome=outcome,
+            cluster=held.name,
+            holder_pid=held.pid,
+            runtime_dir=held.record.dir,
+            members=list(held.statuses.values()),
+        )
+
+    def _changed_now(self) -> None:
+        """Wake every waiter to look again."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # -- starting a holder
+
+    async def _launch(self, spec: ClusterSpec) -> Held:
+        runtime_dir = self._runtime_dir(spec.name)
+        problem = runtime_dir_problem(runtime_dir, [m.name for m in spec.members])
+        if problem:
+            raise InvalidRequest(problem, cluster=spec.name)
+        spec_file = self._write_definition(spec, runtime_dir)
+        record = HolderRecord(spec=spec, dir=runtime_dir, log=os.path.join(runtime_dir, HOLDER_LOG))
+        await self.store.put(HOLDERS + spec.name, _encode(record))  # journaled before it exists
+        process = await self._spawn(spec_file, record)
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except ProcessLookupError:
+            process.wait()
+            await self._exited_now(record, reason="holder_died_at_start")
+            raise FleetError(f"the holder failed to start: {holder_log(record.log)}") from None
+        start_time = process_start_time(process.pid) or 0
+        record = msgspec.structs.replace(
+            record, pid=process.pid, start_time=start_time, state="live"
+        )
+        held = Held(spec.name, record, pidfd, {m.name: m for m in spec.members}, process=process)
+        await self._follow(held)
+        log.info("holder_started", cluster=spec.name, pid=process.pid, dir=runtime_dir)
+        return held
+
+    def _write_definition(self, spec: ClusterSpec, runtime_dir: str) -> str:
+        directory = os.path.join(self.state_dir, CLUSTERS_DIR, spec.name)
+        try:
+            for path in (directory, runtime_dir):
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(os.path.dirname(runtime_dir), 0o700)
+            spec_file = os.path.join(directory, CLUSTER_FILE)
+            write_atomically(spec_file, msgspec.json.encode(spec))
+        except OSError as exc:
+            raise FleetError(f"cannot prepare cluster {spec.name!r}: {exc}") from None
+        return spec_file
+
+    async def _spawn(self, spec_file: str, record: HolderRecord) -> subprocess.Popen[bytes]:
+        """The holder, detached: its own session, no stdin, its output to its log. subprocess,
+        not anyio.open_process: an event loop's process transport kills a child still running
+        when it closes, and a detached holder must outlive fleetd."""
+        ready_read, ready_write = os.pipe()
+        command = [
+            sys.executable,
+            "-m",
+            "fleetd.holder",
+            f"--spec={spec_file}",
+            f"--dir={record.dir}",
+            f"--ready-fd={ready_write}",
+        ]
+        try:
+            process = await anyio.to_thread.run_sync(_popen_detached, command, record.log)
+            os.close(ready_write)
+            try:
+                await holder_ready(ready_read, READY_TIMEOUT, record.dir)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._abandon(process, record)
+                raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(ready_write)
+            os.close(ready_read)
+        return process
+
+    async def _abandon(self, process: subprocess.Popen[bytes], record: HolderRecord) -> None:
+        """A holder that failed to get ready: kill its session, reap it, journal it gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await anyio.to_thread.run_sync(process.wait)
+        await self._exited_now(record, reason="holder_failed_to_start")
+
+    # -- following a holder
+
+    async def _follow(self, held: Held) -> None:
+        """Watch its members (snapshot now, pushes after), journal it live, and follow its
+        pidfd in the background."""
+        await self._connect(held)
+        await self._journal_live(held)
+        self._live[held.name] = held
+        self._exited.pop(held.name, None)
+        self._changed_now()
+        assert self._tasks is not None
+        self._tasks.start_soon(self._until_exit, held)
+
+    async def _connect(self, held: Held) -> None:
+        """A watch over the first member socket that answers (any socket serves every member,
+        and the connection outlives its member)."""
+        for name in sorted(held.specs, key=lambda n: n not in held.statuses):
+            try:
+                stream = await connect_member(member_socket_path(held.record.dir, name))
+            except ConnectionLost:
+                continue
+            link = MemberLink(stream, on_push=functools.partial(self._pushed, held))
+            assert self._tasks is not None
+            self._tasks.start_soon(link.read_forever)
+            try:
+                snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)
+            except ConnectionLost:
+                await link.aclose()
+                continue
+            held.link = link
+            for status in snapshot.members:
+                held.update(status)
+            return
+        log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
+
+    def _pushed(self, held: Held, status: MemberStatus) -> None:
+        held.update(status)
+        self._changed_now()
+
+    async def _until_exit(self, held: Held) -> None:
+        """The pidfd turns readable when the holder exits, whoever's child it is."""
+        try:
+            await anyio.wait_readable(held.pidfd)
+        finally:
+            os.close(held.pidfd)
+            if held.link is not None:
+                with anyio.CancelScope(shield=True):
+                    await held.link.aclose()
+        if held.process is not None:
+            held.process.wait()  # our child: reap it (it has exited: this does not block)
+        self._live.pop(held.name, None)
+        await self._exited_now(held.record, reason="holder_exited")
+        held.gone.set()
+
+    async def _exited_now(self, record: HolderRecord, *, reason: str) -> None:
+        """Journal a holder gone: its record stays (exited; its files remain), its members'
+        socket records go, and so do sockets a killed holder could not remove."""
+        name = record.spec.name
+        _remove_sockets(record.dir, self._member_names(record))
+        exited = msgspec.structs.replace(record, state="exited")
+        await self.store.txn(
+            (), [Put(HOLDERS + name, _encode(exited)), DeleteRange(f"{MEMBERS}{name}/")]
+        )
+        self._exited[name] = exited
+        self._changed_now()
+        log.info("holder_gone", cluster=name, pid=record.pid, reason=reason)
+
+    def _member_names(self, record: HolderRecord) -> set[str]:
+        names = {m.name for m in record.spec.members}
+        with contextlib.suppress(OSError):
+            names |= {e[: -len(".sock")] for e in os.listdir(record.dir) if e.endswith(".sock")}
+        return names
+
+    async def _journal_live(self, held: Held) -> None:
+        names = set(held.specs) | set(held.statuses)
+        operations: list[Put | Delete | DeleteRange] = [
+            Put(HOLDERS + held.name, _encode(held.record)),
+            DeleteRange(f"{MEMBERS}{held.name}/"),
+        ]
+        await self.store.txn((), operations)
+        puts = [self._member_put(held.name, held.record.dir, name) for name in sorted(names)]
+        await self.store.txn((), puts)
+
+    def _member_put(self, cluster: str, runtime_dir: str, name: str) -> Put:
+        record = MemberRecord(
+            owner=HOLDERS + cluster,
+            socket=member_socket_path(runtime_dir, name),
+            dir=member_dir(runtime_dir, name),
+            stdout=member_log_path(runtime_dir, name),
+            stderr=member_log_path(runtime_dir, name, stderr=True),
+        )
+        return Put(f"{MEMBERS}{cluster}/{name}", _encode(record))
+
+    async def _stop_holder(self, held: Held) -> None:
+        """SIGTERM through the pidfd (never a recycled pid): the holder stops every member
+        and exits; wait for that."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(held.pidfd, signal.SIGTERM)
+        grace = max((s.stop_timeout for s in held.specs.values()), default=0.0) + STOP_MARGIN
+        with anyio.move_on_after(grace):
+            await held.gone.wait()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(held.pidfd, signal.SIGKILL)
+        await held.gone.wait()
+
+    # -- re-adoption
+
+    async def _readopt(self) -> None:
+        for kv in await self.store.range(HOLDERS):
+            record = _decode_holder(kv.value)
+            if record.state == "exited":
+                self._exited[record.spec.name] = record
+                continue
+            identified = _identified(record)
+            pidfd = _pidfd_of(identified) if identified is not None else None
+            if identified is None or pidfd is None:
+                await self._exited_now(record, reason="holder_died_while_fleetd_was_down")
+                continue
+            record = identified
+            held = Held(record.spec.name, record, pidfd, _current_specs(record))
+            await self._follow(held)
+            log.info("holder_adopted", cluster=held.name, pid=held.pid)
+
+
+def _popen_detached(command: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """Fork and exec the holder in its own session (fds named in its command are passed)."""
+    ready_fd = int(command[-1].partition("=")[2])
+    with open(log_path, "ab") as output:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            pass_fds=(ready_fd,),
+            start_new_session=True,
+            env=holder_env(os.environ),
+            cwd="/",
+        )
+
+
+def _identified(record: HolderRecord) -> HolderRecord | None:
+    """The record with the holder's pid and start time: journaled once it was up, else (fleetd
+    died while starting it) from the pidfile the holder writes first thing. None when the
+    journal and the pidfile disagree, or neither names a process."""
+    try:
+        on_disk = read_pidfile(os.path.join(record.dir, HOLDER_PIDFILE))
+    except (OSError, ValueError):
+        return None
+    if record.state == "starting":
+        pid, start_time = on_disk
+        return msgspec.structs.replace(record, pid=pid, start_time=start_time, state="live")
+    return record if on_disk == (record.pid, record.start_time) else None
+
+
+def _pidfd_of(record: HolderRecord) -> int | None:
+    """A pidfd of the journaled holder if it still runs: same pid, same start time. The start
+    time is checked after the pidfd is open, so the pid cannot be recycled in between."""
+    if record.pid <= 0:
+        return None
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+    if process_start_time(record.pid) == record.start_time:
+        return pidfd
+    os.close(pidfd)
+    return None
+
+
+def _current_specs(record: HolderRecord) -> dict[str, MemberSpec]:
+    """The members a holder serves now (it rewrites cluster.json as members join and leave),
+    else those it was started with."""
+    specs = {m.name: m for m in record.spec.members}
+    with contextlib.suppress(OSError, msgspec.MsgspecError, FleetError):
+        with open(os.path.join(record.dir, CLUSTER_FILE), "rb") as f:
+            current = msgspec.json.decode(f.read(), type=ClusterSpec)
+        specs |= {m.name: m for m in current.members}
+    return specs
+
+
+def _remove_sockets(runtime_dir: str, names: Iterable[str]) -> None:
+    for path in [member_socket_path(runtime_dir, n) for n in names]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(runtime_dir, NOTIFY_SOCKET))

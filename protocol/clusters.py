@@ -1,0 +1,106 @@
+"""Control-socket ops for detached clusters: holders that fleetd starts, journals and re-adopts.
+
+    cluster_up     -> ClusterResult   start a holder for a cluster (acquired | already_acquired,
+                                      or contested when another definition holds the name)
+    cluster_down   -> ClusterResult   stop every member; released | already_released | absent
+    member_status  -> MemberList      answered from fleetd's memory (holders push changes)
+    member_wait    -> MemberList      until every named member runs; error as soon as one fails
+    member_stop    -> MemberStatus    stop one member; its siblings keep running
+    member_add     -> MemberStatus    boot a new member into a sibling's live cluster
+    member_logs    -> LogPaths        where a member's stdout and stderr are (same host)
+
+A member is named `NAME` when that name is unique among the clusters fleetd knows, else
+`CLUSTER/NAME`. Statuses carry their `cluster`.
+"""
+
+import msgspec
+
+from protocol.base import Message, Request
+from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.outcomes import Outcome
+from protocol.status import MemberStatus
+
+
+class ClusterResult(Message, frozen=True):
+    """What up and down did (`outcome`), and the cluster as it stands."""
+
+    outcome: Outcome
+    cluster: str
+    holder_pid: int | None = None
+    runtime_dir: str = ""
+    members: list[MemberStatus] = msgspec.field(default_factory=list)
+    message: str = ""
+
+
+class MemberList(Message, frozen=True):
+    members: list[MemberStatus] = msgspec.field(default_factory=list)
+
+
+class LogPaths(Message, frozen=True):
+    cluster: str
+    member: str
+    stdout: str
+    stderr: str
+
+
+class ClusterUp(Request, tag="cluster_up", frozen=True):
+    """Start `spec` under a detached holder. Answers once every member socket listens (members
+    may still be starting: wait with member_wait). With `idempotent`, a cluster already up with
+    the same definition is `already_acquired`; without it, or with another definition, the
+    answer is a `contested` error."""
+
+    spec: ClusterSpec
+    idempotent: bool = False
+    result_type = ClusterResult
+
+
+class ClusterDown(Request, tag="cluster_down", frozen=True):
+    cluster: str
+    result_type = ClusterResult
+
+
+class MemberStatusRequest(Request, tag="member_status", frozen=True):
+    """The named members (`absent` entries for unknown names), or every live member."""
+
+    names: list[str] = msgspec.field(default_factory=list)
+    result_type = MemberList
+
+
+class MemberWait(Request, tag="member_wait", frozen=True):
+    """Until every named member is running: fails with member_failed as soon as one is in
+    `error` or `stopped`, with absent for an unknown name, with timeout after `wait` seconds."""
+
+    names: list[str]
+    wait: float = 30.0
+    result_type = MemberList
+
+
+class MemberStop(Request, tag="member_stop", frozen=True):
+    name: str
+    result_type = MemberStatus
+
+
+class MemberAdd(Request, tag="member_add", frozen=True):
+    """Boot member `name` into the cluster of `sibling`, defined by `spec` (renamed `name`),
+    else by the sibling's own definition (a new port, the same command)."""
+
+    name: str
+    sibling: str
+    spec: MemberSpec | None = None
+    result_type = MemberStatus
+
+
+class MemberLogs(Request, tag="member_logs", frozen=True):
+    name: str
+    result_type = LogPaths
+
+
+CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
+    ClusterUp,
+    ClusterDown,
+    MemberStatusRequest,
+    MemberWait,
+    MemberStop,
+    MemberAdd,
+    MemberLogs,
+)
