@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from bench import control
+from bench import control, members
 from bench.harness import Figure
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
@@ -37,6 +37,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
     "leases": _leases,
+    "members": members.measure,
 }
 
 
