@@ -165,7 +165,7 @@ class _HeartbeatLoad:
     def _receive(self) -> None:
         while data := self.sock.recv(1 << 20):
             self.answered += data.count(b"\n")
-            self.renewed += data.count(b'"already_acquired"')
+            self.renewed += data.count(b'"outcome":"renewed"')
 
     def figure(self) -> Figure:
         lost = self.answered - self.renewed

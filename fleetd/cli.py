@@ -1,5 +1,6 @@
 """The `fleetd` command: run the daemon in the foreground (systemd, `make run`)."""
 
+import gc
 import os
 import resource
 import sys
@@ -11,6 +12,13 @@ from fleetd.daemon import Daemon, DaemonConfig
 from fleetd.log import configure_logging
 from protocol.errors import FleetError
 from protocol.paths import control_socket_path, state_dir_path
+
+
+def _collect_garbage_less_often() -> None:
+    """Every request allocates a few short-lived objects; with CPython's default threshold
+    (700) the young generation is collected every few requests, a fifth of the daemon's time
+    under pipelined load. Reference counting frees almost all of them anyway."""
+    gc.set_threshold(10_000, 10, 10)
 
 
 def _raise_fd_limit() -> None:
@@ -48,6 +56,7 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
         return
     configure_logging(log_level)
     _raise_fd_limit()
+    _collect_garbage_less_often()
     config = DaemonConfig(
         socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
     )

@@ -11,10 +11,12 @@ import errno
 import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
@@ -28,6 +30,8 @@ log = structlog.get_logger("fleetd.server")
 
 _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 65536
+_IDLE_WORKERS = 256
+"""Idle workers a connection keeps for its next burst of requests answered by coroutines."""
 _ACCEPT_RETRY_DELAY = 0.1
 _TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -138,7 +142,18 @@ class Connection:
         self._dispatcher = dispatcher
         self._peer = peer
         self._splitter = FrameSplitter(max_frame)
-        self._sending = anyio.Lock()
+        self._outbox = bytearray()
+        """Answers encoded and not yet handed to the stream, in the order they go out."""
+        self._writing = False
+        """A task is writing the outbox, and keeps writing until the outbox is empty."""
+        self._flush_due = False
+        """A task waits out the current loop turn, then writes the outbox."""
+        self._written: anyio.Event | None = None
+        self._waiting: deque[Pending] = deque()
+        """Requests answered by coroutines, for the next free worker."""
+        self._idle: list[anyio.Event] = []
+        """One event per idle worker: set it to hand that worker the next request."""
+        self._reading = True
         self._receiving = anyio.CancelScope()
         self._stopped = False
 
@@ -159,36 +174,99 @@ class Connection:
         return None
 
     async def read_requests(self, in_flight: anyio.abc.TaskGroup) -> None:
+        """Read and answer until end of stream or `stop_reading`; coroutine answers run in
+        `in_flight`, which they leave once every request read is answered."""
+        try:
+            await self._read(in_flight)
+        finally:
+            self._reading = False
+            while self._idle:
+                self._idle.pop().set()
+
+    async def _read(self, in_flight: anyio.abc.TaskGroup) -> None:
         while (data := await self._receive()) is not None:
-            answers = bytearray()
+            answered = len(self._outbox)
             try:
                 for frame in self._splitter.feed(data):
-                    self._answer(frame, answers, in_flight)
+                    self._answer(frame, in_flight)
             except BadFrame as exc:
                 log.info("frame_refused", code=exc.code, reason=exc.message)
-                encode_response(error_response(None, exc.code, exc.message), answers)
-                await self.send(answers)
+                encode_response(error_response(None, exc.code, exc.message), self._outbox)
+                await self._flush()
                 return
-            if answers:
-                await self.send(answers)
+            if len(self._outbox) > answered:
+                await self._flush()
 
-    def _answer(self, frame: bytes, answers: bytearray, in_flight: anyio.abc.TaskGroup) -> None:
+    def _answer(self, frame: bytes, in_flight: anyio.abc.TaskGroup) -> None:
         answer = self._dispatcher.handle(frame, self._peer)
         if isinstance(answer, Response):
-            encode_response(answer, answers)
+            encode_response(answer, self._outbox)
         else:
-            in_flight.start_soon(self._answer_later, answer)
+            self._waiting.append(answer)
+            if self._idle:
+                self._idle.pop().set()
+            else:
+                in_flight.start_soon(self._work)
+
+    async def _work(self) -> None:
+        """A worker: answers waiting requests one at a time, then idles until handed more.
+
+        Starting a task per request cost more than most handlers do: workers are started only
+        when every one is busy, and kept (up to _IDLE_WORKERS) for the next burst. A request
+        never waits behind a slow one: each request queued wakes or starts a worker of its own.
+        Workers share the reader's context as it was when they started, as a task per request
+        did; a handler must not leave context variables set (none binds any)."""
+        while True:
+            while self._waiting:
+                await self._answer_later(self._waiting.popleft())
+            if not self._reading or len(self._idle) >= _IDLE_WORKERS:
+                return
+            handed = anyio.Event()
+            self._idle.append(handed)
+            await handed.wait()
 
     async def _answer_later(self, pending: Pending) -> None:
-        answer = bytearray()
-        encode_response(await pending, answer)
-        await self.send(answer)
+        """Queue the answer; the first answer of a loop turn writes, after the turn, every
+        answer queued meanwhile in one write (a commit wakes a batch of them at once)."""
+        encode_response(await pending, self._outbox)
+        if self._writing or self._flush_due:
+            return
+        self._flush_due = True
+        try:
+            await anyio.lowlevel.checkpoint()
+        finally:
+            self._flush_due = False
+        if not self._writing:
+            await self._write()
 
     async def send(self, data: bytes | bytearray) -> None:
-        """Write frames whole, never interleaved with another writer's; a peer that has gone
-        away is not an error (its answers have nobody to read them)."""
-        async with self._sending:
-            try:
-                await self._stream.send(bytes(data))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                log.debug("peer_gone_before_answer")
+        """Write frames whole, after every answer queued before them, never interleaved with
+        another writer's; returns once they are written. A peer that has gone away is not an
+        error (its answers have nobody to read them)."""
+        self._outbox += data
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Returns once the outbox, as it is now, has been written (or the peer is gone)."""
+        while self._writing:
+            if self._written is None:
+                self._written = anyio.Event()
+            await self._written.wait()
+        if self._outbox:
+            await self._write()
+
+    async def _write(self) -> None:
+        self._writing = True
+        try:
+            while self._outbox:
+                data, self._outbox = self._outbox, bytearray()
+                try:
+                    await self._stream.send(bytes(data))
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    log.debug("peer_gone_before_answer")
+                    self._outbox.clear()
+        finally:
+            self._writing = False
+            if self._written is not None:
+                self._written.set()
+                self._written = None
