@@ -67,6 +67,7 @@ from protocol.members import (
     MemberState,
     MemberStatus,
     Status,
+    StatusAll,
     Stop,
     Watch,
     WatchResult,
@@ -308,15 +309,16 @@ class Cluster:
         gone, the state files do (`stopped` if the member existed, else `absent`)."""
         if name is not None:
             return await self._status_of(name)
-        statuses: dict[str, MemberStatus] = {}
-
-        async def fetch(member: str) -> None:
-            statuses[member] = await self._status_of(member)
-
-        async with anyio.create_task_group() as tasks:
-            for member in self.members:
-                tasks.start_soon(fetch, member)
-        return {member: statuses[member] for member in self.members}
+        live: dict[str, MemberStatus] = {}
+        link = self._opened()
+        if link.failure is None:
+            with contextlib.suppress(ConnectionLost):
+                answer = await link.request(StatusAll, WatchResult, self.timeout)
+                live = {status.name: status for status in answer.members}
+        return {
+            member: live[member] if member in live else await self._status_of(member)
+            for member in self.members
+        }
 
     async def _status_of(self, name: str) -> MemberStatus:
         link = self._opened()

@@ -65,6 +65,7 @@ from protocol.members import (
     MemberState,
     MemberStatus,
     Status,
+    StatusAll,
     Stop,
     Watch,
     WatchResult,
@@ -373,11 +374,14 @@ class Holder:
 
     # -- connections
 
+    def statuses(self) -> list[MemberStatus]:
+        return [m.status() for m in self._members.values()]
+
     def watch(self) -> tuple[list[MemberStatus], MemoryObjectReceiveStream[MemberStatus]]:
         """Every member's status now, and a stream of every change from now on."""
         send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
         self._watchers.add(send)
-        return [m.status() for m in self._members.values()], receive
+        return self.statuses(), receive
 
     async def _connection(self, member: str, stream: SocketStream) -> None:
         try:
@@ -424,6 +428,7 @@ class _Session:
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
         dispatcher.register(Status, self.status, chatty=True)
+        dispatcher.register(StatusAll, self.status_all, chatty=True)
         dispatcher.register(Stop, self.stop)
         dispatcher.register(AddMember, self.add_member)
         dispatcher.register(Bind, self.bind)
@@ -433,6 +438,9 @@ class _Session:
 
     def status(self, request: Status, peer: Peer) -> MemberStatus:
         return self.holder.status_of(request.name or self.member)
+
+    def status_all(self, request: StatusAll, peer: Peer) -> WatchResult:
+        return WatchResult(members=self.holder.statuses())
 
     async def stop(self, request: Stop, peer: Peer) -> MemberStatus:
         return await self.holder.stop_member(request.name or self.member)
@@ -458,8 +466,8 @@ class _Session:
 
     def watch(self, request: Watch, peer: Peer) -> WatchResult:
         """The snapshot answers now; changes follow as pushed responses with this id. They
-        cannot overtake the snapshot: it is queued on the connection before the pusher runs,
-        and both go out under the connection's one send lock."""
+        cannot overtake the snapshot: it is queued in the connection's outbox before the pusher
+        runs, and the outbox goes out in order."""
         snapshot, changes = self.holder.watch()
         self.pushers.start_soon(self._push, request.id, changes)
         return WatchResult(members=snapshot)

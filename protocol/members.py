@@ -35,6 +35,8 @@ class BindResult(Message, frozen=True):
 
 
 class WatchResult(Message, frozen=True):
+    """Every member's status: the answer to `status_all`, and the snapshot a watch starts with."""
+
     members: list[MemberStatus]
 
 
@@ -43,6 +45,13 @@ class Status(Request, tag="status", frozen=True):
 
     name: str | None = None
     result_type = MemberStatus
+
+
+class StatusAll(Request, tag="status_all", frozen=True):
+    """Every member's status in one answer, in the cluster's order: one request, however many
+    members, where asking for each would cost a round trip per member."""
+
+    result_type = WatchResult
 
 
 class Stop(Request, tag="stop", frozen=True):
@@ -81,8 +90,16 @@ class Watch(Request, tag="watch", frozen=True):
     result_type = WatchResult
 
 
-AnyMemberRequest = Status | Stop | AddMember | Bind | Ack | Watch
-MEMBER_REQUEST_TYPES: tuple[type[Request], ...] = (Status, Stop, AddMember, Bind, Ack, Watch)
+AnyMemberRequest = Status | StatusAll | Stop | AddMember | Bind | Ack | Watch
+MEMBER_REQUEST_TYPES: tuple[type[Request], ...] = (
+    Status,
+    StatusAll,
+    Stop,
+    AddMember,
+    Bind,
+    Ack,
+    Watch,
+)
 MEMBER_OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in MEMBER_REQUEST_TYPES)
 
 _member_request_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyMemberRequest)

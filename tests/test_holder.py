@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 
 import anyio
+import msgspec
 import pytest
 
 import fleetctl
@@ -28,6 +29,8 @@ from protocol.members import (
     Bind,
     MemberState,
     Status,
+    StatusAll,
+    WatchResult,
     member_socket_path,
 )
 
@@ -245,6 +248,21 @@ def test_stopping_one_member_leaves_its_siblings_running() -> None:
             c.wait_running(["nobody"])
 
 
+def test_every_members_status_comes_in_one_answer_stopped_ones_included() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER}, b={"command": SLEEPER})) as c:
+        c.wait_running()
+        with closing(connect(member_socket_path(c.runtime_dir, "b"))) as sock:
+            answer = raw_request(sock, encode(StatusAll(id=1)))
+        assert answer["ok"]
+        result = msgspec.json.decode(answer["result"], type=WatchResult)
+        assert [status.name for status in result.members] == ["a", "b"]
+        c.stop("a")
+        everyone = c.status()
+        assert list(everyone) == ["a", "b"]
+        assert everyone["a"].state == MemberState.STOPPED
+        assert everyone["b"].state == MemberState.RUNNING
+
+
 def test_the_holder_exits_when_its_last_member_leaves(tempdir: str) -> None:
     with fleetctl.cluster(members(only={"command": SLEEPER}), runtime_dir=tempdir) as c:
         c.wait_running()
@@ -325,7 +343,7 @@ def raw_request(sock: socket.socket, frame: bytes) -> dict[str, object]:
     while not data.endswith(b"\n"):
         data += sock.recv(65536)
     response = decode_response(data[:-1])
-    return {"ok": response.ok, "error": response.error}
+    return {"ok": response.ok, "error": response.error, "result": response.result}
 
 
 def connect(path: str) -> socket.socket:
