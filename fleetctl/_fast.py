@@ -1,10 +1,11 @@
 """A start-up fast path for the commands that scripts and health checks run in loops.
 
 The interpreter starts in about 12 ms; importing click and msgspec would add about 40 ms more,
-four times the cost of the work itself. For `ping` and `version` with plain global options,
-fleetctl speaks the protocol here with only the C modules `_socket` and `_json`, printing
-exactly what the click commands print (tests/test_cli.py runs both and compares). Anything
-else (other commands, --help, a typo) returns None and goes through click.
+four times the cost of the work itself. For `ping`, `version` and the table form of `status`
+with plain global options, fleetctl speaks the protocol here with only the C modules `_socket`
+and `_json`, printing exactly what the click commands print (tests/test_cli.py and
+tests/test_detached.py run both and compare). Anything else (other commands, --help, a typo)
+returns None and goes through click.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.outcomes import Outcome
 from protocol.paths import client_socket_path, socket_path_problem
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any, ClassVar
 
 _COMMANDS = ("ping", "version")
+"""Taking no arguments; `status [NAME…]` is parsed on its own."""
 _DEFAULT_TIMEOUT = 10.0
 
 
@@ -48,8 +51,10 @@ class _Failure(Exception):
         self.outcome, self.code, self.message = outcome, code, message
 
 
-def parse(argv: list[str]) -> tuple[str, str | None, bool] | None:
-    """(command, socket, json) when argv is a plain fast-path command line, else None."""
+def parse(argv: list[str]) -> tuple[str, str | None, bool, list[str]] | None:
+    """(command, socket, json, arguments) when argv is a plain fast-path command line, else
+    None. `status` takes member names, and only the table form (its --json list goes through
+    click, which encodes it)."""
     socket_path, json_mode, rest = None, False, list(argv)
     while rest and rest[0].startswith("--"):
         option = rest.pop(0)
@@ -61,12 +66,17 @@ def parse(argv: list[str]) -> tuple[str, str | None, bool] | None:
             socket_path = option.removeprefix("--socket=")
         else:
             return None
-    if len(rest) != 1 or rest[0] not in _COMMANDS or socket_path == "":
+    if not rest or socket_path == "":
         return None
-    return rest[0], socket_path, json_mode
+    command, arguments = rest[0], rest[1:]
+    if command in _COMMANDS and not arguments:
+        return command, socket_path, json_mode, arguments
+    if command == "status" and not json_mode and not any(a.startswith("-") for a in arguments):
+        return command, socket_path, json_mode, arguments
+    return None
 
 
-def run(command: str, socket_path: str | None, json_mode: bool) -> int:
+def run(command: str, socket_path: str | None, json_mode: bool, arguments: list[str]) -> int:
     path = socket_path or client_socket_path(os.environ, os.path.exists)
     try:
         with _Connection(path) as connection:
@@ -76,6 +86,8 @@ def run(command: str, socket_path: str | None, json_mode: bool) -> int:
             _check_version(hello)
             if command == "ping":
                 return _ping(connection, hello, json_mode)
+            if command == "status":
+                return _status(connection, arguments)
             return _version(connection, json_mode)
     except _Failure as failure:
         return _fail(failure, json_mode)
@@ -114,6 +126,15 @@ def _version(connection: _Connection, json_mode: bool) -> int:
     )
 
 
+def _status(connection: _Connection, names: list[str]) -> int:
+    """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
+    quoted = ",".join(_quote(name) for name in names)
+    members = connection.call(f'"op":"member_status","names":[{quoted}]').get("members", [])
+    _print(status_table(members))
+    absent = any(m["state"] == "absent" for m in members)
+    return (Outcome.ABSENT if absent else Outcome.OK).exit_code
+
+
 def _print(text: str) -> int:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -143,7 +164,12 @@ _OUTCOME_OF_CODE = {
     "unavailable": Outcome.UNAVAILABLE,
     "connection_lost": Outcome.UNAVAILABLE,
     "timeout": Outcome.TIMEOUT,
+    "absent": Outcome.ABSENT,
+    "contested": Outcome.CONTESTED,
+    "not_owned": Outcome.NOT_OWNED,
+    "not_enabled": Outcome.NOT_ENABLED,
 }
+"""Error codes whose outcome is not `error`, as in protocol/errors.py (which imports typing)."""
 
 
 class _Connection:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
+import msgspec
 
 from fleetctl.output import emit, fail, usage
+from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import FleetError
 from protocol.paths import client_socket_path
@@ -316,29 +318,6 @@ def _member_call(g: Globals, call: Callable[[Any], int]) -> None:
     raise Exit(code)
 
 
-_STATUS_COLUMNS = ("MEMBER", "STATE", "PID", "RESTARTS", "ADDRESS", "ERROR")
-
-
-def _status_table(statuses: list[Any]) -> str:
-    """One row per member, columns padded to their widest cell."""
-    rows = [_STATUS_COLUMNS] + [
-        (
-            f"{s.cluster}/{s.name}" if s.cluster else s.name,
-            str(s.state),
-            str(s.pid or "-"),
-            str(s.restarts),
-            s.address or "-",
-            s.error or "",
-        )
-        for s in statuses
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_STATUS_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
 def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields: Any) -> int:
     import msgspec
 
@@ -347,8 +326,8 @@ def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields
     if outcome is None:
         absent = any(s.state == "absent" for s in statuses)
         outcome = Outcome.ABSENT if absent else Outcome.OK
-    table = _status_table(statuses) if statuses else "no members"
-    return emit(g.json, table, outcome, members=msgspec.to_builtins(statuses), **fields)
+    members = msgspec.to_builtins(statuses)
+    return emit(g.json, status_table(members), outcome, members=members, **fields)
 
 
 _WAIT_TIMEOUT = click.option(
@@ -390,7 +369,8 @@ def up(
             members = client.member_wait(names, wait_timeout)
         if not g.json:
             head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
-            return emit(False, head + "\n" + _status_table(members), result.outcome)
+            table = status_table(msgspec.to_builtins(members))
+            return emit(False, head + "\n" + table, result.outcome)
         return _emit_members(
             g,
             members,

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from fleetctl.cli import run
 from fleetctl.sync import SyncClient
 from fleetd.members import is_running, read_pidfile
 from protocol.errors import Absent, InvalidRequest, MemberFailed
@@ -353,3 +354,18 @@ def test_wait_verdict() -> None:
         wait_verdict({"a": s(MemberState.ERROR, "exit 3")})
     with pytest.raises(Absent):
         wait_verdict({"a": s(MemberState.ABSENT)})
+
+
+def test_status_fast_path_prints_what_the_click_command_prints(
+    holders: Fleetd, capfd: pytest.CaptureFixture[str]
+) -> None:
+    up(holders, definition("pair", a='command = ["sleep", "60"]', b='command = ["sleep", "60"]'))
+    try:
+        for names in ([], ["a"], ["pair/b", "nobody"], ["nobody"]):
+            fast = fleetctl("status", *names, env=holders.env)
+            code = run(["--socket", holders.socket_path, "status", *names])
+            captured = capfd.readouterr()
+            assert (fast.returncode, fast.stdout, fast.stderr) == (code, captured.out, captured.err)
+        assert fast.returncode == 11
+    finally:
+        ctl(holders, "down", "pair")

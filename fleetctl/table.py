@@ -1,0 +1,33 @@
+"""Members' status as a table, from their JSON form: shared by the click command and the
+start-up fast path (fleetctl/_fast.py), so that the two print the same bytes."""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing itself costs the fast path 3 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+COLUMNS = ("MEMBER", "STATE", "PID", "RESTARTS", "ADDRESS", "ERROR")
+
+
+def status_table(members: list[dict[str, Any]]) -> str:
+    """One row per member (JSON form: fields at their defaults may be missing), columns padded
+    to their widest cell; "no members" for none."""
+    if not members:
+        return "no members"
+    rows = [COLUMNS] + [
+        (
+            f"{m['cluster']}/{m['name']}" if m.get("cluster") else m["name"],
+            m["state"],
+            str(m.get("pid") or "-"),
+            str(m.get("restarts", 0)),
+            m.get("address") or "-",
+            m.get("error", ""),
+        )
+        for m in members
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
