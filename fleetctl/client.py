@@ -246,15 +246,16 @@ class Client:
     ) -> R:
         """Send one request and wait for its answer; the typed methods are built on this."""
         stream = self._opened()
+        limit = self.timeout if timeout is None else timeout
         request_id, frame = self._conversation.request(request_type, fields)
         try:
-            with anyio.fail_after(self.timeout if timeout is None else timeout):
+            with anyio.CancelScope(deadline=anyio.current_time() + limit) as deadline:
                 await self._send(stream, frame)
                 response = await self._answer(stream, request_id)
-        except TimeoutError:
-            raise Timeout(f"no answer from fleetd within {timeout or self.timeout}s") from None
         finally:
             self._conversation.abandon(request_id)
+        if deadline.cancelled_caught:
+            raise Timeout(f"no answer from fleetd within {limit}s")
         return decode_result(response, result_type)
 
     def _opened(self) -> SocketStream:
