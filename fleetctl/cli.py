@@ -133,8 +133,9 @@ def lease_group() -> None:
     """Leases with fencing tokens. Always prints one JSON envelope {"outcome", "lease"}."""
 
 
-def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
-    """Run `call` on a SyncClient and print its envelope, whatever happened."""
+def _envelope_call(g: Globals, call: Callable[[Any], Any], envelope: Callable[[Any], int]) -> None:
+    """Run `call` on a SyncClient and print its result's envelope, or the error's: one JSON
+    envelope on stdout whatever happened, --json or not (the machine boundary for scripts)."""
     from fleetctl.sync import SyncClient
 
     try:
@@ -142,7 +143,11 @@ def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
             result = call(client)
     except FleetError as error:
         raise Exit(fail(True, error)) from None
-    raise Exit(_lease_envelope(result))
+    raise Exit(envelope(result))
+
+
+def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
+    _envelope_call(g, call, _lease_envelope)
 
 
 def _lease_envelope(result: Any) -> int:
@@ -220,6 +225,116 @@ def lease_list(g: Globals, prefix: str) -> None:
     _lease_call(g, lambda client: client.lease_list(prefix))
 
 
+# --- claims (hidden: the machine boundary for scripts) ----------------------------------------
+
+
+@cli.group("claims", hidden=True)
+def claims_group() -> None:
+    """The claims journal. Always prints one JSON envelope {"outcome", ...} on stdout."""
+
+
+def _claims_call(g: Globals, call: Callable[[Any], Any]) -> None:
+    _envelope_call(g, call, _claims_envelope)
+
+
+def _claims_envelope(result: Any) -> int:
+    import msgspec
+
+    from protocol.claims import ClaimList
+    from protocol.outcomes import Outcome
+
+    if isinstance(result, ClaimList):
+        return emit(True, "", Outcome.OK, claims=msgspec.to_builtins(result.claims))
+    fields: dict[str, Any] = {"claim": msgspec.to_builtins(result.claim)}
+    if result.message:
+        fields["message"] = result.message
+    return emit(True, "", result.outcome, **fields)
+
+
+def _read_content() -> bytes:
+    """stdin, refused (before anything is sent) past the protocol's hard cap."""
+    from protocol.claims import MAX_CONTENT
+    from protocol.errors import InvalidRequest
+
+    content = sys.stdin.buffer.read(MAX_CONTENT + 1)
+    if len(content) > MAX_CONTENT:
+        raise InvalidRequest(f"stdin is over the maximum of {MAX_CONTENT} bytes; nothing sent")
+    return content
+
+
+_KIND = click.option("--kind", required=True, help="file or prompt_inbox.")
+_KEY = click.option("--key", required=True, help="The claim's name within its kind.")
+_CLAIM_OWNER = click.option("--owner", required=True, help="Who owns the claim (an agent id).")
+
+
+@claims_group.command("acquire")
+@_KIND
+@_KEY
+@_CLAIM_OWNER
+@click.pass_obj
+def claims_acquire(g: Globals, kind: str, key: str, owner: str) -> None:
+    """Deliver stdin as KEY: acquired, already_acquired (0) or contested (12)."""
+    try:
+        content = _read_content()
+    except FleetError as error:
+        raise Exit(fail(True, error)) from None
+    _claims_call(g, lambda client: client.claim_acquire(kind, key, owner, content))
+
+
+@claims_group.command("release")
+@_KIND
+@_KEY
+@_CLAIM_OWNER
+@click.pass_obj
+def claims_release(g: Globals, kind: str, key: str, owner: str) -> None:
+    """Release KEY: released, already_released (0), not_owned (10) or absent (11)."""
+    _claims_call(g, lambda client: client.claim_release(kind, key, owner))
+
+
+@claims_group.command("inspect")
+@_KIND
+@_KEY
+@click.pass_obj
+def claims_inspect(g: Globals, kind: str, key: str) -> None:
+    """Show a claim: ok (0) or absent (11)."""
+    _claims_call(g, lambda client: client.claim_inspect(kind, key))
+
+
+@claims_group.command("list")
+@click.option("--kind", default="", help="Only claims of this kind.")
+@click.option("--owner", default="", help="Only this owner's claims.")
+@click.pass_obj
+def claims_list(g: Globals, kind: str, owner: str) -> None:
+    """Every claim record, released ones included."""
+    _claims_call(g, lambda client: client.claim_list(kind, owner))
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_obj
+def gc(g: Globals, dry_run: bool) -> None:
+    """Remove the claims (and delivered files) of owners that are gone.
+
+    An owner is live while it holds a live lease or is a running member or cluster."""
+    _member_call(g, lambda client: _gc_report(g, client.claim_gc(dry_run=dry_run)))
+
+
+def _gc_report(g: Globals, result: Any) -> int:
+    import msgspec
+
+    verb = "would remove" if result.dry_run else "removed"
+    lines = [f"{verb} {c.kind} {c.key!r} of {c.owner} ({c.path})" for c in result.removed]
+    lines.append(f"{len(result.removed)} {verb}, {result.kept} kept")
+    return emit(
+        g.json,
+        "\n".join(lines),
+        result.outcome,
+        dry_run=result.dry_run,
+        removed=msgspec.to_builtins(result.removed),
+        kept=result.kept,
+    )
+
+
 @cli.command(
     "coord-run",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
@@ -285,7 +400,7 @@ def json_requested(argv: list[str]) -> bool:
     """Whether --json was given before any `--` (or the command always speaks JSON): needed
     when click could not parse argv."""
     options = argv[: argv.index("--")] if "--" in argv else argv
-    return "--json" in options or _command_of(options) == "lease"
+    return "--json" in options or _command_of(options) in ("lease", "claims")
 
 
 def run(argv: list[str]) -> int:

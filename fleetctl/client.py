@@ -26,6 +26,16 @@ from fleetctl._conversation import (
     unavailable,
 )
 from protocol import PROTOCOL_VERSION
+from protocol.claims import (
+    ClaimAcquire,
+    ClaimGc,
+    ClaimGcResult,
+    ClaimInspect,
+    ClaimList,
+    ClaimListRequest,
+    ClaimRelease,
+    ClaimResult,
+)
 from protocol.clusters import (
     ClusterDown,
     ClusterResult,
@@ -146,6 +156,25 @@ class Client:
     async def shutdown(self) -> None:
         """Ask fleetd to finish in-flight requests and exit."""
         await self.request(Shutdown, Empty)
+
+    # Claims (protocol.claims): each answers a ClaimResult, or a ClaimList.
+
+    async def claim_acquire(self, kind: str, key: str, owner: str, content: bytes) -> ClaimResult:
+        return await self.request(
+            ClaimAcquire, ClaimResult, kind=kind, key=key, owner=owner, content=content
+        )
+
+    async def claim_release(self, kind: str, key: str, owner: str) -> ClaimResult:
+        return await self.request(ClaimRelease, ClaimResult, kind=kind, key=key, owner=owner)
+
+    async def claim_inspect(self, kind: str, key: str) -> ClaimResult:
+        return await self.request(ClaimInspect, ClaimResult, kind=kind, key=key)
+
+    async def claim_gc(self, *, dry_run: bool = False) -> ClaimGcResult:
+        return await self.request(ClaimGc, ClaimGcResult, dry_run=dry_run)
+
+    async def claim_list(self, kind: str = "", owner: str = "") -> ClaimList:
+        return await self.request(ClaimListRequest, ClaimList, kind=kind, owner=owner)
 
     # Leases: each answers a LeaseResult whose `outcome` says what happened (protocol.leases).
 

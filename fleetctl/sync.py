@@ -16,6 +16,16 @@ from fleetctl._conversation import (
     unavailable,
 )
 from protocol import PROTOCOL_VERSION
+from protocol.claims import (
+    ClaimAcquire,
+    ClaimGc,
+    ClaimGcResult,
+    ClaimInspect,
+    ClaimList,
+    ClaimListRequest,
+    ClaimRelease,
+    ClaimResult,
+)
 from protocol.clusters import (
     ClusterDown,
     ClusterResult,
@@ -156,6 +166,25 @@ class SyncClient:
             epoch=epoch,
             wait=min(wait, MAX_WAIT),
         )
+
+    # Claims (protocol.claims).
+
+    def claim_acquire(self, kind: str, key: str, owner: str, content: bytes) -> ClaimResult:
+        return self.request(
+            ClaimAcquire, ClaimResult, kind=kind, key=key, owner=owner, content=content
+        )
+
+    def claim_release(self, kind: str, key: str, owner: str) -> ClaimResult:
+        return self.request(ClaimRelease, ClaimResult, kind=kind, key=key, owner=owner)
+
+    def claim_inspect(self, kind: str, key: str) -> ClaimResult:
+        return self.request(ClaimInspect, ClaimResult, kind=kind, key=key)
+
+    def claim_gc(self, *, dry_run: bool = False) -> ClaimGcResult:
+        return self.request(ClaimGc, ClaimGcResult, dry_run=dry_run)
+
+    def claim_list(self, kind: str = "", owner: str = "") -> ClaimList:
+        return self.request(ClaimListRequest, ClaimList, kind=kind, owner=owner)
 
     # Detached clusters (protocol.clusters). Members are NAME, or CLUSTER/NAME when ambiguous.
 

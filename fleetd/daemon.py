@@ -8,6 +8,7 @@ import fcntl
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -16,13 +17,22 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
+from fleetd import identity as proc
 from fleetd import systemd
+from fleetd.claims import ClaimService, Owners
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.holders import HolderRegistry
 from fleetd.leases import LeaseManager
 from fleetd.server import ControlServer
 from fleetd.store.sqlite import SQLiteStore
 from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.claims import (
+    ClaimAcquire,
+    ClaimGc,
+    ClaimInspect,
+    ClaimListRequest,
+    ClaimRelease,
+)
 from protocol.clusters import (
     ClusterDown,
     ClusterUp,
@@ -124,6 +134,7 @@ class Daemon:
         self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
         self.leases = LeaseManager(self.store)
         self.holders = HolderRegistry(self.store, config.state_dir)
+        self.claims = ClaimService(self.store, config.state_dir, owners=self.owners)
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -145,7 +156,30 @@ class Daemon:
         dispatcher.register(MemberStop, self.holders.stop)
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
+        dispatcher.register(ClaimAcquire, self.claims.acquire)
+        dispatcher.register(ClaimRelease, self.claims.release)
+        dispatcher.register(ClaimInspect, self.claims.inspect)
+        dispatcher.register(ClaimListRequest, self.claims.list)
+        dispatcher.register(ClaimGc, self.claims.gc)
         return dispatcher
+
+    def owners(self) -> Owners:
+        """Claim owners fleetd knows of (lease owners, members and clusters), and the live ones:
+        holders of live leases whose process runs, running members and their clusters."""
+        now = time.monotonic()
+        known: set[str] = set()
+        live: set[str] = set()
+        for entry in self.leases.table.entries():
+            known.add(entry.record.owner)
+            if entry.live(now) and proc.is_alive(entry.record.identity):
+                live.add(entry.record.owner)
+        me = Peer(os.getpid(), os.getuid(), os.getgid())
+        for member in self.holders.status(MemberStatusRequest(id=0), me).members:
+            names = {member.name, f"{member.cluster}/{member.name}", member.cluster}
+            known |= names
+            if member.running:
+                live |= names
+        return Owners(live=frozenset(live), known=frozenset(known))
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
         if request.version != PROTOCOL_VERSION:
@@ -191,6 +225,7 @@ class Daemon:
                 await daemon.start(self.store.serve)
                 await daemon.start(self.leases.serve)
                 await daemon.start(self.holders.serve, os.path.dirname(self.socket_path))
+                await daemon.start(self.claims.serve)  # its start-up gc needs both above
                 try:
                     listener = await open_listener(self.socket_path, inherited)
                 except OSError as exc:

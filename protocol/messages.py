@@ -11,6 +11,14 @@ import msgspec
 from protocol.base import Empty as Empty  # noqa: PLC0414 (re-exported)
 from protocol.base import Message as Message  # noqa: PLC0414 (re-exported)
 from protocol.base import Request as Request  # noqa: PLC0414 (re-exported)
+from protocol.claims import (
+    CLAIM_REQUEST_TYPES,
+    ClaimAcquire,
+    ClaimGc,
+    ClaimInspect,
+    ClaimListRequest,
+    ClaimRelease,
+)
 from protocol.clusters import (
     CLUSTER_REQUEST_TYPES,
     ClusterDown,
@@ -149,6 +157,11 @@ AnyRequest = (
     | MemberStop
     | MemberAdd
     | MemberLogs
+    | ClaimAcquire
+    | ClaimRelease
+    | ClaimInspect
+    | ClaimListRequest
+    | ClaimGc
 )
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello,
@@ -162,6 +175,7 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     LeaseListRequest,
     LeaseWatch,
     *CLUSTER_REQUEST_TYPES,
+    *CLAIM_REQUEST_TYPES,
 )
 OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in REQUEST_TYPES)
 

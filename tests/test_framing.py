@@ -11,6 +11,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol.claims import (
+    ClaimAcquire,
+    ClaimGc,
+    ClaimInspect,
+    ClaimListRequest,
+    ClaimRelease,
+)
 from protocol.clusters import (
     ClusterDown,
     ClusterUp,
@@ -127,6 +134,18 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         MemberAdd, id=ids, name=st.text(), sibling=st.text(), spec=st.none() | member_specs
     ),
     MemberLogs: st.builds(MemberLogs, id=ids, name=st.text()),
+    ClaimAcquire: st.builds(
+        ClaimAcquire,
+        id=ids,
+        kind=st.text(),
+        key=st.text(),
+        owner=st.text(),
+        content=st.binary(),
+    ),
+    ClaimRelease: st.builds(ClaimRelease, id=ids, kind=st.text(), key=st.text(), owner=st.text()),
+    ClaimInspect: st.builds(ClaimInspect, id=ids, kind=st.text(), key=st.text()),
+    ClaimListRequest: st.builds(ClaimListRequest, id=ids, kind=st.text(), owner=st.text()),
+    ClaimGc: st.builds(ClaimGc, id=ids, dry_run=st.booleans()),
 }
 requests = st.one_of(*REQUEST_STRATEGIES.values())
 

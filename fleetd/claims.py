@@ -1,0 +1,429 @@
+"""The claims journal: who owns which delivered resource, and the files themselves.
+
+    decide_acquire / decide_release   pure verdicts on a stored record
+    deliver / withdraw                atomic file delivery and removal (blocking; in a thread)
+    ClaimService                      the edges: the store, the inbox, the per-claim locks
+
+Durability and crash safety. Acquire delivers the file first (staging file, fsync, rename into
+the inbox, fsync of the inbox directory), then records the claim in a store transaction
+guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if that
+transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A claim
+is therefore never recorded without its file. Release records ``released`` first, then
+removes the file. A crash between the two steps leaves either an unrecorded file or a
+released claim's file: start-up reconciles both, and clears the staging directory, so an
+inbox never shows a half-written file nor keeps one nobody owns.
+"""
+
+import errno
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskStatus
+
+from fleetd.dispatch import Peer
+from fleetd.leases import NameLocks
+from fleetd.store import Compare, Delete, KeyValue, Put, Store
+from protocol.claims import (
+    MAX_CONTENT,
+    ClaimAcquire,
+    ClaimGc,
+    ClaimGcResult,
+    ClaimInfo,
+    ClaimInspect,
+    ClaimList,
+    ClaimListRequest,
+    ClaimRelease,
+    ClaimResult,
+    ClaimState,
+    check_component,
+    check_content,
+    check_kind,
+)
+from protocol.errors import Internal, StoreFull
+from protocol.outcomes import Outcome
+
+log = structlog.get_logger("fleetd.claims")
+
+PREFIX = "claims/"
+"""Where claim records live in the store: ``claims/KIND/KEY``."""
+
+STAGING = "claims-staging"
+MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
+
+
+class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """A claim as journalled. ``revision`` 0 means "the revision of this write"."""
+
+    owner: str
+    state: ClaimState
+    path: str
+    sha256: str
+    size: int
+    acquired_at: float
+    released_at: float = 0.0
+    revision: int = 0
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(StoredClaim).decode
+
+
+def record_key(kind: str, key: str) -> str:
+    return f"{PREFIX}{kind}/{key}"
+
+
+# Decisions ---------------------------------------------------------------------------------
+
+
+def decide_acquire(record: StoredClaim | None, owner: str, sha256: str) -> Outcome:
+    """ACQUIRED means: deliver and record."""
+    if record is None or record.state == "released":
+        return Outcome.ACQUIRED
+    if record.owner != owner or record.sha256 != sha256:
+        return Outcome.CONTESTED
+    return Outcome.ALREADY_ACQUIRED
+
+
+def decide_release(record: StoredClaim | None, owner: str) -> Outcome:
+    """RELEASED means: record the release and withdraw the file."""
+    if record is None:
+        return Outcome.ABSENT
+    if record.owner != owner:
+        return Outcome.NOT_OWNED
+    return Outcome.RELEASED if record.state == "held" else Outcome.ALREADY_RELEASED
+
+
+# Files -------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _disk_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreFull(f"cannot {what}: the disk is full; nothing was written") from None
+        raise Internal(f"cannot {what}: {exc.strerror or exc}") from None
+
+
+def deliver(staging: str, path: str, content: bytes) -> None:
+    """Write `content` at `path` atomically: staged, fsynced, renamed, directory fsynced."""
+    with _disk_errors(f"deliver {path}"):
+        os.makedirs(staging, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        temp = os.path.join(staging, f"{os.getpid()}-{time.monotonic_ns()}.tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(content)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(os.path.dirname(path))
+
+
+def withdraw(path: str) -> None:
+    """Remove a delivered file, durably; one already gone is fine."""
+    with _disk_errors(f"remove {path}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        _fsync_dir(os.path.dirname(path))
+
+
+# The service -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    record: StoredClaim | None
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Who fleetd knows of (lease holders past and present, members and clusters it ever saw)
+    and who of them is live. An owner fleetd knows nothing of may be an agent that is simply
+    not running now (an inbox waits for its reader): its claims are kept."""
+
+    live: frozenset[str]
+    known: frozenset[str]
+
+    def gone(self, owner: str) -> bool:
+        return owner in self.known and owner not in self.live
+
+
+class ClaimService:
+    """Claims over the control socket; start it with ``await tg.start(service.serve)`` once
+    the store serves. `max_bytes` caps a claim's content (default: $FLEET_CLAIM_MAX_BYTES,
+    else MAX_CONTENT)."""
+
+    def __init__(
+        self,
+        store: Store,
+        state_dir: str,
+        *,
+        max_bytes: int | None = None,
+        owners: Callable[[], Owners] | None = None,
+    ) -> None:
+        self._store = store
+        self._owners = owners
+        self.state_dir = os.path.abspath(state_dir)
+        self.staging = os.path.join(self.state_dir, STAGING)
+        self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
+        self._locks = NameLocks()
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await self.reconcile()
+        if self._owners is not None:
+            await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
+        task_status.started()
+
+    def path_of(self, kind: str, key: str, owner: str) -> str:
+        if kind == "prompt_inbox":
+            return os.path.join(self.state_dir, "inbox", owner, key)
+        return os.path.join(self.state_dir, "files", key)
+
+    async def reconcile(self) -> None:
+        """After a crash: clear staging, withdraw released claims' files and files that no
+        held claim records (a delivery whose journal write never happened)."""
+        kvs = await self._store.range(PREFIX)
+        records = [_decode(kv.value) for kv in kvs]
+        held = {record.path for record in records if record.state == "held"}
+        removed = await anyio.to_thread.run_sync(_sweep, self.state_dir, self.staging, held)
+        log.info("claims_loaded", records=len(kvs), held=len(held), removed=removed)
+
+    # Handlers --------------------------------------------------------------------------------
+
+    async def acquire(self, request: ClaimAcquire, peer: Peer) -> ClaimResult:
+        check_kind(request.kind)
+        check_component("key", request.key)
+        check_component("owner", request.owner)
+        check_content(request.content, self.max_bytes)
+        digest = hashlib.sha256(request.content).hexdigest()
+        key = record_key(request.kind, request.key)
+        async with self._locks.hold(key):
+            found = await self._read(key)
+            outcome = decide_acquire(found.record, request.owner, digest)
+            if outcome is not Outcome.ACQUIRED:
+                assert found.record is not None
+                return self._refused(request.kind, request.key, found, outcome, request.owner)
+            path = self.path_of(request.kind, request.key, request.owner)
+            record = StoredClaim(
+                owner=request.owner,
+                state="held",
+                path=path,
+                sha256=digest,
+                size=len(request.content),
+                acquired_at=round(time.time(), 3),
+            )
+            await anyio.to_thread.run_sync(deliver, self.staging, path, request.content)
+            try:
+                revision = await self._write(key, found, record)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(withdraw, path)
+                raise
+            record = msgspec.structs.replace(record, revision=revision)
+            return ClaimResult(
+                outcome=Outcome.ACQUIRED,
+                claim=_info(request.kind, request.key, record),
+                message=f"{request.owner} acquired {request.kind} {request.key!r}",
+            )
+
+    async def release(self, request: ClaimRelease, peer: Peer) -> ClaimResult:
+        check_kind(request.kind)
+        check_component("key", request.key)
+        check_component("owner", request.owner)
+        key = record_key(request.kind, request.key)
+        async with self._locks.hold(key):
+            found = await self._read(key)
+            outcome = decide_release(found.record, request.owner)
+            if outcome is not Outcome.RELEASED:
+                return self._refused(request.kind, request.key, found, outcome, request.owner)
+            assert found.record is not None
+            record = msgspec.structs.replace(
+                found.record, state="released", released_at=round(time.time(), 3)
+            )
+            await self._write(key, found, record)
+            await anyio.to_thread.run_sync(withdraw, record.path)
+            return ClaimResult(
+                outcome=Outcome.RELEASED,
+                claim=_info(request.kind, request.key, record),
+                message=f"{request.owner} released {request.kind} {request.key!r}",
+            )
+
+    async def inspect(self, request: ClaimInspect, peer: Peer) -> ClaimResult:
+        check_kind(request.kind)
+        check_component("key", request.key)
+        found = await self._read(record_key(request.kind, request.key))
+        if found.record is None:
+            return ClaimResult(outcome=Outcome.ABSENT, message=_absent(request.kind, request.key))
+        return ClaimResult(outcome=Outcome.OK, claim=_info(request.kind, request.key, found.record))
+
+    async def list(self, request: ClaimListRequest, peer: Peer) -> ClaimList:
+        if request.kind:
+            check_kind(request.kind)
+        prefix = PREFIX + (f"{request.kind}/" if request.kind else "")
+        claims = []
+        for kv in await self._store.range(prefix):
+            kind, _, name = kv.key.removeprefix(PREFIX).partition("/")
+            record = _stored(kv)
+            if not request.owner or record.owner == request.owner:
+                claims.append(_info(kind, name, record))
+        return ClaimList(claims=claims)
+
+    async def gc(self, request: ClaimGc, peer: Peer) -> ClaimGcResult:
+        """Remove (record and file) every held claim whose owner is gone; idempotent."""
+        owners = self._owners() if self._owners is not None else Owners(frozenset(), frozenset())
+        removed, kept = [], 0
+        for kv in await self._store.range(PREFIX):
+            record = _stored(kv)
+            if record.state != "held":
+                continue
+            if not owners.gone(record.owner):
+                kept += 1
+                continue
+            kind, _, name = kv.key.removeprefix(PREFIX).partition("/")
+            if not request.dry_run and not await self._collect(kv.key, record):
+                continue
+            removed.append(_info(kind, name, record))
+        if removed and not request.dry_run:
+            log.info("claims_collected", claims=[f"{c.kind}/{c.key}" for c in removed])
+        return ClaimGcResult(
+            outcome=Outcome.OK, dry_run=request.dry_run, removed=removed, kept=kept
+        )
+
+    async def _collect(self, key: str, seen: StoredClaim) -> bool:
+        """Delete the record, then the file; False if the claim moved on meanwhile."""
+        async with self._locks.hold(key):
+            found = await self._read(key)
+            if found.record != seen:
+                return False
+            result = await self._store.txn(
+                (Compare(key, "mod", "==", found.mod_revision),), (Delete(key),)
+            )
+            if not result.succeeded:
+                return False
+            await anyio.to_thread.run_sync(withdraw, seen.path)
+            return True
+
+    # Edges -----------------------------------------------------------------------------------
+
+    async def _read(self, key: str) -> _Found:
+        kv = await self._store.get(key)
+        if kv is None:
+            return _Found(None, 0)
+        return _Found(_stored(kv), kv.mod_revision)
+
+    async def _write(self, key: str, found: _Found, record: StoredClaim) -> int:
+        guard = (
+            Compare(key, "mod", "==", found.mod_revision)
+            if found.record is not None
+            else Compare(key, "create", "==", 0)
+        )
+        result = await self._store.txn((guard,), (Put(key, _encode(record)),))
+        if not result.succeeded:
+            raise Internal(f"claim record {key!r} changed behind the claims journal")
+        return result.revision
+
+    def _refused(
+        self, kind: str, key: str, found: _Found, outcome: Outcome, owner: str
+    ) -> ClaimResult:
+        record = found.record
+        if record is None:
+            return ClaimResult(outcome=outcome, message=_absent(kind, key))
+        claim = _info(kind, key, record)
+        match outcome:
+            case Outcome.CONTESTED if record.owner == owner:
+                text = f"{owner} holds {kind} {key!r} with other content: release it first"
+            case Outcome.CONTESTED:
+                text = f"{kind} {key!r} is held by {record.owner}"
+            case Outcome.NOT_OWNED:
+                text = f"{kind} {key!r} is {record.owner}'s, not {owner}'s"
+            case Outcome.ALREADY_ACQUIRED:
+                text = f"{owner} already holds {kind} {key!r} with this content"
+            case _:
+                text = f"{kind} {key!r} is already released"
+        return ClaimResult(outcome=outcome, claim=claim, message=text)
+
+
+def _stored(kv: KeyValue) -> StoredClaim:
+    record = _decode(kv.value)
+    if not record.revision:
+        record = msgspec.structs.replace(record, revision=kv.create_revision)
+    return record
+
+
+def _info(kind: str, key: str, record: StoredClaim) -> ClaimInfo:
+    return ClaimInfo(
+        kind=kind,
+        key=key,
+        owner=record.owner,
+        state=record.state,
+        revision=record.revision,
+        path=record.path,
+        sha256=record.sha256,
+        size=record.size,
+        acquired_at=record.acquired_at,
+        released_at=record.released_at,
+    )
+
+
+def _absent(kind: str, key: str) -> str:
+    return f"no {kind} claim {key!r}"
+
+
+def _configured_max() -> int:
+    text = os.environ.get(MAX_BYTES_ENV, "")
+    try:
+        value = int(text) if text else MAX_CONTENT
+    except ValueError:
+        log.warning("claim_max_bytes_ignored", value=text)
+        value = MAX_CONTENT
+    return value if value > 0 else MAX_CONTENT
+
+
+def _sweep(state_dir: str, staging: str, held: set[str]) -> list[str]:
+    """Remove staging leftovers and delivered files that no held claim records."""
+    removed = []
+    with suppress(FileNotFoundError):
+        for name in os.listdir(staging):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(staging, name))
+                removed.append(os.path.join(staging, name))
+    roots = [os.path.join(state_dir, "files")]
+    with suppress(FileNotFoundError):
+        inbox = os.path.join(state_dir, "inbox")
+        roots += [os.path.join(inbox, owner) for owner in os.listdir(inbox)]
+    for root in roots:
+        with suppress(FileNotFoundError, NotADirectoryError):
+            for name in os.listdir(root):
+                path = os.path.join(root, name)
+                if path not in held and os.path.isfile(path):
+                    withdraw(path)
+                    removed.append(path)
+    return removed

@@ -1,0 +1,490 @@
+"""The claims journal: pure decisions, the service over a real store (full disk, crash
+reconciliation), and `fleetctl claims` as scripts run it, pinned by golden envelopes."""
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from fleetctl import SyncClient
+from fleetd.claims import (
+    STAGING,
+    ClaimService,
+    StoredClaim,
+    decide_acquire,
+    decide_release,
+    deliver,
+)
+from fleetd.dispatch import Peer
+from fleetd.store.sqlite import SQLiteStore
+from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
+from protocol.errors import FleetError, InvalidRequest, StoreFull
+from protocol.outcomes import Outcome
+from tests.processes import FLEETCTL, Fleetd, running_fleetd
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "claims")
+UPDATE = os.environ.get("FLEET_UPDATE_GOLDEN") == "1"
+PEER = Peer(pid=os.getpid(), uid=os.getuid(), gid=os.getgid())
+
+
+# -- decisions ----------------------------------------------------------------------------------
+
+
+def _record(owner: str = "a", state: Any = "held", sha256: str = "x") -> StoredClaim:
+    return StoredClaim(owner=owner, state=state, path="/p", sha256=sha256, size=1, acquired_at=1)
+
+
+def test_acquire_decisions() -> None:
+    assert decide_acquire(None, "a", "x") is Outcome.ACQUIRED
+    assert decide_acquire(_record(state="released"), "b", "y") is Outcome.ACQUIRED
+    assert decide_acquire(_record(), "a", "x") is Outcome.ALREADY_ACQUIRED
+    assert decide_acquire(_record(), "a", "y") is Outcome.CONTESTED
+    assert decide_acquire(_record(), "b", "x") is Outcome.CONTESTED
+
+
+def test_release_decisions() -> None:
+    assert decide_release(None, "a") is Outcome.ABSENT
+    assert decide_release(_record(), "b") is Outcome.NOT_OWNED
+    assert decide_release(_record(state="released"), "b") is Outcome.NOT_OWNED
+    assert decide_release(_record(), "a") is Outcome.RELEASED
+    assert decide_release(_record(state="released"), "a") is Outcome.ALREADY_RELEASED
+
+
+# -- the service over a real store --------------------------------------------------------------
+
+
+@asynccontextmanager
+async def service(root: str, max_bytes: int | None = None) -> AsyncIterator[ClaimService]:
+    async with SQLiteStore.open(os.path.join(root, "store.db")) as store:
+        claims = ClaimService(store, os.path.join(root, "state"), max_bytes=max_bytes)
+        await claims.reconcile()
+        yield claims
+
+
+def _files(root: str) -> list[str]:
+    found = []
+    for directory, _, names in os.walk(root):
+        found += [os.path.relpath(os.path.join(directory, n), root) for n in names]
+    return sorted(found)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _acquire(key: str, content: bytes, owner: str = "alice", kind: str = "prompt_inbox") -> Any:
+    return ClaimAcquire(id=1, kind=kind, key=key, owner=owner, content=content)
+
+
+async def test_acquire_delivers_the_file_and_release_removes_it(tempdir: str) -> None:
+    async with service(tempdir) as claims:
+        result = await claims.acquire(_acquire("p1", b"hello\n"), PEER)
+        assert result.outcome is Outcome.ACQUIRED and result.claim is not None
+        path = os.path.join(tempdir, "state", "inbox", "alice", "p1")
+        assert result.claim.path == path
+        assert _read(path) == b"hello\n"
+        assert result.claim.sha256 == hashlib.sha256(b"hello\n").hexdigest()
+        assert os.listdir(claims.staging) == []
+        again = await claims.acquire(_acquire("p1", b"hello\n"), PEER)
+        assert (again.outcome, again.claim) == (Outcome.ALREADY_ACQUIRED, result.claim)
+        released = await claims.release(
+            ClaimRelease(id=2, kind="prompt_inbox", key="p1", owner="alice"), PEER
+        )
+        assert released.outcome is Outcome.RELEASED
+        assert _read(path) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "content", "message"),
+    [
+        ("k", b"", "empty content"),
+        ("k", b"\xff\xfe", "binary content refused"),
+        ("k", b"a\0b", "binary content refused"),
+        ("k", b"x" * 65, "over the maximum of 64"),
+        ("a/b", b"x", "'/' and '..' are refused"),
+        ("..", b"x", "'/' and '..' are refused"),
+        ("a..b", b"x", "'/' and '..' are refused"),
+        ("a\0b", b"x", "NUL byte"),
+        ("", b"x", "invalid key"),
+    ],
+)
+async def test_bad_input_is_refused_and_nothing_is_written(
+    tempdir: str, key: str, content: bytes, message: str
+) -> None:
+    async with service(tempdir, max_bytes=64) as claims:
+        before = claims._store.revision
+        with pytest.raises(InvalidRequest, match=message):
+            await claims.acquire(_acquire(key, content), PEER)
+        assert claims._store.revision == before
+        assert _files(claims.state_dir) == []
+
+
+async def test_unknown_kind_and_bad_owner_are_refused(tempdir: str) -> None:
+    async with service(tempdir) as claims:
+        with pytest.raises(InvalidRequest, match="unknown claim kind 'disk'"):
+            await claims.acquire(_acquire("k", b"x", kind="disk"), PEER)
+        with pytest.raises(InvalidRequest, match="invalid owner"):
+            await claims.acquire(_acquire("k", b"x", owner="../etc"), PEER)
+        with pytest.raises(InvalidRequest, match="unknown claim kind"):
+            await claims.list(ClaimListRequest(id=1, kind="disk"), PEER)
+
+
+async def test_full_store_is_an_error_and_leaves_journal_and_inbox_unchanged(
+    tempdir: str,
+) -> None:
+    async with service(tempdir) as claims:
+        await claims.acquire(_acquire("kept", b"kept"), PEER)
+        store = claims._store
+        assert isinstance(store, SQLiteStore)
+        await store.set_max_pages(await store.set_max_pages(1) + 2)
+        for n, size in enumerate((4096, 512, 64, 8) * 4):  # fill every page to the cap
+            with contextlib.suppress(StoreFull):
+                while True:
+                    await store.put(f"filler/{n}/{store.revision}", b"f" * size)
+        before, files = store.revision, _files(claims.state_dir)
+        with pytest.raises(StoreFull):
+            await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
+        assert store.revision == before
+        assert _files(claims.state_dir) == files
+        await store.set_max_pages(None)
+        result = await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
+        assert result.outcome is Outcome.ACQUIRED
+
+
+async def test_full_disk_while_delivering_writes_nothing(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with service(tempdir) as claims:
+        before = claims._store.revision
+        monkeypatch.setattr("fleetd.claims.os.write", full)
+        with pytest.raises(StoreFull, match="the disk is full"):
+            await claims.acquire(_acquire("k", b"x"), PEER)
+        monkeypatch.undo()
+        assert claims._store.revision == before
+        assert [f for f in _files(claims.state_dir) if not f.startswith(STAGING)] == []
+        assert os.listdir(claims.staging) == []
+
+
+async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
+    state = os.path.join(tempdir, "state")
+    async with service(tempdir) as claims:
+        await claims.acquire(_acquire("held", b"1"), PEER)
+        await claims.acquire(_acquire("gone", b"2"), PEER)
+        await claims.release(
+            ClaimRelease(id=1, kind="prompt_inbox", key="gone", owner="alice"), PEER
+        )
+        # a release that crashed before the unlink, a delivery before its journal write,
+        # and a staging file from a write cut short:
+        deliver(claims.staging, claims.path_of("prompt_inbox", "gone", "alice"), b"2")
+        deliver(claims.staging, claims.path_of("prompt_inbox", "orphan", "bob"), b"3")
+        _write(os.path.join(claims.staging, "1-2.tmp"), b"half")
+    async with service(tempdir):
+        assert _files(state) == ["inbox/alice/held"]
+
+
+# -- fleetctl claims: golden envelopes ----------------------------------------------------------
+
+Step = tuple[str, list[str], bytes | None]
+
+STEPS: list[Step] = [
+    ("acquired", ["acquire", "--kind", "prompt_inbox", "--key", "p1", "--owner", "alice"], b"hi\n"),
+    (
+        "already_acquired",
+        ["acquire", "--kind", "prompt_inbox", "--key", "p1", "--owner", "alice"],
+        b"hi\n",
+    ),
+    ("contested", ["acquire", "--kind", "prompt_inbox", "--key", "p1", "--owner", "bob"], b"hi\n"),
+    (
+        "contested_other_content",
+        ["acquire", "--kind", "prompt_inbox", "--key", "p1", "--owner", "alice"],
+        b"bye\n",
+    ),
+    ("acquired_file", ["acquire", "--kind", "file", "--key", "f1.txt", "--owner", "bob"], b"data"),
+    ("inspect_ok", ["inspect", "--kind", "prompt_inbox", "--key", "p1"], None),
+    ("list", ["list"], None),
+    ("list_owner", ["list", "--owner", "bob"], None),
+    (
+        "release_not_owned",
+        ["release", "--kind", "prompt_inbox", "--key", "p1", "--owner", "bob"],
+        None,
+    ),
+    ("released", ["release", "--kind", "prompt_inbox", "--key", "p1", "--owner", "alice"], None),
+    (
+        "already_released",
+        ["release", "--kind", "prompt_inbox", "--key", "p1", "--owner", "alice"],
+        None,
+    ),
+    ("release_absent", ["release", "--kind", "file", "--key", "nope", "--owner", "alice"], None),
+    ("inspect_absent", ["inspect", "--kind", "file", "--key", "nope"], None),
+    ("error_empty_stdin", ["acquire", "--kind", "file", "--key", "e", "--owner", "a"], b""),
+    ("error_binary", ["acquire", "--kind", "file", "--key", "e", "--owner", "a"], b"\x00\xff"),
+    ("error_too_large", ["acquire", "--kind", "file", "--key", "e", "--owner", "a"], b"x" * 65),
+    ("error_key_slash", ["acquire", "--kind", "file", "--key", "a/b", "--owner", "a"], b"x"),
+    ("error_key_dotdot", ["acquire", "--kind", "file", "--key", "..", "--owner", "a"], b"x"),
+    ("error_unknown_kind", ["acquire", "--kind", "disk", "--key", "e", "--owner", "a"], b"x"),
+    ("usage_missing_owner", ["acquire", "--kind", "file", "--key", "e"], b"x"),
+]
+
+
+def _normalise(value: Any, root: str) -> Any:
+    """Volatile fields (revisions, times, the temp dir) become placeholders."""
+    if isinstance(value, dict):
+        out = {}
+        for name, item in value.items():
+            if name == "revision" and isinstance(item, int):
+                out[name] = "<revision>"
+            elif name in ("acquired_at", "released_at") and item:
+                out[name] = "<time>"
+            else:
+                out[name] = _normalise(item, root)
+        return out
+    if isinstance(value, list):
+        return [_normalise(item, root) for item in value]
+    if isinstance(value, str):
+        return value.replace(root, "<root>")
+    return value
+
+
+def claims(env: dict[str, str], args: list[str], stdin: bytes | None) -> tuple[int, Any]:
+    result = subprocess.run(
+        [*FLEETCTL, "claims", *args],
+        env=env,
+        input=stdin or b"",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 1, f"expected one envelope, got {result.stdout!r} ({result.stderr})"
+    return result.returncode, json.loads(lines[0])
+
+
+def _check_golden(name: str, actual: dict[str, Any]) -> None:
+    path = os.path.join(GOLDEN, f"{name}.json")
+    if UPDATE:
+        os.makedirs(GOLDEN, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps(actual, indent=2, sort_keys=True) + "\n")
+    with open(path) as f:
+        assert json.load(f) == actual, f"{name}: envelope differs from {path}"
+
+
+def test_golden_envelopes_and_exit_codes(tempdir: str) -> None:
+    with running_fleetd(tempdir, FLEET_CLAIM_MAX_BYTES="64") as daemon:
+        for name, args, stdin in STEPS:
+            before = claims(daemon.env, ["list"], None)[1] if name.startswith("error") else None
+            code, envelope = claims(daemon.env, args, stdin)
+            expected_exit = Outcome(envelope["outcome"]).exit_code
+            assert code == expected_exit, (name, code, envelope)
+            _check_golden(name, {"exit": code, "envelope": _normalise(envelope, tempdir)})
+            if before is not None:
+                assert claims(daemon.env, ["list"], None)[1] == before, name
+    used = {f"{name}.json" for name, _, _ in STEPS} | {
+        "unavailable.json",
+        "error_over_cap.json",
+        "error_no_space.json",
+    }
+    assert set(os.listdir(GOLDEN)) <= used, "golden files no step produces"
+
+
+def test_delivered_file_content_and_removal(fleetd: Fleetd) -> None:
+    code, acquired = claims(
+        fleetd.env, ["acquire", "--kind", "prompt_inbox", "--key", "t1", "--owner", "w1"], b"do X\n"
+    )
+    assert code == 0
+    path = acquired["claim"]["path"]
+    assert path == os.path.join(fleetd.state_dir, "inbox", "w1", "t1")
+    with open(path, "rb") as f:
+        assert f.read() == b"do X\n"
+    claims(fleetd.env, ["release", "--kind", "prompt_inbox", "--key", "t1", "--owner", "w1"], None)
+    assert not os.path.exists(path)
+
+
+def test_over_the_hard_cap_is_refused_before_sending(tempdir: str) -> None:
+    env = {**os.environ, "FLEET_SOCKET": os.path.join(tempdir, "none.sock")}
+    args = ["acquire", "--kind", "file", "--key", "big", "--owner", "a"]
+    code, envelope = claims(env, args, b"x" * (MAX_CONTENT + 1))
+    _check_golden("error_over_cap", {"exit": code, "envelope": _normalise(envelope, tempdir)})
+
+
+def test_no_fleetd_is_unavailable_exit_14(tempdir: str) -> None:
+    env = {**os.environ, "FLEET_SOCKET": os.path.join(tempdir, "none.sock")}
+    code, envelope = claims(env, ["inspect", "--kind", "file", "--key", "x"], None)
+    _check_golden("unavailable", {"exit": code, "envelope": _normalise(envelope, tempdir)})
+
+
+def test_claims_is_hidden_from_help() -> None:
+    result = subprocess.run([*FLEETCTL, "--help"], capture_output=True, text=True, check=True)
+    commands = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert "lease" in commands and "gc" in commands and "claims" not in commands
+
+
+def _mount_tmpfs(path: str, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    os.makedirs(path)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+        capture_output=True,
+        check=False,
+    )
+    return mounted.returncode == 0
+
+
+def test_full_disk_on_a_small_tmpfs_is_an_error_envelope(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    if not _mount_tmpfs(daemon.state_dir, "1m"):
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    try:
+        daemon.start()
+        args = ["acquire", "--kind", "file", "--owner", "a", "--key"]
+        chunk = b"x" * (MAX_CONTENT - 1)
+        code, envelope = 0, {}
+        for n in range(8):  # fill the 1 MiB tmpfs
+            code, envelope = claims(daemon.env, [*args, f"k{n}"], chunk)
+            if code:
+                break
+        assert code == 1
+        _check_golden("error_no_space", {"exit": code, "envelope": _normalise(envelope, tempdir)})
+        listed = claims(daemon.env, ["list"], None)[1]["claims"]
+        assert sorted(_files(os.path.join(daemon.state_dir, "files"))) == sorted(
+            c["key"] for c in listed
+        )
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+    finally:
+        daemon.close()
+        subprocess.run(["umount", "-l", daemon.state_dir], check=False)
+
+
+# -- crash safety -------------------------------------------------------------------------------
+
+
+def test_kill_9_during_a_burst_of_acquires_loses_no_acknowledged_claim(tempdir: str) -> None:
+    daemon = Fleetd(tempdir).start()
+    try:
+        acknowledged: list[tuple[str, bytes]] = []
+        lock = threading.Lock()
+
+        with SyncClient(daemon.socket_path) as client:  # live owners survive start-up gc
+            for n in range(4):
+                client.lease_acquire(f"owner-w{n}", f"w{n}", ttl=600)
+
+        def burst(worker: int) -> None:
+            try:
+                with SyncClient(daemon.socket_path, timeout=5) as client:
+                    for i in range(100_000):
+                        key, content = f"k{worker}-{i}", f"prompt {worker} {i}\n".encode() * 50
+                        client.claim_acquire("prompt_inbox", key, f"w{worker}", content)
+                        with lock:
+                            acknowledged.append((f"w{worker}/{key}", content))
+            except FleetError:
+                return
+
+        threads = [threading.Thread(target=burst, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        while len(acknowledged) < 200:
+            threading.Event().wait(0.01)
+        daemon.signal(signal.SIGKILL)
+        daemon.wait()
+        for thread in threads:
+            thread.join(30)
+        daemon.start()
+        with SyncClient(daemon.socket_path) as client:
+            held = {
+                f"{c.owner}/{c.key}": c for c in client.claim_list().claims if c.state == "held"
+            }
+        inbox = os.path.join(daemon.state_dir, "inbox")
+        delivered = set(_files(inbox))
+        assert delivered == set(held), "every file has a claim and every claim its file"
+        for name, content in acknowledged:
+            assert name in held
+            with open(os.path.join(inbox, name), "rb") as f:
+                assert f.read() == content
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+    finally:
+        daemon.close()
+
+
+# -- gc -----------------------------------------------------------------------------------------
+
+
+def _gc(env: dict[str, str], *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [*FLEETCTL, "--json", "gc", *args], env=env, capture_output=True, check=False, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    envelope: dict[str, Any] = json.loads(result.stdout)
+    return envelope
+
+
+def test_gc_removes_only_claims_of_owners_that_are_gone(tempdir: str) -> None:
+    acquire = ["acquire", "--kind", "prompt_inbox", "--key"]
+    with running_fleetd(tempdir) as daemon:
+        env = daemon.env
+        with SyncClient(daemon.socket_path) as client:
+            client.lease_acquire("agent-live", "live", ttl=600)
+            client.lease_acquire("agent-ghost", "ghost", ttl=600)
+            client.lease_release("agent-ghost", "ghost")
+        claims(env, [*acquire, "mine", "--owner", "live"], b"keep me")
+        claims(env, [*acquire, "later", "--owner", "unknown-agent"], b"for when it starts")
+        _, ghost = claims(env, [*acquire, "lost", "--owner", "ghost"], b"orphan")
+        path = ghost["claim"]["path"]
+
+        dry = _gc(env, "--dry-run")
+        assert (dry["dry_run"], [c["key"] for c in dry["removed"]], dry["kept"]) == (
+            True,
+            ["lost"],
+            2,
+        )
+        assert _read(path) == b"orphan"
+
+        done = _gc(env)
+        assert ([c["key"] for c in done["removed"]], done["kept"]) == (["lost"], 2)
+        assert _read(path) is None
+        assert claims(env, ["inspect", "--kind", "prompt_inbox", "--key", "lost"], None)[0] == 11
+        assert _gc(env)["removed"] == []  # idempotent
+        assert claims(env, ["inspect", "--kind", "prompt_inbox", "--key", "mine"], None)[0] == 0
+
+        human = subprocess.run(
+            [*FLEETCTL, "gc", "--dry-run"], env=env, capture_output=True, text=True, check=False
+        )
+        assert human.stdout == "0 would remove, 2 kept\n"
+
+
+def test_fleetd_collects_at_start_up(tempdir: str) -> None:
+    daemon = Fleetd(tempdir).start()
+    try:
+        with SyncClient(daemon.socket_path) as client:
+            client.lease_acquire("agent-ghost", "ghost", ttl=600)
+            client.lease_release("agent-ghost", "ghost")
+        _, ghost = claims(
+            daemon.env, ["acquire", "--kind", "file", "--key", "g", "--owner", "ghost"], b"x"
+        )
+        daemon.stop()
+        daemon.start()
+        assert claims(daemon.env, ["inspect", "--kind", "file", "--key", "g"], None)[0] == 11
+        assert _read(ghost["claim"]["path"]) is None
+    finally:
+        daemon.close()
