@@ -133,21 +133,22 @@ def lease_group() -> None:
     """Leases with fencing tokens. Always prints one JSON envelope {"outcome", "lease"}."""
 
 
-def _envelope_call(g: Globals, call: Callable[[Any], Any], envelope: Callable[[Any], int]) -> None:
-    """Run `call` on a SyncClient and print its result's envelope, or the error's: one JSON
-    envelope on stdout whatever happened, --json or not (the machine boundary for scripts)."""
+def _client_call(g: Globals, call: Callable[[Any], int], *, always_json: bool = False) -> None:
+    """Run `call` on a connected SyncClient and exit with the code it returns; a FleetError
+    becomes its outcome's exit code, reported as an envelope with --json or `always_json`."""
     from fleetctl.sync import SyncClient
 
     try:
         with SyncClient(g.socket_path, timeout=g.timeout) as client:
-            result = call(client)
+            code = call(client)
     except FleetError as error:
-        raise Exit(fail(True, error)) from None
-    raise Exit(envelope(result))
+        raise Exit(fail(g.json or always_json, error)) from None
+    raise Exit(code)
 
 
 def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
-    _envelope_call(g, call, _lease_envelope)
+    """One JSON envelope whatever happens, --json or not: leases are for scripts."""
+    _client_call(g, lambda client: _lease_envelope(call(client)), always_json=True)
 
 
 def _lease_envelope(result: Any) -> int:
@@ -234,7 +235,8 @@ def claims_group() -> None:
 
 
 def _claims_call(g: Globals, call: Callable[[Any], Any]) -> None:
-    _envelope_call(g, call, _claims_envelope)
+    """One JSON envelope whatever happens, --json or not: claims are the scripts' boundary."""
+    _client_call(g, lambda client: _claims_envelope(call(client)), always_json=True)
 
 
 def _claims_envelope(result: Any) -> int:
@@ -316,7 +318,7 @@ def gc(g: Globals, dry_run: bool) -> None:
     """Remove the claims (and delivered files) of owners that are gone.
 
     An owner is live while it holds a live lease or is a running member or cluster."""
-    _member_call(g, lambda client: _gc_report(g, client.claim_gc(dry_run=dry_run)))
+    _client_call(g, lambda client: _gc_report(g, client.claim_gc(dry_run=dry_run)))
 
 
 def _gc_report(g: Globals, result: Any) -> int:
@@ -421,18 +423,6 @@ def run(argv: list[str]) -> int:
 # --- detached clusters ------------------------------------------------------------------------
 
 
-def _member_call(g: Globals, call: Callable[[Any], int]) -> None:
-    """Run `call` on a connected SyncClient; a FleetError becomes its outcome's exit code."""
-    from fleetctl.sync import SyncClient
-
-    try:
-        with SyncClient(g.socket_path, timeout=g.timeout) as client:
-            code = call(client)
-    except FleetError as error:
-        raise Exit(fail(g.json, error)) from None
-    raise Exit(code)
-
-
 def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields: Any) -> int:
     import msgspec
 
@@ -495,7 +485,7 @@ def up(
             runtime_dir=result.runtime_dir,
         )
 
-    _member_call(g, call)
+    _client_call(g, call)
 
 
 @cli.command("status")
@@ -503,7 +493,7 @@ def up(
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
     """Members' status (NAME, or CLUSTER/NAME); every live member without NAMEs. absent: 11."""
-    _member_call(g, lambda client: _emit_members(g, client.member_status(names)))
+    _client_call(g, lambda client: _emit_members(g, client.member_status(names)))
 
 
 @cli.command("wait")
@@ -512,7 +502,7 @@ def status(g: Globals, names: tuple[str, ...]) -> None:
 @click.pass_obj
 def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> None:
     """Until every NAME runs: ok (0), timeout (13), absent (11), or the member's error (1)."""
-    _member_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
+    _client_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
 
 
 @cli.command("stop")
@@ -520,7 +510,7 @@ def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> Non
 @click.pass_obj
 def stop(g: Globals, name: str) -> None:
     """Stop one member; its siblings keep running."""
-    _member_call(g, lambda client: _emit_members(g, [client.member_stop(name)]))
+    _client_call(g, lambda client: _emit_members(g, [client.member_stop(name)]))
 
 
 @cli.command("add")
@@ -551,7 +541,7 @@ def add(
             added = client.member_wait([f"{added.cluster}/{added.name}"], wait_timeout)[0]
         return _emit_members(g, [added])
 
-    _member_call(g, call)
+    _client_call(g, call)
 
 
 def _member_definition(path: str, member: str) -> Any:
@@ -577,7 +567,7 @@ def down(g: Globals, cluster: str) -> None:
         result = client.cluster_down(cluster, timeout=max(g.timeout, 60.0))
         return emit(g.json, f"cluster {cluster} {result.outcome}", result.outcome, cluster=cluster)
 
-    _member_call(g, call)
+    _client_call(g, call)
 
 
 @cli.command("logs")
@@ -593,7 +583,7 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         paths = client.member_logs(name)
         return _print_log(paths.stderr if stderr else paths.stdout, follow)
 
-    _member_call(g, call)
+    _client_call(g, call)
 
 
 def _print_log(path: str, follow: bool) -> int:

@@ -105,33 +105,20 @@ def error_of(frame: dict[str, object]) -> tuple[object, object]:
 # -- frames that end the connection -------------------------------------------------------------
 
 
-def test_garbage_gets_one_bad_frame_error_then_close(fleetd: Fleetd) -> None:
+NOT_A_FRAME = {
+    "garbage": b"GET / HTTP/1.1\r\nHost: fleetd\r\n\r\n",
+    "invalid_utf8": b"\xff\xfe\xfd\xfc\n",
+    "invalid_utf8_inside_a_string": b'{"op":"hello","id":1,"version":1,"client":"\xff"}\n',
+    "deeply_nested": b'{"op":"ping","id":1,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+}
+
+
+@pytest.mark.parametrize("data", NOT_A_FRAME.values(), ids=list(NOT_A_FRAME))
+def test_bytes_that_are_not_a_frame_get_one_bad_frame_error_then_close(
+    fleetd: Fleetd, data: bytes
+) -> None:
     with raw(fleetd) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: fleetd\r\n\r\n")
-        frames = frames_until_closed(sock)
-    assert [error_of(f) for f in frames] == [(None, "bad_frame")]
-    assert_still_serving(fleetd)
-
-
-def test_invalid_utf8_gets_bad_frame_then_close(fleetd: Fleetd) -> None:
-    with raw(fleetd) as sock:
-        sock.sendall(b"\xff\xfe\xfd\xfc\n")
-        frames = frames_until_closed(sock)
-    assert [error_of(f) for f in frames] == [(None, "bad_frame")]
-    assert_still_serving(fleetd)
-
-
-def test_invalid_utf8_inside_a_string_gets_bad_frame_then_close(fleetd: Fleetd) -> None:
-    with raw(fleetd) as sock:
-        sock.sendall(b'{"op":"hello","id":1,"version":1,"client":"\xff"}\n')
-        frames = frames_until_closed(sock)
-    assert [error_of(f) for f in frames] == [(None, "bad_frame")]
-    assert_still_serving(fleetd)
-
-
-def test_deeply_nested_frame_gets_bad_frame_then_close(fleetd: Fleetd) -> None:
-    with raw(fleetd) as sock:
-        sock.sendall(b'{"op":"ping","id":1,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+        sock.sendall(data)
         frames = frames_until_closed(sock)
     assert [error_of(f) for f in frames] == [(None, "bad_frame")]
     assert_still_serving(fleetd)

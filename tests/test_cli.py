@@ -3,14 +3,12 @@
 import json
 import os
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
-from click.testing import CliRunner
 
-from fleetctl.cli import cli, run
+from fleetctl.cli import run
 from protocol import PROTOCOL_VERSION, RELEASE
 from tests.processes import Fleetd, fleetctl
 
@@ -127,10 +125,8 @@ def test_protocol_mismatch_is_refused_with_exit_15(
 ) -> None:
     path, _ = fake_daemon
     fast = fleetctl("--socket", path, command, env=dict(os.environ))
-    slow = CliRunner().invoke(cli, ["--socket", path, command])
     assert fast.returncode == 15
     assert "protocol" in fast.stderr
-    assert slow.exit_code != 0
     assert run(["--socket", path, command]) == 15
 
 
@@ -168,4 +164,3 @@ def test_help_lists_the_commands() -> None:
     result = fleetctl("--help", env=dict(os.environ))
     assert result.returncode == 0
     assert "ping" in result.stdout and "version" in result.stdout
-    assert sys.executable
