@@ -43,13 +43,13 @@ from fleetd.members import (
     NotifySocket,
     Reaper,
     ancestry,
-    become_subreaper,
     block_sigchld,
     needs_port,
     write_atomically,
     write_pidfile,
 )
 from fleetd.server import Connection, accept_forever, admit
+from fleetd.spawn import Spawner, become_subreaper
 from protocol import MAX_FRAME, PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest
@@ -106,6 +106,30 @@ def free_port() -> int:
         return port
 
 
+class Peers:
+    """FLEET_PEERS for every member of a cluster: the full list joined once, each member's
+    own entry cut out by position (joining N entries per member made starting N members
+    quadratic)."""
+
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self._joined = ",".join(f"{name}={address}" for name, address in addresses.items())
+        self._spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        for name, address in addresses.items():
+            end = start + len(name) + 1 + len(address)
+            self._spans[name] = (start, end)
+            start = end + 1
+
+    def without(self, name: str) -> str:
+        span = self._spans.get(name)
+        if span is None:
+            return self._joined
+        start, end = span
+        if start == 0:
+            return self._joined[end + 1 :]
+        return self._joined[: start - 1] + self._joined[end:]
+
+
 class Holder:
     """Supervises one cluster's members and serves their sockets until the last one leaves.
 
@@ -128,13 +152,14 @@ class Holder:
         self.runtime_dir = os.path.abspath(runtime_dir)
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
         self.reaper = Reaper()
+        self.spawner = Spawner()
         self._bind_pid = bind_pid
         self._log_max_bytes = log_max_bytes
         self._members: dict[str, Member] = {}
         self._departed: dict[str, MemberStatus] = {}
         self._listening: dict[str, anyio.CancelScope] = {}
         self._by_pid: dict[int, Member] = {}
-        self._peers: list[tuple[str, str]] | None = None
+        self._peers: Peers | None = None
         self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
         self._unsaved: dict[str, Member] = {}
         self._save_soon = anyio.Event()
@@ -329,8 +354,8 @@ class Holder:
 
     def peers_of(self, name: str) -> str:
         if self._peers is None:
-            self._peers = [(n, f"{n}={m.address}") for n, m in self._members.items()]
-        return ",".join([entry for sibling, entry in self._peers if sibling != name])
+            self._peers = Peers({n: m.address for n, m in self._members.items()})
+        return self._peers.without(name)
 
     def member_changed(self, member: Member) -> None:
         if member.pid is not None:

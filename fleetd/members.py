@@ -8,24 +8,18 @@ then waitpid until nothing is left, which also reaps orphans a subreaper adopts)
 readiness notifications through one `NotifySocket` per holder (sd_notify, attributed by
 sender pid).
 
-Members are spawned with posix_spawn through `setpriv --pdeathsig KILL`, so that a holder that
-dies (SIGKILL included) takes its members along, at the cost of one extra exec in the child.
-Without setpriv they are forked with a preexec hook doing the same prctl, which is several
-times slower. Either way the spawning thread is the event loop's (the parent-death signal
-fires when the spawning *thread* exits).
+Members are started by the holder's `fleetd.spawn.Spawner`, with a parent-death signal.
 """
 
 import contextlib
 import ctypes
-import errno
+import functools
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +32,7 @@ from anyio.abc import TaskStatus
 
 from fleetd import identity
 from fleetd.backoff import Backoff, Exit, plan_restart
+from fleetd.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.members import (
     PIDFILE,
@@ -61,21 +56,7 @@ _PROBE_MAX = 0.2
 _DRAIN_GRACE = 0.5
 """Seconds a stopped member's pipes may take to deliver their last output."""
 
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
-_SETPRIV = shutil.which("setpriv")
-
-
-def prctl(option: int, value: int) -> None:
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-def become_subreaper() -> None:
-    """Orphaned descendants of our members are re-parented to us, so we can reap them."""
-    prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -251,94 +232,6 @@ def _drain(fd: int) -> None:
             pass
 
 
-@dataclass(slots=True)
-class Child:
-    """A spawned process; `popen` only on the fallback path (it must learn its exit code, or
-    the subprocess module would reap the pid behind our back)."""
-
-    pid: int
-    popen: "subprocess.Popen[bytes] | None" = None
-
-    def reaped(self, exit_code: int) -> None:
-        if self.popen is not None:
-            self.popen.returncode = exit_code
-
-
-def spawn(argv: list[str], env: dict[str, str], cwd: str | None, stdout: int, stderr: int) -> Child:
-    """Start `argv` in its own process group with stdin from /dev/null, the given output
-    descriptors, and SIGKILL as its parent-death signal. Raises OSError (no such program,
-    no such directory, not executable) with the OS error."""
-    with _working_directory(cwd):
-        program = _resolve_program(argv[0], env.get("PATH", os.defpath))
-        if _SETPRIV is None:
-            return _spawn_with_preexec([program, *argv[1:]], env, stdout, stderr)
-        pid = os.posix_spawn(
-            _SETPRIV,
-            [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]],
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, stdout, 1),
-                (os.POSIX_SPAWN_DUP2, stderr, 2),
-            ],
-            setpgroup=0,
-            setsigmask=(),
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-        )
-    return Child(pid)
-
-
-@contextlib.contextmanager
-def _working_directory(cwd: str | None) -> Iterator[None]:
-    """posix_spawn cannot chdir (before Python 3.13): step into `cwd` around the spawn. Safe
-    because the holder spawns from its event loop thread only and awaits nothing meanwhile."""
-    if cwd is None:
-        yield
-        return
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def _resolve_program(program: str, path: str) -> str:
-    """The file exec would run, or the OSError exec would fail with (setpriv execs it, too
-    late to report the error as ours)."""
-    if "/" not in program:
-        found = shutil.which(program, path=path)
-        if found is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-        return os.path.abspath(found)
-    if not os.path.exists(program):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    if os.path.isdir(program) or not os.access(program, os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
-    return os.path.abspath(program)
-
-
-def _spawn_with_preexec(argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> Child:
-    holder = os.getpid()
-
-    def die_with_holder() -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the holder blocks SIGCHLD
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != holder:  # the holder died before the prctl: nobody would signal us
-            os._exit(1)
-
-    popen = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        process_group=0,
-        preexec_fn=die_with_holder,  # noqa: PLW1509 (only the event loop thread spawns)
-    )
-    return Child(popen.pid, popen)
-
-
 def signal_group(pgid: int, signum: int) -> None:
     """Signal a member's whole process group (a member that forked takes its children along)."""
     with contextlib.suppress(ProcessLookupError):
@@ -451,6 +344,7 @@ class Host(Protocol):
 
     cluster: str
     reaper: Reaper
+    spawner: Spawner
     notify_path: str
 
     def peers_of(self, name: str) -> str:
@@ -655,7 +549,7 @@ class Member:
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
-            child = spawn(argv, env, cwd, out_write, err_write)
+            child = self._host.spawner.spawn(argv, env, cwd, out_write, err_write)
         except OSError:
             for fd in (out_read, err_read):
                 os.close(fd)
@@ -674,7 +568,7 @@ class Member:
         return run
 
     def _environment(self) -> dict[str, str]:
-        env = {**os.environ, **{key: self.expand(v) for key, v in self.spec.env.items()}}
+        env = {**_inherited_environment(), **{k: self.expand(v) for k, v in self.spec.env.items()}}
         env["FLEET_MEMBER"] = self.name
         env["FLEET_CLUSTER"] = self._host.cluster
         env["FLEET_PEERS"] = self._host.peers_of(self.name)
@@ -776,6 +670,13 @@ async def _until_connectable(connect: Callable[[], Awaitable[anyio.abc.SocketStr
         else:
             await stream.aclose()
             return
+
+
+@functools.cache
+def _inherited_environment() -> dict[str, str]:
+    """The holder's environment, read once: it does not change, and decoding os.environ per
+    spawn was a tenth of the cost of starting a member."""
+    return dict(os.environ)
 
 
 def _os_error(exc: OSError) -> str:

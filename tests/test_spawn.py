@@ -1,0 +1,86 @@
+"""Spawning members: the trampoline gives them a parent-death signal and gets out of the way."""
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fleetd.spawn import TRAMPOLINE, Spawner
+
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 executable")
+
+
+def trampoline_fd() -> int:
+    fd = os.memfd_create("test-trampoline", 0)
+    os.write(fd, TRAMPOLINE)
+    return fd
+
+
+def run_spawned(argv: list[str], env: dict[str, str]) -> str:
+    read, write = os.pipe()
+    try:
+        child = Spawner().spawn(argv, env, None, write, write)
+    finally:
+        os.close(write)
+    with os.fdopen(read) as output:
+        text = output.read()
+    os.waitpid(child.pid, 0)
+    return text
+
+
+def test_a_spawned_program_gets_its_arguments_and_environment_verbatim() -> None:
+    argv = ["sh", "-c", 'echo "$0" "$1" "$GREETING"', "zero", "one; two"]
+    env = {"PATH": os.environ["PATH"], "GREETING": "hello"}
+    assert run_spawned(argv, env) == "zero one; two hello\n"
+
+
+@x86_64_only
+def test_the_trampoline_refuses_to_run_for_a_parent_it_was_not_started_by() -> None:
+    fd = trampoline_fd()
+    try:
+        path = f"/proc/self/fd/{fd}"
+        done = subprocess.run(
+            [path, "1", "/bin/echo", "ran"], capture_output=True, pass_fds=(fd,), check=False
+        )
+    finally:
+        os.close(fd)
+    assert (done.returncode, done.stdout) == (127, b"")
+
+
+@x86_64_only
+def test_the_trampoline_runs_the_program_for_its_parent() -> None:
+    fd = trampoline_fd()
+    try:
+        path = f"/proc/self/fd/{fd}"
+        command = [path, str(os.getpid()), "/bin/echo", "ran"]
+        done = subprocess.run(command, capture_output=True, pass_fds=(fd,), check=False)
+    finally:
+        os.close(fd)
+    assert (done.returncode, done.stdout) == (0, b"ran\n")
+
+
+def test_a_spawned_program_dies_with_the_process_that_spawned_it() -> None:
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from fleetd.spawn import Spawner
+        child = Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2)
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    spawner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert spawner.stdout is not None
+    with spawner.stdout:
+        pid = int(spawner.stdout.readline())
+    spawner.send_signal(signal.SIGKILL)
+    spawner.wait()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}")
