@@ -13,20 +13,31 @@ from typing import Any
 
 import structlog
 
+from fleetd.identity import identify
 from protocol.errors import BadFrame, FleetError, Internal
 from protocol.framing import decode_request, error_response, request_id_of
+from protocol.leases import Identity
 from protocol.messages import Message, Request, Response
 
 log = structlog.get_logger("fleetd.dispatch")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False, slots=True)
 class Peer:
-    """Who is on the other end, from SO_PEERCRED: the kernel's word, not the client's."""
+    """Who is on the other end, from SO_PEERCRED: the kernel's word, not the client's. One
+    per connection: a connection's peer process does not change while it lasts."""
 
     pid: int
     uid: int
     gid: int
+    _identity: Identity | None = None
+
+    def identity(self) -> Identity:
+        """The peer process's identity (its start time pins it among reused pids), read from
+        /proc once per connection rather than once per request. Raises ProcessGone."""
+        if self._identity is None:
+            self._identity = identify(self.pid, self.uid)
+        return self._identity
 
 
 Handler = Callable[[Any, Peer], Message] | Callable[[Any, Peer], Awaitable[Message]]

@@ -493,6 +493,8 @@ class LeaseManager:
     def _contested(self, name: str, owner: str) -> LeaseResult | None:
         """Answer a plainly contested acquire without queueing on the name's lock."""
         entry = self.table.get(name)
+        if entry is None or entry.record.owner == owner:
+            return None  # never contested: spare the /proc read deciding so
         decision = decide_acquire(entry, owner, self._clock(), proc.is_alive)
         if decision.verdict is not Verdict.CONTEST:
             return None
@@ -679,7 +681,7 @@ def _identify(pid: int, peer: Peer) -> Identity:
             f"pid {pid} is neither the caller ({peer.pid}) nor one of its ancestors", pid=pid
         )
     try:
-        return proc.identify(target, None if pid and pid != peer.pid else peer.uid)
+        return proc.identify(pid) if pid and pid != peer.pid else peer.identity()
     except proc.ProcessGone:
         raise InvalidRequest(f"cannot identify process {target}: it is gone", pid=target) from None
 

@@ -258,11 +258,10 @@ class _State:
 class _Job(Generic[T]):
     """One request on its way through the database thread and back."""
 
-    __slots__ = ("apply", "done", "error", "result", "settled")
+    __slots__ = ("apply", "error", "result", "settled")
 
     def __init__(self, apply: "Callable[[_Database], T]") -> None:
         self.apply = apply
-        self.done = anyio.Event()
         self.result: T | None = None
         self.error: BaseException | None = None
         self.settled = False
@@ -633,7 +632,12 @@ class SQLiteStore(Store):
         self._clock = clock
         self._history = history
         self._limiter = anyio.CapacityLimiter(1)
-        self._send, self._receive = anyio.create_memory_object_stream[_Job[Any]](QUEUE)
+        self._queue: list[_Job[Any]] = []
+        self._queued_done = anyio.Event()
+        """Set once the batch that takes the jobs queued now has been answered: one event per
+        batch, not per job (creating an event costs about as much as running a job)."""
+        self._work_due = anyio.Event()
+        self._closed = False
         self._state = _State()
         self._leases = _LeaseTable()
         self._doomed: set[int] = set()
@@ -750,7 +754,7 @@ class SQLiteStore(Store):
             transactions=self._state.transactions,
             operations=self._state.operations,
             commits=self._state.commits,
-            queued=self._receive.statistics().current_buffer_used,
+            queued=len(self._queue),
             leases=len(self._leases),
             watchers=len(self._watchers),
         )
@@ -769,31 +773,30 @@ class SQLiteStore(Store):
     async def _submit(self, apply: Callable[[_Database], T]) -> T:
         """Queue without a checkpoint of its own while the queue has room (waiting for the
         answer is the checkpoint): a yield here would cost every write a loop turn."""
+        while len(self._queue) >= QUEUE and not self._closed:
+            await self._queued_done.wait()
+        if self._closed:
+            raise anyio.ClosedResourceError("the store is closed")
         job = _Job(apply)
-        try:
-            self._send.send_nowait(job)
-        except anyio.WouldBlock:
-            await self._send.send(job)
-        await job.done.wait()
+        self._queue.append(job)
+        done = self._queued_done
+        self._work_due.set()
+        await done.wait()
         return job.outcome()
 
     async def _write_batches(self, database: _Database) -> None:
-        async for first in self._receive:
-            batch = [first, *self._queued()]
+        while True:
+            await self._work_due.wait()
+            self._work_due = anyio.Event()
+            batch, self._queue = self._queue, []
+            done, self._queued_done = self._queued_done, anyio.Event()
             with anyio.CancelScope(shield=True):  # a committed batch always gets answered
                 try:
                     report = await self._in_thread(database.run_batch, batch)
                     self._publish(report)
                 finally:
                     self._answer(batch)
-
-    def _queued(self) -> list[_Job[Any]]:
-        jobs = []
-        while True:
-            try:
-                jobs.append(self._receive.receive_nowait())
-            except anyio.WouldBlock:
-                return jobs
+                    done.set()
 
     def _publish(self, report: _Report) -> None:
         self._state = report.state
@@ -806,7 +809,6 @@ class SQLiteStore(Store):
         for job in batch:
             if not job.settled:
                 job.fail(Internal("the store's database thread failed; see the daemon log"))
-            job.done.set()
 
     async def _expire_leases(self) -> None:
         while True:
@@ -847,11 +849,11 @@ class SQLiteStore(Store):
 
     def _stop(self) -> None:
         """Refuses new requests, fails the queued ones and ends the watches."""
-        for job in self._queued():
+        self._closed = True
+        for job in self._queue:
             job.fail(anyio.ClosedResourceError("the store is closed"))
-            job.done.set()
-        self._send.close()
-        self._receive.close()
+        self._queue = []
+        self._queued_done.set()
         self._leases.clear()
         for watcher in self._watchers:
             watcher.close()
