@@ -64,7 +64,9 @@ def decode_result(response: RawResponse, result_type: type[R]) -> R:
 
 
 class Conversation:
-    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME, *, peer: str = "fleetd") -> None:
+        self.peer = peer
+        """Who answers, for error messages."""
         self._splitter = FrameSplitter(max_frame)
         self._next_id = 0
         self.answers: dict[int, RawResponse] = {}
@@ -86,22 +88,22 @@ class Conversation:
         try:
             frames = self._splitter.feed(data)
         except BadFrame as exc:
-            self.fail(ConnectionLost(f"fleetd sent a bad frame: {exc.message}"))
+            self.fail(ConnectionLost(f"{self.peer} sent a bad frame: {exc.message}"))
             return
         for frame in frames:
             try:
                 response = decode_response(frame)
             except BadFrame as exc:
-                self.fail(ConnectionLost(f"fleetd sent a bad frame: {exc.message}"))
+                self.fail(ConnectionLost(f"{self.peer} sent a bad frame: {exc.message}"))
                 return
             if response.id is None:
-                self.fail(_connection_error(response))
+                self.fail(_connection_error(response, self.peer))
             elif response.id in self.waiting:
                 self.waiting.discard(response.id)
                 self.answers[response.id] = response
 
     def ended(self) -> None:
-        self.fail(ConnectionLost("fleetd closed the connection"))
+        self.fail(ConnectionLost(f"{self.peer} closed the connection"))
 
     def fail(self, error: FleetError) -> None:
         """Every request still waiting fails with `error`, and so does every later one."""
@@ -117,8 +119,8 @@ class Conversation:
         return answer
 
 
-def _connection_error(response: RawResponse) -> FleetError:
+def _connection_error(response: RawResponse, peer: str) -> FleetError:
     error = response.error
     if error is None:
-        return ConnectionLost("fleetd sent a frame without an id")
+        return ConnectionLost(f"{peer} sent a frame without an id")
     return error_for_code(error.code, error.message, error.details)

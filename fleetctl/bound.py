@@ -20,9 +20,11 @@ portal), so both forms behave alike.
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -33,6 +35,7 @@ import msgspec
 from anyio.abc import Process, TaskGroup
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from fleetctl._conversation import R
 from fleetctl.members_client import (
     MemberLink,
     connect_member,
@@ -40,6 +43,7 @@ from fleetctl.members_client import (
     one_request,
     status_on_disk,
 )
+from fleetctl.sync import BlockingLink
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import (
     ClusterSpec,
@@ -75,7 +79,7 @@ from protocol.members import (
     member_socket_path,
     runtime_dir_problem,
 )
-from protocol.messages import Empty
+from protocol.messages import Empty, Request
 
 Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
 """A `fleet.toml` path, a ClusterSpec, or a dict shaped like the TOML file."""
@@ -254,7 +258,9 @@ class Cluster:
         except BaseException:
             self._blocking.close()
             raise
-        return SyncCluster(self, portal)
+        blocking = SyncCluster(self, portal)
+        self._blocking.callback(blocking.close)
+        return blocking
 
     def __exit__(
         self,
@@ -387,11 +393,15 @@ class Cluster:
 
 class SyncCluster:
     """The blocking face of a Cluster (what `with cluster(...)` gives): the same calls, run on
-    the cluster's private event loop thread."""
+    the cluster's private event loop thread, except status, which asks the holder over a
+    blocking connection of its own: a round trip without two thread hops, several times
+    faster. That connection never acks, so closing it tears nothing down."""
 
     def __init__(self, cluster: Cluster, portal: BlockingPortal) -> None:
         self.cluster = cluster
         self._portal = portal
+        self._link: BlockingLink | None = None
+        self._asking = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -419,7 +429,46 @@ class SyncCluster:
     @overload
     def status(self, name: None = None) -> dict[str, MemberStatus]: ...
     def status(self, name: str | None = None) -> MemberStatus | dict[str, MemberStatus]:
-        return self._portal.call(self.cluster.status, name)
+        """As Cluster.status: the live holder answers, the state files once it is gone."""
+        with self._asking:
+            if name is not None:
+                return self._status_of(name)
+            live: dict[str, MemberStatus] = {}
+            with contextlib.suppress(ConnectionLost):
+                answer = self._ask(StatusAll, WatchResult)
+                live = {status.name: status for status in answer.members}
+            return {m: live.get(m) or self._status_of(m) for m in self.cluster.members}
+
+    def _status_of(self, name: str) -> MemberStatus:
+        with contextlib.suppress(ConnectionLost):
+            return self._ask(Status, MemberStatus, name=name)
+        return status_on_disk(self.cluster.runtime_dir, name)
+
+    def _ask(self, request_type: type[Request], result_type: type[R], **fields: Any) -> R:
+        if self._link is None:
+            self._link = self._connect()
+        try:
+            return self._link.request(request_type, result_type, self.cluster.timeout, **fields)
+        except ConnectionLost:
+            self.close()
+            raise
+
+    def _connect(self) -> BlockingLink:
+        """To any member socket still open (a stopped member's socket is gone)."""
+        for member in self.cluster.members:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(member_socket_path(self.cluster.runtime_dir, member))
+            except OSError:
+                sock.close()
+                continue
+            return BlockingLink(sock, peer="the holder")
+        raise ConnectionLost(f"no member socket of cluster {self.name!r} is open")
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def stop(self, name: str) -> MemberStatus:
         return self._portal.call(self.cluster.stop, name)

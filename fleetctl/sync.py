@@ -66,6 +66,42 @@ from protocol.status import MemberStatus
 _READ_SIZE = 65536
 
 
+class BlockingLink:
+    """One blocking connection speaking frames: a request, then its answer. What SyncClient
+    speaks to fleetd, and a blocking cluster to its holder."""
+
+    def __init__(self, sock: socket.socket, *, peer: str = "fleetd") -> None:
+        self._sock = sock
+        self._conversation = Conversation(peer=peer)
+
+    def request(
+        self, request_type: type[Request], result_type: type[R], timeout: float, **fields: Any
+    ) -> R:
+        sock, conversation = self._sock, self._conversation
+        request_id, frame = conversation.request(request_type, fields)
+        deadline = time.monotonic() + timeout
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(frame)
+            while (answer := conversation.outcome(request_id)) is None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = sock.recv(_READ_SIZE)
+                if data:
+                    conversation.received(data)
+                else:
+                    conversation.ended()
+        except TimeoutError:
+            raise Timeout(f"no answer from {conversation.peer} within {timeout}s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"{conversation.peer} went away: {exc.strerror or exc}") from None
+        finally:
+            conversation.abandon(request_id)
+        return decode_result(answer, result_type)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class SyncClient:
     """The same calls as Client, blocking. One request at a time (no pipelining needed)."""
 
@@ -73,9 +109,8 @@ class SyncClient:
         self.socket_path = resolve_socket(socket_path)
         self.timeout = timeout
         self.server: HelloResult | None = None
-        self._sock: socket.socket | None = None
+        self._link: BlockingLink | None = None
         self._closed = False
-        self._conversation = Conversation()
 
     def __enter__(self) -> Self:
         self.connect()
@@ -90,7 +125,7 @@ class SyncClient:
         self.close()
 
     def connect(self) -> HelloResult:
-        if self._sock is not None or self._closed:
+        if self._link is not None or self._closed:
             raise ClientClosed("connect() on a client that was already connected")
         problem = socket_path_problem(self.socket_path)
         if problem:
@@ -105,7 +140,7 @@ class SyncClient:
         except OSError as exc:
             sock.close()
             raise unavailable(self.socket_path, exc) from None
-        self._sock = sock
+        self._link = BlockingLink(sock)
         try:
             hello = self.request(Hello, HelloResult, version=PROTOCOL_VERSION, client="fleetctl")
             self.server = check_server_version(hello)
@@ -116,9 +151,9 @@ class SyncClient:
 
     def close(self) -> None:
         self._closed = True
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def ping(self) -> None:
         self.request(Ping, Empty)
@@ -232,26 +267,8 @@ class SyncClient:
         timeout: float | None = None,
         **fields: Any,
     ) -> R:
-        sock = self._sock
-        if sock is None:
+        if self._link is None:
             raise ClientClosed("the client is not connected; connect() first")
-        conversation = self._conversation
-        request_id, frame = conversation.request(request_type, fields)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(frame)
-            while (answer := conversation.outcome(request_id)) is None:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                data = sock.recv(_READ_SIZE)
-                if data:
-                    conversation.received(data)
-                else:
-                    conversation.ended()
-        except TimeoutError:
-            raise Timeout(f"no answer from fleetd within {timeout or self.timeout}s") from None
-        except OSError as exc:
-            raise ConnectionLost(f"fleetd went away: {exc.strerror or exc}") from None
-        finally:
-            conversation.abandon(request_id)
-        return decode_result(answer, result_type)
+        return self._link.request(
+            request_type, result_type, self.timeout if timeout is None else timeout, **fields
+        )

@@ -57,6 +57,7 @@ _DRAIN_GRACE = 0.5
 """Seconds a stopped member's pipes may take to deliver their last output."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_HOLDER_PID = os.getpid()
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -402,6 +403,8 @@ class Member:
         self.exit_code: int | None = None
         self.started_at: float | None = None
         self.error = ""
+        self._status: MemberStatus | None = None
+        """status(), kept until a field of it changes: all-member answers reuse it."""
         self._run: _Run | None = None
         self._supervising = anyio.CancelScope()
         self._done = anyio.Event()
@@ -430,18 +433,20 @@ class Member:
         return os.path.join(self.expand(self.spec.cwd), path) if self.spec.cwd else path
 
     def status(self) -> MemberStatus:
-        return MemberStatus(
-            name=self.name,
-            state=self.state,
-            pid=self.pid,
-            running=self.pid is not None,
-            address=self.address,
-            holder_pid=os.getpid(),
-            restarts=self.restarts,
-            exit_code=self.exit_code,
-            started_at=self.started_at,
-            error=self.error,
-        )
+        if self._status is None:
+            self._status = MemberStatus(
+                name=self.name,
+                state=self.state,
+                pid=self.pid,
+                running=self.pid is not None,
+                address=self.address,
+                holder_pid=_HOLDER_PID,
+                restarts=self.restarts,
+                exit_code=self.exit_code,
+                started_at=self.started_at,
+                error=self.error,
+            )
+        return self._status
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise until `stop`: prepare once, then spawn, await readiness, restart per
@@ -514,6 +519,7 @@ class Member:
                 self._publish(state, error=f"{why}; restarting in {plan.delay:.2g}s")
                 await anyio.sleep(plan.delay)
             self.restarts += 1
+            self._status = None
             log.info("member_restarting", member=self.name, restarts=self.restarts, after=why)
 
     async def _run_once(self) -> tuple[Exit, str]:
@@ -563,6 +569,7 @@ class Member:
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
         self._run = run
         self.pid, self.started_at, self.error = child.pid, time.time(), ""
+        self._status = None
         self._pumps.start_soon(self._pump, out_read, self._logs[0], run, 1)
         self._pumps.start_soon(self._pump, err_read, self._logs[1], run, 2)
         return run
@@ -581,6 +588,7 @@ class Member:
         run.child.reaped(exit_code)
         run.exit_code = exit_code
         self.pid, self.exit_code = None, exit_code
+        self._status = None
         run.exited.set()
 
     async def _become_ready(self, run: _Run) -> None:
@@ -639,6 +647,7 @@ class Member:
     def _publish(self, state: MemberState, *, error: str = "") -> None:
         self.state = state
         self.error = error
+        self._status = None
         self._host.member_changed(self)
 
     def save(self) -> None:
