@@ -20,7 +20,7 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -60,6 +60,8 @@ PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
 
 STAGING = "claims-staging"
+GC_CONCURRENCY = 32
+"""Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
 
 
@@ -340,15 +342,17 @@ class ClaimService:
 
     async def _collect_claims(self, owners: Owners, dry_run: bool) -> Entries:
         """Every held claim whose owner is known and gone: record, then file."""
-        removed = []
-        for kv in await self._store.range(PREFIX):
-            record = _stored(kv)
-            if record.state != "held" or not owners.gone(record.owner):
-                continue
-            kind, _, name = kv.key.removeprefix(PREFIX).partition("/")
-            if not dry_run and not await self._collect(kv.key, record):
-                continue
-            removed.append(_info(kind, name, record))
+        found = [
+            (kv.key, record)
+            for kv in await self._store.range(PREFIX)
+            if (record := _stored(kv)).state == "held" and owners.gone(record.owner)
+        ]
+        done = [True] * len(found) if dry_run else await _concurrently(self._collect, found)
+        removed: Entries = []
+        for (key, record), collected in zip(found, done, strict=True):
+            if collected:
+                kind, _, name = key.removeprefix(PREFIX).partition("/")
+                removed.append(_info(kind, name, record))
         return removed
 
     async def _collect(self, key: str, seen: StoredClaim) -> bool:
@@ -403,6 +407,32 @@ class ClaimService:
             case _:
                 text = f"{kind} {key!r} is already released"
         return ClaimResult(outcome=outcome, claim=claim, message=text)
+
+
+async def _concurrently(
+    collect: Callable[[str, StoredClaim], Awaitable[bool]],
+    found: Sequence[tuple[str, StoredClaim]],
+) -> list[bool]:
+    """Collect concurrently (each claim under its own lock), so that the store commits many
+    deletions together where one at a time each waits for its own fsync. No collection is
+    cut short by another's error: the first error is raised once all have finished."""
+    done = [False] * len(found)
+    errors: list[Exception] = []
+    limiter = anyio.CapacityLimiter(GC_CONCURRENCY)
+
+    async def one(index: int, key: str, record: StoredClaim) -> None:
+        async with limiter:
+            try:
+                done[index] = await collect(key, record)
+            except Exception as exc:
+                errors.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        for index, (key, record) in enumerate(found):
+            tasks.start_soon(one, index, key, record)
+    if errors:
+        raise errors[0]
+    return done
 
 
 def _stored(kv: KeyValue) -> StoredClaim:
