@@ -33,10 +33,17 @@ def _leases() -> list[Figure]:
     return measure()
 
 
+def _claims() -> list[Figure]:
+    from bench.claims import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
     "leases": _leases,
+    "claims": _claims,
     "members": members.measure,
 }
 

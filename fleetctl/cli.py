@@ -265,6 +265,11 @@ def _read_content() -> bytes:
 
 
 _KIND = click.option("--kind", required=True, help="file or prompt_inbox.")
+_ANY_KIND = click.option(
+    "--kind",
+    required=True,
+    help="file, prompt_inbox, or one of fleetd's own: holder, member, socket, log, lease.",
+)
 _KEY = click.option("--key", required=True, help="The claim's name within its kind.")
 _CLAIM_OWNER = click.option("--owner", required=True, help="Who owns the claim (an agent id).")
 
@@ -294,20 +299,20 @@ def claims_release(g: Globals, kind: str, key: str, owner: str) -> None:
 
 
 @claims_group.command("inspect")
-@_KIND
+@_ANY_KIND
 @_KEY
 @click.pass_obj
 def claims_inspect(g: Globals, kind: str, key: str) -> None:
-    """Show a claim: ok (0) or absent (11)."""
+    """Show a journal entry: ok (0) or absent (11)."""
     _claims_call(g, lambda client: client.claim_inspect(kind, key))
 
 
 @claims_group.command("list")
-@click.option("--kind", default="", help="Only claims of this kind.")
-@click.option("--owner", default="", help="Only this owner's claims.")
+@click.option("--kind", default="", help="Only entries of this kind.")
+@click.option("--owner", default="", help="Only this owner's entries.")
 @click.pass_obj
 def claims_list(g: Globals, kind: str, owner: str) -> None:
-    """Every claim record, released ones included."""
+    """Every journal entry, released ones included: claims, then fleetd's own resources."""
     _claims_call(g, lambda client: client.claim_list(kind, owner))
 
 
@@ -315,9 +320,11 @@ def claims_list(g: Globals, kind: str, owner: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_obj
 def gc(g: Globals, dry_run: bool) -> None:
-    """Remove the claims (and delivered files) of owners that are gone.
+    """Remove what no live owner holds, and report each item: claims (and their files) of
+    owners that are gone, exited clusters' files and records, dead lease records.
 
-    An owner is live while it holds a live lease or is a running member or cluster."""
+    An owner is live while it holds a live lease or is a running member or cluster; a
+    running cluster, a held lease and a live member's files are never touched."""
     _client_call(g, lambda client: _gc_report(g, client.claim_gc(dry_run=dry_run)))
 
 
@@ -325,7 +332,10 @@ def _gc_report(g: Globals, result: Any) -> int:
     import msgspec
 
     verb = "would remove" if result.dry_run else "removed"
-    lines = [f"{verb} {c.kind} {c.key!r} of {c.owner} ({c.path})" for c in result.removed]
+    lines = [
+        f"{verb} {c.kind} {c.key!r} of {c.owner}" + (f" ({c.path})" if c.path else "")
+        for c in result.removed
+    ]
     lines.append(f"{len(result.removed)} {verb}, {result.kept} kept")
     return emit(
         g.json,

@@ -2,7 +2,9 @@
 
     decide_acquire / decide_release   pure verdicts on a stored record
     deliver / withdraw                atomic file delivery and removal (blocking; in a thread)
-    ClaimService                      the edges: the store, the inbox, the per-claim locks
+    ClaimService                      the edges: the store, the inbox, the per-claim locks, and
+                                      the journal's providers (fleetd.journal), whose entries
+                                      it lists and whose collection gc runs
 
 Durability and crash safety. Acquire delivers the file first (staging file, fsync, rename into
 the inbox, fsync of the inbox directory), then records the claim in a store transaction
@@ -18,7 +20,7 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
@@ -28,9 +30,11 @@ import structlog
 from anyio.abc import TaskStatus
 
 from fleetd.dispatch import Peer
+from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
 from fleetd.store import Compare, Delete, KeyValue, Put, Store
 from protocol.claims import (
+    KINDS,
     MAX_CONTENT,
     ClaimAcquire,
     ClaimGc,
@@ -44,6 +48,7 @@ from protocol.claims import (
     ClaimState,
     check_component,
     check_content,
+    check_key,
     check_kind,
 )
 from protocol.errors import Internal, StoreFull
@@ -55,6 +60,8 @@ PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
 
 STAGING = "claims-staging"
+GC_CONCURRENCY = 32
+"""Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
 
 
@@ -73,6 +80,10 @@ class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(StoredClaim).decode
+
+
+Entries = list[ClaimInfo]
+"""(An alias: ClaimService.list shadows the builtin in the class's annotations.)"""
 
 
 def record_key(kind: str, key: str) -> str:
@@ -163,23 +174,11 @@ class _Found:
     mod_revision: int
 
 
-@dataclass(frozen=True)
-class Owners:
-    """Who fleetd knows of (lease holders past and present, members and clusters it ever saw)
-    and who of them is live. An owner fleetd knows nothing of may be an agent that is simply
-    not running now (an inbox waits for its reader): its claims are kept."""
-
-    live: frozenset[str]
-    known: frozenset[str]
-
-    def gone(self, owner: str) -> bool:
-        return owner in self.known and owner not in self.live
-
-
 class ClaimService:
     """Claims over the control socket; start it with ``await tg.start(service.serve)`` once
-    the store serves. `max_bytes` caps a claim's content (default: $FLEET_CLAIM_MAX_BYTES,
-    else MAX_CONTENT)."""
+    the store and the `providers` serve. `max_bytes` caps a claim's content (default:
+    $FLEET_CLAIM_MAX_BYTES, else MAX_CONTENT). `providers` offer fleetd's own resources as
+    journal entries, and the owners that gc asks about."""
 
     def __init__(
         self,
@@ -187,10 +186,11 @@ class ClaimService:
         state_dir: str,
         *,
         max_bytes: int | None = None,
-        owners: Callable[[], Owners] | None = None,
+        providers: Sequence[JournalProvider] = (),
     ) -> None:
         self._store = store
-        self._owners = owners
+        self._providers = tuple(providers)
+        self._by_kind = {kind: p for p in self._providers for kind in p.journal_kinds}
         self.state_dir = os.path.abspath(state_dir)
         self.staging = os.path.join(self.state_dir, STAGING)
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
@@ -198,8 +198,7 @@ class ClaimService:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         await self.reconcile()
-        if self._owners is not None:
-            await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
+        await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
         task_status.started()
 
     def path_of(self, kind: str, key: str, owner: str) -> str:
@@ -219,7 +218,7 @@ class ClaimService:
     # Handlers --------------------------------------------------------------------------------
 
     async def acquire(self, request: ClaimAcquire, peer: Peer) -> ClaimResult:
-        check_kind(request.kind)
+        check_kind(request.kind, writable=True)
         check_component("key", request.key)
         check_component("owner", request.owner)
         check_content(request.content, self.max_bytes)
@@ -255,7 +254,7 @@ class ClaimService:
             )
 
     async def release(self, request: ClaimRelease, peer: Peer) -> ClaimResult:
-        check_kind(request.kind)
+        check_kind(request.kind, writable=True)
         check_component("key", request.key)
         check_component("owner", request.owner)
         key = record_key(request.kind, request.key)
@@ -278,44 +277,83 @@ class ClaimService:
 
     async def inspect(self, request: ClaimInspect, peer: Peer) -> ClaimResult:
         check_kind(request.kind)
-        check_component("key", request.key)
-        found = await self._read(record_key(request.kind, request.key))
-        if found.record is None:
+        check_key(request.kind, request.key)
+        provider = self._by_kind.get(request.kind)
+        if provider is not None:
+            found = [
+                entry
+                for entry in await provider.journal_entries()
+                if (entry.kind, entry.key) == (request.kind, request.key)
+            ]
+            if found:
+                return ClaimResult(outcome=Outcome.OK, claim=found[0])
             return ClaimResult(outcome=Outcome.ABSENT, message=_absent(request.kind, request.key))
-        return ClaimResult(outcome=Outcome.OK, claim=_info(request.kind, request.key, found.record))
+        found_claim = await self._read(record_key(request.kind, request.key))
+        if found_claim.record is None:
+            return ClaimResult(outcome=Outcome.ABSENT, message=_absent(request.kind, request.key))
+        return ClaimResult(
+            outcome=Outcome.OK, claim=_info(request.kind, request.key, found_claim.record)
+        )
 
     async def list(self, request: ClaimListRequest, peer: Peer) -> ClaimList:
+        """Claims first (in key order), then each provider's entries."""
         if request.kind:
             check_kind(request.kind)
-        prefix = PREFIX + (f"{request.kind}/" if request.kind else "")
-        claims = []
-        for kv in await self._store.range(prefix):
-            kind, _, name = kv.key.removeprefix(PREFIX).partition("/")
-            record = _stored(kv)
-            if not request.owner or record.owner == request.owner:
-                claims.append(_info(kind, name, record))
-        return ClaimList(claims=claims)
+        entries = await self._claims(request.kind)
+        for provider in self._providers:
+            if not request.kind or request.kind in provider.journal_kinds:
+                entries += await provider.journal_entries()
+        return ClaimList(
+            claims=[
+                entry
+                for entry in entries
+                if (not request.kind or entry.kind == request.kind)
+                and (not request.owner or entry.owner == request.owner)
+            ]
+        )
 
     async def gc(self, request: ClaimGc, peer: Peer) -> ClaimGcResult:
-        """Remove (record and file) every held claim whose owner is gone; idempotent."""
-        owners = self._owners() if self._owners is not None else Owners(frozenset(), frozenset())
-        removed, kept = [], 0
-        for kv in await self._store.range(PREFIX):
-            record = _stored(kv)
-            if record.state != "held":
-                continue
-            if not owners.gone(record.owner):
-                kept += 1
-                continue
-            kind, _, name = kv.key.removeprefix(PREFIX).partition("/")
-            if not request.dry_run and not await self._collect(kv.key, record):
-                continue
-            removed.append(_info(kind, name, record))
+        """Remove what no live owner holds, reporting each item; idempotent. Claims go first,
+        judged by the owners known before anything is collected: collecting an exited holder
+        or a dead lease record forgets the owners it made known."""
+        owners = Owners.union(p.journal_owners() for p in self._providers)
+        every = len((await self.list(ClaimListRequest(id=0), peer)).claims)
+        removed = await self._collect_claims(owners, request.dry_run)
+        for provider in self._providers:
+            removed += await provider.journal_collect(dry_run=request.dry_run)
         if removed and not request.dry_run:
-            log.info("claims_collected", claims=[f"{c.kind}/{c.key}" for c in removed])
+            log.info("journal_collected", items=[f"{c.kind}/{c.key}" for c in removed])
         return ClaimGcResult(
-            outcome=Outcome.OK, dry_run=request.dry_run, removed=removed, kept=kept
+            outcome=Outcome.OK,
+            dry_run=request.dry_run,
+            removed=removed,
+            kept=max(0, every - len(removed)),
         )
+
+    async def _claims(self, kind: str) -> Entries:
+        if kind and kind not in KINDS:
+            return []
+        prefix = PREFIX + (f"{kind}/" if kind else "")
+        claims = []
+        for kv in await self._store.range(prefix):
+            kind_, _, name = kv.key.removeprefix(PREFIX).partition("/")
+            claims.append(_info(kind_, name, _stored(kv)))
+        return claims
+
+    async def _collect_claims(self, owners: Owners, dry_run: bool) -> Entries:
+        """Every held claim whose owner is known and gone: record, then file."""
+        found = [
+            (kv.key, record)
+            for kv in await self._store.range(PREFIX)
+            if (record := _stored(kv)).state == "held" and owners.gone(record.owner)
+        ]
+        done = [True] * len(found) if dry_run else await _concurrently(self._collect, found)
+        removed: Entries = []
+        for (key, record), collected in zip(found, done, strict=True):
+            if collected:
+                kind, _, name = key.removeprefix(PREFIX).partition("/")
+                removed.append(_info(kind, name, record))
+        return removed
 
     async def _collect(self, key: str, seen: StoredClaim) -> bool:
         """Delete the record, then the file; False if the claim moved on meanwhile."""
@@ -369,6 +407,32 @@ class ClaimService:
             case _:
                 text = f"{kind} {key!r} is already released"
         return ClaimResult(outcome=outcome, claim=claim, message=text)
+
+
+async def _concurrently(
+    collect: Callable[[str, StoredClaim], Awaitable[bool]],
+    found: Sequence[tuple[str, StoredClaim]],
+) -> list[bool]:
+    """Collect concurrently (each claim under its own lock), so that the store commits many
+    deletions together where one at a time each waits for its own fsync. No collection is
+    cut short by another's error: the first error is raised once all have finished."""
+    done = [False] * len(found)
+    errors: list[Exception] = []
+    limiter = anyio.CapacityLimiter(GC_CONCURRENCY)
+
+    async def one(index: int, key: str, record: StoredClaim) -> None:
+        async with limiter:
+            try:
+                done[index] = await collect(key, record)
+            except Exception as exc:
+                errors.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        for index, (key, record) in enumerate(found):
+            tasks.start_soon(one, index, key, record)
+    if errors:
+        raise errors[0]
+    return done
 
 
 def _stored(kv: KeyValue) -> StoredClaim:

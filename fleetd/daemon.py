@@ -8,7 +8,6 @@ import fcntl
 import os
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -17,11 +16,11 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from fleetd import identity as proc
 from fleetd import systemd
-from fleetd.claims import ClaimService, Owners
+from fleetd.claims import ClaimService
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.holders import HolderRegistry
+from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.server import ControlServer
 from fleetd.store.sqlite import SQLiteStore
@@ -134,7 +133,9 @@ class Daemon:
         self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
         self.leases = LeaseManager(self.store)
         self.holders = HolderRegistry(self.store, config.state_dir)
-        self.claims = ClaimService(self.store, config.state_dir, owners=self.owners)
+        self.claims = ClaimService(
+            self.store, config.state_dir, providers=(self.holders, LeaseJournal(self.leases))
+        )
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -162,24 +163,6 @@ class Daemon:
         dispatcher.register(ClaimListRequest, self.claims.list)
         dispatcher.register(ClaimGc, self.claims.gc)
         return dispatcher
-
-    def owners(self) -> Owners:
-        """Claim owners fleetd knows of (lease owners, members and clusters), and the live ones:
-        holders of live leases whose process runs, running members and their clusters."""
-        now = time.monotonic()
-        known: set[str] = set()
-        live: set[str] = set()
-        for entry in self.leases.table.entries():
-            known.add(entry.record.owner)
-            if entry.live(now) and proc.is_alive(entry.record.identity):
-                live.add(entry.record.owner)
-        me = Peer(os.getpid(), os.getuid(), os.getgid())
-        for member in self.holders.status(MemberStatusRequest(id=0), me).members:
-            names = {member.name, f"{member.cluster}/{member.name}", member.cluster}
-            known |= names
-            if member.running:
-                live |= names
-        return Owners(live=frozenset(live), known=frozenset(known))
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
         if request.version != PROTOCOL_VERSION:

@@ -22,12 +22,15 @@ Journal (the store, only fleetd writes it):
     members/<cluster>/<member>   MemberRecord: its socket, directory and logs, owner holders/<c>
 
 An exited holder keeps its record (its directory, logs and state files stay on disk, owned by
-it) and loses its member records (their sockets are gone).
+it) and loses its member records (their sockets are gone), until gc: the registry is a
+fleetd.journal.JournalProvider, which lists these records as journal entries and collects an
+exited holder's leftovers and record (protocol.claims documents the mapping).
 """
 
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,8 +51,10 @@ from fleetctl.members_client import (
     status_on_disk,
 )
 from fleetd.dispatch import Peer
-from fleetd.members import process_start_time, read_pidfile, write_atomically
-from fleetd.store import Delete, DeleteRange, Put, Store
+from fleetd.journal import Owners, fleetd_entry
+from fleetd.members import is_running, process_start_time, read_pidfile, write_atomically
+from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
+from protocol.claims import ClaimInfo
 from protocol.clusters import (
     ClusterDown,
     ClusterResult,
@@ -77,6 +82,7 @@ from protocol.members import (
     HOLDER_LOG,
     HOLDER_PIDFILE,
     NOTIFY_SOCKET,
+    PIDFILE,
     AddMember,
     MemberState,
     MemberStatus,
@@ -130,6 +136,7 @@ class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode_holder = msgspec.json.Decoder(HolderRecord).decode
+_decode_member = msgspec.json.Decoder(MemberRecord).decode
 
 
 # --- pure decisions ---------------------------------------------------------------------
@@ -215,7 +222,10 @@ class Held:
 
 
 class HolderRegistry:
-    """Starts, follows and re-adopts detached holders; serves the cluster control ops."""
+    """Starts, follows and re-adopts detached holders; serves the cluster control ops; offers
+    its records to the journal and collects exited holders (fleetd.journal.JournalProvider)."""
+
+    journal_kinds: tuple[str, ...] = ("holder", "member", "socket", "log")
 
     def __init__(self, store: Store, state_dir: str) -> None:
         self.store = store
@@ -594,6 +604,170 @@ class HolderRegistry:
             held = Held(record.spec.name, record, pidfd, _current_specs(record))
             await self._follow(held)
             log.info("holder_adopted", cluster=held.name, pid=held.pid)
+
+    # -- the journal (fleetd.journal.JournalProvider)
+
+    def journal_owners(self) -> Owners:
+        """Members (as NAME and CLUSTER:NAME) and clusters as claim owners: live while the
+        member runs (a cluster while any of its members does); every member of an exited
+        holder is known, and gone."""
+        known: set[str] = set()
+        live: set[str] = set()
+        for cluster, held in self._live.items():
+            for name in {**held.specs, **held.statuses}:
+                names = {name, f"{cluster}:{name}", cluster}
+                known |= names
+                status = held.statuses.get(name)
+                if status is not None and status.running:
+                    live |= names
+        for cluster, record in self._exited.items():
+            for name in _current_specs(record):
+                known |= {name, f"{cluster}:{name}", cluster}
+        return Owners(live=frozenset(live), known=frozenset(known))
+
+    async def journal_entries(self) -> list[ClaimInfo]:
+        """The journal's records (holders/, members/) as entries; an exited holder's members,
+        sockets and logs as they remain on disk."""
+        members: dict[str, list[KeyValue]] = {}
+        for kv in await self.store.range(MEMBERS):
+            members.setdefault(kv.key.removeprefix(MEMBERS).partition("/")[0], []).append(kv)
+        entries: list[ClaimInfo] = []
+        for kv in await self.store.range(HOLDERS):
+            name, record = kv.key.removeprefix(HOLDERS), _decode_holder(kv.value)
+            if record.state == "exited":
+                entries += await anyio.to_thread.run_sync(
+                    exited_entries, name, record, kv.mod_revision
+                )
+                continue
+            entries.append(holder_entry(name, record, kv.mod_revision))
+            held = self._live.get(name)
+            statuses = held.statuses if held is not None else {}
+            for member in members.get(name, ()):
+                entries += member_entries(name, member, statuses)
+        return entries
+
+    async def journal_collect(self, *, dry_run: bool) -> list[ClaimInfo]:
+        """Every exited holder's leftovers and record, one cluster at a time under its lock
+        (an `up` of the same name waits for it, and gc waits for an `up` under way)."""
+        removed: list[ClaimInfo] = []
+        for name in sorted(self._exited):
+            async with self._lock(name):
+                removed += await self._collect_exited(name, dry_run)
+        return removed
+
+    async def _collect_exited(self, name: str, dry_run: bool) -> list[ClaimInfo]:
+        """Files first, then the record: a crash in between leaves a record whose files are
+        gone, which the next gc deletes; never files that no record names."""
+        record, key = self._exited.get(name), HOLDERS + name
+        kv = await self.store.get(key)
+        if record is None or name in self._live or kv is None:
+            return []
+        if _decode_holder(kv.value) != record or not _collectable_dir(name, record):
+            log.warning("holder_not_collected", cluster=name, dir=record.dir)
+            return []
+        if await anyio.to_thread.run_sync(_still_running, record):
+            log.warning("holder_not_collected_still_running", cluster=name, dir=record.dir)
+            return []
+        found = await anyio.to_thread.run_sync(exited_entries, name, record, kv.mod_revision)
+        if dry_run:
+            return found
+        definition = os.path.join(self.state_dir, CLUSTERS_DIR, name)
+        try:
+            await anyio.to_thread.run_sync(_remove_trees, (record.dir, definition))
+        except OSError as exc:
+            log.warning("holder_not_collected", cluster=name, error=str(exc))
+            return []
+        result = await self.store.txn(
+            (Compare(key, "mod", "==", kv.mod_revision),),
+            (Delete(key), DeleteRange(f"{MEMBERS}{name}/")),
+        )
+        if not result.succeeded:
+            return []
+        del self._exited[name]
+        log.info("holder_collected", cluster=name, dir=record.dir, items=len(found))
+        return found
+
+
+# --- the journal's entries ---------------------------------------------------------------
+
+
+def holder_entry(cluster: str, record: HolderRecord, revision: int) -> ClaimInfo:
+    """Owned by the holder process (pid and start time), or by fleetd while it starts one."""
+    owner = f"pid:{record.pid}:{record.start_time}" if record.pid else "fleetd"
+    return fleetd_entry(
+        "holder",
+        cluster,
+        owner,
+        held=record.state != "exited",
+        revision=revision,
+        path=record.dir,
+        detail=record.state,
+    )
+
+
+def member_entries(
+    cluster: str, kv: KeyValue, statuses: Mapping[str, MemberStatus]
+) -> list[ClaimInfo]:
+    """A live holder's member record as its member, socket and log entries."""
+    record, name = _decode_member(kv.value), kv.key.rpartition("/")[2]
+    key = f"{cluster}:{name}"
+    status = statuses.get(name)
+    detail = str(status.state) if status is not None else ""
+    held = functools.partial(fleetd_entry, held=True, revision=kv.mod_revision)
+    return [
+        held("member", key, cluster, path=record.dir, detail=detail),
+        held("socket", key, key, path=record.socket, detail=detail),
+        held("log", f"{key}:stdout", key, path=record.stdout),
+        held("log", f"{key}:stderr", key, path=record.stderr),
+    ]
+
+
+def exited_entries(cluster: str, record: HolderRecord, revision: int) -> list[ClaimInfo]:
+    """An exited holder and what it left in its runtime directory: member directories with
+    their logs, and any socket a killed holder could not remove. Reads the disk."""
+    entries = [holder_entry(cluster, record, revision)]
+    left = functools.partial(fleetd_entry, held=False, revision=revision)
+    try:
+        names = sorted(os.listdir(record.dir))
+    except OSError:
+        return entries
+    for name in names:
+        path = os.path.join(record.dir, name)
+        if name.endswith(".sock"):
+            key = f"{cluster}:{name.removesuffix('.sock')}"
+            entries.append(left("socket", key, key, path=path))
+        elif os.path.isdir(path):
+            key = f"{cluster}:{name}"
+            entries.append(left("member", key, cluster, path=path))
+            for stream, log_path in (
+                ("stdout", member_log_path(record.dir, name)),
+                ("stderr", member_log_path(record.dir, name, stderr=True)),
+            ):
+                if os.path.exists(log_path) or os.path.exists(f"{log_path}.1"):
+                    entries.append(left("log", f"{key}:{stream}", key, path=log_path))
+    return entries
+
+
+def _collectable_dir(cluster: str, record: HolderRecord) -> bool:
+    """A runtime directory gc may remove whole: absolute and named after its cluster, as
+    fleetd makes them (a mangled record must not point gc at anything else)."""
+    path = os.path.normpath(record.dir)
+    return os.path.isabs(path) and os.path.basename(path) == cluster
+
+
+def _still_running(record: HolderRecord) -> bool:
+    """Whether the holder's pidfile, or any member's, names a running process (pid and start
+    time): the journal says exited, but a live process's files are never removed."""
+    pidfiles = [os.path.join(record.dir, HOLDER_PIDFILE)]
+    with contextlib.suppress(OSError):
+        pidfiles += [os.path.join(record.dir, name, PIDFILE) for name in os.listdir(record.dir)]
+    return any(is_running(pidfile) for pidfile in pidfiles)
+
+
+def _remove_trees(paths: Iterable[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path)
 
 
 def _popen_detached(command: list[str], log_path: str) -> subprocess.Popen[bytes]:

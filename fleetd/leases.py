@@ -28,7 +28,7 @@ import itertools
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -39,7 +39,7 @@ from anyio.abc import TaskStatus
 
 from fleetd import identity as proc
 from fleetd.dispatch import Peer
-from fleetd.store import Compare, Put, Store
+from fleetd.store import Compare, Delete, Put, Store
 from protocol.errors import Compacted, Internal, InvalidRequest
 from protocol.leases import (
     MAX_WAIT,
@@ -197,6 +197,10 @@ class LeaseTable:
         earliest = not self._heap or entry.deadline < self._heap[0][0]
         heapq.heappush(self._heap, (entry.deadline, next(self._counter), entry))
         return earliest
+
+    def remove(self, name: str) -> None:
+        """Forget a name (its heap item, if any, is dropped when it comes up)."""
+        self._entries.pop(name, None)
 
     def renew(self, entry: Entry, now: float) -> None:
         entry.deadline = now + entry.record.ttl
@@ -473,6 +477,37 @@ class LeaseManager:
         now, wall = self._clock(), time.time()
         return LeaseList(leases=[info(e, now, wall) for e in self.table.entries(request.prefix)])
 
+    def records(self) -> Sequence[tuple[Entry, bool]]:
+        """Every record, and whether it is live now: for the journal (fleetd.journal)."""
+        now = self._clock()
+        return [(entry, entry.live(now)) for entry in self.table.entries()]
+
+    async def remove_dead(self, *, dry_run: bool = False) -> Sequence[Entry]:
+        """Delete the records no process can still use: released or expired, and their
+        process gone (one alive may still be fenced by the next grant, or answer its own
+        release). The next grant of a deleted name creates the record afresh, at a new store
+        revision: tokens keep growing, as the store's revision never goes back."""
+        removed = []
+        for entry in self.table.entries():
+            if not _dead(entry):
+                continue
+            if dry_run:
+                removed.append(entry)
+                continue
+            async with self._exclusive(entry.name):
+                if self.table.get(entry.name) is not entry:
+                    continue  # granted, released or removed meanwhile
+                key = PREFIX + entry.name
+                result = await self._store.txn(
+                    (Compare(key, "mod", "==", entry.mod_revision),), (Delete(key),)
+                )
+                if result.succeeded:
+                    self.table.remove(entry.name)
+                    removed.append(entry)
+        if removed and not dry_run:
+            log.info("lease_records_removed", leases=[e.name for e in removed])
+        return removed
+
     async def watch(self, request: LeaseWatch, peer: Peer) -> LeaseEvents:
         log_ = self.events
         if request.after is None:
@@ -671,6 +706,10 @@ class LeaseManager:
         return LeaseResult(
             outcome=Outcome.NOT_OWNED, lease=lease, message=f"{entry.name!r} not owned: {why}"
         )
+
+
+def _dead(entry: Entry) -> bool:
+    return entry.record.state != "held" and not proc.is_alive(entry.record.identity)
 
 
 def _identify(pid: int, peer: Peer) -> Identity:

@@ -304,6 +304,10 @@ def test_golden_envelopes_and_exit_codes(tempdir: str) -> None:
         "unavailable.json",
         "error_over_cap.json",
         "error_no_space.json",
+        "list_journal.json",  # the journal's goldens: tests/test_journal.py
+        "inspect_lease.json",
+        "error_fleetd_kind.json",
+        "gc_exited_cluster.json",
     }
     assert set(os.listdir(GOLDEN)) <= used, "golden files no step produces"
 
@@ -413,7 +417,9 @@ def test_kill_9_during_a_burst_of_acquires_loses_no_acknowledged_claim(tempdir: 
         daemon.start()
         with SyncClient(daemon.socket_path) as client:
             held = {
-                f"{c.owner}/{c.key}": c for c in client.claim_list().claims if c.state == "held"
+                f"{c.owner}/{c.key}": c
+                for c in client.claim_list("prompt_inbox").claims
+                if c.state == "held"
             }
         inbox = os.path.join(daemon.state_dir, "inbox")
         delivered = set(_files(inbox))
@@ -452,16 +458,16 @@ def test_gc_removes_only_claims_of_owners_that_are_gone(tempdir: str) -> None:
         _, ghost = claims(env, [*acquire, "lost", "--owner", "ghost"], b"orphan")
         path = ghost["claim"]["path"]
 
-        dry = _gc(env, "--dry-run")
+        dry = _gc(env, "--dry-run")  # kept: the two other claims and the two lease records
         assert (dry["dry_run"], [c["key"] for c in dry["removed"]], dry["kept"]) == (
             True,
             ["lost"],
-            2,
+            4,
         )
         assert _read(path) == b"orphan"
 
         done = _gc(env)
-        assert ([c["key"] for c in done["removed"]], done["kept"]) == (["lost"], 2)
+        assert ([c["key"] for c in done["removed"]], done["kept"]) == (["lost"], 4)
         assert _read(path) is None
         assert claims(env, ["inspect", "--kind", "prompt_inbox", "--key", "lost"], None)[0] == 11
         assert _gc(env)["removed"] == []  # idempotent
@@ -470,7 +476,7 @@ def test_gc_removes_only_claims_of_owners_that_are_gone(tempdir: str) -> None:
         human = subprocess.run(
             [*FLEETCTL, "gc", "--dry-run"], env=env, capture_output=True, text=True, check=False
         )
-        assert human.stdout == "0 would remove, 2 kept\n"
+        assert human.stdout == "0 would remove, 4 kept\n"
 
 
 def test_fleetd_collects_at_start_up(tempdir: str) -> None:

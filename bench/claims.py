@@ -1,0 +1,186 @@
+"""Claims: `fleetctl claims acquire` and `release` as whole processes, acquire+release pairs
+through the library (sequential, and pipelined over concurrent tasks), and `fleetctl gc` over
+1,000 claims.
+
+Every acquire is durable before it is answered: the file is written, fsynced and renamed into
+the inbox, the inbox directory fsynced, then the journal record committed; a release commits
+its record, then unlinks the file and fsyncs the directory. The figures include all of that.
+"""
+
+import json
+import statistics
+import subprocess
+import time
+from contextlib import AsyncExitStack
+
+import anyio
+
+from bench.harness import BIN, Figure, Fleetd, percentile, running_fleetd
+from fleetctl import Client
+
+CONTENT = b"Do task X, then report.\n" * 8
+CLI_WARMUP, CLI_RUNS = 3, 30
+RATE_WARMUP, RATE_SECONDS = 0.5, 3.0
+CONNECTIONS, TASKS = 4, 64
+GC_CLAIMS = 1_000
+_UVLOOP = {"use_uvloop": True}
+
+
+def measure() -> list[Figure]:
+    with running_fleetd() as fleetd:
+        figures = _cli(fleetd)
+        figures += anyio.run(_sequential, fleetd.socket_path, backend_options=_UVLOOP)
+        figures += anyio.run(_pipelined, fleetd.socket_path, backend_options=_UVLOOP)
+        figures += _gc(fleetd)
+    return figures
+
+
+# -- whole processes ---------------------------------------------------------------------------
+
+
+def _run(argv: list[str], fleetd: Fleetd, stdin: bytes, outcome: str) -> float:
+    """Wall milliseconds of one process, which must answer `outcome`."""
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=fleetd.env, input=stdin, capture_output=True, check=False)
+    elapsed = (time.perf_counter() - started) * 1e3
+    if outcome and json.loads(done.stdout)["outcome"] != outcome:
+        raise RuntimeError(f"{argv[1:]} answered {done.stdout!r}, not {outcome}")
+    return elapsed
+
+
+def _cli(fleetd: Fleetd) -> list[Figure]:
+    """Interleaved rounds (python, acquire of a fresh key, its release), so that machine noise
+    hits all three alike."""
+    claims = [str(BIN / "fleetctl"), "claims"]
+    times: dict[str, list[float]] = {"bare": [], "acquire": [], "release": []}
+    for round_ in range(CLI_WARMUP + CLI_RUNS):
+        what = ["--kind", "prompt_inbox", "--key", f"cli-{round_}", "--owner", "bench"]
+        samples = {
+            "bare": _run([str(BIN / "python"), "-c", "pass"], fleetd, b"", ""),
+            "acquire": _run([*claims, "acquire", *what], fleetd, CONTENT, "acquired"),
+            "release": _run([*claims, "release", *what], fleetd, b"", "released"),
+        }
+        if round_ >= CLI_WARMUP:
+            for name, value in samples.items():
+                times[name].append(value)
+    bare, acquire, release = (statistics.median(times[name]) for name in times)
+    return [
+        Figure("python_pass_ms", "python -c pass (median)", bare, "ms"),
+        Figure("cli_acquire_ms", "fleetctl claims acquire (median)", acquire, "ms"),
+        Figure("cli_acquire_ratio", "claims acquire / python", acquire / bare, "x"),
+        Figure("cli_release_ms", "fleetctl claims release (median)", release, "ms"),
+        Figure("cli_release_ratio", "claims release / python", release / bare, "x"),
+    ]
+
+
+# -- the library -------------------------------------------------------------------------------
+
+
+async def _sequential(socket_path: str) -> list[Figure]:
+    """One task, one connection: acquire then release the same key, over and over."""
+    samples: list[float] = []
+    async with Client(socket_path) as client:
+        deadline = time.perf_counter() + RATE_WARMUP + RATE_SECONDS
+        measure_from = deadline - RATE_SECONDS
+        while (now := time.perf_counter()) < deadline:
+            await _pair(client, "seq")
+            if now >= measure_from:
+                samples.append((time.perf_counter() - now) * 1e3)
+    return [
+        Figure(
+            "sequential_ops_per_s",
+            "acquire+release, sequential (Client)",
+            2 * len(samples) / (sum(samples) / 1e3),
+            "ops/s",
+        ),
+        Figure("pair_p50_ms", "acquire+release pair p50", percentile(samples, 50), "ms"),
+        Figure("pair_p99_ms", "acquire+release pair p99", percentile(samples, 99), "ms"),
+    ]
+
+
+async def _pipelined(socket_path: str) -> list[Figure]:
+    """TASKS tasks over CONNECTIONS clients, each acquiring and releasing its own key."""
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client(socket_path)) for _ in range(CONNECTIONS)]
+        await _pairs_until(clients, RATE_WARMUP)
+        started = time.perf_counter()
+        ops = await _pairs_until(clients, RATE_SECONDS)
+        rate = ops / (time.perf_counter() - started)
+    return [
+        Figure(
+            "pipelined_ops_per_s",
+            f"acquire+release, {TASKS} tasks / {CONNECTIONS} conn",
+            rate,
+            "ops/s",
+        )
+    ]
+
+
+async def _pair(client: Client, key: str) -> None:
+    acquired = await client.claim_acquire("prompt_inbox", key, "bench", CONTENT)
+    released = await client.claim_release("prompt_inbox", key, "bench")
+    if (acquired.outcome, released.outcome) != ("acquired", "released"):
+        raise RuntimeError(f"{key}: {acquired.outcome}, {released.outcome}")
+
+
+async def _pairs_until(clients: list[Client], seconds: float) -> int:
+    deadline = time.perf_counter() + seconds
+    ops = 0
+
+    async def worker(client: Client, key: str) -> None:
+        nonlocal ops
+        while time.perf_counter() < deadline:
+            await _pair(client, key)
+            ops += 2
+
+    async with anyio.create_task_group() as tg:
+        for n in range(TASKS):
+            tg.start_soon(worker, clients[n % len(clients)], f"pipe-{n}")
+    return ops
+
+
+# -- gc ----------------------------------------------------------------------------------------
+
+
+def _gc(fleetd: Fleetd) -> list[Figure]:
+    """`fleetctl gc` over GC_CLAIMS held claims: once with every owner live (a scan that keeps
+    them all), once with their owner gone (each claim's record and file removed)."""
+    anyio.run(_claims_of, fleetd.socket_path, "keeper", True, backend_options=_UVLOOP)
+    kept = _run([str(BIN / "fleetctl"), "--json", "gc"], fleetd, b"", "ok")
+    anyio.run(_claims_of, fleetd.socket_path, "ghost", False, backend_options=_UVLOOP)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(BIN / "fleetctl"), "--json", "gc"], env=fleetd.env, capture_output=True, check=True
+    )
+    removing = (time.perf_counter() - started) * 1e3
+    removed = len(json.loads(done.stdout)["removed"])
+    if removed != GC_CLAIMS:
+        raise RuntimeError(f"gc removed {removed} claims, not {GC_CLAIMS}")
+    return [
+        Figure("gc_keep_1000_ms", f"fleetctl gc, {GC_CLAIMS:,} claims kept", kept, "ms"),
+        Figure(
+            "gc_remove_1000_ms",
+            f"fleetctl gc, {GC_CLAIMS:,} removed of {2 * GC_CLAIMS:,}",
+            removing,
+            "ms",
+        ),
+    ]
+
+
+async def _claims_of(socket_path: str, owner: str, live: bool) -> None:
+    """GC_CLAIMS claims of `owner`, whose lease stays held (`live`) or is released first, so
+    that fleetd knows the owner and knows it gone."""
+    async with Client(socket_path, timeout=60) as client:
+        await client.lease_acquire(f"owner-{owner}", owner, 600)
+        if not live:
+            await client.lease_release(f"owner-{owner}", owner)
+
+        async def acquire(start: int) -> None:
+            for n in range(start, GC_CLAIMS, TASKS):
+                result = await client.claim_acquire("prompt_inbox", f"{owner}-{n}", owner, CONTENT)
+                if result.outcome != "acquired":
+                    raise RuntimeError(f"{owner}-{n}: {result.outcome}")
+
+        async with anyio.create_task_group() as tg:
+            for start in range(TASKS):
+                tg.start_soon(acquire, start)
