@@ -17,8 +17,8 @@ Runtime directory (0700), see protocol.members for the names:
 """
 
 import argparse
+import asyncio
 import contextlib
-import functools
 import math
 import os
 import resource
@@ -26,8 +26,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -48,7 +47,7 @@ from fleetd.members import (
     write_atomically,
     write_pidfile,
 )
-from fleetd.server import Connection, accept_forever, admit
+from fleetd.server import ACCEPT_RETRY_DELAY, TRANSIENT_ACCEPT_ERRORS, Connection, admit
 from fleetd.spawn import Spawner, become_subreaper
 from protocol import MAX_FRAME, PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -96,6 +95,51 @@ def _listening_socket(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class _Doorway:
+    """A member socket that accepts from an event-loop reader callback: a thousand members'
+    sockets cost no task, cancel scope or frames while nobody connects (the holder runs on
+    asyncio, see `main`). Connections go to `on_connection`."""
+
+    def __init__(self, path: str, on_connection: Callable[[socket.socket], object]) -> None:
+        self.path = path
+        self._sock = _listening_socket(path)
+        self._sock.setblocking(False)
+        self._on_connection = on_connection
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        """Running out of descriptors or memory pauses accepting instead of ending it."""
+        while True:
+            try:
+                connection, _ = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
+                    log.error("accept_failed", socket=self.path, error=str(exc))
+                    self.close()
+                    return
+                log.warning("accept_failed", socket=self.path, error=os.strerror(exc.errno or 0))
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
+            connection.setblocking(False)
+            self._on_connection(connection)
+
+    def _resume(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file (connections made through it stay)."""
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def free_port() -> int:
@@ -157,7 +201,7 @@ class Holder:
         self._log_max_bytes = log_max_bytes
         self._members: dict[str, Member] = {}
         self._departed: dict[str, MemberStatus] = {}
-        self._listening: dict[str, anyio.CancelScope] = {}
+        self._doorways: dict[str, _Doorway] = {}
         self._by_pid: dict[int, Member] = {}
         self._peers: Peers | None = None
         self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
@@ -184,9 +228,7 @@ class Holder:
                     self._tasks.start_soon(self._watch_client, self._bind_pid)
                 async with anyio.create_task_group() as self._connections:
                     for spec in self.spec.members:
-                        if self._tearing_down:  # the client died while we started up
-                            break
-                        await self._admit(spec)
+                        self._admit(spec)
                     log.info(
                         "holder_ready",
                         cluster=self.cluster,
@@ -199,6 +241,8 @@ class Holder:
                     self._finish_connections()
                 self._tasks.cancel_scope.cancel()
         finally:
+            for doorway in self._doorways.values():
+                doorway.close()
             self._save_changed()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.runtime_dir, HOLDER_PIDFILE))
@@ -261,11 +305,10 @@ class Holder:
 
     # -- members joining and leaving
 
-    async def _admit(self, spec: MemberSpec) -> MemberStatus:
+    def _admit(self, spec: MemberSpec) -> MemberStatus:
         """Open the member's socket and start supervising it."""
         assert self._tasks is not None and self._connections is not None
-        path = member_socket_path(self.runtime_dir, spec.name)
-        listener = await anyio.abc.SocketListener.from_socket(_listening_socket(path))
+        connections = self._connections
         member = Member(
             spec,
             host=self,
@@ -273,30 +316,15 @@ class Holder:
             port=free_port() if needs_port(spec) else None,
             log_max_bytes=self._log_max_bytes,
         )
+        self._doorways[spec.name] = _Doorway(
+            member_socket_path(self.runtime_dir, spec.name),
+            lambda sock: connections.start_soon(self._connection, spec.name, sock),
+        )
         self._members[spec.name] = member
         self._departed.pop(spec.name, None)
         self._peers = None
-        scope = self._listening[spec.name] = anyio.CancelScope()
-        handle = functools.partial(self._connection, spec.name)
-        self._tasks.start_soon(self._serve, path, listener, scope, handle)
         self._tasks.start_soon(self._supervise, member)
         return member.status()
-
-    async def _serve(
-        self,
-        path: str,
-        listener: anyio.abc.SocketListener,
-        scope: anyio.CancelScope,
-        handle: Callable[[SocketStream], Coroutine[Any, Any, None]],
-    ) -> None:
-        assert self._connections is not None
-        try:
-            with scope:
-                async with listener:
-                    await accept_forever(listener, self._connections, handle)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
 
     async def _supervise(self, member: Member) -> None:
         try:
@@ -309,7 +337,7 @@ class Holder:
         """A stopped member leaves: its socket closes (connections made through it stay)."""
         self._members.pop(member.name, None)
         self._departed[member.name] = member.status()
-        self._listening.pop(member.name).cancel()
+        self._doorways.pop(member.name).close()
         self._peers = None
         if not self._tearing_down:
             self._save_cluster()
@@ -325,7 +353,7 @@ class Holder:
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
-        status = await self._admit(spec)
+        status = self._admit(spec)
         self._save_cluster()
         log.info("member_added", member=spec.name)
         return status
@@ -408,7 +436,12 @@ class Holder:
         self._watchers.add(send)
         return self.statuses(), receive
 
-    async def _connection(self, member: str, stream: SocketStream) -> None:
+    async def _connection(self, member: str, sock: socket.socket) -> None:
+        try:
+            stream = await SocketStream.from_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
         try:
             await self._converse(member, stream)
         except Exception as exc:

@@ -2,15 +2,16 @@
 once, restart it per policy, stop it.
 
 A holder supervises many members on one event loop, so nothing here costs a thread or a
-polling loop per member: a member is one supervising task plus one task per output pipe, all
-waiting on the kernel. Exits arrive through one `Reaper` per holder (SIGCHLD on a signalfd,
-then waitpid until nothing is left, which also reaps orphans a subreaper adopts), and
-readiness notifications through one `NotifySocket` per holder (sd_notify, attributed by
-sender pid).
+polling loop per member: a member is one supervising task, and its output pipes are read from
+event-loop reader callbacks, all waiting on the kernel (the holder runs on asyncio). Exits
+arrive through one `Reaper` per holder (SIGCHLD on a signalfd, then waitpid until nothing is
+left, which also reaps orphans a subreaper adopts), and readiness notifications through one
+`NotifySocket` per holder (sd_notify, attributed by sender pid).
 
 Members are started by the holder's `fleetd.spawn.Spawner`, with a parent-death signal.
 """
 
+import asyncio
 import contextlib
 import ctypes
 import functools
@@ -409,7 +410,8 @@ class Member:
         self._supervising = anyio.CancelScope()
         self._done = anyio.Event()
         self._logs: tuple[LogFile, LogFile] | None = None
-        self._pumps: anyio.abc.TaskGroup | None = None
+        self._pumps: set[_Pump] = set()
+        self._drained: anyio.Event | None = None
         self.pidfile = os.path.join(directory, PIDFILE)
         self.statefile = os.path.join(directory, STATEFILE)
         self._saved_pid: int | None = None
@@ -458,16 +460,17 @@ class Member:
             LogFile(os.path.join(self.directory, STDERR_LOG), self._log_max_bytes),
         )
         try:
-            async with anyio.create_task_group() as self._pumps:
-                task_status.started()
-                with self._supervising:
-                    if await self._prepare():
-                        await self._supervise()
-                    await anyio.sleep_forever()
-                if self._run is not None:
-                    await self._terminate(self._run)
-                self._pumps.cancel_scope.deadline = anyio.current_time() + _DRAIN_GRACE
+            task_status.started()
+            with self._supervising:
+                if await self._prepare():
+                    await self._supervise()
+                await anyio.sleep_forever()
+            if self._run is not None:
+                await self._terminate(self._run)
+            await self._drain()
         finally:
+            for pump in list(self._pumps):
+                pump.close()
             for log_file in self._logs:
                 log_file.close()
             self._publish(MemberState.STOPPED)
@@ -549,7 +552,7 @@ class Member:
         return Exit(failed=failed, ran_for=ran_for), why
 
     def _spawn(self, argv: list[str]) -> _Run:
-        assert self._logs is not None and self._pumps is not None, "spawned outside run()"
+        assert self._logs is not None, "spawned outside run()"
         env = self._environment()
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
@@ -570,8 +573,8 @@ class Member:
         self._run = run
         self.pid, self.started_at, self.error = child.pid, time.time(), ""
         self._status = None
-        self._pumps.start_soon(self._pump, out_read, self._logs[0], run, 1)
-        self._pumps.start_soon(self._pump, err_read, self._logs[1], run, 2)
+        self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self._pump_closed))
+        self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self._pump_closed))
         return run
 
     def _environment(self) -> dict[str, str]:
@@ -624,25 +627,19 @@ class Member:
         signal_group(run.child.pid, signal.SIGKILL)
         await run.exited.wait()
 
-    async def _pump(self, fd: int, log_file: LogFile, run: _Run, stream: int) -> None:
-        """Copy one output pipe into its log until every writer closed it; also feeds the
-        log:REGEX readiness check of its run."""
-        os.set_blocking(fd, False)
-        try:
-            while True:
-                await anyio.wait_readable(fd)
-                try:
-                    data = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    return
-                log_file.write(data)
-                if run.matcher is not None and run.matcher.feed(stream, data):
-                    run.matcher = None
-                    run.ready.set()
-        finally:
-            os.close(fd)
+    async def _drain(self) -> None:
+        """Give the output pipes of a stopped member _DRAIN_GRACE to deliver their last words
+        (a grandchild holding a pipe open does not hold the stop up longer)."""
+        if not self._pumps:
+            return
+        self._drained = anyio.Event()
+        with anyio.move_on_after(_DRAIN_GRACE):
+            await self._drained.wait()
+
+    def _pump_closed(self, pump: "_Pump") -> None:
+        self._pumps.discard(pump)
+        if not self._pumps and self._drained is not None:
+            self._drained.set()
 
     def _publish(self, state: MemberState, *, error: str = "") -> None:
         self.state = state
@@ -665,6 +662,55 @@ class Member:
                 self._saved_pid = self.pid
         except OSError as exc:
             log.warning("state_file_failed", member=self.name, error=str(exc))
+
+
+class _Pump:
+    """Copies one output pipe into its log until every writer closed it, from an event-loop
+    reader callback (two tasks per member cost more than all else a sleeping member does);
+    also feeds the log:REGEX readiness check of its run."""
+
+    __slots__ = ("_closed", "_fd", "_log_file", "_loop", "_run", "_stream")
+
+    def __init__(
+        self,
+        fd: int,
+        log_file: LogFile,
+        run: _Run,
+        stream: int,
+        closed: Callable[["_Pump"], None],
+    ) -> None:
+        self._fd, self._log_file, self._run, self._stream = fd, log_file, run, stream
+        self._closed = closed
+        os.set_blocking(fd, False)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("output_pipe_failed", error=str(exc))
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            self._log_file.write(data)
+        except OSError as exc:
+            log.warning("log_write_failed", path=self._log_file.path, error=str(exc))
+        run = self._run
+        if run.matcher is not None and run.matcher.feed(self._stream, data):
+            run.matcher = None
+            run.ready.set()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            self._closed(self)
 
 
 async def _until_connectable(connect: Callable[[], Awaitable[anyio.abc.SocketStream]]) -> None:

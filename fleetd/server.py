@@ -32,8 +32,8 @@ _PEERCRED = struct.Struct("3i")
 _READ_SIZE = 65536
 _IDLE_WORKERS = 256
 """Idle workers a connection keeps for its next burst of requests answered by coroutines."""
-_ACCEPT_RETRY_DELAY = 0.1
-_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_RETRY_DELAY = 0.1
+TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def peer_of(stream: SocketStream) -> Peer:
@@ -71,10 +71,10 @@ async def accept_forever(
         try:
             stream = await listener.accept()
         except OSError as exc:
-            if exc.errno not in _TRANSIENT_ACCEPT_ERRORS:
+            if exc.errno not in TRANSIENT_ACCEPT_ERRORS:
                 raise
             log.warning("accept_failed", error=os.strerror(exc.errno or 0))
-            await anyio.sleep(_ACCEPT_RETRY_DELAY)
+            await anyio.sleep(ACCEPT_RETRY_DELAY)
             continue
         connections.start_soon(handle, stream)
 
