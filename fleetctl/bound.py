@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -87,6 +88,8 @@ Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
 DEFAULT_TIMEOUT = 30.0
 _READ_SIZE = 65536
 _STOP_MARGIN = 5.0
+_PUSH_LAG = 0.005
+"""Seconds a blocking wait_running gives pushes to catch up with a fresher status."""
 """Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
 
 
@@ -422,7 +425,17 @@ class SyncCluster:
     def wait_running(
         self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, MemberStatus]:
-        return self._portal.call(self.cluster.wait_running, names, timeout)
+        """As Cluster.wait_running, answered as fresh as `status`: the pushes it waits on come
+        over another connection than status's and may lag behind what status already said."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            waited = self._portal.call(self.cluster.wait_running, names, left)
+            everyone = self.status()
+            fresh = {name: everyone[name] for name in waited}
+            if all(status.state == MemberState.RUNNING for status in fresh.values()):
+                return fresh
+            time.sleep(_PUSH_LAG)  # a change status saw is on its way as a push
 
     @overload
     def status(self, name: str) -> MemberStatus: ...

@@ -73,7 +73,7 @@ from protocol.members import (
     member_socket_path,
     runtime_dir_problem,
 )
-from protocol.messages import Empty, Response
+from protocol.messages import Empty, Message, Response
 
 log = structlog.get_logger("fleetd.holder")
 
@@ -204,6 +204,7 @@ class Holder:
         self._doorways: dict[str, _Doorway] = {}
         self._by_pid: dict[int, Member] = {}
         self._peers: Peers | None = None
+        self._encoded_statuses: msgspec.Raw | None = None
         self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
         self._unsaved: dict[str, Member] = {}
         self._save_soon = anyio.Event()
@@ -323,6 +324,7 @@ class Holder:
         self._members[spec.name] = member
         self._departed.pop(spec.name, None)
         self._peers = None
+        self._encoded_statuses = None
         self._tasks.start_soon(self._supervise, member)
         return member.status()
 
@@ -339,6 +341,7 @@ class Holder:
         self._departed[member.name] = member.status()
         self._doorways.pop(member.name).close()
         self._peers = None
+        self._encoded_statuses = None
         if not self._tearing_down:
             self._save_cluster()
         log.info("member_left", member=member.name, remaining=len(self._members))
@@ -385,6 +388,9 @@ class Holder:
             self._peers = Peers({n: m.address for n, m in self._members.items()})
         return self._peers.without(name)
 
+    def status_stale(self) -> None:
+        self._encoded_statuses = None
+
     def member_changed(self, member: Member) -> None:
         if member.pid is not None:
             self._by_pid[member.pid] = member
@@ -430,6 +436,13 @@ class Holder:
     def statuses(self) -> list[MemberStatus]:
         return [m.status() for m in self._members.values()]
 
+    def encoded_statuses(self) -> msgspec.Raw:
+        """statuses() as JSON, kept until a member changes, joins or leaves: all-member
+        requests outnumber changes once a cluster runs."""
+        if self._encoded_statuses is None:
+            self._encoded_statuses = msgspec.Raw(msgspec.json.encode(self.statuses()))
+        return self._encoded_statuses
+
     def watch(self) -> tuple[list[MemberStatus], MemoryObjectReceiveStream[MemberStatus]]:
         """Every member's status now, and a stream of every change from now on."""
         send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
@@ -471,6 +484,12 @@ class Holder:
                 pushers.cancel_scope.cancel()  # the peer left; else pushers drain and end
 
 
+class _EncodedWatchResult(Message, frozen=True):
+    """A WatchResult whose members are encoded already."""
+
+    members: msgspec.Raw
+
+
 class _Session:
     """One connection's state: whether it is bound (its EOF then stops the cluster), and the
     watches it asked for."""
@@ -497,8 +516,8 @@ class _Session:
     def status(self, request: Status, peer: Peer) -> MemberStatus:
         return self.holder.status_of(request.name or self.member)
 
-    def status_all(self, request: StatusAll, peer: Peer) -> WatchResult:
-        return WatchResult(members=self.holder.statuses())
+    def status_all(self, request: StatusAll, peer: Peer) -> _EncodedWatchResult:
+        return _EncodedWatchResult(members=self.holder.encoded_statuses())
 
     async def stop(self, request: Stop, peer: Peer) -> MemberStatus:
         return await self.holder.stop_member(request.name or self.member)

@@ -353,6 +353,10 @@ class Host(Protocol):
         """FLEET_PEERS for `name`: `sibling=address,...`."""
         ...
 
+    def status_stale(self) -> None:
+        """A member's status() changed (not yet published: member_changed follows)."""
+        ...
+
     def member_changed(self, member: "Member") -> None:
         """Called after every state change: the holder tells watchers, and calls `save` soon
         (one batch of file writes per event-loop turn, not one per change)."""
@@ -433,6 +437,10 @@ class Member:
             return ""
         path = self.expand(self.spec.ready[len("unix:") :])
         return os.path.join(self.expand(self.spec.cwd), path) if self.spec.cwd else path
+
+    def _stale(self) -> None:
+        self._status = None
+        self._host.status_stale()
 
     def status(self) -> MemberStatus:
         if self._status is None:
@@ -522,7 +530,7 @@ class Member:
                 self._publish(state, error=f"{why}; restarting in {plan.delay:.2g}s")
                 await anyio.sleep(plan.delay)
             self.restarts += 1
-            self._status = None
+            self._stale()
             log.info("member_restarting", member=self.name, restarts=self.restarts, after=why)
 
     async def _run_once(self) -> tuple[Exit, str]:
@@ -572,7 +580,7 @@ class Member:
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
         self._run = run
         self.pid, self.started_at, self.error = child.pid, time.time(), ""
-        self._status = None
+        self._stale()
         self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self._pump_closed))
         self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self._pump_closed))
         return run
@@ -591,7 +599,7 @@ class Member:
         run.child.reaped(exit_code)
         run.exit_code = exit_code
         self.pid, self.exit_code = None, exit_code
-        self._status = None
+        self._stale()
         run.exited.set()
 
     async def _become_ready(self, run: _Run) -> None:
@@ -644,7 +652,7 @@ class Member:
     def _publish(self, state: MemberState, *, error: str = "") -> None:
         self.state = state
         self.error = error
-        self._status = None
+        self._stale()
         self._host.member_changed(self)
 
     def save(self) -> None:
