@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 
+import fleetctl
 from bench.harness import (
     BIN,
     Figure,
@@ -122,6 +123,7 @@ def measure() -> list[Figure]:
                 )
             if n == BIG:
                 figures += _bound_rates(rates)
+                figures += _blocking_rates(n)
                 figures += _detached(sv)
     figures += anyio.run(_tcp_start, backend_options=_UVLOOP)
     figures += _client_death()
@@ -195,14 +197,14 @@ def _bound_rates(rates: _Rates) -> list[Figure]:
     return [
         Figure(
             "bound_one_status_rps",
-            "1-member status, bound",
+            "1-member status, bound async",
             rates.one_member,
             "req/s",
             Target(15_000, upper=False),
         ),
         Figure(
             "bound_all_status_rps",
-            f"all-member status, bound, N={BIG}",
+            f"all-member status, bound async, N={BIG}",
             rates.all_members,
             "req/s",
             Target(1_000, upper=False),
@@ -448,6 +450,42 @@ def _cli_status(fleetd: Fleetd, sv: "Supervisord") -> list[Figure]:
         ),
         Figure("ratio_status_cli", "  supervisorctl / fleetctl status", supervisorctl / fleet, "x"),
     ]
+
+
+def _blocking_rates(n: int) -> list[Figure]:
+    """The same calls through the blocking face (`with fleetctl.cluster(...)`), which asks
+    the holder over a blocking socket of its own."""
+    with fleetctl.cluster(_sleepers(n), timeout=60) as cluster:
+        cluster.wait_running(timeout=60)
+        one = _blocking_rate(lambda: cluster.status("s1"), STATUS_SECONDS)
+        every = _blocking_rate(cluster.status, ALL_STATUS_SECONDS)
+    return [
+        Figure(
+            "blocking_one_status_rps",
+            "1-member status, bound blocking",
+            one,
+            "req/s",
+            Target(15_000, upper=False),
+        ),
+        Figure(
+            "blocking_all_status_rps",
+            f"all-member status, bound blocking, N={n}",
+            every,
+            "req/s",
+            Target(1_000, upper=False),
+        ),
+    ]
+
+
+def _blocking_rate(call: Any, seconds: float) -> float:
+    for _ in range(10):
+        call()
+    done = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        call()
+        done += 1
+    return done / elapsed
 
 
 async def _library_rates(socket_path: str) -> tuple[float, float]:
