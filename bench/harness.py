@@ -74,6 +74,16 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for pid {pid}")
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size: resident pages, each shared page divided among its sharers (the
+    interpreter and libraries two Python processes both map count once between them)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"no Pss for pid {pid}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process (all its threads), from /proc/PID/stat.
 

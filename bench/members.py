@@ -43,6 +43,7 @@ from bench.harness import (
     Target,
     cpu_seconds,
     percentile,
+    pss_mib,
     rss_mib,
     running_fleetd,
 )
@@ -390,6 +391,7 @@ def _detached_figures(
     fleet_pids = (fleetd.pid, holder)
     time.sleep(0.5)
     rss = sum(rss_mib(pid) for pid in fleet_pids)
+    pss = sum(pss_mib(pid) for pid in fleet_pids)
     sv_rss = rss_mib(sv.pid)
     before = sum(cpu_seconds(pid) for pid in fleet_pids), cpu_seconds(sv.pid)
     time.sleep(IDLE_SECONDS)
@@ -412,9 +414,20 @@ def _detached_figures(
         ),
         Figure("fleet_rss_mib_1000", f"RSS N={BIG}: fleetd+holder", rss, "MiB", Target(50)),
         Figure("fleetd_rss_mib_1000", "  of which fleetd", rss_mib(fleetd.pid), "MiB"),
+        Figure("fleet_pss_mib_1000", f"PSS N={BIG}: fleetd+holder", pss, "MiB"),
+        Figure("python_uvloop_rss_mib", "  floor: python -c 'import uvloop'", _floor_rss(), "MiB"),
         Figure("supervisord_rss_mib_1000", f"RSS N={BIG}: supervisord", sv_rss, "MiB"),
         Figure("ratio_rss_1000", "  fleet / supervisord", rss / sv_rss, "x"),
     ]
+
+
+def _floor_rss() -> float:
+    """The RSS of an interpreter that has imported uvloop and nothing of ours: what each of
+    fleetd and a holder costs before its first line of code."""
+    code = "import uvloop; print(open('/proc/self/status').read())"
+    status = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, check=True)
+    line = next(x for x in status.stdout.decode().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 def _cli_status(fleetd: Fleetd, sv: "Supervisord") -> list[Figure]:
