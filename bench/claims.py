@@ -11,11 +11,10 @@ import json
 import statistics
 import subprocess
 import time
-from contextlib import AsyncExitStack
 
 import anyio
 
-from bench.harness import BIN, Figure, Fleetd, percentile, running_fleetd
+from bench.harness import BIN, Figure, Fleetd, pairs_per_second, percentile, running_fleetd
 from fleetctl import Client
 
 CONTENT = b"Do task X, then report.\n" * 8
@@ -100,12 +99,14 @@ async def _sequential(socket_path: str) -> list[Figure]:
 
 async def _pipelined(socket_path: str) -> list[Figure]:
     """TASKS tasks over CONNECTIONS clients, each acquiring and releasing its own key."""
-    async with AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(Client(socket_path)) for _ in range(CONNECTIONS)]
-        await _pairs_until(clients, RATE_WARMUP)
-        started = time.perf_counter()
-        ops = await _pairs_until(clients, RATE_SECONDS)
-        rate = ops / (time.perf_counter() - started)
+    rate = await pairs_per_second(
+        socket_path,
+        connections=CONNECTIONS,
+        tasks=TASKS,
+        pair=_pair,
+        warmup=RATE_WARMUP,
+        seconds=RATE_SECONDS,
+    )
     return [
         Figure(
             "pipelined_ops_per_s",
@@ -121,22 +122,6 @@ async def _pair(client: Client, key: str) -> None:
     released = await client.claim_release("prompt_inbox", key, "bench")
     if (acquired.outcome, released.outcome) != ("acquired", "released"):
         raise RuntimeError(f"{key}: {acquired.outcome}, {released.outcome}")
-
-
-async def _pairs_until(clients: list[Client], seconds: float) -> int:
-    deadline = time.perf_counter() + seconds
-    ops = 0
-
-    async def worker(client: Client, key: str) -> None:
-        nonlocal ops
-        while time.perf_counter() < deadline:
-            await _pair(client, key)
-            ops += 2
-
-    async with anyio.create_task_group() as tg:
-        for n in range(TASKS):
-            tg.start_soon(worker, clients[n % len(clients)], f"pipe-{n}")
-    return ops
 
 
 # -- gc ----------------------------------------------------------------------------------------

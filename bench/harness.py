@@ -13,10 +13,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 """The virtual environment's bin directory: fleetd, fleetctl and python live side by side."""
@@ -179,3 +180,40 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
+
+
+Pair = Callable[[Any, str], Awaitable[None]]
+"""Two operations on one name through a client (say acquire, then release)."""
+
+
+async def pairs_per_second(
+    socket_path: str, *, connections: int, tasks: int, pair: Pair, warmup: float, seconds: float
+) -> float:
+    """Operations per second with `tasks` tasks over `connections` clients, each task doing
+    `pair` on a name of its own again and again (two operations a pair)."""
+    from fleetctl import Client
+
+    async with AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(Client(socket_path)) for _ in range(connections)]
+        await _pairs_until(clients, tasks, pair, warmup)
+        started = time.perf_counter()
+        ops = await _pairs_until(clients, tasks, pair, seconds)
+        return ops / (time.perf_counter() - started)
+
+
+async def _pairs_until(clients: list[Any], tasks: int, pair: Pair, seconds: float) -> int:
+    import anyio
+
+    deadline = time.perf_counter() + seconds
+    ops = 0
+
+    async def worker(client: Any, name: str) -> None:
+        nonlocal ops
+        while time.perf_counter() < deadline:
+            await pair(client, name)
+            ops += 2
+
+    async with anyio.create_task_group() as tg:
+        for n in range(tasks):
+            tg.start_soon(worker, clients[n % len(clients)], f"pipe-{n}")
+    return ops

@@ -7,11 +7,19 @@ Targets are for a 2-core machine, where fleetd and the benchmark each get about 
 import socket
 import threading
 import time
-from contextlib import AsyncExitStack
 
 import anyio
 
-from bench.harness import Figure, Fleetd, Target, cpu_seconds, percentile, rss_mib, running_fleetd
+from bench.harness import (
+    Figure,
+    Fleetd,
+    Target,
+    cpu_seconds,
+    pairs_per_second,
+    percentile,
+    rss_mib,
+    running_fleetd,
+)
 from fleetctl import Client
 from protocol.framing import encode
 from protocol.messages import LeaseAcquire, LeaseHeartbeat, LeaseRelease
@@ -63,12 +71,14 @@ async def _round_trip(socket_path: str) -> list[Figure]:
 
 async def _pipelined(socket_path: str) -> list[Figure]:
     """IN_FLIGHT tasks over CONNECTIONS clients, each acquiring and releasing its own name."""
-    async with AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(Client(socket_path)) for _ in range(CONNECTIONS)]
-        await _pairs_until(clients, RATE_WARMUP)
-        started = time.perf_counter()
-        ops = await _pairs_until(clients, RATE_SECONDS)
-        rate = ops / (time.perf_counter() - started)
+    rate = await pairs_per_second(
+        socket_path,
+        connections=CONNECTIONS,
+        tasks=IN_FLIGHT,
+        pair=_pair,
+        warmup=RATE_WARMUP,
+        seconds=RATE_SECONDS,
+    )
     return [
         Figure(
             "pipelined_lease_ops_per_s",
@@ -80,21 +90,9 @@ async def _pipelined(socket_path: str) -> list[Figure]:
     ]
 
 
-async def _pairs_until(clients: list[Client], seconds: float) -> int:
-    deadline = time.perf_counter() + seconds
-    ops = 0
-
-    async def worker(client: Client, name: str) -> None:
-        nonlocal ops
-        while time.perf_counter() < deadline:
-            await client.lease_acquire(name, "bench", 30)
-            await client.lease_release(name, "bench")
-            ops += 2
-
-    async with anyio.create_task_group() as tg:
-        for n in range(IN_FLIGHT):
-            tg.start_soon(worker, clients[n % len(clients)], f"pipe/{n}")
-    return ops
+async def _pair(client: Client, name: str) -> None:
+    await client.lease_acquire(name, "bench", 30)
+    await client.lease_release(name, "bench")
 
 
 async def _acquire_live(socket_path: str) -> list[int]:
