@@ -64,12 +64,23 @@ def test_the_trampoline_runs_the_program_for_its_parent() -> None:
     assert (done.returncode, done.stdout) == (0, b"ran\n")
 
 
-def test_a_spawned_program_dies_with_the_process_that_spawned_it() -> None:
+FALLBACKS = {
+    "trampoline": "",
+    "setpriv": "spawn._trampoline_path = lambda: None",
+    "preexec": "spawn._trampoline_path = lambda: None; spawn._SETPRIV = None",
+}
+
+
+@pytest.mark.parametrize("path", FALLBACKS)
+def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> None:
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip("an x86-64 executable")
     script = textwrap.dedent(
-        """
+        f"""
         import os, sys, time
-        from fleetd.spawn import Spawner
-        child = Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2)
+        from fleetd import spawn
+        {FALLBACKS[path]}
+        child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2)
         print(child.pid, flush=True)
         time.sleep(60)
         """
