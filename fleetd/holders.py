@@ -512,7 +512,10 @@ class HolderRegistry:
                 continue
             held.link = link
             for status in snapshot.members:
-                held.update(status)
+                # A push that came in the same read as the snapshot was handled before this
+                # task resumed: it is newer than the snapshot, which must not undo it.
+                if status.name not in held.statuses:
+                    held.update(status)
             return
         log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
 

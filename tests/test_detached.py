@@ -369,3 +369,55 @@ def test_status_fast_path_prints_what_the_click_command_prints(
         assert fast.returncode == 11
     finally:
         ctl(holders, "down", "pair")
+
+
+# --- fleetd's registry against a scripted holder ------------------------------------------
+
+
+async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: str) -> None:
+    """A holder sends a watch's snapshot, then a push per change: both may arrive in one read,
+    and the push, being the newer, is what fleetd must keep (a member reported running is not
+    set back to starting)."""
+    import anyio
+    import msgspec
+    from anyio.abc import SocketStream
+
+    from fleetd.dispatch import Peer
+    from fleetd.holders import HolderRecord, HolderRegistry
+    from fleetd.members import write_pidfile
+    from fleetd.store.sqlite import SQLiteStore
+    from protocol.clusters import MemberStatusRequest
+    from protocol.definitions import ClusterSpec, MemberSpec
+    from protocol.members import HOLDER_PIDFILE
+
+    runtime_dir = os.path.join(tempdir, "c", "w")
+    os.makedirs(runtime_dir)
+    write_pidfile(os.path.join(runtime_dir, HOLDER_PIDFILE), os.getpid())  # a "live" holder
+
+    async def holder(stream: SocketStream) -> None:
+        async with stream:
+            watch = json.loads(await stream.receive())
+            starting = {"members": [{"name": "m", "state": "starting"}]}
+            frames = [
+                {"id": watch["id"], "ok": True, "result": starting},
+                {"id": watch["id"], "ok": True, "result": {"name": "m", "state": "running"}},
+            ]
+            await stream.send(b"".join(json.dumps(frame).encode() + b"\n" for frame in frames))
+            await anyio.sleep_forever()
+
+    spec = ClusterSpec(name="w", members=[MemberSpec(name="m", command=["true"])])
+    pid, start_time = read_pidfile(os.path.join(runtime_dir, HOLDER_PIDFILE))
+    record = HolderRecord(
+        spec=spec, dir=runtime_dir, log="", pid=pid, start_time=start_time, state="live"
+    )
+    listener = await anyio.create_unix_listener(member_socket_path(runtime_dir, "m"))
+    async with listener, SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
+        await store.put("holders/w", msgspec.json.encode(record))
+        registry = HolderRegistry(store, os.path.join(tempdir, "state"))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, holder)
+            await tasks.start(registry.serve, tempdir)  # re-adopts it: watch, snapshot
+            me = Peer(os.getpid(), os.getuid(), os.getgid())
+            answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
+            assert [s.state for s in answer.members] == [MemberState.RUNNING]
+            tasks.cancel_scope.cancel()
