@@ -333,6 +333,7 @@ class HolderRegistry:
             member=member,
             stdout=member_log_path(runtime_dir, member),
             stderr=member_log_path(runtime_dir, member, stderr=True),
+            socket=member_socket_path(runtime_dir, member),
         )
 
     # -- looking members up
