@@ -1,6 +1,7 @@
 """The fleetctl command line (click). Commands import what they need when they run."""
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -133,17 +134,22 @@ def lease_group() -> None:
     """Leases with fencing tokens. Always prints one JSON envelope {"outcome", "lease"}."""
 
 
-def _client_call(g: Globals, call: Callable[[Any], int], *, always_json: bool = False) -> None:
-    """Run `call` on a connected SyncClient and exit with the code it returns; a FleetError
-    becomes its outcome's exit code, reported as an envelope with --json or `always_json`."""
+def _client_result(g: Globals, call: Callable[[Any], Any], *, always_json: bool = False) -> Any:
+    """What `call` returns, run on a connected SyncClient; a FleetError exits with its
+    outcome's code, reported as an envelope with --json or `always_json`."""
     from fleetctl.sync import SyncClient
 
     try:
         with SyncClient(g.socket_path, timeout=g.timeout) as client:
-            code = call(client)
+            return call(client)
     except FleetError as error:
         raise Exit(fail(g.json or always_json, error)) from None
-    raise Exit(code)
+
+
+def _client_call(g: Globals, call: Callable[[Any], int], *, always_json: bool = False) -> None:
+    """Run `call` on a connected SyncClient and exit with the code it returns (see
+    _client_result for errors)."""
+    raise Exit(_client_result(g, call, always_json=always_json))
 
 
 def _lease_call(g: Globals, call: Callable[[Any], Any]) -> None:
@@ -582,29 +588,50 @@ def down(g: Globals, cluster: str) -> None:
 
 @cli.command("logs")
 @click.argument("name")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing what the member writes.")
+@click.option(
+    "-f", "--follow", is_flag=True, help="Then print what it writes, until it leaves its cluster."
+)
 @click.option("--stderr", is_flag=True, help="Its stderr (default: stdout).")
 @click.pass_obj
 def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
-    """Print a member's log (the rotated part first). -f hands over to `tail -F`, which follows
-    the file across rotations by inotify."""
+    """Print a member's log: the rotated part (.1) first, then the current file.
 
-    def call(client: Any) -> int:
-        paths = client.member_logs(name)
-        return _print_log(paths.stderr if stderr else paths.stdout, follow)
+    With -f, keep following it as `tail -F` does: what the member writes shows up as it is
+    written, across the member's restarts and the log's rotation, until the member leaves its
+    cluster (`fleetctl stop`, `fleetctl down`, or its holder exiting); then exit 0, its last
+    output printed. A member that already left prints its log and exits 0. Ctrl-C (SIGINT) or
+    SIGTERM stops following, exit 0. Following reads the files and asks the member's holder,
+    not fleetd: a fleetd restart does not end it. An unknown member is absent (11).
+    """
+    from fleetctl.logs import follow_log, print_log
 
-    _client_call(g, call)
-
-
-def _print_log(path: str, follow: bool) -> int:
+    handler = signal.getsignal(signal.SIGTERM)
     if follow:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: exit 0
+    try:
+        paths = _client_result(g, lambda client: client.member_logs(name))
         sys.stdout.flush()
-        os.execvp("tail", ["tail", "-n", "+1", "-F", path])
-    for part in (f"{path}.1", path):
-        try:
-            with open(part, "rb") as f:
-                sys.stdout.buffer.write(f.read())
-        except FileNotFoundError:
-            continue
-    sys.stdout.flush()
-    return 0
+        if follow:
+            follow_log(paths, sys.stdout.buffer, stderr=stderr)
+        else:
+            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer)
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+    except BrokenPipeError:  # `fleetctl logs -f NAME | head`: the reader is done, so are we
+        _discard_stdout()
+    except FleetError as error:
+        raise Exit(fail(g.json, error)) from None
+    except OSError as exc:
+        raise Exit(fail(g.json, FleetError(f"cannot read the log of {name!r}: {exc}"))) from None
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+    raise Exit(0)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit finds no broken pipe to report."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

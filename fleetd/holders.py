@@ -11,14 +11,21 @@ pidfd and a `watch` on a member socket, and nothing is restarted. A journaled ho
 meanwhile is cleaned up (its sockets, its journal entries); its members then read `stopped`
 from their state files.
 
+Launch. The record is written (`starting`) before the holder is spawned, and the holder's pid
+and start time are journaled before it runs: it is spawned behind a gate that fleetd opens
+only then. So a fleetd that dies mid-launch leaves either a record naming the holder, which
+the next fleetd adopts (at once if it serves, else as `starting` until it does: its name is
+taken and gc leaves it alone meanwhile), or a gate that read EOF and started nothing, whose
+record is cleaned up.
+
 Status from memory. Each live holder pushes every member change on the watch connection, so
 status and wait are answered from a dict, and wait sleeps on an event, never polls a holder.
 A holder's exit is seen on its pidfd, at once.
 
 Journal (the store, only fleetd writes it):
 
-    holders/<cluster>            HolderRecord: definition, runtime dir, log, pid + start time,
-                                 state starting | live | exited
+    holders/<cluster>            HolderRecord: definition, runtime dir, log, pid + start time
+                                 (from before the holder runs), state starting | live | exited
     members/<cluster>/<member>   MemberRecord: its socket, directory and logs, owner holders/<c>
 
 An exited holder keeps its record (its directory, logs and state files stay on disk, owned by
@@ -110,6 +117,14 @@ READY_TIMEOUT = 30.0
 STOP_MARGIN = 5.0
 """Seconds beyond the longest stop_timeout for a holder to report its members stopped."""
 REQUEST_TIMEOUT = 10.0
+_ATTACH_FIRST = 0.01
+_ATTACH_MAX = 0.2
+"""Seconds between tries of a re-adopted starting holder's sockets: first, and at most."""
+
+_GATE = 'read -r go && exec "$@" </dev/null'
+"""A holder's first process: a shell that waits for fleetd's line on its stdin, then execs
+the holder in its place (same pid, same start time: what the journal already names); at EOF
+(fleetd died before it journaled the pid) it exits, and no holder ever runs."""
 
 _SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _SCRUBBED_PREFIXES = ("LISTEN_",)
@@ -333,6 +348,7 @@ class HolderRegistry:
             member=member,
             stdout=member_log_path(runtime_dir, member),
             stderr=member_log_path(runtime_dir, member, stderr=True),
+            socket=member_socket_path(runtime_dir, member),
         )
 
     # -- looking members up
@@ -363,6 +379,10 @@ class HolderRegistry:
         held = self._live.get(cluster)
         if held is not None and member in held.statuses:
             return held.statuses[member]
+        if held is not None and held.record.state == "starting":  # re-adopted, not serving yet
+            return MemberStatus(
+                name=member, state=MemberState.STARTING, holder_pid=held.pid, cluster=cluster
+            )
         on_disk = status_on_disk(self._runtime_dir_of(cluster), member)
         return msgspec.structs.replace(on_disk, cluster=cluster)
 
@@ -418,17 +438,14 @@ class HolderRegistry:
         spec_file = self._write_definition(spec, runtime_dir)
         record = HolderRecord(spec=spec, dir=runtime_dir, log=os.path.join(runtime_dir, HOLDER_LOG))
         await self.store.put(HOLDERS + spec.name, _encode(record))  # journaled before it exists
-        process = await self._spawn(spec_file, record)
+        process, record = await self._spawn(spec_file, record)
         try:
             pidfd = os.pidfd_open(process.pid)
         except ProcessLookupError:
             process.wait()
             await self._exited_now(record, reason="holder_died_at_start")
             raise FleetError(f"the holder failed to start: {holder_log(record.log)}") from None
-        start_time = process_start_time(process.pid) or 0
-        record = msgspec.structs.replace(
-            record, pid=process.pid, start_time=start_time, state="live"
-        )
+        record = msgspec.structs.replace(record, state="live")
         held = Held(spec.name, record, pidfd, {m.name: m for m in spec.members}, process=process)
         await self._follow(held)
         log.info("holder_started", cluster=spec.name, pid=process.pid, dir=runtime_dir)
@@ -446,11 +463,25 @@ class HolderRegistry:
             raise FleetError(f"cannot prepare cluster {spec.name!r}: {exc}") from None
         return spec_file
 
-    async def _spawn(self, spec_file: str, record: HolderRecord) -> subprocess.Popen[bytes]:
-        """The holder, detached: its own session, no stdin, its output to its log. subprocess,
-        not anyio.open_process: an event loop's process transport kills a child still running
+    async def _spawn(
+        self, spec_file: str, record: HolderRecord
+    ) -> tuple[subprocess.Popen[bytes], HolderRecord]:
+        """The holder, detached: its own session, its output to its log; and its record, which
+        names it (pid and start time) in the journal before it runs: it is spawned behind a
+        gate (_GATE) that fleetd opens only then. A fleetd that dies at any point of a launch
+        thus leaves a record naming the holder, or a gate that reads EOF and exits without
+        ever starting one: never a holder that nothing names (which start-up gc would take
+        for dead, and remove the files of while it starts). subprocess, not
+        anyio.open_process: an event loop's process transport kills a child still running
         when it closes, and a detached holder must outlive fleetd."""
         ready_read, ready_write = os.pipe()
+        gate_read, gate_write = os.pipe()
+        unclosed = {ready_read, ready_write, gate_read, gate_write}
+
+        def close(fd: int) -> None:
+            unclosed.discard(fd)
+            os.close(fd)
+
         command = [
             sys.executable,
             "-m",
@@ -460,19 +491,26 @@ class HolderRegistry:
             f"--ready-fd={ready_write}",
         ]
         try:
-            process = await anyio.to_thread.run_sync(_popen_detached, command, record.log)
-            os.close(ready_write)
+            process = await anyio.to_thread.run_sync(
+                _popen_detached, command, record.log, gate_read, ready_write
+            )
+            close(ready_write)
+            close(gate_read)
             try:
+                start_time = process_start_time(process.pid) or 0  # exec keeps it: the holder's
+                record = msgspec.structs.replace(record, pid=process.pid, start_time=start_time)
+                await self.store.put(HOLDERS + record.spec.name, _encode(record))
+                os.write(gate_write, b"go\n")
+                close(gate_write)
                 await holder_ready(ready_read, READY_TIMEOUT, record.dir)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._abandon(process, record)
                 raise
         finally:
-            with contextlib.suppress(OSError):
-                os.close(ready_write)
-            os.close(ready_read)
-        return process
+            for fd in unclosed:
+                os.close(fd)
+        return process, record
 
     async def _abandon(self, process: subprocess.Popen[bytes], record: HolderRecord) -> None:
         """A holder that failed to get ready: kill its session, reap it, journal it gone."""
@@ -486,17 +524,23 @@ class HolderRegistry:
     async def _follow(self, held: Held) -> None:
         """Watch its members (snapshot now, pushes after), journal it live, and follow its
         pidfd in the background."""
-        await self._connect(held)
+        if not await self._connect(held):
+            log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
+        held.record = msgspec.structs.replace(held.record, state="live")
         await self._journal_live(held)
+        self._take(held)
+
+    def _take(self, held: Held) -> None:
+        """Count it live (its name is taken, gc leaves it alone) and see it exit."""
         self._live[held.name] = held
         self._exited.pop(held.name, None)
         self._changed_now()
         assert self._tasks is not None
         self._tasks.start_soon(self._until_exit, held)
 
-    async def _connect(self, held: Held) -> None:
+    async def _connect(self, held: Held) -> bool:
         """A watch over the first member socket that answers (any socket serves every member,
-        and the connection outlives its member)."""
+        and the connection outlives its member); False when none does."""
         for name in sorted(held.specs, key=lambda n: n not in held.statuses):
             try:
                 stream = await connect_member(member_socket_path(held.record.dir, name))
@@ -507,14 +551,20 @@ class HolderRegistry:
             self._tasks.start_soon(link.read_forever)
             try:
                 snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)
-            except ConnectionLost:
-                await link.aclose()
-                continue
+            except (ConnectionLost, anyio.get_cancelled_exc_class()) as exc:
+                with anyio.CancelScope(shield=True):
+                    await link.aclose()
+                if isinstance(exc, ConnectionLost):
+                    continue
+                raise
             held.link = link
             for status in snapshot.members:
-                held.update(status)
-            return
-        log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
+                # A push that came in the same read as the snapshot was handled before this
+                # task resumed: it is newer than the snapshot, which must not undo it.
+                if status.name not in held.statuses:
+                    held.update(status)
+            return True
+        return False
 
     def _pushed(self, held: Held, status: MemberStatus) -> None:
         held.update(status)
@@ -600,25 +650,66 @@ class HolderRegistry:
             if identified is None or pidfd is None:
                 await self._exited_now(record, reason="holder_died_while_fleetd_was_down")
                 continue
-            record = identified
-            held = Held(record.spec.name, record, pidfd, _current_specs(record))
+            held = Held(record.spec.name, identified, pidfd, _current_specs(identified))
+            if record.state == "starting":
+                await self._adopt_starting(held)
+            else:
+                await self._follow(held)
+            log.info("holder_adopted", cluster=held.name, pid=held.pid, was=record.state)
+
+    async def _adopt_starting(self, held: Held) -> None:
+        """A holder fleetd was starting when it died. Followed as any other if it serves
+        already; else taken at once, as starting (its name is taken, its exit is seen, gc
+        leaves it alone), and watched once it serves, in the background: start-up must not
+        wait for it."""
+        if await self._connect(held):
             await self._follow(held)
-            log.info("holder_adopted", cluster=held.name, pid=held.pid)
+            return
+        self._take(held)
+        assert self._tasks is not None
+        self._tasks.start_soon(self._attach, held)
+
+    async def _attach(self, held: Held) -> None:
+        """Until a member socket of a starting holder answers: then watch it and journal it
+        live. It has no ready pipe to this fleetd, so its sockets are tried, backing off
+        (only ever after fleetd died mid-launch). One that does not serve within
+        READY_TIMEOUT is killed, as a launch would kill it."""
+        delay = _ATTACH_FIRST
+        with anyio.move_on_after(READY_TIMEOUT):
+            while not await self._connect(held):
+                with anyio.move_on_after(delay):
+                    await held.gone.wait()
+                    return
+                delay = min(delay * 2, _ATTACH_MAX)
+        if self._live.get(held.name) is not held:  # it exited meanwhile: journaled so
+            if held.link is not None:
+                await held.link.aclose()
+            return
+        if held.link is None:
+            log.warning("holder_not_ready", cluster=held.name, pid=held.pid)
+            with contextlib.suppress(ProcessLookupError):  # the pidfd is open while it is live
+                signal.pidfd_send_signal(held.pidfd, signal.SIGKILL)
+            return
+        held.record = msgspec.structs.replace(held.record, state="live")
+        await self._journal_live(held)
+        self._changed_now()
+        log.info("holder_attached", cluster=held.name, pid=held.pid)
 
     # -- the journal (fleetd.journal.JournalProvider)
 
     def journal_owners(self) -> Owners:
         """Members (as NAME and CLUSTER:NAME) and clusters as claim owners: live while the
-        member runs (a cluster while any of its members does); every member of an exited
-        holder is known, and gone."""
+        member runs (a cluster while any of its members does), or while its holder, re-adopted
+        mid-launch, has not said yet; every member of an exited holder is known, and gone."""
         known: set[str] = set()
         live: set[str] = set()
         for cluster, held in self._live.items():
+            starting = held.record.state == "starting"  # its members' fate is not known yet
             for name in {**held.specs, **held.statuses}:
                 names = {name, f"{cluster}:{name}", cluster}
                 known |= names
                 status = held.statuses.get(name)
-                if status is not None and status.running:
+                if starting or (status is not None and status.running):
                     live |= names
         for cluster, record in self._exited.items():
             for name in _current_specs(record):
@@ -770,13 +861,15 @@ def _remove_trees(paths: Iterable[str]) -> None:
             shutil.rmtree(path)
 
 
-def _popen_detached(command: list[str], log_path: str) -> subprocess.Popen[bytes]:
-    """Fork and exec the holder in its own session (fds named in its command are passed)."""
-    ready_fd = int(command[-1].partition("=")[2])
+def _popen_detached(
+    command: list[str], log_path: str, gate: int, ready_fd: int
+) -> subprocess.Popen[bytes]:
+    """Fork and exec the holder's gate (_GATE) in its own session, reading `gate`; it becomes
+    the holder once fleetd writes a line there."""
     with open(log_path, "ab") as output:
         return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
+            ["/bin/sh", "-c", _GATE, "fleetd-holder", *command],
+            stdin=gate,
             stdout=output,
             stderr=output,
             pass_fds=(ready_fd,),
@@ -787,16 +880,21 @@ def _popen_detached(command: list[str], log_path: str) -> subprocess.Popen[bytes
 
 
 def _identified(record: HolderRecord) -> HolderRecord | None:
-    """The record with the holder's pid and start time: journaled once it was up, else (fleetd
-    died while starting it) from the pidfile the holder writes first thing. None when the
-    journal and the pidfile disagree, or neither names a process."""
+    """The record with the holder's pid and start time, or None when nothing names a process
+    (whether it runs, _pidfd_of says). A live record names it, and the pidfile the holder
+    wrote must agree. A starting record (fleetd died launching it) names it once the pid was
+    journaled, before the holder could run (see _spawn), so even while the holder has written
+    nothing yet; one without a pid (fleetd died before that, so its gate never opened; or it
+    was written by an older fleetd) has only the holder's pidfile to go by."""
+    if record.state == "starting" and record.pid:
+        return record
     try:
         on_disk = read_pidfile(os.path.join(record.dir, HOLDER_PIDFILE))
     except (OSError, ValueError):
         return None
     if record.state == "starting":
         pid, start_time = on_disk
-        return msgspec.structs.replace(record, pid=pid, start_time=start_time, state="live")
+        return msgspec.structs.replace(record, pid=pid, start_time=start_time)
     return record if on_disk == (record.pid, record.start_time) else None
 
 

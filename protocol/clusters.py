@@ -37,10 +37,14 @@ class MemberList(Message, frozen=True):
 
 
 class LogPaths(Message, frozen=True):
+    """Where a member's logs are, and the member socket of its holder (where a follower asks
+    whether the member is still there; "" from a fleetd that did not say)."""
+
     cluster: str
     member: str
     stdout: str
     stderr: str
+    socket: str = ""
 
 
 class ClusterUp(Request, tag="cluster_up", frozen=True):

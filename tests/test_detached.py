@@ -1,5 +1,6 @@
 """Detached clusters under a real fleetd: up, status, wait, stop, add, down, and re-adoption of
-live holders (and clean-up of dead ones) when fleetd starts again.
+live holders (and clean-up of dead ones) when fleetd starts again, including holders fleetd
+was still starting when it was killed.
 
 A detached holder is a session leader that outlives fleetd on purpose, so every test here ends
 by stopping the holders it started (the `holders` fixture), whatever state fleetd is in.
@@ -8,6 +9,8 @@ by stopping the holders it started (the `holders` fixture), whatever state fleet
 import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -15,14 +18,26 @@ from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
+import anyio
+import msgspec
 import pytest
 
 from fleetctl.cli import run
 from fleetctl.sync import SyncClient
-from fleetd.members import is_running, read_pidfile
+from fleetd.holders import HolderRecord
+from fleetd.members import is_running, process_start_time, read_pidfile
+from fleetd.store.sqlite import SQLiteStore
+from protocol.definitions import load_toml
 from protocol.errors import Absent, InvalidRequest, MemberFailed
-from protocol.members import HOLDER_PIDFILE, MemberState, member_socket_path
-from tests.processes import Fleetd, fleetctl
+from protocol.members import (
+    CLUSTER_FILE,
+    HOLDER_LOG,
+    HOLDER_PIDFILE,
+    MemberState,
+    member_socket_path,
+    member_statefile,
+)
+from tests.processes import FLEETCTL, Fleetd, fleetctl
 
 HTTP = '["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]'
 PEERS = '["sh", "-c", "echo peers=$FLEET_PEERS; exec sleep 60"]'
@@ -107,6 +122,12 @@ def statuses(daemon: Fleetd, *names: str) -> dict[str, dict[str, object]]:
     _, out, _ = ctl(daemon, "--json", "status", *names)
     members = json.loads(out)["members"]
     return {f"{m.get('cluster', '')}/{m['name']}": m for m in members}
+
+
+def state(daemon: Fleetd, name: str) -> str:
+    """One member's state, as `fleetctl status NAME` says."""
+    (member,) = statuses(daemon, name).values()
+    return str(member["state"])
 
 
 def up(daemon: Fleetd, text: str, *args: str) -> dict[str, Any]:
@@ -270,6 +291,200 @@ def test_holder_killed_while_fleetd_was_down_is_cleaned_up(holders: Fleetd) -> N
         c.member_stop("nope")
 
 
+# --- fleetd killed mid-launch: the holder journaled `starting` -------------------------------
+
+GATE_HOOK = """\
+import os
+
+gate = os.environ.get("FLEET_TEST_HOLDER_GATE")
+if gate:
+    with open("/proc/self/cmdline", "rb") as cmdline:
+        holder = b"fleetd.holder" in cmdline.read().split(b"\\0")
+    if holder:
+        with open(gate + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(gate + ".tmp", gate + ".pid")
+        with open(gate, "rb") as fifo:
+            fifo.read()
+"""
+"""A sitecustomize for fleetd's environment: a holder, once its interpreter runs and before
+anything of its own does (its pidfile, its sockets), writes its pid to GATE.pid and waits
+until the test opens the fifo GATE: a holder caught mid-launch for as long as a test needs."""
+
+STORE_FILE = "fleet.db"
+"""fleetd.daemon.STORE_FILE: not imported, as importing fleetd.daemon adds its error classes to
+those test_framing finds."""
+
+SLEEPERS = definition("nap", a='command = ["sleep", "60"]', b='command = ["sleep", "60"]')
+
+
+@pytest.fixture
+def gated(tempdir: str) -> Iterator[Fleetd]:
+    """fleetd whose holders wait at the gate (see GATE_HOOK); at the end no gate is left
+    closed and no holder left running."""
+    hooks = os.path.join(tempdir, "hooks")
+    os.mkdir(hooks)
+    with open(os.path.join(hooks, "sitecustomize.py"), "w") as f:
+        f.write(GATE_HOOK)
+    gate = os.path.join(tempdir, "gate")
+    os.mkfifo(gate)
+    daemon = Fleetd(tempdir, extra_env={"PYTHONPATH": hooks, "FLEET_TEST_HOLDER_GATE": gate})
+    try:
+        yield daemon.start()
+    finally:
+        open_gate(daemon, wait=False)
+        kill_holders(daemon)
+        daemon.close()
+
+
+def open_gate(daemon: Fleetd, *, wait: bool = True) -> None:
+    """Let the holder waiting at the gate go on (with wait=False, only one already there)."""
+    gate = daemon.extra_env["FLEET_TEST_HOLDER_GATE"]
+    with suppress(OSError):  # ENXIO: nobody waits there
+        os.close(os.open(gate, os.O_WRONLY | (0 if wait else os.O_NONBLOCK)))
+
+
+def killed_mid_launch(daemon: Fleetd, text: str) -> int:
+    """`fleetctl up`, and fleetd SIGKILLed while its holder waits at the gate: the holder
+    runs, fleetd journaled it `starting` and never heard it was ready. Its pid."""
+    marker = daemon.extra_env["FLEET_TEST_HOLDER_GATE"] + ".pid"
+    path = write(daemon, "fleet.toml", text)
+    with subprocess.Popen(
+        [*FLEETCTL, "up", "-f", path], env=daemon.env, stdout=subprocess.PIPE, text=True
+    ) as launching:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(marker):
+            assert time.monotonic() < deadline, "no holder came to the gate"
+            time.sleep(0.01)
+        with open(marker) as f:
+            pid = int(f.read())
+        daemon.signal(signal.SIGKILL)
+        daemon.wait()
+        assert launching.wait(10) != 0  # fleetd died under it
+    return pid
+
+
+def running_on_disk(runtime_dir: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The members' state files once every one says running (a holder writes them)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = {}
+        for name in names:
+            with suppress(OSError, ValueError), open(member_statefile(runtime_dir, name)) as f:
+                found[name] = json.load(f)
+        if all(found.get(name, {}).get("state") == "running" for name in names):
+            return found
+        assert time.monotonic() < deadline, f"members not running: {found}"
+        time.sleep(0.02)
+
+
+def holder_detail(daemon: Fleetd, cluster: str) -> str:
+    """The holder's state as the journal has it: starting, live or exited."""
+    _, out, _ = ctl(daemon, "claims", "inspect", "--kind", "holder", "--key", cluster)
+    return str(json.loads(out)["claim"]["detail"])
+
+
+def test_a_holder_that_started_as_fleetd_died_is_adopted_with_its_members_untouched(
+    gated: Fleetd,
+) -> None:
+    holder_pid = killed_mid_launch(gated, SLEEPERS)
+    open_gate(gated)
+    on_disk = running_on_disk(os.path.join(runtime_root(gated), "nap"), ["a", "b"])
+    gated.start()
+    after = statuses(gated, "a", "b")
+    assert {
+        key: (m["state"], m["pid"], m["holder_pid"], m.get("restarts", 0))
+        for key, m in after.items()
+    } == {f"nap/{name}": ("running", on_disk[name]["pid"], holder_pid, 0) for name in ("a", "b")}
+    assert holder_detail(gated, "nap") == "live"
+    code, out, _ = ctl(gated, "--json", "down", "nap")
+    assert (code, json.loads(out)["outcome"]) == (0, "released")
+    assert wait_gone(holder_pid, 5)
+
+
+def test_a_holder_still_starting_when_fleetd_returns_is_kept_and_adopted_once_it_serves(
+    gated: Fleetd,
+) -> None:
+    holder_pid = killed_mid_launch(gated, SLEEPERS)
+    gated.start()  # start-up gc included, while the holder has written nothing yet
+    assert os.path.isdir(os.path.join(runtime_root(gated), "nap"))
+    assert ctl(gated, "up", "-f", write(gated, "again.toml", SLEEPERS))[0] == 12  # it is taken
+    assert state(gated, "a") == "starting"
+    open_gate(gated)
+    assert ctl(gated, "wait", "a", "b", "--timeout", "10s")[0] == 0
+    assert {m["holder_pid"] for m in statuses(gated).values()} == {holder_pid}
+    deadline = time.monotonic() + 5  # journaled live once it served (just after its members)
+    while holder_detail(gated, "nap") != "live":
+        assert time.monotonic() < deadline, holder_detail(gated, "nap")
+        time.sleep(0.02)
+    assert ctl(gated, "down", "nap")[0] == 0
+    assert wait_gone(holder_pid, 5)
+
+
+def test_a_starting_holder_that_dies_before_it_serves_frees_its_name(gated: Fleetd) -> None:
+    holder_pid = killed_mid_launch(gated, SLEEPERS)
+    gated.start()
+    os.kill(holder_pid, signal.SIGKILL)
+    assert wait_gone(holder_pid, 5)
+    deadline = time.monotonic() + 5
+    while state(gated, "a") == "starting":
+        assert time.monotonic() < deadline, "fleetd did not see the holder die"
+        time.sleep(0.02)
+    assert state(gated, "a") == "absent"  # it never ran a member
+    path = write(gated, "again.toml", SLEEPERS)
+    with subprocess.Popen([*FLEETCTL, "up", "-f", path], env=gated.env) as again:
+        open_gate(gated)  # its new holder waits there too
+        assert again.wait(10) == 0
+    assert ctl(gated, "down", "nap")[0] == 0
+
+
+@pytest.mark.parametrize("recorded", ["no pid", "a pid that is gone"])
+def test_a_holder_that_never_started_is_cleaned_up_and_its_name_comes_up_again(
+    tempdir: str, recorded: str
+) -> None:
+    """As fleetd leaves a launch it died in before its holder ran: the definition written, the
+    runtime directory made, the record `starting` (with the pid of a gate that then saw fleetd
+    gone and exited, or no pid yet), and no holder."""
+    daemon = Fleetd(tempdir)
+    runtime_dir = os.path.join(runtime_root(daemon), "nap")
+    definition_dir = os.path.join(daemon.state_dir, "clusters", "nap")
+    spec = load_toml(write(daemon, "fleet.toml", SLEEPERS))
+    os.makedirs(runtime_dir)
+    os.makedirs(definition_dir)
+    with open(os.path.join(definition_dir, CLUSTER_FILE), "wb") as f:
+        f.write(msgspec.json.encode(spec))
+    pid = start_time = 0
+    if recorded == "a pid that is gone":
+        with subprocess.Popen(["sleep", "60"]) as gone:
+            pid, start_time = gone.pid, process_start_time(gone.pid) or 0
+            gone.kill()
+    record = HolderRecord(
+        spec=spec,
+        dir=runtime_dir,
+        log=os.path.join(runtime_dir, HOLDER_LOG),
+        pid=pid,
+        start_time=start_time,
+        state="starting",
+    )
+
+    async def journal() -> None:
+        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
+            await store.put("holders/nap", msgspec.json.encode(record))
+
+    anyio.run(journal)
+    try:
+        daemon.start()
+        assert {m["state"] for m in statuses(daemon, "a", "b").values()} == {"absent"}
+        assert not os.path.exists(runtime_dir) and not os.path.exists(definition_dir)
+        code, out, _ = ctl(daemon, "--json", "up", "-f", write(daemon, "fleet.toml", SLEEPERS))
+        assert (code, json.loads(out)["outcome"]) == (0, "acquired")
+        assert ctl(daemon, "wait", "a", "b")[0] == 0
+        assert ctl(daemon, "down", "nap")[0] == 0
+    finally:
+        kill_holders(daemon)
+        daemon.close()
+
+
 def test_two_clusters_side_by_side(holders: Fleetd) -> None:
     sleeper = 'command = ["sleep", "60"]'
     up(holders, definition("one", web=sleeper, x=sleeper))
@@ -341,6 +556,45 @@ def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
     assert holder_env(environ) == {"PATH": "/bin"}
 
 
+def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
+    """A holder's first process as fleetd spawns it, with a command that writes its pid and
+    start time to a file in place of the holder; the gate's write end, and that file."""
+    from fleetd.holders import _popen_detached
+
+    ran = os.path.join(tempdir, "ran")
+    report = (
+        f"from fleetd.members import write_pidfile; import os; write_pidfile({ran!r}, os.getpid())"
+    )
+    gate_read, gate_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    try:
+        process = _popen_detached(
+            [sys.executable, "-c", report], os.path.join(tempdir, "log"), gate_read, ready_write
+        )
+    finally:
+        for fd in (gate_read, ready_read, ready_write):
+            os.close(fd)
+    return process, gate_write, ran
+
+
+def test_the_holder_gate_once_opened_becomes_the_holder_same_pid_same_start_time(
+    tempdir: str,
+) -> None:
+    process, gate, ran = gated_process(tempdir)
+    journaled = (process.pid, process_start_time(process.pid))  # what fleetd journals
+    os.write(gate, b"go\n")
+    os.close(gate)
+    assert process.wait(10) == 0
+    assert read_pidfile(ran) == journaled
+
+
+def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
+    process, gate, ran = gated_process(tempdir)
+    os.close(gate)  # fleetd died before it journaled the pid
+    assert process.wait(10) != 0
+    assert not os.path.exists(ran)
+
+
 def test_wait_verdict() -> None:
     from fleetd.holders import wait_verdict
     from protocol.members import MemberStatus
@@ -369,3 +623,55 @@ def test_status_fast_path_prints_what_the_click_command_prints(
         assert fast.returncode == 11
     finally:
         ctl(holders, "down", "pair")
+
+
+# --- fleetd's registry against a scripted holder ------------------------------------------
+
+
+async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: str) -> None:
+    """A holder sends a watch's snapshot, then a push per change: both may arrive in one read,
+    and the push, being the newer, is what fleetd must keep (a member reported running is not
+    set back to starting)."""
+    import anyio
+    import msgspec
+    from anyio.abc import SocketStream
+
+    from fleetd.dispatch import Peer
+    from fleetd.holders import HolderRecord, HolderRegistry
+    from fleetd.members import write_pidfile
+    from fleetd.store.sqlite import SQLiteStore
+    from protocol.clusters import MemberStatusRequest
+    from protocol.definitions import ClusterSpec, MemberSpec
+    from protocol.members import HOLDER_PIDFILE
+
+    runtime_dir = os.path.join(tempdir, "c", "w")
+    os.makedirs(runtime_dir)
+    write_pidfile(os.path.join(runtime_dir, HOLDER_PIDFILE), os.getpid())  # a "live" holder
+
+    async def holder(stream: SocketStream) -> None:
+        async with stream:
+            watch = json.loads(await stream.receive())
+            starting = {"members": [{"name": "m", "state": "starting"}]}
+            frames = [
+                {"id": watch["id"], "ok": True, "result": starting},
+                {"id": watch["id"], "ok": True, "result": {"name": "m", "state": "running"}},
+            ]
+            await stream.send(b"".join(json.dumps(frame).encode() + b"\n" for frame in frames))
+            await anyio.sleep_forever()
+
+    spec = ClusterSpec(name="w", members=[MemberSpec(name="m", command=["true"])])
+    pid, start_time = read_pidfile(os.path.join(runtime_dir, HOLDER_PIDFILE))
+    record = HolderRecord(
+        spec=spec, dir=runtime_dir, log="", pid=pid, start_time=start_time, state="live"
+    )
+    listener = await anyio.create_unix_listener(member_socket_path(runtime_dir, "m"))
+    async with listener, SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
+        await store.put("holders/w", msgspec.json.encode(record))
+        registry = HolderRegistry(store, os.path.join(tempdir, "state"))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, holder)
+            await tasks.start(registry.serve, tempdir)  # re-adopts it: watch, snapshot
+            me = Peer(os.getpid(), os.getuid(), os.getgid())
+            answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
+            assert [s.state for s in answer.members] == [MemberState.RUNNING]
+            tasks.cancel_scope.cancel()
