@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 _COMMANDS = ("ping", "version")
 """Taking no arguments; `status [NAME…]` is parsed on its own."""
 _DEFAULT_TIMEOUT = 10.0
+_HELLO = f'"op":"hello","version":{PROTOCOL_VERSION},"client":"fleetctl"'
 
 
 class _ScanContext:
@@ -80,15 +81,20 @@ def run(command: str, socket_path: str | None, json_mode: bool, arguments: list[
     path = socket_path or client_socket_path(os.environ, os.path.exists)
     try:
         with _Connection(path) as connection:
-            hello = connection.call(
-                f'"op":"hello","version":{PROTOCOL_VERSION},"client":"fleetctl"'
-            )
-            _check_version(hello)
-            if command == "ping":
+            if command == "ping":  # times a round trip of its own, after the hello's
+                connection.send(_HELLO)
+                hello = connection.receive()
+                _check_version(hello)
                 return _ping(connection, hello, json_mode)
+            # The hello and the request go out in one write: fleetd answers both inline, in
+            # order, and the answer is read only once the hello's version has been checked.
             if command == "status":
-                return _status(connection, arguments)
-            return _version(connection, json_mode)
+                connection.send(_HELLO, _status_request(arguments))
+                _check_version(connection.receive())
+                return _status(connection.receive())
+            connection.send(_HELLO, '"op":"version"')
+            _check_version(connection.receive())
+            return _version(connection.receive(), json_mode)
     except _Failure as failure:
         return _fail(failure, json_mode)
 
@@ -105,7 +111,8 @@ def _check_version(hello: dict[str, Any]) -> None:
 
 def _ping(connection: _Connection, hello: dict[str, Any], json_mode: bool) -> int:
     started = time.perf_counter()
-    connection.call('"op":"ping"')
+    connection.send('"op":"ping"')
+    connection.receive()
     rtt_us = round((time.perf_counter() - started) * 1e6)
     server, pid = hello["server"], hello["pid"]
     if json_mode:
@@ -113,8 +120,7 @@ def _ping(connection: _Connection, hello: dict[str, Any], json_mode: bool) -> in
     return _print(f"pong from fleetd {server} (pid {pid}) in {rtt_us} µs")
 
 
-def _version(connection: _Connection, json_mode: bool) -> int:
-    daemon = connection.call('"op":"version"')
+def _version(daemon: dict[str, Any], json_mode: bool) -> int:
     version, protocol = daemon["version"], daemon["protocol"]
     if json_mode:
         return _envelope(
@@ -126,10 +132,14 @@ def _version(connection: _Connection, json_mode: bool) -> int:
     )
 
 
-def _status(connection: _Connection, names: list[str]) -> int:
-    """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
+def _status_request(names: list[str]) -> str:
     quoted = ",".join(_quote(name) for name in names)
-    members = connection.call(f'"op":"member_status","names":[{quoted}]').get("members", [])
+    return f'"op":"member_status","names":[{quoted}]'
+
+
+def _status(result: dict[str, Any]) -> int:
+    """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
+    members = result.get("members", [])
     _print(status_table(members))
     absent = any(m["state"] == "absent" for m in members)
     return (Outcome.ABSENT if absent else Outcome.OK).exit_code
@@ -215,17 +225,27 @@ class _Connection:
     def _timeout(self, message: str) -> _Failure:
         return _Failure(Outcome.TIMEOUT, "timeout", message)
 
-    def call(self, body: str) -> dict[str, Any]:
-        self.next_id += 1
+    def send(self, *bodies: str) -> None:
+        """Send requests in one write; fleetd answers the fast path's ops in order."""
+        frames = []
+        for body in bodies:
+            self.next_id += 1
+            frames.append(f'{{{body},"id":{self.next_id}}}\n')
         try:
-            self.sock.sendall(f'{{{body},"id":{self.next_id}}}\n'.encode())
+            self.sock.sendall("".join(frames).encode())
+        except TimeoutError:
+            raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def receive(self) -> dict[str, Any]:
+        """The result of the next answer; raises _Failure for an error answer."""
+        try:
             response = self._read_response()
         except TimeoutError:
             raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
         except OSError as exc:
-            raise _Failure(
-                Outcome.UNAVAILABLE, "connection_lost", f"fleetd went away: {exc.strerror or exc}"
-            ) from None
+            raise self._lost(exc) from None
         if response.get("ok") is True:
             result: dict[str, Any] = response["result"]
             return result
@@ -235,6 +255,11 @@ class _Connection:
             _OUTCOME_OF_CODE.get(code, Outcome.ERROR),
             code,
             str(error.get("message", "fleetd refused the request")),
+        )
+
+    def _lost(self, exc: OSError) -> _Failure:
+        return _Failure(
+            Outcome.UNAVAILABLE, "connection_lost", f"fleetd went away: {exc.strerror or exc}"
         )
 
     def _read_response(self) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def fake_daemon(tempdir: str) -> Iterator[tuple[str, list[bytes]]]:
     thread.join(5)
 
 
-@pytest.mark.parametrize("command", ["ping", "version"])
+@pytest.mark.parametrize("command", ["ping", "version", "status"])
 def test_protocol_mismatch_is_refused_with_exit_15(
     fake_daemon: tuple[str, list[bytes]], command: str
 ) -> None:
