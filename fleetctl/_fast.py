@@ -18,7 +18,6 @@ import time
 
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
-from protocol.outcomes import Outcome
 from protocol.paths import client_socket_path, socket_path_problem
 
 TYPE_CHECKING = False  # typing itself costs 3 ms of start-up
@@ -48,7 +47,10 @@ _quote = _json.encode_basestring
 
 
 class _Failure(Exception):
-    def __init__(self, outcome: Outcome, code: str, message: str) -> None:
+    """`outcome` is an Outcome's value: protocol.outcomes (an enum) is imported only to exit
+    with a failure, since success is always exit 0."""
+
+    def __init__(self, outcome: str, code: str, message: str) -> None:
         self.outcome, self.code, self.message = outcome, code, message
 
 
@@ -103,7 +105,7 @@ def _check_version(hello: dict[str, Any]) -> None:
     """The same refusal as fleetctl._conversation.check_server_version."""
     if hello.get("version") != PROTOCOL_VERSION:
         raise _Failure(
-            Outcome.INCOMPATIBLE,
+            "incompatible",
             "incompatible",
             f"fleetd speaks protocol {hello.get('version')}, this client speaks {PROTOCOL_VERSION}",
         )
@@ -142,7 +144,7 @@ def _status(result: dict[str, Any]) -> int:
     members = result.get("members", [])
     _print(status_table(members))
     absent = any(m["state"] == "absent" for m in members)
-    return (Outcome.ABSENT if absent else Outcome.OK).exit_code
+    return _exit_code("absent") if absent else 0
 
 
 def exit_now(code: int) -> NoReturn:
@@ -168,27 +170,34 @@ def _envelope(fields: str) -> int:
 
 def _fail(failure: _Failure, json_mode: bool) -> int:
     if json_mode:
-        outcome, code = _quote(failure.outcome.value), _quote(failure.code)
+        outcome, code = _quote(failure.outcome), _quote(failure.code)
         sys.stdout.write(
             f'{{"outcome":{outcome},"error":{{"code":{code},"message":{_quote(failure.message)}}}}}\n'
         )
         sys.stdout.flush()
     else:
         sys.stderr.write(f"fleetctl: {failure.message}\n")
-    return failure.outcome.exit_code
+    return _exit_code(failure.outcome)
+
+
+def _exit_code(outcome: str) -> int:
+    from protocol.outcomes import Outcome
+
+    return Outcome(outcome).exit_code
 
 
 _OUTCOME_OF_CODE = {
-    "incompatible": Outcome.INCOMPATIBLE,
-    "unavailable": Outcome.UNAVAILABLE,
-    "connection_lost": Outcome.UNAVAILABLE,
-    "timeout": Outcome.TIMEOUT,
-    "absent": Outcome.ABSENT,
-    "contested": Outcome.CONTESTED,
-    "not_owned": Outcome.NOT_OWNED,
-    "not_enabled": Outcome.NOT_ENABLED,
+    "incompatible": "incompatible",
+    "unavailable": "unavailable",
+    "connection_lost": "unavailable",
+    "timeout": "timeout",
+    "absent": "absent",
+    "contested": "contested",
+    "not_owned": "not_owned",
+    "not_enabled": "not_enabled",
 }
-"""Error codes whose outcome is not `error`, as in protocol/errors.py (which imports typing)."""
+"""Error codes whose outcome (its value) is not `error`, as in protocol/errors.py (which
+imports typing)."""
 
 
 class _Connection:
@@ -197,7 +206,7 @@ class _Connection:
     def __init__(self, path: str) -> None:
         problem = socket_path_problem(path)
         if problem:
-            raise _Failure(Outcome.UNAVAILABLE, "unavailable", problem)
+            raise _Failure("unavailable", "unavailable", problem)
         self.path = path
         self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(_DEFAULT_TIMEOUT)
@@ -213,7 +222,7 @@ class _Connection:
             ) from None
         except OSError as exc:
             raise _Failure(
-                Outcome.UNAVAILABLE,
+                "unavailable",
                 "unavailable",
                 f"no fleetd at {self.path}: {exc.strerror or exc}",
             ) from None
@@ -223,7 +232,7 @@ class _Connection:
         self.sock.close()
 
     def _timeout(self, message: str) -> _Failure:
-        return _Failure(Outcome.TIMEOUT, "timeout", message)
+        return _Failure("timeout", "timeout", message)
 
     def send(self, *bodies: str) -> None:
         """Send requests in one write; fleetd answers the fast path's ops in order."""
@@ -252,26 +261,24 @@ class _Connection:
         error = response.get("error") or {}
         code = str(error.get("code", "error"))
         raise _Failure(
-            _OUTCOME_OF_CODE.get(code, Outcome.ERROR),
+            _OUTCOME_OF_CODE.get(code, "error"),
             code,
             str(error.get("message", "fleetd refused the request")),
         )
 
     def _lost(self, exc: OSError) -> _Failure:
         return _Failure(
-            Outcome.UNAVAILABLE, "connection_lost", f"fleetd went away: {exc.strerror or exc}"
+            "unavailable", "connection_lost", f"fleetd went away: {exc.strerror or exc}"
         )
 
     def _read_response(self) -> dict[str, Any]:
         while b"\n" not in self.buffer:
             data = self.sock.recv(65536)
             if not data:
-                raise _Failure(
-                    Outcome.UNAVAILABLE, "connection_lost", "fleetd closed the connection"
-                )
+                raise _Failure("unavailable", "connection_lost", "fleetd closed the connection")
             self.buffer += data
         line, self.buffer = self.buffer.split(b"\n", 1)
         response, _ = _scan(line.decode(), 0)
         if not isinstance(response, dict):
-            raise _Failure(Outcome.ERROR, "bad_frame", "fleetd sent a bad frame")
+            raise _Failure("error", "bad_frame", "fleetd sent a bad frame")
         return response

@@ -164,3 +164,11 @@ def test_help_lists_the_commands() -> None:
     result = fleetctl("--help", env=dict(os.environ))
     assert result.returncode == 0
     assert "ping" in result.stdout and "version" in result.stdout
+
+
+def test_fast_path_maps_error_codes_to_the_outcomes_of_protocol_errors() -> None:
+    from fleetctl._fast import _OUTCOME_OF_CODE
+    from protocol.errors import ERRORS_BY_CODE
+
+    for code, error in ERRORS_BY_CODE.items():
+        assert _OUTCOME_OF_CODE.get(code, "error") == error.outcome.value, code
