@@ -4,18 +4,15 @@ import sys
 
 
 def main() -> None:
-    sys.exit(_run(sys.argv[1:]))
-
-
-def _run(argv: list[str]) -> int:
+    argv = sys.argv[1:]
     from fleetctl import _fast
 
     fast = _fast.parse(argv)
     if fast is not None:
-        return _fast.run(*fast)
+        _fast.exit_now(_fast.run(*fast))
     from fleetctl.cli import run
 
-    return run(argv)
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ import time
 
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
-from protocol.outcomes import Outcome
 from protocol.paths import client_socket_path, socket_path_problem
 
 TYPE_CHECKING = False  # typing itself costs 3 ms of start-up
 if TYPE_CHECKING:
-    from typing import Any, ClassVar
+    from typing import Any, ClassVar, NoReturn
 
 _COMMANDS = ("ping", "version")
 """Taking no arguments; `status [NAME…]` is parsed on its own."""
 _DEFAULT_TIMEOUT = 10.0
+_HELLO = f'"op":"hello","version":{PROTOCOL_VERSION},"client":"fleetctl"'
 
 
 class _ScanContext:
@@ -47,7 +47,10 @@ _quote = _json.encode_basestring
 
 
 class _Failure(Exception):
-    def __init__(self, outcome: Outcome, code: str, message: str) -> None:
+    """`outcome` is an Outcome's value: protocol.outcomes (an enum) is imported only to exit
+    with a failure, since success is always exit 0."""
+
+    def __init__(self, outcome: str, code: str, message: str) -> None:
         self.outcome, self.code, self.message = outcome, code, message
 
 
@@ -80,15 +83,20 @@ def run(command: str, socket_path: str | None, json_mode: bool, arguments: list[
     path = socket_path or client_socket_path(os.environ, os.path.exists)
     try:
         with _Connection(path) as connection:
-            hello = connection.call(
-                f'"op":"hello","version":{PROTOCOL_VERSION},"client":"fleetctl"'
-            )
-            _check_version(hello)
-            if command == "ping":
+            if command == "ping":  # times a round trip of its own, after the hello's
+                connection.send(_HELLO)
+                hello = connection.receive()
+                _check_version(hello)
                 return _ping(connection, hello, json_mode)
+            # The hello and the request go out in one write: fleetd answers both inline, in
+            # order, and the answer is read only once the hello's version has been checked.
             if command == "status":
-                return _status(connection, arguments)
-            return _version(connection, json_mode)
+                connection.send(_HELLO, _status_request(arguments))
+                _check_version(connection.receive())
+                return _status(connection.receive())
+            connection.send(_HELLO, '"op":"version"')
+            _check_version(connection.receive())
+            return _version(connection.receive(), json_mode)
     except _Failure as failure:
         return _fail(failure, json_mode)
 
@@ -97,7 +105,7 @@ def _check_version(hello: dict[str, Any]) -> None:
     """The same refusal as fleetctl._conversation.check_server_version."""
     if hello.get("version") != PROTOCOL_VERSION:
         raise _Failure(
-            Outcome.INCOMPATIBLE,
+            "incompatible",
             "incompatible",
             f"fleetd speaks protocol {hello.get('version')}, this client speaks {PROTOCOL_VERSION}",
         )
@@ -105,7 +113,8 @@ def _check_version(hello: dict[str, Any]) -> None:
 
 def _ping(connection: _Connection, hello: dict[str, Any], json_mode: bool) -> int:
     started = time.perf_counter()
-    connection.call('"op":"ping"')
+    connection.send('"op":"ping"')
+    connection.receive()
     rtt_us = round((time.perf_counter() - started) * 1e6)
     server, pid = hello["server"], hello["pid"]
     if json_mode:
@@ -113,8 +122,7 @@ def _ping(connection: _Connection, hello: dict[str, Any], json_mode: bool) -> in
     return _print(f"pong from fleetd {server} (pid {pid}) in {rtt_us} µs")
 
 
-def _version(connection: _Connection, json_mode: bool) -> int:
-    daemon = connection.call('"op":"version"')
+def _version(daemon: dict[str, Any], json_mode: bool) -> int:
     version, protocol = daemon["version"], daemon["protocol"]
     if json_mode:
         return _envelope(
@@ -126,13 +134,26 @@ def _version(connection: _Connection, json_mode: bool) -> int:
     )
 
 
-def _status(connection: _Connection, names: list[str]) -> int:
-    """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
+def _status_request(names: list[str]) -> str:
     quoted = ",".join(_quote(name) for name in names)
-    members = connection.call(f'"op":"member_status","names":[{quoted}]').get("members", [])
+    return f'"op":"member_status","names":[{quoted}]'
+
+
+def _status(result: dict[str, Any]) -> int:
+    """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
+    members = result.get("members", [])
     _print(status_table(members))
     absent = any(m["state"] == "absent" for m in members)
-    return (Outcome.ABSENT if absent else Outcome.OK).exit_code
+    return _exit_code("absent") if absent else 0
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit with `code` once stdout and stderr are flushed, skipping the interpreter's
+    teardown: a fast command has no atexit handlers and nothing else to flush, and tearing down
+    the modules that site imported costs about as much as the command's own work."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print(text: str) -> int:
@@ -149,27 +170,34 @@ def _envelope(fields: str) -> int:
 
 def _fail(failure: _Failure, json_mode: bool) -> int:
     if json_mode:
-        outcome, code = _quote(failure.outcome.value), _quote(failure.code)
+        outcome, code = _quote(failure.outcome), _quote(failure.code)
         sys.stdout.write(
             f'{{"outcome":{outcome},"error":{{"code":{code},"message":{_quote(failure.message)}}}}}\n'
         )
         sys.stdout.flush()
     else:
         sys.stderr.write(f"fleetctl: {failure.message}\n")
-    return failure.outcome.exit_code
+    return _exit_code(failure.outcome)
+
+
+def _exit_code(outcome: str) -> int:
+    from protocol.outcomes import Outcome
+
+    return Outcome(outcome).exit_code
 
 
 _OUTCOME_OF_CODE = {
-    "incompatible": Outcome.INCOMPATIBLE,
-    "unavailable": Outcome.UNAVAILABLE,
-    "connection_lost": Outcome.UNAVAILABLE,
-    "timeout": Outcome.TIMEOUT,
-    "absent": Outcome.ABSENT,
-    "contested": Outcome.CONTESTED,
-    "not_owned": Outcome.NOT_OWNED,
-    "not_enabled": Outcome.NOT_ENABLED,
+    "incompatible": "incompatible",
+    "unavailable": "unavailable",
+    "connection_lost": "unavailable",
+    "timeout": "timeout",
+    "absent": "absent",
+    "contested": "contested",
+    "not_owned": "not_owned",
+    "not_enabled": "not_enabled",
 }
-"""Error codes whose outcome is not `error`, as in protocol/errors.py (which imports typing)."""
+"""Error codes whose outcome (its value) is not `error`, as in protocol/errors.py (which
+imports typing)."""
 
 
 class _Connection:
@@ -178,7 +206,7 @@ class _Connection:
     def __init__(self, path: str) -> None:
         problem = socket_path_problem(path)
         if problem:
-            raise _Failure(Outcome.UNAVAILABLE, "unavailable", problem)
+            raise _Failure("unavailable", "unavailable", problem)
         self.path = path
         self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(_DEFAULT_TIMEOUT)
@@ -194,7 +222,7 @@ class _Connection:
             ) from None
         except OSError as exc:
             raise _Failure(
-                Outcome.UNAVAILABLE,
+                "unavailable",
                 "unavailable",
                 f"no fleetd at {self.path}: {exc.strerror or exc}",
             ) from None
@@ -204,40 +232,53 @@ class _Connection:
         self.sock.close()
 
     def _timeout(self, message: str) -> _Failure:
-        return _Failure(Outcome.TIMEOUT, "timeout", message)
+        return _Failure("timeout", "timeout", message)
 
-    def call(self, body: str) -> dict[str, Any]:
-        self.next_id += 1
+    def send(self, *bodies: str) -> None:
+        """Send requests in one write; fleetd answers the fast path's ops in order."""
+        frames = []
+        for body in bodies:
+            self.next_id += 1
+            frames.append(f'{{{body},"id":{self.next_id}}}\n')
         try:
-            self.sock.sendall(f'{{{body},"id":{self.next_id}}}\n'.encode())
+            self.sock.sendall("".join(frames).encode())
+        except TimeoutError:
+            raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def receive(self) -> dict[str, Any]:
+        """The result of the next answer; raises _Failure for an error answer."""
+        try:
             response = self._read_response()
         except TimeoutError:
             raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
         except OSError as exc:
-            raise _Failure(
-                Outcome.UNAVAILABLE, "connection_lost", f"fleetd went away: {exc.strerror or exc}"
-            ) from None
+            raise self._lost(exc) from None
         if response.get("ok") is True:
             result: dict[str, Any] = response["result"]
             return result
         error = response.get("error") or {}
         code = str(error.get("code", "error"))
         raise _Failure(
-            _OUTCOME_OF_CODE.get(code, Outcome.ERROR),
+            _OUTCOME_OF_CODE.get(code, "error"),
             code,
             str(error.get("message", "fleetd refused the request")),
+        )
+
+    def _lost(self, exc: OSError) -> _Failure:
+        return _Failure(
+            "unavailable", "connection_lost", f"fleetd went away: {exc.strerror or exc}"
         )
 
     def _read_response(self) -> dict[str, Any]:
         while b"\n" not in self.buffer:
             data = self.sock.recv(65536)
             if not data:
-                raise _Failure(
-                    Outcome.UNAVAILABLE, "connection_lost", "fleetd closed the connection"
-                )
+                raise _Failure("unavailable", "connection_lost", "fleetd closed the connection")
             self.buffer += data
         line, self.buffer = self.buffer.split(b"\n", 1)
         response, _ = _scan(line.decode(), 0)
         if not isinstance(response, dict):
-            raise _Failure(Outcome.ERROR, "bad_frame", "fleetd sent a bad frame")
+            raise _Failure("error", "bad_frame", "fleetd sent a bad frame")
         return response

@@ -119,7 +119,7 @@ def fake_daemon(tempdir: str) -> Iterator[tuple[str, list[bytes]]]:
     thread.join(5)
 
 
-@pytest.mark.parametrize("command", ["ping", "version"])
+@pytest.mark.parametrize("command", ["ping", "version", "status"])
 def test_protocol_mismatch_is_refused_with_exit_15(
     fake_daemon: tuple[str, list[bytes]], command: str
 ) -> None:
@@ -164,3 +164,11 @@ def test_help_lists_the_commands() -> None:
     result = fleetctl("--help", env=dict(os.environ))
     assert result.returncode == 0
     assert "ping" in result.stdout and "version" in result.stdout
+
+
+def test_fast_path_maps_error_codes_to_the_outcomes_of_protocol_errors() -> None:
+    from fleetctl._fast import _OUTCOME_OF_CODE
+    from protocol.errors import ERRORS_BY_CODE
+
+    for code, error in ERRORS_BY_CODE.items():
+        assert _OUTCOME_OF_CODE.get(code, "error") == error.outcome.value, code

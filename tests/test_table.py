@@ -1,0 +1,27 @@
+"""The status table, byte for byte: the click command and the fast path both print it."""
+
+from fleetctl.table import status_table
+
+
+def test_no_members() -> None:
+    assert status_table([]) == "no members"
+
+
+def test_columns_are_padded_to_their_widest_cell_and_lines_carry_no_trailing_blanks() -> None:
+    members = [
+        {"name": "a", "cluster": "web", "state": "running", "pid": 4242, "address": "[::1]:80"},
+        {"name": "worker-17", "cluster": "jobs", "state": "error", "restarts": 12, "error": "x 1"},
+        {"name": "nobody", "state": "absent"},
+        {"name": "b", "cluster": "web", "state": "starting", "pid": None, "restarts": 0},
+        {"name": "100%", "cluster": "é", "state": "stopped", "error": "exit %d "},
+    ]
+    assert status_table(members) == "\n".join(
+        [
+            "MEMBER          STATE     PID   RESTARTS  ADDRESS   ERROR",
+            "web/a           running   4242  0         [::1]:80",
+            "jobs/worker-17  error     -     12        -         x 1",
+            "nobody          absent    -     0         -",
+            "web/b           starting  -     0         -",
+            "é/100%          stopped   -     0         -         exit %d",
+        ]
+    )
