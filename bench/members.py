@@ -217,6 +217,7 @@ async def _tcp_start() -> list[Figure]:
     member = {
         "command": ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"],
         "ready": "tcp",
+        "start_timeout": 60,  # 100 interpreters starting at once on two cores
     }
     definitions = {"name": "web", "members": {f"w{i}": member for i in range(TCP_MEMBERS)}}
     started = time.perf_counter()

@@ -229,7 +229,8 @@ class Cluster:
         await link.request(Ack, Empty, self.timeout)
         snapshot = await link.request(Watch, WatchResult, self.timeout, pushes=True)
         for status in snapshot.members:
-            self._statuses[status.name] = status
+            # A push read with the snapshot was handled first, and is newer: keep it.
+            self._statuses.setdefault(status.name, status)
 
     async def _shut_down(self) -> None:
         """Closing the bound connection tells the holder to stop everything; then reap it."""
