@@ -41,7 +41,7 @@ from protocol.clusters import (
     MemberStop,
     MemberWait,
 )
-from protocol.errors import AlreadyRunning, FleetError, Incompatible
+from protocol.errors import AlreadyRunning, Incompatible, StartupError
 from protocol.messages import (
     Empty,
     Hello,
@@ -71,12 +71,6 @@ SHUTDOWN_GRACE = 10.0
 class DaemonConfig:
     socket_path: str
     state_dir: str
-
-
-class StartupError(FleetError):
-    """fleetd cannot start as configured (path too long, directory not writable...)."""
-
-    code = "startup_failed"
 
 
 def check_socket_path(socket_path: str) -> None:

@@ -10,6 +10,7 @@
     ├── StoreFull                  no_space: the disk is full; nothing was written
     ├── Compacted                  compacted: that revision is no longer in the store's history
     ├── AlreadyRunning             already_running: another fleetd holds the lock
+    ├── StartupError               startup_failed: fleetd cannot start as configured
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
     ├── MemberFailed               member_failed: a member entered `error` while awaited
@@ -96,6 +97,12 @@ class AlreadyRunning(FleetError):
     """Another fleetd holds the lock on this socket or state directory."""
 
     code = "already_running"
+
+
+class StartupError(FleetError):
+    """fleetd cannot start as configured (path too long, directory not writable...)."""
+
+    code = "startup_failed"
 
 
 class ClientClosed(FleetError):
