@@ -16,6 +16,7 @@ from typing import Any, Self
 import anyio
 from anyio.abc import SocketStream
 
+from fleetctl import _streamio as streamio
 from fleetctl._conversation import (
     DEFAULT_TIMEOUT,
     Conversation,
@@ -302,7 +303,7 @@ class Client:
             while self._outbox:
                 data = bytes(self._outbox)
                 self._outbox.clear()
-                await stream.send(data)
+                await streamio.send(stream, streamio.raw_socket(stream), data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._conversation.fail(ConnectionLost(f"fleetd went away: {exc!r}"))
             self._wake(self._sleepers)

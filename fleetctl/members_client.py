@@ -6,16 +6,15 @@ of a member whose holder is gone.
 It imports nothing of fleetd, so fleetctl stays a client that never loads the daemon.
 """
 
-import contextlib
 import os
-import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
-from anyio.abc import SocketAttribute, SocketStream
+from anyio.abc import SocketStream
 
+from fleetctl import _streamio as streamio
 from fleetctl._conversation import decode_result
 from protocol import MAX_FRAME
 from protocol.errors import BadFrame, ConnectionLost, FleetError, Timeout
@@ -49,7 +48,7 @@ class MemberLink:
         self._watch_id: int | None = None
         self._push_decoder = msgspec.json.Decoder(MemberStatus)
         self._sending = anyio.Lock(fast_acquire=True)
-        self._raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
+        self._raw = streamio.raw_socket(stream)
         self.failure: FleetError | None = None
 
     async def request(
@@ -82,17 +81,11 @@ class MemberLink:
         return decode_result(answer, result_type)
 
     async def _send(self, frame: bytes) -> None:
-        """A frame the socket takes at once goes out without the stream's checkpoint (a loop
-        turn per request, a third of a status round trip); the rest through the stream."""
         if self.failure is not None:
             raise self.failure
         try:
             async with self._sending:
-                sent = 0
-                with contextlib.suppress(BlockingIOError):
-                    sent = self._raw.send(frame)
-                if sent < len(frame):
-                    await self._stream.send(frame[sent:])
+                await streamio.send(self._stream, self._raw, frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             raise ConnectionLost(f"the holder went away: {exc!r}") from None
 
