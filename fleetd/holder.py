@@ -26,7 +26,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import anyio
 import msgspec
@@ -142,12 +142,16 @@ class _Doorway:
             os.unlink(self.path)
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on now (the member binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def free_port(taken: Collection[int] = ()) -> int:
+    """A loopback port nobody listens on now (the member binds it a moment later), and not one
+    of `taken`: the kernel may hand a port just probed out again, and a hundred members given
+    ports at once would otherwise collide (one in five starts of 100 http.server members)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 class Peers:
@@ -204,6 +208,8 @@ class Holder:
         self._doorways: dict[str, _Doorway] = {}
         self._by_pid: dict[int, Member] = {}
         self._peers: Peers | None = None
+        self._ports: set[int] = set()
+        """Ports given to members still here."""
         self._encoded_statuses: msgspec.Raw | None = None
         self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
         self._unsaved: dict[str, Member] = {}
@@ -314,7 +320,7 @@ class Holder:
             spec,
             host=self,
             directory=member_dir(self.runtime_dir, spec.name),
-            port=free_port() if needs_port(spec) else None,
+            port=free_port(self._ports) if needs_port(spec) else None,
             log_max_bytes=self._log_max_bytes,
         )
         self._doorways[spec.name] = _Doorway(
@@ -322,6 +328,8 @@ class Holder:
             lambda sock: connections.start_soon(self._connection, spec.name, sock),
         )
         self._members[spec.name] = member
+        if member.port is not None:
+            self._ports.add(member.port)
         self._departed.pop(spec.name, None)
         self._peers = None
         self._encoded_statuses = None
@@ -338,6 +346,7 @@ class Holder:
     def _depart(self, member: Member) -> None:
         """A stopped member leaves: its socket closes (connections made through it stay)."""
         self._members.pop(member.name, None)
+        self._ports.discard(member.port or 0)
         self._departed[member.name] = member.status()
         self._doorways.pop(member.name).close()
         self._peers = None

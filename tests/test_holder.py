@@ -219,6 +219,13 @@ def test_members_get_their_identity_and_peers() -> None:
         assert notify == os.path.join(c.runtime_dir, "notify")
 
 
+def test_members_given_ports_at_once_get_distinct_ports() -> None:
+    sleeper = {"command": SLEEPER, "env": {"PORT": "{port}"}, "ready": "none"}
+    with fleetctl.cluster(members(**{f"m{i}": sleeper for i in range(100)})) as c:
+        addresses = [status.address for status in c.wait_running().values()]
+        assert len(set(addresses)) == 100
+
+
 def test_a_member_added_to_a_live_cluster_sees_its_peers() -> None:
     with fleetctl.cluster(
         members(web={"command": HTTP, "ready": "tcp"}, s={"command": SLEEPER})
