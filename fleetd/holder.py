@@ -236,6 +236,12 @@ class Holder:
                 async with anyio.create_task_group() as self._connections:
                     for spec in self.spec.members:
                         self._admit(spec)
+                    # The supervisors' first steps spawn every member; only then do the
+                    # member sockets open (nobody may connect before we report started), so
+                    # that each spawn copies and closes a thousand fewer descriptors.
+                    await anyio.lowlevel.checkpoint()
+                    for spec in self.spec.members:
+                        self._open_door(spec.name)
                     log.info(
                         "holder_ready",
                         cluster=self.cluster,
@@ -313,19 +319,14 @@ class Holder:
     # -- members joining and leaving
 
     def _admit(self, spec: MemberSpec) -> MemberStatus:
-        """Open the member's socket and start supervising it."""
-        assert self._tasks is not None and self._connections is not None
-        connections = self._connections
+        """Start supervising the member (its socket opens with _open_door)."""
+        assert self._tasks is not None
         member = Member(
             spec,
             host=self,
             directory=member_dir(self.runtime_dir, spec.name),
             port=free_port(self._ports) if needs_port(spec) else None,
             log_max_bytes=self._log_max_bytes,
-        )
-        self._doorways[spec.name] = _Doorway(
-            member_socket_path(self.runtime_dir, spec.name),
-            lambda sock: connections.start_soon(self._connection, spec.name, sock),
         )
         self._members[spec.name] = member
         if member.port is not None:
@@ -335,6 +336,16 @@ class Holder:
         self._encoded_statuses = None
         self._tasks.start_soon(self._supervise, member)
         return member.status()
+
+    def _open_door(self, name: str) -> None:
+        """Open a member's socket, unless it left already."""
+        assert self._connections is not None
+        connections = self._connections
+        if name in self._members:
+            self._doorways[name] = _Doorway(
+                member_socket_path(self.runtime_dir, name),
+                lambda sock: connections.start_soon(self._connection, name, sock),
+            )
 
     async def _supervise(self, member: Member) -> None:
         try:
@@ -348,7 +359,9 @@ class Holder:
         self._members.pop(member.name, None)
         self._ports.discard(member.port or 0)
         self._departed[member.name] = member.status()
-        self._doorways.pop(member.name).close()
+        doorway = self._doorways.pop(member.name, None)
+        if doorway is not None:
+            doorway.close()
         self._peers = None
         self._encoded_statuses = None
         if not self._tearing_down:
@@ -366,6 +379,7 @@ class Holder:
         if problem:
             raise InvalidRequest(problem)
         status = self._admit(spec)
+        self._open_door(spec.name)
         self._save_cluster()
         log.info("member_added", member=spec.name)
         return status
