@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from fleetctl import _stdout
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.paths import client_socket_path, socket_path_problem
@@ -142,7 +143,8 @@ def _status_request(names: list[str]) -> str:
 def _status(result: dict[str, Any]) -> int:
     """As `fleetctl status [NAME…]` prints it: the table, and exit 11 if a name is absent."""
     members = result.get("members", [])
-    _print(status_table(members))
+    if _print(status_table(members)):
+        return 1  # the table could not be written
     absent = any(m["state"] == "absent" for m in members)
     return _exit_code("absent") if absent else 0
 
@@ -151,30 +153,28 @@ def exit_now(code: int) -> NoReturn:
     """Exit with `code` once stdout and stderr are flushed, skipping the interpreter's
     teardown: a fast command has no atexit handlers and nothing else to flush, and tearing down
     the modules that site imported costs about as much as the command's own work."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def _print(text: str) -> int:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-    return 0
+    """0, or 1 when the output could not be written (see fleetctl._stdout)."""
+    return 0 if _stdout.write(text) else 1
 
 
 def _envelope(fields: str) -> int:
-    sys.stdout.write(f'{{"outcome":"ok",{fields}}}\n')
-    sys.stdout.flush()
-    return 0
+    return _print(f'{{"outcome":"ok",{fields}}}')
 
 
 def _fail(failure: _Failure, json_mode: bool) -> int:
     if json_mode:
         outcome, code = _quote(failure.outcome), _quote(failure.code)
-        sys.stdout.write(
-            f'{{"outcome":{outcome},"error":{{"code":{code},"message":{_quote(failure.message)}}}}}\n'
+        _print(
+            f'{{"outcome":{outcome},"error":{{"code":{code},"message":{_quote(failure.message)}}}}}'
         )
-        sys.stdout.flush()
     else:
         sys.stderr.write(f"fleetctl: {failure.message}\n")
     return _exit_code(failure.outcome)

@@ -11,6 +11,7 @@ from typing import Any
 import click
 import msgspec
 
+from fleetctl import _stdout
 from fleetctl.output import emit, fail, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
@@ -619,7 +620,7 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         if not follow:
             raise
     except BrokenPipeError:  # `fleetctl logs -f NAME | head`: the reader is done, so are we
-        _discard_stdout()
+        _stdout.discard()
     except FleetError as error:
         raise Exit(fail(g.json, error)) from None
     except OSError as exc:
@@ -628,10 +629,3 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
     raise Exit(0)
-
-
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that the flush at exit finds no broken pipe to report."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)

@@ -9,29 +9,23 @@ from typing import Any
 
 import msgspec
 
+from fleetctl import _stdout
 from protocol.errors import FleetError
 from protocol.outcomes import Outcome
 
 
 def envelope(outcome: Outcome, **fields: Any) -> bytes:
-    return msgspec.json.encode({"outcome": outcome.value, **fields}) + b"\n"
+    return msgspec.json.encode({"outcome": outcome.value, **fields})
 
 
 def emit(json_mode: bool, human: str, outcome: Outcome = Outcome.OK, **fields: Any) -> int:
-    if json_mode:
-        sys.stdout.buffer.write(envelope(outcome, **fields))
-    else:
-        sys.stdout.write(human + "\n")
-    sys.stdout.flush()
-    return outcome.exit_code
+    written = _stdout.write(envelope(outcome, **fields) if json_mode else human)
+    return outcome.exit_code if written else Outcome.ERROR.exit_code
 
 
 def fail(json_mode: bool, error: FleetError) -> int:
     if json_mode:
-        sys.stdout.buffer.write(
-            envelope(error.outcome, error={"code": error.code, "message": error.message})
-        )
-        sys.stdout.flush()
+        _stdout.write(envelope(error.outcome, error={"code": error.code, "message": error.message}))
     else:
         sys.stderr.write(f"fleetctl: {error.message}\n")
     return error.outcome.exit_code
@@ -39,8 +33,5 @@ def fail(json_mode: bool, error: FleetError) -> int:
 
 def usage(json_mode: bool, message: str) -> int:
     if json_mode:
-        sys.stdout.buffer.write(
-            envelope(Outcome.USAGE, error={"code": "usage", "message": message})
-        )
-        sys.stdout.flush()
+        _stdout.write(envelope(Outcome.USAGE, error={"code": "usage", "message": message}))
     return Outcome.USAGE.exit_code

@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import pytest
 
 from fleetctl.cli import run
 from protocol import PROTOCOL_VERSION, RELEASE
-from tests.processes import Fleetd, fleetctl
+from tests.processes import FLEETCTL, Fleetd, fleetctl
 
 
 def envelope(stdout: str) -> dict[str, object]:
@@ -158,6 +159,32 @@ def test_fast_path_reports_a_missing_daemon_like_the_click_command(
     captured = capfd.readouterr()
     assert code == fast.returncode == 14
     assert (fast.stdout, fast.stderr) == (captured.out, captured.err)
+
+
+@pytest.mark.parametrize("argv", [["ping"], ["--json", "ping"], ["--json", "status"]])
+def test_output_to_a_full_disk_is_a_clear_error_exit_1(fleetd: Fleetd, argv: list[str]) -> None:
+    """The fast path (ping) and the click path (--json status) alike."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*FLEETCTL, *argv], env=fleetd.env, stdout=full, stderr=subprocess.PIPE, check=False
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode() == "fleetctl: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.parametrize("argv", [["ping"], ["--json", "status"]])
+def test_a_reader_that_leaves_early_ends_the_output_quietly(
+    fleetd: Fleetd, argv: list[str]
+) -> None:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before fleetctl writes
+    try:
+        done = subprocess.run(
+            [*FLEETCTL, *argv], env=fleetd.env, stdout=write, stderr=subprocess.PIPE, check=False
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, b"")
 
 
 def test_help_lists_the_commands() -> None:

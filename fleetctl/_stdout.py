@@ -1,0 +1,30 @@
+"""Writing fleetctl's output. A reader that left (`fleetctl status | head`) ends the output
+quietly, as a reader that is done; any other failure to write (a full disk) is reported on
+stderr and fails the command. Standard library only: the start-up fast path uses it."""
+
+import os
+import sys
+
+
+def write(text: str | bytes) -> bool:
+    """Whether `text` (and a newline) reached stdout, or the reader left."""
+    try:
+        if isinstance(text, bytes):
+            sys.stdout.buffer.write(text + b"\n")
+        else:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard()
+    except OSError as exc:
+        discard()
+        sys.stderr.write(f"fleetctl: cannot write the output: {exc.strerror or exc}\n")
+        return False
+    return True
+
+
+def discard() -> None:
+    """Point stdout at /dev/null, so that no later flush finds the broken pipe to report."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
