@@ -269,9 +269,9 @@ class Holder:
             os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
             os.chmod(self.runtime_dir, 0o700)
             write_pidfile(os.path.join(self.runtime_dir, HOLDER_PIDFILE), os.getpid())
+            self._write_cluster_file()
         except OSError as exc:
             raise FleetError(f"cannot use {self.runtime_dir}: {exc.strerror or exc}") from None
-        self._save_cluster()
 
     def _finish_connections(self) -> None:
         """Let every connection deliver what it owes (the answer to the stop that made the last
@@ -399,7 +399,14 @@ class Holder:
         return self._departed.get(name) or MemberStatus(name=name, state=MemberState.ABSENT)
 
     def _save_cluster(self) -> None:
-        """cluster.json: the members this holder serves now, for whoever re-adopts it."""
+        """cluster.json: the members this holder serves now, for whoever re-adopts it. A full
+        disk keeps the previous file, and the members running."""
+        try:
+            self._write_cluster_file()
+        except OSError as exc:
+            log.warning("cluster_file_failed", error=str(exc))
+
+    def _write_cluster_file(self) -> None:
         members = [m.spec for m in self._members.values()] or list(self.spec.members)
         spec = ClusterSpec(name=self.cluster, members=members)
         write_atomically(os.path.join(self.runtime_dir, CLUSTER_FILE), msgspec.json.encode(spec))

@@ -1,5 +1,6 @@
 """structlog set-up: JSON lines off a terminal (journald), readable key=value on one."""
 
+import contextlib
 import logging
 import sys
 import time
@@ -37,6 +38,18 @@ class _Timestamp:
         return event
 
 
+class _LossyWriteLogger(structlog.WriteLogger):
+    """A line that cannot be written (its disk is full) is dropped: losing a log line must not
+    take the daemon, or a holder and every member with it, down."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
@@ -57,6 +70,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=lambda *_: _LossyWriteLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )

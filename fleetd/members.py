@@ -69,7 +69,12 @@ def write_atomically(path: str, data: bytes) -> None:
     temporary = f"{path}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a full disk writes short first, then fails
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.unlink(temporary)
+        raise
     finally:
         os.close(fd)
     os.replace(temporary, path)
@@ -677,7 +682,7 @@ class _Pump:
     reader callback (two tasks per member cost more than all else a sleeping member does);
     also feeds the log:REGEX readiness check of its run."""
 
-    __slots__ = ("_closed", "_fd", "_log_file", "_loop", "_run", "_stream")
+    __slots__ = ("_closed", "_failing", "_fd", "_log_file", "_loop", "_run", "_stream")
 
     def __init__(
         self,
@@ -689,6 +694,8 @@ class _Pump:
     ) -> None:
         self._fd, self._log_file, self._run, self._stream = fd, log_file, run, stream
         self._closed = closed
+        self._failing = False
+        """The log cannot be written (a full disk): said once, until a write succeeds."""
         os.set_blocking(fd, False)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(fd, self._readable)
@@ -706,8 +713,11 @@ class _Pump:
             return
         try:
             self._log_file.write(data)
+            self._failing = False
         except OSError as exc:
-            log.warning("log_write_failed", path=self._log_file.path, error=str(exc))
+            if not self._failing:
+                log.warning("log_write_failed", path=self._log_file.path, error=str(exc))
+            self._failing = True
         run = self._run
         if run.matcher is not None and run.matcher.feed(self._stream, data):
             run.matcher = None

@@ -433,6 +433,29 @@ async def test_the_async_form() -> None:
 # --- pieces ---------------------------------------------------------------------------------
 
 
+CHATTY = "import time\nwhile True:\n    print('x' * 1000, flush=True)\n    time.sleep(0.001)"
+
+
+def test_a_full_disk_under_the_logs_stops_no_member_and_not_the_holder(tempdir: str) -> None:
+    runtime_dir = os.path.join(tempdir, "small")
+    os.makedirs(runtime_dir)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", runtime_dir]
+    mounted = os.geteuid() == 0 and subprocess.run(mount, capture_output=True, check=False)
+    if not mounted or mounted.returncode != 0:
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    try:
+        chatty = {"command": [sys.executable, "-c", CHATTY]}
+        definitions = members(chatty=chatty, quiet={"command": SLEEPER})
+        with fleetctl.cluster(definitions, runtime_dir=runtime_dir) as c:
+            c.wait_running()
+            wait_until(lambda: os.statvfs(runtime_dir).f_bavail == 0)
+            assert c.status("chatty").state == MemberState.RUNNING
+            assert c.stop("quiet").state == MemberState.STOPPED  # a state change, on a full disk
+            assert c.status("chatty").state == MemberState.RUNNING
+    finally:
+        subprocess.run(["umount", "-l", runtime_dir], check=False)
+
+
 def test_is_running_never_trusts_a_pid_alone(tempdir: str) -> None:
     pidfile = os.path.join(tempdir, "pid")
     write_pidfile(pidfile, os.getpid())
