@@ -8,7 +8,9 @@ the signal and then executes the member's program:
 - on x86-64, `TRAMPOLINE`, a 221-byte static executable held in a memfd: no dynamic loader, no
   libraries, so its exec costs little more than a direct spawn;
 - elsewhere (or where memfds may not be executed), `setpriv --pdeathsig KILL`, which costs a
-  second full exec per member (starting 1,000 members took twice as long through it);
+  second full exec per member (starting 1,000 members took twice as long through it) and,
+  unlike the trampoline, does not check that its parent is still there after the prctl: a
+  holder killed in the microseconds before it leaves that member behind;
 - without setpriv, a fork with a preexec hook.
 
 The signal fires when the spawning *thread* exits: the holder spawns from its event-loop thread.

@@ -1,5 +1,6 @@
 """Spawning members: the trampoline gives them a parent-death signal and gets out of the way."""
 
+import contextlib
 import os
 import platform
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -89,9 +91,20 @@ def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> N
     assert spawner.stdout is not None
     with spawner.stdout:
         pid = int(spawner.stdout.readline())
-    spawner.send_signal(signal.SIGKILL)
-    spawner.wait()
-    deadline = time.monotonic() + 5
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not os.path.exists(f"/proc/{pid}")
+    try:
+        # Running the program, past any trampoline (setpriv has no check for a parent that
+        # died before its prctl: a spawner killed that early leaves the child behind).
+        until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep"))
+        spawner.send_signal(signal.SIGKILL)
+        spawner.wait()
+        until(lambda: not os.path.exists(f"/proc/{pid}"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still false after {timeout}s"
+        time.sleep(0.005)
