@@ -9,6 +9,7 @@ as ``async with``, and a thousand callers in flight cost one event each, not a l
 """
 
 import enum
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -99,6 +100,8 @@ class Client:
         self.state = State.UNOPENED
         self.server: HelloResult | None = None
         self._stream: SocketStream | None = None
+        self._raw: socket.socket | None = None
+        """The stream's socket, for sends that need no loop turn (fleetctl._streamio)."""
         self._conversation = Conversation()
         self._outbox = bytearray()
         self._writing = False
@@ -127,6 +130,7 @@ class Client:
         try:
             with anyio.fail_after(self.timeout):
                 self._stream = await anyio.connect_unix(self.socket_path)
+                self._raw = streamio.raw_socket(self._stream)
         except TimeoutError:
             raise Timeout(f"connecting to {self.socket_path} took over {self.timeout}s") from None
         except OSError as exc:
@@ -303,7 +307,8 @@ class Client:
             while self._outbox:
                 data = bytes(self._outbox)
                 self._outbox.clear()
-                await streamio.send(stream, streamio.raw_socket(stream), data)
+                assert self._raw is not None
+                await streamio.send(stream, self._raw, data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._conversation.fail(ConnectionLost(f"fleetd went away: {exc!r}"))
             self._wake(self._sleepers)

@@ -12,6 +12,7 @@ import structlog
 from tests.processes import (
     RUN_TAG,
     Fleetd,
+    kill_holders,
     running_fleetd,
     short_tempdir,
     tagged_processes,
@@ -74,3 +75,12 @@ def tempdir() -> Iterator[str]:
 def fleetd(tempdir: str) -> Iterator[Fleetd]:
     with running_fleetd(tempdir) as daemon:
         yield daemon
+
+
+@pytest.fixture
+def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
+    """fleetd, and at the end no holder of it left running (holders outlive fleetd)."""
+    try:
+        yield fleetd
+    finally:
+        kill_holders(fleetd)

@@ -1,6 +1,7 @@
 """Test support: a real fleetd as a subprocess, and the leak scan every test ends with."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -8,8 +9,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+
+from fleetd.members import is_running, read_pidfile
+from protocol.members import HOLDER_PIDFILE
 
 RUN_TAG = "FLEET_TEST_RUN"
 """Set in the environment of everything a test starts, so that leftovers can be found."""
@@ -171,3 +175,43 @@ def running_fleetd(root: str, **extra_env: str) -> Iterator[Fleetd]:
         yield daemon
     finally:
         daemon.close()
+
+
+# -- detached holders, which outlive fleetd ---------------------------------------------------
+
+
+def runtime_root(daemon: Fleetd) -> str:
+    return os.path.join(daemon.root, "c")
+
+
+def holder_pidfiles(daemon: Fleetd) -> list[str]:
+    root = runtime_root(daemon)
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, name, HOLDER_PIDFILE) for name in os.listdir(root)]
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Whether `pid` exited within `timeout` (a pidfd, no polling)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def kill_holders(daemon: Fleetd) -> None:
+    """SIGTERM every live holder of this fleetd's runtime root (it stops its members), SIGKILL
+    its session if it does not go."""
+    for pidfile in holder_pidfiles(daemon):
+        if not is_running(pidfile):
+            continue
+        pid, _ = read_pidfile(pidfile)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, 10.0):
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

@@ -37,7 +37,15 @@ from protocol.members import (
     member_socket_path,
     member_statefile,
 )
-from tests.processes import FLEETCTL, Fleetd, fleetctl
+from tests.processes import (
+    FLEETCTL,
+    Fleetd,
+    fleetctl,
+    holder_pidfiles,
+    kill_holders,
+    runtime_root,
+    wait_gone,
+)
 
 HTTP = '["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]'
 PEERS = '["sh", "-c", "echo peers=$FLEET_PEERS; exec sleep 60"]'
@@ -52,54 +60,6 @@ def definition(name: str, **members: str) -> str:
 
 
 WEB = definition("web", a=f'command = {HTTP}\nready = "tcp"', b=f'command = {HTTP}\nready = "tcp"')
-
-
-def runtime_root(daemon: Fleetd) -> str:
-    return os.path.join(daemon.root, "c")
-
-
-def holder_pidfiles(daemon: Fleetd) -> list[str]:
-    root = runtime_root(daemon)
-    if not os.path.isdir(root):
-        return []
-    return [os.path.join(root, name, HOLDER_PIDFILE) for name in os.listdir(root)]
-
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Whether `pid` exited within `timeout` (a pidfd, no polling)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        import select
-
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
-
-
-def kill_holders(daemon: Fleetd) -> None:
-    """SIGTERM every live holder of this fleetd's runtime root (it stops its members), SIGKILL
-    its session if it does not go."""
-    for pidfile in holder_pidfiles(daemon):
-        if not is_running(pidfile):
-            continue
-        pid, _ = read_pidfile(pidfile)
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        if not wait_gone(pid, 10.0):
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
-    """fleetd, and at the end no holder of it left running (holders outlive fleetd)."""
-    try:
-        yield fleetd
-    finally:
-        kill_holders(fleetd)
 
 
 def write(daemon: Fleetd, name: str, text: str) -> str:
@@ -642,7 +602,6 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     from fleetd.store.sqlite import SQLiteStore
     from protocol.clusters import MemberStatusRequest
     from protocol.definitions import ClusterSpec, MemberSpec
-    from protocol.members import HOLDER_PIDFILE
 
     runtime_dir = os.path.join(tempdir, "c", "w")
     os.makedirs(runtime_dir)

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -23,21 +22,12 @@ from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.members import member_pidfile
 from tests.processes import Fleetd, fleetctl
 from tests.test_claims import _check_golden, _normalise, claims
-from tests.test_detached import definition, kill_holders
+from tests.test_detached import definition
 
 TALKER = 'command = ["sh", "-c", "echo hello; exec sleep 60"]'
 """A member that writes its stdout log at once, then idles."""
 
 _HOLDER_OWNER = re.compile(r"pid:\d+:\d+")
-
-
-@pytest.fixture
-def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
-    """fleetd, and at the end no holder of it left running (holders outlive fleetd)."""
-    try:
-        yield fleetd
-    finally:
-        kill_holders(fleetd)
 
 
 def normalise(envelope: dict[str, Any], root: str) -> Any:

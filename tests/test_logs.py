@@ -16,16 +16,7 @@ import pytest
 
 from fleetd.members import LOG_MAX_BYTES
 from tests.processes import FLEETCTL, Fleetd
-from tests.test_detached import client, ctl, definition, kill_holders, up
-
-
-@pytest.fixture
-def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
-    """fleetd, and at the end no holder of it left running (holders outlive fleetd)."""
-    try:
-        yield fleetd
-    finally:
-        kill_holders(fleetd)
+from tests.test_detached import client, ctl, definition, up
 
 
 @pytest.fixture

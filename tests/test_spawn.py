@@ -14,7 +14,8 @@ import pytest
 
 from fleetd.spawn import TRAMPOLINE, Spawner
 
-x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 executable")
+NOT_X86_64 = "the trampoline is an x86-64 executable"
+x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason=NOT_X86_64)
 
 
 def trampoline_fd() -> int:
@@ -76,7 +77,7 @@ FALLBACKS = {
 @pytest.mark.parametrize("path", FALLBACKS)
 def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> None:
     if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip("an x86-64 executable")
+        pytest.skip(NOT_X86_64)
     script = textwrap.dedent(
         f"""
         import os, sys, time
