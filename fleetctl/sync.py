@@ -1,5 +1,6 @@
 """A blocking facade for callers without an event loop: plain sockets, no anyio import."""
 
+import os
 import socket
 import struct
 import time
@@ -65,6 +66,8 @@ from protocol.paths import socket_path_problem
 from protocol.status import MemberStatus
 
 _READ_SIZE = 65536
+POLL_FOR_ANSWER = 100e-6
+"""Seconds a blocking request polls for its answer before it sleeps (see _receive_first)."""
 
 
 def _timeval(seconds: float) -> bytes:
@@ -102,7 +105,7 @@ class BlockingLink:
             while (answer := conversation.outcome(request_id)) is None:
                 if received:  # the rest of an answer gets what is left of the time
                     self._limit_to(deadline - time.monotonic())
-                data = sock.recv(_READ_SIZE)
+                data = sock.recv(_READ_SIZE) if received else _receive_first(sock)
                 received = True
                 if data:
                     conversation.received(data)
@@ -299,3 +302,16 @@ class SyncClient:
         return self._link.request(
             request_type, result_type, self.timeout if timeout is None else timeout, **fields
         )
+
+
+def _receive_first(sock: socket.socket) -> bytes:
+    """The start of an answer: polled for POLL_FOR_ANSWER, then waited for. A small answer
+    comes within tens of microseconds, and a thread asleep in recv by then needs a cross-CPU
+    wakeup to see it, which on a virtual machine took longer than the answer itself."""
+    end = time.perf_counter() + POLL_FOR_ANSWER
+    while time.perf_counter() < end:
+        try:
+            return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            os.sched_yield()  # to a process sharing this CPU, maybe the one answering
+    return sock.recv(_READ_SIZE)

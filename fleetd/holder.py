@@ -47,7 +47,13 @@ from fleetd.members import (
     write_atomically,
     write_pidfile,
 )
-from fleetd.server import ACCEPT_RETRY_DELAY, TRANSIENT_ACCEPT_ERRORS, Connection, admit
+from fleetd.server import (
+    ACCEPT_RETRY_DELAY,
+    TRANSIENT_ACCEPT_ERRORS,
+    Connection,
+    Poller,
+    admit,
+)
 from fleetd.spawn import Spawner, become_subreaper
 from protocol import MAX_FRAME, PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -217,6 +223,7 @@ class Holder:
         self._tearing_down = False
         self._finished = anyio.Event()
         self._open: set[Connection] = set()
+        self._poller = Poller()
         self._tasks: TaskGroup | None = None
         self._connections: TaskGroup | None = None
 
@@ -500,7 +507,7 @@ class Holder:
         async with anyio.create_task_group() as pushers:
             session = _Session(self, member, pushers)
             connection = session.connection = Connection(
-                stream, session.dispatcher(), peer, MAX_FRAME
+                stream, session.dispatcher(), peer, MAX_FRAME, self._poller
             )
             self._open.add(connection)
             try:
