@@ -33,13 +33,12 @@ from typing import Any, Self, overload
 
 import anyio
 import msgspec
-from anyio.abc import Process, TaskGroup
+from anyio.abc import Process
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from fleetctl._conversation import R
 from fleetctl.members_client import (
     MemberLink,
-    connect_member,
     holder_ready,
     one_request,
     status_on_disk,
@@ -149,9 +148,8 @@ class Cluster:
             raise ClientClosed("a Cluster can be entered once")
         self._stack = AsyncExitStack()
         try:
-            tasks = await self._stack.enter_async_context(anyio.create_task_group())
             self._stack.push_async_callback(self._shut_down)
-            await self._start(tasks)
+            await self._start()
         except BaseException:
             await self._stack.aclose()
             raise
@@ -166,17 +164,17 @@ class Cluster:
         assert self._stack is not None
         await self._stack.aclose()
 
-    async def _start(self, tasks: TaskGroup) -> None:
+    async def _start(self) -> None:
         self.runtime_dir = self._given_dir or tempfile.mkdtemp(prefix="fleet-", dir=_temp_base())
         problem = runtime_dir_problem(self.runtime_dir, [m.name for m in self.spec.members])
         if problem:
             raise InvalidRequest(problem)
         await self._spawn_holder()
-        stream = await connect_member(
-            member_socket_path(self.runtime_dir, self.spec.members[0].name)
+        self._link = await MemberLink.connect(
+            member_socket_path(self.runtime_dir, self.spec.members[0].name),
+            on_push=self._on_push,
+            on_failure=self._changed_now,
         )
-        self._link = MemberLink(stream, on_push=self._on_push, on_failure=self._changed_now)
-        tasks.start_soon(self._link.read_forever)
         await self._bind(self._link)
 
     async def _spawn_holder(self) -> None:

@@ -1,23 +1,18 @@
 """The async client of fleetd's control socket.
 
-Many requests may be in flight on one connection. There is no background task: one waiting
-caller at a time reads the socket for everyone and files each answer under its request id,
-waking exactly the callers it answered (and, when it leaves with its own answer, one more to
-read next). Likewise one caller at a time writes, taking along every frame queued meanwhile.
-So the client needs no task group and works with plain ``connect()`` / ``aclose()`` as well
-as ``async with``, and a thousand callers in flight cost one event each, not a lock queue.
+Many requests may be in flight on one connection. There is no background task: the event loop
+hands what arrives to the client (fleetctl._link), which files each answer under its request
+id and resolves that caller's future. So the client needs no task group and works with plain
+``connect()`` / ``aclose()`` as well as ``async with``, and a thousand callers in flight cost
+one future each.
 """
 
+import asyncio
 import enum
-import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
 
-import anyio
-from anyio.abc import SocketStream
-
-from fleetctl import _streamio as streamio
 from fleetctl._conversation import (
     DEFAULT_TIMEOUT,
     Conversation,
@@ -27,6 +22,7 @@ from fleetctl._conversation import (
     resolve_socket,
     unavailable,
 )
+from fleetctl._link import SocketLink, answer
 from protocol import PROTOCOL_VERSION
 from protocol.claims import (
     ClaimAcquire,
@@ -54,7 +50,7 @@ from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import (
     ClientClosed,
     Compacted,
-    ConnectionLost,
+    FleetError,
     Timeout,
     Unavailable,
 )
@@ -99,14 +95,9 @@ class Client:
         self.timeout = timeout
         self.state = State.UNOPENED
         self.server: HelloResult | None = None
-        self._stream: SocketStream | None = None
-        self._raw: socket.socket | None = None
-        """The stream's socket, for sends that need no loop turn (fleetctl._streamio)."""
+        self._link: SocketLink | None = None
         self._conversation = Conversation()
-        self._outbox = bytearray()
-        self._writing = False
-        self._reading = False
-        self._sleepers: dict[int, anyio.Event] = {}
+        self._waiting: dict[int, asyncio.Future[RawResponse]] = {}
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -128,9 +119,8 @@ class Client:
         if problem:
             raise Unavailable(problem)
         try:
-            with anyio.fail_after(self.timeout):
-                self._stream = await anyio.connect_unix(self.socket_path)
-                self._raw = streamio.raw_socket(self._stream)
+            async with asyncio.timeout(self.timeout):
+                self._link = await SocketLink.open(self.socket_path, self._received, self._ended)
         except TimeoutError:
             raise Timeout(f"connecting to {self.socket_path} took over {self.timeout}s") from None
         except OSError as exc:
@@ -148,9 +138,9 @@ class Client:
 
     async def aclose(self) -> None:
         self.state = State.CLOSED
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.aclose()
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.aclose()
 
     async def ping(self) -> None:
         await self.request(Ping, Empty)
@@ -279,82 +269,47 @@ class Client:
         **fields: Any,
     ) -> R:
         """Send one request and wait for its answer; the typed methods are built on this."""
-        stream = self._opened()
-        limit = self.timeout if timeout is None else timeout
-        request_id, frame = self._conversation.request(request_type, fields)
-        try:
-            with anyio.CancelScope(deadline=anyio.current_time() + limit) as deadline:
-                await self._send(stream, frame)
-                response = await self._answer(stream, request_id)
-        finally:
-            self._conversation.abandon(request_id)
-        if deadline.cancelled_caught:
-            raise Timeout(f"no answer from fleetd within {limit}s")
-        return decode_result(response, result_type)
-
-    def _opened(self) -> SocketStream:
-        if self._stream is None or self.state is not State.OPENED:
-            raise ClientClosed(f"the client is {self.state.value}; connect() first")
-        return self._stream
-
-    async def _send(self, stream: SocketStream, frame: bytes) -> None:
-        """Queue `frame`; the caller already writing sends it with its next write."""
-        self._outbox += frame
-        if self._writing:
-            return
-        self._writing = True
-        try:
-            while self._outbox:
-                data = bytes(self._outbox)
-                self._outbox.clear()
-                assert self._raw is not None
-                await streamio.send(stream, self._raw, data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._conversation.fail(ConnectionLost(f"fleetd went away: {exc!r}"))
-            self._wake(self._sleepers)
-        finally:
-            self._writing = False
-
-    async def _answer(self, stream: SocketStream, request_id: int) -> RawResponse:
-        conversation = self._conversation
-        while (answer := conversation.outcome(request_id)) is None:
-            if self._reading:
-                await self._sleep(request_id)
-                continue
-            self._reading = True
-            try:
-                await self._read_once(stream)
-            finally:
-                self._reading = False
-                self._wake_answered()
-        return answer
-
-    async def _sleep(self, request_id: int) -> None:
-        wakeup = self._sleepers[request_id] = anyio.Event()
-        try:
-            await wakeup.wait()
-        finally:
-            self._sleepers.pop(request_id, None)
-
-    def _wake_answered(self) -> None:
-        """Wake the callers whose answers came, or all on failure; and one more to read next."""
+        link = self._opened()
         conversation = self._conversation
         if conversation.failure is not None:
-            self._wake(self._sleepers)
-            return
-        answered = [i for i in self._sleepers if i in conversation.answers]
-        self._wake(answered)
-        if self._sleepers:
-            self._wake([next(iter(self._sleepers))])
-
-    def _wake(self, request_ids: Iterable[int]) -> None:
-        for request_id in list(request_ids):
-            self._sleepers.pop(request_id).set()
-
-    async def _read_once(self, stream: SocketStream) -> None:
+            raise conversation.failure
+        limit = self.timeout if timeout is None else timeout
+        request_id, frame = conversation.request(request_type, fields)
+        answered = self._waiting[request_id] = asyncio.get_running_loop().create_future()
         try:
-            data = await stream.receive(_READ_SIZE)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._conversation.ended()
-            return
-        self._conversation.received(data)
+            link.send(frame)
+            response = await answer(answered, limit)
+        except TimeoutError:
+            raise Timeout(f"no answer from fleetd within {limit}s") from None
+        finally:
+            self._waiting.pop(request_id, None)
+            conversation.abandon(request_id)
+        return decode_result(response, result_type)
+
+    def _opened(self) -> SocketLink:
+        if self._link is None or self.state is not State.OPENED:
+            raise ClientClosed(f"the client is {self.state.value}; connect() first")
+        return self._link
+
+    def _received(self, data: bytes) -> None:
+        conversation = self._conversation
+        conversation.received(data)
+        for request_id, response in conversation.answers.items():
+            answered = self._waiting.pop(request_id, None)
+            if answered is not None and not answered.done():
+                answered.set_result(response)
+        conversation.answers.clear()
+        if conversation.failure is not None:
+            self._fail_waiting(conversation.failure)
+
+    def _ended(self) -> None:
+        self._conversation.ended()
+        failure = self._conversation.failure
+        assert failure is not None
+        self._fail_waiting(failure)
+
+    def _fail_waiting(self, failure: FleetError) -> None:
+        for answered in self._waiting.values():
+            if not answered.done():
+                answered.set_exception(failure)
+        self._waiting.clear()

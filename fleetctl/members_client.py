@@ -6,16 +6,16 @@ of a member whose holder is gone.
 It imports nothing of fleetd, so fleetctl stays a client that never loads the daemon.
 """
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream
 
-from fleetctl import _streamio as streamio
 from fleetctl._conversation import decode_result
+from fleetctl._link import SocketLink, answer
 from protocol import MAX_FRAME
 from protocol.errors import BadFrame, ConnectionLost, FleetError, Timeout
 from protocol.framing import FrameSplitter, decode_response, encode
@@ -24,32 +24,43 @@ from protocol.messages import Message, RawResponse, Request
 
 R = TypeVar("R", bound=Message)
 
-_READ_SIZE = 65536
-
 
 class MemberLink:
-    """A connection to a member socket with one reader task: answers go to the caller waiting
-    on their id, watch pushes to `on_push`. Many requests may be in flight."""
+    """A connection to a member socket: answers go to the caller waiting on their id, watch
+    pushes to `on_push`, both from the event loop's reader callback (fleetctl._link). Many
+    requests may be in flight."""
 
     def __init__(
         self,
-        stream: SocketStream,
         *,
         on_push: Callable[[MemberStatus], None] | None = None,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
-        self._stream = stream
         self._on_push = on_push
         self._on_failure = on_failure
         self._splitter = FrameSplitter(MAX_FRAME)
         self._next_id = 0
-        self._waiting: dict[int, anyio.Event] = {}
-        self._answers: dict[int, RawResponse] = {}
+        self._waiting: dict[int, asyncio.Future[RawResponse]] = {}
         self._watch_id: int | None = None
         self._push_decoder = msgspec.json.Decoder(MemberStatus)
-        self._sending = anyio.Lock(fast_acquire=True)
-        self._raw = streamio.raw_socket(stream)
+        self._socket: SocketLink | None = None
         self.failure: FleetError | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        path: str,
+        *,
+        on_push: Callable[[MemberStatus], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ) -> "MemberLink":
+        """Raises ConnectionLost when no holder listens at `path`."""
+        link = cls(on_push=on_push, on_failure=on_failure)
+        try:
+            link._socket = await SocketLink.open(path, link._data, link._ended)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
+        return link
 
     async def request(
         self,
@@ -62,83 +73,69 @@ class MemberLink:
     ) -> R:
         """Send a request and wait for its answer. `pushes`: later frames with its id are
         watch pushes (see protocol.members.Watch)."""
+        if self.failure is not None:
+            raise self.failure
+        assert self._socket is not None, "use MemberLink.connect"
         self._next_id += 1
         request_id = self._next_id
-        answered = self._waiting[request_id] = anyio.Event()
+        answered = self._waiting[request_id] = asyncio.get_running_loop().create_future()
         if pushes:
             self._watch_id = request_id
         try:
-            with anyio.fail_after(timeout):
-                await self._send(encode(request_type(id=request_id, **fields)))
-                await answered.wait()
+            self._socket.send(encode(request_type(id=request_id, **fields)))
+            response = await answer(answered, timeout)
         except TimeoutError:
             raise Timeout(f"no answer from the holder within {timeout}s") from None
         finally:
             self._waiting.pop(request_id, None)
-        answer = self._answers.pop(request_id, None)
-        if answer is None:
-            raise self.failure or ConnectionLost("the holder closed the connection")
-        return decode_result(answer, result_type)
+        return decode_result(response, result_type)
 
-    async def _send(self, frame: bytes) -> None:
-        if self.failure is not None:
-            raise self.failure
+    def _data(self, data: bytes) -> None:
         try:
-            async with self._sending:
-                await streamio.send(self._stream, self._raw, frame)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            raise ConnectionLost(f"the holder went away: {exc!r}") from None
-
-    async def read_forever(self) -> None:
-        try:
-            while True:
-                data = await self._stream.receive(_READ_SIZE)
-                for frame in self._splitter.feed(data):
-                    self._received(decode_response(frame))
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._fail(ConnectionLost("the holder closed the connection (it exited)"))
-        except BadFrame as exc:
-            self._fail(ConnectionLost(f"the holder sent a bad frame: {exc.message}"))
+            for frame in self._splitter.feed(data):
+                self._received(decode_response(frame))
+        except (BadFrame, msgspec.MsgspecError) as exc:
+            reason = exc.message if isinstance(exc, BadFrame) else str(exc)
+            self._fail(ConnectionLost(f"the holder sent a bad frame: {reason}"))
+            assert self._socket is not None
+            self._socket.close()
 
     def _received(self, response: RawResponse) -> None:
         request_id = response.id
         answered = self._waiting.pop(request_id, None) if request_id is not None else None
-        if request_id is not None and answered is not None:
-            self._answers[request_id] = response  # frames after it with a watch's id: pushes
-            answered.set()
+        if answered is not None:
+            if not answered.done():
+                answered.set_result(response)  # frames after it with a watch's id: pushes
         elif request_id == self._watch_id and self._on_push is not None:
             self._on_push(self._push_decoder.decode(response.result))
 
+    def _ended(self) -> None:
+        self._fail(ConnectionLost("the holder closed the connection (it exited)"))
+
     def _fail(self, error: FleetError) -> None:
+        if self.failure is not None:
+            return
         self.failure = error
         for answered in self._waiting.values():
-            answered.set()
+            if not answered.done():
+                answered.set_exception(error)
         if self._on_failure is not None:
             self._on_failure()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
-async def connect_member(path: str) -> SocketStream:
-    try:
-        return await anyio.connect_unix(path)
-    except OSError as exc:
-        raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
+        if self._socket is not None:
+            await self._socket.aclose()
 
 
 async def one_request(
     path: str, request_type: type[Request], timeout: float, **fields: Any
 ) -> MemberStatus:
     """One request on a connection of its own (to address a particular member's socket)."""
-    link = MemberLink(await connect_member(path))
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(link.read_forever)
-        try:
-            status = await link.request(request_type, MemberStatus, timeout, **fields)
-        finally:
-            await link.aclose()
-    return status
+    link = await MemberLink.connect(path)
+    try:
+        return await link.request(request_type, MemberStatus, timeout, **fields)
+    finally:
+        await link.aclose()
 
 
 def status_on_disk(runtime_dir: str, name: str) -> MemberStatus:

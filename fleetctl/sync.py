@@ -17,6 +17,7 @@ from fleetctl._conversation import (
     resolve_socket,
     unavailable,
 )
+from fleetctl._link import POLL_SECONDS
 from protocol import PROTOCOL_VERSION
 from protocol.claims import (
     ClaimAcquire,
@@ -66,8 +67,6 @@ from protocol.paths import socket_path_problem
 from protocol.status import MemberStatus
 
 _READ_SIZE = 65536
-POLL_FOR_ANSWER = 100e-6
-"""Seconds a blocking request polls for its answer before it sleeps (see _receive_first)."""
 
 
 def _timeval(seconds: float) -> bytes:
@@ -305,10 +304,9 @@ class SyncClient:
 
 
 def _receive_first(sock: socket.socket) -> bytes:
-    """The start of an answer: polled for POLL_FOR_ANSWER, then waited for. A small answer
-    comes within tens of microseconds, and a thread asleep in recv by then needs a cross-CPU
-    wakeup to see it, which on a virtual machine took longer than the answer itself."""
-    end = time.perf_counter() + POLL_FOR_ANSWER
+    """The start of an answer: polled for a moment, then waited for (see fleetctl._link.Poller:
+    a thread asleep in recv needs the same costly wakeup as an event loop)."""
+    end = time.perf_counter() + POLL_SECONDS
     while time.perf_counter() < end:
         try:
             return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)

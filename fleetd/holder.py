@@ -34,6 +34,7 @@ import structlog
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from fleetctl._link import Poller
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -51,7 +52,6 @@ from fleetd.server import (
     ACCEPT_RETRY_DELAY,
     TRANSIENT_ACCEPT_ERRORS,
     Connection,
-    Poller,
     admit,
 )
 from fleetd.spawn import Spawner, become_subreaper

@@ -52,7 +52,6 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from fleetctl.members_client import (
     MemberLink,
-    connect_member,
     holder_log,
     holder_ready,
     status_on_disk,
@@ -543,12 +542,12 @@ class HolderRegistry:
         and the connection outlives its member); False when none does."""
         for name in sorted(held.specs, key=lambda n: n not in held.statuses):
             try:
-                stream = await connect_member(member_socket_path(held.record.dir, name))
+                link = await MemberLink.connect(
+                    member_socket_path(held.record.dir, name),
+                    on_push=functools.partial(self._pushed, held),
+                )
             except ConnectionLost:
                 continue
-            link = MemberLink(stream, on_push=functools.partial(self._pushed, held))
-            assert self._tasks is not None
-            self._tasks.start_soon(link.read_forever)
             try:
                 snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)
             except (ConnectionLost, anyio.get_cancelled_exc_class()) as exc:

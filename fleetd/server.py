@@ -7,12 +7,10 @@ The pieces a holder's member sockets share with it are public: `admit` (the SO_P
 `accept_forever` (the accept loop) and `Connection` (frames in, answers out).
 """
 
-import asyncio
 import errno
 import os
 import socket
 import struct
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -22,6 +20,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
+from fleetctl._link import Poller
 from fleetd.dispatch import Dispatcher, Peer, Pending
 from protocol import MAX_FRAME
 from protocol.errors import BadFrame, PermissionDenied
@@ -36,8 +35,6 @@ _IDLE_WORKERS = 256
 """Idle workers a connection keeps for its next burst of requests answered by coroutines."""
 ACCEPT_RETRY_DELAY = 0.1
 TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-POLL_AFTER_REQUEST = 100e-6
-"""Seconds a server keeps its event loop polling after a request (see Poller)."""
 
 
 def peer_of(stream: SocketStream) -> Peer:
@@ -81,36 +78,6 @@ async def accept_forever(
             await anyio.sleep(ACCEPT_RETRY_DELAY)
             continue
         connections.start_soon(handle, stream)
-
-
-class Poller:
-    """Keeps the event loop polling for a moment after each request instead of sleeping.
-
-    A client asking one thing after another sends its next request tens of microseconds
-    after an answer. A loop asleep in epoll_wait by then needs a cross-CPU wakeup to see it,
-    which on a virtual machine costs more than the answer did: sequential requests ran at
-    less than half the rate. While a ready callback is queued, the loop polls without
-    sleeping, so `poll_a_while` queues one that requeues itself until POLL_AFTER_REQUEST has
-    passed since the latest request. An idle server does not poll at all.
-    """
-
-    def __init__(self) -> None:
-        self._until = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def poll_a_while(self) -> None:
-        self._until = time.monotonic() + POLL_AFTER_REQUEST
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._poll)
-
-    def _poll(self) -> None:
-        assert self._loop is not None
-        if time.monotonic() < self._until:
-            os.sched_yield()  # to a process sharing this CPU, maybe the client
-            self._loop.call_soon(self._poll)
-        else:
-            self._loop = None
 
 
 class ControlServer:

@@ -304,6 +304,16 @@ async def test_per_call_timeout_raises_timeout(tempdir: str) -> None:
             assert not client._conversation.waiting, "the timed-out request was not forgotten"
 
 
+async def test_a_cancelled_request_leaves_the_client_usable(fleetd: Fleetd) -> None:
+    async with fleetctl.Client(fleetd.socket_path) as client:
+        start = await client.lease_watch("nothing/")
+        with anyio.move_on_after(0.2) as waiting:
+            await client.lease_watch("nothing/", start.cursor, epoch=start.epoch, wait=10)
+        assert waiting.cancelled_caught
+        assert not client._waiting, "the cancelled request was not forgotten"
+        assert (await client.version()).protocol == PROTOCOL_VERSION
+
+
 async def test_client_timeout_bounds_every_call(tempdir: str) -> None:
     path = os.path.join(tempdir, "mute.sock")
     with fake_fleetd(path):

@@ -270,6 +270,24 @@ def test_every_members_status_comes_in_one_answer_stopped_ones_included() -> Non
         assert everyone["b"].state == MemberState.RUNNING
 
 
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_a_holder_stops_polling_once_requests_stop() -> None:
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        c.wait_running()
+        assert c.holder_pid is not None
+        for _ in range(2000):
+            c.status("a")
+        time.sleep(0.05)
+        before = cpu_ticks(c.holder_pid)
+        time.sleep(1.0)
+        assert cpu_ticks(c.holder_pid) - before <= 1, "an idle holder kept using the CPU"
+
+
 def test_the_holder_exits_when_its_last_member_leaves(tempdir: str) -> None:
     with fleetctl.cluster(members(only={"command": SLEEPER}), runtime_dir=tempdir) as c:
         c.wait_running()
