@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Sequence
 import anyio
 import msgspec
 import structlog
-from anyio.abc import SocketStream, TaskGroup, TaskStatus
+from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
@@ -488,7 +488,7 @@ class Holder:
 
     async def _connection(self, member: str, sock: socket.socket) -> None:
         try:
-            stream = await SocketStream.from_socket(sock)
+            stream: SocketStream = await UNIXSocketStream.from_socket(sock)
         except BaseException:
             sock.close()
             raise

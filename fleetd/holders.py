@@ -41,7 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,6 +100,7 @@ from protocol.members import (
     member_socket_path,
     runtime_dir_problem,
 )
+from protocol.messages import Message
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.holders")
@@ -140,6 +141,12 @@ class HolderRecord(msgspec.Struct, frozen=True, kw_only=True):
     state: HolderState = "starting"
 
 
+class _EncodedMemberList(Message, frozen=True):
+    """A MemberList whose members are encoded already."""
+
+    members: msgspec.Raw
+
+
 class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):
     owner: str
     socket: str
@@ -171,7 +178,7 @@ def up_refusal(name: str, current: ClusterSpec, wanted: ClusterSpec) -> str:
     return f"cluster {name!r} is already up with another definition: `fleetctl down {name}` first"
 
 
-def resolve(name: str, clusters: Mapping[str, Iterable[str]]) -> tuple[str, str] | None:
+def resolve(name: str, clusters: Mapping[str, Container[str]]) -> tuple[str, str] | None:
     """(cluster, member) for `CLUSTER/NAME`, or for a bare `NAME` found in one cluster only;
     None when no cluster has it. A bare name in several clusters is ambiguous: an error."""
     if "/" in name:
@@ -229,6 +236,9 @@ class Held:
     def pid(self) -> int:
         return self.record.pid
 
+    def __contains__(self, member: object) -> bool:
+        return member in self.specs or member in self.statuses
+
     def update(self, status: MemberStatus) -> MemberStatus:
         status = msgspec.structs.replace(status, cluster=self.name)
         self.statuses[status.name] = status
@@ -249,6 +259,7 @@ class HolderRegistry:
         self._exited: dict[str, HolderRecord] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._changed = anyio.Event()
+        self._every_encoded: _EncodedMemberList | None = None
         self._tasks: TaskGroup | None = None
 
     async def serve(
@@ -288,11 +299,18 @@ class HolderRegistry:
             await self._stop_holder(held)
             return self._result(held, Outcome.RELEASED)
 
-    def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList:
+    def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList | _EncodedMemberList:
         if not request.names:
-            every = [s for held in self._live.values() for s in held.statuses.values()]
-            return MemberList(members=every)
+            return self._every_status()
         return MemberList(members=[self._status_of(name) for name in request.names])
+
+    def _every_status(self) -> _EncodedMemberList:
+        """Every live member's status, encoded once per change (see _changed_now): asking
+        for everyone outnumbers changes once clusters run."""
+        if self._every_encoded is None:
+            every = [s for held in self._live.values() for s in held.statuses.values()]
+            self._every_encoded = _EncodedMemberList(members=msgspec.Raw(_encode(every)))
+        return self._every_encoded
 
     async def wait(self, request: MemberWait, peer: Peer) -> MemberList:
         """Sleeps on the change event between looks: pushes from holders wake it."""
@@ -355,12 +373,14 @@ class HolderRegistry:
     def _lock(self, cluster: str) -> anyio.Lock:
         return self._locks.setdefault(cluster, anyio.Lock())
 
-    def _known_members(self) -> dict[str, list[str]]:
-        """Every cluster's member names: live ones from memory, exited ones from their
-        definitions (the names whose state files may answer)."""
-        known = {name: [m.name for m in r.spec.members] for name, r in self._exited.items()}
-        for name, held in self._live.items():
-            known[name] = list({**held.specs, **held.statuses})
+    def _known_members(self) -> dict[str, Container[str]]:
+        """Every cluster's member names: live ones from memory (the Held itself, not a copy
+        of a thousand names per request), exited ones from their definitions (the names whose
+        state files may answer)."""
+        known: dict[str, Container[str]] = {
+            name: [m.name for m in r.spec.members] for name, r in self._exited.items()
+        }
+        known.update(self._live)
         return known
 
     def _find_live(self, name: str) -> tuple[Held | None, str]:
@@ -424,6 +444,7 @@ class HolderRegistry:
 
     def _changed_now(self) -> None:
         """Wake every waiter to look again."""
+        self._every_encoded = None
         self._changed.set()
         self._changed = anyio.Event()
 

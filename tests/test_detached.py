@@ -34,6 +34,7 @@ from protocol.members import (
     HOLDER_LOG,
     HOLDER_PIDFILE,
     MemberState,
+    MemberStatus,
     member_socket_path,
     member_statefile,
 )
@@ -139,6 +140,33 @@ def test_up_wait_status_stop_down(holders: Fleetd) -> None:
     assert statuses(holders, "a")["web/a"]["state"] == "stopped"
     assert ctl(holders, "--json", "down", "web")[0] == 0  # already_released
     assert not any(is_running(p) for p in holder_pidfiles(holders))
+
+
+def test_every_members_status_follows_each_change(holders: Fleetd) -> None:
+    sleeper = 'command = ["sleep", "60"]\nrestart = "always"'
+    up(holders, definition("z", a=sleeper, b=sleeper), "--wait")
+    with client(holders) as daemon:
+        try:
+            watch_every_members_status(daemon)
+        finally:
+            ctl(holders, "down", "z")
+
+
+def watch_every_members_status(daemon: SyncClient) -> None:
+    """Changes show in the every-member answer: a stop, then a restart's new pid."""
+
+    def everyone() -> dict[str, MemberStatus]:
+        return {s.name: s for s in daemon.member_status()}
+
+    first = everyone()
+    assert {n: s.state for n, s in first.items()} == {"a": "running", "b": "running"}
+    daemon.member_stop("b")
+    assert everyone()["b"].state == "stopped"
+    os.kill(first["a"].pid or 0, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while everyone()["a"].pid in (None, first["a"].pid):
+        assert time.monotonic() < deadline, "the restart never showed"
+        time.sleep(0.02)
 
 
 def test_wait_times_out_with_13_and_returns_early_on_error(holders: Fleetd) -> None:
@@ -557,7 +585,6 @@ def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
 
 def test_wait_verdict() -> None:
     from fleetd.holders import wait_verdict
-    from protocol.members import MemberStatus
 
     def s(state: MemberState, error: str = "") -> MemberStatus:
         return MemberStatus(name="m", state=state, error=error)
