@@ -164,7 +164,7 @@ class Connection:
         self._idle: list[anyio.Event] = []
         """One event per idle worker: set it to hand that worker the next request."""
         self._raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
-        """The stream's socket, to write without a loop turn first (see `_write`)."""
+        """The stream's socket, to write without a loop turn first (see `_send`)."""
         self._reading = True
         self._receiving = anyio.CancelScope()
         """Around all reading: `stop_reading` cancels it (one scope, not one per receive)."""
