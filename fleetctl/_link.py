@@ -4,7 +4,7 @@ A request-answer round trip to a holder takes some 60 µs, and anyio's socket st
 much of it on themselves: every receive registered the socket with the loop and removed it
 again, and sends and receives began with a full loop turn. A Protocol stays registered, is
 handed what arrives from the loop's reader callback, and writes straight to the socket;
-callers wait on one future per request, bounded by a timer rather than a cancel scope. So the
+callers wait on one future per request (`Answers`). So the
 async clients run on asyncio (uvloop included), as fleetd does.
 
 `Poller` keeps a loop awake for the answer, or for the next request (fleetd's servers use it).
@@ -14,7 +14,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 from protocol.errors import ConnectionLost
 
@@ -104,13 +104,44 @@ class SocketLink(asyncio.Protocol):
         await asyncio.shield(self._closed)
 
 
-async def answer(future: "asyncio.Future[T]", timeout: float) -> T:
-    """`future`'s result, or TimeoutError once `timeout` seconds have passed."""
-    timer = asyncio.get_running_loop().call_later(timeout, _expire, future)
-    try:
-        return await future
-    finally:
-        timer.cancel()
+class Answers(Generic[T]):
+    """Callers waiting for their answers by request id, one future each, bounded by a timer
+    rather than a cancel scope. Filled from the loop's reader callback (`resolve`, `fail`)."""
+
+    def __init__(self) -> None:
+        self._futures: dict[int, asyncio.Future[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    async def wait(self, request_id: int, timeout: float) -> T:
+        """The answer to `request_id` (sent already: it cannot arrive before this awaits), or
+        TimeoutError once `timeout` seconds have passed, or the error `fail` was given."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._futures[request_id] = future
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            self._futures.pop(request_id, None)
+
+    def resolve(self, request_id: int | None, answer: T) -> bool:
+        """Hand `answer` to its caller; False when nobody waits for it."""
+        future = self._futures.pop(request_id, None) if request_id is not None else None
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(answer)
+        return True
+
+    def fail(self, error: Exception) -> None:
+        """Every caller waiting now gets `error`."""
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(error)
+        self._futures.clear()
 
 
 def _expire(future: "asyncio.Future[T]") -> None:

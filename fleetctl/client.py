@@ -22,7 +22,7 @@ from fleetctl._conversation import (
     resolve_socket,
     unavailable,
 )
-from fleetctl._link import SocketLink, answer
+from fleetctl._link import Answers, SocketLink
 from protocol import PROTOCOL_VERSION
 from protocol.claims import (
     ClaimAcquire,
@@ -50,7 +50,6 @@ from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import (
     ClientClosed,
     Compacted,
-    FleetError,
     Timeout,
     Unavailable,
 )
@@ -78,8 +77,6 @@ from protocol.messages import (
 from protocol.paths import socket_path_problem
 from protocol.status import MemberStatus
 
-_READ_SIZE = 65536
-
 
 class State(enum.Enum):
     UNOPENED = "unopened"
@@ -97,7 +94,7 @@ class Client:
         self.server: HelloResult | None = None
         self._link: SocketLink | None = None
         self._conversation = Conversation()
-        self._waiting: dict[int, asyncio.Future[RawResponse]] = {}
+        self._answers: Answers[RawResponse] = Answers()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -275,14 +272,12 @@ class Client:
             raise conversation.failure
         limit = self.timeout if timeout is None else timeout
         request_id, frame = conversation.request(request_type, fields)
-        answered = self._waiting[request_id] = asyncio.get_running_loop().create_future()
         try:
             link.send(frame)
-            response = await answer(answered, limit)
+            response = await self._answers.wait(request_id, limit)
         except TimeoutError:
             raise Timeout(f"no answer from fleetd within {limit}s") from None
         finally:
-            self._waiting.pop(request_id, None)
             conversation.abandon(request_id)
         return decode_result(response, result_type)
 
@@ -295,21 +290,12 @@ class Client:
         conversation = self._conversation
         conversation.received(data)
         for request_id, response in conversation.answers.items():
-            answered = self._waiting.pop(request_id, None)
-            if answered is not None and not answered.done():
-                answered.set_result(response)
+            self._answers.resolve(request_id, response)
         conversation.answers.clear()
         if conversation.failure is not None:
-            self._fail_waiting(conversation.failure)
+            self._answers.fail(conversation.failure)
 
     def _ended(self) -> None:
         self._conversation.ended()
-        failure = self._conversation.failure
-        assert failure is not None
-        self._fail_waiting(failure)
-
-    def _fail_waiting(self, failure: FleetError) -> None:
-        for answered in self._waiting.values():
-            if not answered.done():
-                answered.set_exception(failure)
-        self._waiting.clear()
+        assert self._conversation.failure is not None
+        self._answers.fail(self._conversation.failure)

@@ -6,7 +6,6 @@ of a member whose holder is gone.
 It imports nothing of fleetd, so fleetctl stays a client that never loads the daemon.
 """
 
-import asyncio
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,7 +14,7 @@ import anyio
 import msgspec
 
 from fleetctl._conversation import decode_result
-from fleetctl._link import SocketLink, answer
+from fleetctl._link import Answers, SocketLink
 from protocol import MAX_FRAME
 from protocol.errors import BadFrame, ConnectionLost, FleetError, Timeout
 from protocol.framing import FrameSplitter, decode_response, encode
@@ -40,7 +39,7 @@ class MemberLink:
         self._on_failure = on_failure
         self._splitter = FrameSplitter(MAX_FRAME)
         self._next_id = 0
-        self._waiting: dict[int, asyncio.Future[RawResponse]] = {}
+        self._answers: Answers[RawResponse] = Answers()
         self._watch_id: int | None = None
         self._push_decoder = msgspec.json.Decoder(MemberStatus)
         self._socket: SocketLink | None = None
@@ -78,16 +77,13 @@ class MemberLink:
         assert self._socket is not None, "use MemberLink.connect"
         self._next_id += 1
         request_id = self._next_id
-        answered = self._waiting[request_id] = asyncio.get_running_loop().create_future()
         if pushes:
             self._watch_id = request_id
         try:
             self._socket.send(encode(request_type(id=request_id, **fields)))
-            response = await answer(answered, timeout)
+            response = await self._answers.wait(request_id, timeout)
         except TimeoutError:
             raise Timeout(f"no answer from the holder within {timeout}s") from None
-        finally:
-            self._waiting.pop(request_id, None)
         return decode_result(response, result_type)
 
     def _data(self, data: bytes) -> None:
@@ -101,12 +97,9 @@ class MemberLink:
             self._socket.close()
 
     def _received(self, response: RawResponse) -> None:
-        request_id = response.id
-        answered = self._waiting.pop(request_id, None) if request_id is not None else None
-        if answered is not None:
-            if not answered.done():
-                answered.set_result(response)  # frames after it with a watch's id: pushes
-        elif request_id == self._watch_id and self._on_push is not None:
+        if self._answers.resolve(response.id, response):
+            return
+        if response.id == self._watch_id and self._on_push is not None:  # a watch's later frames
             self._on_push(self._push_decoder.decode(response.result))
 
     def _ended(self) -> None:
@@ -116,9 +109,7 @@ class MemberLink:
         if self.failure is not None:
             return
         self.failure = error
-        for answered in self._waiting.values():
-            if not answered.done():
-                answered.set_exception(error)
+        self._answers.fail(error)
         if self._on_failure is not None:
             self._on_failure()
 

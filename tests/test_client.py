@@ -310,7 +310,7 @@ async def test_a_cancelled_request_leaves_the_client_usable(fleetd: Fleetd) -> N
         with anyio.move_on_after(0.2) as waiting:
             await client.lease_watch("nothing/", start.cursor, epoch=start.epoch, wait=10)
         assert waiting.cancelled_caught
-        assert not client._waiting, "the cancelled request was not forgotten"
+        assert not client._answers, "the cancelled request was not forgotten"
         assert (await client.version()).protocol == PROTOCOL_VERSION
 
 
