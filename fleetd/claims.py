@@ -12,23 +12,30 @@ guarded on the record (``create == 0`` when absent, else its ``mod_revision``); 
 transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A claim
 is therefore never recorded without its file. Release records ``released`` first, then
 removes the file. A crash between the two steps leaves either an unrecorded file or a
-released claim's file: start-up reconciles both, and clears the staging directory, so an
-inbox never shows a half-written file nor keeps one nobody owns.
+released claim's file: start-up clears the staging directory, removes released claims' files
+and moves every file that no record explains to ``quarantine/`` (logged, never deleted: it
+may be somebody's only copy), so an inbox never shows a half-written file nor keeps one
+nobody owns.
+
+Every file operation goes through the state directory's descriptor (fleetd.dirs): a link
+planted in the inbox is moved aside as a link, never followed.
 """
 
 import errno
 import hashlib
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
+from fleetd.dirs import PrivateDir, write_all
 from fleetd.dispatch import Peer
 from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
@@ -51,7 +58,7 @@ from protocol.claims import (
     check_key,
     check_kind,
 )
-from protocol.errors import Internal, StoreFull
+from protocol.errors import Internal, StoreFull, UnsafePath
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.claims")
@@ -60,6 +67,9 @@ PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
 
 STAGING = "claims-staging"
+INBOX = "inbox"
+FILES = "files"
+QUARANTINE = "quarantine"
 GC_CONCURRENCY = 32
 """Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
@@ -114,14 +124,6 @@ def decide_release(record: StoredClaim | None, owner: str) -> Outcome:
 # Files -------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _disk_errors(what: str) -> Iterator[None]:
     try:
@@ -132,37 +134,57 @@ def _disk_errors(what: str) -> Iterator[None]:
         raise Internal(f"cannot {what}: {exc.strerror or exc}") from None
 
 
-def deliver(staging: str, path: str, content: bytes) -> None:
-    """Write `content` at `path` atomically: staged, fsynced, renamed, directory fsynced."""
-    with _disk_errors(f"deliver {path}"):
-        os.makedirs(staging, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        temp = os.path.join(staging, f"{os.getpid()}-{time.monotonic_ns()}.tmp")
+def relative_path(kind: str, key: str, owner: str) -> tuple[str, ...]:
+    """Where a claim's file lives under the state directory."""
+    return (INBOX, owner, key) if kind == "prompt_inbox" else (FILES, key)
+
+
+@contextmanager
+def _parent_of(state: PrivateDir, parts: tuple[str, ...], *, create: bool) -> Iterator[PrivateDir]:
+    """The directory holding the file at `parts` (all but its last), opened link-free."""
+    opened: list[PrivateDir] = []
+    try:
+        directory = state
+        for part in parts[:-1]:
+            directory = directory.subdir(part, create=create)
+            opened.append(directory)
+        yield directory
+    finally:
+        for directory in reversed(opened):
+            directory.close()
+
+
+def deliver(state: PrivateDir, parts: tuple[str, ...], content: bytes) -> None:
+    """Write `content` at `parts` atomically: staged, fsynced, renamed, directory fsynced."""
+    with (
+        _disk_errors(f"deliver {os.path.join(state.path, *parts)}"),
+        state.subdir(STAGING) as staging,
+        _parent_of(state, parts, create=True) as target,
+    ):
+        temp = f"{os.getpid()}-{time.monotonic_ns()}.tmp"
+        fd = staging.open_file(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(content)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, content)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temp, path)
+            staging.move(temp, target, parts[-1])
         except BaseException:
-            with suppress(OSError):
-                os.unlink(temp)
+            staging.unlink(temp)
             raise
-        _fsync_dir(os.path.dirname(path))
+        target.fsync()
 
 
-def withdraw(path: str) -> None:
-    """Remove a delivered file, durably; one already gone is fine."""
-    with _disk_errors(f"remove {path}"):
+def withdraw(state: PrivateDir, parts: tuple[str, ...]) -> None:
+    """Remove a delivered file, durably; one already gone (or its directory) is fine."""
+    with _disk_errors(f"remove {os.path.join(state.path, *parts)}"):
         try:
-            os.unlink(path)
+            with _parent_of(state, parts, create=False) as directory:
+                if directory.unlink(parts[-1]):
+                    directory.fsync()
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(path))
 
 
 # The service -------------------------------------------------------------------------------
@@ -183,7 +205,7 @@ class ClaimService:
     def __init__(
         self,
         store: Store,
-        state_dir: str,
+        state: PrivateDir,
         *,
         max_bytes: int | None = None,
         providers: Sequence[JournalProvider] = (),
@@ -191,29 +213,42 @@ class ClaimService:
         self._store = store
         self._providers = tuple(providers)
         self._by_kind = {kind: p for p in self._providers for kind in p.journal_kinds}
-        self.state_dir = os.path.abspath(state_dir)
-        self.staging = os.path.join(self.state_dir, STAGING)
+        self.state = state
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
         self._locks = NameLocks()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
+        runs again with the next `fleetctl gc`), it does not stop fleetd from starting."""
         await self.reconcile()
-        await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
+        try:
+            await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
+        except StoreFull as exc:
+            log.warning("startup_gc_postponed", error=exc.message)
         task_status.started()
 
     def path_of(self, kind: str, key: str, owner: str) -> str:
-        if kind == "prompt_inbox":
-            return os.path.join(self.state_dir, "inbox", owner, key)
-        return os.path.join(self.state_dir, "files", key)
+        return os.path.join(self.state.path, *relative_path(kind, key, owner))
 
     async def reconcile(self) -> None:
-        """After a crash: clear staging, withdraw released claims' files and files that no
-        held claim records (a delivery whose journal write never happened)."""
+        """After a crash: clear staging, withdraw released claims' files, and quarantine
+        files that no record explains (a delivery whose journal write never happened)."""
         kvs = await self._store.range(PREFIX)
-        records = [_decode(kv.value) for kv in kvs]
-        held = {record.path for record in records if record.state == "held"}
-        removed = await anyio.to_thread.run_sync(_sweep, self.state_dir, self.staging, held)
-        log.info("claims_loaded", records=len(kvs), held=len(held), removed=removed)
+        explained: dict[tuple[str, ...], ClaimState] = {}
+        for kv in kvs:
+            kind, _, key = kv.key.removeprefix(PREFIX).partition("/")
+            record = _decode(kv.value)
+            explained[relative_path(kind, key, record.owner)] = record.state
+        swept = await anyio.to_thread.run_sync(_sweep, self.state, explained)
+        log.info(
+            "claims_loaded",
+            records=len(kvs),
+            held=sum(state == "held" for state in explained.values()),
+            removed=swept.removed,
+            quarantined=len(swept.quarantined),
+        )
+        for path, moved_to in swept.quarantined:
+            log.warning("claim_file_quarantined", path=path, moved_to=moved_to)
 
     # Handlers --------------------------------------------------------------------------------
 
@@ -230,7 +265,8 @@ class ClaimService:
             if outcome is not Outcome.ACQUIRED:
                 assert found.record is not None
                 return self._refused(request.kind, request.key, found, outcome, request.owner)
-            path = self.path_of(request.kind, request.key, request.owner)
+            parts = relative_path(request.kind, request.key, request.owner)
+            path = os.path.join(self.state.path, *parts)
             record = StoredClaim(
                 owner=request.owner,
                 state="held",
@@ -239,12 +275,12 @@ class ClaimService:
                 size=len(request.content),
                 acquired_at=round(time.time(), 3),
             )
-            await anyio.to_thread.run_sync(deliver, self.staging, path, request.content)
+            await anyio.to_thread.run_sync(deliver, self.state, parts, request.content)
             try:
                 revision = await self._write(key, found, record)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(withdraw, path)
+                    await anyio.to_thread.run_sync(withdraw, self.state, parts)
                 raise
             record = msgspec.structs.replace(record, revision=revision)
             return ClaimResult(
@@ -268,7 +304,8 @@ class ClaimService:
                 found.record, state="released", released_at=round(time.time(), 3)
             )
             await self._write(key, found, record)
-            await anyio.to_thread.run_sync(withdraw, record.path)
+            parts = relative_path(request.kind, request.key, record.owner)
+            await anyio.to_thread.run_sync(withdraw, self.state, parts)
             return ClaimResult(
                 outcome=Outcome.RELEASED,
                 claim=_info(request.kind, request.key, record),
@@ -366,7 +403,9 @@ class ClaimService:
             )
             if not result.succeeded:
                 return False
-            await anyio.to_thread.run_sync(withdraw, seen.path)
+            kind, _, name = key.removeprefix(PREFIX).partition("/")
+            parts = relative_path(kind, name, seen.owner)
+            await anyio.to_thread.run_sync(withdraw, self.state, parts)
             return True
 
     # Edges -----------------------------------------------------------------------------------
@@ -471,23 +510,99 @@ def _configured_max() -> int:
     return value if value > 0 else MAX_CONTENT
 
 
-def _sweep(state_dir: str, staging: str, held: set[str]) -> list[str]:
-    """Remove staging leftovers and delivered files that no held claim records."""
-    removed = []
-    with suppress(FileNotFoundError):
-        for name in os.listdir(staging):
-            with suppress(FileNotFoundError):
-                os.unlink(os.path.join(staging, name))
-                removed.append(os.path.join(staging, name))
-    roots = [os.path.join(state_dir, "files")]
-    with suppress(FileNotFoundError):
-        inbox = os.path.join(state_dir, "inbox")
-        roots += [os.path.join(inbox, owner) for owner in os.listdir(inbox)]
-    for root in roots:
-        with suppress(FileNotFoundError, NotADirectoryError):
-            for name in os.listdir(root):
-                path = os.path.join(root, name)
-                if path not in held and os.path.isfile(path):
-                    withdraw(path)
-                    removed.append(path)
-    return removed
+@dataclass
+class _Swept:
+    removed: list[str] = field(default_factory=list)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    """(where it was, where it is now)"""
+
+
+def _sweep(state: PrivateDir, explained: dict[tuple[str, ...], ClaimState]) -> _Swept:
+    """Remove staging leftovers (never delivered) and released claims' files; move what no
+    record explains to quarantine/<UTC time>/, keeping its place (files/KEY,
+    inbox/OWNER/KEY). A link, or anything but a file, is moved as it is, never followed."""
+    swept = _Swept()
+    with _existing(state, (STAGING,)) as staging:
+        if staging is not None:
+            for name in staging.names():
+                staging.remove_tree(name)
+                swept.removed.append(staging.join(name))
+    quarantine = _Quarantine(state)
+    try:
+        _sweep_files(state, (FILES,), explained, swept, quarantine)
+        with _existing(state, (INBOX,), quarantine) as inbox:
+            owners = inbox.names() if inbox is not None else []
+        for owner in owners:
+            _sweep_files(state, (INBOX, owner), explained, swept, quarantine)
+    finally:
+        quarantine.close()
+    return swept
+
+
+def _sweep_files(
+    state: PrivateDir,
+    where: tuple[str, ...],
+    explained: dict[tuple[str, ...], ClaimState],
+    swept: _Swept,
+    quarantine: "_Quarantine",
+) -> None:
+    with _existing(state, where, quarantine) as directory:
+        if directory is None:
+            return
+        for name in directory.names():
+            parts = (*where, name)
+            state_of = explained.get(parts)
+            entry = directory.entry(name)
+            plain = entry is not None and stat.S_ISREG(entry.st_mode)
+            if state_of == "held" and plain:
+                continue
+            if state_of == "released" and plain:
+                withdraw(state, parts)
+                swept.removed.append(directory.join(name))
+                continue
+            swept.quarantined.append((directory.join(name), quarantine.take(directory, parts)))
+
+
+@contextmanager
+def _existing(
+    state: PrivateDir, where: tuple[str, ...], quarantine: "_Quarantine | None" = None
+) -> Iterator[PrivateDir | None]:
+    """The directory at `where`, or None when there is none; with a `quarantine`, an entry
+    there that is not a directory of ours (a link) is moved to it and None is returned."""
+    with _parent_of(state, where, create=False) as parent:
+        try:
+            directory = parent.subdir(where[-1], create=False)
+        except FileNotFoundError:
+            directory = None
+        except UnsafePath:
+            if quarantine is None:
+                raise
+            quarantine.take(parent, where)
+            directory = None
+        if directory is None:
+            yield None
+            return
+        with directory:
+            yield directory
+
+
+class _Quarantine:
+    """quarantine/<UTC time>/, made on first use."""
+
+    def __init__(self, state: PrivateDir) -> None:
+        self._state = state
+        self._root: PrivateDir | None = None
+
+    def take(self, directory: PrivateDir, parts: tuple[str, ...]) -> str:
+        """Move the entry `parts[-1]` of `directory` to its place in the quarantine."""
+        if self._root is None:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            with self._state.subdir(QUARANTINE) as quarantine:
+                self._root = quarantine.subdir(f"{stamp}-{os.getpid()}")
+        with _parent_of(self._root, parts, create=True) as target:
+            directory.move(parts[-1], target, parts[-1])
+            return target.join(parts[-1])
+
+    def close(self) -> None:
+        if self._root is not None:
+            self._root.close()

@@ -1,17 +1,67 @@
-"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`)."""
+"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`), and
+`fleetd reset-state` to start a state directory over once its store is lost.
+
+A failure to start is one line, `fleetd: …`, and a sysexits code that tells a supervisor
+whether trying again can help (the systemd unit lists the ones that cannot as
+RestartPreventExitStatus):
+
+    65  EX_DATAERR     the store was lost, rolled back, replaced or cannot be read
+    70  EX_SOFTWARE    a bug (the traceback is logged at debug level)
+    73  EX_CANTCREAT   a directory or the socket cannot be made
+    75  EX_TEMPFAIL    another fleetd holds the lock (or holders of an old state still run)
+    77  EX_NOPERM      a path is a symbolic link, another user's, or writable by others
+    78  EX_CONFIG      anything else about the configuration (a socket path too long...)
+"""
 
 import gc
 import os
 import resource
 import sys
+from collections.abc import Callable
 
 import anyio
 import click
+import structlog
 
-from fleetd.daemon import Daemon, DaemonConfig
+from fleetd import daemon
 from fleetd.log import configure_logging
-from protocol.errors import FleetError
+from fleetd.state import reset_state
+from protocol.errors import (
+    AlreadyRunning,
+    FleetError,
+    StartupError,
+    StateLost,
+    StoreCorrupt,
+    UnsafePath,
+)
 from protocol.paths import control_socket_path, state_dir_path
+
+EX_DATAERR, EX_SOFTWARE, EX_CANTCREAT, EX_TEMPFAIL, EX_NOPERM, EX_CONFIG = 65, 70, 73, 75, 77, 78
+
+_EXIT_STATUS: tuple[tuple[type[FleetError], int], ...] = (
+    (StateLost, EX_DATAERR),
+    (StoreCorrupt, EX_DATAERR),
+    (AlreadyRunning, EX_TEMPFAIL),
+    (UnsafePath, EX_NOPERM),
+    (StartupError, EX_CONFIG),
+)
+
+
+def exit_status(error: BaseException) -> int:
+    if isinstance(error, OSError):
+        return EX_CANTCREAT
+    for kind, status in _EXIT_STATUS:
+        if isinstance(error, kind):
+            return status
+    return EX_CONFIG if isinstance(error, FleetError) else EX_SOFTWARE
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, FleetError):
+        return error.message
+    if isinstance(error, OSError):
+        return f"cannot start: {error}"
+    return f"internal error: {type(error).__name__}: {error} (run with --log-level debug)"
 
 
 def _collect_garbage_less_often() -> None:
@@ -26,6 +76,31 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _one_line_on_failure(run: Callable[[], None]) -> None:
+    """Run `run`; whatever stops it is one `fleetd: …` line and its exit status."""
+    try:
+        run()
+    except BaseException as raised:
+        if isinstance(raised, SystemExit | KeyboardInterrupt):
+            raise
+        errors = _leaves(raised)
+        for error in errors:
+            if not isinstance(error, FleetError | OSError):
+                structlog.get_logger("fleetd").debug("startup_crashed", exc_info=error)
+            click.echo(f"fleetd: {_describe(error)}", err=True)
+        sys.exit(exit_status(errors[0]))
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    """The errors inside a (possibly nested) exception group, for one line each."""
+    if not isinstance(error, BaseExceptionGroup):
+        return [error]
+    found: list[BaseException] = []
+    for inner in error.exceptions:
+        found.extend(_leaves(inner))
+    return found
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,31 +127,45 @@ def _raise_fd_limit() -> None:
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
     """Run fleetd in the foreground."""
+    config = daemon.DaemonConfig(
+        socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
+    )
+    ctx.obj = config
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level)
     _raise_fd_limit()
     _collect_garbage_less_often()
-    config = DaemonConfig(
-        socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
+    _one_line_on_failure(
+        lambda: anyio.run(
+            daemon.run, config, backend="asyncio", backend_options={"use_uvloop": True}
+        )
     )
-    try:
-        anyio.run(Daemon(config).run, backend="asyncio", backend_options={"use_uvloop": True})
-    except* FleetError as failed:
-        for error in _leaves(failed):
-            click.echo(f"fleetd: {error.message}", err=True)
-        sys.exit(1)
 
 
-def _leaves(group: BaseExceptionGroup[FleetError]) -> list[FleetError]:
-    """The errors inside a (possibly nested) exception group, for one line each."""
-    found: list[FleetError] = []
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            found.extend(_leaves(error))
-        else:
-            found.append(error)
-    return found
+@cli.command("reset-state")
+@click.option(
+    "--keep-store",
+    is_flag=True,
+    help="Adopt the store as it is now (say, a backup restored on purpose) instead of "
+    "archiving it.",
+)
+@click.pass_obj
+def reset_state_command(config: daemon.DaemonConfig, keep_store: bool) -> None:
+    """Start the state directory over after fleetd refused it (its store lost, rolled back,
+    replaced or unreadable).
+
+    Moves everything in the state directory to archive/<UTC time>/ and starts an empty store,
+    or with --keep-store keeps the store as it is. Either way revisions, and so fencing
+    tokens, continue above every one given before. Refuses while fleetd runs, or while
+    holders of the old state still run."""
+
+    def reset() -> None:
+        runtime_root = os.path.dirname(config.socket_path)
+        for line in reset_state(config.state_dir, runtime_root, keep_store=keep_store):
+            click.echo(f"fleetd: {line}")
+
+    _one_line_on_failure(reset)
 
 
 def main() -> None:

@@ -1,15 +1,17 @@
-"""The daemon's lifecycle: lock, open the store, listen, serve, and shut down in order.
+"""The daemon's lifecycle: claim its directories, lock, open the store, listen, serve, and
+shut down in order.
 
-Services start in dependency order with ``await tg.start(...)``, so READY=1 is only sent to
-systemd once every one of them is really ready; shutdown runs the same path backwards.
+`claim_places` does everything that must hold before fleetd touches anything: the socket path
+fits, both directories are fleetd's own (fleetd.dirs), and both locks are taken. Services then
+start in dependency order with ``await tg.start(...)``, so READY=1 is only sent to systemd
+once every one of them is really ready; shutdown runs the same path backwards.
 """
 
-import fcntl
 import os
 import signal
 import socket
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -18,12 +20,21 @@ from anyio.abc import SocketListener
 
 from fleetd import systemd
 from fleetd.claims import ClaimService
+from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.holders import HolderRegistry
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.server import ControlServer
+from fleetd.state import (
+    LOCK_FILE,
+    STORE_FILE,
+    WATERMARK_FILE,
+    check_store_files,
+    exclusive_lock,
+)
 from fleetd.store.sqlite import SQLiteStore
+from fleetd.store.watermark import Watermark
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.claims import (
     ClaimAcquire,
@@ -41,7 +52,7 @@ from protocol.clusters import (
     MemberStop,
     MemberWait,
 )
-from protocol.errors import AlreadyRunning, Incompatible, StartupError
+from protocol.errors import Incompatible, StartupError
 from protocol.messages import (
     Empty,
     Hello,
@@ -61,8 +72,6 @@ from protocol.paths import socket_path_problem
 
 log = structlog.get_logger("fleetd")
 
-STORE_FILE = "fleet.db"
-
 SHUTDOWN_GRACE = 10.0
 """Seconds in-flight requests get to finish after SIGTERM before they are cancelled."""
 
@@ -73,6 +82,17 @@ class DaemonConfig:
     state_dir: str
 
 
+@dataclass(frozen=True)
+class Places:
+    """Where fleetd lives, claimed: the control socket's path (systemd's, under socket
+    activation), the socket passed by systemd if any, and both directories, open and locked."""
+
+    socket_path: str
+    inherited: socket.socket | None
+    state: PrivateDir
+    runtime: PrivateDir
+
+
 def check_socket_path(socket_path: str) -> None:
     problem = socket_path_problem(socket_path)
     if problem:
@@ -80,32 +100,25 @@ def check_socket_path(socket_path: str) -> None:
 
 
 @contextmanager
-def exclusive_lock(path: str) -> Iterator[None]:
-    """Hold an flock on `path` for the daemon's lifetime; a second daemon fails here, before
-    it could unlink and steal the socket of the first."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def claim_places(config: DaemonConfig) -> Iterator[Places]:
+    """Everything that must hold before fleetd touches anything; raises StartupError (and
+    its kinds), UnsafePath or AlreadyRunning saying what is wrong, or the OSError of a
+    directory that cannot be made."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise AlreadyRunning(f"another fleetd (pid {holder}) holds {path}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _make_private_dir(path: str) -> None:
-    """Create `path` and any missing parent mode 0700 (os.makedirs gives parents 0777 & umask);
-    a directory that already exists is left as its owner set it."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        return
-    _make_private_dir(os.path.dirname(path))
-    with suppress(FileExistsError):
-        os.mkdir(path, 0o700)
+        inherited = next(iter(systemd.listen_sockets()), None)
+    except OSError as exc:
+        raise StartupError(f"cannot use the socket systemd passed: {exc}") from None
+    socket_path = config.socket_path
+    if inherited is not None:
+        socket_path = _socket_file_of(inherited) or socket_path
+    check_socket_path(socket_path)
+    with ExitStack() as held:
+        state = held.enter_context(PrivateDir.open(config.state_dir))
+        runtime = held.enter_context(PrivateDir.open(os.path.dirname(socket_path)))
+        held.enter_context(exclusive_lock(state, LOCK_FILE))
+        held.enter_context(exclusive_lock(runtime, os.path.basename(socket_path) + ".lock"))
+        check_store_files(state)
+        yield Places(socket_path, inherited, state, runtime)
 
 
 def _socket_file_of(sock: socket.socket) -> str:
@@ -120,15 +133,22 @@ async def open_listener(socket_path: str, inherited: socket.socket | None) -> So
     return await anyio.create_unix_listener(socket_path, mode=0o600)
 
 
+async def run(config: DaemonConfig) -> None:
+    """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request."""
+    with claim_places(config) as places:
+        await Daemon(places).run()
+
+
 class Daemon:
-    def __init__(self, config: DaemonConfig) -> None:
-        self.config = config
-        self.socket_path = config.socket_path
-        self.store = SQLiteStore(os.path.join(config.state_dir, STORE_FILE))
+    def __init__(self, places: Places) -> None:
+        self.places = places
+        self.socket_path = places.socket_path
+        state = places.state
+        self.store = SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
         self.leases = LeaseManager(self.store)
-        self.holders = HolderRegistry(self.store, config.state_dir)
+        self.holders = HolderRegistry(self.store, state)
         self.claims = ClaimService(
-            self.store, config.state_dir, providers=(self.holders, LeaseJournal(self.leases))
+            self.store, state, providers=(self.holders, LeaseJournal(self.leases))
         )
         self._stopping = anyio.Event()
 
@@ -178,37 +198,21 @@ class Daemon:
         return Empty()
 
     async def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or a shutdown request. Startup problems raise
-        StartupError or AlreadyRunning before anything is touched."""
-        try:
-            inherited = next(iter(systemd.listen_sockets()), None)
-        except OSError as exc:
-            raise StartupError(f"cannot use the socket systemd passed: {exc}") from None
-        if inherited is not None:
-            self.socket_path = _socket_file_of(inherited) or self.socket_path
-        check_socket_path(self.socket_path)
-        with ExitStack() as held:
+        """Serve until SIGTERM/SIGINT or a shutdown request. A store that cannot be opened
+        (lost, rolled back, corrupt) raises its StartupError before anything is touched."""
+        places = self.places
+        async with anyio.create_task_group() as daemon:
+            daemon.start_soon(self._watch_signals)
+            await daemon.start(self.store.serve)
+            await daemon.start(self.leases.serve)
+            await daemon.start(self.holders.serve, places.runtime)
+            await daemon.start(self.claims.serve)  # its start-up gc needs both above
             try:
-                _make_private_dir(self.config.state_dir)
-                _make_private_dir(os.path.dirname(self.socket_path))
-                held.enter_context(
-                    exclusive_lock(os.path.join(self.config.state_dir, "fleetd.lock"))
-                )
-                held.enter_context(exclusive_lock(self.socket_path + ".lock"))
+                listener = await open_listener(self.socket_path, places.inherited)
             except OSError as exc:
-                raise StartupError(f"cannot start: {exc}") from None
-            async with anyio.create_task_group() as daemon:
-                daemon.start_soon(self._watch_signals)
-                await daemon.start(self.store.serve)
-                await daemon.start(self.leases.serve)
-                await daemon.start(self.holders.serve, os.path.dirname(self.socket_path))
-                await daemon.start(self.claims.serve)  # its start-up gc needs both above
-                try:
-                    listener = await open_listener(self.socket_path, inherited)
-                except OSError as exc:
-                    raise StartupError(f"cannot listen on {self.socket_path}: {exc}") from None
-                await self._serve(daemon, listener, owns_socket_file=inherited is None)
-                daemon.cancel_scope.cancel()
+                raise StartupError(f"cannot listen on {self.socket_path}: {exc}") from None
+            await self._serve(daemon, listener, owns_socket_file=places.inherited is None)
+            daemon.cancel_scope.cancel()
         log.info("fleetd_stopped")
 
     async def _serve(
@@ -227,7 +231,7 @@ class Daemon:
                 serving.cancel_scope.deadline = anyio.current_time() + SHUTDOWN_GRACE
         finally:
             if owns_socket_file:
-                _unlink_quietly(self.socket_path)
+                self.places.runtime.unlink(os.path.basename(self.socket_path))
 
     def _announce_ready(self, daemon: anyio.abc.TaskGroup) -> None:
         systemd.notify("READY=1", f"STATUS=serving {self.socket_path}")
@@ -237,7 +241,7 @@ class Daemon:
         log.info(
             "fleetd_ready",
             socket=self.socket_path,
-            state_dir=self.config.state_dir,
+            state_dir=self.places.state.path,
             pid=os.getpid(),
             version=RELEASE,
         )
@@ -253,8 +257,3 @@ async def _pet_watchdog(interval: float) -> None:
     while True:
         systemd.notify("WATCHDOG=1")
         await anyio.sleep(interval)
-
-
-def _unlink_quietly(path: str) -> None:
-    with suppress(FileNotFoundError):
-        os.unlink(path)

@@ -32,16 +32,24 @@ An exited holder keeps its record (its directory, logs and state files stay on d
 it) and loses its member records (their sockets are gone), until gc: the registry is a
 fleetd.journal.JournalProvider, which lists these records as journal entries and collects an
 exited holder's leftovers and record (protocol.claims documents the mapping).
+
+What the journal says of a holder after the fact (live, exited, a member added) is written
+from memory by `_write_journal`; a full disk postpones that write, which is retried until it
+lands, so fleetd keeps following its holders and answering from memory meanwhile.
+
+Files: runtime directories (c/<cluster>/ beside the control socket) and definitions
+(clusters/<cluster>/ in the state directory) are made and read through checked directory
+descriptors (fleetd.dirs), never through a link.
 """
 
 import contextlib
 import functools
 import os
-import shutil
 import signal
+import stat
 import subprocess
 import sys
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,9 +64,11 @@ from fleetctl.members_client import (
     holder_ready,
     status_on_disk,
 )
+from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Peer
 from fleetd.journal import Owners, fleetd_entry
-from fleetd.members import is_running, process_start_time, read_pidfile, write_atomically
+from fleetd.members import process_start_time
+from fleetd.state import RUNTIME_SUBDIR
 from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
 from protocol.claims import ClaimInfo
 from protocol.clusters import (
@@ -81,7 +91,9 @@ from protocol.errors import (
     FleetError,
     InvalidRequest,
     MemberFailed,
+    StoreFull,
     Timeout,
+    UnsafePath,
 )
 from protocol.members import (
     CLUSTER_FILE,
@@ -89,6 +101,8 @@ from protocol.members import (
     HOLDER_PIDFILE,
     NOTIFY_SOCKET,
     PIDFILE,
+    STDERR_LOG,
+    STDOUT_LOG,
     AddMember,
     MemberState,
     MemberStatus,
@@ -109,14 +123,14 @@ HOLDERS = "holders/"
 MEMBERS = "members/"
 CLUSTERS_DIR = "clusters"
 """Under the state directory: clusters/<name>/cluster.json, the definition as brought up."""
-RUNTIME_SUBDIR = "c"
-"""Beside the control socket: c/<name>/, a holder's runtime directory (short: socket paths)."""
 
 READY_TIMEOUT = 30.0
 """Seconds a new holder gets to open every member socket."""
 STOP_MARGIN = 5.0
 """Seconds beyond the longest stop_timeout for a holder to report its members stopped."""
 REQUEST_TIMEOUT = 10.0
+JOURNAL_RETRY = 1.0
+"""Seconds between tries of journal writes a full disk postponed."""
 _ATTACH_FIRST = 0.01
 _ATTACH_MAX = 0.2
 """Seconds between tries of a re-adopted starting holder's sockets: first, and at most."""
@@ -251,9 +265,9 @@ class HolderRegistry:
 
     journal_kinds: tuple[str, ...] = ("holder", "member", "socket", "log")
 
-    def __init__(self, store: Store, state_dir: str) -> None:
+    def __init__(self, store: Store, state: PrivateDir) -> None:
         self.store = store
-        self.state_dir = state_dir
+        self.state = state
         self.runtime_root = ""
         self._live: dict[str, Held] = {}
         self._exited: dict[str, HolderRecord] = {}
@@ -261,14 +275,22 @@ class HolderRegistry:
         self._changed = anyio.Event()
         self._every_encoded: _EncodedMemberList | None = None
         self._tasks: TaskGroup | None = None
+        self._runtime: PrivateDir | None = None
+        self._unwritten: set[str] = set()
+        """Clusters whose journal records a full disk kept from being written."""
+        self._journal_writes: dict[str, int] = {}
+        self._retry_due = anyio.Event()
 
     async def serve(
-        self, runtime_root: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, runtime: PrivateDir, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Re-adopt the journaled holders, report started, follow them until cancelled (which
-        leaves every holder running: they are not fleetd's to stop)."""
-        self.runtime_root = runtime_root
+        leaves every holder running: they are not fleetd's to stop). Runtime directories go
+        in `runtime`'s c/ (the control socket's directory)."""
+        self._runtime = runtime
+        self.runtime_root = runtime.path
         async with anyio.create_task_group() as self._tasks:
+            self._tasks.start_soon(self._retry_journal_writes)
             await self._readopt()
             task_status.started()
             await anyio.sleep_forever()
@@ -350,7 +372,7 @@ class HolderRegistry:
         if spec.name not in held.statuses:
             held.update(status)
             self._changed_now()
-        await self.store.txn((), [self._member_put(held.name, held.record.dir, spec.name)])
+        await self._write_journal(held.name)
         log.info("member_added", cluster=held.name, member=spec.name)
         return held.statuses[spec.name]
 
@@ -455,10 +477,14 @@ class HolderRegistry:
         problem = runtime_dir_problem(runtime_dir, [m.name for m in spec.members])
         if problem:
             raise InvalidRequest(problem, cluster=spec.name)
-        spec_file = self._write_definition(spec, runtime_dir)
+        spec_file = self._write_definition(spec)
         record = HolderRecord(spec=spec, dir=runtime_dir, log=os.path.join(runtime_dir, HOLDER_LOG))
         await self.store.put(HOLDERS + spec.name, _encode(record))  # journaled before it exists
-        process, record = await self._spawn(spec_file, record)
+        log_fd = self._open_holder_log(spec.name)
+        try:
+            process, record = await self._spawn(spec_file, record, log_fd)
+        finally:
+            os.close(log_fd)
         try:
             pidfd = os.pidfd_open(process.pid)
         except ProcessLookupError:
@@ -471,20 +497,33 @@ class HolderRegistry:
         log.info("holder_started", cluster=spec.name, pid=process.pid, dir=runtime_dir)
         return held
 
-    def _write_definition(self, spec: ClusterSpec, runtime_dir: str) -> str:
-        directory = os.path.join(self.state_dir, CLUSTERS_DIR, spec.name)
+    def _write_definition(self, spec: ClusterSpec) -> str:
+        """clusters/<name>/cluster.json in the state directory; its path."""
         try:
-            for path in (directory, runtime_dir):
-                os.makedirs(path, mode=0o700, exist_ok=True)
-            os.chmod(os.path.dirname(runtime_dir), 0o700)
-            spec_file = os.path.join(directory, CLUSTER_FILE)
-            write_atomically(spec_file, msgspec.json.encode(spec))
+            with (
+                self.state.subdir(CLUSTERS_DIR) as clusters,
+                clusters.subdir(spec.name) as directory,
+            ):
+                directory.write_atomically(CLUSTER_FILE, msgspec.json.encode(spec))
+                return directory.join(CLUSTER_FILE)
         except OSError as exc:
             raise FleetError(f"cannot prepare cluster {spec.name!r}: {exc}") from None
-        return spec_file
+
+    def _open_holder_log(self, cluster: str) -> int:
+        """The runtime directory c/<cluster>/ (made 0700, or an existing one of ours, never
+        through a link) and the holder's log in it, open for appending."""
+        assert self._runtime is not None
+        try:
+            with (
+                self._runtime.subdir(RUNTIME_SUBDIR) as root,
+                root.subdir(cluster) as directory,
+            ):
+                return directory.open_file(HOLDER_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        except OSError as exc:
+            raise FleetError(f"cannot prepare cluster {cluster!r}: {exc}") from None
 
     async def _spawn(
-        self, spec_file: str, record: HolderRecord
+        self, spec_file: str, record: HolderRecord, log_fd: int
     ) -> tuple[subprocess.Popen[bytes], HolderRecord]:
         """The holder, detached: its own session, its output to its log; and its record, which
         names it (pid and start time) in the journal before it runs: it is spawned behind a
@@ -512,7 +551,7 @@ class HolderRegistry:
         ]
         try:
             process = await anyio.to_thread.run_sync(
-                _popen_detached, command, record.log, gate_read, ready_write
+                _popen_detached, command, log_fd, gate_read, ready_write
             )
             close(ready_write)
             close(gate_read)
@@ -547,8 +586,8 @@ class HolderRegistry:
         if not await self._connect(held):
             log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
         held.record = msgspec.structs.replace(held.record, state="live")
-        await self._journal_live(held)
         self._take(held)
+        await self._write_journal(held.name)
 
     def _take(self, held: Held) -> None:
         """Count it live (its name is taken, gc leaves it alone) and see it exit."""
@@ -609,30 +648,55 @@ class HolderRegistry:
         """Journal a holder gone: its record stays (exited; its files remain), its members'
         socket records go, and so do sockets a killed holder could not remove."""
         name = record.spec.name
-        _remove_sockets(record.dir, self._member_names(record))
-        exited = msgspec.structs.replace(record, state="exited")
-        await self.store.txn(
-            (), [Put(HOLDERS + name, _encode(exited)), DeleteRange(f"{MEMBERS}{name}/")]
-        )
-        self._exited[name] = exited
+        with _opened_runtime_dir(record) as directory:
+            if directory is not None:
+                _remove_sockets(directory, _member_names(record, directory))
+        self._exited[name] = msgspec.structs.replace(record, state="exited")
         self._changed_now()
+        await self._write_journal(name)
         log.info("holder_gone", cluster=name, pid=record.pid, reason=reason)
 
-    def _member_names(self, record: HolderRecord) -> set[str]:
-        names = {m.name for m in record.spec.members}
-        with contextlib.suppress(OSError):
-            names |= {e[: -len(".sock")] for e in os.listdir(record.dir) if e.endswith(".sock")}
-        return names
+    async def _write_journal(self, name: str) -> None:
+        """Make the journal say what memory says of cluster `name`: live (its record and a
+        record per member) or exited (its record, no members). Written from memory when it
+        is submitted, so a later write always says what is newer. A full disk postpones the
+        write (it is retried until it lands), and is not the caller's error."""
+        self._journal_writes[name] = attempt = self._journal_writes.get(name, 0) + 1
+        try:
+            kvs = await self.store.range(f"{MEMBERS}{name}/")
+            operations = self._journal_of(name, {kv.key for kv in kvs})
+            if operations:
+                await self.store.txn((), operations)
+        except StoreFull:
+            if name not in self._unwritten:
+                log.warning("journal_write_postponed", cluster=name, reason="disk full")
+            self._unwritten.add(name)
+            self._retry_due.set()
+            return
+        if self._journal_writes.get(name) == attempt and name in self._unwritten:
+            self._unwritten.discard(name)
+            log.info("journal_written_late", cluster=name)
 
-    async def _journal_live(self, held: Held) -> None:
-        names = set(held.specs) | set(held.statuses)
-        operations: list[Put | Delete | DeleteRange] = [
-            Put(HOLDERS + held.name, _encode(held.record)),
-            DeleteRange(f"{MEMBERS}{held.name}/"),
-        ]
-        await self.store.txn((), operations)
-        puts = [self._member_put(held.name, held.record.dir, name) for name in sorted(names)]
-        await self.store.txn((), puts)
+    def _journal_of(self, name: str, members_stored: set[str]) -> list[Put | Delete]:
+        held, exited = self._live.get(name), self._exited.get(name)
+        if held is not None:
+            record = held.record
+            members = sorted({*held.specs, *held.statuses})
+            puts = [self._member_put(name, record.dir, member) for member in members]
+        elif exited is not None:
+            record, puts = exited, []
+        else:
+            return []  # collected meanwhile
+        stale = members_stored - {put.key for put in puts}
+        return [Put(HOLDERS + name, _encode(record)), *map(Delete, sorted(stale)), *puts]
+
+    async def _retry_journal_writes(self) -> None:
+        while True:
+            await self._retry_due.wait()
+            await anyio.sleep(JOURNAL_RETRY)
+            self._retry_due = anyio.Event()
+            for name in sorted(self._unwritten):
+                await self._write_journal(name)
 
     def _member_put(self, cluster: str, runtime_dir: str, name: str) -> Put:
         record = MemberRecord(
@@ -656,6 +720,25 @@ class HolderRegistry:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(held.pidfd, signal.SIGKILL)
         await held.gone.wait()
+
+    def _remove_leftovers(self, record: HolderRecord) -> None:
+        """An exited holder's runtime directory and definition, never through a link."""
+        parts = _runtime_dir_parts(record)
+        assert parts is not None
+        root, cluster = parts
+        with contextlib.ExitStack() as stack:
+            try:
+                top = stack.enter_context(PrivateDir.open(root, create=False))
+                runtime = stack.enter_context(top.subdir(RUNTIME_SUBDIR, create=False))
+            except FileNotFoundError:
+                pass
+            else:
+                runtime.remove_tree(cluster)
+        with (
+            contextlib.suppress(FileNotFoundError),
+            self.state.subdir(CLUSTERS_DIR, create=False) as clusters,
+        ):
+            clusters.remove_tree(cluster)
 
     # -- re-adoption
 
@@ -711,7 +794,7 @@ class HolderRegistry:
                 signal.pidfd_send_signal(held.pidfd, signal.SIGKILL)
             return
         held.record = msgspec.structs.replace(held.record, state="live")
-        await self._journal_live(held)
+        await self._write_journal(held.name)
         self._changed_now()
         log.info("holder_attached", cluster=held.name, pid=held.pid)
 
@@ -773,7 +856,7 @@ class HolderRegistry:
         kv = await self.store.get(key)
         if record is None or name in self._live or kv is None:
             return []
-        if _decode_holder(kv.value) != record or not _collectable_dir(name, record):
+        if _decode_holder(kv.value) != record or _runtime_dir_parts(record) is None:
             log.warning("holder_not_collected", cluster=name, dir=record.dir)
             return []
         if await anyio.to_thread.run_sync(_still_running, record):
@@ -782,10 +865,9 @@ class HolderRegistry:
         found = await anyio.to_thread.run_sync(exited_entries, name, record, kv.mod_revision)
         if dry_run:
             return found
-        definition = os.path.join(self.state_dir, CLUSTERS_DIR, name)
         try:
-            await anyio.to_thread.run_sync(_remove_trees, (record.dir, definition))
-        except OSError as exc:
+            await anyio.to_thread.run_sync(self._remove_leftovers, record)
+        except (OSError, UnsafePath) as exc:
             log.warning("holder_not_collected", cluster=name, error=str(exc))
             return []
         result = await self.store.txn(
@@ -838,65 +920,112 @@ def exited_entries(cluster: str, record: HolderRecord, revision: int) -> list[Cl
     their logs, and any socket a killed holder could not remove. Reads the disk."""
     entries = [holder_entry(cluster, record, revision)]
     left = functools.partial(fleetd_entry, held=False, revision=revision)
-    try:
-        names = sorted(os.listdir(record.dir))
-    except OSError:
-        return entries
-    for name in names:
-        path = os.path.join(record.dir, name)
-        if name.endswith(".sock"):
-            key = f"{cluster}:{name.removesuffix('.sock')}"
-            entries.append(left("socket", key, key, path=path))
-        elif os.path.isdir(path):
-            key = f"{cluster}:{name}"
-            entries.append(left("member", key, cluster, path=path))
-            for stream, log_path in (
-                ("stdout", member_log_path(record.dir, name)),
-                ("stderr", member_log_path(record.dir, name, stderr=True)),
-            ):
-                if os.path.exists(log_path) or os.path.exists(f"{log_path}.1"):
-                    entries.append(left("log", f"{key}:{stream}", key, path=log_path))
+    with _opened_runtime_dir(record) as directory:
+        if directory is None:
+            return entries
+        for name in directory.names():
+            entry, path = directory.entry(name), directory.join(name)
+            if name.endswith(".sock"):
+                key = f"{cluster}:{name.removesuffix('.sock')}"
+                entries.append(left("socket", key, key, path=path))
+            elif entry is not None and stat.S_ISDIR(entry.st_mode):
+                key = f"{cluster}:{name}"
+                entries.append(left("member", key, cluster, path=path))
+                for stream, log_name in (("stdout", STDOUT_LOG), ("stderr", STDERR_LOG)):
+                    logs = (f"{name}/{log_name}", f"{name}/{log_name}.1")
+                    if any(directory.entry(log) is not None for log in logs):
+                        log_path = member_log_path(record.dir, name, stderr=stream == "stderr")
+                        entries.append(left("log", f"{key}:{stream}", key, path=log_path))
     return entries
 
 
-def _collectable_dir(cluster: str, record: HolderRecord) -> bool:
-    """A runtime directory gc may remove whole: absolute and named after its cluster, as
-    fleetd makes them (a mangled record must not point gc at anything else)."""
+def _runtime_dir_parts(record: HolderRecord) -> tuple[str, str] | None:
+    """(the directory holding c/, the cluster) of a runtime directory as fleetd makes them:
+    <socket dir>/c/<cluster>; None for anything else (a mangled record must not point
+    fleetd at another directory)."""
     path = os.path.normpath(record.dir)
-    return os.path.isabs(path) and os.path.basename(path) == cluster
+    parent = os.path.dirname(path)
+    if not os.path.isabs(path) or os.path.basename(parent) != RUNTIME_SUBDIR:
+        return None
+    if os.path.basename(path) != record.spec.name:
+        return None
+    return os.path.dirname(parent), record.spec.name
+
+
+@contextlib.contextmanager
+def _opened_runtime_dir(record: HolderRecord) -> Iterator[PrivateDir | None]:
+    """A holder's runtime directory, opened without following a link; None when it is gone,
+    or is not a directory fleetd made (logged)."""
+    parts = _runtime_dir_parts(record)
+    directory: PrivateDir | None = None
+    if parts is not None:
+        root, cluster = parts
+        try:
+            with (
+                PrivateDir.open(root, create=False) as top,
+                top.subdir(RUNTIME_SUBDIR, create=False) as runtime,
+            ):
+                directory = runtime.subdir(cluster, create=False)
+        except FileNotFoundError:
+            pass
+        except (OSError, UnsafePath) as exc:
+            log.warning("runtime_dir_refused", cluster=cluster, dir=record.dir, error=str(exc))
+    else:
+        log.warning("runtime_dir_refused", dir=record.dir, error="not <socket dir>/c/<cluster>")
+    if directory is None:
+        yield None
+        return
+    with directory:
+        yield directory
+
+
+def _pidfile_in(directory: PrivateDir, name: str) -> tuple[int, int] | None:
+    """(pid, start time) from a pidfile, or None for a missing or mangled one."""
+    try:
+        pid, start_time = directory.read_file(name, 64).split()
+        return int(pid), int(start_time)
+    except (OSError, ValueError, UnsafePath):
+        return None
+
+
+def _names_a_running_process(pidfile: tuple[int, int] | None) -> bool:
+    """The pid is alive and its start time is the recorded one (not a recycled pid)."""
+    return pidfile is not None and process_start_time(pidfile[0]) == pidfile[1]
 
 
 def _still_running(record: HolderRecord) -> bool:
     """Whether the holder's pidfile, or any member's, names a running process (pid and start
     time): the journal says exited, but a live process's files are never removed."""
-    pidfiles = [os.path.join(record.dir, HOLDER_PIDFILE)]
-    with contextlib.suppress(OSError):
-        pidfiles += [os.path.join(record.dir, name, PIDFILE) for name in os.listdir(record.dir)]
-    return any(is_running(pidfile) for pidfile in pidfiles)
-
-
-def _remove_trees(paths: Iterable[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(path)
+    with _opened_runtime_dir(record) as directory:
+        if directory is None:
+            return False
+        if _names_a_running_process(_pidfile_in(directory, HOLDER_PIDFILE)):
+            return True
+        for name in directory.names():
+            with (
+                contextlib.suppress(OSError, UnsafePath),
+                directory.subdir(name, create=False) as member,
+            ):
+                if _names_a_running_process(_pidfile_in(member, PIDFILE)):
+                    return True
+        return False
 
 
 def _popen_detached(
-    command: list[str], log_path: str, gate: int, ready_fd: int
+    command: list[str], log_fd: int, gate: int, ready_fd: int
 ) -> subprocess.Popen[bytes]:
     """Fork and exec the holder's gate (_GATE) in its own session, reading `gate`; it becomes
     the holder once fleetd writes a line there."""
-    with open(log_path, "ab") as output:
-        return subprocess.Popen(
-            ["/bin/sh", "-c", _GATE, "fleetd-holder", *command],
-            stdin=gate,
-            stdout=output,
-            stderr=output,
-            pass_fds=(ready_fd,),
-            start_new_session=True,
-            env=holder_env(os.environ),
-            cwd="/",
-        )
+    return subprocess.Popen(
+        ["/bin/sh", "-c", _GATE, "fleetd-holder", *command],
+        stdin=gate,
+        stdout=log_fd,
+        stderr=log_fd,
+        pass_fds=(ready_fd,),
+        start_new_session=True,
+        env=holder_env(os.environ),
+        cwd="/",
+    )
 
 
 def _identified(record: HolderRecord) -> HolderRecord | None:
@@ -908,9 +1037,9 @@ def _identified(record: HolderRecord) -> HolderRecord | None:
     was written by an older fleetd) has only the holder's pidfile to go by."""
     if record.state == "starting" and record.pid:
         return record
-    try:
-        on_disk = read_pidfile(os.path.join(record.dir, HOLDER_PIDFILE))
-    except (OSError, ValueError):
+    with _opened_runtime_dir(record) as directory:
+        on_disk = _pidfile_in(directory, HOLDER_PIDFILE) if directory is not None else None
+    if on_disk is None:
         return None
     if record.state == "starting":
         pid, start_time = on_disk
@@ -937,16 +1066,22 @@ def _current_specs(record: HolderRecord) -> dict[str, MemberSpec]:
     """The members a holder serves now (it rewrites cluster.json as members join and leave),
     else those it was started with."""
     specs = {m.name: m for m in record.spec.members}
-    with contextlib.suppress(OSError, msgspec.MsgspecError, FleetError):
-        with open(os.path.join(record.dir, CLUSTER_FILE), "rb") as f:
-            current = msgspec.json.decode(f.read(), type=ClusterSpec)
-        specs |= {m.name: m for m in current.members}
+    with _opened_runtime_dir(record) as directory:
+        if directory is not None:
+            with contextlib.suppress(OSError, msgspec.MsgspecError, FleetError):
+                current = msgspec.json.decode(directory.read_file(CLUSTER_FILE), type=ClusterSpec)
+                specs |= {m.name: m for m in current.members}
     return specs
 
 
-def _remove_sockets(runtime_dir: str, names: Iterable[str]) -> None:
-    for path in [member_socket_path(runtime_dir, n) for n in names]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(runtime_dir, NOTIFY_SOCKET))
+def _member_names(record: HolderRecord, directory: PrivateDir) -> set[str]:
+    names = {m.name for m in record.spec.members}
+    with contextlib.suppress(OSError):
+        names |= {e.removesuffix(".sock") for e in directory.names() if e.endswith(".sock")}
+    return names
+
+
+def _remove_sockets(directory: PrivateDir, names: Iterable[str]) -> None:
+    for name in names:
+        directory.unlink(f"{name}.sock")
+    directory.unlink(NOTIFY_SOCKET)

@@ -11,6 +11,9 @@
     ├── Compacted                  compacted: that revision is no longer in the store's history
     ├── AlreadyRunning             already_running: another fleetd holds the lock
     ├── StartupError               startup_failed: fleetd cannot start as configured
+    │   ├── StateLost              state_lost: the store was lost, rolled back or replaced
+    │   └── StoreCorrupt           store_corrupt: the store's files cannot be read
+    ├── UnsafePath                 unsafe_path: a symbolic link, or a path another user may change
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
     ├── MemberFailed               member_failed: a member entered `error` while awaited
@@ -103,6 +106,28 @@ class StartupError(FleetError):
     """fleetd cannot start as configured (path too long, directory not writable...)."""
 
     code = "startup_failed"
+
+
+class StateLost(StartupError):
+    """The state directory says a store existed that is not there as it was: deleted, emptied,
+    rolled back to an older copy, or another store put in its place. Restore it, or archive
+    what is there with `fleetd reset-state` (fencing tokens keep growing either way)."""
+
+    code = "state_lost"
+
+
+class StoreCorrupt(StartupError):
+    """The store's files exist but cannot be read as a store (a garbled header, a file cut
+    short, a directory where the file should be): restore them, or `fleetd reset-state`."""
+
+    code = "store_corrupt"
+
+
+class UnsafePath(FleetError):
+    """A path fleetd would use is a symbolic link, not a file or directory of fleetd's own
+    user, or writable by other users: fleetd never follows it; remove it or fix its owner."""
+
+    code = "unsafe_path"
 
 
 class ClientClosed(FleetError):

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -23,7 +24,9 @@ from fleetd.claims import (
     decide_acquire,
     decide_release,
     deliver,
+    relative_path,
 )
+from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Peer
 from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
@@ -64,10 +67,11 @@ def test_release_decisions() -> None:
 
 @asynccontextmanager
 async def service(root: str, max_bytes: int | None = None) -> AsyncIterator[ClaimService]:
-    async with SQLiteStore.open(os.path.join(root, "store.db")) as store:
-        claims = ClaimService(store, os.path.join(root, "state"), max_bytes=max_bytes)
-        await claims.reconcile()
-        yield claims
+    with PrivateDir.open(os.path.join(root, "state")) as state:
+        async with SQLiteStore.open(os.path.join(root, "store.db")) as store:
+            claims = ClaimService(store, state, max_bytes=max_bytes)
+            await claims.reconcile()
+            yield claims
 
 
 def _files(root: str) -> list[str]:
@@ -102,7 +106,7 @@ async def test_acquire_delivers_the_file_and_release_removes_it(tempdir: str) ->
         assert result.claim.path == path
         assert _read(path) == b"hello\n"
         assert result.claim.sha256 == hashlib.sha256(b"hello\n").hexdigest()
-        assert os.listdir(claims.staging) == []
+        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
         again = await claims.acquire(_acquire("p1", b"hello\n"), PEER)
         assert (again.outcome, again.claim) == (Outcome.ALREADY_ACQUIRED, result.claim)
         released = await claims.release(
@@ -134,7 +138,7 @@ async def test_bad_input_is_refused_and_nothing_is_written(
         with pytest.raises(InvalidRequest, match=message):
             await claims.acquire(_acquire(key, content), PEER)
         assert claims._store.revision == before
-        assert _files(claims.state_dir) == []
+        assert _files(claims.state.path) == []
 
 
 async def test_unknown_kind_and_bad_owner_are_refused(tempdir: str) -> None:
@@ -159,11 +163,11 @@ async def test_full_store_is_an_error_and_leaves_journal_and_inbox_unchanged(
             with contextlib.suppress(StoreFull):
                 while True:
                     await store.put(f"filler/{n}/{store.revision}", b"f" * size)
-        before, files = store.revision, _files(claims.state_dir)
+        before, files = store.revision, _files(claims.state.path)
         with pytest.raises(StoreFull):
             await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
         assert store.revision == before
-        assert _files(claims.state_dir) == files
+        assert _files(claims.state.path) == files
         await store.set_max_pages(None)
         result = await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
         assert result.outcome is Outcome.ACQUIRED
@@ -182,8 +186,8 @@ async def test_full_disk_while_delivering_writes_nothing(
             await claims.acquire(_acquire("k", b"x"), PEER)
         monkeypatch.undo()
         assert claims._store.revision == before
-        assert [f for f in _files(claims.state_dir) if not f.startswith(STAGING)] == []
-        assert os.listdir(claims.staging) == []
+        assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
+        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
 
 
 async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
@@ -196,11 +200,14 @@ async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
         )
         # a release that crashed before the unlink, a delivery before its journal write,
         # and a staging file from a write cut short:
-        deliver(claims.staging, claims.path_of("prompt_inbox", "gone", "alice"), b"2")
-        deliver(claims.staging, claims.path_of("prompt_inbox", "orphan", "bob"), b"3")
-        _write(os.path.join(claims.staging, "1-2.tmp"), b"half")
+        deliver(claims.state, relative_path("prompt_inbox", "gone", "alice"), b"2")
+        deliver(claims.state, relative_path("prompt_inbox", "orphan", "bob"), b"3")
+        _write(os.path.join(claims.state.path, STAGING, "1-2.tmp"), b"half")
     async with service(tempdir):
-        assert _files(state) == ["inbox/alice/held"]
+        held, quarantined = _files(state)
+        assert held == "inbox/alice/held"
+        assert re.fullmatch(r"quarantine/[^/]+/inbox/bob/orphan", quarantined)
+        assert _read(os.path.join(state, quarantined)) == b"3"
 
 
 # -- fleetctl claims: golden envelopes ----------------------------------------------------------

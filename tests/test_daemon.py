@@ -42,7 +42,7 @@ def test_second_fleetd_on_same_state_dir_refuses_and_keeps_the_first_serving(
         timeout=30,
         check=False,
     )
-    assert refused.returncode == 1
+    assert refused.returncode == 75
     assert "another fleetd" in refused.stderr and f"pid {fleetd.process.pid}" in refused.stderr
     assert result.returncode == 0
     assert run_fleetctl("ping", env=fleetd.env).returncode == 0
@@ -58,7 +58,7 @@ def test_second_fleetd_on_same_socket_refuses_without_stealing_it(fleetd: Fleetd
         timeout=30,
         check=False,
     )
-    assert refused.returncode == 1
+    assert refused.returncode == 75
     assert "another fleetd" in refused.stderr
     assert run_fleetctl("ping", env=fleetd.env).returncode == 0
 
@@ -184,7 +184,7 @@ def test_store_newer_than_fleetd_is_refused_and_no_socket_is_left(tempdir: str) 
     with sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db")) as db:
         db.execute("PRAGMA user_version = 99")
     refused = run_fleetd(daemon.env)
-    assert refused.returncode == 1
+    assert refused.returncode == 78
     assert "newer than this fleetd knows" in refused.stderr
     assert not os.path.exists(daemon.socket_path)
 
@@ -193,7 +193,7 @@ def test_socket_path_over_107_bytes_is_refused_clearly(tempdir: str) -> None:
     refused = run_fleetd(
         {**Fleetd(tempdir).env}, "--socket", os.path.join(tempdir, "s" * 120 + ".sock")
     )
-    assert refused.returncode == 1
+    assert refused.returncode == 78
     assert "107-byte limit" in refused.stderr
 
 
@@ -201,7 +201,7 @@ def test_unwritable_state_dir_is_refused_clearly(tempdir: str) -> None:
     blocker = os.path.join(tempdir, "file")
     open(blocker, "w").close()
     refused = run_fleetd({**Fleetd(tempdir).env, "FLEET_STATE_DIR": os.path.join(blocker, "x")})
-    assert refused.returncode == 1
+    assert refused.returncode == 73
     assert refused.stderr.startswith("fleetd: cannot start:")
 
 

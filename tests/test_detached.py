@@ -24,6 +24,7 @@ import pytest
 
 from fleetctl.cli import run
 from fleetctl.sync import SyncClient
+from fleetd.dirs import PrivateDir
 from fleetd.holders import HolderRecord
 from fleetd.members import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
@@ -555,12 +556,11 @@ def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     )
     gate_read, gate_write = os.pipe()
     ready_read, ready_write = os.pipe()
+    log = os.open(os.path.join(tempdir, "log"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        process = _popen_detached(
-            [sys.executable, "-c", report], os.path.join(tempdir, "log"), gate_read, ready_write
-        )
+        process = _popen_detached([sys.executable, "-c", report], log, gate_read, ready_write)
     finally:
-        for fd in (gate_read, ready_read, ready_write):
+        for fd in (gate_read, ready_read, ready_write, log):
             os.close(fd)
     return process, gate_write, ran
 
@@ -653,10 +653,11 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     listener = await anyio.create_unix_listener(member_socket_path(runtime_dir, "m"))
     async with listener, SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
         await store.put("holders/w", msgspec.json.encode(record))
-        registry = HolderRegistry(store, os.path.join(tempdir, "state"))
+        state, runtime = PrivateDir.open(os.path.join(tempdir, "state")), PrivateDir.open(tempdir)
+        registry = HolderRegistry(store, state)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(listener.serve, holder)
-            await tasks.start(registry.serve, tempdir)  # re-adopts it: watch, snapshot
+            await tasks.start(registry.serve, runtime)  # re-adopts it: watch, snapshot
             me = Peer(os.getpid(), os.getuid(), os.getgid())
             answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
             assert [s.state for s in answer.members] == [MemberState.RUNNING]

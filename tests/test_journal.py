@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from fleetctl import SyncClient
+from fleetd.dirs import PrivateDir
 from fleetd.holders import HolderRecord, HolderRegistry
 from fleetd.members import process_start_time
 from fleetd.store.sqlite import SQLiteStore
@@ -250,9 +251,10 @@ async def test_gc_keeps_an_exited_holder_while_a_pidfile_names_a_live_process(
     record = HolderRecord(spec=spec, dir=runtime_dir, log="", state="exited")
     async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
         await store.put("holders/ghost", msgspec.json.encode(record))
-        registry = HolderRegistry(store, os.path.join(tempdir, "state"))
+        state, runtime = PrivateDir.open(os.path.join(tempdir, "state")), PrivateDir.open(tempdir)
+        registry = HolderRegistry(store, state)
         async with anyio.create_task_group() as tasks:
-            await tasks.start(registry.serve, tempdir)
+            await tasks.start(registry.serve, runtime)
             assert await registry.journal_collect(dry_run=False) == []
             assert os.listdir(runtime_dir) == ["m"]
             os.unlink(pidfile)

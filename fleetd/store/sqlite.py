@@ -14,6 +14,11 @@ way: no database work is ever done on the event loop.
 Leases follow etcd: grant and revoke are durable writes, a keepalive only moves a deadline in
 memory, and a reopened store gives every lease its full TTL again, because the time that passed
 while no store was running is unknown. Lease holders must therefore fence with revisions.
+
+Continuity: given a `Watermark` (fleetd.store.watermark), the store refuses to open a database
+that is not the one the watermark describes, or that went back behind it, and advances the
+watermark after each commit, before the batch is answered. A file that SQLite cannot read as a
+database is refused with StoreCorrupt, never opened as a new one.
 """
 
 import heapq
@@ -31,6 +36,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import msgspec
+import structlog
 from anyio.abc import TaskStatus
 from msgspec.structs import astuple
 
@@ -56,6 +62,13 @@ from fleetd.store import (
     TxnResult,
     check_branch,
 )
+from fleetd.store.watermark import (
+    Continuity,
+    Mark,
+    StoreIdentity,
+    Watermark,
+    check_continuity,
+)
 from protocol.errors import (
     Absent,
     Compacted,
@@ -63,12 +76,15 @@ from protocol.errors import (
     Incompatible,
     Internal,
     InvalidRequest,
+    StoreCorrupt,
     StoreFull,
 )
 
-__all__ = ["HISTORY", "MIGRATIONS", "SQLiteStore"]
+__all__ = ["HISTORY", "MIGRATIONS", "SQLiteStore", "peek_revision", "restart_from"]
 
 T = TypeVar("T")
+
+log = structlog.get_logger("fleetd.store")
 
 HISTORY = 10_000
 """Revisions of events kept for watches that resume; older ones are compacted."""
@@ -95,6 +111,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " key TEXT NOT NULL, event BLOB NOT NULL)",
         "CREATE INDEX history_revision ON history (revision)",
     ),
+    ("INSERT INTO meta VALUES ('store_id', random() & 9223372036854775807), ('watermarked', 0)",),
 )
 """Schema migrations in order: applying entry i moves ``PRAGMA user_version`` from i to i + 1.
 Append only; never edit an entry that has shipped."""
@@ -295,24 +312,68 @@ class _Database:
         self._default_max_pages: int = self._pragma("max_page_count")
         meta = dict(connection.execute("SELECT name, value FROM meta"))
         self.state = _State(meta["revision"], meta["compact_revision"], meta["next_lease"])
+        self.identity = StoreIdentity(meta["store_id"], meta["revision"], bool(meta["watermarked"]))
         self.events: list[Event] = []
+        self._watermark: Watermark | None = None
 
     @classmethod
-    def open(cls, path: str, history: int) -> "_Database":
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    def open(cls, path: str, history: int, watermark: Watermark | None = None) -> "_Database":
+        """Opens (or creates) the database; with a `watermark`, only the store it describes,
+        at or past its revision (StateLost otherwise). StoreCorrupt when SQLite cannot read
+        the file as a database."""
+        mark = watermark.read() if watermark is not None else None
+        if mark is not None and not _has_content(path):
+            _judge(mark, None, path, watermark)
         try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise _unreadable(path, exc) from None
+        try:
+            if mark is not None and _schema_version(connection) == 0:
+                _judge(mark, None, path, watermark)
             _migrate(connection, path)
             if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise Internal(f"{path}: SQLite refused WAL mode")
             connection.execute("PRAGMA synchronous = FULL")
-            return cls(connection, history)
+            _check_integrity(connection, path)
+            database = cls(connection, history)
+            if watermark is not None:
+                database._keep(watermark, mark, path)
+            return database
+        except sqlite3.DatabaseError as exc:
+            connection.close()
+            raise _unreadable(path, exc) from None
         except BaseException:
             connection.close()
             raise
 
+    def _keep(self, watermark: Watermark, mark: Mark | None, path: str) -> None:
+        """Check the store against the watermark, then keep the watermark up to date."""
+        if _judge(mark, self.identity, path, watermark) is Continuity.ADOPT:
+            watermark.create(Mark(self.identity.store_id, self.state.revision))
+        else:
+            watermark.open()
+        self._watermark = watermark
+        self.set_watermarked()
+
+    def set_watermarked(self) -> None:
+        """From now on a missing watermark means a lost one (written after the watermark:
+        a crash in between leaves a watermark the next start finds, which is as good)."""
+        if not self.identity.watermarked:
+            self._db.execute("UPDATE meta SET value = 1 WHERE name = 'watermarked'")
+            self.identity = replace(self.identity, watermarked=True)
+
+    def raise_revision(self, floor: int) -> None:
+        """Move the revision up to `floor`: the next write gets a greater one."""
+        if floor > self.state.revision:
+            self._db.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (floor,))
+            self.state.revision = floor
+
     def close(self) -> None:
         self._db.close()
+        if self._watermark is not None:
+            self._watermark.close()
 
     def leases(self) -> list[tuple[int, float]]:
         return self._db.execute("SELECT id, ttl FROM leases").fetchall()
@@ -333,11 +394,22 @@ class _Database:
         only on that rare path.
         """
         self.events = []
-        if self._commit(jobs, savepoints=False) or self._commit(jobs, savepoints=True):
-            return _Report(tuple(self.events), self.state.copy())
-        for job in jobs:
-            self._commit([job], savepoints=True)
+        if not (self._commit(jobs, savepoints=False) or self._commit(jobs, savepoints=True)):
+            for job in jobs:
+                self._commit([job], savepoints=True)
+        self._advance_watermark()
         return _Report(tuple(self.events), self.state.copy())
+
+    def _advance_watermark(self) -> None:
+        """Before the batch is answered. A failure (an I/O error: the write is in place and
+        allocates nothing, so a full disk cannot cause one) is logged and retried with the
+        next commit; the writes themselves are durable in the database already."""
+        if self._watermark is None:
+            return
+        try:
+            self._watermark.advance(self.state.revision)
+        except OSError as exc:
+            log.error("watermark_not_written", path=self._watermark.path, error=str(exc))
 
     def _commit(self, jobs: Sequence[_Job[Any]], *, savepoints: bool) -> bool:
         """Whether the jobs were committed; without `savepoints`, a job that fails fails the
@@ -517,6 +589,76 @@ class _Database:
         return int(self._db.execute(f"PRAGMA {name}").fetchone()[0])
 
 
+def restart_from(path: str, watermark: Watermark, floor: int) -> Mark:
+    """Open the store at `path` (a new one if it is missing) whatever the watermark says, move
+    its revision up to `floor`, and write a new watermark describing it: how `fleetd
+    reset-state` ends, so that no revision, and so no fencing token, is ever given twice."""
+    database = _Database.open(path, HISTORY)
+    try:
+        database.raise_revision(floor)
+        mark = Mark(database.identity.store_id, database.state.revision)
+        watermark.create(mark)
+        watermark.close()
+        database.set_watermarked()
+    finally:
+        database.close()
+    return mark
+
+
+def peek_revision(path: str) -> int | None:
+    """The store's revision, read-only, or None when it cannot be read at all."""
+    if not _has_content(path):
+        return None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = connection.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) if row else None
+
+
+def _has_content(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _schema_version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _judge(
+    mark: Mark | None, found: StoreIdentity | None, path: str, watermark: Watermark | None
+) -> Continuity:
+    assert watermark is not None
+    return check_continuity(mark, found, store=path, watermark=watermark.path)
+
+
+def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
+    """quick_check reads every page once (milliseconds for a store of megabytes): a file cut
+    short or overwritten is refused at start-up, not found out by a request later."""
+    problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+    if problems != ["ok"]:
+        raise StoreCorrupt(
+            f"{path} is damaged ({'; '.join(problems)}): restore it from a backup, or run "
+            "`fleetd reset-state` to archive it and start empty",
+            path=path,
+        )
+
+
+def _unreadable(path: str, error: Exception) -> StoreCorrupt:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return StoreCorrupt(
+        f"cannot open {path} as a store: {reason}. Restore it from a backup, or run "
+        "`fleetd reset-state` to archive it and start empty",
+        path=path,
+    )
+
+
 def _migrate(connection: sqlite3.Connection, path: str) -> None:
     """Brings the schema up to date, or refuses a database written by a newer fleetd."""
     (version,) = connection.execute("PRAGMA user_version").fetchone()
@@ -619,6 +761,8 @@ class SQLiteStore(Store):
         path: the database file; its directory must exist.
         clock: the monotonic clock that lease deadlines are measured on.
         history: how many revisions of events are kept for watches that resume.
+        watermark: the state directory's watermark: the store opens only if it is the store
+            the watermark describes, at or past its revision, and keeps it up to date.
     """
 
     def __init__(
@@ -627,10 +771,12 @@ class SQLiteStore(Store):
         *,
         clock: Callable[[], float] = time.monotonic,
         history: int = HISTORY,
+        watermark: Watermark | None = None,
     ) -> None:
         self._path = os.fspath(path)
         self._clock = clock
         self._history = history
+        self._watermark = watermark
         self._limiter = anyio.CapacityLimiter(1)
         self._queue: list[_Job[Any]] = []
         self._queued_done = anyio.Event()
@@ -672,7 +818,9 @@ class SQLiteStore(Store):
         """Opens the database, then serves until cancelled; ready once the database is open."""
         try:
             with anyio.CancelScope(shield=True):
-                database = await self._in_thread(_Database.open, self._path, self._history)
+                database = await self._in_thread(
+                    _Database.open, self._path, self._history, self._watermark
+                )
             try:
                 await self._serve(database, task_status)
             finally:

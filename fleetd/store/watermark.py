@@ -1,0 +1,187 @@
+"""The store's watermark: which store a state directory holds, and the highest revision that
+store ever acknowledged, kept in a file of its own beside the store.
+
+A store's files can go missing or backwards without SQLite noticing: deleted or emptied, its
+WAL removed after a crash, an older copy restored. Opened again, what is left looks like a
+store that simply has less in it, so fleetd would list no leases and grant fencing tokens it
+had granted before. The watermark is written after every commit and before any answer, so it
+never holds a revision ahead of the store's acknowledged writes and never falls behind them:
+at start-up `check_continuity` tells a new state directory from one whose store was lost,
+replaced or rolled back, and a reset starts the revisions above the watermark, so tokens
+never repeat.
+
+The file is 4 KiB written once, then updated in place: two 64-byte slots written in turn
+(pwrite, fdatasync; no block is allocated, so a full disk cannot fail it), each with a
+sequence number and a CRC. A write torn by a crash loses only the slot being written; the
+other still holds a revision no greater than the store's.
+"""
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import Enum
+
+from fleetd.dirs import PrivateDir
+from protocol.errors import StateLost, StoreCorrupt
+
+MAGIC = b"FLEETWM1"
+_SLOT = struct.Struct("<8sqQQ")
+"""magic, store id, revision, sequence; then a CRC32 of those bytes."""
+_CRC = struct.Struct("<I")
+SLOT_SIZE = 64
+FILE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    store_id: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreIdentity:
+    """What the store says of itself. `watermarked`: a watermark was written for it."""
+
+    store_id: int
+    revision: int
+    watermarked: bool
+
+
+class Continuity(Enum):
+    OK = "ok"
+    NEW = "new"
+    """No watermark and no store: a new state directory."""
+    ADOPT = "adopt"
+    """A store no watermark was ever written for (by a fleetd before watermarks)."""
+
+
+def check_continuity(
+    mark: Mark | None, found: StoreIdentity | None, *, store: str, watermark: str
+) -> Continuity:
+    """Whether the store found is the one the watermark describes, at or past its revision;
+    raises StateLost saying what went wrong and what to do. `store` and `watermark` are the
+    files' paths, for the message."""
+    if mark is None:
+        if found is None:
+            return Continuity.NEW
+        if not found.watermarked:
+            return Continuity.ADOPT
+        raise StateLost(
+            f"{watermark} is missing, but {store} had one: the state directory lost a file. "
+            f"Restore {watermark}, or run `fleetd reset-state --keep-store` to go on with "
+            "this store"
+        )
+    if found is None:
+        raise StateLost(
+            f"{store} is missing or empty, but {watermark} says store {mark.store_id:x} "
+            f"reached revision {mark.revision}: the store was lost. Restore it (with its "
+            "-wal file) from a backup, or run `fleetd reset-state` to archive what is left "
+            "and start empty"
+        )
+    if found.store_id != mark.store_id:
+        raise StateLost(
+            f"{store} is store {found.store_id:x}, not store {mark.store_id:x} that this "
+            "state directory holds: it was replaced. Put the right one back, or run "
+            "`fleetd reset-state --keep-store` to adopt this one"
+        )
+    if found.revision < mark.revision:
+        raise StateLost(
+            f"{store} is at revision {found.revision}, but it acknowledged revision "
+            f"{mark.revision}: it was rolled back (an older copy, or its -wal file lost). "
+            "Restore the newer copy, or run `fleetd reset-state --keep-store` to go on from "
+            f"this one (revisions and fencing tokens continue above {mark.revision})"
+        )
+    return Continuity.OK
+
+
+def encode_slot(mark: Mark, sequence: int) -> bytes:
+    body = _SLOT.pack(MAGIC, mark.store_id, mark.revision, sequence)
+    return (body + _CRC.pack(zlib.crc32(body))).ljust(SLOT_SIZE, b"\0")
+
+
+def decode_slot(data: bytes) -> tuple[Mark, int] | None:
+    """The mark and sequence of a slot, or None when it is blank or torn."""
+    body = data[: _SLOT.size]
+    if len(data) < _SLOT.size + _CRC.size or body[:8] != MAGIC:
+        return None
+    (crc,) = _CRC.unpack_from(data, _SLOT.size)
+    if crc != zlib.crc32(body):
+        return None
+    _, store_id, revision, sequence = _SLOT.unpack(body)
+    return Mark(store_id, revision), sequence
+
+
+def latest(data: bytes) -> tuple[Mark, int] | None:
+    """The valid slot with the highest sequence."""
+    slots = [decode_slot(data[i : i + SLOT_SIZE]) for i in (0, SLOT_SIZE)]
+    valid = [slot for slot in slots if slot is not None]
+    return max(valid, key=lambda slot: slot[1]) if valid else None
+
+
+class Watermark:
+    """The watermark file `name` in `directory`; `read` it, then `create` or `open` it and
+    `advance` it after each commit. Not thread-safe: the store's database thread owns it."""
+
+    def __init__(self, directory: PrivateDir, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.path = directory.join(name)
+        self._fd = -1
+        self._sequence = 0
+        self._mark: Mark | None = None
+
+    def read(self) -> Mark | None:
+        """The mark, or None when there is no file; StoreCorrupt when neither slot is valid."""
+        if self.directory.entry(self.name) is None:
+            return None
+        found = latest(self.directory.read_file(self.name, FILE_SIZE))
+        if found is None:
+            raise StoreCorrupt(
+                f"{self.path} is damaged: restore it, or run `fleetd reset-state --keep-store`",
+                path=self.path,
+            )
+        return found[0]
+
+    def create(self, mark: Mark) -> None:
+        """Write a new file (durably: its directory entry too) and keep it open."""
+        self.directory.write_atomically(
+            self.name, encode_slot(mark, 1).ljust(FILE_SIZE, b"\0"), durable=True
+        )
+        self.open()
+
+    def open(self) -> None:
+        self._fd = self.directory.open_file(self.name, os.O_RDWR)
+        found = latest(os.pread(self._fd, FILE_SIZE, 0))
+        if found is None:
+            raise StoreCorrupt(f"{self.path} is damaged", path=self.path)
+        self._mark, self._sequence = found
+
+    @property
+    def mark(self) -> Mark | None:
+        return self._mark
+
+    def advance(self, revision: int) -> None:
+        """Record `revision` durably (no-op unless it is higher than the mark)."""
+        mark = self._mark
+        if mark is None or revision <= mark.revision:
+            return
+        mark = Mark(mark.store_id, revision)
+        self._sequence += 1
+        slot = encode_slot(mark, self._sequence)
+        offset = (self._sequence % 2) * SLOT_SIZE
+        _write_all_at(self._fd, slot, offset)
+        os.fdatasync(self._fd)
+        self._mark = mark
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
