@@ -522,13 +522,13 @@ def _sweep(state: PrivateDir, explained: dict[tuple[str, ...], ClaimState]) -> _
     record explains to quarantine/<UTC time>/, keeping its place (files/KEY,
     inbox/OWNER/KEY). A link, or anything but a file, is moved as it is, never followed."""
     swept = _Swept()
-    with _existing(state, (STAGING,)) as staging:
-        if staging is not None:
-            for name in staging.names():
-                staging.remove_tree(name)
-                swept.removed.append(staging.join(name))
     quarantine = _Quarantine(state)
     try:
+        with _existing(state, (STAGING,), quarantine) as staging:
+            if staging is not None:
+                for name in staging.names():
+                    staging.remove_tree(name)
+                    swept.removed.append(staging.join(name))
         _sweep_files(state, (FILES,), explained, swept, quarantine)
         with _existing(state, (INBOX,), quarantine) as inbox:
             owners = inbox.names() if inbox is not None else []
@@ -565,18 +565,17 @@ def _sweep_files(
 
 @contextmanager
 def _existing(
-    state: PrivateDir, where: tuple[str, ...], quarantine: "_Quarantine | None" = None
+    state: PrivateDir, where: tuple[str, ...], quarantine: "_Quarantine"
 ) -> Iterator[PrivateDir | None]:
-    """The directory at `where`, or None when there is none; with a `quarantine`, an entry
-    there that is not a directory of ours (a link) is moved to it and None is returned."""
+    """The directory at `where`, or None when there is none; an entry there that is not a
+    directory of ours (a link) is moved to the quarantine, and None is returned."""
     with _parent_of(state, where, create=False) as parent:
         try:
             directory = parent.subdir(where[-1], create=False)
         except FileNotFoundError:
             directory = None
-        except UnsafePath:
-            if quarantine is None:
-                raise
+        except UnsafePath as exc:
+            log.warning("claims_directory_refused", reason=exc.message)
             quarantine.take(parent, where)
             directory = None
         if directory is None:

@@ -8,7 +8,8 @@ RestartPreventExitStatus):
     65  EX_DATAERR     the store was lost, rolled back, replaced or cannot be read
     70  EX_SOFTWARE    a bug (the traceback is logged at debug level)
     73  EX_CANTCREAT   a directory or the socket cannot be made
-    75  EX_TEMPFAIL    another fleetd holds the lock (or holders of an old state still run)
+    75  EX_TEMPFAIL    another fleetd holds the lock (or holders of an old state still run),
+                       or the store's disk is too full to open it
     77  EX_NOPERM      a path is a symbolic link, another user's, or writable by others
     78  EX_CONFIG      anything else about the configuration (a socket path too long...)
 """
@@ -32,6 +33,7 @@ from protocol.errors import (
     StartupError,
     StateLost,
     StoreCorrupt,
+    StoreFull,
     UnsafePath,
 )
 from protocol.paths import control_socket_path, state_dir_path
@@ -42,6 +44,7 @@ _EXIT_STATUS: tuple[tuple[type[FleetError], int], ...] = (
     (StateLost, EX_DATAERR),
     (StoreCorrupt, EX_DATAERR),
     (AlreadyRunning, EX_TEMPFAIL),
+    (StoreFull, EX_TEMPFAIL),
     (UnsafePath, EX_NOPERM),
     (StartupError, EX_CONFIG),
 )

@@ -168,6 +168,18 @@ def fleetctl(
     )
 
 
+def run_fleetd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`fleetd ARGS` to its end (a refusal to start, a reset-state): what a shell sees."""
+    return subprocess.run(
+        [*FLEETD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 @contextmanager
 def running_fleetd(root: str, **extra_env: str) -> Iterator[Fleetd]:
     daemon = Fleetd(root, extra_env=extra_env).start()
@@ -215,3 +227,17 @@ def kill_holders(daemon: Fleetd) -> None:
         if not wait_gone(pid, 10.0):
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def mount_tmpfs(path: str, size: str) -> bool:
+    """Make `path` a small tmpfs of its own (to fill a real disk); False where that needs
+    privileges this run does not have. Unmount it with `umount -l`."""
+    if os.geteuid() != 0:
+        return False
+    os.makedirs(path)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+        capture_output=True,
+        check=False,
+    )
+    return mounted.returncode == 0

@@ -32,7 +32,7 @@ from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
 from protocol.errors import FleetError, InvalidRequest, StoreFull
 from protocol.outcomes import Outcome
-from tests.processes import FLEETCTL, Fleetd, running_fleetd
+from tests.processes import FLEETCTL, Fleetd, mount_tmpfs, running_fleetd
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "claims")
 UPDATE = os.environ.get("FLEET_UPDATE_GOLDEN") == "1"
@@ -351,21 +351,9 @@ def test_claims_is_hidden_from_help() -> None:
     assert "lease" in commands and "gc" in commands and "claims" not in commands
 
 
-def _mount_tmpfs(path: str, size: str) -> bool:
-    if os.geteuid() != 0:
-        return False
-    os.makedirs(path)
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
-        capture_output=True,
-        check=False,
-    )
-    return mounted.returncode == 0
-
-
 def test_full_disk_on_a_small_tmpfs_is_an_error_envelope(tempdir: str) -> None:
     daemon = Fleetd(tempdir)
-    if not _mount_tmpfs(daemon.state_dir, "1m"):
+    if not mount_tmpfs(daemon.state_dir, "1m"):
         pytest.skip("needs root and tmpfs to fill a real disk")
     try:
         daemon.start()

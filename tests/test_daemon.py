@@ -1,5 +1,6 @@
 """fleetd as a process: start, answer, refuse a twin, stop cleanly."""
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import anyio
 import fleetctl
 from protocol.framing import decode_response, encode
 from protocol.messages import Ping
-from tests.processes import Fleetd, wait_ready
+from tests.processes import Fleetd, run_fleetd, wait_ready
 from tests.processes import fleetctl as run_fleetctl
 
 
@@ -167,21 +168,10 @@ def test_ready_status_names_the_socket(fleetd: Fleetd) -> None:
     assert f"STATUS=serving {fleetd.socket_path}".encode() in fleetd.ready_message.split(b"\n")
 
 
-def run_fleetd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fleetd", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def test_store_newer_than_fleetd_is_refused_and_no_socket_is_left(tempdir: str) -> None:
     daemon = Fleetd(tempdir)
     os.mkdir(daemon.state_dir)
-    with sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db")) as db:
+    with contextlib.closing(sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db"))) as db:
         db.execute("PRAGMA user_version = 99")
     refused = run_fleetd(daemon.env)
     assert refused.returncode == 78

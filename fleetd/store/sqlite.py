@@ -21,6 +21,7 @@ watermark after each commit, before the batch is answered. A file that SQLite ca
 database is refused with StoreCorrupt, never opened as a new one.
 """
 
+import errno
 import heapq
 import math
 import operator
@@ -71,6 +72,7 @@ from fleetd.store.watermark import (
 )
 from protocol.errors import (
     Absent,
+    AlreadyRunning,
     Compacted,
     FleetError,
     Incompatible,
@@ -170,7 +172,22 @@ def _compacted(revision: int, compact_revision: int) -> Compacted:
 
 
 def _is_full(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(error, sqlite3.Error) and error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL
+
+
+_IN_USE = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _disk_full_under(path: str) -> bool:
+    """SQLite reports a -wal file it could not create on a full disk as an I/O error: ask
+    the file system whether a page would still fit."""
+    try:
+        found = os.statvfs(os.path.dirname(path) or ".")
+    except OSError:
+        return False
+    return found.f_bavail * found.f_frsize < 65536
 
 
 def _translate(error: Exception) -> FleetError:
@@ -330,12 +347,11 @@ class _Database:
         except (OSError, sqlite3.Error) as exc:
             raise _unreadable(path, exc) from None
         try:
+            connection.execute("PRAGMA locking_mode = EXCLUSIVE")  # before the first read
             if mark is not None and _schema_version(connection) == 0:
                 _judge(mark, None, path, watermark)
+            _use_wal_mode(connection, path)
             _migrate(connection, path)
-            if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-                raise Internal(f"{path}: SQLite refused WAL mode")
-            connection.execute("PRAGMA synchronous = FULL")
             _check_integrity(connection, path)
             database = cls(connection, history)
             if watermark is not None:
@@ -620,6 +636,15 @@ def peek_revision(path: str) -> int | None:
     return int(row[0]) if row else None
 
 
+def _use_wal_mode(connection: sqlite3.Connection, path: str) -> None:
+    """WAL and durable commits. The connection holds an exclusive lock (fleetd is the store's
+    only user: it holds the state directory's lock too), so the WAL index lives in memory,
+    not in a -shm file that a full disk could keep fleetd from creating at start-up."""
+    if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+        raise Internal(f"{path}: SQLite refused WAL mode")
+    connection.execute("PRAGMA synchronous = FULL")
+
+
 def _has_content(path: str) -> bool:
     try:
         return os.stat(path).st_size > 0
@@ -650,7 +675,18 @@ def _check_integrity(connection: sqlite3.Connection, path: str) -> None:
         )
 
 
-def _unreadable(path: str, error: Exception) -> StoreCorrupt:
+def _unreadable(path: str, error: Exception) -> FleetError:
+    if isinstance(error, sqlite3.Error) and error.sqlite_errorcode & 0xFF in _IN_USE:
+        return AlreadyRunning(
+            f"another process has {path} open ({error}): fleetd must be its only user",
+            path=path,
+        )
+    if _is_full(error) or _disk_full_under(path):
+        return StoreFull(
+            f"cannot open {path}: the disk holding it is full; free some space and start "
+            "fleetd again",
+            path=path,
+        )
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return StoreCorrupt(
         f"cannot open {path} as a store: {reason}. Restore it from a backup, or run "

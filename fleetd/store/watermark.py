@@ -50,10 +50,9 @@ class StoreIdentity:
 
 class Continuity(Enum):
     OK = "ok"
-    NEW = "new"
-    """No watermark and no store: a new state directory."""
     ADOPT = "adopt"
-    """A store no watermark was ever written for (by a fleetd before watermarks)."""
+    """No watermark was ever written for this store: a new state directory, or a store of a
+    fleetd from before watermarks. Write one."""
 
 
 def check_continuity(
@@ -63,9 +62,7 @@ def check_continuity(
     raises StateLost saying what went wrong and what to do. `store` and `watermark` are the
     files' paths, for the message."""
     if mark is None:
-        if found is None:
-            return Continuity.NEW
-        if not found.watermarked:
+        if found is None or not found.watermarked:
             return Continuity.ADOPT
         raise StateLost(
             f"{watermark} is missing, but {store} had one: the state directory lost a file. "
