@@ -226,7 +226,28 @@ class _Connection:
                 "unavailable",
                 f"no fleetd at {self.path}: {exc.strerror or exc}",
             ) from None
+        try:
+            self._check_peer()
+        except _Failure:
+            self.sock.close()
+            raise
         return self
+
+    def _check_peer(self) -> None:
+        """fleetctl._peer.check_peer, repeated here with the same message because that module
+        imports struct and protocol.errors (typing): who listens must run as our uid or root.
+        struct ucred is {pid_t pid; uid_t uid; gid_t gid} in native byte order."""
+        cred = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        pid = int.from_bytes(cred[0:4], sys.byteorder, signed=True)
+        uid = int.from_bytes(cred[4:8], sys.byteorder)
+        me = os.getuid()
+        if uid not in (me, 0):
+            raise _Failure(
+                "error",
+                "permission_denied",
+                f"refusing fleetd at {self.path}: it runs as uid {uid} (pid {pid}), "
+                f"not as you (uid {me}) or root",
+            )
 
     def __exit__(self, *_: object) -> None:
         self.sock.close()

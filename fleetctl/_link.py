@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar, cast
 
-from protocol.errors import ConnectionLost
+from fleetctl._peer import check_peer
+from protocol.errors import ConnectionLost, PermissionDenied
 
 T = TypeVar("T")
 
@@ -57,33 +58,62 @@ class Poller:
 
 class SocketLink(asyncio.Protocol):
     """Hands every chunk received to `on_data`, in order, and the end of the connection to
-    `on_lost` once, whoever ended it. After each send the loop polls a moment for the answer."""
+    `on_lost` once, whoever ended it. After each send the loop polls a moment for the answer.
 
-    def __init__(self, on_data: Callable[[bytes], None], on_lost: Callable[[], None]) -> None:
+    Who listens is checked as the connection is made, before the loop reads or anything is
+    sent (fleetctl._peer): a peer of another user is cut off unheard, and `open` raises."""
+
+    def __init__(
+        self,
+        on_data: Callable[[bytes], None],
+        on_lost: Callable[[], None],
+        path: str,
+        peer: str,
+    ) -> None:
         self._on_data = on_data
         self._on_lost = on_lost
+        self._path = path
+        self._peer = peer
         self._transport: asyncio.WriteTransport | None = None
+        self._refused: PermissionDenied | None = None
         self._poller = Poller()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @classmethod
     async def open(
-        cls, path: str, on_data: Callable[[bytes], None], on_lost: Callable[[], None]
+        cls,
+        path: str,
+        on_data: Callable[[bytes], None],
+        on_lost: Callable[[], None],
+        *,
+        peer: str = "fleetd",
     ) -> "SocketLink":
-        """Raises OSError when nothing listens at `path`."""
+        """Raises OSError when nothing listens at `path`, PermissionDenied when another user's
+        process does (`peer` names it in the message)."""
         loop = asyncio.get_running_loop()
-        _, link = await loop.create_unix_connection(lambda: cls(on_data, on_lost), path)
+        _, link = await loop.create_unix_connection(lambda: cls(on_data, on_lost, path, peer), path)
+        if link._refused is not None:
+            await asyncio.shield(link._closed)  # the socket is closed when this raises
+            raise link._refused
         return link
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.WriteTransport, transport)  # uvloop's subclasses none
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's subclasses none
+        try:
+            check_peer(writer.get_extra_info("socket"), self._path, self._peer)
+        except PermissionDenied as refused:
+            self._refused = refused
+            writer.abort()  # asyncio and uvloop both let connection_made abort: no reads
+            return
+        self._transport = writer
 
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed.set_result(None)
-        self._on_lost()
+        if self._refused is None:  # a refused link was never opened, as its caller sees it
+            self._on_lost()
 
     def send(self, data: bytes) -> None:
         """Queue `data` whole behind what was sent before; the loop writes what the socket

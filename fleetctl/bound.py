@@ -20,7 +20,6 @@ portal), so both forms behave alike.
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -466,15 +465,14 @@ class SyncCluster:
             raise
 
     def _connect(self) -> BlockingLink:
-        """To any member socket still open (a stopped member's socket is gone)."""
+        """To any member socket still open (a stopped member's socket is gone). Raises
+        PermissionDenied at once if another user's process listens at one."""
         for member in self.cluster.members:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            path = member_socket_path(self.cluster.runtime_dir, member)
             try:
-                sock.connect(member_socket_path(self.cluster.runtime_dir, member))
+                return BlockingLink.open(path, self.cluster.timeout, peer="the holder")
             except OSError:
-                sock.close()
                 continue
-            return BlockingLink(sock, peer="the holder")
         raise ConnectionLost(f"no member socket of cluster {self.name!r} is open")
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from fleetctl._conversation import decode_result
+from fleetctl._peer import check_peer
 from protocol import MAX_FRAME
 from protocol.clusters import LogPaths
 from protocol.framing import FrameSplitter, decode_response, encode
@@ -201,16 +202,21 @@ class MemberPresence:
         return self._sock is not None
 
     def open(self) -> None:
-        """Connect and watch; a socket that is gone or refuses means the member is not served."""
+        """Connect and watch; a socket that is gone or refuses means the member is not served.
+        Raises PermissionDenied if another user's process listens there (fleetctl._peer)."""
         if not self.socket_path:
             return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.socket_path)
+            check_peer(sock, self.socket_path, "the holder")
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             self.present = False
             return
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
         self._watch_id = self._send(Watch)
 

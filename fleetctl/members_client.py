@@ -53,10 +53,11 @@ class MemberLink:
         on_push: Callable[[MemberStatus], None] | None = None,
         on_failure: Callable[[], None] | None = None,
     ) -> "MemberLink":
-        """Raises ConnectionLost when no holder listens at `path`."""
+        """Raises ConnectionLost when no holder listens at `path`, PermissionDenied when
+        another user's process does (the holder must run as this process's uid, or root)."""
         link = cls(on_push=on_push, on_failure=on_failure)
         try:
-            link._socket = await SocketLink.open(path, link._data, link._ended)
+            link._socket = await SocketLink.open(path, link._data, link._ended, peer="the holder")
         except OSError as exc:
             raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
         return link

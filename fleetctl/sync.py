@@ -18,6 +18,7 @@ from fleetctl._conversation import (
     unavailable,
 )
 from fleetctl._link import POLL_SECONDS
+from fleetctl._peer import check_peer
 from protocol import PROTOCOL_VERSION
 from protocol.claims import (
     ClaimAcquire,
@@ -84,7 +85,24 @@ class BlockingLink:
     blocking mode, set only when they change: Python's own socket timeouts poll before every
     receive, which cost a third of a small request's round trip."""
 
+    @classmethod
+    def open(cls, path: str, timeout: float, *, peer: str = "fleetd") -> "BlockingLink":
+        """Connect to `path` within `timeout` seconds, and check who listens (fleetctl._peer)
+        before anything is sent. Raises OSError when nothing listens (TimeoutError when the
+        connect takes too long), PermissionDenied when another user's process does (`peer`
+        names it in the message)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            check_peer(sock, path, peer)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, peer=peer)
+
     def __init__(self, sock: socket.socket, *, peer: str = "fleetd") -> None:
+        """Over `sock`, connected to a peer already checked (`open` does both)."""
         sock.settimeout(None)
         self._sock = sock
         self._conversation = Conversation(peer=peer)
@@ -159,17 +177,12 @@ class SyncClient:
         problem = socket_path_problem(self.socket_path)
         if problem:
             raise Unavailable(problem)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
-            sock.connect(self.socket_path)
+            self._link = BlockingLink.open(self.socket_path, self.timeout)
         except TimeoutError:
-            sock.close()
             raise Timeout(f"connecting to {self.socket_path} took over {self.timeout}s") from None
         except OSError as exc:
-            sock.close()
             raise unavailable(self.socket_path, exc) from None
-        self._link = BlockingLink(sock)
         try:
             hello = self.request(Hello, HelloResult, version=PROTOCOL_VERSION, client="fleetctl")
             self.server = check_server_version(hello)

@@ -91,6 +91,7 @@ from protocol.errors import (
     FleetError,
     InvalidRequest,
     MemberFailed,
+    PermissionDenied,
     StoreFull,
     Timeout,
     UnsafePath,
@@ -599,7 +600,8 @@ class HolderRegistry:
 
     async def _connect(self, held: Held) -> bool:
         """A watch over the first member socket that answers (any socket serves every member,
-        and the connection outlives its member); False when none does."""
+        and the connection outlives its member); False when none does. A socket where
+        another user's process listens is passed over, unspoken to."""
         for name in sorted(held.specs, key=lambda n: n not in held.statuses):
             try:
                 link = await MemberLink.connect(
@@ -607,6 +609,9 @@ class HolderRegistry:
                     on_push=functools.partial(self._pushed, held),
                 )
             except ConnectionLost:
+                continue
+            except PermissionDenied as refused:
+                log.warning("holder_socket_refused", cluster=held.name, error=refused.message)
                 continue
             try:
                 snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)

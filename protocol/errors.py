@@ -137,7 +137,9 @@ class ClientClosed(FleetError):
 
 
 class PermissionDenied(FleetError):
-    """The peer runs as another user; only the daemon's own user and root may connect."""
+    """The peer runs as another user. fleetd serves only its own user and root; a client
+    speaks only to a fleetd (or holder) of its own user or root, and refuses any other before
+    sending it anything."""
 
     code = "permission_denied"
 
