@@ -25,6 +25,7 @@ to finish); reads and heartbeats never wait for it.
 
 import heapq
 import itertools
+import os
 import time
 import uuid
 from collections import deque
@@ -713,8 +714,18 @@ def _dead(entry: Entry) -> bool:
 
 
 def _identify(pid: int, peer: Peer) -> Identity:
-    """The identity of the process a lease binds to: the peer, or an ancestor it names."""
+    """The identity of the process a lease binds to: the peer, or an ancestor it names. Never
+    init nor fleetd: every process descends from init, and neither ever exits, so a lease
+    bound to one would never lose its holder."""
     target = pid or peer.pid
+    if target in (1, os.getpid()):
+        what = "init (pid 1)" if target == 1 else f"fleetd itself (pid {target})"
+        raise InvalidRequest(
+            f"a lease cannot be bound to {what}: it would outlive every holder; bind it to "
+            "the process that uses the lease (fleetctl lease acquire binds to its parent, so "
+            "run it from that process, or run the work under fleetctl coord-run)",
+            pid=target,
+        )
     if pid and not proc.is_ancestor_or_self(pid, peer.pid):
         raise InvalidRequest(
             f"pid {pid} is neither the caller ({peer.pid}) nor one of its ancestors", pid=pid

@@ -69,6 +69,7 @@ def check_ready(ready: object) -> str:
     if ready in ("tcp", "notify", "none"):
         return str(ready)
     if isinstance(ready, str) and ready.startswith("unix:") and len(ready) > len("unix:"):
+        check_path(ready[len("unix:") :], "ready unix:PATH")
         return ready
     if isinstance(ready, str) and ready.startswith("log:") and len(ready) > len("log:"):
         try:
@@ -109,6 +110,15 @@ def check_argv(argv: object, key: str) -> list[str]:
     return list(argv)
 
 
+def check_path(path: object, key: str) -> str:
+    """A path the kernel will be given: a non-empty string without NUL bytes."""
+    if not isinstance(path, str) or not path:
+        raise InvalidRequest(f"{key} must be a non-empty path")
+    if "\0" in path:
+        raise InvalidRequest(f"{key} must not contain a NUL byte: {path[:100]!r}")
+    return path
+
+
 def check_env(env: object) -> dict[str, str]:
     if not isinstance(env, Mapping):
         raise InvalidRequest("env must be a table of names to strings")
@@ -142,6 +152,8 @@ class MemberSpec(Message, frozen=True):
         check_name(self.name)
         check_argv(self.command, "command")
         check_ready(self.ready)
+        if self.cwd is not None:
+            check_path(self.cwd, "cwd")
         check_restart(self.restart)
         check_env(self.env)
         check_signal(self.stop_signal)
@@ -276,7 +288,9 @@ def _build_member(key: str, document: Mapping[str, Any]) -> MemberSpec:
         ready=checked("ready", check_ready, table.ready),
         restart=checked("restart", check_restart, table.restart),
         env=checked("env", check_env, table.env),
-        cwd=table.cwd,
+        cwd=None
+        if table.cwd is None
+        else checked("cwd", lambda v: check_path(v, "cwd"), table.cwd),
         stop_signal=checked("stop_signal", check_signal, table.stop_signal),
         stop_timeout=checked("stop_timeout", parse_duration, table.stop_timeout),
         start_timeout=checked("start_timeout", parse_duration, table.start_timeout),

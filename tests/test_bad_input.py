@@ -219,6 +219,27 @@ def test_wrong_type_is_invalid_request_and_the_connection_stays_usable(
     assert_still_serving(fleetd)
 
 
+@pytest.mark.parametrize(
+    ("member", "field"),
+    [
+        ('"cwd":"/tmp/a\\u0000b"', "cwd must not contain a NUL byte"),
+        ('"env":{"A":"a\\u0000"}', "environment variable A must be a string without NUL"),
+        ('"ready":"unix:/run/\\u0000.sock"', "ready unix:PATH must not contain a NUL byte"),
+    ],
+    ids=["cwd", "env", "ready-unix"],
+)
+def test_a_nul_byte_bound_for_the_kernel_is_refused_naming_its_field(
+    fleetd: Fleetd, member: str, field: str
+) -> None:
+    spec = f'{{"name":"c","members":[{{"name":"m","command":["true"],{member}}}]}}'
+    with raw(fleetd) as sock:
+        answer = ask(sock, f'{{"op":"cluster_up","id":5,"spec":{spec}}}\n'.encode())
+        assert error_of(answer) == (5, "invalid_request")
+        assert field in answer["error"]["message"]  # type: ignore[index]
+    assert not os.path.exists(os.path.join(fleetd.root, "c", "c")), "nothing was started"
+    assert_still_serving(fleetd)
+
+
 def test_unknown_fields_are_ignored(fleetd: Fleetd) -> None:
     with raw(fleetd) as sock:
         answer = ask(sock, b'{"op":"version","id":1,"since":"v2","trace":{"a":[1,2]}}\n')

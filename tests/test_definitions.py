@@ -81,6 +81,11 @@ def test_an_unknown_top_level_table_is_reported_with_its_line() -> None:
         ('stop_signal = "SIGTERM"', "stop_signal", "invalid stop_signal 'SIGTERM'"),
         ("env = { A = 1 }", "env", "expected str, got int"),
         ("prepare = []", "prepare", "non-empty list"),
+        ('cwd = "/tmp/a\\u0000b"', "cwd", "cwd must not contain a NUL byte"),
+        ('cwd = ""', "cwd", "cwd must be a non-empty path"),
+        ('ready = "unix:/run/a\\u0000.sock"', "ready", "must not contain a NUL byte"),
+        ('env = { A = "a\\u0000b" }', "env", "without NUL"),
+        ('prepare = ["a\\u0000b"]', "prepare", "without NUL"),
     ],
 )
 def test_a_bad_value_is_reported_with_its_key_and_line(line: str, key: str, words: str) -> None:
@@ -201,6 +206,12 @@ def test_a_member_spec_validates_itself_when_built_in_code() -> None:
         MemberSpec(name="../etc", command=["x"])
     with pytest.raises(InvalidRequest, match="non-empty list"):
         MemberSpec(name="a", command=[])
+
+
+def test_a_nul_byte_on_the_wire_is_refused_naming_its_field() -> None:
+    bad = b'{"op":"addmember","id":4,"spec":{"name":"a","command":["x"],"cwd":"/a\\u0000"}}'
+    with pytest.raises(InvalidRequest, match="cwd must not contain a NUL byte"):
+        decode_member_request(bad)
 
 
 def test_member_requests_decode_and_a_bad_spec_is_an_invalid_request() -> None:

@@ -81,6 +81,7 @@ def test_contested_acquire_from_two_processes_has_one_winner(fleetd: Fleetd) -> 
         (["acquire", "x", "--owner", "a", "--ttl", "1000h"], 1, "invalid ttl"),
         (["acquire", "x", "--owner", "a", "--ttl", "soon"], 2, "not a duration"),
         (["acquire", "x"], 2, "Missing option '--owner'"),
+        (["acquire", "x", "--owner", "a", "--pid", "1"], 1, "cannot be bound to init (pid 1)"),
     ],
 )
 def test_bad_input_gets_an_error_envelope(
