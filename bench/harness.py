@@ -118,8 +118,11 @@ class Fleetd:
 
 
 @contextmanager
-def running_fleetd(ready_timeout: float = 15.0) -> Iterator[Fleetd]:
-    """Start `fleetd` in a fresh short /tmp directory and yield it once it has said READY=1.
+def running_fleetd(
+    ready_timeout: float = 15.0, command: Sequence[str] = (str(BIN / "fleetd"),)
+) -> Iterator[Fleetd]:
+    """Start `fleetd` (or `command`, a variant of it) in a fresh short /tmp directory and
+    yield it once it has said READY=1.
 
     The daemon is stopped and the directory removed however the block ends, KeyboardInterrupt
     included. fleetd runs in its own session, so a ^C reaches only us and we stop it in order.
@@ -138,7 +141,7 @@ def running_fleetd(ready_timeout: float = 15.0) -> Iterator[Fleetd]:
         }
         with open(os.path.join(root, "fleetd.log"), "wb") as log:
             process = subprocess.Popen(
-                [str(BIN / "fleetd")],
+                list(command),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

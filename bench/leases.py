@@ -5,6 +5,7 @@ Targets are for a 2-core machine, where fleetd and the benchmark each get about 
 """
 
 import socket
+import sys
 import threading
 import time
 
@@ -35,10 +36,17 @@ EXPIRING, EXPIRY_TTLS = 500, (0.3, 1.3)
 _UVLOOP = {"use_uvloop": True}
 
 
+UNWATERMARKED = (sys.executable, "-m", "bench.unwatermarked")
+"""fleetd with its watermark never written: the baseline of the watermark's cost."""
+
+
 def measure() -> list[Figure]:
+    with running_fleetd(command=UNWATERMARKED) as baseline:
+        unmarked = anyio.run(_pipelined_rate, baseline.socket_path, backend_options=_UVLOOP)
     with running_fleetd() as fleetd:
         figures = anyio.run(_round_trip, fleetd.socket_path, backend_options=_UVLOOP)
         figures += anyio.run(_pipelined, fleetd.socket_path, backend_options=_UVLOOP)
+        figures += _watermark_cost(figures[-1].value, unmarked)
         figures += _raw_pipelined(fleetd.socket_path)
         tokens = anyio.run(_acquire_live, fleetd.socket_path, backend_options=_UVLOOP)
         load = _HeartbeatLoad(fleetd.socket_path, tokens)
@@ -69,9 +77,9 @@ async def _round_trip(socket_path: str) -> list[Figure]:
     ]
 
 
-async def _pipelined(socket_path: str) -> list[Figure]:
+async def _pipelined_rate(socket_path: str) -> float:
     """IN_FLIGHT tasks over CONNECTIONS clients, each acquiring and releasing its own name."""
-    rate = await pairs_per_second(
+    return await pairs_per_second(
         socket_path,
         connections=CONNECTIONS,
         tasks=IN_FLIGHT,
@@ -79,6 +87,10 @@ async def _pipelined(socket_path: str) -> list[Figure]:
         warmup=RATE_WARMUP,
         seconds=RATE_SECONDS,
     )
+
+
+async def _pipelined(socket_path: str) -> list[Figure]:
+    rate = await _pipelined_rate(socket_path)
     return [
         Figure(
             "pipelined_lease_ops_per_s",
@@ -87,6 +99,25 @@ async def _pipelined(socket_path: str) -> list[Figure]:
             "ops/s",
             Target(10_000, upper=False),
         )
+    ]
+
+
+def _watermark_cost(marked: float, unmarked: float) -> list[Figure]:
+    """Every commit advances the watermark (a pwrite and an fdatasync) before it is answered:
+    the same pipelined load against a fleetd whose watermark is never written, in this run."""
+    return [
+        Figure(
+            "pipelined_lease_ops_per_s_unwatermarked",
+            "  the same, watermark never written",
+            unmarked,
+            "ops/s",
+        ),
+        Figure(
+            "watermark_cost_pct",
+            "  cost of the watermark",
+            (1 - marked / unmarked) * 100,
+            "%",
+        ),
     ]
 
 
