@@ -41,7 +41,7 @@ from anyio.abc import TaskStatus
 from fleetd import identity as proc
 from fleetd.dispatch import Peer
 from fleetd.store import Compare, Delete, Put, Store
-from protocol.errors import Compacted, Internal, InvalidRequest
+from protocol.errors import Compacted, Internal, InvalidRequest, StoreFull
 from protocol.leases import (
     MAX_WAIT,
     EventType,
@@ -78,6 +78,9 @@ EVENT_BUFFER = 100_000
 """Events kept for watchers that fall behind; an older cursor gets `compacted`."""
 
 EVENTS_PER_ANSWER = 1_000
+
+EXPIRY_RETRY = 1.0
+"""Seconds between tries of an expiry record a full disk kept from being written."""
 
 
 class StoredLease(msgspec.Struct, frozen=True, kw_only=True):
@@ -663,13 +666,22 @@ class LeaseManager:
             self._writers.start_soon(self._persist_expiry, entry)
 
     async def _persist_expiry(self, entry: Entry) -> None:
-        """Write an expiry decided in memory, unless the name moved on meanwhile."""
-        try:
-            async with self._exclusive(entry.name):
-                if self.table.get(entry.name) is entry:
-                    await self._write(entry, state="expired")
-        except Exception as exc:  # the record stays held on disk; a restart renews it
-            log.warning("lease_expiry_not_written", lease=entry.name, error=repr(exc))
+        """Write an expiry decided in memory, unless the name moved on meanwhile. A full disk
+        postpones the write (retried every EXPIRY_RETRY seconds until it lands or the name
+        moves on); any other failure leaves the record held on disk, which a restart renews
+        for its TTL, after which it expires again."""
+        while True:
+            try:
+                async with self._exclusive(entry.name):
+                    if self.table.get(entry.name) is entry:
+                        await self._write(entry, state="expired")
+                return
+            except StoreFull:
+                log.warning("lease_expiry_postponed", lease=entry.name, reason="disk full")
+                await anyio.sleep(EXPIRY_RETRY)
+            except Exception as exc:
+                log.warning("lease_expiry_not_written", lease=entry.name, error=repr(exc))
+                return
 
     async def _wait_for_timer(self) -> None:
         deadline = self.table.next_deadline()

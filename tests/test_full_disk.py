@@ -92,3 +92,22 @@ def test_start_up_on_a_full_disk_serves_reads(on_small_disk: Fleetd) -> None:
     code, envelope = _json("lease", "inspect", "build", env=env)
     assert (code, envelope["outcome"]) == (0, "ok")
     os.unlink(filler)
+
+
+def test_a_lease_expiring_on_a_full_disk_is_recorded_once_space_returns(
+    on_small_disk: Fleetd,
+) -> None:
+    daemon, env = on_small_disk, on_small_disk.env
+    code = fleetctl("lease", "acquire", "brief", "--owner", "a", "--ttl", "1s", env=env)
+    assert code.returncode == 0
+    filler = _fill(daemon.state_dir)
+    deadline = time.monotonic() + 10
+    while "lease_expiry_postponed" not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "lease_expiry_postponed" in daemon.log()
+    os.unlink(filler)
+    time.sleep(2.5)  # the retry lands
+    daemon.stop()
+    daemon.start()  # a record still `held` on disk would come back held, for its full TTL
+    _, envelope = _json("lease", "inspect", "brief", env=env)
+    assert envelope["lease"]["state"] == "expired"  # type: ignore[index]
