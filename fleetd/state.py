@@ -98,7 +98,13 @@ def reset_state(state_path: str, runtime_root: str, *, keep_store: bool) -> list
         floor, notes = _highest_revision(state, watermark)
         if not keep_store:
             notes.append(_archive(state))
-        mark = restart_from(state.join(STORE_FILE), watermark, floor)
+        try:
+            mark = restart_from(state.join(STORE_FILE), watermark, floor)
+        except StoreCorrupt as exc:
+            raise StoreCorrupt(
+                f"the store cannot be kept: {exc.message.split('. ')[0]}; run `fleetd "
+                "reset-state` without --keep-store to archive it and start empty"
+            ) from None
         notes.append(_restarted(mark, floor, keep_store))
         return notes
 

@@ -265,3 +265,26 @@ def test_a_damaged_watermark_is_one_line(stopped: Fleetd) -> None:
         f.write(b"\xff" * 128)
     code, stderr = _refused(stopped)
     assert code == EX_DATAERR and "is damaged" in _one_line(stderr)
+
+
+def test_reset_state_without_a_watermark_goes_by_the_store(tempdir: str) -> None:
+    daemon = Fleetd(tempdir).start()
+    try:
+        highest = _write_some(daemon, "a", "b", "c")
+        daemon.signal(signal.SIGKILL)  # the WAL holds these: the store must be read whole
+        daemon.wait()
+        os.unlink(os.path.join(daemon.state_dir, "fleet.watermark"))
+        reset = run_fleetd(daemon.env, "reset-state")
+        assert reset.returncode == 0, reset.stderr
+        daemon.start()
+        assert _write_some(daemon, "d") > highest
+    finally:
+        daemon.close()
+
+
+def test_reset_state_cannot_keep_a_store_it_cannot_read(stopped: Fleetd) -> None:
+    with open(_store(stopped), "r+b") as f:
+        f.write(b"this is not SQLite" * 6)
+    refused = run_fleetd(stopped.env, "reset-state", "--keep-store")
+    assert refused.returncode == EX_DATAERR
+    assert "without --keep-store" in _one_line(refused.stderr)

@@ -622,12 +622,15 @@ def restart_from(path: str, watermark: Watermark, floor: int) -> Mark:
 
 
 def peek_revision(path: str) -> int | None:
-    """The store's revision, read-only, or None when it cannot be read at all."""
+    """The store's revision, or None when it cannot be read at all. Opened as fleetd opens it
+    (a read-only connection cannot read a WAL whose index is gone), so call it only while
+    holding the state directory's lock."""
     if not _has_content(path):
         return None
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connection = sqlite3.connect(path)
         try:
+            connection.execute("PRAGMA locking_mode = EXCLUSIVE")
             row = connection.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
         finally:
             connection.close()
