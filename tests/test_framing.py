@@ -580,8 +580,9 @@ BRIEF_EXIT_CODES = {
 BRIEF_ERROR_EXITS = {
     "error": 1, "bad_frame": 1, "frame_too_large": 1, "unknown_op": 1, "invalid_request": 1,
     "unsupported": 1, "internal": 1, "no_space": 1, "already_running": 1, "closed": 1,
-    "permission_denied": 1, "not_owned": 10, "not_enabled": 10, "absent": 11, "contested": 12,
-    "timeout": 13, "unavailable": 14, "connection_lost": 14, "incompatible": 15,
+    "permission_denied": 1, "limit_exceeded": 1, "not_owned": 10, "not_enabled": 10,
+    "absent": 11, "contested": 12, "timeout": 13, "unavailable": 14, "connection_lost": 14,
+    "incompatible": 15,
 }  # fmt: skip
 """Each wire code and its exit code, from the tree in protocol/errors.py and the brief's table."""
 
