@@ -17,6 +17,7 @@ import structlog
 from anyio.abc import SocketListener
 
 from fleetd import systemd
+from fleetd.bounds import Limits
 from fleetd.claims import ClaimService
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.holders import HolderRegistry
@@ -215,7 +216,7 @@ class Daemon:
         self, daemon: anyio.abc.TaskGroup, listener: SocketListener, *, owns_socket_file: bool
     ) -> None:
         try:
-            server = ControlServer(self.dispatcher())
+            server = ControlServer(self.dispatcher(), limits=Limits.from_environ(os.environ))
             async with anyio.create_task_group() as serving:
                 await serving.start(server.serve, listener)
                 self._announce_ready(daemon)

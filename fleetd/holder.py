@@ -35,6 +35,7 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
+from fleetd.bounds import FrameBudget, Limits
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -55,7 +56,7 @@ from fleetd.server import (
     admit,
 )
 from fleetd.spawn import Spawner, become_subreaper
-from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest
 from protocol.framing import encode_response
@@ -198,9 +199,12 @@ class Holder:
         *,
         bind_pid: int | None = None,
         log_max_bytes: int = LOG_MAX_BYTES,
+        limits: Limits | None = None,
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
-        death (or whose acked connection's EOF) stops the cluster, in bound mode."""
+        death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
+        bound what each connection to a member socket may hold (fleetd.bounds), with one
+        budget of unfinished frames for them all."""
         self.spec = spec
         self.cluster = spec.name
         self.runtime_dir = os.path.abspath(runtime_dir)
@@ -224,6 +228,8 @@ class Holder:
         self._finished = anyio.Event()
         self._open: set[Connection] = set()
         self._poller = Poller()
+        self._limits = limits or Limits()
+        self._budget = FrameBudget(self._limits.partial_frame_budget)
         self._tasks: TaskGroup | None = None
         self._connections: TaskGroup | None = None
 
@@ -507,7 +513,12 @@ class Holder:
         async with anyio.create_task_group() as pushers:
             session = _Session(self, member, pushers)
             connection = session.connection = Connection(
-                stream, session.dispatcher(), peer, MAX_FRAME, self._poller
+                stream,
+                session.dispatcher(),
+                peer,
+                self._poller,
+                limits=self._limits,
+                budget=self._budget,
             )
             self._open.add(connection)
             try:
@@ -667,7 +678,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         become_subreaper()
         _raise_fd_limit()
-        holder = Holder(_load_spec(args.spec), args.dir, bind_pid=args.bind_pid)
+        holder = Holder(
+            _load_spec(args.spec),
+            args.dir,
+            bind_pid=args.bind_pid,
+            limits=Limits.from_environ(os.environ),
+        )
         anyio.run(
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
         )

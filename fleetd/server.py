@@ -1,7 +1,9 @@
 """The control socket: accepts connections, checks who they are, reads frames, writes answers.
 
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
-error frame and lose its own connection. Nothing escapes into the accept loop.
+error frame and lose its own connection. Nothing escapes into the accept loop. What a peer can
+make a server hold is bounded (fleetd.bounds): its unfinished frames against a budget shared by
+the server's connections, and its time stalled mid-frame.
 
 The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
 `accept_forever` (the accept loop) and `Connection` (frames in, answers out).
@@ -21,9 +23,9 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from fleetctl._link import Poller
+from fleetd.bounds import FrameBudget, Limits
 from fleetd.dispatch import Dispatcher, Peer, Pending
-from protocol import MAX_FRAME
-from protocol.errors import BadFrame, PermissionDenied
+from protocol.errors import BadFrame, FleetError, LimitExceeded, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
 from protocol.messages import Response
 
@@ -81,9 +83,10 @@ async def accept_forever(
 
 
 class ControlServer:
-    def __init__(self, dispatcher: Dispatcher, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, dispatcher: Dispatcher, *, limits: Limits | None = None) -> None:
         self._dispatcher = dispatcher
-        self._max_frame = max_frame
+        self._limits = limits or Limits()
+        self._budget = FrameBudget(self._limits.partial_frame_budget)
         self._poller = Poller()
         self._accepting = anyio.CancelScope()
         self._connections: set[Connection] = set()
@@ -117,7 +120,9 @@ class ControlServer:
         peer = await admit(stream)
         if peer is None:
             return
-        connection = Connection(stream, self._dispatcher, peer, self._max_frame, self._poller)
+        connection = Connection(
+            stream, self._dispatcher, peer, self._poller, limits=self._limits, budget=self._budget
+        )
         self._connections.add(connection)
         try:
             if self._accepting.cancel_called:
@@ -137,21 +142,31 @@ def _refusal(peer: Peer) -> Response:
 
 
 class Connection:
-    """One peer's conversation: frames in, answers out, many requests in flight."""
+    """One peer's conversation: frames in, answers out, many requests in flight.
+
+    `budget` is shared by every connection of one server: it holds their unfinished frames'
+    bytes. Only a connection mid-frame pays for the bounds' bookkeeping (a timer on its
+    receives, the budget's sums): whole frames pay nothing."""
 
     def __init__(
         self,
         stream: SocketStream,
         dispatcher: Dispatcher,
         peer: Peer,
-        max_frame: int,
         poller: Poller,
+        *,
+        limits: Limits,
+        budget: FrameBudget,
     ):
         self._stream = stream
         self._poller = poller
         self._dispatcher = dispatcher
         self._peer = peer
-        self._splitter = FrameSplitter(max_frame)
+        self._limits = limits
+        self._budget = budget
+        self._splitter = FrameSplitter(limits.max_frame)
+        self._held = 0
+        """Bytes of an unfinished frame charged to the budget: nonzero only mid-frame."""
         self._outbox = bytearray()
         """Answers encoded and not yet handed to the stream, in the order they go out."""
         self._writing = False
@@ -174,51 +189,83 @@ class Connection:
         self._receiving.cancel()
 
     async def _receive(self) -> bytes | None:
-        """The next chunk, or None at end of stream."""
+        """The next chunk, or None at end of stream. Mid-frame, raises LimitExceeded when the
+        peer sends nothing more for the frame idle timeout."""
         try:
-            return await self._stream.receive(_READ_SIZE)
+            if not self._held:
+                return await self._stream.receive(_READ_SIZE)
+            with anyio.move_on_after(self._limits.frame_idle_timeout):
+                return await self._stream.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             return None
+        timeout = self._limits.frame_idle_timeout
+        raise LimitExceeded(
+            f"{self._held} bytes of a frame and nothing more for {timeout:g}s: closing",
+            limit="frame_idle_timeout",
+            value=timeout,
+        )
 
     async def read_requests(self, in_flight: anyio.abc.TaskGroup) -> None:
         """Read and answer until end of stream or `stop_reading`; coroutine answers run in
         `in_flight`, which they leave once every request read is answered."""
         try:
-            await self._read(in_flight)
+            with self._receiving:
+                await self._read_until_end(in_flight)
         finally:
             self._reading = False
+            self._give_up_frame()
             while self._idle:
                 self._idle.pop().set()
 
-    async def _read(self, in_flight: anyio.abc.TaskGroup) -> None:
-        with self._receiving:
-            await self._read_until_end(in_flight)
-
     async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> None:
-        while (data := await self._receive()) is not None:
-            answered = len(self._outbox)
-            try:
+        try:
+            while (data := await self._receive()) is not None:
+                answered = len(self._outbox)
                 for frame in self._splitter.feed(data):
-                    self._answer(frame, in_flight)
-            except BadFrame as exc:
-                log.info("frame_refused", code=exc.code, reason=exc.message)
-                encode_response(error_response(None, exc.code, exc.message), self._outbox)
-                await self._flush()
-                return
-            if len(self._outbox) > answered:
-                await self._flush()
-            self._poller.poll_a_while()
+                    answer = self._dispatcher.handle(frame, self._peer)
+                    if isinstance(answer, Response):
+                        encode_response(answer, self._outbox)
+                    else:
+                        self._queue(answer, in_flight)
+                if self._held or self._splitter.pending:
+                    self._charge()
+                if len(self._outbox) > answered:
+                    await self._flush()
+                self._poller.poll_a_while()
+        except (BadFrame, LimitExceeded) as exc:
+            await self._refuse(exc)
 
-    def _answer(self, frame: bytes, in_flight: anyio.abc.TaskGroup) -> None:
-        answer = self._dispatcher.handle(frame, self._peer)
-        if isinstance(answer, Response):
-            encode_response(answer, self._outbox)
+    def _charge(self) -> None:
+        """Charge the budget for the unfinished frame's growth; raises LimitExceeded when that
+        takes the server's total past it."""
+        held, self._held = self._held, self._splitter.pending
+        if not self._budget.charge(held, self._held):
+            budget = self._budget.limit
+            raise LimitExceeded(
+                f"unfinished frames on this socket would pass their budget of {budget} bytes "
+                "(all connections together): retry once others are finished",
+                limit="partial_frame_budget",
+                value=budget,
+            )
+
+    def _give_up_frame(self) -> None:
+        self._budget.refund(self._held)
+        self._held = 0
+        self._splitter.discard()
+
+    async def _refuse(self, exc: FleetError) -> None:
+        """An error frame for the whole connection (no request id); nothing more is read."""
+        log.info("connection_refused", code=exc.code, reason=exc.message)
+        self._give_up_frame()
+        encode_response(error_response(None, exc.code, exc.message, **exc.details), self._outbox)
+        await self._flush()
+
+    def _queue(self, pending: Pending, in_flight: anyio.abc.TaskGroup) -> None:
+        self._waiting.append(pending)
+        if self._idle:
+            self._idle.pop().set()
         else:
-            self._waiting.append(answer)
-            if self._idle:
-                self._idle.pop().set()
-            else:
-                in_flight.start_soon(self._work)
+            in_flight.start_soon(self._work)
 
     async def _work(self) -> None:
         """A worker: answers waiting requests one at a time, then idles until handed more.

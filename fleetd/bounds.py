@@ -1,0 +1,69 @@
+"""Bounds on what one client can make a server hold: fleetd's control socket, and a holder's
+member sockets (both serve through fleetd.server.Connection). The README's "Bounds" states
+them for users.
+
+    frame size          MAX_FRAME per frame (protocol), else frame_too_large, then closed
+    unfinished frames   PARTIAL_FRAME_BUDGET bytes held for all connections of one server
+                        together; the connection that would go past it: limit_exceeded, closed
+    stalled mid-frame   FRAME_IDLE_TIMEOUT seconds with part of a frame and nothing more:
+                        limit_exceeded, closed (idle between frames is fine, for ever)
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from protocol import MAX_FRAME
+
+log = structlog.get_logger("fleetd.bounds")
+
+PARTIAL_FRAME_BUDGET = 32 << 20
+"""Bytes of unfinished frames one server holds for all its connections together: 32 frames of
+the largest size at once, while a well-behaved client's frames arrive whole in a read or two."""
+FRAME_IDLE_TIMEOUT = 10.0
+"""Seconds a connection may stay with part of a frame sent and nothing more."""
+FRAME_IDLE_TIMEOUT_ENV = "FLEET_FRAME_IDLE_TIMEOUT"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds one server's connections share (see the module docstring)."""
+
+    max_frame: int = MAX_FRAME
+    partial_frame_budget: int = PARTIAL_FRAME_BUDGET
+    frame_idle_timeout: float = FRAME_IDLE_TIMEOUT
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> "Limits":
+        """The defaults, but the idle timeout from $FLEET_FRAME_IDLE_TIMEOUT when it is a
+        positive number of seconds (tests shorten it; a bad value is logged and ignored)."""
+        text = environ.get(FRAME_IDLE_TIMEOUT_ENV, "")
+        if not text:
+            return cls()
+        try:
+            timeout = float(text)
+        except ValueError:
+            timeout = 0.0
+        if not 0 < timeout < float("inf"):
+            log.warning("frame_idle_timeout_ignored", value=text)
+            return cls()
+        return cls(frame_idle_timeout=timeout)
+
+
+class FrameBudget:
+    """Bytes every connection of one server holds in unfinished frames, against one limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def charge(self, before: int, after: int) -> bool:
+        """A connection's unfinished frame went from `before` to `after` bytes: whether the
+        total stays within the limit (a shrinking frame always does). Charged either way:
+        `refund` what the connection holds when it gives its frame up."""
+        self.held += after - before
+        return after <= before or self.held <= self.limit
+
+    def refund(self, held: int) -> None:
+        self.held -= held
