@@ -7,6 +7,12 @@ them for users.
                         together; the connection that would go past it: limit_exceeded, closed
     stalled mid-frame   FRAME_IDLE_TIMEOUT seconds with part of a frame and nothing more:
                         limit_exceeded, closed (idle between frames is fine, for ever)
+    waits               MAX_WAITS long polls outstanding per connection (lease watches and
+                        member waits; watches on a member socket); one more: that request
+                        alone gets limit_exceeded
+
+What a connection held goes when it ends: a peer that hung up, or was refused, has its long
+polls cancelled at once (nobody is left to read their answers).
 """
 
 from collections.abc import Mapping
@@ -24,11 +30,14 @@ the largest size at once, while a well-behaved client's frames arrive whole in a
 FRAME_IDLE_TIMEOUT = 10.0
 """Seconds a connection may stay with part of a frame sent and nothing more."""
 FRAME_IDLE_TIMEOUT_ENV = "FLEET_FRAME_IDLE_TIMEOUT"
+MAX_WAITS = 256
+"""Long polls (lease watches, member waits) outstanding on one connection."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The bounds one server's connections share (see the module docstring)."""
+    """The bounds one server's connections share (see the module docstring); the cap on waits
+    is the dispatcher's, which knows which requests are long polls."""
 
     max_frame: int = MAX_FRAME
     partial_frame_budget: int = PARTIAL_FRAME_BUDGET

@@ -144,11 +144,11 @@ class Daemon:
         dispatcher.register(LeaseRelease, self.leases.release)
         dispatcher.register(LeaseInspect, self.leases.inspect)
         dispatcher.register(LeaseListRequest, self.leases.list)
-        dispatcher.register(LeaseWatch, self.leases.watch, chatty=True)
+        dispatcher.register(LeaseWatch, self.leases.watch, chatty=True, waits=_watch_waits)
         dispatcher.register(ClusterUp, self.holders.up)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
-        dispatcher.register(MemberWait, self.holders.wait)
+        dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
         dispatcher.register(MemberStop, self.holders.stop)
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
@@ -248,6 +248,15 @@ class Daemon:
             async for signum in signals:
                 log.info("signal_received", signal=signal.Signals(signum).name)
                 self._stopping.set()
+
+
+def _watch_waits(request: LeaseWatch) -> bool:
+    """A watch from a cursor waits for events; one without answers the cursor at once."""
+    return request.after is not None and request.wait > 0
+
+
+def _member_wait_waits(request: MemberWait) -> bool:
+    return request.wait > 0
 
 
 async def _pet_watchdog(interval: float) -> None:

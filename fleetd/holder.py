@@ -35,7 +35,7 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
-from fleetd.bounds import FrameBudget, Limits
+from fleetd.bounds import MAX_WAITS, FrameBudget, Limits
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -58,7 +58,7 @@ from fleetd.server import (
 from fleetd.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
-from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest
+from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest, LimitExceeded
 from protocol.framing import encode_response
 from protocol.members import (
     CLUSTER_FILE,
@@ -289,7 +289,7 @@ class Holder:
     def _finish_connections(self) -> None:
         """Let every connection deliver what it owes (the answer to the stop that made the last
         member leave, the watchers' last changes), then end it; at most _EXIT_GRACE."""
-        for watcher in self._watchers:
+        for watcher in list(self._watchers):
             watcher.close()
         for connection in self._open:
             connection.stop_reading()
@@ -486,11 +486,22 @@ class Holder:
             self._encoded_statuses = msgspec.Raw(msgspec.json.encode(self.statuses()))
         return self._encoded_statuses
 
-    def watch(self) -> tuple[list[MemberStatus], MemoryObjectReceiveStream[MemberStatus]]:
-        """Every member's status now, and a stream of every change from now on."""
+    def watch(
+        self,
+    ) -> tuple[
+        list[MemberStatus],
+        MemoryObjectSendStream[MemberStatus],
+        MemoryObjectReceiveStream[MemberStatus],
+    ]:
+        """Every member's status now, and a stream of every change from now on: its sending
+        end, to give to `unwatch` when done, and its receiving end."""
         send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
         self._watchers.add(send)
-        return self.statuses(), receive
+        return self.statuses(), send, receive
+
+    def unwatch(self, watcher: MemoryObjectSendStream[MemberStatus]) -> None:
+        self._watchers.discard(watcher)
+        watcher.close()
 
     async def _connection(self, member: str, sock: socket.socket) -> None:
         try:
@@ -549,6 +560,8 @@ class _Session:
         self.connection: Connection | None = None
         self.bound = False
         self.acked = False
+        self.watches = 0
+        """Watches this connection asked for: each costs a pusher until the connection ends."""
 
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
@@ -592,26 +605,41 @@ class _Session:
     def watch(self, request: Watch, peer: Peer) -> WatchResult:
         """The snapshot answers now; changes follow as pushed responses with this id. They
         cannot overtake the snapshot: it is queued in the connection's outbox before the pusher
-        runs, and the outbox goes out in order."""
-        snapshot, changes = self.holder.watch()
-        self.pushers.start_soon(self._push, request.id, changes)
+        runs, and the outbox goes out in order. At most MAX_WAITS per connection."""
+        if self.watches >= MAX_WAITS:
+            raise LimitExceeded(
+                f"{MAX_WAITS} watches on this connection already: use one of them",
+                limit="watches_per_connection",
+                value=MAX_WAITS,
+            )
+        self.watches += 1
+        snapshot, watcher, changes = self.holder.watch()
+        self.pushers.start_soon(self._push, request.id, watcher, changes)
         return WatchResult(members=snapshot)
 
     async def _push(
-        self, request_id: int, changes: MemoryObjectReceiveStream[MemberStatus]
+        self,
+        request_id: int,
+        watcher: MemoryObjectSendStream[MemberStatus],
+        changes: MemoryObjectReceiveStream[MemberStatus],
     ) -> None:
+        """Until the connection ends (or the holder closes every watcher); then the holder
+        forgets the watcher at once, not at the next change."""
         assert self.connection is not None
-        async with changes:
-            async for first in changes:
-                frames = bytearray()
-                encode_response(Response(id=request_id, ok=True, result=first), frames)
-                while True:  # take along every change queued meanwhile: one write
-                    try:
-                        status = changes.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    encode_response(Response(id=request_id, ok=True, result=status), frames)
-                await self.connection.send(frames)
+        try:
+            async with changes:
+                async for first in changes:
+                    frames = bytearray()
+                    encode_response(Response(id=request_id, ok=True, result=first), frames)
+                    while True:  # take along every change queued meanwhile: one write
+                        try:
+                            status = changes.receive_nowait()
+                        except anyio.WouldBlock:
+                            break
+                        encode_response(Response(id=request_id, ok=True, result=status), frames)
+                    await self.connection.send(frames)
+        finally:
+            self.holder.unwatch(watcher)
 
 
 # --- the command --------------------------------------------------------------------------

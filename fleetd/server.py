@@ -11,6 +11,7 @@ The pieces a holder's member sockets share with it are public: `admit` (the SO_P
 
 import errno
 import os
+import select
 import socket
 import struct
 from collections import deque
@@ -207,17 +208,21 @@ class Connection:
 
     async def read_requests(self, in_flight: anyio.abc.TaskGroup) -> None:
         """Read and answer until end of stream or `stop_reading`; coroutine answers run in
-        `in_flight`, which they leave once every request read is answered."""
+        `in_flight`, which they leave once every request read is answered. A peer that hung
+        up (not one that only shut its writing half) or was refused has its long polls ended:
+        nobody will read their answers."""
         try:
             with self._receiving:
-                await self._read_until_end(in_flight)
+                if not await self._read_until_end(in_flight) or self._hung_up():
+                    self._peer.end_waits()
         finally:
             self._reading = False
             self._give_up_frame()
             while self._idle:
                 self._idle.pop().set()
 
-    async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> None:
+    async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> bool:
+        """False when the peer was refused (an error frame for the whole connection)."""
         try:
             while (data := await self._receive()) is not None:
                 answered = len(self._outbox)
@@ -234,6 +239,8 @@ class Connection:
                 self._poller.poll_a_while()
         except (BadFrame, LimitExceeded) as exc:
             await self._refuse(exc)
+            return False
+        return True
 
     def _charge(self) -> None:
         """Charge the budget for the unfinished frame's growth; raises LimitExceeded when that
@@ -259,6 +266,13 @@ class Connection:
         self._give_up_frame()
         encode_response(error_response(None, exc.code, exc.message, **exc.details), self._outbox)
         await self._flush()
+
+    def _hung_up(self) -> bool:
+        """Whether the peer closed its end entirely, not just its writing half (its reading
+        half would still want answers)."""
+        poll = select.poll()
+        poll.register(self._raw, select.POLLHUP)
+        return any(events & select.POLLHUP for _, events in poll.poll(0))
 
     def _queue(self, pending: Pending, in_flight: anyio.abc.TaskGroup) -> None:
         self._waiting.append(pending)

@@ -1,21 +1,28 @@
 """What one client can make fleetd (or a holder) hold, against real daemons over raw sockets:
-unfinished frames against a shared budget, and time stalled mid-frame. The limits are in
-fleetd.bounds.
+unfinished frames against a shared budget, time stalled mid-frame, and long polls outstanding.
+The limits are in fleetd.bounds.
 """
 
 import fcntl
+import os
 import socket
 import struct
 import termios
 import time
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack, closing, suppress
 
+import fleetctl
 from fleetd.bounds import (
     FRAME_IDLE_TIMEOUT,
+    MAX_WAITS,
     PARTIAL_FRAME_BUDGET,
     Limits,
 )
 from protocol import MAX_FRAME
+from protocol.clusters import MemberWait
+from protocol.framing import encode
+from protocol.members import MemberState, Watch, member_socket_path
+from protocol.messages import LeaseWatch, Ping
 from tests.processes import Fleetd, running_fleetd
 from tests.wire import (
     TIMEOUT,
@@ -138,3 +145,87 @@ def test_the_idle_timeout_comes_from_the_environment_else_its_default() -> None:
     for bad in ("soon", "0", "-1", "inf", "nan"):
         limits = Limits.from_environ({"FLEET_FRAME_IDLE_TIMEOUT": bad})
         assert limits.frame_idle_timeout == FRAME_IDLE_TIMEOUT, bad
+
+
+# -- long polls per connection --------------------------------------------------------------
+
+
+def watch_frames(first_id: int, count: int, cursor: int, epoch: str) -> bytes:
+    return b"".join(
+        encode(LeaseWatch(id=i, prefix="b/", after=cursor, epoch=epoch, wait=30))
+        for i in range(first_id, first_id + count)
+    )
+
+
+def test_waits_past_the_cap_are_refused_at_once_and_the_earlier_ones_still_answered(
+    fleetd: Fleetd,
+) -> None:
+    with fleetctl.SyncClient(fleetd.socket_path) as client:
+        start = client.lease_watch("b/")
+        with raw(fleetd) as sock:
+            sock.sendall(watch_frames(0, MAX_WAITS, start.cursor, start.epoch))
+            past = [
+                *watch_frames(MAX_WAITS, 2, start.cursor, start.epoch).splitlines(True),
+                encode(MemberWait(id=MAX_WAITS + 2, names=["web"], wait=30)),
+            ]
+            sock.sendall(b"".join(past) + encode(Ping(id=MAX_WAITS + 3)))
+            refused = read_frames(sock, 4)
+            assert [error_of(f) for f in refused[:3]] == [
+                (MAX_WAITS + n, "limit_exceeded") for n in range(3)
+            ]
+            assert {limit_of(f) for f in refused[:3]} == {"waits_per_connection"}
+            assert refused[3] == {"id": MAX_WAITS + 3, "ok": True, "result": {}}
+            client.lease_acquire("b/one", "me", 30)
+            answered = read_frames(sock, MAX_WAITS)
+            assert sorted(a["id"] for a in answered) == list(range(MAX_WAITS))  # type: ignore[type-var]
+            assert all(a["ok"] and a["result"]["events"] for a in answered)  # type: ignore[index]
+            # answered waits no longer count
+            sock.sendall(watch_frames(0, MAX_WAITS, start.cursor + 1, start.epoch))
+            client.lease_release("b/one", "me")
+            assert all(f["ok"] for f in read_frames(sock, MAX_WAITS))
+    assert_still_serving(fleetd)
+
+
+def test_a_peer_that_hangs_up_leaves_nothing_behind(fleetd: Fleetd) -> None:
+    """Its long polls end at once, not when they would have timed out: the connection is gone
+    from fleetd (its descriptor closed) while they had a minute to go."""
+    assert fleetd.process is not None
+    descriptors = f"/proc/{fleetd.process.pid}/fd"
+    with fleetctl.SyncClient(fleetd.socket_path) as client:
+        start = client.lease_watch("b/")
+        client.ping()
+        before = len(os.listdir(descriptors))
+        with raw(fleetd) as sock:
+            sock.sendall(watch_frames(0, MAX_WAITS, start.cursor, start.epoch))
+            assert ask(sock, encode(Ping(id=-1))) == {"id": -1, "ok": True, "result": {}}
+            assert len(os.listdir(descriptors)) == before + 1
+        deadline = time.monotonic() + 5
+        while len(os.listdir(descriptors)) > before:
+            assert time.monotonic() < deadline, "the connection outlived its peer"
+            time.sleep(0.02)
+    assert_still_serving(fleetd)
+
+
+def test_a_peer_that_only_shuts_its_writing_half_still_gets_its_long_poll_answered(
+    fleetd: Fleetd,
+) -> None:
+    with fleetctl.SyncClient(fleetd.socket_path) as client:
+        start = client.lease_watch("b/")
+    with raw(fleetd) as sock:
+        sock.sendall(encode(LeaseWatch(id=1, prefix="b/", after=start.cursor, wait=0.5)))
+        sock.shutdown(socket.SHUT_WR)
+        [answer] = frames_until_closed(sock)
+    assert answer["id"] == 1 and answer["ok"] and not answer["result"].get("events")  # type: ignore[union-attr]
+
+
+def test_watches_on_a_member_socket_are_capped_per_connection() -> None:
+    with fleetctl.cluster({"members": {"a": {"command": ["sleep", "60"]}}}) as c:
+        c.wait_running()
+        with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect(member_socket_path(c.runtime_dir, "a"))
+            sock.sendall(b"".join(encode(Watch(id=i)) for i in range(MAX_WAITS + 1)))
+            answers = read_frames(sock, MAX_WAITS + 1)
+        assert all(a["ok"] for a in answers[:MAX_WAITS])
+        assert error_of(answers[MAX_WAITS]) == (MAX_WAITS, "limit_exceeded")
+        assert c.status("a").state == MemberState.RUNNING
