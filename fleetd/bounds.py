@@ -10,6 +10,8 @@ them for users.
     waits               MAX_WAITS long polls outstanding per connection (lease watches and
                         member waits; watches on a member socket); one more: that request
                         alone gets limit_exceeded
+    in flight           MAX_IN_FLIGHT requests answered by coroutines per connection; past it
+                        the connection is not read until one is answered (backpressure)
 
 What a connection held goes when it ends: a peer that hung up, or was refused, has its long
 polls cancelled at once (nobody is left to read their answers).
@@ -32,6 +34,10 @@ FRAME_IDLE_TIMEOUT = 10.0
 FRAME_IDLE_TIMEOUT_ENV = "FLEET_FRAME_IDLE_TIMEOUT"
 MAX_WAITS = 256
 """Long polls (lease watches, member waits) outstanding on one connection."""
+MAX_IN_FLIGHT = 1024
+"""Requests answered by coroutines outstanding on one connection. Above MAX_WAITS with room
+to spare: a client with every wait it may have outstanding still gets its other requests read
+(one of them may be what the waits wait for)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ class Limits:
     max_frame: int = MAX_FRAME
     partial_frame_budget: int = PARTIAL_FRAME_BUDGET
     frame_idle_timeout: float = FRAME_IDLE_TIMEOUT
+    max_in_flight: int = MAX_IN_FLIGHT
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Limits":

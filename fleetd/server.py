@@ -3,7 +3,7 @@
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
 error frame and lose its own connection. Nothing escapes into the accept loop. What a peer can
 make a server hold is bounded (fleetd.bounds): its unfinished frames against a budget shared by
-the server's connections, and its time stalled mid-frame.
+the server's connections, its time stalled mid-frame, its requests in flight.
 
 The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
 `accept_forever` (the accept loop) and `Connection` (frames in, answers out).
@@ -147,7 +147,8 @@ class Connection:
 
     `budget` is shared by every connection of one server: it holds their unfinished frames'
     bytes. Only a connection mid-frame pays for the bounds' bookkeeping (a timer on its
-    receives, the budget's sums): whole frames pay nothing."""
+    receives, the budget's sums); whole frames pay nothing but a count of requests in flight
+    for those answered by coroutines."""
 
     def __init__(
         self,
@@ -177,6 +178,10 @@ class Connection:
         self._written: anyio.Event | None = None
         self._waiting: deque[Pending] = deque()
         """Requests answered by coroutines, for the next free worker."""
+        self._in_flight = 0
+        """Requests handed to coroutines and not answered yet (waiting or being worked on)."""
+        self._room: anyio.Event | None = None
+        """The reader waits on it for the requests in flight to drop below the limit."""
         self._idle: list[anyio.Event] = []
         """One event per idle worker: set it to hand that worker the next request."""
         self._raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
@@ -232,6 +237,9 @@ class Connection:
                         encode_response(answer, self._outbox)
                     else:
                         self._queue(answer, in_flight)
+                        if self._in_flight >= self._limits.max_in_flight:
+                            await self._wait_for_room()
+                            answered = 0  # the outbox went out meanwhile: send what is new
                 if self._held or self._splitter.pending:
                     self._charge()
                 if len(self._outbox) > answered:
@@ -275,11 +283,20 @@ class Connection:
         return any(events & select.POLLHUP for _, events in poll.poll(0))
 
     def _queue(self, pending: Pending, in_flight: anyio.abc.TaskGroup) -> None:
+        self._in_flight += 1
         self._waiting.append(pending)
         if self._idle:
             self._idle.pop().set()
         else:
             in_flight.start_soon(self._work)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: the peer's requests in flight reached the limit, so read no more of
+        them until one is answered (the answers so far go out first)."""
+        await self._flush()
+        while self._in_flight >= self._limits.max_in_flight:
+            self._room = anyio.Event()
+            await self._room.wait()
 
     async def _work(self) -> None:
         """A worker: answers waiting requests one at a time, then idles until handed more.
@@ -301,7 +318,13 @@ class Connection:
     async def _answer_later(self, pending: Pending) -> None:
         """Queue the answer; the first answer of a loop turn writes, after the turn, every
         answer queued meanwhile in one write (a commit wakes a batch of them at once)."""
-        encode_response(await pending, self._outbox)
+        try:
+            encode_response(await pending, self._outbox)
+        finally:
+            self._in_flight -= 1
+            if self._room is not None and self._in_flight < self._limits.max_in_flight:
+                self._room.set()
+                self._room = None
         if self._writing or self._flush_due:
             return
         self._flush_due = True

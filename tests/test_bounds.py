@@ -1,28 +1,37 @@
 """What one client can make fleetd (or a holder) hold, against real daemons over raw sockets:
-unfinished frames against a shared budget, time stalled mid-frame, and long polls outstanding.
-The limits are in fleetd.bounds.
+unfinished frames against a shared budget, time stalled mid-frame, long polls outstanding, and
+requests in flight. The limits are in fleetd.bounds.
 """
 
 import fcntl
 import os
+import select
 import socket
 import struct
 import termios
 import time
 from contextlib import ExitStack, closing, suppress
 
+import anyio
+from anyio.abc import UNIXSocketStream
+
 import fleetctl
+from fleetctl._link import Poller
 from fleetd.bounds import (
     FRAME_IDLE_TIMEOUT,
+    MAX_IN_FLIGHT,
     MAX_WAITS,
     PARTIAL_FRAME_BUDGET,
+    FrameBudget,
     Limits,
 )
+from fleetd.dispatch import Dispatcher, Peer
+from fleetd.server import Connection
 from protocol import MAX_FRAME
 from protocol.clusters import MemberWait
 from protocol.framing import encode
 from protocol.members import MemberState, Watch, member_socket_path
-from protocol.messages import LeaseWatch, Ping
+from protocol.messages import Empty, LeaseAcquire, LeaseWatch, Ping
 from tests.processes import Fleetd, running_fleetd
 from tests.wire import (
     TIMEOUT,
@@ -229,3 +238,69 @@ def test_watches_on_a_member_socket_are_capped_per_connection() -> None:
         assert all(a["ok"] for a in answers[:MAX_WAITS])
         assert error_of(answers[MAX_WAITS]) == (MAX_WAITS, "limit_exceeded")
         assert c.status("a").state == MemberState.RUNNING
+
+
+# -- requests in flight: backpressure, not errors -------------------------------------------
+
+
+class _Gate:
+    """A coroutine handler that waits for the test to open it, counting who entered; `full`
+    is set once `expected` did."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.entered = 0
+        self.full = anyio.Event()
+        self.open = anyio.Event()
+
+    async def enter(self, request: LeaseAcquire, peer: Peer) -> Empty:
+        self.entered += 1
+        if self.entered == self.expected:
+            self.full.set()
+        await self.open.wait()
+        return Empty()
+
+
+async def test_past_the_in_flight_limit_a_connection_is_not_read_until_one_is_answered() -> None:
+    """Backpressure, not an error: every request is answered once the first ones are."""
+    limit, sent = 8, 20
+    gate = _Gate(limit)
+    dispatcher = Dispatcher()
+    dispatcher.register(LeaseAcquire, gate.enter)
+    dispatcher.register(Ping, lambda request, peer: Empty())
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(TIMEOUT)
+    with closing(theirs):
+        stream = await UNIXSocketStream.from_socket(ours)
+        connection = Connection(
+            stream,
+            dispatcher,
+            Peer(os.getpid(), os.getuid(), os.getgid()),
+            Poller(),
+            limits=Limits(max_in_flight=limit),
+            budget=FrameBudget(PARTIAL_FRAME_BUDGET),
+        )
+
+        async def serve() -> None:
+            async with stream, anyio.create_task_group() as in_flight:
+                await connection.read_requests(in_flight)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve)
+            requests = [encode(LeaseAcquire(id=i, name="n", owner="o")) for i in range(sent)]
+            theirs.sendall(b"".join(requests) + encode(Ping(id=sent)))  # one read's worth
+            with anyio.fail_after(TIMEOUT):
+                await gate.full.wait()
+            await anyio.sleep(0.2)
+            assert gate.entered == limit
+            assert not select.select([theirs], [], [], 0)[0]  # not even the ping: unread
+            gate.open.set()
+            answers = await anyio.to_thread.run_sync(read_frames, theirs, sent + 1)
+            theirs.shutdown(socket.SHUT_WR)
+    assert gate.entered == sent
+    assert sorted(a["id"] for a in answers) == list(range(sent + 1))  # type: ignore[type-var]
+    assert all(a["ok"] for a in answers)
+
+
+def test_the_in_flight_limit_leaves_room_for_every_wait_and_a_pipeline_beside_them() -> None:
+    assert MAX_IN_FLIGHT >= MAX_WAITS + 256
