@@ -14,12 +14,19 @@ them for users.
                         the connection is not read until one is answered (backpressure)
 
 What a connection held goes when it ends: a peer that hung up, or was refused, has its long
-polls cancelled at once (nobody is left to read their answers).
+polls cancelled at once (nobody is left to read their answers), and after large connections
+ended the memory they freed is handed back to the kernel (`Trim`).
 """
 
+import ctypes
+import ctypes.util
+import gc
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import anyio
 import structlog
 
 from protocol import MAX_FRAME
@@ -38,6 +45,14 @@ MAX_IN_FLIGHT = 1024
 """Requests answered by coroutines outstanding on one connection. Above MAX_WAITS with room
 to spare: a client with every wait it may have outstanding still gets its other requests read
 (one of them may be what the waits wait for)."""
+
+TRIM_DELAY = 0.5
+"""Seconds between a large connection's end and giving free heap back: the connections that
+leave together (a client process exiting) are then trimmed for once."""
+LARGE_CONNECTION_IN_FLIGHT = 64
+LARGE_CONNECTION_PARTIAL = 256 << 10
+"""A connection that had this many requests in flight, or held this much of an unfinished
+frame, is large: its end is worth a trim (which walks every object: not after every ping)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +98,66 @@ class FrameBudget:
 
     def refund(self, held: int) -> None:
         self.held -= held
+
+
+class Trim:
+    """Hands the memory departed clients freed back to the kernel, once large connections end.
+
+    Freed memory stays with the process otherwise: CPython's free lists keep freed blocks,
+    which keep their 1 MiB arenas mapped, and glibc keeps freed heap pages (a freed 1 MiB
+    buffer raises its mmap threshold, so later ones come from the heap). A full collection
+    empties the free lists, so that arenas left empty are unmapped, and malloc_trim(0) returns
+    free heap pages. Arenas that a few longer-lived objects still pin stay (README, "Bounds").
+    Both walk the heap (tens of milliseconds with 10,000 leases), so once per burst of
+    departures, TRIM_DELAY after the first."""
+
+    def __init__(self) -> None:
+        self._due = False
+
+    def soon(self, tasks: anyio.abc.TaskGroup) -> None:
+        if not self._due:
+            self._due = True
+            tasks.start_soon(self._trim_later)
+
+    async def _trim_later(self) -> None:
+        try:
+            await anyio.sleep(TRIM_DELAY)
+        finally:
+            self._due = False
+        trim()
+
+
+def _load_malloc_trim() -> "ctypes._NamedFuncPointer | None":
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_malloc_trim = _load_malloc_trim()
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def trim() -> None:
+    """Give the memory freed but still held by CPython and glibc back to the kernel, now."""
+    started, before = time.perf_counter(), _rss()
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+    log.info(
+        "memory_trimmed",
+        rss_mib_before=before,
+        rss_mib_after=_rss(),
+        duration_ms=round((time.perf_counter() - started) * 1e3, 1),
+    )
+
+
+def _rss() -> float:
+    with open("/proc/self/statm", "rb") as f:
+        return round(int(f.read().split()[1]) * _PAGE / (1 << 20), 1)

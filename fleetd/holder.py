@@ -35,7 +35,7 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
-from fleetd.bounds import MAX_WAITS, FrameBudget, Limits
+from fleetd.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -230,6 +230,7 @@ class Holder:
         self._poller = Poller()
         self._limits = limits or Limits()
         self._budget = FrameBudget(self._limits.partial_frame_budget)
+        self._trim = Trim()
         self._tasks: TaskGroup | None = None
         self._connections: TaskGroup | None = None
 
@@ -541,6 +542,10 @@ class Holder:
                 self._open.discard(connection)
             if not self._finished.is_set():
                 pushers.cancel_scope.cancel()  # the peer left; else pushers drain and end
+        if (
+            connection.large or session.watches >= LARGE_CONNECTION_IN_FLIGHT
+        ) and self._connections:
+            self._trim.soon(self._connections)
 
 
 class _EncodedWatchResult(Message, frozen=True):

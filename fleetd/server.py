@@ -24,7 +24,13 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from fleetctl._link import Poller
-from fleetd.bounds import FrameBudget, Limits
+from fleetd.bounds import (
+    LARGE_CONNECTION_IN_FLIGHT,
+    LARGE_CONNECTION_PARTIAL,
+    FrameBudget,
+    Limits,
+    Trim,
+)
 from fleetd.dispatch import Dispatcher, Peer, Pending
 from protocol.errors import BadFrame, FleetError, LimitExceeded, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
@@ -88,15 +94,18 @@ class ControlServer:
         self._dispatcher = dispatcher
         self._limits = limits or Limits()
         self._budget = FrameBudget(self._limits.partial_frame_budget)
+        self._trim = Trim()
         self._poller = Poller()
         self._accepting = anyio.CancelScope()
         self._connections: set[Connection] = set()
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     async def serve(
         self, listener: SocketListener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until `stop_accepting`; returns once every connection has finished."""
         async with anyio.create_task_group() as connections:
+            self._tasks = connections
             task_status.started()
             with self._accepting:
                 async with listener:
@@ -132,6 +141,8 @@ class ControlServer:
                 await connection.read_requests(in_flight)
         finally:
             self._connections.discard(connection)
+        if connection.large and self._tasks is not None:
+            self._trim.soon(self._tasks)
 
 
 def _refusal(peer: Peer) -> Response:
@@ -189,6 +200,8 @@ class Connection:
         self._reading = True
         self._receiving = anyio.CancelScope()
         """Around all reading: `stop_reading` cancels it (one scope, not one per receive)."""
+        self.large = False
+        """It held a large frame or many requests at once: worth a heap trim when it ends."""
 
     def stop_reading(self) -> None:
         """Take no new requests; answers to those already read still go out."""
@@ -254,6 +267,8 @@ class Connection:
         """Charge the budget for the unfinished frame's growth; raises LimitExceeded when that
         takes the server's total past it."""
         held, self._held = self._held, self._splitter.pending
+        if self._held >= LARGE_CONNECTION_PARTIAL:
+            self.large = True
         if not self._budget.charge(held, self._held):
             budget = self._budget.limit
             raise LimitExceeded(
@@ -284,6 +299,8 @@ class Connection:
 
     def _queue(self, pending: Pending, in_flight: anyio.abc.TaskGroup) -> None:
         self._in_flight += 1
+        if self._in_flight >= LARGE_CONNECTION_IN_FLIGHT:
+            self.large = True
         self._waiting.append(pending)
         if self._idle:
             self._idle.pop().set()

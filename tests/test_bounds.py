@@ -1,6 +1,6 @@
 """What one client can make fleetd (or a holder) hold, against real daemons over raw sockets:
-unfinished frames against a shared budget, time stalled mid-frame, long polls outstanding, and
-requests in flight. The limits are in fleetd.bounds.
+unfinished frames against a shared budget, time stalled mid-frame, long polls outstanding,
+requests in flight, and the memory a client leaves behind. The limits are in fleetd.bounds.
 """
 
 import fcntl
@@ -304,3 +304,38 @@ async def test_past_the_in_flight_limit_a_connection_is_not_read_until_one_is_an
 
 def test_the_in_flight_limit_leaves_room_for_every_wait_and_a_pipeline_beside_them() -> None:
     assert MAX_IN_FLIGHT >= MAX_WAITS + 256
+
+
+# -- memory back when a client leaves ---------------------------------------------------------
+
+
+def test_memory_returns_after_clients_with_thousands_of_watches_leave(fleetd: Fleetd) -> None:
+    """RSS from /proc, loosely: CPython keeps some arenas that a few objects made during the
+    load still pin (README, "Bounds"), but not the watches' own memory."""
+    assert fleetd.process is not None
+    pid = fleetd.process.pid
+    with fleetctl.SyncClient(fleetd.socket_path) as client:
+        start = client.lease_watch("b/")
+        for _ in range(100):
+            client.ping()
+    rest = rss_mib(pid)
+    with ExitStack() as stack:
+        for _ in range(20):
+            sock = stack.enter_context(raw(fleetd))
+            sock.sendall(watch_frames(0, MAX_WAITS, start.cursor, start.epoch))
+            assert ask(sock, encode(Ping(id=-1)))["ok"]
+        held = rss_mib(pid)
+    assert held > rest + 20, f"{20 * MAX_WAITS} watches cost only {held - rest:.1f} MiB"
+    deadline = time.monotonic() + 10
+    while (left := rss_mib(pid)) > rest + 30:
+        assert time.monotonic() < deadline, f"RSS {rest:.0f} MiB at rest, {left:.0f} after"
+        time.sleep(0.1)
+    assert_still_serving(fleetd)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
