@@ -33,6 +33,12 @@ def _leases() -> list[Figure]:
     return measure()
 
 
+def _bounds() -> list[Figure]:
+    from bench.bounds import measure
+
+    return measure()
+
+
 def _claims() -> list[Figure]:
     from bench.claims import measure
 
@@ -45,6 +51,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "leases": _leases,
     "claims": _claims,
     "members": members.measure,
+    "bounds": _bounds,
 }
 
 

@@ -19,6 +19,7 @@ import structlog
 from anyio.abc import SocketListener
 
 from fleetd import systemd
+from fleetd.bounds import Limits
 from fleetd.claims import ClaimService
 from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Dispatcher, Peer
@@ -163,11 +164,11 @@ class Daemon:
         dispatcher.register(LeaseRelease, self.leases.release)
         dispatcher.register(LeaseInspect, self.leases.inspect)
         dispatcher.register(LeaseListRequest, self.leases.list)
-        dispatcher.register(LeaseWatch, self.leases.watch, chatty=True)
+        dispatcher.register(LeaseWatch, self.leases.watch, chatty=True, waits=_watch_waits)
         dispatcher.register(ClusterUp, self.holders.up)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
-        dispatcher.register(MemberWait, self.holders.wait)
+        dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
         dispatcher.register(MemberStop, self.holders.stop)
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
@@ -219,7 +220,7 @@ class Daemon:
         self, daemon: anyio.abc.TaskGroup, listener: SocketListener, *, owns_socket_file: bool
     ) -> None:
         try:
-            server = ControlServer(self.dispatcher())
+            server = ControlServer(self.dispatcher(), limits=Limits.from_environ(os.environ))
             async with anyio.create_task_group() as serving:
                 await serving.start(server.serve, listener)
                 self._announce_ready(daemon)
@@ -251,6 +252,15 @@ class Daemon:
             async for signum in signals:
                 log.info("signal_received", signal=signal.Signals(signum).name)
                 self._stopping.set()
+
+
+def _watch_waits(request: LeaseWatch) -> bool:
+    """A watch from a cursor waits for events; one without answers the cursor at once."""
+    return request.after is not None and request.wait > 0
+
+
+def _member_wait_waits(request: MemberWait) -> bool:
+    return request.wait > 0
 
 
 async def _pet_watchdog(interval: float) -> None:

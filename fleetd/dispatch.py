@@ -3,18 +3,24 @@
 Handlers that never block are plain functions and are answered inline, in the order their
 frames arrived; handlers that wait (on the store, on processes) are coroutine functions and
 run concurrently, so one slow request never holds up the pipeline behind it.
+
+Long polls (requests that may wait for minutes for something to happen) are capped per
+connection: past `max_waits` outstanding, one more is answered limit_exceeded at once. Each
+runs under a cancel scope of its own, so that a connection whose peer hung up can end them.
 """
 
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 
+from fleetd.bounds import MAX_WAITS
 from fleetd.identity import identify
-from protocol.errors import BadFrame, FleetError, Internal
+from protocol.errors import BadFrame, ConnectionLost, FleetError, Internal, LimitExceeded
 from protocol.framing import decode_request, error_response, request_id_of
 from protocol.leases import Identity
 from protocol.messages import Message, Request, Response
@@ -31,6 +37,8 @@ class Peer:
     uid: int
     gid: int
     _identity: Identity | None = None
+    waits: set[anyio.CancelScope] = field(default_factory=set)
+    """Its connection's long polls outstanding, each in its own scope (see Dispatcher)."""
 
     def identity(self) -> Identity:
         """The peer process's identity (its start time pins it among reused pids), read from
@@ -38,6 +46,11 @@ class Peer:
         if self._identity is None:
             self._identity = identify(self.pid, self.uid)
         return self._identity
+
+    def end_waits(self) -> None:
+        """Cancel every long poll outstanding: nobody is left to read its answer."""
+        for scope in list(self.waits):
+            scope.cancel()
 
 
 Handler = Callable[[Any, Peer], Message] | Callable[[Any, Peer], Awaitable[Message]]
@@ -49,22 +62,35 @@ class _Route:
     handler: Handler
     is_async: bool
     chatty: bool
+    waits: Callable[[Any], bool] | None
 
 
 class Dispatcher:
-    def __init__(self, decode: Callable[[bytes], Request] = decode_request) -> None:
+    def __init__(
+        self, decode: Callable[[bytes], Request] = decode_request, *, max_waits: int = MAX_WAITS
+    ) -> None:
         """`decode` turns a frame into a request of this socket's ops (default: the control
-        socket's), raising the FleetError its response should carry."""
+        socket's), raising the FleetError its response should carry. `max_waits` caps the long
+        polls outstanding per connection."""
         self._decode = decode
+        self._max_waits = max_waits
         self._routes: dict[type[Request], _Route] = {}
 
     def register(
-        self, request_type: type[Request], handler: Handler, *, chatty: bool = False
+        self,
+        request_type: type[Request],
+        handler: Handler,
+        *,
+        chatty: bool = False,
+        waits: Callable[[Any], bool] | None = None,
     ) -> None:
         """Route `request_type` to `handler`. A `chatty` op (liveness pings, heartbeats) is
-        logged at debug level, so that a busy fleet does not flood the journal."""
+        logged at debug level, so that a busy fleet does not flood the journal. `waits` tells
+        whether a request of a coroutine handler is a long poll: one that may stay outstanding
+        until something happens, capped per connection and ended when its peer hangs up (it
+        must be safe to cancel)."""
         is_async = inspect.iscoroutinefunction(handler)
-        self._routes[request_type] = _Route(handler, is_async, chatty)
+        self._routes[request_type] = _Route(handler, is_async, chatty, waits)
 
     def handle(self, frame: bytes, peer: Peer) -> Response | Pending:
         """Answer `frame`: a Response now, or a coroutine that produces one.
@@ -84,6 +110,8 @@ class Dispatcher:
         if route is None:
             return error_response(request.id, "unknown_op", f"op {_op(request)!r} not served")
         if route.is_async:
+            if route.waits is not None and route.waits(request):
+                return self._wait(request, route, peer, started)
             return self._finish(request, route, peer, started)
         try:
             result = route.handler(request, peer)
@@ -99,6 +127,33 @@ class Dispatcher:
         except Exception as exc:
             return _failed(request, route, exc, started)
         return _succeeded(request, route, result, started)
+
+    def _wait(
+        self, request: Request, route: _Route, peer: Peer, started: float
+    ) -> Response | Pending:
+        """A long poll, unless its connection has all it may have outstanding. It counts from
+        now (frames read after it in the same chunk see it), not from when a worker starts it."""
+        if len(peer.waits) >= self._max_waits:
+            exc = LimitExceeded(
+                f"{self._max_waits} long polls are outstanding on this connection: wait for "
+                "one to be answered, or open another connection",
+                limit="waits_per_connection",
+                value=self._max_waits,
+            )
+            return _failed(request, route, exc, started)
+        scope = anyio.CancelScope()
+        peer.waits.add(scope)
+        return self._finish_wait(request, route, peer, started, scope)
+
+    async def _finish_wait(
+        self, request: Request, route: _Route, peer: Peer, started: float, scope: anyio.CancelScope
+    ) -> Response:
+        try:
+            with scope:
+                return await self._finish(request, route, peer, started)
+        finally:
+            peer.waits.discard(scope)
+        return error_response(request.id, ConnectionLost.code, "the peer hung up")  # unread
 
 
 def _op(request: Request) -> str:

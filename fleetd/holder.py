@@ -35,6 +35,7 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
+from fleetd.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -55,9 +56,9 @@ from fleetd.server import (
     admit,
 )
 from fleetd.spawn import Spawner, become_subreaper
-from protocol import MAX_FRAME, PROTOCOL_VERSION
+from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
-from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest
+from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest, LimitExceeded
 from protocol.framing import encode_response
 from protocol.members import (
     CLUSTER_FILE,
@@ -198,9 +199,12 @@ class Holder:
         *,
         bind_pid: int | None = None,
         log_max_bytes: int = LOG_MAX_BYTES,
+        limits: Limits | None = None,
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
-        death (or whose acked connection's EOF) stops the cluster, in bound mode."""
+        death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
+        bound what each connection to a member socket may hold (fleetd.bounds), with one
+        budget of unfinished frames for them all."""
         self.spec = spec
         self.cluster = spec.name
         self.runtime_dir = os.path.abspath(runtime_dir)
@@ -224,6 +228,9 @@ class Holder:
         self._finished = anyio.Event()
         self._open: set[Connection] = set()
         self._poller = Poller()
+        self._limits = limits or Limits()
+        self._budget = FrameBudget(self._limits.partial_frame_budget)
+        self._trim = Trim()
         self._tasks: TaskGroup | None = None
         self._connections: TaskGroup | None = None
 
@@ -283,7 +290,7 @@ class Holder:
     def _finish_connections(self) -> None:
         """Let every connection deliver what it owes (the answer to the stop that made the last
         member leave, the watchers' last changes), then end it; at most _EXIT_GRACE."""
-        for watcher in self._watchers:
+        for watcher in list(self._watchers):
             watcher.close()
         for connection in self._open:
             connection.stop_reading()
@@ -480,11 +487,22 @@ class Holder:
             self._encoded_statuses = msgspec.Raw(msgspec.json.encode(self.statuses()))
         return self._encoded_statuses
 
-    def watch(self) -> tuple[list[MemberStatus], MemoryObjectReceiveStream[MemberStatus]]:
-        """Every member's status now, and a stream of every change from now on."""
+    def watch(
+        self,
+    ) -> tuple[
+        list[MemberStatus],
+        MemoryObjectSendStream[MemberStatus],
+        MemoryObjectReceiveStream[MemberStatus],
+    ]:
+        """Every member's status now, and a stream of every change from now on: its sending
+        end, to give to `unwatch` when done, and its receiving end."""
         send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
         self._watchers.add(send)
-        return self.statuses(), receive
+        return self.statuses(), send, receive
+
+    def unwatch(self, watcher: MemoryObjectSendStream[MemberStatus]) -> None:
+        self._watchers.discard(watcher)
+        watcher.close()
 
     async def _connection(self, member: str, sock: socket.socket) -> None:
         try:
@@ -507,7 +525,12 @@ class Holder:
         async with anyio.create_task_group() as pushers:
             session = _Session(self, member, pushers)
             connection = session.connection = Connection(
-                stream, session.dispatcher(), peer, MAX_FRAME, self._poller
+                stream,
+                session.dispatcher(),
+                peer,
+                self._poller,
+                limits=self._limits,
+                budget=self._budget,
             )
             self._open.add(connection)
             try:
@@ -519,6 +542,10 @@ class Holder:
                 self._open.discard(connection)
             if not self._finished.is_set():
                 pushers.cancel_scope.cancel()  # the peer left; else pushers drain and end
+        if (
+            connection.large or session.watches >= LARGE_CONNECTION_IN_FLIGHT
+        ) and self._connections:
+            self._trim.soon(self._connections)
 
 
 class _EncodedWatchResult(Message, frozen=True):
@@ -538,6 +565,8 @@ class _Session:
         self.connection: Connection | None = None
         self.bound = False
         self.acked = False
+        self.watches = 0
+        """Watches this connection asked for: each costs a pusher until the connection ends."""
 
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
@@ -581,26 +610,41 @@ class _Session:
     def watch(self, request: Watch, peer: Peer) -> WatchResult:
         """The snapshot answers now; changes follow as pushed responses with this id. They
         cannot overtake the snapshot: it is queued in the connection's outbox before the pusher
-        runs, and the outbox goes out in order."""
-        snapshot, changes = self.holder.watch()
-        self.pushers.start_soon(self._push, request.id, changes)
+        runs, and the outbox goes out in order. At most MAX_WAITS per connection."""
+        if self.watches >= MAX_WAITS:
+            raise LimitExceeded(
+                f"{MAX_WAITS} watches on this connection already: use one of them",
+                limit="watches_per_connection",
+                value=MAX_WAITS,
+            )
+        self.watches += 1
+        snapshot, watcher, changes = self.holder.watch()
+        self.pushers.start_soon(self._push, request.id, watcher, changes)
         return WatchResult(members=snapshot)
 
     async def _push(
-        self, request_id: int, changes: MemoryObjectReceiveStream[MemberStatus]
+        self,
+        request_id: int,
+        watcher: MemoryObjectSendStream[MemberStatus],
+        changes: MemoryObjectReceiveStream[MemberStatus],
     ) -> None:
+        """Until the connection ends (or the holder closes every watcher); then the holder
+        forgets the watcher at once, not at the next change."""
         assert self.connection is not None
-        async with changes:
-            async for first in changes:
-                frames = bytearray()
-                encode_response(Response(id=request_id, ok=True, result=first), frames)
-                while True:  # take along every change queued meanwhile: one write
-                    try:
-                        status = changes.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    encode_response(Response(id=request_id, ok=True, result=status), frames)
-                await self.connection.send(frames)
+        try:
+            async with changes:
+                async for first in changes:
+                    frames = bytearray()
+                    encode_response(Response(id=request_id, ok=True, result=first), frames)
+                    while True:  # take along every change queued meanwhile: one write
+                        try:
+                            status = changes.receive_nowait()
+                        except anyio.WouldBlock:
+                            break
+                        encode_response(Response(id=request_id, ok=True, result=status), frames)
+                    await self.connection.send(frames)
+        finally:
+            self.holder.unwatch(watcher)
 
 
 # --- the command --------------------------------------------------------------------------
@@ -667,7 +711,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         become_subreaper()
         _raise_fd_limit()
-        holder = Holder(_load_spec(args.spec), args.dir, bind_pid=args.bind_pid)
+        holder = Holder(
+            _load_spec(args.spec),
+            args.dir,
+            bind_pid=args.bind_pid,
+            limits=Limits.from_environ(os.environ),
+        )
         anyio.run(
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
         )

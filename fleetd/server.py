@@ -1,7 +1,9 @@
 """The control socket: accepts connections, checks who they are, reads frames, writes answers.
 
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
-error frame and lose its own connection. Nothing escapes into the accept loop.
+error frame and lose its own connection. Nothing escapes into the accept loop. What a peer can
+make a server hold is bounded (fleetd.bounds): its unfinished frames against a budget shared by
+the server's connections, its time stalled mid-frame, its requests in flight.
 
 The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
 `accept_forever` (the accept loop) and `Connection` (frames in, answers out).
@@ -9,6 +11,7 @@ The pieces a holder's member sockets share with it are public: `admit` (the SO_P
 
 import errno
 import os
+import select
 import socket
 import struct
 from collections import deque
@@ -21,9 +24,15 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from fleetctl._link import Poller
+from fleetd.bounds import (
+    LARGE_CONNECTION_IN_FLIGHT,
+    LARGE_CONNECTION_PARTIAL,
+    FrameBudget,
+    Limits,
+    Trim,
+)
 from fleetd.dispatch import Dispatcher, Peer, Pending
-from protocol import MAX_FRAME
-from protocol.errors import BadFrame, PermissionDenied
+from protocol.errors import BadFrame, FleetError, LimitExceeded, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
 from protocol.messages import Response
 
@@ -81,18 +90,22 @@ async def accept_forever(
 
 
 class ControlServer:
-    def __init__(self, dispatcher: Dispatcher, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, dispatcher: Dispatcher, *, limits: Limits | None = None) -> None:
         self._dispatcher = dispatcher
-        self._max_frame = max_frame
+        self._limits = limits or Limits()
+        self._budget = FrameBudget(self._limits.partial_frame_budget)
+        self._trim = Trim()
         self._poller = Poller()
         self._accepting = anyio.CancelScope()
         self._connections: set[Connection] = set()
+        self._tasks: anyio.abc.TaskGroup | None = None
 
     async def serve(
         self, listener: SocketListener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until `stop_accepting`; returns once every connection has finished."""
         async with anyio.create_task_group() as connections:
+            self._tasks = connections
             task_status.started()
             with self._accepting:
                 async with listener:
@@ -117,7 +130,9 @@ class ControlServer:
         peer = await admit(stream)
         if peer is None:
             return
-        connection = Connection(stream, self._dispatcher, peer, self._max_frame, self._poller)
+        connection = Connection(
+            stream, self._dispatcher, peer, self._poller, limits=self._limits, budget=self._budget
+        )
         self._connections.add(connection)
         try:
             if self._accepting.cancel_called:
@@ -126,6 +141,8 @@ class ControlServer:
                 await connection.read_requests(in_flight)
         finally:
             self._connections.discard(connection)
+        if connection.large and self._tasks is not None:
+            self._trim.soon(self._tasks)
 
 
 def _refusal(peer: Peer) -> Response:
@@ -137,21 +154,32 @@ def _refusal(peer: Peer) -> Response:
 
 
 class Connection:
-    """One peer's conversation: frames in, answers out, many requests in flight."""
+    """One peer's conversation: frames in, answers out, many requests in flight.
+
+    `budget` is shared by every connection of one server: it holds their unfinished frames'
+    bytes. Only a connection mid-frame pays for the bounds' bookkeeping (a timer on its
+    receives, the budget's sums); whole frames pay nothing but a count of requests in flight
+    for those answered by coroutines."""
 
     def __init__(
         self,
         stream: SocketStream,
         dispatcher: Dispatcher,
         peer: Peer,
-        max_frame: int,
         poller: Poller,
+        *,
+        limits: Limits,
+        budget: FrameBudget,
     ):
         self._stream = stream
         self._poller = poller
         self._dispatcher = dispatcher
         self._peer = peer
-        self._splitter = FrameSplitter(max_frame)
+        self._limits = limits
+        self._budget = budget
+        self._splitter = FrameSplitter(limits.max_frame)
+        self._held = 0
+        """Bytes of an unfinished frame charged to the budget: nonzero only mid-frame."""
         self._outbox = bytearray()
         """Answers encoded and not yet handed to the stream, in the order they go out."""
         self._writing = False
@@ -161,6 +189,10 @@ class Connection:
         self._written: anyio.Event | None = None
         self._waiting: deque[Pending] = deque()
         """Requests answered by coroutines, for the next free worker."""
+        self._in_flight = 0
+        """Requests handed to coroutines and not answered yet (waiting or being worked on)."""
+        self._room: anyio.Event | None = None
+        """The reader waits on it for the requests in flight to drop below the limit."""
         self._idle: list[anyio.Event] = []
         """One event per idle worker: set it to hand that worker the next request."""
         self._raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
@@ -168,57 +200,120 @@ class Connection:
         self._reading = True
         self._receiving = anyio.CancelScope()
         """Around all reading: `stop_reading` cancels it (one scope, not one per receive)."""
+        self.large = False
+        """It held a large frame or many requests at once: worth a heap trim when it ends."""
 
     def stop_reading(self) -> None:
         """Take no new requests; answers to those already read still go out."""
         self._receiving.cancel()
 
     async def _receive(self) -> bytes | None:
-        """The next chunk, or None at end of stream."""
+        """The next chunk, or None at end of stream. Mid-frame, raises LimitExceeded when the
+        peer sends nothing more for the frame idle timeout."""
         try:
-            return await self._stream.receive(_READ_SIZE)
+            if not self._held:
+                return await self._stream.receive(_READ_SIZE)
+            with anyio.move_on_after(self._limits.frame_idle_timeout):
+                return await self._stream.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             return None
+        timeout = self._limits.frame_idle_timeout
+        raise LimitExceeded(
+            f"{self._held} bytes of a frame and nothing more for {timeout:g}s: closing",
+            limit="frame_idle_timeout",
+            value=timeout,
+        )
 
     async def read_requests(self, in_flight: anyio.abc.TaskGroup) -> None:
         """Read and answer until end of stream or `stop_reading`; coroutine answers run in
-        `in_flight`, which they leave once every request read is answered."""
+        `in_flight`, which they leave once every request read is answered. A peer that hung
+        up (not one that only shut its writing half) or was refused has its long polls ended:
+        nobody will read their answers."""
         try:
-            await self._read(in_flight)
+            with self._receiving:
+                if not await self._read_until_end(in_flight) or self._hung_up():
+                    self._peer.end_waits()
         finally:
             self._reading = False
+            self._give_up_frame()
             while self._idle:
                 self._idle.pop().set()
 
-    async def _read(self, in_flight: anyio.abc.TaskGroup) -> None:
-        with self._receiving:
-            await self._read_until_end(in_flight)
-
-    async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> None:
-        while (data := await self._receive()) is not None:
-            answered = len(self._outbox)
-            try:
+    async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> bool:
+        """False when the peer was refused (an error frame for the whole connection)."""
+        try:
+            while (data := await self._receive()) is not None:
+                answered = len(self._outbox)
                 for frame in self._splitter.feed(data):
-                    self._answer(frame, in_flight)
-            except BadFrame as exc:
-                log.info("frame_refused", code=exc.code, reason=exc.message)
-                encode_response(error_response(None, exc.code, exc.message), self._outbox)
-                await self._flush()
-                return
-            if len(self._outbox) > answered:
-                await self._flush()
-            self._poller.poll_a_while()
+                    answer = self._dispatcher.handle(frame, self._peer)
+                    if isinstance(answer, Response):
+                        encode_response(answer, self._outbox)
+                    else:
+                        self._queue(answer, in_flight)
+                        if self._in_flight >= self._limits.max_in_flight:
+                            await self._wait_for_room()
+                            answered = 0  # the outbox went out meanwhile: send what is new
+                if self._held or self._splitter.pending:
+                    self._charge()
+                if len(self._outbox) > answered:
+                    await self._flush()
+                self._poller.poll_a_while()
+        except (BadFrame, LimitExceeded) as exc:
+            await self._refuse(exc)
+            return False
+        return True
 
-    def _answer(self, frame: bytes, in_flight: anyio.abc.TaskGroup) -> None:
-        answer = self._dispatcher.handle(frame, self._peer)
-        if isinstance(answer, Response):
-            encode_response(answer, self._outbox)
+    def _charge(self) -> None:
+        """Charge the budget for the unfinished frame's growth; raises LimitExceeded when that
+        takes the server's total past it."""
+        held, self._held = self._held, self._splitter.pending
+        if self._held >= LARGE_CONNECTION_PARTIAL:
+            self.large = True
+        if not self._budget.charge(held, self._held):
+            budget = self._budget.limit
+            raise LimitExceeded(
+                f"unfinished frames on this socket would pass their budget of {budget} bytes "
+                "(all connections together): retry once others are finished",
+                limit="partial_frame_budget",
+                value=budget,
+            )
+
+    def _give_up_frame(self) -> None:
+        self._budget.refund(self._held)
+        self._held = 0
+        self._splitter.discard()
+
+    async def _refuse(self, exc: FleetError) -> None:
+        """An error frame for the whole connection (no request id); nothing more is read."""
+        log.info("connection_refused", code=exc.code, reason=exc.message)
+        self._give_up_frame()
+        encode_response(error_response(None, exc.code, exc.message, **exc.details), self._outbox)
+        await self._flush()
+
+    def _hung_up(self) -> bool:
+        """Whether the peer closed its end entirely, not just its writing half (its reading
+        half would still want answers)."""
+        poll = select.poll()
+        poll.register(self._raw, select.POLLHUP)
+        return any(events & select.POLLHUP for _, events in poll.poll(0))
+
+    def _queue(self, pending: Pending, in_flight: anyio.abc.TaskGroup) -> None:
+        self._in_flight += 1
+        if self._in_flight >= LARGE_CONNECTION_IN_FLIGHT:
+            self.large = True
+        self._waiting.append(pending)
+        if self._idle:
+            self._idle.pop().set()
         else:
-            self._waiting.append(answer)
-            if self._idle:
-                self._idle.pop().set()
-            else:
-                in_flight.start_soon(self._work)
+            in_flight.start_soon(self._work)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: the peer's requests in flight reached the limit, so read no more of
+        them until one is answered (the answers so far go out first)."""
+        await self._flush()
+        while self._in_flight >= self._limits.max_in_flight:
+            self._room = anyio.Event()
+            await self._room.wait()
 
     async def _work(self) -> None:
         """A worker: answers waiting requests one at a time, then idles until handed more.
@@ -240,7 +335,13 @@ class Connection:
     async def _answer_later(self, pending: Pending) -> None:
         """Queue the answer; the first answer of a loop turn writes, after the turn, every
         answer queued meanwhile in one write (a commit wakes a batch of them at once)."""
-        encode_response(await pending, self._outbox)
+        try:
+            encode_response(await pending, self._outbox)
+        finally:
+            self._in_flight -= 1
+            if self._room is not None and self._in_flight < self._limits.max_in_flight:
+                self._room.set()
+                self._room = None
         if self._writing or self._flush_due:
             return
         self._flush_due = True

@@ -17,6 +17,7 @@
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
     ├── MemberFailed               member_failed: a member entered `error` while awaited
+    ├── LimitExceeded              limit_exceeded: past one of a daemon's bounds per client
     ├── NotOwned                   not_owned, exit 10
     ├── NotEnabled                 not_enabled, exit 10
     ├── Absent                     absent, exit 11
@@ -149,6 +150,16 @@ class MemberFailed(FleetError):
     carries the member's own error (its exit, its OS error, its start timeout)."""
 
     code = "member_failed"
+
+
+class LimitExceeded(FleetError):
+    """The peer went past one of the bounds a daemon sets per client (README, "Bounds").
+    Past the cap on waits per connection only that request fails: wait for an earlier one to
+    be answered, or open another connection. A partial frame over the budget for unfinished
+    frames, or stalled mid-frame for too long, ends the connection after this error frame.
+    Its details name the bound (`limit`) and give its `value`."""
+
+    code = "limit_exceeded"
 
 
 class NotOwned(FleetError):

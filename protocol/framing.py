@@ -30,24 +30,61 @@ _UNDECODABLE = (msgspec.MsgspecError, RecursionError, UnicodeDecodeError)
 
 class FrameSplitter:
     """Splits a byte stream into frames, incrementally; raises FrameTooLarge when a line
-    outgrows `max_frame`, however the bytes were chunked."""
+    outgrows `max_frame`, however the bytes were chunked.
+
+    A chunk of whole frames is split as it is, with nothing copied to a buffer. A frame cut
+    across chunks is held in a bytearray that each chunk extends, and only that chunk is
+    searched for a newline: a frame fed in small pieces costs time linear in its length
+    (concatenating bytes made it quadratic), and memory within an eighth of it."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
-        self._buffer = b""
+        self._partial: bytearray | None = None
+        """The start of an unfinished frame: never empty, at most max_frame bytes."""
 
     def feed(self, data: bytes) -> list[bytes]:
-        buffer = self._buffer + data if self._buffer else data
-        frames = buffer.split(b"\n")
-        self._buffer = frames.pop()
-        if len(self._buffer) > self.max_frame or any(len(f) > self.max_frame for f in frames):
-            raise FrameTooLarge(f"frame exceeds {self.max_frame} bytes")
+        frames = data.split(b"\n")
+        tail = frames.pop()
+        if self._partial is not None:
+            if not frames:
+                self._extend(tail)
+                return []
+            frames[0] = self._finish(frames[0])
+        if len(data) > self.max_frame and self._outgrown(frames, tail):
+            raise self._too_large()
+        if tail:
+            self._partial = bytearray(tail)
         return frames
+
+    def _outgrown(self, frames: list[bytes], tail: bytes) -> bool:
+        """Whether a line of one chunk is too long (only a chunk over max_frame can hold one)."""
+        return len(tail) > self.max_frame or any(len(f) > self.max_frame for f in frames)
+
+    def _extend(self, piece: bytes) -> None:
+        assert self._partial is not None
+        if len(self._partial) + len(piece) > self.max_frame:
+            raise self._too_large()
+        self._partial += piece
+
+    def _finish(self, piece: bytes) -> bytes:
+        """The held frame completed by `piece`, as bytes; nothing is held after it."""
+        self._extend(piece)
+        assert self._partial is not None
+        frame = bytes(self._partial)
+        self._partial = None
+        return frame
+
+    def _too_large(self) -> FrameTooLarge:
+        return FrameTooLarge(f"frame exceeds {self.max_frame} bytes")
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back (a peer that stops mid-frame leaves some)."""
-        return len(self._buffer)
+        return 0 if self._partial is None else len(self._partial)
+
+    def discard(self) -> None:
+        """Drop the incomplete frame held back (the stream is being given up)."""
+        self._partial = None
 
 
 def encode(message: msgspec.Struct) -> bytes:
