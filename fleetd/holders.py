@@ -8,8 +8,15 @@ Lifetime. A detached holder is a session leader with no tie to fleetd: fleetd's 
 or upgrade leaves it and its members running. On start, fleetd re-adopts every holder its
 journal names whose pidfile still names the same process (pid *and* start time): it opens a
 pidfd and a `watch` on a member socket, and nothing is restarted. A journaled holder that died
-meanwhile is cleaned up (its sockets, its journal entries); its members then read `stopped`
-from their state files.
+meanwhile is cleaned up (its sockets, its journal entries, and its cgroup: see below); its
+members then read `stopped` from their state files.
+
+Cgroups. Where a holder could make one (fleetd.cgroups), its members' processes live in its
+cgroup, `fleet-CLUSTER.PID-START` beside the holder in fleetd's own cgroup, and outlive it when
+it is SIGKILLed: whenever fleetd sees a holder gone (its pidfd, or a dead one at start-up), it
+kills everything left in that cgroup (`cgroup.kill`) and removes it once empty. It finds it
+from the journal (the holder's pid and start time name it), else from the members' state
+files (a holder started from another cgroup).
 
 Launch. The record is written (`starting`) before the holder is spawned, and the holder's pid
 and start time are journaled before it runs: it is spawned behind a gate that fleetd opens
@@ -56,6 +63,7 @@ from fleetctl.members_client import (
     holder_ready,
     status_on_disk,
 )
+from fleetd.cgroups import Cgroup, holder_cgroup_name, own_directory, within_hierarchy
 from fleetd.dispatch import Peer
 from fleetd.journal import Owners, fleetd_entry
 from fleetd.members import is_running, process_start_time, read_pidfile, write_atomically
@@ -117,6 +125,8 @@ READY_TIMEOUT = 30.0
 STOP_MARGIN = 5.0
 """Seconds beyond the longest stop_timeout for a holder to report its members stopped."""
 REQUEST_TIMEOUT = 10.0
+CGROUP_GRACE = 2.0
+"""Seconds the processes a dead holder left in its cgroup get to go once killed."""
 _ATTACH_FIRST = 0.01
 _ATTACH_MAX = 0.2
 """Seconds between tries of a re-adopted starting holder's sockets: first, and at most."""
@@ -607,9 +617,11 @@ class HolderRegistry:
 
     async def _exited_now(self, record: HolderRecord, *, reason: str) -> None:
         """Journal a holder gone: its record stays (exited; its files remain), its members'
-        socket records go, and so do sockets a killed holder could not remove."""
+        socket records go, and so do sockets a killed holder could not remove, and any
+        process it left in its cgroup."""
         name = record.spec.name
         _remove_sockets(record.dir, self._member_names(record))
+        await _end_cgroup(record)
         exited = msgspec.structs.replace(record, state="exited")
         await self.store.txn(
             (), [Put(HOLDERS + name, _encode(exited)), DeleteRange(f"{MEMBERS}{name}/")]
@@ -942,6 +954,48 @@ def _current_specs(record: HolderRecord) -> dict[str, MemberSpec]:
             current = msgspec.json.decode(f.read(), type=ClusterSpec)
         specs |= {m.name: m for m in current.members}
     return specs
+
+
+async def _end_cgroup(record: HolderRecord) -> None:
+    """Kill every process left in a gone holder's cgroup, if it left one, and remove it once
+    empty (one that will not empty is left, and said so)."""
+    cgroup = await anyio.to_thread.run_sync(_left_cgroup, record)
+    if cgroup is None:
+        return
+    left = cgroup.populated()
+    if left:
+        cgroup.kill()
+    if not await cgroup.wait_empty(CGROUP_GRACE):
+        log.warning("holder_cgroup_not_empty", cluster=record.spec.name, cgroup=cgroup.path)
+        return
+    try:
+        cgroup.remove()
+    except OSError as exc:
+        log.warning("holder_cgroup_not_removed", cgroup=cgroup.path, error=str(exc))
+        return
+    log.info("holder_cgroup_removed", cluster=record.spec.name, cgroup=cgroup.path, killed=left)
+
+
+def _left_cgroup(record: HolderRecord) -> Cgroup | None:
+    """The cgroup a gone holder left, if any: named by its pid and start time, beside fleetd
+    (which started it), else where its members' state files say. Reads the disk."""
+    if not record.pid:
+        return None
+    name = holder_cgroup_name(record.spec.name, record.pid, record.start_time)
+    own = own_directory()
+    if own is None:
+        return None
+    candidates = [os.path.join(own, name)]
+    if not os.path.isdir(candidates[0]):
+        for member in _current_specs(record):
+            said = status_on_disk(record.dir, member).cgroup
+            if said:
+                candidates.append(os.path.dirname(said))
+                break
+    for path in candidates:
+        if os.path.basename(path) == name and within_hierarchy(path) and os.path.isdir(path):
+            return Cgroup(path)
+    return None
 
 
 def _remove_sockets(runtime_dir: str, names: Iterable[str]) -> None:

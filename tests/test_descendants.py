@@ -20,7 +20,7 @@ import fleetctl
 from fleetd import cgroups
 from fleetd.descendants import Lineage, Process, TreeDescendants, member_of
 from protocol.members import MemberState
-from tests.processes import Fleetd, kill_holders, running_fleetd
+from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
 
 ESCAPE = "setsid sleep 1000 & echo $! > {dir}/escapee; "
@@ -339,6 +339,27 @@ def test_down_ends_every_process_of_every_member(daemon: Fleetd, held: Callable[
     done = run_fleetctl("--json", "down", "esc", env=daemon.env)
     assert done.returncode == 0, done.stdout
     assert processes.alive() == []
+
+
+def test_fleetd_ends_what_a_sigkilled_holder_left_in_its_cgroup(
+    cgroup_mode: None, tempdir: str, held: Callable[..., Held]
+) -> None:
+    with running_fleetd(tempdir) as daemon:
+        try:
+            envelope = up(daemon, ESCAPING)
+            runtime_dir, holder = str(envelope["runtime_dir"]), int(str(envelope["holder_pid"]))
+            escapees = [read_pid(os.path.join(runtime_dir, m, "escapee")) for m in ("a", "b")]
+            processes = held(*escapees)
+            statuses = json.loads(run_fleetctl("--json", "status", env=daemon.env).stdout)
+            holder_cgroup = os.path.dirname(statuses["members"][0]["cgroup"])
+            os.kill(holder, signal.SIGKILL)
+            assert wait_gone(holder, 5)
+            # The members die by their parent-death signal, what they started by fleetd's hand.
+            wait_until(lambda: not processes.alive(), timeout=5)
+            wait_until(lambda: not os.path.exists(holder_cgroup), timeout=5)
+        finally:
+            kill_holders(daemon)
+    assert "holder_cgroup_removed" in daemon.log()
 
 
 # --- the pieces -------------------------------------------------------------------------------
