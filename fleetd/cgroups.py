@@ -170,17 +170,17 @@ class Cgroup:
             fd = os.open(os.path.join(self.path, EVENTS_FILE), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return True
-        poller = select.epoll()
         try:
-            poller.register(fd, select.EPOLLPRI)
-            with anyio.move_on_after(timeout):
+            if not _populated(os.pread(fd, 256, 0)):
+                return True
+            with select.epoll() as poller, anyio.move_on_after(timeout):
+                poller.register(fd, select.EPOLLPRI)
                 while _populated(os.pread(fd, 256, 0)):  # a read re-arms the notification
                     await anyio.wait_readable(poller.fileno())
                     poller.poll(0)
                 return True
             return False
         finally:
-            poller.close()
             os.close(fd)
 
     def remove(self) -> bool:

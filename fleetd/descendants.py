@@ -348,6 +348,13 @@ def _removed(cgroup: Cgroup) -> bool:
         return False
 
 
+def _group(pid: int) -> int | None:
+    try:
+        return identity.proc_stat(pid).group
+    except identity.ProcessGone:
+        return None
+
+
 def _holder_cgroup(cluster: str, pid: int, start_time: int) -> tuple[Cgroup | None, str]:
     """The holder's cgroup, made; or None and why not."""
     if os.environ.get(CGROUPS_ENV, "").lower() in ("off", "0", "no"):
@@ -469,6 +476,8 @@ class CgroupDescendants(Descendants):
 
     def signal(self, signum: int, main: int) -> None:
         for pid in self._cgroup.processes():
+            if pid == main or _group(pid) in (main, None):
+                continue  # the group (the usual all): its signal is the stop's own
             process = Process.open(pid, cgroup=self._cgroup)
             if process is not None:
                 if process.group != main:

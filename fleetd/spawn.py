@@ -18,8 +18,9 @@ instruction, or a child it forks at once would start outside. The trampoline, an
 hook, move the process there themselves, writing "0" to the cgroup's `cgroup.procs` before
 the exec (the move, which takes the kernel's cgroup locks, is then the child's cost, not the
 holder's event loop's): a program never runs outside its cgroup. setpriv cannot, so the
-holder moves that child right after posix_spawn returns, while setpriv is still loading, and
-then anything it already forked (a program that forks within that moment would race it).
+holder moves that child right after posix_spawn returns, then anything it forked meanwhile.
+That path races: a move may wait for an RCU grace period (milliseconds), and a child the
+program forks and that exits within it ran outside (one that lives on is moved).
 
 The signal fires when the spawning *thread* exits: the holder spawns from its event-loop thread.
 """
