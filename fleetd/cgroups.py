@@ -3,7 +3,7 @@ member starts, whatever it does (setsid, a double fork, a cleared environment), 
 ended at once, even by fleetd after the member's holder was SIGKILLed.
 
     hierarchy()          the cgroup2 mount, from /proc/self/mountinfo (never assumed)
-    own_directory()      this process's cgroup, as a directory under that mount
+    cgroup_directory()   a process's cgroup, as a directory under that mount
     holder_cgroup_name   what a holder calls its cgroup: fleetd computes it too
     holder_of            the holder process a cgroup of that name belongs to
     Cgroup               one cgroup: create, processes, kill, wait until empty, remove
@@ -73,12 +73,17 @@ def cgroup_of(pid: int | str = "self") -> str | None:
     return None
 
 
-def own_directory() -> str | None:
-    """This process's cgroup as a directory, or None without a cgroup2 hierarchy."""
-    root, path = hierarchy(), cgroup_of()
+def cgroup_directory(pid: int | str) -> str | None:
+    """A process's cgroup as a directory, or None (gone, or no cgroup2 hierarchy)."""
+    root, path = hierarchy(), cgroup_of(pid)
     if root is None or path is None:
         return None
     return os.path.normpath(root + path)
+
+
+def own_directory() -> str | None:
+    """This process's cgroup as a directory, or None without a cgroup2 hierarchy."""
+    return cgroup_directory("self")
 
 
 def holder_cgroup_name(cluster: str, pid: int, start_time: int) -> str:

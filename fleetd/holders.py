@@ -14,9 +14,9 @@ members then read `stopped` from their state files.
 Cgroups. Where a holder could make one (fleetd.cgroups), its members' processes live in its
 cgroup, `fleet-CLUSTER.PID-START` beside the holder in fleetd's own cgroup, and outlive it when
 it is SIGKILLed: whenever fleetd sees a holder gone (its pidfd, or a dead one at start-up), it
-kills everything left in that cgroup (`cgroup.kill`) and removes it once empty. It finds it
-from the journal (the holder's pid and start time name it), else from the members' state
-files (a holder started from another cgroup).
+kills everything left in that cgroup (`cgroup.kill`) and removes it once empty. The journal
+names it (the holder's pid and start time), and where it is was read while the holder lived
+(else, for one found dead at start-up, fleetd's own cgroup: where it started it).
 
 Launch. The record is written (`starting`) before the holder is spawned, and the holder's pid
 and start time are journaled before it runs: it is spawned behind a gate that fleetd opens
@@ -63,7 +63,13 @@ from fleetctl.members_client import (
     holder_ready,
     status_on_disk,
 )
-from fleetd.cgroups import Cgroup, holder_cgroup_name, own_directory, within_hierarchy
+from fleetd.cgroups import (
+    Cgroup,
+    cgroup_directory,
+    holder_cgroup_name,
+    own_directory,
+    within_hierarchy,
+)
 from fleetd.dispatch import Peer
 from fleetd.journal import Owners, fleetd_entry
 from fleetd.members import is_running, process_start_time, read_pidfile, write_atomically
@@ -241,6 +247,8 @@ class Held:
     link: MemberLink | None = None
     process: subprocess.Popen[bytes] | None = None
     gone: anyio.Event = field(default_factory=anyio.Event)
+    cgroup_parent: str | None = None
+    """The holder's own cgroup directory, read while it lives: its cgroup is made there."""
 
     @property
     def pid(self) -> int:
@@ -564,6 +572,7 @@ class HolderRegistry:
         """Count it live (its name is taken, gc leaves it alone) and see it exit."""
         self._live[held.name] = held
         self._exited.pop(held.name, None)
+        held.cgroup_parent = cgroup_directory(held.pid)  # read after the pidfd was opened
         self._changed_now()
         assert self._tasks is not None
         self._tasks.start_soon(self._until_exit, held)
@@ -612,16 +621,20 @@ class HolderRegistry:
         if held.process is not None:
             held.process.wait()  # our child: reap it (it has exited: this does not block)
         self._live.pop(held.name, None)
-        await self._exited_now(held.record, reason="holder_exited")
+        await self._exited_now(
+            held.record, reason="holder_exited", cgroup_parent=held.cgroup_parent
+        )
         held.gone.set()
 
-    async def _exited_now(self, record: HolderRecord, *, reason: str) -> None:
+    async def _exited_now(
+        self, record: HolderRecord, *, reason: str, cgroup_parent: str | None = None
+    ) -> None:
         """Journal a holder gone: its record stays (exited; its files remain), its members'
         socket records go, and so do sockets a killed holder could not remove, and any
-        process it left in its cgroup."""
+        process it left in its cgroup (made in `cgroup_parent`, else beside fleetd)."""
         name = record.spec.name
         _remove_sockets(record.dir, self._member_names(record))
-        await _end_cgroup(record)
+        await _end_cgroup(record, cgroup_parent)
         exited = msgspec.structs.replace(record, state="exited")
         await self.store.txn(
             (), [Put(HOLDERS + name, _encode(exited)), DeleteRange(f"{MEMBERS}{name}/")]
@@ -956,10 +969,10 @@ def _current_specs(record: HolderRecord) -> dict[str, MemberSpec]:
     return specs
 
 
-async def _end_cgroup(record: HolderRecord) -> None:
+async def _end_cgroup(record: HolderRecord, parent: str | None) -> None:
     """Kill every process left in a gone holder's cgroup, if it left one, and remove it once
     empty (one that will not empty is left, and said so)."""
-    cgroup = await anyio.to_thread.run_sync(_left_cgroup, record)
+    cgroup = _left_cgroup(record, parent)
     if cgroup is None:
         return
     left = cgroup.populated()
@@ -976,24 +989,15 @@ async def _end_cgroup(record: HolderRecord) -> None:
     log.info("holder_cgroup_removed", cluster=record.spec.name, cgroup=cgroup.path, killed=left)
 
 
-def _left_cgroup(record: HolderRecord) -> Cgroup | None:
-    """The cgroup a gone holder left, if any: named by its pid and start time, beside fleetd
-    (which started it), else where its members' state files say. Reads the disk."""
+def _left_cgroup(record: HolderRecord, parent: str | None) -> Cgroup | None:
+    """The cgroup a gone holder left, if any: named by its pid and start time, in `parent`
+    (the holder's own cgroup) or beside fleetd, which started it."""
     if not record.pid:
         return None
     name = holder_cgroup_name(record.spec.name, record.pid, record.start_time)
-    own = own_directory()
-    if own is None:
-        return None
-    candidates = [os.path.join(own, name)]
-    if not os.path.isdir(candidates[0]):
-        for member in _current_specs(record):
-            said = status_on_disk(record.dir, member).cgroup
-            if said:
-                candidates.append(os.path.dirname(said))
-                break
-    for path in candidates:
-        if os.path.basename(path) == name and within_hierarchy(path) and os.path.isdir(path):
+    for directory in dict.fromkeys(d for d in (parent, own_directory()) if d is not None):
+        path = os.path.join(directory, name)
+        if within_hierarchy(path) and os.path.isdir(path):
             return Cgroup(path)
     return None
 

@@ -475,7 +475,6 @@ class Member:
                 started_at=self.started_at,
                 error=self.error,
                 lingering=self.lingering,
-                cgroup=self._descendants.cgroup if self._descendants is not None else "",
             )
         return self._status
 

@@ -44,5 +44,3 @@ class MemberStatus(Message, frozen=True, gc=False):
     """Processes of the member still alive while the member itself does not run: what its
     last exit or stop sent SIGKILL and what would not go (uninterruptible sleep, another
     user's), counted as of then, and back to 0 once they are gone or the member runs again."""
-    cgroup: str = ""
-    """The member's cgroup directory, where its holder gave it one (see fleetd.cgroups)."""

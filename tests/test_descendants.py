@@ -38,6 +38,15 @@ DOUBLE_FORK = (
 runs with ENV, the member's environment or a cleared one."""
 
 
+def cgroup_of(pid: int | None) -> str:
+    """A member's cgroup directory, from its process (what an operator would read), once its
+    trampoline joined it (a member runs as soon as it is spawned, ready "none")."""
+    wait_until(lambda: (cgroups.cgroup_of(pid or 0) or "").endswith(".member"))
+    found = cgroups.cgroup_directory(pid or 0)
+    assert found is not None, f"no cgroup for {pid}"
+    return found
+
+
 def cgroup_problem() -> str | None:
     """Why this machine gives members no cgroup (the skip reason), or None."""
     own = cgroups.own_directory()
@@ -251,14 +260,15 @@ def test_a_process_that_cleared_its_environment_ends_with_its_member_in_its_cgro
     spec = {"command": double_fork(env="{'PATH': os.environ['PATH']}")}
     with fleetctl.cluster(members(env_less=spec, other={"command": ["sleep", "60"]})) as c:
         status = c.wait_running()["env_less"]
-        member_cgroup = cgroups.Cgroup(status.cgroup)
+        path = cgroup_of(status.pid)
+        member_cgroup = cgroups.Cgroup(path)
         wait_until(lambda: set(sleepers()) & set(member_cgroup.processes()))
         (orphan,) = set(sleepers()) & set(member_cgroup.processes())
         processes = held(orphan)
         assert not _environ_has(orphan, b"FLEET")
         c.stop("env_less")
         assert processes.alive() == []
-        assert not os.path.exists(status.cgroup)
+        assert not os.path.exists(path)
 
 
 def test_without_cgroups_an_unattributable_process_ends_with_the_holder(
@@ -282,11 +292,13 @@ def test_each_member_has_a_cgroup_of_its_own_removed_when_it_leaves(
     spec = shell(ESCAPE + "exec sleep 60")
     with fleetctl.cluster(members(a=spec, b=spec), name="cg") as c:
         running = c.wait_running()
-        paths = {name: status.cgroup for name, status in running.items()}
-        assert paths["a"] != paths["b"] and all(paths.values())
+        paths = {name: cgroup_of(status.pid) for name, status in running.items()}
         holder_cgroup = os.path.dirname(paths["a"])
-        assert os.path.dirname(paths["b"]) == holder_cgroup
-        assert os.path.basename(holder_cgroup).startswith("fleet-cg.")
+        assert paths == {name: f"{holder_cgroup}/{name}.member" for name in ("a", "b")}
+        holder, started = c.holder_pid or 0, cgroups.holder_of(os.path.basename(holder_cgroup))
+        assert os.path.basename(holder_cgroup).startswith("fleet-cg.") and started
+        assert started[0] == holder
+        assert os.path.dirname(holder_cgroup) == cgroups.cgroup_directory(holder)  # beside it
         escapee = read_pid(os.path.join(c.runtime_dir, "a", "escapee"))
         processes = held(escapee)
         a = cgroups.Cgroup(paths["a"])
@@ -295,7 +307,6 @@ def test_each_member_has_a_cgroup_of_its_own_removed_when_it_leaves(
         c.stop("a")
         assert processes.alive() == [] and not os.path.exists(paths["a"])
         assert os.path.exists(paths["b"])
-        assert c.status("a").cgroup == paths["a"]  # where it was, for the record
     assert not os.path.exists(holder_cgroup)
 
 
@@ -351,7 +362,7 @@ def test_fleetd_ends_what_a_sigkilled_holder_left_in_its_cgroup(
             escapees = [read_pid(os.path.join(runtime_dir, m, "escapee")) for m in ("a", "b")]
             processes = held(*escapees)
             statuses = json.loads(run_fleetctl("--json", "status", env=daemon.env).stdout)
-            holder_cgroup = os.path.dirname(statuses["members"][0]["cgroup"])
+            holder_cgroup = os.path.dirname(cgroup_of(statuses["members"][0]["pid"]))
             os.kill(holder, signal.SIGKILL)
             assert wait_gone(holder, 5)
             # The members die by their parent-death signal, what they started by fleetd's hand.
