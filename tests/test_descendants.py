@@ -6,6 +6,7 @@ with FLEET_CGROUPS=off, as on a machine without (the holder then goes by /proc).
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import fleetctl
 from fleetd import cgroups
 from fleetd.descendants import Lineage, Process, TreeDescendants, member_of
 from protocol.members import MemberState
-from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
+from tests.processes import Fleetd, cgroup_problem, kill_holders, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
 
 ESCAPE = "setsid sleep 1000 & echo $! > {dir}/escapee; "
@@ -45,24 +46,6 @@ def cgroup_of(pid: int | None) -> str:
     found = cgroups.cgroup_directory(pid or 0)
     assert found is not None, f"no cgroup for {pid}"
     return found
-
-
-def cgroup_problem() -> str | None:
-    """Why this machine gives members no cgroup (the skip reason), or None."""
-    own = cgroups.own_directory()
-    if own is None:
-        return "no cgroup2 hierarchy is mounted"
-    probe = os.path.join(own, f"fleet-probe.{os.getpid()}")
-    try:
-        os.mkdir(probe)
-    except OSError as exc:
-        return f"cgroup v2 is not writable here ({own}: {exc.strerror})"
-    os.rmdir(probe)
-    if not os.path.exists(os.path.join(own, "cgroup.procs")) or not os.access(
-        os.path.join(own, "cgroup.procs"), os.W_OK
-    ):
-        return f"{own}/cgroup.procs is not writable"
-    return None
 
 
 @pytest.fixture(params=["cgroup", "proc"])
@@ -92,8 +75,9 @@ def shell(script: str, **more: object) -> dict[str, object]:
     return {"command": ["sh", "-c", script], **more}
 
 
-def double_fork(env: str = "dict(os.environ)", then: str = "time.sleep(60)") -> list[str]:
-    return [sys.executable, "-c", f"import os, time\nENV = {env}\n{DOUBLE_FORK}{then}\n"]
+def double_fork(env: str = "dict(os.environ)") -> list[str]:
+    """A member that double-forks a `sleep 1000` with `env`, then sleeps."""
+    return [sys.executable, "-c", f"import os, time\nENV = {env}\n{DOUBLE_FORK}time.sleep(60)\n"]
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
@@ -148,8 +132,6 @@ class Held:
 
 
 def _readable(fd: int) -> bool:
-    import select
-
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))

@@ -16,6 +16,7 @@ import pytest
 from fleetd import cgroups
 from fleetd import spawn as spawn_module
 from fleetd.spawn import TRAMPOLINE, Spawner
+from tests.processes import cgroup_problem
 
 SETPRIV = spawn_module._SETPRIV
 
@@ -97,14 +98,11 @@ def test_the_trampoline_that_cannot_join_its_cgroup_says_so_and_runs_nothing(
 
 def writable_cgroup() -> str:
     """A fresh cgroup under ours, or skip: cgroup v2 must be mounted and writable here."""
-    own = cgroups.own_directory()
-    if own is None:
-        pytest.skip("no cgroup2 hierarchy is mounted")
-    path = os.path.join(own, f"fleet-test-spawn.{os.getpid()}")
-    try:
-        cgroups.Cgroup(path).create()
-    except OSError as exc:
-        pytest.skip(f"cgroup v2 is not writable here ({own}: {exc.strerror})")
+    problem = cgroup_problem()
+    if problem:
+        pytest.skip(problem)
+    path = os.path.join(cgroups.own_directory() or "", f"fleet-test-spawn.{os.getpid()}")
+    cgroups.Cgroup(path).create()
     return path
 
 
