@@ -5,7 +5,11 @@ is of a container), serving one unix socket per member.
 
 It becomes a child subreaper (orphans of members are re-parented to it and reaped) and gives
 each member a parent-death signal, so a holder that dies, even by SIGKILL, leaks no member.
-It exits when its last member leaves (stop), or on SIGTERM/SIGINT after stopping them all.
+A member's other processes end with it (fleetd.descendants): where cgroup v2 is writable, each
+member has a cgroup under the holder's (`fleet-CLUSTER.PID-START/NAME.member`, beside the
+holder's own), which outlives a SIGKILLed holder for fleetd to end. It exits when its last
+member leaves (stop), or on SIGTERM/SIGINT after stopping them all, and ends whatever process
+is left as it goes.
 
 Bound mode (`--bind-pid`, the library's lifetime): the holder stops every member and exits as
 soon as the client process dies (pidfd) or a connection that completed bind + ack reaches EOF.
@@ -36,6 +40,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from fleetctl._link import Poller
 from fleetd.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
+from fleetd.descendants import Lineage
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -211,6 +216,7 @@ class Holder:
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
         self.reaper = Reaper()
         self.spawner = Spawner()
+        self.lineage = Lineage(self.cluster, self.reaper.watched)
         self._bind_pid = bind_pid
         self._log_max_bytes = log_max_bytes
         self._members: dict[str, Member] = {}
@@ -237,8 +243,10 @@ class Holder:
     # -- lifecycle
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start every member, report started, serve until the last member left."""
+        """Start every member, report started, serve until the last member left; end every
+        process left."""
         self._prepare_directory()
+        self.lineage.start()
         try:
             async with anyio.create_task_group() as self._tasks:
                 await self._tasks.start(self.reaper.run)
@@ -265,9 +273,11 @@ class Holder:
                     )
                     task_status.started()
                     await self._finished.wait()
+                    await self.lineage.end_all()
                     self._finish_connections()
                 self._tasks.cancel_scope.cancel()
         finally:
+            self.lineage.close()
             for doorway in self._doorways.values():
                 doorway.close()
             self._save_changed()
@@ -303,6 +313,7 @@ class Holder:
             return
         self._tearing_down = True
         log.info("holder_tearing_down", cluster=self.cluster, reason=reason)
+        self.lineage.freeze()
         assert self._tasks is not None
         for member in list(self._members.values()):
             self._tasks.start_soon(member.stop)

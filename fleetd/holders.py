@@ -8,8 +8,15 @@ Lifetime. A detached holder is a session leader with no tie to fleetd: fleetd's 
 or upgrade leaves it and its members running. On start, fleetd re-adopts every holder its
 journal names whose pidfile still names the same process (pid *and* start time): it opens a
 pidfd and a `watch` on a member socket, and nothing is restarted. A journaled holder that died
-meanwhile is cleaned up (its sockets, its journal entries); its members then read `stopped`
-from their state files.
+meanwhile is cleaned up (its sockets, its journal entries, and its cgroup: see below); its
+members then read `stopped` from their state files.
+
+Cgroups. Where a holder could make one (fleetd.cgroups), its members' processes live in its
+cgroup, `fleet-CLUSTER.PID-START` beside the holder in fleetd's own cgroup, and outlive it when
+it is SIGKILLed: whenever fleetd sees a holder gone (its pidfd, or a dead one at start-up), it
+kills everything left in that cgroup (`cgroup.kill`) and removes it once empty. The journal
+names it (the holder's pid and start time), and where it is was read while the holder lived
+(else, for one found dead at start-up, fleetd's own cgroup: where it started it).
 
 Launch. The record is written (`starting`) before the holder is spawned, and the holder's pid
 and start time are journaled before it runs: it is spawned behind a gate that fleetd opens
@@ -63,6 +70,13 @@ from fleetctl.members_client import (
     holder_log,
     holder_ready,
     status_on_disk,
+)
+from fleetd.cgroups import (
+    Cgroup,
+    cgroup_directory,
+    holder_cgroup_name,
+    own_directory,
+    within_hierarchy,
 )
 from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Peer
@@ -132,6 +146,8 @@ STOP_MARGIN = 5.0
 REQUEST_TIMEOUT = 10.0
 JOURNAL_RETRY = 1.0
 """Seconds between tries of journal writes a full disk postponed."""
+CGROUP_GRACE = 2.0
+"""Seconds the processes a dead holder left in its cgroup get to go once killed."""
 _ATTACH_FIRST = 0.01
 _ATTACH_MAX = 0.2
 """Seconds between tries of a re-adopted starting holder's sockets: first, and at most."""
@@ -246,6 +262,8 @@ class Held:
     link: MemberLink | None = None
     process: subprocess.Popen[bytes] | None = None
     gone: anyio.Event = field(default_factory=anyio.Event)
+    cgroup_parent: str | None = None
+    """The holder's own cgroup directory, read while it lives: its cgroup is made there."""
 
     @property
     def pid(self) -> int:
@@ -594,6 +612,7 @@ class HolderRegistry:
         """Count it live (its name is taken, gc leaves it alone) and see it exit."""
         self._live[held.name] = held
         self._exited.pop(held.name, None)
+        held.cgroup_parent = cgroup_directory(held.pid)  # read after the pidfd was opened
         self._changed_now()
         assert self._tasks is not None
         self._tasks.start_soon(self._until_exit, held)
@@ -646,18 +665,24 @@ class HolderRegistry:
         if held.process is not None:
             held.process.wait()  # our child: reap it (it has exited: this does not block)
         self._live.pop(held.name, None)
-        await self._exited_now(held.record, reason="holder_exited")
+        await self._exited_now(
+            held.record, reason="holder_exited", cgroup_parent=held.cgroup_parent
+        )
         held.gone.set()
 
-    async def _exited_now(self, record: HolderRecord, *, reason: str) -> None:
+    async def _exited_now(
+        self, record: HolderRecord, *, reason: str, cgroup_parent: str | None = None
+    ) -> None:
         """Journal a holder gone: its record stays (exited; its files remain), its members'
-        socket records go, and so do sockets a killed holder could not remove."""
+        socket records go, and so do sockets a killed holder could not remove, and any
+        process it left in its cgroup (made in `cgroup_parent`, else beside fleetd)."""
         name = record.spec.name
         with _opened_runtime_dir(record) as directory:
             if directory is not None:
                 _remove_sockets(directory, _member_names(record, directory))
         self._exited[name] = msgspec.structs.replace(record, state="exited")
-        self._changed_now()
+        self._changed_now()  # status answers from memory: it says so now, not after the writes
+        await _end_cgroup(record, cgroup_parent)
         await self._write_journal(name)
         log.info("holder_gone", cluster=name, pid=record.pid, reason=reason)
 
@@ -1090,3 +1115,36 @@ def _remove_sockets(directory: PrivateDir, names: Iterable[str]) -> None:
     for name in names:
         directory.unlink(f"{name}.sock")
     directory.unlink(NOTIFY_SOCKET)
+
+
+async def _end_cgroup(record: HolderRecord, parent: str | None) -> None:
+    """Kill every process left in a gone holder's cgroup, if it left one, and remove it once
+    empty (one that will not empty is left, and said so)."""
+    cgroup = _left_cgroup(record, parent)
+    if cgroup is None:
+        return
+    left = cgroup.populated()
+    if left:
+        cgroup.kill()
+    if not await cgroup.wait_empty(CGROUP_GRACE):
+        log.warning("holder_cgroup_not_empty", cluster=record.spec.name, cgroup=cgroup.path)
+        return
+    try:
+        cgroup.remove()
+    except OSError as exc:
+        log.warning("holder_cgroup_not_removed", cgroup=cgroup.path, error=str(exc))
+        return
+    log.info("holder_cgroup_removed", cluster=record.spec.name, cgroup=cgroup.path, killed=left)
+
+
+def _left_cgroup(record: HolderRecord, parent: str | None) -> Cgroup | None:
+    """The cgroup a gone holder left, if any: named by its pid and start time, in `parent`
+    (the holder's own cgroup) or beside fleetd, which started it."""
+    if not record.pid:
+        return None
+    name = holder_cgroup_name(record.spec.name, record.pid, record.start_time)
+    for directory in dict.fromkeys(d for d in (parent, own_directory()) if d is not None):
+        path = os.path.join(directory, name)
+        if within_hierarchy(path) and os.path.isdir(path):
+            return Cgroup(path)
+    return None

@@ -29,6 +29,7 @@ class ProcStat:
 
     state: str
     ppid: int
+    group: int
     start_time: int
 
 
@@ -55,7 +56,9 @@ def proc_stat(pid: int) -> ProcStat:
     state = fields[0].decode()
     if state in ("Z", "X"):
         raise ProcessGone(pid)
-    return ProcStat(state=state, ppid=int(fields[1]), start_time=int(fields[19]))
+    return ProcStat(
+        state=state, ppid=int(fields[1]), group=int(fields[2]), start_time=int(fields[19])
+    )
 
 
 def start_time(pid: int) -> int:
@@ -101,6 +104,42 @@ def is_ancestor_or_self(candidate: int, pid: int) -> bool:
             return False
         seen += 1
     return False
+
+
+def children(pid: int) -> list[int]:
+    """The children of `pid` (of every thread of it) as /proc lists them now; none once it is
+    gone. Only a parent's own children keep their pids until it reaps them: check any other
+    before signalling it (a pidfd first, then its parent)."""
+    if not _PROC_CHILDREN:
+        return _children_by_scan(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    found: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found += map(int, f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread exited meanwhile
+    return found
+
+
+_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+"""Kernels built without CONFIG_PROC_CHILDREN list no children: then every process is read."""
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if proc_stat(int(entry)).ppid == pid:
+                    found.append(int(entry))
+            except (ProcessGone, OSError):
+                continue
+    return found
 
 
 def is_local(identity: Identity) -> bool:

@@ -8,7 +8,9 @@ arrive through one `Reaper` per holder (SIGCHLD on a signalfd, then waitpid unti
 left, which also reaps orphans a subreaper adopts), and readiness notifications through one
 `NotifySocket` per holder (sd_notify, attributed by sender pid).
 
-Members are started by the holder's `fleetd.spawn.Spawner`, with a parent-death signal.
+Members are started by the holder's `fleetd.spawn.Spawner`, with a parent-death signal, in
+a cgroup of their own where the holder has one; the processes a member starts are ended with
+it (fleetd.descendants), whichever way they went.
 """
 
 import asyncio
@@ -22,7 +24,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +35,7 @@ from anyio.abc import TaskStatus
 
 from fleetd import identity
 from fleetd.backoff import Backoff, Exit, plan_restart
+from fleetd.descendants import HOLDER_ENV, Descendants, Lineage
 from fleetd.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.members import (
@@ -187,6 +190,10 @@ class Reaper:
         """Call `on_exit(exit_code)` (negative: killed by that signal) when `pid` exits. Call it
         right after spawning, before awaiting anything, so the exit cannot be missed."""
         self._watching[pid] = on_exit
+
+    def watched(self) -> Collection[int]:
+        """The pids watched now: the holder's children that are not orphans."""
+        return self._watching.keys()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         block_sigchld()
@@ -352,6 +359,7 @@ class Host(Protocol):
     cluster: str
     reaper: Reaper
     spawner: Spawner
+    lineage: Lineage
     notify_path: str
 
     def peers_of(self, name: str) -> str:
@@ -384,6 +392,8 @@ class _Run:
     ready: anyio.Event = field(default_factory=anyio.Event)
     matcher: LineMatcher | None = None
     timed_out: bool = False
+    stopping: bool = False
+    """Being stopped: its exit leaves the rest of stop_timeout to its other processes."""
 
 
 class Member:
@@ -413,6 +423,10 @@ class Member:
         self.exit_code: int | None = None
         self.started_at: float | None = None
         self.error = ""
+        self.lingering = 0
+        """Processes of the member alive after its last exit or stop ended them (see
+        MemberStatus.lingering)."""
+        self._descendants: Descendants | None = None
         self._status: MemberStatus | None = None
         """status(), kept until a field of it changes: all-member answers reuse it."""
         self._run: _Run | None = None
@@ -460,38 +474,45 @@ class Member:
                 exit_code=self.exit_code,
                 started_at=self.started_at,
                 error=self.error,
+                lingering=self.lingering,
             )
         return self._status
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise until `stop`: prepare once, then spawn, await readiness, restart per
-        policy. Returns once the member is stopped and its output drained."""
+        policy. Returns once the member is stopped, every process of it ended, and its output
+        drained."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.directory, 0o700)
         self._logs = (
             LogFile(os.path.join(self.directory, STDOUT_LOG), self._log_max_bytes),
             LogFile(os.path.join(self.directory, STDERR_LOG), self._log_max_bytes),
         )
+        descendants = self._descendants = self._host.lineage.of(self.name)
         try:
             task_status.started()
             with self._supervising:
                 if await self._prepare():
                     await self._supervise()
+                await self._until_none_lingers()
                 await anyio.sleep_forever()
             if self._run is not None:
                 await self._terminate(self._run)
+            await self._end_descendants()
             await self._drain()
         finally:
             for pump in list(self._pumps):
                 pump.close()
             for log_file in self._logs:
                 log_file.close()
+            descendants.close()
             self._publish(MemberState.STOPPED)
             self._done.set()
 
     async def stop(self) -> MemberStatus:
-        """Stop the member: stop_signal to its group, SIGKILL after stop_timeout; no restart.
-        Returns once it is down. Cancelling the caller does not cancel the stop."""
+        """Stop the member: stop_signal to every process of it, SIGKILL to those left after
+        stop_timeout; no restart. Returns once it is down. Cancelling the caller does not
+        cancel the stop."""
         self._supervising.cancel()
         await self._done.wait()
         return self.status()
@@ -515,6 +536,7 @@ class Member:
             return False
         await run.exited.wait()
         self._run = None
+        await self._end_descendants()
         if run.exit_code != 0:
             self._publish(MemberState.ERROR, error=f"prepare {describe_exit(run.exit_code)}")
             return False
@@ -555,6 +577,7 @@ class Member:
                 await run.exited.wait()
                 watching.cancel_scope.cancel()
         self._run = None
+        await self._end_descendants()
         ran_for = time.monotonic() - run.spawned_at
         if run.timed_out:
             return Exit(failed=True, ran_for=ran_for), self.error
@@ -570,8 +593,11 @@ class Member:
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
+        cgroup = self._descendants.cgroup if self._descendants is not None else ""
         try:
-            child = self._host.spawner.spawn(argv, env, cwd, out_write, err_write)
+            child = self._host.spawner.spawn(
+                argv, env, cwd, out_write, err_write, cgroup=cgroup or None
+            )
         except OSError:
             for fd in (out_read, err_read):
                 os.close(fd)
@@ -585,6 +611,7 @@ class Member:
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
         self._run = run
         self.pid, self.started_at, self.error = child.pid, time.time(), ""
+        self.lingering = 0  # counted while the member is not running (see MemberStatus)
         self._stale()
         self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self._pump_closed))
         self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self._pump_closed))
@@ -594,13 +621,17 @@ class Member:
         env = {**_inherited_environment(), **{k: self.expand(v) for k, v in self.spec.env.items()}}
         env["FLEET_MEMBER"] = self.name
         env["FLEET_CLUSTER"] = self._host.cluster
+        env[HOLDER_ENV] = self._host.lineage.token
         env["FLEET_PEERS"] = self._host.peers_of(self.name)
         env["NOTIFY_SOCKET"] = self._host.notify_path
         return env
 
     def _exited(self, run: _Run, exit_code: int) -> None:
-        """From the reaper: the member's process is gone (take its group along)."""
-        signal_group(run.child.pid, signal.SIGKILL)
+        """From the reaper: the member's process is gone; take its group along at once (its
+        pid is still the group's id: nothing recycled it yet), unless a stop is under way,
+        which gives the group the rest of its stop_timeout."""
+        if not run.stopping:
+            signal_group(run.child.pid, signal.SIGKILL)
         run.child.reaped(exit_code)
         run.exit_code = exit_code
         self.pid, self.exit_code = None, exit_code
@@ -629,16 +660,49 @@ class Member:
             await run.ready.wait()
 
     async def _terminate(self, run: _Run) -> None:
-        """stop_signal to the group, then SIGKILL if it is still there after stop_timeout."""
+        """stop_signal to the group and to every other process of the member, then SIGKILL to
+        the group if the main process is still there after stop_timeout (the others get theirs
+        from _end_descendants, which follows)."""
         if run.exited.is_set():
             return
-        signal_group(run.child.pid, getattr(signal, f"SIG{self.spec.stop_signal}"))
+        assert self._descendants is not None
+        run.stopping = True
+        signum = getattr(signal, f"SIG{self.spec.stop_signal}")
+        signal_group(run.child.pid, signum)
+        self._descendants.signal(signum, run.child.pid)
         with anyio.move_on_after(self.spec.stop_timeout):
             await run.exited.wait()
+            await self._descendants.wait_ended()
+            return
+        if run.exited.is_set():
+            log.warning("member_processes_killed", member=self.name)
             return
         log.warning("member_killed", member=self.name, stop_timeout=self.spec.stop_timeout)
-        signal_group(run.child.pid, signal.SIGKILL)
+        signal_group(run.child.pid, signal.SIGKILL)  # not reaped: the group id is still its pid
         await run.exited.wait()
+
+    async def _end_descendants(self) -> None:
+        """The main process has exited: SIGKILL whatever of the member is left (before any
+        restart: a new run must not find the last one's processes on its port), and report
+        what would not go as lingering."""
+        assert self._descendants is not None
+        lingering = await self._descendants.end()
+        if lingering:
+            log.warning("member_processes_lingering", member=self.name, count=lingering)
+        self._set_lingering(lingering)
+
+    async def _until_none_lingers(self) -> None:
+        """A member that will not run again: see its lingering processes go, if ever."""
+        if self.lingering:
+            assert self._descendants is not None
+            await self._descendants.wait_gone()
+            self._set_lingering(0)
+
+    def _set_lingering(self, count: int) -> None:
+        if count != self.lingering:
+            self.lingering = count
+            self._stale()
+            self._host.member_changed(self)
 
     async def _drain(self) -> None:
         """Give the output pipes of a stopped member _DRAIN_GRACE to deliver their last words

@@ -1,17 +1,26 @@
-"""Starting a member's process so that it dies with its holder.
+"""Starting a member's process so that it dies with its holder, in its cgroup when it has one.
 
 A member gets SIGKILL as its parent-death signal, so a holder that dies (SIGKILL included)
 takes its members along. posix_spawn cannot set it, and forking the interpreter to run a
 preexec hook costs milliseconds per member, so the child first executes a trampoline that sets
 the signal and then executes the member's program:
 
-- on x86-64, `TRAMPOLINE`, a 221-byte static executable held in a memfd: no dynamic loader, no
+- on x86-64, `TRAMPOLINE`, a 373-byte static executable held in a memfd: no dynamic loader, no
   libraries, so its exec costs little more than a direct spawn;
 - elsewhere (or where memfds may not be executed), `setpriv --pdeathsig KILL`, which costs a
   second full exec per member (starting 1,000 members took twice as long through it) and,
   unlike the trampoline, does not check that its parent is still there after the prctl: a
   holder killed in the microseconds before it leaves that member behind;
 - without setpriv, a fork with a preexec hook.
+
+A member with a cgroup (fleetd.cgroups) must be in it before its program runs its first
+instruction, or a child it forks at once would start outside. The trampoline, and the preexec
+hook, move the process there themselves, writing "0" to the cgroup's `cgroup.procs` before
+the exec (the move, which takes the kernel's cgroup locks, is then the child's cost, not the
+holder's event loop's): a program never runs outside its cgroup. setpriv cannot, so the
+holder moves that child right after posix_spawn returns, then anything it forked meanwhile.
+That path races: a move may wait for an RCU grace period (milliseconds), and a child the
+program forks and that exits within it ran outside (one that lives on is moved).
 
 The signal fires when the spawning *thread* exits: the holder spawns from its event-loop thread.
 """
@@ -27,6 +36,13 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import structlog
+
+from fleetd.cgroups import PROCS_FILE, Cgroup
+from fleetd.identity import children
+
+log = structlog.get_logger("fleetd.spawn")
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -34,9 +50,12 @@ _SETPRIV = shutil.which("setpriv")
 _MFD_EXEC = 0x10
 """Asks for an executable memfd where vm.memfd_noexec would otherwise seal it (Linux 6.3+)."""
 
-# `trampoline PARENT_PID PROGRAM ARG...`: prctl(PR_SET_PDEATHSIG, SIGKILL); exit 127 unless
-# getppid() == PARENT_PID (the parent died before the prctl: no signal would ever come);
+# `trampoline PARENT_PID CGROUP_PROCS PROGRAM ARG...`: prctl(PR_SET_PDEATHSIG, SIGKILL); exit
+# 127 unless getppid() == PARENT_PID (the parent died before the prctl: no signal would ever
+# come); unless CGROUP_PROCS is "", write "0" (this process) to that file, which must be on
+# cgroup2 (a stray path never gets written), or say so on stderr and exit 127;
 # execve(PROGRAM, [PROGRAM, ARG...], envp); exit 127 if that failed.
+# (Assembled with GNU as from the listing in the comments, then objdump -d.)
 _TRAMPOLINE_CODE = bytes.fromhex(
     "4889e3"  # 00  mov rbx, rsp                 rbx -> argc, argv[0], argv[1]...
     "b89d000000"  # 03  mov eax, 157 (prctl)
@@ -44,31 +63,62 @@ _TRAMPOLINE_CODE = bytes.fromhex(
     "be09000000"  # 0d  mov esi, 9 (SIGKILL)
     "0f05"  # 12  syscall
     "4885c0"  # 14  test rax, rax
-    "7540"  # 17  jnz fail
-    "488b7310"  # 19  mov rsi, [rbx+16]            argv[1]: the parent's pid in decimal
-    "4531e4"  # 1d  xor r12d, r12d
-    "0fb616"  # 20  digit: movzx edx, byte [rsi]
-    "85d2"  # 23  test edx, edx
-    "740f"  # 25  jz parsed
-    "83ea30"  # 27  sub edx, '0'
-    "4d6be40a"  # 2a  imul r12, r12, 10
-    "4901d4"  # 2e  add r12, rdx
-    "48ffc6"  # 31  inc rsi
-    "ebea"  # 34  jmp digit
-    "b86e000000"  # 36  parsed: mov eax, 110 (getppid)
-    "0f05"  # 3b  syscall
-    "4c39e0"  # 3d  cmp rax, r12
-    "7517"  # 40  jne fail
-    "488b7b18"  # 42  mov rdi, [rbx+24]            argv[2]: the program
-    "488d7318"  # 46  lea rsi, [rbx+24]            &argv[2]
-    "488b03"  # 4a  mov rax, [rbx]               argc
-    "488d54c310"  # 4d  lea rdx, [rbx+rax*8+16]      envp
-    "b83b000000"  # 52  mov eax, 59 (execve)
-    "0f05"  # 57  syscall
-    "bf7f000000"  # 59  fail: mov edi, 127
-    "b8e7000000"  # 5e  mov eax, 231 (exit_group)
-    "0f05"  # 63  syscall
+    "0f8593000000"  # 17  jnz fail
+    "488b7310"  # 1d  mov rsi, [rbx+16]            argv[1]: the parent's pid in decimal
+    "4531e4"  # 21  xor r12d, r12d
+    "0fb616"  # 24  digit: movzx edx, byte [rsi]
+    "85d2"  # 27  test edx, edx
+    "740f"  # 29  jz parsed
+    "83ea30"  # 2b  sub edx, '0'
+    "4d6be40a"  # 2e  imul r12, r12, 10
+    "4901d4"  # 32  add r12, rdx
+    "48ffc6"  # 35  inc rsi
+    "ebea"  # 38  jmp digit
+    "b86e000000"  # 3a  parsed: mov eax, 110 (getppid)
+    "0f05"  # 3f  syscall
+    "4c39e0"  # 41  cmp rax, r12
+    "756a"  # 44  jne fail
+    "488b7b18"  # 46  mov rdi, [rbx+24]            argv[2]: a cgroup.procs, or ""
+    "803f00"  # 4a  cmp byte [rdi], 0
+    "744a"  # 4d  je run
+    "b802000000"  # 4f  mov eax, 2 (open)
+    "be01000800"  # 54  mov esi, 0x80001 (O_WRONLY | O_CLOEXEC)
+    "0f05"  # 59  syscall
+    "4885c0"  # 5b  test rax, rax
+    "785c"  # 5e  js cgroup_fail
+    "89c7"  # 60  mov edi, eax
+    "4881ec80000000"  # 62  sub rsp, 128                 a struct statfs
+    "4889e6"  # 69  mov rsi, rsp
+    "b88a000000"  # 6c  mov eax, 138 (fstatfs)
+    "0f05"  # 71  syscall
+    "4885c0"  # 73  test rax, rax
+    "7544"  # 76  jnz cgroup_fail
+    "48813c2470726763"  # 78  cmp qword [rsp], 0x63677270  f_type: CGROUP2_SUPER_MAGIC, or no write
+    "753a"  # 80  jne cgroup_fail
+    "6a30"  # 82  push '0'                     "0": the writer itself
+    "4889e6"  # 84  mov rsi, rsp
+    "ba01000000"  # 87  mov edx, 1
+    "b801000000"  # 8c  mov eax, 1 (write)
+    "0f05"  # 91  syscall
+    "4883f801"  # 93  cmp rax, 1
+    "7523"  # 97  jne cgroup_fail
+    "488b7b20"  # 99  run: mov rdi, [rbx+32]       argv[3]: the program
+    "488d7320"  # 9d  lea rsi, [rbx+32]            &argv[3]
+    "488b03"  # a1  mov rax, [rbx]               argc
+    "488d54c310"  # a4  lea rdx, [rbx+rax*8+16]      envp
+    "b83b000000"  # a9  mov eax, 59 (execve)
+    "0f05"  # ae  syscall
+    "bf7f000000"  # b0  fail: mov edi, 127
+    "b8e7000000"  # b5  mov eax, 231 (exit_group)
+    "0f05"  # ba  syscall
+    "b801000000"  # bc  cgroup_fail: mov eax, 1 (write)
+    "bf02000000"  # c1  mov edi, 2 (stderr)
+    "488d3509000000"  # c6  lea rsi, [rip+9]             message
+    "ba27000000"  # cd  mov edx, 39
+    "0f05"  # d2  syscall
+    "ebda"  # d4  jmp fail
 )
+_TRAMPOLINE_CODE += b"fleet: cannot join the member's cgroup\n"  # d6  the message
 
 
 def _static_executable(code: bytes, base: int = 0x400000) -> bytes:
@@ -134,16 +184,25 @@ class Spawner:
         self._trampoline = _trampoline_path()
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], cwd: str | None, stdout: int, stderr: int
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        stdout: int,
+        stderr: int,
+        *,
+        cgroup: str | None = None,
     ) -> Child:
         """Start `argv` in its own process group with stdin from /dev/null, the given output
-        descriptors, and SIGKILL as its parent-death signal. Raises OSError (no such program,
-        no such directory, not executable) with the OS error."""
+        descriptors, SIGKILL as its parent-death signal, and in the `cgroup` directory when
+        given (see the module). Raises OSError (no such program, no such directory, not
+        executable) with the OS error."""
+        procs = os.path.join(cgroup, PROCS_FILE) if cgroup else ""
         with _working_directory(cwd):
             program = _resolve_program(argv[0], env.get("PATH", os.defpath))
             if self._trampoline is not None:
                 try:
-                    command = [self._trampoline, str(os.getpid()), program, *argv[1:]]
+                    command = [self._trampoline, str(os.getpid()), procs, program, *argv[1:]]
                     return Child(_posix_spawn(command, env, stdout, stderr))
                 except OSError as exc:
                     if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOEXEC):
@@ -151,8 +210,11 @@ class Spawner:
                     self._trampoline = None  # memfds may not be executed here
             if _SETPRIV is not None:
                 command = [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]]
-                return Child(_posix_spawn(command, env, stdout, stderr))
-            return _spawn_with_preexec([program, *argv[1:]], env, stdout, stderr)
+                child = Child(_posix_spawn(command, env, stdout, stderr))
+                if cgroup:
+                    _move_tree(child.pid, Cgroup(cgroup))
+                return child
+            return _spawn_with_preexec([program, *argv[1:]], env, stdout, stderr, procs)
 
 
 def _trampoline_path() -> str | None:
@@ -222,7 +284,27 @@ def _resolve_program(program: str, path: str) -> str:
     return os.path.abspath(program)
 
 
-def _spawn_with_preexec(argv: list[str], env: dict[str, str], stdout: int, stderr: int) -> Child:
+def _move_tree(pid: int, cgroup: Cgroup) -> None:
+    """Move a process just spawned, then what it forked already, into `cgroup`; a process
+    that cannot be moved is killed, so that none runs outside it (see the module)."""
+    stack = [pid]
+    while stack:
+        process = stack.pop()
+        try:
+            cgroup.move(process)
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            log.warning("cgroup_move_failed", pid=process, error=str(exc))
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        stack += children(process)
+
+
+def _spawn_with_preexec(
+    argv: list[str], env: dict[str, str], stdout: int, stderr: int, procs: str
+) -> Child:
     holder = os.getpid()
 
     def die_with_holder() -> None:
@@ -230,6 +312,13 @@ def _spawn_with_preexec(argv: list[str], env: dict[str, str], stdout: int, stder
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != holder:  # the holder died before the prctl: nobody would signal us
             os._exit(1)
+        if procs:
+            try:
+                with open(procs, "w") as f:
+                    f.write("0")
+            except OSError:
+                os.write(2, b"fleet: cannot join the member's cgroup\n")
+                os._exit(127)
 
     popen = subprocess.Popen(
         argv,

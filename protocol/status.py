@@ -40,3 +40,7 @@ class MemberStatus(Message, frozen=True, gc=False):
     error: str = ""
     cluster: str = ""
     """Filled in by fleetd, which serves many clusters; a holder leaves it empty."""
+    lingering: int = 0
+    """Processes of the member still alive while the member itself does not run: what its
+    last exit or stop sent SIGKILL and what would not go (uninterruptible sleep, another
+    user's), counted as of then, and back to 0 once they are gone or the member runs again."""

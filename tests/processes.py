@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+from fleetd import cgroups
 from fleetd.members import is_running, read_pidfile
 from protocol.members import HOLDER_PIDFILE
 
@@ -187,6 +188,23 @@ def running_fleetd(root: str, **extra_env: str) -> Iterator[Fleetd]:
         yield daemon
     finally:
         daemon.close()
+
+
+def cgroup_problem() -> str | None:
+    """Why holders here give members no cgroup (a skip reason), or None: cgroup v2 must be
+    mounted, and our own cgroup writable (root, or a delegated subtree)."""
+    own = cgroups.own_directory()
+    if own is None:
+        return "no cgroup2 hierarchy is mounted"
+    if not os.access(os.path.join(own, "cgroup.procs"), os.W_OK):
+        return f"{own}/cgroup.procs is not writable (not root, not delegated)"
+    probe = os.path.join(own, f"fleet-probe.{os.getpid()}")
+    try:
+        os.mkdir(probe)
+    except OSError as exc:
+        return f"cgroup v2 is not writable here ({own}: {exc.strerror})"
+    os.rmdir(probe)
+    return None
 
 
 # -- detached holders, which outlive fleetd ---------------------------------------------------

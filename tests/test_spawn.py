@@ -1,4 +1,5 @@
-"""Spawning members: the trampoline gives them a parent-death signal and gets out of the way."""
+"""Spawning members: the trampoline gives them a parent-death signal, puts them in their cgroup,
+and gets out of the way."""
 
 import contextlib
 import os
@@ -12,7 +13,12 @@ from collections.abc import Callable
 
 import pytest
 
+from fleetd import cgroups
+from fleetd import spawn as spawn_module
 from fleetd.spawn import TRAMPOLINE, Spawner
+from tests.processes import cgroup_problem
+
+SETPRIV = spawn_module._SETPRIV
 
 NOT_X86_64 = "the trampoline is an x86-64 executable"
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason=NOT_X86_64)
@@ -48,7 +54,7 @@ def test_the_trampoline_refuses_to_run_for_a_parent_it_was_not_started_by() -> N
     try:
         path = f"/proc/self/fd/{fd}"
         done = subprocess.run(
-            [path, "1", "/bin/echo", "ran"], capture_output=True, pass_fds=(fd,), check=False
+            [path, "1", "", "/bin/echo", "ran"], capture_output=True, pass_fds=(fd,), check=False
         )
     finally:
         os.close(fd)
@@ -60,11 +66,78 @@ def test_the_trampoline_runs_the_program_for_its_parent() -> None:
     fd = trampoline_fd()
     try:
         path = f"/proc/self/fd/{fd}"
-        command = [path, str(os.getpid()), "/bin/echo", "ran"]
+        command = [path, str(os.getpid()), "", "/bin/echo", "ran"]
         done = subprocess.run(command, capture_output=True, pass_fds=(fd,), check=False)
     finally:
         os.close(fd)
     assert (done.returncode, done.stdout) == (0, b"ran\n")
+
+
+@x86_64_only
+@pytest.mark.parametrize("where", ["missing", "a regular file"])
+def test_the_trampoline_that_cannot_join_its_cgroup_says_so_and_runs_nothing(
+    tempdir: str, where: str
+) -> None:
+    procs = os.path.join(tempdir, "cgroup.procs")
+    if where == "a regular file":
+        with open(procs, "wb") as f:
+            f.write(b"\x7fELF")  # the trampoline writes only to cgroup2 files
+    fd = trampoline_fd()
+    try:
+        path = f"/proc/self/fd/{fd}"
+        command = [path, str(os.getpid()), procs, "/bin/echo", "ran"]
+        done = subprocess.run(command, capture_output=True, pass_fds=(fd,), check=False)
+    finally:
+        os.close(fd)
+    assert (done.returncode, done.stdout) == (127, b"")
+    assert done.stderr == b"fleet: cannot join the member's cgroup\n"
+    if where == "a regular file":
+        with open(procs, "rb") as f:
+            assert f.read() == b"\x7fELF"
+
+
+def writable_cgroup() -> str:
+    """A fresh cgroup under ours, or skip: cgroup v2 must be mounted and writable here."""
+    problem = cgroup_problem()
+    if problem:
+        pytest.skip(problem)
+    path = os.path.join(cgroups.own_directory() or "", f"fleet-test-spawn.{os.getpid()}")
+    cgroups.Cgroup(path).create()
+    return path
+
+
+@pytest.mark.parametrize("path", ["trampoline", "setpriv", "preexec"])
+def test_a_spawned_program_runs_in_its_cgroup(path: str) -> None:
+    """From its first instruction (its first child sees the cgroup), but through setpriv,
+    whose child the holder moves once posix_spawn returns: a cgroup move may wait for an RCU
+    grace period, milliseconds, so only what the program forks after that is sure to be in."""
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip(NOT_X86_64)
+    if path == "setpriv" and SETPRIV is None:
+        pytest.skip("setpriv not installed (util-linux)")
+    cgroup = writable_cgroup()
+    spawner = Spawner()
+    try:
+        if path != "trampoline":
+            spawner._trampoline = None
+        if path == "preexec":
+            spawn_module._SETPRIV = None
+        read, write = os.pipe()
+        try:
+            later = "sleep 0.5; " if path == "setpriv" else ""
+            argv = ["sh", "-c", later + "cat /proc/self/cgroup"]
+            child = spawner.spawn(argv, dict(os.environ), None, write, write, cgroup=cgroup)
+        finally:
+            os.close(write)
+        with os.fdopen(read) as output:
+            seen = output.read()
+        os.waitpid(child.pid, 0)
+        if child.popen is not None:
+            child.popen.returncode = 0
+        assert f"0::{cgroups.Cgroup(cgroup).name}\n" in seen
+    finally:
+        spawn_module._SETPRIV = SETPRIV
+        assert cgroups.Cgroup(cgroup).remove()
 
 
 FALLBACKS = {

@@ -123,6 +123,7 @@ def test_units_keep_the_contracts_fleet_relies_on() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "KillMode": "process",
+        "Delegate": "yes",
         "RuntimeDirectory": "fleet",
         "RuntimeDirectoryMode": "0700",
         "RuntimeDirectoryPreserve": "yes",

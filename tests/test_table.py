@@ -25,3 +25,18 @@ def test_columns_are_padded_to_their_widest_cell_and_lines_carry_no_trailing_bla
             "é/100%          stopped   -     0         -         exit %d",
         ]
     )
+
+
+def test_a_lingering_column_shows_only_when_some_member_has_processes_left() -> None:
+    members = [
+        {"name": "a", "state": "stopped", "lingering": 2, "error": "exited with code 1"},
+        {"name": "b", "state": "running", "pid": 7, "lingering": 0},
+    ]
+    assert status_table(members) == "\n".join(
+        [
+            "MEMBER  STATE    PID  RESTARTS  ADDRESS  LINGERING  ERROR",
+            "a       stopped  -    0         -        2          exited with code 1",
+            "b       running  7    0         -        -",
+        ]
+    )
+    assert "LINGERING" not in status_table(members[1:])
