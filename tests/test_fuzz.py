@@ -1,10 +1,12 @@
-"""Fuzzing the parsers that take outside input: frames and fleet.toml.
+"""Fuzzing the parsers that take outside input: frames, fleet.toml, and fleetctl's argv.
 
-Each property feeds generated input (random bytes, and structure-aware input: valid frames
-and documents with hostile values put in) and asserts the documented failure modes only: the
-decoders raise the FleetError their answer carries, the TOML loader an InvalidRequest naming
-where. Anything else (a TypeError, an OverflowError, a traceback) is a crash; each one found
-is pinned below as an `@example`, next to the property that found it.
+Each property feeds generated input (random bytes, and structure-aware input: valid frames,
+documents and command lines with hostile values put in) and asserts the documented failure
+modes only: the decoders raise the FleetError their answer carries, the TOML loader an
+InvalidRequest naming where, fleetctl exits with a documented code and prints one envelope
+with --json. Anything else (a TypeError, an OverflowError, a traceback) is a crash; each one
+found is pinned below, as an `@example` next to the property that found it or a test of its
+own.
 
 Bounded for CI: FLEET_FUZZ_EXAMPLES examples a property (default 150, a few seconds each at
 most); `FLEET_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py` searches longer.
@@ -13,16 +15,24 @@ most); `FLEET_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py` searches longer.
 import json
 import math
 import os
+import socket
+import sys
+import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
-from typing import Any
+from typing import Any, ClassVar
 
+import msgspec
+import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from fleetctl import _fast
 from fleetctl._conversation import Conversation, decode_result
-from protocol import PROTOCOL_VERSION
+from fleetctl.cli import cli, json_requested, run
+from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.claims import ClaimGcResult, ClaimList, ClaimResult
 from protocol.clusters import ClusterResult, ClusterUp, LogPaths, MemberList
 from protocol.definitions import ClusterSpec, cluster_from_dict, parse_toml
@@ -32,6 +42,7 @@ from protocol.framing import (
     decode_request,
     decode_response,
     encode,
+    error_response,
     request_id_of,
 )
 from protocol.members import MEMBER_OPS, BindResult, WatchResult, decode_member_request
@@ -44,10 +55,12 @@ from protocol.messages import (
     LeaseResult,
     Ping,
     Request,
+    Response,
     VersionResult,
 )
-from protocol.outcomes import EXIT_CODES
+from protocol.outcomes import EXIT_CODES, Outcome
 from protocol.status import MemberStatus
+from tests.processes import short_tempdir
 
 FUZZ_EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "150"))
 fuzz = settings(
@@ -477,3 +490,242 @@ def test_fleet_toml_loads_or_is_refused_naming_where(text: str) -> None:
 def test_a_dict_definition_loads_or_is_an_invalid_request(document: Any) -> None:
     with suppress(InvalidRequest):
         assert isinstance(cluster_from_dict(document), ClusterSpec)
+
+
+# -- fleetctl's argv ----------------------------------------------------------------------------
+
+
+class FakeFleetd:
+    """A control socket that answers hello as fleetd does and every other request with what
+    `answer` says: an error code, or a canned result of the op's result type. It decodes every
+    frame, so a request fleetctl sends that fleetd would refuse as malformed is seen too."""
+
+    CANNED: ClassVar[dict[type[Any], dict[str, Any]]] = {
+        LeaseResult: {"outcome": "acquired", "lease": None},
+        ClaimResult: {"outcome": "acquired"},
+        ClusterResult: {"outcome": "acquired", "cluster": "c", "holder_pid": 1},
+        MemberList: {"members": [{"name": "a", "state": "running", "pid": 1, "cluster": "c"}]},
+        MemberStatus: {"name": "a", "state": "stopped", "cluster": "c"},
+        LogPaths: {"cluster": "c", "member": "a", "stdout": "/nonexistent", "stderr": "/x"},
+        ClaimGcResult: {"outcome": "ok", "dry_run": False},
+        ClaimList: {"claims": []},
+        LeaseList: {"leases": []},
+        VersionResult: {"version": RELEASE, "protocol": PROTOCOL_VERSION},
+    }
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.answer: str | Outcome = Outcome.OK
+        self.malformed: list[bytes] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(16)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with sock:
+                self._converse(sock)
+
+    def _converse(self, sock: socket.socket) -> None:
+        splitter = FrameSplitter()
+        sock.settimeout(5)
+        while data := self._receive(sock):
+            for frame in splitter.feed(data):
+                with suppress(OSError):
+                    sock.sendall(encode(self._respond(frame)))
+
+    def _receive(self, sock: socket.socket) -> bytes:
+        try:
+            return sock.recv(65536)
+        except OSError:
+            return b""
+
+    def _respond(self, frame: bytes) -> Response:
+        try:
+            request = decode_request(frame)
+        except BadFrame as exc:
+            self.malformed.append(frame)
+            return error_response(None, exc.code, exc.message)
+        except FleetError as exc:
+            return error_response(request_id_of(frame), exc.code, exc.message)
+        if request.__struct_config__.tag == "hello":
+            result: Any = HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
+        elif isinstance(self.answer, str) and not isinstance(self.answer, Outcome):
+            return error_response(request.id, self.answer, f"fake {self.answer}")
+        else:
+            canned = dict(self.CANNED.get(request.result_type, {}))
+            if "outcome" in canned:
+                canned["outcome"] = str(self.answer)
+            result = msgspec.convert(canned, request.result_type)
+        return Response(id=request.id, ok=True, result=result)
+
+
+@pytest.fixture
+def fake_fleetd() -> Iterator[FakeFleetd]:
+    root = short_tempdir()
+    daemon = FakeFleetd(os.path.join(root, "f.sock"))
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+        with suppress(OSError):
+            os.unlink(daemon.path)
+        os.rmdir(root)
+
+
+def commands_of(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found = []
+    for name, command in group.commands.items():
+        if name == "coord-run":  # runs its COMMAND: tests/test_coord_run.py covers it
+            continue
+        if hasattr(command, "commands"):
+            found += commands_of(command, (*prefix, name))
+        else:
+            found.append(((*prefix, name), command))
+    return found
+
+
+COMMANDS = commands_of(cli)
+TOKENS = st.sampled_from(
+    ["--json", "--", "-", "-h", "--help", "--timeout", "--socket", "--no-such", "-f", "--wait"]
+) | strings.filter(lambda s: "\x00" not in s)
+"""argv cannot hold NUL bytes: the kernel ends each argument at the first."""
+
+
+@st.composite
+def command_lines(draw: st.DrawFn, socket_path: str, toml_path: str) -> list[str]:
+    """Global options, a command of fleetctl, each of its options maybe given (with a hostile
+    value or the right kind), its arguments, and a few stray tokens."""
+    argv: list[str] = []
+    if draw(st.booleans()):
+        argv.append("--json")
+    if draw(st.integers(0, 3)):
+        argv += ["--socket", draw(st.sampled_from([socket_path, "/nonexistent/s", "x" * 120]))]
+    if draw(st.integers(0, 2)) == 0:
+        argv += [
+            "--timeout",
+            draw(st.sampled_from(["nan", "inf", "-1", "0", "1e400", "1e12", "2"]) | TOKENS),
+        ]
+    path, command = draw(st.sampled_from(COMMANDS))
+    argv += path
+    for param in command.params:
+        if not draw(st.booleans()):
+            continue
+        if param.param_type_name == "option":
+            argv.append(draw(st.sampled_from(param.opts)))
+            if not param.is_flag:
+                argv.append(
+                    draw(
+                        st.sampled_from([toml_path, "nan", "inf", "1e400", "9" * 400 + "s"])
+                        | st.sampled_from(["0", "-1", "15s", "99999999999999999999999", "a"])
+                        | TOKENS
+                    )
+                )
+        else:
+            argv += draw(st.lists(TOKENS, min_size=1, max_size=2))
+    for _ in range(draw(st.integers(0, 2))):
+        argv.insert(draw(st.integers(0, len(argv))), draw(TOKENS))
+    return argv
+
+
+DOCUMENTED_EXITS = set(EXIT_CODES.values())
+SEES_NOT_AN_ENVELOPE = ("-h", "--help", "--version")
+
+
+def run_fleetctl(argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+    with CliRunner().isolation(input=stdin) as (out, err, _):
+        code = run(argv)
+        return code, out.getvalue(), err.getvalue()
+
+
+@settings(
+    fuzz,
+    max_examples=max(FUZZ_EXAMPLES, 300),
+    suppress_health_check=[*fuzz.suppress_health_check, HealthCheck.function_scoped_fixture],
+)
+@given(st.data())
+def test_fleetctl_exits_with_a_documented_code_and_one_envelope_with_json(
+    fake_fleetd: FakeFleetd, tempdir: str, data: st.DataObject
+) -> None:
+    toml_path = os.path.join(tempdir, "fleet.toml")
+    with open(toml_path, "w") as f:
+        f.write(data.draw(toml_documents() | st.just('[members.a]\ncommand = ["true"]\n')))
+    fake_fleetd.answer = data.draw(
+        st.sampled_from(list(Outcome)) | st.sampled_from(["absent", "contested", "internal", "x"])
+    )
+    argv = data.draw(command_lines(fake_fleetd.path, toml_path))
+    stdin = data.draw(st.binary(max_size=32) | st.just(b"content\n"))
+    code, out, err = run_fleetctl(argv, stdin)
+    assert code in DOCUMENTED_EXITS, (argv, code, out, err)
+    if json_requested(argv) and not any(a in SEES_NOT_AN_ENVELOPE for a in argv) and out:
+        (line,) = out.splitlines()
+        envelope = json.loads(line)
+        assert EXIT_CODES[Outcome(envelope["outcome"])] == code, (argv, envelope)
+    assert not fake_fleetd.malformed, (argv, fake_fleetd.malformed)
+
+
+NOT_UTF8 = b"\xff".decode(errors="surrogateescape")
+"""What Python makes of an argument byte that is not UTF-8: a lone surrogate."""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        # --timeout NaN passed FloatRange (every comparison with NaN is false), then made
+        # socket.settimeout raise ValueError; inf and 1e400 made it raise OverflowError.
+        (["--timeout", "nan", "ping"], 2),
+        (["--timeout", "inf", "ping"], 2),
+        (["--timeout", "1e400", "version"], 2),
+        # 400 digits of seconds parse to inf: the blocking client's deadline then overflowed.
+        (["wait", "a", "--timeout", "9" * 400 + "s"], 2),
+        # An argument that is not UTF-8 made msgspec raise UnicodeEncodeError: while encoding
+        # the request, or the usage envelope that echoes it.
+        (["lease", "inspect", NOT_UTF8], 1),
+        (["--json", "status", NOT_UTF8], 1),
+        (["claims", "inspect", "--kind", "file", "--key", "k", NOT_UTF8], 2),
+        (["--socket", f"/tmp/{NOT_UTF8}/none", "ping"], 14),
+    ],
+)
+def test_command_lines_fuzzing_found(fake_fleetd: FakeFleetd, argv: list[str], code: int) -> None:
+    if "--socket" not in argv:
+        argv = ["--socket", fake_fleetd.path, *argv]
+    assert run_fleetctl(argv, b"")[0] == code
+
+
+def test_the_fast_path_leaves_what_is_not_utf8_to_click_and_takes_any_socket_path() -> None:
+    assert _fast.parse(["status", NOT_UTF8]) is None  # its request could not be encoded
+    with CliRunner().isolation() as (_, err, _):
+        assert _fast.run("ping", f"/tmp/{NOT_UTF8}/none", False, []) == 14
+        sys.stderr.flush()
+        assert err.getvalue().startswith(b"fleetctl: no fleetd at /tmp/\\udcff/none")
+
+
+@fuzz
+@given(st.lists(TOKENS | st.sampled_from(["ping", "version", "status", "--socket=x"]), max_size=6))
+def test_the_fast_path_takes_only_plain_command_lines_that_click_reads_alike(
+    argv: list[str],
+) -> None:
+    parsed = _fast.parse(argv)
+    if parsed is None:
+        return
+    command, socket_path, json_mode, arguments = parsed
+    assert command in ("ping", "version", "status")
+    if command != "status":
+        assert arguments == []
+    assert not any(a.startswith("-") for a in arguments)
+    context = cli.make_context("fleetctl", list(argv), resilient_parsing=True)
+    assert context.params["json_mode"] == json_mode
+    if socket_path is not None:
+        assert context.params["socket_path"] == socket_path
