@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
 export FLEET_STATE_DIR ?= $(CURDIR)/.fleet/state
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench chaos load clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# fleetd SIGKILLed at random moments under a mixed workload, invariants checked after each
+# restart (tests/chaos.py; its short form runs in `make test`). E.g. CHAOS_ARGS="--kills 50
+# --seed 7 --json chaos.json --verbose".
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .fleet bench/results
