@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FUZZ_STAMP := $(VENV)/.installed-fuzz
 
 export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
 export FLEET_STATE_DIR ?= $(CURDIR)/.fleet/state
 
-.PHONY: install run test lint format bench chaos load clean
+.PHONY: install run test lint format bench chaos load fuzz clean
 
 install: $(STAMP)
 
@@ -47,5 +48,22 @@ chaos: $(STAMP)
 load: $(STAMP)
 	$(BIN)/python -m tests.load $(LOAD_ARGS)
 
+# Coverage-guided fuzzing with atheris (the `fuzz` extra), each target for FUZZ_SECONDS:
+# frames, responses, fleet.toml and fleetctl's argv (tests/fuzz_targets.py). Findings go to
+# .fuzz/crashes/; `python -m tests.fuzz_targets TARGET FILE` replays one.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= frames responses toml argv
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,lint,fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python -m tests.fuzz_targets $$target -max_total_time=$(FUZZ_SECONDS) \
+			-print_final_stats=1 || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .fleet bench/results
+	rm -rf $(VENV) .fleet .fuzz bench/results

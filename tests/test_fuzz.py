@@ -367,6 +367,12 @@ def test_responses_decode_to_a_result_or_a_fleet_error(frame: bytes) -> None:
 def test_a_conversation_fed_anything_answers_or_fails_with_a_fleet_error(
     chunks: list[bytes],
 ) -> None:
+    check_conversation(chunks)
+
+
+def check_conversation(chunks: list[bytes]) -> None:
+    """A client fed `chunks` gives each waiting caller an answer or a FleetError, and each
+    answer a result of any type or a FleetError."""
     conversation = Conversation(max_frame=4096)
     ids = [conversation.request(Ping, {})[0] for _ in range(3)]
     for chunk in chunks:
@@ -377,9 +383,9 @@ def test_a_conversation_fed_anything_answers_or_fails_with_a_fleet_error(
             answer = conversation.outcome(request_id)
         except FleetError:
             continue
-        if answer is not None:
+        for result_type in RESULT_TYPES if answer is not None else ():
             with suppress(FleetError):
-                decode_result(answer, Empty)
+                decode_result(answer, result_type)
 
 
 @fuzz
@@ -466,6 +472,11 @@ def toml_documents(draw: st.DrawFn) -> str:
 @example('[members.a]\ncommand = ["x"]\nstop_signal = "_UNBLOCK"\n')
 @example('[members.a]\ncommand = ["x"]\nstop_timeout = ' + "9" * 400 + "\n")
 def test_fleet_toml_loads_or_is_refused_naming_where(text: str) -> None:
+    check_fleet_toml(text)
+
+
+def check_fleet_toml(text: str) -> None:
+    """The loader's contract on `text` (tests/fuzz_targets.py checks it too)."""
     try:
         spec = parse_toml(text)
     except InvalidRequest as exc:
@@ -673,13 +684,18 @@ def test_fleetctl_exits_with_a_documented_code_and_one_envelope_with_json(
     )
     argv = data.draw(command_lines(fake_fleetd.path, toml_path))
     stdin = data.draw(st.binary(max_size=32) | st.just(b"content\n"))
+    check_command_line(fake_fleetd, argv, stdin)
+
+
+def check_command_line(daemon: FakeFleetd, argv: list[str], stdin: bytes) -> None:
+    """fleetctl's contract on `argv` (tests/fuzz_targets.py checks it too)."""
     code, out, err = run_fleetctl(argv, stdin)
     assert code in DOCUMENTED_EXITS, (argv, code, out, err)
     if json_requested(argv) and not any(a in SEES_NOT_AN_ENVELOPE for a in argv) and out:
         (line,) = out.splitlines()
         envelope = json.loads(line)
         assert EXIT_CODES[Outcome(envelope["outcome"])] == code, (argv, envelope)
-    assert not fake_fleetd.malformed, (argv, fake_fleetd.malformed)
+    assert not daemon.malformed, (argv, daemon.malformed)
 
 
 NOT_UTF8 = b"\xff".decode(errors="surrogateescape")
