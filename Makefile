@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+FUZZ_STAMP := $(VENV)/.installed-fuzz
 
 export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
 export FLEET_STATE_DIR ?= $(CURDIR)/.fleet/state
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench chaos load fuzz clean
 
 install: $(STAMP)
 
@@ -35,5 +36,34 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# fleetd SIGKILLed at random moments under a mixed workload, invariants checked after each
+# restart (tests/chaos.py; its short form runs in `make test`). E.g. CHAOS_ARGS="--kills 50
+# --seed 7 --json chaos.json --verbose".
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+# 200 concurrent clients mixing status, lease and claims operations against one fleetd with
+# 500 members (tests/load.py; its short form runs in `make test`): throughput, p50/p99 per op,
+# zero errors and zero lost writes. E.g. LOAD_ARGS="--seconds 60 --json load.json".
+load: $(STAMP)
+	$(BIN)/python -m tests.load $(LOAD_ARGS)
+
+# Coverage-guided fuzzing with atheris (the `fuzz` extra), each target for FUZZ_SECONDS:
+# frames, responses, fleet.toml and fleetctl's argv (tests/fuzz_targets.py). Findings go to
+# .fuzz/crashes/; `python -m tests.fuzz_targets TARGET FILE` replays one.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= frames responses toml argv
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,lint,fuzz]'
+	touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python -m tests.fuzz_targets $$target -max_total_time=$(FUZZ_SECONDS) \
+			-print_final_stats=1 || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .fleet bench/results
+	rm -rf $(VENV) .fleet .fuzz bench/results

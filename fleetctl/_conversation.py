@@ -15,6 +15,7 @@ from protocol.errors import (
     ConnectionLost,
     FleetError,
     Incompatible,
+    InvalidRequest,
     Unavailable,
     error_for_code,
 )
@@ -74,10 +75,20 @@ class Conversation:
         self.failure: FleetError | None = None
 
     def request(self, request_type: type[Request], fields: dict[str, Any]) -> tuple[int, bytes]:
-        self._next_id += 1
-        request_id = self._next_id
+        """The id and frame of a request; InvalidRequest, before anything is sent, for text
+        JSON cannot carry (a lone surrogate: what Python makes of an argument that was not
+        UTF-8)."""
+        request_id = self._next_id + 1
+        try:
+            frame = encode(request_type(id=request_id, **fields))
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(
+                f"{request_type.__struct_config__.tag}: {_printable(exc.object)!r} is not "
+                "UTF-8 text: nothing sent"
+            ) from None
+        self._next_id = request_id
         self.waiting.add(request_id)
-        return request_id, encode(request_type(id=request_id, **fields))
+        return request_id, frame
 
     def abandon(self, request_id: int) -> None:
         """Forget a request whose caller gave up; a late answer to it is dropped."""
@@ -117,6 +128,10 @@ class Conversation:
             self.waiting.discard(request_id)
             raise self.failure
         return answer
+
+
+def _printable(text: str) -> str:
+    return text.encode(errors="backslashreplace").decode()
 
 
 def _connection_error(response: RawResponse, peer: str) -> FleetError:

@@ -76,6 +76,10 @@ def parse(argv: list[str]) -> tuple[str, str | None, bool, list[str]] | None:
     if command in _COMMANDS and not arguments:
         return command, socket_path, json_mode, arguments
     if command == "status" and not json_mode and not any(a.startswith("-") for a in arguments):
+        try:
+            "".join(arguments).encode()
+        except UnicodeEncodeError:  # a name that was not UTF-8: click's path refuses it
+            return None
         return command, socket_path, json_mode, arguments
     return None
 
@@ -217,10 +221,12 @@ class _Connection:
         try:
             self.sock.connect(self.path)
         except TimeoutError:
+            self.sock.close()
             raise self._timeout(
                 f"connecting to {self.path} took over {_DEFAULT_TIMEOUT}s"
             ) from None
         except OSError as exc:
+            self.sock.close()
             raise _Failure(
                 "unavailable",
                 "unavailable",

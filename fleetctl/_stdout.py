@@ -12,7 +12,10 @@ def write(text: str | bytes) -> bool:
         if isinstance(text, bytes):
             sys.stdout.buffer.write(text + b"\n")
         else:
-            sys.stdout.write(text + "\n")
+            try:
+                sys.stdout.write(text + "\n")
+            except UnicodeEncodeError:  # nothing written: an argument that was not UTF-8, echoed
+                sys.stdout.write(text.encode(errors="backslashreplace").decode() + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         discard()

@@ -1,5 +1,6 @@
 """The fleetctl command line (click). Commands import what they need when they run."""
 
+import math
 import os
 import signal
 import sys
@@ -47,6 +48,20 @@ def run_command(body: Callable[[Globals], int]) -> Callable[..., None]:
     return command
 
 
+MAX_TIMEOUT = 365 * 86_400.0
+"""Seconds: a year, far below what a socket timeout takes (about 9e9 s)."""
+
+
+class Seconds(click.FloatRange):
+    """A float range that refuses NaN, which every comparison lets through."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -66,7 +81,7 @@ def run_command(body: Callable[[Globals], int]) -> Callable[..., None]:
     "--timeout",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0.001),
+    type=Seconds(min=0.001, max=MAX_TIMEOUT),
     help="Seconds to wait for fleetd.",
 )
 @click.version_option(RELEASE, prog_name="fleetctl")
@@ -122,9 +137,12 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
         from protocol.leases import parse_duration
 
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if not math.isfinite(seconds):  # 400 digits of seconds: a float says inf
+            self.fail(f"{value!r} is too long a duration", param, ctx)
+        return seconds
 
 
 DURATION = Duration()

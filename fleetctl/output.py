@@ -24,14 +24,23 @@ def emit(json_mode: bool, human: str, outcome: Outcome = Outcome.OK, **fields: A
 
 
 def fail(json_mode: bool, error: FleetError) -> int:
+    message = printable(error.message)
     if json_mode:
-        _stdout.write(envelope(error.outcome, error={"code": error.code, "message": error.message}))
+        _stdout.write(envelope(error.outcome, error={"code": error.code, "message": message}))
     else:
-        sys.stderr.write(f"fleetctl: {error.message}\n")
+        sys.stderr.write(f"fleetctl: {message}\n")
     return error.outcome.exit_code
 
 
 def usage(json_mode: bool, message: str) -> int:
     if json_mode:
-        _stdout.write(envelope(Outcome.USAGE, error={"code": "usage", "message": message}))
+        _stdout.write(
+            envelope(Outcome.USAGE, error={"code": "usage", "message": printable(message)})
+        )
     return Outcome.USAGE.exit_code
+
+
+def printable(message: str) -> str:
+    """`message` with what UTF-8 cannot encode escaped: errors echo arguments, and Python
+    makes the bytes of an argument that is not UTF-8 into lone surrogates."""
+    return message.encode(errors="backslashreplace").decode()

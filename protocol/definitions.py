@@ -12,7 +12,7 @@ import math
 import re
 import signal
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -30,6 +30,9 @@ READY_KINDS = ("tcp", "notify", "none", "unix:PATH", "log:REGEX")
 
 DEFAULT_STOP_TIMEOUT = 5.0
 DEFAULT_START_TIMEOUT = 10.0
+
+_ECHO_LIMIT = 100
+"""Characters of a bad value echoed in an error message."""
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
@@ -78,6 +81,10 @@ def check_ready(ready: object) -> str:
             raise InvalidRequest(
                 f"invalid ready {ready!r}: bad regular expression: {exc}"
             ) from None
+        except (OverflowError, RecursionError) as exc:  # a{4294967296}; groups nested too deep
+            raise InvalidRequest(
+                f"invalid ready {ready[:_ECHO_LIMIT]!r}: regular expression too large: {exc}"
+            ) from None
         return ready
     raise InvalidRequest(f"invalid ready {ready!r}: use one of {', '.join(READY_KINDS)}")
 
@@ -91,8 +98,9 @@ def check_restart(restart: object) -> str:
 
 
 def check_signal(name: object) -> str:
-    """A signal name without its SIG prefix ("TERM", "INT", "USR1"...)."""
-    if not isinstance(name, str) or name.startswith("SIG") or not hasattr(signal, f"SIG{name}"):
+    """A signal name without its SIG prefix ("TERM", "INT", "USR1"...). Only signals: the
+    signal module also has SIG_DFL, SIG_IGN, SIG_BLOCK... (not signals, but 0, 1 or 2)."""
+    if not isinstance(name, str) or f"SIG{name}" not in signal.Signals.__members__:
         raise InvalidRequest(f"invalid stop_signal {name!r}: use a name such as TERM, INT, QUIT")
     return name
 
@@ -265,6 +273,9 @@ def _from_document(
 
 
 def _build_cluster(document: Mapping[str, Any], name: str | None) -> ClusterSpec:
+    unencodable = _unencodable(document, ())
+    if unencodable is not None:
+        raise _KeyProblem(unencodable, "not valid Unicode text (a lone surrogate)")
     table = _shaped(document, _ClusterTable, ())
     cluster_name = name or table.name or "default"
     _checked(("name",), lambda: check_name(cluster_name, "cluster"))
@@ -298,6 +309,34 @@ def _build_member(key: str, document: Mapping[str, Any]) -> MemberSpec:
         if table.prepare is None
         else checked("prepare", lambda v: check_argv(v, "prepare"), table.prepare),
     )
+
+
+def _unencodable(value: Any, keys: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Where a string in `value` (a key or a value) cannot be encoded, as a lone surrogate
+    cannot: neither JSON on the wire nor a file could carry it. None when all can."""
+    if isinstance(value, str):
+        return None if _encodable(value) else keys
+    items: Iterable[tuple[object, Any]] = ()
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    for key, item in items:
+        here = (*keys, str(key).encode(errors="backslashreplace").decode())
+        if isinstance(key, str) and not _encodable(key):
+            return here
+        found = _unencodable(item, here)
+        if found is not None:
+            return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked(keys: tuple[str, ...], check: Callable[[], T]) -> T:

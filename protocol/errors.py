@@ -230,7 +230,8 @@ ERRORS_BY_CODE: dict[str, type[FleetError]] = {c.code: c for c in _all_subclasse
 def error_for_code(code: str, message: str, details: dict[str, Any] | None = None) -> FleetError:
     """Rebuild the exception a peer reported; an unknown code becomes a plain FleetError."""
     cls = ERRORS_BY_CODE.get(code, FleetError)
-    error = cls(message, **(details or {}))
+    error = cls(message)
+    error.details = dict(details or {})  # not as keywords: a peer may send any key, "message" too
     if cls is FleetError and code != FleetError.code:
         error.details["code"] = code
     return error

@@ -46,7 +46,7 @@ def state_dir_path(env: Mapping[str, str]) -> str:
 
 def socket_path_problem(path: str) -> str | None:
     """Why `path` cannot be a unix socket address, or None when it can."""
-    size = len(path.encode())
+    size = len(path.encode(errors="surrogateescape"))  # as the kernel gets it: any bytes
     if size > SUN_PATH_MAX:
         return (
             f"socket path is {size} bytes, over the {SUN_PATH_MAX}-byte limit of unix "
