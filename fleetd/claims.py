@@ -475,9 +475,12 @@ async def _concurrently(
 
 
 def _stored(kv: KeyValue) -> StoredClaim:
+    """Revision 0 is "this write's": a held record's one write is its acquire (a release
+    rewrites it with the revision it had), so the key's mod_revision, never its
+    create_revision, which is the first grant's once a key is released and acquired again."""
     record = _decode(kv.value)
     if not record.revision:
-        record = msgspec.structs.replace(record, revision=kv.create_revision)
+        record = msgspec.structs.replace(record, revision=kv.mod_revision)
     return record
 
 

@@ -71,22 +71,7 @@ RESTART_GRACE = 10.0
 """Seconds for what a kill sets going to settle: members dying after their holder."""
 CLIENT_TIMEOUT = 20.0
 
-KNOWN_ISSUES = {
-    "reacquired-claim-revision": (
-        'fleetd/claims.py _stored(): a claim record is written with revision 0 ("this write\'s")'
-        " and read back with kv.create_revision, the revision of the key's first grant: after a"
-        " release and a new acquire of the same key, inspect and list show the first grant's"
-        " revision, not the one the acquire answered (a fencing token that goes back and is"
-        " shared by two grants). tests/test_chaos.py pins it, xfail."
-    ),
-    "exited-holder-status-window": (
-        "fleetd/holders.py _until_exit(): once a holder's pidfd fires, fleetd pops it from"
-        " _live and then awaits the journal write (_exited_now) before _changed_now() drops the"
-        " cached every-member answer and the record joins _exited. Meanwhile `status` lists"
-        " the dead holder's members as running, while `status C/NAME` answers absent (not"
-        " stopped). tests/test_chaos.py pins it, xfail."
-    ),
-}
+KNOWN_ISSUES: dict[str, str] = {}
 """fleetd bugs this campaign finds that are reported, not fixed here (their fix belongs to
 fleetd's internals): their violations are counted apart and do not fail the run unless
 --fail-on-known. Remove an entry once its fix is merged (its xfail test then fails)."""
@@ -296,8 +281,6 @@ class Claim:
     pending: str = ""
     pending_content: bytes = b""
     floor: int = 0
-    first_revision: int = 0
-    """The revision of the key's first grant (see KNOWN_ISSUES)."""
 
     @property
     def held(self) -> bool:
@@ -565,7 +548,6 @@ class ClaimWorker(Worker):
         ):
             assert info is not None
             claim.content, claim.revision, claim.path = content, info.revision, info.path
-            claim.first_revision = claim.first_revision or info.revision
             self.campaign.tokens.check_new(
                 self.tally, f"claim {claim.kind}/{claim.key}", info.revision, floor
             )
@@ -621,29 +603,14 @@ class ClaimWorker(Worker):
                 (seen.owner, seen.sha256) == (claim.owner, _sha(content)),
                 lambda: f"{name}: sent sha256 {_sha(content)}, shows {_claim_text(seen)}",
             )
-            if claim.first_revision and seen.revision == claim.first_revision:
-                self.tally.check(
-                    "a claim shows the revision that granted it",
-                    False,
-                    lambda: (
-                        f"{name} acquired again (cut off); shows its first grant's "
-                        f"revision {seen.revision}"
-                    ),
-                    known="reacquired-claim-revision",
-                )
-            else:
-                self.campaign.tokens.check_new(
-                    self.tally, f"claim {name}", seen.revision, claim.floor
-                )
+            self.campaign.tokens.check_new(self.tally, f"claim {name}", seen.revision, claim.floor)
             claim.content, claim.revision, claim.path = content, seen.revision, seen.path
-            claim.first_revision = claim.first_revision or seen.revision
         elif claim.pending == "release" and held:
             assert seen is not None
             self.tally.check(
                 "a claim whose release was cut off keeps its revision",
                 seen.revision == claim.revision,
                 lambda: f"{name}: had revision {claim.revision}, shows {_claim_text(seen)}",
-                known=_first_grant_shown(claim, seen.revision),
             )
         elif claim.pending == "release":
             claim.revision = 0
@@ -661,7 +628,6 @@ class ClaimWorker(Worker):
                 self.resolve(claim, info)
             name = f"{claim.kind}/{claim.key}"
             if claim.held:
-                shown = (info.state, info.owner, info.sha256) if info else ()
                 self.tally.check(
                     "every acknowledged claim is held with its revision and content",
                     info is not None
@@ -672,9 +638,6 @@ class ClaimWorker(Worker):
                         f"revision {claim.revision} sha256 {_sha(claim.content)}; fleetd shows "
                         f"{_claim_text(info)}"
                     ),
-                    known=_first_grant_shown(claim, info.revision)
-                    if info is not None and shown == ("held", claim.owner, _sha(claim.content))
-                    else "",
                 )
                 on_disk = _read(claim.path)
                 self.tally.check(
@@ -697,13 +660,6 @@ class ClaimWorker(Worker):
                         not os.path.exists(claim.path),
                         lambda claim=claim, name=name: f"{name}: {claim.path} still exists",
                     )
-
-
-def _first_grant_shown(claim: Claim, revision: int) -> str:
-    """The known issue, when fleetd shows a re-acquired claim with its first grant's revision."""
-    if claim.first_revision and revision == claim.first_revision != claim.revision:
-        return "reacquired-claim-revision"
-    return ""
 
 
 def _claim_info(raw: Any) -> ClaimInfo | None:

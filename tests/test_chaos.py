@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from fleetctl.sync import SyncClient
+from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Peer
 from fleetd.holders import Held, HolderRecord, HolderRegistry
 from fleetd.members import process_start_time
@@ -58,7 +59,6 @@ def test_short_crash_campaign_violates_no_invariant(tempdir: str) -> None:
 # -- what the campaign found ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["reacquired-claim-revision"])
 def test_a_reacquired_claim_shows_the_revision_its_acquire_answered(fleetd: Fleetd) -> None:
     """A claim's revision is the store revision that granted it: a fencing token, strictly
     increasing per key, never reused. Acquired, released and acquired again, a claim must show
@@ -92,7 +92,6 @@ class _SlowStore:
         return await self.store.txn(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["exited-holder-status-window"])
 def test_status_drops_an_exited_holders_members_at_once(tempdir: str) -> None:
     """A holder that exited is no longer live: from then on `status` (every member) must not
     list its members as running, and `status C/NAME` must read the member as stopped, as it
@@ -125,9 +124,10 @@ async def _statuses_while_an_exit_is_journaled(
     peer = Peer(os.getpid(), os.getuid(), os.getgid())
     async with SQLiteStore.open(os.path.join(tempdir, "fleet.db")) as sqlite:
         store = _SlowStore(sqlite)
-        registry = HolderRegistry(store, tempdir)  # type: ignore[arg-type]
+        state, runtime = PrivateDir.open(tempdir), PrivateDir.open(tempdir)
+        registry = HolderRegistry(store, state)  # type: ignore[arg-type]
         async with anyio.create_task_group() as tasks:
-            await tasks.start(registry.serve, tempdir)
+            await tasks.start(registry.serve, runtime)
             registry._take(held)
 
             def every_member() -> list[MemberStatus]:
