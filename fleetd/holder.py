@@ -41,6 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from fleetctl._link import Poller
 from fleetd.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
 from fleetd.descendants import Lineage
+from fleetd.dirs import PrivateDir
 from fleetd.dispatch import Dispatcher, Peer
 from fleetd.log import configure_logging
 from fleetd.members import (
@@ -51,8 +52,7 @@ from fleetd.members import (
     ancestry,
     block_sigchld,
     needs_port,
-    write_atomically,
-    write_pidfile,
+    pidfile_text,
 )
 from fleetd.server import (
     ACCEPT_RETRY_DELAY,
@@ -154,6 +154,20 @@ class _Doorway:
             os.unlink(self.path)
 
 
+def _open_runtime_dir(path: str, members: list[str]) -> PrivateDir:
+    """The runtime directory, made 0700 if missing; one that exists must be this user's (or
+    root's) and not open to others (fleetd made it so, or the library's temporary one)."""
+    problem = runtime_dir_problem(path, members)
+    if problem:
+        raise FleetError(problem)
+    try:
+        runtime = PrivateDir.open(path)
+    except OSError as exc:
+        raise FleetError(f"cannot use {path}: {exc.strerror or exc}") from None
+    os.fchmod(runtime.fd, 0o700)
+    return runtime
+
+
 def free_port(taken: Collection[int] = ()) -> int:
     """A loopback port nobody listens on now (the member binds it a moment later), and not one
     of `taken`: the kernel may hand a port just probed out again, and a hundred members given
@@ -213,6 +227,7 @@ class Holder:
         self.spec = spec
         self.cluster = spec.name
         self.runtime_dir = os.path.abspath(runtime_dir)
+        self.runtime = _open_runtime_dir(self.runtime_dir, [m.name for m in spec.members])
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
         self.reaper = Reaper()
         self.spawner = Spawner()
@@ -281,18 +296,15 @@ class Holder:
             for doorway in self._doorways.values():
                 doorway.close()
             self._save_changed()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.runtime_dir, HOLDER_PIDFILE))
+            for member in self._members.values():
+                member.close_directory()
+            self.runtime.unlink(HOLDER_PIDFILE)
+            self.runtime.close()
         log.info("holder_stopped", cluster=self.cluster)
 
     def _prepare_directory(self) -> None:
-        problem = runtime_dir_problem(self.runtime_dir, [m.name for m in self.spec.members])
-        if problem:
-            raise FleetError(problem)
         try:
-            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
-            os.chmod(self.runtime_dir, 0o700)
-            write_pidfile(os.path.join(self.runtime_dir, HOLDER_PIDFILE), os.getpid())
+            self.runtime.write_atomically(HOLDER_PIDFILE, pidfile_text(os.getpid()))
             self._write_cluster_file()
         except OSError as exc:
             raise FleetError(f"cannot use {self.runtime_dir}: {exc.strerror or exc}") from None
@@ -391,6 +403,9 @@ class Holder:
         self._encoded_statuses = None
         if not self._tearing_down:
             self._save_cluster()
+            self._unsaved.pop(member.name, None)
+            member.save()
+            member.close_directory()
         log.info("member_left", member=member.name, remaining=len(self._members))
         if not self._members:
             self._finished.set()
@@ -434,7 +449,7 @@ class Holder:
     def _write_cluster_file(self) -> None:
         members = [m.spec for m in self._members.values()] or list(self.spec.members)
         spec = ClusterSpec(name=self.cluster, members=members)
-        write_atomically(os.path.join(self.runtime_dir, CLUSTER_FILE), msgspec.json.encode(spec))
+        self.runtime.write_atomically(CLUSTER_FILE, msgspec.json.encode(spec))
 
     # -- what members ask of their holder (fleetd.members.Host)
 

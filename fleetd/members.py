@@ -36,8 +36,10 @@ from anyio.abc import TaskStatus
 from fleetd import identity
 from fleetd.backoff import Backoff, Exit, plan_restart
 from fleetd.descendants import HOLDER_ENV, Descendants, Lineage
+from fleetd.dirs import PrivateDir
 from fleetd.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
+from protocol.errors import FleetError
 from protocol.members import (
     PIDFILE,
     STATEFILE,
@@ -67,22 +69,6 @@ _HOLDER_PID = os.getpid()
 # --- files ------------------------------------------------------------------------------------
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Readers see the old content or the new, never a torn write."""
-    temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:  # a full disk writes short first, then fails
-            view = view[os.write(fd, view) :]
-    except OSError:
-        os.unlink(temporary)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-
-
 def process_start_time(pid: int) -> int | None:
     """With the pid, the start time names a process uniquely, where a pid alone may have been
     recycled; None once the process is gone."""
@@ -92,8 +78,9 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
-def write_pidfile(path: str, pid: int) -> None:
-    write_atomically(path, f"{pid} {process_start_time(pid) or 0}\n".encode())
+def pidfile_text(pid: int) -> bytes:
+    """What a pidfile holds: "PID START_TIME" (see is_running)."""
+    return f"{pid} {process_start_time(pid) or 0}\n".encode()
 
 
 def read_pidfile(path: str) -> tuple[int, int]:
@@ -120,17 +107,19 @@ def is_running(pidfile: str) -> bool:
 
 
 class LogFile:
-    """An append-only log capped at `max_bytes`, rotated once to `<path>.1`. The file is
-    created on the first write: a silent member costs no file."""
+    """An append-only log `name` in `directory`, capped at `max_bytes`, rotated once to
+    `<name>.1`. The file is created on the first write: a silent member costs no file."""
 
-    def __init__(self, path: str, max_bytes: int = LOG_MAX_BYTES) -> None:
-        self.path = path
+    def __init__(self, directory: PrivateDir, name: str, max_bytes: int = LOG_MAX_BYTES) -> None:
+        self.directory = directory
+        self.name = name
+        self.path = directory.join(name)
         self.max_bytes = max_bytes
         self._fd = -1
         self._size = 0
 
     def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        return self.directory.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
     def write(self, data: bytes) -> None:
         if self._fd < 0:
@@ -144,7 +133,8 @@ class LogFile:
         self._size += len(data)
 
     def _rotate(self) -> None:
-        os.replace(self.path, f"{self.path}.1")
+        fd = self.directory.fd
+        os.replace(self.name, f"{self.name}.1", src_dir_fd=fd, dst_dir_fd=fd)
         os.close(self._fd)
         self._fd = self._open()
         self._size = 0
@@ -361,6 +351,8 @@ class Host(Protocol):
     spawner: Spawner
     lineage: Lineage
     notify_path: str
+    runtime: PrivateDir
+    """The runtime directory: each member's directory is made in it, never through a link."""
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
@@ -435,8 +427,7 @@ class Member:
         self._logs: tuple[LogFile, LogFile] | None = None
         self._pumps: set[_Pump] = set()
         self._drained: anyio.Event | None = None
-        self.pidfile = os.path.join(directory, PIDFILE)
-        self.statefile = os.path.join(directory, STATEFILE)
+        self._directory: PrivateDir | None = None
         self._saved_pid: int | None = None
 
     def expand(self, text: str) -> str:
@@ -481,19 +472,19 @@ class Member:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise until `stop`: prepare once, then spawn, await readiness, restart per
         policy. Returns once the member is stopped, every process of it ended, and its output
-        drained."""
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory, 0o700)
-        self._logs = (
-            LogFile(os.path.join(self.directory, STDOUT_LOG), self._log_max_bytes),
-            LogFile(os.path.join(self.directory, STDERR_LOG), self._log_max_bytes),
-        )
+        drained. Whatever goes wrong in the supervision itself (its directory refused, a bug)
+        puts the member in `error` with the reason, and it stays there until stopped: a
+        member is never reported starting or stopped while nobody supervises it."""
         descendants = self._descendants = self._host.lineage.of(self.name)
         try:
             task_status.started()
             with self._supervising:
-                if await self._prepare():
-                    await self._supervise()
+                try:
+                    self._open_directory()
+                    if await self._prepare():
+                        await self._supervise()
+                except Exception as exc:
+                    await self._supervision_failed(exc)
                 await self._until_none_lingers()
                 await anyio.sleep_forever()
             if self._run is not None:
@@ -503,11 +494,30 @@ class Member:
         finally:
             for pump in list(self._pumps):
                 pump.close()
-            for log_file in self._logs:
+            for log_file in self._logs or ():
                 log_file.close()
             descendants.close()
             self._publish(MemberState.STOPPED)
             self._done.set()
+
+    def _open_directory(self) -> None:
+        """The member's directory ({dir}) in the runtime directory, made 0700 (or one of
+        ours already there), never through a link; its logs are opened in it."""
+        directory = self._directory = self._host.runtime.subdir(self.name)
+        self._logs = (
+            LogFile(directory, STDOUT_LOG, self._log_max_bytes),
+            LogFile(directory, STDERR_LOG, self._log_max_bytes),
+        )
+
+    async def _supervision_failed(self, exc: Exception) -> None:
+        while isinstance(exc, ExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+        log.error("member_supervision_failed", member=self.name, exc_info=exc)
+        if self._run is not None:
+            with anyio.CancelScope(shield=True):
+                await self._terminate(self._run)
+        reason = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
+        self._publish(MemberState.ERROR, error=f"supervision failed: {reason}")
 
     async def stop(self) -> MemberStatus:
         """Stop the member: stop_signal to every process of it, SIGKILL to those left after
@@ -728,17 +738,25 @@ class Member:
         """Write the state file, and the pidfile when the pid changed (removed when there is
         no process). Deferred by the holder: reading a new child's start time waits for its
         exec to finish, which the spawn path must not."""
+        directory = self._directory
+        if directory is None:
+            return
         try:
-            write_atomically(self.statefile, msgspec.json.encode(self.status()))
+            directory.write_atomically(STATEFILE, msgspec.json.encode(self.status()))
             if self.pid != self._saved_pid:
                 if self.pid is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.pidfile)
+                    directory.unlink(PIDFILE)
                 else:
-                    write_pidfile(self.pidfile, self.pid)
+                    directory.write_atomically(PIDFILE, pidfile_text(self.pid))
                 self._saved_pid = self.pid
         except OSError as exc:
             log.warning("state_file_failed", member=self.name, error=str(exc))
+
+    def close_directory(self) -> None:
+        """After its last save: the member's directory is no longer written."""
+        if self._directory is not None:
+            self._directory.close()
+            self._directory = None
 
 
 class _Pump:

@@ -552,7 +552,8 @@ def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
 
     ran = os.path.join(tempdir, "ran")
     report = (
-        f"from fleetd.members import write_pidfile; import os; write_pidfile({ran!r}, os.getpid())"
+        "from fleetd.members import pidfile_text; import os; "
+        f"open({ran!r}, 'wb').write(pidfile_text(os.getpid()))"
     )
     gate_read, gate_write = os.pipe()
     ready_read, ready_write = os.pipe()
@@ -625,14 +626,16 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
 
     from fleetd.dispatch import Peer
     from fleetd.holders import HolderRecord, HolderRegistry
-    from fleetd.members import write_pidfile
+    from fleetd.members import pidfile_text
     from fleetd.store.sqlite import SQLiteStore
     from protocol.clusters import MemberStatusRequest
     from protocol.definitions import ClusterSpec, MemberSpec
 
     runtime_dir = os.path.join(tempdir, "c", "w")
     os.makedirs(runtime_dir)
-    write_pidfile(os.path.join(runtime_dir, HOLDER_PIDFILE), os.getpid())  # a "live" holder
+    pidfile = os.open(os.path.join(runtime_dir, HOLDER_PIDFILE), os.O_WRONLY | os.O_CREAT)
+    os.write(pidfile, pidfile_text(os.getpid()))  # a "live" holder
+    os.close(pidfile)
 
     async def holder(stream: SocketStream) -> None:
         async with stream:

@@ -21,8 +21,16 @@ import pytest
 
 import fleetctl
 from fleetctl.bound import SyncCluster
-from fleetd.members import LineMatcher, LogFile, is_running, process_start_time, write_pidfile
-from protocol.errors import Absent, Incompatible, InvalidRequest, MemberFailed, Timeout
+from fleetd.dirs import PrivateDir
+from fleetd.members import LineMatcher, LogFile, is_running, pidfile_text, process_start_time
+from protocol.errors import (
+    Absent,
+    FleetError,
+    Incompatible,
+    InvalidRequest,
+    MemberFailed,
+    Timeout,
+)
 from protocol.framing import decode_response, encode
 from protocol.members import (
     Ack,
@@ -476,7 +484,8 @@ def test_a_full_disk_under_the_logs_stops_no_member_and_not_the_holder(tempdir: 
 
 def test_is_running_never_trusts_a_pid_alone(tempdir: str) -> None:
     pidfile = os.path.join(tempdir, "pid")
-    write_pidfile(pidfile, os.getpid())
+    with open(pidfile, "wb") as f:
+        f.write(pidfile_text(os.getpid()))
     assert is_running(pidfile)
     with open(pidfile, "w") as f:
         f.write(f"{os.getpid()} {(process_start_time(os.getpid()) or 0) + 1}\n")
@@ -492,11 +501,12 @@ def test_is_running_never_trusts_a_pid_alone(tempdir: str) -> None:
 
 def test_log_files_are_capped_and_rotated_once(tempdir: str) -> None:
     path = os.path.join(tempdir, "out.log")
-    log = LogFile(path, max_bytes=10)
-    assert not os.path.exists(path)
-    for chunk in (b"12345", b"67890", b"abc", b"defghijkl", b"z"):
-        log.write(chunk)
-    log.close()
+    with PrivateDir.open(tempdir) as directory:
+        log = LogFile(directory, "out.log", max_bytes=10)
+        assert not os.path.exists(path)
+        for chunk in (b"12345", b"67890", b"abc", b"defghijkl", b"z"):
+            log.write(chunk)
+        log.close()
     with open(path, "rb") as f, open(path + ".1", "rb") as g:
         assert (g.read(), f.read()) == (b"abc", b"defghijklz")
 
@@ -517,3 +527,58 @@ def test_the_library_never_imports_fleetd(module: str) -> None:
     assert "fleetd" not in loaded
     if module.startswith("protocol"):
         assert not loaded & {"anyio", "socket", "asyncio", "structlog"}
+
+
+_CRASHING_SPAWNER = """
+import fleetd.spawn
+
+_spawn = fleetd.spawn.Spawner.spawn
+
+
+def spawn(self, argv, *args, **kwargs):
+    if "crash-me" in argv:
+        raise RuntimeError("a bug in spawning")
+    return _spawn(self, argv, *args, **kwargs)
+
+
+fleetd.spawn.Spawner.spawn = spawn
+"""
+
+
+def test_a_failure_inside_supervision_puts_that_member_in_error(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in supervising one member (here: its spawn raises in the holder) makes that
+    member `error`, with the exception's text; its siblings keep running, and no wait
+    reports it running."""
+    with open(os.path.join(tempdir, "sitecustomize.py"), "w") as f:
+        f.write(_CRASHING_SPAWNER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+    defs = members(bad={"command": ["sleep", "60", "crash-me"]}, good={"command": SLEEPER})
+    with fleetctl.cluster(defs) as c:
+        with pytest.raises(MemberFailed, match="supervision failed: RuntimeError: a bug"):
+            c.wait_running()
+        assert c.status("bad").state == MemberState.ERROR
+        wait_until(lambda: c.status("good").state == MemberState.RUNNING)
+
+
+def test_a_link_planted_as_a_members_directory_is_refused(tempdir: str) -> None:
+    runtime_dir, victim = os.path.join(tempdir, "rt"), os.path.join(tempdir, "victim")
+    os.mkdir(runtime_dir, 0o700)
+    os.mkdir(victim, 0o755)
+    os.symlink(victim, os.path.join(runtime_dir, "bad"))
+    defs = members(bad={"command": ["sh", "-c", "echo hi; sleep 60"]}, good={"command": SLEEPER})
+    with fleetctl.cluster(defs, runtime_dir=runtime_dir) as c:
+        with pytest.raises(MemberFailed, match="is a symbolic link"):
+            c.wait_running()
+        wait_until(lambda: c.status("good").state == MemberState.RUNNING)
+    assert os.listdir(victim) == []
+
+
+def test_a_runtime_directory_others_may_write_is_refused(tempdir: str) -> None:
+    runtime_dir = os.path.join(tempdir, "open")
+    os.mkdir(runtime_dir)
+    os.chmod(runtime_dir, 0o777)
+    cluster = fleetctl.cluster(members(a={"command": SLEEPER}), runtime_dir=runtime_dir)
+    with pytest.raises(FleetError, match="writable by group or others"), cluster:
+        pytest.fail("the holder served a directory others may write")

@@ -241,10 +241,12 @@ def test_blocking_cluster_status_refuses_an_impostor_holder(open_dir: str) -> No
     """A bound cluster's blocking status link, to a member socket that another user's process
     took over: refused, rather than answered by it (or by the state files)."""
     members = {"web": {"command": [sys.executable, "-c", "import time; time.sleep(60)"]}}
-    with fleetctl.cluster({"members": members}, runtime_dir=open_dir, timeout=15) as c:
+    runtime_dir = os.path.join(open_dir, "rt")
+    os.mkdir(runtime_dir, 0o700)  # a holder refuses a directory others may write
+    with fleetctl.cluster({"members": members}, runtime_dir=runtime_dir, timeout=15) as c:
         # Its status link opens at the first status call, which then finds the impostor.
-        os.chmod(open_dir, 0o777)  # the holder made it 0700: open it up for the impostor
-        path = member_socket_path(open_dir, "web")
+        os.chmod(runtime_dir, 0o777)  # open it up for the impostor
+        path = member_socket_path(runtime_dir, "web")
         os.unlink(path)  # the holder still listens, on a socket nobody can reach by name
         impostor = FakeServer(path, NOBODY).start()
         try:
