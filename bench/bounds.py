@@ -30,8 +30,9 @@ PARTIAL_BYTES = MAX_FRAME - 4096
 one is refused."""
 WATCHES = 10_000
 SETTLE = 1.0
-"""Seconds after the clients left before RSS is read: fleetd gives memory back shortly after
-a large connection closes (fleetd.bounds.TRIM_DELAY), not at once."""
+"""Seconds RSS must hold still before it is read: fleetd gives memory back shortly after
+large connections close (fleetd.bounds.TRIM_DELAY), not at once."""
+SETTLE_LIMIT = 10.0
 SEND_TIMEOUT = 60.0
 MIB = 1 << 20
 
@@ -216,5 +217,14 @@ def _await_pong(sock: socket.socket) -> None:
 
 
 def _settled_rss(fleetd: Fleetd) -> float:
-    time.sleep(SETTLE)
-    return rss_mib(fleetd.pid)
+    """RSS once it stops moving: unchanged for SETTLE seconds (fleetd trims TRIM_DELAY after
+    the last of a burst of large connections ended, and ending 10,000 watches takes a while),
+    read at most SETTLE_LIMIT seconds after the clients left."""
+    deadline = time.monotonic() + SETTLE_LIMIT
+    readings = [rss_mib(fleetd.pid)]
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE / 4)
+        readings.append(rss_mib(fleetd.pid))
+        if len(readings) > 4 and len(set(readings[-5:])) == 1:
+            break
+    return readings[-1]

@@ -47,8 +47,10 @@ to spare: a client with every wait it may have outstanding still gets its other 
 (one of them may be what the waits wait for)."""
 
 TRIM_DELAY = 0.5
-"""Seconds between a large connection's end and giving free heap back: the connections that
-leave together (a client process exiting) are then trimmed for once."""
+"""Seconds between the last of a burst of large connections ending and giving free heap
+back: the connections that leave together (a client process exiting) are trimmed for once."""
+TRIM_MAX_DELAY = 5.0
+"""Seconds after a burst's first departure by which the trim runs however long it lasts."""
 LARGE_CONNECTION_IN_FLIGHT = 64
 LARGE_CONNECTION_PARTIAL = 256 << 10
 """A connection that had this many requests in flight, or held this much of an unfinished
@@ -109,22 +111,30 @@ class Trim:
     empties the free lists, so that arenas left empty are unmapped, and malloc_trim(0) returns
     free heap pages. Arenas that a few longer-lived objects still pin stay (README, "Bounds").
     Both walk the heap (tens of milliseconds with 10,000 leases), so once per burst of
-    departures, TRIM_DELAY after the first."""
+    departures: TRIM_DELAY after the last one (memory a departure frees is only free once the
+    departure is over), and at the latest TRIM_MAX_DELAY after the first."""
 
     def __init__(self) -> None:
+        self._first = 0.0
+        self._last = 0.0
         self._due = False
 
     def soon(self, tasks: anyio.abc.TaskGroup) -> None:
+        self._last = anyio.current_time()
         if not self._due:
-            self._due = True
+            self._due, self._first = True, self._last
             tasks.start_soon(self._trim_later)
 
     async def _trim_later(self) -> None:
         try:
-            await anyio.sleep(TRIM_DELAY)
+            while (wait := self._trim_at() - anyio.current_time()) > 0:  # noqa: ASYNC110
+                await anyio.sleep(wait)  # a deadline that moves: no event to wait for
         finally:
             self._due = False
         trim()
+
+    def _trim_at(self) -> float:
+        return min(self._last + TRIM_DELAY, self._first + TRIM_MAX_DELAY)
 
 
 def _load_malloc_trim() -> "ctypes._NamedFuncPointer | None":
