@@ -110,11 +110,14 @@ async def _pipelined(socket_path: str) -> list[Figure]:
 def _watermark_cost() -> list[Figure]:
     """Every commit advances the watermark (a pwrite and an fdatasync) before it is answered.
     The pipelined load against fleetd as it is and against one whose watermark is never
-    written, alternately, WATERMARK_ROUNDS times each (this VM's noise is larger than the
-    cost): the medians, and the cost between them."""
-    marked, unmarked = [], []
+    written, alternately (each first in turn), WATERMARK_ROUNDS times each (this VM's noise
+    is larger than the cost): the medians, and the cost between them."""
+    marked: list[float] = []
+    unmarked: list[float] = []
+    pair = [(UNWATERMARKED, unmarked), (FLEETD, marked)]
     for _ in range(WATERMARK_ROUNDS):
-        for command, rates in ((UNWATERMARKED, unmarked), (FLEETD, marked)):
+        pair.reverse()  # neither always goes first
+        for command, rates in pair:
             with running_fleetd(command=command) as fleetd:
                 rates.append(
                     anyio.run(_pipelined_rate, fleetd.socket_path, backend_options=_UVLOOP)
