@@ -124,23 +124,23 @@ async def _statuses_while_an_exit_is_journaled(
     peer = Peer(os.getpid(), os.getuid(), os.getgid())
     async with SQLiteStore.open(os.path.join(tempdir, "fleet.db")) as sqlite:
         store = _SlowStore(sqlite)
-        state, runtime = PrivateDir.open(tempdir), PrivateDir.open(tempdir)
-        registry = HolderRegistry(store, state)  # type: ignore[arg-type]
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(registry.serve, runtime)
-            registry._take(held)
+        with PrivateDir.open(tempdir) as state, PrivateDir.open(tempdir) as runtime:
+            registry = HolderRegistry(store, state)  # type: ignore[arg-type]
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(registry.serve, runtime)
+                registry._take(held)
 
-            def every_member() -> list[MemberStatus]:
-                answer = registry.status(MemberStatusRequest(id=1), peer)
-                return msgspec.json.decode(msgspec.json.encode(answer), type=MemberList).members
+                def every_member() -> list[MemberStatus]:
+                    answer = registry.status(MemberStatusRequest(id=1), peer)
+                    return msgspec.json.decode(msgspec.json.encode(answer), type=MemberList).members
 
-            assert [s.name for s in every_member() if s.running] == ["a"]  # a client polls
-            holder.kill()  # fleetd sees it exit on its pidfd, then journals it
-            with anyio.fail_after(5):
-                await store.writing.wait()
-            every = every_member()
-            one = registry.status(MemberStatusRequest(id=2, names=["web/a"]), peer)
-            store.go.set()
-            tasks.cancel_scope.cancel()
+                assert [s.name for s in every_member() if s.running] == ["a"]  # a client polls
+                holder.kill()  # fleetd sees it exit on its pidfd, then journals it
+                with anyio.fail_after(5):
+                    await store.writing.wait()
+                every = every_member()
+                one = registry.status(MemberStatusRequest(id=2, names=["web/a"]), peer)
+                store.go.set()
+                tasks.cancel_scope.cancel()
     assert isinstance(one, MemberList)
     return every, one.members[0]

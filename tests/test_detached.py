@@ -656,12 +656,15 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     listener = await anyio.create_unix_listener(member_socket_path(runtime_dir, "m"))
     async with listener, SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
         await store.put("holders/w", msgspec.json.encode(record))
-        state, runtime = PrivateDir.open(os.path.join(tempdir, "state")), PrivateDir.open(tempdir)
-        registry = HolderRegistry(store, state)
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(listener.serve, holder)
-            await tasks.start(registry.serve, runtime)  # re-adopts it: watch, snapshot
-            me = Peer(os.getpid(), os.getuid(), os.getgid())
-            answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
-            assert [s.state for s in answer.members] == [MemberState.RUNNING]
-            tasks.cancel_scope.cancel()
+        with (
+            PrivateDir.open(os.path.join(tempdir, "state")) as state,
+            PrivateDir.open(tempdir) as runtime,
+        ):
+            registry = HolderRegistry(store, state)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listener.serve, holder)
+                await tasks.start(registry.serve, runtime)  # re-adopts it: watch, snapshot
+                me = Peer(os.getpid(), os.getuid(), os.getgid())
+                answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
+                assert [s.state for s in answer.members] == [MemberState.RUNNING]
+                tasks.cancel_scope.cancel()

@@ -251,18 +251,21 @@ async def test_gc_keeps_an_exited_holder_while_a_pidfile_names_a_live_process(
     record = HolderRecord(spec=spec, dir=runtime_dir, log="", state="exited")
     async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
         await store.put("holders/ghost", msgspec.json.encode(record))
-        state, runtime = PrivateDir.open(os.path.join(tempdir, "state")), PrivateDir.open(tempdir)
-        registry = HolderRegistry(store, state)
-        async with anyio.create_task_group() as tasks:
-            await tasks.start(registry.serve, runtime)
-            assert await registry.journal_collect(dry_run=False) == []
-            assert os.listdir(runtime_dir) == ["m"]
-            os.unlink(pidfile)
-            removed = await registry.journal_collect(dry_run=False)
-            assert [(c.kind, c.key) for c in removed] == [
-                ("holder", "ghost"),
-                ("member", "ghost:m"),
-            ]
-            assert os.listdir(os.path.dirname(runtime_dir)) == []
-            assert await store.get("holders/ghost") is None
-            tasks.cancel_scope.cancel()
+        with (
+            PrivateDir.open(os.path.join(tempdir, "state")) as state,
+            PrivateDir.open(tempdir) as runtime,
+        ):
+            registry = HolderRegistry(store, state)
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(registry.serve, runtime)
+                assert await registry.journal_collect(dry_run=False) == []
+                assert os.listdir(runtime_dir) == ["m"]
+                os.unlink(pidfile)
+                removed = await registry.journal_collect(dry_run=False)
+                assert [(c.kind, c.key) for c in removed] == [
+                    ("holder", "ghost"),
+                    ("member", "ghost:m"),
+                ]
+                assert os.listdir(os.path.dirname(runtime_dir)) == []
+                assert await store.get("holders/ghost") is None
+                tasks.cancel_scope.cancel()
