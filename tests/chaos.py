@@ -70,11 +70,10 @@ LEASE_TTL = 3600.0
 RESTART_GRACE = 10.0
 """Seconds for what a kill sets going to settle: members dying after their holder."""
 CLIENT_TIMEOUT = 20.0
-
-KNOWN_ISSUES: dict[str, str] = {}
-"""fleetd bugs this campaign finds that are reported, not fixed here (their fix belongs to
-fleetd's internals): their violations are counted apart and do not fail the run unless
---fail-on-known. Remove an entry once its fix is merged (its xfail test then fails)."""
+MEMBER_MARK = "CHAOS_RUN"
+"""In the environment of this campaign's members: its run id."""
+CAMPAIGN_MARK = "CHAOS_CAMPAIGN"
+"""In fleetd's environment, so in its holders' and members' too: what clean-up ends."""
 
 
 # -- the tally --------------------------------------------------------------------------------
@@ -94,9 +93,6 @@ class Tally:
     """Operations whose answer a kill prevented (resolved after the restart)."""
     checks: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
-    known: Counter[str] = field(default_factory=Counter)
-    """Violations that are KNOWN_ISSUES, by issue."""
-    known_examples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -108,21 +104,13 @@ class Tally:
         with self.lock:
             self.cut_off[op] += 1
 
-    def check(
-        self, invariant: str, holds: bool, violation: Callable[[], str], known: str = ""
-    ) -> bool:
-        """Count one check of `invariant`; record the violation (described lazily) if not,
-        apart if it is the `known` issue's."""
+    def check(self, invariant: str, holds: bool, violation: Callable[[], str]) -> bool:
+        """Count one check of `invariant`; record the violation (described lazily) if not."""
         with self.lock:
             self.checks[invariant] += 1
             if holds:
                 return True
-            text = f"[kill {self.kills}] {invariant}: {violation()}"
-            if known:
-                self.known[known] += 1
-                self.known_examples.setdefault(known, text)
-            else:
-                self.violations.append(text)
+            self.violations.append(f"[kill {self.kills}] {invariant}: {violation()}")
         return False
 
     def violated(self, invariant: str, what: str) -> None:
@@ -140,10 +128,6 @@ class Tally:
             "invariants_checked": sum(self.checks.values()),
             "checks": dict(self.checks),
             "violations": self.violations,
-            "known_issues": {
-                issue: {"violations": n, "example": self.known_examples[issue]}
-                for issue, n in self.known.items()
-            },
             "seconds": round(self.seconds, 1),
         }
 
@@ -160,12 +144,6 @@ class Tally:
             f"  violations       {len(self.violations)}",
         ]
         lines += [f"    - {violation}" for violation in self.violations]
-        for issue, n in sorted(self.known.items()):
-            lines += [
-                f"  known issue      {issue}: {n} violations (not counted above), e.g.",
-                f"    - {self.known_examples[issue]}",
-                f"    {KNOWN_ISSUES[issue]}",
-            ]
         return "\n".join(lines)
 
 
@@ -732,7 +710,7 @@ class Campaign:
         self.kept = ""
         self.run_id = uuid.uuid4().hex
         self.root = short_tempdir()
-        self.daemon = Fleetd(self.root)
+        self.daemon = Fleetd(self.root, extra_env={CAMPAIGN_MARK: self.run_id})
         self.tokens = Tokens()
         self.lock = threading.Lock()
         self.stable = [Cluster(f"s{k}", ["a", "b", "c"], stable=True) for k in range(2)]
@@ -868,7 +846,7 @@ class Campaign:
             "ready": "none",
             "restart": "on-failure",
             "stop_timeout": "2s",
-            "env": {"CHAOS_RUN": self.run_id},
+            "env": {MEMBER_MARK: self.run_id},
         }
         return cluster_from_dict(
             {"members": {m: member for m in cluster.members}}, name=cluster.name
@@ -1026,21 +1004,14 @@ class Campaign:
         """Every member process alive has a live holder as its parent, and is a member fleetd
         reports running (with that pid and holder); every member fleetd reports running is
         alive. What a kill just set going gets RESTART_GRACE to settle: members dying after
-        their holder, fleetd seeing the holder exit. Members `status` lists as running while
-        `status C/NAME` already says they are not are the known window."""
+        their holder, fleetd seeing the holder exit."""
         deadline = time.monotonic() + RESTART_GRACE
-        window: dict[int, str] = {}
         while True:
             reported = {s.pid: s for s in client.member_status() if s.running and s.pid}
-            alive = member_processes(self.run_id)
+            alive = processes_marked(MEMBER_MARK, self.run_id)
             orphans = {pid: ppid for pid, ppid in alive.items() if not _is_holder(ppid)}
             unreported = {pid for pid in alive if pid not in reported}
             dead = [status for pid, status in reported.items() if pid not in alive]
-            for status, by_name in zip(dead, self.statuses_by_name(client, dead), strict=True):
-                if not by_name.running:
-                    window.setdefault(
-                        status.pid or 0, f"{_status_text(status)}, by name {_status_text(by_name)}"
-                    )
             if not (orphans or unreported or dead) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -1064,19 +1035,6 @@ class Campaign:
                 pid in alive,
                 lambda status=status: f"{_status_text(status)}: no such process",
             )
-        for text in window.values():
-            self.tally.check(
-                "status and status C/NAME agree",
-                False,
-                lambda text=text: f"status lists {text}",
-                known="exited-holder-status-window",
-            )
-
-    @staticmethod
-    def statuses_by_name(client: SyncClient, statuses: list[MemberStatus]) -> list[MemberStatus]:
-        if not statuses:
-            return []
-        return client.member_status([f"{s.cluster}/{s.name}" for s in statuses])
 
     def check_delivered_files(self, client: SyncClient) -> None:
         """Every delivered file belongs to a held claim and holds its content in full; the
@@ -1119,7 +1077,7 @@ class Campaign:
                             client.cluster_down(status)
         kill_holders(self.daemon)
         self.daemon.close()
-        for pid in member_processes(self.run_id):
+        for pid in processes_marked(CAMPAIGN_MARK, self.run_id):  # a holder no pidfile named
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.keep and self.tally.violations:
@@ -1144,10 +1102,11 @@ def _statuses_text(statuses: list[MemberStatus]) -> str:
     return "; ".join(_status_text(s) for s in statuses)
 
 
-def member_processes(run_id: str) -> dict[int, int]:
-    """pid -> parent pid of every live process that is a member of this campaign's clusters
-    (their environment carries CHAOS_RUN=run_id)."""
-    needle = f"CHAOS_RUN={run_id}".encode()
+def processes_marked(mark: str, run_id: str) -> dict[int, int]:
+    """pid -> parent pid of every live process whose environment carries `mark`=run_id:
+    MEMBER_MARK, the members of this campaign's clusters; CAMPAIGN_MARK, everything its fleetd
+    started (holders and members inherit fleetd's environment)."""
+    needle = f"{mark}={run_id}".encode()
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1185,14 +1144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the tally as JSON here")
     parser.add_argument("--verbose", action="store_true", help="narrate each kill and check")
     parser.add_argument(
-        "--fail-on-known", action="store_true", help="exit 1 on KNOWN_ISSUES' violations too"
-    )
-    parser.add_argument(
         "--keep", action="store_true", help="on a violation, keep the temp dir and its logs"
     )
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     campaign = Campaign(args.kills, seed, verbose=args.verbose, keep=args.keep)
+    signal.signal(signal.SIGTERM, _stopped)  # `timeout make chaos`: clean up, as on Ctrl-C
     tally = campaign.run()
     print(tally.summary(), flush=True)
     if campaign.kept:
@@ -1200,7 +1157,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(tally.as_json(), f, indent=2)
-    return 1 if tally.violations or (args.fail_on_known and tally.known) else 0
+    return 1 if tally.violations else 0
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,6 @@ released is not; each claim it holds is held with its owner and sha256 and its f
 exactly its content, each it released is not held and its file is gone; every member still
 runs with the pid it had before the load. It prints throughput and p50/p99 per op as a table
 (and JSON with --json), and exits 1 on any error or lost write.
-
-A claim's revision is not compared: fleetd shows a re-acquired claim with its first grant's
-revision (tests/chaos.py KNOWN_ISSUES).
 """
 
 import argparse
@@ -78,8 +75,8 @@ class Share:
     error_examples: list[str] = field(default_factory=list)
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
     """name -> (owner, token held), token 0 when released (acknowledged)."""
-    claims: dict[str, tuple[str, str, str, str]] = field(default_factory=dict)
-    """"kind/key" -> (owner, sha256 or "" when released, path, content)."""
+    claims: dict[str, tuple[str, str, str, str, int]] = field(default_factory=dict)
+    """"kind/key" -> (owner, sha256 or "" when released, path, content, revision)."""
     started: float = 0.0
     ended: float = 0.0
 
@@ -94,8 +91,8 @@ class Loader:
         self.rng = rng
         self.owner = f"loader-{index}"
         self.leases = {f"load/c{index}-{k}": 0 for k in range(2)}
-        self.claims: dict[tuple[str, str], tuple[str, bytes, str]] = {}
-        """(kind, key) -> (sha256, content, path) while held."""
+        self.claims: dict[tuple[str, str], tuple[str, bytes, str, int]] = {}
+        """(kind, key) -> (sha256, content, path, revision) while held."""
         self.keys = [("file", f"c{index}-0"), ("prompt_inbox", f"c{index}-1")]
         self.released_paths: dict[tuple[str, str], str] = {}
         """(kind, key) -> where its file was, once released."""
@@ -189,7 +186,8 @@ class Loader:
             def acquired(result: Any) -> str:
                 if result.outcome != "acquired" or result.claim is None:
                     return f"{kind}/{key}: {result.outcome} {result.message}"
-                self.claims[(kind, key)] = (digest, content, result.claim.path)
+                claim = result.claim
+                self.claims[(kind, key)] = (digest, content, claim.path, claim.revision)
                 return ""
 
             return (
@@ -197,15 +195,15 @@ class Loader:
                 lambda: client.claim_acquire(kind, key, self.owner, content),
                 acquired,
             )
-        digest, _, _ = held
+        digest, _, _, revision = held
         if self.rng.random() < 0.5:
 
             def inspected(result: Any) -> str:
                 claim = result.claim
                 if result.outcome != "ok" or claim is None:
                     return f"{kind}/{key}: {result.outcome}"
-                shown = (claim.state, claim.owner, claim.sha256)
-                expected = ("held", self.owner, digest)
+                shown = (claim.state, claim.owner, claim.sha256, claim.revision)
+                expected = ("held", self.owner, digest, revision)
                 return "" if shown == expected else f"{kind}/{key}: {shown} != {expected}"
 
             return "claim_inspect", lambda: client.claim_inspect(kind, key), inspected
@@ -229,11 +227,17 @@ class Loader:
         for kind, key in self.keys:
             held = self.claims.get((kind, key))
             if held is not None:
-                digest, content, path = held
-                self.share.claims[f"{kind}/{key}"] = (self.owner, digest, path, content.decode())
+                digest, content, path, revision = held
+                self.share.claims[f"{kind}/{key}"] = (
+                    self.owner,
+                    digest,
+                    path,
+                    content.decode(),
+                    revision,
+                )
             elif (kind, key) in self.released_paths:
                 path = self.released_paths[(kind, key)]
-                self.share.claims[f"{kind}/{key}"] = (self.owner, "", path, "")
+                self.share.claims[f"{kind}/{key}"] = (self.owner, "", path, "", 0)
 
 
 async def _share_of_clients(
@@ -456,12 +460,14 @@ def _check_writes(report: Report, client: Any, shares: list[Any], before: dict[s
         for info in client.claim_list(kind).claims
     }
     for share in shares:
-        for name, (owner, digest, path, content) in share.claims.items():
+        for name, (owner, digest, path, content, revision) in share.claims.items():
             info = claims.get(name)
             report.checked["claims"] += 1
             if digest:
-                shown = None if info is None else (info.state, info.owner, info.sha256)
-                if shown != ("held", owner, digest):
+                shown = (
+                    None if info is None else (info.state, info.owner, info.sha256, info.revision)
+                )
+                if shown != ("held", owner, digest, revision):
                     report.lost.append(f"claim {name} acknowledged held ({digest}): {info}")
                 if _read(path) != content.encode():
                     report.lost.append(f"claim {name}: {path} does not hold its content")
