@@ -63,7 +63,15 @@ from protocol.definitions import cluster_from_dict
 from protocol.errors import Absent, FleetError, Unavailable
 from protocol.leases import LeaseInfo
 from protocol.members import MemberState, MemberStatus
-from tests.processes import FLEETCTL, FLEETD, Fleetd, kill_holders, short_tempdir, wait_gone
+from tests.processes import (
+    FLEETCTL,
+    FLEETD,
+    Fleetd,
+    kill_holders,
+    marked_processes,
+    short_tempdir,
+    wait_gone,
+)
 
 LEASE_TTL = 3600.0
 """Seconds: no lease may expire during a campaign, so that "held" stays checkable."""
@@ -1008,7 +1016,7 @@ class Campaign:
         deadline = time.monotonic() + RESTART_GRACE
         while True:
             reported = {s.pid: s for s in client.member_status() if s.running and s.pid}
-            alive = processes_marked(MEMBER_MARK, self.run_id)
+            alive = marked_processes(MEMBER_MARK, self.run_id)
             orphans = {pid: ppid for pid, ppid in alive.items() if not _is_holder(ppid)}
             unreported = {pid for pid in alive if pid not in reported}
             dead = [status for pid, status in reported.items() if pid not in alive]
@@ -1077,7 +1085,7 @@ class Campaign:
                             client.cluster_down(status)
         kill_holders(self.daemon)
         self.daemon.close()
-        for pid in processes_marked(CAMPAIGN_MARK, self.run_id):  # a holder no pidfile named
+        for pid in marked_processes(CAMPAIGN_MARK, self.run_id):  # a holder no pidfile named
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.keep and self.tally.violations:
@@ -1100,28 +1108,6 @@ def _status_text(status: MemberStatus) -> str:
 
 def _statuses_text(statuses: list[MemberStatus]) -> str:
     return "; ".join(_status_text(s) for s in statuses)
-
-
-def processes_marked(mark: str, run_id: str) -> dict[int, int]:
-    """pid -> parent pid of every live process whose environment carries `mark`=run_id:
-    MEMBER_MARK, the members of this campaign's clusters; CAMPAIGN_MARK, everything its fleetd
-    started (holders and members inherit fleetd's environment)."""
-    needle = f"{mark}={run_id}".encode()
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != b"Z":
-            found[int(entry)] = int(fields[1])
-    return found
 
 
 def _is_holder(pid: int) -> bool:

@@ -34,9 +34,16 @@ def tempdir_prefix() -> str:
 
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
-    """Live processes (not zombies) whose environment carries this run's tag."""
-    needle = f"{RUN_TAG}={tag}".encode()
-    found = []
+    """Live processes (not zombies) whose environment carries this run's tag, with their
+    command lines."""
+    return [(pid, _command_line(pid)) for pid in marked_processes(RUN_TAG, tag)]
+
+
+def marked_processes(mark: str, value: str) -> dict[int, int]:
+    """pid -> parent pid of every live process but this one (zombies are not live) whose
+    environment carries `mark`=`value`: what a run started, whoever its parent is now."""
+    needle = f"{mark}={value}".encode()
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -45,13 +52,20 @@ def tagged_processes(tag: str) -> list[tuple[int, str]]:
                 if needle not in f.read().split(b"\0"):
                     continue
             with open(f"/proc/{entry}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                found.append((int(entry), f.read().replace(b"\0", b" ").decode(errors="replace")))
+                fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
+        if fields[0] != b"Z":
+            found[int(entry)] = int(fields[1])
     return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "(gone)"
 
 
 def wait_ready(notify: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> bytes:
