@@ -227,9 +227,6 @@ class ClaimService:
             log.warning("startup_gc_postponed", error=exc.message)
         task_status.started()
 
-    def path_of(self, kind: str, key: str, owner: str) -> str:
-        return os.path.join(self.state.path, *relative_path(kind, key, owner))
-
     async def reconcile(self) -> None:
         """After a crash: clear staging, withdraw released claims' files, and quarantine
         files that no record explains (a delivery whose journal write never happened)."""

@@ -32,7 +32,6 @@ LOCK_FILE = "fleetd.lock"
 STORE_FILE = "fleet.db"
 WATERMARK_FILE = "fleet.watermark"
 ARCHIVE_DIR = "archive"
-QUARANTINE_DIR = "quarantine"
 STORE_FILES = (STORE_FILE, f"{STORE_FILE}-wal", f"{STORE_FILE}-shm", f"{STORE_FILE}-journal")
 RUNTIME_SUBDIR = "c"
 """Beside the control socket: c/<cluster>/, a holder's runtime directory (short: socket
