@@ -18,7 +18,7 @@ import time
 
 from bench.harness import Figure, Fleetd, Target, rss_mib, running_fleetd
 from fleetctl import SyncClient
-from fleetd import bounds
+from fleetd.core import bounds
 from protocol import MAX_FRAME
 from protocol.framing import encode
 from protocol.leases import MAX_WAIT
@@ -31,7 +31,7 @@ one is refused."""
 WATCHES = 10_000
 SETTLE = 1.0
 """Seconds RSS must hold still before it is read: fleetd gives memory back shortly after
-large connections close (fleetd.bounds.TRIM_DELAY), not at once."""
+large connections close (fleetd.core.bounds.TRIM_DELAY), not at once."""
 SETTLE_LIMIT = 10.0
 SEND_TIMEOUT = 60.0
 MIB = 1 << 20

@@ -2,7 +2,7 @@
 
 A socket path is only a name: whoever could create the file (a stale directory, a mistyped
 --socket, a world-writable runtime directory) answers there. fleetd checks its clients'
-credentials (fleetd.server.admit); clients check the server's the same way, right after
+credentials (fleetd.core.server.admit); clients check the server's the same way, right after
 connect and before writing a byte, and refuse a peer that runs neither as their own uid nor
 as root. One getsockopt per connection, nothing per request.
 

@@ -59,7 +59,7 @@ class LogReader:
     waits.
 
     The holder appends to PATH and, past the cap, renames it to PATH.1 (replacing the previous
-    one) and starts a new PATH (fleetd.members.LogFile). The reader keeps the file it reads
+    one) and starts a new PATH (fleetd.holder.members.LogFile). The reader keeps the file it reads
     open, so the rename loses nothing: once PATH names another file, the one it holds is
     complete, and it reads that to its end, then the new PATH from its start. A reader so far
     behind that a second rotation came finds the file in between at PATH.1, and reads it whole.

@@ -1,5 +1,5 @@
 """The client side of a holder's member sockets, shared by bound clusters (fleetctl.bound)
-and by fleetd's registry of detached holders (fleetd.holders): one pipelined connection with
+and by fleetd's registry of detached holders (fleetd.clusters): one pipelined connection with
 watch pushes, a one-shot request, readiness of a freshly spawned holder, and the on-disk status
 of a member whose holder is gone.
 

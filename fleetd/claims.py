@@ -17,7 +17,7 @@ and moves every file that no record explains to ``quarantine/`` (logged, never d
 may be somebody's only copy), so an inbox never shows a half-written file nor keeps one
 nobody owns.
 
-Every file operation goes through the state directory's descriptor (fleetd.dirs): a link
+Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
 """
 
@@ -35,8 +35,8 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from fleetd.dirs import PrivateDir, write_all
-from fleetd.dispatch import Peer
+from fleetd.core.dirs import PrivateDir, write_all
+from fleetd.core.dispatch import Peer
 from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
 from fleetd.store import Compare, Delete, KeyValue, Put, Store

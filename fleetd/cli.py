@@ -25,7 +25,7 @@ import click
 import structlog
 
 from fleetd import daemon
-from fleetd.log import configure_logging
+from fleetd.core.log import configure_logging
 from fleetd.state import reset_state
 from protocol.errors import (
     AlreadyRunning,

@@ -2,7 +2,7 @@
 shut down in order.
 
 `claim_places` does everything that must hold before fleetd touches anything: the socket path
-fits, both directories are fleetd's own (fleetd.dirs), and both locks are taken. Services then
+fits, both directories are fleetd's own (fleetd.core.dirs), and both locks are taken. Services then
 start in dependency order with ``await tg.start(...)``, so READY=1 is only sent to systemd
 once every one of them is really ready; shutdown runs the same path backwards.
 """
@@ -19,14 +19,14 @@ import structlog
 from anyio.abc import SocketListener
 
 from fleetd import systemd
-from fleetd.bounds import Limits
 from fleetd.claims import ClaimService
-from fleetd.dirs import PrivateDir
-from fleetd.dispatch import Dispatcher, Peer
-from fleetd.holders import HolderRegistry
+from fleetd.clusters.registry import HolderRegistry
+from fleetd.core.bounds import Limits
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Dispatcher, Peer
+from fleetd.core.server import ControlServer
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
-from fleetd.server import ControlServer
 from fleetd.state import (
     LOCK_FILE,
     STORE_FILE,

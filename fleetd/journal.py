@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetd import identity as proc
+from fleetd.core import identity as proc
 from fleetd.leases import Entry, LeaseManager
 from protocol.claims import ClaimInfo, ClaimState
 

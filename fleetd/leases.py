@@ -38,8 +38,8 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from fleetd import identity as proc
-from fleetd.dispatch import Peer
+from fleetd.core import identity as proc
+from fleetd.core.dispatch import Peer
 from fleetd.store import Compare, Delete, Put, Store
 from protocol.errors import Compacted, Internal, InvalidRequest, StoreFull
 from protocol.leases import (

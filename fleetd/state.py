@@ -4,11 +4,11 @@
     fleet.db, fleet.db-wal, fleet.db-shm   the store (fleetd.store.sqlite)
     fleet.watermark                        which store this is, and the revision it reached
     claims-staging/ files/ inbox/          claims (fleetd.claims)
-    clusters/                              definitions of detached clusters (fleetd.holders)
+    clusters/                              definitions of detached clusters (fleetd.clusters)
     quarantine/                            files found at start-up that no record explains
     archive/                               what `fleetd reset-state` moved aside
 
-fleetd opens it as a PrivateDir (fleetd.dirs): its own, not open to others, and nothing in it
+fleetd opens it as a PrivateDir (fleetd.core.dirs): its own, not open to others, and nothing in it
 is ever reached through a link. A store that was lost, replaced or rolled back stops fleetd
 at start-up (fleetd.store.watermark); `reset_state` is the one way on from there, and it
 archives rather than deletes.
@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fleetd.dirs import PrivateDir, unsafe_reason
-from fleetd.members import is_running
+from fleetd.core.dirs import PrivateDir, unsafe_reason
+from fleetd.core.pidfiles import is_running
 from fleetd.store.sqlite import peek_revision, restart_from
 from fleetd.store.watermark import Mark, Watermark
 from protocol.errors import AlreadyRunning, FleetError, StoreCorrupt, UnsafePath

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
-from fleetd import cgroups
-from fleetd.members import is_running, read_pidfile
+from fleetd.core import cgroups
+from fleetd.core.pidfiles import is_running, read_pidfile
 from protocol.members import HOLDER_PIDFILE
 
 RUN_TAG = "FLEET_TEST_RUN"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetd.backoff import Backoff, Exit, Restart, plan_restart, should_restart
+from fleetd.holder.backoff import Backoff, Exit, Restart, plan_restart, should_restart
 
 BACKOFF = Backoff(initial=0.1, factor=2.0, cap=5.0, jitter=0.2, stable_after=10.0)
 

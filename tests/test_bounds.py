@@ -1,6 +1,6 @@
 """What one client can make fleetd (or a holder) hold, against real daemons over raw sockets:
 unfinished frames against a shared budget, time stalled mid-frame, long polls outstanding,
-requests in flight, and the memory a client leaves behind. The limits are in fleetd.bounds.
+requests in flight, and the memory a client leaves behind. The limits are in fleetd.core.bounds.
 """
 
 import fcntl
@@ -17,7 +17,7 @@ from anyio.abc import UNIXSocketStream
 
 import fleetctl
 from fleetctl._link import Poller
-from fleetd.bounds import (
+from fleetd.core.bounds import (
     FRAME_IDLE_TIMEOUT,
     MAX_IN_FLIGHT,
     MAX_WAITS,
@@ -25,8 +25,8 @@ from fleetd.bounds import (
     FrameBudget,
     Limits,
 )
-from fleetd.dispatch import Dispatcher, Peer
-from fleetd.server import Connection
+from fleetd.core.dispatch import Dispatcher, Peer
+from fleetd.core.server import Connection
 from protocol import MAX_FRAME
 from protocol.clusters import MemberWait
 from protocol.framing import encode

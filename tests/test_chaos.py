@@ -18,10 +18,10 @@ import msgspec
 import pytest
 
 from fleetctl.sync import SyncClient
-from fleetd.dirs import PrivateDir
-from fleetd.dispatch import Peer
-from fleetd.holders import Held, HolderRecord, HolderRegistry
-from fleetd.members import process_start_time
+from fleetd.clusters.registry import Held, HolderRecord, HolderRegistry
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Peer
+from fleetd.core.pidfiles import process_start_time
 from fleetd.store.sqlite import SQLiteStore
 from protocol.clusters import MemberList, MemberStatusRequest
 from protocol.definitions import ClusterSpec, MemberSpec

@@ -26,8 +26,8 @@ from fleetd.claims import (
     deliver,
     relative_path,
 )
-from fleetd.dirs import PrivateDir
-from fleetd.dispatch import Peer
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Peer
 from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
 from protocol.errors import FleetError, InvalidRequest, StoreFull

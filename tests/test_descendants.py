@@ -18,8 +18,8 @@ import anyio
 import pytest
 
 import fleetctl
-from fleetd import cgroups
-from fleetd.descendants import Lineage, Process, TreeDescendants, member_of
+from fleetd.core import cgroups
+from fleetd.holder.descendants import Lineage, Process, TreeDescendants, member_of
 from protocol.members import MemberState
 from tests.processes import Fleetd, cgroup_problem, kill_holders, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl

@@ -24,9 +24,9 @@ import pytest
 
 from fleetctl.cli import run
 from fleetctl.sync import SyncClient
-from fleetd.dirs import PrivateDir
-from fleetd.holders import HolderRecord
-from fleetd.members import is_running, process_start_time, read_pidfile
+from fleetd.clusters.registry import HolderRecord
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.pidfiles import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
 from protocol.definitions import load_toml
 from protocol.errors import Absent, InvalidRequest, MemberFailed
@@ -512,7 +512,7 @@ def test_definition_errors_are_clear(holders: Fleetd) -> None:
 
 
 def test_decide_up() -> None:
-    from fleetd.holders import decide_up
+    from fleetd.clusters.registry import decide_up
     from protocol.definitions import ClusterSpec, MemberSpec
     from protocol.outcomes import Outcome
 
@@ -525,7 +525,7 @@ def test_decide_up() -> None:
 
 
 def test_resolve_names() -> None:
-    from fleetd.holders import resolve
+    from fleetd.clusters.registry import resolve
 
     clusters = {"one": ["web", "db"], "two": ["web"]}
     assert resolve("db", clusters) == ("one", "db")
@@ -539,7 +539,7 @@ def test_resolve_names() -> None:
 
 
 def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
-    from fleetd.holders import holder_env
+    from fleetd.clusters.registry import holder_env
 
     environ = {"PATH": "/bin", "NOTIFY_SOCKET": "/n", "LISTEN_FDS": "1", "WATCHDOG_USEC": "5"}
     assert holder_env(environ) == {"PATH": "/bin"}
@@ -548,11 +548,11 @@ def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
 def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     """A holder's first process as fleetd spawns it, with a command that writes its pid and
     start time to a file in place of the holder; the gate's write end, and that file."""
-    from fleetd.holders import _popen_detached
+    from fleetd.clusters.registry import _popen_detached
 
     ran = os.path.join(tempdir, "ran")
     report = (
-        "from fleetd.members import pidfile_text; import os; "
+        "from fleetd.holder.members import pidfile_text; import os; "
         f"open({ran!r}, 'wb').write(pidfile_text(os.getpid()))"
     )
     gate_read, gate_write = os.pipe()
@@ -585,7 +585,7 @@ def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
 
 
 def test_wait_verdict() -> None:
-    from fleetd.holders import wait_verdict
+    from fleetd.clusters.registry import wait_verdict
 
     def s(state: MemberState, error: str = "") -> MemberStatus:
         return MemberStatus(name="m", state=state, error=error)
@@ -624,9 +624,9 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     import msgspec
     from anyio.abc import SocketStream
 
-    from fleetd.dispatch import Peer
-    from fleetd.holders import HolderRecord, HolderRegistry
-    from fleetd.members import pidfile_text
+    from fleetd.clusters.registry import HolderRecord, HolderRegistry
+    from fleetd.core.dispatch import Peer
+    from fleetd.core.pidfiles import pidfile_text
     from fleetd.store.sqlite import SQLiteStore
     from protocol.clusters import MemberStatusRequest
     from protocol.definitions import ClusterSpec, MemberSpec

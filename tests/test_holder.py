@@ -21,8 +21,9 @@ import pytest
 
 import fleetctl
 from fleetctl.bound import SyncCluster
-from fleetd.dirs import PrivateDir
-from fleetd.members import LineMatcher, LogFile, is_running, pidfile_text, process_start_time
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.pidfiles import is_running, pidfile_text, process_start_time
+from fleetd.holder.members import LineMatcher, LogFile
 from protocol.errors import (
     Absent,
     FleetError,
@@ -530,9 +531,9 @@ def test_the_library_never_imports_fleetd(module: str) -> None:
 
 
 _CRASHING_SPAWNER = """
-import fleetd.spawn
+import fleetd.holder.spawn
 
-_spawn = fleetd.spawn.Spawner.spawn
+_spawn = fleetd.holder.spawn.Spawner.spawn
 
 
 def spawn(self, argv, *args, **kwargs):
@@ -541,7 +542,7 @@ def spawn(self, argv, *args, **kwargs):
     return _spawn(self, argv, *args, **kwargs)
 
 
-fleetd.spawn.Spawner.spawn = spawn
+fleetd.holder.spawn.Spawner.spawn = spawn
 """
 
 

@@ -15,9 +15,9 @@ import msgspec
 import pytest
 
 from fleetctl import SyncClient
-from fleetd.dirs import PrivateDir
-from fleetd.holders import HolderRecord, HolderRegistry
-from fleetd.members import process_start_time
+from fleetd.clusters.registry import HolderRecord, HolderRegistry
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.pidfiles import process_start_time
 from fleetd.store.sqlite import SQLiteStore
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.members import member_pidfile

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from fleetctl import Client, SyncClient
-from fleetd import identity as proc
+from fleetd.core import identity as proc
 from fleetd.leases import (
     Entry,
     EventLog,

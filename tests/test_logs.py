@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleetd.members import LOG_MAX_BYTES
+from fleetd.holder.members import LOG_MAX_BYTES
 from tests.processes import FLEETCTL, Fleetd
 from tests.test_detached import client, ctl, definition, up
 

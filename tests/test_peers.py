@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleetd.holder import Peers
+from fleetd.holder.program import Peers
 
 names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,8}", fullmatch=True)
 addresses = st.from_regex(r"(127\.0\.0\.1:[0-9]{1,5})?", fullmatch=True)

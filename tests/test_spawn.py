@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
-from fleetd import cgroups
-from fleetd import spawn as spawn_module
-from fleetd.spawn import TRAMPOLINE, Spawner
+from fleetd.core import cgroups
+from fleetd.holder import spawn as spawn_module
+from fleetd.holder.spawn import TRAMPOLINE, Spawner
 from tests.processes import cgroup_problem
 
 SETPRIV = spawn_module._SETPRIV
@@ -154,7 +154,7 @@ def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> N
     script = textwrap.dedent(
         f"""
         import os, sys, time
-        from fleetd import spawn
+        from fleetd.holder import spawn
         {FALLBACKS[path]}
         child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2)
         print(child.pid, flush=True)

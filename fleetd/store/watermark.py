@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from enum import Enum
 
-from fleetd.dirs import PrivateDir
+from fleetd.core.dirs import PrivateDir
 from protocol.errors import StateLost, StoreCorrupt
 
 MAGIC = b"FLEETWM1"

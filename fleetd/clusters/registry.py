@@ -11,7 +11,7 @@ pidfd and a `watch` on a member socket, and nothing is restarted. A journaled ho
 meanwhile is cleaned up (its sockets, its journal entries, and its cgroup: see below); its
 members then read `stopped` from their state files.
 
-Cgroups. Where a holder could make one (fleetd.cgroups), its members' processes live in its
+Cgroups. Where a holder could make one (fleetd.core.cgroups), its members' processes live in its
 cgroup, `fleet-CLUSTER.PID-START` beside the holder in fleetd's own cgroup, and outlive it when
 it is SIGKILLed: whenever fleetd sees a holder gone (its pidfd, or a dead one at start-up), it
 kills everything left in that cgroup (`cgroup.kill`) and removes it once empty. The journal
@@ -46,7 +46,7 @@ lands, so fleetd keeps following its holders and answering from memory meanwhile
 
 Files: runtime directories (c/<cluster>/ beside the control socket) and definitions
 (clusters/<cluster>/ in the state directory) are made and read through checked directory
-descriptors (fleetd.dirs), never through a link.
+descriptors (fleetd.core.dirs), never through a link.
 """
 
 import contextlib
@@ -71,17 +71,17 @@ from fleetctl.members_client import (
     holder_ready,
     status_on_disk,
 )
-from fleetd.cgroups import (
+from fleetd.core.cgroups import (
     Cgroup,
     cgroup_directory,
     holder_cgroup_name,
     own_directory,
     within_hierarchy,
 )
-from fleetd.dirs import PrivateDir
-from fleetd.dispatch import Peer
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Peer
+from fleetd.core.pidfiles import process_start_time
 from fleetd.journal import Owners, fleetd_entry
-from fleetd.members import process_start_time
 from fleetd.state import RUNTIME_SUBDIR
 from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
 from protocol.claims import ClaimInfo

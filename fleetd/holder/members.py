@@ -8,9 +8,9 @@ arrive through one `Reaper` per holder (SIGCHLD on a signalfd, then waitpid unti
 left, which also reaps orphans a subreaper adopts), and readiness notifications through one
 `NotifySocket` per holder (sd_notify, attributed by sender pid).
 
-Members are started by the holder's `fleetd.spawn.Spawner`, with a parent-death signal, in
+Members are started by the holder's `fleetd.holder.spawn.Spawner`, with a parent-death signal, in
 a cgroup of their own where the holder has one; the processes a member starts are ended with
-it (fleetd.descendants), whichever way they went.
+it (fleetd.holder.descendants), whichever way they went.
 """
 
 import asyncio
@@ -33,11 +33,11 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from fleetd import identity
-from fleetd.backoff import Backoff, Exit, plan_restart
-from fleetd.descendants import HOLDER_ENV, Descendants, Lineage
-from fleetd.dirs import PrivateDir
-from fleetd.spawn import Child, Spawner
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.pidfiles import pidfile_text
+from fleetd.holder.backoff import Backoff, Exit, plan_restart
+from fleetd.holder.descendants import HOLDER_ENV, Descendants, Lineage
+from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.errors import FleetError
 from protocol.members import (
@@ -67,43 +67,6 @@ _HOLDER_PID = os.getpid()
 
 
 # --- files ------------------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """With the pid, the start time names a process uniquely, where a pid alone may have been
-    recycled; None once the process is gone."""
-    try:
-        return identity.start_time(pid)
-    except identity.ProcessGone:
-        return None
-
-
-def pidfile_text(pid: int) -> bytes:
-    """What a pidfile holds: "PID START_TIME" (see is_running)."""
-    return f"{pid} {process_start_time(pid) or 0}\n".encode()
-
-
-def read_pidfile(path: str) -> tuple[int, int]:
-    """(pid, start time); raises OSError or ValueError for a missing or mangled file."""
-    with open(path, "rb") as f:
-        pid, start_time = f.read().split()
-    return int(pid), int(start_time)
-
-
-def is_running(pidfile: str) -> bool:
-    """Whether the process a pidfile names is alive: signal 0 says the pid exists, and its
-    start time says it is still the same process, not a stranger that got the pid since."""
-    try:
-        pid, start_time = read_pidfile(pidfile)
-    except (OSError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's: the start time still tells
-    return process_start_time(pid) == start_time
 
 
 class LogFile:

@@ -1,5 +1,5 @@
 """Bounds on what one client can make a server hold: fleetd's control socket, and a holder's
-member sockets (both serve through fleetd.server.Connection). The README's "Bounds" states
+member sockets (both serve through fleetd.core.server.Connection). The README's "Bounds" states
 them for users.
 
     frame size          MAX_FRAME per frame (protocol), else frame_too_large, then closed

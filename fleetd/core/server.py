@@ -2,7 +2,7 @@
 
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
 error frame and lose its own connection. Nothing escapes into the accept loop. What a peer can
-make a server hold is bounded (fleetd.bounds): its unfinished frames against a budget shared by
+make a server hold is bounded (fleetd.core.bounds): its unfinished frames against a budget shared by
 the server's connections, its time stalled mid-frame, its requests in flight.
 
 The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
@@ -24,14 +24,14 @@ import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
 from fleetctl._link import Poller
-from fleetd.bounds import (
+from fleetd.core.bounds import (
     LARGE_CONNECTION_IN_FLIGHT,
     LARGE_CONNECTION_PARTIAL,
     FrameBudget,
     Limits,
     Trim,
 )
-from fleetd.dispatch import Dispatcher, Peer, Pending
+from fleetd.core.dispatch import Dispatcher, Peer, Pending
 from protocol.errors import BadFrame, FleetError, LimitExceeded, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
 from protocol.messages import Response

@@ -5,10 +5,10 @@ that left the group (setsid, a daemon's double fork) escapes both, and once its 
 is re-parented to the holder (a child subreaper). The holder finds a member's processes one of
 two ways:
 
-- its own cgroup (fleetd.cgroups), where cgroup v2 is writable: the member starts in it
-  (fleetd.spawn) and everything it starts stays in it, whatever it does; `cgroup.kill` ends
+- its own cgroup (fleetd.core.cgroups), where cgroup v2 is writable: the member starts in it
+  (fleetd.holder.spawn) and everything it starts stays in it, whatever it does; `cgroup.kill` ends
   them all at once and `cgroup.events` says when none is left. The cgroups outlive a holder
-  killed by SIGKILL, and fleetd ends what is in them (fleetd.holders).
+  killed by SIGKILL, and fleetd ends what is in them (fleetd.clusters.registry).
 - elsewhere, /proc: the descendants of the member's main process by their children links, and
   the orphans the holder adopted, attributed by the environment every process of a member
   inherits (FLEET_HOLDER, this holder's token, and FLEET_MEMBER). An orphan that cleared or
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
-from fleetd import identity
-from fleetd.cgroups import MEMBER_SUFFIX, Cgroup, holder_cgroup_name, holder_of, own_directory
+from fleetd.core import identity
+from fleetd.core.cgroups import MEMBER_SUFFIX, Cgroup, holder_cgroup_name, holder_of, own_directory
 
 log = structlog.get_logger("fleetd.descendants")
 
@@ -210,7 +210,7 @@ class Lineage:
         self._frozen: dict[str, list[tuple[int, int]]] | None = None
 
     def start(self) -> None:
-        """Make the holder's cgroup where cgroup v2 is writable (see fleetd.cgroups)."""
+        """Make the holder's cgroup where cgroup v2 is writable (see fleetd.core.cgroups)."""
         self.cgroup, why = _holder_cgroup(self.cluster, self.pid, self.start_time)
         if self.cgroup is None:
             log.info("cgroups_unused", reason=why)

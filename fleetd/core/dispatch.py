@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import structlog
 
-from fleetd.bounds import MAX_WAITS
-from fleetd.identity import identify
+from fleetd.core.bounds import MAX_WAITS
+from fleetd.core.identity import identify
 from protocol.errors import BadFrame, ConnectionLost, FleetError, Internal, LimitExceeded
 from protocol.framing import decode_request, error_response, request_id_of
 from protocol.leases import Identity

@@ -5,7 +5,7 @@ is of a container), serving one unix socket per member.
 
 It becomes a child subreaper (orphans of members are re-parented to it and reaped) and gives
 each member a parent-death signal, so a holder that dies, even by SIGKILL, leaks no member.
-A member's other processes end with it (fleetd.descendants): where cgroup v2 is writable, each
+A member's other processes end with it (descendants): where cgroup v2 is writable, each
 member has a cgroup under the holder's (`fleet-CLUSTER.PID-START/NAME.member`, beside the
 holder's own), which outlives a SIGKILLed holder for fleetd to end. It exits when its last
 member leaves (stop), or on SIGTERM/SIGINT after stopping them all, and ends whatever process
@@ -39,12 +39,19 @@ from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from fleetctl._link import Poller
-from fleetd.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
-from fleetd.descendants import Lineage
-from fleetd.dirs import PrivateDir
-from fleetd.dispatch import Dispatcher, Peer
-from fleetd.log import configure_logging
-from fleetd.members import (
+from fleetd.core.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Dispatcher, Peer
+from fleetd.core.log import configure_logging
+from fleetd.core.pidfiles import pidfile_text
+from fleetd.core.server import (
+    ACCEPT_RETRY_DELAY,
+    TRANSIENT_ACCEPT_ERRORS,
+    Connection,
+    admit,
+)
+from fleetd.holder.descendants import Lineage
+from fleetd.holder.members import (
     LOG_MAX_BYTES,
     Member,
     NotifySocket,
@@ -52,15 +59,8 @@ from fleetd.members import (
     ancestry,
     block_sigchld,
     needs_port,
-    pidfile_text,
 )
-from fleetd.server import (
-    ACCEPT_RETRY_DELAY,
-    TRANSIENT_ACCEPT_ERRORS,
-    Connection,
-    admit,
-)
-from fleetd.spawn import Spawner, become_subreaper
+from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest, LimitExceeded
@@ -208,7 +208,7 @@ class Holder:
     """Supervises one cluster's members and serves their sockets until the last one leaves.
 
     Run it in a process of its own, through `main`: it needs SIGCHLD blocked in every thread
-    (see fleetd.members.Reaper) and it becomes the subreaper of everything it starts.
+    (see fleetd.holder.members.Reaper) and it becomes the subreaper of everything it starts.
     """
 
     def __init__(
@@ -222,7 +222,7 @@ class Holder:
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
         death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
-        bound what each connection to a member socket may hold (fleetd.bounds), with one
+        bound what each connection to a member socket may hold (fleetd.core.bounds), with one
         budget of unfinished frames for them all."""
         self.spec = spec
         self.cluster = spec.name
@@ -451,7 +451,7 @@ class Holder:
         spec = ClusterSpec(name=self.cluster, members=members)
         self.runtime.write_atomically(CLUSTER_FILE, msgspec.json.encode(spec))
 
-    # -- what members ask of their holder (fleetd.members.Host)
+    # -- what members ask of their holder (fleetd.holder.members.Host)
 
     def peers_of(self, name: str) -> str:
         if self._peers is None:
@@ -728,7 +728,7 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a holder until its last member leaves; 0, or 1 when it cannot start."""
-    block_sigchld()  # before any thread exists: see fleetd.members.Reaper
+    block_sigchld()  # before any thread exists: see fleetd.holder.members.Reaper
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
     if args.ready_fd is not None:

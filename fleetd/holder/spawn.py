@@ -13,7 +13,7 @@ the signal and then executes the member's program:
   holder killed in the microseconds before it leaves that member behind;
 - without setpriv, a fork with a preexec hook.
 
-A member with a cgroup (fleetd.cgroups) must be in it before its program runs its first
+A member with a cgroup (fleetd.core.cgroups) must be in it before its program runs its first
 instruction, or a child it forks at once would start outside. The trampoline, and the preexec
 hook, move the process there themselves, writing "0" to the cgroup's `cgroup.procs` before
 the exec (the move, which takes the kernel's cgroup locks, is then the child's cost, not the
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from fleetd.cgroups import PROCS_FILE, Cgroup
-from fleetd.identity import children
+from fleetd.core.cgroups import PROCS_FILE, Cgroup
+from fleetd.core.identity import children
 
 log = structlog.get_logger("fleetd.spawn")
 

@@ -1,0 +1,1 @@
+"""The daemon's side of detached clusters: the holders fleetd launches, follows and adopts."""

@@ -1,0 +1,5 @@
+import sys
+
+from fleetd.holder.program import main
+
+sys.exit(main())
