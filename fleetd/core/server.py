@@ -120,8 +120,8 @@ class ControlServer:
     async def _connection(self, stream: SocketStream) -> None:
         try:
             await self._converse(stream)
-        except Exception as exc:
-            log.warning("connection_failed", error=repr(exc))
+        except Exception as exc:  # a bug: peers hanging up or misbehaving are handled inside
+            log.error("connection_failed", error=repr(exc), exc_info=exc)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
