@@ -24,7 +24,7 @@ import pytest
 
 from fleetctl.cli import run
 from fleetctl.sync import SyncClient
-from fleetd.clusters.registry import HolderRecord
+from fleetd.clusters.records import HolderRecord
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
@@ -525,7 +525,7 @@ def test_decide_up() -> None:
 
 
 def test_resolve_names() -> None:
-    from fleetd.clusters.registry import resolve
+    from fleetd.clusters.index import resolve
 
     clusters = {"one": ["web", "db"], "two": ["web"]}
     assert resolve("db", clusters) == ("one", "db")
@@ -539,7 +539,7 @@ def test_resolve_names() -> None:
 
 
 def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
-    from fleetd.clusters.registry import holder_env
+    from fleetd.clusters.launch import holder_env
 
     environ = {"PATH": "/bin", "NOTIFY_SOCKET": "/n", "LISTEN_FDS": "1", "WATCHDOG_USEC": "5"}
     assert holder_env(environ) == {"PATH": "/bin"}
@@ -548,7 +548,7 @@ def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
 def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     """A holder's first process as fleetd spawns it, with a command that writes its pid and
     start time to a file in place of the holder; the gate's write end, and that file."""
-    from fleetd.clusters.registry import _popen_detached
+    from fleetd.clusters.launch import popen_detached
 
     ran = os.path.join(tempdir, "ran")
     report = (
@@ -559,7 +559,7 @@ def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     ready_read, ready_write = os.pipe()
     log = os.open(os.path.join(tempdir, "log"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        process = _popen_detached([sys.executable, "-c", report], log, gate_read, ready_write)
+        process = popen_detached([sys.executable, "-c", report], log, gate_read, ready_write)
     finally:
         for fd in (gate_read, ready_read, ready_write, log):
             os.close(fd)
@@ -585,7 +585,7 @@ def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
 
 
 def test_wait_verdict() -> None:
-    from fleetd.clusters.registry import wait_verdict
+    from fleetd.clusters.index import wait_verdict
 
     def s(state: MemberState, error: str = "") -> MemberStatus:
         return MemberStatus(name="m", state=state, error=error)
@@ -624,7 +624,8 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     import msgspec
     from anyio.abc import SocketStream
 
-    from fleetd.clusters.registry import HolderRecord, HolderRegistry
+    from fleetd.clusters.records import HolderRecord
+    from fleetd.clusters.registry import HolderRegistry
     from fleetd.core.dispatch import Peer
     from fleetd.core.pidfiles import pidfile_text
     from fleetd.store.sqlite import SQLiteStore

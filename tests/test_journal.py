@@ -15,7 +15,8 @@ import msgspec
 import pytest
 
 from fleetctl import SyncClient
-from fleetd.clusters.registry import HolderRecord, HolderRegistry
+from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.registry import HolderRegistry
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import process_start_time
 from fleetd.store.sqlite import SQLiteStore
@@ -258,10 +259,10 @@ async def test_gc_keeps_an_exited_holder_while_a_pidfile_names_a_live_process(
             registry = HolderRegistry(store, state)
             async with anyio.create_task_group() as tasks:
                 await tasks.start(registry.serve, runtime)
-                assert await registry.journal_collect(dry_run=False) == []
+                assert await registry.journal.journal_collect(dry_run=False) == []
                 assert os.listdir(runtime_dir) == ["m"]
                 os.unlink(pidfile)
-                removed = await registry.journal_collect(dry_run=False)
+                removed = await registry.journal.journal_collect(dry_run=False)
                 assert [(c.kind, c.key) for c in removed] == [
                     ("holder", "ghost"),
                     ("member", "ghost:m"),
