@@ -427,6 +427,58 @@ def test_a_starting_holder_that_dies_before_it_serves_frees_its_name(gated: Flee
     assert ctl(gated, "down", "nap")[0] == 0
 
 
+def refused_unavailable(daemon: Fleetd, why: str) -> None:
+    """`stop` and `add` of a member whose holder fleetd cannot reach: exit 14, saying why."""
+    for args in (["stop", "a"], ["add", "c", "--sibling", "a"]):
+        code, out, _ = ctl(daemon, "--json", *args)
+        envelope = json.loads(out)
+        assert (code, envelope["outcome"]) == (14, "unavailable"), (args, out)
+        assert why in envelope["error"]["message"]
+
+
+def stopped_once_reachable(daemon: Fleetd, name: str) -> None:
+    """`stop NAME` until fleetd reaches the holder (it retries in the background)."""
+    deadline = time.monotonic() + 15
+    while (done := ctl(daemon, "--json", "stop", name))[0] == 14:
+        assert time.monotonic() < deadline, done
+        time.sleep(0.05)
+    assert done[0] == 0 and json.loads(done[1])["members"][0]["state"] == "stopped", done
+
+
+def test_stop_and_add_beside_a_holder_still_starting_say_they_could_not(gated: Fleetd) -> None:
+    """Stop used to answer the member's status (`starting`) as a success, stopping nothing."""
+    holder_pid = killed_mid_launch(gated, SLEEPERS)
+    gated.start()
+    refused_unavailable(gated, "still starting")
+    open_gate(gated)
+    stopped_once_reachable(gated, "a")
+    assert state(gated, "b") == "running"
+    assert ctl(gated, "down", "nap")[0] == 0
+    assert wait_gone(holder_pid, 5)
+
+
+@pytest.mark.slow
+def test_stop_and_add_beside_a_holder_that_does_not_answer_say_they_could_not(
+    holders: Fleetd,
+) -> None:
+    """A holder alive but SIGSTOPped when fleetd starts: adopted all the same (after its watch
+    timed out), refused `unavailable` for what needs it, and reached once it goes on."""
+    holder_pid = int(up(holders, SLEEPERS, "--wait")["holder_pid"])
+    member_pid = statuses(holders, "a")["nap/a"]["pid"]
+    os.kill(holder_pid, signal.SIGSTOP)
+    try:
+        holders.signal(signal.SIGKILL)
+        holders.wait()
+        holders.start(timeout=30)  # adoption waits out one watch request (10 s)
+        refused_unavailable(holders, "does not answer")
+        assert process_start_time(int(str(member_pid))) is not None  # nothing was stopped
+    finally:
+        os.kill(holder_pid, signal.SIGCONT)
+    stopped_once_reachable(holders, "a")
+    assert ctl(holders, "down", "nap")[0] == 0
+    assert wait_gone(holder_pid, 5)
+
+
 @pytest.mark.parametrize("recorded", ["no pid", "a pid that is gone"])
 def test_a_holder_that_never_started_is_cleaned_up_and_its_name_comes_up_again(
     tempdir: str, recorded: str

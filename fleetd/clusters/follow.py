@@ -1,9 +1,11 @@
 """Following a live holder: its watch connection, which pushes every member change into the
 index, and its pidfd, which turns readable the moment it exits, whoever's child it is.
 
-A holder re-adopted while still starting is followed all the same, its sockets tried in the
-background until one answers: its name stays taken and its exit is seen meanwhile. One that
-never serves is killed after READY_TIMEOUT, as a launch would kill it.
+A holder fleetd cannot reach (re-adopted while still starting, or one that does not answer)
+is followed all the same, its sockets tried again in the background until one answers: its
+name stays taken and its exit is seen meanwhile, but nothing can be asked of it (stop and add
+say so: fleetd.clusters.registry). One still starting that never serves is killed after
+READY_TIMEOUT, as a launch would kill it; one that served once is never killed for being slow.
 
 A holder gone: its record is journaled exited (its files stay, owned by it, until gc), its
 members' records and any socket it could not remove go, and so does every process it left in
@@ -36,7 +38,7 @@ from fleetd.core.cgroups import (
     own_directory,
     within_hierarchy,
 )
-from protocol.errors import ConnectionLost, PermissionDenied
+from protocol.errors import ConnectionLost, PermissionDenied, Timeout
 from protocol.members import MemberStatus, member_socket_path
 
 log = structlog.get_logger("fleetd.clusters")
@@ -82,6 +84,7 @@ class Follower:
         await self.journal.write(held.name)
         if not connected:
             log.warning("holder_unreachable", cluster=held.name, pid=held.pid)
+            self._task_group.start_soon(self._attach, held)
 
     async def follow_starting(self, held: Held) -> None:
         """A holder fleetd was starting when it died. Followed as any other if it serves
@@ -102,8 +105,9 @@ class Follower:
 
     async def _connect(self, held: Held) -> bool:
         """A watch over the first member socket that answers (any socket serves every member,
-        and the connection outlives its member); False when none does. A socket where
-        another user's process listens is passed over, unspoken to."""
+        and the connection outlives its member); False when none does, or the holder does not
+        answer (every socket is its own: no other would). A socket where another user's
+        process listens is passed over, unspoken to."""
         for name in sorted(held.specs, key=lambda n: n not in held.statuses):
             path = member_socket_path(held.record.dir, name)
             try:
@@ -113,6 +117,8 @@ class Follower:
             except PermissionDenied as refused:
                 log.warning("holder_socket_refused", cluster=held.name, error=refused.message)
                 continue
+            except Timeout:
+                return False
             held.link = link
             for status in snapshot:
                 # A push that came in the same read as the snapshot was handled before this
@@ -127,11 +133,12 @@ class Follower:
         self.index.changed_now()
 
     async def _attach(self, held: Held) -> None:
-        """Until a member socket of a starting holder answers: then watch it and journal it
-        live. It has no ready pipe to this fleetd, so its sockets are tried, backing off. One
-        that does not serve within READY_TIMEOUT is killed, as a launch would kill it."""
+        """Until a member socket of an unreached holder answers: then watch it and journal
+        it live. It has no ready pipe to this fleetd, so its sockets are tried, backing off.
+        One still starting that does not serve within READY_TIMEOUT is killed."""
+        starting = held.record.state == "starting"
         delay = _ATTACH_FIRST
-        with anyio.move_on_after(READY_TIMEOUT):
+        with anyio.move_on_after(READY_TIMEOUT if starting else None):
             while not await self._connect(held):
                 with anyio.move_on_after(delay):
                     await held.gone.wait()

@@ -9,6 +9,10 @@ outlive fleetd itself. This is what the daemon's dispatcher calls; the work is d
     records      those records and their mapping (pure)
     rundirs      a holder's runtime directory on disk
     links        the client half of the member-socket protocol, as fleetd uses it
+
+A member's op goes to its holder over the watch connection. A holder fleetd cannot reach
+(re-adopted while still starting, or not answering) is refused `unavailable` for stop and add:
+fleetd says it could not, rather than answer as if it had.
 """
 
 import anyio
@@ -21,7 +25,7 @@ from fleetd.clusters.follow import STOP_MARGIN, Follower
 from fleetd.clusters.index import ClusterIndex, EncodedMemberList, Held, resolve, wait_verdict
 from fleetd.clusters.journaling import ClusterJournal
 from fleetd.clusters.launch import Launcher
-from fleetd.clusters.links import REQUEST_TIMEOUT, add_member, stop_member
+from fleetd.clusters.links import REQUEST_TIMEOUT, MemberLink, add_member, stop_member
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.store import Store
@@ -38,7 +42,7 @@ from protocol.clusters import (
     MemberWait,
 )
 from protocol.definitions import ClusterSpec, MemberSpec, check_name
-from protocol.errors import Absent, ConnectionLost, Contested, InvalidRequest, Timeout
+from protocol.errors import Absent, Contested, InvalidRequest, Timeout, Unavailable
 from protocol.members import MemberState, MemberStatus, member_log_path, member_socket_path
 from protocol.outcomes import Outcome
 
@@ -58,6 +62,19 @@ def up_refusal(name: str, current: ClusterSpec, wanted: ClusterSpec) -> str:
     if current == wanted:
         return f"cluster {name!r} is already up with this definition (use --idempotent)"
     return f"cluster {name!r} is already up with another definition: `fleetctl down {name}` first"
+
+
+def reachable(held: Held, member: str) -> MemberLink:
+    """The holder's watch connection, or Unavailable saying why there is none."""
+    if held.link is not None:
+        return held.link
+    why = "is still starting" if held.record.state == "starting" else "does not answer"
+    raise Unavailable(
+        f"the holder of cluster {held.name!r} (pid {held.pid}) {why}: "
+        f"nothing was done to member {member!r}; try again",
+        cluster=held.name,
+        member=member,
+    )
 
 
 class HolderRegistry:
@@ -131,12 +148,14 @@ class HolderRegistry:
             raise Timeout(f"members not running within {request.wait}s: {states}") from None
 
     async def stop(self, request: MemberStop, peer: Peer) -> MemberStatus:
+        """A member of an exited cluster is stopped already: its status says so."""
         held, member = self.index.find_live(request.name)
-        if held is None or held.link is None:
+        if held is None:
             return self.index.status_or_absent(request.name)
+        link = reachable(held, member)
         spec = held.specs.get(member)
         timeout = (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
-        status = await stop_member(held.link, member, timeout)
+        status = await stop_member(link, member, timeout)
         return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
 
     async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
@@ -144,9 +163,7 @@ class HolderRegistry:
         if held is None:
             raise Absent(f"no live member {request.sibling!r} to add beside")
         spec = _new_member_spec(held, request, sibling)
-        if held.link is None:
-            raise ConnectionLost(f"cluster {held.name!r} does not answer")
-        link = held.link
+        link = reachable(held, spec.name)
         # The holder answers with the status it had at admission, possibly after it pushed
         # newer ones: the answer only fills a gap, pushes are the truth.
         held.statuses.pop(spec.name, None)
