@@ -142,7 +142,7 @@ def _pidfd_of(record: HolderRecord) -> int | None:
     checked after the pidfd is open, so the pid cannot be recycled in between."""
     try:
         pidfd = os.pidfd_open(record.pid)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return None
     if process_start_time(record.pid) == record.start_time:
         return pidfd

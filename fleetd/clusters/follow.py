@@ -195,7 +195,7 @@ class Follower:
         with anyio.move_on_after(grace):
             await held.gone.wait()
             return
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
             signal.pidfd_send_signal(held.pidfd, signal.SIGKILL)
         await held.gone.wait()
 

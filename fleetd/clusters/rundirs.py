@@ -68,7 +68,7 @@ def opened_runtime_dir(record: HolderRecord) -> Iterator[PrivateDir | None]:
             ):
                 directory = runtime.subdir(cluster, create=False)
         except FileNotFoundError:
-            pass
+            pass  # gc removed it, or it was never made: nothing to read
         except (OSError, UnsafePath) as exc:
             log.warning("runtime_dir_refused", cluster=cluster, dir=record.dir, error=str(exc))
     else:
@@ -81,11 +81,15 @@ def opened_runtime_dir(record: HolderRecord) -> Iterator[PrivateDir | None]:
 
 
 def pidfile_in(directory: PrivateDir, name: str) -> tuple[int, int] | None:
-    """(pid, start time) from a pidfile, or None for a missing or mangled one."""
+    """(pid, start time) from a pidfile; None for a missing one, or a mangled one (logged: the
+    process it named, if any, is then taken for gone)."""
     try:
         pid, start_time = directory.read_file(name, 64).split()
         return int(pid), int(start_time)
-    except (OSError, ValueError, UnsafePath):
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnsafePath) as exc:
+        log.warning("pidfile_unreadable", path=directory.join(name), error=str(exc))
         return None
 
 
@@ -102,32 +106,43 @@ def _names_a_running_process(pidfile: tuple[int, int] | None) -> bool:
 
 def still_running(record: HolderRecord) -> bool:
     """Whether the holder's pidfile, or any member's, names a running process (pid and start
-    time): the journal says exited, but a live process's files are never removed."""
+    time): the journal says exited, but a live process's files are never removed. A member
+    directory that cannot be read might name one: it counts as running (logged)."""
     with opened_runtime_dir(record) as directory:
         if directory is None:
             return False
         if _names_a_running_process(pidfile_in(directory, HOLDER_PIDFILE)):
             return True
         for name in directory.names():
-            with (
-                contextlib.suppress(OSError, UnsafePath),
-                directory.subdir(name, create=False) as member,
-            ):
-                if _names_a_running_process(pidfile_in(member, PIDFILE)):
-                    return True
+            entry = directory.entry(name)
+            if entry is None or not stat.S_ISDIR(entry.st_mode):
+                continue  # sockets, the holder's log and pidfile: no member lives there
+            try:
+                with directory.subdir(name, create=False) as member:
+                    if _names_a_running_process(pidfile_in(member, PIDFILE)):
+                        return True
+            except (OSError, UnsafePath) as exc:
+                log.warning("member_dir_unreadable", dir=directory.join(name), error=str(exc))
+                return True
         return False
 
 
 def current_specs(record: HolderRecord) -> dict[str, MemberSpec]:
     """The members a holder serves now (it rewrites cluster.json as members join and leave),
-    else those it was started with."""
+    else those it was started with. An unreadable cluster.json is logged: members added since
+    the launch are then unknown to fleetd (their status reads absent)."""
     specs = {m.name: m for m in record.spec.members}
     with opened_runtime_dir(record) as directory:
-        if directory is not None:
-            with contextlib.suppress(OSError, msgspec.MsgspecError, FleetError):
-                current = msgspec.json.decode(directory.read_file(CLUSTER_FILE), type=ClusterSpec)
-                specs |= {m.name: m for m in current.members}
-    return specs
+        if directory is None:
+            return specs
+        try:
+            current = msgspec.json.decode(directory.read_file(CLUSTER_FILE), type=ClusterSpec)
+        except FileNotFoundError:
+            return specs  # the holder never ran: what it was started with is all there is
+        except (OSError, msgspec.MsgspecError, FleetError) as exc:
+            log.warning("cluster_file_unreadable", cluster=record.spec.name, error=str(exc))
+            return specs
+    return specs | {m.name: m for m in current.members}
 
 
 def remove_sockets(record: HolderRecord) -> None:
@@ -137,8 +152,10 @@ def remove_sockets(record: HolderRecord) -> None:
         if directory is None:
             return
         names = {m.name for m in record.spec.members}
-        with contextlib.suppress(OSError):
+        try:
             names |= {e.removesuffix(".sock") for e in directory.names() if e.endswith(".sock")}
+        except OSError as exc:
+            log.warning("runtime_dir_unlisted", dir=record.dir, error=str(exc))
         for name in names:
             directory.unlink(f"{name}.sock")
         directory.unlink(NOTIFY_SOCKET)
