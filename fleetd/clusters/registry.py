@@ -1,18 +1,9 @@
-"""The registry of detached holders: clusters that fleetd starts for `fleetctl up` and that
-outlive fleetd itself. This is what the daemon's dispatcher calls; the work is done by
+"""The cluster control ops as the daemon's dispatcher calls them: up, down, status, wait,
+stop, add and logs, over the index, the launcher and the follower (fleetd.clusters).
 
-    index        which clusters and members exist; status answered from memory
-    launch       starting a holder and waiting until it serves
-    follow       following a live holder: its pushes, its exit, and what it leaves
-    adoption     holders found running (or dead) when fleetd starts
-    journaling   the records in the store, and the claims journal's view of them
-    records      those records and their mapping (pure)
-    rundirs      a holder's runtime directory on disk
-    links        the client half of the member-socket protocol, as fleetd uses it
-
-A member's op goes to its holder over the watch connection. A holder fleetd cannot reach
-(re-adopted while still starting, or not answering) is refused `unavailable` for stop and add:
-fleetd says it could not, rather than answer as if it had.
+A member's op goes to its holder over the holder's watch connection. When fleetd has none
+(the holder was re-adopted while still starting, or does not answer), stop and add raise
+Unavailable: fleetd says it could not, rather than answer as if it had.
 """
 
 import anyio
