@@ -149,7 +149,7 @@ class Daemon:
         self.leases = LeaseManager(self.store)
         self.holders = HolderRegistry(self.store, state)
         self.claims = ClaimService(
-            self.store, state, providers=(self.holders, LeaseJournal(self.leases))
+            self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )
         self._stopping = anyio.Event()
 

@@ -18,7 +18,9 @@ import msgspec
 import pytest
 
 from fleetctl.sync import SyncClient
-from fleetd.clusters.registry import Held, HolderRecord, HolderRegistry
+from fleetd.clusters.index import Held
+from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.registry import HolderRegistry
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.core.pidfiles import process_start_time
@@ -126,7 +128,7 @@ async def _statuses_while_an_exit_is_journaled(
             registry = HolderRegistry(store, state)  # type: ignore[arg-type]
             async with anyio.create_task_group() as tasks:
                 await tasks.start(registry.serve, runtime)
-                registry._take(held)
+                registry.follower.take(held)
 
                 def every_member() -> list[MemberStatus]:
                     answer = registry.status(MemberStatusRequest(id=1), peer)

@@ -24,7 +24,7 @@ import pytest
 
 from fleetctl.cli import run
 from fleetctl.sync import SyncClient
-from fleetd.clusters.registry import HolderRecord
+from fleetd.clusters.records import HolderRecord
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
@@ -427,6 +427,58 @@ def test_a_starting_holder_that_dies_before_it_serves_frees_its_name(gated: Flee
     assert ctl(gated, "down", "nap")[0] == 0
 
 
+def refused_unavailable(daemon: Fleetd, why: str) -> None:
+    """`stop` and `add` of a member whose holder fleetd cannot reach: exit 14, saying why."""
+    for args in (["stop", "a"], ["add", "c", "--sibling", "a"]):
+        code, out, _ = ctl(daemon, "--json", *args)
+        envelope = json.loads(out)
+        assert (code, envelope["outcome"]) == (14, "unavailable"), (args, out)
+        assert why in envelope["error"]["message"]
+
+
+def stopped_once_reachable(daemon: Fleetd, name: str) -> None:
+    """`stop NAME` until fleetd reaches the holder (it retries in the background)."""
+    deadline = time.monotonic() + 15
+    while (done := ctl(daemon, "--json", "stop", name))[0] == 14:
+        assert time.monotonic() < deadline, done
+        time.sleep(0.05)
+    assert done[0] == 0 and json.loads(done[1])["members"][0]["state"] == "stopped", done
+
+
+def test_stop_and_add_beside_a_holder_still_starting_say_they_could_not(gated: Fleetd) -> None:
+    """Stop used to answer the member's status (`starting`) as a success, stopping nothing."""
+    holder_pid = killed_mid_launch(gated, SLEEPERS)
+    gated.start()
+    refused_unavailable(gated, "still starting")
+    open_gate(gated)
+    stopped_once_reachable(gated, "a")
+    assert state(gated, "b") == "running"
+    assert ctl(gated, "down", "nap")[0] == 0
+    assert wait_gone(holder_pid, 5)
+
+
+@pytest.mark.slow
+def test_stop_and_add_beside_a_holder_that_does_not_answer_say_they_could_not(
+    holders: Fleetd,
+) -> None:
+    """A holder alive but SIGSTOPped when fleetd starts: adopted all the same (after its watch
+    timed out), refused `unavailable` for what needs it, and reached once it goes on."""
+    holder_pid = int(up(holders, SLEEPERS, "--wait")["holder_pid"])
+    member_pid = statuses(holders, "a")["nap/a"]["pid"]
+    os.kill(holder_pid, signal.SIGSTOP)
+    try:
+        holders.signal(signal.SIGKILL)
+        holders.wait()
+        holders.start(timeout=30)  # adoption waits out one watch request (10 s)
+        refused_unavailable(holders, "does not answer")
+        assert process_start_time(int(str(member_pid))) is not None  # nothing was stopped
+    finally:
+        os.kill(holder_pid, signal.SIGCONT)
+    stopped_once_reachable(holders, "a")
+    assert ctl(holders, "down", "nap")[0] == 0
+    assert wait_gone(holder_pid, 5)
+
+
 @pytest.mark.parametrize("recorded", ["no pid", "a pid that is gone"])
 def test_a_holder_that_never_started_is_cleaned_up_and_its_name_comes_up_again(
     tempdir: str, recorded: str
@@ -525,7 +577,7 @@ def test_decide_up() -> None:
 
 
 def test_resolve_names() -> None:
-    from fleetd.clusters.registry import resolve
+    from fleetd.clusters.index import resolve
 
     clusters = {"one": ["web", "db"], "two": ["web"]}
     assert resolve("db", clusters) == ("one", "db")
@@ -539,7 +591,7 @@ def test_resolve_names() -> None:
 
 
 def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
-    from fleetd.clusters.registry import holder_env
+    from fleetd.clusters.launch import holder_env
 
     environ = {"PATH": "/bin", "NOTIFY_SOCKET": "/n", "LISTEN_FDS": "1", "WATCHDOG_USEC": "5"}
     assert holder_env(environ) == {"PATH": "/bin"}
@@ -548,7 +600,7 @@ def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:
 def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     """A holder's first process as fleetd spawns it, with a command that writes its pid and
     start time to a file in place of the holder; the gate's write end, and that file."""
-    from fleetd.clusters.registry import _popen_detached
+    from fleetd.clusters.launch import popen_detached
 
     ran = os.path.join(tempdir, "ran")
     report = (
@@ -559,7 +611,7 @@ def gated_process(tempdir: str) -> tuple[subprocess.Popen[bytes], int, str]:
     ready_read, ready_write = os.pipe()
     log = os.open(os.path.join(tempdir, "log"), os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        process = _popen_detached([sys.executable, "-c", report], log, gate_read, ready_write)
+        process = popen_detached([sys.executable, "-c", report], log, gate_read, ready_write)
     finally:
         for fd in (gate_read, ready_read, ready_write, log):
             os.close(fd)
@@ -585,7 +637,7 @@ def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
 
 
 def test_wait_verdict() -> None:
-    from fleetd.clusters.registry import wait_verdict
+    from fleetd.clusters.index import wait_verdict
 
     def s(state: MemberState, error: str = "") -> MemberStatus:
         return MemberStatus(name="m", state=state, error=error)
@@ -624,7 +676,8 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
     import msgspec
     from anyio.abc import SocketStream
 
-    from fleetd.clusters.registry import HolderRecord, HolderRegistry
+    from fleetd.clusters.records import HolderRecord
+    from fleetd.clusters.registry import HolderRegistry
     from fleetd.core.dispatch import Peer
     from fleetd.core.pidfiles import pidfile_text
     from fleetd.store.sqlite import SQLiteStore

@@ -15,7 +15,8 @@ import msgspec
 import pytest
 
 from fleetctl import SyncClient
-from fleetd.clusters.registry import HolderRecord, HolderRegistry
+from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.registry import HolderRegistry
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import process_start_time
 from fleetd.store.sqlite import SQLiteStore
@@ -258,10 +259,10 @@ async def test_gc_keeps_an_exited_holder_while_a_pidfile_names_a_live_process(
             registry = HolderRegistry(store, state)
             async with anyio.create_task_group() as tasks:
                 await tasks.start(registry.serve, runtime)
-                assert await registry.journal_collect(dry_run=False) == []
+                assert await registry.journal.journal_collect(dry_run=False) == []
                 assert os.listdir(runtime_dir) == ["m"]
                 os.unlink(pidfile)
-                removed = await registry.journal_collect(dry_run=False)
+                removed = await registry.journal.journal_collect(dry_run=False)
                 assert [(c.kind, c.key) for c in removed] == [
                     ("holder", "ghost"),
                     ("member", "ghost:m"),
@@ -269,3 +270,14 @@ async def test_gc_keeps_an_exited_holder_while_a_pidfile_names_a_live_process(
                 assert os.listdir(os.path.dirname(runtime_dir)) == []
                 assert await store.get("holders/ghost") is None
                 tasks.cancel_scope.cancel()
+
+
+def test_a_live_holder_and_its_members_are_journaled_in_one_transaction(holders: Fleetd) -> None:
+    """A crash between two writes would leave a live holder whose members the journal does not
+    name: the holder's record and its members' share the revision of one transaction."""
+    up_web(holders)
+    entries = claims(holders.env, ["list"], None)[1]["claims"]
+    revisions = {(c["kind"], c["key"]): c["revision"] for c in entries if "web" in c["key"]}
+    assert ("holder", "web") in revisions and ("member", "web:a") in revisions
+    assert len(set(revisions.values())) == 1, revisions
+    down_web(holders)
