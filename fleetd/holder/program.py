@@ -462,8 +462,6 @@ class Holder:
         self._encoded_statuses = None
 
     def member_changed(self, member: Member) -> None:
-        if member.pid is not None:
-            self._by_pid[member.pid] = member
         self._unsaved[member.name] = member
         self._save_soon.set()
         status = member.status()
@@ -480,6 +478,9 @@ class Holder:
                 watcher.send_nowait(status)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._watchers.discard(watcher)
+
+    def process_started(self, member: Member, pid: int) -> None:
+        self._by_pid[pid] = member
 
     async def _save_forever(self) -> None:
         """Write changed members' files once per event-loop turn, however many changed."""
