@@ -546,15 +546,20 @@ fleetd.holder.spawn.Spawner.spawn = spawn
 """
 
 
+def patch_holders(tempdir: str, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """Holders started from now on run `source` first (as their sitecustomize)."""
+    with open(os.path.join(tempdir, "sitecustomize.py"), "w") as f:
+        f.write(source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+
+
 def test_a_failure_inside_supervision_puts_that_member_in_error(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in supervising one member (here: its spawn raises in the holder) makes that
     member `error`, with the exception's text; its siblings keep running, and no wait
     reports it running."""
-    with open(os.path.join(tempdir, "sitecustomize.py"), "w") as f:
-        f.write(_CRASHING_SPAWNER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+    patch_holders(tempdir, monkeypatch, _CRASHING_SPAWNER)
     defs = members(bad={"command": ["sleep", "60", "crash-me"]}, good={"command": SLEEPER})
     with fleetctl.cluster(defs) as c:
         with pytest.raises(MemberFailed, match="supervision failed: RuntimeError: a bug"):
@@ -583,3 +588,35 @@ def test_a_runtime_directory_others_may_write_is_refused(tempdir: str) -> None:
     cluster = fleetctl.cluster(members(a={"command": SLEEPER}), runtime_dir=runtime_dir)
     with pytest.raises(FleetError, match="writable by group or others"), cluster:
         pytest.fail("the holder served a directory others may write")
+
+
+_COUNTING_PIDS = """
+import os
+import fleetd.holder.program
+
+_member_changed = fleetd.holder.program.Holder.member_changed
+
+
+def member_changed(self, member):
+    _member_changed(self, member)
+    with open(os.environ["FLEET_TEST_PIDS"], "a") as f:
+        f.write(f"{len(self._by_pid)}\\n")
+
+
+fleetd.holder.program.Holder.member_changed = member_changed
+"""
+
+
+def test_a_crash_looping_member_leaves_no_pid_of_its_past_runs_in_the_holder(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder maps live pids to members (to attribute sd_notify messages): a restart
+    replaces the entry, it does not add one."""
+    counts = os.path.join(tempdir, "pids")
+    monkeypatch.setenv("FLEET_TEST_PIDS", counts)
+    patch_holders(tempdir, monkeypatch, _COUNTING_PIDS)
+    crash = {"command": ["sh", "-c", "exit 3"], "restart": "on-failure"}
+    with fleetctl.cluster(members(crash=crash, steady={"command": SLEEPER})) as c:
+        wait_until(lambda: c.status("crash").restarts >= 5)
+        with open(counts) as f:
+            assert max(int(line) for line in f) <= 2  # the crashing one's and the steady one's

@@ -346,6 +346,10 @@ class Host(Protocol):
         """`pid` is the member's (its sd_notify messages are the member's) until it ends."""
         ...
 
+    def process_ended(self, pid: int) -> None:
+        """`pid` was reaped."""
+        ...
+
 
 def needs_port(spec: MemberSpec) -> bool:
     texts = [*spec.command, *spec.env.values(), spec.cwd or "", *(spec.prepare or []), spec.ready]
@@ -630,6 +634,7 @@ class Member:
         self._stale()
         self._feed(Exited(exit_code, time.monotonic()))
         run.child.reaped(exit_code)
+        self._host.process_ended(run.child.pid)
         if self._run is run:
             self._run = None
 

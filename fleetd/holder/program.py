@@ -482,6 +482,9 @@ class Holder:
     def process_started(self, member: Member, pid: int) -> None:
         self._by_pid[pid] = member
 
+    def process_ended(self, pid: int) -> None:
+        self._by_pid.pop(pid, None)
+
     async def _save_forever(self) -> None:
         """Write changed members' files once per event-loop turn, however many changed."""
         while True:
