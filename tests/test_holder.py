@@ -34,6 +34,7 @@ from protocol.errors import (
 )
 from protocol.framing import decode_response, encode
 from protocol.members import (
+    HOLDER_LOG,
     Ack,
     Bind,
     MemberState,
@@ -620,3 +621,42 @@ def test_a_crash_looping_member_leaves_no_pid_of_its_past_runs_in_the_holder(
         wait_until(lambda: c.status("crash").restarts >= 5)
         with open(counts) as f:
             assert max(int(line) for line in f) <= 2  # the crashing one's and the steady one's
+
+
+_BREAKING_CONNECTIONS = """
+import os
+import fleetd.holder.program
+
+_admit = fleetd.holder.program.admit
+
+
+async def admit(stream):
+    if os.path.exists(os.environ["FLEET_TEST_BREAK"]):
+        raise RuntimeError("a bug in a connection")
+    return await _admit(stream)
+
+
+fleetd.holder.program.admit = admit
+"""
+
+
+def test_a_bug_in_one_connection_is_logged_with_its_traceback_and_harms_no_other(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switch = os.path.join(tempdir, "break")
+    monkeypatch.setenv("FLEET_TEST_BREAK", switch)
+    patch_holders(tempdir, monkeypatch, _BREAKING_CONNECTIONS)
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        c.wait_running()
+        open(switch, "w").close()
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            assert sock.recv(1) == b""  # the holder dropped it
+        os.unlink(switch)
+        assert c.status("a").state == MemberState.RUNNING
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            assert raw_request(sock, encode(Status(id=1)))["ok"]
+        with open(os.path.join(c.runtime_dir, HOLDER_LOG)) as f:
+            failures = [line for line in f if "connection_failed" in line]
+        assert len(failures) == 1
+        assert "Traceback (most recent call last)" in failures[0]
+        assert "RuntimeError: a bug in a connection" in failures[0]

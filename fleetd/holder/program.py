@@ -542,8 +542,8 @@ class Holder:
             raise
         try:
             await self._converse(member, stream)
-        except Exception as exc:
-            log.warning("connection_failed", error=repr(exc))
+        except Exception:  # a bug in this connection: the others and the members go on
+            log.exception("connection_failed", member=member)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
