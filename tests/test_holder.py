@@ -1,6 +1,5 @@
 """Holders with real member processes: readiness, restarts, stops, bound-mode lifetimes."""
 
-import itertools
 import json
 import os
 import shutil
@@ -147,49 +146,42 @@ def test_prepare_runs_once_before_the_member() -> None:
 # --- processes and restarts -------------------------------------------------------------------
 
 
-def test_a_crashing_member_restarts_at_once_then_with_growing_delays() -> None:
-    script = "date +%s.%N >> {dir}/starts; exit 3"
+def test_a_crashing_member_is_restarted_and_in_error_while_it_waits() -> None:
+    """When it restarts is the lifecycle's decision (tests/test_lifecycle.py); here, that the
+    holder carries it out: each restart spawns the command again."""
+    script = "echo start >> {dir}/starts; exit 3"
     spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
     with fleetctl.cluster(members(crash=spec)) as c:
         starts_file = os.path.join(c.runtime_dir, "crash", "starts")
-
-        def starts() -> list[float]:
-            with open(starts_file) as f:
-                return [float(line) for line in f.read().split()]
-
-        wait_until(lambda: os.path.exists(starts_file) and len(starts()) >= 5, timeout=10)
-        started = starts()
-        gaps = [b - a for a, b in itertools.pairwise(started)]
-        assert gaps[0] < 0.2, f"first restart not immediate: {gaps}"
-        assert gaps[3] > 0.3, f"no backoff: {gaps}"  # 0.4s less up to 20% jitter
-        wait_until(lambda: c.status("crash").state == MemberState.ERROR)
+        wait_until(lambda: "restarting in" in c.status("crash").error)
         status = c.status("crash")
-        assert status.exit_code == 3 and "exited with code 3; restarting in" in status.error
+        assert status.state == MemberState.ERROR and status.exit_code == 3
+        assert "exited with code 3; restarting in" in status.error
+        with open(starts_file) as f:
+            assert len(f.read().split()) >= max(2, status.restarts)
         with pytest.raises(MemberFailed, match="exited with code 3"):
             c.wait_running(timeout=10)
 
 
-def test_a_killed_member_is_restarted_quickly_with_a_new_pid() -> None:
+def test_a_killed_member_is_restarted_with_a_new_pid() -> None:
     with fleetctl.cluster(members(s={"command": SLEEPER, "restart": "on-failure"})) as c:
         first = c.wait_running()["s"]
         assert first.pid is not None
-        killed = time.monotonic()
         os.kill(first.pid, signal.SIGKILL)
         wait_until(lambda: c.status("s").restarts == 1 and c.status("s").pid is not None)
-        assert time.monotonic() - killed < 2
         again = c.wait_running()["s"]
         assert again.pid != first.pid and again.exit_code == -9 and alive(again.pid)
 
 
-def test_a_missing_program_is_an_error_with_the_os_error_and_no_busy_loop() -> None:
+def test_a_missing_program_is_an_error_with_the_os_error_and_backs_off() -> None:
     spec = {"command": ["fleet-no-such-program"], "restart": "always"}
     with fleetctl.cluster(members(ghost=spec)) as c:
         with pytest.raises(MemberFailed, match="No such file or directory"):
             c.wait_running(timeout=10)
-        time.sleep(1.0)
+        wait_until(lambda: c.status("ghost").restarts >= 2)
         status = c.status("ghost")
         assert status.state == MemberState.ERROR and "fleet-no-such-program" in status.error
-        assert 2 <= status.restarts <= 6, status.restarts  # 0, 0.1, 0.2, 0.4 ... not thousands
+        assert "restarting in" in status.error
 
 
 def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:
@@ -202,7 +194,7 @@ def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:
         c.wait_running(timeout=10)
         started = time.monotonic()
         stopped = c.stop("stubborn")
-        assert 0.5 <= time.monotonic() - started < 3
+        assert time.monotonic() - started >= 0.5  # SIGKILL only once stop_timeout passed
         assert stopped.state == MemberState.STOPPED and stopped.exit_code == -signal.SIGKILL
 
 
