@@ -67,7 +67,6 @@ from protocol.members import (
     STATEFILE,
     STDERR_LOG,
     STDOUT_LOG,
-    MemberState,
     MemberStatus,
 )
 
@@ -382,7 +381,8 @@ class Member:
     from the reaper, a readiness signal, a timer, a stop) are fed to `step` as they happen,
     one at a time, and the actions it returns are carried out at once. The one timer a
     member may have armed is an event-loop timer handle, and its one side job (a readiness
-    probe, a wait on its other processes) a task: a member costs no task while it runs."""
+    probe, a wait on its other processes) a second task: a running member costs its `run`
+    task alone."""
 
     def __init__(
         self,
@@ -424,10 +424,6 @@ class Member:
         self._drained: anyio.Event | None = None
         self._directory: PrivateDir | None = None
         self._saved_pid: int | None = None
-
-    @property
-    def state(self) -> MemberState:
-        return self._lifecycle.state
 
     def expand(self, text: str) -> str:
         """Fill in the placeholders {port}, {name} and {dir} (other braces are left alone)."""
@@ -531,7 +527,7 @@ class Member:
 
     def _feed(self, event: Event) -> None:
         """Step the lifecycle with `event` and carry out its actions; an event that an action
-        raises (a spawn's outcome) waits for the actions before it to be done. An exception
+        produces (a spawn's outcome) waits for the rest of them to be done. An exception
         is a supervision failure, itself an event: it never reaches the reaper, the notify
         socket or a timer that delivered the event."""
         self._events.append(event)
