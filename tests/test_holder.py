@@ -1,6 +1,5 @@
 """Holders with real member processes: readiness, restarts, stops, bound-mode lifetimes."""
 
-import itertools
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from protocol.errors import (
 )
 from protocol.framing import decode_response, encode
 from protocol.members import (
+    HOLDER_LOG,
     Ack,
     Bind,
     MemberState,
@@ -146,49 +146,42 @@ def test_prepare_runs_once_before_the_member() -> None:
 # --- processes and restarts -------------------------------------------------------------------
 
 
-def test_a_crashing_member_restarts_at_once_then_with_growing_delays() -> None:
-    script = "date +%s.%N >> {dir}/starts; exit 3"
+def test_a_crashing_member_is_restarted_and_in_error_while_it_waits() -> None:
+    """When it restarts is the lifecycle's decision (tests/test_lifecycle.py); here, that the
+    holder carries it out: each restart spawns the command again."""
+    script = "echo start >> {dir}/starts; exit 3"
     spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
     with fleetctl.cluster(members(crash=spec)) as c:
         starts_file = os.path.join(c.runtime_dir, "crash", "starts")
-
-        def starts() -> list[float]:
-            with open(starts_file) as f:
-                return [float(line) for line in f.read().split()]
-
-        wait_until(lambda: os.path.exists(starts_file) and len(starts()) >= 5, timeout=10)
-        started = starts()
-        gaps = [b - a for a, b in itertools.pairwise(started)]
-        assert gaps[0] < 0.2, f"first restart not immediate: {gaps}"
-        assert gaps[3] > 0.3, f"no backoff: {gaps}"  # 0.4s less up to 20% jitter
-        wait_until(lambda: c.status("crash").state == MemberState.ERROR)
+        wait_until(lambda: "restarting in" in c.status("crash").error)
         status = c.status("crash")
-        assert status.exit_code == 3 and "exited with code 3; restarting in" in status.error
+        assert status.state == MemberState.ERROR and status.exit_code == 3
+        assert "exited with code 3; restarting in" in status.error
+        with open(starts_file) as f:
+            assert len(f.read().split()) >= max(2, status.restarts)
         with pytest.raises(MemberFailed, match="exited with code 3"):
             c.wait_running(timeout=10)
 
 
-def test_a_killed_member_is_restarted_quickly_with_a_new_pid() -> None:
+def test_a_killed_member_is_restarted_with_a_new_pid() -> None:
     with fleetctl.cluster(members(s={"command": SLEEPER, "restart": "on-failure"})) as c:
         first = c.wait_running()["s"]
         assert first.pid is not None
-        killed = time.monotonic()
         os.kill(first.pid, signal.SIGKILL)
         wait_until(lambda: c.status("s").restarts == 1 and c.status("s").pid is not None)
-        assert time.monotonic() - killed < 2
         again = c.wait_running()["s"]
         assert again.pid != first.pid and again.exit_code == -9 and alive(again.pid)
 
 
-def test_a_missing_program_is_an_error_with_the_os_error_and_no_busy_loop() -> None:
+def test_a_missing_program_is_an_error_with_the_os_error_and_backs_off() -> None:
     spec = {"command": ["fleet-no-such-program"], "restart": "always"}
     with fleetctl.cluster(members(ghost=spec)) as c:
         with pytest.raises(MemberFailed, match="No such file or directory"):
             c.wait_running(timeout=10)
-        time.sleep(1.0)
+        wait_until(lambda: c.status("ghost").restarts >= 2)
         status = c.status("ghost")
         assert status.state == MemberState.ERROR and "fleet-no-such-program" in status.error
-        assert 2 <= status.restarts <= 6, status.restarts  # 0, 0.1, 0.2, 0.4 ... not thousands
+        assert "restarting in" in status.error
 
 
 def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:
@@ -201,7 +194,7 @@ def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:
         c.wait_running(timeout=10)
         started = time.monotonic()
         stopped = c.stop("stubborn")
-        assert 0.5 <= time.monotonic() - started < 3
+        assert time.monotonic() - started >= 0.5  # SIGKILL only once stop_timeout passed
         assert stopped.state == MemberState.STOPPED and stopped.exit_code == -signal.SIGKILL
 
 
@@ -546,15 +539,20 @@ fleetd.holder.spawn.Spawner.spawn = spawn
 """
 
 
+def patch_holders(tempdir: str, monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """Holders started from now on run `source` first (as their sitecustomize)."""
+    with open(os.path.join(tempdir, "sitecustomize.py"), "w") as f:
+        f.write(source)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+
+
 def test_a_failure_inside_supervision_puts_that_member_in_error(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in supervising one member (here: its spawn raises in the holder) makes that
     member `error`, with the exception's text; its siblings keep running, and no wait
     reports it running."""
-    with open(os.path.join(tempdir, "sitecustomize.py"), "w") as f:
-        f.write(_CRASHING_SPAWNER)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+    patch_holders(tempdir, monkeypatch, _CRASHING_SPAWNER)
     defs = members(bad={"command": ["sleep", "60", "crash-me"]}, good={"command": SLEEPER})
     with fleetctl.cluster(defs) as c:
         with pytest.raises(MemberFailed, match="supervision failed: RuntimeError: a bug"):
@@ -583,3 +581,74 @@ def test_a_runtime_directory_others_may_write_is_refused(tempdir: str) -> None:
     cluster = fleetctl.cluster(members(a={"command": SLEEPER}), runtime_dir=runtime_dir)
     with pytest.raises(FleetError, match="writable by group or others"), cluster:
         pytest.fail("the holder served a directory others may write")
+
+
+_COUNTING_PIDS = """
+import os
+import fleetd.holder.program
+
+_member_changed = fleetd.holder.program.Holder.member_changed
+
+
+def member_changed(self, member):
+    _member_changed(self, member)
+    with open(os.environ["FLEET_TEST_PIDS"], "a") as f:
+        f.write(f"{len(self._by_pid)}\\n")
+
+
+fleetd.holder.program.Holder.member_changed = member_changed
+"""
+
+
+def test_a_crash_looping_member_leaves_no_pid_of_its_past_runs_in_the_holder(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder maps live pids to members (to attribute sd_notify messages): a restart
+    replaces the entry, it does not add one."""
+    counts = os.path.join(tempdir, "pids")
+    monkeypatch.setenv("FLEET_TEST_PIDS", counts)
+    patch_holders(tempdir, monkeypatch, _COUNTING_PIDS)
+    crash = {"command": ["sh", "-c", "exit 3"], "restart": "on-failure"}
+    with fleetctl.cluster(members(crash=crash, steady={"command": SLEEPER})) as c:
+        wait_until(lambda: c.status("crash").restarts >= 5)
+        with open(counts) as f:
+            assert max(int(line) for line in f) <= 2  # the crashing one's and the steady one's
+
+
+_BREAKING_CONNECTIONS = """
+import os
+import fleetd.holder.program
+
+_admit = fleetd.holder.program.admit
+
+
+async def admit(stream):
+    if os.path.exists(os.environ["FLEET_TEST_BREAK"]):
+        raise RuntimeError("a bug in a connection")
+    return await _admit(stream)
+
+
+fleetd.holder.program.admit = admit
+"""
+
+
+def test_a_bug_in_one_connection_is_logged_with_its_traceback_and_harms_no_other(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    switch = os.path.join(tempdir, "break")
+    monkeypatch.setenv("FLEET_TEST_BREAK", switch)
+    patch_holders(tempdir, monkeypatch, _BREAKING_CONNECTIONS)
+    with fleetctl.cluster(members(a={"command": SLEEPER})) as c:
+        c.wait_running()
+        open(switch, "w").close()
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            assert sock.recv(1) == b""  # the holder dropped it
+        os.unlink(switch)
+        assert c.status("a").state == MemberState.RUNNING
+        with closing(connect(member_socket_path(c.runtime_dir, "a"))) as sock:
+            assert raw_request(sock, encode(Status(id=1)))["ok"]
+        with open(os.path.join(c.runtime_dir, HOLDER_LOG)) as f:
+            failures = [line for line in f if "connection_failed" in line]
+        assert len(failures) == 1
+        assert "Traceback (most recent call last)" in failures[0]
+        assert "RuntimeError: a bug in a connection" in failures[0]

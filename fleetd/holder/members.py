@@ -1,9 +1,12 @@
 """Supervising one member: spawn it, see it become ready, log its output, notice its exit at
-once, restart it per policy, stop it.
+once, restart it per policy, stop it. What to do when is fleetd.holder.lifecycle's to decide;
+`Member` carries it out.
 
 A holder supervises many members on one event loop, so nothing here costs a thread or a
-polling loop per member: a member is one supervising task, and its output pipes are read from
-event-loop reader callbacks, all waiting on the kernel (the holder runs on asyncio). Exits
+polling loop per member: a member is one task (and a second one while it probes readiness or
+waits for its processes to end), its timers are event-loop timer handles, and its output
+pipes are read from event-loop reader callbacks, all waiting on the kernel (the holder runs on
+asyncio). Exits
 arrive through one `Reaper` per holder (SIGCHLD on a signalfd, then waitpid until nothing is
 left, which also reaps orphans a subreaper adopts), and readiness notifications through one
 `NotifySocket` per holder (sd_notify, attributed by sender pid).
@@ -18,25 +21,44 @@ import contextlib
 import ctypes
 import functools
 import os
-import random
 import re
 import signal
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 import msgspec
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import pidfile_text
-from fleetd.holder.backoff import Backoff, Exit, plan_restart
+from fleetd.holder.backoff import Backoff
 from fleetd.holder.descendants import HOLDER_ENV, Descendants, Lineage
+from fleetd.holder.lifecycle import (
+    Action,
+    BackoffElapsed,
+    Begin,
+    Event,
+    Exited,
+    LeftoversEnded,
+    Lifecycle,
+    OthersExited,
+    Ready,
+    Rules,
+    Spawned,
+    SpawnFailed,
+    StartTimedOut,
+    StopRequested,
+    StopTimedOut,
+    SupervisionFailed,
+    step,
+)
 from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.errors import FleetError
@@ -45,7 +67,6 @@ from protocol.members import (
     STATEFILE,
     STDERR_LOG,
     STDOUT_LOG,
-    MemberState,
     MemberStatus,
 )
 
@@ -205,16 +226,6 @@ def signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def describe_exit(exit_code: int) -> str:
-    if exit_code < 0:
-        try:
-            name = signal.Signals(-exit_code).name
-        except ValueError:
-            name = f"signal {-exit_code}"
-        return f"killed by {name}"
-    return f"exited with code {exit_code}"
-
-
 # --- sd_notify ------------------------------------------------------------------------------
 
 _CREDENTIALS = struct.Struct("3i")
@@ -330,6 +341,14 @@ class Host(Protocol):
         (one batch of file writes per event-loop turn, not one per change)."""
         ...
 
+    def process_started(self, member: "Member", pid: int) -> None:
+        """`pid` is the member's (its sd_notify messages are the member's) until it ends."""
+        ...
+
+    def process_ended(self, pid: int) -> None:
+        """`pid` was reaped."""
+        ...
+
 
 def needs_port(spec: MemberSpec) -> bool:
     texts = [*spec.command, *spec.env.values(), spec.cwd or "", *(spec.prepare or []), spec.ready]
@@ -338,21 +357,32 @@ def needs_port(spec: MemberSpec) -> bool:
 
 @dataclass(slots=True)
 class _Run:
-    """One spawn of the member's command, until its exit."""
+    """One spawn of the member's prepare or command, until its exit."""
 
     child: Child
-    spawned_at: float
-    exited: anyio.Event = field(default_factory=anyio.Event)
-    exit_code: int = 0
-    ready: anyio.Event = field(default_factory=anyio.Event)
     matcher: LineMatcher | None = None
-    timed_out: bool = False
-    stopping: bool = False
-    """Being stopped: its exit leaves the rest of stop_timeout to its other processes."""
+
+
+def _rules(spec: MemberSpec, backoff: Backoff) -> Rules:
+    return Rules(
+        restart=spec.restart,
+        start_timeout=spec.start_timeout,
+        stop_timeout=spec.stop_timeout,
+        prepare=spec.prepare is not None,
+        ready_at_spawn=spec.ready == "none",
+        backoff=backoff,
+    )
 
 
 class Member:
-    """A member and its supervisor: `run` in a task, `stop` from anywhere."""
+    """A member and its supervisor: `run` in a task, `stop` from anywhere.
+
+    The decisions are `fleetd.holder.lifecycle`'s; this is its I/O shell. Events (an exit
+    from the reaper, a readiness signal, a timer, a stop) are fed to `step` as they happen,
+    one at a time, and the actions it returns are carried out at once. The one timer a
+    member may have armed is an event-loop timer handle, and its one side job (a readiness
+    probe, a wait on its other processes) a second task: a running member costs its `run`
+    task alone."""
 
     def __init__(
         self,
@@ -369,15 +399,12 @@ class Member:
         self.directory = directory
         self.port = port
         self._host = host
-        self._backoff = backoff or Backoff()
+        self._lifecycle = Lifecycle(_rules(spec, backoff or Backoff()))
         self._log_max_bytes = log_max_bytes
         self.address = f"127.0.0.1:{port}" if port is not None else self._unix_ready_path()
-        self.state = MemberState.STARTING
         self.pid: int | None = None
-        self.restarts = 0
         self.exit_code: int | None = None
         self.started_at: float | None = None
-        self.error = ""
         self.lingering = 0
         """Processes of the member alive after its last exit or stop ended them (see
         MemberStatus.lingering)."""
@@ -385,7 +412,12 @@ class Member:
         self._status: MemberStatus | None = None
         """status(), kept until a field of it changes: all-member answers reuse it."""
         self._run: _Run | None = None
-        self._supervising = anyio.CancelScope()
+        self._events: deque[Event] = deque()
+        self._feeding = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._watch: anyio.CancelScope | None = None
+        self._jobs: TaskGroup | None = None
+        self._finished = anyio.Event()
         self._done = anyio.Event()
         self._logs: tuple[LogFile, LogFile] | None = None
         self._pumps: set[_Pump] = set()
@@ -417,17 +449,18 @@ class Member:
 
     def status(self) -> MemberStatus:
         if self._status is None:
+            lifecycle = self._lifecycle
             self._status = MemberStatus(
                 name=self.name,
-                state=self.state,
+                state=lifecycle.state,
                 pid=self.pid,
                 running=self.pid is not None,
                 address=self.address,
                 holder_pid=_HOLDER_PID,
-                restarts=self.restarts,
+                restarts=lifecycle.restarts,
                 exit_code=self.exit_code,
                 started_at=self.started_at,
-                error=self.error,
+                error=lifecycle.error,
                 lingering=self.lingering,
             )
         return self._status
@@ -439,28 +472,28 @@ class Member:
         puts the member in `error` with the reason, and it stays there until stopped: a
         member is never reported starting or stopped while nobody supervises it."""
         descendants = self._descendants = self._host.lineage.of(self.name)
+        self._loop = asyncio.get_running_loop()
         try:
-            task_status.started()
-            with self._supervising:
+            async with anyio.create_task_group() as self._jobs:
+                task_status.started()
                 try:
                     self._open_directory()
-                    if await self._prepare():
-                        await self._supervise()
                 except Exception as exc:
-                    await self._supervision_failed(exc)
-                await self._until_none_lingers()
-                await anyio.sleep_forever()
-            if self._run is not None:
-                await self._terminate(self._run)
-            await self._end_descendants()
+                    self._supervision_failed(exc)
+                else:
+                    self._feed(Begin())
+                await self._finished.wait()
+                self._jobs.cancel_scope.cancel()
             await self._drain()
         finally:
+            self._cancel_timer()
             for pump in list(self._pumps):
                 pump.close()
             for log_file in self._logs or ():
                 log_file.close()
             descendants.close()
-            self._publish(MemberState.STOPPED)
+            self._stale()
+            self._host.member_changed(self)
             self._done.set()
 
     def _open_directory(self) -> None:
@@ -472,95 +505,86 @@ class Member:
             LogFile(directory, STDERR_LOG, self._log_max_bytes),
         )
 
-    async def _supervision_failed(self, exc: Exception) -> None:
-        while isinstance(exc, ExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
-        log.error("member_supervision_failed", member=self.name, exc_info=exc)
-        if self._run is not None:
-            with anyio.CancelScope(shield=True):
-                await self._terminate(self._run)
-        reason = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
-        self._publish(MemberState.ERROR, error=f"supervision failed: {reason}")
-
     async def stop(self) -> MemberStatus:
         """Stop the member: stop_signal to every process of it, SIGKILL to those left after
         stop_timeout; no restart. Returns once it is down. Cancelling the caller does not
         cancel the stop."""
-        self._supervising.cancel()
+        self._feed(StopRequested())
         await self._done.wait()
         return self.status()
 
     def notified(self, fields: dict[str, str]) -> None:
-        """An sd_notify message from this member or one of its children."""
-        if fields.get("READY") == "1" and self._run is not None:
-            self._run.ready.set()
+        """An sd_notify message from this member or one of its children: READY=1 is its
+        readiness where that is not a probe's to say."""
+        if fields.get("READY") == "1" and self._run is not None and not self._probed():
+            self._feed(Ready())
 
-    # -- the supervision loop
+    def _probed(self) -> bool:
+        ready = self.spec.ready
+        return ready == "tcp" or ready.startswith("unix:")
 
-    async def _prepare(self) -> bool:
-        """Run `prepare` once; False (and state error) when it failed."""
-        if self.spec.prepare is None:
-            return True
-        self._publish(MemberState.PREPARING)
+    # -- events in, actions out
+
+    def _feed(self, event: Event) -> None:
+        """Step the lifecycle with `event` and carry out its actions; an event that an action
+        produces (a spawn's outcome) waits for the rest of them to be done. An exception
+        is a supervision failure, itself an event: it never reaches the reaper, the notify
+        socket or a timer that delivered the event."""
+        self._events.append(event)
+        if self._feeding:
+            return
+        self._feeding = True
         try:
-            run = self._spawn([self.expand(arg) for arg in self.spec.prepare])
-        except OSError as exc:
-            self._publish(MemberState.ERROR, error=f"cannot run prepare: {_os_error(exc)}")
-            return False
-        await run.exited.wait()
-        self._run = None
-        await self._end_descendants()
-        if run.exit_code != 0:
-            self._publish(MemberState.ERROR, error=f"prepare {describe_exit(run.exit_code)}")
-            return False
-        return True
+            while self._events:
+                event = self._events.popleft()
+                try:
+                    self._lifecycle, actions = step(self._lifecycle, event)
+                    for action in actions:
+                        _PERFORM[action](self)
+                except Exception as exc:
+                    if isinstance(event, SupervisionFailed):
+                        log.exception("member_supervision_failed_twice", member=self.name)
+                    else:
+                        self._supervision_failed(exc)
+        finally:
+            self._feeding = False
 
-    async def _supervise(self) -> None:
-        streak = 0
-        while True:
-            exit, why = await self._run_once()
-            plan = plan_restart(self.spec.restart, exit, streak, self._backoff, random.random)
-            if plan is None:
-                final = MemberState.ERROR if exit.failed else MemberState.STOPPED
-                self._publish(final, error=why if exit.failed else "")
-                return
-            streak = plan.streak
-            if plan.delay > 0:
-                state = MemberState.ERROR if exit.failed else MemberState.STARTING
-                self._publish(state, error=f"{why}; restarting in {plan.delay:.2g}s")
-                await anyio.sleep(plan.delay)
-            self.restarts += 1
-            self._stale()
-            log.info("member_restarting", member=self.name, restarts=self.restarts, after=why)
+    def _supervision_failed(self, exc: Exception) -> None:
+        log.error("member_supervision_failed", member=self.name, exc_info=exc)
+        reason = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
+        self._events.appendleft(SupervisionFailed(reason))
+        if not self._feeding:
+            self._feed(self._events.popleft())
 
-    async def _run_once(self) -> tuple[Exit, str]:
-        """Spawn, watch for readiness and exit; how it ended and why, in words."""
+    def _publish(self) -> None:
+        self._stale()
+        self._host.member_changed(self)
+
+    def _note_restart(self) -> None:
+        self._stale()
+        log.info(
+            "member_restarting",
+            member=self.name,
+            restarts=self._lifecycle.restarts,
+            after=self._lifecycle.why,
+        )
+
+    def _spawn_prepare(self) -> None:
+        assert self.spec.prepare is not None
+        self._spawn([self.expand(arg) for arg in self.spec.prepare])
+
+    def _spawn_command(self) -> None:
+        self._spawn([self.expand(arg) for arg in self.spec.command])
+
+    def _spawn(self, argv: list[str]) -> None:
         try:
-            run = self._spawn([self.expand(arg) for arg in self.spec.command])
+            self._start(argv)
         except OSError as exc:
-            return Exit(failed=True, ran_for=0.0), f"cannot start: {_os_error(exc)}"
-        self._publish(MemberState.STARTING)
-        if self.spec.ready == "none":
-            run.ready.set()
-            self._publish(MemberState.RUNNING)
-            await run.exited.wait()
+            self._feed(SpawnFailed(_os_error(exc)))
         else:
-            async with anyio.create_task_group() as watching:
-                watching.start_soon(self._become_ready, run)
-                await run.exited.wait()
-                watching.cancel_scope.cancel()
-        self._run = None
-        await self._end_descendants()
-        ran_for = time.monotonic() - run.spawned_at
-        if run.timed_out:
-            return Exit(failed=True, ran_for=ran_for), self.error
-        failed = run.exit_code != 0 or not run.ready.is_set()
-        why = describe_exit(run.exit_code)
-        if not run.ready.is_set():
-            why += " before it was ready"
-        return Exit(failed=failed, ran_for=ran_for), why
+            self._feed(Spawned(time.monotonic()))
 
-    def _spawn(self, argv: list[str]) -> _Run:
+    def _start(self, argv: list[str]) -> None:
         assert self._logs is not None, "spawned outside run()"
         env = self._environment()
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
@@ -571,24 +595,24 @@ class Member:
             child = self._host.spawner.spawn(
                 argv, env, cwd, out_write, err_write, cgroup=cgroup or None
             )
-        except OSError:
+        except BaseException:
             for fd in (out_read, err_read):
                 os.close(fd)
             raise
         finally:
             for fd in (out_write, err_write):
                 os.close(fd)
-        run = _Run(child, time.monotonic())
+        run = _Run(child)
         if self.spec.ready.startswith("log:"):
             run.matcher = LineMatcher(self.spec.ready[len("log:") :])
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
+        self._host.process_started(self, child.pid)
         self._run = run
-        self.pid, self.started_at, self.error = child.pid, time.time(), ""
+        self.pid, self.started_at = child.pid, time.time()
         self.lingering = 0  # counted while the member is not running (see MemberStatus)
         self._stale()
-        self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self._pump_closed))
-        self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self._pump_closed))
-        return run
+        self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self))
+        self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self))
 
     def _environment(self) -> dict[str, str]:
         env = {**_inherited_environment(), **{k: self.expand(v) for k, v in self.spec.env.items()}}
@@ -600,82 +624,133 @@ class Member:
         return env
 
     def _exited(self, run: _Run, exit_code: int) -> None:
-        """From the reaper: the member's process is gone; take its group along at once (its
-        pid is still the group's id: nothing recycled it yet), unless a stop is under way,
-        which gives the group the rest of its stop_timeout."""
-        if not run.stopping:
-            signal_group(run.child.pid, signal.SIGKILL)
-        run.child.reaped(exit_code)
-        run.exit_code = exit_code
+        """From the reaper: the member's process is gone. Its pid is still its group's id
+        (nothing recycled it yet) while the lifecycle decides what to signal."""
         self.pid, self.exit_code = None, exit_code
         self._stale()
-        run.exited.set()
+        self._feed(Exited(exit_code, time.monotonic()))
+        run.child.reaped(exit_code)
+        self._host.process_ended(run.child.pid)
+        if self._run is run:
+            self._run = None
 
-    async def _become_ready(self, run: _Run) -> None:
-        with anyio.move_on_after(self.spec.start_timeout):
-            await self._readiness(run)
-            run.ready.set()
-            self._publish(MemberState.RUNNING)
-            return
-        run.timed_out = True
-        self._publish(MemberState.ERROR, error=f"not ready within {self.spec.start_timeout:g}s")
-        await self._terminate(run)
+    def log_matched(self, run: _Run) -> None:
+        """A log line matched the log:REGEX readiness of `run` (maybe a run before this one)."""
+        if run is self._run:
+            self._feed(Ready())
 
-    async def _readiness(self, run: _Run) -> None:
-        ready = self.spec.ready
-        if ready == "tcp":
+    def _signal_stop(self) -> None:
+        """stop_signal to the group and to every other process of the member."""
+        assert self._run is not None and self._descendants is not None
+        signum = getattr(signal, f"SIG{self.spec.stop_signal}")
+        signal_group(self._run.child.pid, signum)
+        self._descendants.signal(signum, self._run.child.pid)
+
+    def _kill_group(self) -> None:
+        """Take the group of the main process along at once when it exits by itself."""
+        assert self._run is not None
+        signal_group(self._run.child.pid, signal.SIGKILL)
+
+    def _kill(self) -> None:
+        log.warning("member_killed", member=self.name, stop_timeout=self.spec.stop_timeout)
+        self._kill_group()  # not reaped: the group id is still its pid
+
+    # -- the one timer
+
+    def _arm(self, delay: float, event: Event) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(delay, self._feed, event)
+
+    def _arm_start_timer(self) -> None:
+        self._arm(self.spec.start_timeout, StartTimedOut())
+
+    def _arm_stop_timer(self) -> None:
+        self._arm(self.spec.stop_timeout, StopTimedOut())
+
+    def _arm_backoff_timer(self) -> None:
+        self._arm(self._lifecycle.delay, BackoffElapsed())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- the one side job
+
+    def _start_watch(self, job: Callable[[], Awaitable[None]]) -> None:
+        assert self._jobs is not None
+        scope = self._watch = anyio.CancelScope()
+        self._jobs.start_soon(self._watching, scope, job)
+
+    async def _watching(self, scope: anyio.CancelScope, job: Callable[[], Awaitable[None]]) -> None:
+        with scope:
+            try:
+                await job()
+            except Exception as exc:
+                self._supervision_failed(exc)
+
+    def _cancel_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _watch_readiness(self) -> None:
+        if self._probed():
+            self._start_watch(self._probe)
+
+    async def _probe(self) -> None:
+        if self.spec.ready == "tcp":
             port = self.port or 0
             await _until_connectable(lambda: anyio.connect_tcp("127.0.0.1", port))
-        elif ready.startswith("unix:"):
+        else:
             path = self._unix_ready_path()
             await _until_connectable(lambda: anyio.connect_unix(path))
-        else:  # notify, log:REGEX
-            await run.ready.wait()
+        self._feed(Ready())
 
-    async def _terminate(self, run: _Run) -> None:
-        """stop_signal to the group and to every other process of the member, then SIGKILL to
-        the group if the main process is still there after stop_timeout (the others get theirs
-        from _end_descendants, which follows)."""
-        if run.exited.is_set():
-            return
+    def _await_others(self) -> None:
+        self._start_watch(self._others_exited)
+
+    async def _others_exited(self) -> None:
         assert self._descendants is not None
-        run.stopping = True
-        signum = getattr(signal, f"SIG{self.spec.stop_signal}")
-        signal_group(run.child.pid, signum)
-        self._descendants.signal(signum, run.child.pid)
-        with anyio.move_on_after(self.spec.stop_timeout):
-            await run.exited.wait()
-            await self._descendants.wait_ended()
-            return
-        if run.exited.is_set():
-            log.warning("member_processes_killed", member=self.name)
-            return
-        log.warning("member_killed", member=self.name, stop_timeout=self.spec.stop_timeout)
-        signal_group(run.child.pid, signal.SIGKILL)  # not reaped: the group id is still its pid
-        await run.exited.wait()
+        await self._descendants.wait_ended()
+        self._feed(OthersExited())
 
-    async def _end_descendants(self) -> None:
-        """The main process has exited: SIGKILL whatever of the member is left (before any
-        restart: a new run must not find the last one's processes on its port), and report
-        what would not go as lingering."""
+    def _end_leftovers(self) -> None:
+        self._start_watch(self._leftovers_ended)
+
+    def _end_stragglers(self) -> None:
+        log.warning("member_processes_killed", member=self.name)
+        self._start_watch(self._leftovers_ended)
+
+    async def _leftovers_ended(self) -> None:
+        """SIGKILL whatever of the member is left (before any restart: a new run must not
+        find the last one's processes on its port), and report what would not go as
+        lingering."""
         assert self._descendants is not None
         lingering = await self._descendants.end()
         if lingering:
             log.warning("member_processes_lingering", member=self.name, count=lingering)
         self._set_lingering(lingering)
+        self._feed(LeftoversEnded())
 
-    async def _until_none_lingers(self) -> None:
+    def _watch_lingering(self) -> None:
         """A member that will not run again: see its lingering processes go, if ever."""
         if self.lingering:
-            assert self._descendants is not None
-            await self._descendants.wait_gone()
-            self._set_lingering(0)
+            self._start_watch(self._until_none_lingers)
+
+    async def _until_none_lingers(self) -> None:
+        assert self._descendants is not None
+        await self._descendants.wait_gone()
+        self._set_lingering(0)
 
     def _set_lingering(self, count: int) -> None:
         if count != self.lingering:
             self.lingering = count
             self._stale()
             self._host.member_changed(self)
+
+    def _finish(self) -> None:
+        self._finished.set()
 
     async def _drain(self) -> None:
         """Give the output pipes of a stopped member _DRAIN_GRACE to deliver their last words
@@ -686,16 +761,10 @@ class Member:
         with anyio.move_on_after(_DRAIN_GRACE):
             await self._drained.wait()
 
-    def _pump_closed(self, pump: "_Pump") -> None:
+    def pump_closed(self, pump: "_Pump") -> None:
         self._pumps.discard(pump)
         if not self._pumps and self._drained is not None:
             self._drained.set()
-
-    def _publish(self, state: MemberState, *, error: str = "") -> None:
-        self.state = state
-        self.error = error
-        self._stale()
-        self._host.member_changed(self)
 
     def save(self) -> None:
         """Write the state file, and the pidfile when the pid changed (removed when there is
@@ -722,12 +791,35 @@ class Member:
             self._directory = None
 
 
+_PERFORM: dict[Action, Callable[[Member], None]] = {
+    Action.PUBLISH: Member._publish,
+    Action.NOTE_RESTART: Member._note_restart,
+    Action.SPAWN_PREPARE: Member._spawn_prepare,
+    Action.SPAWN: Member._spawn_command,
+    Action.WATCH_READINESS: Member._watch_readiness,
+    Action.ARM_START_TIMER: Member._arm_start_timer,
+    Action.ARM_STOP_TIMER: Member._arm_stop_timer,
+    Action.ARM_BACKOFF_TIMER: Member._arm_backoff_timer,
+    Action.CANCEL_TIMER: Member._cancel_timer,
+    Action.CANCEL_WATCH: Member._cancel_watch,
+    Action.SIGNAL_STOP: Member._signal_stop,
+    Action.KILL_GROUP: Member._kill_group,
+    Action.KILL: Member._kill,
+    Action.AWAIT_OTHERS: Member._await_others,
+    Action.END_LEFTOVERS: Member._end_leftovers,
+    Action.END_STRAGGLERS: Member._end_stragglers,
+    Action.WATCH_LINGERING: Member._watch_lingering,
+    Action.FINISH: Member._finish,
+}
+"""How the shell carries out each action of the lifecycle."""
+
+
 class _Pump:
     """Copies one output pipe into its log until every writer closed it, from an event-loop
     reader callback (two tasks per member cost more than all else a sleeping member does);
     also feeds the log:REGEX readiness check of its run."""
 
-    __slots__ = ("_closed", "_failing", "_fd", "_log_file", "_loop", "_run", "_stream")
+    __slots__ = ("_failing", "_fd", "_log_file", "_loop", "_member", "_run", "_stream")
 
     def __init__(
         self,
@@ -735,10 +827,10 @@ class _Pump:
         log_file: LogFile,
         run: _Run,
         stream: int,
-        closed: Callable[["_Pump"], None],
+        member: Member,
     ) -> None:
         self._fd, self._log_file, self._run, self._stream = fd, log_file, run, stream
-        self._closed = closed
+        self._member = member
         self._failing = False
         """The log cannot be written (a full disk): said once, until a write succeeds."""
         os.set_blocking(fd, False)
@@ -766,14 +858,14 @@ class _Pump:
         run = self._run
         if run.matcher is not None and run.matcher.feed(self._stream, data):
             run.matcher = None
-            run.ready.set()
+            self._member.log_matched(run)
 
     def close(self) -> None:
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
-            self._closed(self)
+            self._member.pump_closed(self)
 
 
 async def _until_connectable(connect: Callable[[], Awaitable[anyio.abc.SocketStream]]) -> None:

@@ -462,8 +462,6 @@ class Holder:
         self._encoded_statuses = None
 
     def member_changed(self, member: Member) -> None:
-        if member.pid is not None:
-            self._by_pid[member.pid] = member
         self._unsaved[member.name] = member
         self._save_soon.set()
         status = member.status()
@@ -480,6 +478,12 @@ class Holder:
                 watcher.send_nowait(status)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._watchers.discard(watcher)
+
+    def process_started(self, member: Member, pid: int) -> None:
+        self._by_pid[pid] = member
+
+    def process_ended(self, pid: int) -> None:
+        self._by_pid.pop(pid, None)
 
     async def _save_forever(self) -> None:
         """Write changed members' files once per event-loop turn, however many changed."""
@@ -538,8 +542,8 @@ class Holder:
             raise
         try:
             await self._converse(member, stream)
-        except Exception as exc:
-            log.warning("connection_failed", error=repr(exc))
+        except Exception:  # a bug in this connection: the others and the members go on
+            log.exception("connection_failed", member=member)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
