@@ -49,7 +49,6 @@ from protocol.leases import (
     LeaseEvent,
     LeaseInfo,
     LeaseState,
-    check_name,
     check_owner,
     check_ttl,
 )
@@ -64,6 +63,7 @@ from protocol.messages import (
     LeaseResult,
     LeaseWatch,
 )
+from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.leases")
@@ -418,7 +418,7 @@ class LeaseManager:
     # Handlers --------------------------------------------------------------------------------
 
     async def acquire(self, request: LeaseAcquire, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         check_owner(request.owner)
         check_ttl(request.ttl)
         holder = _identify(request.pid, peer)
@@ -429,7 +429,7 @@ class LeaseManager:
             return await self._acquire_locked(request, holder, peer)
 
     def heartbeat(self, request: LeaseHeartbeat, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         now = self._clock()
         entry = self.table.get(request.name)
         if not decide_heartbeat(entry, request.owner, request.token, now):
@@ -442,7 +442,7 @@ class LeaseManager:
         """A release waits for the name's lock, so that it takes effect after an acquire sent
         before it; except while a successor's acquire is fencing the stale holder: that holder
         releasing must get its answer (already_released), not wait for its own death."""
-        check_name(request.name)
+        check_name(request.name, "lease")
         if request.name not in self._locks or request.name in self._fencing:
             refused = self._release_refused(request)
             if refused is not None:
@@ -471,7 +471,7 @@ class LeaseManager:
         return LeaseResult(outcome=outcome, lease=self._info(entry))
 
     def inspect(self, request: LeaseInspect, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         entry = self.table.get(request.name)
         if entry is None:
             return LeaseResult(outcome=Outcome.ABSENT, message=f"no lease named {request.name!r}")

@@ -97,7 +97,7 @@ from protocol.clusters import (
     MemberStop,
     MemberWait,
 )
-from protocol.definitions import ClusterSpec, MemberSpec, check_name
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import (
     Absent,
     ConnectionLost,
@@ -130,6 +130,7 @@ from protocol.members import (
     runtime_dir_problem,
 )
 from protocol.messages import Message
+from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.holders")
