@@ -496,7 +496,7 @@ def up(
     idempotent: bool,
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
-    from protocol.definitions import load_toml
+    from fleetctl.definitions import load_toml
 
     def call(client: Any) -> int:
         result = client.cluster_up(load_toml(path, name=name), idempotent=idempotent)
@@ -577,7 +577,7 @@ def add(
 
 
 def _member_definition(path: str, member: str) -> Any:
-    from protocol.definitions import load_toml
+    from fleetctl.definitions import load_toml
 
     try:
         spec = load_toml(path).member(member)

@@ -1,10 +1,10 @@
-"""Member and cluster definitions: what to run, pure data, and the strict `fleet.toml` loader.
+"""Member and cluster definitions: what to run, pure data, and the strict `fleet.toml` parser.
 
 `MemberSpec` and `ClusterSpec` travel on the wire (addmember) and to a holder, so they follow
 the wire rules (unknown fields ignored, new fields get defaults) and validate their values on
 construction and on decode, raising InvalidRequest that names the bad value.
 
-The TOML loader is strict instead: a misspelt key is an error, reported with the key and its
+The TOML parser is strict instead: a misspelt key is an error, reported with the key and its
 line in the file, because a typo in a config file must never be silently ignored.
 """
 
@@ -188,18 +188,9 @@ class _KeyProblem(Exception):
         self.message = message
 
 
-def load_toml(path: str, *, name: str | None = None) -> ClusterSpec:
-    """The cluster a `fleet.toml` defines; `name` overrides its top-level `name` (default:
-    "default"). Raises InvalidRequest naming the file, line and key of the first problem."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
-    return parse_toml(raw.decode(errors="replace"), source=path, name=name)
-
-
 def parse_toml(text: str, *, source: str = "fleet.toml", name: str | None = None) -> ClusterSpec:
+    """The cluster the text of a `fleet.toml` defines; `source` names it in errors, `name`
+    overrides its top-level `name`. Reading a file is the caller's (fleetctl.definitions)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

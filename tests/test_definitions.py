@@ -1,4 +1,4 @@
-"""Member definitions: the strict fleet.toml loader, the wire decoding.
+"""Member definitions: the strict fleet.toml parser, its file loader, the wire decoding.
 
 The grammars of names and durations have tests of their own (test_names, test_durations)."""
 
@@ -7,11 +7,11 @@ import re
 
 import pytest
 
+from fleetctl.definitions import load_toml
 from protocol.definitions import (
     ClusterSpec,
     MemberSpec,
     cluster_from_dict,
-    load_toml,
     parse_toml,
 )
 from protocol.errors import InvalidRequest, UnknownOp
