@@ -16,7 +16,6 @@ RestartPreventExitStatus):
 
 import gc
 import os
-import resource
 import sys
 from collections.abc import Callable
 
@@ -26,6 +25,7 @@ import structlog
 
 from fleetd import daemon
 from fleetd.core.log import configure_logging
+from fleetd.core.startup import leaf_errors, raise_fd_limit
 from fleetd.state import reset_state
 from protocol.errors import (
     AlreadyRunning,
@@ -74,13 +74,6 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _raise_fd_limit() -> None:
-    """A supervisor holds a socket per member and per client: use the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _one_line_on_failure(run: Callable[[], None]) -> None:
     """Run `run`; whatever stops it is one `fleetd: …` line and its exit status."""
     try:
@@ -88,22 +81,12 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
     except BaseException as raised:
         if isinstance(raised, SystemExit | KeyboardInterrupt):
             raise
-        errors = _leaves(raised)
+        errors = leaf_errors(raised)
         for error in errors:
             if not isinstance(error, FleetError | OSError):
                 structlog.get_logger("fleetd").debug("startup_crashed", exc_info=error)
             click.echo(f"fleetd: {_describe(error)}", err=True)
         sys.exit(exit_status(errors[0]))
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The errors inside a (possibly nested) exception group, for one line each."""
-    if not isinstance(error, BaseExceptionGroup):
-        return [error]
-    found: list[BaseException] = []
-    for inner in error.exceptions:
-        found.extend(_leaves(inner))
-    return found
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -137,7 +120,7 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level)
-    _raise_fd_limit()
+    raise_fd_limit()
     _collect_garbage_less_often()
     _one_line_on_failure(
         lambda: anyio.run(
