@@ -1,5 +1,6 @@
-"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`), and
-`fleetd reset-state` to start a state directory over once its store is lost.
+"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`),
+`fleetd reset-state` to start a state directory over once its store is lost, and
+`fleetd --version` (`fleetd RELEASE (protocol N)`, as `fleetctl version` prints it).
 
 A failure to start is one line, `fleetd: …`, and a sysexits code that tells a supervisor
 whether trying again can help (the systemd unit lists the ones that cannot as
@@ -27,6 +28,7 @@ from fleetd import daemon
 from fleetd.core.log import configure_logging
 from fleetd.core.startup import leaf_errors, raise_fd_limit
 from fleetd.state import reset_state
+from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import (
     AlreadyRunning,
     FleetError,
@@ -89,7 +91,11 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
         sys.exit(exit_status(errors[0]))
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    invoke_without_command=True,
+    subcommand_metavar="[COMMAND [OPTIONS]]",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--socket",
     "socket_path",
@@ -109,10 +115,18 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="What the daemon logs (JSON lines off a terminal).",
+)
+@click.version_option(
+    RELEASE, prog_name="fleetd", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})"
 )
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
-    """Run fleetd in the foreground."""
+    """fleetd, the fleet supervisor daemon.
+
+    With no command, run the daemon in the foreground until SIGTERM or SIGINT: this is what
+    systemd (fleetd.service) and `make run` start. A failure to start is one `fleetd: ...`
+    line and a sysexits code. The command below repairs a state directory instead."""
     config = daemon.DaemonConfig(
         socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
     )
