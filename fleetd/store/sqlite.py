@@ -15,6 +15,13 @@ Leases follow etcd: grant and revoke are durable writes, a keepalive only moves 
 memory, and a reopened store gives every lease its full TTL again, because the time that passed
 while no store was running is unknown. Lease holders must therefore fence with revisions.
 
+History: every write also inserts its events into the `history` table (the last HISTORY
+revisions), which watches resuming from a past revision read. Only tests and benchmarks watch
+today, but this stays: it is the history seam described on `Store` (fleetd.store), which the
+etcd backend (issue 14) and the task event log (issue 15) build on. Its parts here:
+`_Database._record` and `history_since`, `_compact`, `_Watcher`, `_EventStream` and
+`SQLiteStore.watch`.
+
 Continuity: given a `Watermark` (fleetd.store.watermark), the store refuses to open a database
 that is not the one the watermark describes, or that went back behind it, and advances the
 watermark after each commit, before the batch is answered. A file that SQLite cannot read as a
