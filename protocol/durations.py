@@ -28,8 +28,8 @@ _SECONDS_PER_UNIT = {"bare": 1.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _ECHO_LIMIT = 100
 """Characters of a bad value echoed in an error message."""
 
-GRAMMAR = "seconds (15, 1.5) or numbers with units h, m, s, ms in that order (1m30s, 500ms)"
-"""The grammar in a few words, for help texts and error messages."""
+_GRAMMAR = "seconds (15, 1.5) or numbers with units h, m, s, ms in that order (1m30s, 500ms)"
+"""The grammar in a few words, for error messages."""
 
 
 def parse_duration(value: object) -> float:
@@ -40,7 +40,7 @@ def parse_duration(value: object) -> float:
     elif isinstance(value, int | float) and not isinstance(value, bool):
         seconds = _as_float(value)
     else:
-        raise _invalid(value, f"write {GRAMMAR}")
+        raise _invalid(value, f"write {_GRAMMAR}")
     if seconds < 0:
         raise _invalid(value, "a duration is never negative")
     if not math.isfinite(seconds):
@@ -53,7 +53,7 @@ def _seconds_in(text: str) -> float:
     if match is None or match.lastgroup is None:  # no part at all: "" matches every optional
         if text.startswith("-"):
             raise _invalid(text, "a duration is never negative")
-        raise _invalid(text, f"write {GRAMMAR}")
+        raise _invalid(text, f"write {_GRAMMAR}")
     parts = match.groupdict()
     return sum(
         float(number) * _SECONDS_PER_UNIT[unit]

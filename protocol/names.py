@@ -39,7 +39,7 @@ STORE_KEY = NameRule(
 )
 """Lease names."""
 
-RULES: dict[NameKind, NameRule] = {"member": PATH_SAFE, "cluster": PATH_SAFE, "lease": STORE_KEY}
+_RULES: dict[NameKind, NameRule] = {"member": PATH_SAFE, "cluster": PATH_SAFE, "lease": STORE_KEY}
 
 _ECHO_LIMIT = 80
 """Characters of a bad name echoed in an error message."""
@@ -47,7 +47,7 @@ _ECHO_LIMIT = 80
 
 def check_name(name: object, what: NameKind = "member") -> str:
     """`name` if it is a valid name of a `what`; InvalidRequest naming it otherwise."""
-    rule = RULES[what]
+    rule = _RULES[what]
     if isinstance(name, str) and rule.pattern.fullmatch(name):
         return name
     shown = name[:_ECHO_LIMIT] if isinstance(name, str) else name
