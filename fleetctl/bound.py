@@ -36,6 +36,7 @@ from anyio.abc import Process
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from fleetctl._conversation import R
+from fleetctl.definitions import load_toml
 from fleetctl.members_client import (
     MemberLink,
     holder_ready,
@@ -48,7 +49,6 @@ from protocol.definitions import (
     ClusterSpec,
     MemberSpec,
     cluster_from_dict,
-    load_toml,
     member_from_dict,
 )
 from protocol.errors import (

@@ -16,7 +16,7 @@ from fleetctl import _stdout
 from fleetctl.output import emit, fail, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
-from protocol.errors import FleetError
+from protocol.errors import FleetError, InvalidRequest
 from protocol.paths import client_socket_path
 
 
@@ -134,15 +134,12 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, float | int):
             return float(value)
-        from protocol.leases import parse_duration
+        from protocol.durations import parse_duration
 
         try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        if not math.isfinite(seconds):  # 400 digits of seconds: a float says inf
-            self.fail(f"{value!r} is too long a duration", param, ctx)
-        return seconds
+            return parse_duration(value)
+        except InvalidRequest as exc:
+            self.fail(exc.message, param, ctx)
 
 
 DURATION = Duration()
@@ -499,7 +496,7 @@ def up(
     idempotent: bool,
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
-    from protocol.definitions import load_toml
+    from fleetctl.definitions import load_toml
 
     def call(client: Any) -> int:
         result = client.cluster_up(load_toml(path, name=name), idempotent=idempotent)
@@ -580,8 +577,7 @@ def add(
 
 
 def _member_definition(path: str, member: str) -> Any:
-    from protocol.definitions import load_toml
-    from protocol.errors import InvalidRequest
+    from fleetctl.definitions import load_toml
 
     try:
         spec = load_toml(path).member(member)

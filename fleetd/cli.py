@@ -1,5 +1,6 @@
-"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`), and
-`fleetd reset-state` to start a state directory over once its store is lost.
+"""The `fleetd` command: run the daemon in the foreground (systemd, `make run`),
+`fleetd reset-state` to start a state directory over once its store is lost, and
+`fleetd --version` (`fleetd RELEASE (protocol N)`, as `fleetctl version` prints it).
 
 A failure to start is one line, `fleetd: …`, and a sysexits code that tells a supervisor
 whether trying again can help (the systemd unit lists the ones that cannot as
@@ -16,7 +17,6 @@ RestartPreventExitStatus):
 
 import gc
 import os
-import resource
 import sys
 from collections.abc import Callable
 
@@ -26,7 +26,9 @@ import structlog
 
 from fleetd import daemon
 from fleetd.core.log import configure_logging
+from fleetd.core.startup import leaf_errors, raise_fd_limit
 from fleetd.state import reset_state
+from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import (
     AlreadyRunning,
     FleetError,
@@ -74,13 +76,6 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _raise_fd_limit() -> None:
-    """A supervisor holds a socket per member and per client: use the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _one_line_on_failure(run: Callable[[], None]) -> None:
     """Run `run`; whatever stops it is one `fleetd: …` line and its exit status."""
     try:
@@ -88,7 +83,7 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
     except BaseException as raised:
         if isinstance(raised, SystemExit | KeyboardInterrupt):
             raise
-        errors = _leaves(raised)
+        errors = leaf_errors(raised)
         for error in errors:
             if not isinstance(error, FleetError | OSError):
                 structlog.get_logger("fleetd").debug("startup_crashed", exc_info=error)
@@ -96,17 +91,11 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
         sys.exit(exit_status(errors[0]))
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    """The errors inside a (possibly nested) exception group, for one line each."""
-    if not isinstance(error, BaseExceptionGroup):
-        return [error]
-    found: list[BaseException] = []
-    for inner in error.exceptions:
-        found.extend(_leaves(inner))
-    return found
-
-
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    invoke_without_command=True,
+    subcommand_metavar="[COMMAND [OPTIONS]]",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--socket",
     "socket_path",
@@ -126,10 +115,18 @@ def _leaves(error: BaseException) -> list[BaseException]:
     default="info",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="What the daemon logs (JSON lines off a terminal).",
+)
+@click.version_option(
+    RELEASE, prog_name="fleetd", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})"
 )
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
-    """Run fleetd in the foreground."""
+    """fleetd, the fleet supervisor daemon.
+
+    With no command, run the daemon in the foreground until SIGTERM or SIGINT: this is what
+    systemd (fleetd.service) and `make run` start. A failure to start is one `fleetd: ...`
+    line and a sysexits code. The command below repairs a state directory instead."""
     config = daemon.DaemonConfig(
         socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
     )
@@ -137,7 +134,7 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
     if ctx.invoked_subcommand is not None:
         return
     configure_logging(log_level)
-    _raise_fd_limit()
+    raise_fd_limit()
     _collect_garbage_less_often()
     _one_line_on_failure(
         lambda: anyio.run(

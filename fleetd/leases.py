@@ -15,15 +15,15 @@ which means nothing after a restart, and a restarted fleetd gives every held lea
 again anyway. Writing heartbeats (even batched) would buy no safety and cost the disk 10,000
 writes a second for 10,000 leases at 1 Hz.
 
-Expiry. One timer task sleeps until the earliest deadline. A heartbeat only moves a deadline
-in a dict; a heap entry found early when it comes up goes back at the lease's current deadline,
-so the timer wakes about once per TTL per lease, never once per heartbeat, and never polls.
+Expiry. One timer task sleeps until the earliest deadline (fleetd.core.timers: a DeadlineHeap
+and an Alarm). A heartbeat only moves the entry's deadline; a heap item found early when it
+comes up goes back at the lease's current deadline, so the timer wakes about once per TTL per
+lease, never once per heartbeat, and never polls.
 
 Writes to one name are serialised by a lock of that name (a grant may have to wait for STONITH
 to finish); reads and heartbeats never wait for it.
 """
 
-import heapq
 import itertools
 import os
 import time
@@ -40,6 +40,7 @@ from anyio.abc import TaskStatus
 
 from fleetd.core import identity as proc
 from fleetd.core.dispatch import Peer
+from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.store import Compare, Delete, Put, Store
 from protocol.errors import Compacted, Internal, InvalidRequest, StoreFull
 from protocol.leases import (
@@ -49,7 +50,6 @@ from protocol.leases import (
     LeaseEvent,
     LeaseInfo,
     LeaseState,
-    check_name,
     check_owner,
     check_ttl,
 )
@@ -64,6 +64,7 @@ from protocol.messages import (
     LeaseResult,
     LeaseWatch,
 )
+from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.leases")
@@ -176,13 +177,13 @@ def decide_release(entry: Entry | None, owner: str, token: int, now: float) -> O
 
 
 class LeaseTable:
-    """Every record by name, and a heap of (deadline, n, entry) with at most one item per held
-    entry: replacing a name's entry orphans the old item, which is dropped when it comes up."""
+    """Every record by name, and their deadlines in a DeadlineHeap: one item per held entry,
+    read through the entry (a renewal moves `entry.deadline` only). Replacing a name's entry
+    forgets the old one, which the heap drops when it comes up."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
-        self._heap: list[tuple[float, int, Entry]] = []
-        self._counter = itertools.count()
+        self._deadlines = DeadlineHeap(self._deadline_of)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -198,9 +199,7 @@ class LeaseTable:
         self._entries[entry.name] = entry
         if entry.record.state != "held":
             return False
-        earliest = not self._heap or entry.deadline < self._heap[0][0]
-        heapq.heappush(self._heap, (entry.deadline, next(self._counter), entry))
-        return earliest
+        return self._deadlines.push(entry, entry.deadline)
 
     def remove(self, name: str) -> None:
         """Forget a name (its heap item, if any, is dropped when it comes up)."""
@@ -210,19 +209,13 @@ class LeaseTable:
         entry.deadline = now + entry.record.ttl
 
     def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        return self._deadlines.next_deadline()
 
     def pop_expired(self, now: float) -> list[tuple[Entry, float]]:
         """Mark every lease past its deadline expired (dirty: to be written); returns each
         new entry with the deadline it missed."""
         expired = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, entry = heapq.heappop(self._heap)
-            if self._entries.get(entry.name) is not entry or entry.record.state != "held":
-                continue
-            if entry.deadline > now:
-                heapq.heappush(self._heap, (entry.deadline, next(self._counter), entry))
-                continue
+        for entry in self._deadlines.pop_due(now):
             gone = Entry(
                 entry.name,
                 msgspec.structs.replace(entry.record, state="expired"),
@@ -232,6 +225,12 @@ class LeaseTable:
             self._entries[entry.name] = gone
             expired.append((gone, entry.deadline))
         return expired
+
+    def _deadline_of(self, entry: Entry) -> float | None:
+        """The deadline of `entry` while it is its name's record and held, else None."""
+        if self._entries.get(entry.name) is not entry or entry.record.state != "held":
+            return None
+        return entry.deadline
 
 
 def info(entry: Entry, now: float, wall: float) -> LeaseInfo:
@@ -388,7 +387,7 @@ class LeaseManager:
         self.events = EventLog()
         self._locks = NameLocks()
         self._fencing: set[str] = set()
-        self._timer_due = anyio.Event()
+        self._alarm = Alarm(clock)
         self._writers: anyio.abc.TaskGroup | None = None
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -418,7 +417,7 @@ class LeaseManager:
     # Handlers --------------------------------------------------------------------------------
 
     async def acquire(self, request: LeaseAcquire, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         check_owner(request.owner)
         check_ttl(request.ttl)
         holder = _identify(request.pid, peer)
@@ -429,7 +428,7 @@ class LeaseManager:
             return await self._acquire_locked(request, holder, peer)
 
     def heartbeat(self, request: LeaseHeartbeat, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         now = self._clock()
         entry = self.table.get(request.name)
         if not decide_heartbeat(entry, request.owner, request.token, now):
@@ -442,7 +441,7 @@ class LeaseManager:
         """A release waits for the name's lock, so that it takes effect after an acquire sent
         before it; except while a successor's acquire is fencing the stale holder: that holder
         releasing must get its answer (already_released), not wait for its own death."""
-        check_name(request.name)
+        check_name(request.name, "lease")
         if request.name not in self._locks or request.name in self._fencing:
             refused = self._release_refused(request)
             if refused is not None:
@@ -471,7 +470,7 @@ class LeaseManager:
         return LeaseResult(outcome=outcome, lease=self._info(entry))
 
     def inspect(self, request: LeaseInspect, peer: Peer) -> LeaseResult:
-        check_name(request.name)
+        check_name(request.name, "lease")
         entry = self.table.get(request.name)
         if entry is None:
             return LeaseResult(outcome=Outcome.ABSENT, message=f"no lease named {request.name!r}")
@@ -638,7 +637,7 @@ class LeaseManager:
 
     def _install(self, entry: Entry) -> None:
         if self.table.install(entry):
-            self._timer_due.set()
+            self._alarm.wake()
 
     def _exclusive(self, name: str) -> "_Held":
         return self._locks.hold(name)
@@ -650,7 +649,7 @@ class LeaseManager:
             expired = self.table.pop_expired(self._clock())
             if expired:
                 self._expired(expired)
-            await self._wait_for_timer()
+            await self._alarm.sleep_until(self.table.next_deadline())
 
     def _expired(self, expired: Iterable[tuple[Entry, float]]) -> None:
         assert self._writers is not None
@@ -682,13 +681,6 @@ class LeaseManager:
             except Exception as exc:
                 log.warning("lease_expiry_not_written", lease=entry.name, error=repr(exc))
                 return
-
-    async def _wait_for_timer(self) -> None:
-        deadline = self.table.next_deadline()
-        delay = float("inf") if deadline is None else deadline - self._clock()
-        with anyio.move_on_after(delay):
-            await self._timer_due.wait()
-        self._timer_due = anyio.Event()
 
     # Answers ---------------------------------------------------------------------------------
 

@@ -1,11 +1,22 @@
-"""The wire contract shared by fleetd and fleetctl: pure data and framing, no I/O policy.
+"""The wire contract shared by fleetd, its holders and fleetctl: pure data, rules and framing.
+It imports only msgspec and the standard library, and does no I/O (tests/test_layering.py,
+tests/test_protocol_is_pure.py): reading files and sockets is the programs' part.
 
 Submodules:
-    framing   -- newline-delimited frames, size limit enforced before decoding
-    messages  -- request/response structs (frozen msgspec tagged unions on ``op``)
-    outcomes  -- the outcome enum and its stable exit codes
-    errors    -- one exception tree, a code per class, mapped to outcomes
-    paths     -- where the control socket and state directory live
+    framing      newline-delimited frames, the size limit enforced before decoding
+    base         the base structs every message and definition builds on
+    messages     control-socket requests and responses (tagged unions on ``op``)
+    members      the member-socket ops a holder answers (status, stop, addmember, bind, ack)
+    clusters     control-socket ops for detached clusters and their members under fleetd
+    leases       lease records and their checks (owner, TTL); the ops are in messages
+    claims       the claims journal's ops, kinds and checks
+    definitions  MemberSpec, ClusterSpec and the strict fleet.toml parser
+    status       a member's states and status
+    outcomes     the outcome enum and its stable exit codes
+    errors       one exception tree, a code per class, mapped to outcomes
+    names        member, cluster and lease names: the two rules, one check
+    durations    the one duration grammar (15, 1.5, 500ms, 1m30s)
+    paths        where the control socket and state directory live
 
 This module itself imports nothing heavy, so a fast command path can read the constants
 without paying for msgspec.

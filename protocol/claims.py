@@ -79,7 +79,7 @@ import msgspec
 
 from protocol.base import Message, Request
 from protocol.errors import InvalidRequest
-from protocol.leases import check_name as check_lease_name
+from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 KINDS: tuple[str, ...] = ("file", "prompt_inbox")
@@ -198,7 +198,7 @@ def check_key(kind: str, key: str) -> None:
     """A key of `kind`: a lease's key is its name (lease names may hold '/'); every other
     key is one safe path component."""
     if kind == "lease":
-        check_lease_name(key)
+        check_name(key, "lease")
     else:
         check_component("key", key)
 

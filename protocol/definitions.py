@@ -1,14 +1,13 @@
-"""Member and cluster definitions: what to run, pure data, and the strict `fleet.toml` loader.
+"""Member and cluster definitions: what to run, pure data, and the strict `fleet.toml` parser.
 
 `MemberSpec` and `ClusterSpec` travel on the wire (addmember) and to a holder, so they follow
 the wire rules (unknown fields ignored, new fields get defaults) and validate their values on
 construction and on decode, raising InvalidRequest that names the bad value.
 
-The TOML loader is strict instead: a misspelt key is an error, reported with the key and its
+The TOML parser is strict instead: a misspelt key is an error, reported with the key and its
 line in the file, because a typo in a config file must never be silently ignored.
 """
 
-import math
 import re
 import signal
 import tomllib
@@ -18,12 +17,11 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocol.base import Message
+from protocol.durations import parse_duration
 from protocol.errors import InvalidRequest
+from protocol.names import check_name
 
 T = TypeVar("T")
-
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-"""Member and cluster names: short, lowercase, safe in paths, socket names and env values."""
 
 RESTART_POLICIES = ("no", "on-failure", "always")
 READY_KINDS = ("tcp", "notify", "none", "unix:PATH", "log:REGEX")
@@ -33,38 +31,6 @@ DEFAULT_START_TIMEOUT = 10.0
 
 _ECHO_LIMIT = 100
 """Characters of a bad value echoed in an error message."""
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-
-
-def check_name(name: object, what: str = "member") -> str:
-    """`name` if it is a valid member or cluster name; InvalidRequest naming it otherwise."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidRequest(
-            f"invalid {what} name {name!r}: use 1 to 63 characters of a-z, 0-9, '.', '_' "
-            "and '-', starting with a letter or digit",
-            name=str(name),
-        )
-    return name
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from "500ms", "5s", "1m", "1m30s", "1h", or a plain number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidRequest(f'invalid duration {value!r}: use a string such as "5s"')
-    if isinstance(value, str):
-        if not _DURATION.fullmatch(value):
-            raise InvalidRequest(
-                f'invalid duration {value!r}: use a number and a unit, e.g. "500ms", "5s", "1m"'
-            )
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidRequest(f"invalid duration {value!r}: must be finite and not negative")
-    return seconds
 
 
 def check_ready(ready: object) -> str:
@@ -222,18 +188,9 @@ class _KeyProblem(Exception):
         self.message = message
 
 
-def load_toml(path: str, *, name: str | None = None) -> ClusterSpec:
-    """The cluster a `fleet.toml` defines; `name` overrides its top-level `name` (default:
-    "default"). Raises InvalidRequest naming the file, line and key of the first problem."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
-    return parse_toml(raw.decode(errors="replace"), source=path, name=name)
-
-
 def parse_toml(text: str, *, source: str = "fleet.toml", name: str | None = None) -> ClusterSpec:
+    """The cluster the text of a `fleet.toml` defines; `source` names it in errors, `name`
+    overrides its top-level `name`. Reading a file is the caller's (fleetctl.definitions)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

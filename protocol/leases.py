@@ -51,7 +51,6 @@ DEFAULT_TTL = 15.0
 MAX_WAIT = 60.0
 """Longest a lease_watch long poll may be held open, in seconds."""
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 _OWNER = re.compile(r"[\x21-\x7e]{1,256}")
 
 LeaseState = Literal["held", "released", "expired"]
@@ -94,15 +93,6 @@ class LeaseEvent(msgspec.Struct, frozen=True, kw_only=True):
     deadline: float = 0.0
 
 
-def check_name(name: str) -> None:
-    if not _NAME.fullmatch(name):
-        raise InvalidRequest(
-            f"invalid lease name {name[:80]!r}: use 1 to 128 characters from A-Z a-z 0-9 "
-            "and . _ : @ / -, starting with a letter or digit",
-            name=name[:80],
-        )
-
-
 def check_owner(owner: str) -> None:
     if not _OWNER.fullmatch(owner):
         raise InvalidRequest(
@@ -117,16 +107,3 @@ def check_ttl(ttl: float) -> None:
             f"invalid ttl {ttl:g}s: a lease lasts from {MIN_TTL:g}s to {MAX_TTL:g}s",
             ttl=ttl,
         )
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
-_DURATION = re.compile(r"\s*(-?\d+(?:\.\d*)?|-?\.\d+)\s*(ms|s|m|h|)\s*")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in `text`: ``15s``, ``500ms``, ``2m``, ``1h`` or a bare number of seconds.
-    Only the syntax is checked here; the range is the daemon's to judge (check_ttl)."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration (try 15s, 500ms, 2m)")
-    return float(match[1]) * _UNITS[match[2]]

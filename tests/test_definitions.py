@@ -1,20 +1,17 @@
-"""Member definitions: the strict fleet.toml loader, names, durations, the wire decoding."""
+"""Member definitions: the strict fleet.toml parser, its file loader, the wire decoding.
+
+The grammars of names and durations have tests of their own (test_names, test_durations)."""
 
 import os
 import re
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
+from fleetctl.definitions import load_toml
 from protocol.definitions import (
-    NAME_PATTERN,
     ClusterSpec,
     MemberSpec,
-    check_name,
     cluster_from_dict,
-    load_toml,
-    parse_duration,
     parse_toml,
 )
 from protocol.errors import InvalidRequest, UnknownOp
@@ -151,54 +148,6 @@ def test_a_name_argument_overrides_the_files_name() -> None:
     assert parse_toml(BRIEF_EXAMPLE, name="other").name == "other"
     with pytest.raises(InvalidRequest, match="invalid cluster name"):
         parse_toml(BRIEF_EXAMPLE, name="Not OK")
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("500ms", 0.5), ("5s", 5.0), ("1m", 60.0), ("1h", 3600.0), ("1m30s", 90.0), ("1.5s", 1.5)],
-)
-def test_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("text", ["", "5", "5 s", "1d", "-1s", "s", "1.s", "ms5", True])
-def test_bad_durations(text: object) -> None:
-    with pytest.raises(InvalidRequest, match="invalid duration"):
-        parse_duration(text)
-
-
-UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(list(UNITS))), min_size=1))
-def test_a_written_duration_parses_to_the_sum_of_its_parts(parts: list[tuple[int, str]]) -> None:
-    text = "".join(f"{number}{unit}" for number, unit in parts)
-    expected = sum(number * UNITS[unit] for number, unit in parts)
-    assert parse_duration(text) == pytest.approx(expected)
-
-
-@given(st.floats(min_value=0, max_value=1e9) | st.integers(0, 10**9))
-def test_a_number_is_seconds(value: float) -> None:
-    assert parse_duration(value) == float(value)
-
-
-@given(st.from_regex(NAME_PATTERN, fullmatch=True))
-def test_valid_names_pass(name: str) -> None:
-    assert check_name(name) == name
-
-
-@given(st.text(max_size=80))
-def test_the_name_validator_agrees_with_the_rule(name: str) -> None:
-    valid = (
-        1 <= len(name) <= 63
-        and name[0] in "abcdefghijklmnopqrstuvwxyz0123456789"
-        and all(c in "abcdefghijklmnopqrstuvwxyz0123456789._-" for c in name)
-    )
-    if valid:
-        assert check_name(name) == name
-    else:
-        with pytest.raises(InvalidRequest, match="invalid member name"):
-            check_name(name)
 
 
 def test_a_member_spec_validates_itself_when_built_in_code() -> None:

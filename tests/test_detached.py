@@ -23,12 +23,12 @@ import msgspec
 import pytest
 
 from fleetctl.cli import run
+from fleetctl.definitions import load_toml
 from fleetctl.sync import SyncClient
 from fleetd.clusters.records import HolderRecord
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
-from protocol.definitions import load_toml
 from protocol.errors import Absent, InvalidRequest, MemberFailed
 from protocol.members import (
     CLUSTER_FILE,

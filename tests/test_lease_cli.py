@@ -77,9 +77,9 @@ def test_contested_acquire_from_two_processes_has_one_winner(fleetd: Fleetd) -> 
         (["acquire", "", "--owner", "a"], 1, "invalid lease name"),
         (["acquire", "bad name", "--owner", "a"], 1, "invalid lease name"),
         (["acquire", "x", "--owner", "a", "--ttl", "0"], 1, "invalid ttl 0s"),
-        (["acquire", "x", "--owner", "a", "--ttl", "-5s"], 1, "invalid ttl -5s"),
+        (["acquire", "x", "--owner", "a", "--ttl", "-5s"], 2, "a duration is never negative"),
         (["acquire", "x", "--owner", "a", "--ttl", "1000h"], 1, "invalid ttl"),
-        (["acquire", "x", "--owner", "a", "--ttl", "soon"], 2, "not a duration"),
+        (["acquire", "x", "--owner", "a", "--ttl", "soon"], 2, "invalid duration 'soon'"),
         (["acquire", "x"], 2, "Missing option '--owner'"),
         (["acquire", "x", "--owner", "a", "--pid", "1"], 1, "cannot be bound to init (pid 1)"),
     ],
@@ -91,6 +91,11 @@ def test_bad_input_gets_an_error_envelope(
     assert exit_code == code
     assert envelope["outcome"] == ("error" if code == 1 else "usage")
     assert message in envelope["error"]["message"]
+
+
+def test_a_ttl_takes_the_duration_grammar(fleetd: Fleetd) -> None:
+    code, envelope = run(fleetd.env, "acquire", "x", "--owner", "a", "--ttl", "1m30s")
+    assert (code, envelope["lease"]["ttl"]) == (0, 90.0)
 
 
 def test_no_fleetd_is_unavailable_exit_14(tempdir: str) -> None:

@@ -21,10 +21,11 @@ import msgspec
 from fleetd.clusters.links import MemberLink, status_on_disk
 from fleetd.clusters.records import HolderRecord
 from fleetd.state import RUNTIME_SUBDIR
-from protocol.definitions import MemberSpec, check_name
+from protocol.definitions import MemberSpec
 from protocol.errors import Absent, InvalidRequest, MemberFailed
 from protocol.members import MemberState, MemberStatus
 from protocol.messages import Message
+from protocol.names import check_name
 
 _encode = msgspec.json.Encoder().encode
 

@@ -32,9 +32,10 @@ from protocol.clusters import (
     MemberStop,
     MemberWait,
 )
-from protocol.definitions import ClusterSpec, MemberSpec, check_name
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import Absent, Contested, InvalidRequest, Timeout, Unavailable
 from protocol.members import MemberState, MemberStatus, member_log_path, member_socket_path
+from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.clusters")

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import math
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -50,6 +49,7 @@ from fleetd.core.server import (
     Connection,
     admit,
 )
+from fleetd.core.startup import leaf_errors, raise_fd_limit
 from fleetd.holder.descendants import Lineage
 from fleetd.holder.members import (
     LOG_MAX_BYTES,
@@ -680,13 +680,6 @@ class _Session:
 # --- the command --------------------------------------------------------------------------
 
 
-def _raise_fd_limit() -> None:
-    """Each member costs a socket, two pipes and two log files: use the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleetd holder", description="Supervise one cluster's members (see fleetd.holder)."
@@ -723,13 +716,6 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
             os.close(ready_fd)
 
 
-def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    found: list[Exception] = []
-    for error in group.exceptions:
-        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
-    return found
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a holder until its last member leaves; 0, or 1 when it cannot start."""
     block_sigchld()  # before any thread exists: see fleetd.holder.members.Reaper
@@ -740,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[Exception] = []
     try:
         become_subreaper()
-        _raise_fd_limit()
+        raise_fd_limit()
         holder = Holder(
             _load_spec(args.spec),
             args.dir,
@@ -751,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
         )
     except* (FleetError, OSError) as failed:
-        failures = _leaves(failed)
+        failures = leaf_errors(failed)
     finally:
         if args.ephemeral:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -8,7 +8,8 @@ The interface is shaped after etcd's v3 API so that an etcd backend fits it unch
   strictly increasing across re-creations and serves as a fencing token;
 - leases with a TTL: keys put with a lease are deleted, with delete events, when the lease
   expires or is revoked;
-- watches over a key prefix, resumable from a past revision while the history keeps it.
+- watches over a key prefix, resumable from a past revision while the history keeps it
+  (the history seam: see ``Store``).
 
 Backends: ``fleetd.store.sqlite`` (the embedded default). Values are opaque bytes; callers
 encode their own records.
@@ -210,6 +211,16 @@ class Store(Protocol):
 
     Every write is durable before the awaiting caller resumes. A caller cancelled while waiting
     may still see its write happen: make writes idempotent per owner.
+
+    The history seam. ``watch`` (events under a prefix, resumable from ``start_revision``),
+    with ``revision``, ``Event``, ``StoreStatistics.compact_revision`` and the ``Compacted``
+    error, forms the store's history: an etcd-shaped record of every change. Today only tests
+    and benchmarks watch the store (fleetd answers ``lease_watch`` from the lease manager's own
+    event buffer), yet every write pays for the history. It stays, on purpose: it is the seam
+    the etcd backend (issue 14: lease watches become etcd watches resuming from a revision)
+    and the task event log (issue 15: one ordered record per run, whichever host wrote it)
+    are built on. tests/test_store.py ("Watches: the history seam") is its conformance suite,
+    written against this interface for every backend to pass.
     """
 
     @property

@@ -15,6 +15,13 @@ Leases follow etcd: grant and revoke are durable writes, a keepalive only moves 
 memory, and a reopened store gives every lease its full TTL again, because the time that passed
 while no store was running is unknown. Lease holders must therefore fence with revisions.
 
+History: every write also inserts its events into the `history` table (the last HISTORY
+revisions), which watches resuming from a past revision read. Only tests and benchmarks watch
+today, but this stays: it is the history seam described on `Store` (fleetd.store), which the
+etcd backend (issue 14) and the task event log (issue 15) build on. Its parts here:
+`_Database._record` and `history_since`, `_compact`, `_Watcher`, `_EventStream` and
+`SQLiteStore.watch`.
+
 Continuity: given a `Watermark` (fleetd.store.watermark), the store refuses to open a database
 that is not the one the watermark describes, or that went back behind it, and advances the
 watermark after each commit, before the batch is answered. A file that SQLite cannot read as a
@@ -22,8 +29,6 @@ database is refused with StoreCorrupt, never opened as a new one.
 """
 
 import errno
-import heapq
-import math
 import operator
 import os
 import sqlite3
@@ -41,6 +46,7 @@ import structlog
 from anyio.abc import TaskStatus
 from msgspec.structs import astuple
 
+from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.store import (
     Compare,
     CompareOp,
@@ -205,23 +211,25 @@ def _translate(error: Exception) -> FleetError:
 class _LeaseTable:
     """Live leases and when each expires.
 
-    The heap holds at most one entry per lease: a keepalive only moves the lease's deadline in a
-    dict, and an entry found early when popped goes back at the current deadline. So a keepalive
-    is O(1) and the timer wakes once per actual expiry, not once per keepalive.
+    The deadlines live in a dict that a DeadlineHeap reads: a keepalive only moves the lease's
+    deadline in the dict, and a lease found early when it comes up goes back at its current
+    deadline. So a keepalive is O(1) and the timer wakes once per actual expiry, not once per
+    keepalive.
     """
 
     def __init__(self) -> None:
         self._ttls: dict[int, float] = {}
         self._deadlines: dict[int, float] = {}
-        self._heap: list[tuple[float, int]] = []
+        self._heap = DeadlineHeap(self._deadlines.get)
 
     def __len__(self) -> int:
         return len(self._deadlines)
 
-    def add(self, lease: int, ttl: float, now: float) -> None:
+    def add(self, lease: int, ttl: float, now: float) -> bool:
+        """A new lease (ids are never reused); whether its deadline is now the earliest."""
         self._ttls[lease] = ttl
         self._deadlines[lease] = now + ttl
-        heapq.heappush(self._heap, (now + ttl, lease))
+        return self._heap.push(lease, now + ttl)
 
     def renew(self, lease: int, now: float) -> float:
         """The full TTL again, or 0 if the lease is unknown or already past its deadline."""
@@ -233,7 +241,7 @@ class _LeaseTable:
         return ttl
 
     def discard(self, lease: int) -> bool:
-        """Forgets the lease; whether it was live. Its heap entry is dropped when popped."""
+        """Forgets the lease; whether it was live. Its heap item is dropped when it comes up."""
         self._ttls.pop(lease, None)
         return self._deadlines.pop(lease, None) is not None
 
@@ -243,20 +251,12 @@ class _LeaseTable:
         self._heap.clear()
 
     def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
+        return self._heap.next_deadline()
 
     def pop_expired(self, now: float) -> list[int]:
-        expired = []
-        while self._heap and self._heap[0][0] <= now:
-            _, lease = heapq.heappop(self._heap)
-            deadline = self._deadlines.get(lease)
-            if deadline is None:
-                continue
-            if deadline <= now:
-                self.discard(lease)
-                expired.append(lease)
-            else:
-                heapq.heappush(self._heap, (deadline, lease))
+        expired = self._heap.pop_due(now)
+        for lease in expired:
+            self.discard(lease)
         return expired
 
     def snapshot(self, now: float) -> tuple[Lease, ...]:
@@ -827,7 +827,9 @@ class SQLiteStore(Store):
         self._leases = _LeaseTable()
         self._doomed: set[int] = set()
         """Leases expired or revoked whose keys could not be deleted yet (disk full)."""
-        self._timer_due = anyio.Event()
+        self._alarm = Alarm(clock)
+        """Wakes the lease timer early: a grant with the earliest deadline, a keepalive that
+        found its lease overdue, doomed keys to delete."""
         self._watchers: set[_Watcher] = set()
 
     @classmethod
@@ -900,14 +902,14 @@ class SQLiteStore(Store):
             raise InvalidRequest("a lease TTL must be positive", ttl=ttl)
         with anyio.CancelScope(shield=True):  # a granted lease must reach the timer
             lease = await self._submit(lambda db: db.grant(ttl))
-            self._leases.add(lease, ttl, self._clock())
-            self._timer_due.set()
+            if self._leases.add(lease, ttl, self._clock()):
+                self._alarm.wake()
         return lease, ttl
 
     async def keepalive(self, lease: int) -> float:
         ttl = self._leases.renew(lease, self._clock())
         if not ttl:
-            self._timer_due.set()  # it may be overdue: expire it now, not at the timer's leisure
+            self._alarm.wake()  # it may be overdue: expire it now, not at the timer's leisure
         return ttl
 
     async def revoke(self, lease: int) -> None:
@@ -917,7 +919,7 @@ class SQLiteStore(Store):
             await self._submit(lambda db: db.revoke((lease,)))
         except StoreFull:
             self._doomed.add(lease)  # the timer retries, so its keys still go
-            self._timer_due.set()
+            self._alarm.wake()
             raise
 
     async def leases(self) -> tuple[Lease, ...]:
@@ -1002,7 +1004,7 @@ class SQLiteStore(Store):
             self._doomed.update(self._leases.pop_expired(self._clock()))
             if self._doomed:
                 await self._delete_doomed()
-            await self._wait_for_timer()
+            await self._alarm.sleep_until(self._next_wake())
 
     async def _delete_doomed(self) -> None:
         doomed = tuple(sorted(self._doomed))
@@ -1012,15 +1014,13 @@ class SQLiteStore(Store):
             return
         self._doomed.difference_update(doomed)
 
-    async def _wait_for_timer(self) -> None:
-        """Sleeps until the next deadline, or until a grant or keepalive calls for a recount."""
+    def _next_wake(self) -> float | None:
+        """The next lease deadline, or sooner while doomed keys wait for disk space."""
         deadline = self._leases.next_deadline()
-        delay = math.inf if deadline is None else deadline - self._clock()
-        if self._doomed:
-            delay = min(delay, REVOKE_RETRY)
-        with anyio.move_on_after(delay):
-            await self._timer_due.wait()
-        self._timer_due = anyio.Event()
+        if not self._doomed:
+            return deadline
+        retry = self._clock() + REVOKE_RETRY
+        return retry if deadline is None else min(deadline, retry)
 
     def _watcher(self, prefix: str, start_revision: int | None) -> _Watcher:
         if start_revision is None:

@@ -1,0 +1,26 @@
+"""What both fleetd programs do as they start: the daemon (fleetd.cli) and the holder
+(fleetd.holder.program)."""
+
+import resource
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def raise_fd_limit() -> None:
+    """Use the whole hard limit of open files: fleetd holds a socket per client and per
+    holder, and a holder a socket, two pipes and two log files per member."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def leaf_errors(error: E | BaseExceptionGroup[E]) -> list[E]:
+    """The errors inside a (possibly nested) exception group, or `error` itself: a program
+    that fails to start reports each on a line of its own."""
+    if not isinstance(error, BaseExceptionGroup):
+        return [error]
+    found: list[E] = []
+    for inner in error.exceptions:
+        found.extend(leaf_errors(inner))
+    return found
