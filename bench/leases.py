@@ -214,9 +214,14 @@ class _HeartbeatLoad:
                     return
 
     def _receive(self) -> None:
+        """Counts whole answers: a frame may arrive split across two reads, so only the lines
+        a read completes are counted, the rest waits for the next read."""
+        partial = b""
         while data := self.sock.recv(1 << 20):
-            self.answered += data.count(b"\n")
-            self.renewed += data.count(b'"outcome":"renewed"')
+            whole, _, partial = (partial + data).rpartition(b"\n")
+            if whole:
+                self.answered += whole.count(b"\n") + 1
+                self.renewed += whole.count(b'"outcome":"renewed"')
 
     def figure(self) -> Figure:
         lost = self.answered - self.renewed

@@ -198,7 +198,9 @@ class Timeout(FleetError):
 
 
 class Unavailable(FleetError):
-    """No daemon answers at the socket: start fleetd or point --socket/FLEET_SOCKET at it."""
+    """Nobody answers: no fleetd at the socket (start it, or point --socket/FLEET_SOCKET at
+    it), or, for a member of a detached cluster, a holder fleetd cannot reach (still starting,
+    or not answering): try again, or see the holder's log."""
 
     code = "unavailable"
     outcome = Outcome.UNAVAILABLE

@@ -151,6 +151,7 @@ def test_a_connection_stalled_mid_frame_is_closed_after_the_idle_timeout(tempdir
 def test_the_idle_timeout_comes_from_the_environment_else_its_default() -> None:
     assert Limits.from_environ({}).frame_idle_timeout == FRAME_IDLE_TIMEOUT
     assert Limits.from_environ({"FLEET_FRAME_IDLE_TIMEOUT": "0.25"}).frame_idle_timeout == 0.25
+    assert Limits.from_environ({"FLEET_FRAME_IDLE_TIMEOUT": "1m30s"}).frame_idle_timeout == 90
     for bad in ("soon", "0", "-1", "inf", "nan"):
         limits = Limits.from_environ({"FLEET_FRAME_IDLE_TIMEOUT": bad})
         assert limits.frame_idle_timeout == FRAME_IDLE_TIMEOUT, bad

@@ -169,8 +169,12 @@ class Follower:
         if held.process is not None:
             held.process.wait()  # our child: reap it (it has exited: this does not block)
         self.index.remove_live(held)
-        await self.gone(held.record, reason="holder_exited", cgroup_parent=held.cgroup_parent)
-        held.gone.set()
+        try:
+            await self.gone(held.record, reason="holder_exited", cgroup_parent=held.cgroup_parent)
+        except Exception:  # one holder's clean-up failing must not stop fleetd: say so
+            log.exception("holder_cleanup_failed", cluster=held.name, pid=held.pid)
+        finally:
+            held.gone.set()
 
     async def gone(
         self, record: HolderRecord, *, reason: str, cgroup_parent: str | None = None

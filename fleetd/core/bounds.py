@@ -30,6 +30,8 @@ import anyio
 import structlog
 
 from protocol import MAX_FRAME
+from protocol.durations import parse_duration
+from protocol.errors import InvalidRequest
 
 log = structlog.get_logger("fleetd.bounds")
 
@@ -70,15 +72,16 @@ class Limits:
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "Limits":
         """The defaults, but the idle timeout from $FLEET_FRAME_IDLE_TIMEOUT when it is a
-        positive number of seconds (tests shorten it; a bad value is logged and ignored)."""
+        positive duration (`10`, `500ms`: protocol.durations; tests shorten it; a bad value is
+        logged and ignored)."""
         text = environ.get(FRAME_IDLE_TIMEOUT_ENV, "")
         if not text:
             return cls()
         try:
-            timeout = float(text)
-        except ValueError:
+            timeout = parse_duration(text)
+        except InvalidRequest:
             timeout = 0.0
-        if not 0 < timeout < float("inf"):
+        if timeout == 0:
             log.warning("frame_idle_timeout_ignored", value=text)
             return cls()
         return cls(frame_idle_timeout=timeout)

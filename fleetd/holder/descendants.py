@@ -8,7 +8,7 @@ two ways:
 - its own cgroup (fleetd.core.cgroups), where cgroup v2 is writable: the member starts in it
   (fleetd.holder.spawn) and everything it starts stays in it, whatever it does; `cgroup.kill` ends
   them all at once and `cgroup.events` says when none is left. The cgroups outlive a holder
-  killed by SIGKILL, and fleetd ends what is in them (fleetd.clusters.registry).
+  killed by SIGKILL, and fleetd ends what is in them (fleetd.clusters.follow).
 - elsewhere, /proc: the descendants of the member's main process by their children links, and
   the orphans the holder adopted, attributed by the environment every process of a member
   inherits (FLEET_HOLDER, this holder's token, and FLEET_MEMBER). An orphan that cleared or

@@ -682,7 +682,8 @@ class _Session:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fleetd holder", description="Supervise one cluster's members (see fleetd.holder)."
+        prog="python -m fleetd.holder",
+        description="Supervise one cluster's members (see fleetd.holder).",
     )
     parser.add_argument("--spec", required=True, help="the cluster, a JSON ClusterSpec file")
     parser.add_argument("--dir", required=True, help="runtime directory (sockets, logs, state)")
