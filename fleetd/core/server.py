@@ -1,12 +1,14 @@
-"""The control socket: accepts connections, checks who they are, reads frames, writes answers.
+"""Serving a unix socket of frames, for fleetd's control socket and a holder's member sockets:
+accept connections, check who they are, read frames, write answers.
 
 Each connection is an error firewall: whatever a peer sends, the worst it can do is get an
 error frame and lose its own connection. Nothing escapes into the accept loop. What a peer can
-make a server hold is bounded (fleetd.core.bounds): its unfinished frames against a budget shared by
-the server's connections, its time stalled mid-frame, its requests in flight.
+make a server hold is bounded (fleetd.core.bounds): its unfinished frames against a budget
+shared by the server's connections, its time stalled mid-frame, its requests in flight.
 
-The pieces a holder's member sockets share with it are public: `admit` (the SO_PEERCRED check),
-`accept_forever` (the accept loop) and `Connection` (frames in, answers out).
+`ControlServer` is the daemon's listener; a holder builds its own from the same pieces:
+`admit` (the SO_PEERCRED check), `accept_forever` (the accept loop) and `Connection` (frames
+in, answers out).
 """
 
 import errno
