@@ -123,7 +123,6 @@ from protocol.members import (
     MemberStatus,
     Stop,
     Watch,
-    WatchResult,
     member_dir,
     member_log_path,
     member_socket_path,
@@ -373,7 +372,7 @@ class HolderRegistry:
             return self._status_or_absent(request.name)
         spec = held.specs.get(member)
         timeout = (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
-        status = await held.link.request(Stop, MemberStatus, timeout, name=member)
+        status = await held.link.request(Stop, timeout, name=member)
         return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
 
     async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
@@ -386,7 +385,7 @@ class HolderRegistry:
         # The holder answers with the status it had at admission, possibly after it pushed
         # newer ones: the answer only fills a gap, pushes are the truth.
         held.statuses.pop(spec.name, None)
-        status = await held.link.request(AddMember, MemberStatus, REQUEST_TIMEOUT, spec=spec)
+        status = await held.link.request(AddMember, REQUEST_TIMEOUT, spec=spec)
         held.specs[spec.name] = spec
         if spec.name not in held.statuses:
             held.update(status)
@@ -633,7 +632,7 @@ class HolderRegistry:
                 log.warning("holder_socket_refused", cluster=held.name, error=refused.message)
                 continue
             try:
-                snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)
+                snapshot = await link.request(Watch, REQUEST_TIMEOUT, pushes=True)
             except (ConnectionLost, anyio.get_cancelled_exc_class()) as exc:
                 with anyio.CancelScope(shield=True):
                     await link.aclose()
