@@ -57,7 +57,6 @@ from protocol.errors import (
     ClientClosed,
     ConnectionLost,
     InvalidRequest,
-    MemberFailed,
     Timeout,
 )
 from protocol.members import (
@@ -75,6 +74,7 @@ from protocol.members import (
     member_log_path,
     member_socket_path,
     runtime_dir_problem,
+    wait_verdict,
 )
 
 Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
@@ -273,7 +273,10 @@ class Cluster:
         self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, MemberStatus]:
         """Until every named member (default: all) is running. Raises MemberFailed as soon as
-        one enters `error` (with its error), Absent for a name not in the cluster, Timeout."""
+        one will not get there without someone acting (it is `error` or `stopped`: the same
+        verdict as fleetd's `member_wait`, protocol.members.wait_verdict), Absent for a name
+        not in the cluster, Timeout. A member preparing, starting, or waiting to restart after
+        a clean exit is waited for."""
         wanted = list(names) if names is not None else self.members
         try:
             with anyio.fail_after(timeout):
@@ -289,13 +292,8 @@ class Cluster:
         link = self._opened()
         if link.failure is not None:
             raise link.failure
-        for name in names:
-            status = self._statuses.get(name)
-            if status is None:
-                raise Absent(f"no member {name!r} in cluster {self.name!r}")
-            if status.state == MemberState.ERROR:
-                raise MemberFailed(f"member {name!r} failed: {status.error}", member=name)
-        return all(self._statuses[name].state == MemberState.RUNNING for name in names)
+        absent = MemberStatus(name="", state=MemberState.ABSENT)
+        return wait_verdict({name: self._statuses.get(name, absent) for name in names})
 
     @overload
     async def status(self, name: str) -> MemberStatus: ...

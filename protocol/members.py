@@ -17,11 +17,13 @@ PROTOCOL_VERSION (exchanged on bind) is bumped only for an incompatible change.
 """
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from protocol.definitions import MemberSpec
+from protocol.errors import Absent, MemberFailed
 from protocol.framing import decode_request_with
 from protocol.messages import Empty, Message, Op, Request
 from protocol.paths import socket_path_problem
@@ -100,6 +102,22 @@ _member_request_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyMem
 def decode_member_request(frame: bytes) -> Request:
     """Decode one member-socket frame, raising the error its response should carry."""
     return decode_request_with(_member_request_decoder, MEMBER_OPS, frame)
+
+
+def wait_verdict(statuses: Mapping[str, MemberStatus]) -> bool:
+    """What waiting for members to run says of their statuses (by the name waited for):
+    True when every one runs, False while one may still get there (starting, preparing,
+    waiting to restart after a clean exit); raises Absent for one that does not exist and
+    MemberFailed for one that will not run without someone acting: `stopped`, or `error`
+    (it failed; its error says why). fleetd's member_wait and a bound cluster's wait_running
+    both mean this."""
+    for key, status in statuses.items():
+        if status.state == MemberState.ABSENT:
+            raise Absent(f"no member {key!r}")
+        if status.state in (MemberState.ERROR, MemberState.STOPPED):
+            reason = status.error or f"it is {status.state}"
+            raise MemberFailed(f"member {key!r} failed: {reason}", member=key)
+    return all(status.state == MemberState.RUNNING for status in statuses.values())
 
 
 # --- where a holder's files live (both sides compute them the same way) ----------------------
