@@ -69,13 +69,24 @@ async def one_request(
 
 
 def status_on_disk(runtime_dir: str, name: str) -> MemberStatus:
-    """With no holder to ask: `stopped` if the member left a state file, else `absent`."""
+    """With no holder to ask: `stopped` if the member left a state file, `absent` if it left
+    none; a state file that cannot be read or decoded is an `error` status that says so (a
+    member that existed is never taken for one that did not)."""
+    path = member_statefile(runtime_dir, name)
     try:
-        with open(member_statefile(runtime_dir, name), "rb") as f:
+        with open(path, "rb") as f:
             last = msgspec.json.decode(f.read(), type=MemberStatus)
-    except (OSError, msgspec.MsgspecError):
+    except FileNotFoundError:
         return MemberStatus(name=name, state=MemberState.ABSENT)
+    except OSError as exc:
+        return _unreadable(name, f"cannot read its state file {path}: {exc.strerror or exc}")
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        return _unreadable(name, f"its state file {path} is corrupt: {exc}")
     return msgspec.structs.replace(last, state=MemberState.STOPPED, pid=None, running=False)
+
+
+def _unreadable(name: str, why: str) -> MemberStatus:
+    return MemberStatus(name=name, state=MemberState.ERROR, error=why)
 
 
 async def holder_ready(ready: int, timeout: float, runtime_dir: str) -> None:

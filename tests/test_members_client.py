@@ -1,14 +1,17 @@
-"""What waiting means in a bound cluster: the same verdict as fleetd's member_wait
-(protocol.members.wait_verdict)."""
+"""The client side of member sockets (fleetctl.members_client) and what waiting means in a
+bound cluster: the same verdict as fleetd's member_wait (protocol.members.wait_verdict)."""
 
+import os
 import sys
 import time
 
+import msgspec
 import pytest
 
 import fleetctl
+from fleetctl.members_client import status_on_disk
 from protocol.errors import Absent, MemberFailed
-from protocol.members import wait_verdict
+from protocol.members import member_statefile, wait_verdict
 from protocol.status import MemberState, MemberStatus
 
 SLEEPER = ["sleep", "60"]
@@ -77,3 +80,38 @@ async def test_a_bound_wait_for_an_unknown_member_is_absent() -> None:
     async with fleetctl.cluster({"members": {"a": {"command": SLEEPER}}}) as c:
         with pytest.raises(Absent, match="'nobody'"):
             await c.wait_running(["nobody"], timeout=20)
+
+
+# -- the on-disk status of a member whose holder is gone ---------------------------------------
+
+
+def _write_state(runtime_dir: str, name: str, data: bytes) -> None:
+    path = member_statefile(runtime_dir, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_a_member_without_a_state_file_is_absent(tmp_path: object) -> None:
+    assert status_on_disk(str(tmp_path), "web").state == MemberState.ABSENT
+
+
+def test_a_member_that_left_a_state_file_is_stopped(tmp_path: object) -> None:
+    last = MemberStatus(name="web", state=MemberState.RUNNING, pid=42, running=True, restarts=2)
+    _write_state(str(tmp_path), "web", msgspec.json.encode(last))
+    status = status_on_disk(str(tmp_path), "web")
+    assert (status.state, status.pid, status.running, status.restarts) == (
+        MemberState.STOPPED,
+        None,
+        False,
+        2,
+    )
+
+
+@pytest.mark.parametrize("data", [b"{not json", b'{"name": "web"}', b"", b"[[[[" * 1000])
+def test_a_corrupt_state_file_says_so_rather_than_absent(tmp_path: object, data: bytes) -> None:
+    _write_state(str(tmp_path), "web", data)
+    status = status_on_disk(str(tmp_path), "web")
+    assert status.state == MemberState.ERROR
+    assert "state file" in status.error and "corrupt" in status.error
+    assert member_statefile(str(tmp_path), "web") in status.error
