@@ -17,7 +17,7 @@ from typing import Any, Self
 from fleetctl._peer import check_peer
 from fleetctl.polling import POLL_SECONDS
 from protocol.base import Op, R
-from protocol.connection import ClientConnection, result_of
+from protocol.connection import ClientConnection, decode_result
 from protocol.errors import ConnectionLost, FleetError, Timeout
 
 _READ_SIZE = 65536
@@ -60,6 +60,7 @@ class BlockingConnection:
         Timeout, ConnectionLost, or the answer's error."""
         sock, core = self._sock, self.core
         request_id, frame = core.send(op, fields)
+        result_type: type[R] = op.result_type  # type: ignore[assignment]  # Op[R] sets it to R
         deadline = time.monotonic() + timeout
         try:
             self._limit_to(timeout)
@@ -78,7 +79,7 @@ class BlockingConnection:
             raise lost from None
         finally:
             core.abandon(request_id)
-        return result_of(answer, op)
+        return decode_result(answer, result_type)
 
     def _limit_to(self, seconds: float) -> None:
         if seconds <= 0:

@@ -22,7 +22,7 @@ from typing import Any, Self, cast
 from fleetctl._peer import check_peer
 from fleetctl.polling import Poller
 from protocol.base import Op, R
-from protocol.connection import ClientConnection, result_of
+from protocol.connection import ClientConnection, decode_result
 from protocol.errors import ConnectionLost, FleetError, PermissionDenied, Timeout
 from protocol.messages import RawResponse
 
@@ -85,6 +85,7 @@ class AsyncConnection(asyncio.Protocol):
         watch). Raises Timeout, the connection's failure, or the answer's error."""
         core = self.core
         request_id, frame = core.send(op, fields, pushes=pushes)
+        result_type: type[R] = op.result_type  # type: ignore[assignment]  # Op[R] sets it to R
         transport = self._transport
         if transport is None or transport.is_closing():
             core.abandon(request_id)
@@ -103,7 +104,7 @@ class AsyncConnection(asyncio.Protocol):
             timer.cancel()
             del self._futures[request_id]
             core.abandon(request_id)
-        return result_of(response, op)
+        return decode_result(response, result_type)
 
     def close(self) -> None:
         """Close without waiting (from a callback); `aclose` waits for the end."""

@@ -17,7 +17,7 @@ fleetctl._fast does not, and says why.
 
 import enum
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
@@ -62,7 +62,8 @@ _result_decoders: dict[type[Message], msgspec.json.Decoder[Any]] = {}
 def result_of(response: RawResponse, op: type[Op[R]]) -> R:
     """The answer to an `op` request: its result as the op's `result_type`, or its error
     raised as the matching exception (protocol.errors)."""
-    return decode_result(response, cast("type[R]", op.result_type))
+    result_type: type[R] = op.result_type  # type: ignore[assignment]  # Op[R] sets it to R
+    return decode_result(response, result_type)
 
 
 def decode_result(response: RawResponse, result_type: type[R]) -> R:
@@ -172,7 +173,7 @@ class ClientConnection:
             request_id = response.id
             if request_id in self._waiting:
                 self._waiting.discard(request_id)
-                if request_id in self._watches:
+                if self._watches and request_id in self._watches:
                     self._watches.discard(request_id)
                     self._pushing.add(request_id)
                 if self._on_answer is None:
