@@ -8,7 +8,7 @@ FUZZ_STAMP := $(VENV)/.installed-fuzz
 export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
 export FLEET_STATE_DIR ?= $(CURDIR)/.fleet/state
 
-.PHONY: install run test lint format bench chaos load fuzz clean
+.PHONY: install run test lint format unasync bench chaos load fuzz clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix fleetd fleetctl protocol tests bench
 	$(BIN)/ruff format fleetd fleetctl protocol tests bench
+
+# fleetctl/sync.py (the blocking SyncClient) is generated from fleetctl/client.py (the async
+# Client) by token replacement; tests/test_unasync.py fails when it is stale.
+unasync: $(STAMP)
+	$(BIN)/python -m tests.unasync
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

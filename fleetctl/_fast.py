@@ -6,6 +6,13 @@ with plain global options, fleetctl speaks the protocol here with only the C mod
 and `_json`, printing exactly what the click commands print (tests/test_cli.py and
 tests/test_detached.py run both and compare). Anything else (other commands, --help, a typo)
 returns None and goes through click.
+
+It does not drive the connection core every other client shares (protocol.connection): that
+core decodes frames with msgspec and raises protocol.errors, and importing those (msgspec
+alone, and typing under protocol.errors) costs more than the whole command takes
+(tests/test_layering.py keeps them out; `python -X importtime -c "import msgspec"` shows the
+cost). What the core would give it is small here: one request after the hello at a time, so
+answers are split at the next newline and checked against the id they answer, in order.
 """
 
 from __future__ import annotations
@@ -107,7 +114,7 @@ def run(command: str, socket_path: str | None, json_mode: bool, arguments: list[
 
 
 def _check_version(hello: dict[str, Any]) -> None:
-    """The same refusal as fleetctl._conversation.check_server_version."""
+    """The same refusal as protocol.connection.check_version."""
     if hello.get("version") != PROTOCOL_VERSION:
         raise _Failure(
             "incompatible",
@@ -205,7 +212,9 @@ imports typing)."""
 
 
 class _Connection:
-    """One request at a time over a blocking socket; answers are matched by id."""
+    """Requests over a blocking socket, answered in the order sent (fleetd answers the fast
+    path's ops inline, in order): each answer must carry the id of the oldest request not yet
+    answered, or the connection is given up as broken."""
 
     def __init__(self, path: str) -> None:
         problem = socket_path_problem(path)
@@ -216,6 +225,7 @@ class _Connection:
         self.sock.settimeout(_DEFAULT_TIMEOUT)
         self.buffer = b""
         self.next_id = 0
+        self.unanswered: list[int] = []
 
     def __enter__(self) -> _Connection:
         try:
@@ -266,6 +276,7 @@ class _Connection:
         frames = []
         for body in bodies:
             self.next_id += 1
+            self.unanswered.append(self.next_id)
             frames.append(f'{{{body},"id":{self.next_id}}}\n')
         try:
             self.sock.sendall("".join(frames).encode())
@@ -282,6 +293,14 @@ class _Connection:
             raise self._timeout(f"no answer from fleetd within {_DEFAULT_TIMEOUT}s") from None
         except OSError as exc:
             raise self._lost(exc) from None
+        expected = self.unanswered.pop(0)
+        answered = response.get("id")
+        if answered != expected and answered is not None:  # null: a request fleetd could not read
+            raise _Failure(
+                "unavailable",
+                "connection_lost",
+                f"fleetd sent a bad frame: the answer to request {answered!r}, not {expected}",
+            )
         if response.get("ok") is True:
             result: dict[str, Any] = response["result"]
             return result

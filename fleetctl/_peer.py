@@ -6,10 +6,11 @@ credentials (fleetd.core.server.admit); clients check the server's the same way,
 connect and before writing a byte, and refuse a peer that runs neither as their own uid nor
 as root. One getsockopt per connection, nothing per request.
 
-Every client-side connection goes through `check_peer`: fleetctl.client and fleetctl.sync to
-fleetd, fleetctl.members_client, fleetctl.sync.BlockingLink and fleetctl.logs to a holder
-(fleetd follows its holders through fleetctl.members_client too). fleetctl._fast repeats these
-few lines, to keep its imports down, and prints the same message.
+Every client-side connection goes through `check_peer`: the async and the blocking
+connections (fleetctl.connection, fleetctl.blocking), whether to fleetd (Client, SyncClient) or
+to a holder (fleetctl.members_client, which fleetd follows its holders through too; a blocking
+cluster's status), and fleetctl.logs to a holder. fleetctl._fast repeats these few lines, to
+keep its imports down, and prints the same message.
 """
 
 import os

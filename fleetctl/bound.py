@@ -35,7 +35,7 @@ import msgspec
 from anyio.abc import Process
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from fleetctl._conversation import R
+from fleetctl.blocking import BlockingConnection
 from fleetctl.definitions import load_toml
 from fleetctl.members_client import (
     MemberLink,
@@ -43,8 +43,9 @@ from fleetctl.members_client import (
     one_request,
     status_on_disk,
 )
-from fleetctl.sync import BlockingLink
 from protocol import PROTOCOL_VERSION
+from protocol.base import Op, R
+from protocol.connection import check_version
 from protocol.definitions import (
     ClusterSpec,
     MemberSpec,
@@ -55,9 +56,7 @@ from protocol.errors import (
     Absent,
     ClientClosed,
     ConnectionLost,
-    Incompatible,
     InvalidRequest,
-    MemberFailed,
     Timeout,
 )
 from protocol.members import (
@@ -66,29 +65,26 @@ from protocol.members import (
     Ack,
     AddMember,
     Bind,
-    BindResult,
     MemberState,
     MemberStatus,
     Status,
     StatusAll,
     Stop,
     Watch,
-    WatchResult,
     member_log_path,
     member_socket_path,
     runtime_dir_problem,
+    wait_verdict,
 )
-from protocol.messages import Empty, Request
 
 Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
 """A `fleet.toml` path, a ClusterSpec, or a dict shaped like the TOML file."""
 
 DEFAULT_TIMEOUT = 30.0
-_READ_SIZE = 65536
 _STOP_MARGIN = 5.0
+"""Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
 _PUSH_LAG = 0.005
 """Seconds a blocking wait_running gives pushes to catch up with a fresher status."""
-"""Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
 
 
 def cluster(
@@ -215,16 +211,10 @@ class Cluster:
             os.close(ready_read)
 
     async def _bind(self, link: "MemberLink") -> None:
-        bound = await link.request(
-            Bind, BindResult, self.timeout, version=PROTOCOL_VERSION, pid=os.getpid()
-        )
-        if bound.version != PROTOCOL_VERSION:
-            raise Incompatible(
-                f"the holder speaks protocol {bound.version}, this client {PROTOCOL_VERSION}",
-                server_version=bound.version,
-            )
-        await link.request(Ack, Empty, self.timeout)
-        snapshot = await link.request(Watch, WatchResult, self.timeout, pushes=True)
+        bound = await link.request(Bind, self.timeout, version=PROTOCOL_VERSION, pid=os.getpid())
+        check_version(bound.version, "the holder")
+        await link.request(Ack, self.timeout)
+        snapshot = await link.request(Watch, self.timeout, pushes=True)
         for status in snapshot.members:
             # A push read with the snapshot was handled first, and is newer: keep it.
             self._statuses.setdefault(status.name, status)
@@ -283,7 +273,10 @@ class Cluster:
         self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, MemberStatus]:
         """Until every named member (default: all) is running. Raises MemberFailed as soon as
-        one enters `error` (with its error), Absent for a name not in the cluster, Timeout."""
+        one will not get there without someone acting (it is `error` or `stopped`: the same
+        verdict as fleetd's `member_wait`, protocol.members.wait_verdict), Absent for a name
+        not in the cluster, Timeout. A member preparing, starting, or waiting to restart after
+        a clean exit is waited for."""
         wanted = list(names) if names is not None else self.members
         try:
             with anyio.fail_after(timeout):
@@ -299,13 +292,8 @@ class Cluster:
         link = self._opened()
         if link.failure is not None:
             raise link.failure
-        for name in names:
-            status = self._statuses.get(name)
-            if status is None:
-                raise Absent(f"no member {name!r} in cluster {self.name!r}")
-            if status.state == MemberState.ERROR:
-                raise MemberFailed(f"member {name!r} failed: {status.error}", member=name)
-        return all(self._statuses[name].state == MemberState.RUNNING for name in names)
+        absent = MemberStatus(name="", state=MemberState.ABSENT)
+        return wait_verdict({name: self._statuses.get(name, absent) for name in names})
 
     @overload
     async def status(self, name: str) -> MemberStatus: ...
@@ -320,7 +308,7 @@ class Cluster:
         link = self._opened()
         if link.failure is None:
             with contextlib.suppress(ConnectionLost):
-                answer = await link.request(StatusAll, WatchResult, self.timeout)
+                answer = await link.request(StatusAll, self.timeout)
                 live = {status.name: status for status in answer.members}
         return {
             member: live[member] if member in live else await self._status_of(member)
@@ -331,14 +319,14 @@ class Cluster:
         link = self._opened()
         if link.failure is None:
             with contextlib.suppress(ConnectionLost):
-                return await link.request(Status, MemberStatus, self.timeout, name=name)
+                return await link.request(Status, self.timeout, name=name)
         return status_on_disk(self.runtime_dir, name)
 
     async def stop(self, name: str) -> MemberStatus:
         """Stop one member (its siblings keep running); returns its final status."""
         spec = self.spec.member(name)
         timeout = (spec.stop_timeout if spec else self.timeout) + _STOP_MARGIN
-        return await self._opened().request(Stop, MemberStatus, timeout, name=name)
+        return await self._opened().request(Stop, timeout, name=name)
 
     async def add(
         self,
@@ -352,7 +340,7 @@ class Cluster:
         `sibling` names the member whose socket carries the request (default: any)."""
         member = _to_member_spec(spec)
         if sibling is None:
-            status = await self._opened().request(AddMember, MemberStatus, timeout, spec=member)
+            status = await self._opened().request(AddMember, timeout, spec=member)
         else:
             status = await one_request(
                 member_socket_path(self.runtime_dir, sibling), AddMember, timeout, spec=member
@@ -401,7 +389,7 @@ class SyncCluster:
     def __init__(self, cluster: Cluster, portal: BlockingPortal) -> None:
         self.cluster = cluster
         self._portal = portal
-        self._link: BlockingLink | None = None
+        self._link: BlockingConnection | None = None
         self._asking = threading.Lock()
 
     @property
@@ -446,31 +434,31 @@ class SyncCluster:
                 return self._status_of(name)
             live: dict[str, MemberStatus] = {}
             with contextlib.suppress(ConnectionLost):
-                answer = self._ask(StatusAll, WatchResult)
+                answer = self._ask(StatusAll)
                 live = {status.name: status for status in answer.members}
             return {m: live.get(m) or self._status_of(m) for m in self.cluster.members}
 
     def _status_of(self, name: str) -> MemberStatus:
         with contextlib.suppress(ConnectionLost):
-            return self._ask(Status, MemberStatus, name=name)
+            return self._ask(Status, name=name)
         return status_on_disk(self.cluster.runtime_dir, name)
 
-    def _ask(self, request_type: type[Request], result_type: type[R], **fields: Any) -> R:
+    def _ask(self, op: type[Op[R]], **fields: Any) -> R:
         if self._link is None:
             self._link = self._connect()
         try:
-            return self._link.request(request_type, result_type, self.cluster.timeout, **fields)
+            return self._link.request(op, self.cluster.timeout, **fields)
         except ConnectionLost:
             self.close()
             raise
 
-    def _connect(self) -> BlockingLink:
+    def _connect(self) -> BlockingConnection:
         """To any member socket still open (a stopped member's socket is gone). Raises
         PermissionDenied at once if another user's process listens at one."""
         for member in self.cluster.members:
             path = member_socket_path(self.cluster.runtime_dir, member)
             try:
-                return BlockingLink.open(path, self.cluster.timeout, peer="the holder")
+                return BlockingConnection.open(path, self.cluster.timeout, peer="the holder")
             except OSError:
                 continue
         raise ConnectionLost(f"no member socket of cluster {self.name!r} is open")

@@ -25,13 +25,13 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from fleetctl._conversation import decode_result
 from fleetctl._peer import check_peer
-from protocol import MAX_FRAME
+from protocol.base import Op
 from protocol.clusters import LogPaths
-from protocol.framing import FrameSplitter, decode_response, encode
+from protocol.connection import ClientConnection, decode_result, result_of
+from protocol.errors import ConnectionLost
 from protocol.members import MemberState, MemberStatus, StatusAll, Watch, WatchResult
-from protocol.messages import RawResponse, Request
+from protocol.messages import RawResponse
 
 _READ_SIZE = 1 << 18
 _RETRY = 1.0
@@ -180,22 +180,21 @@ class Inotify:
 
 class MemberPresence:
     """Whether a member is still in its cluster, from its holder: a `watch` on its member
-    socket (a snapshot of the members, then a push per change). A member that reports stopped
-    may have exited and stay (stopped), or have left: `status_all`, which lists only the
-    members in the cluster, tells. The holder closing the connection means it exited, and
-    every member is gone. Without a socket path to ask (an older fleetd), the member is taken
-    to be there for good."""
+    socket (a snapshot of the members, then a push per change), read when select says so,
+    through the sans-io core (protocol.connection). A member that reports stopped may have
+    exited and stay (stopped), or have left: `status_all`, which lists only the members in the
+    cluster, tells. The holder closing the connection means it exited, and every member is
+    gone. Without a socket path to ask (an older fleetd), the member is taken to be there for
+    good."""
 
     def __init__(self, socket_path: str, member: str) -> None:
         self.socket_path = socket_path
         self.member = member
         self.present = True
         self._sock: socket.socket | None = None
-        self._splitter = FrameSplitter(MAX_FRAME)
-        self._next_id = 0
-        self._watch_id = 0
-        self._watching = False
-        self._listings: set[int] = set()
+        self._core = ClientConnection(peer="the holder", on_push=self._pushed)
+        self._asked: list[int] = []
+        """The watch, then each status_all, in the order sent: each answer updates `present`."""
 
     @property
     def connected(self) -> bool:
@@ -218,7 +217,7 @@ class MemberPresence:
             sock.close()
             raise
         self._sock = sock
-        self._watch_id = self._send(Watch)
+        self._send(Watch, pushes=True)
 
     def fileno(self) -> int:
         assert self._sock is not None
@@ -231,36 +230,36 @@ class MemberPresence:
             data = self._sock.recv(65536)
         except ConnectionResetError:  # it exited with our request unread
             data = b""
-        if not data:
-            self._gone()
-            return
-        for frame in self._splitter.feed(data):
-            if self._sock is None:
+        core = self._core
+        core.receive_data(data)
+        while self._asked and self._sock is not None:
+            try:
+                answer = core.take(self._asked[0])
+            except ConnectionLost:
+                self._gone()
                 return
-            self._received(decode_response(frame))
-
-    def _received(self, response: RawResponse) -> None:
-        if response.id == self._watch_id and self._watching:
-            pushed = decode_result(response, MemberStatus)
-            if pushed.name == self.member and pushed.state == MemberState.STOPPED:
-                self._listings.add(self._send(StatusAll))
-        elif response.id == self._watch_id or response.id in self._listings:
-            self._watching = True
-            self._listings.discard(response.id or 0)
-            members = decode_result(response, WatchResult).members
+            if answer is None:
+                return
+            self._asked.pop(0)
+            members = result_of(answer, StatusAll).members  # an error frame raises here
             self.present = any(status.name == self.member for status in members)
-        else:
-            decode_result(response, WatchResult)  # an error frame (a refusal) raises here
+        if core.failure is not None:
+            self._gone()
 
-    def _send(self, request_type: type[Request]) -> int:
-        self._next_id += 1
+    def _pushed(self, response: RawResponse) -> None:
+        pushed = decode_result(response, MemberStatus)
+        if pushed.name == self.member and pushed.state == MemberState.STOPPED:
+            self._send(StatusAll)
+
+    def _send(self, op: type[Op[WatchResult]], *, pushes: bool = False) -> None:
+        request_id, frame = self._core.send(op, {}, pushes=pushes)
+        self._asked.append(request_id)
         if self._sock is None:
-            return self._next_id
+            return
         try:
-            self._sock.sendall(encode(request_type(id=self._next_id)))
+            self._sock.sendall(frame)
         except OSError:  # the holder is exiting: not the caller's stdout's broken pipe
             self._gone()
-        return self._next_id
 
     def _gone(self) -> None:
         """The holder closed the connection: it exited, and every member with it."""

@@ -1,49 +1,31 @@
 """The client side of a holder's member sockets, shared by bound clusters (fleetctl.bound)
 and by fleetd's registry of detached holders (fleetd.clusters): one pipelined connection with
-watch pushes, a one-shot request, readiness of a freshly spawned holder, and the on-disk status
-of a member whose holder is gone.
+watch pushes (the async connection, fleetctl.connection), a one-shot request, readiness of a
+freshly spawned holder, and the on-disk status of a member whose holder is gone.
 
 It imports nothing of fleetd, so fleetctl stays a client that never loads the daemon.
 """
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
 
-from fleetctl._conversation import decode_result
-from fleetctl._link import Answers, SocketLink
-from protocol import MAX_FRAME
-from protocol.errors import BadFrame, ConnectionLost, FleetError, Timeout
-from protocol.framing import FrameSplitter, decode_response, encode
+from fleetctl.connection import AsyncConnection
+from protocol.base import Op
+from protocol.errors import ConnectionLost, FleetError, Timeout
 from protocol.members import HOLDER_LOG, MemberState, MemberStatus, member_statefile
-from protocol.messages import Message, RawResponse, Request
+from protocol.messages import RawResponse
 
-R = TypeVar("R", bound=Message)
+_push_decoder = msgspec.json.Decoder(MemberStatus)
 
 
-class MemberLink:
-    """A connection to a member socket: answers go to the caller waiting on their id, watch
-    pushes to `on_push`, both from the event loop's reader callback (fleetctl._link). Many
-    requests may be in flight."""
-
-    def __init__(
-        self,
-        *,
-        on_push: Callable[[MemberStatus], None] | None = None,
-        on_failure: Callable[[], None] | None = None,
-    ) -> None:
-        self._on_push = on_push
-        self._on_failure = on_failure
-        self._splitter = FrameSplitter(MAX_FRAME)
-        self._next_id = 0
-        self._answers: Answers[RawResponse] = Answers()
-        self._watch_id: int | None = None
-        self._push_decoder = msgspec.json.Decoder(MemberStatus)
-        self._socket: SocketLink | None = None
-        self.failure: FleetError | None = None
+class MemberLink(AsyncConnection):
+    """A connection to a member socket: many requests may be in flight; a watch's pushes go
+    to `on_push` as MemberStatus, and `on_failure` is called once when the holder goes (both
+    from the event loop's reader callback)."""
 
     @classmethod
     async def connect(
@@ -55,89 +37,56 @@ class MemberLink:
     ) -> "MemberLink":
         """Raises ConnectionLost when no holder listens at `path`, PermissionDenied when
         another user's process does (the holder must run as this process's uid, or root)."""
-        link = cls(on_push=on_push, on_failure=on_failure)
         try:
-            link._socket = await SocketLink.open(path, link._data, link._ended, peer="the holder")
+            return await cls.open(
+                path, peer="the holder", on_push=_decoding(on_push), on_failure=on_failure
+            )
         except OSError as exc:
             raise ConnectionLost(f"cannot reach the holder at {path}: {exc.strerror}") from None
-        return link
 
-    async def request(
-        self,
-        request_type: type[Request],
-        result_type: type[R],
-        timeout: float,
-        *,
-        pushes: bool = False,
-        **fields: Any,
-    ) -> R:
-        """Send a request and wait for its answer. `pushes`: later frames with its id are
-        watch pushes (see protocol.members.Watch)."""
-        if self.failure is not None:
-            raise self.failure
-        assert self._socket is not None, "use MemberLink.connect"
-        self._next_id += 1
-        request_id = self._next_id
-        if pushes:
-            self._watch_id = request_id
-        try:
-            self._socket.send(encode(request_type(id=request_id, **fields)))
-            response = await self._answers.wait(request_id, timeout)
-        except TimeoutError:
-            raise Timeout(f"no answer from the holder within {timeout}s") from None
-        return decode_result(response, result_type)
 
-    def _data(self, data: bytes) -> None:
-        try:
-            for frame in self._splitter.feed(data):
-                self._received(decode_response(frame))
-        except (BadFrame, msgspec.MsgspecError) as exc:
-            reason = exc.message if isinstance(exc, BadFrame) else str(exc)
-            self._fail(ConnectionLost(f"the holder sent a bad frame: {reason}"))
-            assert self._socket is not None
-            self._socket.close()
+def _decoding(
+    on_push: Callable[[MemberStatus], None] | None,
+) -> Callable[[RawResponse], None] | None:
+    if on_push is None:
+        return None
 
-    def _received(self, response: RawResponse) -> None:
-        if self._answers.resolve(response.id, response):
-            return
-        if response.id == self._watch_id and self._on_push is not None:  # a watch's later frames
-            self._on_push(self._push_decoder.decode(response.result))
+    def pushed(response: RawResponse) -> None:
+        on_push(_push_decoder.decode(response.result))
 
-    def _ended(self) -> None:
-        self._fail(ConnectionLost("the holder closed the connection (it exited)"))
-
-    def _fail(self, error: FleetError) -> None:
-        if self.failure is not None:
-            return
-        self.failure = error
-        self._answers.fail(error)
-        if self._on_failure is not None:
-            self._on_failure()
-
-    async def aclose(self) -> None:
-        if self._socket is not None:
-            await self._socket.aclose()
+    return pushed
 
 
 async def one_request(
-    path: str, request_type: type[Request], timeout: float, **fields: Any
+    path: str, op: type[Op[MemberStatus]], timeout: float, **fields: Any
 ) -> MemberStatus:
     """One request on a connection of its own (to address a particular member's socket)."""
     link = await MemberLink.connect(path)
     try:
-        return await link.request(request_type, MemberStatus, timeout, **fields)
+        return await link.request(op, timeout, **fields)
     finally:
         await link.aclose()
 
 
 def status_on_disk(runtime_dir: str, name: str) -> MemberStatus:
-    """With no holder to ask: `stopped` if the member left a state file, else `absent`."""
+    """With no holder to ask: `stopped` if the member left a state file, `absent` if it left
+    none; a state file that cannot be read or decoded is an `error` status that says so (a
+    member that existed is never taken for one that did not)."""
+    path = member_statefile(runtime_dir, name)
     try:
-        with open(member_statefile(runtime_dir, name), "rb") as f:
+        with open(path, "rb") as f:
             last = msgspec.json.decode(f.read(), type=MemberStatus)
-    except (OSError, msgspec.MsgspecError):
+    except FileNotFoundError:
         return MemberStatus(name=name, state=MemberState.ABSENT)
+    except OSError as exc:
+        return _unreadable(name, f"cannot read its state file {path}: {exc.strerror or exc}")
+    except (msgspec.MsgspecError, RecursionError) as exc:
+        return _unreadable(name, f"its state file {path} is corrupt: {exc}")
     return msgspec.structs.replace(last, state=MemberState.STOPPED, pid=None, running=False)
+
+
+def _unreadable(name: str, why: str) -> MemberStatus:
+    return MemberStatus(name=name, state=MemberState.ERROR, error=why)
 
 
 async def holder_ready(ready: int, timeout: float, runtime_dir: str) -> None:

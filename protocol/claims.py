@@ -77,7 +77,7 @@ from typing import Literal
 
 import msgspec
 
-from protocol.base import Message, Request
+from protocol.base import Message, Op, Request
 from protocol.errors import InvalidRequest
 from protocol.names import check_name
 from protocol.outcomes import Outcome
@@ -134,31 +134,27 @@ class ClaimList(Message, frozen=True):
     claims: list[ClaimInfo] = msgspec.field(default_factory=list)
 
 
-class ClaimAcquire(Request, tag="claim_acquire", frozen=True):
+class ClaimAcquire(Op[ClaimResult], tag="claim_acquire", frozen=True):
     kind: str
     key: str
     owner: str
     content: bytes
-    result_type = ClaimResult
 
 
-class ClaimRelease(Request, tag="claim_release", frozen=True):
+class ClaimRelease(Op[ClaimResult], tag="claim_release", frozen=True):
     kind: str
     key: str
     owner: str
-    result_type = ClaimResult
 
 
-class ClaimInspect(Request, tag="claim_inspect", frozen=True):
+class ClaimInspect(Op[ClaimResult], tag="claim_inspect", frozen=True):
     kind: str
     key: str
-    result_type = ClaimResult
 
 
-class ClaimListRequest(Request, tag="claim_list", frozen=True):
+class ClaimListRequest(Op[ClaimList], tag="claim_list", frozen=True):
     kind: str = ""
     owner: str = ""
-    result_type = ClaimList
 
 
 class ClaimGcResult(Message, frozen=True):
@@ -168,9 +164,8 @@ class ClaimGcResult(Message, frozen=True):
     kept: int = 0
 
 
-class ClaimGc(Request, tag="claim_gc", frozen=True):
+class ClaimGc(Op[ClaimGcResult], tag="claim_gc", frozen=True):
     dry_run: bool = False
-    result_type = ClaimGcResult
 
 
 CLAIM_REQUEST_TYPES: tuple[type[Request], ...] = (

@@ -15,7 +15,7 @@ A member is named `NAME` when that name is unique among the clusters fleetd know
 
 import msgspec
 
-from protocol.base import Message, Request
+from protocol.base import Message, Op, Request
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.outcomes import Outcome
 from protocol.status import MemberStatus
@@ -47,7 +47,7 @@ class LogPaths(Message, frozen=True):
     socket: str = ""
 
 
-class ClusterUp(Request, tag="cluster_up", frozen=True):
+class ClusterUp(Op[ClusterResult], tag="cluster_up", frozen=True):
     """Start `spec` under a detached holder. Answers once every member socket listens (members
     may still be starting: wait with member_wait). With `idempotent`, a cluster already up with
     the same definition is `already_acquired`; without it, or with another definition, the
@@ -55,48 +55,41 @@ class ClusterUp(Request, tag="cluster_up", frozen=True):
 
     spec: ClusterSpec
     idempotent: bool = False
-    result_type = ClusterResult
 
 
-class ClusterDown(Request, tag="cluster_down", frozen=True):
+class ClusterDown(Op[ClusterResult], tag="cluster_down", frozen=True):
     cluster: str
-    result_type = ClusterResult
 
 
-class MemberStatusRequest(Request, tag="member_status", frozen=True):
+class MemberStatusRequest(Op[MemberList], tag="member_status", frozen=True):
     """The named members (`absent` entries for unknown names), or every live member."""
 
     names: list[str] = msgspec.field(default_factory=list)
-    result_type = MemberList
 
 
-class MemberWait(Request, tag="member_wait", frozen=True):
+class MemberWait(Op[MemberList], tag="member_wait", frozen=True):
     """Until every named member is running: fails with member_failed as soon as one is in
     `error` or `stopped`, with absent for an unknown name, with timeout after `wait` seconds."""
 
     names: list[str]
     wait: float = 30.0
-    result_type = MemberList
 
 
-class MemberStop(Request, tag="member_stop", frozen=True):
+class MemberStop(Op[MemberStatus], tag="member_stop", frozen=True):
     name: str
-    result_type = MemberStatus
 
 
-class MemberAdd(Request, tag="member_add", frozen=True):
+class MemberAdd(Op[MemberStatus], tag="member_add", frozen=True):
     """Boot member `name` into the cluster of `sibling`, defined by `spec` (renamed `name`),
     else by the sibling's own definition (a new port, the same command)."""
 
     name: str
     sibling: str
     spec: MemberSpec | None = None
-    result_type = MemberStatus
 
 
-class MemberLogs(Request, tag="member_logs", frozen=True):
+class MemberLogs(Op[LogPaths], tag="member_logs", frozen=True):
     name: str
-    result_type = LogPaths
 
 
 CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (

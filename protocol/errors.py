@@ -16,7 +16,7 @@
     ├── UnsafePath                 unsafe_path: a symbolic link, or a path another user may change
     ├── ClientClosed               closed: your code closed the client, then used it
     ├── PermissionDenied           permission_denied: another user's process, refused
-    ├── MemberFailed               member_failed: a member entered `error` while awaited
+    ├── MemberFailed               member_failed: an awaited member will not run
     ├── LimitExceeded              limit_exceeded: past one of a daemon's bounds per client
     ├── NotOwned                   not_owned, exit 10
     ├── NotEnabled                 not_enabled, exit 10
@@ -146,8 +146,9 @@ class PermissionDenied(FleetError):
 
 
 class MemberFailed(FleetError):
-    """A member entered the `error` state while the caller waited for it to run; the message
-    carries the member's own error (its exit, its OS error, its start timeout)."""
+    """A member the caller waited for will not run without someone acting: it is `error` (the
+    message carries its own error: its exit, its OS error, its start timeout) or `stopped`
+    (protocol.members.wait_verdict)."""
 
     code = "member_failed"
 

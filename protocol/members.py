@@ -17,13 +17,15 @@ PROTOCOL_VERSION (exchanged on bind) is bumped only for an incompatible change.
 """
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 from protocol.definitions import MemberSpec
+from protocol.errors import Absent, MemberFailed
 from protocol.framing import decode_request_with
-from protocol.messages import Empty, Message, Request
+from protocol.messages import Empty, Message, Op, Request
 from protocol.paths import socket_path_problem
 from protocol.status import MemberState as MemberState  # noqa: PLC0414 (re-exported)
 from protocol.status import MemberStatus as MemberStatus  # noqa: PLC0414 (re-exported)
@@ -40,54 +42,46 @@ class WatchResult(Message, frozen=True):
     members: list[MemberStatus]
 
 
-class Status(Request, tag="status", frozen=True):
+class Status(Op[MemberStatus], tag="status", frozen=True):
     """The status of `name`, else of the socket's own member; `absent` for an unknown name."""
 
     name: str | None = None
-    result_type = MemberStatus
 
 
-class StatusAll(Request, tag="status_all", frozen=True):
+class StatusAll(Op[WatchResult], tag="status_all", frozen=True):
     """Every member's status in one answer, in the cluster's order: one request, however many
     members, where asking for each would cost a round trip per member."""
 
-    result_type = WatchResult
 
-
-class Stop(Request, tag="stop", frozen=True):
+class Stop(Op[MemberStatus], tag="stop", frozen=True):
     """Stop `name` (else the socket's member): stop_signal to its process group, SIGKILL after
     stop_timeout. Answers once it is stopped. The holder exits when its last member leaves."""
 
     name: str | None = None
-    result_type = MemberStatus
 
 
-class AddMember(Request, tag="addmember", frozen=True):
+class AddMember(Op[MemberStatus], tag="addmember", frozen=True):
     """Boot a new member into the cluster. Answers at once (state starting or preparing):
     watch or poll status to see it become ready."""
 
     spec: MemberSpec
-    result_type = MemberStatus
 
 
-class Bind(Request, tag="bind", frozen=True):
+class Bind(Op[BindResult], tag="bind", frozen=True):
     """Bound mode, step 1: the client's protocol version and pid. A version the holder does
     not speak is refused with `incompatible`."""
 
     version: int
     pid: int
-    result_type = BindResult
 
 
-class Ack(Request, tag="ack", frozen=True):
+class Ack(Op[Empty], tag="ack", frozen=True):
     """Bound mode, step 2, sent only after the client accepted the holder's version: from now
     on, this connection closing means the client is gone, and the holder stops everything."""
 
-    result_type = Empty
 
-
-class Watch(Request, tag="watch", frozen=True):
-    result_type = WatchResult
+class Watch(Op[WatchResult], tag="watch", frozen=True):
+    """Every member's status now (a WatchResult), then a push per change (see above)."""
 
 
 AnyMemberRequest = Status | StatusAll | Stop | AddMember | Bind | Ack | Watch
@@ -108,6 +102,22 @@ _member_request_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(AnyMem
 def decode_member_request(frame: bytes) -> Request:
     """Decode one member-socket frame, raising the error its response should carry."""
     return decode_request_with(_member_request_decoder, MEMBER_OPS, frame)
+
+
+def wait_verdict(statuses: Mapping[str, MemberStatus]) -> bool:
+    """What waiting for members to run says of their statuses (by the name waited for):
+    True when every one runs, False while one may still get there (starting, preparing,
+    waiting to restart after a clean exit); raises Absent for one that does not exist and
+    MemberFailed for one that will not run without someone acting: `stopped`, or `error`
+    (it failed; its error says why). fleetd's member_wait and a bound cluster's wait_running
+    both mean this."""
+    for key, status in statuses.items():
+        if status.state == MemberState.ABSENT:
+            raise Absent(f"no member {key!r}")
+        if status.state in (MemberState.ERROR, MemberState.STOPPED):
+            reason = status.error or f"it is {status.state}"
+            raise MemberFailed(f"member {key!r} failed: {reason}", member=key)
+    return all(status.state == MemberState.RUNNING for status in statuses.values())
 
 
 # --- where a holder's files live (both sides compute them the same way) ----------------------

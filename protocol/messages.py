@@ -10,6 +10,7 @@ import msgspec
 
 from protocol.base import Empty as Empty  # noqa: PLC0414 (re-exported)
 from protocol.base import Message as Message  # noqa: PLC0414 (re-exported)
+from protocol.base import Op as Op  # noqa: PLC0414 (re-exported)
 from protocol.base import Request as Request  # noqa: PLC0414 (re-exported)
 from protocol.claims import (
     CLAIM_REQUEST_TYPES,
@@ -44,26 +45,23 @@ class VersionResult(Message, frozen=True):
     protocol: int
 
 
-class Hello(Request, tag="hello", frozen=True):
+class Hello(Op[HelloResult], tag="hello", frozen=True):
     """Exchanges protocol versions; the daemon refuses a mismatch, and so does the client."""
 
     version: int
     client: str = ""
-    result_type = HelloResult
 
 
-class Ping(Request, tag="ping", frozen=True):
-    result_type = Empty
+class Ping(Op[Empty], tag="ping", frozen=True):
+    pass
 
 
-class Version(Request, tag="version", frozen=True):
-    result_type = VersionResult
+class Version(Op[VersionResult], tag="version", frozen=True):
+    pass
 
 
-class Shutdown(Request, tag="shutdown", frozen=True):
+class Shutdown(Op[Empty], tag="shutdown", frozen=True):
     """Asks the daemon to finish in-flight requests and exit 0."""
-
-    result_type = Empty
 
 
 class LeaseResult(Message, frozen=True):
@@ -93,50 +91,44 @@ class LeaseEvents(Message, frozen=True):
     events: list[LeaseEvent] = msgspec.field(default_factory=list)
 
 
-class LeaseAcquire(Request, tag="lease_acquire", frozen=True):
+class LeaseAcquire(Op[LeaseResult], tag="lease_acquire", frozen=True):
     """Acquire `name` for `owner`; `pid` binds the lease to the peer (0) or an ancestor of it."""
 
     name: str
     owner: str
     ttl: float = DEFAULT_TTL
     pid: int = 0
-    result_type = LeaseResult
 
 
-class LeaseHeartbeat(Request, tag="lease_heartbeat", frozen=True):
+class LeaseHeartbeat(Op[LeaseResult], tag="lease_heartbeat", frozen=True):
     """Renew `owner`'s lease on `name` to its full TTL; with `token`, only that grant of it."""
 
     name: str
     owner: str
     token: int = 0
-    result_type = LeaseResult
 
 
-class LeaseRelease(Request, tag="lease_release", frozen=True):
+class LeaseRelease(Op[LeaseResult], tag="lease_release", frozen=True):
     name: str
     owner: str
     token: int = 0
-    result_type = LeaseResult
 
 
-class LeaseInspect(Request, tag="lease_inspect", frozen=True):
+class LeaseInspect(Op[LeaseResult], tag="lease_inspect", frozen=True):
     name: str
-    result_type = LeaseResult
 
 
-class LeaseListRequest(Request, tag="lease_list", frozen=True):
+class LeaseListRequest(Op[LeaseList], tag="lease_list", frozen=True):
     prefix: str = ""
-    result_type = LeaseList
 
 
-class LeaseWatch(Request, tag="lease_watch", frozen=True):
+class LeaseWatch(Op[LeaseEvents], tag="lease_watch", frozen=True):
     """A long poll for lease events under `prefix` after cursor `after` (None: from now)."""
 
     prefix: str = ""
     after: int | None = None
     epoch: str = ""
     wait: float = MAX_WAIT / 2
-    result_type = LeaseEvents
 
 
 AnyRequest = (

@@ -9,7 +9,8 @@ with protocol/ and fleetctl/ instrumented so that it learns which inputs reach n
     frames     a byte stream through FrameSplitter, each frame through decode_request and
                decode_member_request: decoded (and re-encoded to itself) or the documented
                FleetError
-    responses  a byte stream into a client Conversation, each answer through decode_result
+    responses  a byte stream into a client connection (protocol.connection), each answer
+               through decode_result
     toml       text through the fleet.toml loader: a cluster that the wire carries as it is
                and the dict form gives alike, or an InvalidRequest naming where
     argv       NUL-separated arguments (as the kernel hands them, not UTF-8 included) through
@@ -30,13 +31,13 @@ import atheris
 
 with atheris.instrument_imports(include=["protocol", "fleetctl"]):
     # Instrumented, the modules the targets reach (fleetctl.cli imports most lazily):
-    import fleetctl._conversation
     import fleetctl._fast
     import fleetctl.cli
     import fleetctl.logs
     import fleetctl.output
     import fleetctl.sync  # noqa: F401
     import protocol.claims
+    import protocol.connection
     import protocol.definitions
     import protocol.errors
     import protocol.framing

@@ -17,11 +17,11 @@ from contextlib import ExitStack
 import msgspec
 import pytest
 
-from fleetctl._conversation import check_server_version
 from protocol import MAX_FRAME, PROTOCOL_VERSION, RELEASE
+from protocol.connection import check_version
 from protocol.errors import Incompatible
 from protocol.framing import encode
-from protocol.messages import HelloResult, Ping, Version
+from protocol.messages import Ping, Version
 from tests.processes import Fleetd
 from tests.wire import (
     TIMEOUT,
@@ -189,13 +189,11 @@ def test_hello_with_another_protocol_version_is_incompatible(fleetd: Fleetd) -> 
 
 
 def test_client_refuses_a_server_of_another_protocol_version() -> None:
-    hello = HelloResult(version=PROTOCOL_VERSION + 1, server="9.0.0", pid=1)
-    with pytest.raises(Incompatible) as raised:
-        check_server_version(hello)
+    with pytest.raises(Incompatible, match="fleetd speaks protocol") as raised:
+        check_version(PROTOCOL_VERSION + 1)
     assert raised.value.details == {"server_version": PROTOCOL_VERSION + 1}
     assert raised.value.outcome.exit_code == 15
-    same = HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=1)
-    assert check_server_version(same) is same
+    check_version(PROTOCOL_VERSION)
 
 
 # -- clumsy peers -------------------------------------------------------------------------------

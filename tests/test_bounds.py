@@ -16,7 +16,7 @@ import anyio
 from anyio.abc import UNIXSocketStream
 
 import fleetctl
-from fleetctl._link import Poller
+from fleetctl.polling import Poller
 from fleetd.core.bounds import (
     FRAME_IDLE_TIMEOUT,
     MAX_IN_FLIGHT,

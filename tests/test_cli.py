@@ -1,5 +1,6 @@
 """fleetctl as scripts see it: one envelope on stdout with --json, stable exit codes."""
 
+import contextlib
 import json
 import os
 import socket
@@ -199,3 +200,31 @@ def test_fast_path_maps_error_codes_to_the_outcomes_of_protocol_errors() -> None
 
     for code, error in ERRORS_BY_CODE.items():
         assert _OUTCOME_OF_CODE.get(code, "error") == error.outcome.value, code
+
+
+def test_the_fast_path_refuses_an_answer_to_another_request(tempdir: str) -> None:
+    """fleetctl._fast checks each answer's id against the request it waits for."""
+    path = os.path.join(tempdir, "wrong.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    server.settimeout(10)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), server.accept()[0] as conn:
+            hello = {"version": PROTOCOL_VERSION, "server": "0.1.0", "pid": 1}
+            conn.recv(65536)
+            conn.sendall(json.dumps({"id": 1, "ok": True, "result": hello}).encode() + b"\n")
+            version = {"version": "0.1.0", "protocol": PROTOCOL_VERSION}
+            conn.sendall(json.dumps({"id": 99, "ok": True, "result": version}).encode() + b"\n")
+            conn.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = fleetctl("--socket", path, "version", env=dict(os.environ))
+    finally:
+        server.close()
+        thread.join(5)
+    assert result.returncode == 14
+    assert "the answer to request 99, not 2" in result.stderr

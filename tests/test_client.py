@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 import fleetctl
-from fleetctl.client import State
 from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.connection import State
 from protocol.errors import (
     ClientClosed,
     ConnectionLost,
@@ -23,7 +23,7 @@ from protocol.errors import (
     Unavailable,
 )
 from protocol.framing import FrameSplitter, decode_request, encode
-from protocol.messages import Empty, Hello, HelloResult, Ping, Response, VersionResult
+from protocol.messages import Hello, HelloResult, Ping, Response, VersionResult
 from protocol.paths import SUN_PATH_MAX
 from tests.processes import Fleetd
 
@@ -144,7 +144,7 @@ async def test_a_thousand_concurrent_pings_on_one_client_all_succeed(fleetd: Fle
                 for _ in range(1000):
                     tg.start_soon(ping, client)
         assert done == 1000
-        assert not client._conversation.waiting and not client._conversation.answers
+        assert client._connection is not None and not client._connection.core.waiting
         assert await client.version() == VersionResult(version=RELEASE, protocol=PROTOCOL_VERSION)
 
 
@@ -298,10 +298,11 @@ async def test_per_call_timeout_raises_timeout(tempdir: str) -> None:
         async with fleetctl.Client(path, timeout=5) as client:
             started = anyio.current_time()
             with pytest.raises(Timeout, match=r"0\.2s"):
-                await client.request(Ping, Empty, timeout=0.2)
+                await client.request(Ping, timeout=0.2)
             assert anyio.current_time() - started < 2
             assert client.state is State.OPENED
-            assert not client._conversation.waiting, "the timed-out request was not forgotten"
+            assert client._connection is not None
+            assert not client._connection.core.waiting, "the timed-out request was not forgotten"
 
 
 async def test_a_cancelled_request_leaves_the_client_usable(fleetd: Fleetd) -> None:
@@ -310,7 +311,9 @@ async def test_a_cancelled_request_leaves_the_client_usable(fleetd: Fleetd) -> N
         with anyio.move_on_after(0.2) as waiting:
             await client.lease_watch("nothing/", start.cursor, epoch=start.epoch, wait=10)
         assert waiting.cancelled_caught
-        assert not client._answers, "the cancelled request was not forgotten"
+        assert client._connection is not None
+        assert not client._connection._futures, "the cancelled request was not forgotten"
+        assert not client._connection.core.waiting
         assert (await client.version()).protocol == PROTOCOL_VERSION
 
 
@@ -327,9 +330,9 @@ def test_sync_client_per_call_timeout_raises_timeout(tempdir: str) -> None:
     path = os.path.join(tempdir, "mute.sock")
     with fake_fleetd(path), fleetctl.SyncClient(path, timeout=5) as client:
         with pytest.raises(Timeout, match=r"0\.2s"):
-            client.request(Ping, Empty, timeout=0.2)
+            client.request(Ping, timeout=0.2)
         with pytest.raises(Timeout):
-            client.request(Ping, Empty, timeout=0.2)
+            client.request(Ping, timeout=0.2)
 
 
 def test_sync_client_connect_times_out_when_nothing_answers_hello(tempdir: str) -> None:

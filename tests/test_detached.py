@@ -636,20 +636,6 @@ def test_the_holder_gate_closed_unopened_runs_nothing(tempdir: str) -> None:
     assert not os.path.exists(ran)
 
 
-def test_wait_verdict() -> None:
-    from fleetd.clusters.index import wait_verdict
-
-    def s(state: MemberState, error: str = "") -> MemberStatus:
-        return MemberStatus(name="m", state=state, error=error)
-
-    assert wait_verdict({"a": s(MemberState.RUNNING)}) is True
-    assert wait_verdict({"a": s(MemberState.RUNNING), "b": s(MemberState.STARTING)}) is False
-    with pytest.raises(MemberFailed, match="exit 3"):
-        wait_verdict({"a": s(MemberState.ERROR, "exit 3")})
-    with pytest.raises(Absent):
-        wait_verdict({"a": s(MemberState.ABSENT)})
-
-
 def test_status_fast_path_prints_what_the_click_command_prints(
     holders: Fleetd, capfd: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,11 +30,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleetctl import _fast
-from fleetctl._conversation import Conversation, decode_result
 from fleetctl.cli import cli, json_requested, run
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.claims import ClaimGcResult, ClaimList, ClaimResult
 from protocol.clusters import ClusterResult, ClusterUp, LogPaths, MemberList
+from protocol.connection import ClientConnection, decode_result
 from protocol.definitions import ClusterSpec, cluster_from_dict, parse_toml
 from protocol.errors import BadFrame, FleetError, InvalidRequest, UnknownOp, error_for_code
 from protocol.framing import (
@@ -373,14 +373,15 @@ def test_a_conversation_fed_anything_answers_or_fails_with_a_fleet_error(
 def check_conversation(chunks: list[bytes]) -> None:
     """A client fed `chunks` gives each waiting caller an answer or a FleetError, and each
     answer a result of any type or a FleetError."""
-    conversation = Conversation(max_frame=4096)
-    ids = [conversation.request(Ping, {})[0] for _ in range(3)]
+    connection = ClientConnection(max_frame=4096)
+    ids = [connection.send(Ping, {})[0] for _ in range(3)]
     for chunk in chunks:
-        conversation.received(chunk)
-    conversation.ended()
+        if chunk:  # b"" is the end of the stream
+            connection.receive_data(chunk)
+    connection.receive_data(b"")
     for request_id in ids:
         try:
-            answer = conversation.outcome(request_id)
+            answer = connection.take(request_id)
         except FleetError:
             continue
         for result_type in RESULT_TYPES if answer is not None else ():

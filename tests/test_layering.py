@@ -1,10 +1,124 @@
-"""The tree shows the architecture: these imports are the contract between the packages."""
+"""The tree shows the architecture: these imports are the contract between the packages.
 
+    protocol        pure data, framing and the client's I/O-free core; imports nothing of ours
+    fleetctl        the CLI and client library; imports protocol
+    fleetd.core     what both fleetd programs stand on; imports protocol, public fleetctl
+    fleetd.holder   the holder program; imports fleetd.core
+    fleetd (rest)   the daemon program; imports fleetd.core, never fleetd.holder
+
+Every edge points one way, and is checked from both ends: statically over every module's
+imports (wherever they are written, inside functions too), and at run time by importing an
+entry point in a fresh interpreter and looking at `sys.modules`.
+"""
+
+import ast
 import json
+import pathlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("protocol", "fleetctl", "fleetd")
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def sources() -> Iterator[tuple[str, pathlib.Path]]:
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield module_name(path), path
+
+
+def imports_of(module: str, path: pathlib.Path) -> set[str]:
+    """The absolute names `module` imports; for `from X import y`, both X and X.y (y may be a
+    submodule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+EDGES = {module: imports_of(module, path) for module, path in sources()}
+MODULES = set(EDGES)
+
+
+def layer(module: str) -> str:
+    top = module.split(".", maxsplit=1)[0]
+    if top != "fleetd":
+        return top
+    if module.startswith(("fleetd.core", "fleetd.holder")):
+        return ".".join(module.split(".")[:2])
+    return "fleetd daemon"
+
+
+ALLOWED = {
+    "protocol": {"protocol"},
+    "fleetctl": {"protocol", "fleetctl"},
+    "fleetd.core": {"protocol", "fleetctl", "fleetd.core"},
+    "fleetd.holder": {"protocol", "fleetctl", "fleetd.core", "fleetd.holder"},
+    "fleetd daemon": {"protocol", "fleetctl", "fleetd.core", "fleetd daemon"},
+}
+
+
+def crossings() -> Iterator[tuple[str, str]]:
+    for module, imported in EDGES.items():
+        for name in imported:
+            if name in MODULES:
+                yield module, name
+
+
+def test_every_module_sits_in_a_known_layer() -> None:
+    assert {layer(module) for module in MODULES} <= set(ALLOWED)
+
+
+@pytest.mark.parametrize("importer", sorted(ALLOWED))
+def test_each_layer_imports_only_the_layers_beneath_it(importer: str) -> None:
+    wrong = sorted(
+        f"{module} imports {name}"
+        for module, name in crossings()
+        if layer(module) == importer and layer(name) not in ALLOWED[importer]
+    )
+    assert wrong == []
+
+
+def is_private(name: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in name.split("."))
+
+
+def owner(name: str) -> str:
+    """The package a private module belongs to: only its siblings may import it."""
+    parts = name.split(".")
+    first_private = next(i for i, part in enumerate(parts) if part.startswith("_"))
+    return ".".join(parts[:first_private])
+
+
+def test_no_package_imports_another_packages_private_module() -> None:
+    wrong = sorted(
+        f"{module} imports {name}"
+        for module, name in crossings()
+        if name in MODULES and is_private(name) and not (module + ".").startswith(owner(name) + ".")
+    )
+    assert wrong == []
+
+
+# --- at run time: what an entry point really loads ----------------------------------------
 
 
 def modules_after(statement: str) -> set[str]:
@@ -43,6 +157,18 @@ def test_protocol_imports_only_msgspec(module: str) -> None:
 @pytest.mark.parametrize("module", ["fleetctl", "fleetctl.cli", "fleetctl.client", "fleetctl.sync"])
 def test_fleetctl_never_imports_fleetd(module: str) -> None:
     assert "fleetd" not in top_level(modules_after(f"import {module}"))
+
+
+def test_the_holder_program_loads_none_of_the_daemon() -> None:
+    loaded = modules_after("import fleetd.holder.program")
+    assert {
+        name for name in loaded if name.startswith("fleetd.") and layer(name) == "fleetd daemon"
+    } == set()
+
+
+def test_the_daemon_loads_none_of_the_holder_program() -> None:
+    loaded = modules_after("import fleetd.daemon, fleetd.cli")
+    assert not {name for name in loaded if name.startswith("fleetd.holder")}
 
 
 def test_sync_client_does_not_load_anyio() -> None:

@@ -5,7 +5,7 @@ so status and wait are answered from here, and wait sleeps on `changed`, never p
 A member no live holder serves answers from the state file its holder left (`stopped`), or
 `absent`. Nothing here does I/O but that one read of a state file.
 
-    resolve / wait_verdict    pure: a member's name to (cluster, member); whether a wait is over
+    resolve                   pure: a member's name to (cluster, member)
     Held                      a live holder as fleetd follows it
     ClusterIndex              live and exited clusters, per-cluster locks, status lookups
 """
@@ -22,7 +22,7 @@ from fleetd.clusters.links import MemberLink, status_on_disk
 from fleetd.clusters.records import HolderRecord
 from fleetd.state import RUNTIME_SUBDIR
 from protocol.definitions import MemberSpec
-from protocol.errors import Absent, InvalidRequest, MemberFailed
+from protocol.errors import Absent, InvalidRequest
 from protocol.members import MemberState, MemberStatus
 from protocol.messages import Message
 from protocol.names import check_name
@@ -45,17 +45,6 @@ def resolve(name: str, clusters: Mapping[str, Container[str]]) -> tuple[str, str
             f"member {name!r} is in clusters {', '.join(sorted(found))}: say CLUSTER/{name}"
         )
     return (found[0], name) if found else None
-
-
-def wait_verdict(statuses: Mapping[str, MemberStatus]) -> bool:
-    """Whether every member runs; raises MemberFailed for one that cannot get there."""
-    for key, status in statuses.items():
-        if status.state == MemberState.ABSENT:
-            raise Absent(f"no member {key!r}")
-        if status.state in (MemberState.ERROR, MemberState.STOPPED):
-            reason = status.error or f"it is {status.state}"
-            raise MemberFailed(f"member {key!r} failed: {reason}", member=key)
-    return all(s.state == MemberState.RUNNING for s in statuses.values())
 
 
 @dataclass(eq=False)

@@ -9,7 +9,7 @@ import anyio
 
 from fleetctl.members_client import MemberLink, holder_log, holder_ready, status_on_disk
 from protocol.definitions import MemberSpec
-from protocol.members import AddMember, MemberStatus, Stop, Watch, WatchResult
+from protocol.members import AddMember, MemberStatus, Stop, Watch
 
 __all__ = [
     "REQUEST_TIMEOUT",
@@ -34,7 +34,7 @@ async def open_watch(
     another user's process does, Timeout when the holder does not answer."""
     link = await MemberLink.connect(path, on_push=on_push)
     try:
-        snapshot = await link.request(Watch, WatchResult, REQUEST_TIMEOUT, pushes=True)
+        snapshot = await link.request(Watch, REQUEST_TIMEOUT, pushes=True)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await link.aclose()
@@ -43,8 +43,8 @@ async def open_watch(
 
 
 async def stop_member(link: MemberLink, member: str, timeout: float) -> MemberStatus:
-    return await link.request(Stop, MemberStatus, timeout, name=member)
+    return await link.request(Stop, timeout, name=member)
 
 
 async def add_member(link: MemberLink, spec: MemberSpec) -> MemberStatus:
-    return await link.request(AddMember, MemberStatus, REQUEST_TIMEOUT, spec=spec)
+    return await link.request(AddMember, REQUEST_TIMEOUT, spec=spec)

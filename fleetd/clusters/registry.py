@@ -13,7 +13,7 @@ from anyio.abc import TaskStatus
 
 from fleetd.clusters.adoption import adopt
 from fleetd.clusters.follow import STOP_MARGIN, Follower
-from fleetd.clusters.index import ClusterIndex, EncodedMemberList, Held, resolve, wait_verdict
+from fleetd.clusters.index import ClusterIndex, EncodedMemberList, Held, resolve
 from fleetd.clusters.journaling import ClusterJournal
 from fleetd.clusters.launch import Launcher
 from fleetd.clusters.links import REQUEST_TIMEOUT, MemberLink, add_member, stop_member
@@ -34,7 +34,13 @@ from protocol.clusters import (
 )
 from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import Absent, Contested, InvalidRequest, Timeout, Unavailable
-from protocol.members import MemberState, MemberStatus, member_log_path, member_socket_path
+from protocol.members import (
+    MemberState,
+    MemberStatus,
+    member_log_path,
+    member_socket_path,
+    wait_verdict,
+)
 from protocol.names import check_name
 from protocol.outcomes import Outcome
 

@@ -25,7 +25,7 @@ import anyio.lowlevel
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
-from fleetctl._link import Poller
+from fleetctl.polling import Poller
 from fleetd.core.bounds import (
     LARGE_CONNECTION_IN_FLIGHT,
     LARGE_CONNECTION_PARTIAL,

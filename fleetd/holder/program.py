@@ -37,7 +37,7 @@ import structlog
 from anyio.abc import SocketStream, TaskGroup, TaskStatus, UNIXSocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from fleetctl._link import Poller
+from fleetctl.polling import Poller
 from fleetd.core.bounds import LARGE_CONNECTION_IN_FLIGHT, MAX_WAITS, FrameBudget, Limits, Trim
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
