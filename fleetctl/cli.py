@@ -52,14 +52,33 @@ MAX_TIMEOUT = 365 * 86_400.0
 """Seconds: a year, far below what a socket timeout takes (about 9e9 s)."""
 
 
-class Seconds(click.FloatRange):
-    """A float range that refuses NaN, which every comparison lets through."""
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A duration in protocol.durations' grammar (`15`, `1.5`, `1m30s`, `500ms`), in seconds;
+    with `least`/`most`, also within that range."""
+
+    name = "duration"
+
+    def __init__(self, least: float = 0.0, most: float = math.inf) -> None:
+        self.least = least
+        self.most = most
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        seconds = super().convert(value, param, ctx)
-        if math.isnan(seconds):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        from protocol.durations import parse_duration
+
+        try:
+            seconds = parse_duration(value)
+        except InvalidRequest as exc:
+            self.fail(exc.message, param, ctx)
+        if not self.least <= seconds <= self.most:
+            self.fail(
+                f"{value!r} is out of range: at least {self.least:g}s, at most {self.most:.0f}s",
+                param,
+                ctx,
+            )
         return seconds
+
+
+DURATION = Duration()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,8 +100,8 @@ class Seconds(click.FloatRange):
     "--timeout",
     default=10.0,
     show_default=True,
-    type=Seconds(min=0.001, max=MAX_TIMEOUT),
-    help="Seconds to wait for fleetd.",
+    type=Duration(0.001, MAX_TIMEOUT),
+    help="How long to wait for fleetd (a duration: 10, 2.5, 1m30s, 500ms).",
 )
 @click.version_option(RELEASE, prog_name="fleetctl")
 @click.pass_context
@@ -124,25 +143,6 @@ def _version(g: Globals) -> int:
 
 cli.command("ping", help="Check that fleetd answers, and how fast.")(run_command(_ping))
 cli.command("version", help="Print the versions of fleetctl and of fleetd.")(run_command(_version))
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    """A duration as `15s`, `500ms`, `2m`, `1h` or plain seconds; the value is in seconds."""
-
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, float | int):
-            return float(value)
-        from protocol.durations import parse_duration
-
-        try:
-            return parse_duration(value)
-        except InvalidRequest as exc:
-            self.fail(exc.message, param, ctx)
-
-
-DURATION = Duration()
 
 
 @cli.group("lease")

@@ -80,6 +80,17 @@ def test_bad_flag_is_a_usage_error_exit_2(tempdir: str) -> None:
     assert "No such option" in result.stderr
 
 
+def test_the_global_timeout_is_a_duration(fleetd: Fleetd) -> None:
+    assert fleetctl("--timeout", "1m30s", "ping", env=fleetd.env).returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan", "2y"])
+def test_a_global_timeout_that_is_no_usable_duration_is_a_usage_error(bad: str) -> None:
+    result = fleetctl("--timeout", bad, "ping", env=dict(os.environ))
+    assert result.returncode == 2
+    assert "--timeout" in result.stderr
+
+
 def test_bad_flag_with_json_is_a_usage_envelope() -> None:
     result = fleetctl("--json", "ping", "--no-such-flag", env=dict(os.environ))
     assert result.returncode == 2
