@@ -171,6 +171,6 @@ class ClusterJournal:
         )
         if not result.succeeded:
             return []
-        del self.index.exited[name]
+        self.index.remove_exited(name)
         log.info("holder_collected", cluster=name, dir=record.dir, items=len(found))
         return found
