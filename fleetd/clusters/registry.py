@@ -6,6 +6,8 @@ A member's op goes to its holder over the holder's watch connection. When fleetd
 Unavailable: fleetd says it could not, rather than answer as if it had.
 """
 
+import os
+
 import anyio
 import msgspec
 import structlog
@@ -45,6 +47,11 @@ from protocol.names import check_name
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.clusters")
+
+LAUNCHES_AT_ONCE = 4 * (os.cpu_count() or 1)
+"""Holders started at once; further `up`s wait their turn. Two hundred holders started together
+share the CPU until they are all slow, many past READY_TIMEOUT (so on 2 cores); in turn, each
+starts at full speed, and the first clusters serve first."""
 
 
 def decide_up(current: ClusterSpec | None, wanted: ClusterSpec, idempotent: bool) -> Outcome:
@@ -86,6 +93,7 @@ class HolderRegistry:
         self.journal = ClusterJournal(store, self.index, state)
         self.follower = Follower(self.index, self.journal)
         self._launcher: Launcher | None = None
+        self._launching = anyio.Semaphore(LAUNCHES_AT_ONCE)
 
     async def serve(
         self, runtime: PrivateDir, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -112,7 +120,8 @@ class HolderRegistry:
                 raise Contested(up_refusal(spec.name, current, spec), cluster=spec.name)
             if held is None:
                 assert self._launcher is not None, "HolderRegistry.serve first"
-                held = await self._launcher.launch(spec, self.index.runtime_dir(spec.name))
+                async with self._launching:
+                    held = await self._launcher.launch(spec, self.index.runtime_dir(spec.name))
             return _result(held, outcome)
 
     async def down(self, request: ClusterDown, peer: Peer) -> ClusterResult:
