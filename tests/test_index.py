@@ -1,5 +1,6 @@
-"""fleetd's memory of its clusters (fleetd.clusters.index), in-process: what one cluster's
-change costs the others, and how names resolve as clusters come, change and go."""
+"""fleetd's memory of its clusters (fleetd.clusters.index) and the registry's waits and launches
+over it, in-process: what one cluster's change costs the others, how names resolve as clusters
+come, change and go, and how many holders start at once."""
 
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -268,3 +269,46 @@ def test_a_member_of_a_cluster_collected_is_absent() -> None:
     assert index.resolve("a/m") == ("a", "m")
     index.remove_exited("a")
     assert index.status_in("a", "m").state == MemberState.ABSENT
+
+
+class HeldLauncher:
+    """Stands for fleetd.clusters.launch.Launcher: each launch holds until released, and the
+    most launches under way at once is kept."""
+
+    def __init__(self) -> None:
+        import anyio
+
+        self.starting = 0
+        self.most = 0
+        self.released = anyio.Event()
+
+    async def launch(self, spec: ClusterSpec, runtime_dir: str) -> Held:
+        self.starting += 1
+        self.most = max(self.most, self.starting)
+        await self.released.wait()
+        self.starting -= 1
+        return held(spec.name, "m")
+
+
+async def test_ups_beyond_the_launches_at_once_wait_their_turn(registry: HolderRegistry) -> None:
+    import anyio
+
+    from fleetd.clusters.registry import LAUNCHES_AT_ONCE
+    from protocol.clusters import ClusterUp
+
+    launcher = HeldLauncher()
+    registry._launcher = launcher  # type: ignore[assignment]
+    answered: list[str] = []
+
+    async def up(name: str) -> None:
+        spec = record(name, "m").spec
+        answered.append((await registry.up(ClusterUp(id=1, spec=spec), ME)).cluster)
+
+    async with anyio.create_task_group() as tasks:
+        for i in range(LAUNCHES_AT_ONCE + 3):
+            tasks.start_soon(up, f"c{i}")
+        await anyio.wait_all_tasks_blocked()
+        assert launcher.starting == LAUNCHES_AT_ONCE
+        launcher.released.set()
+    assert len(answered) == LAUNCHES_AT_ONCE + 3
+    assert launcher.most == LAUNCHES_AT_ONCE
