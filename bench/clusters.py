@@ -11,12 +11,18 @@ supervisord reads one configuration of 200 [group:] sections: its `up` is its st
 program entered RUNNING (read from its log, as bench.members does), its status of everything is
 getAllProcessInfo over XML-RPC, its `down` stopAllProcesses.
 
+Last, fleetd's registry alone, in-process (no holder, no client): the CPU that 200 waits cost
+while 1,000 pushes come in, and the status of everyone asked with a cluster changing between
+asks, which the figures through sockets hide behind holder starts and client decoding.
+
 Targets are the issue's (12), for a 2-core machine.
 """
 
 import glob
 import os
+import shutil
 import signal
+import tempfile
 import time
 import xmlrpc.client
 from contextlib import AsyncExitStack
@@ -29,8 +35,15 @@ import anyio
 from bench.harness import Figure, Fleetd, Target, cpu_seconds, running_fleetd
 from bench.members import Supervisord, rate, sleeper_program, supervisor_venv
 from fleetctl import Client
+from fleetd.clusters.index import Held
+from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.registry import HolderRegistry
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Peer
+from fleetd.store.sqlite import SQLiteStore
+from protocol.clusters import MemberStatusRequest, MemberWait
 from protocol.definitions import ClusterSpec, MemberSpec
-from protocol.members import MemberState
+from protocol.members import MemberState, MemberStatus
 
 CLUSTERS = 200
 MEMBERS = 5
@@ -81,6 +94,7 @@ def measure() -> list[Figure]:
         Figure("fleet_clusters_down_s", f"all down {scale}: fleet", fleet.down, "s"),
         Figure("supervisord_clusters_down_s", f"all down {scale}: supervisord", sv_down, "s"),
         Figure("ratio_clusters_down", "  supervisord / fleet", sv_down / fleet.down, "x"),
+        *anyio.run(_registry_alone, backend_options=_UVLOOP),
     ]
 
 
@@ -211,3 +225,74 @@ def _supervisord_down(sv: Supervisord) -> float:
     if states != {"STOPPED"}:
         raise RuntimeError(f"supervisord reports states {states} after stopAllProcesses")
     return seconds
+
+
+# --- fleetd's registry alone, in-process ----------------------------------------------------
+
+
+def _held(cluster: str) -> Held:
+    """A live holder as fleetd follows it, its members starting; no process behind it."""
+    spec = _spec(cluster)
+    record = HolderRecord(spec=spec, dir=f"/nonexistent/c/{cluster}", log="", pid=1, state="live")
+    held = Held(cluster, record, -1, {m.name: m for m in spec.members})
+    for member in spec.members:
+        held.update(MemberStatus(name=member.name, state=MemberState.STARTING))
+    return held
+
+
+async def _registry_alone() -> list[Figure]:
+    """What the holders' pushes cost fleetd itself, with nothing else on the machine's mind:
+    a member_wait on each cluster's members while every member is pushed running (in reads of
+    10, as holders batch them), then the status of everyone asked with a cluster changing
+    between asks: each push cost O(clusters) until names, wakes and encodings were kept per
+    cluster (fleetd.clusters.index)."""
+    root = tempfile.mkdtemp(dir="/tmp", prefix="flb-")
+    try:
+        async with SQLiteStore.open(os.path.join(root, "store.db")) as store:
+            with PrivateDir.open(os.path.join(root, "state")) as state:
+                registry = HolderRegistry(store, state)
+                helds = [_held(f"c{i}") for i in range(CLUSTERS)]
+                for held in helds:
+                    registry.index.add_live(held)
+                return [await _waits_answered(registry, helds), _every_status_rate(registry)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _waits_answered(registry: HolderRegistry, helds: list[Held]) -> Figure:
+    me = Peer(os.getpid(), os.getuid(), os.getgid())
+    pushes = [(held, f"m{i}") for i in range(MEMBERS) for held in helds]
+    started = time.process_time()
+    async with anyio.create_task_group() as tasks:
+        for held in helds:
+            names = [f"{held.name}/m{i}" for i in range(MEMBERS)]
+            tasks.start_soon(registry.wait, MemberWait(id=1, names=names, wait=60), me)
+        await anyio.wait_all_tasks_blocked()
+        for n, (held, member) in enumerate(pushes, 1):
+            registry.index.update(held, MemberStatus(name=member, state=MemberState.RUNNING))
+            if n % 10 == 0:
+                await anyio.lowlevel.checkpoint()
+    return Figure(
+        "fleetd_cpu_waits_pushes_ms",
+        f"in-process: {CLUSTERS} waits, {len(pushes)} pushes",
+        (time.process_time() - started) * 1e3,
+        "ms",
+    )
+
+
+def _every_status_rate(registry: HolderRegistry) -> Figure:
+    me = Peer(os.getpid(), os.getuid(), os.getgid())
+    helds = list(registry.index.live.values())
+    asked = 0
+    started = time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < 1.0:
+        held = helds[asked % len(helds)]
+        registry.index.update(held, MemberStatus(name="m0", state=MemberState.RUNNING))
+        registry.status(MemberStatusRequest(id=1), me)
+        asked += 1
+    return Figure(
+        "fleetd_every_status_changing_rps",
+        "  status of everyone, 1 change between",
+        asked / elapsed,
+        "req/s",
+    )
