@@ -312,3 +312,32 @@ async def test_ups_beyond_the_launches_at_once_wait_their_turn(registry: HolderR
         launcher.released.set()
     assert len(answered) == LAUNCHES_AT_ONCE + 3
     assert launcher.most == LAUNCHES_AT_ONCE
+
+
+async def test_gc_collects_every_exited_cluster_at_once_and_reports_them_in_order(
+    registry: HolderRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each collection returns only once every cluster's is under way: one after another,
+    they would never finish."""
+    import anyio
+
+    from fleetd.journal import fleetd_entry
+    from protocol.claims import ClaimInfo
+
+    names = [f"c{i}" for i in range(5)]
+    for name in reversed(names):
+        registry.index.add_exited(msgspec.structs.replace(record(name, "m"), state="exited"))
+    under_way: list[str] = []
+    everyone = anyio.Event()
+
+    async def collecting(name: str, dry_run: bool) -> list[ClaimInfo]:
+        under_way.append(name)
+        if len(under_way) == len(names):
+            everyone.set()
+        await everyone.wait()
+        return [fleetd_entry("holder", name, "fleetd", held=False, revision=1)]
+
+    monkeypatch.setattr(registry.journal, "_collect_exited", collecting)
+    with anyio.fail_after(10):
+        removed = await registry.journal.journal_collect(dry_run=True)
+    assert [entry.key for entry in removed] == names
