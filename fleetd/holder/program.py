@@ -717,9 +717,18 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
             os.close(ready_fd)
 
 
+def name_process(name: str) -> None:
+    """What `ps -e`, top and pgrep show for this process (its comm: 15 bytes at most). A holder
+    forked from the template (fleetd.holder.template) has the template's command line, and an
+    exec'd one is "python3" there: both are "fleetd-holder"."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a holder until its last member leaves; 0, or 1 when it cannot start."""
     block_sigchld()  # before any thread exists: see fleetd.holder.members.Reaper
+    name_process("fleetd-holder")
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
     if args.ready_fd is not None:
