@@ -48,8 +48,9 @@ until it imported the holder program)."""
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 """Variables read when an interpreter, or the loader under it, starts: a forked holder would
 not see what they say."""
-_CLOSE_GRACE = 0.5
-"""Seconds a closed template gets to exit before we stop waiting to reap it."""
+_CLOSE_GRACE = 1.0
+"""Seconds a closed template gets to exit before we stop waiting to reap it (whoever
+adopts it reaps it then)."""
 
 
 def startup_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -118,9 +119,9 @@ class Template:
         return startup_env(env) == self._startup and not self.out_of_use()
 
     def out_of_use(self) -> bool:
-        """Whether the template exited, was closed, or was taken out of use."""
-        with self._lock:
-            return bool(self._broken) or _readable(self.pidfd, 0)
+        """Whether the template exited, was closed, or was taken out of use. Never blocks
+        (not even on a fork in progress in another thread)."""
+        return bool(self._broken) or _readable(self.pidfd, 0)
 
     def fork(
         self,
@@ -190,14 +191,15 @@ class Template:
         return error
 
     def close(self) -> None:
-        """Close our end: the template exits at EOF (the holders it forked go on). It is
-        reaped if it exits soon; else whoever adopts it reaps it."""
+        """End the template (the holders it forked go on), and reap it."""
         with self._lock:
             if not self._open:
                 return
             self._open = False
             self._broken = self._broken or "closed"
-            self._sock.close()
+            self._sock.close()  # at EOF it would exit too, once done importing
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGTERM)
             os.close(self.pidfd)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(_CLOSE_GRACE)

@@ -37,12 +37,11 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
 from protocol.template import (
-    KEPT_FROM,
     MAX_FORK_FDS,
     MAX_TEMPLATE_MESSAGE,
     Fork,
@@ -201,7 +200,7 @@ class _Template:
         # Opened before the loop could reap it: the pid cannot have been recycled yet.
         return Forked(pid=pid), os.pidfd_open(pid)
 
-    def _become_holder(self, request: Fork, fds: list[int]) -> None:
+    def _become_holder(self, request: Fork, fds: list[int]) -> NoReturn:
         """In the child: never returns."""
         code = 1
         try:
@@ -220,8 +219,8 @@ class _Template:
                 _pass_gate(gate)
             gc.enable()
             code = self.run(request.argv)
-        except SystemExit as stopped:
-            code = stopped.code if isinstance(stopped.code, int) else 1
+        except SystemExit as stopped:  # argparse's, say
+            code = _exit_status(stopped)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -229,6 +228,13 @@ class _Template:
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
+
+
+def _exit_status(stopped: SystemExit) -> int:
+    """What the interpreter would exit with."""
+    if stopped.code is None:
+        return 0
+    return stopped.code if isinstance(stopped.code, int) else 1
 
 
 class _Refusal(Exception):
@@ -240,8 +246,7 @@ def _arrange_fds(fds: list[int], gated: bool) -> int | None:
     above them; every other descriptor closed. The gate's new number, if there is one."""
     stdio, rest = fds[:3], fds[3:]
     gate = rest.pop(0) if gated else None
-    placed = [*stdio, *rest]
-    assert len(stdio) == 3 and KEPT_FROM == 3
+    placed = [*stdio, *rest]  # at 0, 1, 2, then from KEPT_FROM (3) on
     if gate is not None:
         placed.append(gate)
     # First above every target, so that placing one never overwrites another not placed yet.
