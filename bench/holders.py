@@ -93,7 +93,10 @@ def _big_cluster() -> list[Figure]:
             "MiB",
             Target(55),
         ),
-        *(Figure(f"{name}_pss_mib_1000", f"  of which {name}", mib, "MiB") for name, mib in parts.items()),
+        *(
+            Figure(f"{name}_pss_mib_1000", f"  of which {name}", mib, "MiB")
+            for name, mib in parts.items()
+        ),
     ]
 
 
@@ -173,7 +176,9 @@ def _bound_start() -> list[Figure]:
     blocking = _bound_blocking()
     async_ = anyio.run(_bound_async, backend_options=_UVLOOP)
     return [
-        Figure("bound_second_start_ms", "bound enter→running, 2nd+ (p50)", blocking, "ms", Target(30)),
+        Figure(
+            "bound_second_start_ms", "bound enter→running, 2nd+ (p50)", blocking, "ms", Target(30)
+        ),
         Figure("bound_second_start_async_ms", "  async form (p50)", async_, "ms", Target(30)),
     ]
 

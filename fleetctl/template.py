@@ -34,7 +34,6 @@ from protocol.errors import ConnectionLost, Unavailable
 from protocol.template import (
     MAX_TEMPLATE_MESSAGE,
     Fork,
-    Forked,
     Refused,
     decode_answer,
     encode,
@@ -214,32 +213,38 @@ class Template:
         self.process.returncode = 0  # not our child: never wait for it (its pid may be reused)
 
 
-_bound: Template | None = None
-_bound_lock = threading.Lock()
+class _BoundTemplate:
+    """This process's template for bound clusters, once started."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.template: Template | None = None
+
+    def get(self) -> Template:
+        with self.lock:
+            if self.template is not None and self.template.out_of_use():
+                self.template.close()
+                self.template = None
+            if self.template is None:
+                self.template = Template.start(os.environ)
+            return self.template
+
+    def forget(self) -> None:
+        """In a child forked from this process: the template is the parent's."""
+        self.lock = threading.Lock()  # another thread may have held it at the fork
+        if self.template is not None:
+            self.template.forget()
+            self.template = None
+
+
+_bound = _BoundTemplate()
+os.register_at_fork(after_in_child=_bound.forget)
 
 
 def bound_template() -> Template:
     """This process's template for bound clusters: started on first use, and again once it
     is out of use. Raises OSError if it cannot be started."""
-    global _bound
-    with _bound_lock:
-        if _bound is not None and _bound.out_of_use():
-            _bound.close()
-            _bound = None
-        if _bound is None:
-            _bound = Template.start(os.environ)
-        return _bound
-
-
-def _forget_bound_template() -> None:
-    global _bound, _bound_lock
-    _bound_lock = threading.Lock()  # another thread may have held it at the fork
-    if _bound is not None:
-        _bound.forget()
-        _bound = None
-
-
-os.register_at_fork(after_in_child=_forget_bound_template)
+    return _bound.get()
 
 
 def _readable(fd: int, timeout: float) -> bool:

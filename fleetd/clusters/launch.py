@@ -15,6 +15,7 @@ starts).
 """
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ import structlog
 from fleetctl.template import ForkedHolder, Template
 from fleetd.clusters.follow import READY_TIMEOUT, Follower
 from fleetd.clusters.index import Held
-from fleetd.clusters.links import holder_log, holder_ready
+from fleetd.clusters.links import holder_ready
 from fleetd.clusters.records import HolderRecord, encode, holder_key
 from fleetd.clusters.rundirs import CLUSTERS_DIR
 from fleetd.clusters.warm import WarmTemplate
@@ -88,7 +89,13 @@ def popen_detached(
 
 
 def fork_detached(
-    template: Template, args: list[str], env: Mapping[str, str], log_fd: int, gate: int, ready: int
+    template: Template,
+    args: list[str],
+    env: Mapping[str, str],
+    *,
+    log_fd: int,
+    gate: int,
+    ready: int,
 ) -> ForkedHolder:
     """The holder forked from the template, as popen_detached would start it: its own
     session, stdin /dev/null, its output to its log, behind `gate`, `ready` kept (at
@@ -213,7 +220,8 @@ class Launcher:
     ) -> Started:
         """The holder at its gate: forked from the template if one serves, else exec'd."""
         if self.template is not None:
-            forked = await self._fork(self.template, spec_file, runtime_dir, log_fd, gate, ready)
+            args = holder_args(spec_file, runtime_dir, KEPT_FROM)
+            forked = await self._fork(self.template, args, log_fd=log_fd, gate=gate, ready=ready)
             if forked is not None:
                 return Started(forked.pid, forked.pidfd)
         command = [*HOLDER, *holder_args(spec_file, runtime_dir, ready)]
@@ -221,18 +229,16 @@ class Launcher:
         return Started(process.pid, os.pidfd_open(process.pid), process)
 
     async def _fork(
-        self, warm: WarmTemplate, spec_file: str, runtime_dir: str, log_fd: int, gate: int, ready: int
+        self, warm: WarmTemplate, args: list[str], *, log_fd: int, gate: int, ready: int
     ) -> ForkedHolder | None:
         """Forked from the template; None when it is gone or fails (then exec it: one that
         misbehaved is out of use, and fleetd.clusters.warm starts another)."""
         template = warm.usable()
         if template is None:
             return None
-        args = holder_args(spec_file, runtime_dir, KEPT_FROM)
+        fork = functools.partial(fork_detached, log_fd=log_fd, gate=gate, ready=ready)
         try:
-            return await anyio.to_thread.run_sync(
-                fork_detached, template, args, warm.env, log_fd, gate, ready
-            )
+            return await anyio.to_thread.run_sync(fork, template, args, warm.env)
         except Unavailable as exc:
             log.warning("holder_template_failed", pid=template.pid, error=exc.message)
             return None

@@ -91,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, _wake)
-    # program.main looked up at each fork, not now: a test's sitecustomize may wrap it.
-    template = _Template(requests, wake_read, owner, fresh, lambda argv: program.main(argv))
+
+    def run(argv: Sequence[str]) -> int:
+        return program.main(argv)  # looked up now: a test's sitecustomize may have wrapped it
+
+    template = _Template(requests, wake_read, owner, fresh, run)
     template.serve()
     return 0
 
@@ -178,7 +181,9 @@ class _Template:
             except OSError as exc:
                 answer = Refused(message=f"cannot fork: {exc}")
             try:
-                socket.send_fds(self.requests, [encode(answer)], [pidfd] if pidfd is not None else [])
+                socket.send_fds(
+                    self.requests, [encode(answer)], [pidfd] if pidfd is not None else []
+                )
             except OSError:
                 return False
         finally:
