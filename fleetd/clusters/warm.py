@@ -38,8 +38,6 @@ class WarmTemplate:
             self.template = Template.start(self.env)
         except OSError as exc:
             log.warning("holder_template_not_started", error=str(exc))
-            return
-        log.info("holder_template_started", pid=self.template.pid)
 
     def usable(self) -> Template | None:
         """The template, unless it is gone or out of use."""
@@ -54,6 +52,7 @@ class WarmTemplate:
         try:
             while True:
                 if self.template is not None:
+                    log.info("holder_template_started", pid=self.template.pid)
                     pause = await self._until_exit(self.template, pause)
                 await anyio.sleep(pause)
                 pause = min(pause * 2, RESTART_MAX)
