@@ -207,11 +207,11 @@ class Daemon:
         places = self.places
         async with anyio.create_task_group() as daemon:
             daemon.start_soon(self._watch_signals)
-            await daemon.start(self.template.serve)
             await daemon.start(self.store.serve)
             await daemon.start(self.leases.serve)
+            await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)
-            await daemon.start(self.claims.serve)  # its start-up gc needs both above
+            await daemon.start(self.claims.serve)  # its start-up gc needs leases and holders
             try:
                 listener = await open_listener(self.socket_path, places.inherited)
             except OSError as exc:
