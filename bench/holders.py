@@ -124,12 +124,15 @@ def _downed(client: SyncClient, holders: list[int]) -> Iterator[None]:
 
 
 def _template_of(fleetd: Fleetd) -> int:
-    """fleetd's template: its child of that name (it started before fleetd was ready)."""
-    with open(f"/proc/{fleetd.pid}/task/{fleetd.pid}/children") as f:
-        for pid in map(int, f.read().split()):
-            with open(f"/proc/{pid}/comm") as comm:
-                if comm.read().strip() == TEMPLATE_NAME:
-                    return pid
+    """fleetd's template: its child of that name (which it takes as it starts)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{fleetd.pid}/task/{fleetd.pid}/children") as f:
+            for pid in map(int, f.read().split()):
+                with open(f"/proc/{pid}/comm") as comm:
+                    if comm.read().strip() == TEMPLATE_NAME:
+                        return pid
+        time.sleep(0.01)
     raise RuntimeError("fleetd runs no holder template")
 
 

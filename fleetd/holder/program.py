@@ -49,7 +49,7 @@ from fleetd.core.server import (
     Connection,
     admit,
 )
-from fleetd.core.startup import leaf_errors, raise_fd_limit
+from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit
 from fleetd.holder.descendants import Lineage
 from fleetd.holder.members import (
     LOG_MAX_BYTES,
@@ -715,14 +715,6 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
-
-
-def name_process(name: str) -> None:
-    """What `ps -e`, top and pgrep show for this process (its comm: 15 bytes at most). A holder
-    forked from the template (fleetd.holder.template) has the template's command line, and an
-    exec'd one is "python3" there: both are "fleetd-holder"."""
-    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

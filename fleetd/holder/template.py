@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
+from fleetd.core.startup import name_process
 from protocol.template import (
     MAX_FORK_FDS,
     MAX_TEMPLATE_MESSAGE,
@@ -52,9 +53,9 @@ from protocol.template import (
     encode,
 )
 
-_WARM = ("fleetd.holder.program", "anyio._backends._asyncio", "uvloop")
+_WARM = ("fleetd.holder.program", "anyio._backends._asyncio", "anyio._core._signals", "uvloop")
 """What a holder imports, loaded once here: the program, and what it loads only as it runs
-(anyio's asyncio backend and uvloop, by anyio.run)."""
+(anyio's asyncio backend, its signal receiver and uvloop)."""
 _RESET_SIGNALS = (signal.SIGCHLD, signal.SIGINT)
 """The signals whose disposition the template changes, and a holder gets back."""
 
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    name_process("fleetd-template")
     fresh = _dispositions(_RESET_SIGNALS)
     # A ^C at a terminal reaches the owner's whole process group: the owner decides what
     # becomes of it, and of us.
@@ -86,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module(module)
     from fleetd.holder import program
 
-    program.name_process("fleetd-template")
     requests = socket.socket(fileno=args.socket_fd)
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
