@@ -21,7 +21,16 @@ from typing import Any
 import anyio
 
 import fleetctl
-from bench.harness import BIN, Figure, Fleetd, Target, percentile, pss_mib, running_fleetd
+from bench.harness import (
+    BIN,
+    Figure,
+    Fleetd,
+    Target,
+    percentile,
+    pss_mib,
+    running_fleetd,
+    template_of,
+)
 from fleetctl.sync import SyncClient
 from protocol.definitions import ClusterSpec, cluster_from_dict
 
@@ -31,8 +40,6 @@ SETTLE = 1.0
 """Seconds holders get to settle (their first writes done) before their memory is read."""
 CLI_WARMUP, CLI_RUNS = 2, 10
 BOUND_WARMUP, BOUND_RUNS = 2, 20
-TEMPLATE_NAME = "fleetd-template"
-"""What `ps -e` shows for a template (fleetd.holder.program.name_process)."""
 SLEEP = {"command": ["sleep", "3600"], "ready": "none"}
 _UVLOOP = {"use_uvloop": True}
 
@@ -47,7 +54,7 @@ def measure() -> list[Figure]:
 def _per_holder() -> list[Figure]:
     figures = []
     with running_fleetd() as fleetd, SyncClient(fleetd.socket_path, timeout=60) as client:
-        template = _template_of(fleetd)
+        template = template_of(fleetd)
         alone = pss_mib(template)
         figures.append(Figure("template_pss_mib", "PSS of the template alone", alone, "MiB"))
         holders: list[int] = []
@@ -72,7 +79,7 @@ def _per_holder() -> list[Figure]:
 
 def _big_cluster() -> list[Figure]:
     with running_fleetd() as fleetd, SyncClient(fleetd.socket_path, timeout=60) as client:
-        template = _template_of(fleetd)
+        template = template_of(fleetd)
         members = {f"s{i}": {**SLEEP, "restart": "always"} for i in range(BIG)}
         holders: list[int] = []
         with _downed(client, holders):
@@ -121,19 +128,6 @@ def _downed(client: SyncClient, holders: list[int]) -> Iterator[None]:
         for pid in holders:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _template_of(fleetd: Fleetd) -> int:
-    """fleetd's template: its child of that name (which it takes as it starts)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(f"/proc/{fleetd.pid}/task/{fleetd.pid}/children") as f:
-            for pid in map(int, f.read().split()):
-                with open(f"/proc/{pid}/comm") as comm:
-                    if comm.read().strip() == TEMPLATE_NAME:
-                        return pid
-        time.sleep(0.01)
-    raise RuntimeError("fleetd runs no holder template")
 
 
 # --- start-up -------------------------------------------------------------------------------
