@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         importlib.import_module(module)
     from fleetd.holder import program
 
+    program._parser()  # once here, its patterns compiled into re's cache for every holder
     requests = socket.socket(fileno=args.socket_fd)
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
