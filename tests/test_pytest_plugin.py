@@ -72,7 +72,7 @@ def test_the_template_starts_before_the_first_cluster_is_asked_for(
 ) -> None:
     pytester.makepyfile(
         """
-        import os
+        import os, time
 
         def templates():
             with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
@@ -85,6 +85,9 @@ def test_the_template_starts_before_the_first_cluster_is_asked_for(
             return found
 
         def test_cluster(fleet_cluster):
+            deadline = time.monotonic() + 10  # its command line shows once its exec is done
+            while not templates() and time.monotonic() < deadline:
+                time.sleep(0.01)
             (template,) = templates()  # started as collection ended
             c = fleet_cluster({"members": {"a": {"command": ["sleep", "60"]}}})
             with open(f"/proc/{c.holder_pid}/stat", "rb") as f:
