@@ -48,7 +48,7 @@ from fleetctl.members_client import (
     one_request,
     status_on_disk,
 )
-from fleetctl.template import ForkedHolder, bound_template
+from fleetctl.template import FORK_TIMEOUT, ForkedHolder, bound_template
 from protocol import PROTOCOL_VERSION
 from protocol.base import Op, R
 from protocol.connection import check_version
@@ -198,7 +198,11 @@ class Cluster:
         try:
             try:
                 forked = await anyio.to_thread.run_sync(
-                    _fork_bound, [*args, f"--ready-fd={KEPT_FROM}"], log, ready_write, self.timeout
+                    _fork_bound,
+                    [*args, f"--ready-fd={KEPT_FROM}"],
+                    log,
+                    ready_write,
+                    min(self.timeout, FORK_TIMEOUT),
                 )
                 if forked is not None:
                     holder = _Holder(forked.pid, pidfd=forked.pidfd)

@@ -41,9 +41,10 @@ from protocol.template import (
 
 __all__ = ["FORK_TIMEOUT", "ForkedHolder", "Template", "bound_template", "startup_env"]
 
-FORK_TIMEOUT = 30.0
+FORK_TIMEOUT = 10.0
 """Seconds a fork may take, the template's own start-up included (its first request waits
-until it imported the holder program)."""
+until it imported the holder program): a fork takes milliseconds, and a template that hangs
+must not take a launch's whole time before the holder is exec'd instead."""
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 """Variables read when an interpreter, or the loader under it, starts: a forked holder would
 not see what they say."""

@@ -22,6 +22,7 @@ from fleetctl.bound import cluster
 from fleetctl.template import Template
 from fleetd.core.identity import ProcessGone, children, proc_stat
 from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.errors import Unavailable
 from protocol.members import HOLDER_PIDFILE, MemberState
 from protocol.template import Fork, Forked, Refused, decode_answer, encode
 from tests.processes import (
@@ -389,3 +390,14 @@ def test_a_forked_client_starts_a_template_of_its_own() -> None:
     in_child, in_parent = map(json.loads, done.stdout.splitlines())
     assert in_parent["template"] != in_child["template"]
     assert in_child["owner"] == in_parent["child"]
+
+
+def test_a_template_that_does_not_answer_is_taken_out_of_use(
+    template: Template, tempdir: str
+) -> None:
+    """A launch then execs its holder, instead of waiting on a template that hangs."""
+    os.kill(template.pid, signal.SIGSTOP)
+    with open(os.devnull, "r+b") as null, pytest.raises(Unavailable, match="did not answer"):
+        template.fork([], {}, stdio=(null.fileno(),) * 3, timeout=0.5)
+    assert template.out_of_use()
+    assert readable(template.pidfd, 10)  # it was killed
