@@ -135,26 +135,39 @@ def _downed(client: SyncClient, holders: list[int]) -> Iterator[None]:
 
 def _up_wait() -> list[Figure]:
     """`fleetctl up --wait` of a 1-member cluster against `python -c pass`, interleaved so that
-    machine noise hits both alike; each cluster is taken down again, untimed."""
-    with running_fleetd() as fleetd, tempfile.TemporaryDirectory(prefix="flb-") as tmp:
+    machine noise hits both alike, and the same through the library (fleetd's part: the CLI's
+    own start-up left out); each cluster is taken down again, untimed."""
+    with (
+        running_fleetd() as fleetd,
+        tempfile.TemporaryDirectory(prefix="flb-") as tmp,
+        SyncClient(fleetd.socket_path, timeout=60) as client,
+    ):
         toml = os.path.join(tmp, "fleet.toml")
         with open(toml, "w") as f:
             f.write('[members.a]\ncommand = ["sleep", "3600"]\n')
         fleetctl_bin = str(BIN / "fleetctl")
-        times: dict[str, list[float]] = {"bare": [], "up": []}
+        times: dict[str, list[float]] = {"bare": [], "up": [], "library": []}
         for round_ in range(CLI_WARMUP + CLI_RUNS):
             bare = _wall([str(BIN / "python"), "-c", "pass"], fleetd)
             name = f"u{round_}"
             up = _wall([fleetctl_bin, "up", "-f", toml, "--name", name, "--wait"], fleetd)
             _wall([fleetctl_bin, "down", name], fleetd)
+            spec = cluster_from_dict({"members": {"a": SLEEP}}, name=f"l{round_}")
+            started = time.perf_counter()
+            client.cluster_up(spec)
+            client.member_wait([f"l{round_}/a"])
+            library = (time.perf_counter() - started) * 1e3
+            client.cluster_down(f"l{round_}")
             if round_ >= CLI_WARMUP:
                 times["bare"].append(bare)
                 times["up"].append(up)
-    bare, up = statistics.median(times["bare"]), statistics.median(times["up"])
+                times["library"].append(library)
+    bare, up, library = (statistics.median(times[name]) for name in ("bare", "up", "library"))
     return [
         Figure("up_wait_one_ms", "fleetctl up --wait, 1 member (median)", up, "ms"),
         Figure("up_wait_python_ms", "  python -c pass (median)", bare, "ms"),
         Figure("up_wait_one_ratio", "  up --wait / python", up / bare, "x", Target(3)),
+        Figure("up_wait_library_ms", "  up + wait via the library (median)", library, "ms"),
     ]
 
 
