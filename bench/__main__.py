@@ -45,6 +45,12 @@ def _claims() -> list[Figure]:
     return measure()
 
 
+def _holders() -> list[Figure]:
+    from bench.holders import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
@@ -52,6 +58,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "claims": _claims,
     "members": members.measure,
     "bounds": _bounds,
+    "holders": _holders,
 }
 
 

@@ -21,6 +21,7 @@ from anyio.abc import SocketListener
 from fleetd import systemd
 from fleetd.claims import ClaimService
 from fleetd.clusters.registry import HolderRegistry
+from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.bounds import Limits
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
@@ -134,20 +135,22 @@ async def open_listener(socket_path: str, inherited: socket.socket | None) -> So
     return await anyio.create_unix_listener(socket_path, mode=0o600)
 
 
-async def run(config: DaemonConfig) -> None:
-    """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request."""
+async def run(config: DaemonConfig, template: WarmTemplate) -> None:
+    """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request, forking
+    holders from `template` (started before the event loop: fleetd.clusters.warm)."""
     with claim_places(config) as places:
-        await Daemon(places).run()
+        await Daemon(places, template).run()
 
 
 class Daemon:
-    def __init__(self, places: Places) -> None:
+    def __init__(self, places: Places, template: WarmTemplate) -> None:
         self.places = places
+        self.template = template
         self.socket_path = places.socket_path
         state = places.state
         self.store = SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
         self.leases = LeaseManager(self.store)
-        self.holders = HolderRegistry(self.store, state)
+        self.holders = HolderRegistry(self.store, state, template)
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )
@@ -206,8 +209,9 @@ class Daemon:
             daemon.start_soon(self._watch_signals)
             await daemon.start(self.store.serve)
             await daemon.start(self.leases.serve)
+            await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)
-            await daemon.start(self.claims.serve)  # its start-up gc needs both above
+            await daemon.start(self.claims.serve)  # its start-up gc needs leases and holders
             try:
                 listener = await open_listener(self.socket_path, places.inherited)
             except OSError as exc:

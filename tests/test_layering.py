@@ -154,13 +154,16 @@ def test_protocol_imports_only_msgspec(module: str) -> None:
     assert third_party == set()
 
 
-@pytest.mark.parametrize("module", ["fleetctl", "fleetctl.cli", "fleetctl.client", "fleetctl.sync"])
+@pytest.mark.parametrize(
+    "module", ["fleetctl", "fleetctl.cli", "fleetctl.client", "fleetctl.sync", "fleetctl.template"]
+)
 def test_fleetctl_never_imports_fleetd(module: str) -> None:
     assert "fleetd" not in top_level(modules_after(f"import {module}"))
 
 
-def test_the_holder_program_loads_none_of_the_daemon() -> None:
-    loaded = modules_after("import fleetd.holder.program")
+@pytest.mark.parametrize("program", ["fleetd.holder.program", "fleetd.holder.template"])
+def test_the_holder_program_loads_none_of_the_daemon(program: str) -> None:
+    loaded = modules_after(f"import {program}")
     assert {
         name for name in loaded if name.startswith("fleetd.") and layer(name) == "fleetd daemon"
     } == set()
