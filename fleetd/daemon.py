@@ -46,13 +46,16 @@ from protocol.claims import (
 )
 from protocol.clusters import (
     ClusterDown,
+    ClusterResult,
     ClusterUp,
+    ClusterUpToml,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
 )
+from protocol.definitions import parse_toml
 from protocol.errors import Incompatible, StartupError
 from protocol.messages import (
     Empty,
@@ -166,6 +169,7 @@ class Daemon:
         dispatcher.register(LeaseListRequest, self.leases.list)
         dispatcher.register(LeaseWatch, self.leases.watch, chatty=True, waits=_watch_waits)
         dispatcher.register(ClusterUp, self.holders.up)
+        dispatcher.register(ClusterUpToml, self.up_toml)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
         dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
@@ -186,6 +190,12 @@ class Daemon:
                 server_version=PROTOCOL_VERSION,
             )
         return HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
+
+    async def up_toml(self, request: ClusterUpToml, peer: Peer) -> ClusterResult:
+        """cluster_up of the definition a fleet.toml's text gives, parsed as a client would."""
+        spec = parse_toml(request.text, source=request.source, name=request.name)
+        up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
+        return await self.holders.up(up, peer)
 
     def ping(self, request: Ping, peer: Peer) -> Empty:
         return Empty()
