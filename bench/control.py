@@ -277,7 +277,9 @@ def _cli(fleetd: Fleetd) -> list[Figure]:
         median = statistics.median(times[key][CLI_WARMUP:])
         figures += [
             Figure(f"fleetctl_{key}_ms", f"{label} (median)", median, "ms"),
-            Figure(f"fleetctl_{key}_ratio", "  ÷ python -c pass", median / bare, "x", Target(target)),
+            Figure(
+                f"fleetctl_{key}_ratio", "  ÷ python -c pass", median / bare, "x", Target(target)
+            ),
         ]
     return figures
 

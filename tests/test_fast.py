@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import msgspec
@@ -33,7 +33,7 @@ from fleetctl._fast.wire import ERROR_OUTCOMES, quote
 from fleetctl.cli import MAX_TIMEOUT, cli
 from fleetctl.sync import SyncClient
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION
-from protocol.errors import ERRORS_BY_CODE
+from protocol.errors import ERRORS_BY_CODE, MemberFailed
 from protocol.paths import client_socket_path
 from tests.processes import FLEETCTL, Fleetd, kill_holders, running_fleetd
 
@@ -72,7 +72,7 @@ def masked(result: Result, *roots: str, pids: bool = False) -> Result:
     code, out, err = result
     for root in roots:
         out, err = out.replace(root, "ROOT"), err.replace(root, "ROOT")
-    out = _TIMES.sub(r'"\1":T', out)
+    out = re.sub(r"for [.0-9]+s more", "for Ts more", _TIMES.sub(r'"\1":T', out))
     if pids and out.startswith("{"):
         out = _PIDS.sub(r'"\1":N', out)
     elif pids:  # a table: its numbers, and so its columns' widths
@@ -100,9 +100,12 @@ def click_reads(argv: list[str]) -> Command | None:
     try:
         for command in commands.values():
             command.callback = record
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            with contextlib.suppress(click.ClickException, click.exceptions.Exit, SystemExit):
-                cli.main(args=list(argv), prog_name="fleetctl", standalone_mode=False)
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.suppress(click.ClickException, click.exceptions.Exit, SystemExit),
+        ):
+            cli.main(args=list(argv), prog_name="fleetctl", standalone_mode=False)
     finally:
         for name, command in commands.items():
             command.callback = callbacks[name]
@@ -146,8 +149,7 @@ PREFIXES = [[], ["lease"], ["claims"], *(name.split() for name in SPECS)]
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(st.sampled_from(["--json", "--socket", "/s", "--timeout", "3", "--timeout=1m"]))
-    .map(list),
+    st.lists(st.sampled_from(["--json", "--socket", "/s", "--timeout", "3", "--timeout=1m"])),
     st.sampled_from(PREFIXES),
     st.lists(st.sampled_from(WORDS) | st.text(max_size=6), max_size=8),
 )
@@ -216,7 +218,7 @@ def test_the_fast_paths_global_timeout_has_clicks_range() -> None:
 
 
 def test_error_codes_map_to_the_outcomes_of_protocol_errors() -> None:
-    assert ERROR_OUTCOMES == {code: cls.outcome.value for code, cls in ERRORS_BY_CODE.items()}
+    assert {code: cls.outcome.value for code, cls in ERRORS_BY_CODE.items()} == ERROR_OUTCOMES
 
 
 @settings(max_examples=500, deadline=None)
@@ -386,7 +388,10 @@ def test_a_claims_command_prints_and_exits_as_click_does(
 
 SLEEPER = 'command = ["sleep", "60"]'
 DEFINITION = f'name = "pair"\n[members.a]\n{SLEEPER}\n[members.b]\n{SLEEPER}\n'
-FAILING = 'name = "sad"\n[members.bad]\ncommand = ["sh", "-c", "exit 3"]\n'
+NEVER_READY = (
+    'name = "sad"\n[members.bad]\ncommand = ["sh", "-c", "exit 3"]\nready = "log:never"\n'
+)
+"""Fails before it is ever ready: waiting for it fails, whenever the wait starts."""
 SLOW = (
     'name = "slow"\n[members.never]\ncommand = ["sleep", "60"]\nready = "log:never"\n'
     'start_timeout = "5m"\n'
@@ -405,9 +410,11 @@ def clusters(holders: Fleetd) -> Iterator[Fleetd]:
     """fleetd with a running cluster (pair: a, b), one whose member failed (sad: bad) and
     one whose member never gets ready (slow: never)."""
     with SyncClient(holders.socket_path) as client:
-        for text in (DEFINITION, FAILING, SLOW):
+        for text in (DEFINITION, NEVER_READY, SLOW):
             client.cluster_up_toml(text)
         client.member_wait(["a", "b"], 20)
+        with pytest.raises(MemberFailed):
+            client.member_wait(["bad"], 20)
     yield holders
 
 
@@ -435,39 +442,42 @@ def test_status_and_wait_print_and_exit_as_click_does(
     assert fast[0] == code
 
 
+class Up(NamedTuple):
+    """`up -f fleet.toml OPTIONS` of `text`, with the same cluster already up or not."""
+
+    already_up: bool
+    text: str
+    options: list[str]
+    code: int
+
+
 UP_CASES = [
-    ("up and wait", nothing, DEFINITION, ["--wait"], 0),
-    ("up with another name", nothing, DEFINITION, ["--name", "other", "--wait"], 0),
-    ("up without waiting", nothing, f"[members.a]\n{SLEEPER}\n", [], 0),
-    ("already up", "same", DEFINITION, ["--idempotent"], 0),
-    ("contested", "same", DEFINITION, [], 12),
-    ("a bad definition", nothing, '[members.a]\ncommand = ["true"]\ncolour = "red"\n', [], 1),
-    ("not TOML", nothing, "[members.a\n", [], 1),
-    ("a member that fails", nothing, FAILING, ["--wait", "--timeout", "20s"], 1),
+    ("up and wait", False, DEFINITION, ["--wait"], 0),
+    ("up with another name", False, DEFINITION, ["--name", "other", "--wait"], 0),
+    ("up without waiting", False, SLOW, [], 0),
+    ("already up", True, DEFINITION, ["--idempotent"], 0),
+    ("contested", True, DEFINITION, [], 12),
+    ("a bad definition", False, '[members.a]\ncommand = ["true"]\ncolour = "red"\n', [], 1),
+    ("not TOML", False, "[members.a\n", [], 1),
+    ("a member that fails", False, NEVER_READY, ["--wait", "--timeout", "20s"], 1),
 ]
 
 
 @pytest.mark.parametrize("json_mode", [False, True], ids=["table", "json"])
-@pytest.mark.parametrize(
-    ("setup", "text", "options", "code"), [pytest.param(*case[1:], id=case[0]) for case in UP_CASES]
-)
+@pytest.mark.parametrize("up", [pytest.param(Up(*case[1:]), id=case[0]) for case in UP_CASES])
 def test_up_prints_and_exits_as_click_does(
-    twins: tuple[Fleetd, Fleetd],
-    setup: str | Callable[[SyncClient], object],
-    text: str,
-    options: list[str],
-    code: int,
-    json_mode: bool,
+    twins: tuple[Fleetd, Fleetd], up: Up, json_mode: bool
 ) -> None:
     for daemon in twins:
-        write(daemon.root, "fleet.toml", text)
-        if setup == "same":
+        write(daemon.root, "fleet.toml", up.text)
+        if up.already_up:
             with SyncClient(daemon.socket_path) as client:
-                client.cluster_up_toml(text)
+                client.cluster_up_toml(up.text)
+                client.member_wait(["pair/a", "pair/b"], 20)
     argv = ["--json"] if json_mode else []
-    fast, slow = in_directories(twins, [*argv, "up", "-f", "fleet.toml", *options])
+    fast, slow = in_directories(twins, [*argv, "up", "-f", "fleet.toml", *up.options])
     assert fast == slow
-    assert fast[0] == code
+    assert fast[0] == up.code
 
 
 def in_directories(twins: tuple[Fleetd, Fleetd], argv: list[str]) -> tuple[Result, Result]:
@@ -614,4 +624,4 @@ def test_a_request_left_unanswered_after_the_hello_is_a_timeout_as_with_click(
         fast, slow = fleetctl_both(["--timeout", "200ms", *argv], env, env, b"x")
     assert fast == slow
     assert fast[0] == 13
-    assert "no answer from fleetd within" in fast[2]
+    assert "no answer from fleetd within" in fast[1] + fast[2]

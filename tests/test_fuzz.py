@@ -666,6 +666,8 @@ SEES_NOT_AN_ENVELOPE = ("-h", "--help", "--version")
 def run_fleetctl(argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
     with CliRunner().isolation(input=stdin) as (out, err, _):
         code = run(argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
         return code, out.getvalue(), err.getvalue()
 
 

@@ -21,7 +21,7 @@ typing at run time (tests/test_layering.py runs each command and looks).
     wire        the control socket: one request or two at a time, answers read with _json
 """
 
-from fleetctl._fast.argv import Command as Command  # noqa: PLC0414 (re-exported)
-from fleetctl._fast.argv import parse as parse  # noqa: PLC0414 (re-exported)
-from fleetctl._fast.commands import exit_now as exit_now  # noqa: PLC0414 (re-exported)
-from fleetctl._fast.commands import run as run  # noqa: PLC0414 (re-exported)
+from fleetctl._fast.argv import Command as Command
+from fleetctl._fast.argv import parse as parse
+from fleetctl._fast.commands import exit_now as exit_now
+from fleetctl._fast.commands import run as run

@@ -225,8 +225,7 @@ def _claim(command: Command, op: str, content: str = "") -> int:
     params = command.params
     owner = f',"owner":{quote(params["owner"])}' if "owner" in params else ""
     request = (
-        f'"op":"{op}","kind":{quote(params["kind"])},"key":{quote(params["key"])}'
-        f"{owner}{content}"
+        f'"op":"{op}","kind":{quote(params["kind"])},"key":{quote(params["key"])}{owner}{content}'
     )
     result = _answer(command, request)
     fields = f'"claim":{result.get("claim", (None, "null"))[1]}'

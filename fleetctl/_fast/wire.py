@@ -246,7 +246,7 @@ class Connection:
         for body in bodies:
             self.next_id += 1
             self.unanswered.append((self.next_id, self.timeout))
-            frames.append(f"{{{body},\"id\":{self.next_id}}}\n")
+            frames.append(f'{{{body},"id":{self.next_id}}}\n')
         if timeout is not None:
             self.unanswered[-1] = (self.next_id, timeout)
         try:
@@ -306,9 +306,7 @@ class Connection:
         return Failure("timeout", "timeout", f"no answer from fleetd within {seconds}s")
 
     def _lost(self, exc: OSError) -> Failure:
-        return Failure(
-            "unavailable", "connection_lost", f"fleetd went away: {exc.strerror or exc}"
-        )
+        return Failure("unavailable", "connection_lost", f"fleetd went away: {exc.strerror or exc}")
 
 
 def _bad_frame(why: str = "not a response") -> Failure:
