@@ -103,8 +103,8 @@ def _member_wait(names: tuple[str, ...] | list[str], seconds: float) -> str:
 def _members(command: Command, result: Fields, outcome: str | None = None, extra: str = "") -> int:
     """As fleetctl.cli._emit_members: the table, or the envelope with the members (and
     `extra` fields); `absent` when one is, unless `outcome` is given."""
-    members, text = result.get("members", ([], "[]"))
-    if not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+    members, text = _value(result, "members", list, []), _text(result, "members", "[]")
+    if not all(isinstance(member, dict) for member in members):
         raise malformed()
     if outcome is None:
         outcome = "absent" if any(m.get("state") == "absent" for m in members) else "ok"
@@ -133,13 +133,15 @@ def _up(command: Command) -> int:
             names = [f"{cluster}/{member['name']}" for member in listed]
             seconds: float = params["wait_timeout"]
             members = connection.request(_member_wait(names, seconds), seconds + command.timeout)
-    holder_pid, holder_text = result.get("holder_pid", (None, "null"))
     if command.json:
-        runtime_dir = result.get("runtime_dir", ("", '""'))[1]
-        extra = f',"cluster":{result["cluster"][1]},"holder_pid":{holder_text},'
-        return _members(command, members, outcome, f'{extra}"runtime_dir":{runtime_dir}')
+        extra = (
+            f',"cluster":{_text(result, "cluster", "")},'
+            f'"holder_pid":{_text(result, "holder_pid", "null")},'
+            f'"runtime_dir":{_text(result, "runtime_dir", _EMPTY)}'
+        )
+        return _members(command, members, outcome, extra)
     rows = _value(members, "members", list, [])
-    head = f"cluster {cluster} {outcome} (holder pid {holder_pid})"
+    head = f"cluster {cluster} {outcome} (holder pid {_value(result, 'holder_pid', object)})"
     return _print(head + "\n" + status_table(rows), outcome)
 
 
@@ -188,12 +190,12 @@ def _lease(command: Command, request: str) -> int:
     """As fleetctl.cli._lease_envelope: the outcome, the lease (null when there is none), the
     message if any, and after a takeover the previous holder and what fencing did to it."""
     result = _answer(command, request)
-    fields = f'"lease":{result.get("lease", (None, "null"))[1]}'
-    if result.get("message", ("", ""))[0]:
-        fields += f',"message":{result["message"][1]}'
-    if result.get("previous", (None, ""))[0] is not None:
-        fence = result.get("fence", ("", '""'))[1]
-        fields += f',"previous":{result["previous"][1]},"fence":{fence}'
+    fields = f'"lease":{_text(result, "lease", "null")}'
+    if _value(result, "message", str, ""):
+        fields += f',"message":{_text(result, "message", _EMPTY)}'
+    if _text(result, "previous", "null") != "null":
+        fields += f',"previous":{_text(result, "previous", "null")}'
+        fields += f',"fence":{_text(result, "fence", _EMPTY)}'
     return _outcome_envelope(result, fields)
 
 
@@ -228,9 +230,9 @@ def _claim(command: Command, op: str, content: str = "") -> int:
         f'"op":"{op}","kind":{quote(params["kind"])},"key":{quote(params["key"])}{owner}{content}'
     )
     result = _answer(command, request)
-    fields = f'"claim":{result.get("claim", (None, "null"))[1]}'
-    if result.get("message", ("", ""))[0]:
-        fields += f',"message":{result["message"][1]}'
+    fields = f'"claim":{_text(result, "claim", "null")}'
+    if _value(result, "message", str, ""):
+        fields += f',"message":{_text(result, "message", _EMPTY)}'
     return _outcome_envelope(result, fields)
 
 
@@ -248,7 +250,7 @@ def _answer(command: Command, request: str) -> Fields:
 
 def _outcome_envelope(result: Fields, fields: str) -> int:
     outcome = _value(result, "outcome", str)
-    return _envelope(f'{{"outcome":{result["outcome"][1]},{fields}}}', outcome)
+    return _envelope(f'{{"outcome":{_text(result, "outcome", "")},{fields}}}', outcome)
 
 
 # --- printing --------------------------------------------------------------------------------
@@ -312,11 +314,22 @@ def _bool(value: object) -> str:
 
 
 def _value(result: Fields, key: str, kind: type, default: object = None) -> Any:
-    """A field of a result, of `kind`; a result without it (or `default`) is malformed."""
+    """A field's value, of `kind`; `default` where msgspec omitted it (a default value), and
+    a result where it is neither is malformed."""
     value = result.get(key, (default, ""))[0]
     if not isinstance(value, kind):
         raise malformed()
     return value
+
+
+def _text(result: Fields, key: str, default: str) -> str:
+    """A field's JSON text as fleetd wrote it; `default` (the default value's text) where
+    msgspec omitted it."""
+    return result[key][1] if key in result else default
+
+
+_EMPTY = '""'
+"""The JSON text of an empty string."""
 
 
 _COMMANDS: dict[str, Callable[[Command], int]] = {
