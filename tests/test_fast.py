@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetctl import _fast
-from fleetctl._fast.argv import LEAST_TIMEOUT, MOST_TIMEOUT, SPECS, Command
+from fleetctl._fast.argv import _GLOBAL as GLOBAL_OPTIONS
+from fleetctl._fast.argv import LEAST_TIMEOUT, MOST_TIMEOUT, SPECS, Command, _text
 from fleetctl._fast.wire import ERROR_OUTCOMES, quote
 from fleetctl.cli import MAX_TIMEOUT, cli
 from fleetctl.sync import SyncClient
@@ -157,6 +158,65 @@ def test_the_fast_path_reads_argv_as_click_does_or_not_at_all(
     head: list[str], command: list[str], tail: list[str]
 ) -> None:
     argv = [*head, *command, *tail]
+    fast = _fast.parse(argv)
+    if fast is not None:
+        assert same_parse(fast, click_reads(argv)), (argv, fast, click_reads(argv))
+
+
+HOSTILE = st.sampled_from([*WORDS, "-h", "--owner"]) | st.text(max_size=6)
+NUMBERS = ["7", "0", "-1", "+5", " 7 ", "1_0", "٣", "99999999999999999999999", "0x10"]
+DURATIONS = ["15s", "1m30s", "500ms", "0", "0.5", "1h5m", "-1", "nan", "2y", "1e3", "1m1h"]
+
+
+@st.composite
+def value_for(draw: st.DrawFn, convert: Callable[[str], object] | None) -> str:
+    """Mostly a value of the option's kind (valid or nearly), now and then anything."""
+    if not draw(st.integers(0, 4)):
+        return draw(HOSTILE)
+    kind = getattr(convert, "__name__", "")
+    if kind == "_int":
+        return draw(st.sampled_from(NUMBERS))
+    if kind in ("_duration", "_timeout"):
+        return draw(st.sampled_from(DURATIONS))
+    return draw(st.sampled_from(["a", "build/main", "web/a", "k", "", "/s", "x.toml"]))
+
+
+@st.composite
+def command_lines(draw: st.DrawFn) -> list[str]:
+    """A command the fast path serves, each of its options given or not (spelt either way,
+    with a value of the right kind or not), arguments, all in any order, and now and then a
+    stray word."""
+    head: list[str] = []
+    for option in draw(st.lists(st.sampled_from(["--json", "--socket", "--timeout"]))):
+        _, convert = GLOBAL_OPTIONS[option]
+        head += [option] if convert is None else [option, draw(value_for(convert))]
+    name = draw(st.sampled_from(sorted(SPECS)))
+    spec = SPECS[name]
+    parts: list[list[str]] = []
+    for spelling, (parameter, convert) in spec.options.items():
+        if not draw(st.integers(0, 5 if parameter in spec.required else 1)):
+            continue
+        value = draw(value_for(convert))
+        if convert is None:
+            parts.append([spelling] if draw(st.integers(0, 5)) else [f"{spelling}={value}"])
+        elif spelling.startswith("--") and draw(st.booleans()):
+            parts.append([f"{spelling}={value}"])
+        else:
+            parts.append([spelling, value])
+    count = 1 if spec.arguments and spec.arguments[1] == "1" else draw(st.integers(0, 3))
+    count = draw(st.sampled_from([count, count, count, 0, 2]))
+    parts += [[draw(value_for(_text))] for _ in range(count)]
+    argv = [*head, *name.split(), *(word for part in draw(st.permutations(parts)) for word in part)]
+    if not draw(st.integers(0, 4)):
+        argv.insert(draw(st.integers(0, len(argv))), draw(HOSTILE))
+    return argv
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(command_lines())
+def test_command_lines_of_fast_commands_are_read_as_click_reads_them_or_not_at_all(
+    argv: list[str],
+) -> None:
     fast = _fast.parse(argv)
     if fast is not None:
         assert same_parse(fast, click_reads(argv)), (argv, fast, click_reads(argv))
@@ -388,9 +448,7 @@ def test_a_claims_command_prints_and_exits_as_click_does(
 
 SLEEPER = 'command = ["sleep", "60"]'
 DEFINITION = f'name = "pair"\n[members.a]\n{SLEEPER}\n[members.b]\n{SLEEPER}\n'
-NEVER_READY = (
-    'name = "sad"\n[members.bad]\ncommand = ["sh", "-c", "exit 3"]\nready = "log:never"\n'
-)
+NEVER_READY = 'name = "sad"\n[members.bad]\ncommand = ["sh", "-c", "exit 3"]\nready = "log:never"\n'
 """Fails before it is ever ready: waiting for it fails, whenever the wait starts."""
 SLOW = (
     'name = "slow"\n[members.never]\ncommand = ["sleep", "60"]\nready = "log:never"\n'
