@@ -589,12 +589,16 @@ EVERY_LINE = [
 
 
 class FakeDaemon:
-    """A control socket that answers hello as `hello` says (None: never answers anything)
-    and leaves every other request unanswered."""
+    """A control socket that answers hello as `hello` says (None: never answers anything),
+    each op in `answers` with its result (encoded as fleetd encodes it, and written a few
+    bytes at a time), and leaves every other request unanswered."""
 
-    def __init__(self, path: str, hello: dict[str, Any] | None) -> None:
+    def __init__(
+        self, path: str, hello: dict[str, Any] | None, answers: dict[str, Any] | None = None
+    ) -> None:
         self.path = path
         self.hello = hello
+        self.answers = answers or {}
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(8)
@@ -620,6 +624,15 @@ class FakeDaemon:
                     if request["op"] == "hello" and self.hello is not None:
                         answer = {"id": request["id"], "ok": True, "result": self.hello}
                         conn.sendall(json.dumps(answer).encode() + b"\n")
+                    elif request["op"] in self.answers:
+                        result = self.answers[request["op"]]
+                        answer = {"id": request["id"], "ok": True, "result": result}
+                        self._dribble(conn, msgspec.json.encode(answer) + b"\n")
+
+    def _dribble(self, conn: socket.socket, frame: bytes) -> None:
+        """`frame` in pieces, so that it takes the reader many reads."""
+        for start in range(0, len(frame), 4096):
+            conn.sendall(frame[start : start + 4096])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -629,8 +642,10 @@ class FakeDaemon:
 
 
 @contextlib.contextmanager
-def fake_daemon(tempdir: str, hello: dict[str, Any] | None) -> Iterator[dict[str, str]]:
-    daemon = FakeDaemon(os.path.join(tempdir, "fake.sock"), hello)
+def fake_daemon(
+    tempdir: str, hello: dict[str, Any] | None, answers: dict[str, Any] | None = None
+) -> Iterator[dict[str, str]]:
+    daemon = FakeDaemon(os.path.join(tempdir, "fake.sock"), hello, answers)
     try:
         yield {**os.environ, "FLEET_SOCKET": daemon.path}
     finally:
@@ -683,3 +698,24 @@ def test_a_request_left_unanswered_after_the_hello_is_a_timeout_as_with_click(
     assert fast == slow
     assert fast[0] == 13
     assert "no answer from fleetd within" in fast[1] + fast[2]
+
+
+@pytest.mark.parametrize("json_mode", [False, True], ids=["table", "json"])
+def test_an_answer_of_thousands_of_members_over_many_reads_prints_as_with_click(
+    tempdir: str, json_mode: bool
+) -> None:
+    members = [
+        {"name": f"m{i}", "state": "running", "pid": 1000 + i, "running": True, "cluster": "big"}
+        for i in range(3000)
+    ]
+    members[7] = {"name": 'é"\\\u2028', "state": "error", "error": "exited 3\nagain"}
+    hello = {"version": PROTOCOL_VERSION, "server": "0.1.0", "pid": 1}
+    argv = ["--json", "status"] if json_mode else ["status"]
+    with fake_daemon(tempdir, hello, {"member_status": {"members": members}}) as env:
+        fast, slow = fleetctl_both(argv, env, env)
+    assert fast == slow
+    assert fast[0] == 0
+    if json_mode:
+        assert json.loads(fast[1]) == {"outcome": "ok", "members": members}
+    else:
+        assert fast[1].split("\n")[-2].startswith("big/m2999 ")
