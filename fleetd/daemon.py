@@ -7,6 +7,7 @@ start in dependency order with ``await tg.start(...)``, so READY=1 is only sent 
 once every one of them is really ready; shutdown runs the same path backwards.
 """
 
+import functools
 import os
 import signal
 import socket
@@ -192,8 +193,11 @@ class Daemon:
         return HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
 
     async def up_toml(self, request: ClusterUpToml, peer: Peer) -> ClusterResult:
-        """cluster_up of the definition a fleet.toml's text gives, parsed as a client would."""
-        spec = parse_toml(request.text, source=request.source, name=request.name)
+        """cluster_up of the definition a fleet.toml's text gives, parsed as a client would:
+        in a worker thread, since a thousand members take tens of milliseconds to parse and
+        check, which the event loop's other clients should not wait for."""
+        parse = functools.partial(parse_toml, source=request.source, name=request.name)
+        spec = await anyio.to_thread.run_sync(parse, request.text)
         up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
         return await self.holders.up(up, peer)
 
