@@ -14,10 +14,12 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -599,6 +601,8 @@ class FakeDaemon:
         self.path = path
         self.hello = hello
         self.answers = answers or {}
+        self.seen: list[str] = []
+        """The op of every request read, in order."""
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(8)
@@ -621,6 +625,7 @@ class FakeDaemon:
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
                     request = json.loads(line)
+                    self.seen.append(request["op"])
                     if request["op"] == "hello" and self.hello is not None:
                         answer = {"id": request["id"], "ok": True, "result": self.hello}
                         conn.sendall(json.dumps(answer).encode() + b"\n")
@@ -645,9 +650,17 @@ class FakeDaemon:
 def fake_daemon(
     tempdir: str, hello: dict[str, Any] | None, answers: dict[str, Any] | None = None
 ) -> Iterator[dict[str, str]]:
+    with faked(tempdir, hello, answers) as daemon:
+        yield {**os.environ, "FLEET_SOCKET": daemon.path}
+
+
+@contextlib.contextmanager
+def faked(
+    tempdir: str, hello: dict[str, Any] | None, answers: dict[str, Any] | None = None
+) -> Iterator[FakeDaemon]:
     daemon = FakeDaemon(os.path.join(tempdir, "fake.sock"), hello, answers)
     try:
-        yield {**os.environ, "FLEET_SOCKET": daemon.path}
+        yield daemon
     finally:
         daemon.close()
 
@@ -719,3 +732,23 @@ def test_an_answer_of_thousands_of_members_over_many_reads_prints_as_with_click(
         assert json.loads(fast[1]) == {"outcome": "ok", "members": members}
     else:
         assert fast[1].split("\n")[-2].startswith("big/m2999 ")
+
+
+def test_ctrl_c_while_waiting_is_reported_as_click_reports_it(tempdir: str) -> None:
+    argv = ["wait", "a"]
+    assert _fast.parse(argv) is not None
+    results = []
+    with faked(tempdir, {"version": PROTOCOL_VERSION, "server": "0.1.0", "pid": 1}) as daemon:
+        env = {**os.environ, "FLEET_SOCKET": daemon.path}
+        for program in (FLEETCTL, CLICK):
+            process = subprocess.Popen(
+                [*program, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            asked = len(daemon.seen) + 2  # the hello, then member_wait, left unanswered
+            deadline = time.monotonic() + 30
+            while len(daemon.seen) < asked and time.monotonic() < deadline:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)
+            results.append((process.returncode, out, err))
+    assert results[0] == results[1] == (1, b"", b"\nfleetctl: aborted\n")

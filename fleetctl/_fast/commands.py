@@ -31,6 +31,9 @@ def run(command: Command) -> int:
         return _COMMANDS[command.name](command)
     except Failure as failure:
         return _fail(failure, command.json or command.name.startswith(_ALWAYS_JSON))
+    except KeyboardInterrupt:  # Ctrl-C, as click reports it (a line closing the ^C echo)
+        sys.stderr.write("\nfleetctl: aborted\n")
+        return 1
 
 
 _ALWAYS_JSON = ("lease ", "claims ")
