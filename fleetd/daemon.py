@@ -7,6 +7,7 @@ start in dependency order with ``await tg.start(...)``, so READY=1 is only sent 
 once every one of them is really ready; shutdown runs the same path backwards.
 """
 
+import functools
 import os
 import signal
 import socket
@@ -47,13 +48,16 @@ from protocol.claims import (
 )
 from protocol.clusters import (
     ClusterDown,
+    ClusterResult,
     ClusterUp,
+    ClusterUpToml,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
 )
+from protocol.definitions import parse_toml
 from protocol.errors import Incompatible, StartupError
 from protocol.messages import (
     Empty,
@@ -169,6 +173,7 @@ class Daemon:
         dispatcher.register(LeaseListRequest, self.leases.list)
         dispatcher.register(LeaseWatch, self.leases.watch, chatty=True, waits=_watch_waits)
         dispatcher.register(ClusterUp, self.holders.up)
+        dispatcher.register(ClusterUpToml, self.up_toml)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
         dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
@@ -189,6 +194,15 @@ class Daemon:
                 server_version=PROTOCOL_VERSION,
             )
         return HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
+
+    async def up_toml(self, request: ClusterUpToml, peer: Peer) -> ClusterResult:
+        """cluster_up of the definition a fleet.toml's text gives, parsed as a client would:
+        in a worker thread, since a thousand members take tens of milliseconds to parse and
+        check, which the event loop's other clients should not wait for."""
+        parse = functools.partial(parse_toml, source=request.source, name=request.name)
+        spec = await anyio.to_thread.run_sync(parse, request.text)
+        up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
+        return await self.holders.up(up, peer)
 
     def ping(self, request: Ping, peer: Peer) -> Empty:
         return Empty()

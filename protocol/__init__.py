@@ -31,3 +31,7 @@ PROTOCOL_VERSION = 1
 
 MAX_FRAME = 1 << 20
 """Largest frame (without its newline) either side accepts, in bytes."""
+
+MAX_CLAIM_CONTENT = 512 * 1024
+"""Bytes: the most a claim may deliver (protocol.claims.MAX_CONTENT), here for fleetctl's fast
+path, which refuses more before it sends anything. Base64 on the wire must fit a frame."""
