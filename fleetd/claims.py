@@ -1,27 +1,32 @@
 """The claims journal: who owns which delivered resource, and the files themselves.
 
     decide_acquire / decide_release   pure verdicts on a stored record
-    deliver / withdraw                atomic file delivery and removal (blocking; in a thread)
-    ClaimService                      the edges: the store, the inbox, the per-claim locks, and
-                                      the journal's providers (fleetd.journal), whose entries
-                                      it lists and whose collection gc runs
+    ClaimService                      the edges: the store, the files (fleetd.delivery), the
+                                      per-claim locks, and the journal's providers
+                                      (fleetd.journal), whose entries it lists and whose
+                                      collection gc runs
 
-Durability and crash safety. Acquire delivers the file first (staging file, fsync, rename into
-the inbox, fsync of the inbox directory), then records the claim in a store transaction
-guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if that
-transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A claim
-is therefore never recorded without its file. Release records ``released`` first, then
-removes the file. A crash between the two steps leaves either an unrecorded file or a
-released claim's file: start-up clears the staging directory, removes released claims' files
-and moves every file that no record explains to ``quarantine/`` (logged, never deleted: it
-may be somebody's only copy), so an inbox never shows a half-written file nor keeps one
-nobody owns.
+Durability and crash safety. Acquire delivers the file first (staging file, data flushed,
+rename into the inbox, fsync of the inbox directory), then records the claim in a store
+transaction guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if
+that transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A
+claim is therefore never recorded without its file. Release records ``released`` first, then
+removes the file (and fsyncs its directory) before answering. A crash between the two steps
+leaves either an unrecorded file or a released claim's file: start-up clears the staging
+directory, removes released claims' files and moves every file that no record explains to
+``quarantine/`` (logged, never deleted: it may be somebody's only copy), so an inbox never
+shows a half-written file nor keeps one nobody owns.
+
+Both steps are batched across concurrent requests, and neither changes this order: the file
+work of many acquires and releases goes to disk in one pass (fleetd.delivery: one flush of all
+the files' data, one fsync per directory), and their records in one store commit (the store's
+group commit). Each claim's steps still happen in order under its own lock (NameLocks), and
+each request fails or succeeds alone.
 
 Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
 """
 
-import errno
 import hashlib
 import os
 import stat
@@ -35,8 +40,9 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from fleetd.core.dirs import PrivateDir, write_all
+from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
+from fleetd.delivery import STAGING, FileBatches, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
 from fleetd.store import Compare, Delete, KeyValue, Put, Store
@@ -66,7 +72,6 @@ log = structlog.get_logger("fleetd.claims")
 PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
 
-STAGING = "claims-staging"
 INBOX = "inbox"
 FILES = "files"
 QUARANTINE = "quarantine"
@@ -124,16 +129,6 @@ def decide_release(record: StoredClaim | None, owner: str) -> Outcome:
 # Files -------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _disk_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(f"cannot {what}: the disk is full; nothing was written") from None
-        raise Internal(f"cannot {what}: {exc.strerror or exc}") from None
-
-
 def relative_path(kind: str, key: str, owner: str) -> tuple[str, ...]:
     """Where a claim's file lives under the state directory."""
     return (INBOX, owner, key) if kind == "prompt_inbox" else (FILES, key)
@@ -152,39 +147,6 @@ def _parent_of(state: PrivateDir, parts: tuple[str, ...], *, create: bool) -> It
     finally:
         for directory in reversed(opened):
             directory.close()
-
-
-def deliver(state: PrivateDir, parts: tuple[str, ...], content: bytes) -> None:
-    """Write `content` at `parts` atomically: staged, fsynced, renamed, directory fsynced."""
-    with (
-        _disk_errors(f"deliver {os.path.join(state.path, *parts)}"),
-        state.subdir(STAGING) as staging,
-        _parent_of(state, parts, create=True) as target,
-    ):
-        temp = f"{os.getpid()}-{time.monotonic_ns()}.tmp"
-        fd = staging.open_file(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            try:
-                write_all(fd, content)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            staging.move(temp, target, parts[-1])
-        except BaseException:
-            staging.unlink(temp)
-            raise
-        target.fsync()
-
-
-def withdraw(state: PrivateDir, parts: tuple[str, ...]) -> None:
-    """Remove a delivered file, durably; one already gone (or its directory) is fine."""
-    with _disk_errors(f"remove {os.path.join(state.path, *parts)}"):
-        try:
-            with _parent_of(state, parts, create=False) as directory:
-                if directory.unlink(parts[-1]):
-                    directory.fsync()
-        except FileNotFoundError:
-            return
 
 
 # The service -------------------------------------------------------------------------------
@@ -216,6 +178,7 @@ class ClaimService:
         self.state = state
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
         self._locks = NameLocks()
+        self._files = FileBatches(state)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
@@ -272,12 +235,11 @@ class ClaimService:
                 size=len(request.content),
                 acquired_at=round(time.time(), 3),
             )
-            await anyio.to_thread.run_sync(deliver, self.state, parts, request.content)
+            await self._files.deliver(parts, request.content)
             try:
                 revision = await self._write(key, found, record)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(withdraw, self.state, parts)
+                await self._files.withdraw(parts)  # shielded: it runs even when cancelled
                 raise
             record = msgspec.structs.replace(record, revision=revision)
             return ClaimResult(
@@ -302,7 +264,7 @@ class ClaimService:
             )
             await self._write(key, found, record)
             parts = relative_path(request.kind, request.key, record.owner)
-            await anyio.to_thread.run_sync(withdraw, self.state, parts)
+            await self._files.withdraw(parts)
             return ClaimResult(
                 outcome=Outcome.RELEASED,
                 claim=_info(request.kind, request.key, record),
@@ -402,7 +364,7 @@ class ClaimService:
                 return False
             kind, _, name = key.removeprefix(PREFIX).partition("/")
             parts = relative_path(kind, name, seen.owner)
-            await anyio.to_thread.run_sync(withdraw, self.state, parts)
+            await self._files.withdraw(parts)
             return True
 
     # Edges -----------------------------------------------------------------------------------
