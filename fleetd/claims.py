@@ -45,7 +45,7 @@ from fleetd.core.dispatch import Peer
 from fleetd.delivery import STAGING, FileBatches, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
-from fleetd.store import Compare, Delete, KeyValue, Put, Store
+from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
     KINDS,
     MAX_CONTENT,
@@ -78,6 +78,9 @@ QUARANTINE = "quarantine"
 GC_CONCURRENCY = 32
 """Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
+RECENT = 4096
+"""Claim records kept in memory, the most recently used: a request for one of them needs no
+store read before its write."""
 
 
 class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,6 +161,34 @@ class _Found:
     mod_revision: int
 
 
+class _Recent:
+    """Claim records as the store has them, for the keys used lately, least recent first.
+
+    Exact, not a guess: only this fleetd writes claims, each write under its key's lock, and
+    ClaimService remembers what it wrote (or read) there under that lock, and forgets a key
+    while a write to it is in flight (one that fails or is cancelled may still have happened).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._found: dict[str, _Found] = {}
+
+    def get(self, key: str) -> _Found | None:
+        found = self._found.pop(key, None)
+        if found is not None:
+            self._found[key] = found
+        return found
+
+    def put(self, key: str, found: _Found) -> None:
+        self._found.pop(key, None)
+        self._found[key] = found
+        if len(self._found) > self._size:
+            del self._found[next(iter(self._found))]
+
+    def forget(self, key: str) -> None:
+        self._found.pop(key, None)
+
+
 class ClaimService:
     """Claims over the control socket; start it with ``await tg.start(service.serve)`` once
     the store and the `providers` serve. `max_bytes` caps a claim's content (default:
@@ -179,6 +210,7 @@ class ClaimService:
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
         self._locks = NameLocks()
         self._files = FileBatches(state)
+        self._recent = _Recent(RECENT)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
@@ -220,7 +252,7 @@ class ClaimService:
         digest = hashlib.sha256(request.content).hexdigest()
         key = record_key(request.kind, request.key)
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             outcome = decide_acquire(found.record, request.owner, digest)
             if outcome is not Outcome.ACQUIRED:
                 assert found.record is not None
@@ -237,11 +269,10 @@ class ClaimService:
             )
             await self._files.deliver(parts, request.content)
             try:
-                revision = await self._write(key, found, record)
+                record = await self._write(key, found, record)
             except BaseException:
                 await self._files.withdraw(parts)  # shielded: it runs even when cancelled
                 raise
-            record = msgspec.structs.replace(record, revision=revision)
             return ClaimResult(
                 outcome=Outcome.ACQUIRED,
                 claim=_info(request.kind, request.key, record),
@@ -254,7 +285,7 @@ class ClaimService:
         check_component("owner", request.owner)
         key = record_key(request.kind, request.key)
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             outcome = decide_release(found.record, request.owner)
             if outcome is not Outcome.RELEASED:
                 return self._refused(request.kind, request.key, found, outcome, request.owner)
@@ -354,14 +385,15 @@ class ClaimService:
     async def _collect(self, key: str, seen: StoredClaim) -> bool:
         """Delete the record, then the file; False if the claim moved on meanwhile."""
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             if found.record != seen:
                 return False
-            result = await self._store.txn(
-                (Compare(key, "mod", "==", found.mod_revision),), (Delete(key),)
+            result = await self._txn(
+                key, Compare(key, "mod", "==", found.mod_revision), Delete(key)
             )
             if not result.succeeded:
                 return False
+            self._recent.put(key, _Found(None, 0))
             kind, _, name = key.removeprefix(PREFIX).partition("/")
             parts = relative_path(kind, name, seen.owner)
             await self._files.withdraw(parts)
@@ -370,21 +402,41 @@ class ClaimService:
     # Edges -----------------------------------------------------------------------------------
 
     async def _read(self, key: str) -> _Found:
+        """The record as the store has it now."""
         kv = await self._store.get(key)
         if kv is None:
             return _Found(None, 0)
         return _Found(_stored(kv), kv.mod_revision)
 
-    async def _write(self, key: str, found: _Found, record: StoredClaim) -> int:
+    async def _current(self, key: str) -> _Found:
+        """The record, from memory when this fleetd wrote or read it lately. Only under the
+        key's lock: a read outside it could remember a record older than a write made since."""
+        found = self._recent.get(key)
+        if found is None:
+            found = await self._read(key)
+            self._recent.put(key, found)
+        return found
+
+    async def _write(self, key: str, found: _Found, record: StoredClaim) -> StoredClaim:
+        """Put `record` guarded on `found` (under the key's lock); returns it with its revision."""
         guard = (
             Compare(key, "mod", "==", found.mod_revision)
             if found.record is not None
             else Compare(key, "create", "==", 0)
         )
-        result = await self._store.txn((guard,), (Put(key, _encode(record)),))
+        result = await self._txn(key, guard, Put(key, _encode(record)))
         if not result.succeeded:
             raise Internal(f"claim record {key!r} changed behind the claims journal")
-        return result.revision
+        if not record.revision:
+            record = msgspec.structs.replace(record, revision=result.revision)
+        self._recent.put(key, _Found(record, result.revision))
+        return record
+
+    async def _txn(self, key: str, guard: Compare, write: Put | Delete) -> TxnResult:
+        """One guarded write of `key`; what is remembered of it is forgotten unless it succeeds
+        (a failed or cancelled write may or may not have happened)."""
+        self._recent.forget(key)
+        return await self._store.txn((guard,), (write,))
 
     def _refused(
         self, kind: str, key: str, found: _Found, outcome: Outcome, owner: str
