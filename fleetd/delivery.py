@@ -10,12 +10,15 @@ data is flushed to disk, then the file is renamed into its directory (``inbox/OW
 ``files``), and that directory is fsynced, so that the name too survives a power loss. A
 reader never sees a partial file. A withdrawal unlinks the file and fsyncs its directory.
 
-Group commit. Each flush waits for the disk, and done one request at a time the flushes are
-most of what a claim costs. So the handlers queue their file work, and the first one to find
-no batch running takes everything queued into one thread hop (``run_batch``) that stages every
-delivery, flushes all their data together, renames them, unlinks the withdrawn files, and then
-fsyncs each directory it touched once. Only then is any of its callers answered: an answer
-still means durable, as for the store's own group commit (fleetd.store.sqlite).
+Group commit. Each flush waits for the disk, and each file created, renamed or unlinked costs
+the file system's journal some work: done one request at a time, with a thread hop and three
+directories opened each, that is most of what a claim costs. So the handlers queue their file
+work, and a caller that finds work queued takes all of it into one thread hop (``run_batch``)
+that stages every delivery, flushes all their data at once (unlinking the withdrawn files
+meanwhile), renames them into place, and then fsyncs each directory it touched once. Only
+then is any of its callers answered: an answer still means durable, as for the store's own
+group commit (fleetd.store.sqlite). Two batches may be on their way at once, so that one
+stages and renames while the other waits for the disk.
 
 Each job succeeds or fails alone: a file that cannot be written (a full disk, a link where a
 directory should be) fails its own request and leaves nothing behind, and the others go on. A
@@ -28,8 +31,8 @@ planted in the inbox is refused, never followed.
 
 import errno
 import functools
+import itertools
 import os
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -44,8 +47,12 @@ from protocol.errors import FleetError, Internal, StoreFull
 log = structlog.get_logger("fleetd.delivery")
 
 STAGING = "claims-staging"
+BATCHES_AT_ONCE = 2
+"""Batches on their way to disk together (see FileBatches)."""
 SYNC_THREADS = 16
-"""Staged files flushed at once, at most (see _fdatasync_all)."""
+"""Staged files flushed at once, at most (see _syncers)."""
+
+_batches = itertools.count()
 
 Where = tuple[str, ...]
 """A path under the state directory, one component a part."""
@@ -78,19 +85,19 @@ class FileJob:
 
 
 def run_batch(state: PrivateDir, jobs: Sequence[FileJob]) -> None:
-    """Deliver and withdraw `jobs` in one pass over the disk: stage, flush the data of all,
-    rename, unlink, fsync each directory touched once. Every job ends with `error` set or not;
-    this never raises for one job's failure."""
+    """Deliver and withdraw `jobs` in one pass over the disk: stage, flush the data of all
+    (unlinking the withdrawn files meanwhile), rename, fsync each directory touched once.
+    Every job ends with `error` set or not; this never raises for one job's failure."""
     delivering = [job for job in jobs if job.delivering]
+    withdrawing = [job for job in jobs if not job.delivering]
     with _Directories(state) as directories:
         try:
             staging = _stage(directories, delivering) if delivering else None
-            if staging is not None:
-                _flush(directories.state, delivering)
-                _place(directories, staging, delivering)
-            for job in jobs:
-                if not job.delivering:
+            with _flushing(directories.state, delivering, in_threads=bool(withdrawing)):
+                for job in withdrawing:
                     _unlink(directories, job)
+            if staging is not None:
+                _place(directories, staging, delivering)
             directories.fsync(jobs)
         finally:
             for job in delivering:
@@ -105,7 +112,7 @@ def _stage(directories: "_Directories", jobs: Sequence[FileJob]) -> PrivateDir |
         for job in jobs:
             job.fail(_translated(exc, directories.state, job))
         return None
-    prefix = f"{os.getpid()}-{time.monotonic_ns()}"
+    prefix = f"{os.getpid()}-{next(_batches)}"
     for index, job in enumerate(jobs):
         with _failing(directories.state, job):
             name = f"{prefix}-{index}.tmp"
@@ -116,26 +123,25 @@ def _stage(directories: "_Directories", jobs: Sequence[FileJob]) -> PrivateDir |
     return staging
 
 
-def _flush(state: PrivateDir, jobs: Sequence[FileJob]) -> None:
-    """The data of every staged file on disk (a full disk may only show here, as the file
-    system allocates blocks for data written earlier)."""
+@contextmanager
+def _flushing(state: PrivateDir, jobs: Sequence[FileJob], *, in_threads: bool) -> Iterator[None]:
+    """The data of every staged file on disk once the block is done; `in_threads`: flushed
+    while the block runs, not after it. (A full disk may only show here, as the file system
+    allocates blocks for data written earlier.)"""
     staged = [job for job in jobs if job.error is None]
-    for job, error in zip(staged, _fdatasync_all([job._fd for job in staged]), strict=True):
-        if error is not None:
-            job.fail(_translated(error, state, job))
-    for job in jobs:
-        if job._fd >= 0:
-            os.close(job._fd)
-            job._fd = -1
-
-
-def _fdatasync_all(fds: Sequence[int]) -> list[OSError | None]:
-    """fdatasync of each, all at once: a journaling file system commits together the flushes
-    it is asked for together (ext4's jbd2, XFS's log force), where one after the other each
-    new file would cost a journal commit of its own."""
-    if len(fds) <= 1:
-        return [_fdatasync(fd) for fd in fds]
-    return list(_syncers().map(_fdatasync, fds))
+    fds = [job._fd for job in staged]
+    flushing = _syncers().map(_fdatasync, fds) if len(fds) > 1 or (fds and in_threads) else None
+    try:
+        yield
+    finally:
+        errors = list(flushing) if flushing is not None else [_fdatasync(fd) for fd in fds]
+        for job, error in zip(staged, errors, strict=True):
+            if error is not None:
+                job.fail(_translated(error, state, job))
+        for job in jobs:
+            if job._fd >= 0:
+                os.close(job._fd)
+                job._fd = -1
 
 
 def _fdatasync(fd: int) -> OSError | None:
@@ -148,6 +154,9 @@ def _fdatasync(fd: int) -> OSError | None:
 
 @functools.cache
 def _syncers() -> ThreadPoolExecutor:
+    """fdatasync of many files at once: a journaling file system commits together the flushes
+    it is asked for together (ext4's jbd2, XFS's log force), where one after the other each
+    new file would cost a journal commit of its own."""
     return ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
 
 
@@ -213,11 +222,14 @@ class _Directories:
         found = self._open.get(where)
         if found is None:
             parent = self.get(where[:-1], create=create)
-            made = create and parent.entry(where[-1]) is None
-            found = parent.subdir(where[-1], create=create)
-            self._open[where] = found
-            if made:
+            try:
+                found = parent.subdir(where[-1], create=False)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                found = parent.subdir(where[-1], create=True)
                 self.touch(where[:-1])
+            self._open[where] = found
         return found
 
     def touch(self, where: Where) -> None:
@@ -277,15 +289,16 @@ class FileBatches:
     """The claim handlers' file work, batched: ``await files.deliver(parts, content)`` and
     ``await files.withdraw(parts)`` return once the file is durably there, or gone.
 
-    No task of its own: the first caller to find no batch running runs one for everything
-    queued, in a worker thread; callers that arrive meanwhile queue for the next. The wait is
-    shielded, as file work cannot be taken back half done: a caller cancelled meanwhile learns
-    so once its file is written (and withdraws it, if it must)."""
+    No task of its own: a caller that finds work queued and fewer than `at_once` batches
+    running runs one for everything queued, in a worker thread; the others wait for a batch to
+    end. The wait is shielded, as file work cannot be taken back half done: a caller cancelled
+    meanwhile learns so once its file is written (and withdraws it, if it must)."""
 
-    def __init__(self, state: PrivateDir) -> None:
+    def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
+        self._at_once = at_once
         self._queue: list[FileJob] = []
-        self._running = False
+        self._running = 0
         self._batch_done = anyio.Event()
 
     async def deliver(self, parts: Where, content: bytes) -> None:
@@ -298,16 +311,16 @@ class FileBatches:
         self._queue.append(job)
         with anyio.CancelScope(shield=True):
             while not job.settled:
-                if self._running:
-                    await self._batch_done.wait()
-                else:
+                if self._queue and self._running < self._at_once:
                     await self._run()
+                else:
+                    await self._batch_done.wait()
         if job.error is not None:
             raise job.error
 
     async def _run(self) -> None:
         batch, self._queue = self._queue, []
-        self._running = True
+        self._running += 1
         try:
             await anyio.to_thread.run_sync(run_batch, self._state, batch)
         except Exception as exc:  # a bug: these callers hear of it, the next batch runs
@@ -317,6 +330,6 @@ class FileBatches:
         finally:
             for job in batch:
                 job.settled = True
-            self._running = False
+            self._running -= 1
             done, self._batch_done = self._batch_done, anyio.Event()
             done.set()
