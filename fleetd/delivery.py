@@ -30,7 +30,6 @@ planted in the inbox is refused, never followed.
 """
 
 import errno
-import functools
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -50,8 +49,12 @@ STAGING = "claims-staging"
 BATCHES_AT_ONCE = 2
 """Batches on their way to disk together (see FileBatches)."""
 SYNC_THREADS = 16
-"""Staged files flushed at once, at most (see _syncers)."""
+"""Staged files flushed at once, at most (see _SYNCERS)."""
 
+_SYNCERS = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
+"""fdatasync of many files at once: a journaling file system commits together the flushes it
+is asked for together (ext4's jbd2, XFS's log force), where one after the other each new
+file would cost a journal commit of its own. Its threads start on first use."""
 _batches = itertools.count()
 
 Where = tuple[str, ...]
@@ -130,7 +133,7 @@ def _flushing(state: PrivateDir, jobs: Sequence[FileJob], *, in_threads: bool) -
     allocates blocks for data written earlier.)"""
     staged = [job for job in jobs if job.error is None]
     fds = [job._fd for job in staged]
-    flushing = _syncers().map(_fdatasync, fds) if len(fds) > 1 or (fds and in_threads) else None
+    flushing = _SYNCERS.map(_fdatasync, fds) if len(fds) > 1 or (fds and in_threads) else None
     try:
         yield
     finally:
@@ -150,14 +153,6 @@ def _fdatasync(fd: int) -> OSError | None:
     except OSError as exc:
         return exc
     return None
-
-
-@functools.cache
-def _syncers() -> ThreadPoolExecutor:
-    """fdatasync of many files at once: a journaling file system commits together the flushes
-    it is asked for together (ext4's jbd2, XFS's log force), where one after the other each
-    new file would cost a journal commit of its own."""
-    return ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
 
 
 def _place(directories: "_Directories", staging: PrivateDir, jobs: Sequence[FileJob]) -> None:
