@@ -18,10 +18,11 @@ directory, removes released claims' files and moves every file that no record ex
 shows a half-written file nor keeps one nobody owns.
 
 Both steps are batched across concurrent requests, and neither changes this order: the file
-work of many acquires and releases goes to disk in one pass (fleetd.delivery: one flush of all
-the files' data, one fsync per directory), and their records in one store commit (the store's
-group commit). Each claim's steps still happen in order under its own lock (NameLocks), and
-each request fails or succeeds alone.
+work of many acquires and releases goes to disk together (fleetd.delivery: their data flushed
+at once, one fsync per directory), and their records in one store commit (the store's group
+commit). Each claim's steps still happen in order under its own lock (NameLocks), and each
+request fails or succeeds alone. The records of the claims used lately are kept in memory
+(``_Recent``), so that a request waits for no store read before its write.
 
 Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
