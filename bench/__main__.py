@@ -51,6 +51,12 @@ def _clusters() -> list[Figure]:
     return measure()
 
 
+def _holders() -> list[Figure]:
+    from bench.holders import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
@@ -59,6 +65,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "members": members.measure,
     "bounds": _bounds,
     "clusters": _clusters,
+    "holders": _holders,
 }
 
 

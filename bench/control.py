@@ -1,13 +1,17 @@
-"""The control socket: round trip, pipelined throughput, CLI start-up, and an idle daemon's cost.
+"""The control socket: round trip, pipelined throughput, an idle daemon's cost, and the wall
+time of each command a script runs (fleetctl's fast path) against a bare `python -c pass`.
 
 Targets are for a 2-core machine, where fleetd and the benchmark each get about one core.
 """
 
+import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 
 import anyio
 
@@ -210,31 +214,110 @@ def _answer_batches(conns: list[_RawConnection], seconds: float) -> int:
     return answered
 
 
-def _cli(fleetd: Fleetd) -> list[Figure]:
-    """Whole-process wall time, the commands interleaved so that machine noise hits all alike."""
-    commands = {
-        "bare": [str(BIN / "python"), "-c", "pass"],
-        "ping": [str(BIN / "fleetctl"), "ping"],
-        "json_ping": [str(BIN / "fleetctl"), "--json", "ping"],
-    }
-    times: dict[str, list[float]] = {name: [] for name in commands}
-    for round_ in range(CLI_WARMUP + CLI_RUNS):
-        for name, argv in commands.items():
-            started = time.perf_counter()
-            subprocess.run(argv, env=fleetd.env, stdout=subprocess.DEVNULL, check=True)
-            if round_ >= CLI_WARMUP:
-                times[name].append((time.perf_counter() - started) * 1e3)
-    bare, ping, json_ping = (statistics.median(times[name]) for name in commands)
+SCRIPTED_MEMBERS = 1_000
+"""Members up while the commands scripts run are timed: `status` lists them all."""
+
+ScriptedCommand = tuple[str, str, list[str], bytes | None, float]
+"""A figure's key and label, the fleetctl arguments, its stdin, and its target (÷ python)."""
+
+
+def _scripted_commands() -> list[ScriptedCommand]:
+    """Every command a script calls, each on the fast path (fleetctl._fast), per round: the
+    claim and the lease are acquired, used and released, the 1-member cluster brought up and
+    (untimed) down again."""
+    n = SCRIPTED_MEMBERS
+    claim = ["--kind", "prompt_inbox", "--key", "task-{round}"]
+    lease = ["build", "--owner", "bench"]
     return [
-        Figure("python_pass_ms", "python -c pass (median)", bare, "ms"),
-        Figure("fleetctl_ping_ms", "fleetctl ping (median)", ping, "ms"),
-        Figure("fleetctl_ping_ratio", "fleetctl ping / python", ping / bare, "x", Target(1.25)),
-        Figure("fleetctl_json_ping_ms", "fleetctl --json ping (median)", json_ping, "ms"),
-        Figure(
-            "fleetctl_json_ping_ratio",
-            "fleetctl --json ping / python",
-            json_ping / bare,
-            "x",
-            Target(1.25),
+        ("ping", "fleetctl ping", ["ping"], None, 1.25),
+        ("json_ping", "fleetctl --json ping", ["--json", "ping"], None, 1.25),
+        ("status", f"fleetctl status N={n}", ["status"], None, 1.5),
+        ("json_status", f"fleetctl --json status N={n}", ["--json", "status"], None, 1.5),
+        ("wait", "fleetctl wait (running)", ["wait", "s0"], None, 1.5),
+        (
+            "claims_acquire",
+            "fleetctl claims acquire",
+            ["claims", "acquire", *claim, "--owner", "bench"],
+            b"do X\n",
+            1.5,
         ),
+        ("claims_inspect", "fleetctl claims inspect", ["claims", "inspect", *claim], None, 1.5),
+        (
+            "claims_release",
+            "fleetctl claims release",
+            ["claims", "release", *claim, "--owner", "bench"],
+            None,
+            1.5,
+        ),
+        ("lease_acquire", "fleetctl lease acquire", ["lease", "acquire", *lease], None, 1.5),
+        ("lease_heartbeat", "fleetctl lease heartbeat", ["lease", "heartbeat", *lease], None, 1.5),
+        ("lease_release", "fleetctl lease release", ["lease", "release", *lease], None, 1.5),
+        ("up_wait", "fleetctl up --wait (1 member)", ["up", "-f", "{one}", "--wait"], None, 3.0),
     ]
+
+
+def _cli(fleetd: Fleetd) -> list[Figure]:
+    """Whole-process wall time of each command a script runs, against `python -c pass`: the
+    commands interleaved, round after round, so that machine noise hits all alike."""
+    commands = _scripted_commands()
+    times: dict[str, list[float]] = {"bare": [], **{command[0]: [] for command in commands}}
+    with tempfile.TemporaryDirectory(prefix="flb-") as tmp, _members_up(fleetd, tmp):
+        one = os.path.join(tmp, "one.toml")
+        with open(one, "w") as f:
+            f.write('name = "one"\n[members.a]\ncommand = ["sleep", "3600"]\n')
+        for round_ in range(CLI_WARMUP + CLI_RUNS):
+            times["bare"].append(_wall([str(BIN / "python"), "-c", "pass"], fleetd, None))
+            for key, _, args, stdin, _ in commands:
+                argv = [arg.format(round=round_, one=one) for arg in args]
+                times[key].append(_wall([str(BIN / "fleetctl"), *argv], fleetd, stdin))
+            _fleetctl(fleetd, "down", "one")
+    bare = statistics.median(times["bare"][CLI_WARMUP:])
+    figures = [Figure("python_pass_ms", "python -c pass (median)", bare, "ms")]
+    for key, label, _, _, target in commands:
+        median = statistics.median(times[key][CLI_WARMUP:])
+        figures += [
+            Figure(f"fleetctl_{key}_ms", f"{label} (median)", median, "ms"),
+            Figure(
+                f"fleetctl_{key}_ratio", "  ÷ python -c pass", median / bare, "x", Target(target)
+            ),
+        ]
+    return figures
+
+
+@contextmanager
+def _members_up(fleetd: Fleetd, tmp: str) -> Iterator[None]:
+    """SCRIPTED_MEMBERS sleeping members in one cluster, brought up for the block, then down."""
+    path = os.path.join(tmp, "many.toml")
+    with open(path, "w") as f:
+        f.write('name = "many"\n')
+        for i in range(SCRIPTED_MEMBERS):
+            f.write(f'[members.s{i}]\ncommand = ["sleep", "3600"]\n')
+    _fleetctl(fleetd, "up", "-f", path, "--wait", "--timeout", "2m")
+    try:
+        yield
+    finally:
+        _fleetctl(fleetd, "down", "many")
+
+
+def _wall(argv: list[str], fleetd: Fleetd, stdin: bytes | None) -> float:
+    """Milliseconds `argv` took, start to exit; it must exit 0."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        argv,
+        env=fleetd.env,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    elapsed = (time.perf_counter() - started) * 1e3
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv} exited {done.returncode}: {done.stderr.decode()}")
+    return elapsed
+
+
+def _fleetctl(fleetd: Fleetd, *args: str) -> None:
+    subprocess.run(
+        [str(BIN / "fleetctl"), *args], env=fleetd.env, stdout=subprocess.DEVNULL, check=True
+    )

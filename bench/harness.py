@@ -4,6 +4,7 @@ Nothing here imports the tests: the benchmarks start fleetd the way systemd woul
 its own READY=1 on a NOTIFY_SOCKET we hand it.
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -220,3 +221,20 @@ async def _pairs_until(clients: list[Any], tasks: int, pair: Pair, seconds: floa
         for n in range(tasks):
             tg.start_soon(worker, clients[n % len(clients)], f"pipe-{n}")
     return ops
+
+
+TEMPLATE_NAME = "fleetd-template"
+"""What `ps -e` shows for a holder template (fleetd.core.startup.name_process)."""
+
+
+def template_of(fleetd: Fleetd) -> int:
+    """fleetd's holder template: its child of that name (which it takes as it starts)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{fleetd.pid}/task/{fleetd.pid}/children") as f:
+            for pid in map(int, f.read().split()):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as comm:
+                    if comm.read().strip() == TEMPLATE_NAME:
+                        return pid
+        time.sleep(0.01)
+    raise RuntimeError("fleetd runs no holder template")

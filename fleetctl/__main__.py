@@ -7,9 +7,9 @@ def main() -> None:
     argv = sys.argv[1:]
     from fleetctl import _fast
 
-    fast = _fast.parse(argv)
-    if fast is not None:
-        _fast.exit_now(_fast.run(*fast))
+    command = _fast.parse(argv)
+    if command is not None:
+        _fast.exit_now(_fast.run(command))
     from fleetctl.cli import run
 
     sys.exit(run(argv))

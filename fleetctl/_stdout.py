@@ -31,3 +31,9 @@ def discard() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
+
+
+def printable(message: str) -> str:
+    """`message` with what UTF-8 cannot encode escaped: errors echo arguments, and Python
+    makes the bytes of an argument that is not UTF-8 into lone surrogates."""
+    return message.encode(errors="backslashreplace").decode()

@@ -7,11 +7,15 @@
     with fleetctl.cluster({"members": {...}}) as c:                # the same, blocking
         c.wait_running()
 
-`cluster()` spawns a holder (`python -m fleetd.holder`, a child process: fleetctl never
-imports fleetd), binds to it over a member socket (bind, then ack) and keeps that connection
-open. Leaving the block stops every member and reaps the holder. If the calling process dies
-first, SIGKILL included, the holder sees the connection close and the pid go, and stops every
-member itself.
+`cluster()` starts a holder, binds to it over a member socket (bind, then ack) and keeps that
+connection open. Leaving the block stops every member and reaps the holder. If the calling
+process dies first, SIGKILL included, the holder sees the connection close and the pid go, and
+stops every member itself.
+
+The holder is forked from this process's warm template (fleetctl.template): the first cluster
+starts the template, a child of this process that exits with it, so that later clusters start
+in milliseconds. Without a template to fork from, the holder is exec'd (`python -m
+fleetd.holder`, a child process). fleetctl never imports fleetd.
 
 The blocking form runs the same async code on a private event loop thread (an anyio blocking
 portal), so both forms behave alike.
@@ -20,6 +24,7 @@ portal), so both forms behave alike.
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +48,7 @@ from fleetctl.members_client import (
     one_request,
     status_on_disk,
 )
+from fleetctl.template import FORK_TIMEOUT, ForkedHolder, bound_template
 from protocol import PROTOCOL_VERSION
 from protocol.base import Op, R
 from protocol.connection import check_version
@@ -58,6 +64,7 @@ from protocol.errors import (
     ConnectionLost,
     InvalidRequest,
     Timeout,
+    Unavailable,
 )
 from protocol.members import (
     CLUSTER_FILE,
@@ -76,6 +83,7 @@ from protocol.members import (
     runtime_dir_problem,
     wait_verdict,
 )
+from protocol.template import KEPT_FROM
 
 Definitions = ClusterSpec | Mapping[str, Any] | str | os.PathLike[str]
 """A `fleet.toml` path, a ClusterSpec, or a dict shaped like the TOML file."""
@@ -85,6 +93,7 @@ _STOP_MARGIN = 5.0
 """Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
 _PUSH_LAG = 0.005
 """Seconds a blocking wait_running gives pushes to catch up with a fresher status."""
+_HOLDER = [sys.executable, "-m", "fleetd.holder"]
 
 
 def cluster(
@@ -131,7 +140,7 @@ class Cluster:
         self.holder_pid: int | None = None
         self._statuses: dict[str, MemberStatus] = {}
         self._changed = anyio.Event()
-        self._process: Process | None = None
+        self._holder: _Holder | None = None
         self._link: MemberLink | None = None
         self._stack: AsyncExitStack | None = None
         self._blocking: contextlib.ExitStack | None = None
@@ -173,6 +182,8 @@ class Cluster:
         await self._bind(self._link)
 
     async def _spawn_holder(self) -> None:
+        """Forked from this process's template (fleetctl.template) when it can be, else
+        exec'd; either way a child of ours or of our template, bound to this process."""
         spec_path = os.path.join(self.runtime_dir, CLUSTER_FILE)
         _write_file(spec_path, msgspec.json.encode(self.spec))
         log = os.open(
@@ -181,33 +192,36 @@ class Cluster:
             0o600,
         )
         ready_read, ready_write = os.pipe()
-        command = [
-            sys.executable,
-            "-m",
-            "fleetd.holder",
-            f"--spec={spec_path}",
-            f"--dir={self.runtime_dir}",
-            f"--bind-pid={os.getpid()}",
-            f"--ready-fd={ready_write}",
-        ]
+        args = [f"--spec={spec_path}", f"--dir={self.runtime_dir}", f"--bind-pid={os.getpid()}"]
         if self._given_dir is None:
-            command.append("--ephemeral")
+            args.append("--ephemeral")
         try:
-            self._process = await anyio.open_process(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                pass_fds=(ready_write,),
-            )
-            os.close(log)
-            os.close(ready_write)
-            self.holder_pid = self._process.pid
+            try:
+                forked = await anyio.to_thread.run_sync(
+                    _fork_bound,
+                    [*args, f"--ready-fd={KEPT_FROM}"],
+                    log,
+                    ready_write,
+                    min(self.timeout, FORK_TIMEOUT),
+                )
+                if forked is not None:
+                    holder = _Holder(forked.pid, pidfd=forked.pidfd)
+                else:
+                    process = await anyio.open_process(
+                        [*_HOLDER, *args, f"--ready-fd={ready_write}"],
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                        pass_fds=(ready_write,),
+                    )
+                    holder = _Holder(process.pid, process=process)
+                self._holder = holder  # before any await: reaped whatever comes
+            finally:
+                os.close(log)
+                os.close(ready_write)
+            self.holder_pid = holder.pid
             await holder_ready(ready_read, self.timeout, self.runtime_dir)
         finally:
-            for fd in (log, ready_write):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             os.close(ready_read)
 
     async def _bind(self, link: "MemberLink") -> None:
@@ -224,18 +238,21 @@ class Cluster:
         with anyio.CancelScope(shield=True):
             if self._link is not None:
                 await self._link.aclose()
-            if self._process is not None:
-                await self._reap_holder(self._process)
+            if self._holder is not None:
+                await self._reap_holder(self._holder)
             if self._given_dir is None and self.runtime_dir:
                 shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    async def _reap_holder(self, process: Process) -> None:
+    async def _reap_holder(self, holder: "_Holder") -> None:
         grace = max(m.stop_timeout for m in self.spec.members) + _STOP_MARGIN
-        with anyio.move_on_after(grace):
-            await process.wait()
-            return
-        process.kill()  # its members have SIGKILL as their parent-death signal
-        await process.wait()
+        try:
+            with anyio.move_on_after(grace):
+                await holder.wait()
+                return
+            holder.kill()  # its members have SIGKILL as their parent-death signal
+            await holder.wait()
+        finally:
+            holder.close()
 
     # -- blocking lifecycle
 
@@ -485,6 +502,54 @@ class SyncCluster:
 
     def address(self, name: str) -> str:
         return self.cluster.address(name)
+
+
+class _Holder:
+    """A bound holder's process: exec'd, our child (`process`, which we reap); or forked by
+    our template, its child (`pidfd`, readable once it exited: the template reaps it)."""
+
+    def __init__(self, pid: int, *, process: Process | None = None, pidfd: int | None = None):
+        self.pid = pid
+        self.process = process
+        self.pidfd = pidfd
+
+    async def wait(self) -> None:
+        if self.process is not None:
+            await self.process.wait()
+        elif self.pidfd is not None:
+            await anyio.wait_readable(self.pidfd)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
+            if self.process is not None:
+                self.process.kill()
+            elif self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _fork_bound(argv: list[str], log: int, ready: int, timeout: float) -> ForkedHolder | None:
+    """A bound holder forked from this process's template (started now if need be), as it
+    would be exec'd: stdin and stdout /dev/null, stderr to its log, `ready` kept, in our
+    working directory and environment. None when it cannot be: then exec it."""
+    env = dict(os.environ)
+    try:
+        template = bound_template()
+        if not template.serves(env):
+            return None
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            return template.fork(
+                argv, env, stdio=(null, null, log), keep=(ready,), cwd=os.getcwd(), timeout=timeout
+            )
+        finally:
+            os.close(null)
+    except (OSError, Unavailable):
+        return None
 
 
 def _to_member_spec(spec: MemberSpec | Mapping[str, Any]) -> MemberSpec:

@@ -13,7 +13,7 @@ import click
 import msgspec
 
 from fleetctl import _stdout
-from fleetctl.output import emit, fail, usage
+from fleetctl.output import emit, fail, printable, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.errors import FleetError, InvalidRequest
@@ -496,10 +496,12 @@ def up(
     idempotent: bool,
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
-    from fleetctl.definitions import load_toml
+    from fleetctl.definitions import read_toml
 
     def call(client: Any) -> int:
-        result = client.cluster_up(load_toml(path, name=name), idempotent=idempotent)
+        result = client.cluster_up_toml(
+            read_toml(path), source=printable(path), name=name, idempotent=idempotent
+        )
         members = result.members
         if wait:
             names = [f"{result.cluster}/{m.name}" for m in members]

@@ -11,9 +11,16 @@ from protocol.errors import InvalidRequest
 def load_toml(path: str, *, name: str | None = None) -> ClusterSpec:
     """The cluster a `fleet.toml` defines; `name` overrides its top-level `name` (default:
     "default"). Raises InvalidRequest naming the file, line and key of the first problem."""
+    return parse_toml(read_toml(path), source=path, name=name)
+
+
+def read_toml(path: str) -> str:
+    """The text of a `fleet.toml` (what is not UTF-8 replaced), for fleetd to parse
+    (`fleetctl up`) or for load_toml. Raises InvalidRequest when it cannot be read.
+    fleetctl's fast path (fleetctl._fast.commands) reads it alike, with the same message."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}") from None
-    return parse_toml(raw.decode(errors="replace"), source=path, name=name)
+    return raw.decode(errors="replace")

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from fleetctl import _stdout
+from fleetctl._stdout import printable as printable  # noqa: PLC0414 (re-exported)
 from protocol.errors import FleetError
 from protocol.outcomes import Outcome
 
@@ -38,9 +39,3 @@ def usage(json_mode: bool, message: str) -> int:
             envelope(Outcome.USAGE, error={"code": "usage", "message": printable(message)})
         )
     return Outcome.USAGE.exit_code
-
-
-def printable(message: str) -> str:
-    """`message` with what UTF-8 cannot encode escaped: errors echo arguments, and Python
-    makes the bytes of an argument that is not UTF-8 into lone surrogates."""
-    return message.encode(errors="backslashreplace").decode()

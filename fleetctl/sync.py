@@ -28,6 +28,7 @@ from protocol.clusters import (
     ClusterDown,
     ClusterResult,
     ClusterUp,
+    ClusterUpToml,
     LogPaths,
     MemberAdd,
     MemberLogs,
@@ -187,6 +188,25 @@ class SyncClient:
     def cluster_up(self, spec: ClusterSpec, *, idempotent: bool = False) -> ClusterResult:
         """Start `spec` under a detached holder; answers once its member sockets listen."""
         return self.request(ClusterUp, timeout=self.timeout + 30, spec=spec, idempotent=idempotent)
+
+    def cluster_up_toml(
+        self,
+        text: str,
+        *,
+        source: str = "fleet.toml",
+        name: str | None = None,
+        idempotent: bool = False,
+    ) -> ClusterResult:
+        """cluster_up of what `text`, a fleet.toml, defines, parsed by fleetd: InvalidRequest
+        names `source` (the file), the line and the key of the first problem."""
+        return self.request(
+            ClusterUpToml,
+            timeout=self.timeout + 30,
+            text=text,
+            source=source,
+            name=name,
+            idempotent=idempotent,
+        )
 
     def cluster_down(self, cluster: str, *, timeout: float = 60.0) -> ClusterResult:
         """Stop every member of `cluster` and wait for its holder to exit."""

@@ -1,5 +1,5 @@
 """Members' status as a table, from their JSON form: shared by the click command and the
-start-up fast path (fleetctl/_fast.py), so that the two print the same bytes."""
+start-up fast path (fleetctl._fast), so that the two print the same bytes."""
 
 from __future__ import annotations
 

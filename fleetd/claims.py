@@ -1,27 +1,33 @@
 """The claims journal: who owns which delivered resource, and the files themselves.
 
     decide_acquire / decide_release   pure verdicts on a stored record
-    deliver / withdraw                atomic file delivery and removal (blocking; in a thread)
-    ClaimService                      the edges: the store, the inbox, the per-claim locks, and
-                                      the journal's providers (fleetd.journal), whose entries
-                                      it lists and whose collection gc runs
+    ClaimService                      the edges: the store, the files (fleetd.delivery), the
+                                      per-claim locks, and the journal's providers
+                                      (fleetd.journal), whose entries it lists and whose
+                                      collection gc runs
 
-Durability and crash safety. Acquire delivers the file first (staging file, fsync, rename into
-the inbox, fsync of the inbox directory), then records the claim in a store transaction
-guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if that
-transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A claim
-is therefore never recorded without its file. Release records ``released`` first, then
-removes the file. A crash between the two steps leaves either an unrecorded file or a
-released claim's file: start-up clears the staging directory, removes released claims' files
-and moves every file that no record explains to ``quarantine/`` (logged, never deleted: it
-may be somebody's only copy), so an inbox never shows a half-written file nor keeps one
-nobody owns.
+Durability and crash safety. Acquire delivers the file first (staging file, data flushed,
+rename into the inbox, fsync of the inbox directory), then records the claim in a store
+transaction guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if
+that transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A
+claim is therefore never recorded without its file. Release records ``released`` first, then
+removes the file (and fsyncs its directory) before answering. A crash between the two steps
+leaves either an unrecorded file or a released claim's file: start-up clears the staging
+directory, removes released claims' files and moves every file that no record explains to
+``quarantine/`` (logged, never deleted: it may be somebody's only copy), so an inbox never
+shows a half-written file nor keeps one nobody owns.
+
+Both steps are batched across concurrent requests, and neither changes this order: the file
+work of many acquires and releases goes to disk together (fleetd.delivery: their data flushed
+at once, one fsync per directory), and their records in one store commit (the store's group
+commit). Each claim's steps still happen in order under its own lock (NameLocks), and each
+request fails or succeeds alone. The records of the claims used lately are kept in memory
+(``_Recent``), so that a request waits for no store read before its write.
 
 Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
 """
 
-import errno
 import hashlib
 import os
 import stat
@@ -35,11 +41,12 @@ import msgspec
 import structlog
 from anyio.abc import TaskStatus
 
-from fleetd.core.dirs import PrivateDir, write_all
+from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
+from fleetd.delivery import STAGING, FileBatches, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.leases import NameLocks
-from fleetd.store import Compare, Delete, KeyValue, Put, Store
+from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
     KINDS,
     MAX_CONTENT,
@@ -66,13 +73,15 @@ log = structlog.get_logger("fleetd.claims")
 PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
 
-STAGING = "claims-staging"
 INBOX = "inbox"
 FILES = "files"
 QUARANTINE = "quarantine"
 GC_CONCURRENCY = 32
 """Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
+RECENT = 4096
+"""Claim records kept in memory, the most recently used: a request for one of them needs no
+store read before its write."""
 
 
 class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,16 +133,6 @@ def decide_release(record: StoredClaim | None, owner: str) -> Outcome:
 # Files -------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _disk_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreFull(f"cannot {what}: the disk is full; nothing was written") from None
-        raise Internal(f"cannot {what}: {exc.strerror or exc}") from None
-
-
 def relative_path(kind: str, key: str, owner: str) -> tuple[str, ...]:
     """Where a claim's file lives under the state directory."""
     return (INBOX, owner, key) if kind == "prompt_inbox" else (FILES, key)
@@ -154,39 +153,6 @@ def _parent_of(state: PrivateDir, parts: tuple[str, ...], *, create: bool) -> It
             directory.close()
 
 
-def deliver(state: PrivateDir, parts: tuple[str, ...], content: bytes) -> None:
-    """Write `content` at `parts` atomically: staged, fsynced, renamed, directory fsynced."""
-    with (
-        _disk_errors(f"deliver {os.path.join(state.path, *parts)}"),
-        state.subdir(STAGING) as staging,
-        _parent_of(state, parts, create=True) as target,
-    ):
-        temp = f"{os.getpid()}-{time.monotonic_ns()}.tmp"
-        fd = staging.open_file(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            try:
-                write_all(fd, content)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            staging.move(temp, target, parts[-1])
-        except BaseException:
-            staging.unlink(temp)
-            raise
-        target.fsync()
-
-
-def withdraw(state: PrivateDir, parts: tuple[str, ...]) -> None:
-    """Remove a delivered file, durably; one already gone (or its directory) is fine."""
-    with _disk_errors(f"remove {os.path.join(state.path, *parts)}"):
-        try:
-            with _parent_of(state, parts, create=False) as directory:
-                if directory.unlink(parts[-1]):
-                    directory.fsync()
-        except FileNotFoundError:
-            return
-
-
 # The service -------------------------------------------------------------------------------
 
 
@@ -194,6 +160,34 @@ def withdraw(state: PrivateDir, parts: tuple[str, ...]) -> None:
 class _Found:
     record: StoredClaim | None
     mod_revision: int
+
+
+class _Recent:
+    """Claim records as the store has them, for the keys used lately, least recent first.
+
+    Exact, not a guess: only this fleetd writes claims, each write under its key's lock, and
+    ClaimService remembers what it wrote (or read) there under that lock, and forgets a key
+    while a write to it is in flight (one that fails or is cancelled may still have happened).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._found: dict[str, _Found] = {}
+
+    def get(self, key: str) -> _Found | None:
+        found = self._found.pop(key, None)
+        if found is not None:
+            self._found[key] = found
+        return found
+
+    def put(self, key: str, found: _Found) -> None:
+        self._found.pop(key, None)
+        self._found[key] = found
+        if len(self._found) > self._size:
+            del self._found[next(iter(self._found))]
+
+    def forget(self, key: str) -> None:
+        self._found.pop(key, None)
 
 
 class ClaimService:
@@ -216,6 +210,8 @@ class ClaimService:
         self.state = state
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
         self._locks = NameLocks()
+        self._files = FileBatches(state)
+        self._recent = _Recent(RECENT)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
@@ -257,7 +253,7 @@ class ClaimService:
         digest = hashlib.sha256(request.content).hexdigest()
         key = record_key(request.kind, request.key)
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             outcome = decide_acquire(found.record, request.owner, digest)
             if outcome is not Outcome.ACQUIRED:
                 assert found.record is not None
@@ -272,14 +268,12 @@ class ClaimService:
                 size=len(request.content),
                 acquired_at=round(time.time(), 3),
             )
-            await anyio.to_thread.run_sync(deliver, self.state, parts, request.content)
+            await self._files.deliver(parts, request.content)
             try:
-                revision = await self._write(key, found, record)
+                record = await self._write(key, found, record)
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(withdraw, self.state, parts)
+                await self._files.withdraw(parts)  # shielded: it runs even when cancelled
                 raise
-            record = msgspec.structs.replace(record, revision=revision)
             return ClaimResult(
                 outcome=Outcome.ACQUIRED,
                 claim=_info(request.kind, request.key, record),
@@ -292,7 +286,7 @@ class ClaimService:
         check_component("owner", request.owner)
         key = record_key(request.kind, request.key)
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             outcome = decide_release(found.record, request.owner)
             if outcome is not Outcome.RELEASED:
                 return self._refused(request.kind, request.key, found, outcome, request.owner)
@@ -302,7 +296,7 @@ class ClaimService:
             )
             await self._write(key, found, record)
             parts = relative_path(request.kind, request.key, record.owner)
-            await anyio.to_thread.run_sync(withdraw, self.state, parts)
+            await self._files.withdraw(parts)
             return ClaimResult(
                 outcome=Outcome.RELEASED,
                 claim=_info(request.kind, request.key, record),
@@ -392,37 +386,58 @@ class ClaimService:
     async def _collect(self, key: str, seen: StoredClaim) -> bool:
         """Delete the record, then the file; False if the claim moved on meanwhile."""
         async with self._locks.hold(key):
-            found = await self._read(key)
+            found = await self._current(key)
             if found.record != seen:
                 return False
-            result = await self._store.txn(
-                (Compare(key, "mod", "==", found.mod_revision),), (Delete(key),)
+            result = await self._txn(
+                key, Compare(key, "mod", "==", found.mod_revision), Delete(key)
             )
             if not result.succeeded:
                 return False
+            self._recent.put(key, _Found(None, 0))
             kind, _, name = key.removeprefix(PREFIX).partition("/")
             parts = relative_path(kind, name, seen.owner)
-            await anyio.to_thread.run_sync(withdraw, self.state, parts)
+            await self._files.withdraw(parts)
             return True
 
     # Edges -----------------------------------------------------------------------------------
 
     async def _read(self, key: str) -> _Found:
+        """The record as the store has it now."""
         kv = await self._store.get(key)
         if kv is None:
             return _Found(None, 0)
         return _Found(_stored(kv), kv.mod_revision)
 
-    async def _write(self, key: str, found: _Found, record: StoredClaim) -> int:
+    async def _current(self, key: str) -> _Found:
+        """The record, from memory when this fleetd wrote or read it lately. Only under the
+        key's lock: a read outside it could remember a record older than a write made since."""
+        found = self._recent.get(key)
+        if found is None:
+            found = await self._read(key)
+            self._recent.put(key, found)
+        return found
+
+    async def _write(self, key: str, found: _Found, record: StoredClaim) -> StoredClaim:
+        """Put `record` guarded on `found` (under the key's lock); returns it with its revision."""
         guard = (
             Compare(key, "mod", "==", found.mod_revision)
             if found.record is not None
             else Compare(key, "create", "==", 0)
         )
-        result = await self._store.txn((guard,), (Put(key, _encode(record)),))
+        result = await self._txn(key, guard, Put(key, _encode(record)))
         if not result.succeeded:
             raise Internal(f"claim record {key!r} changed behind the claims journal")
-        return result.revision
+        if not record.revision:
+            record = msgspec.structs.replace(record, revision=result.revision)
+        self._recent.put(key, _Found(record, result.revision))
+        return record
+
+    async def _txn(self, key: str, guard: Compare, write: Put | Delete) -> TxnResult:
+        """One guarded write of `key`; what is remembered of it is forgotten unless it succeeds
+        (a failed or cancelled write may or may not have happened)."""
+        self._recent.forget(key)
+        return await self._store.txn((guard,), (write,))
 
     def _refused(
         self, kind: str, key: str, found: _Found, outcome: Outcome, owner: str

@@ -25,6 +25,8 @@ import click
 import structlog
 
 from fleetd import daemon
+from fleetd.clusters.launch import holder_env
+from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.log import configure_logging
 from fleetd.core.startup import leaf_errors, raise_fd_limit
 from fleetd.state import reset_state
@@ -136,11 +138,20 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
     configure_logging(log_level)
     raise_fd_limit()
     _collect_garbage_less_often()
-    _one_line_on_failure(
-        lambda: anyio.run(
-            daemon.run, config, backend="asyncio", backend_options={"use_uvloop": True}
+    template = WarmTemplate(holder_env(os.environ))
+    template.start()  # before the event loop and its threads: see fleetd.clusters.warm
+    try:
+        _one_line_on_failure(
+            lambda: anyio.run(
+                daemon.run,
+                config,
+                template,
+                backend="asyncio",
+                backend_options={"use_uvloop": True},
+            )
         )
-    )
+    finally:
+        template.close()
 
 
 @cli.command("reset-state")

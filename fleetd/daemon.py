@@ -7,6 +7,7 @@ start in dependency order with ``await tg.start(...)``, so READY=1 is only sent 
 once every one of them is really ready; shutdown runs the same path backwards.
 """
 
+import functools
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from anyio.abc import SocketListener
 from fleetd import systemd
 from fleetd.claims import ClaimService
 from fleetd.clusters.registry import HolderRegistry
+from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.bounds import Limits
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
@@ -46,13 +48,16 @@ from protocol.claims import (
 )
 from protocol.clusters import (
     ClusterDown,
+    ClusterResult,
     ClusterUp,
+    ClusterUpToml,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
 )
+from protocol.definitions import parse_toml
 from protocol.errors import Incompatible, StartupError
 from protocol.messages import (
     Empty,
@@ -134,20 +139,22 @@ async def open_listener(socket_path: str, inherited: socket.socket | None) -> So
     return await anyio.create_unix_listener(socket_path, mode=0o600)
 
 
-async def run(config: DaemonConfig) -> None:
-    """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request."""
+async def run(config: DaemonConfig, template: WarmTemplate) -> None:
+    """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request, forking
+    holders from `template` (started before the event loop: fleetd.clusters.warm)."""
     with claim_places(config) as places:
-        await Daemon(places).run()
+        await Daemon(places, template).run()
 
 
 class Daemon:
-    def __init__(self, places: Places) -> None:
+    def __init__(self, places: Places, template: WarmTemplate) -> None:
         self.places = places
+        self.template = template
         self.socket_path = places.socket_path
         state = places.state
         self.store = SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
         self.leases = LeaseManager(self.store)
-        self.holders = HolderRegistry(self.store, state)
+        self.holders = HolderRegistry(self.store, state, template)
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )
@@ -166,6 +173,7 @@ class Daemon:
         dispatcher.register(LeaseListRequest, self.leases.list)
         dispatcher.register(LeaseWatch, self.leases.watch, chatty=True, waits=_watch_waits)
         dispatcher.register(ClusterUp, self.holders.up)
+        dispatcher.register(ClusterUpToml, self.up_toml)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status, chatty=True)
         dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
@@ -187,6 +195,15 @@ class Daemon:
             )
         return HelloResult(version=PROTOCOL_VERSION, server=RELEASE, pid=os.getpid())
 
+    async def up_toml(self, request: ClusterUpToml, peer: Peer) -> ClusterResult:
+        """cluster_up of the definition a fleet.toml's text gives, parsed as a client would:
+        in a worker thread, since a thousand members take tens of milliseconds to parse and
+        check, which the event loop's other clients should not wait for."""
+        parse = functools.partial(parse_toml, source=request.source, name=request.name)
+        spec = await anyio.to_thread.run_sync(parse, request.text)
+        up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
+        return await self.holders.up(up, peer)
+
     def ping(self, request: Ping, peer: Peer) -> Empty:
         return Empty()
 
@@ -206,8 +223,9 @@ class Daemon:
             daemon.start_soon(self._watch_signals)
             await daemon.start(self.store.serve)
             await daemon.start(self.leases.serve)
+            await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)
-            await daemon.start(self.claims.serve)  # its start-up gc needs both above
+            await daemon.start(self.claims.serve)  # its start-up gc needs leases and holders
             try:
                 listener = await open_listener(self.socket_path, places.inherited)
             except OSError as exc:

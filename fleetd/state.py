@@ -3,7 +3,7 @@
     fleetd.lock                            held by the running fleetd (its pid inside)
     fleet.db, fleet.db-wal, fleet.db-shm   the store (fleetd.store.sqlite)
     fleet.watermark                        which store this is, and the revision it reached
-    claims-staging/ files/ inbox/          claims (fleetd.claims)
+    claims-staging/ files/ inbox/          claims (fleetd.claims; their files: fleetd.delivery)
     clusters/                              definitions of detached clusters (fleetd.clusters)
     quarantine/                            files found at start-up that no record explains
     archive/                               what `fleetd reset-state` moved aside

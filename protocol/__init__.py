@@ -7,6 +7,7 @@ Submodules:
     base         the base structs every message and definition builds on
     messages     control-socket requests and responses (tagged unions on ``op``)
     members      the member-socket ops a holder answers (status, stop, addmember, bind, ack)
+    template     what a warm holder template is asked (fork) and answers
     clusters     control-socket ops for detached clusters and their members under fleetd
     leases       lease records and their checks (owner, TTL); the ops are in messages
     claims       the claims journal's ops, kinds and checks
@@ -30,3 +31,7 @@ PROTOCOL_VERSION = 1
 
 MAX_FRAME = 1 << 20
 """Largest frame (without its newline) either side accepts, in bytes."""
+
+MAX_CLAIM_CONTENT = 512 * 1024
+"""Bytes: the most a claim may deliver (protocol.claims.MAX_CONTENT), here for fleetctl's fast
+path, which refuses more before it sends anything. Base64 on the wire must fit a frame."""

@@ -77,6 +77,7 @@ from typing import Literal
 
 import msgspec
 
+from protocol import MAX_CLAIM_CONTENT
 from protocol.base import Message, Op, Request
 from protocol.errors import InvalidRequest
 from protocol.names import check_name
@@ -96,7 +97,7 @@ FLEETD_KINDS: dict[str, str] = {
 
 ALL_KINDS: tuple[str, ...] = KINDS + tuple(FLEETD_KINDS)
 
-MAX_CONTENT = 512 * 1024
+MAX_CONTENT = MAX_CLAIM_CONTENT
 """Bytes. The hard cap: base64 on the wire must fit a 1 MiB frame."""
 
 ClaimState = Literal["held", "released"]

@@ -2,6 +2,7 @@
 
     cluster_up     -> ClusterResult   start a holder for a cluster (acquired | already_acquired,
                                       or contested when another definition holds the name)
+    cluster_up_toml -> ClusterResult  the same, for the text of a fleet.toml, which fleetd parses
     cluster_down   -> ClusterResult   stop every member; released | already_released | absent
     member_status  -> MemberList      answered from fleetd's memory (holders push changes)
     member_wait    -> MemberList      until every named member runs; error as soon as one fails
@@ -57,6 +58,19 @@ class ClusterUp(Op[ClusterResult], tag="cluster_up", frozen=True):
     idempotent: bool = False
 
 
+class ClusterUpToml(Op[ClusterResult], tag="cluster_up_toml", frozen=True):
+    """cluster_up of the cluster that `text`, a fleet.toml, defines: fleetd parses it with
+    protocol.definitions.parse_toml, so that a client need not import the parser (fleetctl's
+    start-up fast path sends the file, and so does `fleetctl up`, so that both report the same
+    errors). `source` names the file in those errors (the path as the user wrote it), `name`
+    overrides the file's `name`."""
+
+    text: str
+    source: str = "fleet.toml"
+    name: str | None = None
+    idempotent: bool = False
+
+
 class ClusterDown(Op[ClusterResult], tag="cluster_down", frozen=True):
     cluster: str
 
@@ -94,6 +108,7 @@ class MemberLogs(Op[LogPaths], tag="member_logs", frozen=True):
 
 CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     ClusterUp,
+    ClusterUpToml,
     ClusterDown,
     MemberStatusRequest,
     MemberWait,

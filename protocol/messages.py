@@ -24,6 +24,7 @@ from protocol.clusters import (
     CLUSTER_REQUEST_TYPES,
     ClusterDown,
     ClusterUp,
+    ClusterUpToml,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -143,6 +144,7 @@ AnyRequest = (
     | LeaseListRequest
     | LeaseWatch
     | ClusterUp
+    | ClusterUpToml
     | ClusterDown
     | MemberStatusRequest
     | MemberWait

@@ -21,6 +21,10 @@ RUN_TAG = "FLEET_TEST_RUN"
 
 FLEETD = [sys.executable, "-m", "fleetd"]
 FLEETCTL = [sys.executable, "-m", "fleetctl"]
+HOLDER_NAME = "fleetd-holder"
+TEMPLATE_NAME = "fleetd-template"
+"""What `ps -e` shows for a holder and for a holder template (fleetd.holder.program.name_process):
+their command lines may be alike, a forked holder's being its template's."""
 
 
 def short_tempdir() -> str:
@@ -35,8 +39,13 @@ def tempdir_prefix() -> str:
 
 def tagged_processes(tag: str) -> list[tuple[int, str]]:
     """Live processes (not zombies) whose environment carries this run's tag, with their
-    command lines."""
-    return [(pid, _command_line(pid)) for pid in marked_processes(RUN_TAG, tag)]
+    command lines; but not this process's own template for bound clusters (fleetctl.template),
+    which lives as long as this process does, on purpose."""
+    return [
+        (pid, _command_line(pid))
+        for pid, parent in marked_processes(RUN_TAG, tag).items()
+        if not (parent == os.getpid() and process_name(pid) == TEMPLATE_NAME)
+    ]
 
 
 def marked_processes(mark: str, value: str) -> dict[int, int]:
@@ -58,6 +67,15 @@ def marked_processes(mark: str, value: str) -> dict[int, int]:
         if fields[0] != b"Z":
             found[int(entry)] = int(fields[1])
     return found
+
+
+def process_name(pid: int) -> str:
+    """What `ps -e` shows (its comm): "fleetd-holder" for a holder, however it started."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip().decode(errors="replace")
+    except OSError:
+        return "(gone)"
 
 
 def _command_line(pid: int) -> str:
@@ -259,6 +277,73 @@ def kill_holders(daemon: Fleetd) -> None:
         if not wait_gone(pid, 10.0):
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+# -- holders caught mid-launch ----------------------------------------------------------------
+
+GATE_HOOK = """\
+import os
+
+gate = os.environ.get("FLEET_TEST_HOLDER_GATE")
+if gate:
+    with open("/proc/self/cmdline", "rb") as cmdline:
+        argv = cmdline.read().split(b"\\0")
+    if b"fleetd.holder" in argv or b"fleetd.holder.template" in argv:
+        import fleetd.holder.program
+
+        run = fleetd.holder.program.main
+
+        def main(argv=None):
+            with open(gate + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(gate + ".tmp", gate + ".pid")
+            with open(gate, "rb") as fifo:
+                fifo.read()
+            return run(argv)
+
+        fleetd.holder.program.main = main
+"""
+"""A sitecustomize for fleetd's environment: a holder, once it starts (exec'd, or forked from
+the template, which loads this too) and before anything of its own runs (its pidfile, its
+sockets), writes its pid to GATE.pid and waits until the test opens the fifo GATE: a holder
+caught mid-launch for as long as a test needs."""
+
+
+@contextmanager
+def gated_fleetd(root: str) -> Iterator[Fleetd]:
+    """fleetd whose holders wait at the gate (see GATE_HOOK); at the end no gate is left
+    closed and no holder left running."""
+    hooks = os.path.join(root, "hooks")
+    os.mkdir(hooks)
+    with open(os.path.join(hooks, "sitecustomize.py"), "w") as f:
+        f.write(GATE_HOOK)
+    gate = os.path.join(root, "gate")
+    os.mkfifo(gate)
+    daemon = Fleetd(root, extra_env={"PYTHONPATH": hooks, "FLEET_TEST_HOLDER_GATE": gate})
+    try:
+        yield daemon.start()
+    finally:
+        open_gate(daemon, wait=False)
+        kill_holders(daemon)
+        daemon.close()
+
+
+def open_gate(daemon: Fleetd, *, wait: bool = True) -> None:
+    """Let the holder waiting at the gate go on (with wait=False, only one already there)."""
+    gate = daemon.extra_env["FLEET_TEST_HOLDER_GATE"]
+    with suppress(OSError):  # ENXIO: nobody waits there
+        os.close(os.open(gate, os.O_WRONLY | (0 if wait else os.O_NONBLOCK)))
+
+
+def gate_pid(daemon: Fleetd, timeout: float = 10.0) -> int:
+    """The pid of the holder that came to the gate (see GATE_HOOK)."""
+    marker = daemon.extra_env["FLEET_TEST_HOLDER_GATE"] + ".pid"
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker):
+        assert time.monotonic() < deadline, "no holder came to the gate"
+        time.sleep(0.01)
+    with open(marker) as f:
+        return int(f.read())
 
 
 def mount_tmpfs(path: str, size: str) -> bool:

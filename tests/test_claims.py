@@ -14,23 +14,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 
 from fleetctl import SyncClient
 from fleetd.claims import (
-    STAGING,
     ClaimService,
     StoredClaim,
     decide_acquire,
     decide_release,
-    deliver,
     relative_path,
 )
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
+from fleetd.delivery import STAGING, deliver
 from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
-from protocol.errors import FleetError, InvalidRequest, StoreFull
+from protocol.errors import FleetError, InvalidRequest, StoreFull, UnsafePath
 from protocol.outcomes import Outcome
 from tests.processes import FLEETCTL, Fleetd, mount_tmpfs, running_fleetd
 
@@ -188,6 +188,92 @@ async def test_full_disk_while_delivering_writes_nothing(
         assert claims._store.revision == before
         assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
         assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+
+
+async def test_acquires_that_fill_the_disk_together_answer_no_space_and_lose_nothing(
+    tempdir: str,
+) -> None:
+    state = os.path.join(tempdir, "state")
+    if not mount_tmpfs(state, "1m"):
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    try:
+        async with service(tempdir) as claims:
+            answers: dict[str, str] = {}
+            content = b"x" * 200_000
+
+            async def acquire(key: str) -> None:
+                try:
+                    result = await claims.acquire(_acquire(key, content, kind="file"), PEER)
+                    answers[key] = result.outcome
+                except StoreFull:
+                    answers[key] = "no_space"
+
+            async with anyio.create_task_group() as tasks:
+                for n in range(8):
+                    tasks.start_soon(acquire, f"k{n}")
+            held = sorted(c.key for c in (await claims.list(ClaimListRequest(id=1), PEER)).claims)
+            assert sorted(answers.values()) == ["acquired"] * len(held) + ["no_space"] * (
+                8 - len(held)
+            )
+            assert 0 < len(held) < 8
+            assert sorted(os.listdir(os.path.join(state, "files"))) == held
+            assert all(_read(os.path.join(state, "files", key)) == content for key in held)
+            assert os.listdir(os.path.join(state, STAGING)) == []
+    finally:
+        await anyio.run_process(["umount", "-l", state], check=False)
+
+
+def _release(key: str, owner: str = "alice", kind: str = "prompt_inbox") -> Any:
+    return ClaimRelease(id=1, kind=kind, key=key, owner=owner)
+
+
+async def test_concurrent_acquires_and_releases_of_one_key_keep_their_order(
+    tempdir: str,
+) -> None:
+    """Requests of one claim, in flight together and batched with other claims' requests,
+    take effect in the order they arrived: each release removes the file its acquire
+    delivered, and never the next one's."""
+    rounds = 20
+    async with service(tempdir) as claims:
+        outcomes: dict[int, Outcome] = {}
+
+        async def run(n: int, request: Any) -> None:
+            handler = claims.acquire if isinstance(request, ClaimAcquire) else claims.release
+            outcomes[n] = (await handler(request, PEER)).outcome
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(rounds):
+                tasks.start_soon(run, 2 * n, _acquire("same", f"round {n}\n".encode()))
+                tasks.start_soon(run, 2 * n + 1, _release("same"))
+                tasks.start_soon(run, 1000 + n, _acquire(f"other-{n}", b"other\n", owner="bob"))
+            tasks.start_soon(run, 2 * rounds, _acquire("same", b"last\n"))
+        assert [outcomes[n] for n in range(2 * rounds + 1)] == [
+            Outcome.ACQUIRED,
+            Outcome.RELEASED,
+        ] * rounds + [Outcome.ACQUIRED]
+        assert _read(os.path.join(claims.state.path, "inbox", "alice", "same")) == b"last\n"
+        assert len(os.listdir(os.path.join(claims.state.path, "inbox", "bob"))) == rounds
+
+
+async def test_a_failed_acquire_does_not_fail_those_batched_with_it(tempdir: str) -> None:
+    async with service(tempdir) as claims:
+        os.makedirs(os.path.join(claims.state.path, "inbox"), mode=0o700)
+        os.symlink(tempdir, os.path.join(claims.state.path, "inbox", "mallory"))
+        refused: list[str] = []
+
+        async def acquire(owner: str) -> None:
+            try:
+                await claims.acquire(_acquire(f"k-{owner}", b"x", owner=owner), PEER)
+            except UnsafePath:
+                refused.append(owner)
+
+        async with anyio.create_task_group() as tasks:
+            for owner in ("a", "mallory", "b"):
+                tasks.start_soon(acquire, owner)
+        held = (await claims.list(ClaimListRequest(id=1), PEER)).claims
+        assert refused == ["mallory"]
+        assert sorted(c.key for c in held) == ["k-a", "k-b"]
+        assert _files(claims.state.path) == ["inbox/a/k-a", "inbox/b/k-b"]
 
 
 async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:

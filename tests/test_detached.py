@@ -43,8 +43,11 @@ from tests.processes import (
     FLEETCTL,
     Fleetd,
     fleetctl,
+    gate_pid,
+    gated_fleetd,
     holder_pidfiles,
     kill_holders,
+    open_gate,
     runtime_root,
     wait_gone,
 )
@@ -282,24 +285,6 @@ def test_holder_killed_while_fleetd_was_down_is_cleaned_up(holders: Fleetd) -> N
 
 # --- fleetd killed mid-launch: the holder journaled `starting` -------------------------------
 
-GATE_HOOK = """\
-import os
-
-gate = os.environ.get("FLEET_TEST_HOLDER_GATE")
-if gate:
-    with open("/proc/self/cmdline", "rb") as cmdline:
-        holder = b"fleetd.holder" in cmdline.read().split(b"\\0")
-    if holder:
-        with open(gate + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(gate + ".tmp", gate + ".pid")
-        with open(gate, "rb") as fifo:
-            fifo.read()
-"""
-"""A sitecustomize for fleetd's environment: a holder, once its interpreter runs and before
-anything of its own does (its pidfile, its sockets), writes its pid to GATE.pid and waits
-until the test opens the fifo GATE: a holder caught mid-launch for as long as a test needs."""
-
 STORE_FILE = "fleet.db"
 """fleetd.daemon.STORE_FILE: not imported, as importing fleetd.daemon adds its error classes to
 those test_framing finds."""
@@ -309,44 +294,18 @@ SLEEPERS = definition("nap", a='command = ["sleep", "60"]', b='command = ["sleep
 
 @pytest.fixture
 def gated(tempdir: str) -> Iterator[Fleetd]:
-    """fleetd whose holders wait at the gate (see GATE_HOOK); at the end no gate is left
-    closed and no holder left running."""
-    hooks = os.path.join(tempdir, "hooks")
-    os.mkdir(hooks)
-    with open(os.path.join(hooks, "sitecustomize.py"), "w") as f:
-        f.write(GATE_HOOK)
-    gate = os.path.join(tempdir, "gate")
-    os.mkfifo(gate)
-    daemon = Fleetd(tempdir, extra_env={"PYTHONPATH": hooks, "FLEET_TEST_HOLDER_GATE": gate})
-    try:
-        yield daemon.start()
-    finally:
-        open_gate(daemon, wait=False)
-        kill_holders(daemon)
-        daemon.close()
-
-
-def open_gate(daemon: Fleetd, *, wait: bool = True) -> None:
-    """Let the holder waiting at the gate go on (with wait=False, only one already there)."""
-    gate = daemon.extra_env["FLEET_TEST_HOLDER_GATE"]
-    with suppress(OSError):  # ENXIO: nobody waits there
-        os.close(os.open(gate, os.O_WRONLY | (0 if wait else os.O_NONBLOCK)))
+    with gated_fleetd(tempdir) as daemon:
+        yield daemon
 
 
 def killed_mid_launch(daemon: Fleetd, text: str) -> int:
     """`fleetctl up`, and fleetd SIGKILLed while its holder waits at the gate: the holder
     runs, fleetd journaled it `starting` and never heard it was ready. Its pid."""
-    marker = daemon.extra_env["FLEET_TEST_HOLDER_GATE"] + ".pid"
     path = write(daemon, "fleet.toml", text)
     with subprocess.Popen(
         [*FLEETCTL, "up", "-f", path], env=daemon.env, stdout=subprocess.PIPE, text=True
     ) as launching:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(marker):
-            assert time.monotonic() < deadline, "no holder came to the gate"
-            time.sleep(0.01)
-        with open(marker) as f:
-            pid = int(f.read())
+        pid = gate_pid(daemon)
         daemon.signal(signal.SIGKILL)
         daemon.wait()
         assert launching.wait(10) != 0  # fleetd died under it

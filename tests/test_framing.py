@@ -22,6 +22,7 @@ from protocol.claims import (
 from protocol.clusters import (
     ClusterDown,
     ClusterUp,
+    ClusterUpToml,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -127,6 +128,14 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         wait=finite,
     ),
     ClusterUp: st.builds(ClusterUp, id=ids, spec=cluster_specs, idempotent=st.booleans()),
+    ClusterUpToml: st.builds(
+        ClusterUpToml,
+        id=ids,
+        text=st.text(),
+        source=st.text(),
+        name=st.none() | st.text(),
+        idempotent=st.booleans(),
+    ),
     ClusterDown: st.builds(ClusterDown, id=ids, cluster=st.text()),
     MemberStatusRequest: st.builds(MemberStatusRequest, id=ids, names=st.lists(st.text())),
     MemberWait: st.builds(MemberWait, id=ids, names=st.lists(st.text()), wait=finite),

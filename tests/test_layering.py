@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.processes import Fleetd
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("protocol", "fleetctl", "fleetd")
 
@@ -154,13 +156,16 @@ def test_protocol_imports_only_msgspec(module: str) -> None:
     assert third_party == set()
 
 
-@pytest.mark.parametrize("module", ["fleetctl", "fleetctl.cli", "fleetctl.client", "fleetctl.sync"])
+@pytest.mark.parametrize(
+    "module", ["fleetctl", "fleetctl.cli", "fleetctl.client", "fleetctl.sync", "fleetctl.template"]
+)
 def test_fleetctl_never_imports_fleetd(module: str) -> None:
     assert "fleetd" not in top_level(modules_after(f"import {module}"))
 
 
-def test_the_holder_program_loads_none_of_the_daemon() -> None:
-    loaded = modules_after("import fleetd.holder.program")
+@pytest.mark.parametrize("program", ["fleetd.holder.program", "fleetd.holder.template"])
+def test_the_holder_program_loads_none_of_the_daemon(program: str) -> None:
+    loaded = modules_after(f"import {program}")
     assert {
         name for name in loaded if name.startswith("fleetd.") and layer(name) == "fleetd daemon"
     } == set()
@@ -175,8 +180,50 @@ def test_sync_client_does_not_load_anyio() -> None:
     assert "anyio" not in top_level(modules_after("import fleetctl.sync"))
 
 
+SLOW_TO_IMPORT = {"click", "msgspec", "anyio", "structlog", "json", "typing"}
+
+
 def test_fast_commands_load_neither_click_nor_msgspec() -> None:
     loaded = modules_after("from fleetctl import _fast")
-    assert not top_level(loaded) & {"click", "msgspec", "anyio", "structlog", "json", "typing"}
-    # Outcome (an enum) is imported only to exit with a failure; paths needs no collections.abc.
+    assert not top_level(loaded) & SLOW_TO_IMPORT
+    # Outcome (an enum) is imported only to exit with another outcome than ok; paths needs
+    # no collections.abc.
     assert not loaded & {"protocol.outcomes", "collections.abc"}
+
+
+FAST_COMMANDS = [
+    ["ping"],
+    ["--json", "version"],
+    ["status"],
+    ["--json", "--timeout", "5s", "status"],
+    ["--json", "wait", "nobody", "--timeout", "1s"],
+    ["up", "-f", "/nonexistent/fleet.toml", "--wait", "--timeout", "1s"],
+    ["lease", "acquire", "build", "--owner", "a", "--ttl", "30s"],
+    ["lease", "heartbeat", "build", "--owner", "a", "--token", "1"],
+    ["lease", "release", "build", "--owner", "a"],
+    ["lease", "inspect", "build"],
+    ["claims", "acquire", "--kind", "file", "--key", "k", "--owner", "a"],
+    ["claims", "inspect", "--kind", "file", "--key", "k"],
+    ["claims", "release", "--kind", "file", "--key", "k", "--owner", "a"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_COMMANDS, ids=" ".join)
+def test_each_fast_command_runs_without_click_msgspec_or_typing(
+    argv: list[str], fleetd: Fleetd
+) -> None:
+    """Each command run to its end against a real fleetd, what it loaded listed after."""
+    probe = (
+        "import sys; from fleetctl import _fast; "
+        f"code = _fast.run(_fast.parse({argv!r})); loaded = sorted(sys.modules); import json; "
+        "print(json.dumps(loaded), file=sys.stderr)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=fleetd.env,
+        input=b"content",
+        capture_output=True,
+        check=True,
+    )
+    loaded = json.loads(done.stderr.decode().splitlines()[-1])
+    assert not top_level(set(loaded)) & SLOW_TO_IMPORT, argv

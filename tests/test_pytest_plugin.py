@@ -65,3 +65,33 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_the_template_starts_before_the_first_cluster_is_asked_for(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import os, time
+
+        def templates():
+            with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+                pids = f.read().split()
+            found = []
+            for pid in pids:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"fleetd.holder.template" in cmdline.read().split(b"\\0"):
+                        found.append(pid)
+            return found
+
+        def test_cluster(fleet_cluster):
+            deadline = time.monotonic() + 10  # its command line shows once its exec is done
+            while not templates() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (template,) = templates()  # started as collection ended
+            c = fleet_cluster({"members": {"a": {"command": ["sleep", "60"]}}})
+            with open(f"/proc/{c.holder_pid}/stat", "rb") as f:
+                assert f.read().rsplit(b")", 1)[1].split()[1].decode() == template
+        """
+    )
+    pytester.runpytest_subprocess(*plugin_args()).assert_outcomes(passed=1)

@@ -10,4 +10,5 @@ outlive fleetd (as containerd's shims outlive containerd) and are adopted by the
     records      those records and the writes built from them (pure)
     rundirs      a holder's runtime directory, read and cleared without following links
     links        every call into fleetctl.members_client, the member sockets' client half
+    warm         the holder template fleetd forks holders from, followed and restarted
 """

@@ -3,44 +3,53 @@
 A detached holder is a session leader with no tie to fleetd: fleetd's SIGTERM, crash or
 upgrade leaves it and its members running (as containerd's shims outlive containerd).
 
-The record is written (`starting`) before the holder is spawned, and the holder's pid and
-start time are journaled before it runs: it is spawned behind a gate (GATE) that fleetd opens
-only then. So a fleetd that dies mid-launch leaves either a record naming the holder, which
-the next fleetd adopts (fleetd.clusters.adoption), or a gate that read EOF and started
-nothing, whose record is cleaned up: never a holder that nothing names (which start-up gc
-would take for dead, and remove the files of while it starts).
+It is forked from fleetd's warm template (fleetd.clusters.warm) when one runs, else exec'd
+(`python -m fleetd.holder`) as it always could be; both ways alike. The record is written
+(`starting`) before the holder is spawned, and the holder's pid and start time are journaled
+before it runs: it is spawned behind a gate that fleetd opens only then (GATE for an exec'd
+holder; the template's child waits on the same pipe). So a fleetd that dies mid-launch leaves
+either a record naming the holder, which the next fleetd adopts (fleetd.clusters.adoption),
+or a gate that read EOF and started nothing, whose record is cleaned up: never a holder that
+nothing names (which start-up gc would take for dead, and remove the files of while it
+starts).
 """
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import anyio
 import msgspec
 import structlog
 
+from fleetctl.template import ForkedHolder, Template
 from fleetd.clusters.follow import READY_TIMEOUT, Follower
 from fleetd.clusters.index import Held
-from fleetd.clusters.links import holder_log, holder_ready
+from fleetd.clusters.links import holder_ready
 from fleetd.clusters.records import HolderRecord, encode, holder_key
 from fleetd.clusters.rundirs import CLUSTERS_DIR
+from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import process_start_time
 from fleetd.state import RUNTIME_SUBDIR
 from fleetd.store import Store
 from protocol.definitions import ClusterSpec
-from protocol.errors import FleetError, InvalidRequest
+from protocol.errors import FleetError, InvalidRequest, Unavailable
 from protocol.members import CLUSTER_FILE, HOLDER_LOG, runtime_dir_problem
+from protocol.template import KEPT_FROM
 
 log = structlog.get_logger("fleetd.clusters")
 
 GATE = 'read -r go && exec "$@" </dev/null'
-"""A holder's first process: a shell that waits for fleetd's line on its stdin, then execs
-the holder in its place (same pid, same start time: what the journal already names); at EOF
-(fleetd died before it journaled the pid) it exits, and no holder ever runs."""
+"""An exec'd holder's first process: a shell that waits for fleetd's line on its stdin, then
+execs the holder in its place (same pid, same start time: what the journal already names); at
+EOF (fleetd died before it journaled the pid) it exits, and no holder ever runs."""
+HOLDER = [sys.executable, "-m", "fleetd.holder"]
 
 _SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _SCRUBBED_PREFIXES = ("LISTEN_",)
@@ -54,6 +63,10 @@ def holder_env(environ: Mapping[str, str]) -> dict[str, str]:
         for key, value in environ.items()
         if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_PREFIXES)
     }
+
+
+def holder_args(spec_file: str, runtime_dir: str, ready_fd: int) -> list[str]:
+    return [f"--spec={spec_file}", f"--dir={runtime_dir}", f"--ready-fd={ready_fd}"]
 
 
 def popen_detached(
@@ -75,17 +88,55 @@ def popen_detached(
     )
 
 
+def fork_detached(
+    template: Template,
+    args: list[str],
+    env: Mapping[str, str],
+    *,
+    log_fd: int,
+    gate: int,
+    ready: int,
+) -> ForkedHolder:
+    """The holder forked from the template, as popen_detached would start it: its own
+    session, stdin /dev/null, its output to its log, behind `gate`, `ready` kept (at
+    KEPT_FROM, which `args` names). Raises Unavailable."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return template.fork(
+            args, env, stdio=(null, log_fd, log_fd), keep=(ready,), gate=gate, session=True
+        )
+    finally:
+        os.close(null)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A holder just spawned (at its gate): its pid, a pidfd, and, when fleetd exec'd it,
+    the process to reap (a forked holder is the template's child: the template reaps it)."""
+
+    pid: int
+    pidfd: int
+    process: subprocess.Popen[bytes] | None = None
+
+
 class Launcher:
     """Starts holders: their definition in the state directory, their runtime directory in
-    `runtime`'s c/, their record in the store; hands each to the follower once it serves."""
+    `runtime`'s c/, their record in the store; hands each to the follower once it serves.
+    They are forked from `template` while it runs."""
 
     def __init__(
-        self, store: Store, state: PrivateDir, runtime: PrivateDir, follower: Follower
+        self,
+        store: Store,
+        state: PrivateDir,
+        runtime: PrivateDir,
+        follower: Follower,
+        template: WarmTemplate | None = None,
     ) -> None:
         self.store = store
         self.state = state
         self.runtime = runtime
         self.follower = follower
+        self.template = template
 
     async def launch(self, spec: ClusterSpec, runtime_dir: str) -> Held:
         problem = runtime_dir_problem(runtime_dir, [m.name for m in spec.members])
@@ -96,19 +147,14 @@ class Launcher:
         await self.store.put(holder_key(spec.name), encode(record))  # journaled before it exists
         log_fd = self._open_holder_log(spec.name)
         try:
-            process, record = await self._spawn(spec_file, record, log_fd)
+            started, record = await self._spawn(spec_file, record, log_fd)
         finally:
             os.close(log_fd)
-        try:
-            pidfd = os.pidfd_open(process.pid)
-        except ProcessLookupError:
-            process.wait()
-            await self.follower.gone(record, reason="holder_died_at_start")
-            raise FleetError(f"the holder failed to start: {holder_log(record.log)}") from None
         record = msgspec.structs.replace(record, state="live")
-        held = Held(spec.name, record, pidfd, {m.name: m for m in spec.members}, process=process)
+        specs = {m.name: m for m in spec.members}
+        held = Held(spec.name, record, started.pidfd, specs, process=started.process)
         await self.follower.follow(held)
-        log.info("holder_started", cluster=spec.name, pid=process.pid, dir=runtime_dir)
+        log.info("holder_started", cluster=spec.name, pid=started.pid, dir=runtime_dir)
         return held
 
     def _write_definition(self, spec: ClusterSpec) -> str:
@@ -137,7 +183,7 @@ class Launcher:
 
     async def _spawn(
         self, spec_file: str, record: HolderRecord, log_fd: int
-    ) -> tuple[subprocess.Popen[bytes], HolderRecord]:
+    ) -> tuple[Started, HolderRecord]:
         """The holder, detached, its output to its log; and its record, which names it (pid
         and start time) in the journal before the gate opens. Returns once it is ready."""
         ready_read, ready_write = os.pipe()
@@ -148,39 +194,66 @@ class Launcher:
             unclosed.discard(fd)
             os.close(fd)
 
-        command = [
-            sys.executable,
-            "-m",
-            "fleetd.holder",
-            f"--spec={spec_file}",
-            f"--dir={record.dir}",
-            f"--ready-fd={ready_write}",
-        ]
         try:
-            process = await anyio.to_thread.run_sync(
-                popen_detached, command, log_fd, gate_read, ready_write
-            )
+            started = await self._start(spec_file, record.dir, log_fd, gate_read, ready_write)
             close(ready_write)
             close(gate_read)
             try:
-                start_time = process_start_time(process.pid) or 0  # exec keeps it: the holder's
-                record = msgspec.structs.replace(record, pid=process.pid, start_time=start_time)
+                # A fork's start time is the fork's; exec keeps the gate's: the holder's own.
+                start_time = process_start_time(started.pid) or 0
+                record = msgspec.structs.replace(record, pid=started.pid, start_time=start_time)
                 await self.store.put(holder_key(record.spec.name), encode(record))
                 os.write(gate_write, b"go\n")
                 close(gate_write)
                 await holder_ready(ready_read, READY_TIMEOUT, record.dir)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._abandon(process, record)
+                    await self._abandon(started, record)
                 raise
         finally:
             for fd in unclosed:
                 os.close(fd)
-        return process, record
+        return started, record
 
-    async def _abandon(self, process: subprocess.Popen[bytes], record: HolderRecord) -> None:
-        """A holder that failed to get ready: kill its session, reap it, journal it gone."""
-        with contextlib.suppress(ProcessLookupError):  # its session is gone already
-            os.killpg(process.pid, signal.SIGKILL)
-        await anyio.to_thread.run_sync(process.wait)
+    async def _start(
+        self, spec_file: str, runtime_dir: str, log_fd: int, gate: int, ready: int
+    ) -> Started:
+        """The holder at its gate: forked from the template if one serves, else exec'd."""
+        if self.template is not None:
+            args = holder_args(spec_file, runtime_dir, KEPT_FROM)
+            forked = await self._fork(self.template, args, log_fd=log_fd, gate=gate, ready=ready)
+            if forked is not None:
+                return Started(forked.pid, forked.pidfd)
+        command = [*HOLDER, *holder_args(spec_file, runtime_dir, ready)]
+        process = await anyio.to_thread.run_sync(popen_detached, command, log_fd, gate, ready)
+        return Started(process.pid, os.pidfd_open(process.pid), process)
+
+    async def _fork(
+        self, warm: WarmTemplate, args: list[str], *, log_fd: int, gate: int, ready: int
+    ) -> ForkedHolder | None:
+        """Forked from the template; None when it is gone or fails (then exec it: one that
+        misbehaved is out of use, and fleetd.clusters.warm starts another)."""
+        template = warm.usable()
+        if template is None:
+            return None
+        fork = functools.partial(fork_detached, log_fd=log_fd, gate=gate, ready=ready)
+        try:
+            return await anyio.to_thread.run_sync(fork, template, args, warm.env)
+        except Unavailable as exc:
+            log.warning("holder_template_failed", pid=template.pid, error=exc.message)
+            return None
+
+    async def _abandon(self, started: Started, record: HolderRecord) -> None:
+        """A holder that failed to get ready: kill it, see it exit, journal it gone."""
+        with contextlib.suppress(ProcessLookupError):  # it is gone already
+            signal.pidfd_send_signal(started.pidfd, signal.SIGKILL)
+        if started.process is not None:
+            # Our child, not reaped yet: its group cannot be another's (a forked holder's
+            # pid is reaped by the template, and could be; its members die with it anyway).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(started.pid, signal.SIGKILL)
+            await anyio.to_thread.run_sync(started.process.wait)
+        else:
+            await anyio.wait_readable(started.pidfd)
+        os.close(started.pidfd)
         await self.follower.gone(record, reason="holder_failed_to_start")

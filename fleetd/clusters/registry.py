@@ -19,6 +19,7 @@ from fleetd.clusters.index import ClusterIndex, EncodedMemberList, Held
 from fleetd.clusters.journaling import ClusterJournal
 from fleetd.clusters.launch import Launcher
 from fleetd.clusters.links import REQUEST_TIMEOUT, MemberLink, add_member, stop_member
+from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.store import Store
@@ -87,9 +88,13 @@ class HolderRegistry:
     """Serves the cluster control ops over the clusters' index, launcher and follower; its
     `journal` is the clusters' fleetd.journal.JournalProvider."""
 
-    def __init__(self, store: Store, state: PrivateDir) -> None:
+    def __init__(
+        self, store: Store, state: PrivateDir, template: WarmTemplate | None = None
+    ) -> None:
+        """Holders are forked from `template` while it runs, else exec'd."""
         self.store = store
         self.state = state
+        self.template = template
         self.index = ClusterIndex()
         self.journal = ClusterJournal(store, self.index, state)
         self.follower = Follower(self.index, self.journal)
@@ -103,7 +108,7 @@ class HolderRegistry:
         leaves every holder running: they are not fleetd's to stop). Runtime directories go
         in `runtime`'s c/ (the control socket's directory)."""
         self.index.runtime_root = runtime.path
-        self._launcher = Launcher(self.store, self.state, runtime, self.follower)
+        self._launcher = Launcher(self.store, self.state, runtime, self.follower, self.template)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self.journal.retry_postponed)
             await tasks.start(self.follower.serve)

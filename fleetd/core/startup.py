@@ -1,6 +1,7 @@
-"""What both fleetd programs do as they start: the daemon (fleetd.cli) and the holder
-(fleetd.holder.program)."""
+"""What the fleetd programs do as they start: the daemon (fleetd.cli), the holder
+(fleetd.holder.program) and the holder template (fleetd.holder.template)."""
 
+import contextlib
 import resource
 from typing import TypeVar
 
@@ -24,3 +25,11 @@ def leaf_errors(error: E | BaseExceptionGroup[E]) -> list[E]:
     for inner in error.exceptions:
         found.extend(leaf_errors(inner))
     return found
+
+
+def name_process(name: str) -> None:
+    """What `ps -e`, top and pgrep show for this process (its comm: 15 bytes at most). A holder
+    forked from the template (fleetd.holder.template) has the template's command line, and an
+    exec'd one is "python3" there: both are "fleetd-holder", the template "fleetd-template"."""
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name)

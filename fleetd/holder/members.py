@@ -84,7 +84,6 @@ _DRAIN_GRACE = 0.5
 """Seconds a stopped member's pipes may take to deliver their last output."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_HOLDER_PID = os.getpid()
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -456,7 +455,7 @@ class Member:
                 pid=self.pid,
                 running=self.pid is not None,
                 address=self.address,
-                holder_pid=_HOLDER_PID,
+                holder_pid=os.getpid(),  # not read at import: the template forks holders
                 restarts=lifecycle.restarts,
                 exit_code=self.exit_code,
                 started_at=self.started_at,

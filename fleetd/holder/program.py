@@ -49,7 +49,7 @@ from fleetd.core.server import (
     Connection,
     admit,
 )
-from fleetd.core.startup import leaf_errors, raise_fd_limit
+from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit
 from fleetd.holder.descendants import Lineage
 from fleetd.holder.members import (
     LOG_MAX_BYTES,
@@ -720,6 +720,7 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a holder until its last member leaves; 0, or 1 when it cannot start."""
     block_sigchld()  # before any thread exists: see fleetd.holder.members.Reaper
+    name_process("fleetd-holder")
     args = _parser().parse_args(argv)
     configure_logging(args.log_level)
     if args.ready_fd is not None:
