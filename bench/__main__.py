@@ -45,6 +45,12 @@ def _claims() -> list[Figure]:
     return measure()
 
 
+def _clusters() -> list[Figure]:
+    from bench.clusters import measure
+
+    return measure()
+
+
 def _holders() -> list[Figure]:
     from bench.holders import measure
 
@@ -58,6 +64,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "claims": _claims,
     "members": members.measure,
     "bounds": _bounds,
+    "clusters": _clusters,
     "holders": _holders,
 }
 

@@ -73,7 +73,7 @@ _UVLOOP = {"use_uvloop": True}
 
 
 def measure() -> list[Figure]:
-    supervisor_bin = _supervisor_venv()
+    supervisor_bin = supervisor_venv()
     figures: list[Figure] = []
     for n in SIZES:
         fleet_start, fleet_restart, rates = anyio.run(_bound_sleepers, n, backend_options=_UVLOOP)
@@ -177,8 +177,8 @@ async def _bound_sleepers(n: int) -> tuple[float, list[float], _Rates]:
         start = time.perf_counter() - started
         restarts = [await _fleet_restart(cluster, f"s{(i * 37) % n}") for i in range(KILLS)]
         if n == BIG:
-            rates.one_member = await _rate(lambda: cluster.status("s1"), STATUS_SECONDS)
-            rates.all_members = await _rate(cluster.status, ALL_STATUS_SECONDS)
+            rates.one_member = await rate(lambda: cluster.status("s1"), STATUS_SECONDS)
+            rates.all_members = await rate(cluster.status, ALL_STATUS_SECONDS)
     return start, restarts, rates
 
 
@@ -195,7 +195,7 @@ async def _fleet_restart(cluster: Cluster, name: str) -> float:
             raise TimeoutError(f"fleet did not restart {name} within 10 s: {status}")
 
 
-async def _rate(call: Any, seconds: float) -> float:
+async def rate(call: Any, seconds: float) -> float:
     """Sequential calls per second, after a short warm-up."""
     for _ in range(10):
         await call()
@@ -375,13 +375,14 @@ def _detached_figures(
             f"fleetctl up --wait N={BIG}",
             up_seconds,
             "s",
-            Target(1.0),
+            Target(1.5),
         ),
         Figure(
             "ratio_up_wait_1000",
             "  supervisord / fleetctl up",
             sv.started_in / up_seconds,
             "x",
+            Target(5, upper=False),
         ),
     ]
     figures += _cli_status(fleetd, sv)
@@ -517,15 +518,15 @@ def _blocking_rate(call: Any, seconds: float) -> float:
 
 async def _library_rates(socket_path: str) -> tuple[float, float]:
     async with Client(socket_path) as client:
-        one = await _rate(lambda: client.member_status(["bench/s1"]), STATUS_SECONDS)
-        every = await _rate(client.member_status, ALL_STATUS_SECONDS)
+        one = await rate(lambda: client.member_status(["bench/s1"]), STATUS_SECONDS)
+        every = await rate(client.member_status, ALL_STATUS_SECONDS)
     return one, every
 
 
 # --- supervisord ------------------------------------------------------------------------------
 
 
-def _supervisor_venv() -> Path:
+def supervisor_venv() -> Path:
     """bench/.venv-supervisor/bin, with PyPI's supervisor in it: created on first use."""
     bin_ = SUPERVISOR_VENV / "bin"
     if not (bin_ / "supervisord").exists():
@@ -613,6 +614,9 @@ class Supervisord:
             raise RuntimeError(f"supervisord reports states {states}")
 
     def _config(self) -> str:
+        return self._head() + self._programs()
+
+    def _head(self) -> str:
         head = f"""\
             [unix_http_server]
             file = {self.sock}
@@ -631,17 +635,10 @@ class Supervisord:
             [supervisorctl]
             serverurl = unix://{self.sock}
             """
-        program = """\
-            [program:s{i}]
-            command = sleep 3600
-            autostart = true
-            autorestart = true
-            startsecs = 0
-            """
-        text = textwrap.dedent(head)
-        for i in range(self.n):
-            text += "\n" + textwrap.dedent(program).format(i=i)
-        return text
+        return textwrap.dedent(head)
+
+    def _programs(self) -> str:
+        return "".join(sleeper_program(f"s{i}") for i in range(self.n))
 
     def _follow_log(self, done: Any, running: set[str], timeout: float) -> None:
         """Read new log lines (every LOG_POLL) until done(); record spawns and RUNNING states."""
@@ -712,6 +709,19 @@ class Supervisord:
 
     def _children(self) -> list[int]:
         return list(_children_of(self.pid))
+
+
+def sleeper_program(name: str) -> str:
+    """A [program:] section supervising `sleep 3600` as fleet's sleepers are supervised."""
+    program = """\
+
+        [program:{name}]
+        command = sleep 3600
+        autostart = true
+        autorestart = true
+        startsecs = 0
+        """
+    return textwrap.dedent(program).format(name=name)
 
 
 def _shutdown(

@@ -3,13 +3,18 @@ start-up can find of it, then hypothesis over whole journals. The real processes
 that outlived fleetd, one fleetd died launching, one that died meanwhile) are in
 test_detached.py."""
 
+import os
+
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fleetd.clusters.adoption import AdoptionPlan, Found, identify, plan_adoption
+from fleetd.clusters.index import Held
 from fleetd.clusters.records import HolderRecord, HolderState, cluster_of
 from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.members import HOLDER_PIDFILE
 
 PID, START = 4242, 777
 OTHER = (5151, 888)
@@ -185,3 +190,58 @@ def test_adoption_keeps_the_journal_order(
 def test_identify_fills_a_starting_record_from_the_pidfile_only() -> None:
     assert identify(record("starting", 0, 0), (PID, START)) == record("starting")
     assert identify(record("live"), (PID, START + 1)) is None
+
+
+# --- carried out: every holder at once ------------------------------------------------------
+
+
+class GatheringFollower:
+    """Stands for fleetd.clusters.follow.Follower: each follow returns only once every holder
+    is being followed, so adoptions made one after another would never finish."""
+
+    def __init__(self, holders: int) -> None:
+        import anyio
+
+        from fleetd.clusters.index import ClusterIndex
+
+        self.index = ClusterIndex()
+        self.holders = holders
+        self.followed: list[str] = []
+        self.everyone = anyio.Event()
+
+    async def follow(self, held: Held) -> None:
+        self.followed.append(held.name)
+        if len(self.followed) == self.holders:
+            self.everyone.set()
+        await self.everyone.wait()
+        os.close(held.pidfd)
+
+
+def live_here(tempdir: str, name: str) -> HolderRecord:
+    """A live record naming this very process, its pidfile written as a holder writes it."""
+    from fleetd.core.pidfiles import pidfile_text, process_start_time
+
+    runtime_dir = os.path.join(tempdir, "c", name)
+    os.makedirs(runtime_dir)
+    with open(os.path.join(runtime_dir, HOLDER_PIDFILE), "wb") as f:
+        f.write(pidfile_text(os.getpid()))
+    pid = os.getpid()
+    live = record("live", pid=pid, start_time=process_start_time(pid) or 0, name=name)
+    return msgspec.structs.replace(live, dir=runtime_dir)
+
+
+async def test_holders_are_adopted_all_at_once(tempdir: str) -> None:
+    import anyio
+
+    from fleetd.clusters.adoption import adopt
+    from fleetd.clusters.records import encode, holder_key
+    from fleetd.store.sqlite import SQLiteStore
+
+    names = [f"c{i}" for i in range(5)]
+    follower = GatheringFollower(len(names))
+    async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
+        for name in names:
+            await store.put(holder_key(name), encode(live_here(tempdir, name)))
+        with anyio.fail_after(10):
+            await adopt(store, follower)  # type: ignore[arg-type]
+    assert sorted(follower.followed) == names

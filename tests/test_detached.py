@@ -536,17 +536,20 @@ def test_decide_up() -> None:
 
 
 def test_resolve_names() -> None:
-    from fleetd.clusters.index import resolve
+    from fleetd.clusters.index import MemberNames
 
-    clusters = {"one": ["web", "db"], "two": ["web"]}
-    assert resolve("db", clusters) == ("one", "db")
-    assert resolve("two/web", clusters) == ("two", "web")
-    assert resolve("nope", clusters) is None
-    assert resolve("two/db", clusters) is None
+    names = MemberNames()
+    names.replace("one", ["web", "db"])
+    names.replace("two", ["web"])
+    resolve = names.resolve
+    assert resolve("db") == ("one", "db")
+    assert resolve("two/web") == ("two", "web")
+    assert resolve("nope") is None
+    assert resolve("two/db") is None
     with pytest.raises(InvalidRequest, match="one, two"):
-        resolve("web", clusters)
+        resolve("web")
     with pytest.raises(InvalidRequest, match="invalid member name"):
-        resolve("Bad Name", clusters)
+        resolve("Bad Name")
 
 
 def test_holder_env_drops_what_systemd_meant_for_fleetd() -> None:

@@ -124,13 +124,12 @@ class Follower:
                 # A push that came in the same read as the snapshot was handled before this
                 # task resumed: it is newer than the snapshot, which must not undo it.
                 if status.name not in held.statuses:
-                    held.update(status)
+                    self.index.update(held, status)
             return True
         return False
 
     def _pushed(self, held: Held, status: MemberStatus) -> None:
-        held.update(status)
-        self.index.changed_now()
+        self.index.update(held, status)
 
     async def _attach(self, held: Held) -> None:
         """Until a member socket of an unreached holder answers: then watch it and journal
@@ -155,7 +154,7 @@ class Follower:
             return
         held.record = msgspec.structs.replace(held.record, state="live")
         await self.journal.write(held.name)
-        self.index.changed_now()
+        self.index.changed_now(held.name)
         log.info("holder_attached", cluster=held.name, pid=held.pid)
 
     async def _until_exit(self, held: Held) -> None:

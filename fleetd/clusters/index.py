@@ -1,18 +1,23 @@
 """Which clusters fleetd knows, and what their members' status is: the registry's memory.
 
 Each live holder pushes every member change on its watch connection (fleetd.clusters.follow),
-so status and wait are answered from here, and wait sleeps on `changed`, never polls a holder.
-A member no live holder serves answers from the state file its holder left (`stopped`), or
-`absent`. Nothing here does I/O but that one read of a state file.
+so status and wait are answered from here, and a wait sleeps until its own clusters change,
+never polls a holder. A member no live holder serves answers from the state file its holder
+left (`stopped`), or `absent`. Nothing here does I/O but that one read of a state file.
 
-    resolve                   pure: a member's name to (cluster, member)
+A request costs what it names, however many clusters run: a name resolves by two lookups
+(MemberNames), a change wakes only the waits on its own cluster, and the status of every
+member joins each cluster's statuses as encoded at its last change.
+
+    MemberNames               pure: a member's name to (cluster, member), both ways indexed
     Held                      a live holder as fleetd follows it
     ClusterIndex              live and exited clusters, per-cluster locks, status lookups
 """
 
+import contextlib
 import os
 import subprocess
-from collections.abc import Container, Mapping
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -30,21 +35,47 @@ from protocol.names import check_name
 _encode = msgspec.json.Encoder().encode
 
 
-def resolve(name: str, clusters: Mapping[str, Container[str]]) -> tuple[str, str] | None:
-    """(cluster, member) for `CLUSTER/NAME`, or for a bare `NAME` found in one cluster only;
-    None when no cluster has it. A bare name in several clusters is ambiguous: an error."""
-    if "/" in name:
-        cluster, _, member = name.partition("/")
-        check_name(cluster, "cluster")
-        check_name(member)
-        return (cluster, member) if member in clusters.get(cluster, ()) else None
-    check_name(name)
-    found = [cluster for cluster, members in clusters.items() if name in members]
-    if len(found) > 1:
-        raise InvalidRequest(
-            f"member {name!r} is in clusters {', '.join(sorted(found))}: say CLUSTER/{name}"
-        )
-    return (found[0], name) if found else None
+class MemberNames:
+    """Each cluster's member names, and each name's clusters: `CLUSTER/NAME` and a bare `NAME`
+    both resolve by lookups (a scan of every cluster per name made each status, wait and stop
+    cost as much as there were clusters)."""
+
+    def __init__(self) -> None:
+        self._members: dict[str, set[str]] = {}
+        self._clusters: dict[str, set[str]] = {}
+
+    def add(self, cluster: str, name: str) -> None:
+        self._members.setdefault(cluster, set()).add(name)
+        self._clusters.setdefault(name, set()).add(cluster)
+
+    def replace(self, cluster: str, names: Iterable[str]) -> None:
+        """`cluster` has exactly these members now."""
+        self.drop(cluster)
+        for name in names:
+            self.add(cluster, name)
+
+    def drop(self, cluster: str) -> None:
+        for name in self._members.pop(cluster, ()):
+            clusters = self._clusters[name]
+            clusters.discard(cluster)
+            if not clusters:
+                del self._clusters[name]
+
+    def resolve(self, name: str) -> tuple[str, str] | None:
+        """(cluster, member) for `CLUSTER/NAME`, or for a bare `NAME` found in one cluster only;
+        None when no cluster has it. A bare name in several clusters is ambiguous: an error."""
+        if "/" in name:
+            cluster, _, member = name.partition("/")
+            check_name(cluster, "cluster")
+            check_name(member)
+            return (cluster, member) if member in self._members.get(cluster, ()) else None
+        check_name(name)
+        found = self._clusters.get(name, ())
+        if len(found) > 1:
+            raise InvalidRequest(
+                f"member {name!r} is in clusters {', '.join(sorted(found))}: say CLUSTER/{name}"
+            )
+        return (next(iter(found)), name) if found else None
 
 
 @dataclass(eq=False)
@@ -91,70 +122,112 @@ class ClusterIndex:
         """The directory holding c/: where fleetd makes runtime directories."""
         self.live: dict[str, Held] = {}
         self.exited: dict[str, HolderRecord] = {}
+        self._names = MemberNames()
         self._locks: dict[str, anyio.Lock] = {}
-        self._changed = anyio.Event()
+        self._waiting: dict[str, set[anyio.Event]] = {}
+        """Per cluster, the events of the waits on it: set at its next change."""
+        self._encoded: dict[str, bytes] = {}
+        """Per live cluster, its members' statuses encoded as list items, since its last change."""
         self._every_encoded: EncodedMemberList | None = None
 
     def lock(self, cluster: str) -> anyio.Lock:
         return self._locks.setdefault(cluster, anyio.Lock())
 
-    @property
-    def changed(self) -> anyio.Event:
-        """Set at the next change of anything here."""
-        return self._changed
+    @contextlib.contextmanager
+    def watching(self, clusters: Collection[str]) -> Iterator[anyio.Event]:
+        """An event set at the next change of any of `clusters`, and of no other."""
+        event = anyio.Event()
+        for cluster in clusters:
+            self._waiting.setdefault(cluster, set()).add(event)
+        try:
+            yield event
+        finally:
+            for cluster in clusters:
+                waiting = self._waiting.get(cluster)
+                if waiting is not None:
+                    waiting.discard(event)
+                    if not waiting:
+                        del self._waiting[cluster]
 
-    def changed_now(self) -> None:
-        """Wake every waiter to look again."""
+    def changed_now(self, cluster: str) -> None:
+        """Wake the waits on `cluster` to look again; its encoded statuses are stale."""
+        self._encoded.pop(cluster, None)
         self._every_encoded = None
-        self._changed.set()
-        self._changed = anyio.Event()
+        for event in self._waiting.pop(cluster, ()):
+            event.set()
+
+    def update(self, held: Held, status: MemberStatus) -> MemberStatus:
+        """A member's new status (a push, or a holder's answer), known from now on."""
+        status = held.update(status)
+        if self.live.get(held.name) is held:
+            self._names.add(held.name, status.name)
+            self.changed_now(held.name)
+        return status
 
     def add_live(self, held: Held) -> None:
         self.live[held.name] = held
         self.exited.pop(held.name, None)
-        self.changed_now()
+        self._names.replace(held.name, [*held.specs, *held.statuses])
+        self.changed_now(held.name)
 
     def remove_live(self, held: Held) -> None:
         if self.live.get(held.name) is held:
             del self.live[held.name]
+            self._names.drop(held.name)
+            self.changed_now(held.name)
 
     def add_exited(self, record: HolderRecord) -> None:
         """`record` (state exited) stands for its cluster until gc collects it."""
-        self.exited[record.spec.name] = record
-        self.changed_now()
+        name = record.spec.name
+        self.exited[name] = record
+        if name not in self.live:
+            self._names.replace(name, [m.name for m in record.spec.members])
+        self.changed_now(name)
+
+    def remove_exited(self, cluster: str) -> None:
+        """gc collected it: its name is free."""
+        del self.exited[cluster]
+        if cluster not in self.live:
+            self._names.drop(cluster)
+        self.changed_now(cluster)
 
     def every_status(self) -> EncodedMemberList:
-        """Every live member's status, encoded once per change: asking for everyone
-        outnumbers changes once clusters run."""
+        """Every live member's status: each cluster's encoded once per change of its own, all
+        joined once per change of any (asking for everyone outnumbers changes once clusters
+        run)."""
         if self._every_encoded is None:
-            every = [s for held in self.live.values() for s in held.statuses.values()]
-            self._every_encoded = EncodedMemberList(members=msgspec.Raw(_encode(every)))
+            parts = [part for held in self.live.values() if (part := self._encoded_items(held))]
+            joined = b"[" + b",".join(parts) + b"]"
+            self._every_encoded = EncodedMemberList(members=msgspec.Raw(joined))
         return self._every_encoded
 
-    def known_members(self) -> dict[str, Container[str]]:
-        """Every cluster's member names: live ones from memory (the Held itself, not a copy
-        of a thousand names per request), exited ones from their definitions (the names whose
-        state files may answer)."""
-        known: dict[str, Container[str]] = {
-            name: [m.name for m in r.spec.members] for name, r in self.exited.items()
-        }
-        known.update(self.live)
-        return known
+    def _encoded_items(self, held: Held) -> bytes:
+        items = self._encoded.get(held.name)
+        if items is None:
+            items = self._encoded[held.name] = _encode(list(held.statuses.values()))[1:-1]
+        return items
+
+    def resolve(self, name: str) -> tuple[str, str] | None:
+        """(cluster, member) of a live or exited cluster's member; see MemberNames.resolve."""
+        return self._names.resolve(name)
 
     def find_live(self, name: str) -> tuple[Held | None, str]:
         """The live holder serving member `name` (None if its cluster exited), and the
         member's bare name; Absent when no cluster has it."""
-        found = resolve(name, self.known_members())
+        found = self._names.resolve(name)
         if found is None:
             raise Absent(f"no member {name!r}")
         cluster, member = found
         return self.live.get(cluster), member
 
     def status_of(self, name: str) -> MemberStatus:
-        found = resolve(name, self.known_members())
+        found = self._names.resolve(name)
         if found is None:
             return MemberStatus(name=name, state=MemberState.ABSENT)
-        cluster, member = found
+        return self.status_in(*found)
+
+    def status_in(self, cluster: str, member: str) -> MemberStatus:
+        """The status of a member `resolve` found (`absent` once its cluster is gone)."""
         held = self.live.get(cluster)
         if held is not None and member in held.statuses:
             return held.statuses[member]
@@ -162,6 +235,8 @@ class ClusterIndex:
             return MemberStatus(
                 name=member, state=MemberState.STARTING, holder_pid=held.pid, cluster=cluster
             )
+        if held is None and cluster not in self.exited:  # gc collected it since
+            return MemberStatus(name=member, state=MemberState.ABSENT)
         on_disk = status_on_disk(self.runtime_dir_of(cluster), member)
         return msgspec.structs.replace(on_disk, cluster=cluster)
 

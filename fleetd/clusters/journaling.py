@@ -138,13 +138,20 @@ class ClusterJournal:
         return entries
 
     async def journal_collect(self, *, dry_run: bool) -> list[ClaimInfo]:
-        """Every exited holder's leftovers and records, one cluster at a time under its lock
-        (an `up` of the same name waits for it, and gc waits for an `up` under way)."""
-        removed: list[ClaimInfo] = []
-        for name in sorted(self.index.exited):
+        """Every exited holder's leftovers and records, each cluster under its lock (an `up` of
+        the same name waits for it, and gc waits for an `up` under way), all clusters at once:
+        one after another, each cluster's disk work and journal write made fleetd's start-up gc
+        of 200 exited clusters take some 6 ms each. Reported in name order."""
+        collected: dict[str, list[ClaimInfo]] = {}
+
+        async def collect(name: str) -> None:
             async with self.index.lock(name):
-                removed += await self._collect_exited(name, dry_run)
-        return removed
+                collected[name] = await self._collect_exited(name, dry_run)
+
+        async with anyio.create_task_group() as tasks:
+            for name in list(self.index.exited):
+                tasks.start_soon(collect, name)
+        return [entry for name in sorted(collected) for entry in collected[name]]
 
     async def _collect_exited(self, name: str, dry_run: bool) -> list[ClaimInfo]:
         record, key = self.index.exited.get(name), holder_key(name)
@@ -171,6 +178,6 @@ class ClusterJournal:
         )
         if not result.succeeded:
             return []
-        del self.index.exited[name]
+        self.index.remove_exited(name)
         log.info("holder_collected", cluster=name, dir=record.dir, items=len(found))
         return found
