@@ -43,9 +43,9 @@ from anyio.abc import TaskStatus
 
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
+from fleetd.core.locks import NameLocks
 from fleetd.delivery import STAGING, FileBatches, withdraw
 from fleetd.journal import JournalProvider, Owners
-from fleetd.leases import NameLocks
 from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
     KINDS,

@@ -341,3 +341,21 @@ async def test_gc_collects_every_exited_cluster_at_once_and_reports_them_in_orde
     with anyio.fail_after(10):
         removed = await registry.journal.journal_collect(dry_run=True)
     assert [entry.key for entry in removed] == names
+
+
+async def test_a_cluster_name_holds_no_lock_once_its_change_is_done(
+    registry: HolderRegistry,
+) -> None:
+    """A daemon that has seen a million cluster names keeps nothing for each."""
+    async with registry.index.lock("c1"):
+        pass
+    assert "c1" not in registry.index._locks
+
+
+async def test_the_journal_keeps_nothing_of_a_cluster_once_its_writes_end(
+    registry: HolderRegistry,
+) -> None:
+    registry.index.add_exited(msgspec.structs.replace(record("c1", "m"), state="exited"))
+    await registry.journal.write("c1")
+    await registry.journal.write("gone")  # nothing remembered: nothing to write
+    assert registry.journal._writes == {}

@@ -25,6 +25,7 @@ import msgspec
 
 from fleetd.clusters.links import MemberLink, status_on_disk
 from fleetd.clusters.records import HolderRecord
+from fleetd.core.locks import NameLock, NameLocks
 from fleetd.state import RUNTIME_SUBDIR
 from protocol.definitions import MemberSpec
 from protocol.errors import Absent, InvalidRequest
@@ -123,15 +124,15 @@ class ClusterIndex:
         self.live: dict[str, Held] = {}
         self.exited: dict[str, HolderRecord] = {}
         self._names = MemberNames()
-        self._locks: dict[str, anyio.Lock] = {}
+        self._locks = NameLocks()
         self._waiting: dict[str, set[anyio.Event]] = {}
         """Per cluster, the events of the waits on it: set at its next change."""
         self._encoded: dict[str, bytes] = {}
         """Per live cluster, its members' statuses encoded as list items, since its last change."""
         self._every_encoded: EncodedMemberList | None = None
 
-    def lock(self, cluster: str) -> anyio.Lock:
-        return self._locks.setdefault(cluster, anyio.Lock())
+    def lock(self, cluster: str) -> NameLock:
+        return self._locks.hold(cluster)
 
     @contextlib.contextmanager
     def watching(self, clusters: Collection[str]) -> Iterator[anyio.Event]:

@@ -11,6 +11,8 @@ Collection removes an exited holder's files first, then its records: a crash in 
 leaves records whose files are gone, which the next gc deletes; never files no record names.
 """
 
+import itertools
+
 import anyio
 import structlog
 
@@ -58,12 +60,14 @@ class ClusterJournal:
         self._unwritten: set[str] = set()
         """Clusters whose records a full disk kept from being written."""
         self._writes: dict[str, int] = {}
+        """Per cluster being written, its latest write's number (forgotten once it ends)."""
+        self._attempts = itertools.count(1)
         self._retry_due = anyio.Event()
 
     async def write(self, name: str) -> None:
         """Make the store say what memory says of cluster `name`: live (its record and a
         record per member) or exited (its record alone); nothing once gc collected it."""
-        self._writes[name] = attempt = self._writes.get(name, 0) + 1
+        self._writes[name] = attempt = next(self._attempts)
         try:
             stored = {kv.key for kv in await self.store.range(members_prefix(name))}
             record, members = self._remembered(name)
@@ -75,7 +79,11 @@ class ClusterJournal:
             self._unwritten.add(name)
             self._retry_due.set()
             return
-        if self._writes.get(name) == attempt and name in self._unwritten:
+        finally:
+            latest = self._writes.get(name) == attempt
+            if latest:
+                del self._writes[name]
+        if latest and name in self._unwritten:
             self._unwritten.discard(name)
             log.info("journal_written_late", cluster=name)
 
