@@ -308,13 +308,9 @@ class ClaimService:
         check_key(request.kind, request.key)
         provider = self._by_kind.get(request.kind)
         if provider is not None:
-            found = [
-                entry
-                for entry in await provider.journal_entries()
-                if (entry.kind, entry.key) == (request.kind, request.key)
-            ]
-            if found:
-                return ClaimResult(outcome=Outcome.OK, claim=found[0])
+            entry = await provider.journal_entry(request.kind, request.key)
+            if entry is not None:
+                return ClaimResult(outcome=Outcome.OK, claim=entry)
             return ClaimResult(outcome=Outcome.ABSENT, message=_absent(request.kind, request.key))
         found_claim = await self._read(record_key(request.kind, request.key))
         if found_claim.record is None:

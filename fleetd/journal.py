@@ -59,6 +59,10 @@ class JournalProvider(Protocol):
         """Every entry, in a stable order."""
         ...
 
+    async def journal_entry(self, kind: str, key: str) -> ClaimInfo | None:
+        """The entry `key` of `kind`, if there is one, for the price of that one."""
+        ...
+
     async def journal_collect(self, *, dry_run: bool) -> list[ClaimInfo]:
         """Remove (with `dry_run`, only find) every entry no live owner holds; each as it was.
         Must never touch a live owner's resource, and must be idempotent."""
@@ -121,6 +125,13 @@ class LeaseJournal:
 
     async def journal_entries(self) -> list[ClaimInfo]:
         return [lease_entry(entry, live) for entry, live in self._leases.records()]
+
+    async def journal_entry(self, kind: str, key: str) -> ClaimInfo | None:
+        """From the lease table in memory (one kind, keyed by name)."""
+        for entry in await self.journal_entries():
+            if (entry.kind, entry.key) == (kind, key):
+                return entry
+        return None
 
     async def journal_collect(self, *, dry_run: bool) -> list[ClaimInfo]:
         removed = await self._leases.remove_dead(dry_run=dry_run)

@@ -10,10 +10,11 @@ import pytest
 
 from fleetd.clusters import index as index_module
 from fleetd.clusters.index import ClusterIndex, Held, MemberNames
-from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.records import HolderRecord, members_prefix
 from fleetd.clusters.registry import HolderRegistry
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
+from fleetd.store import KeyValue
 from fleetd.store.sqlite import SQLiteStore
 from protocol.clusters import MemberWait
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -359,3 +360,38 @@ async def test_the_journal_keeps_nothing_of_a_cluster_once_its_writes_end(
     await registry.journal.write("c1")
     await registry.journal.write("gone")  # nothing remembered: nothing to write
     assert registry.journal._writes == {}
+
+
+async def test_inspecting_one_entry_finds_what_listing_all_shows(
+    registry: HolderRegistry,
+) -> None:
+    for cluster in ("c1", "c2"):
+        registry.index.add_live(held(cluster, "a", "b"))
+        await registry.journal.write(cluster)
+    listed = await registry.journal.journal_entries()
+    assert len(listed) == 2 * (1 + 2 * 4)  # a holder; per member, member, socket, 2 logs
+    for entry in listed:
+        assert await registry.journal.journal_entry(entry.kind, entry.key) == entry
+    assert await registry.journal.journal_entry("member", "c1:nope") is None
+    assert await registry.journal.journal_entry("holder", "nope") is None
+
+
+async def test_inspecting_one_entry_reads_only_its_own_cluster(
+    registry: HolderRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`claims inspect` costs what it names, however many clusters are journaled."""
+    for cluster in ("c1", "c2", "c3"):
+        registry.index.add_live(held(cluster, "a"))
+        await registry.journal.write(cluster)
+    store = registry.journal.store
+    ranged: list[str] = []
+    range_all = store.range
+
+    async def recording(prefix: str) -> list[KeyValue]:
+        ranged.append(prefix)
+        return await range_all(prefix)
+
+    monkeypatch.setattr(store, "range", recording)
+    entry = await registry.journal.journal_entry("socket", "c2:a")
+    assert entry is not None
+    assert ranged == [members_prefix("c2")]
