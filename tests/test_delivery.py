@@ -21,6 +21,20 @@ def state(tempdir: str) -> Iterator[PrivateDir]:
         yield opened
 
 
+@pytest.fixture
+def synced(state: PrivateDir, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories fsynced from now on, relative to the state directory, in order."""
+    synced: list[str] = []
+    fsync = PrivateDir.fsync
+
+    def counted(directory: PrivateDir) -> None:
+        synced.append(os.path.relpath(directory.path, state.path))
+        fsync(directory)
+
+    monkeypatch.setattr(PrivateDir, "fsync", counted)
+    return synced
+
+
 def _read(state: PrivateDir, *parts: str) -> bytes | None:
     try:
         with open(os.path.join(state.path, *parts), "rb") as f:
@@ -57,34 +71,19 @@ def test_a_batch_delivers_and_withdraws_together(state: PrivateDir) -> None:
 
 
 def test_a_batch_fsyncs_each_directory_it_touched_once(
-    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+    state: PrivateDir, synced: list[str]
 ) -> None:
     delivery.deliver(state, ("inbox", "a", "old"), b"old")
     delivery.deliver(state, ("files", "f"), b"f")
-    synced: list[str] = []
-    fsync = PrivateDir.fsync
-
-    def counted(directory: PrivateDir) -> None:
-        synced.append(os.path.relpath(directory.path, state.path))
-        fsync(directory)
-
-    monkeypatch.setattr(PrivateDir, "fsync", counted)
+    synced.clear()  # what the batch alone fsyncs
     jobs = [FileJob(("inbox", "a", f"k{n}"), b"x") for n in range(10)]
     run_batch(state, [*jobs, FileJob(("inbox", "a", "old")), FileJob(("files", "f"))])
     assert sorted(synced) == ["files", "inbox/a"]
 
 
 def test_a_new_directory_is_made_durable_in_its_parent(
-    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+    state: PrivateDir, synced: list[str]
 ) -> None:
-    synced: list[str] = []
-    fsync = PrivateDir.fsync
-
-    def counted(directory: PrivateDir) -> None:
-        synced.append(os.path.relpath(directory.path, state.path))
-        fsync(directory)
-
-    monkeypatch.setattr(PrivateDir, "fsync", counted)
     run_batch(state, [FileJob(("inbox", "new-owner", "k"), b"x")])
     assert synced == ["inbox/new-owner", "inbox", "."]
 

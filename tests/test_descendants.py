@@ -21,7 +21,14 @@ import fleetctl
 from fleetd.core import cgroups
 from fleetd.holder.descendants import Lineage, Process, TreeDescendants, member_of
 from protocol.members import MemberState
-from tests.processes import Fleetd, cgroup_problem, kill_holders, running_fleetd, wait_gone
+from tests.processes import (
+    Fleetd,
+    cgroup_problem,
+    kill_holders,
+    running_fleetd,
+    wait_gone,
+    wait_until,
+)
 from tests.processes import fleetctl as run_fleetctl
 
 ESCAPE = "setsid sleep 1000 & echo $! > {dir}/escapee; "
@@ -78,13 +85,6 @@ def shell(script: str, **more: object) -> dict[str, object]:
 def double_fork(env: str = "dict(os.environ)") -> list[str]:
     """A member that double-forks a `sleep 1000` with `env`, then sleeps."""
     return [sys.executable, "-c", f"import os, time\nENV = {env}\n{DOUBLE_FORK}time.sleep(60)\n"]
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still false after {timeout}s"
-        time.sleep(0.01)
 
 
 def read_text(path: str) -> str:

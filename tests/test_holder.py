@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 
 import anyio
@@ -41,6 +41,7 @@ from protocol.members import (
     WatchResult,
     member_socket_path,
 )
+from tests.processes import wait_until
 
 SLEEPER = ["sleep", "60"]
 HTTP = ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
@@ -58,14 +59,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout}s: {condition}")
-        time.sleep(0.02)
 
 
 def member_pids(cluster: SyncCluster) -> list[int]:

@@ -11,8 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -37,17 +36,10 @@ from tests.processes import (
     process_name,
     runtime_root,
     wait_gone,
+    wait_until,
 )
 
 SLEEPER = {"members": {"a": {"command": ["sleep", "60"]}}}
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still false after {timeout}s: {condition}")
-        time.sleep(0.02)
 
 
 def parent(pid: int) -> int:
