@@ -22,7 +22,7 @@ from typing import Any, Self, cast
 from fleetctl._peer import check_peer
 from fleetctl.polling import Poller
 from protocol.base import Op, R
-from protocol.connection import ClientConnection, decode_result
+from protocol.connection import Answer, ClientConnection, decode_result
 from protocol.errors import ConnectionLost, FleetError, PermissionDenied, Timeout
 from protocol.messages import RawResponse
 
@@ -43,7 +43,7 @@ class AsyncConnection(asyncio.Protocol):
         self.path = path
         self.core = ClientConnection(peer=peer, on_answer=self._answered, on_push=on_push)
         self._on_failure = on_failure
-        self._futures: dict[int, asyncio.Future[RawResponse]] = {}
+        self._futures: dict[int, asyncio.Future[Answer]] = {}
         self._transport: asyncio.WriteTransport | None = None
         self._refused: PermissionDenied | None = None
         self._poller = Poller()
@@ -93,7 +93,7 @@ class AsyncConnection(asyncio.Protocol):
         transport.write(frame)
         self._poller.poll_a_while()
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[RawResponse] = loop.create_future()
+        future: asyncio.Future[Answer] = loop.create_future()
         self._futures[request_id] = future
         timer = loop.call_later(timeout, _expire, future)
         try:
@@ -140,7 +140,7 @@ class AsyncConnection(asyncio.Protocol):
             self.core.receive_data(b"")
             self._failed()
 
-    def _answered(self, request_id: int, response: RawResponse) -> None:
+    def _answered(self, request_id: int, response: Answer) -> None:
         future = self._futures.get(request_id)
         if future is not None and not future.done():
             future.set_result(response)
@@ -157,6 +157,6 @@ class AsyncConnection(asyncio.Protocol):
             on_failure()
 
 
-def _expire(future: "asyncio.Future[RawResponse]") -> None:
+def _expire(future: "asyncio.Future[Answer]") -> None:
     if not future.done():
         future.set_exception(TimeoutError())

@@ -154,6 +154,25 @@ def _explain_invalid(frame: bytes, exc: msgspec.ValidationError, ops: frozenset[
     return InvalidRequest(f"invalid request: {exc}")
 
 
+_ID_PREFIX = b'{"id":'
+_ID_DIGITS = 20
+"""At most this many characters of an id (a 64-bit integer) are looked at."""
+
+
+def leading_id(frame: bytes) -> int | None:
+    """The id of a response frame that begins with it as msgspec encodes a Response (`id` its
+    first field, no space), read without decoding the frame; None for any other spelling,
+    which a client then decodes the slow way (protocol.connection)."""
+    if not frame.startswith(_ID_PREFIX):
+        return None
+    start = len(_ID_PREFIX)
+    end = frame.find(b",", start, start + _ID_DIGITS + 1)
+    digits = frame[start:end]
+    if end < 0 or not digits.isdigit():
+        return None
+    return int(digits)
+
+
 def decode_response(frame: bytes) -> RawResponse:
     _require_utf8(frame)
     try:

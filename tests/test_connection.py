@@ -5,10 +5,19 @@ import json
 
 import pytest
 
-from protocol.connection import ClientConnection, check_version, result_of
-from protocol.errors import ConnectionLost, Incompatible, InvalidRequest, NotOwned
-from protocol.members import Watch
-from protocol.messages import Empty, LeaseInspect, Ping, RawResponse, Version, VersionResult
+from protocol.connection import ClientConnection, TypedResponse, check_version, result_of
+from protocol.errors import BadFrame, ConnectionLost, Incompatible, InvalidRequest, NotOwned
+from protocol.framing import encode, leading_id
+from protocol.members import MemberState, MemberStatus, StatusAll, Watch, WatchResult
+from protocol.messages import (
+    Empty,
+    LeaseInspect,
+    Ping,
+    RawResponse,
+    Response,
+    Version,
+    VersionResult,
+)
 from tests.test_layering import modules_after, top_level
 
 
@@ -60,6 +69,58 @@ def test_a_watch_is_answered_once_then_its_frames_are_pushes() -> None:
     ping, _ = connection.send(Ping, {})
     connection.receive_data(answer(ping, {}))  # other answers still go to their callers
     assert answered == [watch, ping] and len(pushed) == 2
+
+
+def test_an_answer_as_msgspec_spells_it_is_decoded_once_as_its_ops_result() -> None:
+    connection = ClientConnection()
+    request_id, _ = connection.send(StatusAll, {})
+    members = [MemberStatus(name=f"m{i}", state=MemberState.RUNNING, pid=i) for i in range(3)]
+    connection.receive_data(encode(Response(id=request_id, ok=True, result=WatchResult(members))))
+    got = connection.take(request_id)
+    assert isinstance(got, TypedResponse)
+    assert result_of(got, StatusAll) == WatchResult(members)
+
+
+def test_an_answer_that_does_not_fit_its_op_fails_that_request_alone() -> None:
+    connection = ClientConnection()
+    request_id, _ = connection.send(StatusAll, {})
+    connection.receive_data(encode(Response(id=request_id, ok=True, result={"members": 7})))
+    got = connection.take(request_id)
+    assert got is not None
+    with pytest.raises(BadFrame, match="malformed result"):
+        result_of(got, StatusAll)
+    ping, _ = connection.send(Ping, {})
+    connection.receive_data(encode(Response(id=ping, ok=True, result=Empty())))
+    assert connection.failure is None and connection.take(ping) is not None
+
+
+def test_an_answer_missing_its_result_is_malformed() -> None:
+    connection = ClientConnection()
+    request_id, _ = connection.send(Version, {})
+    connection.receive_data(encode(Response(id=request_id, ok=True)))
+    got = connection.take(request_id)
+    assert got is not None
+    with pytest.raises(BadFrame, match="malformed result"):
+        result_of(got, Version)
+
+
+@pytest.mark.parametrize(
+    ("frame", "request_id"),
+    [
+        (b'{"id":12,"ok":true}', 12),
+        (b'{"id":0,"ok":true}', 0),
+        (b'{"id": 12, "ok": true}', None),
+        (b'{"ok":true,"id":12}', None),
+        (b'{"id":null,"ok":false}', None),
+        (b'{"id":-1,"ok":true}', None),
+        (b'{"id":1' + b"0" * 30 + b',"ok":true}', None),
+        (b'{"id":12}', None),
+    ],
+)
+def test_the_leading_id_is_read_only_as_msgspec_spells_it(
+    frame: bytes, request_id: int | None
+) -> None:
+    assert leading_id(frame) == request_id
 
 
 def test_an_error_answer_raises_its_error() -> None:
