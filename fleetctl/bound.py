@@ -22,6 +22,7 @@ portal), so both forms behave alike.
 """
 
 import contextlib
+import operator
 import os
 import shutil
 import signal
@@ -286,6 +287,11 @@ class Cluster:
         """Names of the members the holder reported, in order of joining."""
         return list(self._statuses)
 
+    @property
+    def known(self) -> Mapping[str, MemberStatus]:
+        """The last status the holder reported of each member, in order of joining."""
+        return self._statuses
+
     async def wait_running(
         self, names: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> dict[str, MemberStatus]:
@@ -321,12 +327,15 @@ class Cluster:
         gone, the state files do (`stopped` if the member existed, else `absent`)."""
         if name is not None:
             return await self._status_of(name)
-        live: dict[str, MemberStatus] = {}
+        answer: list[MemberStatus] = []
         link = self._opened()
         if link.failure is None:
             with contextlib.suppress(ConnectionLost):
-                answer = await link.request(StatusAll, self.timeout)
-                live = {status.name: status for status in answer.members}
+                answer = (await link.request(StatusAll, self.timeout)).members
+        every = answered_all(self._statuses, answer)
+        if every is not None:
+            return every
+        live = {status.name: status for status in answer}
         return {
             member: live[member] if member in live else await self._status_of(member)
             for member in self.members
@@ -397,6 +406,22 @@ class Cluster:
         self._changed = anyio.Event()
 
 
+_name = operator.attrgetter("name")
+
+
+def answered_all(
+    known: Mapping[str, MemberStatus], answer: list[MemberStatus]
+) -> dict[str, MemberStatus] | None:
+    """The holder's `answer` by name, in the order of `known`, when it has every member known
+    and no other (as it has unless one left); else None. A copy of `known` updated in place
+    (no comprehension over a thousand statuses, nor a dict built twice)."""
+    every = dict(known)
+    every.update(zip(map(_name, answer), answer, strict=True))
+    if len(answer) == len(known) == len(every):
+        return every
+    return None
+
+
 class SyncCluster:
     """The blocking face of a Cluster (what `with cluster(...)` gives): the same calls, run on
     the cluster's private event loop thread, except status, which asks the holder over a
@@ -449,10 +474,13 @@ class SyncCluster:
         with self._asking:
             if name is not None:
                 return self._status_of(name)
-            live: dict[str, MemberStatus] = {}
+            answer: list[MemberStatus] = []
             with contextlib.suppress(ConnectionLost):
-                answer = self._ask(StatusAll)
-                live = {status.name: status for status in answer.members}
+                answer = self._ask(StatusAll).members
+            every = answered_all(self.cluster.known, answer)
+            if every is not None:
+                return every
+            live = {status.name: status for status in answer}
             return {m: live.get(m) or self._status_of(m) for m in self.cluster.members}
 
     def _status_of(self, name: str) -> MemberStatus:

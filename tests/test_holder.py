@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 import fleetctl
-from fleetctl.bound import SyncCluster
+from fleetctl.bound import SyncCluster, answered_all
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, pidfile_text, process_start_time
 from fleetd.holder.members import LineMatcher, LogFile
@@ -36,6 +36,7 @@ from protocol.members import (
     Ack,
     Bind,
     MemberState,
+    MemberStatus,
     Status,
     StatusAll,
     WatchResult,
@@ -262,6 +263,24 @@ def test_every_members_status_comes_in_one_answer_stopped_ones_included() -> Non
         assert list(everyone) == ["a", "b"]
         assert everyone["a"].state == MemberState.STOPPED
         assert everyone["b"].state == MemberState.RUNNING
+
+
+def statuses(*names: str, state: MemberState = MemberState.RUNNING) -> list[MemberStatus]:
+    return [MemberStatus(name=name, state=state) for name in names]
+
+
+def test_an_answer_of_every_member_is_taken_in_the_order_known() -> None:
+    known = {status.name: status for status in statuses("a", "b", "c", state=MemberState.STARTING)}
+    every = answered_all(known, statuses("c", "a", "b"))
+    assert every is not None
+    assert list(every) == ["a", "b", "c"]
+    assert {status.state for status in every.values()} == {MemberState.RUNNING}
+
+
+@pytest.mark.parametrize("answer", [["a", "b"], ["a", "b", "c", "d"], ["a", "b", "d"]])
+def test_an_answer_missing_a_member_known_or_with_another_is_not_taken(answer: list[str]) -> None:
+    known = {status.name: status for status in statuses("a", "b", "c")}
+    assert answered_all(known, statuses(*answer)) is None
 
 
 def cpu_ticks(pid: int) -> int:
