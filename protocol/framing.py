@@ -35,7 +35,9 @@ class FrameSplitter:
     A chunk of whole frames is split as it is, with nothing copied to a buffer. A frame cut
     across chunks is held in a bytearray that each chunk extends, and only that chunk is
     searched for a newline: a frame fed in small pieces costs time linear in its length
-    (concatenating bytes made it quadratic), and memory within an eighth of it."""
+    (concatenating bytes made it quadratic), and memory within an eighth of it. A chunk
+    with one newline is cut there, not split: bytes.split looks at one byte at a time, where
+    find and rfind go through a large frame (a 110 KB answer) at memchr's speed."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
@@ -43,18 +45,31 @@ class FrameSplitter:
         """The start of an unfinished frame: never empty, at most max_frame bytes."""
 
     def feed(self, data: bytes) -> list[bytes]:
-        frames = data.split(b"\n")
-        tail = frames.pop()
+        first = data.find(b"\n")
+        if first < 0:
+            self._hold(data)
+            return []
+        if first == data.rfind(b"\n"):  # one frame ends here, maybe a large one
+            frames, tail = [data[:first]], data[first + 1 :]
+        else:
+            frames = data.split(b"\n")
+            tail = frames.pop()
         if self._partial is not None:
-            if not frames:
-                self._extend(tail)
-                return []
             frames[0] = self._finish(frames[0])
         if len(data) > self.max_frame and self._outgrown(frames, tail):
             raise self._too_large()
         if tail:
             self._partial = bytearray(tail)
         return frames
+
+    def _hold(self, piece: bytes) -> None:
+        """A piece of a frame with no end in it."""
+        if self._partial is not None:
+            self._extend(piece)
+        elif piece:
+            if len(piece) > self.max_frame:
+                raise self._too_large()
+            self._partial = bytearray(piece)
 
     def _outgrown(self, frames: list[bytes], tail: bytes) -> bool:
         """Whether a line of one chunk is too long (only a chunk over max_frame can hold one)."""
