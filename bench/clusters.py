@@ -33,7 +33,16 @@ from typing import Any
 import anyio
 
 from bench.harness import Figure, Fleetd, Target, cpu_seconds, running_fleetd
-from bench.members import Supervisord, rate, sleeper_program, supervisor_venv
+from bench.members import (
+    NOT_MEASURED,
+    Costed,
+    Supervisord,
+    cost_figures,
+    costed_rate,
+    rate,
+    sleeper_program,
+    supervisor_venv,
+)
 from fleetctl import Client
 from fleetd.clusters.index import Held
 from fleetd.clusters.records import HolderRecord
@@ -69,10 +78,11 @@ def measure() -> list[Figure]:
         Figure(
             "fleet_clusters_all_status_rps",
             f"all-status {scale}: fleet",
-            fleet.all_status,
+            fleet.all_status.per_second,
             "req/s",
             Target(1_000, upper=False),
         ),
+        *cost_figures("fleet_clusters_all_status", fleet.all_status, "fleetd"),
         Figure(
             "supervisord_clusters_all_status_rps",
             f"all-status {scale}: supervisord",
@@ -82,7 +92,7 @@ def measure() -> list[Figure]:
         Figure(
             "ratio_clusters_all_status",
             "  fleet / supervisord",
-            fleet.all_status / sv_status,
+            fleet.all_status.per_second / sv_status,
             "x",
         ),
         Figure(
@@ -105,7 +115,7 @@ def measure() -> list[Figure]:
 class _FleetFigures:
     up: float = 0.0
     up_cpu: float = 0.0
-    all_status: float = 0.0
+    all_status: Costed = NOT_MEASURED
     one_status: float = 0.0
     down: float = 0.0
 
@@ -145,7 +155,7 @@ async def _fleet_figures(fleetd: Fleetd) -> _FleetFigures:
         running = [s for s in every if s.state == MemberState.RUNNING]
         if len(running) != CLUSTERS * MEMBERS:
             raise RuntimeError(f"{len(running)} members run, not {CLUSTERS * MEMBERS}")
-        figures.all_status = await rate(clients[0].member_status, STATUS_SECONDS)
+        figures.all_status = await costed_rate(clients[0].member_status, STATUS_SECONDS, fleetd.pid)
         one = [f"c{CLUSTERS // 2}/m{MEMBERS - 1}"]
         figures.one_status = await rate(lambda: clients[0].member_status(one), STATUS_SECONDS)
         started = time.perf_counter()

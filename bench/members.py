@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -162,10 +163,24 @@ def _sleepers(n: int) -> dict[str, Any]:
     return {"name": "bench", "members": {f"s{i}": member for i in range(n)}}
 
 
+@dataclass(frozen=True)
+class Costed:
+    """Calls per second, and the CPU each call cost this process (the client) and the process
+    that answered (a holder, or fleetd): where two processes share two cores, what a call
+    costs each side says more than its rate, which spinning and other load distort."""
+
+    per_second: float
+    client_us: float
+    server_us: float
+
+
+NOT_MEASURED = Costed(0.0, 0.0, 0.0)
+
+
 @dataclass
 class _Rates:
     one_member: float = 0.0
-    all_members: float = 0.0
+    all_members: Costed = NOT_MEASURED
 
 
 async def _bound_sleepers(n: int) -> tuple[float, list[float], _Rates]:
@@ -177,8 +192,11 @@ async def _bound_sleepers(n: int) -> tuple[float, list[float], _Rates]:
         start = time.perf_counter() - started
         restarts = [await _fleet_restart(cluster, f"s{(i * 37) % n}") for i in range(KILLS)]
         if n == BIG:
+            assert cluster.holder_pid is not None
             rates.one_member = await rate(lambda: cluster.status("s1"), STATUS_SECONDS)
-            rates.all_members = await rate(cluster.status, ALL_STATUS_SECONDS)
+            rates.all_members = await costed_rate(
+                cluster.status, ALL_STATUS_SECONDS, cluster.holder_pid
+            )
     return start, restarts, rates
 
 
@@ -207,6 +225,33 @@ async def rate(call: Any, seconds: float) -> float:
     return done / elapsed
 
 
+async def costed_rate(call: Any, seconds: float, server: int) -> Costed:
+    """As `rate`, with the CPU per call of this process and of `server`."""
+    before = _own_cpu_seconds(), cpu_seconds(server)
+    per_second = await rate(call, seconds)
+    return _costed(per_second, seconds, before, server)
+
+
+def _costed(per_second: float, seconds: float, before: tuple[float, float], server: int) -> Costed:
+    """The CPU since `before` over the calls of about `seconds` at `per_second` (the warm-up
+    calls are few, and counted with them)."""
+    calls = per_second * seconds
+    client = (_own_cpu_seconds() - before[0]) / calls * 1e6
+    return Costed(per_second, client, (cpu_seconds(server) - before[1]) / calls * 1e6)
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cost_figures(key: str, costed: Costed, server: str) -> list[Figure]:
+    return [
+        Figure(f"{key}_client_cpu_us", "  client CPU per call", costed.client_us, "µs"),
+        Figure(f"{key}_server_cpu_us", f"  {server} CPU per call", costed.server_us, "µs"),
+    ]
+
+
 def _bound_rates(rates: _Rates) -> list[Figure]:
     return [
         Figure(
@@ -219,10 +264,11 @@ def _bound_rates(rates: _Rates) -> list[Figure]:
         Figure(
             "bound_all_status_rps",
             f"all-member status, bound async, N={BIG}",
-            rates.all_members,
+            rates.all_members.per_second,
             "req/s",
             Target(1_000, upper=False),
         ),
+        *cost_figures("bound_all_status", rates.all_members, "holder"),
     ]
 
 
@@ -386,7 +432,7 @@ def _detached_figures(
         ),
     ]
     figures += _cli_status(fleetd, sv)
-    one, every = anyio.run(_library_rates, fleetd.socket_path, backend_options=_UVLOOP)
+    one, every = anyio.run(_library_rates, fleetd, backend_options=_UVLOOP)
     figures += [
         Figure(
             "detached_one_status_rps",
@@ -398,10 +444,11 @@ def _detached_figures(
         Figure(
             "detached_all_status_rps",
             f"all-member status, fleetd, N={BIG}",
-            every,
+            every.per_second,
             "req/s",
             Target(1_000, upper=False),
         ),
+        *cost_figures("detached_all_status", every, "fleetd"),
     ]
     fleet_pids = (fleetd.pid, holder)
     time.sleep(0.5)
@@ -485,8 +532,11 @@ def _blocking_rates(n: int) -> list[Figure]:
     the holder over a blocking socket of its own."""
     with fleetctl.cluster(_sleepers(n), timeout=60) as cluster:
         cluster.wait_running(timeout=60)
+        assert cluster.holder_pid is not None
         one = _blocking_rate(lambda: cluster.status("s1"), STATUS_SECONDS)
-        every = _blocking_rate(cluster.status, ALL_STATUS_SECONDS)
+        before = _own_cpu_seconds(), cpu_seconds(cluster.holder_pid)
+        every_rate = _blocking_rate(cluster.status, ALL_STATUS_SECONDS)
+        every = _costed(every_rate, ALL_STATUS_SECONDS, before, cluster.holder_pid)
     return [
         Figure(
             "blocking_one_status_rps",
@@ -498,10 +548,11 @@ def _blocking_rates(n: int) -> list[Figure]:
         Figure(
             "blocking_all_status_rps",
             f"all-member status, bound blocking, N={n}",
-            every,
+            every.per_second,
             "req/s",
             Target(1_000, upper=False),
         ),
+        *cost_figures("blocking_all_status", every, "holder"),
     ]
 
 
@@ -516,10 +567,10 @@ def _blocking_rate(call: Any, seconds: float) -> float:
     return done / elapsed
 
 
-async def _library_rates(socket_path: str) -> tuple[float, float]:
-    async with Client(socket_path) as client:
+async def _library_rates(fleetd: Fleetd) -> tuple[float, Costed]:
+    async with Client(fleetd.socket_path) as client:
         one = await rate(lambda: client.member_status(["bench/s1"]), STATUS_SECONDS)
-        every = await rate(client.member_status, ALL_STATUS_SECONDS)
+        every = await costed_rate(client.member_status, ALL_STATUS_SECONDS, fleetd.pid)
     return one, every
 
 
