@@ -57,7 +57,7 @@ BATCHES_AT_ONCE = 2
 """Batches on their way to disk together (see FileBatches)."""
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
-IDLE_SYNC_DELAY = 0.005
+IDLE_SYNC_DELAY = 0.2
 """Seconds a runner with only directories to fsync waits for staging work to join them: under
 load the next batch takes them along, and the disk is spared a flush of its own."""
 
@@ -101,13 +101,19 @@ class StageJob:
 # One batch ---------------------------------------------------------------------------------
 
 
-def run_batch(state: PrivateDir, jobs: Sequence[StageJob], dirty: Iterable[Where] = ()) -> None:
+def run_batch(
+    state: PrivateDir,
+    jobs: Sequence[StageJob],
+    dirty: Iterable[Where] = (),
+    withdrawn: Sequence[str] = (),
+) -> None:
     """Stage `jobs` in one pass over the disk: write every file, then flush at once their
     data, the staging directory and the `dirty` directories (those placed into or withdrawn
-    from since the last batch). Every job ends with `error` set or not, and a failed job
+    from since the last batch), unlinking meanwhile the `withdrawn` files (moved from their
+    place to the staging directory). Every job ends with `error` set or not, and a failed job
     leaves no staging file; this never raises for one job's failure."""
     try:
-        staging = state.subdir(STAGING) if jobs else None
+        staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
         for job in jobs:
             job.fail(translated(exc, state, job.parts))
@@ -116,7 +122,7 @@ def run_batch(state: PrivateDir, jobs: Sequence[StageJob], dirty: Iterable[Where
         if staging is not None:
             for job in jobs:
                 _write(state, staging, job)
-        _flush(state, staging, jobs, dirty)
+        _flush(state, staging, jobs, dirty, withdrawn)
     finally:
         for job in jobs:
             _close(job)
@@ -133,10 +139,16 @@ def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
 
 
 def _flush(
-    state: PrivateDir, staging: PrivateDir | None, jobs: Sequence[StageJob], dirty: Iterable[Where]
+    state: PrivateDir,
+    staging: PrivateDir | None,
+    jobs: Sequence[StageJob],
+    dirty: Iterable[Where],
+    withdrawn: Sequence[str],
 ) -> None:
-    """Everything at once in the syncer threads (the last one here). A full disk may show
-    only at the fdatasync, as the file system allocates blocks for the data written earlier."""
+    """Everything at once in the syncer threads, the staging directory here once the
+    withdrawn files are unlinked (they need no flush: start-up clears staging). A full disk
+    may show only at the fdatasync, as the file system allocates blocks for the data written
+    earlier."""
     written = [job for job in jobs if job.error is None]
     directories = _open_dirty(state, dirty)
     try:
@@ -144,6 +156,9 @@ def _flush(
             _SYNCERS.submit(_fdatasync, job._fd) for job in written
         ]
         flushes += [_SYNCERS.submit(_fsync, d) for _, d in directories]
+        if staging is not None:
+            for name in withdrawn:
+                _discard_quietly(staging, name)
         staging_error = _fsync(staging) if staging is not None and written else None
         errors = [flush.result() for flush in flushes]
     finally:
@@ -254,6 +269,22 @@ def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
             dirty.add(parts[:-1])
 
 
+def set_aside(state: PrivateDir, parts: Where, name: str, dirty: set[Where]) -> bool:
+    """Move the file at `parts` to the staging directory as `name`, to be unlinked there;
+    False when there is none (or no directory of it). Its directory is added to `dirty`."""
+    try:
+        directory = _open(state, parts[:-1], create=False, dirty=None)
+    except FileNotFoundError:
+        return False
+    with directory, _open(state, (STAGING,), create=True, dirty=dirty) as staging:
+        try:
+            directory.move(parts[-1], staging, name)
+        except FileNotFoundError:
+            return False
+    dirty.add(parts[:-1])
+    return True
+
+
 def discard(state: PrivateDir, staged: str) -> None:
     """Remove a staging file that will not be placed (one already gone is fine)."""
     try:
@@ -329,6 +360,7 @@ class FileBatches:
         self._at_once = at_once
         self._queue: list[StageJob] = []
         self._dirty: set[Where] = set()
+        self._withdrawn: list[str] = []
         self._queued_done = anyio.Event()
         """Set once the batch that takes the jobs queued now has run."""
         self._work_due = anyio.Event()
@@ -370,8 +402,12 @@ class FileBatches:
             log.warning("claim_staging_not_removed", staged=job.staged, error=str(exc))
 
     def withdraw(self, parts: Where) -> None:
+        """Gone from its place at once, by a rename into the staging directory (an unlink
+        may wait for the file system's journal); the next batch unlinks it."""
+        name = staged_name()
         try:
-            unlink(self._state, parts, self._dirty)
+            if set_aside(self._state, parts, name, self._dirty):
+                self._withdrawn.append(name)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None
         finally:
@@ -398,12 +434,13 @@ class FileBatches:
             self._work_due = anyio.Event()
             jobs, self._queue = self._queue, []
             dirty, self._dirty = self._dirty, set()
-            if not (jobs or dirty):
+            withdrawn, self._withdrawn = self._withdrawn, []
+            if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()
             with anyio.CancelScope(shield=True):  # callers wait for every batch to end
                 try:
-                    await anyio.to_thread.run_sync(run_batch, self._state, jobs, dirty)
+                    await anyio.to_thread.run_sync(run_batch, self._state, jobs, dirty, withdrawn)
                 except Exception as exc:  # a bug: these callers hear of it, the next batch runs
                     log.exception("claim_files_failed", jobs=len(jobs))
                     for job in jobs:

@@ -173,10 +173,12 @@ async def test_concurrent_callers_share_batches(
 ) -> None:
     batches: list[int] = []
 
-    def counted(state: PrivateDir, jobs: list[StageJob], dirty: set[Where]) -> None:
+    def counted(
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
         if jobs:
             batches.append(len(jobs))
-        run_batch(state, jobs, dirty)
+        run_batch(state, jobs, dirty, withdrawn)
 
     monkeypatch.setattr(delivery, "run_batch", counted)
     async with anyio.create_task_group() as tasks:
@@ -223,6 +225,16 @@ async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
     files.withdraw(("inbox", "a", "k"))
     assert _read(state, "inbox", "a", "k") is None
     await anyio.to_thread.run_sync(wait_until, lambda: synced == ["inbox/a"])
+
+
+async def test_a_withdrawn_file_is_set_aside_then_unlinked_by_the_next_batch(
+    state: PrivateDir, files: FileBatches
+) -> None:
+    delivery.deliver(state, ("inbox", "a", "k"), b"x")
+    files.withdraw(("inbox", "a", "k"))
+    assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
+    await files.deliver(("files", "other"), b"y")
+    assert _staging(state) == []
 
 
 async def test_withdrawing_a_file_already_gone_is_fine(files: FileBatches) -> None:
