@@ -670,10 +670,13 @@ def _roll_forward(
         entry = staging.entry(name)
         if entry is None or not stat.S_ISREG(entry.st_mode):
             continue
-        place(state, name, parts, dirty)
+        try:
+            place(state, name, parts, dirty)
+        except (OSError, FleetError) as exc:  # a link planted on its way: quarantined below
+            log.warning("claim_not_rolled_forward", path=staging.join(name), error=str(exc))
+            continue
         swept.rolled_forward.append(os.path.join(state.path, *parts))
-    if dirty:
-        sync(state, dirty)
+    sync(state, dirty)
 
 
 def _in_place(state: PrivateDir, parts: Where) -> bool:

@@ -420,6 +420,38 @@ def test_rolling_forward_replaces_a_released_claims_file_the_crash_kept(tempdir:
         daemon.close()
 
 
+def test_rolling_forward_through_a_planted_link_is_refused_and_fleetd_starts(
+    tempdir: str,
+) -> None:
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None
+        os.rename(_inbox_file(daemon, "p"), _staging_file(daemon, record.staged))
+        owner = os.path.dirname(_inbox_file(daemon, "p"))
+        os.rmdir(owner)
+        elsewhere = os.path.join(tempdir, "elsewhere")
+        os.mkdir(elsewhere)
+        os.symlink(elsewhere, owner)
+        daemon.start()
+        assert os.listdir(elsewhere) == []
+        assert _claim(daemon, "p").outcome == "absent"
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert any(re.fullmatch(r"quarantine/[^/]+/inbox/alice", f) for f in _links(daemon))
+    finally:
+        daemon.close()
+
+
+def _links(daemon: Fleetd) -> list[str]:
+    found = []
+    for directory, dirs, _ in os.walk(daemon.state_dir):
+        for name in dirs:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                found.append(os.path.relpath(path, daemon.state_dir))
+    return found
+
+
 def test_a_held_claim_whose_file_is_nowhere_is_dropped_with_a_warning(tempdir: str) -> None:
     """Its acquire was never answered (the crash came before the staged file was durable),
     or its compensation failed: a retry by the caller delivers again."""
