@@ -20,8 +20,9 @@ which the pieces become durable is free, and start-up repairs what a crash leave
   back (or the new one deleted), the staging file removed and the flush's error answered;
   should that write fail too, it is logged, and start-up drops the record (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
-  restart: release commits the record, unlinks the file and answers; the directory's fsync is
-  not awaited, since start-up removes released claims' files anyway.
+  restart: release commits the record, moves the file out of its directory (a rename into
+  the staging directory, where the next file batch unlinks it) and answers; the directory's
+  fsync is not awaited, since start-up removes released claims' files (and clears staging).
 - ALREADY_ACQUIRED means the file is in place: an idempotent retry whose file is missing
   delivers it again (one stat per such request).
 - The inbox never shows a partial file, even after a power loss: only flushed files are

@@ -3,29 +3,32 @@
     staged_name     a staging file's name, unique across fleetd runs (a claim record names it)
     StageJob        one file to stage: its content written to claims-staging/ and flushed
     run_batch       a batch of them in one pass over the disk (blocking)
-    FileBatches     how the claim handlers reach the disk: group commit, renames, unlinks
-    place / withdraw / discard   single renames and unlinks, durable (start-up, tests)
+    FileBatches     how the claim handlers reach the disk: group commit, renames
+    place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
+    deliver / withdraw   one file, durably (start-up, tests)
 
 A delivery has two steps. Staging writes the content to a new file in ``claims-staging/``
 and makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
 Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader never sees a
 partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
 too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
-must live on. A withdrawal unlinks the file.
+must live on. A withdrawal moves the file out of its directory, by a rename into the staging
+directory, where the next batch unlinks it.
 
 What waits for the disk. Staging does, and its callers wait for it (fleetd.claims awaits it
-together with the claim's store commit). Placing and withdrawing do not: a rename or an
-unlink waits for no disk, so they are done on the event loop, and the directories they touch
-are fsynced in the background, by the next batch (never lost silently: a failure is logged).
-Until then a power loss may undo the rename or the unlink; fleetd.claims's start-up
-reconciliation redoes both from the records, which are durable.
+together with the claim's store commit). Placing and withdrawing do not: a rename waits for
+no disk, so they are done on the event loop (an unlink may wait for the file system's
+journal, ~0.2 ms on ext4, so it is left to a batch), and the directories they touch are
+fsynced in the background, by the next batch or after IDLE_SYNC_DELAY (never lost silently:
+a failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
+reconciliation redoes it from the records, which are durable.
 
 Group commit. Each flush waits for the disk, and a journaling file system commits together
 the flushes it is asked for together: so the handlers queue their staging, and a runner
 takes all of it into one thread hop (``run_batch``) that writes every file, then flushes all
-of them, the staging directory and every directory touched since the last batch at once.
-Only then are its callers answered. Two runners take turns, so that one batch writes while
-the other waits for the disk.
+of them, the staging directory and every directory touched since the last batch at once
+(unlinking the withdrawn files meanwhile). Only then are its callers answered. Two runners
+take turns, so that one batch writes while the other waits for the disk.
 
 Each job succeeds or fails alone: a file that cannot be written or flushed (a full disk shows
 at the write or at the flush) fails its own request and its staging file is removed; the
@@ -58,8 +61,9 @@ BATCHES_AT_ONCE = 2
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
-"""Seconds a runner with only directories to fsync waits for staging work to join them: under
-load the next batch takes them along, and the disk is spared a flush of its own."""
+"""Seconds a runner with only directories to fsync (or withdrawn files to unlink) waits for
+staging work to join them: under load the next batch takes them along, and the disk is
+spared a flush of its own."""
 
 _SYNCERS = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
 """fdatasync of many files at once: a journaling file system commits together the flushes it
