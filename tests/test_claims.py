@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from fleetctl import SyncClient
 from fleetd import delivery
@@ -237,6 +238,35 @@ async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
         monkeypatch.undo()
         assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
         assert (await claims.acquire(_acquire("k", b"x"), PEER)).outcome is Outcome.ACQUIRED
+
+
+async def test_a_failed_take_back_is_logged_and_start_up_drops_the_record(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush failed after the record committed, and so did writing the record back: the
+    caller was answered the flush's error, and start-up finds a held record with no file."""
+    async with service(tempdir) as claims:
+        monkeypatch.setattr(
+            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
+        )
+        txn, calls = claims._txn, []
+
+        async def second_fails(*args: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 2:
+                raise StoreFull("the store's disk is full; nothing was written")
+            return await txn(*args)
+
+        monkeypatch.setattr(claims, "_txn", second_fails)
+        with capture_logs() as logs, pytest.raises(StoreFull, match="cannot deliver"):
+            await claims.acquire(_acquire("k", b"x"), PEER)
+        monkeypatch.undo()
+        assert [e["claim"] for e in logs if e["event"] == "claim_not_withdrawn"] == [
+            "prompt_inbox/k"
+        ]
+        assert len((await claims.list(ClaimListRequest(id=1), PEER)).claims) == 1
+    async with service(tempdir) as claims:
+        assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
 
 
 async def test_a_retried_acquire_whose_file_went_missing_delivers_it_again(tempdir: str) -> None:
