@@ -64,7 +64,7 @@ from anyio.abc import TaskStatus
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.core.locks import NameLocks
-from fleetd.delivery import STAGING, FileBatches, Where, place, sync, withdraw
+from fleetd.delivery import STAGING, FileBatches, Where, place, present, sync, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
@@ -370,9 +370,7 @@ class ClaimService:
     async def _redeliver_if_missing(self, parts: Where, content: bytes) -> None:
         """A retry of an acquire answers ALREADY_ACQUIRED with the file in place: one removed
         meanwhile (by hand, or a crash's lost rename) is delivered again."""
-        try:
-            os.stat(os.path.join(self.state.path, *parts), follow_symlinks=False)
-        except FileNotFoundError:
+        if not present(self.state, parts):
             log.warning("claim_file_redelivered", path=os.path.join(self.state.path, *parts))
             with anyio.CancelScope(shield=True):
                 await self._files.deliver(parts, content)

@@ -250,6 +250,16 @@ def _open(state: PrivateDir, where: Where, *, create: bool, dirty: set[Where] | 
     return directory if directory is not state else PrivateDir(os.dup(state.fd), state.path)
 
 
+def present(state: PrivateDir, parts: Where) -> bool:
+    """Whether an entry is at `parts`, found without following a link on the way."""
+    try:
+        directory = _open(state, parts[:-1], create=False, dirty=None)
+    except FileNotFoundError:
+        return False
+    with directory:
+        return directory.entry(parts[-1]) is not None
+
+
 def place(state: PrivateDir, staged: str, parts: Where, dirty: set[Where]) -> None:
     """Rename the staged file into place (its directory made if missing), replacing what is
     there; the directories changed are added to `dirty`, to be fsynced."""

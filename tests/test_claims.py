@@ -280,6 +280,26 @@ async def test_a_retried_acquire_whose_file_went_missing_delivers_it_again(tempd
         assert _read(first.claim.path) == b"prompt\n"
 
 
+async def test_a_retried_acquire_finds_its_file_without_following_a_planted_link(
+    tempdir: str,
+) -> None:
+    """The owner's inbox replaced by a link to a directory holding a file of the same name:
+    the retry looks link-free, finds no file, and its delivery is refused at the link."""
+    async with service(tempdir) as claims:
+        first = await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert first.claim is not None
+        inbox = os.path.dirname(first.claim.path)
+        elsewhere = os.path.join(tempdir, "elsewhere")
+        os.rename(inbox, elsewhere)
+        os.symlink(elsewhere, inbox)
+        os.unlink(os.path.join(elsewhere, "k"))
+        with open(os.path.join(elsewhere, "k"), "wb") as planted:
+            planted.write(b"planted\n")
+        with pytest.raises(UnsafePath):
+            await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert _read(os.path.join(elsewhere, "k")) == b"planted\n"
+
+
 async def test_acquires_that_fill_the_disk_together_answer_no_space_and_lose_nothing(
     tempdir: str,
 ) -> None:
