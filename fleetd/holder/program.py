@@ -91,6 +91,8 @@ log = structlog.get_logger("fleetd.holder")
 
 _EXIT_GRACE = 1.0
 """Seconds connections get to receive their last answers once the last member left."""
+_SAVES_AT_ONCE = 16
+"""Members whose files are written between two chances for the event loop to answer."""
 
 
 def _listening_socket(path: str) -> socket.socket:
@@ -486,16 +488,23 @@ class Holder:
         self._by_pid.pop(pid, None)
 
     async def _save_forever(self) -> None:
-        """Write changed members' files once per event-loop turn, however many changed."""
+        """Write changed members' files, each once however often it changed meanwhile, a few
+        at a time: a file's creation costs the disk up to a millisecond, and a thousand
+        members starting would otherwise hold every answer (their `running` among them) up
+        for seconds. Each save writes the member's state as it is then, so a later one never
+        loses to an earlier."""
         while True:
             await self._save_soon.wait()
             self._save_soon = anyio.Event()
-            self._save_changed()
+            while self._unsaved:
+                self._save_changed(_SAVES_AT_ONCE)
+                await anyio.lowlevel.checkpoint()
 
-    def _save_changed(self) -> None:
-        unsaved, self._unsaved = self._unsaved, {}
-        for member in unsaved.values():
-            member.save()
+    def _save_changed(self, most: int | None = None) -> None:
+        """Save every changed member, or the `most` that changed first."""
+        names = list(self._unsaved)[:most]
+        for name in names:
+            self._unsaved.pop(name).save()
 
     def _owner_of(self, pid: int) -> Member | None:
         """The member a notify sender belongs to: itself, its group, or an ancestor."""
