@@ -59,6 +59,7 @@ from fleetd.holder.lifecycle import (
     SupervisionFailed,
     step,
 )
+from fleetd.holder.readers import Readers
 from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.errors import FleetError
@@ -326,6 +327,8 @@ class Host(Protocol):
     notify_path: str
     runtime: PrivateDir
     """The runtime directory: each member's directory is made in it, never through a link."""
+    readers: Readers
+    """Where the member's output pipes are watched."""
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
@@ -814,11 +817,12 @@ _PERFORM: dict[Action, Callable[[Member], None]] = {
 
 
 class _Pump:
-    """Copies one output pipe into its log until every writer closed it, from an event-loop
-    reader callback (two tasks per member cost more than all else a sleeping member does);
-    also feeds the log:REGEX readiness check of its run."""
+    """Copies one output pipe into its log until every writer closed it, from a callback of the
+    holder's Readers (two tasks per member cost more than all else a sleeping member does,
+    and two event-loop readers more than all else but its task); also feeds the log:REGEX
+    readiness check of its run."""
 
-    __slots__ = ("_failing", "_fd", "_log_file", "_loop", "_member", "_run", "_stream")
+    __slots__ = ("_failing", "_fd", "_log_file", "_member", "_readers", "_run", "_stream")
 
     def __init__(
         self,
@@ -833,8 +837,8 @@ class _Pump:
         self._failing = False
         """The log cannot be written (a full disk): said once, until a write succeeds."""
         os.set_blocking(fd, False)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(fd, self._readable)
+        self._readers = member._host.readers
+        self._readers.add(fd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -861,7 +865,7 @@ class _Pump:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
             os.close(self._fd)
             self._fd = -1
             self._member.pump_closed(self)

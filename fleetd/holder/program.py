@@ -60,6 +60,7 @@ from fleetd.holder.members import (
     block_sigchld,
     needs_port,
 )
+from fleetd.holder.readers import Readers
 from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -112,17 +113,20 @@ def _listening_socket(path: str) -> socket.socket:
 
 
 class _Doorway:
-    """A member socket that accepts from an event-loop reader callback: a thousand members'
-    sockets cost no task, cancel scope or frames while nobody connects (the holder runs on
-    asyncio, see `main`). Connections go to `on_connection`."""
+    """A member socket that accepts from a callback of the holder's Readers: a thousand
+    members' sockets cost no task, cancel scope, frames or event-loop reader while nobody
+    connects (the holder runs on asyncio, see `main`). Connections go to `on_connection`."""
 
-    def __init__(self, path: str, on_connection: Callable[[socket.socket], object]) -> None:
+    def __init__(
+        self, path: str, readers: Readers, on_connection: Callable[[socket.socket], object]
+    ) -> None:
         self.path = path
         self._sock = _listening_socket(path)
         self._sock.setblocking(False)
         self._on_connection = on_connection
+        self._readers = readers
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._readers.add(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         """Running out of descriptors or memory pauses accepting instead of ending it."""
@@ -137,7 +141,7 @@ class _Doorway:
                     self.close()
                     return
                 log.warning("accept_failed", socket=self.path, error=os.strerror(exc.errno or 0))
-                self._loop.remove_reader(self._sock.fileno())
+                self._readers.remove(self._sock.fileno())
                 self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
             connection.setblocking(False)
@@ -145,12 +149,12 @@ class _Doorway:
 
     def _resume(self) -> None:
         if self._sock.fileno() >= 0:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._readers.add(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop accepting and remove the socket file (connections made through it stay)."""
         if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
+            self._readers.remove(self._sock.fileno())
             self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -233,6 +237,7 @@ class Holder:
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
         self.reaper = Reaper()
         self.spawner = Spawner()
+        self.readers = Readers()
         self.lineage = Lineage(self.cluster, self.reaper.watched)
         self._bind_pid = bind_pid
         self._log_max_bytes = log_max_bytes
@@ -297,6 +302,7 @@ class Holder:
             self.lineage.close()
             for doorway in self._doorways.values():
                 doorway.close()
+            self.readers.close()
             self._save_changed()
             for member in self._members.values():
                 member.close_directory()
@@ -383,6 +389,7 @@ class Holder:
         if name in self._members:
             self._doorways[name] = _Doorway(
                 member_socket_path(self.runtime_dir, name),
+                self.readers,
                 lambda sock: connections.start_soon(self._connection, name, sock),
             )
 
