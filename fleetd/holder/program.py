@@ -280,10 +280,9 @@ class Holder:
                 async with anyio.create_task_group() as self._connections:
                     for spec in self.spec.members:
                         self._admit(spec)
-                    # The supervisors' first steps spawn every member; only then do the
-                    # member sockets open (nobody may connect before we report started), so
-                    # that each spawn copies and closes a thousand fewer descriptors.
-                    await anyio.lowlevel.checkpoint()
+                    # Each member is spawned as it is admitted; only then do the member
+                    # sockets open (nobody may connect before we report started), so that
+                    # each spawn copies and closes a thousand fewer descriptors.
                     for spec in self.spec.members:
                         self._open_door(spec.name)
                     log.info(
@@ -379,8 +378,9 @@ class Holder:
         self._departed.pop(spec.name, None)
         self._peers = None
         self._encoded_statuses = None
-        self._tasks.start_soon(self._supervise, member)
-        return member.status()
+        status = member.status()
+        member.begin(self._tasks)
+        return status
 
     def _open_door(self, name: str) -> None:
         """Open a member's socket, unless it left already."""
@@ -393,14 +393,7 @@ class Holder:
                 lambda sock: connections.start_soon(self._connection, name, sock),
             )
 
-    async def _supervise(self, member: Member) -> None:
-        try:
-            await member.run()
-        except Exception:
-            log.exception("member_supervision_crashed", member=member.name)
-        self._depart(member)
-
-    def _depart(self, member: Member) -> None:
+    def member_left(self, member: Member) -> None:
         """A stopped member leaves: its socket closes (connections made through it stay)."""
         self._members.pop(member.name, None)
         self._ports.discard(member.port or 0)
