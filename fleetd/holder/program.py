@@ -49,7 +49,7 @@ from fleetd.core.server import (
     Connection,
     admit,
 )
-from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit
+from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit, return_free_memory
 from fleetd.holder.descendants import Lineage
 from fleetd.holder.members import (
     LOG_MAX_BYTES,
@@ -724,6 +724,7 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
+        return_free_memory()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
