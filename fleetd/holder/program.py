@@ -278,11 +278,11 @@ class Holder:
                 if self._bind_pid is not None:
                     self._tasks.start_soon(self._watch_client, self._bind_pid)
                 async with anyio.create_task_group() as self._connections:
-                    for spec in self.spec.members:
-                        self._admit(spec)
-                    # Each member is spawned as it is admitted; only then do the member
-                    # sockets open (nobody may connect before we report started), so that
-                    # each spawn copies and closes a thousand fewer descriptors.
+                    for member in [self._admit(spec) for spec in self.spec.members]:
+                        self._begin(member)
+                    # Every member spawned first; only then do the member sockets open
+                    # (nobody may connect before we report started), so that each spawn
+                    # copies and closes a thousand fewer descriptors.
                     for spec in self.spec.members:
                         self._open_door(spec.name)
                     log.info(
@@ -362,9 +362,10 @@ class Holder:
 
     # -- members joining and leaving
 
-    def _admit(self, spec: MemberSpec) -> MemberStatus:
-        """Start supervising the member (its socket opens with _open_door)."""
-        assert self._tasks is not None
+    def _admit(self, spec: MemberSpec) -> Member:
+        """A member joins, not yet supervised (`begin`; its socket opens with _open_door):
+        every member of a start joins before the first spawns, so that each is given all
+        its peers."""
         member = Member(
             spec,
             host=self,
@@ -378,9 +379,11 @@ class Holder:
         self._departed.pop(spec.name, None)
         self._peers = None
         self._encoded_statuses = None
-        status = member.status()
+        return member
+
+    def _begin(self, member: Member) -> None:
+        assert self._tasks is not None
         member.begin(self._tasks)
-        return status
 
     def _open_door(self, name: str) -> None:
         """Open a member's socket, unless it left already."""
@@ -420,7 +423,9 @@ class Holder:
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
-        status = self._admit(spec)
+        member = self._admit(spec)
+        status = member.status()
+        self._begin(member)
         self._open_door(spec.name)
         self._save_cluster()
         log.info("member_added", member=spec.name)
