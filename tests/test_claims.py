@@ -292,9 +292,7 @@ async def test_a_retried_acquire_finds_its_file_without_following_a_planted_link
         elsewhere = os.path.join(tempdir, "elsewhere")
         os.rename(inbox, elsewhere)
         os.symlink(elsewhere, inbox)
-        os.unlink(os.path.join(elsewhere, "k"))
-        with open(os.path.join(elsewhere, "k"), "wb") as planted:
-            planted.write(b"planted\n")
+        _write(os.path.join(elsewhere, "k"), b"planted\n")
         with pytest.raises(UnsafePath):
             await claims.acquire(_acquire("k", b"prompt\n"), PEER)
         assert _read(os.path.join(elsewhere, "k")) == b"planted\n"
