@@ -2,10 +2,11 @@
 through the library (sequential, and from concurrent callers), each beside the same figure for
 leases, and `fleetctl gc` over 1,000 claims.
 
-Every acquire is durable before it is answered: the file is written, its data flushed, renamed
-into the inbox, the inbox directory fsynced, then the journal record committed; a release
-commits its record, then unlinks the file and fsyncs the directory. Concurrent requests share
-their flushes (fleetd.delivery, and the store's group commit). The figures include all of that.
+Every acquire is durable before it is answered: its staging file flushed (data and directory
+entry) and its journal record committed, together in one trip to the disk, then the file
+renamed into the inbox; a release commits its record, then moves the file out. Concurrent
+requests share their flushes (fleetd.delivery, and the store's group commit). The figures
+include all of that (fleetd.claims says what each answer promises).
 """
 
 import json
@@ -86,8 +87,8 @@ def _cli(fleetd: Fleetd) -> list[Figure]:
 # -- the library -------------------------------------------------------------------------------
 #
 # Claims beside leases, in the same fleetd and the same run: a lease pair is two durable store
-# writes, a claim pair the same two plus its file's delivery and removal, so the gap between
-# them is what the files cost.
+# writes, a claim pair the same two with its file's flush alongside the first, and a rename
+# after each, so the gap between them is what the files cost.
 
 
 async def _sequential(socket_path: str) -> list[Figure]:

@@ -176,7 +176,7 @@ async def _up(client: Client, name: str) -> None:
 def _kill_left(fleetd: Fleetd) -> None:
     """SIGKILL every holder of this fleetd still running, found by its pidfile in c/CLUSTER/
     (its members die with it: parent-death signal)."""
-    for pidfile in glob.glob(os.path.join(fleetd.root, "c", "*", "holder.pid")):
+    for pidfile in glob.glob(os.path.join(fleetd.runtime, "c", "*", "holder.pid")):
         try:
             with open(pidfile, "rb") as f:
                 pid, start_time = map(int, f.read().split())

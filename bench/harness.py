@@ -103,6 +103,9 @@ class Fleetd:
 
     process: subprocess.Popen[bytes]
     root: str
+    """Its state directory and log, on the disk."""
+    runtime: str
+    """Its socket, and beside it the holders' runtime directories (c/CLUSTER/), on tmpfs."""
 
     @property
     def pid(self) -> int:
@@ -110,7 +113,7 @@ class Fleetd:
 
     @property
     def socket_path(self) -> str:
-        return os.path.join(self.root, "fleetd.sock")
+        return os.path.join(self.runtime, "fleetd.sock")
 
     @property
     def env(self) -> dict[str, str]:
@@ -122,13 +125,16 @@ class Fleetd:
 def running_fleetd(
     ready_timeout: float = 15.0, command: Sequence[str] = (str(BIN / "fleetd"),)
 ) -> Iterator[Fleetd]:
-    """Start `fleetd` (or `command`, a variant of it) in a fresh short /tmp directory and
-    yield it once it has said READY=1.
+    """Start `fleetd` (or `command`, a variant of it) and yield it once it has said READY=1.
 
-    The daemon is stopped and the directory removed however the block ends, KeyboardInterrupt
-    included. fleetd runs in its own session, so a ^C reaches only us and we stop it in order.
+    Laid out as in production: the state directory on the disk (a fresh short /tmp
+    directory), the socket and the holders' runtime directories beside it on tmpfs (where
+    $XDG_RUNTIME_DIR and /run are; /dev/shm here). The daemon is stopped and the directories
+    removed however the block ends, KeyboardInterrupt included. fleetd runs in its own
+    session, so a ^C reaches only us and we stop it in order.
     """
     root = tempfile.mkdtemp(dir="/tmp", prefix="flb-")
+    runtime = tempfile.mkdtemp(dir=tmpfs(), prefix="flb-")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     process: subprocess.Popen[bytes] | None = None
     try:
@@ -136,7 +142,7 @@ def running_fleetd(
         notify.bind(notify_path)
         env = {
             **os.environ,
-            "FLEET_SOCKET": os.path.join(root, "fleetd.sock"),
+            "FLEET_SOCKET": os.path.join(runtime, "fleetd.sock"),
             "FLEET_STATE_DIR": os.path.join(root, "state"),
             "NOTIFY_SOCKET": notify_path,
         }
@@ -150,7 +156,7 @@ def running_fleetd(
                 start_new_session=True,
             )
         _wait_ready(notify, ready_timeout, root)
-        yield Fleetd(process, root)
+        yield Fleetd(process, root, runtime)
     finally:
         try:
             if process is not None:
@@ -158,6 +164,16 @@ def running_fleetd(
         finally:
             notify.close()
             shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(runtime, ignore_errors=True)
+
+
+def tmpfs() -> str:
+    """Where runtime directories go: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp (as
+    fleetctl.bound picks its own)."""
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR", ""), "/dev/shm"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return "/tmp"
 
 
 def _wait_ready(notify: socket.socket, timeout: float, root: str) -> None:

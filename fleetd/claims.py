@@ -6,28 +6,48 @@
                                       (fleetd.journal), whose entries it lists and whose
                                       collection gc runs
 
-Durability and crash safety. Acquire delivers the file first (staging file, data flushed,
-rename into the inbox, fsync of the inbox directory), then records the claim in a store
-transaction guarded on the record (``create == 0`` when absent, else its ``mod_revision``); if
-that transaction fails the file is withdrawn, so the journal and the inbox are unchanged. A
-claim is therefore never recorded without its file. Release records ``released`` first, then
-removes the file (and fsyncs its directory) before answering. A crash between the two steps
-leaves either an unrecorded file or a released claim's file: start-up clears the staging
-directory, removes released claims' files and moves every file that no record explains to
-``quarantine/`` (logged, never deleted: it may be somebody's only copy), so an inbox never
-shows a half-written file nor keeps one nobody owns.
+Durability: an answer is given only once everything it promises is durable; the order in
+which the pieces become durable is free, and start-up repairs what a crash leaves between them.
 
-Both steps are batched across concurrent requests, and neither changes this order: the file
-work of many acquires and releases goes to disk together (fleetd.delivery: their data flushed
-at once, one fsync per directory), and their records in one store commit (the store's group
-commit). Each claim's steps still happen in order under its own lock (NameLocks), and each
-request fails or succeeds alone. The records of the claims used lately are kept in memory
-(``_Recent``), so that a request waits for no store read before its write.
+- ACQUIRED means the record and the content are durable, and the file is visible now and
+  after any crash once fleetd has started again. Acquire writes the content to a new staging
+  file, then in one round, concurrently, flushes it (its data and the staging directory's
+  entry: fleetd.delivery) and commits the record, which names its staging file (``staged``).
+  When both have succeeded the staging file is renamed into place and the answer is given;
+  the fsync of the inbox directory is not awaited (the next file batch does it). If the
+  commit fails, the staging file is removed and nothing has changed. If the flush fails (a
+  full disk can show only there) after the record committed, the previous record is written
+  back (or the new one deleted), the staging file removed and the flush's error answered;
+  should that write fail too, it is logged, and start-up drops the record (below).
+- RELEASED means the ``released`` record is durable and the file gone, now and after any
+  restart: release commits the record, moves the file out of its directory (a rename into
+  the staging directory, where the next file batch unlinks it) and answers; the directory's
+  fsync is not awaited, since start-up removes released claims' files (and clears staging).
+- ALREADY_ACQUIRED means the file is in place: an idempotent retry whose file is missing
+  delivers it again (one stat per such request).
+- The inbox never shows a partial file, even after a power loss: only flushed files are
+  renamed in. This relies on rename being atomic across a crash, as on a journaling file
+  system (ext4, XFS, btrfs), where the state directory must live.
+- Each request fails or succeeds alone; a full disk answers StoreFull and loses nothing.
+
+Start-up (``reconcile``, before fleetd serves): a held record whose staging file is still
+there is rolled forward (the file renamed into place and fsynced); a held record whose file
+is in neither place was never answered (or its compensation failed), and is dropped with a
+warning (a retry by its caller delivers again). Staging files no held record names are
+removed, released claims' files too, and files no record explains are moved to
+``quarantine/`` (logged, never deleted: it may be somebody's only copy).
+
+Concurrent requests share their disk work: the staging of many acquires is flushed together
+(fleetd.delivery), and their records committed together (the store's group commit). Each
+claim's steps happen in order under its own lock (NameLocks). The records of the claims used
+lately are kept in memory (``_Recent``), so that a request waits for no store read before
+its write.
 
 Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
 """
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -44,7 +64,7 @@ from anyio.abc import TaskStatus
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.core.locks import NameLocks
-from fleetd.delivery import STAGING, FileBatches, withdraw
+from fleetd.delivery import STAGING, FileBatches, Where, place, present, sync, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
@@ -65,7 +85,7 @@ from protocol.claims import (
     check_key,
     check_kind,
 )
-from protocol.errors import Internal, StoreFull, UnsafePath
+from protocol.errors import FleetError, Internal, StoreFull, UnsafePath
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.claims")
@@ -95,6 +115,9 @@ class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
     acquired_at: float
     released_at: float = 0.0
     revision: int = 0
+    staged: str = ""
+    """The staging file its content was flushed to before the rename into place: start-up
+    rolls a held claim forward from it (fleetd.delivery)."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -215,33 +238,61 @@ class ClaimService:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
-        runs again with the next `fleetctl gc`), it does not stop fleetd from starting."""
-        await self.reconcile()
-        try:
-            await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
-        except StoreFull as exc:
-            log.warning("startup_gc_postponed", error=exc.message)
-        task_status.started()
+        runs again with the next `fleetctl gc`), it does not stop fleetd from starting. Then
+        serve the file batches until cancelled."""
+        async with anyio.create_task_group() as files:
+            await files.start(self._files.serve)
+            await self.reconcile()
+            try:
+                await self.gc(ClaimGc(id=0), Peer(os.getpid(), os.getuid(), os.getgid()))
+            except StoreFull as exc:
+                log.warning("startup_gc_postponed", error=exc.message)
+            task_status.started()
 
     async def reconcile(self) -> None:
-        """After a crash: clear staging, withdraw released claims' files, and quarantine
-        files that no record explains (a delivery whose journal write never happened)."""
+        """After a crash: roll held claims forward from their staging files, drop held
+        records whose file is in neither place, clear staging, withdraw released claims'
+        files, and quarantine files that no record explains."""
         kvs = await self._store.range(PREFIX)
-        explained: dict[tuple[str, ...], ClaimState] = {}
-        for kv in kvs:
-            kind, _, key = kv.key.removeprefix(PREFIX).partition("/")
-            record = _decode(kv.value)
-            explained[relative_path(kind, key, record.owner)] = record.state
-        swept = await anyio.to_thread.run_sync(_sweep, self.state, explained)
+        records = {kv.key: (kv, _decode(kv.value)) for kv in kvs}
+        explained: dict[Where, ClaimState] = {}
+        staged: dict[Where, str] = {}
+        for key, (_, record) in records.items():
+            parts = _parts_of(key, record.owner)
+            explained[parts] = record.state
+            if record.state == "held" and record.staged:
+                staged[parts] = record.staged
+        swept = await anyio.to_thread.run_sync(_sweep, self.state, explained, staged)
+        for path in swept.rolled_forward:
+            log.info("claim_rolled_forward", path=path)
+        for path, moved_to in swept.quarantined:
+            log.warning("claim_file_quarantined", path=path, moved_to=moved_to)
+        dropped = 0
+        for key, (kv, record) in records.items():
+            if _parts_of(key, record.owner) in swept.missing:
+                dropped += await self._drop(key, kv.mod_revision, record)
         log.info(
             "claims_loaded",
-            records=len(kvs),
-            held=sum(state == "held" for state in explained.values()),
+            records=len(kvs) - dropped,
+            held=sum(state == "held" for state in explained.values()) - dropped,
+            rolled_forward=len(swept.rolled_forward),
+            dropped=dropped,
             removed=swept.removed,
             quarantined=len(swept.quarantined),
         )
-        for path, moved_to in swept.quarantined:
-            log.warning("claim_file_quarantined", path=path, moved_to=moved_to)
+
+    async def _drop(self, key: str, mod_revision: int, record: StoredClaim) -> bool:
+        """A held record whose file is nowhere: its acquire was never answered."""
+        result = await self._store.txn((Compare(key, "mod", "==", mod_revision),), (Delete(key),))
+        if result.succeeded:
+            log.warning(
+                "claim_dropped",
+                claim=key.removeprefix(PREFIX),
+                owner=record.owner,
+                path=record.path,
+                reason="its file is neither in place nor staged: the acquire was never answered",
+            )
+        return result.succeeded
 
     # Handlers --------------------------------------------------------------------------------
 
@@ -252,33 +303,77 @@ class ClaimService:
         check_content(request.content, self.max_bytes)
         digest = hashlib.sha256(request.content).hexdigest()
         key = record_key(request.kind, request.key)
+        parts = relative_path(request.kind, request.key, request.owner)
         async with self._locks.hold(key):
             found = await self._current(key)
             outcome = decide_acquire(found.record, request.owner, digest)
+            if outcome is Outcome.ALREADY_ACQUIRED:
+                await self._redeliver_if_missing(parts, request.content)
             if outcome is not Outcome.ACQUIRED:
                 assert found.record is not None
                 return self._refused(request.kind, request.key, found, outcome, request.owner)
-            parts = relative_path(request.kind, request.key, request.owner)
-            path = os.path.join(self.state.path, *parts)
-            record = StoredClaim(
-                owner=request.owner,
-                state="held",
-                path=path,
-                sha256=digest,
-                size=len(request.content),
-                acquired_at=round(time.time(), 3),
-            )
-            await self._files.deliver(parts, request.content)
-            try:
-                record = await self._write(key, found, record)
-            except BaseException:
-                await self._files.withdraw(parts)  # shielded: it runs even when cancelled
-                raise
+            with anyio.CancelScope(
+                shield=True
+            ):  # it ends with both steps known, one way or the other
+                record = await self._deliver(key, found, parts, request, digest)
             return ClaimResult(
                 outcome=Outcome.ACQUIRED,
                 claim=_info(request.kind, request.key, record),
                 message=f"{request.owner} acquired {request.kind} {request.key!r}",
             )
+
+    async def _deliver(
+        self, key: str, found: _Found, parts: Where, request: ClaimAcquire, digest: str
+    ) -> StoredClaim:
+        """The staging file flushed and the record committed in one round, then the rename."""
+        job = self._files.stage(parts, request.content)
+        record = StoredClaim(
+            owner=request.owner,
+            state="held",
+            path=os.path.join(self.state.path, *parts),
+            sha256=digest,
+            size=len(request.content),
+            acquired_at=round(time.time(), 3),
+            staged=job.staged,
+        )
+        try:
+            record = await self._write(key, found, record)
+        except BaseException:
+            with contextlib.suppress(FleetError):
+                await self._files.staged(job)
+            self._files.discard(job)
+            raise
+        try:
+            await self._files.staged(job)
+            self._files.place(job)
+        except FleetError:
+            self._files.discard(job)
+            await self._compensate(key, found, record)
+            raise
+        return record
+
+    async def _compensate(self, key: str, found: _Found, written: StoredClaim) -> None:
+        """Undo a committed record whose file could not be delivered: the previous record
+        back, or none. A failure is logged: start-up drops a held record with no file."""
+        guard = Compare(key, "mod", "==", written.revision)
+        undo: Put | Delete = (
+            Delete(key) if found.record is None else Put(key, _encode(found.record))
+        )
+        try:
+            result = await self._txn(key, guard, undo)
+        except Exception as exc:
+            log.error("claim_not_withdrawn", claim=key.removeprefix(PREFIX), error=repr(exc))
+            return
+        if result.succeeded:
+            self._recent.put(key, _Found(found.record, result.revision if found.record else 0))
+
+    async def _redeliver_if_missing(self, parts: Where, content: bytes) -> None:
+        """A retry of an acquire answers ALREADY_ACQUIRED with the file in place: one removed
+        meanwhile (by hand, or a crash's lost rename) is delivered again."""
+        if not present(self.state, parts):
+            log.warning("claim_file_redelivered", path=os.path.join(self.state.path, *parts))
+            with anyio.CancelScope(shield=True):
+                await self._files.deliver(parts, content)
 
     async def release(self, request: ClaimRelease, peer: Peer) -> ClaimResult:
         check_kind(request.kind, writable=True)
@@ -295,8 +390,7 @@ class ClaimService:
                 found.record, state="released", released_at=round(time.time(), 3)
             )
             await self._write(key, found, record)
-            parts = relative_path(request.kind, request.key, record.owner)
-            await self._files.withdraw(parts)
+            self._files.withdraw(relative_path(request.kind, request.key, record.owner))
             return ClaimResult(
                 outcome=Outcome.RELEASED,
                 claim=_info(request.kind, request.key, record),
@@ -392,8 +486,7 @@ class ClaimService:
                 return False
             self._recent.put(key, _Found(None, 0))
             kind, _, name = key.removeprefix(PREFIX).partition("/")
-            parts = relative_path(kind, name, seen.owner)
-            await self._files.withdraw(parts)
+            self._files.withdraw(relative_path(kind, name, seen.owner))
             return True
 
     # Edges -----------------------------------------------------------------------------------
@@ -521,22 +614,35 @@ def _configured_max() -> int:
     return value if value > 0 else MAX_CONTENT
 
 
+def _parts_of(key: str, owner: str) -> Where:
+    kind, _, name = key.removeprefix(PREFIX).partition("/")
+    return relative_path(kind, name, owner)
+
+
 @dataclass
 class _Swept:
     removed: list[str] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     """(where it was, where it is now)"""
+    rolled_forward: list[str] = field(default_factory=list)
+    missing: set[Where] = field(default_factory=set)
+    """Held claims whose file is in neither place."""
 
 
-def _sweep(state: PrivateDir, explained: dict[tuple[str, ...], ClaimState]) -> _Swept:
-    """Remove staging leftovers (never delivered) and released claims' files; move what no
-    record explains to quarantine/<UTC time>/, keeping its place (files/KEY,
-    inbox/OWNER/KEY). A link, or anything but a file, is moved as it is, never followed."""
+def _sweep(
+    state: PrivateDir, explained: dict[Where, ClaimState], staged: dict[Where, str]
+) -> _Swept:
+    """Roll forward the held claims still staged (`staged`: their staging files), then remove
+    staging leftovers (never answered) and released claims' files; move what no record
+    explains to quarantine/<UTC time>/, keeping its place (files/KEY, inbox/OWNER/KEY). A
+    link, or anything but a file, is moved as it is, never followed. Held claims whose file is
+    then nowhere are `missing`."""
     swept = _Swept()
     quarantine = _Quarantine(state)
     try:
         with _existing(state, (STAGING,), quarantine) as staging:
             if staging is not None:
+                _roll_forward(state, staging, staged, swept)
                 for name in staging.names():
                     staging.remove_tree(name)
                     swept.removed.append(staging.join(name))
@@ -547,13 +653,44 @@ def _sweep(state: PrivateDir, explained: dict[tuple[str, ...], ClaimState]) -> _
             _sweep_files(state, (INBOX, owner), explained, swept, quarantine)
     finally:
         quarantine.close()
+    swept.missing = {
+        parts for parts, held in explained.items() if held == "held" and not _in_place(state, parts)
+    }
     return swept
+
+
+def _roll_forward(
+    state: PrivateDir, staging: PrivateDir, staged: dict[Where, str], swept: _Swept
+) -> None:
+    """Rename each held claim's staging file still there into place (replacing what is
+    there: a released claim's file the crash kept), then fsync the directories changed."""
+    dirty: set[Where] = set()
+    for parts, name in staged.items():
+        entry = staging.entry(name)
+        if entry is None or not stat.S_ISREG(entry.st_mode):
+            continue
+        try:
+            place(state, name, parts, dirty)
+        except (OSError, FleetError) as exc:  # a link planted on its way: quarantined below
+            log.warning("claim_not_rolled_forward", path=staging.join(name), error=str(exc))
+            continue
+        swept.rolled_forward.append(os.path.join(state.path, *parts))
+    sync(state, dirty)
+
+
+def _in_place(state: PrivateDir, parts: Where) -> bool:
+    try:
+        with _parent_of(state, parts, create=False) as parent:
+            entry = parent.entry(parts[-1])
+    except (FileNotFoundError, UnsafePath):
+        return False
+    return entry is not None and stat.S_ISREG(entry.st_mode)
 
 
 def _sweep_files(
     state: PrivateDir,
     where: tuple[str, ...],
-    explained: dict[tuple[str, ...], ClaimState],
+    explained: dict[Where, ClaimState],
     swept: _Swept,
     quarantine: "_Quarantine",
 ) -> None:

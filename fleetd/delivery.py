@@ -1,44 +1,54 @@
-"""The claims' files: delivered and withdrawn atomically and durably, many at a time.
+"""The claims' files: staged and flushed many at a time, then renamed into place.
 
-    FileJob         one file to deliver (its content) or withdraw
+    staged_name     a staging file's name, unique across fleetd runs (a claim record names it)
+    StageJob        one file to stage: its content written to claims-staging/ and flushed
     run_batch       a batch of them in one pass over the disk (blocking)
-    deliver / withdraw   one file (blocking): start-up reconciliation, tests
-    FileBatches     how the claim handlers reach the disk: group commit
+    FileBatches     how the claim handlers reach the disk: group commit, renames
+    place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
+    deliver / withdraw   one file, durably (start-up, tests)
 
-A delivery is atomic and durable: the content goes to a new file in ``claims-staging/``, whose
-data is flushed to disk, then the file is renamed into its directory (``inbox/OWNER``,
-``files``), and that directory is fsynced, so that the name too survives a power loss. A
-reader never sees a partial file. A withdrawal unlinks the file and fsyncs its directory.
+A delivery has two steps. Staging writes the content to a new file in ``claims-staging/``
+and makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
+Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader never sees a
+partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
+too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
+must live on. A withdrawal moves the file out of its directory, by a rename into the staging
+directory, where the next batch unlinks it.
 
-Group commit. Each flush waits for the disk, and each file created, renamed or unlinked costs
-the file system's journal some work: done one request at a time, with a thread hop and three
-directories opened each, that is most of what a claim costs. So the handlers queue their file
-work, and a caller that finds work queued takes all of it into one thread hop (``run_batch``)
-that stages every delivery, flushes all their data at once (unlinking the withdrawn files
-meanwhile), renames them into place, and then fsyncs each directory it touched once. Only
-then is any of its callers answered: an answer still means durable, as for the store's own
-group commit (fleetd.store.sqlite). Two batches may be on their way at once, so that one
-stages and renames while the other waits for the disk.
+What waits for the disk. Staging does, and its callers wait for it (fleetd.claims awaits it
+together with the claim's store commit). Placing and withdrawing do not: a rename waits for
+no disk, so they are done on the event loop (an unlink may wait for the file system's
+journal, ~0.2 ms on ext4, so it is left to a batch), and the directories they touch are
+fsynced in the background, by the next batch or after IDLE_SYNC_DELAY (never lost silently:
+a failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
+reconciliation redoes it from the records, which are durable.
 
-Each job succeeds or fails alone: a file that cannot be written (a full disk, a link where a
-directory should be) fails its own request and leaves nothing behind, and the others go on. A
-directory that cannot be fsynced fails the jobs under it, and the files it would have made
-durable are removed again, so a failed delivery is never left in the inbox.
+Group commit. Each flush waits for the disk, and a journaling file system commits together
+the flushes it is asked for together: so the handlers queue their staging, and a runner
+takes all of it into one thread hop (``run_batch``) that writes every file, then flushes all
+of them, the staging directory and every directory touched since the last batch at once
+(unlinking the withdrawn files meanwhile). Only then are its callers answered. Two runners
+take turns, so that one batch writes while the other waits for the disk.
 
-Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
-planted in the inbox is refused, never followed.
+Each job succeeds or fails alone: a file that cannot be written or flushed (a full disk shows
+at the write or at the flush) fails its own request and its staging file is removed; the
+others go on. Every file operation goes through the state directory's descriptor
+(fleetd.core.dirs): a link planted in the inbox is refused, never followed.
 """
 
+import contextlib
 import errno
 import itertools
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
 from fleetd.core.dirs import PrivateDir, write_all
 from protocol.errors import FleetError, Internal, StoreFull
@@ -49,35 +59,43 @@ STAGING = "claims-staging"
 BATCHES_AT_ONCE = 2
 """Batches on their way to disk together (see FileBatches)."""
 SYNC_THREADS = 16
-"""Staged files flushed at once, at most (see _SYNCERS)."""
+"""Files and directories flushed at once, at most (see _SYNCERS)."""
+IDLE_SYNC_DELAY = 0.2
+"""Seconds a runner with only directories to fsync (or withdrawn files to unlink) waits for
+staging work to join them: under load the next batch takes them along, and the disk is
+spared a flush of its own."""
 
 _SYNCERS = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
 """fdatasync of many files at once: a journaling file system commits together the flushes it
 is asked for together (ext4's jbd2, XFS's log force), where one after the other each new
 file would cost a journal commit of its own. Its threads start on first use."""
-_batches = itertools.count()
+_RUN = secrets.token_hex(4)
+_names = itertools.count()
 
 Where = tuple[str, ...]
 """A path under the state directory, one component a part."""
 
 
+def staged_name() -> str:
+    """A new staging file's name, never used by another fleetd run: a claim record names its
+    staging file until it is replaced, and start-up rolls forward only the file it names."""
+    return f"{os.getpid()}-{_RUN}-{next(_names)}.tmp"
+
+
 @dataclass(eq=False, slots=True)
-class FileJob:
-    """Deliver `content` at `parts` under the state directory, or withdraw the file there
-    (`content` None). `error` says why it failed once its batch has run."""
+class StageJob:
+    """Stage `content` as `staged` in the staging directory, for the file at `parts` (which
+    names it in errors). `error` says why it failed once its batch has run."""
 
     parts: Where
-    content: bytes | None = None
+    content: bytes
+    staged: str = field(default_factory=staged_name)
     error: FleetError | None = None
     settled: bool = False
     """Its batch has run (FileBatches)."""
-    _staged: str = ""
+    done: anyio.Event | None = None
+    """Set when its batch has run (FileBatches)."""
     _fd: int = -1
-    _placed: bool = False
-
-    @property
-    def delivering(self) -> bool:
-        return self.content is not None
 
     def fail(self, error: FleetError) -> None:
         if self.error is None:
@@ -87,64 +105,95 @@ class FileJob:
 # One batch ---------------------------------------------------------------------------------
 
 
-def run_batch(state: PrivateDir, jobs: Sequence[FileJob]) -> None:
-    """Deliver and withdraw `jobs` in one pass over the disk: stage, flush the data of all
-    (unlinking the withdrawn files meanwhile), rename, fsync each directory touched once.
-    Every job ends with `error` set or not; this never raises for one job's failure."""
-    delivering = [job for job in jobs if job.delivering]
-    withdrawing = [job for job in jobs if not job.delivering]
-    with _Directories(state) as directories:
-        try:
-            staging = _stage(directories, delivering) if delivering else None
-            with _flushing(directories.state, delivering, in_threads=bool(withdrawing)):
-                for job in withdrawing:
-                    _unlink(directories, job)
-            if staging is not None:
-                _place(directories, staging, delivering)
-            directories.fsync(jobs)
-        finally:
-            for job in delivering:
-                _clean_up(directories, job)
-
-
-def _stage(directories: "_Directories", jobs: Sequence[FileJob]) -> PrivateDir | None:
-    """Each job's content in a new file of the staging directory (None: there is none)."""
+def run_batch(
+    state: PrivateDir,
+    jobs: Sequence[StageJob],
+    dirty: Iterable[Where] = (),
+    withdrawn: Sequence[str] = (),
+) -> None:
+    """Stage `jobs` in one pass over the disk: write every file, then flush at once their
+    data, the staging directory and the `dirty` directories (those placed into or withdrawn
+    from since the last batch), unlinking meanwhile the `withdrawn` files (moved from their
+    place to the staging directory). Every job ends with `error` set or not, and a failed job
+    leaves no staging file; this never raises for one job's failure."""
     try:
-        staging = directories.get((STAGING,), create=True)
+        staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
         for job in jobs:
-            job.fail(_translated(exc, directories.state, job))
-        return None
-    prefix = f"{os.getpid()}-{next(_batches)}"
-    for index, job in enumerate(jobs):
-        with _failing(directories.state, job):
-            name = f"{prefix}-{index}.tmp"
-            job._fd = staging.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            job._staged = name
-            assert job.content is not None
-            write_all(job._fd, job.content)
-    return staging
-
-
-@contextmanager
-def _flushing(state: PrivateDir, jobs: Sequence[FileJob], *, in_threads: bool) -> Iterator[None]:
-    """The data of every staged file on disk once the block is done; `in_threads`: flushed
-    while the block runs, not after it. (A full disk may only show here, as the file system
-    allocates blocks for data written earlier.)"""
-    staged = [job for job in jobs if job.error is None]
-    fds = [job._fd for job in staged]
-    flushing = _SYNCERS.map(_fdatasync, fds) if len(fds) > 1 or (fds and in_threads) else None
+            job.fail(translated(exc, state, job.parts))
+        staging = None
     try:
-        yield
+        if staging is not None:
+            for job in jobs:
+                _write(state, staging, job)
+        _flush(state, staging, jobs, dirty, withdrawn)
     finally:
-        errors = list(flushing) if flushing is not None else [_fdatasync(fd) for fd in fds]
-        for job, error in zip(staged, errors, strict=True):
-            if error is not None:
-                job.fail(_translated(error, state, job))
         for job in jobs:
-            if job._fd >= 0:
-                os.close(job._fd)
-                job._fd = -1
+            _close(job)
+            if job.error is not None and staging is not None:
+                _discard_quietly(staging, job.staged)
+        if staging is not None:
+            staging.close()
+
+
+def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
+    with _failing(state, job):
+        job._fd = staging.open_file(job.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        write_all(job._fd, job.content)
+
+
+def _flush(
+    state: PrivateDir,
+    staging: PrivateDir | None,
+    jobs: Sequence[StageJob],
+    dirty: Iterable[Where],
+    withdrawn: Sequence[str],
+) -> None:
+    """Everything at once in the syncer threads, the staging directory here once the
+    withdrawn files are unlinked (they need no flush: start-up clears staging). A full disk
+    may show only at the fdatasync, as the file system allocates blocks for the data written
+    earlier."""
+    written = [job for job in jobs if job.error is None]
+    directories = _open_dirty(state, dirty)
+    try:
+        flushes: list[Future[OSError | None]] = [
+            _SYNCERS.submit(_fdatasync, job._fd) for job in written
+        ]
+        flushes += [_SYNCERS.submit(_fsync, d) for _, d in directories]
+        if staging is not None:
+            for name in withdrawn:
+                _discard_quietly(staging, name)
+        staging_error = _fsync(staging) if staging is not None and written else None
+        errors = [flush.result() for flush in flushes]
+    finally:
+        for _, directory in directories:
+            directory.close()
+    for job, flushed in zip(written, errors[: len(written)], strict=True):
+        error = flushed or staging_error
+        if error is not None:
+            job.fail(translated(error, state, job.parts))
+    for (where, _), error in zip(directories, errors[len(written) :], strict=True):
+        if error is not None:
+            log.error(
+                "claims_directory_not_synced",
+                path=os.path.join(state.path, *where),
+                error=str(error),
+            )
+
+
+def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, PrivateDir]]:
+    """Each dirty directory that still exists, opened link-free (deepest first)."""
+    opened = []
+    for where in sorted(dirty, key=len, reverse=True):
+        try:
+            opened.append((where, _open(state, where, create=False, dirty=None)))
+        except FileNotFoundError:
+            continue  # gone, and its parent with it or dirty too
+        except (OSError, FleetError) as exc:
+            log.error(
+                "claims_directory_not_synced", path=os.path.join(state.path, *where), error=str(exc)
+            )
+    return opened
 
 
 def _fdatasync(fd: int) -> OSError | None:
@@ -155,176 +204,262 @@ def _fdatasync(fd: int) -> OSError | None:
     return None
 
 
-def _place(directories: "_Directories", staging: PrivateDir, jobs: Sequence[FileJob]) -> None:
-    """Each staged file renamed into its directory (made if missing), replacing what is there."""
-    for job in jobs:
-        if job.error is not None:
-            continue
-        with _failing(directories.state, job):
-            target = directories.get(job.parts[:-1], create=True)
-            staging.move(job._staged, target, job.parts[-1])
-            job._staged, job._placed = "", True
-            directories.touch(job.parts[:-1])
+def _fsync(directory: PrivateDir) -> OSError | None:
+    try:
+        directory.fsync()
+    except OSError as exc:
+        return exc
+    return None
 
 
-def _unlink(directories: "_Directories", job: FileJob) -> None:
-    """One already gone, or its directory, is fine."""
-    with _failing(directories.state, job):
-        try:
-            directory = directories.get(job.parts[:-1], create=False)
-        except FileNotFoundError:
-            return
-        if directory.unlink(job.parts[-1]):
-            directories.touch(job.parts[:-1])
-
-
-def _clean_up(directories: "_Directories", job: FileJob) -> None:
-    """A failed delivery leaves nothing: its staging file, or the file it placed whose
-    directory could not be fsynced."""
+def _close(job: StageJob) -> None:
     if job._fd >= 0:
         os.close(job._fd)
         job._fd = -1
-    if job.error is None:
-        return
+
+
+def _discard_quietly(staging: PrivateDir, name: str) -> None:
+    with contextlib.suppress(OSError):  # start-up removes staging files no held record names
+        staging.unlink(name)
+
+
+# Renames and unlinks -----------------------------------------------------------------------
+
+
+def _open(state: PrivateDir, where: Where, *, create: bool, dirty: set[Where] | None) -> PrivateDir:
+    """The directory at `where`, link-free; made if missing and `create` (its parent is then
+    added to `dirty`). FileNotFoundError when it is missing and not `create`."""
+    directory = state
     try:
-        if job._staged:
-            directories.get((STAGING,), create=False).unlink(job._staged)
-        elif job._placed:
-            directories.get(job.parts[:-1], create=False).unlink(job.parts[-1])
-    except (OSError, FleetError):
-        pass  # start-up clears staging and quarantines a file no record explains
-
-
-class _Directories:
-    """The directories of one batch, each opened once (link-free) and fsynced once if touched:
-    an entry renamed in or unlinked, or a directory made in it."""
-
-    def __init__(self, state: PrivateDir) -> None:
-        self.state = state
-        self._open: dict[Where, PrivateDir] = {(): state}
-        self._touched: set[Where] = set()
-
-    def __enter__(self) -> "_Directories":
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for where, directory in self._open.items():
-            if where:
-                directory.close()
-
-    def get(self, where: Where, *, create: bool) -> PrivateDir:
-        """The directory at `where`; FileNotFoundError when it is missing and not `create`."""
-        found = self._open.get(where)
-        if found is None:
-            parent = self.get(where[:-1], create=create)
+        for depth, part in enumerate(where):
             try:
-                found = parent.subdir(where[-1], create=False)
+                inner = directory.subdir(part, create=False)
             except FileNotFoundError:
                 if not create:
                     raise
-                found = parent.subdir(where[-1], create=True)
-                self.touch(where[:-1])
-            self._open[where] = found
-        return found
+                inner = directory.subdir(part, create=True)
+                if dirty is not None:
+                    dirty.add(where[:depth])
+            if directory is not state:
+                directory.close()
+            directory = inner
+    except BaseException:
+        if directory is not state:
+            directory.close()
+        raise
+    return directory if directory is not state else PrivateDir(os.dup(state.fd), state.path)
 
-    def touch(self, where: Where) -> None:
-        self._touched.add(where)
 
-    def fsync(self, jobs: Sequence[FileJob]) -> None:
-        """Each touched directory, deepest first; one that fails fails every job under it."""
-        for where in sorted(self._touched, key=len, reverse=True):
-            try:
-                self._open[where].fsync()
-            except OSError as exc:
-                for job in jobs:
-                    if job.parts[: len(where)] == where:
-                        job.fail(_translated(exc, self.state, job))
+def present(state: PrivateDir, parts: Where) -> bool:
+    """Whether an entry is at `parts`, found without following a link on the way."""
+    try:
+        directory = _open(state, parts[:-1], create=False, dirty=None)
+    except FileNotFoundError:
+        return False
+    with directory:
+        return directory.entry(parts[-1]) is not None
+
+
+def place(state: PrivateDir, staged: str, parts: Where, dirty: set[Where]) -> None:
+    """Rename the staged file into place (its directory made if missing), replacing what is
+    there; the directories changed are added to `dirty`, to be fsynced."""
+    with (
+        _open(state, (STAGING,), create=False, dirty=None) as staging,
+        _open(state, parts[:-1], create=True, dirty=dirty) as target,
+    ):
+        staging.move(staged, target, parts[-1])
+    dirty.add(parts[:-1])
+
+
+def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
+    """Remove the file at `parts` (one already gone, or its directory, is fine); its
+    directory is added to `dirty`, to be fsynced."""
+    try:
+        directory = _open(state, parts[:-1], create=False, dirty=None)
+    except FileNotFoundError:
+        return
+    with directory:
+        if directory.unlink(parts[-1]):
+            dirty.add(parts[:-1])
+
+
+def set_aside(state: PrivateDir, parts: Where, name: str, dirty: set[Where]) -> bool:
+    """Move the file at `parts` to the staging directory as `name`, to be unlinked there;
+    False when there is none (or no directory of it). Its directory is added to `dirty`."""
+    try:
+        directory = _open(state, parts[:-1], create=False, dirty=None)
+    except FileNotFoundError:
+        return False
+    with directory, _open(state, (STAGING,), create=True, dirty=dirty) as staging:
+        try:
+            directory.move(parts[-1], staging, name)
+        except FileNotFoundError:
+            return False
+    dirty.add(parts[:-1])
+    return True
+
+
+def discard(state: PrivateDir, staged: str) -> None:
+    """Remove a staging file that will not be placed (one already gone is fine)."""
+    try:
+        with _open(state, (STAGING,), create=False, dirty=None) as staging:
+            staging.unlink(staged)
+    except FileNotFoundError:
+        pass
+
+
+def sync(state: PrivateDir, dirty: Iterable[Where]) -> None:
+    """Fsync the `dirty` directories now (deepest first); raises the first failure."""
+    for where in sorted(dirty, key=len, reverse=True):
+        try:
+            directory = _open(state, where, create=False, dirty=None)
+        except FileNotFoundError:
+            continue
+        with directory:
+            directory.fsync()
+
+
+def withdraw(state: PrivateDir, parts: Where) -> None:
+    """Remove one delivered file now, durably; one already gone (or its directory) is fine."""
+    dirty: set[Where] = set()
+    unlink(state, parts, dirty)
+    sync(state, dirty)
+
+
+def deliver(state: PrivateDir, parts: Where, content: bytes) -> None:
+    """Deliver one file now, durably (start-up and tests); raises what failed it."""
+    job = StageJob(parts, content)
+    run_batch(state, (job,))
+    if job.error is not None:
+        raise job.error
+    dirty: set[Where] = set()
+    place(state, job.staged, parts, dirty)
+    sync(state, dirty)
 
 
 @contextmanager
-def _failing(state: PrivateDir, job: FileJob) -> Iterator[None]:
+def _failing(state: PrivateDir, job: StageJob) -> Iterator[None]:
     """What goes wrong here fails `job` alone."""
     try:
         yield
     except (OSError, FleetError) as exc:
-        job.fail(_translated(exc, state, job))
+        job.fail(translated(exc, state, job.parts))
 
 
-def _translated(error: Exception, state: PrivateDir, job: FileJob) -> FleetError:
+def translated(
+    error: Exception, state: PrivateDir, parts: Where, what: str = "deliver"
+) -> FleetError:
+    """A file operation's error as callers see it: a full disk is StoreFull."""
     if isinstance(error, FleetError):
         return error
-    what = "deliver" if job.delivering else "remove"
-    path = os.path.join(state.path, *job.parts)
+    path = os.path.join(state.path, *parts)
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"cannot {what} {path}: the disk is full; nothing was written")
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return Internal(f"cannot {what} {path}: {reason}")
 
 
-def deliver(state: PrivateDir, parts: Where, content: bytes) -> None:
-    """Deliver one file now; raises what failed it."""
-    _one(state, FileJob(parts, content))
-
-
-def withdraw(state: PrivateDir, parts: Where) -> None:
-    """Remove one delivered file now, durably; one already gone (or its directory) is fine."""
-    _one(state, FileJob(parts))
-
-
-def _one(state: PrivateDir, job: FileJob) -> None:
-    run_batch(state, (job,))
-    if job.error is not None:
-        raise job.error
-
-
 # Group commit ------------------------------------------------------------------------------
 
 
 class FileBatches:
-    """The claim handlers' file work, batched: ``await files.deliver(parts, content)`` and
-    ``await files.withdraw(parts)`` return once the file is durably there, or gone.
-
-    No task of its own: a caller that finds work queued and fewer than `at_once` batches
-    running runs one for everything queued, in a worker thread; the others wait for a batch to
-    end. The wait is shielded, as file work cannot be taken back half done: a caller cancelled
-    meanwhile learns so once its file is written (and withdraws it, if it must)."""
+    """The claim handlers' file work. Serve it with ``await tg.start(files.serve)``; then
+    ``files.stage(parts, content)`` queues a staging and returns its job at once, and
+    ``await files.staged(job)`` returns once that file is durable in the staging directory
+    (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
+    unlinks a file, both at once, their directories fsynced by the next batch."""
 
     def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
         self._at_once = at_once
-        self._queue: list[FileJob] = []
-        self._running = 0
-        self._batch_done = anyio.Event()
+        self._queue: list[StageJob] = []
+        self._dirty: set[Where] = set()
+        self._withdrawn: list[str] = []
+        self._queued_done = anyio.Event()
+        """Set once the batch that takes the jobs queued now has run."""
+        self._work_due = anyio.Event()
 
-    async def deliver(self, parts: Where, content: bytes) -> None:
-        await self._submit(FileJob(parts, content))
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as runners:
+            for _ in range(self._at_once):
+                runners.start_soon(self._run_batches)
+            task_status.started()
 
-    async def withdraw(self, parts: Where) -> None:
-        await self._submit(FileJob(parts))
-
-    async def _submit(self, job: FileJob) -> None:
+    def stage(self, parts: Where, content: bytes) -> StageJob:
+        job = StageJob(parts, content, done=self._queued_done)
         self._queue.append(job)
+        self._work_due.set()
+        return job
+
+    async def staged(self, job: StageJob) -> None:
+        """Shielded: file work cannot be taken back half done, so a caller cancelled meanwhile
+        learns so once its batch has run (and discards its file, if it must)."""
+        assert job.done is not None
         with anyio.CancelScope(shield=True):
-            while not job.settled:
-                if self._queue and self._running < self._at_once:
-                    await self._run()
-                else:
-                    await self._batch_done.wait()
+            await job.done.wait()
         if job.error is not None:
             raise job.error
 
-    async def _run(self) -> None:
-        batch, self._queue = self._queue, []
-        self._running += 1
+    def place(self, job: StageJob) -> None:
         try:
-            await anyio.to_thread.run_sync(run_batch, self._state, batch)
-        except Exception as exc:  # a bug: these callers hear of it, the next batch runs
-            log.exception("claim_files_failed", jobs=len(batch))
-            for job in batch:
-                job.fail(Internal(f"the claims' file batch failed: {exc!r}"))
+            place(self._state, job.staged, job.parts, self._dirty)
+        except (OSError, FleetError) as exc:
+            raise translated(exc, self._state, job.parts) from None
         finally:
-            for job in batch:
-                job.settled = True
-            self._running -= 1
-            done, self._batch_done = self._batch_done, anyio.Event()
-            done.set()
+            self._work_due.set()
+
+    def discard(self, job: StageJob) -> None:
+        """Its staging file goes; a failure is logged (start-up removes it)."""
+        try:
+            discard(self._state, job.staged)
+        except (OSError, FleetError) as exc:
+            log.warning("claim_staging_not_removed", staged=job.staged, error=str(exc))
+
+    def withdraw(self, parts: Where) -> None:
+        """Gone from its place at once, by a rename into the staging directory (an unlink
+        may wait for the file system's journal); the next batch unlinks it."""
+        name = staged_name()
+        try:
+            if set_aside(self._state, parts, name, self._dirty):
+                self._withdrawn.append(name)
+        except (OSError, FleetError) as exc:
+            raise translated(exc, self._state, parts, "remove") from None
+        finally:
+            self._work_due.set()
+
+    async def deliver(self, parts: Where, content: bytes) -> None:
+        """Stage, then place: for a file whose record is already durable."""
+        job = self.stage(parts, content)
+        await self.staged(job)
+        try:
+            self.place(job)
+        except BaseException:
+            self.discard(job)
+            raise
+
+    async def _run_batches(self) -> None:
+        while True:
+            await self._work_due.wait()
+            if not self._queue:
+                with anyio.move_on_after(IDLE_SYNC_DELAY):
+                    while not self._queue:
+                        self._work_due = anyio.Event()
+                        await self._work_due.wait()
+            self._work_due = anyio.Event()
+            jobs, self._queue = self._queue, []
+            dirty, self._dirty = self._dirty, set()
+            withdrawn, self._withdrawn = self._withdrawn, []
+            if not (jobs or dirty or withdrawn):
+                continue
+            done, self._queued_done = self._queued_done, anyio.Event()
+            with anyio.CancelScope(shield=True):  # callers wait for every batch to end
+                try:
+                    await anyio.to_thread.run_sync(run_batch, self._state, jobs, dirty, withdrawn)
+                except Exception as exc:  # a bug: these callers hear of it, the next batch runs
+                    log.exception("claim_files_failed", jobs=len(jobs))
+                    for job in jobs:
+                        job.fail(Internal(f"the claims' file batch failed: {exc!r}"))
+                finally:
+                    for job in jobs:
+                        job.settled = True
+                    done.set()

@@ -1048,7 +1048,8 @@ class Campaign:
 
     def check_delivered_files(self, client: SyncClient) -> None:
         """Every delivered file belongs to a held claim and holds its content in full; the
-        staging directory is empty."""
+        staging directory is empty once idle (a released claim's file waits there for the
+        next batch of file work to unlink it, STAGING_IDLE at most)."""
         held = {
             info.path: info
             for kind in ("prompt_inbox", "file")
@@ -1072,7 +1073,7 @@ class Campaign:
                         ),
                     )
         staging = os.path.join(state, "claims-staging")
-        left = os.listdir(staging) if os.path.isdir(staging) else []
+        left = _left_in(staging)
         self.tally.check("nothing is left in staging", not left, lambda: f"{staging} holds {left}")
 
     # -- the end
@@ -1151,6 +1152,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stopped(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+STAGING_IDLE = 2.0
+"""Seconds fleetd may take, idle, to unlink the files that releases set aside in staging."""
+
+
+def _left_in(staging: str) -> list[str]:
+    """What stays in `staging` once fleetd had STAGING_IDLE seconds to clear it."""
+    deadline = time.monotonic() + STAGING_IDLE
+    while True:
+        left = os.listdir(staging) if os.path.isdir(staging) else []
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

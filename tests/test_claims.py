@@ -15,21 +15,32 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from fleetctl import SyncClient
+from fleetd import delivery
 from fleetd.claims import (
     ClaimService,
     StoredClaim,
     decide_acquire,
     decide_release,
+    record_key,
     relative_path,
 )
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.delivery import STAGING, deliver
+from fleetd.state import STORE_FILE
 from fleetd.store.sqlite import SQLiteStore
-from protocol.claims import MAX_CONTENT, ClaimAcquire, ClaimListRequest, ClaimRelease
+from protocol.claims import (
+    MAX_CONTENT,
+    ClaimAcquire,
+    ClaimInspect,
+    ClaimListRequest,
+    ClaimRelease,
+)
 from protocol.errors import FleetError, InvalidRequest, StoreFull, UnsafePath
 from protocol.outcomes import Outcome
 from tests.processes import FLEETCTL, Fleetd, mount_tmpfs, running_fleetd
@@ -70,8 +81,10 @@ async def service(root: str, max_bytes: int | None = None) -> AsyncIterator[Clai
     with PrivateDir.open(os.path.join(root, "state")) as state:
         async with SQLiteStore.open(os.path.join(root, "store.db")) as store:
             claims = ClaimService(store, state, max_bytes=max_bytes)
-            await claims.reconcile()
-            yield claims
+            async with anyio.create_task_group() as tasks:
+                await tasks.start(claims.serve)
+                yield claims
+                tasks.cancel_scope.cancel()
 
 
 def _files(root: str) -> list[str]:
@@ -96,6 +109,10 @@ def _write(path: str, data: bytes) -> None:
 
 def _acquire(key: str, content: bytes, owner: str = "alice", kind: str = "prompt_inbox") -> Any:
     return ClaimAcquire(id=1, kind=kind, key=key, owner=owner, content=content)
+
+
+def _release(key: str, owner: str = "alice", kind: str = "prompt_inbox") -> Any:
+    return ClaimRelease(id=1, kind=kind, key=key, owner=owner)
 
 
 async def test_acquire_delivers_the_file_and_release_removes_it(tempdir: str) -> None:
@@ -180,14 +197,105 @@ async def test_full_disk_while_delivering_writes_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     async with service(tempdir) as claims:
-        before = claims._store.revision
-        monkeypatch.setattr("fleetd.claims.os.write", full)
+        monkeypatch.setattr("fleetd.delivery.os.write", full)
         with pytest.raises(StoreFull, match="the disk is full"):
             await claims.acquire(_acquire("k", b"x"), PEER)
         monkeypatch.undo()
-        assert claims._store.revision == before
+        assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
         assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
         assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+
+
+async def test_a_flush_that_fails_after_the_record_committed_restores_the_previous_record(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record and the flush go to disk together; a full disk may show only at the flush,
+    when the record is already committed: it is taken back, and the error answered."""
+    async with service(tempdir) as claims:
+        await claims.acquire(_acquire("k", b"first\n"), PEER)
+        released = (await claims.release(_release("k"), PEER)).claim
+        monkeypatch.setattr(
+            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
+        )
+        with pytest.raises(StoreFull, match="the disk is full"):
+            await claims.acquire(_acquire("k", b"second\n", owner="bob"), PEER)
+        monkeypatch.undo()
+        inspected = await claims.inspect(ClaimInspect(id=1, kind="prompt_inbox", key="k"), PEER)
+        assert inspected.claim == released
+        assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
+        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+
+
+async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with service(tempdir) as claims:
+        monkeypatch.setattr(
+            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
+        )
+        with pytest.raises(StoreFull):
+            await claims.acquire(_acquire("k", b"x"), PEER)
+        monkeypatch.undo()
+        assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
+        assert (await claims.acquire(_acquire("k", b"x"), PEER)).outcome is Outcome.ACQUIRED
+
+
+async def test_a_failed_take_back_is_logged_and_start_up_drops_the_record(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush failed after the record committed, and so did writing the record back: the
+    caller was answered the flush's error, and start-up finds a held record with no file."""
+    async with service(tempdir) as claims:
+        monkeypatch.setattr(
+            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
+        )
+        txn, calls = claims._txn, []
+
+        async def second_fails(*args: Any) -> Any:
+            calls.append(args)
+            if len(calls) == 2:
+                raise StoreFull("the store's disk is full; nothing was written")
+            return await txn(*args)
+
+        monkeypatch.setattr(claims, "_txn", second_fails)
+        with capture_logs() as logs, pytest.raises(StoreFull, match="cannot deliver"):
+            await claims.acquire(_acquire("k", b"x"), PEER)
+        monkeypatch.undo()
+        assert [e["claim"] for e in logs if e["event"] == "claim_not_withdrawn"] == [
+            "prompt_inbox/k"
+        ]
+        assert len((await claims.list(ClaimListRequest(id=1), PEER)).claims) == 1
+    async with service(tempdir) as claims:
+        assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
+
+
+async def test_a_retried_acquire_whose_file_went_missing_delivers_it_again(tempdir: str) -> None:
+    """ALREADY_ACQUIRED means the file is in place, whatever happened to it meanwhile."""
+    async with service(tempdir) as claims:
+        first = await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert first.claim is not None
+        os.unlink(first.claim.path)
+        again = await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert (again.outcome, again.claim) == (Outcome.ALREADY_ACQUIRED, first.claim)
+        assert _read(first.claim.path) == b"prompt\n"
+
+
+async def test_a_retried_acquire_finds_its_file_without_following_a_planted_link(
+    tempdir: str,
+) -> None:
+    """The owner's inbox replaced by a link to a directory holding a file of the same name:
+    the retry looks link-free, finds no file, and its delivery is refused at the link."""
+    async with service(tempdir) as claims:
+        first = await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert first.claim is not None
+        inbox = os.path.dirname(first.claim.path)
+        elsewhere = os.path.join(tempdir, "elsewhere")
+        os.rename(inbox, elsewhere)
+        os.symlink(elsewhere, inbox)
+        _write(os.path.join(elsewhere, "k"), b"planted\n")
+        with pytest.raises(UnsafePath):
+            await claims.acquire(_acquire("k", b"prompt\n"), PEER)
+        assert _read(os.path.join(elsewhere, "k")) == b"planted\n"
 
 
 async def test_acquires_that_fill_the_disk_together_answer_no_space_and_lose_nothing(
@@ -221,10 +329,6 @@ async def test_acquires_that_fill_the_disk_together_answer_no_space_and_lose_not
             assert os.listdir(os.path.join(state, STAGING)) == []
     finally:
         await anyio.run_process(["umount", "-l", state], check=False)
-
-
-def _release(key: str, owner: str = "alice", kind: str = "prompt_inbox") -> Any:
-    return ClaimRelease(id=1, kind=kind, key=key, owner=owner)
 
 
 async def test_concurrent_acquires_and_releases_of_one_key_keep_their_order(
@@ -294,6 +398,151 @@ async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
         assert held == "inbox/alice/held"
         assert re.fullmatch(r"quarantine/[^/]+/inbox/bob/orphan", quarantined)
         assert _read(os.path.join(state, quarantined)) == b"3"
+
+
+# -- crash states, built on disk, and fleetd started on them -------------------------------------
+
+
+def _stored_record(daemon: Fleetd, key: str) -> StoredClaim | None:
+    """The record of prompt_inbox claim `key`, read from the store of a stopped fleetd."""
+
+    async def read() -> StoredClaim | None:
+        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
+            kv = await store.get(record_key("prompt_inbox", key))
+            return None if kv is None else msgspec.json.decode(kv.value, type=StoredClaim)
+
+    return anyio.run(read)
+
+
+def _stopped_with_claim(tempdir: str, key: str, content: bytes, *, release: bool = False) -> Fleetd:
+    """A fleetd that acquired (and, if `release`, released) alice's claim `key`, now stopped."""
+    daemon = Fleetd(tempdir).start()
+    with SyncClient(daemon.socket_path) as client:
+        client.claim_acquire("prompt_inbox", key, "alice", content)
+        if release:
+            client.claim_release("prompt_inbox", key, "alice")
+    daemon.stop()
+    return daemon
+
+
+def _inbox_file(daemon: Fleetd, key: str, owner: str = "alice") -> str:
+    return os.path.join(daemon.state_dir, "inbox", owner, key)
+
+
+def _staging_file(daemon: Fleetd, name: str) -> str:
+    return os.path.join(daemon.state_dir, STAGING, name)
+
+
+def _claim(daemon: Fleetd, key: str) -> Any:
+    with SyncClient(daemon.socket_path) as client:
+        return client.claim_inspect("prompt_inbox", key)
+
+
+def test_a_held_claim_found_only_staged_is_rolled_forward_at_start_up(tempdir: str) -> None:
+    """A crash after the record and the staged file were durable, before the rename."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None and record.staged
+        os.rename(_inbox_file(daemon, "p"), _staging_file(daemon, record.staged))
+        daemon.start()
+        assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert _claim(daemon, "p").claim.state == "held"
+    finally:
+        daemon.close()
+
+
+def test_rolling_forward_replaces_a_released_claims_file_the_crash_kept(tempdir: str) -> None:
+    """Released (its unlink lost to the crash), acquired again, and staged only."""
+    daemon = _stopped_with_claim(tempdir, "p", b"new\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None
+        os.rename(_inbox_file(daemon, "p"), _staging_file(daemon, record.staged))
+        _write(_inbox_file(daemon, "p"), b"old\n")
+        daemon.start()
+        assert _read(_inbox_file(daemon, "p")) == b"new\n"
+        assert not any("quarantine" in f for f in _files(daemon.state_dir))
+    finally:
+        daemon.close()
+
+
+def test_rolling_forward_through_a_planted_link_is_refused_and_fleetd_starts(
+    tempdir: str,
+) -> None:
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None
+        os.rename(_inbox_file(daemon, "p"), _staging_file(daemon, record.staged))
+        owner = os.path.dirname(_inbox_file(daemon, "p"))
+        os.rmdir(owner)
+        elsewhere = os.path.join(tempdir, "elsewhere")
+        os.mkdir(elsewhere)
+        os.symlink(elsewhere, owner)
+        daemon.start()
+        assert os.listdir(elsewhere) == []
+        assert _claim(daemon, "p").outcome == "absent"
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert any(re.fullmatch(r"quarantine/[^/]+/inbox/alice", f) for f in _links(daemon))
+    finally:
+        daemon.close()
+
+
+def _links(daemon: Fleetd) -> list[str]:
+    found = []
+    for directory, dirs, _ in os.walk(daemon.state_dir):
+        for name in dirs:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                found.append(os.path.relpath(path, daemon.state_dir))
+    return found
+
+
+def test_a_held_claim_whose_file_is_nowhere_is_dropped_with_a_warning(tempdir: str) -> None:
+    """Its acquire was never answered (the crash came before the staged file was durable),
+    or its compensation failed: a retry by the caller delivers again."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        os.unlink(_inbox_file(daemon, "p"))
+        daemon.start()
+        assert _claim(daemon, "p").outcome == "absent"
+        assert any(
+            '"claim_dropped"' in line and '"prompt_inbox/p"' in line
+            for line in daemon.log().splitlines()
+        )
+        with SyncClient(daemon.socket_path) as client:
+            assert client.claim_acquire("prompt_inbox", "p", "alice", b"prompt\n").outcome == (
+                "acquired"
+            )
+        assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
+    finally:
+        daemon.close()
+
+
+def test_a_staged_file_no_held_claim_names_is_removed_at_start_up(tempdir: str) -> None:
+    """A crash before the record committed: the acquire was never answered."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        _write(_staging_file(daemon, "1-dead-7.tmp"), b"half")
+        daemon.start()
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert _files(os.path.join(daemon.state_dir, "inbox")) == ["alice/p"]
+    finally:
+        daemon.close()
+
+
+def test_a_released_claims_file_is_removed_at_start_up(tempdir: str) -> None:
+    """A crash lost the release's unlink (its directory's fsync is not awaited)."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n", release=True)
+    try:
+        _write(_inbox_file(daemon, "p"), b"prompt\n")
+        daemon.start()
+        assert _read(_inbox_file(daemon, "p")) is None
+        assert _claim(daemon, "p").claim.state == "released"
+    finally:
+        daemon.close()
 
 
 # -- fleetctl claims: golden envelopes ----------------------------------------------------------
@@ -451,6 +700,10 @@ def test_full_disk_on_a_small_tmpfs_is_an_error_envelope(tempdir: str) -> None:
             if code:
                 break
         assert code == 1
+        # the file and the record go to disk together: either may be the one that hits the limit
+        message = envelope["error"]["message"]
+        assert message.endswith("disk is full; nothing was written"), message
+        envelope["error"]["message"] = "<the file's or the record's> disk is full"
         _check_golden("error_no_space", {"exit": code, "envelope": _normalise(envelope, tempdir)})
         listed = claims(daemon.env, ["list"], None)[1]["claims"]
         assert sorted(_files(os.path.join(daemon.state_dir, "files"))) == sorted(

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -104,6 +105,16 @@ def test_each_request_is_logged_once_with_op_outcome_and_duration(fleetd: Fleetd
     assert [line["op"] for line in handled] == ["hello", "version"]
     for line in handled:
         assert line["outcome"] == "ok" and isinstance(line["duration_us"], int)
+
+
+def test_a_request_line_carries_its_peer_level_and_utc_timestamp(fleetd: Fleetd) -> None:
+    run_fleetctl("version", env=fleetd.env)
+    fleetd.stop()
+    lines = [json.loads(line) for line in fleetd.log().splitlines()]
+    (version,) = [line for line in lines if line.get("op") == "version"]
+    assert version["level"] == "info"
+    assert version["peer_uid"] == os.getuid() and version["peer_pid"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", version["timestamp"])
 
 
 def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tempdir: str) -> None:

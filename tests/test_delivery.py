@@ -1,9 +1,10 @@
-"""The claims' files delivered and withdrawn in batches: one pass over the disk for many
-requests, each request failing or succeeding alone, nothing left behind by a failure."""
+"""The claims' files staged in batches (one pass over the disk for many requests, each
+failing or succeeding alone, nothing left behind by a failure), then renamed into place and
+withdrawn at once, their directories fsynced in the background."""
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -11,8 +12,9 @@ import pytest
 
 from fleetd import delivery
 from fleetd.core.dirs import PrivateDir
-from fleetd.delivery import STAGING, FileBatches, FileJob, run_batch
+from fleetd.delivery import STAGING, FileBatches, StageJob, Where, run_batch
 from protocol.errors import StoreFull, UnsafePath
+from tests.processes import wait_until
 
 
 @pytest.fixture
@@ -44,7 +46,31 @@ def _read(state: PrivateDir, *parts: str) -> bytes | None:
 
 
 def _staging(state: PrivateDir) -> list[str]:
-    return os.listdir(os.path.join(state.path, STAGING))
+    try:
+        return sorted(os.listdir(os.path.join(state.path, STAGING)))
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+async def files(state: PrivateDir) -> AsyncIterator[FileBatches]:
+    batches = FileBatches(state)
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(batches.serve)
+        yield batches
+        tasks.cancel_scope.cancel()
+
+
+def _failing_flush(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush of a file of `content`'s size (and only it) fails as on a full disk."""
+    fdatasync = delivery._fdatasync
+
+    def full(fd: int) -> OSError | None:
+        if os.fstat(fd).st_size == len(content):
+            return OSError(errno.ENOSPC, "No space left on device")
+        return fdatasync(fd)
+
+    monkeypatch.setattr(delivery, "_fdatasync", full)
 
 
 def _full_for(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,107 +85,102 @@ def _full_for(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(delivery.os, "write", full)
 
 
-def test_a_batch_delivers_and_withdraws_together(state: PrivateDir) -> None:
-    delivery.deliver(state, ("inbox", "a", "old"), b"old")
-    jobs = [FileJob(("inbox", "a", f"k{n}"), f"{n}".encode()) for n in range(5)]
-    jobs += [FileJob(("inbox", "a", "old")), FileJob(("files", "never-there"))]
+def test_a_batch_stages_every_file_durably(state: PrivateDir, synced: list[str]) -> None:
+    jobs = [StageJob(("inbox", "a", f"k{n}"), f"{n}".encode()) for n in range(5)]
     run_batch(state, jobs)
-    assert [job.error for job in jobs] == [None] * 7
-    assert [_read(state, "inbox", "a", f"k{n}") for n in range(5)] == [b"0", b"1", b"2", b"3", b"4"]
-    assert _read(state, "inbox", "a", "old") is None
-    assert _staging(state) == []
+    assert [job.error for job in jobs] == [None] * 5
+    assert _staging(state) == sorted(job.staged for job in jobs)
+    assert [_read(state, STAGING, job.staged) for job in jobs] == [b"0", b"1", b"2", b"3", b"4"]
+    assert synced == [STAGING], "the staging directory, once for the batch"
 
 
-def test_a_batch_fsyncs_each_directory_it_touched_once(
+def test_a_batch_fsyncs_the_directories_made_dirty_since_the_last(
     state: PrivateDir, synced: list[str]
 ) -> None:
     delivery.deliver(state, ("inbox", "a", "old"), b"old")
-    delivery.deliver(state, ("files", "f"), b"f")
-    synced.clear()  # what the batch alone fsyncs
-    jobs = [FileJob(("inbox", "a", f"k{n}"), b"x") for n in range(10)]
-    run_batch(state, [*jobs, FileJob(("inbox", "a", "old")), FileJob(("files", "f"))])
-    assert sorted(synced) == ["files", "inbox/a"]
+    synced.clear()
+    run_batch(state, [StageJob(("files", "k"), b"x")], dirty={("inbox", "a"), ("files",)})
+    assert sorted(synced) == sorted([STAGING, "inbox/a"]), "files/ does not exist yet"
 
 
-def test_a_new_directory_is_made_durable_in_its_parent(
-    state: PrivateDir, synced: list[str]
-) -> None:
-    run_batch(state, [FileJob(("inbox", "new-owner", "k"), b"x")])
-    assert synced == ["inbox/new-owner", "inbox", "."]
+def test_staged_names_are_never_reused() -> None:
+    names = {delivery.staged_name() for _ in range(1000)}
+    assert len(names) == 1000
+    assert all(name.startswith(f"{os.getpid()}-") for name in names)
 
 
-def test_one_failing_delivery_does_not_fail_the_others(state: PrivateDir, tempdir: str) -> None:
-    os.makedirs(os.path.join(state.path, "inbox"), mode=0o700)
-    os.symlink(tempdir, os.path.join(state.path, "inbox", "planted"))
-    jobs = [
-        FileJob(("inbox", "a", "k1"), b"1"),
-        FileJob(("inbox", "planted", "k2"), b"2"),
-        FileJob(("inbox", "a", "k3"), b"3"),
-    ]
-    run_batch(state, jobs)
-    assert isinstance(jobs[1].error, UnsafePath)
-    assert (jobs[0].error, jobs[2].error) == (None, None)
-    assert (_read(state, "inbox", "a", "k1"), _read(state, "inbox", "a", "k3")) == (b"1", b"3")
-    assert not os.path.exists(os.path.join(tempdir, "k2"))
-    assert _staging(state) == []
-
-
-def test_a_full_disk_fails_only_the_deliveries_that_hit_it(
+def test_a_full_disk_fails_only_the_stagings_that_hit_it(
     state: PrivateDir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _full_for(b"too big", monkeypatch)
-    jobs = [FileJob(("files", "a"), b"a"), FileJob(("files", "b"), b"too big")]
-    jobs.append(FileJob(("files", "c"), b"c"))
+    jobs = [StageJob(("files", "a"), b"a"), StageJob(("files", "b"), b"too big")]
+    jobs.append(StageJob(("files", "c"), b"c"))
     run_batch(state, jobs)
     assert isinstance(jobs[1].error, StoreFull)
     assert jobs[1].error.message == (
         f"cannot deliver {state.path}/files/b: the disk is full; nothing was written"
     )
     assert (jobs[0].error, jobs[2].error) == (None, None)
-    assert sorted(os.listdir(os.path.join(state.path, "files"))) == ["a", "c"]
-    assert _staging(state) == []
+    assert _staging(state) == sorted([jobs[0].staged, jobs[2].staged])
+
+
+def test_a_flush_that_fails_fails_its_job_and_removes_its_staging_file(
+    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk may show only at the fdatasync."""
+    _failing_flush(b"unlucky", monkeypatch)
+    jobs = [StageJob(("files", "a"), b"a"), StageJob(("files", "b"), b"unlucky")]
+    run_batch(state, jobs)
+    assert isinstance(jobs[1].error, StoreFull) and jobs[0].error is None
+    assert _staging(state) == [jobs[0].staged]
 
 
 def test_a_batch_that_is_all_full_disk_leaves_nothing(
     state: PrivateDir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _full_for(b"x", monkeypatch)
-    jobs = [FileJob(("files", f"k{n}"), b"x") for n in range(4)]
+    jobs = [StageJob(("files", f"k{n}"), b"x") for n in range(4)]
     run_batch(state, jobs)
     assert all(isinstance(job.error, StoreFull) for job in jobs)
-    assert not os.path.exists(os.path.join(state.path, "files"))
     assert _staging(state) == []
 
 
-def test_a_directory_that_cannot_be_fsynced_fails_its_jobs_and_removes_their_files(
-    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+def test_placing_renames_into_place_and_marks_the_directories_changed(state: PrivateDir) -> None:
+    job = StageJob(("inbox", "new-owner", "k"), b"x")
+    run_batch(state, [job])
+    dirty: set[Where] = set()
+    delivery.place(state, job.staged, job.parts, dirty)
+    assert _read(state, "inbox", "new-owner", "k") == b"x"
+    assert _staging(state) == []
+    assert dirty == {(), ("inbox",), ("inbox", "new-owner")}
+
+
+def test_placing_refuses_a_planted_link_and_keeps_the_staged_file(
+    state: PrivateDir, tempdir: str
 ) -> None:
-    fsync = PrivateDir.fsync
-
-    def failing(directory: PrivateDir) -> None:
-        if directory.path.endswith("/files"):
-            raise OSError(errno.EIO, "Input/output error")
-        fsync(directory)
-
-    monkeypatch.setattr(PrivateDir, "fsync", failing)
-    jobs = [FileJob(("files", "f"), b"f"), FileJob(("inbox", "a", "k"), b"k")]
-    run_batch(state, jobs)
-    assert jobs[0].error is not None and "Input/output error" in jobs[0].error.message
-    assert jobs[1].error is None
-    assert (_read(state, "files", "f"), _read(state, "inbox", "a", "k")) == (None, b"k")
+    os.makedirs(os.path.join(state.path, "inbox"), mode=0o700)
+    os.symlink(tempdir, os.path.join(state.path, "inbox", "planted"))
+    job = StageJob(("inbox", "planted", "k"), b"x")
+    run_batch(state, [job])
+    with pytest.raises(UnsafePath):
+        delivery.place(state, job.staged, job.parts, set())
+    assert not os.path.exists(os.path.join(tempdir, "k"))
+    assert _staging(state) == [job.staged]
 
 
 async def test_concurrent_callers_share_batches(
-    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+    state: PrivateDir, files: FileBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
 
-    def counted(state: PrivateDir, jobs: list[FileJob]) -> None:
-        batches.append(len(jobs))
-        run_batch(state, jobs)
+    def counted(
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
+        if jobs:
+            batches.append(len(jobs))
+        run_batch(state, jobs, dirty, withdrawn)
 
     monkeypatch.setattr(delivery, "run_batch", counted)
-    files = FileBatches(state)
     async with anyio.create_task_group() as tasks:
         for n in range(64):
             tasks.start_soon(files.deliver, ("files", f"k{n}"), f"{n}".encode())
@@ -170,10 +191,9 @@ async def test_concurrent_callers_share_batches(
 
 
 async def test_a_failing_caller_does_not_fail_its_batch_mates(
-    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+    state: PrivateDir, files: FileBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _full_for(b"too big", monkeypatch)
-    files = FileBatches(state)
     failed: list[str] = []
 
     async def deliver(key: str, content: bytes) -> None:
@@ -187,11 +207,46 @@ async def test_a_failing_caller_does_not_fail_its_batch_mates(
             tasks.start_soon(deliver, f"k{n}", b"too big" if n % 4 == 1 else b"ok")
     assert sorted(failed) == sorted(f"k{n}" for n in range(1, 16, 4))
     assert len(os.listdir(os.path.join(state.path, "files"))) == 12
+    assert _staging(state) == []
 
 
-async def test_a_cancelled_caller_still_has_its_file_written(state: PrivateDir) -> None:
-    files = FileBatches(state)
+async def test_a_placed_files_directory_is_fsynced_in_the_background(
+    files: FileBatches, synced: list[str]
+) -> None:
+    await files.deliver(("inbox", "a", "k"), b"x")
+    await anyio.to_thread.run_sync(wait_until, lambda: "inbox/a" in synced)
+
+
+async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
+    state: PrivateDir, files: FileBatches, synced: list[str]
+) -> None:
+    delivery.deliver(state, ("inbox", "a", "k"), b"x")
+    synced.clear()
+    files.withdraw(("inbox", "a", "k"))
+    assert _read(state, "inbox", "a", "k") is None
+    await anyio.to_thread.run_sync(wait_until, lambda: synced == ["inbox/a"])
+
+
+async def test_a_withdrawn_file_is_set_aside_then_unlinked_by_the_next_batch(
+    state: PrivateDir, files: FileBatches
+) -> None:
+    delivery.deliver(state, ("inbox", "a", "k"), b"x")
+    files.withdraw(("inbox", "a", "k"))
+    assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
+    await files.deliver(("files", "other"), b"y")
+    assert _staging(state) == []
+
+
+async def test_withdrawing_a_file_already_gone_is_fine(files: FileBatches) -> None:
+    files.withdraw(("inbox", "nobody", "k"))
+
+
+async def test_a_cancelled_caller_still_has_its_file_staged(
+    state: PrivateDir, files: FileBatches
+) -> None:
+    job = files.stage(("files", "k"), b"written")
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await files.deliver(("files", "k"), b"written")
-    assert _read(state, "files", "k") == b"written"
+        await files.staged(job)
+    assert job.settled and job.error is None
+    assert _read(state, STAGING, job.staged) == b"written"

@@ -214,6 +214,20 @@ def test_members_get_their_identity_and_peers() -> None:
         assert notify == os.path.join(c.runtime_dir, "notify")
 
 
+def test_the_first_member_to_start_sees_every_sibling_after_it() -> None:
+    show = ["sh", "-c", "echo peers=$FLEET_PEERS; exec sleep 60"]
+    with fleetctl.cluster(
+        members(
+            first={"command": show, "ready": "log:peers"},
+            b={"command": SLEEPER},
+            c={"command": SLEEPER},
+        )
+    ) as c:
+        c.wait_running(timeout=20)
+        line = c.logs("first").strip()
+        assert sorted(line.removeprefix("peers=").split(",")) == ["b=", "c="]
+
+
 def test_members_given_ports_at_once_get_distinct_ports() -> None:
     sleeper = {"command": SLEEPER, "env": {"PORT": "{port}"}, "ready": "none"}
     with fleetctl.cluster(members(**{f"m{i}": sleeper for i in range(100)})) as c:

@@ -34,6 +34,7 @@ from fleetd.core.bounds import (
     Trim,
 )
 from fleetd.core.dispatch import Dispatcher, Peer, Pending
+from fleetd.core.log import bind as bind_log
 from protocol.errors import BadFrame, FleetError, LimitExceeded, PermissionDenied
 from protocol.framing import FrameSplitter, encode, encode_response, error_response
 from protocol.messages import Response
@@ -63,7 +64,7 @@ def may_connect(peer: Peer) -> bool:
 async def admit(stream: SocketStream) -> Peer | None:
     """The peer, if it may use this socket; else it gets a refusal frame and None."""
     peer = peer_of(stream)
-    structlog.contextvars.bind_contextvars(peer_pid=peer.pid, peer_uid=peer.uid)
+    bind_log(peer_pid=peer.pid, peer_uid=peer.uid)
     if may_connect(peer):
         return peer
     log.warning("peer_refused")

@@ -2,6 +2,7 @@
 (fleetd.holder.program) and the holder template (fleetd.holder.template)."""
 
 import contextlib
+import ctypes
 import resource
 from typing import TypeVar
 
@@ -33,3 +34,12 @@ def name_process(name: str) -> None:
     exec'd one is "python3" there: both are "fleetd-holder", the template "fleetd-template"."""
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write(name)
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim; elsewhere
+    nothing). What start-up freed (imports, a cluster's spec decoded, its members spawned)
+    malloc keeps for later, and a process's memory counts it until then; in the template,
+    every holder forked would share it, and copy what it writes of it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

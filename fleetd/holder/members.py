@@ -26,7 +26,6 @@ import signal
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,6 +58,7 @@ from fleetd.holder.lifecycle import (
     SupervisionFailed,
     step,
 )
+from fleetd.holder.readers import Readers
 from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec
 from protocol.errors import FleetError
@@ -326,6 +326,8 @@ class Host(Protocol):
     notify_path: str
     runtime: PrivateDir
     """The runtime directory: each member's directory is made in it, never through a link."""
+    readers: Readers
+    """Where the member's output pipes are watched."""
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
@@ -346,6 +348,10 @@ class Host(Protocol):
 
     def process_ended(self, pid: int) -> None:
         """`pid` was reaped."""
+        ...
+
+    def member_left(self, member: "Member") -> None:
+        """The member is stopped, every process of it ended and its output drained."""
         ...
 
 
@@ -374,14 +380,49 @@ def _rules(spec: MemberSpec, backoff: Backoff) -> Rules:
 
 
 class Member:
-    """A member and its supervisor: `run` in a task, `stop` from anywhere.
+    """A member and its supervisor: `begin` once, `stop` from anywhere.
 
     The decisions are `fleetd.holder.lifecycle`'s; this is its I/O shell. Events (an exit
     from the reaper, a readiness signal, a timer, a stop) are fed to `step` as they happen,
     one at a time, and the actions it returns are carried out at once. The one timer a
     member may have armed is an event-loop timer handle, and its one side job (a readiness
-    probe, a wait on its other processes) a second task: a running member costs its `run`
-    task alone."""
+    probe, a wait on its other processes) a task: a running member costs no task at all
+    (a task, its cancel scope and events, and a task group to run side jobs in were a third
+    of what each of a thousand sleeping members cost), and its attributes are slots (a dict
+    of them was twice as large)."""
+
+    __slots__ = (
+        "_descendants",
+        "_directory",
+        "_done",
+        "_drained",
+        "_ended",
+        "_events",
+        "_feeding",
+        "_host",
+        "_jobs",
+        "_lifecycle",
+        "_log_max_bytes",
+        "_logs",
+        "_loop",
+        "_no_side_jobs",
+        "_pumps",
+        "_run",
+        "_saved_pid",
+        "_side_jobs",
+        "_status",
+        "_timer",
+        "_watch",
+        "address",
+        "directory",
+        "exit_code",
+        "lingering",
+        "name",
+        "pid",
+        "port",
+        "spec",
+        "started_at",
+    )
 
     def __init__(
         self,
@@ -411,15 +452,21 @@ class Member:
         self._status: MemberStatus | None = None
         """status(), kept until a field of it changes: all-member answers reuse it."""
         self._run: _Run | None = None
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []
+        """Events waiting their turn: a list, a tenth of an empty deque's size."""
         self._feeding = False
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
         self._watch: anyio.CancelScope | None = None
         self._jobs: TaskGroup | None = None
-        self._finished = anyio.Event()
-        self._done = anyio.Event()
+        self._side_jobs = 0
+        """Side jobs not yet returned, a cancelled one unwinding included."""
+        self._no_side_jobs: anyio.Event | None = None
+        self._ended = False
+        self._done: anyio.Event | None = None
+        """Made by the first `stop` that waits for the end."""
         self._logs: tuple[LogFile, LogFile] | None = None
-        self._pumps: set[_Pump] = set()
+        self._pumps: list[_Pump] = []
         self._drained: anyio.Event | None = None
         self._directory: PrivateDir | None = None
         self._saved_pid: int | None = None
@@ -464,36 +511,46 @@ class Member:
             )
         return self._status
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    def begin(self, jobs: TaskGroup) -> None:
         """Supervise until `stop`: prepare once, then spawn, await readiness, restart per
-        policy. Returns once the member is stopped, every process of it ended, and its output
-        drained. Whatever goes wrong in the supervision itself (its directory refused, a bug)
-        puts the member in `error` with the reason, and it stays there until stopped: a
-        member is never reported starting or stopped while nobody supervises it."""
-        descendants = self._descendants = self._host.lineage.of(self.name)
-        self._loop = asyncio.get_running_loop()
+        policy; side jobs run in `jobs`. Once the member is stopped, every process of it
+        ended and its output drained, the host hears `member_left`. Whatever goes wrong in
+        the supervision itself (its directory refused, a bug) puts the member in `error` with
+        the reason, and it stays there until stopped: a member is never reported starting or
+        stopped while nobody supervises it."""
+        self._descendants = self._host.lineage.of(self.name)
+        self._jobs = jobs
         try:
-            async with anyio.create_task_group() as self._jobs:
-                task_status.started()
-                try:
-                    self._open_directory()
-                except Exception as exc:
-                    self._supervision_failed(exc)
-                else:
-                    self._feed(Begin())
-                await self._finished.wait()
-                self._jobs.cancel_scope.cancel()
+            self._open_directory()
+        except Exception as exc:
+            self._supervision_failed(exc)
+        else:
+            self._feed(Begin())
+
+    async def _end(self) -> None:
+        """Stopped: wait for the side jobs to return (a cancelled one may still be unwinding)
+        and the output to drain, then let go of everything the member held and leave."""
+        try:
+            if self._side_jobs:
+                self._no_side_jobs = anyio.Event()
+                await self._no_side_jobs.wait()
             await self._drain()
+        except Exception:
+            log.exception("member_supervision_crashed", member=self.name)
         finally:
             self._cancel_timer()
             for pump in list(self._pumps):
                 pump.close()
             for log_file in self._logs or ():
                 log_file.close()
-            descendants.close()
+            if self._descendants is not None:
+                self._descendants.close()
             self._stale()
             self._host.member_changed(self)
-            self._done.set()
+            self._ended = True
+            if self._done is not None:
+                self._done.set()
+            self._host.member_left(self)
 
     def _open_directory(self) -> None:
         """The member's directory ({dir}) in the runtime directory, made 0700 (or one of
@@ -509,7 +566,10 @@ class Member:
         stop_timeout; no restart. Returns once it is down. Cancelling the caller does not
         cancel the stop."""
         self._feed(StopRequested())
-        await self._done.wait()
+        if not self._ended:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
         return self.status()
 
     def notified(self, fields: dict[str, str]) -> None:
@@ -535,7 +595,7 @@ class Member:
         self._feeding = True
         try:
             while self._events:
-                event = self._events.popleft()
+                event = self._events.pop(0)
                 try:
                     self._lifecycle, actions = step(self._lifecycle, event)
                     for action in actions:
@@ -551,9 +611,9 @@ class Member:
     def _supervision_failed(self, exc: Exception) -> None:
         log.error("member_supervision_failed", member=self.name, exc_info=exc)
         reason = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
-        self._events.appendleft(SupervisionFailed(reason))
+        self._events.insert(0, SupervisionFailed(reason))
         if not self._feeding:
-            self._feed(self._events.popleft())
+            self._feed(self._events.pop(0))
 
     def _publish(self) -> None:
         self._stale()
@@ -610,8 +670,10 @@ class Member:
         self.pid, self.started_at = child.pid, time.time()
         self.lingering = 0  # counted while the member is not running (see MemberStatus)
         self._stale()
-        self._pumps.add(_Pump(out_read, self._logs[0], run, 1, self))
-        self._pumps.add(_Pump(err_read, self._logs[1], run, 2, self))
+        self._pumps += (
+            _Pump(out_read, self._logs[0], run, 1, self),
+            _Pump(err_read, self._logs[1], run, 2, self),
+        )
 
     def _environment(self) -> dict[str, str]:
         env = {**_inherited_environment(), **{k: self.expand(v) for k, v in self.spec.env.items()}}
@@ -679,14 +741,20 @@ class Member:
     def _start_watch(self, job: Callable[[], Awaitable[None]]) -> None:
         assert self._jobs is not None
         scope = self._watch = anyio.CancelScope()
+        self._side_jobs += 1
         self._jobs.start_soon(self._watching, scope, job)
 
     async def _watching(self, scope: anyio.CancelScope, job: Callable[[], Awaitable[None]]) -> None:
-        with scope:
-            try:
-                await job()
-            except Exception as exc:
-                self._supervision_failed(exc)
+        try:
+            with scope:
+                try:
+                    await job()
+                except Exception as exc:
+                    self._supervision_failed(exc)
+        finally:
+            self._side_jobs -= 1
+            if not self._side_jobs and self._no_side_jobs is not None:
+                self._no_side_jobs.set()
 
     def _cancel_watch(self) -> None:
         if self._watch is not None:
@@ -749,7 +817,9 @@ class Member:
             self._host.member_changed(self)
 
     def _finish(self) -> None:
-        self._finished.set()
+        assert self._jobs is not None
+        self._cancel_watch()
+        self._jobs.start_soon(self._end)
 
     async def _drain(self) -> None:
         """Give the output pipes of a stopped member _DRAIN_GRACE to deliver their last words
@@ -761,7 +831,8 @@ class Member:
             await self._drained.wait()
 
     def pump_closed(self, pump: "_Pump") -> None:
-        self._pumps.discard(pump)
+        if pump in self._pumps:
+            self._pumps.remove(pump)
         if not self._pumps and self._drained is not None:
             self._drained.set()
 
@@ -814,11 +885,12 @@ _PERFORM: dict[Action, Callable[[Member], None]] = {
 
 
 class _Pump:
-    """Copies one output pipe into its log until every writer closed it, from an event-loop
-    reader callback (two tasks per member cost more than all else a sleeping member does);
-    also feeds the log:REGEX readiness check of its run."""
+    """Copies one output pipe into its log until every writer closed it, from a callback of the
+    holder's Readers (two tasks per member cost more than all else a sleeping member does,
+    and two event-loop readers more than all else but its task); also feeds the log:REGEX
+    readiness check of its run."""
 
-    __slots__ = ("_failing", "_fd", "_log_file", "_loop", "_member", "_run", "_stream")
+    __slots__ = ("_failing", "_fd", "_log_file", "_member", "_readers", "_run", "_stream")
 
     def __init__(
         self,
@@ -833,8 +905,8 @@ class _Pump:
         self._failing = False
         """The log cannot be written (a full disk): said once, until a write succeeds."""
         os.set_blocking(fd, False)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(fd, self._readable)
+        self._readers = member._host.readers
+        self._readers.add(fd, self._readable)
 
     def _readable(self) -> None:
         try:
@@ -861,7 +933,7 @@ class _Pump:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
+            self._readers.remove(self._fd)
             os.close(self._fd)
             self._fd = -1
             self._member.pump_closed(self)

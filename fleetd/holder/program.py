@@ -49,7 +49,7 @@ from fleetd.core.server import (
     Connection,
     admit,
 )
-from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit
+from fleetd.core.startup import leaf_errors, name_process, raise_fd_limit, return_free_memory
 from fleetd.holder.descendants import Lineage
 from fleetd.holder.members import (
     LOG_MAX_BYTES,
@@ -60,6 +60,7 @@ from fleetd.holder.members import (
     block_sigchld,
     needs_port,
 )
+from fleetd.holder.readers import Readers
 from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -91,6 +92,8 @@ log = structlog.get_logger("fleetd.holder")
 
 _EXIT_GRACE = 1.0
 """Seconds connections get to receive their last answers once the last member left."""
+_SAVES_AT_ONCE = 16
+"""Members whose files are written between two chances for the event loop to answer."""
 
 
 def _listening_socket(path: str) -> socket.socket:
@@ -110,17 +113,20 @@ def _listening_socket(path: str) -> socket.socket:
 
 
 class _Doorway:
-    """A member socket that accepts from an event-loop reader callback: a thousand members'
-    sockets cost no task, cancel scope or frames while nobody connects (the holder runs on
-    asyncio, see `main`). Connections go to `on_connection`."""
+    """A member socket that accepts from a callback of the holder's Readers: a thousand
+    members' sockets cost no task, cancel scope, frames or event-loop reader while nobody
+    connects (the holder runs on asyncio, see `main`). Connections go to `on_connection`."""
 
-    def __init__(self, path: str, on_connection: Callable[[socket.socket], object]) -> None:
+    def __init__(
+        self, path: str, readers: Readers, on_connection: Callable[[socket.socket], object]
+    ) -> None:
         self.path = path
         self._sock = _listening_socket(path)
         self._sock.setblocking(False)
         self._on_connection = on_connection
+        self._readers = readers
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._readers.add(self._sock.fileno(), self._accept)
 
     def _accept(self) -> None:
         """Running out of descriptors or memory pauses accepting instead of ending it."""
@@ -135,7 +141,7 @@ class _Doorway:
                     self.close()
                     return
                 log.warning("accept_failed", socket=self.path, error=os.strerror(exc.errno or 0))
-                self._loop.remove_reader(self._sock.fileno())
+                self._readers.remove(self._sock.fileno())
                 self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
                 return
             connection.setblocking(False)
@@ -143,12 +149,12 @@ class _Doorway:
 
     def _resume(self) -> None:
         if self._sock.fileno() >= 0:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._readers.add(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
         """Stop accepting and remove the socket file (connections made through it stay)."""
         if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
+            self._readers.remove(self._sock.fileno())
             self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
@@ -231,6 +237,7 @@ class Holder:
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
         self.reaper = Reaper()
         self.spawner = Spawner()
+        self.readers = Readers()
         self.lineage = Lineage(self.cluster, self.reaper.watched)
         self._bind_pid = bind_pid
         self._log_max_bytes = log_max_bytes
@@ -271,12 +278,11 @@ class Holder:
                 if self._bind_pid is not None:
                     self._tasks.start_soon(self._watch_client, self._bind_pid)
                 async with anyio.create_task_group() as self._connections:
-                    for spec in self.spec.members:
-                        self._admit(spec)
-                    # The supervisors' first steps spawn every member; only then do the
-                    # member sockets open (nobody may connect before we report started), so
-                    # that each spawn copies and closes a thousand fewer descriptors.
-                    await anyio.lowlevel.checkpoint()
+                    for member in [self._admit(spec) for spec in self.spec.members]:
+                        self._begin(member)
+                    # Every member spawned first; only then do the member sockets open
+                    # (nobody may connect before we report started), so that each spawn
+                    # copies and closes a thousand fewer descriptors.
                     for spec in self.spec.members:
                         self._open_door(spec.name)
                     log.info(
@@ -295,6 +301,7 @@ class Holder:
             self.lineage.close()
             for doorway in self._doorways.values():
                 doorway.close()
+            self.readers.close()
             self._save_changed()
             for member in self._members.values():
                 member.close_directory()
@@ -355,9 +362,10 @@ class Holder:
 
     # -- members joining and leaving
 
-    def _admit(self, spec: MemberSpec) -> MemberStatus:
-        """Start supervising the member (its socket opens with _open_door)."""
-        assert self._tasks is not None
+    def _admit(self, spec: MemberSpec) -> Member:
+        """A member joins, not yet supervised (`begin`; its socket opens with _open_door):
+        every member of a start joins before the first spawns, so that each is given all
+        its peers."""
         member = Member(
             spec,
             host=self,
@@ -371,8 +379,11 @@ class Holder:
         self._departed.pop(spec.name, None)
         self._peers = None
         self._encoded_statuses = None
-        self._tasks.start_soon(self._supervise, member)
-        return member.status()
+        return member
+
+    def _begin(self, member: Member) -> None:
+        assert self._tasks is not None
+        member.begin(self._tasks)
 
     def _open_door(self, name: str) -> None:
         """Open a member's socket, unless it left already."""
@@ -381,17 +392,11 @@ class Holder:
         if name in self._members:
             self._doorways[name] = _Doorway(
                 member_socket_path(self.runtime_dir, name),
+                self.readers,
                 lambda sock: connections.start_soon(self._connection, name, sock),
             )
 
-    async def _supervise(self, member: Member) -> None:
-        try:
-            await member.run()
-        except Exception:
-            log.exception("member_supervision_crashed", member=member.name)
-        self._depart(member)
-
-    def _depart(self, member: Member) -> None:
+    def member_left(self, member: Member) -> None:
         """A stopped member leaves: its socket closes (connections made through it stay)."""
         self._members.pop(member.name, None)
         self._ports.discard(member.port or 0)
@@ -418,7 +423,9 @@ class Holder:
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
-        status = self._admit(spec)
+        member = self._admit(spec)
+        status = member.status()
+        self._begin(member)
         self._open_door(spec.name)
         self._save_cluster()
         log.info("member_added", member=spec.name)
@@ -486,16 +493,23 @@ class Holder:
         self._by_pid.pop(pid, None)
 
     async def _save_forever(self) -> None:
-        """Write changed members' files once per event-loop turn, however many changed."""
+        """Write changed members' files, each once however often it changed meanwhile, a few
+        at a time: a file's creation costs the disk up to a millisecond, and a thousand
+        members starting would otherwise hold every answer (their `running` among them) up
+        for seconds. Each save writes the member's state as it is then, so a later one never
+        loses to an earlier."""
         while True:
             await self._save_soon.wait()
             self._save_soon = anyio.Event()
-            self._save_changed()
+            while self._unsaved:
+                self._save_changed(_SAVES_AT_ONCE)
+                await anyio.lowlevel.checkpoint()
 
-    def _save_changed(self) -> None:
-        unsaved, self._unsaved = self._unsaved, {}
-        for member in unsaved.values():
-            member.save()
+    def _save_changed(self, most: int | None = None) -> None:
+        """Save every changed member, or the `most` that changed first."""
+        names = list(self._unsaved)[:most]
+        for name in names:
+            self._unsaved.pop(name).save()
 
     def _owner_of(self, pid: int) -> Member | None:
         """The member a notify sender belongs to: itself, its group, or an ancestor."""
@@ -715,6 +729,7 @@ async def _serve(holder: Holder, ready_fd: int | None) -> None:
             with contextlib.suppress(OSError):
                 os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
+        return_free_memory()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

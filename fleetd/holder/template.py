@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from fleetd.core.startup import name_process
+from fleetd.core.startup import name_process, return_free_memory
 from protocol.template import (
     MAX_FORK_FDS,
     MAX_TEMPLATE_MESSAGE,
@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return program.main(argv)  # looked up now: a test's sitecustomize may have wrapped it
 
     template = _Template(requests, wake_read, owner, fresh, run)
+    return_free_memory()
     template.serve()
     return 0
 
