@@ -667,7 +667,9 @@ class Member:
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
         self._host.process_started(self, child.pid)
         self._run = run
-        self.pid, self.started_at = child.pid, time.time()
+        # to the millisecond, as every time fleet records: shorter to encode and decode in
+        # each status (4 % of decoding a 1,000-member answer)
+        self.pid, self.started_at = child.pid, round(time.time(), 3)
         self.lingering = 0  # counted while the member is not running (see MemberStatus)
         self._stale()
         self._pumps += (
