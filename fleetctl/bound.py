@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,7 +48,7 @@ from fleetctl.members_client import (
     one_request,
     status_on_disk,
 )
-from fleetctl.template import FORK_TIMEOUT, ForkedHolder, bound_template
+from fleetctl.template import FORK_TIMEOUT, HOLDER_COMMAND, ForkedHolder, bound_template
 from protocol import PROTOCOL_VERSION
 from protocol.base import Op, R
 from protocol.connection import check_version
@@ -94,7 +93,6 @@ _STOP_MARGIN = 5.0
 """Seconds allowed beyond a member's stop_timeout for the holder to report it stopped."""
 _PUSH_LAG = 0.005
 """Seconds a blocking wait_running gives pushes to catch up with a fresher status."""
-_HOLDER = [sys.executable, "-m", "fleetd.holder"]
 
 
 def cluster(
@@ -209,7 +207,7 @@ class Cluster:
                     holder = _Holder(forked.pid, pidfd=forked.pidfd)
                 else:
                     process = await anyio.open_process(
-                        [*_HOLDER, *args, f"--ready-fd={ready_write}"],
+                        [*HOLDER_COMMAND, *args, f"--ready-fd={ready_write}"],
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.DEVNULL,
                         stderr=log,

@@ -39,12 +39,22 @@ from protocol.template import (
     encode,
 )
 
-__all__ = ["FORK_TIMEOUT", "ForkedHolder", "Template", "bound_template", "startup_env"]
+__all__ = [
+    "FORK_TIMEOUT",
+    "HOLDER_COMMAND",
+    "ForkedHolder",
+    "Template",
+    "bound_template",
+    "startup_env",
+]
 
 FORK_TIMEOUT = 10.0
 """Seconds a fork may take, the template's own start-up included (its first request waits
 until it imported the holder program): a fork takes milliseconds, and a template that hangs
 must not take a launch's whole time before the holder is exec'd instead."""
+HOLDER_COMMAND = (sys.executable, "-m", "fleetd.holder")
+"""A holder exec'd rather than forked (fleetd when its template is gone; a bound cluster whose
+process has no template): this interpreter, so the same packages."""
 _STARTUP_PREFIXES = ("PYTHON", "LD_", "GLIBC_TUNABLES", "MALLOC_")
 """Variables read when an interpreter, or the loader under it, starts: a forked holder would
 not see what they say."""

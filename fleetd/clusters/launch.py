@@ -19,7 +19,6 @@ import functools
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import anyio
 import msgspec
 import structlog
 
-from fleetctl.template import ForkedHolder, Template
+from fleetctl.template import HOLDER_COMMAND, ForkedHolder, Template
 from fleetd.clusters.follow import READY_TIMEOUT, Follower
 from fleetd.clusters.index import Held
 from fleetd.clusters.links import holder_ready
@@ -49,7 +48,6 @@ GATE = 'read -r go && exec "$@" </dev/null'
 """An exec'd holder's first process: a shell that waits for fleetd's line on its stdin, then
 execs the holder in its place (same pid, same start time: what the journal already names); at
 EOF (fleetd died before it journaled the pid) it exits, and no holder ever runs."""
-HOLDER = [sys.executable, "-m", "fleetd.holder"]
 
 _SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _SCRUBBED_PREFIXES = ("LISTEN_",)
@@ -224,7 +222,7 @@ class Launcher:
             forked = await self._fork(self.template, args, log_fd=log_fd, gate=gate, ready=ready)
             if forked is not None:
                 return Started(forked.pid, forked.pidfd)
-        command = [*HOLDER, *holder_args(spec_file, runtime_dir, ready)]
+        command = [*HOLDER_COMMAND, *holder_args(spec_file, runtime_dir, ready)]
         process = await anyio.to_thread.run_sync(popen_detached, command, log_fd, gate, ready)
         return Started(process.pid, os.pidfd_open(process.pid), process)
 
