@@ -388,7 +388,7 @@ class FileBatches:
     def stage(self, parts: Where, content: bytes) -> StageJob:
         job = StageJob(parts, content, done=self._queued_done)
         self._queue.append(job)
-        self._work_due.set()
+        self._wake()
         return job
 
     async def staged(self, job: StageJob) -> None:
@@ -406,7 +406,7 @@ class FileBatches:
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, job.parts) from None
         finally:
-            self._work_due.set()
+            self._wake()
 
     def discard(self, job: StageJob) -> None:
         """Its staging file goes; a failure is logged (start-up removes it)."""
@@ -425,7 +425,7 @@ class FileBatches:
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None
         finally:
-            self._work_due.set()
+            self._wake()
 
     async def deliver(self, parts: Where, content: bytes) -> None:
         """Stage, then place: for a file whose record is already durable."""
@@ -437,15 +437,20 @@ class FileBatches:
             self.discard(job)
             raise
 
+    def _wake(self) -> None:
+        """Every runner waiting sees the new work. Only the waker replaces the event: a runner
+        that replaced it could leave the other waiting on one that is never set."""
+        woken, self._work_due = self._work_due, anyio.Event()
+        woken.set()
+
     async def _run_batches(self) -> None:
         while True:
-            await self._work_due.wait()
-            if not self._queue:
+            while not (self._queue or self._dirty or self._withdrawn):
+                await self._work_due.wait()
+            if not self._queue:  # directories to fsync alone: staging work may join them
                 with anyio.move_on_after(IDLE_SYNC_DELAY):
                     while not self._queue:
-                        self._work_due = anyio.Event()
                         await self._work_due.wait()
-            self._work_due = anyio.Event()
             jobs, self._queue = self._queue, []
             dirty, self._dirty = self._dirty, set()
             withdrawn, self._withdrawn = self._withdrawn, []

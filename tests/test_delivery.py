@@ -4,6 +4,7 @@ withdrawn at once, their directories fsynced in the background."""
 
 import errno
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -188,6 +189,43 @@ async def test_concurrent_callers_share_batches(
     assert sorted(os.listdir(os.path.join(state.path, "files"))) == sorted(
         f"k{n}" for n in range(64)
     )
+
+
+async def test_two_batches_are_on_their_way_at_once_whatever_came_before(
+    files: FileBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After deliveries and withdrawals, and runners that waited idle for staging work to
+    join their directories' fsyncs, a batch that waits for the disk still leaves the other
+    runner free to take the next one."""
+    for n in range(3):
+        await files.deliver(("files", f"warm-{n}"), b"x")
+        files.withdraw(("files", f"warm-{n}"))
+        await anyio.sleep(delivery.IDLE_SYNC_DELAY * 2)
+    held = threading.Event()
+    taken = [anyio.Event(), anyio.Event()]
+    running: list[int] = []
+
+    def waiting_for_the_disk(
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
+        if jobs:
+            running.append(len(jobs))
+            anyio.from_thread.run_sync(taken[len(running) - 1].set)
+            if len(running) == 1:
+                held.wait(10)
+        run_batch(state, jobs, dirty, withdrawn)
+
+    monkeypatch.setattr(delivery, "run_batch", waiting_for_the_disk)
+    async with anyio.create_task_group() as tasks:
+        try:
+            tasks.start_soon(files.deliver, ("files", "first"), b"1")
+            with anyio.fail_after(5):
+                await taken[0].wait()
+            tasks.start_soon(files.deliver, ("files", "second"), b"2")
+            with anyio.fail_after(5):
+                await taken[1].wait()
+        finally:
+            held.set()
 
 
 async def test_a_failing_caller_does_not_fail_its_batch_mates(
