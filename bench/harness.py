@@ -133,8 +133,10 @@ def running_fleetd(
     removed however the block ends, KeyboardInterrupt included. fleetd runs in its own
     session, so a ^C reaches only us and we stop it in order.
     """
+    from fleetctl.bound import runtime_base
+
     root = tempfile.mkdtemp(dir="/tmp", prefix="flb-")
-    runtime = tempfile.mkdtemp(dir=tmpfs(), prefix="flb-")
+    runtime = tempfile.mkdtemp(dir=runtime_base(), prefix="flb-")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     process: subprocess.Popen[bytes] | None = None
     try:
@@ -165,15 +167,6 @@ def running_fleetd(
             notify.close()
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(runtime, ignore_errors=True)
-
-
-def tmpfs() -> str:
-    """Where runtime directories go: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp (as
-    fleetctl.bound picks its own)."""
-    for candidate in (os.environ.get("XDG_RUNTIME_DIR", ""), "/dev/shm"):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
-    return "/tmp"
 
 
 def _wait_ready(notify: socket.socket, timeout: float, root: str) -> None:

@@ -48,10 +48,9 @@ from bench.harness import (
     rss_mib,
     running_fleetd,
     template_of,
-    tmpfs,
 )
 from fleetctl import Client
-from fleetctl.bound import Cluster
+from fleetctl.bound import Cluster, runtime_base
 
 SIZES = (100, 500, 1000)
 BIG = 1000
@@ -619,7 +618,7 @@ class Supervisord:
 
     def __init__(self, bin_: Path, n: int) -> None:
         self.bin, self.n = bin_, n
-        self.root = tempfile.mkdtemp(dir=tmpfs(), prefix="svb-")  # its logs, as fleet's
+        self.root = tempfile.mkdtemp(dir=runtime_base(), prefix="svb-")  # its logs, as fleet's
         self.conf = os.path.join(self.root, "supervisord.conf")
         self.log = os.path.join(self.root, "supervisord.log")
         self.sock = os.path.join(self.root, "supervisor.sock")

@@ -168,7 +168,7 @@ class Cluster:
         await self._stack.aclose()
 
     async def _start(self) -> None:
-        self.runtime_dir = self._given_dir or tempfile.mkdtemp(prefix="fleet-", dir=_temp_base())
+        self.runtime_dir = self._given_dir or tempfile.mkdtemp(prefix="fleet-", dir=runtime_base())
         problem = runtime_dir_problem(self.runtime_dir, [m.name for m in self.spec.members])
         if problem:
             raise InvalidRequest(problem)
@@ -593,7 +593,7 @@ def _write_file(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _temp_base() -> str:
+def runtime_base() -> str:
     """Where a fresh runtime directory goes: a short path (socket paths must stay under 107
     bytes, so not a deep $TMPDIR) on tmpfs when possible, since a holder creates a few files
     per member: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp."""
