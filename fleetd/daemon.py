@@ -27,7 +27,6 @@ from fleetd.core.bounds import Limits
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
 from fleetd.core.server import ControlServer
-from fleetd.core.startup import return_free_memory
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.state import (
@@ -255,7 +254,6 @@ class Daemon:
 
     def _announce_ready(self, daemon: anyio.abc.TaskGroup) -> None:
         systemd.notify("READY=1", f"STATUS=serving {self.socket_path}")
-        return_free_memory()  # what start-up freed (imports, adoption, reconciliation)
         interval = systemd.watchdog_interval()
         if interval:
             daemon.start_soon(_pet_watchdog, interval)

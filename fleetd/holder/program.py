@@ -23,6 +23,7 @@ Runtime directory (0700), see protocol.members for the names:
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import shutil
@@ -507,7 +508,7 @@ class Holder:
 
     def _save_changed(self, most: int | None = None) -> None:
         """Save every changed member, or the `most` that changed first."""
-        names = list(self._unsaved)[:most]
+        names = list(itertools.islice(self._unsaved, most))
         for name in names:
             self._unsaved.pop(name).save()
 
