@@ -5,7 +5,7 @@ import subprocess
 
 from click.testing import CliRunner
 
-from fleetd.cli import cli
+from fleetd.commands import cli
 from protocol import PROTOCOL_VERSION, RELEASE
 from tests.processes import FLEETD
 
