@@ -146,9 +146,9 @@ def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     configure_logging(log_level)
     raise_fd_limit()
-    _collect_garbage_less_often()
     template = WarmTemplate(holder_env(os.environ))
-    template.start()  # before the event loop and its threads: see fleetd.clusters.warm
+    template.start()  # forked before the event loop and its threads: see fleetd.clusters.warm
+    _collect_garbage_less_often()  # in fleetd alone: the template's holders collect as usual
     try:
         one_line_on_failure(
             lambda: anyio.run(
