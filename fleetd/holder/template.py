@@ -1,4 +1,5 @@
-"""The warm holder template: `python -m fleetd.holder.template --owner PID --socket-fd FD`.
+"""The warm holder template: `python -m fleetd.holder.template --owner PID --socket-fd FD`,
+exec'd, or run so in a child fleetd forked at its start (fleetd.clusters.warm).
 
 It imports the holder program once, then forks a holder for each request on its socket
 (protocol.template; fleetctl.template is the client), so that a holder costs a fork instead
