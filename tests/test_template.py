@@ -26,16 +26,19 @@ from protocol.members import HOLDER_PIDFILE, MemberState
 from protocol.template import Fork, Forked, Refused, decode_answer, encode
 from tests.processes import (
     FLEETCTL,
+    FLEETD,
     HOLDER_NAME,
     TEMPLATE_NAME,
     Fleetd,
     fleetctl,
     gate_pid,
     gated_fleetd,
+    kill_holders,
     open_gate,
     process_name,
     runtime_root,
     wait_gone,
+    wait_ready,
     wait_until,
 )
 
@@ -129,6 +132,35 @@ def test_fleetds_first_template_is_forked_from_it_holding_none_of_its_descriptor
     )
     kinds = sorted(target.split(":")[0] for target in held.values())
     assert kinds == ["anon_inode", "pipe", "pipe", "socket"]  # owner's pidfd, wake-up, requests
+
+
+def _without_stdin_and_stdout() -> None:
+    os.close(0)
+    os.close(1)
+
+
+def test_a_template_forked_from_fleetd_without_stdin_or_stdout_serves(tempdir: str) -> None:
+    """Its socket may take a free stdio number in fleetd: never one the template reopens."""
+    daemon = Fleetd(tempdir)
+    notify_path = os.path.join(tempdir, "notify.sock")
+    daemon.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.notify.bind(notify_path)
+    with open(daemon.log_path, "ab") as log:
+        daemon.process = subprocess.Popen(
+            FLEETD,
+            env={**daemon.env, "NOTIFY_SOCKET": notify_path},
+            stderr=log,
+            preexec_fn=_without_stdin_and_stdout,  # noqa: PLW1509 (no threads here)
+        )
+    try:
+        wait_ready(daemon.notify, daemon.process, 15)
+        template = template_of(daemon)
+        assert parent(up(daemon, "one", "--wait")) == template
+        held = descriptors(template)
+        assert (held[0], held[1]) == ("/dev/null", "/dev/null")
+    finally:
+        kill_holders(daemon)
+        daemon.close()
 
 
 def test_a_forked_holder_is_journaled_before_it_runs(tempdir: str) -> None:

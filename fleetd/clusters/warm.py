@@ -15,6 +15,7 @@ again later, from the event loop, where threads run, is exec'd as before.
 """
 
 import contextlib
+import fcntl
 import os
 import runpy
 import select
@@ -108,7 +109,8 @@ def fork_template(env: Mapping[str, str]) -> Template:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     owner = os.getpid()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # what a buffer holds now would be written twice
+        with contextlib.suppress(AttributeError, OSError):  # None, or closed, without stdio
+            stream.flush()  # what a buffer holds now would be written twice
     try:
         pid = os.fork()
     except BaseException:
@@ -125,9 +127,10 @@ def _become_template(sock: int, owner: int, env: Mapping[str, str]) -> NoReturn:
     """In the child: run the template program until it exits; never returns."""
     code = 1
     try:
+        given, sock = sock, fcntl.fcntl(sock, fcntl.F_DUPFD, 3)  # above stdio, whichever it was
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
+        for fd in {0, 1, given} & {0, 1, 2}:  # a socket where fleetd had no stdio: not ours
+            os.dup2(null, fd)
         os.closerange(3, sock)
         os.closerange(sock + 1, os.sysconf("SC_OPEN_MAX"))
         os.chdir("/")
