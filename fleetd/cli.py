@@ -33,7 +33,7 @@ from fleetd import daemon
 from fleetd.clusters.launch import holder_env
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.log import configure_logging
-from fleetd.core.startup import leaf_errors, raise_fd_limit
+from fleetd.core.startup import leaf_errors, load_what_anyio_loads_as_it_runs, raise_fd_limit
 from protocol.errors import (
     AlreadyRunning,
     FleetError,
@@ -146,6 +146,7 @@ def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     configure_logging(log_level)
     raise_fd_limit()
+    load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
     template.start()  # forked before the event loop and its threads: see fleetd.clusters.warm
     _collect_garbage_less_often()  # in fleetd alone: the template's holders collect as usual

@@ -316,8 +316,8 @@ if gate:
 """
 """A sitecustomize for fleetd's environment: a holder, once it starts (exec'd, or forked from
 the template, which loads this too or was forked from fleetd, which did) and before anything
-of its own runs (its pidfile, its sockets), writes its pid to GATE.pid and waits until the test opens the fifo GATE: a holder
-caught mid-launch for as long as a test needs."""
+of its own runs (its pidfile, its sockets), writes its pid to GATE.pid and waits until the
+test opens the fifo GATE: a holder caught mid-launch for as long as a test needs."""
 
 
 @contextmanager

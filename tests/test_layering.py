@@ -177,12 +177,16 @@ def test_the_daemon_loads_none_of_the_holder_program() -> None:
 
 
 DAEMON_AT_RUN_TIME = (
-    "import fleetd.cli, fleetd.daemon, anyio._backends._asyncio, anyio._core._signals, uvloop; "
+    "import fleetd.cli, fleetd.daemon, fleetd.core.startup as s; "
+    "s.load_what_anyio_loads_as_it_runs(); "
     "fleetd.cli.plain_start(['--socket', 'fleetd.sock', '--log-level', 'debug'])"
 )
 """What a plainly started daemon has loaded once it serves: its modules, and what anyio loads
 as it runs (its asyncio backend, its signal receiver, uvloop)."""
-HOLDER_AT_RUN_TIME = "import fleetd.holder.template as t; [__import__(m) for m in t._WARM]"
+HOLDER_AT_RUN_TIME = (
+    "import fleetd.holder.template, fleetd.holder.program, fleetd.core.startup as s; "
+    "s.load_what_anyio_loads_as_it_runs()"
+)
 """What the template loads before it forks a holder: all that a forked holder has."""
 KEPT_OUT = {
     "click": "only fleetd.commands reads a line with click: help, --version, reset-state",
