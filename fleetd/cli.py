@@ -148,7 +148,9 @@ def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     raise_fd_limit()
     load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
-    template.start()  # forked before the event loop and its threads: see fleetd.clusters.warm
+    # Forked before the event loop and its threads (fleetd.clusters.warm), and before anything
+    # logs: structlog keeps a logger from its first use, which the holders would inherit.
+    template.start()
     _collect_garbage_less_often()  # in fleetd alone: the template's holders collect as usual
     try:
         one_line_on_failure(
