@@ -3,9 +3,10 @@ memory per extra holder, memory of fleetd + template + one big holder, and how l
 cluster takes to start, detached (`fleetctl up --wait`) and bound (`cluster()`).
 
 Memory is PSS (proportional set size, /proc/PID/smaps_rollup): a page shared by k processes
-counts 1/k in each, so the pages a holder still shares with its template count once among
-them all. The cost of k holders is the PSS of the template and the k holders, less what the
-template alone had before any of them. Every member is `sleep 3600`.
+counts 1/k in each, so the pages a holder still shares with its template (and the template
+with fleetd, which forked it) count once among them all. The cost of k holders is the PSS of
+fleetd, the template and the k holders, less what fleetd and the template had before any of
+them. Every member is `sleep 3600`.
 """
 
 import contextlib
@@ -57,8 +58,10 @@ def _per_holder() -> list[Figure]:
     figures = []
     with running_fleetd() as fleetd, SyncClient(fleetd.socket_path, timeout=60) as client:
         template = _warm(template_of(fleetd))
-        alone = pss_mib(template)
-        figures.append(Figure("template_pss_mib", "PSS of the template alone", alone, "MiB"))
+        figures.append(
+            Figure("template_pss_mib", "PSS of the template alone", pss_mib(template), "MiB")
+        )
+        alone = pss_mib(fleetd.pid) + pss_mib(template)
         holders: list[int] = []
         with _downed(client, holders):
             for count in CLUSTERS:
@@ -66,7 +69,7 @@ def _per_holder() -> list[Figure]:
                     spec = cluster_from_dict({"members": {"a": SLEEP}}, name=f"c{len(holders)}")
                     holders.append(_up(client, spec))
                 time.sleep(SETTLE)
-                total = pss_mib(template) + sum(pss_mib(pid) for pid in holders)
+                total = sum(pss_mib(pid) for pid in (fleetd.pid, template, *holders))
                 figures.append(
                     Figure(
                         f"holder_pss_mib_{count}",

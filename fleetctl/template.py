@@ -27,6 +27,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 
@@ -44,6 +45,7 @@ __all__ = [
     "HOLDER_COMMAND",
     "ForkedHolder",
     "Template",
+    "TemplateProcess",
     "bound_template",
     "startup_env",
 ]
@@ -77,11 +79,25 @@ class ForkedHolder:
     pidfd: int
 
 
+class TemplateProcess(Protocol):
+    """The template's process, as our child: a subprocess.Popen for one exec'd (`start`), or
+    what fleetd shows of the one it forked (fleetd.clusters.warm)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    returncode: int | None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Reap it; subprocess.TimeoutExpired if it has not exited within `timeout`."""
+        ...
+
+
 class Template:
     """A running template and the socket to it. Thread-safe: forks are taken one at a time."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], sock: socket.socket, env: Mapping[str, str]
+        self, process: TemplateProcess, sock: socket.socket, env: Mapping[str, str]
     ) -> None:
         self.process = process
         self.pid = process.pid

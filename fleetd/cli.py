@@ -13,24 +13,27 @@ RestartPreventExitStatus):
                        or the store's disk is too full to open it
     77  EX_NOPERM      a path is a symbolic link, another user's, or writable by others
     78  EX_CONFIG      anything else about the configuration (a socket path too long...)
+
+The plain start (`fleetd`, with --socket, --state-dir and --log-level) is read here, without
+click: the daemon would keep click's modules, most of a megabyte, for its whole life. Every
+other line (--help, --version, reset-state, anything wrong) is read by click
+(fleetd.commands), which says what it has to say about it.
 """
 
 import gc
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import anyio
-import click
 import structlog
 
 from fleetd import daemon
 from fleetd.clusters.launch import holder_env
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.log import configure_logging
-from fleetd.core.startup import leaf_errors, raise_fd_limit
-from fleetd.state import reset_state
-from protocol import PROTOCOL_VERSION, RELEASE
+from fleetd.core.startup import leaf_errors, load_what_anyio_loads_as_it_runs, raise_fd_limit
 from protocol.errors import (
     AlreadyRunning,
     FleetError,
@@ -78,7 +81,7 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
-def _one_line_on_failure(run: Callable[[], None]) -> None:
+def one_line_on_failure(run: Callable[[], None]) -> None:
     """Run `run`; whatever stops it is one `fleetd: …` line and its exit status."""
     try:
         run()
@@ -89,59 +92,68 @@ def _one_line_on_failure(run: Callable[[], None]) -> None:
         for error in errors:
             if not isinstance(error, FleetError | OSError):
                 structlog.get_logger("fleetd").debug("startup_crashed", exc_info=error)
-            click.echo(f"fleetd: {_describe(error)}", err=True)
+            print(f"fleetd: {_describe(error)}", file=sys.stderr, flush=True)
         sys.exit(exit_status(errors[0]))
 
 
-@click.group(
-    invoke_without_command=True,
-    subcommand_metavar="[COMMAND [OPTIONS]]",
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-@click.option(
-    "--socket",
-    "socket_path",
-    default=lambda: control_socket_path(os.environ),
-    show_default="$FLEET_SOCKET, else $XDG_RUNTIME_DIR/fleet/fleetd.sock, "
-    "else /run/fleet/fleetd.sock",
-    help="Control socket to listen on.",
-)
-@click.option(
-    "--state-dir",
-    default=lambda: state_dir_path(os.environ),
-    show_default="$FLEET_STATE_DIR, else $XDG_STATE_HOME/fleet, else /var/lib/fleet",
-    help="Directory for the store and holder state.",
-)
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="What the daemon logs (JSON lines off a terminal).",
-)
-@click.version_option(
-    RELEASE, prog_name="fleetd", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})"
-)
-@click.pass_context
-def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) -> None:
-    """fleetd, the fleet supervisor daemon.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+_OPTIONS = {"--socket": "socket_path", "--state-dir": "state_dir", "--log-level": "log_level"}
 
-    With no command, run the daemon in the foreground until SIGTERM or SIGINT: this is what
-    systemd (fleetd.service) and `make run` start. A failure to start is one `fleetd: ...`
-    line and a sysexits code. The command below repairs a state directory instead."""
-    config = daemon.DaemonConfig(
-        socket_path=os.path.abspath(socket_path), state_dir=os.path.abspath(state_dir)
+
+@dataclass(frozen=True)
+class PlainStart:
+    """The options of a plain start, as click would have read them."""
+
+    socket_path: str | None = None
+    state_dir: str | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+
+
+def plain_start(argv: Sequence[str]) -> PlainStart | None:
+    """`argv` read as a plain start: only --socket, --state-dir and --log-level, each as
+    `--option VALUE` or `--option=VALUE` (the last one counts, as in click). None for a line
+    click must read: a command, help, --version, a log level click would refuse, a value
+    that looks like an option (click decides what that means), anything else."""
+    found: dict[str, str] = {}
+    args = iter(argv)
+    for arg in args:
+        option, equals, value = arg.partition("=")
+        if option not in _OPTIONS:
+            return None
+        if not equals:
+            following = next(args, None)
+            if following is None or following.startswith("-"):
+                return None
+            value = following
+        found[_OPTIONS[option]] = value
+    if found.get("log_level", DEFAULT_LOG_LEVEL) not in LOG_LEVELS:
+        return None
+    return PlainStart(**found)
+
+
+def daemon_config(socket_path: str | None, state_dir: str | None) -> daemon.DaemonConfig:
+    """The daemon's places, the defaults (from the environment) for those not given."""
+    return daemon.DaemonConfig(
+        socket_path=os.path.abspath(
+            control_socket_path(os.environ) if socket_path is None else socket_path
+        ),
+        state_dir=os.path.abspath(state_dir_path(os.environ) if state_dir is None else state_dir),
     )
-    ctx.obj = config
-    if ctx.invoked_subcommand is not None:
-        return
+
+
+def serve(config: daemon.DaemonConfig, log_level: str) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
     configure_logging(log_level)
     raise_fd_limit()
-    _collect_garbage_less_often()
+    load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
-    template.start()  # before the event loop and its threads: see fleetd.clusters.warm
+    # Forked before the event loop and its threads (fleetd.clusters.warm), and before anything
+    # logs: structlog keeps a logger from its first use, which the holders would inherit.
+    template.start()
+    _collect_garbage_less_often()  # in fleetd alone: the template's holders collect as usual
     try:
-        _one_line_on_failure(
+        one_line_on_failure(
             lambda: anyio.run(
                 daemon.run,
                 config,
@@ -154,30 +166,11 @@ def cli(ctx: click.Context, socket_path: str, state_dir: str, log_level: str) ->
         template.close()
 
 
-@cli.command("reset-state")
-@click.option(
-    "--keep-store",
-    is_flag=True,
-    help="Adopt the store as it is now (say, a backup restored on purpose) instead of "
-    "archiving it.",
-)
-@click.pass_obj
-def reset_state_command(config: daemon.DaemonConfig, keep_store: bool) -> None:
-    """Start the state directory over after fleetd refused it (its store lost, rolled back,
-    replaced or unreadable).
-
-    Moves everything in the state directory to archive/<UTC time>/ and starts an empty store,
-    or with --keep-store keeps the store as it is. Either way revisions, and so fencing
-    tokens, continue above every one given before. Refuses while fleetd runs, or while
-    holders of the old state still run."""
-
-    def reset() -> None:
-        runtime_root = os.path.dirname(config.socket_path)
-        for line in reset_state(config.state_dir, runtime_root, keep_store=keep_store):
-            click.echo(f"fleetd: {line}")
-
-    _one_line_on_failure(reset)
-
-
 def main() -> None:
-    cli()
+    start = plain_start(sys.argv[1:])
+    if start is None:
+        from fleetd.commands import cli
+
+        cli()
+    else:
+        serve(daemon_config(start.socket_path, start.state_dir), start.log_level)

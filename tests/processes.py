@@ -285,28 +285,39 @@ GATE_HOOK = """\
 import os
 
 gate = os.environ.get("FLEET_TEST_HOLDER_GATE")
+
+
+def wrap_holder():
+    import fleetd.holder.program
+
+    run = fleetd.holder.program.main
+    if getattr(run, "gated", False):
+        return
+
+    def main(argv=None):
+        with open(gate + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(gate + ".tmp", gate + ".pid")
+        with open(gate, "rb") as fifo:
+            fifo.read()
+        return run(argv)
+
+    main.gated = True
+    fleetd.holder.program.main = main
+
+
 if gate:
     with open("/proc/self/cmdline", "rb") as cmdline:
         argv = cmdline.read().split(b"\\0")
     if b"fleetd.holder" in argv or b"fleetd.holder.template" in argv:
-        import fleetd.holder.program
-
-        run = fleetd.holder.program.main
-
-        def main(argv=None):
-            with open(gate + ".tmp", "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(gate + ".tmp", gate + ".pid")
-            with open(gate, "rb") as fifo:
-                fifo.read()
-            return run(argv)
-
-        fleetd.holder.program.main = main
+        wrap_holder()
+    elif b"fleetd" in argv:
+        os.register_at_fork(after_in_child=wrap_holder)  # the template fleetd forks
 """
 """A sitecustomize for fleetd's environment: a holder, once it starts (exec'd, or forked from
-the template, which loads this too) and before anything of its own runs (its pidfile, its
-sockets), writes its pid to GATE.pid and waits until the test opens the fifo GATE: a holder
-caught mid-launch for as long as a test needs."""
+the template, which loads this too or was forked from fleetd, which did) and before anything
+of its own runs (its pidfile, its sockets), writes its pid to GATE.pid and waits until the
+test opens the fifo GATE: a holder caught mid-launch for as long as a test needs."""
 
 
 @contextmanager

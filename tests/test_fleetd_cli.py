@@ -3,9 +3,11 @@
 import os
 import subprocess
 
+import pytest
 from click.testing import CliRunner
 
-from fleetd.cli import cli
+from fleetd.cli import daemon_config, plain_start
+from fleetd.commands import cli
 from protocol import PROTOCOL_VERSION, RELEASE
 from tests.processes import FLEETD
 
@@ -46,3 +48,43 @@ def test_reset_state_has_help_of_its_own() -> None:
     result = CliRunner().invoke(cli, ["reset-state", "--help"])
     assert result.exit_code == 0
     assert "--keep-store" in result.output
+
+
+PLAIN_STARTS = [
+    [],
+    ["--socket", "/run/x/fleetd.sock"],
+    ["--socket=/run/x/fleetd.sock", "--state-dir", "state"],
+    ["--log-level", "debug", "--state-dir=/var/lib/x", "--log-level=warning"],
+    ["--socket="],
+]
+
+
+@pytest.mark.parametrize("argv", PLAIN_STARTS, ids=" ".join)
+def test_a_plain_start_is_read_as_click_reads_it(argv: list[str]) -> None:
+    start = plain_start(argv)
+    assert start is not None
+    params = cli.make_context("fleetd", list(argv)).params
+    assert (daemon_config(start.socket_path, start.state_dir), start.log_level) == (
+        daemon_config(params["socket_path"], params["state_dir"]),
+        params["log_level"],
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["-h"],
+        ["--version"],
+        ["reset-state"],
+        ["start"],
+        ["--log-level", "loud"],
+        ["--socket"],
+        ["--socket", "--state-dir", "x"],
+        ["--sock", "x"],
+        ["--state-dir", "x", "reset-state", "--keep-store"],
+    ],
+    ids=" ".join,
+)
+def test_every_other_line_is_left_to_click(argv: list[str]) -> None:
+    assert plain_start(argv) is None

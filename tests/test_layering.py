@@ -176,6 +176,33 @@ def test_the_daemon_loads_none_of_the_holder_program() -> None:
     assert not {name for name in loaded if name.startswith("fleetd.holder")}
 
 
+DAEMON_AT_RUN_TIME = (
+    "import fleetd.cli, fleetd.daemon, fleetd.core.startup as s; "
+    "s.load_what_anyio_loads_as_it_runs(); "
+    "fleetd.cli.plain_start(['--socket', 'fleetd.sock', '--log-level', 'debug'])"
+)
+"""What a plainly started daemon has loaded once it serves: its modules, and what anyio loads
+as it runs (its asyncio backend, its signal receiver, uvloop)."""
+HOLDER_AT_RUN_TIME = (
+    "import fleetd.holder.template, fleetd.holder.program, fleetd.core.startup as s; "
+    "s.load_what_anyio_loads_as_it_runs()"
+)
+"""What the template loads before it forks a holder: all that a forked holder has."""
+KEPT_OUT = {
+    "click": "only fleetd.commands reads a line with click: help, --version, reset-state",
+    "ctypes.util": "find_library ran ldconfig, and brought tempfile, random and shutil",
+    "tempfile": "ctypes.util's",
+}
+"""Modules no long-running program loads, each a part of its memory for its whole life."""
+
+
+@pytest.mark.parametrize(
+    "program", [DAEMON_AT_RUN_TIME, HOLDER_AT_RUN_TIME], ids=["daemon", "holder"]
+)
+def test_the_long_running_programs_keep_out_what_they_never_use(program: str) -> None:
+    assert modules_after(program) & set(KEPT_OUT) == set()
+
+
 def test_sync_client_does_not_load_anyio() -> None:
     assert "anyio" not in top_level(modules_after("import fleetctl.sync"))
 

@@ -26,16 +26,19 @@ from protocol.members import HOLDER_PIDFILE, MemberState
 from protocol.template import Fork, Forked, Refused, decode_answer, encode
 from tests.processes import (
     FLEETCTL,
+    FLEETD,
     HOLDER_NAME,
     TEMPLATE_NAME,
     Fleetd,
     fleetctl,
     gate_pid,
     gated_fleetd,
+    kill_holders,
     open_gate,
     process_name,
     runtime_root,
     wait_gone,
+    wait_ready,
     wait_until,
 )
 
@@ -104,6 +107,62 @@ def test_a_forked_holder_is_a_session_leader_the_template_started(holders: Fleet
     assert process_name(holder) == HOLDER_NAME  # what ps -e shows, not the template's name
 
 
+def command_line(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def descriptors(pid: int) -> dict[int, str]:
+    directory = f"/proc/{pid}/fd"
+    return {int(fd): os.readlink(os.path.join(directory, fd)) for fd in os.listdir(directory)}
+
+
+def test_fleetds_first_template_is_forked_from_it_holding_none_of_its_descriptors(
+    holders: Fleetd,
+) -> None:
+    """Forked, it shares the pages of every module fleetd imported (fleetd.clusters.warm)."""
+    template = template_of(holders)
+    assert command_line(template) == command_line(pid_of(holders))
+    assert parent(up(holders, "one")) == template  # it serves: done with its start-up
+    held = descriptors(template)
+    assert (held.pop(0), held.pop(1), held.pop(2)) == (
+        "/dev/null",
+        "/dev/null",
+        descriptors(pid_of(holders))[2],
+    )
+    kinds = sorted(target.split(":")[0] for target in held.values())
+    assert kinds == ["anon_inode", "pipe", "pipe", "socket"]  # owner's pidfd, wake-up, requests
+
+
+def _without_stdin_and_stdout() -> None:
+    os.close(0)
+    os.close(1)
+
+
+def test_a_template_forked_from_fleetd_without_stdin_or_stdout_serves(tempdir: str) -> None:
+    """Its socket may take a free stdio number in fleetd: never one the template reopens."""
+    daemon = Fleetd(tempdir)
+    notify_path = os.path.join(tempdir, "notify.sock")
+    daemon.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.notify.bind(notify_path)
+    with open(daemon.log_path, "ab") as log:
+        daemon.process = subprocess.Popen(
+            FLEETD,
+            env={**daemon.env, "NOTIFY_SOCKET": notify_path},
+            stderr=log,
+            preexec_fn=_without_stdin_and_stdout,  # noqa: PLW1509 (no threads here)
+        )
+    try:
+        wait_ready(daemon.notify, daemon.process, 15)
+        template = template_of(daemon)
+        assert parent(up(daemon, "one", "--wait")) == template
+        held = descriptors(template)
+        assert (held[0], held[1]) == ("/dev/null", "/dev/null")
+    finally:
+        kill_holders(daemon)
+        daemon.close()
+
+
 def test_a_forked_holder_is_journaled_before_it_runs(tempdir: str) -> None:
     with gated_fleetd(tempdir) as daemon:
         path = os.path.join(tempdir, "one.toml")
@@ -134,6 +193,7 @@ def test_holders_are_execd_while_the_template_is_gone_until_another_runs(holders
     assert process_name(execd) == HOLDER_NAME
     second = template_of(holders)  # after a pause
     assert second != first
+    assert b"fleetd.holder.template" in command_line(second)  # exec'd: fleetd has threads now
     assert parent(up(holders, "two")) == second
     assert "holder_template_exited" in holders.log()
 

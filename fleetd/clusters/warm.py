@@ -5,9 +5,27 @@ after a pause once it is gone. Meanwhile holders are exec'd as before (fleetd.cl
 The pause doubles while templates keep dying young, so that one that cannot start or live
 costs a process start every few minutes at most, not a tight loop; it starts over from the
 first once a template lived STEADY seconds.
+
+The first template is forked from fleetd itself, not exec'd: started before the event loop,
+fleetd has one thread then, and the template starts with every module fleetd imported
+(the interpreter, asyncio, uvloop, anyio, msgspec, structlog, protocol, fleetd.core), whose
+pages fleetd, the template and every holder it forks then share until one of them writes to
+them: where an exec'd template had its own copy of them all, several MiB. A template started
+again later, from the event loop, where threads run, is exec'd as before.
 """
 
+import contextlib
+import fcntl
+import os
+import runpy
+import select
+import socket
+import subprocess
+import sys
+import threading
+import traceback
 from collections.abc import Mapping
+from typing import NoReturn
 
 import anyio
 import structlog
@@ -35,7 +53,10 @@ class WarmTemplate:
         """Start a template now (blocking: fleetd's start-up calls this before its event loop
         runs). One that cannot start is said so, and holders are exec'd meanwhile."""
         try:
-            self.template = Template.start(self.env)
+            if threading.active_count() == 1:
+                self.template = fork_template(self.env)
+            else:
+                self.template = Template.start(self.env)
         except OSError as exc:
             log.warning("holder_template_not_started", error=str(exc))
 
@@ -75,3 +96,80 @@ class WarmTemplate:
         if self.template is not None:
             self.template.close()
             self.template = None
+
+
+TEMPLATE_MODULE = "fleetd.holder.template"
+"""The template program: run in the forked child as `python -m` runs it in an exec'd one."""
+
+
+def fork_template(env: Mapping[str, str]) -> Template:
+    """A template forked from this process, which must have only one thread (a fork copies
+    only the calling thread): as Template.start's, with environment `env`, working directory
+    /, stdin and stdout on /dev/null, our stderr, and no other descriptor but its socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    owner = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError):  # None, or closed, without stdio
+            stream.flush()  # what a buffer holds now would be written twice
+    try:
+        pid = os.fork()
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        _become_template(theirs.detach(), owner, env)
+    theirs.close()
+    return Template(ForkedProcess(pid), ours, env)
+
+
+def _become_template(sock: int, owner: int, env: Mapping[str, str]) -> NoReturn:
+    """In the child: run the template program until it exits; never returns."""
+    code = 1
+    try:
+        given, sock = sock, fcntl.fcntl(sock, fcntl.F_DUPFD, 3)  # above stdio, whichever it was
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in {0, 1, given} & {0, 1, 2}:  # a socket where fleetd had no stdio: not ours
+            os.dup2(null, fd)
+        os.closerange(3, sock)
+        os.closerange(sock + 1, os.sysconf("SC_OPEN_MAX"))
+        os.chdir("/")
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = [sys.argv[0], f"--owner={owner}", f"--socket-fd={sock}"]
+        runpy.run_module(TEMPLATE_MODULE, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+class ForkedProcess:
+    """The forked template as our child, as subprocess.Popen shows an exec'd one."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if timeout is not None and not _exits_within(self.pid, timeout):
+                raise subprocess.TimeoutExpired(TEMPLATE_MODULE, timeout)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _exits_within(pid: int, timeout: float) -> bool:
+    pidfd = os.pidfd_open(pid)  # our unreaped child: its pid is still its own
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(pidfd)

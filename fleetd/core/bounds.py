@@ -18,8 +18,6 @@ polls cancelled at once (nobody is left to read their answers), and after large 
 ended the memory they freed is handed back to the kernel (`Trim`).
 """
 
-import ctypes
-import ctypes.util
 import gc
 import os
 import time
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 import anyio
 import structlog
 
+from fleetd.core.startup import return_free_memory
 from protocol import MAX_FRAME
 from protocol.durations import parse_duration
 from protocol.errors import InvalidRequest
@@ -140,20 +139,6 @@ class Trim:
         return min(self._last + TRIM_DELAY, self._first + TRIM_MAX_DELAY)
 
 
-def _load_malloc_trim() -> "ctypes._NamedFuncPointer | None":
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return function
-
-
-_malloc_trim = _load_malloc_trim()
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -161,8 +146,7 @@ def trim() -> None:
     """Give the memory freed but still held by CPython and glibc back to the kernel, now."""
     started, before = time.perf_counter(), _rss()
     gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    return_free_memory()
     log.info(
         "memory_trimmed",
         rss_mib_before=before,

@@ -113,6 +113,8 @@ def within_hierarchy(path: str) -> bool:
 class Cgroup:
     """One cgroup directory. Reads and writes are single syscalls on kernfs: none blocks."""
 
+    __slots__ = ("name", "path")  # one per member of a holder
+
     def __init__(self, path: str) -> None:
         self.path = path
         root = hierarchy() or ""

@@ -57,6 +57,8 @@ def make_private_dirs(path: str) -> None:
 class PrivateDir:
     """An open, checked directory. Close it with `close` (or `with`)."""
 
+    __slots__ = ("fd", "path")  # one per member of a holder
+
     def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
         self.path = path

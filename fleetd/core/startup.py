@@ -3,10 +3,22 @@
 
 import contextlib
 import ctypes
+import importlib
 import resource
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+LOADED_AS_ANYIO_RUNS = ("anyio._backends._asyncio", "anyio._core._signals", "uvloop")
+"""What a program on anyio and uvloop loads only once anyio.run runs: anyio's asyncio backend,
+its signal receiver, and uvloop."""
+
+
+def load_what_anyio_loads_as_it_runs() -> None:
+    """Load LOADED_AS_ANYIO_RUNS now, before a fork, so that the parent and child share it
+    (the daemon and the template it forks; the template and its holders)."""
+    for module in LOADED_AS_ANYIO_RUNS:
+        importlib.import_module(module)
 
 
 def raise_fd_limit() -> None:

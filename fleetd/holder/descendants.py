@@ -382,6 +382,8 @@ class Descendants:
     """A member's processes, its main process's group included, through their ends (see the
     module). One member's supervisor uses it, one call at a time."""
 
+    __slots__ = ()
+
     cgroup: str = ""
     """The member's cgroup directory, or "" when it has none."""
 
@@ -469,6 +471,8 @@ class TreeDescendants(Descendants):
 
 class CgroupDescendants(Descendants):
     """By the member's cgroup."""
+
+    __slots__ = ("_cgroup", "cgroup")  # one per member
 
     def __init__(self, cgroup: Cgroup) -> None:
         self._cgroup = cgroup

@@ -91,15 +91,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class LogFile:
     """An append-only log `name` in `directory`, capped at `max_bytes`, rotated once to
-    `<name>.1`. The file is created on the first write: a silent member costs no file."""
+    `<name>.1`. The file is created on the first write: a silent member costs no file (and
+    its two LogFiles are slots, their path joined only when it is said)."""
+
+    __slots__ = ("_fd", "_size", "directory", "max_bytes", "name")
 
     def __init__(self, directory: PrivateDir, name: str, max_bytes: int = LOG_MAX_BYTES) -> None:
         self.directory = directory
         self.name = name
-        self.path = directory.join(name)
         self.max_bytes = max_bytes
         self._fd = -1
         self._size = 0
+
+    @property
+    def path(self) -> str:
+        return self.directory.join(self.name)
 
     def _open(self) -> int:
         return self.directory.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)

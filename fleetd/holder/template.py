@@ -1,4 +1,5 @@
-"""The warm holder template: `python -m fleetd.holder.template --owner PID --socket-fd FD`.
+"""The warm holder template: `python -m fleetd.holder.template --owner PID --socket-fd FD`,
+exec'd, or run so in a child fleetd forked at its start (fleetd.clusters.warm).
 
 It imports the holder program once, then forks a holder for each request on its socket
 (protocol.template; fleetctl.template is the client), so that a holder costs a fork instead
@@ -28,7 +29,6 @@ import argparse
 import contextlib
 import fcntl
 import gc
-import importlib
 import os
 import select
 import signal
@@ -41,7 +41,11 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from fleetd.core.startup import name_process, return_free_memory
+from fleetd.core.startup import (
+    load_what_anyio_loads_as_it_runs,
+    name_process,
+    return_free_memory,
+)
 from protocol.template import (
     MAX_FORK_FDS,
     MAX_TEMPLATE_MESSAGE,
@@ -53,9 +57,6 @@ from protocol.template import (
     encode,
 )
 
-_WARM = ("fleetd.holder.program", "anyio._backends._asyncio", "anyio._core._signals", "uvloop")
-"""What a holder imports, loaded once here: the program, and what it loads only as it runs
-(anyio's asyncio backend, its signal receiver and uvloop)."""
 _RESET_SIGNALS = (signal.SIGCHLD, signal.SIGINT)
 """The signals whose disposition the template changes, and a holder gets back."""
 
@@ -84,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owner is None:
         return 0
     gc.disable()  # a collection while importing would leave holes in pages every holder shares
-    for module in _WARM:
-        importlib.import_module(module)
+    load_what_anyio_loads_as_it_runs()  # what a holder imports, loaded once here
     from fleetd.holder import program
 
     program._parser()  # once here, its patterns compiled into re's cache for every holder
