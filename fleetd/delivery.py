@@ -3,12 +3,12 @@
     staged_name     a staging file's name, unique across fleetd runs (a claim record names it)
     StageJob        one file to stage: its content written to claims-staging/ and flushed
     run_batch       a batch of them in one pass over the disk (blocking)
-    FileBatches     how the claim handlers reach the disk: group commit, renames
+    FileBatches     how the claim handlers reach the disk: group commit, renames, reused files
     place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
     deliver / withdraw   one file, durably (start-up, tests)
 
-A delivery has two steps. Staging writes the content to a new file in ``claims-staging/``
-and makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
+A delivery has two steps. Staging writes the content to a file in ``claims-staging/`` and
+makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
 Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader never sees a
 partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
 too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
@@ -30,6 +30,16 @@ of them, the staging directory and every directory touched since the last batch 
 (unlinking the withdrawn files meanwhile). Only then are its callers answered. Two runners
 take turns, so that one batch writes while the other waits for the disk.
 
+Reused files. Creating a file and unlinking it cost the file system more than the rest of a
+claim's file work (allocating an inode, freeing it), and a new file's name needs the staging
+directory's fsync. So a withdrawn file is not unlinked: a batch fsyncs the staging directory
+it was moved into, and from then on its name is durable and it waits there, in the pool (at
+most POOL files), for a later staging to overwrite it (write, truncate, fdatasync) instead of
+creating a file. A staging into a pooled file needs no fsync of the staging directory. What
+is in the file until its fdatasync returns (the old content, or a mix) is never placed: a
+claim is answered only after it, and start-up rolls a held claim forward only from a staging
+file whose size and digest match its record (fleetd.claims).
+
 Each job succeeds or fails alone: a file that cannot be written or flushed (a full disk shows
 at the write or at the flush) fails its own request and its staging file is removed; the
 others go on. Every file operation goes through the state directory's descriptor
@@ -41,6 +51,7 @@ import errno
 import itertools
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,6 +69,9 @@ log = structlog.get_logger("fleetd.delivery")
 STAGING = "claims-staging"
 BATCHES_AT_ONCE = 2
 """Batches on their way to disk together (see FileBatches)."""
+POOL = 256
+"""Withdrawn files kept in the staging directory for stagings to reuse (see FileBatches):
+more than the claims in flight under the heaviest load measured (bench/claims.py)."""
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
@@ -90,6 +104,8 @@ class StageJob:
     parts: Where
     content: bytes
     staged: str = field(default_factory=staged_name)
+    reused: bool = False
+    """`staged` is a pooled file, whose name is durable already: it is overwritten."""
     error: FleetError | None = None
     settled: bool = False
     """Its batch has run (FileBatches)."""
@@ -110,12 +126,15 @@ def run_batch(
     jobs: Sequence[StageJob],
     dirty: Iterable[Where] = (),
     withdrawn: Sequence[str] = (),
-) -> None:
+    keep: int = 0,
+) -> list[str]:
     """Stage `jobs` in one pass over the disk: write every file, then flush at once their
-    data, the staging directory and the `dirty` directories (those placed into or withdrawn
-    from since the last batch), unlinking meanwhile the `withdrawn` files (moved from their
-    place to the staging directory). Every job ends with `error` set or not, and a failed job
-    leaves no staging file; this never raises for one job's failure."""
+    data, the staging directory (when a new name is in it) and the `dirty` directories (those
+    placed into or withdrawn from since the last batch). Of the `withdrawn` files (moved from
+    their place to the staging directory), up to `keep` plain files are kept, and returned
+    once the staging directory's fsync has made their names durable; the rest are unlinked
+    meanwhile. Every job ends with `error` set or not, and a failed job leaves no staging
+    file; this never raises for one job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
@@ -123,10 +142,13 @@ def run_batch(
             job.fail(translated(exc, state, job.parts))
         staging = None
     try:
-        if staging is not None:
-            for job in jobs:
-                _write(state, staging, job)
-        _flush(state, staging, jobs, dirty, withdrawn)
+        if staging is None:
+            _flush(state, None, jobs, dirty, [])
+            return []
+        for job in jobs:
+            _write(state, staging, job)
+        kept = _keep(staging, withdrawn, keep)
+        return _flush(state, staging, jobs, dirty, kept)
     finally:
         for job in jobs:
             _close(job)
@@ -138,8 +160,27 @@ def run_batch(
 
 def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
     with _failing(state, job):
-        job._fd = staging.open_file(job.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        write_all(job._fd, job.content)
+        if job.reused:
+            job._fd = staging.open_file(job.staged, os.O_WRONLY)
+            write_all(job._fd, job.content)
+            os.ftruncate(job._fd, len(job.content))
+        else:
+            job._fd = staging.open_file(job.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            write_all(job._fd, job.content)
+
+
+def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
+    """The first `keep` withdrawn plain files (a link or a directory moved aside from the
+    inbox is no file to reuse); the others are unlinked."""
+    kept = []
+    for name in withdrawn:
+        if len(kept) < keep:
+            entry = staging.entry(name)
+            if entry is not None and stat.S_ISREG(entry.st_mode):
+                kept.append(name)
+                continue
+        _discard_quietly(staging, name)
+    return kept
 
 
 def _flush(
@@ -147,29 +188,28 @@ def _flush(
     staging: PrivateDir | None,
     jobs: Sequence[StageJob],
     dirty: Iterable[Where],
-    withdrawn: Sequence[str],
-) -> None:
-    """Everything at once in the syncer threads, the staging directory here once the
-    withdrawn files are unlinked (they need no flush: start-up clears staging). A full disk
-    may show only at the fdatasync, as the file system allocates blocks for the data written
+    kept: list[str],
+) -> list[str]:
+    """Everything at once in the syncer threads, the staging directory here when a new file
+    or a `kept` one is in it (the unlinked ones need no flush: start-up clears staging); the
+    kept files are returned when that fsync succeeded, else unlinked. A full disk may show
+    only at the fdatasync, as the file system allocates blocks for the data written
     earlier."""
     written = [job for job in jobs if job.error is None]
+    named = kept or any(not job.reused for job in written)
     directories = _open_dirty(state, dirty)
     try:
         flushes: list[Future[OSError | None]] = [
             _SYNCERS.submit(_fdatasync, job._fd) for job in written
         ]
         flushes += [_SYNCERS.submit(_fsync, d) for _, d in directories]
-        if staging is not None:
-            for name in withdrawn:
-                _discard_quietly(staging, name)
-        staging_error = _fsync(staging) if staging is not None and written else None
+        staging_error = _fsync(staging) if staging is not None and named else None
         errors = [flush.result() for flush in flushes]
     finally:
         for _, directory in directories:
             directory.close()
     for job, flushed in zip(written, errors[: len(written)], strict=True):
-        error = flushed or staging_error
+        error = flushed or (None if job.reused else staging_error)
         if error is not None:
             job.fail(translated(error, state, job.parts))
     for (where, _), error in zip(directories, errors[len(written) :], strict=True):
@@ -179,6 +219,11 @@ def _flush(
                 path=os.path.join(state.path, *where),
                 error=str(error),
             )
+    if staging_error is not None and staging is not None:
+        for name in kept:
+            _discard_quietly(staging, name)
+        return []
+    return kept
 
 
 def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, PrivateDir]]:
@@ -367,7 +412,8 @@ class FileBatches:
     ``files.stage(parts, content)`` queues a staging and returns its job at once, and
     ``await files.staged(job)`` returns once that file is durable in the staging directory
     (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
-    unlinks a file, both at once, their directories fsynced by the next batch."""
+    moves a file out of its place, both at once, their directories fsynced by the next batch,
+    which pools the withdrawn files for stagings to reuse."""
 
     def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
@@ -375,6 +421,10 @@ class FileBatches:
         self._queue: list[StageJob] = []
         self._dirty: set[Where] = set()
         self._withdrawn: list[str] = []
+        self._pool: list[str] = []
+        """Staging files whose names are durable, free to be overwritten."""
+        self._pooling = 0
+        """Places in the pool promised to the batches on their way."""
         self._queued_done = anyio.Event()
         """Set once the batch that takes the jobs queued now has run."""
         self._work_due = anyio.Event()
@@ -386,7 +436,10 @@ class FileBatches:
             task_status.started()
 
     def stage(self, parts: Where, content: bytes) -> StageJob:
-        job = StageJob(parts, content, done=self._queued_done)
+        if self._pool:
+            job = StageJob(parts, content, self._pool.pop(), reused=True, done=self._queued_done)
+        else:
+            job = StageJob(parts, content, done=self._queued_done)
         self._queue.append(job)
         self._wake()
         return job
@@ -457,14 +510,19 @@ class FileBatches:
             if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()
+            room = max(0, POOL - len(self._pool) - self._pooling)
+            self._pooling += room
             with anyio.CancelScope(shield=True):  # callers wait for every batch to end
                 try:
-                    await anyio.to_thread.run_sync(run_batch, self._state, jobs, dirty, withdrawn)
+                    self._pool += await anyio.to_thread.run_sync(
+                        run_batch, self._state, jobs, dirty, withdrawn, room
+                    )
                 except Exception as exc:  # a bug: these callers hear of it, the next batch runs
                     log.exception("claim_files_failed", jobs=len(jobs))
                     for job in jobs:
                         job.fail(Internal(f"the claims' file batch failed: {exc!r}"))
                 finally:
+                    self._pooling -= room
                     for job in jobs:
                         job.settled = True
                     done.set()

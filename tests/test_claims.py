@@ -223,7 +223,9 @@ async def test_a_flush_that_fails_after_the_record_committed_restores_the_previo
         inspected = await claims.inspect(ClaimInspect(id=1, kind="prompt_inbox", key="k"), PEER)
         assert inspected.claim == released
         assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
-        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+        staging = os.path.join(claims.state.path, STAGING)
+        kept = [_read(os.path.join(staging, name)) for name in os.listdir(staging)]
+        assert b"second\n" not in kept, "the failed staging is gone (a released file may stay)"
 
 
 async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
@@ -449,6 +451,25 @@ def test_a_held_claim_found_only_staged_is_rolled_forward_at_start_up(tempdir: s
         assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
         assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
         assert _claim(daemon, "p").claim.state == "held"
+    finally:
+        daemon.close()
+
+
+def test_a_staged_file_that_is_not_the_records_content_is_not_rolled_forward(
+    tempdir: str,
+) -> None:
+    """A crash before the staged file's flush (a reused file may still hold what it held
+    before): the acquire was never answered, and no partial file reaches the inbox."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None and record.staged
+        os.unlink(_inbox_file(daemon, "p"))
+        _write(_staging_file(daemon, record.staged), b"prompX\n")
+        daemon.start()
+        assert not os.path.exists(_inbox_file(daemon, "p"))
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert _claim(daemon, "p").outcome == "absent"
     finally:
         daemon.close()
 

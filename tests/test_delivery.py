@@ -175,11 +175,11 @@ async def test_concurrent_callers_share_batches(
     batches: list[int] = []
 
     def counted(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
-    ) -> None:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
+    ) -> list[str]:
         if jobs:
             batches.append(len(jobs))
-        run_batch(state, jobs, dirty, withdrawn)
+        return run_batch(state, jobs, dirty, withdrawn, keep)
 
     monkeypatch.setattr(delivery, "run_batch", counted)
     async with anyio.create_task_group() as tasks:
@@ -206,14 +206,14 @@ async def test_two_batches_are_on_their_way_at_once_whatever_came_before(
     running: list[int] = []
 
     def waiting_for_the_disk(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
-    ) -> None:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
+    ) -> list[str]:
         if jobs:
             running.append(len(jobs))
             anyio.from_thread.run_sync(taken[len(running) - 1].set)
             if len(running) == 1:
                 held.wait(10)
-        run_batch(state, jobs, dirty, withdrawn)
+        return run_batch(state, jobs, dirty, withdrawn, keep)
 
     monkeypatch.setattr(delivery, "run_batch", waiting_for_the_disk)
     async with anyio.create_task_group() as tasks:
@@ -262,17 +262,55 @@ async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
     synced.clear()
     files.withdraw(("inbox", "a", "k"))
     assert _read(state, "inbox", "a", "k") is None
-    await anyio.to_thread.run_sync(wait_until, lambda: synced == ["inbox/a"])
+    await anyio.to_thread.run_sync(wait_until, lambda: "inbox/a" in synced)
 
 
-async def test_a_withdrawn_file_is_set_aside_then_unlinked_by_the_next_batch(
+async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     state: PrivateDir, files: FileBatches
 ) -> None:
-    delivery.deliver(state, ("inbox", "a", "k"), b"x")
+    """No inode is made or freed: the next batch keeps the file (its name made durable),
+    and the staging after it overwrites it, a shorter content cutting it short."""
+    delivery.deliver(state, ("inbox", "a", "k"), b"old and longer")
+    inode = os.stat(os.path.join(state.path, "inbox", "a", "k")).st_ino
     files.withdraw(("inbox", "a", "k"))
     assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
-    await files.deliver(("files", "other"), b"y")
+    await files.deliver(("files", "first"), b"1")
+    assert len(_staging(state)) == 1
+    await files.deliver(("files", "second"), b"new")
+    assert _read(state, "files", "second") == b"new"
+    assert os.stat(os.path.join(state.path, "files", "second")).st_ino == inode
     assert _staging(state) == []
+
+
+def test_a_staging_into_a_kept_file_needs_no_fsync_of_the_staging_directory(
+    state: PrivateDir, synced: list[str]
+) -> None:
+    delivery.deliver(state, ("files", "k"), b"x")
+    assert delivery.set_aside(state, ("files", "k"), "kept.tmp", set())
+    assert run_batch(state, [], withdrawn=["kept.tmp"], keep=1) == ["kept.tmp"]
+    synced.clear()
+    job = StageJob(("files", "again"), b"reused", "kept.tmp", reused=True)
+    assert run_batch(state, [job]) == []
+    assert job.error is None and _read(state, STAGING, "kept.tmp") == b"reused"
+    assert synced == []
+
+
+def test_a_batch_keeps_only_as_many_withdrawn_plain_files_as_asked(
+    state: PrivateDir, tempdir: str
+) -> None:
+    staging = os.path.join(state.path, STAGING)
+    os.makedirs(staging, mode=0o700)
+    os.symlink(tempdir, os.path.join(staging, "link.tmp"))
+    for name in ("a.tmp", "b.tmp", "c.tmp"):
+        _write_file(os.path.join(staging, name), b"x")
+    kept = run_batch(state, [], withdrawn=["link.tmp", "a.tmp", "b.tmp", "c.tmp"], keep=2)
+    assert kept == ["a.tmp", "b.tmp"]
+    assert _staging(state) == ["a.tmp", "b.tmp"]
+
+
+def _write_file(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
 
 
 async def test_withdrawing_a_file_already_gone_is_fine(files: FileBatches) -> None:
