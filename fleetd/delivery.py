@@ -52,6 +52,7 @@ import itertools
 import os
 import secrets
 import stat
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ BATCHES_AT_ONCE = 2
 POOL = 256
 """Withdrawn files kept in the staging directory for stagings to reuse (see FileBatches):
 more than the claims in flight under the heaviest load measured (bench/claims.py)."""
+DIRECTORIES = 256
+"""Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
@@ -308,12 +311,8 @@ def present(state: PrivateDir, parts: Where) -> bool:
 def place(state: PrivateDir, staged: str, parts: Where, dirty: set[Where]) -> None:
     """Rename the staged file into place (its directory made if missing), replacing what is
     there; the directories changed are added to `dirty`, to be fsynced."""
-    with (
-        _open(state, (STAGING,), create=False, dirty=None) as staging,
-        _open(state, parts[:-1], create=True, dirty=dirty) as target,
-    ):
-        staging.move(staged, target, parts[-1])
-    dirty.add(parts[:-1])
+    with Directories(state) as directories:
+        directories.place(staged, parts, dirty)
 
 
 def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
@@ -329,19 +328,92 @@ def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
 
 
 def set_aside(state: PrivateDir, parts: Where, name: str, dirty: set[Where]) -> bool:
-    """Move the file at `parts` to the staging directory as `name`, to be unlinked there;
-    False when there is none (or no directory of it). Its directory is added to `dirty`."""
-    try:
-        directory = _open(state, parts[:-1], create=False, dirty=None)
-    except FileNotFoundError:
-        return False
-    with directory, _open(state, (STAGING,), create=True, dirty=dirty) as staging:
+    """Move the file at `parts` to the staging directory as `name`; False when there is none
+    (or no directory of it). Its directory is added to `dirty`."""
+    with Directories(state) as directories:
+        return directories.set_aside(parts, name, dirty)
+
+
+class Directories:
+    """The directories that files are renamed into and out of, held open between renames:
+    opening one link-free costs an open, an fstat and a close a level, and a claim's renames
+    would pay that for the staging directory, the inbox and the owner's directory each time.
+
+    Before each use every level is checked to be still the directory opened there (an lstat
+    of its name in its parent: the same device and inode), so a directory since replaced (by
+    a link, say) is never used: it is opened again, and refused as `_open` refuses it. Call
+    `close` when done. What `open` returns is borrowed: it stays open until `close`, or until
+    `size` other directories have been opened since (only the least recently used close)."""
+
+    def __init__(self, state: PrivateDir, size: int = DIRECTORIES) -> None:
+        self._state = state
+        self._size = size
+        self._held: OrderedDict[Where, tuple[PrivateDir, int, int]] = OrderedDict()
+
+    def __enter__(self) -> "Directories":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for directory, _, _ in self._held.values():
+            directory.close()
+        self._held.clear()
+
+    def open(self, where: Where, *, create: bool, dirty: set[Where] | None) -> PrivateDir:
+        """The directory at `where`, as `_open` gives it."""
+        directory = self._state
+        for depth in range(1, len(where) + 1):
+            directory = self._level(directory, where[:depth], create, dirty)
+        return directory
+
+    def place(self, staged: str, parts: Where, dirty: set[Where]) -> None:
+        """As `place` (the module's function)."""
+        staging = self.open((STAGING,), create=False, dirty=None)
+        target = self.open(parts[:-1], create=True, dirty=dirty)
+        staging.move(staged, target, parts[-1])
+        dirty.add(parts[:-1])
+
+    def set_aside(self, parts: Where, name: str, dirty: set[Where]) -> bool:
+        """As `set_aside` (the module's function)."""
+        try:
+            directory = self.open(parts[:-1], create=False, dirty=None)
+        except FileNotFoundError:
+            return False
+        staging = self.open((STAGING,), create=True, dirty=dirty)
         try:
             directory.move(parts[-1], staging, name)
         except FileNotFoundError:
             return False
-    dirty.add(parts[:-1])
-    return True
+        dirty.add(parts[:-1])
+        return True
+
+    def _level(
+        self, parent: PrivateDir, where: Where, create: bool, dirty: set[Where] | None
+    ) -> PrivateDir:
+        held = self._held.pop(where, None)
+        if held is not None:
+            directory, device, inode = held
+            entry = parent.entry(where[-1])
+            if entry is not None and (entry.st_dev, entry.st_ino) == (device, inode):
+                self._held[where] = held
+                return directory
+            directory.close()
+        try:
+            directory = parent.subdir(where[-1], create=False)
+        except FileNotFoundError:
+            if not create:
+                raise
+            directory = parent.subdir(where[-1], create=True)
+            if dirty is not None:
+                dirty.add(where[:-1])
+        opened = os.fstat(directory.fd)
+        self._held[where] = (directory, opened.st_dev, opened.st_ino)
+        if len(self._held) > self._size:
+            _, (evicted, _, _) = self._held.popitem(last=False)
+            evicted.close()
+        return directory
 
 
 def discard(state: PrivateDir, staged: str) -> None:
@@ -418,6 +490,7 @@ class FileBatches:
     def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
         self._at_once = at_once
+        self._directories = Directories(state)
         self._queue: list[StageJob] = []
         self._dirty: set[Where] = set()
         self._withdrawn: list[str] = []
@@ -430,10 +503,13 @@ class FileBatches:
         self._work_due = anyio.Event()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as runners:
-            for _ in range(self._at_once):
-                runners.start_soon(self._run_batches)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as runners:
+                for _ in range(self._at_once):
+                    runners.start_soon(self._run_batches)
+                task_status.started()
+        finally:
+            self._directories.close()
 
     def stage(self, parts: Where, content: bytes) -> StageJob:
         if self._pool:
@@ -455,7 +531,7 @@ class FileBatches:
 
     def place(self, job: StageJob) -> None:
         try:
-            place(self._state, job.staged, job.parts, self._dirty)
+            self._directories.place(job.staged, job.parts, self._dirty)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, job.parts) from None
         finally:
@@ -473,7 +549,7 @@ class FileBatches:
         may wait for the file system's journal); the next batch unlinks it."""
         name = staged_name()
         try:
-            if set_aside(self._state, parts, name, self._dirty):
+            if self._directories.set_aside(parts, name, self._dirty):
                 self._withdrawn.append(name)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None

@@ -169,6 +169,29 @@ def test_placing_refuses_a_planted_link_and_keeps_the_staged_file(
     assert _staging(state) == [job.staged]
 
 
+async def test_a_held_directory_replaced_by_a_link_is_refused(
+    state: PrivateDir, files: FileBatches, tempdir: str
+) -> None:
+    await files.deliver(("inbox", "a", "first"), b"1")
+    inbox = os.path.join(state.path, "inbox", "a")
+    elsewhere = os.path.join(tempdir, "elsewhere")
+    os.rename(inbox, elsewhere)
+    os.symlink(elsewhere, inbox)
+    with pytest.raises(UnsafePath):
+        await files.deliver(("inbox", "a", "second"), b"2")
+    assert os.listdir(elsewhere) == ["first"]
+
+
+async def test_a_held_directory_removed_meanwhile_is_made_again(
+    state: PrivateDir, files: FileBatches
+) -> None:
+    await files.deliver(("inbox", "a", "first"), b"1")
+    files.withdraw(("inbox", "a", "first"))
+    os.rmdir(os.path.join(state.path, "inbox", "a"))
+    await files.deliver(("inbox", "a", "second"), b"2")
+    assert _read(state, "inbox", "a", "second") == b"2"
+
+
 async def test_concurrent_callers_share_batches(
     state: PrivateDir, files: FileBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
