@@ -501,6 +501,8 @@ class FileBatches:
         self._queued_done = anyio.Event()
         """Set once the batch that takes the jobs queued now has run."""
         self._work_due = anyio.Event()
+        self._waiting = 0
+        """Runners waiting for `_work_due`."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -524,8 +526,9 @@ class FileBatches:
         """Shielded: file work cannot be taken back half done, so a caller cancelled meanwhile
         learns so once its batch has run (and discards its file, if it must)."""
         assert job.done is not None
-        with anyio.CancelScope(shield=True):
-            await job.done.wait()
+        if not job.settled:  # often it is: its batch ran while its record was committed
+            with anyio.CancelScope(shield=True):
+                await job.done.wait()
         if job.error is not None:
             raise job.error
 
@@ -567,19 +570,28 @@ class FileBatches:
             raise
 
     def _wake(self) -> None:
-        """Every runner waiting sees the new work. Only the waker replaces the event: a runner
-        that replaced it could leave the other waiting on one that is never set."""
-        woken, self._work_due = self._work_due, anyio.Event()
-        woken.set()
+        """Every runner waiting sees the new work (a busy one looks for it when its batch is
+        done). Only the waker replaces the event: a runner that replaced it could leave the
+        other waiting on one that is never set."""
+        if self._waiting:
+            woken, self._work_due = self._work_due, anyio.Event()
+            woken.set()
+
+    async def _wait_for_work(self) -> None:
+        self._waiting += 1
+        try:
+            await self._work_due.wait()
+        finally:
+            self._waiting -= 1
 
     async def _run_batches(self) -> None:
         while True:
             while not (self._queue or self._dirty or self._withdrawn):
-                await self._work_due.wait()
+                await self._wait_for_work()
             if not self._queue:  # directories to fsync alone: staging work may join them
                 with anyio.move_on_after(IDLE_SYNC_DELAY):
                     while not self._queue:
-                        await self._work_due.wait()
+                        await self._wait_for_work()
             jobs, self._queue = self._queue, []
             dirty, self._dirty = self._dirty, set()
             withdrawn, self._withdrawn = self._withdrawn, []
