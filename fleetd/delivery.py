@@ -13,28 +13,30 @@ Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader nev
 partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
 too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
 must live on. A withdrawal moves the file out of its directory, by a rename into the staging
-directory, where the next batch unlinks it.
+directory, where it waits to be reused (below).
 
 What waits for the disk. Staging does, and its callers wait for it (fleetd.claims awaits it
 together with the claim's store commit). Placing and withdrawing do not: a rename waits for
 no disk, so they are done on the event loop (an unlink may wait for the file system's
 journal, ~0.2 ms on ext4, so it is left to a batch), and the directories they touch are
-fsynced in the background, by the next batch or after IDLE_SYNC_DELAY (never lost silently:
-a failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
+fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never lost silently: a
+failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
 reconciliation redoes it from the records, which are durable.
 
 Group commit. Each flush waits for the disk, and a journaling file system commits together
 the flushes it is asked for together: so the handlers queue their staging, and a runner
 takes all of it into one thread hop (``run_batch``) that writes every file, then flushes all
-of them, the staging directory and every directory touched since the last batch at once
-(unlinking the withdrawn files meanwhile). Only then are its callers answered. Two runners
-take turns, so that one batch writes while the other waits for the disk.
+of them at once, with the staging directory when a new name is in it and the directories
+renamed into or out of when they have waited IDLE_SYNC_DELAY. Only then are its callers
+answered. Two runners take turns, so that one batch writes while the other waits for the
+disk.
 
 Reused files. Creating a file and unlinking it cost the file system more than the rest of a
 claim's file work (allocating an inode, freeing it), and a new file's name needs the staging
 directory's fsync. So a withdrawn file is not unlinked: a batch fsyncs the staging directory
-it was moved into, and from then on its name is durable and it waits there, in the pool (at
-most POOL files), for a later staging to overwrite it (write, truncate, fdatasync) instead of
+it was moved into (one that does so anyway, or when PROMOTE_AT of them wait), and from then
+on its name is durable and it waits there, in the pool (at most POOL files; more are
+unlinked), for a later staging to overwrite it (write, truncate, fdatasync) instead of
 creating a file. A staging into a pooled file needs no fsync of the staging directory. What
 is in the file until its fdatasync returns (the old content, or a mix) is never placed: a
 claim is answered only after it, and start-up rolls a held claim forward only from a staging
@@ -53,10 +55,11 @@ import os
 import secrets
 import stat
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import structlog
@@ -75,6 +78,8 @@ POOL = 256
 more than the claims in flight under the heaviest load measured (bench/claims.py)."""
 DIRECTORIES = 256
 """Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
+PROMOTE_AT = 16
+"""Withdrawn files waiting for a batch to make their names durable (see FileBatches)."""
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
@@ -193,24 +198,25 @@ def _flush(
     dirty: Iterable[Where],
     kept: list[str],
 ) -> list[str]:
-    """Everything at once in the syncer threads, the staging directory here when a new file
-    or a `kept` one is in it (the unlinked ones need no flush: start-up clears staging); the
-    kept files are returned when that fsync succeeded, else unlinked. A full disk may show
-    only at the fdatasync, as the file system allocates blocks for the data written
-    earlier."""
+    """Everything at once: the files' data, the dirty directories, and the staging directory
+    when a new file or a `kept` one is in it (the unlinked ones need no flush: start-up
+    clears staging); the kept files are returned when that fsync succeeded, else unlinked. A
+    full disk may show only at the fdatasync, as the file system allocates blocks for the
+    data written earlier."""
     written = [job for job in jobs if job.error is None]
-    named = kept or any(not job.reused for job in written)
+    named = staging is not None and (kept or any(not job.reused for job in written))
     directories = _open_dirty(state, dirty)
     try:
-        flushes: list[Future[OSError | None]] = [
-            _SYNCERS.submit(_fdatasync, job._fd) for job in written
-        ]
-        flushes += [_SYNCERS.submit(_fsync, d) for _, d in directories]
-        staging_error = _fsync(staging) if staging is not None and named else None
-        errors = [flush.result() for flush in flushes]
+        flushes = [partial(_fdatasync, job._fd) for job in written]
+        flushes += [partial(_fsync, d) for _, d in directories]
+        if named:
+            assert staging is not None
+            flushes.append(partial(_fsync, staging))
+        errors = _all_at_once(flushes)
     finally:
         for _, directory in directories:
             directory.close()
+    staging_error = errors.pop() if named else None
     for job, flushed in zip(written, errors[: len(written)], strict=True):
         error = flushed or (None if job.reused else staging_error)
         if error is not None:
@@ -227,6 +233,16 @@ def _flush(
             _discard_quietly(staging, name)
         return []
     return kept
+
+
+def _all_at_once(flushes: Sequence[Callable[[], OSError | None]]) -> list[OSError | None]:
+    """Each flush's error, the last one run in this thread (a hop to a syncer and back
+    costs two context switches), the others in the syncer threads meanwhile."""
+    if not flushes:
+        return []
+    others: list[Future[OSError | None]] = [_SYNCERS.submit(flush) for flush in flushes[:-1]]
+    last = flushes[-1]()
+    return [other.result() for other in others] + [last]
 
 
 def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, PrivateDir]]:
@@ -498,6 +514,8 @@ class FileBatches:
         """Staging files whose names are durable, free to be overwritten."""
         self._pooling = 0
         """Places in the pool promised to the batches on their way."""
+        self._dirty_seen: float | None = None
+        """When a runner first found the directories dirty now (see _take_dirty)."""
         self._queued_done = anyio.Event()
         """Set once the batch that takes the jobs queued now has run."""
         self._work_due = anyio.Event()
@@ -584,6 +602,35 @@ class FileBatches:
         finally:
             self._waiting -= 1
 
+    def _take_dirty(self, *, idle: bool) -> set[Where]:
+        """The dirty directories, for a batch with no staging work or once they have waited
+        IDLE_SYNC_DELAY: nothing waits for their fsync (see the module's docstring), so a
+        batch that callers wait for does not take on one more flush for every rename."""
+        if not self._dirty:
+            return set()
+        now = anyio.current_time()
+        if self._dirty_seen is None:
+            self._dirty_seen = now
+        if not idle and now - self._dirty_seen < IDLE_SYNC_DELAY:
+            return set()
+        dirty, self._dirty, self._dirty_seen = self._dirty, set(), None
+        return dirty
+
+    def _take_withdrawn(self, jobs: Sequence[StageJob]) -> list[str]:
+        """The withdrawn files, when this batch fsyncs the staging directory anyway (a new
+        file), has no staging work, or the pool needs them (empty, or PROMOTE_AT of them
+        waiting): one fsync then makes all of their names durable."""
+        promote = (
+            not jobs
+            or not self._pool
+            or len(self._withdrawn) >= PROMOTE_AT
+            or any(not job.reused for job in jobs)
+        )
+        if not promote:
+            return []
+        withdrawn, self._withdrawn = self._withdrawn, []
+        return withdrawn
+
     async def _run_batches(self) -> None:
         while True:
             while not (self._queue or self._dirty or self._withdrawn):
@@ -593,8 +640,8 @@ class FileBatches:
                     while not self._queue:
                         await self._wait_for_work()
             jobs, self._queue = self._queue, []
-            dirty, self._dirty = self._dirty, set()
-            withdrawn, self._withdrawn = self._withdrawn, []
+            dirty = self._take_dirty(idle=not jobs)
+            withdrawn = self._take_withdrawn(jobs)
             if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()
