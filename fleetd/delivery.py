@@ -521,6 +521,8 @@ class FileBatches:
         self._work_due = anyio.Event()
         self._waiting = 0
         """Runners waiting for `_work_due`."""
+        self._idle = 0
+        """Those of them with nothing at all to do."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -537,7 +539,7 @@ class FileBatches:
         else:
             job = StageJob(parts, content, done=self._queued_done)
         self._queue.append(job)
-        self._wake()
+        self._wake(staging=True)
         return job
 
     async def staged(self, job: StageJob) -> None:
@@ -587,20 +589,23 @@ class FileBatches:
             self.discard(job)
             raise
 
-    def _wake(self) -> None:
+    def _wake(self, *, staging: bool = False) -> None:
         """Every runner waiting sees the new work (a busy one looks for it when its batch is
-        done). Only the waker replaces the event: a runner that replaced it could leave the
-        other waiting on one that is never set."""
-        if self._waiting:
+        done); without `staging` (directories to fsync) only if one has nothing to do at all,
+        as the others wait for staging work to join them. Only the waker replaces the event:
+        a runner that replaced it could leave the other waiting on one that is never set."""
+        if self._idle if not staging else self._waiting:
             woken, self._work_due = self._work_due, anyio.Event()
             woken.set()
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_work(self, *, idle: bool) -> None:
         self._waiting += 1
+        self._idle += idle
         try:
             await self._work_due.wait()
         finally:
             self._waiting -= 1
+            self._idle -= idle
 
     def _take_dirty(self, *, idle: bool) -> set[Where]:
         """The dirty directories, for a batch with no staging work or once they have waited
@@ -634,11 +639,11 @@ class FileBatches:
     async def _run_batches(self) -> None:
         while True:
             while not (self._queue or self._dirty or self._withdrawn):
-                await self._wait_for_work()
+                await self._wait_for_work(idle=True)
             if not self._queue:  # directories to fsync alone: staging work may join them
                 with anyio.move_on_after(IDLE_SYNC_DELAY):
                     while not self._queue:
-                        await self._wait_for_work()
+                        await self._wait_for_work(idle=False)
             jobs, self._queue = self._queue, []
             dirty = self._take_dirty(idle=not jobs)
             withdrawn = self._take_withdrawn(jobs)
