@@ -15,11 +15,12 @@ which the pieces become durable is free, and start-up repairs what a crash leave
   concurrently, flushes it (its data, and a new file's staging directory entry) and commits
   the record, which names its staging file (``staged``) and the content's size and digest.
   When both have succeeded the staging file is renamed into place and the answer is given;
-  the fsync of the inbox directory is not awaited (the next file batch does it). If the
-  commit fails, the staging file is removed and nothing has changed. If the flush fails (a
-  full disk can show only there) after the record committed, the previous record is written
-  back (or the new one deleted), the staging file removed and the flush's error answered;
-  should that write fail too, it is logged, and start-up drops the record (below).
+  the fsync of the inbox directory is not awaited (a file batch does it). If the commit
+  fails, the staging file goes back to the pool (or is removed) and nothing has changed.
+  If the flush fails (a full disk can show only there) after the record committed, the
+  previous record is written back (or the new one deleted), the staging file removed and
+  the flush's error answered; should that write fail too, it is logged, and start-up drops
+  the record (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
   restart: release commits the record, moves the file out of its directory (a rename into
   the staging directory, where the next file batch unlinks it) and answers; the directory's

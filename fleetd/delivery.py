@@ -79,6 +79,12 @@ POOL = 256
 more than the claims in flight under the heaviest load measured (bench/claims.py)."""
 DIRECTORIES = 256
 """Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
+POOLED = 16 * 1024
+"""The largest file kept for reuse: the pool holds at most POOL * POOLED bytes of disk."""
+SPARES = 8
+"""Empty files a batch that makes a new one makes alongside (see run_batch)."""
+POOL_LOW = 4
+"""Files left in the pool under which a batch takes the withdrawn ones along."""
 PROMOTE_AT = 16
 """Withdrawn files waiting for a batch to make their names durable (see FileBatches)."""
 SYNCFS_AT = 8
@@ -144,7 +150,8 @@ def run_batch(
     placed into or withdrawn from since the last batch). Of the `withdrawn` files (moved from
     their place to the staging directory), up to `keep` plain files are kept, and returned
     once the staging directory's fsync has made their names durable; the rest are unlinked
-    meanwhile. Every job ends with `error` set or not, and a failed job leaves no staging
+    meanwhile. A batch that makes a new file (the pool was empty) makes SPARES more, empty,
+    kept alike (within `keep`): the staging directory's fsync is paid for already. Every job ends with `error` set or not, and a failed job leaves no staging
     file; this never raises for one job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
@@ -159,6 +166,8 @@ def run_batch(
         for job in jobs:
             _write(state, staging, job)
         kept = _keep(staging, withdrawn, keep)
+        if any(not job.reused and job.error is None for job in jobs):
+            kept += _spares(staging, min(SPARES, keep - len(kept)))
         return _flush(state, staging, jobs, dirty, kept)
     finally:
         for job in jobs:
@@ -180,14 +189,29 @@ def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
             write_all(job._fd, job.content)
 
 
+def _poolable(size: int, pool: Sequence[str]) -> bool:
+    return size <= POOLED and len(pool) < POOL
+
+
+def _spares(staging: PrivateDir, count: int) -> list[str]:
+    """Up to `count` new empty files, for stagings to come (one that fails is left out)."""
+    made = []
+    for _ in range(count):
+        name = staged_name()
+        with contextlib.suppress(OSError, FleetError):
+            os.close(staging.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            made.append(name)
+    return made
+
+
 def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
-    """The first `keep` withdrawn plain files (a link or a directory moved aside from the
-    inbox is no file to reuse); the others are unlinked."""
+    """The first `keep` withdrawn plain files of at most POOLED bytes (a link or a directory
+    moved aside from the inbox is no file to reuse); the others are unlinked."""
     kept = []
     for name in withdrawn:
         if len(kept) < keep:
             entry = staging.entry(name)
-            if entry is not None and stat.S_ISREG(entry.st_mode):
+            if entry is not None and stat.S_ISREG(entry.st_mode) and entry.st_size <= POOLED:
                 kept.append(name)
                 continue
         _discard_quietly(staging, name)
@@ -584,7 +608,12 @@ class FileBatches:
             self._wake()
 
     def discard(self, job: StageJob) -> None:
-        """Its staging file goes; a failure is logged (start-up removes it)."""
+        """Its staging file will not be placed: one its batch made durable goes back to the
+        pool, as a pooled file (what it holds is never placed: see fleetd.claims), any
+        other is removed; a failure is logged (start-up removes it)."""
+        if job.settled and job.error is None and _poolable(len(job.content), self._pool):
+            self._pool.append(job.staged)
+            return
         try:
             discard(self._state, job.staged)
         except (OSError, FleetError) as exc:
@@ -646,11 +675,11 @@ class FileBatches:
 
     def _take_withdrawn(self, jobs: Sequence[StageJob]) -> list[str]:
         """The withdrawn files, when this batch fsyncs the staging directory anyway (a new
-        file), has no staging work, or the pool needs them (empty, or PROMOTE_AT of them
-        waiting): one fsync then makes all of their names durable."""
+        file), has no staging work, or the pool needs them (under POOL_LOW left), or
+        PROMOTE_AT of them wait: one fsync then makes all of their names durable."""
         promote = (
             not jobs
-            or not self._pool
+            or len(self._pool) < POOL_LOW
             or len(self._withdrawn) >= PROMOTE_AT
             or any(not job.reused for job in jobs)
         )

@@ -53,6 +53,12 @@ def _staging(state: PrivateDir) -> list[str]:
         return []
 
 
+def _staged_contents(state: PrivateDir) -> list[bytes]:
+    """What the staging files hold, but for the empty ones (spares, see run_batch)."""
+    contents = [_read(state, STAGING, name) for name in _staging(state)]
+    return sorted(content for content in contents if content)
+
+
 @pytest.fixture
 async def files(state: PrivateDir) -> AsyncIterator[FileBatches]:
     batches = FileBatches(state)
@@ -268,7 +274,7 @@ async def test_a_failing_caller_does_not_fail_its_batch_mates(
             tasks.start_soon(deliver, f"k{n}", b"too big" if n % 4 == 1 else b"ok")
     assert sorted(failed) == sorted(f"k{n}" for n in range(1, 16, 4))
     assert len(os.listdir(os.path.join(state.path, "files"))) == 12
-    assert _staging(state) == []
+    assert _staged_contents(state) == [], "only the empty spares made for the pool"
 
 
 async def test_a_placed_files_directory_is_fsynced_in_the_background(
@@ -294,15 +300,25 @@ async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     """No inode is made or freed: the next batch keeps the file (its name made durable),
     and the staging after it overwrites it, a shorter content cutting it short."""
     delivery.deliver(state, ("inbox", "a", "k"), b"old and longer")
-    inode = os.stat(os.path.join(state.path, "inbox", "a", "k")).st_ino
     files.withdraw(("inbox", "a", "k"))
     assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
     await files.deliver(("files", "first"), b"1")
-    assert len(_staging(state)) == 1
-    await files.deliver(("files", "second"), b"new")
-    assert _read(state, "files", "second") == b"new"
-    assert os.stat(os.path.join(state.path, "files", "second")).st_ino == inode
+    assert _staged_contents(state) == [b"old and longer"], "kept, with the empty spares"
+    pooled = {os.stat(os.path.join(state.path, STAGING, name)).st_ino for name in _staging(state)}
+    for n in range(len(pooled)):
+        await files.deliver(("files", f"k{n}"), b"new")
+    reused = {os.stat(os.path.join(state.path, "files", f"k{n}")).st_ino for n in range(len(pooled))}
+    assert reused == pooled
     assert _staging(state) == []
+    assert all(_read(state, "files", f"k{n}") == b"new" for n in range(len(pooled)))
+
+
+def test_a_batch_that_makes_a_new_file_makes_spares_for_the_pool(state: PrivateDir) -> None:
+    job = StageJob(("files", "k"), b"x")
+    spares = run_batch(state, [job], keep=3)
+    assert len(spares) == 3
+    assert _staging(state) == sorted([job.staged, *spares])
+    assert _staged_contents(state) == [b"x"]
 
 
 def test_a_staging_into_a_kept_file_needs_no_fsync_of_the_staging_directory(
