@@ -233,7 +233,7 @@ def _flush(
 
     A batch of SYNCFS_AT files or more is flushed by one syncfs of the file system instead,
     which makes all of it durable, directories included, for a fraction of the CPU and
-    time of a flush a file (bench/store.py measures both). The price: it also waits for
+    time of a flush a file (the README gives the figures). The price: it also waits for
     whatever else is dirty on that file system. When it fails, the error may be anybody's:
     the flushes a file then tell which job it is."""
     written = [job for job in jobs if job.error is None]
