@@ -23,8 +23,9 @@ which the pieces become durable is free, and start-up repairs what a crash leave
   the record (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
   restart: release commits the record, moves the file out of its directory (a rename into
-  the staging directory, where the next file batch unlinks it) and answers; the directory's
-  fsync is not awaited, since start-up removes released claims' files (and clears staging).
+  the staging directory, where it waits to be reused: fleetd.delivery) and answers; the
+  directory's fsync is not awaited, since start-up removes released claims' files (and
+  clears staging).
 - ALREADY_ACQUIRED means the file is in place: an idempotent retry whose file is missing
   delivers it again (one stat per such request).
 - The inbox never shows a partial file, even after a power loss: only flushed files are
@@ -34,10 +35,11 @@ which the pieces become durable is free, and start-up repairs what a crash leave
 
 Start-up (``reconcile``, before fleetd serves): a held record whose staging file is still
 there, with the record's size and digest, is rolled forward (the file renamed into place and
-fsynced); a held record whose file is in neither place was never answered (or its compensation failed), and is dropped with a
-warning (a retry by its caller delivers again). Staging files no held record names are
-removed, released claims' files too, and files no record explains are moved to
-``quarantine/`` (logged, never deleted: it may be somebody's only copy).
+fsynced); a held record whose file is in neither place was never answered (or its
+compensation failed), and is dropped with a warning (a retry by its caller delivers again).
+Staging files no held record names are removed, released claims' files too, and files no
+record explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's
+only copy).
 
 Concurrent requests share their disk work: the staging of many acquires is flushed together
 (fleetd.delivery), and their records committed together (the store's group commit). Each

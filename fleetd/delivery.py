@@ -151,8 +151,9 @@ def run_batch(
     their place to the staging directory), up to `keep` plain files are kept, and returned
     once the staging directory's fsync has made their names durable; the rest are unlinked
     meanwhile. A batch that makes a new file (the pool was empty) makes SPARES more, empty,
-    kept alike (within `keep`): the staging directory's fsync is paid for already. Every job ends with `error` set or not, and a failed job leaves no staging
-    file; this never raises for one job's failure."""
+    kept alike (within `keep`): the staging directory's fsync is paid for already. Every
+    job ends with `error` set or not, and a failed job leaves no staging file; this never
+    raises for one job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
@@ -207,7 +208,7 @@ def _spares(staging: PrivateDir, count: int) -> list[str]:
 def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
     """The first `keep` withdrawn plain files of at most POOLED bytes (a link or a directory
     moved aside from the inbox is no file to reuse); the others are unlinked."""
-    kept = []
+    kept: list[str] = []
     for name in withdrawn:
         if len(kept) < keep:
             entry = staging.entry(name)

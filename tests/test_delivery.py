@@ -307,7 +307,9 @@ async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     pooled = {os.stat(os.path.join(state.path, STAGING, name)).st_ino for name in _staging(state)}
     for n in range(len(pooled)):
         await files.deliver(("files", f"k{n}"), b"new")
-    reused = {os.stat(os.path.join(state.path, "files", f"k{n}")).st_ino for n in range(len(pooled))}
+    reused = {
+        os.stat(os.path.join(state.path, "files", f"k{n}")).st_ino for n in range(len(pooled))
+    }
     assert reused == pooled
     assert _staging(state) == []
     assert all(_read(state, "files", f"k{n}") == b"new" for n in range(len(pooled)))
