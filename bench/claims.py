@@ -2,11 +2,12 @@
 through the library (sequential, and from concurrent callers), each beside the same figure for
 leases, and `fleetctl gc` over 1,000 claims.
 
-Every acquire is durable before it is answered: its staging file flushed (data and directory
-entry) and its journal record committed, together in one trip to the disk, then the file
-renamed into the inbox; a release commits its record, then moves the file out. Concurrent
-requests share their flushes (fleetd.delivery, and the store's group commit). The figures
-include all of that (fleetd.claims says what each answer promises).
+Every acquire is durable before it is answered: its staging file flushed (its data, and a new
+file's directory entry; a released claim's file is reused) and its journal record committed,
+together in one trip to the disk, then the file renamed into the inbox; a release commits its
+record, then moves the file out. Concurrent requests share their flushes (fleetd.delivery:
+one syncfs for a large batch; and the store's group commit). The figures include all of that
+(fleetd.claims says what each answer promises).
 """
 
 import json

@@ -10,19 +10,22 @@ Durability: an answer is given only once everything it promises is durable; the 
 which the pieces become durable is free, and start-up repairs what a crash leaves between them.
 
 - ACQUIRED means the record and the content are durable, and the file is visible now and
-  after any crash once fleetd has started again. Acquire writes the content to a new staging
-  file, then in one round, concurrently, flushes it (its data and the staging directory's
-  entry: fleetd.delivery) and commits the record, which names its staging file (``staged``).
+  after any crash once fleetd has started again. Acquire writes the content to a staging
+  file (a new one, or a withdrawn one reused: fleetd.delivery), then in one round,
+  concurrently, flushes it (its data, and a new file's staging directory entry) and commits
+  the record, which names its staging file (``staged``) and the content's size and digest.
   When both have succeeded the staging file is renamed into place and the answer is given;
-  the fsync of the inbox directory is not awaited (the next file batch does it). If the
-  commit fails, the staging file is removed and nothing has changed. If the flush fails (a
-  full disk can show only there) after the record committed, the previous record is written
-  back (or the new one deleted), the staging file removed and the flush's error answered;
-  should that write fail too, it is logged, and start-up drops the record (below).
+  the fsync of the inbox directory is not awaited (a file batch does it). If the commit
+  fails, the staging file goes back to the pool (or is removed) and nothing has changed.
+  If the flush fails (a full disk can show only there) after the record committed, the
+  previous record is written back (or the new one deleted), the staging file removed and
+  the flush's error answered; should that write fail too, it is logged, and start-up drops
+  the record (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
   restart: release commits the record, moves the file out of its directory (a rename into
-  the staging directory, where the next file batch unlinks it) and answers; the directory's
-  fsync is not awaited, since start-up removes released claims' files (and clears staging).
+  the staging directory, where it waits to be reused: fleetd.delivery) and answers; the
+  directory's fsync is not awaited, since start-up removes released claims' files (and
+  clears staging).
 - ALREADY_ACQUIRED means the file is in place: an idempotent retry whose file is missing
   delivers it again (one stat per such request).
 - The inbox never shows a partial file, even after a power loss: only flushed files are
@@ -31,11 +34,12 @@ which the pieces become durable is free, and start-up repairs what a crash leave
 - Each request fails or succeeds alone; a full disk answers StoreFull and loses nothing.
 
 Start-up (``reconcile``, before fleetd serves): a held record whose staging file is still
-there is rolled forward (the file renamed into place and fsynced); a held record whose file
-is in neither place was never answered (or its compensation failed), and is dropped with a
-warning (a retry by its caller delivers again). Staging files no held record names are
-removed, released claims' files too, and files no record explains are moved to
-``quarantine/`` (logged, never deleted: it may be somebody's only copy).
+there, with the record's size and digest, is rolled forward (the file renamed into place and
+fsynced); a held record whose file is in neither place was never answered (or its
+compensation failed), and is dropped with a warning (a retry by its caller delivers again).
+Staging files no held record names are removed, released claims' files too, and files no
+record explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's
+only copy).
 
 Concurrent requests share their disk work: the staging of many acquires is flushed together
 (fleetd.delivery), and their records committed together (the store's group commit). Each
@@ -256,12 +260,12 @@ class ClaimService:
         kvs = await self._store.range(PREFIX)
         records = {kv.key: (kv, _decode(kv.value)) for kv in kvs}
         explained: dict[Where, ClaimState] = {}
-        staged: dict[Where, str] = {}
+        staged: dict[Where, StoredClaim] = {}
         for key, (_, record) in records.items():
             parts = _parts_of(key, record.owner)
             explained[parts] = record.state
             if record.state == "held" and record.staged:
-                staged[parts] = record.staged
+                staged[parts] = record
         swept = await anyio.to_thread.run_sync(_sweep, self.state, explained, staged)
         for path in swept.rolled_forward:
             log.info("claim_rolled_forward", path=path)
@@ -630,9 +634,9 @@ class _Swept:
 
 
 def _sweep(
-    state: PrivateDir, explained: dict[Where, ClaimState], staged: dict[Where, str]
+    state: PrivateDir, explained: dict[Where, ClaimState], staged: dict[Where, StoredClaim]
 ) -> _Swept:
-    """Roll forward the held claims still staged (`staged`: their staging files), then remove
+    """Roll forward the held claims still staged (`staged`: their records), then remove
     staging leftovers (never answered) and released claims' files; move what no record
     explains to quarantine/<UTC time>/, keeping its place (files/KEY, inbox/OWNER/KEY). A
     link, or anything but a file, is moved as it is, never followed. Held claims whose file is
@@ -660,14 +664,19 @@ def _sweep(
 
 
 def _roll_forward(
-    state: PrivateDir, staging: PrivateDir, staged: dict[Where, str], swept: _Swept
+    state: PrivateDir, staging: PrivateDir, staged: dict[Where, StoredClaim], swept: _Swept
 ) -> None:
     """Rename each held claim's staging file still there into place (replacing what is
-    there: a released claim's file the crash kept), then fsync the directories changed."""
+    there: a released claim's file the crash kept), then fsync the directories changed. Only
+    a file of the record's size and digest: the crash may have come before its flush (the
+    acquire was never answered), and a reused staging file may then hold old content."""
     dirty: set[Where] = set()
-    for parts, name in staged.items():
+    for parts, record in staged.items():
+        name = record.staged
         entry = staging.entry(name)
-        if entry is None or not stat.S_ISREG(entry.st_mode):
+        if entry is None or not stat.S_ISREG(entry.st_mode) or entry.st_size != record.size:
+            continue
+        if hashlib.sha256(staging.read_file(name, record.size)).hexdigest() != record.sha256:
             continue
         try:
             place(state, name, parts, dirty)

@@ -3,32 +3,44 @@
     staged_name     a staging file's name, unique across fleetd runs (a claim record names it)
     StageJob        one file to stage: its content written to claims-staging/ and flushed
     run_batch       a batch of them in one pass over the disk (blocking)
-    FileBatches     how the claim handlers reach the disk: group commit, renames
+    FileBatches     how the claim handlers reach the disk: group commit, renames, reused files
     place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
     deliver / withdraw   one file, durably (start-up, tests)
 
-A delivery has two steps. Staging writes the content to a new file in ``claims-staging/``
-and makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
+A delivery has two steps. Staging writes the content to a file in ``claims-staging/`` and
+makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
 Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader never sees a
 partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
 too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
 must live on. A withdrawal moves the file out of its directory, by a rename into the staging
-directory, where the next batch unlinks it.
+directory, where it waits to be reused (below).
 
 What waits for the disk. Staging does, and its callers wait for it (fleetd.claims awaits it
 together with the claim's store commit). Placing and withdrawing do not: a rename waits for
 no disk, so they are done on the event loop (an unlink may wait for the file system's
 journal, ~0.2 ms on ext4, so it is left to a batch), and the directories they touch are
-fsynced in the background, by the next batch or after IDLE_SYNC_DELAY (never lost silently:
-a failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
+fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never lost silently: a
+failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
 reconciliation redoes it from the records, which are durable.
 
 Group commit. Each flush waits for the disk, and a journaling file system commits together
 the flushes it is asked for together: so the handlers queue their staging, and a runner
 takes all of it into one thread hop (``run_batch``) that writes every file, then flushes all
-of them, the staging directory and every directory touched since the last batch at once
-(unlinking the withdrawn files meanwhile). Only then are its callers answered. Two runners
-take turns, so that one batch writes while the other waits for the disk.
+of them at once, with the staging directory when a new name is in it and the directories
+renamed into or out of when they have waited IDLE_SYNC_DELAY. Only then are its callers
+answered. Two runners take turns, so that one batch writes while the other waits for the
+disk.
+
+Reused files. Creating a file and unlinking it cost the file system more than the rest of a
+claim's file work (allocating an inode, freeing it), and a new file's name needs the staging
+directory's fsync. So a withdrawn file is not unlinked: a batch fsyncs the staging directory
+it was moved into (one that does so anyway, or when PROMOTE_AT of them wait), and from then
+on its name is durable and it waits there, in the pool (at most POOL files; more are
+unlinked), for a later staging to overwrite it (write, truncate, fdatasync) instead of
+creating a file. A staging into a pooled file needs no fsync of the staging directory. What
+is in the file until its fdatasync returns (the old content, or a mix) is never placed: a
+claim is answered only after it, and start-up rolls a held claim forward only from a staging
+file whose size and digest match its record (fleetd.claims).
 
 Each job succeeds or fails alone: a file that cannot be written or flushed (a full disk shows
 at the write or at the flush) fails its own request and its staging file is removed; the
@@ -37,14 +49,18 @@ others go on. Every file operation goes through the state directory's descriptor
 """
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+import stat
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import structlog
@@ -58,6 +74,21 @@ log = structlog.get_logger("fleetd.delivery")
 STAGING = "claims-staging"
 BATCHES_AT_ONCE = 2
 """Batches on their way to disk together (see FileBatches)."""
+POOL = 256
+"""Withdrawn files kept in the staging directory for stagings to reuse (see FileBatches):
+more than the claims in flight under the heaviest load measured (bench/claims.py)."""
+DIRECTORIES = 256
+"""Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
+POOLED = 16 * 1024
+"""The largest file kept for reuse: the pool holds at most POOL * POOLED bytes of disk."""
+SPARES = 8
+"""Empty files a batch that makes a new one makes alongside (see run_batch)."""
+POOL_LOW = 4
+"""Files left in the pool under which a batch takes the withdrawn ones along."""
+PROMOTE_AT = 16
+"""Withdrawn files waiting for a batch to make their names durable (see FileBatches)."""
+SYNCFS_AT = 8
+"""Files in a batch from which one syncfs flushes them all (see _flush)."""
 SYNC_THREADS = 16
 """Files and directories flushed at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
@@ -90,6 +121,8 @@ class StageJob:
     parts: Where
     content: bytes
     staged: str = field(default_factory=staged_name)
+    reused: bool = False
+    """`staged` is a pooled file, whose name is durable already: it is overwritten."""
     error: FleetError | None = None
     settled: bool = False
     """Its batch has run (FileBatches)."""
@@ -110,12 +143,17 @@ def run_batch(
     jobs: Sequence[StageJob],
     dirty: Iterable[Where] = (),
     withdrawn: Sequence[str] = (),
-) -> None:
+    keep: int = 0,
+) -> list[str]:
     """Stage `jobs` in one pass over the disk: write every file, then flush at once their
-    data, the staging directory and the `dirty` directories (those placed into or withdrawn
-    from since the last batch), unlinking meanwhile the `withdrawn` files (moved from their
-    place to the staging directory). Every job ends with `error` set or not, and a failed job
-    leaves no staging file; this never raises for one job's failure."""
+    data, the staging directory (when a new name is in it) and the `dirty` directories (those
+    placed into or withdrawn from since the last batch). Of the `withdrawn` files (moved from
+    their place to the staging directory), up to `keep` plain files are kept, and returned
+    once the staging directory's fsync has made their names durable; the rest are unlinked
+    meanwhile. A batch that makes a new file (the pool was empty) makes SPARES more, empty,
+    kept alike (within `keep`): the staging directory's fsync is paid for already. Every
+    job ends with `error` set or not, and a failed job leaves no staging file; this never
+    raises for one job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
@@ -123,10 +161,15 @@ def run_batch(
             job.fail(translated(exc, state, job.parts))
         staging = None
     try:
-        if staging is not None:
-            for job in jobs:
-                _write(state, staging, job)
-        _flush(state, staging, jobs, dirty, withdrawn)
+        if staging is None:
+            _flush(state, None, jobs, dirty, [])
+            return []
+        for job in jobs:
+            _write(state, staging, job)
+        kept = _keep(staging, withdrawn, keep)
+        if any(not job.reused and job.error is None for job in jobs):
+            kept += _spares(staging, min(SPARES, keep - len(kept)))
+        return _flush(state, staging, jobs, dirty, kept)
     finally:
         for job in jobs:
             _close(job)
@@ -138,8 +181,42 @@ def run_batch(
 
 def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
     with _failing(state, job):
-        job._fd = staging.open_file(job.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        write_all(job._fd, job.content)
+        if job.reused:
+            job._fd = staging.open_file(job.staged, os.O_WRONLY)
+            write_all(job._fd, job.content)
+            os.ftruncate(job._fd, len(job.content))
+        else:
+            job._fd = staging.open_file(job.staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            write_all(job._fd, job.content)
+
+
+def _poolable(size: int, pool: Sequence[str]) -> bool:
+    return size <= POOLED and len(pool) < POOL
+
+
+def _spares(staging: PrivateDir, count: int) -> list[str]:
+    """Up to `count` new empty files, for stagings to come (one that fails is left out)."""
+    made = []
+    for _ in range(count):
+        name = staged_name()
+        with contextlib.suppress(OSError, FleetError):
+            os.close(staging.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            made.append(name)
+    return made
+
+
+def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
+    """The first `keep` withdrawn plain files of at most POOLED bytes (a link or a directory
+    moved aside from the inbox is no file to reuse); the others are unlinked."""
+    kept: list[str] = []
+    for name in withdrawn:
+        if len(kept) < keep:
+            entry = staging.entry(name)
+            if entry is not None and stat.S_ISREG(entry.st_mode) and entry.st_size <= POOLED:
+                kept.append(name)
+                continue
+        _discard_quietly(staging, name)
+    return kept
 
 
 def _flush(
@@ -147,29 +224,37 @@ def _flush(
     staging: PrivateDir | None,
     jobs: Sequence[StageJob],
     dirty: Iterable[Where],
-    withdrawn: Sequence[str],
-) -> None:
-    """Everything at once in the syncer threads, the staging directory here once the
-    withdrawn files are unlinked (they need no flush: start-up clears staging). A full disk
-    may show only at the fdatasync, as the file system allocates blocks for the data written
-    earlier."""
+    kept: list[str],
+) -> list[str]:
+    """Everything at once: the files' data, the dirty directories, and the staging directory
+    when a new file or a `kept` one is in it (the unlinked ones need no flush: start-up
+    clears staging); the kept files are returned when that fsync succeeded, else unlinked. A
+    full disk may show only at the fdatasync, as the file system allocates blocks for the
+    data written earlier.
+
+    A batch of SYNCFS_AT files or more is flushed by one syncfs of the file system instead,
+    which makes all of it durable, directories included, for a fraction of the CPU and
+    time of a flush a file (the README gives the figures). The price: it also waits for
+    whatever else is dirty on that file system. When it fails, the error may be anybody's:
+    the flushes a file then tell which job it is."""
     written = [job for job in jobs if job.error is None]
+    named = staging is not None and (kept or any(not job.reused for job in written))
+    if staging is not None and len(written) >= SYNCFS_AT and _syncfs(staging) is None:
+        return kept
     directories = _open_dirty(state, dirty)
     try:
-        flushes: list[Future[OSError | None]] = [
-            _SYNCERS.submit(_fdatasync, job._fd) for job in written
-        ]
-        flushes += [_SYNCERS.submit(_fsync, d) for _, d in directories]
-        if staging is not None:
-            for name in withdrawn:
-                _discard_quietly(staging, name)
-        staging_error = _fsync(staging) if staging is not None and written else None
-        errors = [flush.result() for flush in flushes]
+        flushes = [partial(_fdatasync, job._fd) for job in written]
+        flushes += [partial(_fsync, d) for _, d in directories]
+        if named:
+            assert staging is not None
+            flushes.append(partial(_fsync, staging))
+        errors = _all_at_once(flushes)
     finally:
         for _, directory in directories:
             directory.close()
+    staging_error = errors.pop() if named else None
     for job, flushed in zip(written, errors[: len(written)], strict=True):
-        error = flushed or staging_error
+        error = flushed or (None if job.reused else staging_error)
         if error is not None:
             job.fail(translated(error, state, job.parts))
     for (where, _), error in zip(directories, errors[len(written) :], strict=True):
@@ -179,6 +264,21 @@ def _flush(
                 path=os.path.join(state.path, *where),
                 error=str(error),
             )
+    if staging_error is not None and staging is not None:
+        for name in kept:
+            _discard_quietly(staging, name)
+        return []
+    return kept
+
+
+def _all_at_once(flushes: Sequence[Callable[[], OSError | None]]) -> list[OSError | None]:
+    """Each flush's error, the last one run in this thread (a hop to a syncer and back
+    costs two context switches), the others in the syncer threads meanwhile."""
+    if not flushes:
+        return []
+    others: list[Future[OSError | None]] = [_SYNCERS.submit(flush) for flush in flushes[:-1]]
+    last = flushes[-1]()
+    return [other.result() for other in others] + [last]
 
 
 def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, PrivateDir]]:
@@ -194,6 +294,18 @@ def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, 
                 "claims_directory_not_synced", path=os.path.join(state.path, *where), error=str(exc)
             )
     return opened
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(directory: PrivateDir) -> OSError | None:
+    """syncfs(2) (not in Python's os): every dirty file and directory of the file system
+    holding `directory` written and flushed to the disk."""
+    if _LIBC.syncfs(directory.fd) == 0:
+        return None
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
 
 
 def _fdatasync(fd: int) -> OSError | None:
@@ -263,12 +375,8 @@ def present(state: PrivateDir, parts: Where) -> bool:
 def place(state: PrivateDir, staged: str, parts: Where, dirty: set[Where]) -> None:
     """Rename the staged file into place (its directory made if missing), replacing what is
     there; the directories changed are added to `dirty`, to be fsynced."""
-    with (
-        _open(state, (STAGING,), create=False, dirty=None) as staging,
-        _open(state, parts[:-1], create=True, dirty=dirty) as target,
-    ):
-        staging.move(staged, target, parts[-1])
-    dirty.add(parts[:-1])
+    with Directories(state) as directories:
+        directories.place(staged, parts, dirty)
 
 
 def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
@@ -284,19 +392,92 @@ def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
 
 
 def set_aside(state: PrivateDir, parts: Where, name: str, dirty: set[Where]) -> bool:
-    """Move the file at `parts` to the staging directory as `name`, to be unlinked there;
-    False when there is none (or no directory of it). Its directory is added to `dirty`."""
-    try:
-        directory = _open(state, parts[:-1], create=False, dirty=None)
-    except FileNotFoundError:
-        return False
-    with directory, _open(state, (STAGING,), create=True, dirty=dirty) as staging:
+    """Move the file at `parts` to the staging directory as `name`; False when there is none
+    (or no directory of it). Its directory is added to `dirty`."""
+    with Directories(state) as directories:
+        return directories.set_aside(parts, name, dirty)
+
+
+class Directories:
+    """The directories that files are renamed into and out of, held open between renames:
+    opening one link-free costs an open, an fstat and a close a level, and a claim's renames
+    would pay that for the staging directory, the inbox and the owner's directory each time.
+
+    Before each use every level is checked to be still the directory opened there (an lstat
+    of its name in its parent: the same device and inode), so a directory since replaced (by
+    a link, say) is never used: it is opened again, and refused as `_open` refuses it. Call
+    `close` when done. What `open` returns is borrowed: it stays open until `close`, or until
+    `size` other directories have been opened since (only the least recently used close)."""
+
+    def __init__(self, state: PrivateDir, size: int = DIRECTORIES) -> None:
+        self._state = state
+        self._size = size
+        self._held: OrderedDict[Where, tuple[PrivateDir, int, int]] = OrderedDict()
+
+    def __enter__(self) -> "Directories":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for directory, _, _ in self._held.values():
+            directory.close()
+        self._held.clear()
+
+    def open(self, where: Where, *, create: bool, dirty: set[Where] | None) -> PrivateDir:
+        """The directory at `where`, as `_open` gives it."""
+        directory = self._state
+        for depth in range(1, len(where) + 1):
+            directory = self._level(directory, where[:depth], create, dirty)
+        return directory
+
+    def place(self, staged: str, parts: Where, dirty: set[Where]) -> None:
+        """As `place` (the module's function)."""
+        staging = self.open((STAGING,), create=False, dirty=None)
+        target = self.open(parts[:-1], create=True, dirty=dirty)
+        staging.move(staged, target, parts[-1])
+        dirty.add(parts[:-1])
+
+    def set_aside(self, parts: Where, name: str, dirty: set[Where]) -> bool:
+        """As `set_aside` (the module's function)."""
+        try:
+            directory = self.open(parts[:-1], create=False, dirty=None)
+        except FileNotFoundError:
+            return False
+        staging = self.open((STAGING,), create=True, dirty=dirty)
         try:
             directory.move(parts[-1], staging, name)
         except FileNotFoundError:
             return False
-    dirty.add(parts[:-1])
-    return True
+        dirty.add(parts[:-1])
+        return True
+
+    def _level(
+        self, parent: PrivateDir, where: Where, create: bool, dirty: set[Where] | None
+    ) -> PrivateDir:
+        held = self._held.pop(where, None)
+        if held is not None:
+            directory, device, inode = held
+            entry = parent.entry(where[-1])
+            if entry is not None and (entry.st_dev, entry.st_ino) == (device, inode):
+                self._held[where] = held
+                return directory
+            directory.close()
+        try:
+            directory = parent.subdir(where[-1], create=False)
+        except FileNotFoundError:
+            if not create:
+                raise
+            directory = parent.subdir(where[-1], create=True)
+            if dirty is not None:
+                dirty.add(where[:-1])
+        opened = os.fstat(directory.fd)
+        self._held[where] = (directory, opened.st_dev, opened.st_ino)
+        if len(self._held) > self._size:
+            _, (evicted, _, _) = self._held.popitem(last=False)
+            evicted.close()
+        return directory
 
 
 def discard(state: PrivateDir, staged: str) -> None:
@@ -367,49 +548,73 @@ class FileBatches:
     ``files.stage(parts, content)`` queues a staging and returns its job at once, and
     ``await files.staged(job)`` returns once that file is durable in the staging directory
     (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
-    unlinks a file, both at once, their directories fsynced by the next batch."""
+    moves a file out of its place, both at once, their directories fsynced by the next batch,
+    which pools the withdrawn files for stagings to reuse."""
 
     def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
         self._at_once = at_once
+        self._directories = Directories(state)
         self._queue: list[StageJob] = []
         self._dirty: set[Where] = set()
         self._withdrawn: list[str] = []
+        self._pool: list[str] = []
+        """Staging files whose names are durable, free to be overwritten."""
+        self._pooling = 0
+        """Places in the pool promised to the batches on their way."""
+        self._dirty_seen: float | None = None
+        """When a runner first found the directories dirty now (see _take_dirty)."""
         self._queued_done = anyio.Event()
         """Set once the batch that takes the jobs queued now has run."""
         self._work_due = anyio.Event()
+        self._waiting = 0
+        """Runners waiting for `_work_due`."""
+        self._idle = 0
+        """Those of them with nothing at all to do."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as runners:
-            for _ in range(self._at_once):
-                runners.start_soon(self._run_batches)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as runners:
+                for _ in range(self._at_once):
+                    runners.start_soon(self._run_batches)
+                task_status.started()
+        finally:
+            self._directories.close()
 
     def stage(self, parts: Where, content: bytes) -> StageJob:
-        job = StageJob(parts, content, done=self._queued_done)
+        if self._pool:
+            job = StageJob(parts, content, self._pool.pop(), reused=True, done=self._queued_done)
+        else:
+            job = StageJob(parts, content, done=self._queued_done)
         self._queue.append(job)
-        self._wake()
+        self._wake(staging=True)
         return job
 
     async def staged(self, job: StageJob) -> None:
         """Shielded: file work cannot be taken back half done, so a caller cancelled meanwhile
         learns so once its batch has run (and discards its file, if it must)."""
         assert job.done is not None
-        with anyio.CancelScope(shield=True):
-            await job.done.wait()
+        if not job.settled:  # often it is: its batch ran while its record was committed
+            with anyio.CancelScope(shield=True):
+                await job.done.wait()
         if job.error is not None:
             raise job.error
 
     def place(self, job: StageJob) -> None:
         try:
-            place(self._state, job.staged, job.parts, self._dirty)
+            self._directories.place(job.staged, job.parts, self._dirty)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, job.parts) from None
         finally:
             self._wake()
 
     def discard(self, job: StageJob) -> None:
-        """Its staging file goes; a failure is logged (start-up removes it)."""
+        """Its staging file will not be placed: one its batch made durable goes back to the
+        pool, as a pooled file (what it holds is never placed: see fleetd.claims), any
+        other is removed; a failure is logged (start-up removes it)."""
+        if job.settled and job.error is None and _poolable(len(job.content), self._pool):
+            self._pool.append(job.staged)
+            return
         try:
             discard(self._state, job.staged)
         except (OSError, FleetError) as exc:
@@ -420,7 +625,7 @@ class FileBatches:
         may wait for the file system's journal); the next batch unlinks it."""
         name = staged_name()
         try:
-            if set_aside(self._state, parts, name, self._dirty):
+            if self._directories.set_aside(parts, name, self._dirty):
                 self._withdrawn.append(name)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None
@@ -437,34 +642,80 @@ class FileBatches:
             self.discard(job)
             raise
 
-    def _wake(self) -> None:
-        """Every runner waiting sees the new work. Only the waker replaces the event: a runner
-        that replaced it could leave the other waiting on one that is never set."""
-        woken, self._work_due = self._work_due, anyio.Event()
-        woken.set()
+    def _wake(self, *, staging: bool = False) -> None:
+        """Every runner waiting sees the new work (a busy one looks for it when its batch is
+        done); without `staging` (directories to fsync) only if one has nothing to do at all,
+        as the others wait for staging work to join them. Only the waker replaces the event:
+        a runner that replaced it could leave the other waiting on one that is never set."""
+        if self._idle if not staging else self._waiting:
+            woken, self._work_due = self._work_due, anyio.Event()
+            woken.set()
+
+    async def _wait_for_work(self, *, idle: bool) -> None:
+        self._waiting += 1
+        self._idle += idle
+        try:
+            await self._work_due.wait()
+        finally:
+            self._waiting -= 1
+            self._idle -= idle
+
+    def _take_dirty(self, *, idle: bool) -> set[Where]:
+        """The dirty directories, for a batch with no staging work or once they have waited
+        IDLE_SYNC_DELAY: nothing waits for their fsync (see the module's docstring), so a
+        batch that callers wait for does not take on one more flush for every rename."""
+        if not self._dirty:
+            return set()
+        now = anyio.current_time()
+        if self._dirty_seen is None:
+            self._dirty_seen = now
+        if not idle and now - self._dirty_seen < IDLE_SYNC_DELAY:
+            return set()
+        dirty, self._dirty, self._dirty_seen = self._dirty, set(), None
+        return dirty
+
+    def _take_withdrawn(self, jobs: Sequence[StageJob]) -> list[str]:
+        """The withdrawn files, when this batch fsyncs the staging directory anyway (a new
+        file), has no staging work, or the pool needs them (under POOL_LOW left), or
+        PROMOTE_AT of them wait: one fsync then makes all of their names durable."""
+        promote = (
+            not jobs
+            or len(self._pool) < POOL_LOW
+            or len(self._withdrawn) >= PROMOTE_AT
+            or any(not job.reused for job in jobs)
+        )
+        if not promote:
+            return []
+        withdrawn, self._withdrawn = self._withdrawn, []
+        return withdrawn
 
     async def _run_batches(self) -> None:
         while True:
             while not (self._queue or self._dirty or self._withdrawn):
-                await self._work_due.wait()
+                await self._wait_for_work(idle=True)
             if not self._queue:  # directories to fsync alone: staging work may join them
                 with anyio.move_on_after(IDLE_SYNC_DELAY):
                     while not self._queue:
-                        await self._work_due.wait()
+                        await self._wait_for_work(idle=False)
             jobs, self._queue = self._queue, []
-            dirty, self._dirty = self._dirty, set()
-            withdrawn, self._withdrawn = self._withdrawn, []
+            dirty = self._take_dirty(idle=not jobs)
+            withdrawn = self._take_withdrawn(jobs)
             if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()
+            room = max(0, POOL - len(self._pool) - self._pooling)
+            self._pooling += room
             with anyio.CancelScope(shield=True):  # callers wait for every batch to end
                 try:
-                    await anyio.to_thread.run_sync(run_batch, self._state, jobs, dirty, withdrawn)
+                    self._pool += await anyio.to_thread.run_sync(
+                        run_batch, self._state, jobs, dirty, withdrawn, room
+                    )
                 except Exception as exc:  # a bug: these callers hear of it, the next batch runs
                     log.exception("claim_files_failed", jobs=len(jobs))
                     for job in jobs:
                         job.fail(Internal(f"the claims' file batch failed: {exc!r}"))
                 finally:
+                    self._pooling -= room
                     for job in jobs:
                         job.settled = True
                     done.set()

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetctl.sync import SyncClient
+from fleetd.delivery import POOL, POOLED
 from protocol.claims import ClaimInfo
 from protocol.definitions import cluster_from_dict
 from protocol.errors import Absent, FleetError, Unavailable
@@ -1048,8 +1049,9 @@ class Campaign:
 
     def check_delivered_files(self, client: SyncClient) -> None:
         """Every delivered file belongs to a held claim and holds its content in full; the
-        staging directory is empty once idle (a released claim's file waits there for the
-        next batch of file work to unlink it, STAGING_IDLE at most)."""
+        staging directory holds, once idle, only the files this fleetd keeps for reuse (at
+        most POOL, of at most POOLED bytes: fleetd.delivery): start-up removed what a crash
+        left there, and a file set aside beyond them is unlinked within STAGING_IDLE."""
         held = {
             info.path: info
             for kind in ("prompt_inbox", "file")
@@ -1073,8 +1075,13 @@ class Campaign:
                         ),
                     )
         staging = os.path.join(state, "claims-staging")
-        left = _left_in(staging)
-        self.tally.check("nothing is left in staging", not left, lambda: f"{staging} holds {left}")
+        assert self.daemon.process is not None
+        stray = _stray_in(staging, f"{self.daemon.process.pid}-")
+        self.tally.check(
+            "staging holds only this fleetd's files kept for reuse",
+            not stray,
+            lambda: f"{staging} holds {stray}",
+        )
 
     # -- the end
 
@@ -1155,17 +1162,29 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 STAGING_IDLE = 2.0
-"""Seconds fleetd may take, idle, to unlink the files that releases set aside in staging."""
+"""Seconds fleetd may take, idle, to unlink the files set aside in staging beyond its pool."""
 
 
-def _left_in(staging: str) -> list[str]:
-    """What stays in `staging` once fleetd had STAGING_IDLE seconds to clear it."""
+def _stray_in(staging: str, ours: str) -> list[str]:
+    """What `staging` holds, once fleetd had STAGING_IDLE seconds, beyond the pool of the
+    fleetd whose files' names start with `ours`."""
     deadline = time.monotonic() + STAGING_IDLE
     while True:
-        left = os.listdir(staging) if os.path.isdir(staging) else []
-        if not left or time.monotonic() > deadline:
-            return left
+        names = os.listdir(staging) if os.path.isdir(staging) else []
+        stray = [name for name in names if not _pooled(staging, name, ours)]
+        if len(names) > POOL:
+            stray.append(f"{len(names)} files, over the pool's {POOL}")
+        if not stray or time.monotonic() > deadline:
+            return stray
         time.sleep(0.05)
+
+
+def _pooled(staging: str, name: str, ours: str) -> bool:
+    try:
+        size = os.lstat(os.path.join(staging, name)).st_size
+    except FileNotFoundError:
+        return True  # reused meanwhile
+    return name.startswith(ours) and size <= POOLED
 
 
 if __name__ == "__main__":

@@ -102,6 +102,18 @@ def _read(path: str) -> bytes | None:
         return None
 
 
+def _placed(state: str) -> list[str]:
+    """The files under the state directory but for the staging ones."""
+    return [f for f in _files(state) if not f.startswith(STAGING)]
+
+
+def _staged_contents(state: str) -> list[bytes]:
+    """What the staging files hold, but for the empty ones (spares for stagings to come)."""
+    staging = os.path.join(state, STAGING)
+    contents = [_read(os.path.join(staging, name)) for name in os.listdir(staging)]
+    return sorted(content for content in contents if content)
+
+
 def _write(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -123,7 +135,7 @@ async def test_acquire_delivers_the_file_and_release_removes_it(tempdir: str) ->
         assert result.claim.path == path
         assert _read(path) == b"hello\n"
         assert result.claim.sha256 == hashlib.sha256(b"hello\n").hexdigest()
-        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+        assert _staged_contents(claims.state.path) == []
         again = await claims.acquire(_acquire("p1", b"hello\n"), PEER)
         assert (again.outcome, again.claim) == (Outcome.ALREADY_ACQUIRED, result.claim)
         released = await claims.release(
@@ -180,11 +192,12 @@ async def test_full_store_is_an_error_and_leaves_journal_and_inbox_unchanged(
             with contextlib.suppress(StoreFull):
                 while True:
                     await store.put(f"filler/{n}/{store.revision}", b"f" * size)
-        before, files = store.revision, _files(claims.state.path)
+        before, files = store.revision, _placed(claims.state.path)
         with pytest.raises(StoreFull):
             await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
         assert store.revision == before
-        assert _files(claims.state.path) == files
+        assert _placed(claims.state.path) == files
+        assert _staged_contents(claims.state.path) == []
         await store.set_max_pages(None)
         result = await claims.acquire(_acquire("big", b"x" * (MAX_CONTENT - 1)), PEER)
         assert result.outcome is Outcome.ACQUIRED
@@ -202,8 +215,8 @@ async def test_full_disk_while_delivering_writes_nothing(
             await claims.acquire(_acquire("k", b"x"), PEER)
         monkeypatch.undo()
         assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
-        assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
-        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+        assert _placed(claims.state.path) == []
+        assert _staged_contents(claims.state.path) == []
 
 
 async def test_a_flush_that_fails_after_the_record_committed_restores_the_previous_record(
@@ -222,8 +235,10 @@ async def test_a_flush_that_fails_after_the_record_committed_restores_the_previo
         monkeypatch.undo()
         inspected = await claims.inspect(ClaimInspect(id=1, kind="prompt_inbox", key="k"), PEER)
         assert inspected.claim == released
-        assert [f for f in _files(claims.state.path) if not f.startswith(STAGING)] == []
-        assert os.listdir(os.path.join(claims.state.path, STAGING)) == []
+        assert _placed(claims.state.path) == []
+        staging = os.path.join(claims.state.path, STAGING)
+        kept = [_read(os.path.join(staging, name)) for name in os.listdir(staging)]
+        assert b"second\n" not in kept, "the failed staging is gone (a released file may stay)"
 
 
 async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
@@ -326,7 +341,7 @@ async def test_acquires_that_fill_the_disk_together_answer_no_space_and_lose_not
             assert 0 < len(held) < 8
             assert sorted(os.listdir(os.path.join(state, "files"))) == held
             assert all(_read(os.path.join(state, "files", key)) == content for key in held)
-            assert os.listdir(os.path.join(state, STAGING)) == []
+            assert _staged_contents(state) == []
     finally:
         await anyio.run_process(["umount", "-l", state], check=False)
 
@@ -377,7 +392,7 @@ async def test_a_failed_acquire_does_not_fail_those_batched_with_it(tempdir: str
         held = (await claims.list(ClaimListRequest(id=1), PEER)).claims
         assert refused == ["mallory"]
         assert sorted(c.key for c in held) == ["k-a", "k-b"]
-        assert _files(claims.state.path) == ["inbox/a/k-a", "inbox/b/k-b"]
+        assert _placed(claims.state.path) == ["inbox/a/k-a", "inbox/b/k-b"]
 
 
 async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
@@ -449,6 +464,25 @@ def test_a_held_claim_found_only_staged_is_rolled_forward_at_start_up(tempdir: s
         assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
         assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
         assert _claim(daemon, "p").claim.state == "held"
+    finally:
+        daemon.close()
+
+
+def test_a_staged_file_that_is_not_the_records_content_is_not_rolled_forward(
+    tempdir: str,
+) -> None:
+    """A crash before the staged file's flush (a reused file may still hold what it held
+    before): the acquire was never answered, and no partial file reaches the inbox."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        record = _stored_record(daemon, "p")
+        assert record is not None and record.staged
+        os.unlink(_inbox_file(daemon, "p"))
+        _write(_staging_file(daemon, record.staged), b"prompX\n")
+        daemon.start()
+        assert not os.path.exists(_inbox_file(daemon, "p"))
+        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert _claim(daemon, "p").outcome == "absent"
     finally:
         daemon.close()
 
@@ -709,7 +743,7 @@ def test_full_disk_on_a_small_tmpfs_is_an_error_envelope(tempdir: str) -> None:
         assert sorted(_files(os.path.join(daemon.state_dir, "files"))) == sorted(
             c["key"] for c in listed
         )
-        assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
+        assert _staged_contents(daemon.state_dir) == []
     finally:
         daemon.close()
         subprocess.run(["umount", "-l", daemon.state_dir], check=False)

@@ -53,6 +53,12 @@ def _staging(state: PrivateDir) -> list[str]:
         return []
 
 
+def _staged_contents(state: PrivateDir) -> list[bytes]:
+    """What the staging files hold, but for the empty ones (spares, see run_batch)."""
+    contents = [_read(state, STAGING, name) for name in _staging(state)]
+    return sorted(content for content in contents if content)
+
+
 @pytest.fixture
 async def files(state: PrivateDir) -> AsyncIterator[FileBatches]:
     batches = FileBatches(state)
@@ -169,17 +175,40 @@ def test_placing_refuses_a_planted_link_and_keeps_the_staged_file(
     assert _staging(state) == [job.staged]
 
 
+async def test_a_held_directory_replaced_by_a_link_is_refused(
+    state: PrivateDir, files: FileBatches, tempdir: str
+) -> None:
+    await files.deliver(("inbox", "a", "first"), b"1")
+    inbox = os.path.join(state.path, "inbox", "a")
+    elsewhere = os.path.join(tempdir, "elsewhere")
+    os.rename(inbox, elsewhere)
+    os.symlink(elsewhere, inbox)
+    with pytest.raises(UnsafePath):
+        await files.deliver(("inbox", "a", "second"), b"2")
+    assert os.listdir(elsewhere) == ["first"]
+
+
+async def test_a_held_directory_removed_meanwhile_is_made_again(
+    state: PrivateDir, files: FileBatches
+) -> None:
+    await files.deliver(("inbox", "a", "first"), b"1")
+    files.withdraw(("inbox", "a", "first"))
+    os.rmdir(os.path.join(state.path, "inbox", "a"))
+    await files.deliver(("inbox", "a", "second"), b"2")
+    assert _read(state, "inbox", "a", "second") == b"2"
+
+
 async def test_concurrent_callers_share_batches(
     state: PrivateDir, files: FileBatches, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batches: list[int] = []
 
     def counted(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
-    ) -> None:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
+    ) -> list[str]:
         if jobs:
             batches.append(len(jobs))
-        run_batch(state, jobs, dirty, withdrawn)
+        return run_batch(state, jobs, dirty, withdrawn, keep)
 
     monkeypatch.setattr(delivery, "run_batch", counted)
     async with anyio.create_task_group() as tasks:
@@ -206,14 +235,14 @@ async def test_two_batches_are_on_their_way_at_once_whatever_came_before(
     running: list[int] = []
 
     def waiting_for_the_disk(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
-    ) -> None:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
+    ) -> list[str]:
         if jobs:
             running.append(len(jobs))
             anyio.from_thread.run_sync(taken[len(running) - 1].set)
             if len(running) == 1:
                 held.wait(10)
-        run_batch(state, jobs, dirty, withdrawn)
+        return run_batch(state, jobs, dirty, withdrawn, keep)
 
     monkeypatch.setattr(delivery, "run_batch", waiting_for_the_disk)
     async with anyio.create_task_group() as tasks:
@@ -245,7 +274,7 @@ async def test_a_failing_caller_does_not_fail_its_batch_mates(
             tasks.start_soon(deliver, f"k{n}", b"too big" if n % 4 == 1 else b"ok")
     assert sorted(failed) == sorted(f"k{n}" for n in range(1, 16, 4))
     assert len(os.listdir(os.path.join(state.path, "files"))) == 12
-    assert _staging(state) == []
+    assert _staged_contents(state) == [], "only the empty spares made for the pool"
 
 
 async def test_a_placed_files_directory_is_fsynced_in_the_background(
@@ -262,17 +291,67 @@ async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
     synced.clear()
     files.withdraw(("inbox", "a", "k"))
     assert _read(state, "inbox", "a", "k") is None
-    await anyio.to_thread.run_sync(wait_until, lambda: synced == ["inbox/a"])
+    await anyio.to_thread.run_sync(wait_until, lambda: "inbox/a" in synced)
 
 
-async def test_a_withdrawn_file_is_set_aside_then_unlinked_by_the_next_batch(
+async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     state: PrivateDir, files: FileBatches
 ) -> None:
-    delivery.deliver(state, ("inbox", "a", "k"), b"x")
+    """No inode is made or freed: the next batch keeps the file (its name made durable),
+    and the staging after it overwrites it, a shorter content cutting it short."""
+    delivery.deliver(state, ("inbox", "a", "k"), b"old and longer")
     files.withdraw(("inbox", "a", "k"))
     assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
-    await files.deliver(("files", "other"), b"y")
+    await files.deliver(("files", "first"), b"1")
+    assert _staged_contents(state) == [b"old and longer"], "kept, with the empty spares"
+    pooled = {os.stat(os.path.join(state.path, STAGING, name)).st_ino for name in _staging(state)}
+    for n in range(len(pooled)):
+        await files.deliver(("files", f"k{n}"), b"new")
+    reused = {
+        os.stat(os.path.join(state.path, "files", f"k{n}")).st_ino for n in range(len(pooled))
+    }
+    assert reused == pooled
     assert _staging(state) == []
+    assert all(_read(state, "files", f"k{n}") == b"new" for n in range(len(pooled)))
+
+
+def test_a_batch_that_makes_a_new_file_makes_spares_for_the_pool(state: PrivateDir) -> None:
+    job = StageJob(("files", "k"), b"x")
+    spares = run_batch(state, [job], keep=3)
+    assert len(spares) == 3
+    assert _staging(state) == sorted([job.staged, *spares])
+    assert _staged_contents(state) == [b"x"]
+
+
+def test_a_staging_into_a_kept_file_needs_no_fsync_of_the_staging_directory(
+    state: PrivateDir, synced: list[str]
+) -> None:
+    delivery.deliver(state, ("files", "k"), b"x")
+    assert delivery.set_aside(state, ("files", "k"), "kept.tmp", set())
+    assert run_batch(state, [], withdrawn=["kept.tmp"], keep=1) == ["kept.tmp"]
+    synced.clear()
+    job = StageJob(("files", "again"), b"reused", "kept.tmp", reused=True)
+    assert run_batch(state, [job]) == []
+    assert job.error is None and _read(state, STAGING, "kept.tmp") == b"reused"
+    assert synced == []
+
+
+def test_a_batch_keeps_only_as_many_withdrawn_plain_files_as_asked(
+    state: PrivateDir, tempdir: str
+) -> None:
+    staging = os.path.join(state.path, STAGING)
+    os.makedirs(staging, mode=0o700)
+    os.symlink(tempdir, os.path.join(staging, "link.tmp"))
+    for name in ("a.tmp", "b.tmp", "c.tmp"):
+        _write_file(os.path.join(staging, name), b"x")
+    kept = run_batch(state, [], withdrawn=["link.tmp", "a.tmp", "b.tmp", "c.tmp"], keep=2)
+    assert kept == ["a.tmp", "b.tmp"]
+    assert _staging(state) == ["a.tmp", "b.tmp"]
+
+
+def _write_file(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
 
 
 async def test_withdrawing_a_file_already_gone_is_fine(files: FileBatches) -> None:
