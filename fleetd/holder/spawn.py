@@ -368,7 +368,10 @@ class _SpawningThread:
                 job, outcome = self._outcomes.get_nowait()
             except queue.Empty:
                 return
-            self._spawner._finished(job, outcome)
+            try:
+                self._spawner._finished(job, outcome)
+            except Exception:  # a bug in one member's supervision: the others' outcomes go on
+                log.exception("spawn_outcome_failed", argv=job.argv)
 
     def _run(self, jobs_read: int, done_write: int, keep: set[int]) -> None:
         try:
@@ -380,22 +383,28 @@ class _SpawningThread:
         _close_all_but(keep)  # in this thread's copy of the table only
         self._started.set()
         receiver = socket.socket(fileno=jobs_read)
-        while True:
-            _, ancillary, _, _ = receiver.recvmsg(1, _OUTPUT_FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
-            fds = _received_fds(ancillary)
-            job = self._jobs.get()
-            outcome: Outcome
+        while True:  # never returns: its children would get their parent-death signal
             try:
-                outcome = self._spawner.spawn(
-                    job.argv, job.env, job.cwd, fds[0], fds[-1], cgroup=job.cgroup
-                )
-            except Exception as exc:
-                outcome = exc
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            self._outcomes.put((job, outcome))
-            os.write(done_write, b"\0")
+                self._spawn_next(receiver, done_write)
+            except Exception:
+                log.exception("spawning_thread_failed")
+
+    def _spawn_next(self, receiver: socket.socket, done_write: int) -> None:
+        _, ancillary, _, _ = receiver.recvmsg(1, _OUTPUT_FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds = _received_fds(ancillary)
+        job = self._jobs.get()
+        outcome: Outcome
+        try:
+            outcome = self._spawner.spawn(
+                job.argv, job.env, job.cwd, fds[0], fds[-1], cgroup=job.cgroup
+            )
+        except Exception as exc:
+            outcome = exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._outcomes.put((job, outcome))
+        os.write(done_write, b"\0")
 
 
 def _unshare(flags: int) -> None:
