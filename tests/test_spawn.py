@@ -249,3 +249,22 @@ async def test_a_program_spawned_on_a_spawning_thread_inherits_only_its_output()
     finally:
         os.close(inheritable)
     assert text.split() == ["0", "1", "2", "3"]  # 3: ls's own listing of the directory
+
+
+async def test_where_unshare_is_refused_spawns_run_on_the_event_loops_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(flags: int) -> None:
+        raise PermissionError(1, "unshare: Operation not permitted")
+
+    monkeypatch.setattr(spawn_module, "_unshare", refused)
+    spawner, here = Spawner(), os.getcwd()
+    directory = tempfile.mkdtemp(dir="/tmp")
+    try:
+        outcome, text, thread = await spawned_soon(spawner, ["pwd"], directory)
+    finally:
+        os.rmdir(directory)
+    assert isinstance(outcome, spawn_module.Child)
+    assert (text, thread) == (f"{directory}\n", threading.get_ident())
+    assert spawner.in_flight == 0
+    assert os.getcwd() == here
