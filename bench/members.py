@@ -77,7 +77,9 @@ def measure() -> list[Figure]:
     supervisor_bin = supervisor_venv()
     figures: list[Figure] = []
     for n in SIZES:
-        fleet_start, fleet_restart, rates = anyio.run(_bound_sleepers, n, backend_options=_UVLOOP)
+        fleet_start, holder_cpu, fleet_restart, rates = anyio.run(
+            _bound_sleepers, n, backend_options=_UVLOOP
+        )
         with Supervisord(supervisor_bin, n) as sv:
             sv_start = sv.started_in
             sv_restart, sv_spawn = zip(
@@ -92,6 +94,14 @@ def measure() -> list[Figure]:
                 "s",
                 target=Target(1.0) if n == BIG else None,
                 ratio_target=Target(5, upper=False) if n == BIG else None,
+            )
+            figures.append(
+                Figure(
+                    f"fleet_start_holder_cpu_{n}",
+                    "  holder CPU, all its threads",
+                    holder_cpu * 1e3,
+                    "ms",
+                )
             )
             figures += _side_by_side(
                 f"restart_p50_{n}",
@@ -183,21 +193,24 @@ class _Rates:
     all_members: Costed = NOT_MEASURED
 
 
-async def _bound_sleepers(n: int) -> tuple[float, list[float], _Rates]:
-    """Start → all running; then SIGKILL members one at a time, watching status for a new pid."""
+async def _bound_sleepers(n: int) -> tuple[float, float, list[float], _Rates]:
+    """Start → all running, and the CPU the holder spent on it (it was forked at the start:
+    its counters began there; the members' own CPU is theirs); then SIGKILL members one at a
+    time, watching status for a new pid."""
     rates = _Rates()
     started = time.perf_counter()
     async with Cluster(_sleepers(n), timeout=60) as cluster:
         await cluster.wait_running(timeout=60)
         start = time.perf_counter() - started
+        assert cluster.holder_pid is not None
+        holder_cpu = cpu_seconds(cluster.holder_pid)
         restarts = [await _fleet_restart(cluster, f"s{(i * 37) % n}") for i in range(KILLS)]
         if n == BIG:
-            assert cluster.holder_pid is not None
             rates.one_member = await rate(lambda: cluster.status("s1"), STATUS_SECONDS)
             rates.all_members = await costed_rate(
                 cluster.status, ALL_STATUS_SECONDS, cluster.holder_pid
             )
-    return start, restarts, rates
+    return start, holder_cpu, restarts, rates
 
 
 async def _fleet_restart(cluster: Cluster, name: str) -> float:

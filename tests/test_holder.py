@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import closing
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -22,7 +23,7 @@ import fleetctl
 from fleetctl.bound import SyncCluster, answered_all
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, pidfile_text, process_start_time
-from fleetd.holder.members import LineMatcher, LogFile
+from fleetd.holder.members import LineMatcher, LogFile, Reaper
 from protocol.errors import (
     Absent,
     FleetError,
@@ -95,6 +96,35 @@ def test_a_member_is_ready_when_systemd_notify_says_so() -> None:
         c.wait_running(timeout=10)
         assert time.monotonic() - started < 3, "the barrier of systemd-notify was not answered"
         wait_until(lambda: "notified" in c.logs("n"))
+
+
+@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="systemd-notify not installed")
+def test_members_that_notify_as_soon_as_they_run_are_all_ready() -> None:
+    """A member may speak before its holder has heard how its spawn went (spawns run on
+    other threads): what it said then is its own once the holder knows its pid."""
+    script = "systemd-notify --ready; exec sleep 60"
+    notifying = {"command": ["sh", "-c", script], "ready": "notify"}
+    with fleetctl.cluster(members(**{f"n{i}": notifying for i in range(40)})) as c:
+        c.wait_running(timeout=20)
+
+
+async def test_an_exit_reaped_before_its_child_is_watched_is_handed_over() -> None:
+    """While a spawn is on its way, its child may exit and be reaped before anyone watches
+    it: the exit waits for the watch."""
+    reaper = Reaper(spawning=lambda: True)
+    pid = exited_unreaped(["sh", "-c", "exit 3"])
+    reaper.reap()
+    codes: list[int] = []
+    reaper.watch(pid, codes.append)
+    await anyio.lowlevel.checkpoint()
+    assert codes == [3]
+
+
+def exited_unreaped(argv: list[str]) -> int:
+    """A child of ours that has exited and is not reaped yet."""
+    pid = os.posix_spawnp(argv[0], argv, os.environ)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    return pid
 
 
 def test_a_member_is_ready_when_its_output_matches() -> None:

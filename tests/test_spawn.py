@@ -1,16 +1,20 @@
 """Spawning members: the trampoline gives them a parent-death signal, puts them in their cgroup,
 and gets out of the way."""
 
+import asyncio
 import contextlib
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
+import anyio
 import pytest
 
 from fleetd.core import cgroups
@@ -182,3 +186,85 @@ def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"still false after {timeout}s"
         time.sleep(0.005)
+
+
+async def spawned_soon(
+    spawner: Spawner, argv: list[str], cwd: str | None = None
+) -> tuple[spawn_module.Outcome, str, int]:
+    """Spawn on a spawning thread: the outcome, the child's output, and the thread `done`
+    ran on."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[tuple[spawn_module.Outcome, int]] = loop.create_future()
+    read, write = os.pipe()
+    try:
+        spawner.spawn_soon(
+            argv,
+            dict(os.environ),
+            cwd,
+            write,
+            write,
+            done=lambda result: outcome.set_result((result, threading.get_ident())),
+        )
+    finally:
+        os.close(write)
+    result, thread = await outcome
+    with os.fdopen(read) as output:
+        text = await anyio.to_thread.run_sync(output.read)
+    if isinstance(result, spawn_module.Child):
+        await anyio.to_thread.run_sync(os.waitpid, result.pid, 0)
+    return result, text, thread
+
+
+async def test_a_spawn_on_a_spawning_thread_reports_on_the_event_loops_thread() -> None:
+    outcome, text, thread = await spawned_soon(Spawner(), ["echo", "hi"])
+    assert isinstance(outcome, spawn_module.Child)
+    assert text == "hi\n"
+    assert thread == threading.get_ident()
+
+
+async def test_a_spawn_on_a_spawning_thread_that_fails_reports_its_os_error() -> None:
+    outcome, _, _ = await spawned_soon(Spawner(), ["/no/such/program"])
+    assert isinstance(outcome, FileNotFoundError)
+
+
+async def test_spawns_run_in_their_directories_without_moving_the_spawning_process() -> None:
+    spawner, here = Spawner(), os.getcwd()
+    first, second = tempfile.mkdtemp(dir="/tmp"), tempfile.mkdtemp(dir="/tmp")
+    try:
+        results = await asyncio.gather(
+            spawned_soon(spawner, ["pwd"], first), spawned_soon(spawner, ["pwd"], second)
+        )
+        assert [text for _, text, _ in results] == [f"{first}\n", f"{second}\n"]
+        assert os.getcwd() == here
+    finally:
+        os.rmdir(first)
+        os.rmdir(second)
+
+
+async def test_a_program_spawned_on_a_spawning_thread_inherits_only_its_output() -> None:
+    inheritable = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(inheritable, True)  # even one the spawning process lets children have
+    try:
+        _, text, _ = await spawned_soon(Spawner(), ["ls", "/proc/self/fd"])
+    finally:
+        os.close(inheritable)
+    assert text.split() == ["0", "1", "2", "3"]  # 3: ls's own listing of the directory
+
+
+async def test_where_unshare_is_refused_spawns_run_on_the_event_loops_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refused(flags: int) -> None:
+        raise PermissionError(1, "unshare: Operation not permitted")
+
+    monkeypatch.setattr(spawn_module, "_unshare", refused)
+    spawner, here = Spawner(), os.getcwd()
+    directory = tempfile.mkdtemp(dir="/tmp")
+    try:
+        outcome, text, thread = await spawned_soon(spawner, ["pwd"], directory)
+    finally:
+        os.rmdir(directory)
+    assert isinstance(outcome, spawn_module.Child)
+    assert (text, thread) == (f"{directory}\n", threading.get_ident())
+    assert spawner.in_flight == 0
+    assert os.getcwd() == here

@@ -26,7 +26,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -162,13 +162,29 @@ class Reaper:
     thing, before any thread exists (threads inherit the mask; members get an empty one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spawning: Callable[[], bool] = lambda: False) -> None:
+        """`spawning()`: whether a spawn is on its way, whose child may exit (and be reaped
+        here) before it is watched."""
         self._watching: dict[int, Callable[[int], None]] = {}
+        self._spawning = spawning
+        self._unclaimed: dict[int, int] = {}
+        """Exit codes of children reaped unwatched while spawns were on their way."""
 
     def watch(self, pid: int, on_exit: Callable[[int], None]) -> None:
         """Call `on_exit(exit_code)` (negative: killed by that signal) when `pid` exits. Call it
-        right after spawning, before awaiting anything, so the exit cannot be missed."""
-        self._watching[pid] = on_exit
+        as soon as the spawn's outcome is known, before awaiting anything; an exit reaped
+        before is handed over on the next turn of the event loop."""
+        code = self._unclaimed.pop(pid, None)
+        if code is not None and _still_ours(pid):
+            code = None  # that exit was an orphan's whose pid the new child was given
+        if code is None:
+            self._watching[pid] = on_exit
+        else:
+            asyncio.get_running_loop().call_soon(on_exit, code)
+
+    def settled(self) -> None:
+        """No spawn is on its way: every unwatched exit reaped so far was an orphan's."""
+        self._unclaimed.clear()
 
     def watched(self) -> Collection[int]:
         """The pids watched now: the holder's children that are not orphans."""
@@ -195,10 +211,21 @@ class Reaper:
             if pid == 0:
                 return
             on_exit = self._watching.pop(pid, None)
-            if on_exit is None:
-                log.debug("orphan_reaped", pid=pid)
-            else:
+            if on_exit is not None:
                 on_exit(os.waitstatus_to_exitcode(status))
+            elif self._spawning():
+                self._unclaimed[pid] = os.waitstatus_to_exitcode(status)
+            else:
+                log.debug("orphan_reaped", pid=pid)
+
+
+def _still_ours(pid: int) -> bool:
+    """Whether `pid` is a child of ours not reaped yet (alive, or exited unnoticed)."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def block_sigchld() -> None:
@@ -246,9 +273,21 @@ class NotifySocket:
     are closed, which is how a barrier is answered.
     """
 
-    def __init__(self, path: str, owner_of: Callable[[int], "Member | None"]) -> None:
+    def __init__(
+        self,
+        path: str,
+        owner_of: Callable[[Iterable[int]], "Member | None"],
+        spawning: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """`owner_of(pids)`: the member the first of `pids` that is one's process belongs to;
+        `spawning()`: whether a spawn is on its way, whose child may speak before it is
+        known to be the member's."""
         self.path = path
         self._owner_of = owner_of
+        self._spawning = spawning
+        self._early: list[tuple[list[int], dict[str, str]]] = []
+        """Messages nobody owned while spawns were on their way: the sender's ancestry (read
+        when it spoke: it may be gone since), and the fields."""
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         with contextlib.suppress(FileNotFoundError):
@@ -273,11 +312,30 @@ class NotifySocket:
             except (BlockingIOError, InterruptedError):
                 return
             pid = _sender_of(ancillary)
-            member = self._owner_of(pid) if pid else None
-            if member is None:
-                log.debug("notify_unattributed", pid=pid)
-            else:
+            member = self._owner_of(ancestry(pid)) if pid else None
+            if member is not None:
                 member.notified(_notify_fields(data))
+            elif pid and self._spawning():
+                self._early.append((list(ancestry(pid)), _notify_fields(data)))
+            else:
+                log.debug("notify_unattributed", pid=pid)
+
+    def process_started(self) -> None:
+        """A new child is known: the messages that came before from it, or from below it,
+        are its member's now."""
+        early, self._early = self._early, []
+        for senders, fields in early:
+            member = self._owner_of(senders)
+            if member is None:
+                self._early.append((senders, fields))
+            else:
+                member.notified(fields)
+
+    def settled(self) -> None:
+        """No spawn is on its way: a message nobody owns now was nobody's."""
+        for senders, _ in self._early:
+            log.debug("notify_unattributed", pid=senders[0])
+        self._early.clear()
 
 
 def _sender_of(ancillary: list[tuple[int, int, bytes]]) -> int:
@@ -416,6 +474,7 @@ class Member:
         "_run",
         "_saved_pid",
         "_side_jobs",
+        "_spawning",
         "_status",
         "_timer",
         "_watch",
@@ -461,6 +520,9 @@ class Member:
         self._events: list[Event] = []
         """Events waiting their turn: a list, a tenth of an empty deque's size."""
         self._feeding = False
+        self._spawning = False
+        """A spawn is on its way: events wait for its outcome, which comes first (as if the
+        spawn had taken no time, which is what the lifecycle assumes)."""
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._watch: anyio.CancelScope | None = None
@@ -592,15 +654,19 @@ class Member:
 
     def _feed(self, event: Event) -> None:
         """Step the lifecycle with `event` and carry out its actions; an event that an action
-        produces (a spawn's outcome) waits for the rest of them to be done. An exception
-        is a supervision failure, itself an event: it never reaches the reaper, the notify
-        socket or a timer that delivered the event."""
+        produces (a spawn's outcome) waits for the rest of them to be done, and every event
+        waits while a spawn is on its way. An exception is a supervision failure, itself an
+        event: it never reaches the reaper, the notify socket or a timer that delivered the
+        event."""
         self._events.append(event)
-        if self._feeding:
+        self._work()
+
+    def _work(self) -> None:
+        if self._feeding or self._spawning:
             return
         self._feeding = True
         try:
-            while self._events:
+            while self._events and not self._spawning:
                 event = self._events.pop(0)
                 try:
                     self._lifecycle, actions = step(self._lifecycle, event)
@@ -618,8 +684,7 @@ class Member:
         log.error("member_supervision_failed", member=self.name, exc_info=exc)
         reason = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
         self._events.insert(0, SupervisionFailed(reason))
-        if not self._feeding:
-            self._feed(self._events.pop(0))
+        self._work()
 
     def _publish(self) -> None:
         self._stale()
@@ -642,37 +707,70 @@ class Member:
         self._spawn([self.expand(arg) for arg in self.spec.command])
 
     def _spawn(self, argv: list[str]) -> None:
-        try:
-            self._start(argv)
-        except OSError as exc:
-            self._feed(SpawnFailed(_os_error(exc)))
-        else:
-            self._feed(Spawned(time.monotonic()))
-
-    def _start(self, argv: list[str]) -> None:
+        """Hand the spawn to the holder's spawner; its outcome comes back through `_spawned`,
+        before any other event (see `_spawning`)."""
         assert self._logs is not None, "spawned outside run()"
         env = self._environment()
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         cgroup = self._descendants.cgroup if self._descendants is not None else ""
+        self._spawning = True
         try:
-            child = self._host.spawner.spawn(
-                argv, env, cwd, out_write, err_write, cgroup=cgroup or None
+            self._host.spawner.spawn_soon(
+                argv,
+                env,
+                cwd,
+                out_write,
+                err_write,
+                done=functools.partial(self._spawned, out_read, err_read),
+                cgroup=cgroup or None,
             )
+        except OSError as exc:  # not even handed over
+            self._spawned(out_read, err_read, exc)
         except BaseException:
+            self._spawning = False
             for fd in (out_read, err_read):
                 os.close(fd)
             raise
         finally:
             for fd in (out_write, err_write):
                 os.close(fd)
+
+    def _spawned(self, out_read: int, err_read: int, outcome: Child | Exception) -> None:
+        """The spawn's outcome, on the event loop: the child is watched before anything is
+        awaited (an exit or a notification that came first is handed over), then the events
+        that waited go on, this outcome first."""
+        event: Event = SupervisionFailed("")
+        failure: Exception | None = None
+        if isinstance(outcome, Child):
+            try:
+                self._started(outcome, out_read, err_read)
+                event = Spawned(time.monotonic())
+            except Exception as exc:
+                failure = exc
+        else:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            if isinstance(outcome, OSError):
+                event = SpawnFailed(_os_error(outcome))
+            else:
+                failure = outcome
+        self._spawning = False
+        if failure is not None:
+            self._supervision_failed(failure)
+        else:
+            self._events.insert(0, event)
+            self._work()
+
+    def _started(self, child: Child, out_read: int, err_read: int) -> None:
+        assert self._logs is not None
         run = _Run(child)
         if self.spec.ready.startswith("log:"):
             run.matcher = LineMatcher(self.spec.ready[len("log:") :])
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
-        self._host.process_started(self, child.pid)
         self._run = run
+        self._host.process_started(self, child.pid)
         # to the millisecond, as every time fleet records: shorter to encode and decode in
         # each status (4 % of decoding a 1,000-member answer)
         self.pid, self.started_at = child.pid, round(time.time(), 3)

@@ -30,7 +30,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import anyio
 import msgspec
@@ -57,7 +57,6 @@ from fleetd.holder.members import (
     Member,
     NotifySocket,
     Reaper,
-    ancestry,
     block_sigchld,
     needs_port,
 )
@@ -236,8 +235,11 @@ class Holder:
         self.runtime_dir = os.path.abspath(runtime_dir)
         self.runtime = _open_runtime_dir(self.runtime_dir, [m.name for m in spec.members])
         self.notify_path = os.path.join(self.runtime_dir, NOTIFY_SOCKET)
-        self.reaper = Reaper()
         self.spawner = Spawner()
+        self.spawner.settled = self._spawns_settled
+        self.reaper = Reaper(spawning=self._spawning)
+        self._notify: NotifySocket | None = None
+        self._spawns_done: anyio.Event | None = None
         self.readers = Readers()
         self.lineage = Lineage(self.cluster, self.reaper.watched)
         self._bind_pid = bind_pid
@@ -275,17 +277,18 @@ class Holder:
                 await self._tasks.start(self.reaper.run)
                 await self._tasks.start(self._watch_signals)
                 self._tasks.start_soon(self._save_forever)
-                self._tasks.start_soon(NotifySocket(self.notify_path, self._owner_of).run)
+                self._notify = NotifySocket(self.notify_path, self._owner_of, self._spawning)
+                self._tasks.start_soon(self._notify.run)
                 if self._bind_pid is not None:
                     self._tasks.start_soon(self._watch_client, self._bind_pid)
                 async with anyio.create_task_group() as self._connections:
                     for member in [self._admit(spec) for spec in self.spec.members]:
                         self._begin(member)
-                    # Every member spawned first; only then do the member sockets open
-                    # (nobody may connect before we report started), so that each spawn
-                    # copies and closes a thousand fewer descriptors.
+                    # The member sockets open while the spawning threads spawn; nobody may
+                    # connect before every member is spawned and we report started.
                     for spec in self.spec.members:
                         self._open_door(spec.name)
+                    await self._spawns_settled_wait()
                     log.info(
                         "holder_ready",
                         cluster=self.cluster,
@@ -489,6 +492,25 @@ class Holder:
 
     def process_started(self, member: Member, pid: int) -> None:
         self._by_pid[pid] = member
+        if self._notify is not None:
+            self._notify.process_started()
+
+    def _spawning(self) -> bool:
+        return self.spawner.in_flight > 0
+
+    def _spawns_settled(self) -> None:
+        self.reaper.settled()
+        if self._notify is not None:
+            self._notify.settled()
+        if self._spawns_done is not None:
+            self._spawns_done.set()
+
+    async def _spawns_settled_wait(self) -> None:
+        """Until no spawn is on its way."""
+        if self._spawning():
+            self._spawns_done = anyio.Event()
+            await self._spawns_done.wait()
+            self._spawns_done = None
 
     def process_ended(self, pid: int) -> None:
         self._by_pid.pop(pid, None)
@@ -512,9 +534,10 @@ class Holder:
         for name in names:
             self._unsaved.pop(name).save()
 
-    def _owner_of(self, pid: int) -> Member | None:
-        """The member a notify sender belongs to: itself, its group, or an ancestor."""
-        for candidate in ancestry(pid):
+    def _owner_of(self, senders: Iterable[int]) -> Member | None:
+        """The member a notify sender belongs to, by the sender's ancestry: itself, its
+        group, or an ancestor."""
+        for candidate in senders:
             member = self._by_pid.get(candidate)
             if member is not None and member.pid == candidate:
                 return member

@@ -22,18 +22,33 @@ holder moves that child right after posix_spawn returns, then anything it forked
 That path races: a move may wait for an RCU grace period (milliseconds), and a child the
 program forks and that exits within it ran outside (one that lives on is moved).
 
-The signal fires when the spawning *thread* exits: the holder spawns from its event-loop thread.
+Spawns run on two spawning threads (`Spawner.spawn_soon`), so that two members start at once
+on two cores while the event loop goes on with the rest (posix_spawn releases the GIL while
+the kernel copies the process and the child gets to its exec, most of a spawn). The
+parent-death signal fires when the *thread* that spawned the child exits, so these threads
+live as long as the holder. Each has a descriptor table and a working directory of its own
+(unshare CLONE_FILES | CLONE_FS): a child copies the table it is spawned from and closes
+every close-on-exec descriptor of it at exec, which from the holder's table (three
+descriptors per member) grew with every member started (a thousand members cost each child
+about 0.3 ms more); a thread holds only the output pipes it is handed, one member at a time,
+and can step into a member's `cwd` without moving the rest of the holder. Where unshare is
+refused (a seccomp filter), members are spawned on the event loop's thread.
 """
 
+import array
+import asyncio
 import contextlib
 import ctypes
 import errno
 import os
+import queue
 import shutil
 import signal
+import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -49,6 +64,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SETPRIV = shutil.which("setpriv")
 _MFD_EXEC = 0x10
 """Asks for an executable memfd where vm.memfd_noexec would otherwise seal it (Linux 6.3+)."""
+_CLONE_FS = 0x200
+_CLONE_FILES = 0x400
+SPAWNING_THREADS = 2
+"""One per core of the 2-core machines fleet is measured on; more only queue on the kernel."""
 
 # `trampoline PARENT_PID CGROUP_PROCS PROGRAM ARG...`: prctl(PR_SET_PDEATHSIG, SIGKILL); exit
 # 127 unless getppid() == PARENT_PID (the parent died before the prctl: no signal would ever
@@ -177,11 +196,76 @@ class Child:
             self.popen.returncode = exit_code
 
 
-class Spawner:
-    """Spawns members through the cheapest trampoline this machine allows (see the module)."""
+Outcome = Child | Exception
+"""What a spawn came to: the child, an OSError (no such program, ...), or a bug."""
 
-    def __init__(self) -> None:
+
+class Spawner:
+    """Spawns members through the cheapest trampoline this machine allows (see the module),
+    from its spawning threads."""
+
+    def __init__(self, threads: int = SPAWNING_THREADS) -> None:
         self._trampoline = _trampoline_path()
+        self._wanted = threads
+        self._threads: list[_SpawningThread] | None = None
+        self._turn = 0
+        self.in_flight = 0
+        """Spawns handed to a thread whose outcome the event loop has not been given yet."""
+        self.settled: Callable[[], None] = lambda: None
+        """Called on the event loop once no spawn is in flight (after the outcome's `done`)."""
+
+    def spawn_soon(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        stdout: int,
+        stderr: int,
+        *,
+        done: Callable[[Outcome], None],
+        cgroup: str | None = None,
+    ) -> None:
+        """`spawn` on a spawning thread; `done(outcome)` is called on the running event loop's
+        thread once it is known (at once where there is no spawning thread). The caller may
+        close `stdout` and `stderr` when this returns: the thread holds copies."""
+        threads = self._spawning_threads()
+        if not threads:
+            outcome: Outcome
+            try:
+                outcome = self.spawn(argv, env, cwd, stdout, stderr, cgroup=cgroup)
+            except Exception as exc:
+                outcome = exc
+            done(outcome)
+            return
+        thread = threads[self._turn % len(threads)]
+        self._turn += 1
+        job = _Job(argv, env, cwd, cgroup, done)
+        thread.submit(job, stdout, stderr)
+        self.in_flight += 1
+
+    def _finished(self, job: "_Job", outcome: Outcome) -> None:
+        self.in_flight -= 1
+        try:
+            job.done(outcome)
+        finally:
+            if not self.in_flight:
+                self.settled()
+
+    def _spawning_threads(self) -> "list[_SpawningThread]":
+        if self._threads is None:
+            self._threads = []
+            for _ in range(self._wanted):
+                try:
+                    self._threads.append(_SpawningThread(self, self._trampoline_fd()))
+                except OSError as exc:
+                    log.info("spawning_threads_unused", error=str(exc))
+                    break
+        return self._threads
+
+    def _trampoline_fd(self) -> int | None:
+        if self._trampoline is None:
+            return None
+        return int(os.path.basename(self._trampoline))
 
     def spawn(
         self,
@@ -196,13 +280,14 @@ class Spawner:
         """Start `argv` in its own process group with stdin from /dev/null, the given output
         descriptors, SIGKILL as its parent-death signal, and in the `cgroup` directory when
         given (see the module). Raises OSError (no such program, no such directory, not
-        executable) with the OS error."""
+        executable) with the OS error. The child dies when the calling thread exits."""
         procs = os.path.join(cgroup, PROCS_FILE) if cgroup else ""
         with _working_directory(cwd):
             program = _resolve_program(argv[0], env.get("PATH", os.defpath))
-            if self._trampoline is not None:
+            trampoline = self._trampoline
+            if trampoline is not None:
                 try:
-                    command = [self._trampoline, str(os.getpid()), procs, program, *argv[1:]]
+                    command = [trampoline, str(os.getpid()), procs, program, *argv[1:]]
                     return Child(_posix_spawn(command, env, stdout, stderr))
                 except OSError as exc:
                     if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOEXEC):
@@ -215,6 +300,133 @@ class Spawner:
                     _move_tree(child.pid, Cgroup(cgroup))
                 return child
             return _spawn_with_preexec([program, *argv[1:]], env, stdout, stderr, procs)
+
+
+@dataclass(slots=True)
+class _Job:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    cgroup: str | None
+    done: Callable[[Outcome], None]
+
+
+_OUTPUT_FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+
+
+class _SpawningThread:
+    """A thread that spawns the jobs it is handed, in order, for the holder's whole life (its
+    children's parent-death signal is its exit), from a descriptor table and a working
+    directory of its own (see the module). A job's output descriptors come over a socket
+    (SCM_RIGHTS), the rest of it through a queue, in the same order; outcomes go back
+    through a queue, with a byte each down a pipe that the event loop reads (the thread
+    cannot wake the loop by call_soon_threadsafe: the loop's own wake-up descriptor is not
+    in the thread's table)."""
+
+    def __init__(self, spawner: Spawner, trampoline_fd: int | None) -> None:
+        self._spawner = spawner
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[tuple[_Job, Outcome]] = queue.SimpleQueue()
+        self._sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        jobs_read = receiver.detach()
+        self._done_read, done_write = os.pipe()
+        self._started = threading.Event()
+        self._refused: OSError | None = None
+        keep = {jobs_read, done_write}
+        if trampoline_fd is not None:
+            keep.add(trampoline_fd)
+        try:
+            threading.Thread(
+                target=self._run,
+                args=(jobs_read, done_write, keep),
+                name="fleet-spawn",
+                daemon=True,
+            ).start()
+            self._started.wait()
+        finally:
+            os.close(jobs_read)  # from our table: the thread's holds its own
+            os.close(done_write)
+        if self._refused is not None:
+            self._sender.close()
+            os.close(self._done_read)
+            raise self._refused
+        os.set_blocking(self._done_read, False)
+        asyncio.get_running_loop().add_reader(self._done_read, self._collect)
+
+    def submit(self, job: _Job, stdout: int, stderr: int) -> None:
+        """Blocks while the thread has many jobs queued already (the socket's queue is
+        full): the event loop then waits for its spawns rather than piling up pipes."""
+        fds = array.array("i", [stdout, stderr])
+        self._sender.sendmsg([b"j"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        self._jobs.put(job)
+
+    def _collect(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._done_read, 4096)
+        while True:
+            try:
+                job, outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._spawner._finished(job, outcome)
+            except Exception:  # a bug in one member's supervision: the others' outcomes go on
+                log.exception("spawn_outcome_failed", argv=job.argv)
+
+    def _run(self, jobs_read: int, done_write: int, keep: set[int]) -> None:
+        try:
+            _unshare(_CLONE_FILES | _CLONE_FS)
+        except OSError as exc:
+            self._refused = exc
+            self._started.set()
+            return
+        _close_all_but(keep)  # in this thread's copy of the table only
+        self._started.set()
+        receiver = socket.socket(fileno=jobs_read)
+        while True:  # never returns: its children would get their parent-death signal
+            try:
+                self._spawn_next(receiver, done_write)
+            except Exception:
+                log.exception("spawning_thread_failed")
+
+    def _spawn_next(self, receiver: socket.socket, done_write: int) -> None:
+        _, ancillary, _, _ = receiver.recvmsg(1, _OUTPUT_FDS_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds = _received_fds(ancillary)
+        job = self._jobs.get()
+        outcome: Outcome
+        try:
+            outcome = self._spawner.spawn(
+                job.argv, job.env, job.cwd, fds[0], fds[-1], cgroup=job.cgroup
+            )
+        except Exception as exc:
+            outcome = exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._outcomes.put((job, outcome))
+        os.write(done_write, b"\0")
+
+
+def _unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"unshare: {os.strerror(code)}")
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/thread-self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed already
+                os.close(fd)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 def _trampoline_path() -> str | None:
@@ -251,7 +463,8 @@ def _posix_spawn(command: list[str], env: dict[str, str], stdout: int, stderr: i
 @contextlib.contextmanager
 def _working_directory(cwd: str | None) -> Iterator[None]:
     """posix_spawn cannot chdir (before Python 3.13): step into `cwd` around the spawn. Safe
-    because the holder spawns from its event loop thread only and awaits nothing meanwhile."""
+    on a spawning thread (its working directory is its own) and on the event loop's thread
+    (which awaits nothing meanwhile, and is the only one to spawn where no thread does)."""
     if cwd is None:
         yield
         return
