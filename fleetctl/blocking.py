@@ -5,7 +5,8 @@ to its holder (fleetctl.bound). It imports neither asyncio nor anyio.
 Deadlines are kernel socket timeouts (SO_RCVTIMEO, SO_SNDTIMEO) on a socket in plain blocking
 mode, set only when they change: Python's own socket timeouts poll before every receive,
 which cost a third of a small request's round trip. The start of each answer is polled for a
-moment before the thread blocks (fleetctl.polling says why).
+moment before the thread blocks (fleetctl.polling says why): as long as the previous answer
+took, within limits, since a thousand statuses take several times longer than one.
 """
 
 import os
@@ -21,6 +22,8 @@ from protocol.connection import ClientConnection, decode_result
 from protocol.errors import ConnectionLost, FleetError, Timeout
 
 _READ_SIZE = 65536
+_POLL_MOST = 1e-3
+"""The longest a request polls for its answer before it blocks."""
 
 
 class BlockingConnection:
@@ -49,6 +52,8 @@ class BlockingConnection:
         self.core = ClientConnection(peer=peer)
         self._limit = 0.0
         """The receive and send timeout set on the socket now."""
+        self._poll = POLL_SECONDS
+        """How long the next request polls for the start of its answer."""
 
     @property
     def failure(self) -> FleetError | None:
@@ -62,6 +67,7 @@ class BlockingConnection:
         request_id, frame = core.send(op, fields)
         result_type: type[R] = op.result_type  # type: ignore[assignment]  # Op[R] sets it to R
         deadline = time.monotonic() + timeout
+        sent = time.perf_counter()
         try:
             self._limit_to(timeout)
             sock.sendall(frame)
@@ -69,7 +75,10 @@ class BlockingConnection:
             while (answer := core.take(request_id)) is None:
                 if received:  # the rest of an answer gets what is left of the time
                     self._limit_to(deadline - time.monotonic())
-                core.receive_data(sock.recv(_READ_SIZE) if received else _receive_first(sock))
+                    core.receive_data(sock.recv(_READ_SIZE))
+                else:
+                    core.receive_data(_receive_first(sock, sent + self._poll))
+                    self._poll = min(max(time.perf_counter() - sent, POLL_SECONDS), _POLL_MOST)
                 received = True
         except BlockingIOError:  # the kernel's timeout, in blocking mode
             raise Timeout(f"no answer from {core.peer} within {timeout}s") from None
@@ -101,9 +110,8 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
 
 
-def _receive_first(sock: socket.socket) -> bytes:
-    """The start of an answer: polled for a moment, then waited for."""
-    end = time.perf_counter() + POLL_SECONDS
+def _receive_first(sock: socket.socket, end: float) -> bytes:
+    """The start of an answer: polled for until perf_counter() `end`, then waited for."""
     while time.perf_counter() < end:
         try:
             return sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
