@@ -770,10 +770,10 @@ class Member:
             run.matcher = LineMatcher(self.spec.ready[len("log:") :])
         self._host.reaper.watch(child.pid, lambda code: self._exited(run, code))
         self._run = run
-        self._host.process_started(self, child.pid)
         # to the millisecond, as every time fleet records: shorter to encode and decode in
         # each status (4 % of decoding a 1,000-member answer)
         self.pid, self.started_at = child.pid, round(time.time(), 3)
+        self._host.process_started(self, child.pid)  # once self.pid says whose it is
         self.lingering = 0  # counted while the member is not running (see MemberStatus)
         self._stale()
         self._pumps += (
