@@ -24,11 +24,6 @@ from structlog.typing import EventDict
 _json = msgspec.json.Encoder(enc_hook=str)
 
 
-def _serialize(event: Any, **_: Any) -> str:
-    """structlog's JSONRenderer passes json.dumps keywords that msgspec does not take."""
-    return _json.encode(event).decode()
-
-
 _bound: ContextVar[dict[str, Any]] = ContextVar("fleet_log_bound")
 _NOTHING_BOUND: dict[str, Any] = {}
 
@@ -65,6 +60,19 @@ class _Fields:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
         return event
+
+
+class _JsonLine(_Fields):
+    """The fields, then the line as JSON: one processor where three ran (the fields,
+    format_exc_info and JSONRenderer, which passes json.dumps keywords msgspec does not take)."""
+
+    __slots__ = ()
+
+    def __call__(self, logger: Any, method: str, event: EventDict) -> str:  # type: ignore[override]
+        event = super().__call__(logger, method, event)
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(logger, method, event)
+        return _json.encode(event).decode()
 
 
 class _LossyWriter:
@@ -133,17 +141,12 @@ os.register_at_fork(after_in_child=_writer.forget)
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(serializer=_serialize)
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
+    processors: list[structlog.typing.Processor] = (
+        [_JsonLine()] if json else [_Fields(), structlog.dev.ConsoleRenderer(colors=False)]
     )
-    processors: list[structlog.typing.Processor] = [_Fields()]
-    if json:
-        processors.append(structlog.processors.format_exc_info)
     _writer.write_to(sys.stderr)
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
