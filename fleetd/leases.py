@@ -337,6 +337,8 @@ class LeaseManager:
         self._fencing: set[str] = set()
         self._alarm = Alarm(clock)
         self._writers: anyio.abc.TaskGroup | None = None
+        self._pid = os.getpid()
+        """fleetd's own pid, which no lease may bind to (read once: a syscall per acquire)."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load every record (held ones get their full TTL again), then expire until cancelled."""
@@ -368,7 +370,7 @@ class LeaseManager:
         check_name(request.name, "lease")
         check_owner(request.owner)
         check_ttl(request.ttl)
-        holder = _identify(request.pid, peer)
+        holder = _identify(request.pid, peer, self._pid)
         fast = self._contested(request.name, request.owner)
         if fast is not None:
             return fast
@@ -400,9 +402,9 @@ class LeaseManager:
                 return refused
             entry = self.table.get(request.name)
             assert entry is not None
-            released = await self._write(entry, state="released")
-            self.events.append("released", self._info(released))
-            return LeaseResult(outcome=Outcome.RELEASED, lease=self._info(released))
+            released = self._info(await self._write(entry, state="released"))
+            self.events.append("released", released)
+            return LeaseResult(outcome=Outcome.RELEASED, lease=released)
 
     def _release_refused(self, request: LeaseRelease) -> LeaseResult | None:
         """The answer to a release that changes nothing; None when it would release."""
@@ -665,12 +667,12 @@ def _dead(entry: Entry) -> bool:
     return entry.record.state != "held" and not proc.is_alive(entry.record.identity)
 
 
-def _identify(pid: int, peer: Peer) -> Identity:
+def _identify(pid: int, peer: Peer, fleetd: int) -> Identity:
     """The identity of the process a lease binds to: the peer, or an ancestor it names. Never
     init nor fleetd: every process descends from init, and neither ever exits, so a lease
     bound to one would never lose its holder."""
     target = pid or peer.pid
-    if target in (1, os.getpid()):
+    if target in (1, fleetd):
         what = "init (pid 1)" if target == 1 else f"fleetd itself (pid {target})"
         raise InvalidRequest(
             f"a lease cannot be bound to {what}: it would outlive every holder; bind it to "

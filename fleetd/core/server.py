@@ -11,6 +11,7 @@ shared by the server's connections, its time stalled mid-frame, its requests in 
 in, answers out).
 """
 
+import asyncio
 import errno
 import os
 import select
@@ -148,6 +149,14 @@ class ControlServer:
             self._trim.soon(self._tasks)
 
 
+def _hand(idle: "asyncio.Future[None]") -> bool:
+    """Wake an idle worker; False if it is gone (cancelled with its connection)."""
+    if idle.done():
+        return False
+    idle.set_result(None)
+    return True
+
+
 def _refusal(peer: Peer) -> Response:
     return error_response(
         None,
@@ -196,8 +205,10 @@ class Connection:
         """Requests handed to coroutines and not answered yet (waiting or being worked on)."""
         self._room: anyio.Event | None = None
         """The reader waits on it for the requests in flight to drop below the limit."""
-        self._idle: list[anyio.Event] = []
-        """One event per idle worker: set it to hand that worker the next request."""
+        self._idle: list[asyncio.Future[None]] = []
+        """One future per idle worker: resolve it to hand that worker the next request (a
+        bare future: an anyio.Event cost a backend lookup and a second object per request)."""
+        self._loop = asyncio.get_running_loop()
         self._raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
         """The stream's socket, to write without a loop turn first (see `_send`)."""
         self._reading = True
@@ -240,7 +251,7 @@ class Connection:
             self._reading = False
             self._give_up_frame()
             while self._idle:
-                self._idle.pop().set()
+                _hand(self._idle.pop())
 
     async def _read_until_end(self, in_flight: anyio.abc.TaskGroup) -> bool:
         """False when the peer was refused (an error frame for the whole connection)."""
@@ -305,10 +316,10 @@ class Connection:
         if self._in_flight >= LARGE_CONNECTION_IN_FLIGHT:
             self.large = True
         self._waiting.append(pending)
-        if self._idle:
-            self._idle.pop().set()
-        else:
-            in_flight.start_soon(self._work)
+        while self._idle:
+            if _hand(self._idle.pop()):
+                return
+        in_flight.start_soon(self._work)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: the peer's requests in flight reached the limit, so read no more of
@@ -331,9 +342,9 @@ class Connection:
                 await self._answer_later(self._waiting.popleft())
             if not self._reading or len(self._idle) >= _IDLE_WORKERS:
                 return
-            handed = anyio.Event()
+            handed = self._loop.create_future()
             self._idle.append(handed)
-            await handed.wait()
+            await handed
 
     async def _answer_later(self, pending: Pending) -> None:
         """Queue the answer; the first answer of a loop turn writes, after the turn, every
