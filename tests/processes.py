@@ -133,7 +133,10 @@ class Fleetd:
             **self.extra_env,
         }
 
-    def start(self, timeout: float = 15.0) -> "Fleetd":
+    def start(
+        self, timeout: float = 15.0, preexec_fn: Callable[[], None] | None = None
+    ) -> "Fleetd":
+        """`preexec_fn` runs in the child before fleetd (after its stdio is set up)."""
         notify_path = os.path.join(self.root, "notify.sock")
         if self.notify is None:
             self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -145,6 +148,7 @@ class Fleetd:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                preexec_fn=preexec_fn,  # noqa: PLW1509 (tests start fleetd from one thread)
             )
         try:
             self.ready_message = wait_ready(self.notify, self.process, timeout)

@@ -87,7 +87,13 @@ def test_http_members_become_ready_on_tcp_and_serve() -> None:
     assert not os.path.exists(runtime_dir)
 
 
-@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="systemd-notify not installed")
+needs_systemd_notify = pytest.mark.skipif(
+    shutil.which("systemd-notify") is None,
+    reason="systemd-notify not installed (CI installs systemd, which has it)",
+)
+
+
+@needs_systemd_notify
 def test_a_member_is_ready_when_systemd_notify_says_so() -> None:
     script = "sleep 0.3; systemd-notify --ready; echo notified; exec sleep 60"
     with fleetctl.cluster(members(n={"command": ["sh", "-c", script], "ready": "notify"})) as c:
@@ -98,7 +104,7 @@ def test_a_member_is_ready_when_systemd_notify_says_so() -> None:
         wait_until(lambda: "notified" in c.logs("n"))
 
 
-@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="systemd-notify not installed")
+@needs_systemd_notify
 def test_members_that_notify_as_soon_as_they_run_are_all_ready() -> None:
     """A member may speak before its holder has heard how its spawn went (spawns run on
     other threads): what it said then is its own once the holder knows its pid."""

@@ -26,7 +26,6 @@ from protocol.members import HOLDER_PIDFILE, MemberState
 from protocol.template import Fork, Forked, Refused, decode_answer, encode
 from tests.processes import (
     FLEETCTL,
-    FLEETD,
     HOLDER_NAME,
     TEMPLATE_NAME,
     Fleetd,
@@ -38,7 +37,6 @@ from tests.processes import (
     process_name,
     runtime_root,
     wait_gone,
-    wait_ready,
     wait_until,
 )
 
@@ -142,18 +140,8 @@ def _without_stdin_and_stdout() -> None:
 def test_a_template_forked_from_fleetd_without_stdin_or_stdout_serves(tempdir: str) -> None:
     """Its socket may take a free stdio number in fleetd: never one the template reopens."""
     daemon = Fleetd(tempdir)
-    notify_path = os.path.join(tempdir, "notify.sock")
-    daemon.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    daemon.notify.bind(notify_path)
-    with open(daemon.log_path, "ab") as log:
-        daemon.process = subprocess.Popen(
-            FLEETD,
-            env={**daemon.env, "NOTIFY_SOCKET": notify_path},
-            stderr=log,
-            preexec_fn=_without_stdin_and_stdout,  # noqa: PLW1509 (no threads here)
-        )
     try:
-        wait_ready(daemon.notify, daemon.process, 15)
+        daemon.start(preexec_fn=_without_stdin_and_stdout)
         template = template_of(daemon)
         assert parent(up(daemon, "one", "--wait")) == template
         held = descriptors(template)
