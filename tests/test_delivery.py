@@ -2,6 +2,7 @@
 failing or succeeding alone, nothing left behind by a failure), then renamed into place and
 withdrawn at once, their directories fsynced in the background."""
 
+import asyncio
 import errno
 import os
 import threading
@@ -233,13 +234,14 @@ async def test_two_batches_are_on_their_way_at_once_whatever_came_before(
     held = threading.Event()
     taken = [anyio.Event(), anyio.Event()]
     running: list[int] = []
+    loop = asyncio.get_running_loop()
 
     def waiting_for_the_disk(
         state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
     ) -> list[str]:
         if jobs:
             running.append(len(jobs))
-            anyio.from_thread.run_sync(taken[len(running) - 1].set)
+            loop.call_soon_threadsafe(taken[len(running) - 1].set)
             if len(running) == 1:
                 held.wait(10)
         return run_batch(state, jobs, dirty, withdrawn, keep)

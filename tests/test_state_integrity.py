@@ -9,6 +9,8 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -80,7 +82,7 @@ def _read(path: str) -> bytes:
 
 
 def test_continuity_decisions() -> None:
-    mark = Mark(store_id=7, revision=10)
+    mark = Mark.at(store_id=7, revision=10)
     paths = {"store": "db", "watermark": "wm"}
 
     assert check_continuity(None, None, **paths) is Continuity.ADOPT
@@ -98,13 +100,32 @@ def test_continuity_decisions() -> None:
         check_continuity(None, StoreIdentity(7, 3, True), **paths)
 
 
+def test_a_store_that_crashed_between_its_commit_and_the_mark_is_sound() -> None:
+    """The mark is written while the commit runs: a crash leaves the store at the floor (the
+    commit lost, never answered) or at the revision, and both go on."""
+    mark = Mark(store_id=7, revision=12, floor=10)
+    paths = {"store": "db", "watermark": "wm"}
+
+    assert check_continuity(mark, StoreIdentity(7, 10, True), **paths) is Continuity.OK
+    assert check_continuity(mark, StoreIdentity(7, 12, True), **paths) is Continuity.OK
+    with pytest.raises(StateLost, match="rolled back"):
+        check_continuity(mark, StoreIdentity(7, 9, True), **paths)
+
+
 def test_a_torn_watermark_slot_falls_back_to_the_other() -> None:
-    older, newer = encode_slot(Mark(1, 5), 1), encode_slot(Mark(1, 6), 2)
-    assert latest(older + newer) == (Mark(1, 6), 2)
+    older, newer = encode_slot(Mark(1, 5, 4), 1), encode_slot(Mark(1, 6, 5), 2)
+    assert latest(older + newer) == (Mark(1, 6, 5), 2)
     torn = newer[:20] + b"\xff" * 44
     assert decode_slot(torn) is None
-    assert latest(older + torn) == (Mark(1, 5), 1)
+    assert latest(older + torn) == (Mark(1, 5, 4), 1)
     assert latest(b"\0" * 128) is None
+
+
+def test_a_watermark_from_before_floors_reads_with_its_revision_as_floor() -> None:
+    body = struct.pack("<8sqQQ", b"FLEETWM1", 1, 5, 3)
+    slot = (body + struct.pack("<I", zlib.crc32(body))).ljust(64, b"\0")
+    assert decode_slot(slot) == (Mark(1, 5, 5), 3)
+    assert latest(slot + encode_slot(Mark(1, 7, 5), 4)) == (Mark(1, 7, 5), 4)
 
 
 # -- a lost store is refused -------------------------------------------------------------------

@@ -37,7 +37,7 @@ from fleetd.store import (
     Target,
 )
 from fleetd.store.sqlite import SQLiteStore
-from protocol.errors import Absent, Compacted, Incompatible, InvalidRequest, StoreFull
+from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
 
 HISTORY_KEPT = 2000
 """Revisions of history the SQLite test stores keep: enough for a slow watcher, small to
@@ -546,3 +546,33 @@ async def test_closed_store_refuses_requests(tempdir: str) -> None:
         await store.put("a", b"1")
     with pytest.raises(anyio.ClosedResourceError):
         await store.get("a")
+
+
+async def test_a_bug_in_the_database_thread_fails_its_batch_and_ends_the_store(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: object, jobs: object) -> None:
+        raise RuntimeError("a bug")
+
+    store = SQLiteStore(os.path.join(tempdir, "store.db"))
+    outcomes: list[BaseException] = []
+    with pytest.raises(ExceptionGroup) as ended:
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.serve)
+            monkeypatch.setattr("fleetd.store.sqlite._Database.run_batch", broken)
+            try:
+                await store.put("a", b"1")
+            except Internal as exc:
+                outcomes.append(exc)
+    assert [type(o) for o in outcomes] == [Internal]
+    assert ended.group_contains(RuntimeError, match="a bug")
+
+
+async def test_a_caller_cancelled_while_its_write_commits_leaves_the_others_answered(
+    tempdir: str,
+) -> None:
+    async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
+        with anyio.move_on_after(0):
+            await store.put("cancelled", b"1")
+        await put_concurrently(store, [f"k/{n}" for n in range(20)])
+        assert len(await store.range("k/")) == 20

@@ -4,11 +4,14 @@ store ever acknowledged, kept in a file of its own beside the store.
 A store's files can go missing or backwards without SQLite noticing: deleted or emptied, its
 WAL removed after a crash, an older copy restored. Opened again, what is left looks like a
 store that simply has less in it, so fleetd would list no leases and grant fencing tokens it
-had granted before. The watermark is written after every commit and before any answer, so it
-never holds a revision ahead of the store's acknowledged writes and never falls behind them:
-at start-up `check_continuity` tells a new state directory from one whose store was lost,
-replaced or rolled back, and a reset starts the revisions above the watermark, so tokens
-never repeat.
+had granted before. A mark holds two revisions: the `floor` the store had durably reached
+when the mark was written, and the `revision` of the commit under way then. The store writes
+it alongside each commit (the two flushes run together) and answers only once both are
+durable, so the store is never behind the floor, and nothing above the revision was ever
+acknowledged: at start-up `check_continuity` tells a new state directory from one whose store
+was lost, replaced or rolled back (behind the floor), and a reset starts the revisions above
+the revision, so tokens never repeat. A crash between the two flushes leaves the store at the
+floor or at the revision; either is sound (the commit was not answered).
 
 The file is 4 KiB written once, then updated in place: two 64-byte slots written in turn
 (pwrite, fdatasync; no block is allocated, so a full disk cannot fail it), each with a
@@ -25,9 +28,13 @@ from enum import Enum
 from fleetd.core.dirs import PrivateDir
 from protocol.errors import StateLost, StoreCorrupt
 
-MAGIC = b"FLEETWM1"
-_SLOT = struct.Struct("<8sqQQ")
-"""magic, store id, revision, sequence; then a CRC32 of those bytes."""
+MAGIC = b"FLEETWM2"
+_SLOT = struct.Struct("<8sqQQQ")
+"""magic, store id, revision, sequence, floor; then a CRC32 of those bytes."""
+MAGIC_1 = b"FLEETWM1"
+_SLOT_1 = struct.Struct("<8sqQQ")
+"""Before floors (a fleetd of before 2026-12): magic, store id, revision, sequence; its floor
+is its revision, since that fleetd wrote the mark after the commit."""
 _CRC = struct.Struct("<I")
 SLOT_SIZE = 64
 FILE_SIZE = 4096
@@ -35,8 +42,17 @@ FILE_SIZE = 4096
 
 @dataclass(frozen=True, slots=True)
 class Mark:
+    """`floor`: the revision the store had durably reached when the mark was written; it is
+    never behind it. `revision`: the highest it may have acknowledged."""
+
     store_id: int
     revision: int
+    floor: int
+
+    @classmethod
+    def at(cls, store_id: int, revision: int) -> "Mark":
+        """The mark of a store at rest at `revision`."""
+        return cls(store_id, revision, revision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +98,10 @@ def check_continuity(
             "state directory holds: it was replaced. Put the right one back, or run "
             "`fleetd reset-state --keep-store` to adopt this one"
         )
-    if found.revision < mark.revision:
+    if found.revision < mark.floor:
         raise StateLost(
-            f"{store} is at revision {found.revision}, but it acknowledged revision "
-            f"{mark.revision}: it was rolled back (an older copy, or its -wal file lost). "
+            f"{store} is at revision {found.revision}, but it had reached revision "
+            f"{mark.floor}: it was rolled back (an older copy, or its -wal file lost). "
             "Restore the newer copy, or run `fleetd reset-state --keep-store` to go on from "
             f"this one (revisions and fencing tokens continue above {mark.revision})"
         )
@@ -93,20 +109,21 @@ def check_continuity(
 
 
 def encode_slot(mark: Mark, sequence: int) -> bytes:
-    body = _SLOT.pack(MAGIC, mark.store_id, mark.revision, sequence)
+    body = _SLOT.pack(MAGIC, mark.store_id, mark.revision, sequence, mark.floor)
     return (body + _CRC.pack(zlib.crc32(body))).ljust(SLOT_SIZE, b"\0")
 
 
 def decode_slot(data: bytes) -> tuple[Mark, int] | None:
     """The mark and sequence of a slot, or None when it is blank or torn."""
-    body = data[: _SLOT.size]
-    if len(data) < _SLOT.size + _CRC.size or body[:8] != MAGIC:
+    layout = {MAGIC: _SLOT, MAGIC_1: _SLOT_1}.get(data[:8])
+    if layout is None or len(data) < layout.size + _CRC.size:
         return None
-    (crc,) = _CRC.unpack_from(data, _SLOT.size)
+    body = data[: layout.size]
+    (crc,) = _CRC.unpack_from(data, layout.size)
     if crc != zlib.crc32(body):
         return None
-    _, store_id, revision, sequence = _SLOT.unpack(body)
-    return Mark(store_id, revision), sequence
+    _, store_id, revision, sequence, *floor = layout.unpack(body)
+    return Mark(store_id, revision, floor[0] if floor else revision), sequence
 
 
 def latest(data: bytes) -> tuple[Mark, int] | None:
@@ -118,7 +135,7 @@ def latest(data: bytes) -> tuple[Mark, int] | None:
 
 class Watermark:
     """The watermark file `name` in `directory`; `read` it, then `create` or `open` it and
-    `advance` it after each commit. Not thread-safe: the store's database thread owns it."""
+    `advance` it with each commit. Not thread-safe: one thread at a time advances it."""
 
     def __init__(self, directory: PrivateDir, name: str) -> None:
         self.directory = directory
@@ -158,12 +175,14 @@ class Watermark:
     def mark(self) -> Mark | None:
         return self._mark
 
-    def advance(self, revision: int) -> None:
-        """Record `revision` durably (no-op unless it is higher than the mark)."""
-        mark = self._mark
-        if mark is None or revision <= mark.revision:
+    def advance(self, floor: int, revision: int) -> None:
+        """Record durably that the store reached `floor` and commits `revision` now (no-op
+        when that is the mark already)."""
+        if self._mark is None:
             return
-        mark = Mark(mark.store_id, revision)
+        mark = Mark(self._mark.store_id, revision, floor)
+        if mark == self._mark:
+            return
         self._sequence += 1
         slot = encode_slot(mark, self._sequence)
         offset = (self._sequence % 2) * SLOT_SIZE
