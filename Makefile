@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 FUZZ_STAMP := $(VENV)/.installed-fuzz
 
 export FLEET_SOCKET ?= $(CURDIR)/.fleet/fleetd.sock
@@ -16,9 +17,16 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,lint]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
+# fleetd alone needs only the runtime packages: a first `make run` installs no test or lint tools.
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+run: $(RUN_STAMP)
+	@echo "fleetd on $(FLEET_SOCKET); in another shell: export FLEET_SOCKET=$(FLEET_SOCKET)"
 	$(BIN)/fleetd
 
 test: $(STAMP)
