@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 
 from protocol.errors import Timeout, Unavailable
-from protocol.paths import client_socket_path, socket_path_problem
+from protocol.paths import client_socket_path, no_fleetd, socket_path_problem
 
 
 def resolve_socket(socket_path: str | None) -> str:
@@ -30,4 +30,4 @@ def connecting(socket_path: str, timeout: float) -> Iterator[None]:
     except TimeoutError:
         raise Timeout(f"connecting to {socket_path} took over {timeout}s") from None
     except OSError as exc:
-        raise Unavailable(f"no fleetd at {socket_path}: {exc.strerror or exc}") from None
+        raise Unavailable(no_fleetd(socket_path, exc.strerror or str(exc))) from None

@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import click
@@ -645,3 +645,32 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
     raise Exit(0)
+
+
+# --- --json after the command -------------------------------------------------------------------
+
+
+def _json_after_the_command(ctx: click.Context, _: click.Parameter, given: bool) -> None:
+    if given:
+        ctx.obj = replace(ctx.obj, json=True)
+
+
+def _accept_json_after_the_command(group: click.Group) -> None:
+    """`fleetctl status --json` means `fleetctl --json status`: people type it after."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_json_after_the_command(command)
+            continue
+        command.params.append(
+            click.Option(
+                ["--json"],
+                is_flag=True,
+                expose_value=False,
+                is_eager=True,
+                callback=_json_after_the_command,
+                help="As fleetctl --json.",
+            )
+        )
+
+
+_accept_json_after_the_command(cli)

@@ -55,3 +55,11 @@ def socket_path_problem(path: str) -> str | None:
     if "\0" in path:
         return f"socket path contains a NUL byte: {path!r}"
     return None
+
+
+def no_fleetd(socket_path: str, why: str) -> str:
+    """What to say when nobody answers at `socket_path`, and what to do about it."""
+    return (
+        f"no fleetd at {socket_path}: {why} (start one with `fleetd`, or point FLEET_SOCKET "
+        "at the socket of one that runs)"
+    )

@@ -59,6 +59,27 @@ def test_no_daemon_is_one_line_on_stderr_and_exit_14(tempdir: str) -> None:
     assert "no fleetd at" in result.stderr
 
 
+@pytest.mark.parametrize("argv", [["ping"], ["lease", "list"]], ids=["fast", "click"])
+def test_no_daemon_says_how_to_start_one_or_where_to_point(tempdir: str, argv: list[str]) -> None:
+    result = fleetctl("--socket", os.path.join(tempdir, "none.sock"), *argv, env=dict(os.environ))
+    said = result.stderr or result.stdout  # lease commands always answer with an envelope
+    assert "start one with `fleetd`, or point FLEET_SOCKET at" in said
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["version"], ["lease", "list"], ["gc", "--dry-run"]],
+    ids=["fast", "click", "click-with-options"],
+)
+def test_json_after_the_command_means_what_it_means_before(fleetd: Fleetd, argv: list[str]) -> None:
+    before = fleetctl("--json", *argv, env=fleetd.env)
+    after = fleetctl(*argv, "--json", env=fleetd.env)
+    assert (after.returncode, envelope(after.stdout)) == (
+        before.returncode,
+        envelope(before.stdout),
+    )
+
+
 def test_no_daemon_with_json_is_an_unavailable_envelope(tempdir: str) -> None:
     result = fleetctl(
         "--json", "--socket", os.path.join(tempdir, "x.sock"), "version", env=dict(os.environ)

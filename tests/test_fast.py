@@ -205,6 +205,8 @@ def command_lines(draw: st.DrawFn) -> list[str]:
             parts.append([f"{spelling}={value}"])
         else:
             parts.append([spelling, value])
+    if not draw(st.integers(0, 3)):
+        parts.append(["--json"])  # after the command, as people type it
     count = 1 if spec.arguments and spec.arguments[1] == "1" else draw(st.integers(0, 3))
     count = draw(st.sampled_from([count, count, count, 0, 2]))
     parts += [[draw(value_for(_text))] for _ in range(count)]
@@ -240,6 +242,9 @@ def test_command_lines_of_fast_commands_are_read_as_click_reads_them_or_not_at_a
         ["claims", "release", "--key", "k", "--owner", "a", "--kind", "file"],
         ["claims", "inspect", "--kind", "lease", "--key", "build"],
         ["--socket=/s", "--json", "--timeout=500ms", "ping"],
+        ["status", "--json"],
+        ["lease", "acquire", "build", "--owner", "a", "--json"],
+        ["claims", "inspect", "--json", "--kind", "lease", "--key", "build"],
     ],
 )
 def test_the_command_lines_scripts_write_take_the_fast_path(argv: list[str]) -> None:
@@ -265,7 +270,7 @@ def test_the_command_lines_scripts_write_take_the_fast_path(argv: list[str]) -> 
         ["status", "-"],
         ["--json=1", "status"],
         ["--timeout", "0", "ping"],
-        ["status", "--json"],
+        ["status", "--json=1"],
         ["lease", "list"],
         ["claims", "acquire", "--kind", "file", "--key", "k"],
         ["status", NOT_UTF8],

@@ -192,7 +192,10 @@ def _parse(argv: list[str]) -> Command:
     params = dict(spec.defaults)
     arguments: list[str] = []
     while at < len(argv):
-        if argv[at].startswith("-"):
+        if argv[at] == "--json":  # after the command too (fleetctl.cli)
+            given["json"] = True
+            at += 1
+        elif argv[at].startswith("-"):
             at = _option(spec.options, argv, at, params)
         else:
             arguments.append(argv[at])

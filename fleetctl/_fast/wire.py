@@ -23,7 +23,7 @@ import sys
 import time
 
 from protocol import PROTOCOL_VERSION
-from protocol.paths import socket_path_problem
+from protocol.paths import no_fleetd, socket_path_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class Connection:
         except OSError as exc:
             self.sock.close()
             raise Failure(
-                "unavailable", "unavailable", f"no fleetd at {self.path}: {exc.strerror or exc}"
+                "unavailable", "unavailable", no_fleetd(self.path, exc.strerror or str(exc))
             ) from None
         try:
             self._check_peer()
