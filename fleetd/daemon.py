@@ -26,7 +26,7 @@ from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.bounds import Limits
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
-from fleetd.core.server import ControlServer
+from fleetd.core.server import ControlServer, socket_group
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.state import (
@@ -238,7 +238,11 @@ class Daemon:
         self, daemon: anyio.abc.TaskGroup, listener: SocketListener, *, owns_socket_file: bool
     ) -> None:
         try:
-            server = ControlServer(self.dispatcher(), limits=Limits.from_environ(os.environ))
+            server = ControlServer(
+                self.dispatcher(),
+                limits=Limits.from_environ(os.environ),
+                group=socket_group(self.socket_path),
+            )
             async with anyio.create_task_group() as serving:
                 await serving.start(server.serve, listener)
                 self._announce_ready(daemon)

@@ -157,6 +157,31 @@ class Fleetd:
             raise AssertionError(f"fleetd did not become ready; its log:\n{self.log()}") from None
         return self
 
+    def start_activated(self, mode: int = 0o600, group: int = -1) -> "Fleetd":
+        """Started as systemd's socket activation starts it: handed a listening socket (of
+        `mode` and `group`, as SocketMode= and SocketGroup= make it) as fd 3."""
+        launcher = (
+            "import os, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"s.bind({self.socket_path!r}); s.listen()\n"
+            f"os.chmod({self.socket_path!r}, {mode}); os.chown({self.socket_path!r}, -1, {group})\n"
+            "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+            "os.execv(sys.executable, [sys.executable, '-m', 'fleetd', '--socket', '/none/x'])\n"
+        )
+        notify_path = os.path.join(self.root, "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(notify_path)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", launcher],
+                env={**self.env, "NOTIFY_SOCKET": notify_path},
+                stdout=log,
+                stderr=log,
+            )
+        wait_ready(self.notify, self.process, 15)
+        return self
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -17,7 +17,7 @@ import anyio
 import fleetctl
 from protocol.framing import decode_response, encode
 from protocol.messages import Ping
-from tests.processes import Fleetd, run_fleetd, wait_ready
+from tests.processes import Fleetd, run_fleetd
 from tests.processes import fleetctl as run_fleetctl
 
 
@@ -118,28 +118,8 @@ def test_a_request_line_carries_its_peer_level_and_utc_timestamp(fleetd: Fleetd)
 
 
 def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tempdir: str) -> None:
-    daemon = Fleetd(tempdir)
-    launcher = (
-        "import os, socket, sys\n"
-        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-        f"s.bind({daemon.socket_path!r}); s.listen()\n"
-        "os.dup2(s.fileno(), 3); os.set_inheritable(3, True)\n"
-        "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'fleetd', '--socket', '/nonexistent/x'])\n"
-    )
-    notify_path = os.path.join(tempdir, "notify.sock")
-    daemon.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    daemon.notify.bind(notify_path)
-    with open(daemon.log_path, "wb") as log:
-        daemon.process = subprocess.Popen(
-            [sys.executable, "-c", launcher],
-            env={**daemon.env, "NOTIFY_SOCKET": notify_path},
-            stdout=log,
-            stderr=log,
-            pass_fds=(),
-        )
+    daemon = Fleetd(tempdir).start_activated()
     try:
-        wait_ready(daemon.notify, daemon.process, 15)
         assert run_fleetctl("ping", env=daemon.env).returncode == 0
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0

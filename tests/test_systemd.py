@@ -116,6 +116,47 @@ def test_systemd_analyze_verify_complaints_are_caught(short_dir: Path) -> None:
     assert any("WatchdogSecs" in line for line in complaints), complaints
 
 
+USER_UNIT_DIR = UNIT_DIR / "user"
+USER_EXEC_START = "ExecStart=%h/.local/bin/fleetd"
+
+
+def test_systemd_analyze_verify_accepts_the_user_units(short_dir: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed (Debian/Ubuntu package: systemd)")
+    service = (USER_UNIT_DIR / "fleetd.service").read_text()
+    assert service.count(USER_EXEC_START + "\n") == 1, "ExecStart line changed: fix the test"
+    (short_dir / "fleetd.service").write_text(
+        service.replace(USER_EXEC_START, f"ExecStart={fleetd_script()}")
+    )
+    shutil.copy(USER_UNIT_DIR / "fleetd.socket", short_dir / "fleetd.socket")
+    runtime = short_dir / "runtime"
+    runtime.mkdir(mode=0o700)
+    result = subprocess.run(
+        [tool, "--user", "verify", *(str(short_dir / unit) for unit in UNITS)],
+        cwd=short_dir,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).splitlines()
+    assert [line for line in output if str(short_dir) in line or "fleetd." in line] == []
+    assert result.returncode == 0
+
+
+def test_the_user_units_serve_where_fleetctl_looks_first() -> None:
+    service = parse_unit(USER_UNIT_DIR / "fleetd.service")["Service"]
+    sock = parse_unit(USER_UNIT_DIR / "fleetd.socket")["Socket"]
+    environment = dict(item.split("=", 1) for item in service["Environment"])
+    assert sock["ListenStream"] == [environment["FLEET_SOCKET"]] == ["%t/fleet/fleetd.sock"]
+    assert environment["FLEET_STATE_DIR"] == "%S/fleet"
+    system = parse_unit(UNIT_DIR / "fleetd.service")["Service"]
+    for key in ("Type", "NotifyAccess", "KillMode", "Delegate", "RestartPreventExitStatus"):
+        assert service[key] == system[key], key
+
+
 def test_units_keep_the_contracts_fleet_relies_on() -> None:
     service = parse_unit(UNIT_DIR / "fleetd.service")["Service"]
     sock = parse_unit(UNIT_DIR / "fleetd.socket")["Socket"]

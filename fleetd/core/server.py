@@ -16,9 +16,10 @@ import errno
 import os
 import select
 import socket
+import stat
 import struct
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -58,19 +59,72 @@ def peer_of(stream: SocketStream) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
-def may_connect(peer: Peer) -> bool:
-    return peer.uid in (os.getuid(), 0)
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_GROUPS_AT_MOST = 65536
+"""NGROUPS_MAX: a peer's supplementary groups fit in this many."""
 
 
-async def admit(stream: SocketStream) -> Peer | None:
+def groups_of(stream: SocketStream) -> tuple[int, ...]:
+    """The peer's supplementary groups as the kernel recorded them at connect (SO_PEERGROUPS:
+    no /proc read, so no race with a reused pid)."""
+    sock = stream.extra(SocketAttribute.raw_socket)
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno != errno.ERANGE or size >= _GROUPS_AT_MOST * 4:
+                return ()
+            size *= 4
+            continue
+        return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
+def may_connect(peer: Peer, group: int | None = None, groups: Sequence[int] = ()) -> bool:
+    """Our own uid and root; and, when the socket grants a `group` access, its members (by
+    primary or supplementary group)."""
+    if peer.uid in (os.getuid(), 0):
+        return True
+    return group is not None and (peer.gid == group or group in groups)
+
+
+async def admit(stream: SocketStream, group: int | None = None) -> Peer | None:
     """The peer, if it may use this socket; else it gets a refusal frame and None."""
     peer = peer_of(stream)
     bind_log(peer_pid=peer.pid, peer_uid=peer.uid)
-    if may_connect(peer):
+    if may_connect(peer, group, groups_of(stream) if group is not None else ()):
         return peer
     log.warning("peer_refused")
-    await stream.send(encode(_refusal(peer)))
+    await stream.send(encode(_refusal(peer, group)))
+    await _linger(stream)
     return None
+
+
+REFUSAL_LINGER = 1.0
+"""Seconds a refused peer has to finish sending its first request before the connection
+closes: closed at once, the peer's write could fail (EPIPE) before it reads why."""
+
+
+async def _linger(stream: SocketStream) -> None:
+    """Half-close, then read (and drop) what the peer still sends, until it closes too."""
+    with anyio.move_on_after(REFUSAL_LINGER):
+        try:
+            await stream.send_eof()
+            while await stream.receive(_READ_SIZE):
+                pass
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            return
+
+
+def socket_group(path: str) -> int | None:
+    """The group the socket file at `path` grants access (write, which connecting needs), as
+    the socket unit's SocketGroup= and SocketMode=0660 make it: fleetd admits its members too.
+    None for a socket only its owner may use (the 0600 socket fleetd makes itself)."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return st.st_gid if st.st_mode & stat.S_IWGRP else None
 
 
 async def accept_forever(
@@ -94,8 +148,13 @@ async def accept_forever(
 
 
 class ControlServer:
-    def __init__(self, dispatcher: Dispatcher, *, limits: Limits | None = None) -> None:
+    """`group`: a group whose members are admitted besides our uid and root (socket_group)."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, *, limits: Limits | None = None, group: int | None = None
+    ) -> None:
         self._dispatcher = dispatcher
+        self._group = group
         self._limits = limits or Limits()
         self._budget = FrameBudget(self._limits.partial_frame_budget)
         self._trim = Trim()
@@ -131,7 +190,7 @@ class ControlServer:
                 await stream.aclose()
 
     async def _converse(self, stream: SocketStream) -> None:
-        peer = await admit(stream)
+        peer = await admit(stream, self._group)
         if peer is None:
             return
         connection = Connection(
@@ -157,11 +216,12 @@ def _hand(idle: "asyncio.Future[None]") -> bool:
     return True
 
 
-def _refusal(peer: Peer) -> Response:
+def _refusal(peer: Peer, group: int | None = None) -> Response:
+    also = "" if group is None else f", and group {group}"
     return error_response(
         None,
         PermissionDenied.code,
-        f"uid {peer.uid} may not use this socket (it serves uid {os.getuid()} and root)",
+        f"uid {peer.uid} may not use this socket (it serves uid {os.getuid()} and root{also})",
     )
 
 
