@@ -141,7 +141,20 @@ def _version(g: Globals) -> int:
     )
 
 
+def _metrics(g: Globals) -> int:
+    from fleetctl.sync import SyncClient
+
+    with SyncClient(g.socket_path, timeout=g.timeout) as client:
+        text = client.metrics()
+    return emit(g.json, text.rstrip("\n"), text=text)
+
+
 cli.command("ping", help="Check that fleetd answers, and how fast.")(run_command(_ping))
+cli.command(
+    "metrics",
+    help="Print fleetd's metrics in the Prometheus text format (`fleetd --metrics-listen` "
+    "serves the same over HTTP).",
+)(run_command(_metrics))
 cli.command("version", help="Print the versions of fleetctl and of fleetd.")(run_command(_version))
 
 

@@ -53,6 +53,7 @@ from protocol.messages import (
     LeaseRelease,
     LeaseResult,
     LeaseWatch,
+    Metrics,
     Ping,
     Shutdown,
     Version,
@@ -116,6 +117,10 @@ class Client:
     async def shutdown(self) -> None:
         """Ask fleetd to finish in-flight requests and exit."""
         await self.request(Shutdown)
+
+    async def metrics(self) -> str:
+        """fleetd's metrics in the Prometheus text exposition format."""
+        return (await self.request(Metrics)).text
 
     # Claims (protocol.claims): each answers a ClaimResult, or a ClaimList.
 

@@ -52,6 +52,7 @@ from protocol.messages import (
     LeaseRelease,
     LeaseResult,
     LeaseWatch,
+    Metrics,
     Ping,
     Shutdown,
     Version,
@@ -115,6 +116,10 @@ class SyncClient:
     def shutdown(self) -> None:
         """Ask fleetd to finish in-flight requests and exit."""
         self.request(Shutdown)
+
+    def metrics(self) -> str:
+        """fleetd's metrics in the Prometheus text exposition format."""
+        return (self.request(Metrics)).text
 
     # Claims (protocol.claims): each answers a ClaimResult, or a ClaimList.
 

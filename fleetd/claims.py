@@ -68,6 +68,7 @@ from anyio.abc import TaskStatus
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.core.locks import NameLocks
+from fleetd.core.metrics import Family, gauge
 from fleetd.delivery import STAGING, FileBatches, Where, place, present, sync, withdraw
 from fleetd.journal import JournalProvider, Owners
 from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
@@ -297,6 +298,21 @@ class ClaimService:
                 reason="its file is neither in place nor staged: the acquire was never answered",
             )
         return result.succeeded
+
+    async def metrics(self) -> list[Family]:
+        """Claims by kind and state: read from the store when scraped (one range)."""
+        counts: dict[tuple[str, str], int] = {}
+        for kv in await self._store.range(PREFIX):
+            kind = kv.key.removeprefix(PREFIX).partition("/")[0]
+            key = (kind, _stored(kv).state)
+            counts[key] = counts.get(key, 0) + 1
+        return [
+            gauge(
+                "fleet_claims",
+                "Claims by kind and state.",
+                (({"kind": kind, "state": state}, n) for (kind, state), n in counts.items()),
+            )
+        ]
 
     # Handlers --------------------------------------------------------------------------------
 

@@ -96,9 +96,17 @@ def one_line_on_failure(run: Callable[[], None]) -> None:
         sys.exit(exit_status(errors[0]))
 
 
+METRICS_LISTEN_ENV = "FLEET_METRICS_LISTEN"
+"""Where to serve the metrics over HTTP when --metrics-listen is not given (a unit's
+Environment=, say)."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "info"
-_OPTIONS = {"--socket": "socket_path", "--state-dir": "state_dir", "--log-level": "log_level"}
+_OPTIONS = {
+    "--socket": "socket_path",
+    "--state-dir": "state_dir",
+    "--log-level": "log_level",
+    "--metrics-listen": "metrics_listen",
+}
 
 
 @dataclass(frozen=True)
@@ -108,10 +116,12 @@ class PlainStart:
     socket_path: str | None = None
     state_dir: str | None = None
     log_level: str = DEFAULT_LOG_LEVEL
+    metrics_listen: str = ""
 
 
 def plain_start(argv: Sequence[str]) -> PlainStart | None:
-    """`argv` read as a plain start: only --socket, --state-dir and --log-level, each as
+    """`argv` read as a plain start: only --socket, --state-dir, --log-level and
+    --metrics-listen, each as
     `--option VALUE` or `--option=VALUE` (the last one counts, as in click). None for a line
     click must read: a command, help, --version, a log level click would refuse, a value
     that looks like an option (click decides what that means), anything else."""
@@ -132,13 +142,16 @@ def plain_start(argv: Sequence[str]) -> PlainStart | None:
     return PlainStart(**found)
 
 
-def daemon_config(socket_path: str | None, state_dir: str | None) -> daemon.DaemonConfig:
+def daemon_config(
+    socket_path: str | None, state_dir: str | None, metrics_listen: str = ""
+) -> daemon.DaemonConfig:
     """The daemon's places, the defaults (from the environment) for those not given."""
     return daemon.DaemonConfig(
         socket_path=os.path.abspath(
             control_socket_path(os.environ) if socket_path is None else socket_path
         ),
         state_dir=os.path.abspath(state_dir_path(os.environ) if state_dir is None else state_dir),
+        metrics_listen=metrics_listen or os.environ.get(METRICS_LISTEN_ENV, ""),
     )
 
 
@@ -173,4 +186,5 @@ def main() -> None:
 
         cli()
     else:
-        serve(daemon_config(start.socket_path, start.state_dir), start.log_level)
+        config = daemon_config(start.socket_path, start.state_dir, start.metrics_listen)
+        serve(config, start.log_level)

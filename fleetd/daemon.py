@@ -19,13 +19,14 @@ import anyio
 import structlog
 from anyio.abc import SocketListener
 
-from fleetd import systemd
+from fleetd import metrics_http, systemd
 from fleetd.claims import ClaimService
 from fleetd.clusters.registry import HolderRegistry
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.bounds import Limits
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
+from fleetd.core.metrics import KEPT, Registry
 from fleetd.core.server import ControlServer, socket_group
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
@@ -69,6 +70,8 @@ from protocol.messages import (
     LeaseListRequest,
     LeaseRelease,
     LeaseWatch,
+    Metrics,
+    MetricsText,
     Ping,
     Shutdown,
     Version,
@@ -86,6 +89,8 @@ SHUTDOWN_GRACE = 10.0
 class DaemonConfig:
     socket_path: str
     state_dir: str
+    metrics_listen: str = ""
+    """HOST:PORT to serve the metrics over HTTP at (fleetd.metrics_http), or nobody."""
 
 
 @dataclass(frozen=True)
@@ -142,13 +147,16 @@ async def open_listener(socket_path: str, inherited: socket.socket | None) -> So
 async def run(config: DaemonConfig, template: WarmTemplate) -> None:
     """Claim fleetd's places, then serve until SIGTERM/SIGINT or a shutdown request, forking
     holders from `template` (started before the event loop: fleetd.clusters.warm)."""
+    if config.metrics_listen:
+        metrics_http.parse_listen(config.metrics_listen)  # before anything is claimed
     with claim_places(config) as places:
-        await Daemon(places, template).run()
+        await Daemon(places, template, metrics_listen=config.metrics_listen).run()
 
 
 class Daemon:
-    def __init__(self, places: Places, template: WarmTemplate) -> None:
+    def __init__(self, places: Places, template: WarmTemplate, *, metrics_listen: str = "") -> None:
         self.places = places
+        self.metrics_listen = metrics_listen
         self.template = template
         self.socket_path = places.socket_path
         state = places.state
@@ -158,6 +166,9 @@ class Daemon:
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )
+        self.metrics = Registry(KEPT)
+        for collector in (self.holders.index.metrics, self.leases.metrics, self.claims.metrics):
+            self.metrics.add(collector)
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
@@ -166,6 +177,7 @@ class Daemon:
         dispatcher.register(Ping, self.ping, chatty=True)
         dispatcher.register(Version, self.version)
         dispatcher.register(Shutdown, self.shutdown)
+        dispatcher.register(Metrics, self.scrape, chatty=True)
         dispatcher.register(LeaseAcquire, self.leases.acquire)
         dispatcher.register(LeaseHeartbeat, self.leases.heartbeat, chatty=True)
         dispatcher.register(LeaseRelease, self.leases.release)
@@ -204,6 +216,9 @@ class Daemon:
         up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
         return await self.holders.up(up, peer)
 
+    async def scrape(self, request: Metrics, peer: Peer) -> MetricsText:
+        return MetricsText(text=await self.metrics.render())
+
     def ping(self, request: Ping, peer: Peer) -> Empty:
         return Empty()
 
@@ -226,6 +241,8 @@ class Daemon:
             await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)
             await daemon.start(self.claims.serve)  # its start-up gc needs leases and holders
+            if self.metrics_listen:
+                await daemon.start(metrics_http.serve, self.metrics_listen, self.metrics.render)
             try:
                 listener = await open_listener(self.socket_path, places.inherited)
             except OSError as exc:

@@ -41,6 +41,7 @@ from anyio.abc import TaskStatus
 from fleetd.core import identity as proc
 from fleetd.core.dispatch import Peer
 from fleetd.core.locks import NameLock, NameLocks
+from fleetd.core.metrics import LEASES_EXPIRED, Family, gauge
 from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.store import Compare, Delete, Put, Store
 from protocol.errors import Compacted, Internal, InvalidRequest, StoreFull
@@ -351,6 +352,31 @@ class LeaseManager:
     def close_watches(self) -> None:
         self.events.close()
 
+    async def metrics(self) -> list[Family]:
+        """Records by state, and how long ago the least recently renewed held lease was
+        renewed (its TTL less what remains of it): a holder falling behind shows here before
+        its lease expires."""
+        now = self._clock()
+        states: dict[str, int] = {}
+        oldest = 0.0
+        for entry in self.table.entries():
+            state = entry.record.state
+            states[state] = states.get(state, 0) + 1
+            if state == "held":
+                oldest = max(oldest, entry.record.ttl - max(0.0, entry.deadline - now))
+        return [
+            gauge(
+                "fleet_leases",
+                "Lease records by state.",
+                (({"state": s}, n) for s, n in states.items()),
+            ),
+            gauge(
+                "fleet_lease_heartbeat_age_max_seconds",
+                "Seconds since the least recently renewed held lease was acquired or renewed.",
+                [({}, oldest)],
+            ),
+        ]
+
     async def _load(self) -> None:
         now = self._clock()
         held = 0
@@ -597,6 +623,7 @@ class LeaseManager:
     async def _expire_forever(self) -> None:
         while True:
             expired = self.table.pop_expired(self._clock())
+            LEASES_EXPIRED.inc(amount=len(expired))
             if expired:
                 self._expired(expired)
             await self._alarm.sleep_until(self.table.next_deadline())

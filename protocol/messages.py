@@ -65,6 +65,16 @@ class Shutdown(Op[Empty], tag="shutdown", frozen=True):
     """Asks the daemon to finish in-flight requests and exit 0."""
 
 
+class MetricsText(Message, frozen=True):
+    """fleetd's metrics in the Prometheus text exposition format (version 0.0.4)."""
+
+    text: str
+
+
+class Metrics(Op[MetricsText], tag="metrics", frozen=True):
+    pass
+
+
 class LeaseResult(Message, frozen=True):
     """The answer to a lease op (see protocol.leases): an outcome and the lease as it stands.
 
@@ -137,6 +147,7 @@ AnyRequest = (
     | Ping
     | Version
     | Shutdown
+    | Metrics
     | LeaseAcquire
     | LeaseHeartbeat
     | LeaseRelease
@@ -162,6 +173,7 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     Ping,
     Version,
     Shutdown,
+    Metrics,
     LeaseAcquire,
     LeaseHeartbeat,
     LeaseRelease,

@@ -56,6 +56,7 @@ PLAIN_STARTS = [
     ["--socket=/run/x/fleetd.sock", "--state-dir", "state"],
     ["--log-level", "debug", "--state-dir=/var/lib/x", "--log-level=warning"],
     ["--socket="],
+    ["--metrics-listen", "127.0.0.1:9101", "--socket=/run/x/fleetd.sock"],
 ]
 
 
@@ -64,8 +65,9 @@ def test_a_plain_start_is_read_as_click_reads_it(argv: list[str]) -> None:
     start = plain_start(argv)
     assert start is not None
     params = cli.make_context("fleetd", list(argv)).params
-    assert (daemon_config(start.socket_path, start.state_dir), start.log_level) == (
-        daemon_config(params["socket_path"], params["state_dir"]),
+    plain = daemon_config(start.socket_path, start.state_dir, start.metrics_listen)
+    assert (plain, start.log_level) == (
+        daemon_config(params["socket_path"], params["state_dir"], params["metrics_listen"]),
         params["log_level"],
     )
 

@@ -26,6 +26,7 @@ import msgspec
 from fleetd.clusters.links import MemberLink, status_on_disk
 from fleetd.clusters.records import HolderRecord
 from fleetd.core.locks import NameLock, NameLocks
+from fleetd.core.metrics import MEMBER_EXITS, MEMBER_RESTARTS, Family, gauge
 from fleetd.state import RUNTIME_SUBDIR
 from protocol.definitions import MemberSpec
 from protocol.errors import Absent, InvalidRequest
@@ -159,6 +160,7 @@ class ClusterIndex:
 
     def update(self, held: Held, status: MemberStatus) -> MemberStatus:
         """A member's new status (a push, or a holder's answer), known from now on."""
+        _count_exits(held.statuses.get(status.name), status)
         status = held.update(status)
         if self.live.get(held.name) is held:
             self._names.add(held.name, status.name)
@@ -191,6 +193,24 @@ class ClusterIndex:
         if cluster not in self.live:
             self._names.drop(cluster)
         self.changed_now(cluster)
+
+    async def metrics(self) -> list[Family]:
+        states: dict[str, int] = {}
+        for held in self.live.values():
+            for status in held.statuses.values():
+                states[status.state] = states.get(status.state, 0) + 1
+        return [
+            gauge(
+                "fleet_members",
+                "Members of live clusters by state.",
+                (({"state": state}, n) for state, n in states.items()),
+            ),
+            gauge(
+                "fleet_clusters",
+                "Clusters by state: live (a holder runs it), exited (until gc).",
+                [({"state": "live"}, len(self.live)), ({"state": "exited"}, len(self.exited))],
+            ),
+        ]
 
     def every_status(self) -> EncodedMemberList:
         """Every live member's status: each cluster's encoded once per change of its own, all
@@ -257,3 +277,15 @@ class ClusterIndex:
     def runtime_dir(self, cluster: str) -> str:
         """Where a new holder of `cluster` runs: c/<cluster>/ beside the control socket."""
         return os.path.join(self.runtime_root, RUNTIME_SUBDIR, cluster)
+
+
+def _count_exits(before: MemberStatus | None, after: MemberStatus) -> None:
+    """An exit shows as a process gone (its pid replaced or cleared) with an exit code; pushes
+    coalesce, so a member that crashed twice between two of them counts one exit (its
+    restarts count both)."""
+    if before is None:
+        return
+    if before.pid is not None and after.pid != before.pid and after.exit_code is not None:
+        MEMBER_EXITS.inc(str(after.exit_code))
+    if after.restarts > before.restarts:
+        MEMBER_RESTARTS.inc(amount=after.restarts - before.restarts)

@@ -20,6 +20,7 @@ import structlog
 
 from fleetd.core.bounds import MAX_WAITS
 from fleetd.core.identity import identify
+from fleetd.core.metrics import REQUEST_SECONDS, REQUESTS
 from protocol.errors import BadFrame, ConnectionLost, FleetError, Internal, LimitExceeded
 from protocol.framing import decode_request, error_response, request_id_of
 from protocol.leases import Identity
@@ -161,20 +162,25 @@ def _op(request: Request) -> str:
 
 
 def _succeeded(request: Request, route: _Route, result: Message, started: float) -> Response:
-    outcome = getattr(result, "outcome", "ok")
+    outcome = str(getattr(result, "outcome", "ok"))
+    op, seconds = _op(request), time.perf_counter() - started
+    _count(op, outcome, seconds)
     emit = log.debug if route.chatty else log.info
     emit(
         "request_handled",
-        op=_op(request),
+        op=op,
         id=request.id,
-        outcome=str(outcome),
-        duration_us=round((time.perf_counter() - started) * 1e6),
+        outcome=outcome,
+        duration_us=round(seconds * 1e6),
     )
     return Response(id=request.id, ok=True, result=result)
 
 
 def _failed(request: Request, route: _Route, exc: Exception, started: float) -> Response:
-    duration_us = round((time.perf_counter() - started) * 1e6)
+    seconds = time.perf_counter() - started
+    duration_us = round(seconds * 1e6)
+    outcome = str(exc.outcome) if isinstance(exc, FleetError) else Internal.code
+    _count(_op(request), outcome, seconds)
     if isinstance(exc, FleetError):
         log.info(
             "request_failed",
@@ -189,6 +195,11 @@ def _failed(request: Request, route: _Route, exc: Exception, started: float) -> 
         "request_crashed", op=_op(request), id=request.id, duration_us=duration_us, exc_info=exc
     )
     return error_response(request.id, Internal.code, f"internal error: {type(exc).__name__}")
+
+
+def _count(op: str, outcome: str, seconds: float) -> None:
+    REQUESTS.inc(op, outcome)
+    REQUEST_SECONDS.observe(seconds, op)
 
 
 def _log_rejected(exc: FleetError, request_id: int | None) -> None:

@@ -54,6 +54,7 @@ import structlog
 from anyio.abc import TaskStatus
 from msgspec.structs import astuple
 
+from fleetd.core.metrics import STORE_BATCH_JOBS, STORE_COMMIT_SECONDS
 from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.store import (
     Compare,
@@ -332,7 +333,7 @@ class _DatabaseThread:
     def __init__(
         self,
         database: "_Database",
-        answer: "Callable[[list[_Job[Any]], _Report | None], None]",
+        answer: "Callable[[list[_Job[Any]], _Report | None, float], None]",
     ) -> None:
         self._database = database
         self._answer = answer
@@ -370,10 +371,12 @@ class _DatabaseThread:
 
     def _run_batch(self, batch: list["_Job[Any]"]) -> None:
         report = None
+        started = time.perf_counter()
         try:
             report = self._database.run_batch(batch)
         finally:  # a committed batch always gets answered
-            self._loop.call_soon_threadsafe(self._answer, batch, report)
+            seconds = time.perf_counter() - started
+            self._loop.call_soon_threadsafe(self._answer, batch, report, seconds)
 
     def _fail(self, error: BaseException) -> None:
         if not self.failed.done():
@@ -1086,9 +1089,11 @@ class SQLiteStore(Store):
         if self._thread is not None and not self._closed:
             self._thread.queue(queued)
 
-    def _answer(self, batch: list[_Job[Any]], report: _Report | None) -> None:
-        """On the event loop, once the database thread has run `batch`; `report` is None if
-        it failed, and then no job's result is known to be committed."""
+    def _answer(self, batch: list[_Job[Any]], report: _Report | None, seconds: float) -> None:
+        """On the event loop, once the database thread has run `batch` (in `seconds`);
+        `report` is None if it failed, and then no job's result is known to be committed."""
+        STORE_BATCH_JOBS.observe(len(batch))
+        STORE_COMMIT_SECONDS.observe(seconds)
         if report is not None:
             self._publish(report)
         for job in batch:
