@@ -63,6 +63,7 @@ from protocol.messages import (
     LeaseListRequest,
     LeaseRelease,
     LeaseWatch,
+    Metrics,
     Ping,
     Request,
     Response,
@@ -99,6 +100,7 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
     Ping: st.builds(Ping, id=ids),
     Version: st.builds(Version, id=ids),
     Shutdown: st.builds(Shutdown, id=ids),
+    Metrics: st.builds(Metrics, id=ids),
     **{
         kind: st.builds(
             kind,

@@ -17,7 +17,7 @@ from protocol.messages import Empty, Message, Ping, Version
 async def test_a_bug_in_a_connection_is_logged_with_its_traceback_and_serving_goes_on(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken_admit(stream: object) -> None:
+    async def broken_admit(stream: object, group: int | None = None) -> None:
         raise RuntimeError("a bug in the connection itself")
 
     monkeypatch.setattr(server, "admit", broken_admit)
