@@ -336,28 +336,33 @@ class Connection:
         when every one is busy, and kept (up to _IDLE_WORKERS) for the next burst. A request
         never waits behind a slow one: each request queued wakes or starts a worker of its own.
         Workers share the reader's context as it was when they started, as a task per request
-        did; a handler must not leave context variables set (none binds any)."""
+        did; a handler must not leave context variables set (none binds any).
+
+        The first answer of a loop turn writes, after the turn, every answer queued meanwhile
+        in one write (a commit wakes a batch of them at once)."""
+        waiting = self._waiting
         while True:
-            while self._waiting:
-                await self._answer_later(self._waiting.popleft())
+            while waiting:
+                pending = waiting.popleft()
+                try:
+                    encode_response(await pending, self._outbox)
+                finally:
+                    self._answered()
+                if not (self._writing or self._flush_due):
+                    await self._write_after_turn()
             if not self._reading or len(self._idle) >= _IDLE_WORKERS:
                 return
             handed = self._loop.create_future()
             self._idle.append(handed)
             await handed
 
-    async def _answer_later(self, pending: Pending) -> None:
-        """Queue the answer; the first answer of a loop turn writes, after the turn, every
-        answer queued meanwhile in one write (a commit wakes a batch of them at once)."""
-        try:
-            encode_response(await pending, self._outbox)
-        finally:
-            self._in_flight -= 1
-            if self._room is not None and self._in_flight < self._limits.max_in_flight:
-                self._room.set()
-                self._room = None
-        if self._writing or self._flush_due:
-            return
+    def _answered(self) -> None:
+        self._in_flight -= 1
+        if self._room is not None and self._in_flight < self._limits.max_in_flight:
+            self._room.set()
+            self._room = None
+
+    async def _write_after_turn(self) -> None:
         self._flush_due = True
         try:
             await anyio.lowlevel.checkpoint()
