@@ -164,7 +164,7 @@ def decide_acquire(
 
 def owns(entry: Entry, owner: str, token: int) -> bool:
     """Whether `owner` (and, if given, its grant `token`) is the record's."""
-    return entry.record.owner == owner and token in (0, entry.token)
+    return entry.record.owner == owner and token in (0, entry.record.token)
 
 
 def decide_heartbeat(entry: Entry | None, owner: str, token: int, now: float) -> bool:
@@ -402,15 +402,15 @@ class LeaseManager:
         releasing must get its answer (already_released), not wait for its own death."""
         name = check_name(request.name, "lease")
         if name not in self._locks or name in self._fencing:
-            refused = self._release_refused(request)
+            refused = self._release_refused(request, self.table.get(name))
             if refused is not None:
                 return refused
         await self._locks.acquire(name)
         try:
-            refused = self._release_refused(request)
+            entry = self.table.get(name)
+            refused = self._release_refused(request, entry)
             if refused is not None:
                 return refused
-            entry = self.table.get(name)
             assert entry is not None
             released = self._info(await self._write(entry, state="released"))
             self.events.append("released", released)
@@ -418,10 +418,10 @@ class LeaseManager:
             self._locks.release(name)
         return LeaseResult(outcome=Outcome.RELEASED, lease=released)
 
-    def _release_refused(self, request: LeaseRelease) -> LeaseResult | None:
-        """The answer to a release that changes nothing; None when it would release."""
+    def _release_refused(self, request: LeaseRelease, entry: Entry | None) -> LeaseResult | None:
+        """The answer to a release of `entry` (its name's record) that changes nothing; None
+        when it would release."""
         now = self._clock()
-        entry = self.table.get(request.name)
         outcome = decide_release(entry, request.owner, request.token, now)
         if outcome is Outcome.RELEASED:
             return None

@@ -69,7 +69,7 @@ class _JsonLine(_Fields):
     __slots__ = ()
 
     def __call__(self, logger: Any, method: str, event: EventDict) -> str:  # type: ignore[override]
-        event = super().__call__(logger, method, event)
+        event = _Fields.__call__(self, logger, method, event)  # no super() lookup per line
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(logger, method, event)
         return _json.encode(event).decode()

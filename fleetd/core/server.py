@@ -316,8 +316,11 @@ class Connection:
         if self._in_flight >= LARGE_CONNECTION_IN_FLIGHT:
             self.large = True
         self._waiting.append(pending)
-        while self._idle:
-            if _hand(self._idle.pop()):
+        idle = self._idle
+        while idle:
+            handed = idle.pop()
+            if not handed.done():  # not gone with its connection: wake it
+                handed.set_result(None)
                 return
         in_flight.start_soon(self._work)
 
