@@ -380,7 +380,7 @@ class LeaseManager:
         fast = self._contested(request.name, request.owner)
         if fast is not None:
             return fast
-        await self._locks.acquire(request.name)
+        await self._locks.acquire(request.name)  # not `async with`: a NameLock, two coroutines
         try:
             return await self._acquire_locked(request, holder, peer)
         finally:
