@@ -140,6 +140,12 @@ class AcquireDecision:
     reason: str = ""
 
 
+_FREE = AcquireDecision(Verdict.GRANT, reason="free")
+_RENEW = AcquireDecision(Verdict.RENEW)
+_CONTEST = AcquireDecision(Verdict.CONTEST)
+"""The decisions with no stale holder, made once: every grant of a free name takes one."""
+
+
 def decide_acquire(
     entry: Entry | None, owner: str, now: float, alive: Callable[[Identity], bool]
 ) -> AcquireDecision:
@@ -147,19 +153,19 @@ def decide_acquire(
     whose lease expired stays stale (a STONITH candidate) until the name is granted again;
     one that released it does not."""
     if entry is None or entry.record.state == "released":
-        return AcquireDecision(Verdict.GRANT, reason="free")
+        return _FREE
     if entry.record.state == "expired" or entry.deadline <= now:
         return AcquireDecision(Verdict.GRANT, entry, "expired")
     if not alive(entry.record.identity):
         return AcquireDecision(Verdict.GRANT, entry, "holder_gone")
     if entry.record.owner == owner:
-        return AcquireDecision(Verdict.RENEW)
-    return AcquireDecision(Verdict.CONTEST)
+        return _RENEW
+    return _CONTEST
 
 
 def owns(entry: Entry, owner: str, token: int) -> bool:
     """Whether `owner` (and, if given, its grant `token`) is the record's."""
-    return entry.record.owner == owner and token in (0, entry.token)
+    return entry.record.owner == owner and token in (0, entry.record.token)
 
 
 def decide_heartbeat(entry: Entry | None, owner: str, token: int, now: float) -> bool:
@@ -400,8 +406,11 @@ class LeaseManager:
         fast = self._contested(request.name, request.owner)
         if fast is not None:
             return fast
-        async with self._exclusive(request.name):
+        await self._locks.acquire(request.name)  # not `async with`: a NameLock, two coroutines
+        try:
             return await self._acquire_locked(request, holder, peer)
+        finally:
+            self._locks.release(request.name)
 
     def heartbeat(self, request: LeaseHeartbeat, peer: Peer) -> LeaseResult:
         check_name(request.name, "lease")
@@ -417,25 +426,28 @@ class LeaseManager:
         """A release waits for the name's lock, so that it takes effect after an acquire sent
         before it; except while a successor's acquire is fencing the stale holder: that holder
         releasing must get its answer (already_released), not wait for its own death."""
-        check_name(request.name, "lease")
-        if request.name not in self._locks or request.name in self._fencing:
-            refused = self._release_refused(request)
+        name = check_name(request.name, "lease")
+        if name not in self._locks or name in self._fencing:
+            refused = self._release_refused(request, self.table.get(name))
             if refused is not None:
                 return refused
-        async with self._exclusive(request.name):
-            refused = self._release_refused(request)
+        await self._locks.acquire(name)
+        try:
+            entry = self.table.get(name)
+            refused = self._release_refused(request, entry)
             if refused is not None:
                 return refused
-            entry = self.table.get(request.name)
             assert entry is not None
             released = self._info(await self._write(entry, state="released"))
             self.events.append("released", released)
-            return LeaseResult(outcome=Outcome.RELEASED, lease=released)
+        finally:
+            self._locks.release(name)
+        return LeaseResult(outcome=Outcome.RELEASED, lease=released)
 
-    def _release_refused(self, request: LeaseRelease) -> LeaseResult | None:
-        """The answer to a release that changes nothing; None when it would release."""
+    def _release_refused(self, request: LeaseRelease, entry: Entry | None) -> LeaseResult | None:
+        """The answer to a release of `entry` (its name's record) that changes nothing; None
+        when it would release."""
         now = self._clock()
-        entry = self.table.get(request.name)
         outcome = decide_release(entry, request.owner, request.token, now)
         if outcome is Outcome.RELEASED:
             return None

@@ -122,7 +122,8 @@ def decode_request_with(
 ) -> Request:
     """Decode `frame` with `decoder`, a decoder of a union of requests whose tags are `ops`
     (the member sockets speak their own ops in the same framing)."""
-    _require_utf8(frame)
+    if not frame.isascii():  # almost every request is: spare it the call
+        _require_utf8(frame)
     try:
         request: Request = decoder.decode(frame)
     except msgspec.ValidationError as exc:

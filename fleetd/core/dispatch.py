@@ -60,6 +60,7 @@ Pending = Coroutine[Any, Any, Response]
 
 @dataclass(frozen=True, slots=True)
 class _Route:
+    op: str
     handler: Handler
     is_async: bool
     chatty: bool
@@ -91,7 +92,7 @@ class Dispatcher:
         until something happens, capped per connection and ended when its peer hangs up (it
         must be safe to cancel)."""
         is_async = inspect.iscoroutinefunction(handler)
-        self._routes[request_type] = _Route(handler, is_async, chatty, waits)
+        self._routes[request_type] = _Route(_op(request_type), handler, is_async, chatty, waits)
 
     def handle(self, frame: bytes, peer: Peer) -> Response | Pending:
         """Answer `frame`: a Response now, or a coroutine that produces one.
@@ -109,7 +110,8 @@ class Dispatcher:
             return error_response(request_id_of(frame), exc.code, exc.message, **exc.details)
         route = self._routes.get(type(request))
         if route is None:
-            return error_response(request.id, "unknown_op", f"op {_op(request)!r} not served")
+            op = _op(type(request))
+            return error_response(request.id, "unknown_op", f"op {op!r} not served")
         if route.is_async:
             if route.waits is not None and route.waits(request):
                 return self._wait(request, route, peer, started)
@@ -157,18 +159,18 @@ class Dispatcher:
         return error_response(request.id, ConnectionLost.code, "the peer hung up")  # unread
 
 
-def _op(request: Request) -> str:
-    return str(type(request).__struct_config__.tag)
+def _op(request_type: type[Request]) -> str:
+    return str(request_type.__struct_config__.tag)
 
 
 def _succeeded(request: Request, route: _Route, result: Message, started: float) -> Response:
     outcome = str(getattr(result, "outcome", "ok"))
-    op, seconds = _op(request), time.perf_counter() - started
-    _count(op, outcome, seconds)
+    seconds = time.perf_counter() - started
+    _count(route.op, outcome, seconds)
     emit = log.debug if route.chatty else log.info
     emit(
         "request_handled",
-        op=op,
+        op=route.op,
         id=request.id,
         outcome=outcome,
         duration_us=round(seconds * 1e6),
@@ -180,20 +182,18 @@ def _failed(request: Request, route: _Route, exc: Exception, started: float) -> 
     seconds = time.perf_counter() - started
     duration_us = round(seconds * 1e6)
     outcome = str(exc.outcome) if isinstance(exc, FleetError) else Internal.code
-    _count(_op(request), outcome, seconds)
+    _count(route.op, outcome, seconds)
     if isinstance(exc, FleetError):
         log.info(
             "request_failed",
-            op=_op(request),
+            op=route.op,
             id=request.id,
             outcome=str(exc.outcome),
             code=exc.code,
             duration_us=duration_us,
         )
         return error_response(request.id, exc.code, exc.message, **exc.details)
-    log.error(
-        "request_crashed", op=_op(request), id=request.id, duration_us=duration_us, exc_info=exc
-    )
+    log.error("request_crashed", op=route.op, id=request.id, duration_us=duration_us, exc_info=exc)
     return error_response(request.id, Internal.code, f"internal error: {type(exc).__name__}")
 
 

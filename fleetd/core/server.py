@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import structlog
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskStatus
 
@@ -376,8 +375,11 @@ class Connection:
         if self._in_flight >= LARGE_CONNECTION_IN_FLIGHT:
             self.large = True
         self._waiting.append(pending)
-        while self._idle:
-            if _hand(self._idle.pop()):
+        idle = self._idle
+        while idle:
+            handed = idle.pop()
+            if not handed.done():  # not gone with its connection: wake it
+                handed.set_result(None)
                 return
         in_flight.start_soon(self._work)
 
@@ -396,31 +398,39 @@ class Connection:
         when every one is busy, and kept (up to _IDLE_WORKERS) for the next burst. A request
         never waits behind a slow one: each request queued wakes or starts a worker of its own.
         Workers share the reader's context as it was when they started, as a task per request
-        did; a handler must not leave context variables set (none binds any)."""
+        did; a handler must not leave context variables set (none binds any).
+
+        The first answer of a loop turn writes, after the turn, every answer queued meanwhile
+        in one write (a commit wakes a batch of them at once)."""
+        waiting = self._waiting
         while True:
-            while self._waiting:
-                await self._answer_later(self._waiting.popleft())
+            while waiting:
+                pending = waiting.popleft()
+                try:
+                    encode_response(await pending, self._outbox)
+                finally:
+                    self._answered()
+                if not (self._writing or self._flush_due):
+                    await self._write_after_turn()
             if not self._reading or len(self._idle) >= _IDLE_WORKERS:
                 return
             handed = self._loop.create_future()
             self._idle.append(handed)
             await handed
 
-    async def _answer_later(self, pending: Pending) -> None:
-        """Queue the answer; the first answer of a loop turn writes, after the turn, every
-        answer queued meanwhile in one write (a commit wakes a batch of them at once)."""
-        try:
-            encode_response(await pending, self._outbox)
-        finally:
-            self._in_flight -= 1
-            if self._room is not None and self._in_flight < self._limits.max_in_flight:
-                self._room.set()
-                self._room = None
-        if self._writing or self._flush_due:
-            return
+    def _answered(self) -> None:
+        self._in_flight -= 1
+        if self._room is not None and self._in_flight < self._limits.max_in_flight:
+            self._room.set()
+            self._room = None
+
+    async def _write_after_turn(self) -> None:
+        """Write the outbox once this loop turn's answers are in it. The turn is waited out
+        with asyncio's sleep(0): anyio's checkpoint looks its backend up first (three calls
+        and a getpid on Python 3.11)."""
         self._flush_due = True
         try:
-            await anyio.lowlevel.checkpoint()
+            await asyncio.sleep(0)
         finally:
             self._flush_due = False
         if not self._writing:
