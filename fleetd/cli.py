@@ -96,6 +96,8 @@ def one_line_on_failure(run: Callable[[], None]) -> None:
         sys.exit(exit_status(errors[0]))
 
 
+LOG_LEVEL_ENV = "FLEET_LOG_LEVEL"
+"""The log level when --log-level is not given (`debug` logs every request)."""
 METRICS_LISTEN_ENV = "FLEET_METRICS_LISTEN"
 """Where to serve the metrics over HTTP when --metrics-listen is not given (a unit's
 Environment=, say)."""
@@ -107,6 +109,10 @@ _OPTIONS = {
     "--log-level": "log_level",
     "--metrics-listen": "metrics_listen",
 }
+
+
+def default_log_level() -> str:
+    return os.environ.get(LOG_LEVEL_ENV, DEFAULT_LOG_LEVEL)
 
 
 @dataclass(frozen=True)
@@ -121,10 +127,10 @@ class PlainStart:
 
 def plain_start(argv: Sequence[str]) -> PlainStart | None:
     """`argv` read as a plain start: only --socket, --state-dir, --log-level and
-    --metrics-listen, each as
-    `--option VALUE` or `--option=VALUE` (the last one counts, as in click). None for a line
-    click must read: a command, help, --version, a log level click would refuse, a value
-    that looks like an option (click decides what that means), anything else."""
+    --metrics-listen, each as `--option VALUE` or `--option=VALUE` (the last one counts, as
+    in click). None for a line click must read: a command, help, --version, a log level
+    click would refuse (from $FLEET_LOG_LEVEL too), a value that looks like an option (click
+    decides what that means), anything else."""
     found: dict[str, str] = {}
     args = iter(argv)
     for arg in args:
@@ -137,7 +143,8 @@ def plain_start(argv: Sequence[str]) -> PlainStart | None:
                 return None
             value = following
         found[_OPTIONS[option]] = value
-    if found.get("log_level", DEFAULT_LOG_LEVEL) not in LOG_LEVELS:
+    found.setdefault("log_level", default_log_level())
+    if found["log_level"] not in LOG_LEVELS:
         return None
     return PlainStart(**found)
 

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from fleetd.cli import DEFAULT_LOG_LEVEL, LOG_LEVELS, daemon_config, one_line_on_failure, serve
+from fleetd.cli import LOG_LEVELS, daemon_config, default_log_level, one_line_on_failure, serve
 from fleetd.daemon import DaemonConfig
 from fleetd.state import reset_state
 from protocol import PROTOCOL_VERSION, RELEASE
@@ -34,10 +34,10 @@ from protocol.paths import control_socket_path, state_dir_path
 )
 @click.option(
     "--log-level",
-    default=DEFAULT_LOG_LEVEL,
-    show_default=True,
+    default=default_log_level,
+    show_default="$FLEET_LOG_LEVEL, else info",
     type=click.Choice(LOG_LEVELS),
-    help="What the daemon logs (JSON lines off a terminal).",
+    help="What the daemon logs (JSON lines off a terminal); debug adds a line per request.",
 )
 @click.option(
     "--metrics-listen",

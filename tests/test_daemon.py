@@ -97,9 +97,12 @@ def test_requests_read_before_sigterm_are_all_answered(fleetd: Fleetd) -> None:
     assert fleetd.wait() == 0
 
 
-def test_each_request_is_logged_once_with_op_outcome_and_duration(fleetd: Fleetd) -> None:
+def test_each_request_is_logged_once_at_debug_with_op_outcome_and_duration(
+    tempdir: str,
+) -> None:
+    fleetd = Fleetd(tempdir, extra_env={"FLEET_LOG_LEVEL": "debug"}).start()
     run_fleetctl("version", env=fleetd.env)
-    fleetd.stop()
+    fleetd.close()
     lines = [json.loads(line) for line in fleetd.log().splitlines()]
     handled = [line for line in lines if line.get("event") == "request_handled"]
     assert [line["op"] for line in handled] == ["hello", "version"]
@@ -107,12 +110,19 @@ def test_each_request_is_logged_once_with_op_outcome_and_duration(fleetd: Fleetd
         assert line["outcome"] == "ok" and isinstance(line["duration_us"], int)
 
 
-def test_a_request_line_carries_its_peer_level_and_utc_timestamp(fleetd: Fleetd) -> None:
+def test_requests_are_not_logged_at_info(fleetd: Fleetd) -> None:
     run_fleetctl("version", env=fleetd.env)
     fleetd.stop()
+    assert "request_handled" not in fleetd.log()
+
+
+def test_a_request_line_carries_its_peer_level_and_utc_timestamp(tempdir: str) -> None:
+    fleetd = Fleetd(tempdir, extra_env={"FLEET_LOG_LEVEL": "debug"}).start()
+    run_fleetctl("version", env=fleetd.env)
+    fleetd.close()
     lines = [json.loads(line) for line in fleetd.log().splitlines()]
     (version,) = [line for line in lines if line.get("op") == "version"]
-    assert version["level"] == "info"
+    assert version["level"] == "debug"
     assert version["peer_uid"] == os.getuid() and version["peer_pid"] > 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", version["timestamp"])
 
@@ -200,3 +210,21 @@ def test_directories_and_store_fleetd_creates_are_private(tempdir: str) -> None:
         assert stat.S_IMODE(os.stat(store).st_mode) == 0o600
     finally:
         daemon.close()
+
+
+def test_under_journald_each_line_starts_with_its_syslog_priority(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    open(daemon.log_path, "wb").close()
+    found = os.stat(daemon.log_path)
+    daemon.extra_env["JOURNAL_STREAM"] = f"{found.st_dev}:{found.st_ino}"
+    daemon.start()
+    daemon.close()
+    lines = daemon.log().splitlines()
+    assert lines and all(re.match(r"<[2-7]>\{", line) for line in lines), lines[:3]
+    assert any(line.startswith("<6>") and '"fleetd_ready"' in line for line in lines)
+
+
+def test_a_journal_stream_that_is_not_stderr_adds_no_prefix(tempdir: str) -> None:
+    daemon = Fleetd(tempdir, extra_env={"JOURNAL_STREAM": "1:2"}).start()
+    daemon.close()
+    assert all(line.startswith("{") for line in daemon.log().splitlines())

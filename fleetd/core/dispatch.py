@@ -7,6 +7,10 @@ run concurrently, so one slow request never holds up the pipeline behind it.
 Long polls (requests that may wait for minutes for something to happen) are capped per
 connection: past `max_waits` outstanding, one more is answered limit_exceeded at once. Each
 runs under a cancel scope of its own, so that a connection whose peer hung up can end them.
+
+Every answer is logged at debug level (`request_handled`, `request_failed`: op, outcome,
+duration, peer): a line per request at info would drown the journal of a busy fleet, whose
+rates and latencies the metrics count instead (fleetd.core.metrics). A crash is an error.
 """
 
 import inspect
@@ -63,7 +67,6 @@ class _Route:
     op: str
     handler: Handler
     is_async: bool
-    chatty: bool
     waits: Callable[[Any], bool] | None
 
 
@@ -83,16 +86,14 @@ class Dispatcher:
         request_type: type[Request],
         handler: Handler,
         *,
-        chatty: bool = False,
         waits: Callable[[Any], bool] | None = None,
     ) -> None:
-        """Route `request_type` to `handler`. A `chatty` op (liveness pings, heartbeats) is
-        logged at debug level, so that a busy fleet does not flood the journal. `waits` tells
+        """Route `request_type` to `handler`. `waits` tells
         whether a request of a coroutine handler is a long poll: one that may stay outstanding
         until something happens, capped per connection and ended when its peer hangs up (it
         must be safe to cancel)."""
         is_async = inspect.iscoroutinefunction(handler)
-        self._routes[request_type] = _Route(_op(request_type), handler, is_async, chatty, waits)
+        self._routes[request_type] = _Route(_op(request_type), handler, is_async, waits)
 
     def handle(self, frame: bytes, peer: Peer) -> Response | Pending:
         """Answer `frame`: a Response now, or a coroutine that produces one.
@@ -167,8 +168,7 @@ def _succeeded(request: Request, route: _Route, result: Message, started: float)
     outcome = str(getattr(result, "outcome", "ok"))
     seconds = time.perf_counter() - started
     _count(route.op, outcome, seconds)
-    emit = log.debug if route.chatty else log.info
-    emit(
+    log.debug(
         "request_handled",
         op=route.op,
         id=request.id,
@@ -184,7 +184,7 @@ def _failed(request: Request, route: _Route, exc: Exception, started: float) -> 
     outcome = str(exc.outcome) if isinstance(exc, FleetError) else Internal.code
     _count(route.op, outcome, seconds)
     if isinstance(exc, FleetError):
-        log.info(
+        log.debug(
             "request_failed",
             op=route.op,
             id=request.id,

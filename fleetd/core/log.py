@@ -1,8 +1,12 @@
 """structlog set-up: JSON lines off a terminal (journald), readable key=value on one.
 
-Every request fleetd answers is logged, so a line must be cheap: the fields bound to a
-connection (`bind`), the level and the timestamp are added by one processor reading one
-context variable (structlog's merge_contextvars copies and walks every context variable of
+Under journald (stderr is the stream $JOURNAL_STREAM names) each line starts with its syslog
+priority, `<6>` for info, which journald strips and records: `journalctl -u fleetd -p
+warning` shows the warnings and worse.
+
+At debug level every request fleetd answers is logged, so a line must be cheap: the fields
+bound to a connection (`bind`), the level and the timestamp are added by one processor reading
+one context variable (structlog's merge_contextvars copies and walks every context variable of
 the task, anyio's and asyncio's included), the same processor renders the JSON, and the lines
 of one event-loop turn are written with one call after it.
 """
@@ -62,17 +66,41 @@ class _Fields:
         return event
 
 
+_PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+"""syslog priorities (sd-daemon(3) prefixes) of structlog's levels."""
+
+
 class _JsonLine(_Fields):
     """The fields, then the line as JSON: one processor where three ran (the fields,
-    format_exc_info and JSONRenderer, which passes json.dumps keywords msgspec does not take)."""
+    format_exc_info and JSONRenderer, which passes json.dumps keywords msgspec does not take).
+    With `journal`, the line starts with its syslog priority."""
 
-    __slots__ = ()
+    __slots__ = ("_journal",)
+
+    def __init__(self, *, journal: bool = False) -> None:
+        _Fields.__init__(self)
+        self._journal = journal
 
     def __call__(self, logger: Any, method: str, event: EventDict) -> str:  # type: ignore[override]
         event = _Fields.__call__(self, logger, method, event)  # no super() lookup per line
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(logger, method, event)
-        return _json.encode(event).decode()
+        line = _json.encode(event).decode()
+        if self._journal:
+            return f"<{_PRIORITIES.get(event['level'], 6)}>{line}"
+        return line
+
+
+def on_journal(stream: Any, environ: dict[str, str] | None = None) -> bool:
+    """Whether `stream` is journald's: systemd sets JOURNAL_STREAM to its `DEVICE:INODE`."""
+    device, _, inode = (
+        (os.environ if environ is None else environ).get("JOURNAL_STREAM", "").partition(":")
+    )
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{found.st_dev}:{found.st_ino}" == f"{device}:{inode}"
 
 
 class _LossyWriter:
@@ -142,7 +170,9 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
     processors: list[structlog.typing.Processor] = (
-        [_JsonLine()] if json else [_Fields(), structlog.dev.ConsoleRenderer(colors=False)]
+        [_JsonLine(journal=on_journal(sys.stderr))]
+        if json
+        else [_Fields(), structlog.dev.ConsoleRenderer(colors=False)]
     )
     _writer.write_to(sys.stderr)
     structlog.configure(

@@ -638,8 +638,8 @@ class _Session:
 
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
-        dispatcher.register(Status, self.status, chatty=True)
-        dispatcher.register(StatusAll, self.status_all, chatty=True)
+        dispatcher.register(Status, self.status)
+        dispatcher.register(StatusAll, self.status_all)
         dispatcher.register(Stop, self.stop)
         dispatcher.register(AddMember, self.add_member)
         dispatcher.register(Bind, self.bind)
