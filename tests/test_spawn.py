@@ -266,14 +266,17 @@ async def spawned_soon(
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future[tuple[spawn_module.Outcome, int]] = loop.create_future()
     read, write = os.pipe()
-    spawner.spawn_soon(  # which closes `write` once the spawning thread has it
-        argv,
-        dict(os.environ),
-        cwd,
-        write,
-        write,
-        done=lambda result: outcome.set_result((result, threading.get_ident())),
-    )
+    try:
+        spawner.spawn_soon(
+            argv,
+            dict(os.environ),
+            cwd,
+            write,
+            write,
+            done=lambda result: outcome.set_result((result, threading.get_ident())),
+        )
+    finally:
+        os.close(write)
     result, thread = await outcome
     with os.fdopen(read) as output:
         text = await anyio.to_thread.run_sync(output.read)

@@ -717,7 +717,7 @@ class Member:
         cgroup = self._descendants.cgroup if self._descendants is not None else ""
         self._spawning = True
         try:
-            self._host.spawner.spawn_soon(  # the write ends are the spawner's from here
+            self._host.spawner.spawn_soon(
                 argv,
                 env,
                 cwd,
@@ -726,11 +726,16 @@ class Member:
                 done=functools.partial(self._spawned, out_read, err_read),
                 cgroup=cgroup or None,
             )
+        except OSError as exc:  # not even handed over
+            self._spawned(out_read, err_read, exc)
         except BaseException:
             self._spawning = False
             for fd in (out_read, err_read):
                 os.close(fd)
             raise
+        finally:
+            for fd in (out_write, err_write):
+                os.close(fd)
 
     def _spawned(self, out_read: int, err_read: int, outcome: Child | Exception) -> None:
         """The spawn's outcome, on the event loop: the child is watched before anything is

@@ -44,7 +44,6 @@ refused (a seccomp filter), members are spawned on the event loop's thread.
 
 import array
 import asyncio
-import collections
 import contextlib
 import ctypes
 import errno
@@ -79,8 +78,6 @@ _CLONE_FS = 0x200
 _CLONE_FILES = 0x400
 SPAWNING_THREADS = 2
 """One per core of the 2-core machines fleet is measured on; more only queue on the kernel."""
-_WAITING_MAX = 1024
-"""Jobs that may wait for a spawning thread beyond its socket's queue (see `submit`)."""
 
 # `trampoline PARENT_PID CGROUP_PROCS PROGRAM ARG...`: prctl(PR_SET_PDEATHSIG, SIGKILL); exit
 # 127 unless getppid() == PARENT_PID (the parent died before the prctl: no signal would ever
@@ -508,8 +505,8 @@ class Spawner:
         cgroup: str | None = None,
     ) -> None:
         """`spawn` on a spawning thread; `done(outcome)` is called on the running event loop's
-        thread once it is known (at once where there is no spawning thread). `stdout` and
-        `stderr` are the spawner's from the call on: it closes them."""
+        thread once it is known (at once where there is no spawning thread). The caller may
+        close `stdout` and `stderr` when this returns: the thread holds copies."""
         threads = self._spawning_threads()
         if not threads:
             outcome: Outcome
@@ -517,14 +514,13 @@ class Spawner:
                 outcome = self.spawn(argv, env, cwd, stdout, stderr, cgroup=cgroup)
             except Exception as exc:
                 outcome = exc
-            finally:
-                _close_output(stdout, stderr)
             done(outcome)
             return
         thread = threads[self._turn % len(threads)]
         self._turn += 1
+        job = _Job(argv, env, cwd, cgroup, done)
+        thread.submit(job, stdout, stderr)
         self.in_flight += 1
-        thread.submit(_Job(argv, env, cwd, cgroup, done), stdout, stderr)
 
     def _finished(self, job: "_Job", outcome: Outcome) -> None:
         self.in_flight -= 1
@@ -619,9 +615,6 @@ class _SpawningThread:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._outcomes: queue.SimpleQueue[tuple[_Job, Outcome]] = queue.SimpleQueue()
         self._sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sender.setblocking(False)
-        self._waiting: collections.deque[tuple[_Job, int, int]] = collections.deque()
-        self._writable_awaited = False
         jobs_read = receiver.detach()
         self._done_read, done_write = os.pipe()
         self._started = threading.Event()
@@ -648,51 +641,11 @@ class _SpawningThread:
         asyncio.get_running_loop().add_reader(self._done_read, self._collect)
 
     def submit(self, job: _Job, stdout: int, stderr: int) -> None:
-        """Hand `job` and its output descriptors over (closed here once sent). While the
-        socket's queue is full, jobs wait here and go as the thread takes them, the event
-        loop meanwhile going on with the spawns' outcomes (a thousand members' start had
-        it wait for the thread, then open their sockets and take in every outcome after the
-        last spawn), unless _WAITING_MAX wait already: then this blocks until the thread
-        takes one (each waiting job holds two pipe ends)."""
-        self._waiting.append((job, stdout, stderr))
-        if len(self._waiting) == 1:
-            self._send_waiting()
-        elif len(self._waiting) > _WAITING_MAX:
-            self._sender.setblocking(True)
-            try:
-                self._send_waiting(once=True)
-            finally:
-                self._sender.setblocking(False)
-
-    def _send_waiting(self, *, once: bool = False) -> None:
-        while self._waiting:
-            job, stdout, stderr = self._waiting[0]
-            fds = array.array("i", [stdout, stderr])
-            try:
-                self._sender.sendmsg([b"j"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            except BlockingIOError:
-                self._await_writable(True)
-                return
-            except OSError as exc:  # never seen: the job fails, the others go on
-                self._waiting.popleft()
-                _close_output(stdout, stderr)
-                self._spawner._finished(job, exc)
-                continue
-            self._waiting.popleft()
-            _close_output(stdout, stderr)
-            self._jobs.put(job)
-            if once:
-                return
-        self._await_writable(False)
-
-    def _await_writable(self, wanted: bool) -> None:
-        if wanted != self._writable_awaited:
-            loop = asyncio.get_running_loop()
-            if wanted:
-                loop.add_writer(self._sender, self._send_waiting)
-            else:
-                loop.remove_writer(self._sender)
-            self._writable_awaited = wanted
+        """Blocks while the thread has many jobs queued already (the socket's queue is
+        full): the event loop then waits for its spawns rather than piling up pipes."""
+        fds = array.array("i", [stdout, stderr])
+        self._sender.sendmsg([b"j"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        self._jobs.put(job)
 
     def _collect(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -739,12 +692,6 @@ class _SpawningThread:
                 os.close(fd)
         self._outcomes.put((job, outcome))
         os.write(done_write, b"\0")
-
-
-def _close_output(stdout: int, stderr: int) -> None:
-    os.close(stdout)
-    if stderr != stdout:
-        os.close(stderr)
 
 
 def _unshare(flags: int) -> None:
