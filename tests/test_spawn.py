@@ -3,6 +3,7 @@ parent-death signal, start in their cgroup, and get nothing else of the spawner'
 
 import asyncio
 import contextlib
+import errno
 import os
 import platform
 import signal
@@ -199,6 +200,16 @@ def test_a_spawned_program_has_no_blocked_ignored_or_handled_signal_and_its_own_
         assert {s for s in ours if int(fields[mask], 16) >> (s - 1) & 1} == set(), mask
     stat = text.splitlines()[-1]
     assert int(stat.split()[0]) == int(stat.rsplit(")", 1)[1].split()[2])
+
+
+def test_where_clone3_is_refused_spawns_go_through_the_trampoline_from_then_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a seccomp filter refuses it (ENOSYS, in Docker's default profile)."""
+    spawner = spawner_through("clone3")
+    monkeypatch.setattr(spawner._clone, "_call", lambda address: -errno.ENOSYS)
+    assert run_spawned(["echo", "spawned"], {}, spawner) == "spawned\n"
+    assert spawner._clone is None
 
 
 def test_a_program_that_exec_refuses_is_an_os_error_of_the_spawn(tempdir: str) -> None:
