@@ -186,7 +186,7 @@ TRAMPOLINE = _static_executable(_TRAMPOLINE_CODE)
 # and returns the pid or -errno; clone3 returns once the child has executed its program or
 # exited. The child, in the parent's memory, on that stack and without libc:
 # prctl(PR_SET_PDEATHSIG, SIGKILL); gives up (ESRCH) unless getppid() is the parent's pid;
-# unless `args.procs` is -1, writes "0" to that cgroup.procs descriptor (and says so in
+# unless `args.procs` is NULL, opens that cgroup.procs and writes "0" to it (and says so in
 # `args.cgroup_failed` when that fails); resets to SIG_DFL every signal with a handler (none
 # may run in it: it shares the parent's memory) and SIGPIPE and SIGXFSZ (which Python
 # ignores); dup2 stdin, stdout, stderr onto 0, 1, 2; setpgid(0, 0); empties its signal mask;
@@ -219,94 +219,100 @@ _CLONE_SPAWN_CODE = bytes.fromhex(
     "59"  #  54  pop rcx
     "5b"  #  55  pop rbx
     "c3"  #  56  ret
-    "b89d000000"  #  57  child: mov eax, 157 (prctl)  on its own stack, in the parent's memory
+    "b89d000000"  #  57  child: mov eax, 157 (prctl)  in the parent's memory, on its own stack
     "bf01000000"  #  5c  mov edi, 1                   PR_SET_PDEATHSIG
     "be09000000"  #  61  mov esi, 9                   SIGKILL
     "0f05"  #  66  syscall
     "4885c0"  #  68  test rax, rax
-    "0f8527010000"  #  6b  jne fail
+    "0f8536010000"  #  6b  jne fail
     "b86e000000"  #  71  mov eax, 110 (getppid)
     "0f05"  #  76  syscall
     "483b8388000000"  #  78  cmp rax, qword [rbx+136]     the parent's pid
     "48c7c0fdffffff"  #  7f  mov rax, -3                  ESRCH: the parent died before the prctl
-    "0f850c010000"  #  86  jne fail
-    "488bbba0000000"  #  8c  mov rdi, qword [rbx+160]     a cgroup.procs descriptor, or -1
+    "0f851b010000"  #  86  jne fail
+    "488bbba0000000"  #  8c  mov rdi, qword [rbx+160]     a cgroup.procs path, or NULL
     "4885ff"  #  93  test rdi, rdi
-    "7837"  #  96  js joined
-    "6a30"  #  98  push 48                      "0": the writer itself
-    "4889e6"  #  9a  mov rsi, rsp
-    "ba01000000"  #  9d  mov edx, 1
-    "b801000000"  #  a2  mov eax, 1 (write)
-    "0f05"  #  a7  syscall
-    "4883f801"  #  a9  cmp rax, 1
-    "7420"  #  ad  je joined
-    "48c783a800000001000000"  #  af  mov qword [rbx+168], 1       the cgroup's fault
-    "4885c0"  #  ba  test rax, rax
-    "0f88d5000000"  #  bd  js fail
-    "48c7c0fbffffff"  #  c3  mov rax, -5                  EIO
-    "e9c9000000"  #  ca  jmp fail
-    "4883ec40"  #  cf  joined: sub rsp, 64          a sigaction read, and a SIG_DFL one
-    "31c0"  #  d3  xor eax, eax
-    "4889442420"  #  d5  mov qword [rsp+32], rax
-    "4889442428"  #  da  mov qword [rsp+40], rax
-    "4889442430"  #  df  mov qword [rsp+48], rax
-    "4889442438"  #  e4  mov qword [rsp+56], rax
-    "41bc01000000"  #  e9  mov r12d, 1                  for each signal...
-    "b80d000000"  #  ef  query: mov eax, 13 (rt_sigaction)
-    "4489e7"  #  f4  mov edi, r12d
-    "31f6"  #  f7  xor esi, esi
-    "4889e2"  #  f9  mov rdx, rsp
-    "41ba08000000"  #  fc  mov r10d, 8
-    "0f05"  # 102  syscall
-    "4885c0"  # 104  test rax, rax
-    "752a"  # 107  jne next
-    "48833c2401"  # 109  cmp qword [rsp], 1           handled (neither SIG_DFL nor SIG_IGN)
-    "770c"  # 10e  ja reset
-    "4183fc0d"  # 110  cmp r12d, 13                 SIGPIPE, ignored by Python
-    "7406"  # 114  je reset
-    "4183fc19"  # 116  cmp r12d, 25                 SIGXFSZ, ignored by Python
-    "7517"  # 11a  jne next
-    "b80d000000"  # 11c  reset: mov eax, 13 (rt_sigaction)
-    "4489e7"  # 121  mov edi, r12d
-    "488d742420"  # 124  lea rsi, [rsp+32]
-    "31d2"  # 129  xor edx, edx
-    "41ba08000000"  # 12b  mov r10d, 8
-    "0f05"  # 131  syscall
-    "41ffc4"  # 133  next: inc r12d
-    "4183fc40"  # 136  cmp r12d, 64
-    "76b3"  # 13a  jbe query
-    "4531e4"  # 13c  xor r12d, r12d
-    "b821000000"  # 13f  dup: mov eax, 33 (dup2)      stdin, stdout, stderr onto 0, 1, 2
-    "4a8b7ce370"  # 144  mov rdi, qword [rbx+r12*8+112]
-    "4489e6"  # 149  mov esi, r12d
-    "0f05"  # 14c  syscall
-    "4885c0"  # 14e  test rax, rax
-    "7845"  # 151  js fail
-    "41ffc4"  # 153  inc r12d
-    "4183fc03"  # 156  cmp r12d, 3
-    "72e3"  # 15a  jb dup
-    "b86d000000"  # 15c  mov eax, 109 (setpgid)       (0, 0): a group of its own
-    "31ff"  # 161  xor edi, edi
-    "31f6"  # 163  xor esi, esi
-    "0f05"  # 165  syscall
-    "4885c0"  # 167  test rax, rax
-    "752c"  # 16a  jne fail
-    "b80e000000"  # 16c  mov eax, 14 (rt_sigprocmask)
-    "bf02000000"  # 171  mov edi, 2                   SIG_SETMASK: nothing blocked
-    "488d742420"  # 176  lea rsi, [rsp+32]
-    "31d2"  # 17b  xor edx, edx
-    "41ba08000000"  # 17d  mov r10d, 8
-    "0f05"  # 183  syscall
-    "488b7b58"  # 185  mov rdi, qword [rbx+88]      the program
-    "488b7360"  # 189  mov rsi, qword [rbx+96]      argv
-    "488b5368"  # 18d  mov rdx, qword [rbx+104]     envp
-    "b83b000000"  # 191  mov eax, 59 (execve)
-    "0f05"  # 196  syscall
-    "48f7d8"  # 198  fail: neg rax
-    "48898398000000"  # 19b  mov qword [rbx+152], rax     the errno, for the parent
-    "bf7f000000"  # 1a2  mov edi, 127
-    "b83c000000"  # 1a7  mov eax, 60 (exit)
-    "0f05"  # 1ac  syscall
+    "7446"  #  96  je joined
+    "be01000800"  #  98  mov esi, 0x80001             O_WRONLY | O_CLOEXEC
+    "b802000000"  #  9d  mov eax, 2 (open)
+    "0f05"  #  a2  syscall
+    "4885c0"  #  a4  test rax, rax
+    "7825"  #  a7  js cgroup_failed
+    "89c7"  #  a9  mov edi, eax
+    "6a30"  #  ab  push 48                      "0": the writer itself
+    "4889e6"  #  ad  mov rsi, rsp
+    "ba01000000"  #  b0  mov edx, 1
+    "b801000000"  #  b5  mov eax, 1 (write)
+    "0f05"  #  ba  syscall
+    "4883f801"  #  bc  cmp rax, 1
+    "741c"  #  c0  je joined
+    "4885c0"  #  c2  test rax, rax
+    "7807"  #  c5  js cgroup_failed
+    "48c7c0fbffffff"  #  c7  mov rax, -5                  EIO
+    "48c783a800000001000000"  #  ce  cgroup_failed: mov qword [rbx+168], 1  the cgroup's fault
+    "e9c9000000"  #  d9  jmp fail
+    "4883ec40"  #  de  joined: sub rsp, 64          a sigaction read, and a SIG_DFL one
+    "31c0"  #  e2  xor eax, eax
+    "4889442420"  #  e4  mov qword [rsp+32], rax
+    "4889442428"  #  e9  mov qword [rsp+40], rax
+    "4889442430"  #  ee  mov qword [rsp+48], rax
+    "4889442438"  #  f3  mov qword [rsp+56], rax
+    "41bc01000000"  #  f8  mov r12d, 1
+    "b80d000000"  #  fe  query: mov eax, 13 (rt_sigaction)
+    "4489e7"  # 103  mov edi, r12d
+    "31f6"  # 106  xor esi, esi
+    "4889e2"  # 108  mov rdx, rsp
+    "41ba08000000"  # 10b  mov r10d, 8
+    "0f05"  # 111  syscall
+    "4885c0"  # 113  test rax, rax
+    "752a"  # 116  jne next
+    "48833c2401"  # 118  cmp qword [rsp], 1           a handler (neither SIG_DFL nor SIG_IGN)
+    "770c"  # 11d  ja reset
+    "4183fc0d"  # 11f  cmp r12d, 13                 SIGPIPE, ignored by Python
+    "7406"  # 123  je reset
+    "4183fc19"  # 125  cmp r12d, 25                 SIGXFSZ, ignored by Python
+    "7517"  # 129  jne next
+    "b80d000000"  # 12b  reset: mov eax, 13 (rt_sigaction)
+    "4489e7"  # 130  mov edi, r12d
+    "488d742420"  # 133  lea rsi, [rsp+32]
+    "31d2"  # 138  xor edx, edx
+    "41ba08000000"  # 13a  mov r10d, 8
+    "0f05"  # 140  syscall
+    "41ffc4"  # 142  next: inc r12d
+    "4183fc40"  # 145  cmp r12d, 64
+    "76b3"  # 149  jbe query
+    "4531e4"  # 14b  xor r12d, r12d
+    "b821000000"  # 14e  dup: mov eax, 33 (dup2)      stdin, stdout, stderr onto 0, 1, 2
+    "4a8b7ce370"  # 153  mov rdi, qword [rbx+r12*8+112]
+    "4489e6"  # 158  mov esi, r12d
+    "0f05"  # 15b  syscall
+    "4885c0"  # 15d  test rax, rax
+    "7845"  # 160  js fail
+    "41ffc4"  # 162  inc r12d
+    "4183fc03"  # 165  cmp r12d, 3
+    "72e3"  # 169  jb dup
+    "b86d000000"  # 16b  mov eax, 109 (setpgid)       (0, 0): a group of its own
+    "31ff"  # 170  xor edi, edi
+    "31f6"  # 172  xor esi, esi
+    "0f05"  # 174  syscall
+    "4885c0"  # 176  test rax, rax
+    "752c"  # 179  jne fail
+    "b80e000000"  # 17b  mov eax, 14 (rt_sigprocmask)
+    "bf02000000"  # 180  mov edi, 2                   SIG_SETMASK: nothing blocked
+    "488d742420"  # 185  lea rsi, [rsp+32]
+    "31d2"  # 18a  xor edx, edx
+    "41ba08000000"  # 18c  mov r10d, 8
+    "0f05"  # 192  syscall
+    "488b7b58"  # 194  mov rdi, qword [rbx+88]      the program
+    "488b7360"  # 198  mov rsi, qword [rbx+96]      argv
+    "488b5368"  # 19c  mov rdx, qword [rbx+104]     envp
+    "b83b000000"  # 1a0  mov eax, 59 (execve)
+    "0f05"  # 1a5  syscall
+    "48f7d8"  # 1a7  fail: neg rax
+    "48898398000000"  # 1aa  mov qword [rbx+152], rax     the errno, for the parent
+    "bf7f000000"  # 1b1  mov edi, 127
+    "b83c000000"  # 1b6  mov eax, 60 (exit)
+    "0f05"  # 1bb  syscall
 )
 _CLONE_VM = 0x100
 _CLONE_VFORK = 0x4000
@@ -345,7 +351,7 @@ class _CloneArgs(ctypes.Structure):
         ("parent", ctypes.c_int64),
         ("mask", ctypes.c_uint64),
         ("error", ctypes.c_int64),
-        ("procs", ctypes.c_int64),
+        ("procs", ctypes.c_char_p),
         ("cgroup_failed", ctypes.c_int64),
     )
 
@@ -390,18 +396,10 @@ class _CloneSpawn:
         envp_array = _c_strings([_environment_entry(key, value) for key, value in env.items()])
         args.argv, args.envp = ctypes.addressof(argv_array), ctypes.addressof(envp_array)
         args.stdout, args.stderr, args.parent = stdout, stderr, os.getpid()
-        args.procs = -1
-        opened = []
-        try:
-            args.stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            opened.append(args.stdin)
-            if cgroup:
-                args.procs = _open_procs(cgroup)
-                opened.append(args.procs)
-            pid: int = self._call(ctypes.addressof(args))
-        finally:
-            for fd in opened:
-                os.close(fd)
+        args.stdin = _devnull()
+        if cgroup:
+            args.procs = os.fsencode(os.path.join(cgroup, PROCS_FILE))
+        pid: int = self._call(ctypes.addressof(args))
         if pid < 0:
             if -pid in _CLONE3_MISSING:
                 raise _CloneUnavailable(os.strerror(-pid))
@@ -415,11 +413,16 @@ class _CloneSpawn:
         return pid
 
 
-def _open_procs(cgroup: str) -> int:
-    try:
-        return os.open(os.path.join(cgroup, PROCS_FILE), os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise _cannot_join(exc.errno or errno.EIO, cgroup) from None
+_per_thread = threading.local()
+
+
+def _devnull() -> int:
+    """/dev/null, opened once per thread, in its descriptor table (a spawning thread has one
+    of its own): an open per spawn was a tenth of the spawning thread's CPU."""
+    fd: int | None = getattr(_per_thread, "devnull", None)
+    if fd is None:
+        fd = _per_thread.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return fd
 
 
 def _cannot_join(code: int, cgroup: str | None) -> OSError:
