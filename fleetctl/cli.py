@@ -539,7 +539,9 @@ def up(
 @click.argument("names", nargs=-1)
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
-    """Members' status (NAME, or CLUSTER/NAME); every live member without NAMEs. absent: 11."""
+    """Show members' status (NAME, or CLUSTER/NAME); every live member without NAMEs.
+
+    Outcomes: ok (0), absent (11)."""
     _client_call(g, lambda client: _emit_members(g, client.member_status(names)))
 
 
@@ -548,7 +550,9 @@ def status(g: Globals, names: tuple[str, ...]) -> None:
 @_WAIT_TIMEOUT
 @click.pass_obj
 def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> None:
-    """Until every NAME runs: ok (0), timeout (13), absent (11), or the member's error (1)."""
+    """Wait until every NAME runs.
+
+    Outcomes: ok (0), timeout (13), absent (11), or the member's error (1)."""
     _client_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
 
 
