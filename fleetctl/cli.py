@@ -626,8 +626,16 @@ def down(g: Globals, cluster: str) -> None:
     "-f", "--follow", is_flag=True, help="Then print what it writes, until it leaves its cluster."
 )
 @click.option("--stderr", is_flag=True, help="Its stderr (default: stdout).")
+@click.option(
+    "-n",
+    "--tail",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Only the last N lines of what is there (then, with -f, everything new).",
+)
 @click.pass_obj
-def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
+def logs(g: Globals, name: str, follow: bool, stderr: bool, tail: int | None) -> None:
     """Print a member's log: the rotated part (.1) first, then the current file.
 
     With -f, keep following it as `tail -F` does: what the member writes shows up as it is
@@ -646,9 +654,9 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         paths = _client_result(g, lambda client: client.member_logs(name))
         sys.stdout.flush()
         if follow:
-            follow_log(paths, sys.stdout.buffer, stderr=stderr)
+            follow_log(paths, sys.stdout.buffer, stderr=stderr, tail=tail)
         else:
-            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer)
+            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer, tail=tail)
     except KeyboardInterrupt:
         if not follow:
             raise
