@@ -480,6 +480,31 @@ def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields
     return emit(g.json, status_table(members), outcome, members=members, **fields)
 
 
+def _live_members(ctx: click.Context) -> list[Any]:
+    """Every live member, for completing a name: nothing if no fleetd answers quickly."""
+    from fleetctl.sync import SyncClient
+
+    socket_path = ctx.find_root().params.get("socket_path") or client_socket_path(
+        os.environ, os.path.exists
+    )
+    try:
+        with SyncClient(socket_path, timeout=0.5) as client:
+            return client.member_status()
+    except (FleetError, OSError):
+        return []
+
+
+def _complete_members(ctx: click.Context, _: click.Parameter, incomplete: str) -> list[str]:
+    members = _live_members(ctx)
+    spelt = (f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in members)
+    return sorted({name for name in spelt if name.startswith(incomplete)})
+
+
+def _complete_clusters(ctx: click.Context, _: click.Parameter, incomplete: str) -> list[str]:
+    clusters = {m.cluster for m in _live_members(ctx)}
+    return sorted(name for name in clusters if name.startswith(incomplete))
+
+
 _WAIT_TIMEOUT = click.option(
     "--timeout",
     "wait_timeout",
@@ -536,7 +561,7 @@ def up(
 
 
 @cli.command("status")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=_complete_members)
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
     """Show members' status (NAME, or CLUSTER/NAME); every live member without NAMEs.
@@ -546,7 +571,7 @@ def status(g: Globals, names: tuple[str, ...]) -> None:
 
 
 @cli.command("wait")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=_complete_members)
 @_WAIT_TIMEOUT
 @click.pass_obj
 def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> None:
@@ -557,7 +582,7 @@ def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> Non
 
 
 @cli.command("stop")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_members)
 @click.pass_obj
 def stop(g: Globals, name: str) -> None:
     """Stop one member; its siblings keep running."""
@@ -608,7 +633,7 @@ def _member_definition(path: str, member: str) -> Any:
 
 
 @cli.command("down")
-@click.argument("cluster")
+@click.argument("cluster", shell_complete=_complete_clusters)
 @click.pass_obj
 def down(g: Globals, cluster: str) -> None:
     """Stop every member of CLUSTER: released, already_released (0) or absent (11)."""
@@ -621,7 +646,7 @@ def down(g: Globals, cluster: str) -> None:
 
 
 @cli.command("logs")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_members)
 @click.option(
     "-f", "--follow", is_flag=True, help="Then print what it writes, until it leaves its cluster."
 )
