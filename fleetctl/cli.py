@@ -16,6 +16,7 @@ from fleetctl import _stdout
 from fleetctl.output import emit, fail, printable, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.clusters import left_up
 from protocol.errors import FleetError, InvalidRequest
 from protocol.paths import client_socket_path
 
@@ -515,6 +516,15 @@ _WAIT_TIMEOUT = click.option(
 )
 
 
+def _wait_left_up(client: Any, cluster: str, names: list[str], timeout: float) -> Any:
+    """member_wait; a failure says that the cluster was left up, and how to bring it down."""
+    try:
+        return client.member_wait(names, timeout)
+    except FleetError as error:
+        error.message = left_up(error.message, cluster)
+        raise
+
+
 @cli.command("up")
 @click.option("-f", "--file", "path", default="fleet.toml", show_default=True, help="Definitions.")
 @click.option("--name", default=None, help="The cluster's name (default: the file's `name`).")
@@ -535,6 +545,7 @@ def up(
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
     from fleetctl.definitions import read_toml
+    from fleetctl.progress import shown_while_waiting
 
     def call(client: Any) -> int:
         result = client.cluster_up_toml(
@@ -543,7 +554,8 @@ def up(
         members = result.members
         if wait:
             names = [f"{result.cluster}/{m.name}" for m in members]
-            members = client.member_wait(names, wait_timeout)
+            with shown_while_waiting(g.socket_path, names):
+                members = _wait_left_up(client, result.cluster, names, wait_timeout)
         if not g.json:
             head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
             table = status_table(msgspec.to_builtins(members))
@@ -578,7 +590,13 @@ def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> Non
     """Wait until every NAME runs.
 
     Outcomes: ok (0), timeout (13), absent (11), or the member's error (1)."""
-    _client_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
+    from fleetctl.progress import shown_while_waiting
+
+    def call(client: Any) -> int:
+        with shown_while_waiting(g.socket_path, names):
+            return _emit_members(g, client.member_wait(names, wait_timeout))
+
+    _client_call(g, call)
 
 
 @cli.command("stop")
