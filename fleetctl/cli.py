@@ -16,6 +16,7 @@ from fleetctl import _stdout
 from fleetctl.output import emit, fail, printable, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
+from protocol.clusters import left_up
 from protocol.errors import FleetError, InvalidRequest
 from protocol.paths import client_socket_path
 
@@ -480,6 +481,31 @@ def _emit_members(g: Globals, statuses: list[Any], outcome: Any = None, **fields
     return emit(g.json, status_table(members), outcome, members=members, **fields)
 
 
+def _live_members(ctx: click.Context) -> list[Any]:
+    """Every live member, for completing a name: nothing if no fleetd answers quickly."""
+    from fleetctl.sync import SyncClient
+
+    socket_path = ctx.find_root().params.get("socket_path") or client_socket_path(
+        os.environ, os.path.exists
+    )
+    try:
+        with SyncClient(socket_path, timeout=0.5) as client:
+            return client.member_status()
+    except (FleetError, OSError):
+        return []
+
+
+def _complete_members(ctx: click.Context, _: click.Parameter, incomplete: str) -> list[str]:
+    members = _live_members(ctx)
+    spelt = (f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in members)
+    return sorted({name for name in spelt if name.startswith(incomplete)})
+
+
+def _complete_clusters(ctx: click.Context, _: click.Parameter, incomplete: str) -> list[str]:
+    clusters = {m.cluster for m in _live_members(ctx)}
+    return sorted(name for name in clusters if name.startswith(incomplete))
+
+
 _WAIT_TIMEOUT = click.option(
     "--timeout",
     "wait_timeout",
@@ -488,6 +514,15 @@ _WAIT_TIMEOUT = click.option(
     show_default=True,
     help="How long to wait for the members to run.",
 )
+
+
+def _wait_left_up(client: Any, cluster: str, names: list[str], timeout: float) -> Any:
+    """member_wait; a failure says that the cluster was left up, and how to bring it down."""
+    try:
+        return client.member_wait(names, timeout)
+    except FleetError as error:
+        error.message = left_up(error.message, cluster)
+        raise
 
 
 @cli.command("up")
@@ -510,6 +545,7 @@ def up(
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
     from fleetctl.definitions import read_toml
+    from fleetctl.progress import shown_while_waiting
 
     def call(client: Any) -> int:
         result = client.cluster_up_toml(
@@ -518,7 +554,8 @@ def up(
         members = result.members
         if wait:
             names = [f"{result.cluster}/{m.name}" for m in members]
-            members = client.member_wait(names, wait_timeout)
+            with shown_while_waiting(g.socket_path, names):
+                members = _wait_left_up(client, result.cluster, names, wait_timeout)
         if not g.json:
             head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
             table = status_table(msgspec.to_builtins(members))
@@ -536,24 +573,34 @@ def up(
 
 
 @cli.command("status")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=_complete_members)
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
-    """Members' status (NAME, or CLUSTER/NAME); every live member without NAMEs. absent: 11."""
+    """Show members' status (NAME, or CLUSTER/NAME); every live member without NAMEs.
+
+    Outcomes: ok (0), absent (11)."""
     _client_call(g, lambda client: _emit_members(g, client.member_status(names)))
 
 
 @cli.command("wait")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=_complete_members)
 @_WAIT_TIMEOUT
 @click.pass_obj
 def wait_command(g: Globals, names: tuple[str, ...], wait_timeout: float) -> None:
-    """Until every NAME runs: ok (0), timeout (13), absent (11), or the member's error (1)."""
-    _client_call(g, lambda client: _emit_members(g, client.member_wait(names, wait_timeout)))
+    """Wait until every NAME runs.
+
+    Outcomes: ok (0), timeout (13), absent (11), or the member's error (1)."""
+    from fleetctl.progress import shown_while_waiting
+
+    def call(client: Any) -> int:
+        with shown_while_waiting(g.socket_path, names):
+            return _emit_members(g, client.member_wait(names, wait_timeout))
+
+    _client_call(g, call)
 
 
 @cli.command("stop")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_members)
 @click.pass_obj
 def stop(g: Globals, name: str) -> None:
     """Stop one member; its siblings keep running."""
@@ -604,7 +651,7 @@ def _member_definition(path: str, member: str) -> Any:
 
 
 @cli.command("down")
-@click.argument("cluster")
+@click.argument("cluster", shell_complete=_complete_clusters)
 @click.pass_obj
 def down(g: Globals, cluster: str) -> None:
     """Stop every member of CLUSTER: released, already_released (0) or absent (11)."""
@@ -617,13 +664,21 @@ def down(g: Globals, cluster: str) -> None:
 
 
 @cli.command("logs")
-@click.argument("name")
+@click.argument("name", shell_complete=_complete_members)
 @click.option(
     "-f", "--follow", is_flag=True, help="Then print what it writes, until it leaves its cluster."
 )
 @click.option("--stderr", is_flag=True, help="Its stderr (default: stdout).")
+@click.option(
+    "-n",
+    "--tail",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Only the last N lines of what is there (then, with -f, everything new).",
+)
 @click.pass_obj
-def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
+def logs(g: Globals, name: str, follow: bool, stderr: bool, tail: int | None) -> None:
     """Print a member's log: the rotated part (.1) first, then the current file.
 
     With -f, keep following it as `tail -F` does: what the member writes shows up as it is
@@ -642,9 +697,9 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool) -> None:
         paths = _client_result(g, lambda client: client.member_logs(name))
         sys.stdout.flush()
         if follow:
-            follow_log(paths, sys.stdout.buffer, stderr=stderr)
+            follow_log(paths, sys.stdout.buffer, stderr=stderr, tail=tail)
         else:
-            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer)
+            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer, tail=tail)
     except KeyboardInterrupt:
         if not follow:
             raise

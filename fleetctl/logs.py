@@ -275,19 +275,44 @@ class MemberPresence:
 # --- the commands -------------------------------------------------------------------------------
 
 
-def print_log(path: str, out: BinaryIO) -> None:
-    """What the log holds: PATH.1, then PATH."""
+def last_lines(data: bytes, count: int) -> bytes:
+    """The last `count` lines of `data` (a last line without its newline counts as one)."""
+    if count <= 0:
+        return b""
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(count):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return data
+    return data[cut + 1 :]
+
+
+def _read_tail(reader: LogReader, out: BinaryIO, tail: int | None) -> None:
+    """What the log holds, or with `tail` its last lines only."""
+    if tail is None:
+        reader.read(out.write)
+        return
+    held = bytearray()
+    reader.read(held.extend)
+    out.write(last_lines(bytes(held), tail))
+
+
+def print_log(path: str, out: BinaryIO, *, tail: int | None = None) -> None:
+    """What the log holds: PATH.1, then PATH (with `tail`, their last lines)."""
     reader = LogReader(path)
     try:
-        reader.read(out.write)
+        _read_tail(reader, out, tail)
     finally:
         reader.close()
     out.flush()
 
 
-def follow_log(paths: LogPaths, out: BinaryIO, *, stderr: bool = False) -> None:
-    """Print the log, then what the member writes, until it leaves its cluster; returns once
-    its last output is printed. KeyboardInterrupt (the caller's signals) ends it earlier."""
+def follow_log(
+    paths: LogPaths, out: BinaryIO, *, stderr: bool = False, tail: int | None = None
+) -> None:
+    """Print the log (with `tail`, its last lines), then what the member writes, until it
+    leaves its cluster; returns once its last output is printed. KeyboardInterrupt (the
+    caller's signals) ends it earlier."""
     path = paths.stderr if stderr else paths.stdout
     reader = LogReader(path)
     member = MemberPresence(paths.socket, paths.member)
@@ -295,6 +320,7 @@ def follow_log(paths: LogPaths, out: BinaryIO, *, stderr: bool = False) -> None:
     try:
         watched = _watch(changes, path)  # before the first read: no write can go unnoticed
         member.open()
+        _read_tail(reader, out, tail)
         while True:
             reader.read(out.write)
             out.flush()

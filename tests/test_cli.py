@@ -252,3 +252,37 @@ def test_the_fast_path_refuses_an_answer_to_another_request(tempdir: str) -> Non
         thread.join(5)
     assert result.returncode == 14
     assert "the answer to request 99, not 2" in result.stderr
+
+
+def complete(daemon: Fleetd, *words: str) -> list[str]:
+    """What bash completion offers for the last of `words` (click's protocol)."""
+    result = subprocess.run(
+        FLEETCTL,
+        env={
+            **daemon.env,
+            "_FLEETCTL_COMPLETE": "bash_complete",
+            "COMP_WORDS": " ".join(["fleetctl", *words]),
+            "COMP_CWORD": str(len(words)),
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return [line.split(",", 1)[1] for line in result.stdout.splitlines() if line]
+
+
+def test_completion_offers_commands_and_the_live_members_and_clusters(holders: Fleetd) -> None:
+    path = os.path.join(holders.root, "fleet.toml")
+    with open(path, "w") as f:
+        f.write('name = "web"\n[members.api]\ncommand = ["sleep", "60"]\n')
+    assert fleetctl("up", "-f", path, "--wait", env=holders.env).returncode == 0
+    assert complete(holders, "st") == ["status", "stop"]
+    assert complete(holders, "logs", "a") == ["api"]
+    assert complete(holders, "status", "web/") == ["web/api"]
+    assert complete(holders, "down", "w") == ["web"]
+
+
+def test_completion_without_a_fleetd_offers_no_names(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)  # never started
+    assert complete(daemon, "stop", "") == []

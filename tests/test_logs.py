@@ -13,7 +13,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fleetctl.logs import last_lines
 from fleetd.holder.members import LOG_MAX_BYTES
 from tests.processes import FLEETCTL, Fleetd
 from tests.test_detached import client, ctl, definition, up
@@ -249,3 +252,31 @@ def test_follow_outlives_a_fleetd_restart(
 def test_plain_logs_prints_the_log_and_exits(holders: Fleetd, feed: str) -> None:
     up(holders, definition("f", m=echo(feed)), "--wait")
     assert ctl(holders, "logs", "m") == (0, "out\nfirst\n", "")
+
+
+def test_tail_prints_only_the_last_lines(holders: Fleetd, feed: str) -> None:
+    up(holders, definition("f", m=echo(feed)), "--wait")
+    assert ctl(holders, "logs", "m", "--tail", "1") == (0, "first\n", "")
+    assert ctl(holders, "logs", "m", "-n", "5") == (0, "out\nfirst\n", "")
+    assert ctl(holders, "logs", "m", "-n", "0") == (0, "", "")
+
+
+def test_follow_with_tail_starts_from_the_last_lines(
+    holders: Fleetd, feed: str, follow: type[Follower]
+) -> None:
+    up(holders, definition("f", m=echo(feed)), "--wait")
+    follower = follow(holders, "m", "--tail", "1")
+    assert follower.read_until(b"first\n", timeout=10) == b"first\n"
+    send(feed, b"later\n")
+    assert follower.read_until(b"later\n", timeout=10) == b"first\nlater\n"
+
+
+lines = st.lists(st.binary(max_size=8).map(lambda b: b.replace(b"\n", b"")), max_size=12)
+
+
+@given(lines, st.booleans(), st.integers(0, 15))
+def test_last_lines_are_the_last_lines(parts: list[bytes], ended: bool, count: int) -> None:
+    data = b"\n".join(parts) + (b"\n" if ended and parts else b"")
+    *whole, last = data.split(b"\n")
+    every = [line + b"\n" for line in whole] + ([last] if last else [])
+    assert last_lines(data, count) == (b"".join(every[-count:]) if count else b"")

@@ -14,6 +14,7 @@ from fleetctl import _stdout
 from fleetctl._fast.wire import Connection, Failure, malformed, quote
 from fleetctl.table import status_table
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION, RELEASE
+from protocol.clusters import left_up
 from protocol.paths import client_socket_path
 
 TYPE_CHECKING = False
@@ -135,7 +136,13 @@ def _up(command: Command) -> int:
             listed = _value(result, "members", list, [])
             names = [f"{cluster}/{member['name']}" for member in listed]
             seconds: float = params["wait_timeout"]
-            members = connection.request(_member_wait(names, seconds), seconds + command.timeout)
+            try:
+                members = connection.request(
+                    _member_wait(names, seconds), seconds + command.timeout
+                )
+            except Failure as failure:
+                failure.message = left_up(failure.message, cluster)
+                raise
     if command.json:
         extra = (
             f',"cluster":{_text(result, "cluster", "")},'
