@@ -16,9 +16,9 @@ from fleetctl import _stdout
 from fleetctl.output import emit, fail, printable, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
-from protocol.clusters import left_up
 from protocol.errors import FleetError, InvalidRequest
 from protocol.paths import client_socket_path
+from protocol.texts import left_up
 
 
 @dataclass(frozen=True)

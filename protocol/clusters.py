@@ -116,8 +116,3 @@ CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     MemberAdd,
     MemberLogs,
 )
-
-
-def left_up(message: str, cluster: str) -> str:
-    """A failed `up --wait`'s message: the wait failed, but the cluster was brought up."""
-    return f"{message} (cluster {cluster} was left up: `fleetctl down {cluster}` stops it)"

@@ -13,7 +13,7 @@ import pytest
 
 from fleetctl import SyncClient
 from protocol.outcomes import Outcome
-from tests.processes import FLEETCTL, Fleetd
+from tests.processes import FLEETCTL, Fleetd, running_fleetd
 
 CHILD = """
 import os, signal, sys, time
@@ -112,6 +112,13 @@ def coord_run(tempdir: str) -> Iterator[Start]:
         if run.process.poll() is None:
             run.process.kill()
         run.process.communicate()
+
+
+@pytest.fixture
+def fleetd(tempdir: str) -> Iterator[Fleetd]:
+    """At debug level: the tests count the requests fleetd logged."""
+    with running_fleetd(tempdir, FLEET_LOG_LEVEL="debug") as daemon:
+        yield daemon
 
 
 def releases(fleetd: Fleetd) -> int:

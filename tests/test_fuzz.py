@@ -54,6 +54,7 @@ from protocol.messages import (
     LeaseEvents,
     LeaseList,
     LeaseResult,
+    MetricsText,
     Ping,
     Request,
     Response,
@@ -530,6 +531,7 @@ class FakeFleetd:
         ClaimList: {"claims": []},
         LeaseList: {"leases": []},
         VersionResult: {"version": RELEASE, "protocol": PROTOCOL_VERSION},
+        MetricsText: {"text": "# HELP fleet_up Up.\n# TYPE fleet_up gauge\nfleet_up 1\n"},
     }
 
     def __init__(self, path: str) -> None:

@@ -14,8 +14,8 @@ from fleetctl import _stdout
 from fleetctl._fast.wire import Connection, Failure, malformed, quote
 from fleetctl.table import status_table
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION, RELEASE
-from protocol.clusters import left_up
 from protocol.paths import client_socket_path
+from protocol.texts import left_up
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
