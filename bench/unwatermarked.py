@@ -5,7 +5,7 @@ from fleetd.cli import main
 from fleetd.store.watermark import Watermark
 
 
-def _not_written(self: Watermark, revision: int) -> None:
+def _not_written(self: Watermark, floor: int, revision: int) -> None:
     return None
 
 

@@ -20,6 +20,7 @@ import pytest
 from anyio.abc import Process
 from anyio.streams.text import TextReceiveStream
 
+from fleetd.core.dirs import PrivateDir
 from fleetd.store import (
     Compare,
     CompareOp,
@@ -37,6 +38,7 @@ from fleetd.store import (
     Target,
 )
 from fleetd.store.sqlite import SQLiteStore
+from fleetd.store.watermark import Watermark
 from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
 
 HISTORY_KEPT = 2000
@@ -576,3 +578,22 @@ async def test_a_caller_cancelled_while_its_write_commits_leaves_the_others_answ
             await store.put("cancelled", b"1")
         await put_concurrently(store, [f"k/{n}" for n in range(20)])
         assert len(await store.range("k/")) == 20
+
+
+async def test_a_watermark_that_fails_leaves_the_batch_committed_once(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Watermark, floor: int, revision: int) -> None:
+        raise RuntimeError("a bug in the watermark")
+
+    with PrivateDir.open(tempdir) as state:
+        store = SQLiteStore(state.join("store.db"), watermark=Watermark(state, "wm"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.serve)
+            monkeypatch.setattr(Watermark, "advance", broken)
+            first = await store.put("a", b"1")
+            second = await store.put("a", b"2")
+            assert second == first + 1
+            kv = await store.get("a")
+            assert kv is not None and (kv.value, kv.version) == (b"2", 2)
+            tg.cancel_scope.cancel()

@@ -511,15 +511,18 @@ class _Database:
 
     def _advanced(self, marking: "Future[None] | None") -> None:
         """Before the batch is answered. A failure (an I/O error: the write is in place and
-        allocates nothing, so a full disk cannot cause one) is logged and retried with the
-        next commit; the writes themselves are durable in the database already."""
+        allocates nothing, so a full disk cannot cause one; or a bug) is logged and retried
+        with the next commit, never raised: the COMMIT may have happened, and a batch that
+        committed must not be run again."""
         if marking is None:
             return
+        assert self._watermark is not None
         try:
             marking.result()
         except OSError as exc:
-            assert self._watermark is not None
             log.error("watermark_not_written", path=self._watermark.path, error=str(exc))
+        except Exception as exc:
+            log.error("watermark_not_written", path=self._watermark.path, exc_info=exc)
 
     def _commit(self, jobs: Sequence[_Job[Any]], *, savepoints: bool) -> bool:
         """Whether the jobs were committed; without `savepoints`, a job that fails fails the
