@@ -1,9 +1,8 @@
-"""Spawning members: in-process through clone3 (or else through the trampoline) they get a
-parent-death signal, start in their cgroup, and get nothing else of the spawner's."""
+"""Spawning members: the trampoline gives them a parent-death signal, puts them in their cgroup,
+and gets out of the way."""
 
 import asyncio
 import contextlib
-import errno
 import os
 import platform
 import signal
@@ -35,15 +34,15 @@ def trampoline_fd() -> int:
     return fd
 
 
-def run_spawned(argv: list[str], env: dict[str, str], spawner: Spawner | None = None) -> str:
+def run_spawned(argv: list[str], env: dict[str, str]) -> str:
     read, write = os.pipe()
     try:
-        child = (spawner or Spawner()).spawn(argv, env, None, write, write)
+        child = Spawner().spawn(argv, env, None, write, write)
     finally:
         os.close(write)
     with os.fdopen(read) as output:
         text = output.read()
-    child.reaped(os.waitstatus_to_exitcode(os.waitpid(child.pid, 0)[1]))
+    os.waitpid(child.pid, 0)
     return text
 
 
@@ -111,33 +110,20 @@ def writable_cgroup() -> str:
     return path
 
 
-def spawner_through(path: str) -> Spawner:
-    """A Spawner that takes `path`, or skip where this machine has not got it."""
-    if path in ("clone3", "trampoline") and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
-    if path == "setpriv" and SETPRIV is None:
-        pytest.skip("setpriv not installed (util-linux)")
-    spawner = Spawner()
-    if path == "clone3" and spawner._clone is None:
-        pytest.skip("clone3 or executable memory refused here")
-    if path != "clone3":
-        spawner._clone = None
-    if path not in ("clone3", "trampoline"):
-        spawner._trampoline = None
-    return spawner
-
-
-PATHS = ["clone3", "trampoline", "setpriv", "preexec"]
-
-
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ["trampoline", "setpriv", "preexec"])
 def test_a_spawned_program_runs_in_its_cgroup(path: str) -> None:
     """From its first instruction (its first child sees the cgroup), but through setpriv,
     whose child the holder moves once posix_spawn returns: a cgroup move may wait for an RCU
     grace period, milliseconds, so only what the program forks after that is sure to be in."""
-    spawner = spawner_through(path)
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip(NOT_X86_64)
+    if path == "setpriv" and SETPRIV is None:
+        pytest.skip("setpriv not installed (util-linux)")
     cgroup = writable_cgroup()
+    spawner = Spawner()
     try:
+        if path != "trampoline":
+            spawner._trampoline = None
         if path == "preexec":
             spawn_module._SETPRIV = None
         read, write = os.pipe()
@@ -158,83 +144,16 @@ def test_a_spawned_program_runs_in_its_cgroup(path: str) -> None:
         assert cgroups.Cgroup(cgroup).remove()
 
 
-@pytest.mark.parametrize("path", ["clone3", "trampoline"])
-def test_a_spawn_into_a_cgroup_that_was_killed_runs(path: str) -> None:
-    """A member restarts into the cgroup whose leftovers cgroup.kill ended. (clone3's
-    CLONE_INTO_CGROUP would not do: on Linux 6.18 it SIGKILLs at birth every child it puts
-    in a cgroup that was ever killed so; the child joins by a write instead.)"""
-    spawner = spawner_through(path)
-    cgroup = writable_cgroup()
-    try:
-        cgroups.Cgroup(cgroup).kill()
-        child = spawner.spawn(["true"], dict(os.environ), None, 1, 2, cgroup=cgroup)
-        assert os.waitstatus_to_exitcode(os.waitpid(child.pid, 0)[1]) == 0
-    finally:
-        assert cgroups.Cgroup(cgroup).remove()
-
-
-def test_a_spawn_into_a_missing_cgroup_fails_and_runs_nothing(tempdir: str) -> None:
-    spawner = spawner_through("clone3")
-    missing = os.path.join(tempdir, "gone.member")
-    with pytest.raises(FileNotFoundError, match="cannot join the member's cgroup"):
-        spawner.spawn(["true"], dict(os.environ), None, 1, 2, cgroup=missing)
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_a_spawned_program_has_no_blocked_ignored_or_handled_signal_and_its_own_group(
-    path: str,
-) -> None:
-    """Whatever the spawner blocks (the holder blocks SIGCHLD), ignores (Python ignores
-    SIGPIPE and SIGXFSZ) or handles."""
-    spawner = spawner_through(path)
-    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-    try:
-        text = run_spawned(["cat", "/proc/self/status", "/proc/self/stat"], {}, spawner)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        signal.signal(signal.SIGUSR1, previous)
-    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-    ours = {signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGUSR1}
-    for mask in ("SigBlk", "SigIgn", "SigCgt"):
-        assert {s for s in ours if int(fields[mask], 16) >> (s - 1) & 1} == set(), mask
-    stat = text.splitlines()[-1]
-    assert int(stat.split()[0]) == int(stat.rsplit(")", 1)[1].split()[2])
-
-
-def test_where_clone3_is_refused_spawns_go_through_the_trampoline_from_then_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """As a seccomp filter refuses it (ENOSYS, in Docker's default profile)."""
-    spawner = spawner_through("clone3")
-    monkeypatch.setattr(spawner._clone, "_call", lambda address: -errno.ENOSYS)
-    assert run_spawned(["echo", "spawned"], {}, spawner) == "spawned\n"
-    assert spawner._clone is None
-
-
-def test_a_program_that_exec_refuses_is_an_os_error_of_the_spawn(tempdir: str) -> None:
-    """Found and executable, and still refused by exec (a script with no interpreter): the
-    error of the spawn, as posix_spawn reports it, where the trampoline could only exit 127."""
-    spawner = spawner_through("clone3")
-    script = os.path.join(tempdir, "script")
-    with open(script, "w") as f:
-        f.write("#!/no/such/interpreter\n")
-    os.chmod(script, 0o700)
-    with pytest.raises(FileNotFoundError):
-        spawner.spawn([script], {}, None, 1, 2)
-
-
 FALLBACKS = {
-    "clone3": "",
-    "trampoline": "spawn._clone_spawn = lambda: None",
-    "setpriv": "spawn._clone_spawn = spawn._trampoline_path = lambda: None",
-    "preexec": "spawn._clone_spawn = spawn._trampoline_path = lambda: None; spawn._SETPRIV = None",
+    "trampoline": "",
+    "setpriv": "spawn._trampoline_path = lambda: None",
+    "preexec": "spawn._trampoline_path = lambda: None; spawn._SETPRIV = None",
 }
 
 
 @pytest.mark.parametrize("path", FALLBACKS)
 def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> None:
-    if path in ("clone3", "trampoline") and platform.machine() != "x86_64":
+    if path == "trampoline" and platform.machine() != "x86_64":
         pytest.skip(NOT_X86_64)
     script = textwrap.dedent(
         f"""

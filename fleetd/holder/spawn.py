@@ -2,15 +2,11 @@
 
 A member gets SIGKILL as its parent-death signal, so a holder that dies (SIGKILL included)
 takes its members along. posix_spawn cannot set it, and forking the interpreter to run a
-preexec hook costs milliseconds per member, so, cheapest first:
+preexec hook costs milliseconds per member, so the child first executes a trampoline that sets
+the signal and then executes the member's program:
 
-- on x86-64, `_CLONE_SPAWN_CODE`: posix_spawn's own way (clone3 with CLONE_VM | CLONE_VFORK:
-  no copy of the holder's memory, the caller waits until the child executed its program),
-  with the child's few steps (the prctl, the cgroup, descriptors, signals) as machine code in
-  this process, called through ctypes. Where clone3 or executable memory is refused:
-- `TRAMPOLINE`, a 373-byte static executable held in a memfd, that sets the signal and then
-  executes the member's program: no dynamic loader, no libraries, but a second exec per
-  member (with its cgroup write, about a fifth of the CPU a `sleep` member cost to start);
+- on x86-64, `TRAMPOLINE`, a 373-byte static executable held in a memfd: no dynamic loader, no
+  libraries, so its exec costs little more than a direct spawn;
 - elsewhere (or where memfds may not be executed), `setpriv --pdeathsig KILL`, which costs a
   second full exec per member (starting 1,000 members took twice as long through it) and,
   unlike the trampoline, does not check that its parent is still there after the prctl: a
@@ -18,20 +14,17 @@ preexec hook costs milliseconds per member, so, cheapest first:
 - without setpriv, a fork with a preexec hook.
 
 A member with a cgroup (fleetd.core.cgroups) must be in it before its program runs its first
-instruction, or a child it forks at once would start outside. The clone3 child, the
-trampoline and the preexec hook move the process there themselves, writing "0" to the
-cgroup's `cgroup.procs` before the exec (the move, which takes the kernel's cgroup locks, is
-then the child's cost, not the holder's event loop's): a program never runs outside its
-cgroup. (clone3's CLONE_INTO_CGROUP would spare the write, but Linux 6.18 SIGKILLs at birth
-every child it puts in a cgroup that cgroup.kill emptied before: a restarted member's.)
-setpriv cannot, so the holder moves that child right after posix_spawn returns, then
-anything it forked meanwhile. That path races: a move may wait for an RCU grace period
-(milliseconds), and a child the program forks and that exits within it ran outside (one that
-lives on is moved).
+instruction, or a child it forks at once would start outside. The trampoline, and the preexec
+hook, move the process there themselves, writing "0" to the cgroup's `cgroup.procs` before
+the exec (the move, which takes the kernel's cgroup locks, is then the child's cost, not the
+holder's event loop's): a program never runs outside its cgroup. setpriv cannot, so the
+holder moves that child right after posix_spawn returns, then anything it forked meanwhile.
+That path races: a move may wait for an RCU grace period (milliseconds), and a child the
+program forks and that exits within it ran outside (one that lives on is moved).
 
 Spawns run on two spawning threads (`Spawner.spawn_soon`), so that two members start at once
-on two cores while the event loop goes on with the rest (a spawn releases the GIL while the
-kernel copies the process and the child gets to its exec, most of a spawn). The
+on two cores while the event loop goes on with the rest (posix_spawn releases the GIL while
+the kernel copies the process and the child gets to its exec, most of a spawn). The
 parent-death signal fires when the *thread* that spawned the child exits, so these threads
 live as long as the holder. Each has a descriptor table and a working directory of its own
 (unshare CLONE_FILES | CLONE_FS): a child copies the table it is spawned from and closes
@@ -47,8 +40,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import functools
-import mmap
 import os
 import queue
 import shutil
@@ -56,7 +47,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -181,277 +171,6 @@ def _static_executable(code: bytes, base: int = 0x400000) -> bytes:
 
 TRAMPOLINE = _static_executable(_TRAMPOLINE_CODE)
 
-# `fleet_spawn(args)`, called through ctypes (which releases the GIL) with a `_CloneArgs`:
-# blocks every signal, clone3(CLONE_VM | CLONE_VFORK) onto `args.stack`, restores the mask
-# and returns the pid or -errno; clone3 returns once the child has executed its program or
-# exited. The child, in the parent's memory, on that stack and without libc:
-# prctl(PR_SET_PDEATHSIG, SIGKILL); gives up (ESRCH) unless getppid() is the parent's pid;
-# unless `args.procs` is NULL, opens that cgroup.procs and writes "0" to it (and says so in
-# `args.cgroup_failed` when that fails); resets to SIG_DFL every signal with a handler (none
-# may run in it: it shares the parent's memory) and SIGPIPE and SIGXFSZ (which Python
-# ignores); dup2 stdin, stdout, stderr onto 0, 1, 2; setpgid(0, 0); empties its signal mask;
-# execve. A step that fails leaves its errno in `args.error` and exits 127.
-# (Assembled with GNU as from the listing in the comments, then objdump -d.)
-_CLONE_SPAWN_CODE = bytes.fromhex(
-    "53"  #   0  push rbx
-    "4889fb"  #   1  mov rbx, rdi                 rbx -> the _CloneArgs, kept by the child
-    "6aff"  #   4  push -1                      a full signal mask
-    "b80e000000"  #   6  mov eax, 14 (rt_sigprocmask)
-    "31ff"  #   b  xor edi, edi                 SIG_BLOCK
-    "4889e6"  #   d  mov rsi, rsp
-    "488d9390000000"  #  10  lea rdx, [rbx+144]           the mask to restore
-    "41ba08000000"  #  17  mov r10d, 8
-    "0f05"  #  1d  syscall
-    "4889df"  #  1f  mov rdi, rbx                 struct clone_args
-    "be58000000"  #  22  mov esi, 88
-    "b8b3010000"  #  27  mov eax, 435 (clone3)
-    "0f05"  #  2c  syscall
-    "4885c0"  #  2e  test rax, rax
-    "7424"  #  31  je child
-    "4989c0"  #  33  mov r8, rax                  the parent: the pid, or -errno
-    "b80e000000"  #  36  mov eax, 14 (rt_sigprocmask)
-    "bf02000000"  #  3b  mov edi, 2                   SIG_SETMASK
-    "488db390000000"  #  40  lea rsi, [rbx+144]
-    "31d2"  #  47  xor edx, edx
-    "41ba08000000"  #  49  mov r10d, 8
-    "0f05"  #  4f  syscall
-    "4c89c0"  #  51  mov rax, r8
-    "59"  #  54  pop rcx
-    "5b"  #  55  pop rbx
-    "c3"  #  56  ret
-    "b89d000000"  #  57  child: mov eax, 157 (prctl)  in the parent's memory, on its own stack
-    "bf01000000"  #  5c  mov edi, 1                   PR_SET_PDEATHSIG
-    "be09000000"  #  61  mov esi, 9                   SIGKILL
-    "0f05"  #  66  syscall
-    "4885c0"  #  68  test rax, rax
-    "0f8536010000"  #  6b  jne fail
-    "b86e000000"  #  71  mov eax, 110 (getppid)
-    "0f05"  #  76  syscall
-    "483b8388000000"  #  78  cmp rax, qword [rbx+136]     the parent's pid
-    "48c7c0fdffffff"  #  7f  mov rax, -3                  ESRCH: the parent died before the prctl
-    "0f851b010000"  #  86  jne fail
-    "488bbba0000000"  #  8c  mov rdi, qword [rbx+160]     a cgroup.procs path, or NULL
-    "4885ff"  #  93  test rdi, rdi
-    "7446"  #  96  je joined
-    "be01000800"  #  98  mov esi, 0x80001             O_WRONLY | O_CLOEXEC
-    "b802000000"  #  9d  mov eax, 2 (open)
-    "0f05"  #  a2  syscall
-    "4885c0"  #  a4  test rax, rax
-    "7825"  #  a7  js cgroup_failed
-    "89c7"  #  a9  mov edi, eax
-    "6a30"  #  ab  push 48                      "0": the writer itself
-    "4889e6"  #  ad  mov rsi, rsp
-    "ba01000000"  #  b0  mov edx, 1
-    "b801000000"  #  b5  mov eax, 1 (write)
-    "0f05"  #  ba  syscall
-    "4883f801"  #  bc  cmp rax, 1
-    "741c"  #  c0  je joined
-    "4885c0"  #  c2  test rax, rax
-    "7807"  #  c5  js cgroup_failed
-    "48c7c0fbffffff"  #  c7  mov rax, -5                  EIO
-    "48c783a800000001000000"  #  ce  cgroup_failed: mov qword [rbx+168], 1  the cgroup's fault
-    "e9c9000000"  #  d9  jmp fail
-    "4883ec40"  #  de  joined: sub rsp, 64          a sigaction read, and a SIG_DFL one
-    "31c0"  #  e2  xor eax, eax
-    "4889442420"  #  e4  mov qword [rsp+32], rax
-    "4889442428"  #  e9  mov qword [rsp+40], rax
-    "4889442430"  #  ee  mov qword [rsp+48], rax
-    "4889442438"  #  f3  mov qword [rsp+56], rax
-    "41bc01000000"  #  f8  mov r12d, 1
-    "b80d000000"  #  fe  query: mov eax, 13 (rt_sigaction)
-    "4489e7"  # 103  mov edi, r12d
-    "31f6"  # 106  xor esi, esi
-    "4889e2"  # 108  mov rdx, rsp
-    "41ba08000000"  # 10b  mov r10d, 8
-    "0f05"  # 111  syscall
-    "4885c0"  # 113  test rax, rax
-    "752a"  # 116  jne next
-    "48833c2401"  # 118  cmp qword [rsp], 1           a handler (neither SIG_DFL nor SIG_IGN)
-    "770c"  # 11d  ja reset
-    "4183fc0d"  # 11f  cmp r12d, 13                 SIGPIPE, ignored by Python
-    "7406"  # 123  je reset
-    "4183fc19"  # 125  cmp r12d, 25                 SIGXFSZ, ignored by Python
-    "7517"  # 129  jne next
-    "b80d000000"  # 12b  reset: mov eax, 13 (rt_sigaction)
-    "4489e7"  # 130  mov edi, r12d
-    "488d742420"  # 133  lea rsi, [rsp+32]
-    "31d2"  # 138  xor edx, edx
-    "41ba08000000"  # 13a  mov r10d, 8
-    "0f05"  # 140  syscall
-    "41ffc4"  # 142  next: inc r12d
-    "4183fc40"  # 145  cmp r12d, 64
-    "76b3"  # 149  jbe query
-    "4531e4"  # 14b  xor r12d, r12d
-    "b821000000"  # 14e  dup: mov eax, 33 (dup2)      stdin, stdout, stderr onto 0, 1, 2
-    "4a8b7ce370"  # 153  mov rdi, qword [rbx+r12*8+112]
-    "4489e6"  # 158  mov esi, r12d
-    "0f05"  # 15b  syscall
-    "4885c0"  # 15d  test rax, rax
-    "7845"  # 160  js fail
-    "41ffc4"  # 162  inc r12d
-    "4183fc03"  # 165  cmp r12d, 3
-    "72e3"  # 169  jb dup
-    "b86d000000"  # 16b  mov eax, 109 (setpgid)       (0, 0): a group of its own
-    "31ff"  # 170  xor edi, edi
-    "31f6"  # 172  xor esi, esi
-    "0f05"  # 174  syscall
-    "4885c0"  # 176  test rax, rax
-    "752c"  # 179  jne fail
-    "b80e000000"  # 17b  mov eax, 14 (rt_sigprocmask)
-    "bf02000000"  # 180  mov edi, 2                   SIG_SETMASK: nothing blocked
-    "488d742420"  # 185  lea rsi, [rsp+32]
-    "31d2"  # 18a  xor edx, edx
-    "41ba08000000"  # 18c  mov r10d, 8
-    "0f05"  # 192  syscall
-    "488b7b58"  # 194  mov rdi, qword [rbx+88]      the program
-    "488b7360"  # 198  mov rsi, qword [rbx+96]      argv
-    "488b5368"  # 19c  mov rdx, qword [rbx+104]     envp
-    "b83b000000"  # 1a0  mov eax, 59 (execve)
-    "0f05"  # 1a5  syscall
-    "48f7d8"  # 1a7  fail: neg rax
-    "48898398000000"  # 1aa  mov qword [rbx+152], rax     the errno, for the parent
-    "bf7f000000"  # 1b1  mov edi, 127
-    "b83c000000"  # 1b6  mov eax, 60 (exit)
-    "0f05"  # 1bb  syscall
-)
-_CLONE_VM = 0x100
-_CLONE_VFORK = 0x4000
-_CHILD_STACK = 4096
-"""The child pushes 72 bytes on it."""
-_CLONE3_MISSING = (errno.ENOSYS, errno.E2BIG, errno.EPERM)
-"""clone3 errors that say it cannot be used here (Linux before 5.7, a seccomp filter)."""
-
-
-class _CloneArgs(ctypes.Structure):
-    """struct clone_args (CLONE_ARGS_SIZE_VER2, 88 bytes), then what the child needs."""
-
-    _fields_ = (
-        *(
-            (field, ctypes.c_uint64)
-            for field in (
-                "flags",
-                "pidfd",
-                "child_tid",
-                "parent_tid",
-                "exit_signal",
-                "stack",
-                "stack_size",
-                "tls",
-                "set_tid",
-                "set_tid_size",
-                "cgroup",
-            )
-        ),
-        ("program", ctypes.c_char_p),
-        ("argv", ctypes.c_void_p),
-        ("envp", ctypes.c_void_p),
-        ("stdin", ctypes.c_int64),
-        ("stdout", ctypes.c_int64),
-        ("stderr", ctypes.c_int64),
-        ("parent", ctypes.c_int64),
-        ("mask", ctypes.c_uint64),
-        ("error", ctypes.c_int64),
-        ("procs", ctypes.c_char_p),
-        ("cgroup_failed", ctypes.c_int64),
-    )
-
-
-class _CloneUnavailable(Exception):
-    """clone3 refused as such: spawn another way from now on."""
-
-
-class _CloneSpawn:
-    """Spawns as posix_spawn does, through `_CLONE_SPAWN_CODE` (see the module): the
-    parent-death signal and the cgroup cost the child no second exec."""
-
-    def __init__(self) -> None:
-        """Raises OSError where executable memory cannot be had."""
-        self._memory = mmap.mmap(-1, mmap.PAGESIZE)
-        self._memory.write(_CLONE_SPAWN_CODE)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
-        if _libc.mprotect(ctypes.c_void_p(address), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC):
-            code = ctypes.get_errno()
-            raise OSError(code, f"mprotect: {os.strerror(code)}")
-        self._call = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(address)
-
-    def spawn(
-        self,
-        program: str,
-        argv: list[str],
-        env: dict[str, str],
-        stdout: int,
-        stderr: int,
-        *,
-        cgroup: str | None,
-    ) -> int:
-        """The child's pid; OSError as posix_spawn raises it (the program's exec failed, no
-        such cgroup, ...); _CloneUnavailable when clone3 cannot be used here."""
-        args = _CloneArgs()
-        stack = ctypes.create_string_buffer(_CHILD_STACK)
-        args.flags = _CLONE_VM | _CLONE_VFORK
-        args.exit_signal = signal.SIGCHLD
-        args.stack, args.stack_size = ctypes.addressof(stack), _CHILD_STACK
-        args.program = os.fsencode(program)
-        argv_array = _c_strings([_c_string(arg) for arg in argv])
-        envp_array = _c_strings([_environment_entry(key, value) for key, value in env.items()])
-        args.argv, args.envp = ctypes.addressof(argv_array), ctypes.addressof(envp_array)
-        args.stdout, args.stderr, args.parent = stdout, stderr, os.getpid()
-        args.stdin = _devnull()
-        if cgroup:
-            args.procs = os.fsencode(os.path.join(cgroup, PROCS_FILE))
-        pid: int = self._call(ctypes.addressof(args))
-        if pid < 0:
-            if -pid in _CLONE3_MISSING:
-                raise _CloneUnavailable(os.strerror(-pid))
-            raise OSError(-pid, os.strerror(-pid))
-        if args.error:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)  # as posix_spawn does (or the reaper, if it was first)
-            if args.cgroup_failed:
-                raise _cannot_join(args.error, cgroup)
-            raise OSError(args.error, os.strerror(args.error), program)
-        return pid
-
-
-_per_thread = threading.local()
-
-
-def _devnull() -> int:
-    """/dev/null, opened once per thread, in its descriptor table (a spawning thread has one
-    of its own): an open per spawn was a tenth of the spawning thread's CPU."""
-    fd: int | None = getattr(_per_thread, "devnull", None)
-    if fd is None:
-        fd = _per_thread.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    return fd
-
-
-def _cannot_join(code: int, cgroup: str | None) -> OSError:
-    return OSError(code, f"cannot join the member's cgroup: {os.strerror(code)}", cgroup)
-
-
-def _c_string(text: str) -> bytes:
-    """As os.fsencode, refusing what a C string cannot hold."""
-    if "\0" in text:
-        raise ValueError("embedded null byte")
-    return text.encode(_FS_ENCODING, _FS_ERRORS)
-
-
-_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
-
-
-@functools.lru_cache(maxsize=128)
-def _environment_entry(key: str, value: str) -> bytes:
-    """`key=value`, checked as posix_spawn checks it; remembered, since most of every
-    member's environment is the holder's own (encoding it was most of a spawn's Python)."""
-    if not key or "=" in key:
-        raise ValueError("illegal environment variable name")
-    return _c_string(f"{key}={value}")
-
-
-def _c_strings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
-    """A NULL-terminated array of C strings (they stay alive as long as `items`)."""
-    return (ctypes.c_char_p * (len(items) + 1))(*items)
-
 
 def prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
@@ -486,7 +205,6 @@ class Spawner:
     from its spawning threads."""
 
     def __init__(self, threads: int = SPAWNING_THREADS) -> None:
-        self._clone = _clone_spawn()
         self._trampoline = _trampoline_path()
         self._wanted = threads
         self._threads: list[_SpawningThread] | None = None
@@ -566,14 +284,6 @@ class Spawner:
         procs = os.path.join(cgroup, PROCS_FILE) if cgroup else ""
         with _working_directory(cwd):
             program = _resolve_program(argv[0], env.get("PATH", os.defpath))
-            if self._clone is not None:
-                try:
-                    return Child(
-                        self._clone.spawn(program, argv, env, stdout, stderr, cgroup=cgroup)
-                    )
-                except _CloneUnavailable as exc:
-                    log.info("clone3_unused", reason=str(exc))
-                    self._clone = None
             trampoline = self._trampoline
             if trampoline is not None:
                 try:
@@ -717,17 +427,6 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
-
-
-def _clone_spawn() -> "_CloneSpawn | None":
-    """The in-process spawn, where this machine can run it (see the module)."""
-    if os.uname().machine != "x86_64":
-        return None
-    try:
-        return _CloneSpawn()
-    except OSError as exc:
-        log.info("clone3_unused", reason=str(exc))
-        return None
 
 
 def _trampoline_path() -> str | None:
