@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from fleetctl.client import Client as Client
     from fleetctl.sync import SyncClient as SyncClient
     from protocol.errors import (
+        Absent as Absent,
+    )
+    from protocol.errors import (
         ConnectionLost as ConnectionLost,
     )
     from protocol.errors import (
@@ -19,6 +22,15 @@ if TYPE_CHECKING:
     )
     from protocol.errors import (
         Incompatible as Incompatible,
+    )
+    from protocol.errors import (
+        InvalidRequest as InvalidRequest,
+    )
+    from protocol.errors import (
+        MemberFailed as MemberFailed,
+    )
+    from protocol.errors import (
+        PermissionDenied as PermissionDenied,
     )
     from protocol.errors import (
         Timeout as Timeout,
@@ -31,18 +43,27 @@ _LAZY = {
     "cluster": "fleetctl.bound",
     "Client": "fleetctl.client",
     "SyncClient": "fleetctl.sync",
-    "FleetError": "protocol.errors",
+    "Absent": "protocol.errors",
     "ConnectionLost": "protocol.errors",
+    "FleetError": "protocol.errors",
     "Incompatible": "protocol.errors",
+    "InvalidRequest": "protocol.errors",
+    "MemberFailed": "protocol.errors",
+    "PermissionDenied": "protocol.errors",
     "Timeout": "protocol.errors",
     "Unavailable": "protocol.errors",
 }
+"""The exceptions are those a user catches (protocol.errors has them all)."""
 
 __all__ = [
+    "Absent",
     "Client",
     "ConnectionLost",
     "FleetError",
     "Incompatible",
+    "InvalidRequest",
+    "MemberFailed",
+    "PermissionDenied",
     "SyncClient",
     "Timeout",
     "Unavailable",
@@ -58,3 +79,8 @@ def __getattr__(name: str) -> object:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    """The lazy names too: `dir(fleetctl)` and completion in a REPL show them."""
+    return sorted({*globals(), *__all__} - {"TYPE_CHECKING"})

@@ -544,12 +544,16 @@ def up(
     idempotent: bool,
 ) -> None:
     """Start a cluster under fleetd: acquired, already_acquired (0) or contested (12)."""
-    from fleetctl.definitions import read_toml
+    from fleetctl.definitions import directory_of, read_toml
     from fleetctl.progress import shown_while_waiting
 
     def call(client: Any) -> int:
         result = client.cluster_up_toml(
-            read_toml(path), source=printable(path), name=name, idempotent=idempotent
+            read_toml(path),
+            source=printable(path),
+            name=name,
+            idempotent=idempotent,
+            directory=directory_of(path),
         )
         members = result.members
         if wait:

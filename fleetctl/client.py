@@ -7,6 +7,7 @@ sends an op (protocol.base.Op) and returns its typed result; errors are fleet's
 (protocol.errors), mapped at the boundary (fleetctl.boundary, the connection).
 """
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -38,7 +39,7 @@ from protocol.clusters import (
     MemberWait,
 )
 from protocol.connection import DEFAULT_TIMEOUT, State, check_version
-from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.definitions import ClusterSpec, MemberSpec, in_directory
 from protocol.errors import ClientClosed, Compacted
 from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent
 from protocol.messages import (
@@ -196,7 +197,9 @@ class Client:
     # Detached clusters (protocol.clusters). Members are NAME, or CLUSTER/NAME when ambiguous.
 
     async def cluster_up(self, spec: ClusterSpec, *, idempotent: bool = False) -> ClusterResult:
-        """Start `spec` under a detached holder; answers once its member sockets listen."""
+        """Start `spec` under a detached holder; answers once its member sockets listen. Its
+        members run in this process's working directory, or a relative `cwd` in it."""
+        spec = in_directory(spec, os.getcwd())
         return await self.request(
             ClusterUp, timeout=self.timeout + 30, spec=spec, idempotent=idempotent
         )
@@ -208,9 +211,11 @@ class Client:
         source: str = "fleet.toml",
         name: str | None = None,
         idempotent: bool = False,
+        directory: str = "",
     ) -> ClusterResult:
         """cluster_up of what `text`, a fleet.toml, defines, parsed by fleetd: InvalidRequest
-        names `source` (the file), the line and the key of the first problem."""
+        names `source` (the file), the line and the key of the first problem. Its members run
+        in `directory` (the file's, absolute), unless their `cwd` says otherwise."""
         return await self.request(
             ClusterUpToml,
             timeout=self.timeout + 30,
@@ -218,6 +223,7 @@ class Client:
             source=source,
             name=name,
             idempotent=idempotent,
+            directory=directory,
         )
 
     async def cluster_down(self, cluster: str, *, timeout: float = 60.0) -> ClusterResult:

@@ -4,6 +4,8 @@ The protocol package parses definitions (``protocol.definitions.parse_toml``) bu
 so reading the file is done here, on the side of the program that was given its path.
 """
 
+import os
+
 from protocol.definitions import ClusterSpec, parse_toml
 from protocol.errors import InvalidRequest
 
@@ -11,7 +13,12 @@ from protocol.errors import InvalidRequest
 def load_toml(path: str, *, name: str | None = None) -> ClusterSpec:
     """The cluster a `fleet.toml` defines; `name` overrides its top-level `name` (default:
     "default"). Raises InvalidRequest naming the file, line and key of the first problem."""
-    return parse_toml(read_toml(path), source=path, name=name)
+    return parse_toml(read_toml(path), source=path, name=name, directory=directory_of(path))
+
+
+def directory_of(path: str) -> str:
+    """The directory a fleet.toml's members run in (the file's, absolute)."""
+    return os.path.dirname(os.path.abspath(path))
 
 
 def read_toml(path: str) -> str:

@@ -6,6 +6,7 @@ Generated from fleetctl/client.py by tests/unasync.py (`make unasync`): do not e
 the async client and regenerate; a test fails when this file is stale.
 """
 
+import os
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -37,7 +38,7 @@ from protocol.clusters import (
     MemberWait,
 )
 from protocol.connection import DEFAULT_TIMEOUT, State, check_version
-from protocol.definitions import ClusterSpec, MemberSpec
+from protocol.definitions import ClusterSpec, MemberSpec, in_directory
 from protocol.errors import ClientClosed, Compacted
 from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent
 from protocol.messages import (
@@ -191,7 +192,9 @@ class SyncClient:
     # Detached clusters (protocol.clusters). Members are NAME, or CLUSTER/NAME when ambiguous.
 
     def cluster_up(self, spec: ClusterSpec, *, idempotent: bool = False) -> ClusterResult:
-        """Start `spec` under a detached holder; answers once its member sockets listen."""
+        """Start `spec` under a detached holder; answers once its member sockets listen. Its
+        members run in this process's working directory, or a relative `cwd` in it."""
+        spec = in_directory(spec, os.getcwd())
         return self.request(ClusterUp, timeout=self.timeout + 30, spec=spec, idempotent=idempotent)
 
     def cluster_up_toml(
@@ -201,9 +204,11 @@ class SyncClient:
         source: str = "fleet.toml",
         name: str | None = None,
         idempotent: bool = False,
+        directory: str = "",
     ) -> ClusterResult:
         """cluster_up of what `text`, a fleet.toml, defines, parsed by fleetd: InvalidRequest
-        names `source` (the file), the line and the key of the first problem."""
+        names `source` (the file), the line and the key of the first problem. Its members run
+        in `directory` (the file's, absolute), unless their `cwd` says otherwise."""
         return self.request(
             ClusterUpToml,
             timeout=self.timeout + 30,
@@ -211,6 +216,7 @@ class SyncClient:
             source=source,
             name=name,
             idempotent=idempotent,
+            directory=directory,
         )
 
     def cluster_down(self, cluster: str, *, timeout: float = 60.0) -> ClusterResult:

@@ -211,7 +211,9 @@ class Daemon:
         """cluster_up of the definition a fleet.toml's text gives, parsed as a client would:
         in a worker thread, since a thousand members take tens of milliseconds to parse and
         check, which the event loop's other clients should not wait for."""
-        parse = functools.partial(parse_toml, source=request.source, name=request.name)
+        parse = functools.partial(
+            parse_toml, source=request.source, name=request.name, directory=request.directory
+        )
         spec = await anyio.to_thread.run_sync(parse, request.text)
         up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
         return await self.holders.up(up, peer)

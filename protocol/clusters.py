@@ -63,12 +63,14 @@ class ClusterUpToml(Op[ClusterResult], tag="cluster_up_toml", frozen=True):
     protocol.definitions.parse_toml, so that a client need not import the parser (fleetctl's
     start-up fast path sends the file, and so does `fleetctl up`, so that both report the same
     errors). `source` names the file in those errors (the path as the user wrote it), `name`
-    overrides the file's `name`."""
+    overrides the file's `name`, `directory` is the file's absolute directory, where its
+    members run (protocol.definitions.in_directory; "" leaves their `cwd` as it is)."""
 
     text: str
     source: str = "fleet.toml"
     name: str | None = None
     idempotent: bool = False
+    directory: str = ""
 
 
 class ClusterDown(Op[ClusterResult], tag="cluster_down", frozen=True):

@@ -188,14 +188,19 @@ class _KeyProblem(Exception):
         self.message = message
 
 
-def parse_toml(text: str, *, source: str = "fleet.toml", name: str | None = None) -> ClusterSpec:
+def parse_toml(
+    text: str, *, source: str = "fleet.toml", name: str | None = None, directory: str = ""
+) -> ClusterSpec:
     """The cluster the text of a `fleet.toml` defines; `source` names it in errors, `name`
-    overrides its top-level `name`. Reading a file is the caller's (fleetctl.definitions)."""
+    overrides its top-level `name`. `directory`, the file's (absolute), is where members run
+    unless their `cwd` says otherwise, and what a relative `cwd` is relative to. Reading a
+    file is the caller's (fleetctl.definitions)."""
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidRequest(f"{source}: {exc}") from None
-    return _from_document(document, text=text, source=source, name=name)
+    spec = _from_document(document, text=text, source=source, name=name)
+    return in_directory(spec, directory)
 
 
 def cluster_from_dict(
@@ -203,6 +208,27 @@ def cluster_from_dict(
 ) -> ClusterSpec:
     """The cluster a dict shaped like the TOML file defines (as the library accepts)."""
     return _from_document(document, text=None, source=source, name=name)
+
+
+def in_directory(spec: ClusterSpec, directory: str) -> ClusterSpec:
+    """`spec` with each member's `cwd` resolved against `directory` (absolute, or "" to leave
+    them as they are): a member without one runs there; an absolute `cwd`, or one starting
+    with a placeholder ({dir}), stays."""
+    if not directory:
+        return spec
+    members = [
+        msgspec.structs.replace(member, cwd=_resolved(member.cwd, directory))
+        for member in spec.members
+    ]
+    return msgspec.structs.replace(spec, members=members)
+
+
+def _resolved(cwd: str | None, directory: str) -> str:
+    if cwd is None:
+        return directory
+    if cwd.startswith(("/", "{")):
+        return cwd
+    return f"{directory.rstrip('/')}/{cwd}"
 
 
 def member_from_dict(name: str, table: Mapping[str, Any]) -> MemberSpec:

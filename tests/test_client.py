@@ -112,6 +112,16 @@ def kill(fleetd: Fleetd) -> None:
 # -- against fleetd ---------------------------------------------------------------------------
 
 
+def test_the_exceptions_users_catch_are_fleetctls_and_dir_lists_them() -> None:
+    import protocol.errors
+
+    for name in ("MemberFailed", "Absent", "Timeout", "Unavailable", "FleetError"):
+        assert getattr(fleetctl, name) is getattr(protocol.errors, name)
+        assert name in dir(fleetctl)
+    assert {"Client", "SyncClient", "cluster"} <= set(dir(fleetctl))
+    assert set(fleetctl.__all__) <= set(dir(fleetctl))
+
+
 async def test_connect_exchanges_hello(fleetd: Fleetd) -> None:
     client = fleetctl.Client(fleetd.socket_path)
     hello = await client.connect()

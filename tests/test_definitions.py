@@ -174,3 +174,15 @@ def test_member_requests_decode_and_a_bad_spec_is_an_invalid_request() -> None:
     with pytest.raises(UnknownOp):
         decode_member_request(b'{"op":"hello","id":1,"version":1}')
     assert decode_member_request(b'{"op":"status","id":1,"extra":true}') == Status(id=1)
+
+
+def test_members_run_in_the_files_directory_unless_their_cwd_says_otherwise() -> None:
+    text = (
+        '[members.a]\ncommand = ["x"]\n'
+        '[members.b]\ncommand = ["x"]\ncwd = "sub/dir"\n'
+        '[members.c]\ncommand = ["x"]\ncwd = "/abs"\n'
+        '[members.d]\ncommand = ["x"]\ncwd = "{dir}/work"\n'
+    )
+    spec = parse_toml(text, directory="/project")
+    assert [m.cwd for m in spec.members] == ["/project", "/project/sub/dir", "/abs", "{dir}/work"]
+    assert [m.cwd for m in parse_toml(text).members] == [None, "sub/dir", "/abs", "{dir}/work"]

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +30,7 @@ from fleetd.clusters.records import HolderRecord
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import is_running, process_start_time, read_pidfile
 from fleetd.store.sqlite import SQLiteStore
+from protocol.definitions import cluster_from_dict
 from protocol.errors import Absent, InvalidRequest, MemberFailed
 from protocol.members import (
     CLUSTER_FILE,
@@ -50,6 +52,7 @@ from tests.processes import (
     open_gate,
     runtime_root,
     wait_gone,
+    wait_until,
 )
 
 HTTP = '["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]'
@@ -123,6 +126,7 @@ def test_up_wait_status_stop_down(holders: Fleetd) -> None:
             "MEMBER",
             "STATE",
             "PID",
+            "UPTIME",
             "RESTARTS",
             "ADDRESS",
             "ERROR",
@@ -669,3 +673,45 @@ async def test_a_push_read_with_the_watch_snapshot_is_not_undone_by_it(tempdir: 
                 answer = registry.status(MemberStatusRequest(id=1, names=["m"]), me)
                 assert [s.state for s in answer.members] == [MemberState.RUNNING]
                 tasks.cancel_scope.cancel()
+
+
+def test_a_member_runs_beside_its_fleet_toml(holders: Fleetd) -> None:
+    """`python3 app.py` next to the file, whatever directory `fleetctl up` ran in."""
+    project = os.path.join(holders.root, "project")
+    os.makedirs(os.path.join(project, "sub"))
+    with open(os.path.join(project, "app.py"), "w") as f:
+        f.write("import os; print(os.getcwd(), flush=True); import time; time.sleep(60)\n")
+    path = os.path.join(project, "fleet.toml")
+    with open(path, "w") as f:
+        f.write(
+            'name = "beside"\n'
+            '[members.app]\ncommand = ["python3", "app.py"]\n'
+            '[members.deeper]\ncommand = ["sh", "-c", "pwd; exec sleep 60"]\ncwd = "sub"\n'
+        )
+    code, out, err = ctl(holders, "up", "-f", os.path.relpath(path), "--wait")
+    assert code == 0, (out, err)
+    wait_until(lambda: ctl(holders, "logs", "app")[1] == f"{project}\n")
+    wait_until(lambda: ctl(holders, "logs", "deeper")[1] == f"{project}/sub\n")
+
+
+def test_members_of_a_spec_sent_by_the_library_run_in_the_callers_directory(
+    holders: Fleetd, tmp_path: Path
+) -> None:
+    spec = cluster_from_dict({"members": {"here": {"command": ["sh", "-c", "pwd; sleep 60"]}}})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with client(holders) as c:
+            c.cluster_up(spec)
+    finally:
+        os.chdir(cwd)
+    wait_until(lambda: ctl(holders, "logs", "here")[1] == f"{tmp_path}\n")
+
+
+def test_status_of_a_cluster_name_shows_its_members(holders: Fleetd) -> None:
+    sleep = 'command = ["sleep", "60"]'
+    up(holders, definition("pair", a=sleep, b=sleep), "--wait")
+    assert sorted(statuses(holders, "pair")) == ["pair/a", "pair/b"]
+    assert state(holders, "a") == "running"  # a member's name still means the member
+    code, out, _ = ctl(holders, "status", "pair")
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["MEMBER", "STATE", "PID", "UPTIME"]

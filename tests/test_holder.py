@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -182,14 +183,32 @@ def test_a_crashing_member_is_restarted_and_in_error_while_it_waits() -> None:
     spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
     with fleetctl.cluster(members(crash=spec)) as c:
         starts_file = os.path.join(c.runtime_dir, "crash", "starts")
-        wait_until(lambda: "restarting in" in c.status("crash").error)
+        wait_until(lambda: "restarting at" in c.status("crash").error)
         status = c.status("crash")
         assert status.state == MemberState.ERROR and status.exit_code == 3
-        assert "exited with code 3; restarting in" in status.error
+        assert re.search(r"exited with code 3; restarting at \d\d:\d\d:\d\d$", status.error)
         with open(starts_file) as f:
             assert len(f.read().split()) >= max(2, status.restarts)
         with pytest.raises(MemberFailed, match="exited with code 3"):
             c.wait_running(timeout=10)
+
+
+def test_a_failed_members_error_ends_with_what_it_printed_last() -> None:
+    script = "echo starting; echo one >&2; echo 'boom: DATABASE_URL not set' >&2; exit 3"
+    crash = {"command": ["sh", "-c", script], "ready": "log:^ready$"}
+    with fleetctl.cluster(members(crash=crash)) as c, pytest.raises(MemberFailed) as failed:
+        c.wait_running(timeout=10)
+    assert failed.value.message.endswith(
+        "exited with code 3 before it was ready; stderr: one | boom: DATABASE_URL not set; "
+        "stdout: starting"
+    ), failed.value.message
+
+
+def test_a_stopped_members_status_carries_no_output() -> None:
+    script = "echo about to be stopped >&2; exec sleep 60"
+    with fleetctl.cluster(members(s={"command": ["sh", "-c", script]})) as c:
+        c.wait_running()
+        assert c.stop("s").error == ""
 
 
 def test_a_killed_member_is_restarted_with_a_new_pid() -> None:
@@ -210,7 +229,7 @@ def test_a_missing_program_is_an_error_with_the_os_error_and_backs_off() -> None
         wait_until(lambda: c.status("ghost").restarts >= 2)
         status = c.status("ghost")
         assert status.state == MemberState.ERROR and "fleet-no-such-program" in status.error
-        assert "restarting in" in status.error
+        assert "restarting at" in status.error
 
 
 def test_a_member_ignoring_sigterm_is_killed_after_stop_timeout() -> None:

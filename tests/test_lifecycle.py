@@ -282,7 +282,8 @@ def test_a_member_waiting_to_restart_after_a_crash_is_in_error_with_the_delay() 
     lifecycle, _ = crash_loop(lifecycle, 1)
     lifecycle, _ = feed(lifecycle, Spawned(1.0), Exited(3, 1.5), LeftoversEnded())
     assert (lifecycle.phase, lifecycle.state) == (Phase.BACKOFF, MemberState.ERROR)
-    assert lifecycle.error == "exited with code 3 before it was ready; restarting in 0.1s"
+    assert lifecycle.error == "exited with code 3 before it was ready"
+    assert lifecycle.delay == pytest.approx(0.1)
 
 
 def test_a_clean_exit_restarted_by_policy_always_waits_as_starting() -> None:
@@ -327,7 +328,7 @@ def test_a_program_that_cannot_be_spawned_backs_off_like_a_crash() -> None:
     assert lifecycle.phase == Phase.STARTING and lifecycle.restarts == 1  # at once, once
     lifecycle, _ = feed(lifecycle, SpawnFailed("[Errno 2]"))
     assert lifecycle.phase == Phase.BACKOFF and lifecycle.delay == pytest.approx(0.1)
-    assert lifecycle.error == "cannot start: [Errno 2]; restarting in 0.1s"
+    assert lifecycle.error == "cannot start: [Errno 2]"
 
 
 def test_a_stop_sends_the_stop_signal_and_arms_stop_timeout() -> None:

@@ -1,6 +1,8 @@
 """The pytest plugin, run in a pytest of its own (pytester)."""
 
 import json
+import os
+import shutil
 from importlib.metadata import entry_points
 
 import pytest
@@ -95,3 +97,74 @@ def test_the_template_starts_before_the_first_cluster_is_asked_for(
         """
     )
     pytester.runpytest_subprocess(*plugin_args()).assert_outcomes(passed=1)
+
+
+def test_a_failed_tests_report_shows_its_clusters_logs_and_keeps_their_directory(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        SAYS = {"command": ["sh", "-c", "echo hello out; echo hello err >&2; exec sleep 60"]}
+
+        def test_fails(fleet_cluster):
+            c = fleet_cluster({"members": {"talker": SAYS}}, name="web")
+            c.wait_running()
+            with open("kept.txt", "w") as f:
+                f.write(c.runtime_dir)
+            raise AssertionError("on purpose")
+
+        def test_passes(fleet_cluster):
+            c = fleet_cluster({"members": {"quiet": {"command": ["sleep", "60"]}}})
+            with open("removed.txt", "w") as f:
+                f.write(c.runtime_dir)
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(passed=1, failed=1)
+    kept = (pytester.path / "kept.txt").read_text()
+    result.stdout.fnmatch_lines(
+        [f"*fleet cluster web (kept: {kept})*", "--- talker stdout ---", "hello out"]
+    )
+    result.stdout.fnmatch_lines(["--- talker stderr ---", "hello err"])
+    assert os.path.isfile(os.path.join(kept, "talker", "stdout.log")) or os.listdir(kept)
+    assert not os.path.exists((pytester.path / "removed.txt").read_text())
+    shutil.rmtree(kept)
+
+
+def test_module_and_session_clusters_outlive_a_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        SLEEP = {"command": ["sleep", "60"]}
+
+        @pytest.fixture(scope="module")
+        def shared(fleet_cluster_module):
+            return fleet_cluster_module({"members": {"a": SLEEP}}, name="shared")
+
+        @pytest.fixture(scope="session")
+        def everyone(fleet_cluster_session):
+            return fleet_cluster_session({"members": {"a": SLEEP}}, name="everyone")
+
+        PIDS = []
+
+        def test_first(shared, everyone):
+            PIDS.append((shared.holder_pid, everyone.holder_pid))
+
+        def test_second(shared, everyone):
+            assert (shared.holder_pid, everyone.holder_pid) == PIDS[0]
+        """
+    )
+    pytester.runpytest_subprocess(*plugin_args()).assert_outcomes(passed=2)
+
+
+def test_a_relative_definitions_file_is_found_beside_the_test_file(
+    pytester: pytest.Pytester,
+) -> None:
+    tests = pytester.mkdir("tests")
+    (tests / "fleet.toml").write_text('name = "beside"\n[members.a]\ncommand = ["sleep", "60"]\n')
+    (tests / "test_beside.py").write_text(
+        "def test_it(fleet_cluster):\n"
+        "    assert fleet_cluster('fleet.toml').status('a').state == 'running'\n"
+    )
+    pytester.runpytest_subprocess(*plugin_args()).assert_outcomes(passed=1)  # run from above

@@ -127,7 +127,8 @@ def _up(command: Command) -> int:
         result = connection.request(
             f'"op":"cluster_up_toml","text":{quote(text)},"source":{quote(path)},'
             f'"name":{"null" if name is None else quote(name)},'
-            f'"idempotent":{_bool(params["idempotent"])}',
+            f'"idempotent":{_bool(params["idempotent"])},'
+            f'"directory":{quote(os.path.dirname(os.path.abspath(path)))}',
             command.timeout + 30,
         )
         outcome, cluster = _value(result, "outcome", str), _value(result, "cluster", str)

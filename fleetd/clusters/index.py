@@ -63,6 +63,10 @@ class MemberNames:
             if not clusters:
                 del self._clusters[name]
 
+    def members_of(self, cluster: str) -> list[str]:
+        """The members of a cluster this knows (none for one it does not)."""
+        return sorted(self._members.get(cluster, ()))
+
     def resolve(self, name: str) -> tuple[str, str] | None:
         """(cluster, member) for `CLUSTER/NAME`, or for a bare `NAME` found in one cluster only;
         None when no cluster has it. A bare name in several clusters is ambiguous: an error."""
@@ -260,6 +264,16 @@ class ClusterIndex:
             return MemberStatus(name=member, state=MemberState.ABSENT)
         on_disk = status_on_disk(self.runtime_dir_of(cluster), member)
         return msgspec.structs.replace(on_disk, cluster=cluster)
+
+    def statuses_named(self, name: str) -> list[MemberStatus]:
+        """A member's status; for the name of a cluster no member is called, each of its
+        members' (`fleetctl status web`); `absent` for neither."""
+        if "/" not in name and self._names.resolve(name) is None:
+            held = self.live.get(name)
+            members = list(held.statuses) if held is not None else self._names.members_of(name)
+            if members:
+                return [self.status_in(name, member) for member in members]
+        return [self.status_of(name)]
 
     def status_or_absent(self, name: str) -> MemberStatus:
         status = self.status_of(name)

@@ -144,7 +144,8 @@ class HolderRegistry:
     def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList | EncodedMemberList:
         if not request.names:
             return self.index.every_status()
-        return MemberList(members=[self.index.status_of(name) for name in request.names])
+        found = [status for name in request.names for status in self.index.statuses_named(name)]
+        return MemberList(members=found)
 
     async def wait(self, request: MemberWait, peer: Peer) -> MemberList:
         """Names are resolved once, as the wait starts; between looks it sleeps until a push

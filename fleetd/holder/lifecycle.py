@@ -415,7 +415,7 @@ def _decide(lc: Lifecycle) -> Step:
         lc,
         phase=Phase.BACKOFF,
         state=MemberState.ERROR if lc.failed else MemberState.STARTING,
-        error=f"{lc.why}; restarting in {plan.delay:.2g}s",
+        error=lc.why,  # the member adds when it restarts (fleetd.holder.members)
         streak=plan.streak,
         delay=plan.delay,
     )

@@ -48,6 +48,7 @@ from fleetd.holder.lifecycle import (
     LeftoversEnded,
     Lifecycle,
     OthersExited,
+    Phase,
     Ready,
     Rules,
     Spawned,
@@ -132,6 +133,40 @@ class LogFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def tail(self, size: int) -> bytes:
+        """The last `size` bytes of the current file (a rotation starts it empty)."""
+        try:
+            fd = self.directory.open_file(self.name, os.O_RDONLY)
+        except FileNotFoundError:
+            return b""  # the member printed nothing
+        try:
+            return os.pread(fd, size, max(0, os.fstat(fd).st_size - size))
+        finally:
+            os.close(fd)
+
+
+LAST_LINES = 3
+"""Lines of each stream a failed member's error ends with."""
+LAST_CHARACTERS = 300
+
+
+def last_words(stdout: LogFile, stderr: LogFile) -> str:
+    """`stderr: ... | ...; stdout: ...`: the last lines each stream holds, on one line, for
+    the error of a member that exited unasked (the reason is usually there)."""
+    said = []
+    for stream, log_file in (("stderr", stderr), ("stdout", stdout)):
+        try:
+            data = log_file.tail(LAST_CHARACTERS * 4)
+        except OSError:
+            continue
+        lines = [line.strip() for line in data.decode(errors="replace").splitlines()]
+        text = " | ".join([line for line in lines if line][-LAST_LINES:])
+        if text:
+            if len(text) > LAST_CHARACTERS:
+                text = "…" + text[-LAST_CHARACTERS:]
+            said.append(f"{stream}: {text}")
+    return "; ".join(said)
 
 
 class LineMatcher:
@@ -465,12 +500,14 @@ class Member:
         "_feeding",
         "_host",
         "_jobs",
+        "_last_words",
         "_lifecycle",
         "_log_max_bytes",
         "_logs",
         "_loop",
         "_no_side_jobs",
         "_pumps",
+        "_restart_at",
         "_run",
         "_saved_pid",
         "_side_jobs",
@@ -538,6 +575,10 @@ class Member:
         self._drained: anyio.Event | None = None
         self._directory: PrivateDir | None = None
         self._saved_pid: int | None = None
+        self._last_words = ""
+        """The end of what its last run printed, when it exited unasked (see last_words)."""
+        self._restart_at = 0.0
+        """When it restarts (wall clock), while it waits to."""
 
     def expand(self, text: str) -> str:
         """Fill in the placeholders {port}, {name} and {dir} (other braces are left alone)."""
@@ -574,10 +615,25 @@ class Member:
                 restarts=lifecycle.restarts,
                 exit_code=self.exit_code,
                 started_at=self.started_at,
-                error=lifecycle.error,
+                error=self._error(),
                 lingering=self.lingering,
             )
         return self._status
+
+    def _error(self) -> str:
+        """The lifecycle's error, with what the member printed last and, while it waits to
+        restart, when it will: a time, not a countdown that a status read later would show
+        frozen."""
+        error = self._lifecycle.error
+        if not error:
+            return ""
+        if self._last_words:
+            error = f"{error}; {self._last_words}"
+        if self._lifecycle.phase is Phase.BACKOFF:
+            error += (
+                f"; restarting at {time.strftime('%H:%M:%S', time.localtime(self._restart_at))}"
+            )
+        return error
 
     def begin(self, jobs: TaskGroup) -> None:
         """Supervise until `stop`: prepare once, then spawn, await readiness, restart per
@@ -775,6 +831,7 @@ class Member:
         self.pid, self.started_at = child.pid, round(time.time(), 3)
         self._host.process_started(self, child.pid)  # once self.pid says whose it is
         self.lingering = 0  # counted while the member is not running (see MemberStatus)
+        self._last_words = ""
         self._stale()
         self._pumps += (
             _Pump(out_read, self._logs[0], run, 1, self),
@@ -795,11 +852,20 @@ class Member:
         (nothing recycled it yet) while the lifecycle decides what to signal."""
         self.pid, self.exit_code = None, exit_code
         self._stale()
+        if not self._asked_to_stop():
+            for pump in self._pumps:
+                pump.read_available()  # its last words, if the pipe holds them still
+            assert self._logs is not None
+            self._last_words = last_words(*self._logs)
         self._feed(Exited(exit_code, time.monotonic()))
         run.child.reaped(exit_code)
         self._host.process_ended(run.child.pid)
         if self._run is run:
             self._run = None
+
+    def _asked_to_stop(self) -> bool:
+        lifecycle = self._lifecycle
+        return lifecycle.phase in (Phase.TERMINATING, Phase.KILLING) and not lifecycle.failed
 
     def log_matched(self, run: _Run) -> None:
         """A log line matched the log:REGEX readiness of `run` (maybe a run before this one)."""
@@ -835,6 +901,7 @@ class Member:
         self._arm(self.spec.stop_timeout, StopTimedOut())
 
     def _arm_backoff_timer(self) -> None:
+        self._restart_at = time.time() + self._lifecycle.delay
         self._arm(self._lifecycle.delay, BackoffElapsed())
 
     def _cancel_timer(self) -> None:
@@ -1014,17 +1081,24 @@ class _Pump:
         self._readers = member._host.readers
         self._readers.add(fd, self._readable)
 
-    def _readable(self) -> None:
+    def read_available(self) -> None:
+        """Everything the pipe holds now (the member exited: its last words may still be
+        there while a grandchild keeps the pipe open)."""
+        while self._fd >= 0 and self._readable():
+            pass
+
+    def _readable(self) -> bool:
+        """Whether something was read."""
         try:
             data = os.read(self._fd, _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             log.warning("output_pipe_failed", error=str(exc))
             data = b""
         if not data:
             self.close()
-            return
+            return False
         try:
             self._log_file.write(data)
             self._failing = False
@@ -1036,6 +1110,7 @@ class _Pump:
         if run.matcher is not None and run.matcher.feed(self._stream, data):
             run.matcher = None
             self._member.log_matched(run)
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:
