@@ -121,6 +121,8 @@ class MemberSpec(Message, frozen=True):
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
     prepare: list[str] | None = None
+    env_file: str | None = None
+    """KEY=VALUE lines the holder reads at every start, under `env` (see parse_env_file)."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -128,6 +130,8 @@ class MemberSpec(Message, frozen=True):
         check_ready(self.ready)
         if self.cwd is not None:
             check_path(self.cwd, "cwd")
+        if self.env_file is not None:
+            check_path(self.env_file, "env_file")
         check_restart(self.restart)
         check_env(self.env)
         check_signal(self.stop_signal)
@@ -172,6 +176,7 @@ class _MemberTable(msgspec.Struct, forbid_unknown_fields=True):
     stop_timeout: str | float = DEFAULT_STOP_TIMEOUT
     start_timeout: str | float = DEFAULT_START_TIMEOUT
     prepare: list[str] | None = None
+    env_file: str | None = None
 
 
 class _ClusterTable(msgspec.Struct, forbid_unknown_fields=True):
@@ -211,13 +216,17 @@ def cluster_from_dict(
 
 
 def in_directory(spec: ClusterSpec, directory: str) -> ClusterSpec:
-    """`spec` with each member's `cwd` resolved against `directory` (absolute, or "" to leave
-    them as they are): a member without one runs there; an absolute `cwd`, or one starting
-    with a placeholder ({dir}), stays."""
+    """`spec` with each member's `cwd` and `env_file` resolved against `directory` (absolute,
+    or "" to leave them as they are): a member without a `cwd` runs there; an absolute path,
+    or one starting with a placeholder ({dir}), stays."""
     if not directory:
         return spec
     members = [
-        msgspec.structs.replace(member, cwd=_resolved(member.cwd, directory))
+        msgspec.structs.replace(
+            member,
+            cwd=_resolved(member.cwd, directory),
+            env_file=None if member.env_file is None else _resolved(member.env_file, directory),
+        )
         for member in spec.members
     ]
     return msgspec.structs.replace(spec, members=members)
@@ -291,6 +300,9 @@ def _build_member(key: str, document: Mapping[str, Any]) -> MemberSpec:
         prepare=None
         if table.prepare is None
         else checked("prepare", lambda v: check_argv(v, "prepare"), table.prepare),
+        env_file=None
+        if table.env_file is None
+        else checked("env_file", lambda v: check_path(v, "env_file"), table.env_file),
     )
 
 
@@ -412,3 +424,24 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
             break
         depth += 1
     return depth
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """An env_file's variables: `KEY=VALUE` lines (`export KEY=VALUE` too), blank lines and
+    `#` comments skipped, a value's matching outer quotes removed, nothing else interpreted
+    (no expansion, no escapes: as docker compose reads one). ValueError names the first line
+    that is none of those."""
+    found: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not equals or not key or any(c.isspace() for c in key):
+            raise ValueError(f"line {number} is not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        found[key] = value
+    return found

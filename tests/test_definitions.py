@@ -12,6 +12,7 @@ from protocol.definitions import (
     ClusterSpec,
     MemberSpec,
     cluster_from_dict,
+    parse_env_file,
     parse_toml,
 )
 from protocol.errors import InvalidRequest, UnknownOp
@@ -186,3 +187,27 @@ def test_members_run_in_the_files_directory_unless_their_cwd_says_otherwise() ->
     spec = parse_toml(text, directory="/project")
     assert [m.cwd for m in spec.members] == ["/project", "/project/sub/dir", "/abs", "{dir}/work"]
     assert [m.cwd for m in parse_toml(text).members] == [None, "sub/dir", "/abs", "{dir}/work"]
+
+
+def test_an_env_file_is_resolved_like_cwd() -> None:
+    text = '[members.a]\ncommand = ["x"]\nenv_file = ".env"\n'
+    assert parse_toml(text, directory="/project").members[0].env_file == "/project/.env"
+    assert parse_toml(text).members[0].env_file == ".env"
+
+
+def test_an_env_file_is_key_value_lines_as_compose_reads_them() -> None:
+    text = "# a comment\n\nA=1\nexport B = two words \nC=\"quoted\"\nD='single'\nE=\nF=a=b\n"
+    assert parse_env_file(text) == {
+        "A": "1",
+        "B": "two words",
+        "C": "quoted",
+        "D": "single",
+        "E": "",
+        "F": "a=b",
+    }
+
+
+@pytest.mark.parametrize("line", ["JUST_A_NAME", "=value", "TWO WORDS=x"])
+def test_an_env_file_line_that_is_not_key_value_is_refused_by_number(line: str) -> None:
+    with pytest.raises(ValueError, match="line 2 is not KEY=VALUE"):
+        parse_env_file(f"OK=1\n{line}\n")

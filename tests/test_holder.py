@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -209,6 +210,27 @@ def test_a_stopped_members_status_carries_no_output() -> None:
     with fleetctl.cluster(members(s={"command": ["sh", "-c", script]})) as c:
         c.wait_running()
         assert c.stop("s").error == ""
+
+
+def test_an_env_file_is_read_at_start_under_the_members_env(tmp_path: Path) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text("FROM_FILE=file\nBOTH=file\n")
+    spec = {
+        "command": ["sh", "-c", "echo $FROM_FILE $BOTH; exec sleep 60"],
+        "env_file": str(env_file),
+        "env": {"BOTH": "env"},
+        "ready": "log:^file env$",
+    }
+    with fleetctl.cluster(members(m=spec)) as c:
+        c.wait_running(timeout=10)
+
+
+def test_a_missing_env_file_fails_the_start_naming_it(tmp_path: Path) -> None:
+    spec = {"command": ["sleep", "60"], "env_file": str(tmp_path / "missing.env")}
+    with fleetctl.cluster(members(m=spec)) as c, pytest.raises(MemberFailed) as failed:
+        c.wait_running(timeout=10)
+    assert "No such file or directory" in failed.value.message
+    assert "missing.env" in failed.value.message
 
 
 def test_a_killed_member_is_restarted_with_a_new_pid() -> None:

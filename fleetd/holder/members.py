@@ -19,6 +19,7 @@ it (fleetd.holder.descendants), whichever way they went.
 import asyncio
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import re
@@ -61,7 +62,7 @@ from fleetd.holder.lifecycle import (
 )
 from fleetd.holder.readers import Readers
 from fleetd.holder.spawn import Child, Spawner
-from protocol.definitions import MemberSpec
+from protocol.definitions import MemberSpec, parse_env_file
 from protocol.errors import FleetError
 from protocol.members import (
     PIDFILE,
@@ -766,13 +767,13 @@ class Member:
         """Hand the spawn to the holder's spawner; its outcome comes back through `_spawned`,
         before any other event (see `_spawning`)."""
         assert self._logs is not None, "spawned outside run()"
-        env = self._environment()
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         cgroup = self._descendants.cgroup if self._descendants is not None else ""
         self._spawning = True
         try:
+            env = self._environment()  # an env_file that cannot be read fails the start
             self._host.spawner.spawn_soon(
                 argv,
                 env,
@@ -839,13 +840,30 @@ class Member:
         )
 
     def _environment(self) -> dict[str, str]:
-        env = {**_inherited_environment(), **{k: self.expand(v) for k, v in self.spec.env.items()}}
+        env = {
+            **_inherited_environment(),
+            **self._env_file(),
+            **{k: self.expand(v) for k, v in self.spec.env.items()},
+        }
         env["FLEET_MEMBER"] = self.name
         env["FLEET_CLUSTER"] = self._host.cluster
         env[HOLDER_ENV] = self._host.lineage.token
         env["FLEET_PEERS"] = self._host.peers_of(self.name)
         env["NOTIFY_SOCKET"] = self._host.notify_path
         return env
+
+    def _env_file(self) -> dict[str, str]:
+        """The env_file's variables, read at every start (an edit shows at the next restart);
+        OSError when it cannot be read or parsed, which fails the start."""
+        if self.spec.env_file is None:
+            return {}
+        path = self.expand(self.spec.env_file)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        try:
+            return parse_env_file(text)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, f"env_file {exc}", path) from None
 
     def _exited(self, run: _Run, exit_code: int) -> None:
         """From the reaper: the member's process is gone. Its pid is still its group's id
