@@ -871,7 +871,7 @@ class Member:
         self.pid, self.exit_code = None, exit_code
         self._stale()
         if not self._asked_to_stop():
-            for pump in self._pumps:
+            for pump in list(self._pumps):  # one that reads its end leaves the list
                 pump.read_available()  # its last words, if the pipe holds them still
             assert self._logs is not None
             self._last_words = last_words(*self._logs)
