@@ -172,7 +172,7 @@ class Daemon:
         self._stopping = anyio.Event()
 
     def dispatcher(self) -> Dispatcher:
-        dispatcher = Dispatcher()
+        dispatcher = Dispatcher(counted=True)
         dispatcher.register(Hello, self.hello)
         dispatcher.register(Ping, self.ping)
         dispatcher.register(Version, self.version)

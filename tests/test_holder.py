@@ -205,11 +205,15 @@ def test_a_failed_members_error_ends_with_what_it_printed_last() -> None:
     ), failed.value.message
 
 
-def test_a_stopped_members_status_carries_no_output() -> None:
-    script = "echo about to be stopped >&2; exec sleep 60"
-    with fleetctl.cluster(members(s={"command": ["sh", "-c", script]})) as c:
-        c.wait_running()
-        assert c.stop("s").error == ""
+def test_a_member_stopped_for_its_start_timeout_says_what_it_printed_last() -> None:
+    spec = {
+        "command": ["sh", "-c", "echo still loading >&2; exec sleep 60"],
+        "ready": "log:^ready$",
+        "start_timeout": "0.5s",
+    }
+    with fleetctl.cluster(members(slow=spec)) as c, pytest.raises(MemberFailed) as failed:
+        c.wait_running(timeout=10)
+    assert "not ready within 0.5s; stderr: still loading" in failed.value.message
 
 
 def test_an_env_file_is_read_at_start_under_the_members_env(tmp_path: Path) -> None:

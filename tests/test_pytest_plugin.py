@@ -7,6 +7,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
+from protocol.members import member_log_path
+
 pytest_plugins = ["pytester"]
 
 PLUGIN = "fleetctl.pytest_plugin"
@@ -126,7 +128,8 @@ def test_a_failed_tests_report_shows_its_clusters_logs_and_keeps_their_directory
         [f"*fleet cluster web (kept: {kept})*", "--- talker stdout ---", "hello out"]
     )
     result.stdout.fnmatch_lines(["--- talker stderr ---", "hello err"])
-    assert os.path.isfile(os.path.join(kept, "talker", "stdout.log")) or os.listdir(kept)
+    with open(member_log_path(kept, "talker")) as log:
+        assert log.read() == "hello out\n"
     assert not os.path.exists((pytester.path / "removed.txt").read_text())
     shutil.rmtree(kept)
 

@@ -68,17 +68,24 @@ class _Route:
     handler: Handler
     is_async: bool
     waits: Callable[[Any], bool] | None
+    counted: bool
 
 
 class Dispatcher:
     def __init__(
-        self, decode: Callable[[bytes], Request] = decode_request, *, max_waits: int = MAX_WAITS
+        self,
+        decode: Callable[[bytes], Request] = decode_request,
+        *,
+        max_waits: int = MAX_WAITS,
+        counted: bool = False,
     ) -> None:
         """`decode` turns a frame into a request of this socket's ops (default: the control
         socket's), raising the FleetError its response should carry. `max_waits` caps the long
-        polls outstanding per connection."""
+        polls outstanding per connection. `counted`: every answer is counted in the metrics
+        (fleetd's, which it serves; a holder's dispatcher counts nothing nobody reads)."""
         self._decode = decode
         self._max_waits = max_waits
+        self._counted = counted
         self._routes: dict[type[Request], _Route] = {}
 
     def register(
@@ -93,7 +100,9 @@ class Dispatcher:
         until something happens, capped per connection and ended when its peer hangs up (it
         must be safe to cancel)."""
         is_async = inspect.iscoroutinefunction(handler)
-        self._routes[request_type] = _Route(_op(request_type), handler, is_async, waits)
+        self._routes[request_type] = _Route(
+            _op(request_type), handler, is_async, waits, self._counted
+        )
 
     def handle(self, frame: bytes, peer: Peer) -> Response | Pending:
         """Answer `frame`: a Response now, or a coroutine that produces one.
@@ -167,7 +176,8 @@ def _op(request_type: type[Request]) -> str:
 def _succeeded(request: Request, route: _Route, result: Message, started: float) -> Response:
     outcome = str(getattr(result, "outcome", "ok"))
     seconds = time.perf_counter() - started
-    _count(route.op, outcome, seconds)
+    if route.counted:
+        _count(route.op, outcome, seconds)
     log.debug(
         "request_handled",
         op=route.op,
@@ -181,8 +191,9 @@ def _succeeded(request: Request, route: _Route, result: Message, started: float)
 def _failed(request: Request, route: _Route, exc: Exception, started: float) -> Response:
     seconds = time.perf_counter() - started
     duration_us = round(seconds * 1e6)
-    outcome = str(exc.outcome) if isinstance(exc, FleetError) else Internal.code
-    _count(route.op, outcome, seconds)
+    if route.counted:
+        outcome = str(exc.outcome) if isinstance(exc, FleetError) else Internal.code
+        _count(route.op, outcome, seconds)
     if isinstance(exc, FleetError):
         log.debug(
             "request_failed",

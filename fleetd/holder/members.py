@@ -871,15 +871,19 @@ class Member:
         self.pid, self.exit_code = None, exit_code
         self._stale()
         if not self._asked_to_stop():
-            for pump in list(self._pumps):  # one that reads its end leaves the list
-                pump.read_available()  # its last words, if the pipe holds them still
-            assert self._logs is not None
-            self._last_words = last_words(*self._logs)
+            self._note_last_words()
         self._feed(Exited(exit_code, time.monotonic()))
         run.child.reaped(exit_code)
         self._host.process_ended(run.child.pid)
         if self._run is run:
             self._run = None
+
+    def _note_last_words(self) -> None:
+        for pump in list(self._pumps):  # one that reads its end leaves the list
+            pump.read_available()  # its last words, if the pipe holds them still
+        assert self._logs is not None
+        self._last_words = last_words(*self._logs)
+        self._stale()
 
     def _asked_to_stop(self) -> bool:
         lifecycle = self._lifecycle
@@ -913,7 +917,13 @@ class Member:
         self._timer = self._loop.call_later(delay, self._feed, event)
 
     def _arm_start_timer(self) -> None:
-        self._arm(self.spec.start_timeout, StartTimedOut())
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self.spec.start_timeout, self._start_timed_out)
+
+    def _start_timed_out(self) -> None:
+        """The member failed while it runs: what it printed so far says why, as an exit's."""
+        self._note_last_words()
+        self._feed(StartTimedOut())
 
     def _arm_stop_timer(self) -> None:
         self._arm(self.spec.stop_timeout, StopTimedOut())
