@@ -106,11 +106,15 @@ def test_a_failed_tests_report_shows_its_clusters_logs_and_keeps_their_directory
 ) -> None:
     pytester.makepyfile(
         """
+        import time
+
         SAYS = {"command": ["sh", "-c", "echo hello out; echo hello err >&2; exec sleep 60"]}
 
         def test_fails(fleet_cluster):
             c = fleet_cluster({"members": {"talker": SAYS}}, name="web")
             c.wait_running()
+            while "hello err" not in c.logs("talker", stderr=True) or not c.logs("talker"):
+                time.sleep(0.01)
             with open("kept.txt", "w") as f:
                 f.write(c.runtime_dir)
             raise AssertionError("on purpose")
