@@ -29,6 +29,10 @@ run: $(RUN_STAMP)
 	@echo "fleetd on $(FLEET_SOCKET); in another shell: export FLEET_SOCKET=$(FLEET_SOCKET)"
 	$(BIN)/fleetd
 
+# Tests mostly wait on processes they start, so three workers on two cores halve the suite;
+# `make test PYTEST_ARGS=` runs it in one process.
+PYTEST_ARGS ?= -n 3
+
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
