@@ -3,8 +3,10 @@
 One resource, `GET /metrics` (and `/`), answered with the text exposition and the
 connection closed: HTTP/1.0 semantics, which every scraper speaks. Anything else is 404 or
 405; a request that does not arrive whole within READ_TIMEOUT, or is over MAX_REQUEST
-bytes, is dropped. The control socket's peer checks do not apply here: bind it to loopback
-(or a private network) as you would any exporter.
+bytes, is dropped. At most MAX_CONNECTIONS are served at once; one more is answered 503 and
+closed, so that idle connections cannot take the descriptors fleetd needs for its clients
+and holders (a scraper asks a few times a minute). The control socket's peer checks do not
+apply here: bind it to loopback (or a private network) as you would any exporter.
 """
 
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READ_TIMEOUT = 5.0
 MAX_REQUEST = 8192
 """Bytes of request line and headers read at most."""
+MAX_CONNECTIONS = 16
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -50,7 +53,20 @@ async def serve(
         bound = listener.extra(anyio.abc.SocketAttribute.local_address)
         log.info("metrics_listening", address=f"{bound[0]}:{bound[1]}")
         task_status.started((str(bound[0]), int(bound[1])))
-        await listener.serve(lambda stream: _answer(stream, render))
+        slots = anyio.Semaphore(MAX_CONNECTIONS)
+        await listener.serve(lambda stream: _admit(stream, slots, render))
+
+
+async def _admit(
+    stream: SocketStream, slots: anyio.Semaphore, render: Callable[[], Awaitable[str]]
+) -> None:
+    if slots.value == 0:
+        async with stream:
+            with anyio.move_on_after(READ_TIMEOUT):
+                await _send(stream, "503 Service Unavailable", "too many connections\n")
+        return
+    async with slots:
+        await _answer(stream, render)
 
 
 async def _answer(stream: SocketStream, render: Callable[[], Awaitable[str]]) -> None:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetctl import SyncClient
 from fleetd.core.metrics import Counter, Histogram, Registry, gauge
+from fleetd.metrics_http import MAX_CONNECTIONS
 from tests.processes import Fleetd, fleetctl, run_fleetd, wait_until
 
 Families = dict[str, list[tuple[str, dict[str, str], float]]]
@@ -156,6 +157,36 @@ def test_a_broken_scraper_leaves_fleetd_serving(tempdir: str) -> None:
     finally:
         daemon.stop()
         daemon.close()
+
+
+def test_connections_over_the_cap_are_answered_503_and_the_rest_still_served(
+    tempdir: str,
+) -> None:
+    daemon = Fleetd(tempdir, extra_env={"FLEET_METRICS_LISTEN": "127.0.0.1:0"}).start()
+    try:
+        lines = daemon.log().splitlines()
+        (line,) = [json.loads(text) for text in lines if "metrics_listening" in text]
+        host, port = line["address"].rsplit(":", 1)
+        address = (host, int(port))
+        idle = [socket.create_connection(address, timeout=10) for _ in range(MAX_CONNECTIONS)]
+        try:
+            wait_until(lambda: _answer_to_one_more(host, int(port)).startswith(b"HTTP/1.0 503"))
+        finally:
+            for conn in idle:
+                conn.close()
+        wait_until(lambda: _answer_to_one_more(host, int(port)).startswith(b"HTTP/1.0 200"))
+    finally:
+        daemon.stop()
+        daemon.close()
+
+
+def _answer_to_one_more(host: str, port: int) -> bytes:
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
 
 
 @pytest.mark.parametrize("listen", ["9101", "localhost", "127.0.0.1:http", ":0", "127.0.0.1:70000"])
