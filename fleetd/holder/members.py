@@ -61,6 +61,7 @@ from fleetd.holder.lifecycle import (
     step,
 )
 from fleetd.holder.readers import Readers
+from fleetd.holder.runenv import RunEnv, RunEnvs
 from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec, parse_env_file
 from protocol.errors import FleetError
@@ -428,6 +429,8 @@ class Host(Protocol):
     """The runtime directory: each member's directory is made in it, never through a link."""
     readers: Readers
     """Where the member's output pipes are watched."""
+    runenvs: RunEnvs
+    """What each member inherits, its limits and its user."""
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
@@ -773,7 +776,8 @@ class Member:
         cgroup = self._descendants.cgroup if self._descendants is not None else ""
         self._spawning = True
         try:
-            env = self._environment()  # an env_file that cannot be read fails the start
+            runenv = self._host.runenvs.of(self.spec)  # known since the member was admitted
+            env = self._environment(runenv)  # an env_file that cannot be read fails the start
             self._host.spawner.spawn_soon(
                 argv,
                 env,
@@ -782,6 +786,7 @@ class Member:
                 err_write,
                 done=functools.partial(self._spawned, out_read, err_read),
                 cgroup=cgroup or None,
+                setup=runenv.setup,
             )
         except OSError as exc:  # not even handed over
             self._spawned(out_read, err_read, exc)
@@ -839,9 +844,9 @@ class Member:
             _Pump(err_read, self._logs[1], run, 2, self),
         )
 
-    def _environment(self) -> dict[str, str]:
+    def _environment(self, runenv: RunEnv) -> dict[str, str]:
         env = {
-            **_inherited_environment(),
+            **runenv.environment,
             **self._env_file(),
             **{k: self.expand(v) for k, v in self.spec.env.items()},
         }
@@ -1160,13 +1165,6 @@ async def _until_connectable(connect: Callable[[], Awaitable[anyio.abc.SocketStr
         else:
             await stream.aclose()
             return
-
-
-@functools.cache
-def _inherited_environment() -> dict[str, str]:
-    """The holder's environment, read once: it does not change, and decoding os.environ per
-    spawn was a tenth of the cost of starting a member."""
-    return dict(os.environ)
 
 
 def _os_error(exc: OSError) -> str:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -61,6 +62,7 @@ from fleetd.holder.members import (
     needs_port,
 )
 from fleetd.holder.readers import Readers
+from fleetd.holder.runenv import RunEnvs, member_nofile
 from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -227,12 +229,21 @@ class Holder:
         bind_pid: int | None = None,
         log_max_bytes: int = LOG_MAX_BYTES,
         limits: Limits | None = None,
+        member_nofile: int | None = None,
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
         death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
         bound what each connection to a member socket may hold (fleetd.core.bounds), with one
-        budget of unfinished frames for them all."""
+        budget of unfinished frames for them all; `member_nofile` is the soft open-file limit
+        members get (fleetd.holder.runenv; ours when None). Raises FleetError when a member's
+        user or limits cannot be had."""
         self.spec = spec
+        self.runenvs = RunEnvs(
+            inherit=bind_pid is not None,
+            member_nofile=member_nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        for member in spec.members:
+            self.runenvs.of(member)
         self.cluster = spec.name
         self.runtime_dir = os.path.abspath(runtime_dir)
         self.runtime = _open_runtime_dir(self.runtime_dir, [m.name for m in spec.members])
@@ -429,6 +440,10 @@ class Holder:
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
+        try:
+            self.runenvs.of(spec)
+        except FleetError as exc:
+            raise InvalidRequest(exc.message) from None
         member = self._admit(spec)
         status = member.status()
         self._begin(member)
@@ -774,12 +789,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[Exception] = []
     try:
         become_subreaper()
-        raise_fd_limit()
+        nofile = member_nofile(raise_fd_limit())
         holder = Holder(
             _load_spec(args.spec),
             args.dir,
             bind_pid=args.bind_pid,
             limits=Limits.from_environ(os.environ),
+            member_nofile=nofile,
         )
         anyio.run(
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
@@ -787,8 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* (FleetError, OSError) as failed:
         failures = leaf_errors(failed)
     finally:
-        if args.ephemeral:
-            shutil.rmtree(args.dir, ignore_errors=True)
+        if args.ephemeral and not failures:  # else its log says why: the client reads it,
+            shutil.rmtree(args.dir, ignore_errors=True)  # then removes the directory it made
     for error in failures:
         print(f"fleetd holder: {error}", file=sys.stderr)
     return 1 if failures else 0
