@@ -14,7 +14,10 @@ set in the member's process (fleetd.holder.spawn.Setup), so that restoring the d
 each member one prlimit64.
 
 A `user` or `group` needs a root holder; a holder of another user refuses one that is not its
-own, when the cluster comes up or the member is added, rather than run it as itself.
+own, when the cluster comes up or the member is added, rather than run it as itself. The
+runtime directory stays the holder's alone (0700), so a member of another user reaches
+neither its `{dir}` nor NOTIFY_SOCKET through it: `ready = notify` is refused with a user.
+Its output still comes through the pipes it inherited, into its logs.
 """
 
 import grp
@@ -35,9 +38,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
 
 _RLIMIT_LOCKS = 10
 """RLIMIT_LOCKS, which Python's resource module lacks (asm-generic's number)."""
-_RLIMITS = {
-    name: getattr(resource, f"RLIMIT_{name.upper()}", _RLIMIT_LOCKS) for name in RLIMITS
-}
+_RLIMITS = {name: getattr(resource, f"RLIMIT_{name.upper()}", _RLIMIT_LOCKS) for name in RLIMITS}
 _RLIM_CEILING = 2**64
 """A limit's order, infinity (-1) last."""
 
@@ -74,6 +75,11 @@ class RunEnvs:
 
     def _made(self, spec: MemberSpec) -> RunEnv:
         account, credentials = _credentials(spec.user, spec.group)
+        if credentials is not None and spec.ready == "notify":
+            raise FleetError(
+                "ready = notify needs NOTIFY_SOCKET, in the runtime directory that only the "
+                "holder's user may enter: not with a user of its own (use tcp, unix:PATH or log:)"
+            )
         limits = self._limits(spec.limits)
         setup = NO_SETUP if not limits and credentials is None else Setup(limits, credentials)
         return RunEnv(self._environment(account, spec.user is not None), setup)
