@@ -108,14 +108,43 @@ class RunEnvs:
             if r not in wanted or wanted[r] == resource.getrlimit(r):
                 continue
             soft, hard = wanted[r]
+            if r == resource.RLIMIT_NOFILE and hard % _RLIM_CEILING > _nr_open():
+                raise FleetError(
+                    f"limits.nofile: {_shown(hard)} is above the kernel's most open files "
+                    f"(fs.nr_open, {_nr_open()})"
+                )
             ours = resource.getrlimit(r)[1]
-            if os.geteuid() != 0 and hard % _RLIM_CEILING > ours % _RLIM_CEILING:
+            if hard % _RLIM_CEILING > ours % _RLIM_CEILING and not may_raise_hard_limits():
                 raise FleetError(
                     f"limits.{name}: hard limit {_shown(hard)} is above the holder's "
-                    f"{_shown(ours)}, and only root may raise it"
+                    f"{_shown(ours)}, which it may not raise (that takes CAP_SYS_RESOURCE)"
                 )
             limits.append((r, soft, hard))
         return tuple(limits)
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+def may_raise_hard_limits() -> bool:
+    """Whether we hold CAP_SYS_RESOURCE: root does, but not in a container that dropped it."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except OSError:
+        pass
+    return os.geteuid() == 0
+
+
+def _nr_open() -> int:
+    """The kernel's ceiling on an open-file limit, root's included."""
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return _RLIM_CEILING
 
 
 def _shown(limit: int) -> str:
