@@ -38,7 +38,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
 
 _RLIMIT_LOCKS = 10
 """RLIMIT_LOCKS, which Python's resource module lacks (asm-generic's number)."""
-_RLIMITS = {name: getattr(resource, f"RLIMIT_{name.upper()}", _RLIMIT_LOCKS) for name in RLIMITS}
+_RLIMITS = {
+    name: _RLIMIT_LOCKS if name == "locks" else getattr(resource, f"RLIMIT_{name.upper()}")
+    for name in RLIMITS
+}
 _RLIM_CEILING = 2**64
 """A limit's order, infinity (-1) last."""
 
