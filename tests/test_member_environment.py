@@ -175,6 +175,14 @@ def test_a_member_with_a_user_runs_as_that_user_and_its_output_is_collected() ->
     assert groups == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
 
 
+def test_a_member_with_a_user_may_open_its_output_by_name() -> None:
+    """As programs configured to log to /dev/stdout or /dev/stderr do (needs root)."""
+    show = ["sh", "-c", "echo out > /dev/stdout; echo err > /dev/stderr"]
+    with fleetctl.cluster(members(who={"command": show, "user": "nobody"})) as c:
+        assert output_of(c, "who") == "out\n"
+        wait_until(lambda: c.logs("who", stderr=True) == "err\n")
+
+
 def test_a_member_with_a_group_by_number_runs_in_that_group() -> None:
     """Needs root."""
     show = ["sh", "-c", 'echo "$(id -u) $(id -g) $(id -G)"']

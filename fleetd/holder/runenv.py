@@ -17,7 +17,8 @@ A `user` or `group` needs a root holder; a holder of another user refuses one th
 own, when the cluster comes up or the member is added, rather than run it as itself. The
 runtime directory stays the holder's alone (0700), so a member of another user reaches
 neither its `{dir}` nor NOTIFY_SOCKET through it: `ready = notify` is refused with a user.
-Its output still comes through the pipes it inherited, into its logs.
+Its output still comes through the pipes it inherited, into its logs (the pipes are its
+user's: fleetd.holder.spawn gives them).
 """
 
 import grp

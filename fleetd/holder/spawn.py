@@ -410,6 +410,8 @@ class Spawner:
         directory, not executable) with the OS error. The child dies when the calling thread
         exits."""
         procs = os.path.join(cgroup, PROCS_FILE) if cgroup else ""
+        if setup.credentials is not None:
+            _give_output(setup.credentials, stdout, stderr)
         with _working_directory(cwd):
             program = _resolve_program(argv[0], env.get("PATH", os.defpath))
             trampoline = self._trampoline
@@ -647,6 +649,14 @@ def _move_tree(pid: int, cgroup: Cgroup) -> None:
                 os.kill(pid, signal.SIGKILL)
             return
         stack += children(process)
+
+
+def _give_output(credentials: Credentials, *fds: int) -> None:
+    """The member's output pipes become its user's, so that it may open them again by name
+    (/dev/stdout, /proc/self/fd/1), as a program writing a log "file" there does."""
+    for fd in fds:
+        with contextlib.suppress(OSError):  # not a pipe of ours: leave it
+            os.fchown(fd, credentials.uid, credentials.gid)
 
 
 def _set_limits(pid: int, setup: Setup) -> None:
