@@ -327,10 +327,19 @@ class NotifySocket:
         when it spoke: it may be gone since), and the fields."""
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if self._abstract:
+            self._socket.bind("\0" + path[1:])
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._socket.bind(path)
         os.chmod(path, 0o600)
+
+    @property
+    def _abstract(self) -> bool:
+        """An address in the abstract namespace ("@NAME", as sd_notify writes it): no file,
+        and any process may send to it (the sender's pid still says whose message it is)."""
+        return self.path.startswith("@")
 
     async def run(self) -> None:
         try:
@@ -339,8 +348,9 @@ class NotifySocket:
                 self._drain()
         finally:
             self._socket.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if not self._abstract:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     def _drain(self) -> None:
         while True:
@@ -424,7 +434,6 @@ class Host(Protocol):
     reaper: Reaper
     spawner: Spawner
     lineage: Lineage
-    notify_path: str
     runtime: PrivateDir
     """The runtime directory: each member's directory is made in it, never through a link."""
     readers: Readers
@@ -434,6 +443,10 @@ class Host(Protocol):
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
+        ...
+
+    def notify_address(self, other_user: bool) -> str:
+        """NOTIFY_SOCKET for a member; `other_user`: of a user other than the holder's."""
         ...
 
     def status_stale(self) -> None:
@@ -854,7 +867,7 @@ class Member:
         env["FLEET_CLUSTER"] = self._host.cluster
         env[HOLDER_ENV] = self._host.lineage.token
         env["FLEET_PEERS"] = self._host.peers_of(self.name)
-        env["NOTIFY_SOCKET"] = self._host.notify_path
+        env["NOTIFY_SOCKET"] = self._host.notify_address(runenv.setup.credentials is not None)
         return env
 
     def _env_file(self) -> dict[str, str]:

@@ -31,7 +31,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import anyio
 import msgspec
@@ -252,6 +252,8 @@ class Holder:
         self.spawner.settled = self._spawns_settled
         self.reaper = Reaper(spawning=self._spawning)
         self._notify: NotifySocket | None = None
+        self._abstract_notify: NotifySocket | None = None
+        """For members of other users, who may not enter the runtime directory."""
         self._spawns_done: anyio.Event | None = None
         self.readers = Readers()
         self.lineage = Lineage(self.cluster, self.reaper.watched)
@@ -507,18 +509,34 @@ class Holder:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._watchers.discard(watcher)
 
+    def notify_address(self, other_user: bool) -> str:
+        """The notify socket in the runtime directory; for a member of another user, which
+        may not enter it, one in the abstract namespace (as systemd's own is open to every
+        service's user), opened with the first such member."""
+        if not other_user:
+            return self.notify_path
+        if self._abstract_notify is None:
+            assert self._tasks is not None, "spawned before the holder runs"
+            address = f"@fleet-notify-{self.lineage.token}"
+            self._abstract_notify = NotifySocket(address, self._owner_of, self._spawning)
+            self._tasks.start_soon(self._abstract_notify.run)
+        return self._abstract_notify.path
+
+    def _notify_sockets(self) -> Iterator[NotifySocket]:
+        yield from (s for s in (self._notify, self._abstract_notify) if s is not None)
+
     def process_started(self, member: Member, pid: int) -> None:
         self._by_pid[pid] = member
-        if self._notify is not None:
-            self._notify.process_started()
+        for notify in self._notify_sockets():
+            notify.process_started()
 
     def _spawning(self) -> bool:
         return self.spawner.in_flight > 0
 
     def _spawns_settled(self) -> None:
         self.reaper.settled()
-        if self._notify is not None:
-            self._notify.settled()
+        for notify in self._notify_sockets():
+            notify.settled()
         if self._spawns_done is not None:
             self._spawns_done.set()
             self._spawns_done = None

@@ -15,8 +15,8 @@ each member one prlimit64.
 
 A `user` or `group` needs a root holder; a holder of another user refuses one that is not its
 own, when the cluster comes up or the member is added, rather than run it as itself. The
-runtime directory stays the holder's alone (0700), so a member of another user reaches
-neither its `{dir}` nor NOTIFY_SOCKET through it: `ready = notify` is refused with a user.
+runtime directory stays the holder's alone (0700), so a member of another user cannot reach
+its `{dir}`; its NOTIFY_SOCKET is in the abstract namespace instead (Holder.notify_address).
 Its output still comes through the pipes it inherited, into its logs (the pipes are its
 user's: fleetd.holder.spawn gives them).
 """
@@ -79,11 +79,6 @@ class RunEnvs:
 
     def _made(self, spec: MemberSpec) -> RunEnv:
         account, credentials = _credentials(spec.user, spec.group)
-        if credentials is not None and spec.ready == "notify":
-            raise FleetError(
-                "ready = notify needs NOTIFY_SOCKET, in the runtime directory that only the "
-                "holder's user may enter: not with a user of its own (use tcp, unix:PATH or log:)"
-            )
         limits = self._limits(spec.limits)
         setup = NO_SETUP if not limits and credentials is None else Setup(limits, credentials)
         return RunEnv(self._environment(account, spec.user is not None), setup)
