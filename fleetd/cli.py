@@ -33,7 +33,12 @@ from fleetd import daemon
 from fleetd.clusters.launch import holder_env
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.log import configure_logging
-from fleetd.core.startup import leaf_errors, load_what_anyio_loads_as_it_runs, raise_fd_limit
+from fleetd.core.startup import (
+    MEMBER_NOFILE_ENV,
+    leaf_errors,
+    load_what_anyio_loads_as_it_runs,
+    raise_fd_limit,
+)
 from protocol.errors import (
     AlreadyRunning,
     FleetError,
@@ -165,7 +170,7 @@ def daemon_config(
 def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     configure_logging(log_level)
-    raise_fd_limit()
+    os.environ[MEMBER_NOFILE_ENV] = str(raise_fd_limit())  # for holder_env: see the constant
     load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
     # Forked before the event loop and its threads (fleetd.clusters.warm), and before anything

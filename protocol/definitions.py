@@ -8,6 +8,7 @@ The TOML parser is strict instead: a misspelt key is an error, reported with the
 line in the file, because a typo in a config file must never be silently ignored.
 """
 
+import functools
 import re
 import signal
 import tomllib
@@ -31,6 +32,17 @@ DEFAULT_START_TIMEOUT = 10.0
 
 _ECHO_LIMIT = 100
 """Characters of a bad value echoed in an error message."""
+
+RLIMITS = (
+    "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
+    "nproc", "rtprio", "rttime", "sigpending", "stack",
+)  # fmt: skip
+"""The resource limits a member may set (setrlimit(2)'s RLIMIT_*, lower case; not rss, which
+Linux ignores)."""
+INFINITY = -1
+"""An unlimited resource in a MemberSpec's `limits` (as Python's resource.RLIM_INFINITY)."""
+_RLIM_MAX = 2**64 - 2
+"""The largest finite limit the kernel takes (2**64 - 1 is its infinity)."""
 
 
 def check_ready(ready: object) -> str:
@@ -104,6 +116,65 @@ def check_env(env: object) -> dict[str, str]:
     return dict(env)
 
 
+def check_limits(limits: object) -> dict[str, list[int]]:
+    """`limits` as a MemberSpec holds them: each name of RLIMITS to [soft, hard], INFINITY for
+    "infinity". A definition may give one value for both, or [soft, hard]; each an integer
+    from 0, or "infinity"."""
+    if not isinstance(limits, Mapping):
+        raise InvalidRequest("limits must be a table of resource names to limits")
+    checked = {}
+    for name, value in limits.items():
+        if name not in RLIMITS:
+            raise InvalidRequest(f"unknown limit {name!r}: use one of {', '.join(RLIMITS)}")
+        pair = list(value) if isinstance(value, list | tuple) else [value, value]
+        if len(pair) != 2:
+            raise InvalidRequest(f"limit {name} must be a value or [soft, hard]")
+        soft, hard = (_limit_value(name, v) for v in pair)
+        if _ceiling(soft) > _ceiling(hard):
+            raise InvalidRequest(f"limit {name}: soft {pair[0]} is above hard {pair[1]}")
+        checked[name] = [soft, hard]
+    return checked
+
+
+def _limit_value(name: str, value: object) -> int:
+    if value == "infinity":
+        return INFINITY
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f'limit {name} must be an integer or "infinity", not {value!r}')
+    if value < 0:
+        raise InvalidRequest(f"limit {name} must not be negative: {value}")
+    if value > _RLIM_MAX:
+        raise InvalidRequest(f"limit {name} must be at most {_RLIM_MAX}: {value}")
+    return value
+
+
+def _as_written(limits: object) -> object:
+    """A MemberSpec's `limits` as a definition writes them (INFINITY as "infinity")."""
+    if not isinstance(limits, Mapping):
+        return limits
+    return {
+        name: [v if v != INFINITY else "infinity" for v in pair]
+        if isinstance(pair, list | tuple)
+        else pair
+        for name, pair in limits.items()
+    }
+
+
+def _ceiling(limit: int) -> int:
+    return _RLIM_MAX + 1 if limit == INFINITY else limit
+
+
+def check_account(name: object, key: str) -> str:
+    """A user or group: a name, or a number (given as an integer or in decimal)."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        if not 0 <= name < 2**32 - 1:
+            raise InvalidRequest(f"{key} {name} is not a valid id")
+        return str(name)
+    if not isinstance(name, str) or not name or "\0" in name or ":" in name:
+        raise InvalidRequest(f"{key} must be a name or a number")
+    return name
+
+
 class MemberSpec(Message, frozen=True):
     """One member: an argv to run and how to supervise it. Durations are in seconds.
 
@@ -123,6 +194,12 @@ class MemberSpec(Message, frozen=True):
     prepare: list[str] | None = None
     env_file: str | None = None
     """KEY=VALUE lines the holder reads at every start, under `env` (see parse_env_file)."""
+    limits: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    """Resource limits, as check_limits returns them."""
+    user: str | None = None
+    """Who it runs as (a name, or a uid in decimal); the holder's user when None."""
+    group: str | None = None
+    """Its group (a name, or a gid in decimal); the user's own when None."""
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -139,6 +216,11 @@ class MemberSpec(Message, frozen=True):
         parse_duration(self.start_timeout)
         if self.prepare is not None:
             check_argv(self.prepare, "prepare")
+        check_limits(_as_written(self.limits))
+        if self.user is not None:
+            check_account(self.user, "user")
+        if self.group is not None:
+            check_account(self.group, "group")
 
 
 class ClusterSpec(Message, frozen=True):
@@ -177,6 +259,9 @@ class _MemberTable(msgspec.Struct, forbid_unknown_fields=True):
     start_timeout: str | float = DEFAULT_START_TIMEOUT
     prepare: list[str] | None = None
     env_file: str | None = None
+    limits: dict[str, Any] = {}
+    user: str | int | None = None
+    group: str | int | None = None
 
 
 class _ClusterTable(msgspec.Struct, forbid_unknown_fields=True):
@@ -303,7 +388,24 @@ def _build_member(key: str, document: Mapping[str, Any]) -> MemberSpec:
         env_file=None
         if table.env_file is None
         else checked("env_file", lambda v: check_path(v, "env_file"), table.env_file),
+        limits=_checked_limits(where, table.limits),
+        user=None
+        if table.user is None
+        else checked("user", lambda v: check_account(v, "user"), table.user),
+        group=None
+        if table.group is None
+        else checked("group", lambda v: check_account(v, "group"), table.group),
     )
+
+
+def _checked_limits(where: tuple[str, ...], limits: dict[str, Any]) -> dict[str, list[int]]:
+    """Each limit checked under its own key, so that an error names its line."""
+    checked: dict[str, list[int]] = {}
+    for name, value in limits.items():
+        checked |= _checked(
+            (*where, "limits", name), functools.partial(check_limits, {name: value})
+        )
+    return checked
 
 
 def _unencodable(value: Any, keys: tuple[str, ...]) -> tuple[str, ...] | None:

@@ -9,6 +9,7 @@ import pytest
 
 from fleetctl.definitions import load_toml
 from protocol.definitions import (
+    INFINITY,
     ClusterSpec,
     MemberSpec,
     cluster_from_dict,
@@ -59,6 +60,20 @@ def test_the_brief_example_loads() -> None:
     assert (db.ready, db.restart, db.stop_timeout) == ("none", "no", 5.0)
 
 
+def test_limits_user_and_group_load_as_a_holder_takes_them() -> None:
+    text = BRIEF_EXAMPLE + 'limits = { nofile = 4096, core = "infinity", nproc = [64, 128] }\n'
+    text += 'user = "nobody"\ngroup = 100\n'
+    db = parse_toml(text).member("db")
+    assert db is not None
+    assert db.limits == {"nofile": [4096, 4096], "core": [INFINITY, INFINITY], "nproc": [64, 128]}
+    assert (db.user, db.group) == ("nobody", "100")
+
+
+def test_a_limit_in_a_table_of_its_own_is_reported_with_its_line() -> None:
+    text = BRIEF_EXAMPLE + "[members.db.limits]\nnofile = 10\nmemlock = -5\n"
+    assert problem_in(text).startswith("fleet.toml:16: members.db.limits.memlock: ")
+
+
 def test_a_misspelt_key_is_reported_with_its_line() -> None:
     text = BRIEF_EXAMPLE.replace('stop_signal = "TERM"', 'stop_signnal = "TERM"')
     assert problem_in(text) == "fleet.toml:8: members.web.stop_signnal: unknown key"
@@ -84,6 +99,17 @@ def test_an_unknown_top_level_table_is_reported_with_its_line() -> None:
         ('ready = "unix:/run/a\\u0000.sock"', "ready", "must not contain a NUL byte"),
         ('env = { A = "a\\u0000b" }', "env", "without NUL"),
         ('prepare = ["a\\u0000b"]', "prepare", "without NUL"),
+        ("limits = { nofile = -1 }", "limits.nofile", "must not be negative: -1"),
+        ("limits = { core = 1.5 }", "limits.core", 'an integer or "infinity", not 1.5'),
+        ('limits = { core = "lots" }', "limits.core", "not 'lots'"),
+        ("limits = { open_files = 10 }", "limits.open_files", "unknown limit 'open_files'"),
+        ("limits = { nofile = [2048, 1024] }", "limits.nofile", "soft 2048 is above hard 1024"),
+        ('limits = { nproc = ["infinity", 5] }', "limits.nproc", "soft infinity is above hard 5"),
+        ("limits = { nofile = [1, 2, 3] }", "limits.nofile", "a value or [soft, hard]"),
+        ("limits = 5", "limits", "expected object, got int"),
+        ("user = 1.5", "user", "expected int | str | null, got float"),
+        ('user = ""', "user", "user must be a name or a number"),
+        ("group = -3", "group", "group -3 is not a valid id"),
     ],
 )
 def test_a_bad_value_is_reported_with_its_key_and_line(line: str, key: str, words: str) -> None:

@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import os
 import platform
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -268,3 +270,90 @@ async def test_where_unshare_is_refused_spawns_run_on_the_event_loops_thread(
     assert (text, thread) == (f"{directory}\n", threading.get_ident())
     assert spawner.in_flight == 0
     assert os.getcwd() == here
+
+
+def spawned_through(path: str, argv: list[str], setup: spawn_module.Setup) -> str:
+    """What `argv` prints, spawned through `path` (see FALLBACKS) with `setup`."""
+    spawner = Spawner()
+    try:
+        if path != "trampoline":
+            spawner._trampoline = None
+        if path == "preexec":
+            spawn_module._SETPRIV = None
+        read, write = os.pipe()
+        try:
+            env = {"PATH": os.environ["PATH"]}
+            child = spawner.spawn(argv, env, None, write, write, setup=setup)
+        finally:
+            os.close(write)
+        with os.fdopen(read) as output:
+            seen = output.read()
+        _, status = os.waitpid(child.pid, 0)
+        child.reaped(os.waitstatus_to_exitcode(status))
+        return seen
+    finally:
+        spawn_module._SETPRIV = SETPRIV
+
+
+LIMITED = spawn_module.Setup(limits=((resource.RLIMIT_NOFILE, 100, 200),))
+AS_NOBODY = spawn_module.Setup(
+    limits=((resource.RLIMIT_CORE, -1, -1),),
+    credentials=spawn_module.Credentials(65534, 65534, (65534, 100)),
+)
+
+
+@pytest.mark.parametrize("path", FALLBACKS)
+def test_a_spawned_program_gets_its_limits_from_its_first_instruction(path: str) -> None:
+    """Through setpriv, the holder sets them once posix_spawn returns (see the module)."""
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip(NOT_X86_64)
+    later = "sleep 0.5; " if path == "setpriv" else ""
+    seen = spawned_through(path, ["sh", "-c", later + "cat /proc/self/limits"], LIMITED)
+    assert re.search(r"^Max open files +100 +200 ", seen, re.MULTILINE), seen
+
+
+@pytest.mark.parametrize("path", FALLBACKS)
+def test_a_spawned_program_runs_as_its_user_with_its_groups(path: str) -> None:
+    """Needs root. setpriv would lose the parent-death signal: its path uses the preexec hook."""
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip(NOT_X86_64)
+    seen = spawned_through(path, ["sh", "-c", "id -u; id -g; id -G; ulimit -c"], AS_NOBODY)
+    assert seen.split("\n") == ["65534", "65534", "65534 100", "unlimited", ""]
+
+
+@x86_64_only
+def test_the_trampoline_that_cannot_set_a_limit_says_so_and_runs_nothing() -> None:
+    impossible = spawn_module.Setup(limits=((resource.RLIMIT_NOFILE, 2**40, 2**40),))
+    seen = spawned_through("trampoline", ["echo", "ran"], impossible)
+    assert seen == "fleet: cannot set the member's limits\n"
+
+
+@pytest.mark.parametrize("path", FALLBACKS)
+def test_a_program_spawned_as_another_user_still_dies_with_its_spawner(path: str) -> None:
+    """A change of user clears the parent-death signal: it is set after (needs root)."""
+    if path == "trampoline" and platform.machine() != "x86_64":
+        pytest.skip(NOT_X86_64)
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from fleetd.holder import spawn
+        {FALLBACKS[path]}
+        setup = spawn.Setup(credentials=spawn.Credentials(65534, 65534, (65534,)))
+        child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2, setup=setup)
+        print(child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    spawner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert spawner.stdout is not None
+    with spawner.stdout:
+        pid = int(spawner.stdout.readline())
+    try:
+        until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep"))
+        assert os.stat(f"/proc/{pid}").st_uid == 65534
+        spawner.send_signal(signal.SIGKILL)
+        spawner.wait()
+        until(lambda: not os.path.exists(f"/proc/{pid}"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -18,18 +18,19 @@ def test_an_error_outside_a_group_is_its_own_leaf() -> None:
     assert leaf_errors(error) == [error]
 
 
-def test_the_fd_limit_is_raised_to_the_hard_limit() -> None:
+def test_the_fd_limit_is_raised_to_the_hard_limit_saying_what_it_was() -> None:
+    """What it was is what members get back (fleetd.holder.runenv)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = min(soft, hard, 256)
     probe = (
         "import resource; from fleetd.core.startup import raise_fd_limit; "
-        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({lowered}, {hard})); raise_fd_limit(); "
-        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({lowered}, {hard})); was = raise_fd_limit(); "
+        "print(was, *resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], check=False, capture_output=True, text=True
     )
-    assert result.stdout.split() == [str(hard), str(hard)], result.stderr
+    assert result.stdout.split() == [str(lowered), str(hard), str(hard)], result.stderr
 
 
 def test_memory_freed_in_the_middle_of_the_heap_goes_back_to_the_kernel() -> None:

@@ -21,12 +21,19 @@ def load_what_anyio_loads_as_it_runs() -> None:
         importlib.import_module(module)
 
 
-def raise_fd_limit() -> None:
+MEMBER_NOFILE_ENV = "FLEET_MEMBER_NOFILE"
+"""In a detached holder's environment: fleetd's soft open-file limit as it started, which its
+members get back (fleetd.holder.runenv)."""
+
+
+def raise_fd_limit() -> int:
     """Use the whole hard limit of open files: fleetd holds a socket per client and per
-    holder, and a holder a socket, two pipes and two log files per member."""
+    holder, and a holder a socket, two pipes and two log files per member. Returns the soft
+    limit it was, for the members (which are not to inherit ours)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return soft
 
 
 def leaf_errors(error: E | BaseExceptionGroup[E]) -> list[E]:

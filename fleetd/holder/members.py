@@ -61,6 +61,7 @@ from fleetd.holder.lifecycle import (
     step,
 )
 from fleetd.holder.readers import Readers
+from fleetd.holder.runenv import RunEnv, RunEnvs
 from fleetd.holder.spawn import Child, Spawner
 from protocol.definitions import MemberSpec, parse_env_file
 from protocol.errors import FleetError
@@ -326,10 +327,19 @@ class NotifySocket:
         when it spoke: it may be gone since), and the fields."""
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if self._abstract:
+            self._socket.bind("\0" + path[1:])
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self._socket.bind(path)
         os.chmod(path, 0o600)
+
+    @property
+    def _abstract(self) -> bool:
+        """An address in the abstract namespace ("@NAME", as sd_notify writes it): no file,
+        and any process may send to it (the sender's pid still says whose message it is)."""
+        return self.path.startswith("@")
 
     async def run(self) -> None:
         try:
@@ -338,8 +348,9 @@ class NotifySocket:
                 self._drain()
         finally:
             self._socket.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if not self._abstract:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     def _drain(self) -> None:
         while True:
@@ -423,14 +434,19 @@ class Host(Protocol):
     reaper: Reaper
     spawner: Spawner
     lineage: Lineage
-    notify_path: str
     runtime: PrivateDir
     """The runtime directory: each member's directory is made in it, never through a link."""
     readers: Readers
     """Where the member's output pipes are watched."""
+    runenvs: RunEnvs
+    """What each member inherits, its limits and its user."""
 
     def peers_of(self, name: str) -> str:
         """FLEET_PEERS for `name`: `sibling=address,...`."""
+        ...
+
+    def notify_address(self, other_user: bool) -> str:
+        """NOTIFY_SOCKET for a member; `other_user`: of a user other than the holder's."""
         ...
 
     def status_stale(self) -> None:
@@ -773,7 +789,8 @@ class Member:
         cgroup = self._descendants.cgroup if self._descendants is not None else ""
         self._spawning = True
         try:
-            env = self._environment()  # an env_file that cannot be read fails the start
+            runenv = self._host.runenvs.of(self.spec)  # known since the member was admitted
+            env = self._environment(runenv)  # an env_file that cannot be read fails the start
             self._host.spawner.spawn_soon(
                 argv,
                 env,
@@ -782,6 +799,7 @@ class Member:
                 err_write,
                 done=functools.partial(self._spawned, out_read, err_read),
                 cgroup=cgroup or None,
+                setup=runenv.setup,
             )
         except OSError as exc:  # not even handed over
             self._spawned(out_read, err_read, exc)
@@ -839,9 +857,9 @@ class Member:
             _Pump(err_read, self._logs[1], run, 2, self),
         )
 
-    def _environment(self) -> dict[str, str]:
+    def _environment(self, runenv: RunEnv) -> dict[str, str]:
         env = {
-            **_inherited_environment(),
+            **runenv.environment,
             **self._env_file(),
             **{k: self.expand(v) for k, v in self.spec.env.items()},
         }
@@ -849,7 +867,7 @@ class Member:
         env["FLEET_CLUSTER"] = self._host.cluster
         env[HOLDER_ENV] = self._host.lineage.token
         env["FLEET_PEERS"] = self._host.peers_of(self.name)
-        env["NOTIFY_SOCKET"] = self._host.notify_path
+        env["NOTIFY_SOCKET"] = self._host.notify_address(runenv.setup.credentials is not None)
         return env
 
     def _env_file(self) -> dict[str, str]:
@@ -1160,13 +1178,6 @@ async def _until_connectable(connect: Callable[[], Awaitable[anyio.abc.SocketStr
         else:
             await stream.aclose()
             return
-
-
-@functools.cache
-def _inherited_environment() -> dict[str, str]:
-    """The holder's environment, read once: it does not change, and decoding os.environ per
-    spawn was a tenth of the cost of starting a member."""
-    return dict(os.environ)
 
 
 def _os_error(exc: OSError) -> str:

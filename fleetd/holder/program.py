@@ -26,11 +26,12 @@ import contextlib
 import itertools
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import anyio
 import msgspec
@@ -61,6 +62,7 @@ from fleetd.holder.members import (
     needs_port,
 )
 from fleetd.holder.readers import Readers
+from fleetd.holder.runenv import RunEnvs, member_nofile
 from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
@@ -227,12 +229,21 @@ class Holder:
         bind_pid: int | None = None,
         log_max_bytes: int = LOG_MAX_BYTES,
         limits: Limits | None = None,
+        member_nofile: int | None = None,
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
         death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
         bound what each connection to a member socket may hold (fleetd.core.bounds), with one
-        budget of unfinished frames for them all."""
+        budget of unfinished frames for them all; `member_nofile` is the soft open-file limit
+        members get (fleetd.holder.runenv; ours when None). Raises FleetError when a member's
+        user or limits cannot be had."""
         self.spec = spec
+        self.runenvs = RunEnvs(
+            inherit=bind_pid is not None,
+            member_nofile=member_nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        for member in spec.members:
+            self.runenvs.of(member)
         self.cluster = spec.name
         self.runtime_dir = os.path.abspath(runtime_dir)
         self.runtime = _open_runtime_dir(self.runtime_dir, [m.name for m in spec.members])
@@ -241,6 +252,8 @@ class Holder:
         self.spawner.settled = self._spawns_settled
         self.reaper = Reaper(spawning=self._spawning)
         self._notify: NotifySocket | None = None
+        self._abstract_notify: NotifySocket | None = None
+        """For members of other users, who may not enter the runtime directory."""
         self._spawns_done: anyio.Event | None = None
         self.readers = Readers()
         self.lineage = Lineage(self.cluster, self.reaper.watched)
@@ -429,6 +442,10 @@ class Holder:
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
+        try:
+            self.runenvs.of(spec)
+        except FleetError as exc:
+            raise InvalidRequest(exc.message) from None
         member = self._admit(spec)
         status = member.status()
         self._begin(member)
@@ -492,18 +509,34 @@ class Holder:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._watchers.discard(watcher)
 
+    def notify_address(self, other_user: bool) -> str:
+        """The notify socket in the runtime directory; for a member of another user, which
+        may not enter it, one in the abstract namespace (as systemd's own is open to every
+        service's user), opened with the first such member."""
+        if not other_user:
+            return self.notify_path
+        if self._abstract_notify is None:
+            assert self._tasks is not None, "spawned before the holder runs"
+            address = f"@fleet-notify-{self.lineage.token}"
+            self._abstract_notify = NotifySocket(address, self._owner_of, self._spawning)
+            self._tasks.start_soon(self._abstract_notify.run)
+        return self._abstract_notify.path
+
+    def _notify_sockets(self) -> Iterator[NotifySocket]:
+        yield from (s for s in (self._notify, self._abstract_notify) if s is not None)
+
     def process_started(self, member: Member, pid: int) -> None:
         self._by_pid[pid] = member
-        if self._notify is not None:
-            self._notify.process_started()
+        for notify in self._notify_sockets():
+            notify.process_started()
 
     def _spawning(self) -> bool:
         return self.spawner.in_flight > 0
 
     def _spawns_settled(self) -> None:
         self.reaper.settled()
-        if self._notify is not None:
-            self._notify.settled()
+        for notify in self._notify_sockets():
+            notify.settled()
         if self._spawns_done is not None:
             self._spawns_done.set()
             self._spawns_done = None
@@ -774,12 +807,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures: list[Exception] = []
     try:
         become_subreaper()
-        raise_fd_limit()
+        nofile = member_nofile(raise_fd_limit())
         holder = Holder(
             _load_spec(args.spec),
             args.dir,
             bind_pid=args.bind_pid,
             limits=Limits.from_environ(os.environ),
+            member_nofile=nofile,
         )
         anyio.run(
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
@@ -787,8 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* (FleetError, OSError) as failed:
         failures = leaf_errors(failed)
     finally:
-        if args.ephemeral:
-            shutil.rmtree(args.dir, ignore_errors=True)
+        if args.ephemeral and not failures:  # else its log says why: the client reads it,
+            shutil.rmtree(args.dir, ignore_errors=True)  # then removes the directory it made
     for error in failures:
         print(f"fleetd holder: {error}", file=sys.stderr)
     return 1 if failures else 0

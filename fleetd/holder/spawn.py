@@ -5,13 +5,21 @@ takes its members along. posix_spawn cannot set it, and forking the interpreter 
 preexec hook costs milliseconds per member, so the child first executes a trampoline that sets
 the signal and then executes the member's program:
 
-- on x86-64, `TRAMPOLINE`, a 373-byte static executable held in a memfd: no dynamic loader, no
+- on x86-64, `TRAMPOLINE`, a 703-byte static executable held in a memfd: no dynamic loader, no
   libraries, so its exec costs little more than a direct spawn;
 - elsewhere (or where memfds may not be executed), `setpriv --pdeathsig KILL`, which costs a
   second full exec per member (starting 1,000 members took twice as long through it) and,
   unlike the trampoline, does not check that its parent is still there after the prctl: a
   holder killed in the microseconds before it leaves that member behind;
 - without setpriv, a fork with a preexec hook.
+
+A member's `Setup` (its resource limits, and its user when it has one) is applied in the same
+place, before the exec: the trampoline calls prlimit64 per limit, then setgroups, setresgid and
+setresuid, and only then sets the parent-death signal, which a change of user clears. setpriv
+loses the signal that way (it sets it before it changes user), so a member with a user is
+spawned through the preexec hook where there is no trampoline; setpriv's members get their
+limits from the holder right after the spawn (prlimit), which races the program's first
+instructions as the cgroup move does.
 
 A member with a cgroup (fleetd.core.cgroups) must be in it before its program runs its first
 instruction, or a child it forks at once would start outside. The trampoline, and the preexec
@@ -42,6 +50,7 @@ import ctypes
 import errno
 import os
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -49,7 +58,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -69,75 +78,151 @@ _CLONE_FILES = 0x400
 SPAWNING_THREADS = 2
 """One per core of the 2-core machines fleet is measured on; more only queue on the kernel."""
 
-# `trampoline PARENT_PID CGROUP_PROCS PROGRAM ARG...`: prctl(PR_SET_PDEATHSIG, SIGKILL); exit
-# 127 unless getppid() == PARENT_PID (the parent died before the prctl: no signal would ever
-# come); unless CGROUP_PROCS is "", write "0" (this process) to that file, which must be on
-# cgroup2 (a stray path never gets written), or say so on stderr and exit 127;
+# `trampoline PARENT_PID CGROUP_PROCS [STEP...] PROGRAM ARG...`, PROGRAM an absolute path:
+# unless CGROUP_PROCS is "", write "0" (this process) to that file, which must be on cgroup2 (a
+# stray path never gets written), or say so on stderr and exit 127; then each STEP in order:
+# `lRESOURCE:SOFT:HARD` prlimit64(0, RESOURCE, {SOFT, HARD}) (RLIM_INFINITY in decimal, 2**64-1);
+# `uUID:GID:GROUP[:GROUP...]` (one group at least) setgroups(GROUPS), setresgid(GID x3),
+# setresuid(UID x3); a step that fails says so on stderr and exits 127. Then, after any change
+# of user (which clears it), prctl(PR_SET_PDEATHSIG, SIGKILL); exit 127 unless getppid() ==
+# PARENT_PID (the parent died before the prctl: no signal would ever come);
 # execve(PROGRAM, [PROGRAM, ARG...], envp); exit 127 if that failed.
 # (Assembled with GNU as from the listing in the comments, then objdump -d.)
 _TRAMPOLINE_CODE = bytes.fromhex(
     "4889e3"  # 00  mov rbx, rsp                 rbx -> argc, argv[0], argv[1]...
-    "b89d000000"  # 03  mov eax, 157 (prctl)
-    "bf01000000"  # 08  mov edi, 1 (PR_SET_PDEATHSIG)
-    "be09000000"  # 0d  mov esi, 9 (SIGKILL)
-    "0f05"  # 12  syscall
-    "4885c0"  # 14  test rax, rax
-    "0f8593000000"  # 17  jnz fail
-    "488b7310"  # 1d  mov rsi, [rbx+16]            argv[1]: the parent's pid in decimal
-    "4531e4"  # 21  xor r12d, r12d
-    "0fb616"  # 24  digit: movzx edx, byte [rsi]
-    "85d2"  # 27  test edx, edx
-    "740f"  # 29  jz parsed
-    "83ea30"  # 2b  sub edx, '0'
-    "4d6be40a"  # 2e  imul r12, r12, 10
-    "4901d4"  # 32  add r12, rdx
-    "48ffc6"  # 35  inc rsi
-    "ebea"  # 38  jmp digit
-    "b86e000000"  # 3a  parsed: mov eax, 110 (getppid)
-    "0f05"  # 3f  syscall
-    "4c39e0"  # 41  cmp rax, r12
-    "756a"  # 44  jne fail
-    "488b7b18"  # 46  mov rdi, [rbx+24]            argv[2]: a cgroup.procs, or ""
-    "803f00"  # 4a  cmp byte [rdi], 0
-    "744a"  # 4d  je run
-    "b802000000"  # 4f  mov eax, 2 (open)
-    "be01000800"  # 54  mov esi, 0x80001 (O_WRONLY | O_CLOEXEC)
-    "0f05"  # 59  syscall
-    "4885c0"  # 5b  test rax, rax
-    "785c"  # 5e  js cgroup_fail
-    "89c7"  # 60  mov edi, eax
-    "4881ec80000000"  # 62  sub rsp, 128                 a struct statfs
-    "4889e6"  # 69  mov rsi, rsp
-    "b88a000000"  # 6c  mov eax, 138 (fstatfs)
-    "0f05"  # 71  syscall
-    "4885c0"  # 73  test rax, rax
-    "7544"  # 76  jnz cgroup_fail
-    "48813c2470726763"  # 78  cmp qword [rsp], 0x63677270  f_type: CGROUP2_SUPER_MAGIC, or no write
-    "753a"  # 80  jne cgroup_fail
-    "6a30"  # 82  push '0'                     "0": the writer itself
-    "4889e6"  # 84  mov rsi, rsp
-    "ba01000000"  # 87  mov edx, 1
-    "b801000000"  # 8c  mov eax, 1 (write)
-    "0f05"  # 91  syscall
-    "4883f801"  # 93  cmp rax, 1
-    "7523"  # 97  jne cgroup_fail
-    "488b7b20"  # 99  run: mov rdi, [rbx+32]       argv[3]: the program
-    "488d7320"  # 9d  lea rsi, [rbx+32]            &argv[3]
-    "488b03"  # a1  mov rax, [rbx]               argc
-    "488d54c310"  # a4  lea rdx, [rbx+rax*8+16]      envp
-    "b83b000000"  # a9  mov eax, 59 (execve)
-    "0f05"  # ae  syscall
-    "bf7f000000"  # b0  fail: mov edi, 127
-    "b8e7000000"  # b5  mov eax, 231 (exit_group)
-    "0f05"  # ba  syscall
-    "b801000000"  # bc  cgroup_fail: mov eax, 1 (write)
-    "bf02000000"  # c1  mov edi, 2 (stderr)
-    "488d3509000000"  # c6  lea rsi, [rip+9]             message
-    "ba27000000"  # cd  mov edx, 39
+    "488b7310"  # 03  mov rsi, [rbx+16]            argv[1]: the parent's pid in decimal
+    "e888010000"  # 07  call number
+    "4989c4"  # 0c  mov r12, rax
+    "488b7b18"  # 0f  mov rdi, [rbx+24]            argv[2]: a cgroup.procs, or ""
+    "803f00"  # 13  cmp byte [rdi], 0
+    "745a"  # 16  je steps
+    "b802000000"  # 18  mov eax, 2 (open)
+    "be01000800"  # 1d  mov esi, 0x80001 (O_WRONLY | O_CLOEXEC)
+    "0f05"  # 22  syscall
+    "4885c0"  # 24  test rax, rax
+    "0f8889010000"  # 27  js cgroup_fail
+    "89c7"  # 2d  mov edi, eax
+    "4881ec80000000"  # 2f  sub rsp, 128                 a struct statfs
+    "4889e6"  # 36  mov rsi, rsp
+    "b88a000000"  # 39  mov eax, 138 (fstatfs)
+    "0f05"  # 3e  syscall
+    "4885c0"  # 40  test rax, rax
+    "0f856d010000"  # 43  jnz cgroup_fail
+    "48813c2470726763"  # 49  cmp qword [rsp], 0x63677270  f_type: CGROUP2_SUPER_MAGIC, or no write
+    "0f855f010000"  # 51  jne cgroup_fail
+    "6a30"  # 57  push '0'                     "0": the writer itself
+    "4889e6"  # 59  mov rsi, rsp
+    "ba01000000"  # 5c  mov edx, 1
+    "b801000000"  # 61  mov eax, 1 (write)
+    "0f05"  # 66  syscall
+    "4883f801"  # 68  cmp rax, 1
+    "0f8544010000"  # 6c  jne cgroup_fail
+    "4c8d6b18"  # 72  steps: lea r13, [rbx+24]   r13 -> argv[2]
+    "4983c508"  # 76  next: add r13, 8           the next argument: a step, or the program
+    "498b7500"  # 7a  mov rsi, [r13]
+    "0fb606"  # 7e  movzx eax, byte [rsi]
+    "48ffc6"  # 81  inc rsi
+    "3c6c"  # 84  cmp al, 'l'
+    "744c"  # 86  je limit
+    "3c75"  # 88  cmp al, 'u'
+    "0f848c000000"  # 8a  je user
+    "b89d000000"  # 90  mov eax, 157 (prctl)
+    "bf01000000"  # 95  mov edi, 1 (PR_SET_PDEATHSIG)
+    "be09000000"  # 9a  mov esi, 9 (SIGKILL)
+    "0f05"  # 9f  syscall
+    "4885c0"  # a1  test rax, rax
+    "7522"  # a4  jnz fail
+    "b86e000000"  # a6  mov eax, 110 (getppid)
+    "0f05"  # ab  syscall
+    "4c39e0"  # ad  cmp rax, r12
+    "7516"  # b0  jne fail
+    "498b7d00"  # b2  mov rdi, [r13]               the program
+    "4c89ee"  # b6  mov rsi, r13                 its argv
+    "488b03"  # b9  mov rax, [rbx]               argc
+    "488d54c310"  # bc  lea rdx, [rbx+rax*8+16]      envp
+    "b83b000000"  # c1  mov eax, 59 (execve)
+    "0f05"  # c6  syscall
+    "bf7f000000"  # c8  fail: mov edi, 127
+    "b8e7000000"  # cd  mov eax, 231 (exit_group)
     "0f05"  # d2  syscall
-    "ebda"  # d4  jmp fail
+    "e8bb000000"  # d4  limit: call number        RESOURCE
+    "4989c6"  # d9  mov r14, rax
+    "e8b3000000"  # dc  call number               SOFT
+    "4989c7"  # e1  mov r15, rax
+    "e8ab000000"  # e4  call number               HARD
+    "50"  # e9  push rax                     struct rlimit64 {SOFT, HARD}
+    "4157"  # ea  push r15
+    "31ff"  # ec  xor edi, edi                 pid 0: this process
+    "4c89f6"  # ee  mov rsi, r14
+    "4889e2"  # f1  mov rdx, rsp
+    "4531d2"  # f4  xor r10d, r10d               no old limits
+    "b82e010000"  # f7  mov eax, 302 (prlimit64)
+    "0f05"  # fc  syscall
+    "4883c410"  # fe  add rsp, 16
+    "4885c0"  # 102 test rax, rax
+    "0f846bffffff"  # 105 jz next
+    "488d35e8000000"  # 10b lea rsi, [rip+232]          limits_message
+    "ba26000000"  # 112 mov edx, 38
+    "e9a6000000"  # 117 jmp say
+    "e873000000"  # 11c user: call number         UID
+    "4989c6"  # 121 mov r14, rax
+    "e86b000000"  # 124 call number                GID
+    "4989c7"  # 129 mov r15, rax
+    "4889e5"  # 12c mov rbp, rsp
+    "31c9"  # 12f xor ecx, ecx
+    "e85e000000"  # 131 group: call number        the groups, as gid_t below rsp
+    "4883ec04"  # 136 sub rsp, 4
+    "890424"  # 13a mov [rsp], eax
+    "ffc1"  # 13d inc ecx
+    "803e00"  # 13f cmp byte [rsi], 0
+    "75ed"  # 142 jne group
+    "89cf"  # 144 mov edi, ecx
+    "4889e6"  # 146 mov rsi, rsp
+    "b874000000"  # 149 mov eax, 116 (setgroups)
+    "0f05"  # 14e syscall
+    "4889ec"  # 150 mov rsp, rbp
+    "4885c0"  # 153 test rax, rax
+    "752e"  # 156 jnz user_fail
+    "4c89ff"  # 158 mov rdi, r15
+    "4c89fe"  # 15b mov rsi, r15
+    "4c89fa"  # 15e mov rdx, r15
+    "b877000000"  # 161 mov eax, 119 (setresgid)
+    "0f05"  # 166 syscall
+    "4885c0"  # 168 test rax, rax
+    "7519"  # 16b jnz user_fail
+    "4c89f7"  # 16d mov rdi, r14
+    "4c89f6"  # 170 mov rsi, r14
+    "4c89f2"  # 173 mov rdx, r14
+    "b875000000"  # 176 mov eax, 117 (setresuid)
+    "0f05"  # 17b syscall
+    "4885c0"  # 17d test rax, rax
+    "0f84f0feffff"  # 180 jz next
+    "488d3593000000"  # 186 user_fail: lea rsi, [rip+147]  user_message
+    "ba27000000"  # 18d mov edx, 39
+    "eb2e"  # 192 jmp say
+    "31c0"  # 194 number: xor eax, eax       rax = the decimal at rsi; rsi past it and a ':'
+    "0fb616"  # 196 digit: movzx edx, byte [rsi]
+    "83ea30"  # 199 sub edx, '0'
+    "83fa09"  # 19c cmp edx, 9
+    "770c"  # 19f ja separator
+    "486bc00a"  # 1a1 imul rax, rax, 10
+    "4801d0"  # 1a5 add rax, rdx
+    "48ffc6"  # 1a8 inc rsi
+    "ebe9"  # 1ab jmp digit
+    "803e3a"  # 1ad separator: cmp byte [rsi], ':'
+    "7503"  # 1b0 jne done
+    "48ffc6"  # 1b2 inc rsi
+    "c3"  # 1b5 done: ret
+    "488d3516000000"  # 1b6 cgroup_fail: lea rsi, [rip+22]  cgroup_message
+    "ba27000000"  # 1bd mov edx, 39
+    "b801000000"  # 1c2 say: mov eax, 1 (write)
+    "bf02000000"  # 1c7 mov edi, 2 (stderr)
+    "0f05"  # 1cc syscall
+    "e9f5feffff"  # 1ce jmp fail
 )
-_TRAMPOLINE_CODE += b"fleet: cannot join the member's cgroup\n"  # d6  the message
+_TRAMPOLINE_CODE += b"fleet: cannot join the member's cgroup\n"  # 1d3 cgroup_message
+_TRAMPOLINE_CODE += b"fleet: cannot set the member's limits\n"  # 1fa limits_message
+_TRAMPOLINE_CODE += b"fleet: cannot run as the member's user\n"  # 220 user_message
 
 
 def _static_executable(code: bytes, base: int = 0x400000) -> bytes:
@@ -200,6 +285,46 @@ Outcome = Child | Exception
 """What a spawn came to: the child, an OSError (no such program, ...), or a bug."""
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a member runs as."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    """Its supplementary groups: at least one (the user's own group is among them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What a member's process is given before its program runs: resource limits (resource,
+    soft, hard; -1 for infinity, as the resource module has it), and a user to run as."""
+
+    limits: tuple[tuple[int, int, int], ...] = ()
+    credentials: Credentials | None = None
+    steps: tuple[str, ...] = field(init=False, default=())
+    """The trampoline's arguments for it (see _TRAMPOLINE_CODE)."""
+
+    def __post_init__(self) -> None:
+        steps = [f"l{r}:{soft % 2**64}:{hard % 2**64}" for r, soft, hard in self.limits]
+        if self.credentials is not None:
+            c = self.credentials
+            steps.append(f"u{c.uid}:{c.gid}:{':'.join(map(str, c.groups))}")
+        object.__setattr__(self, "steps", tuple(steps))
+
+    def apply(self) -> None:
+        """In the child, before its exec (the preexec hook): the trampoline's steps."""
+        for r, soft, hard in self.limits:
+            resource.setrlimit(r, (soft, hard))
+        if self.credentials is not None:
+            os.setgroups(list(self.credentials.groups))
+            os.setresgid(*[self.credentials.gid] * 3)
+            os.setresuid(*[self.credentials.uid] * 3)
+
+
+NO_SETUP = Setup()
+
+
 class Spawner:
     """Spawns members through the cheapest trampoline this machine allows (see the module),
     from its spawning threads."""
@@ -224,6 +349,7 @@ class Spawner:
         *,
         done: Callable[[Outcome], None],
         cgroup: str | None = None,
+        setup: Setup = NO_SETUP,
     ) -> None:
         """`spawn` on a spawning thread; `done(outcome)` is called on the running event loop's
         thread once it is known (at once where there is no spawning thread). The caller may
@@ -232,14 +358,14 @@ class Spawner:
         if not threads:
             outcome: Outcome
             try:
-                outcome = self.spawn(argv, env, cwd, stdout, stderr, cgroup=cgroup)
+                outcome = self.spawn(argv, env, cwd, stdout, stderr, cgroup=cgroup, setup=setup)
             except Exception as exc:
                 outcome = exc
             done(outcome)
             return
         thread = threads[self._turn % len(threads)]
         self._turn += 1
-        job = _Job(argv, env, cwd, cgroup, done)
+        job = _Job(argv, env, cwd, cgroup, setup, done)
         thread.submit(job, stdout, stderr)
         self.in_flight += 1
 
@@ -276,30 +402,39 @@ class Spawner:
         stderr: int,
         *,
         cgroup: str | None = None,
+        setup: Setup = NO_SETUP,
     ) -> Child:
         """Start `argv` in its own process group with stdin from /dev/null, the given output
-        descriptors, SIGKILL as its parent-death signal, and in the `cgroup` directory when
-        given (see the module). Raises OSError (no such program, no such directory, not
-        executable) with the OS error. The child dies when the calling thread exits."""
+        descriptors, SIGKILL as its parent-death signal, in the `cgroup` directory when given,
+        with `setup` applied (see the module). Raises OSError (no such program, no such
+        directory, not executable) with the OS error. The child dies when the calling thread
+        exits."""
         procs = os.path.join(cgroup, PROCS_FILE) if cgroup else ""
+        if setup.credentials is not None:
+            _give_output(setup.credentials, stdout, stderr)
         with _working_directory(cwd):
             program = _resolve_program(argv[0], env.get("PATH", os.defpath))
             trampoline = self._trampoline
             if trampoline is not None:
                 try:
-                    command = [trampoline, str(os.getpid()), procs, program, *argv[1:]]
+                    command = [
+                        trampoline, str(os.getpid()), procs, *setup.steps, program, *argv[1:]
+                    ]  # fmt: skip
                     return Child(_posix_spawn(command, env, stdout, stderr))
                 except OSError as exc:
                     if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOEXEC):
                         raise
                     self._trampoline = None  # memfds may not be executed here
-            if _SETPRIV is not None:
+            if _SETPRIV is not None and setup.credentials is None:
                 command = [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]]
                 child = Child(_posix_spawn(command, env, stdout, stderr))
+                _set_limits(child.pid, setup)
                 if cgroup:
                     _move_tree(child.pid, Cgroup(cgroup))
                 return child
-            return _spawn_with_preexec([program, *argv[1:]], env, stdout, stderr, procs)
+            return _spawn_with_preexec(
+                [program, *argv[1:]], env, stdout, stderr, procs, setup=setup
+            )
 
 
 @dataclass(slots=True)
@@ -308,6 +443,7 @@ class _Job:
     env: dict[str, str]
     cwd: str | None
     cgroup: str | None
+    setup: Setup
     done: Callable[[Outcome], None]
 
 
@@ -396,7 +532,7 @@ class _SpawningThread:
         outcome: Outcome
         try:
             outcome = self._spawner.spawn(
-                job.argv, job.env, job.cwd, fds[0], fds[-1], cgroup=job.cgroup
+                job.argv, job.env, job.cwd, fds[0], fds[-1], cgroup=job.cgroup, setup=job.setup
             )
         except Exception as exc:
             outcome = exc
@@ -515,16 +651,36 @@ def _move_tree(pid: int, cgroup: Cgroup) -> None:
         stack += children(process)
 
 
+def _give_output(credentials: Credentials, *fds: int) -> None:
+    """The member's output pipes become its user's, so that it may open them again by name
+    (/dev/stdout, /proc/self/fd/1), as a program writing a log "file" there does."""
+    for fd in fds:
+        with contextlib.suppress(OSError):  # not a pipe of ours: leave it
+            os.fchown(fd, credentials.uid, credentials.gid)
+
+
+def _set_limits(pid: int, setup: Setup) -> None:
+    """The limits of a process spawned through setpriv (see the module); one that cannot take
+    them is killed, as the trampoline would have exited."""
+    try:
+        for r, soft, hard in setup.limits:
+            resource.prlimit(pid, r, (soft, hard))
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        log.warning("member_limits_failed", pid=pid, error=str(exc))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _spawn_with_preexec(
-    argv: list[str], env: dict[str, str], stdout: int, stderr: int, procs: str
+    argv: list[str], env: dict[str, str], stdout: int, stderr: int, procs: str, *, setup: Setup
 ) -> Child:
     holder = os.getpid()
 
     def die_with_holder() -> None:
+        """The trampoline's steps, in its order (see _TRAMPOLINE_CODE)."""
         signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the holder blocks SIGCHLD
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != holder:  # the holder died before the prctl: nobody would signal us
-            os._exit(1)
         if procs:
             try:
                 with open(procs, "w") as f:
@@ -532,6 +688,14 @@ def _spawn_with_preexec(
             except OSError:
                 os.write(2, b"fleet: cannot join the member's cgroup\n")
                 os._exit(127)
+        try:
+            setup.apply()
+        except OSError:
+            os.write(2, b"fleet: cannot set the member's limits or user\n")
+            os._exit(127)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != holder:  # the holder died before the prctl: nobody would signal us
+            os._exit(1)
 
     popen = subprocess.Popen(
         argv,
