@@ -22,22 +22,29 @@ log = structlog.get_logger("fleetd.members")
 
 _FIRST_BYTES = 4096
 """A page: 255 records, then the reservation doubles."""
+_NEVER = 1 << 64
+
+
+def _next_millisecond(ns: int) -> int:
+    return (ns // 1_000_000 + 1) * 1_000_000
 
 
 class TimesFile:
     """The sidecar of the log `log_name` in `directory`, opened with the log (`open`), rotated
     with it (`rotate`)."""
 
-    __slots__ = ("_count", "_map", "_time", "directory", "name")
+    __slots__ = ("_count", "_map", "_next", "directory", "name")
 
     def __init__(self, directory: PrivateDir, log_name: str) -> None:
         self.directory = directory
         self.name = times_name(log_name)
         self._map: mmap.mmap | None = None
         self._count = 0
+        self._next = _NEVER
         """Header and records written: the next record goes at `_count * SIZE`."""
-        self._time = 0
-        """The last record's time: records never go back, and one per millisecond is enough."""
+        self._next = _NEVER
+        """When the next record may be (ns): the next millisecond after the last record (one
+        a millisecond is enough, and records never go back); never while nothing is mapped."""
 
     @property
     def size(self) -> int:
@@ -72,26 +79,26 @@ class TimesFile:
             self._map = mmap.mmap(fd, size)
             records = valid_records(self._map[SIZE:])
             self._count = 1 + len(records)
-            self._time = records[-1][1] if records else 0
+            self._next = _next_millisecond(records[-1][1]) if records else 0
             return
         os.ftruncate(fd, 0)
         os.posix_fallocate(fd, 0, _FIRST_BYTES)
         self._map = mmap.mmap(fd, _FIRST_BYTES)
         self._map[:SIZE] = header(log_status.st_ino)
-        self._count, self._time = 1, 0
+        self._count, self._next = 1, 0
 
     def record(self, start: int) -> None:
         """The bytes from `start` on are read now: call before writing them to the log."""
-        if self._map is None:
-            return
-        now = max(time.time_ns(), self._time)
-        if now // 1_000_000 == self._time // 1_000_000:
+        now = time.time_ns()
+        if now < self._next:
             return  # the same millisecond: the record before says it
+        assert self._map is not None
         if self._count * SIZE == len(self._map) and not self._grow():
+            self._next = _NEVER  # no more times for this file: said once
             return
         RECORD.pack_into(self._map, self._count * SIZE, start, now)
         self._count += 1
-        self._time = now
+        self._next = _next_millisecond(now)
 
     def _grow(self) -> bool:
         assert self._map is not None
@@ -123,3 +130,4 @@ class TimesFile:
             self._map.close()
             self._map = None
         self._count = 0
+        self._next = _NEVER
