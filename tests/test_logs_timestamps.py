@@ -88,6 +88,21 @@ def test_a_log_without_its_sidecar_is_stamped_with_its_modification_time(
     ]
 
 
+def test_follow_with_timestamps_stamps_what_comes_and_ends_when_the_member_leaves(
+    holders: Fleetd,
+) -> None:
+    polite = "trap 'echo bye; exit 0' TERM; echo first; sleep 60 & wait"
+    up(holders, definition("t", m=command(polite), s='command = ["sleep", "60"]'), "--wait")
+    follower = Follower(holders, "m", "-t")
+    try:
+        follower.read_until(b"first\n", 5)
+        assert ctl(holders, "stop", "m")[0] == 0
+        code, out, err = follower.wait(5)
+    finally:
+        follower.close()
+    assert (code, [text for _, text in stamped(out)], err) == (0, [b"first", b"bye"], b"")
+
+
 # --- the holder's files, read back -------------------------------------------------------------
 
 
