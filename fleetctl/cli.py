@@ -668,10 +668,12 @@ def down(g: Globals, cluster: str) -> None:
 
 
 def _complete_members_and_clusters(
-    ctx: click.Context, param: click.Parameter, incomplete: str
+    ctx: click.Context, _: click.Parameter, incomplete: str
 ) -> list[str]:
-    members = _complete_members(ctx, param, incomplete)
-    return sorted({*members, *_complete_clusters(ctx, param, incomplete)})
+    members = _live_members(ctx)
+    spelt = (f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in members)
+    names = {*spelt, *(m.cluster for m in members)}
+    return sorted(name for name in names if name.startswith(incomplete))
 
 
 @cli.command("logs")

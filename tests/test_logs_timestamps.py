@@ -150,6 +150,19 @@ def test_the_sidecar_is_rotated_with_its_log(member_dir: PrivateDir) -> None:
     assert len(set(times)) > len(times) / 2  # chunks 3 ms apart: most their own millisecond
 
 
+def test_a_sidecar_past_the_cap_rotates_its_log(member_dir: PrivateDir) -> None:
+    """A byte a millisecond: the sidecar would grow 16 times faster than the log."""
+    log_file = LogFile(member_dir, "stdout.log", max_bytes=4096)
+    try:
+        for _ in range(300):
+            log_file.write(b".")
+            time.sleep(0.0012)
+    finally:
+        log_file.close()
+    assert os.path.getsize(member_dir.join("stdout.log.1")) < 300
+    assert os.path.getsize(member_dir.join("stdout.times.1")) <= 2 * 4096
+
+
 def test_a_missing_sidecar_loses_no_line(member_dir: PrivateDir) -> None:
     written(member_dir, [b"a\n", b"b\nc", b"\n"])
     member_dir.unlink("stdout.times")

@@ -46,9 +46,11 @@ class TimesFile:
         """When the next record may be (ns): the next millisecond after the last record (one
         a millisecond is enough, and records never go back); never while nothing is mapped."""
 
-    @property
-    def size(self) -> int:
-        return self._count * SIZE
+    def over(self, max_bytes: int) -> bool:
+        """Whether the sidecar passed its log's cap (or a page, for a cap below that): its log
+        is rotated then too, so that a member printing a byte a millisecond does not make a
+        sidecar 16 times the size of its log."""
+        return self._count * SIZE > max(max_bytes, _FIRST_BYTES)
 
     def open(self, log_status: os.stat_result) -> None:
         """Map the sidecar of the log just opened: its records go on after the last one when the

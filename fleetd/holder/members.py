@@ -124,7 +124,7 @@ class LogFile:
         if self._fd < 0:
             self._open()
         if self._size and (
-            self._size + len(data) > self.max_bytes or self._times.size > self.max_bytes
+            self._size + len(data) > self.max_bytes or self._times.over(self.max_bytes)
         ):
             self._rotate()
         self._times.record(self._size)
