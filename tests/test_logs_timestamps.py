@@ -269,6 +269,28 @@ def test_follow_of_a_cluster_shows_every_member_and_ends_at_down(
     assert (code, out.decode().splitlines(), err) == (0, EXPECTED, b"")
 
 
+def test_follow_of_a_cluster_follows_a_member_added_meanwhile(holders: Fleetd) -> None:
+    up(holders, definition("grow", a=command("echo $FLEET_MEMBER here; exec sleep 60")), "--wait")
+    follower = Follower(holders, "grow")
+    try:
+        follower.read_until(b"a | a here\n", 10)
+        assert ctl(holders, "add", "b", "--sibling", "a")[0] == 0
+        follower.read_until(b"b | b here\n", 10)
+        assert ctl(holders, "down", "grow")[0] == 0
+        assert follower.wait(5) == (0, b"a | a here\nb | b here\n", b"")
+    finally:
+        follower.close()
+
+
+def test_logs_of_a_cluster_that_is_down_prints_what_its_members_wrote(holders: Fleetd) -> None:
+    up(holders, PAIR, "--wait")
+    wait_until(lambda: os.path.exists(os.path.join(holders.root, f"worker{TURNS}")), timeout=20)
+    assert ctl(holders, "down", "pair")[0] == 0
+    for args in (["pair"], ["pair", "-f"]):
+        code, out, _ = ctl(holders, "logs", *args)
+        assert (code, out.splitlines()) == (0, EXPECTED)
+
+
 # --- the format and the mapping ----------------------------------------------------------------
 
 chunkings = st.lists(
