@@ -667,22 +667,40 @@ def down(g: Globals, cluster: str) -> None:
     _client_call(g, call)
 
 
+def _complete_members_and_clusters(
+    ctx: click.Context, _: click.Parameter, incomplete: str
+) -> list[str]:
+    members = _live_members(ctx)
+    spelt = (f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in members)
+    names = {*spelt, *(m.cluster for m in members)}
+    return sorted(name for name in names if name.startswith(incomplete))
+
+
 @cli.command("logs")
-@click.argument("name", shell_complete=_complete_members)
+@click.argument("name", metavar="NAME|CLUSTER", shell_complete=_complete_members_and_clusters)
 @click.option(
     "-f", "--follow", is_flag=True, help="Then print what it writes, until it leaves its cluster."
 )
-@click.option("--stderr", is_flag=True, help="Its stderr (default: stdout).")
+@click.option("--stderr", is_flag=True, help="Its stderr (default: stdout; a cluster's: both).")
 @click.option(
     "-n",
     "--tail",
     type=click.IntRange(min=0),
     default=None,
     metavar="N",
-    help="Only the last N lines of what is there (then, with -f, everything new).",
+    help="Only the last N lines of what is there (a cluster's: of each member's), then, with "
+    "-f, everything new.",
+)
+@click.option(
+    "-t",
+    "--timestamps",
+    is_flag=True,
+    help="Begin each line with when the holder read it: RFC 3339, UTC, milliseconds.",
 )
 @click.pass_obj
-def logs(g: Globals, name: str, follow: bool, stderr: bool, tail: int | None) -> None:
+def logs(
+    g: Globals, *, name: str, follow: bool, stderr: bool, tail: int | None, timestamps: bool
+) -> None:
     """Print a member's log: the rotated part (.1) first, then the current file.
 
     With -f, keep following it as `tail -F` does: what the member writes shows up as it is
@@ -690,20 +708,34 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool, tail: int | None) ->
     cluster (`fleetctl stop`, `fleetctl down`, or its holder exiting); then exit 0, its last
     output printed. A member that already left prints its log and exits 0. Ctrl-C (SIGINT) or
     SIGTERM stops following, exit 0. Following reads the files and asks the member's holder,
-    not fleetd: a fleetd restart does not end it. An unknown member is absent (11).
+    not fleetd: a fleetd restart does not end it.
+
+    CLUSTER (a name that is no member's) prints every member's stdout and stderr interleaved
+    in time order, each line after its member's name (`web  | ...`); with -f, until the
+    cluster is down, following members added meanwhile. An unknown name is absent (11).
     """
-    from fleetctl.logs import follow_log, print_log
+    from fleetctl.logs import LinePrinter, follow_lines, follow_log, print_lines, print_log
 
     handler = signal.getsignal(signal.SIGTERM)
     if follow:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: exit 0
     try:
-        paths = _client_result(g, lambda client: client.member_logs(name))
+        named = _client_result(g, lambda client: client.logs_named(name))
         sys.stdout.flush()
-        if follow:
-            follow_log(paths, sys.stdout.buffer, stderr=stderr, tail=tail)
+        out = sys.stdout.buffer
+        if named.cluster or timestamps:
+            streams = _streams(named.cluster, stderr)
+            names = [paths.member for paths in named.logs] if named.cluster else []
+            printer = LinePrinter(out, timestamps=timestamps, names=names)
+            if follow:
+                follow_lines(named.logs, printer, streams=streams, tail=tail, cluster=named.cluster)
+            else:
+                print_lines(named.logs, printer, streams=streams, tail=tail)
+        elif follow:
+            follow_log(named.logs[0], out, stderr=stderr, tail=tail)
         else:
-            print_log(paths.stderr if stderr else paths.stdout, sys.stdout.buffer, tail=tail)
+            paths = named.logs[0]
+            print_log(paths.stderr if stderr else paths.stdout, out, tail=tail)
     except KeyboardInterrupt:
         if not follow:
             raise
@@ -717,6 +749,13 @@ def logs(g: Globals, name: str, follow: bool, stderr: bool, tail: int | None) ->
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
     raise Exit(0)
+
+
+def _streams(cluster: bool, stderr: bool) -> tuple[str, ...]:
+    """Which logs `logs` prints: stdout, or with --stderr stderr; a cluster's, both."""
+    if stderr:
+        return ("stderr",)
+    return ("stdout", "stderr") if cluster else ("stdout",)
 
 
 # --- --json after the command -------------------------------------------------------------------

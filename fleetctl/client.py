@@ -32,6 +32,8 @@ from protocol.clusters import (
     ClusterUp,
     ClusterUpToml,
     LogPaths,
+    LogPathsList,
+    LogsNamed,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -256,6 +258,11 @@ class Client:
 
     async def member_logs(self, name: str) -> LogPaths:
         return await self.request(MemberLogs, name=name)
+
+    async def logs_named(self, name: str) -> LogPathsList:
+        """The logs of member `name`, or of each member of the cluster `name` when no member is
+        called that."""
+        return await self.request(LogsNamed, name=name)
 
     async def request(self, op: type[Op[R]], *, timeout: float | None = None, **fields: Any) -> R:
         """Send one request and wait for its answer's result (`op`'s result type); the calls

@@ -31,6 +31,8 @@ from protocol.clusters import (
     ClusterUp,
     ClusterUpToml,
     LogPaths,
+    LogPathsList,
+    LogsNamed,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -247,6 +249,11 @@ class SyncClient:
 
     def member_logs(self, name: str) -> LogPaths:
         return self.request(MemberLogs, name=name)
+
+    def logs_named(self, name: str) -> LogPathsList:
+        """The logs of member `name`, or of each member of the cluster `name` when no member is
+        called that."""
+        return self.request(LogsNamed, name=name)
 
     def request(self, op: type[Op[R]], *, timeout: float | None = None, **fields: Any) -> R:
         """Send one request and wait for its answer's result (`op`'s result type); the calls

@@ -52,6 +52,7 @@ from protocol.clusters import (
     ClusterResult,
     ClusterUp,
     ClusterUpToml,
+    LogsNamed,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -192,6 +193,7 @@ class Daemon:
         dispatcher.register(MemberStop, self.holders.stop)
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
+        dispatcher.register(LogsNamed, self.holders.logs_named)
         dispatcher.register(ClaimAcquire, self.claims.acquire)
         dispatcher.register(ClaimRelease, self.claims.release)
         dispatcher.register(ClaimInspect, self.claims.inspect)

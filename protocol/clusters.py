@@ -9,6 +9,7 @@
     member_stop    -> MemberStatus    stop one member; its siblings keep running
     member_add     -> MemberStatus    boot a new member into a sibling's live cluster
     member_logs    -> LogPaths        where a member's stdout and stderr are (same host)
+    logs_named     -> LogPathsList    the same for a member, or for each member of a cluster
 
 A member is named `NAME` when that name is unique among the clusters fleetd knows, else
 `CLUSTER/NAME`. Statuses carry their `cluster`.
@@ -46,6 +47,14 @@ class LogPaths(Message, frozen=True):
     stdout: str
     stderr: str
     socket: str = ""
+
+
+class LogPathsList(Message, frozen=True):
+    """The logs of the member a name stands for, or of each member of the cluster it names
+    (`cluster` True)."""
+
+    logs: list[LogPaths] = msgspec.field(default_factory=list)
+    cluster: bool = False
 
 
 class ClusterUp(Op[ClusterResult], tag="cluster_up", frozen=True):
@@ -108,6 +117,13 @@ class MemberLogs(Op[LogPaths], tag="member_logs", frozen=True):
     name: str
 
 
+class LogsNamed(Op[LogPathsList], tag="logs_named", frozen=True):
+    """member_logs of the member `name`; for the name of a cluster that no member is called,
+    of each of its members (as `fleetctl status CLUSTER`); absent for neither."""
+
+    name: str
+
+
 CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     ClusterUp,
     ClusterUpToml,
@@ -117,4 +133,5 @@ CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     MemberStop,
     MemberAdd,
     MemberLogs,
+    LogsNamed,
 )

@@ -25,6 +25,7 @@ from protocol.clusters import (
     ClusterDown,
     ClusterUp,
     ClusterUpToml,
+    LogsNamed,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -162,6 +163,7 @@ AnyRequest = (
     | MemberStop
     | MemberAdd
     | MemberLogs
+    | LogsNamed
     | ClaimAcquire
     | ClaimRelease
     | ClaimInspect

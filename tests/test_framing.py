@@ -23,6 +23,7 @@ from protocol.clusters import (
     ClusterDown,
     ClusterUp,
     ClusterUpToml,
+    LogsNamed,
     MemberAdd,
     MemberLogs,
     MemberStatusRequest,
@@ -146,6 +147,7 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         MemberAdd, id=ids, name=st.text(), sibling=st.text(), spec=st.none() | member_specs
     ),
     MemberLogs: st.builds(MemberLogs, id=ids, name=st.text()),
+    LogsNamed: st.builds(LogsNamed, id=ids, name=st.text()),
     ClaimAcquire: st.builds(
         ClaimAcquire,
         id=ids,

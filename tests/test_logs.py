@@ -177,7 +177,7 @@ def test_follow_of_an_unknown_member_is_absent_exit_11(
     holders: Fleetd, follow: type[Follower]
 ) -> None:
     code, out, err = follow(holders, "nope").wait(5)
-    assert (code, out, err) == (11, b"", b"fleetctl: no member 'nope'\n")
+    assert (code, out, err) == (11, b"", b"fleetctl: no member or cluster 'nope'\n")
 
 
 def test_follow_ends_with_exit_0_once_the_member_is_stopped_and_its_last_words_printed(

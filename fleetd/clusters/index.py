@@ -268,12 +268,18 @@ class ClusterIndex:
     def statuses_named(self, name: str) -> list[MemberStatus]:
         """A member's status; for the name of a cluster no member is called, each of its
         members' (`fleetctl status web`); `absent` for neither."""
-        if "/" not in name and self._names.resolve(name) is None:
-            held = self.live.get(name)
-            members = list(held.statuses) if held is not None else self._names.members_of(name)
-            if members:
-                return [self.status_in(name, member) for member in members]
+        members = self.members_if_cluster(name)
+        if members:
+            return [self.status_in(name, member) for member in members]
         return [self.status_of(name)]
+
+    def members_if_cluster(self, name: str) -> list[str]:
+        """The members of the cluster `name` when no member is called that (a member's name
+        means the member: `fleetctl status web`, `fleetctl logs web`); none otherwise."""
+        if "/" in name or self._names.resolve(name) is not None:
+            return []
+        held = self.live.get(name)
+        return list(held.statuses) if held is not None else self._names.members_of(name)
 
     def status_or_absent(self, name: str) -> MemberStatus:
         status = self.status_of(name)

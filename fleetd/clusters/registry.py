@@ -28,6 +28,8 @@ from protocol.clusters import (
     ClusterResult,
     ClusterUp,
     LogPaths,
+    LogPathsList,
+    LogsNamed,
     MemberAdd,
     MemberList,
     MemberLogs,
@@ -204,7 +206,19 @@ class HolderRegistry:
         found = self.index.resolve(request.name)
         if found is None:
             raise Absent(f"no member {request.name!r}")
-        cluster, member = found
+        return self._log_paths(*found)
+
+    def logs_named(self, request: LogsNamed, peer: Peer) -> LogPathsList:
+        members = self.index.members_if_cluster(request.name)
+        if members:
+            paths = [self._log_paths(request.name, member) for member in members]
+            return LogPathsList(logs=paths, cluster=True)
+        found = self.index.resolve(request.name)
+        if found is None:
+            raise Absent(f"no member or cluster {request.name!r}")
+        return LogPathsList(logs=[self._log_paths(*found)])
+
+    def _log_paths(self, cluster: str, member: str) -> LogPaths:
         runtime_dir = self.index.runtime_dir_of(cluster)
         return LogPaths(
             cluster=cluster,

@@ -60,6 +60,7 @@ from fleetd.holder.lifecycle import (
     SupervisionFailed,
     step,
 )
+from fleetd.holder.logtimes import TimesFile
 from fleetd.holder.readers import Readers
 from fleetd.holder.runenv import RunEnv, RunEnvs
 from fleetd.holder.spawn import Child, Spawner
@@ -97,7 +98,7 @@ class LogFile:
     `<name>.1`. The file is created on the first write: a silent member costs no file (and
     its two LogFiles are slots, their path joined only when it is said)."""
 
-    __slots__ = ("_fd", "_size", "directory", "max_bytes", "name")
+    __slots__ = ("_fd", "_size", "_times", "directory", "max_bytes", "name")
 
     def __init__(self, directory: PrivateDir, name: str, max_bytes: int = LOG_MAX_BYTES) -> None:
         self.directory = directory
@@ -105,20 +106,29 @@ class LogFile:
         self.max_bytes = max_bytes
         self._fd = -1
         self._size = 0
+        self._times = TimesFile(directory, name)
+        """When each chunk was read (protocol.logtimes), for `fleetctl logs --timestamps`."""
 
     @property
     def path(self) -> str:
         return self.directory.join(self.name)
 
-    def _open(self) -> int:
-        return self.directory.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    def _open(self) -> None:
+        self._fd = self.directory.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        status = os.fstat(self._fd)
+        self._size = status.st_size
+        self._times.open(status)
 
     def write(self, data: bytes) -> None:
+        """Append `data`, its time recorded first (a holder killed between the two leaves a
+        time and no bytes, which dates nothing)."""
         if self._fd < 0:
-            self._fd = self._open()
-            self._size = os.fstat(self._fd).st_size
-        if self._size and self._size + len(data) > self.max_bytes:
+            self._open()
+        if self._size and (
+            self._size + len(data) > self.max_bytes or self._times.over(self.max_bytes)
+        ):
             self._rotate()
+        self._times.record(self._size)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
@@ -127,14 +137,15 @@ class LogFile:
     def _rotate(self) -> None:
         fd = self.directory.fd
         os.replace(self.name, f"{self.name}.1", src_dir_fd=fd, dst_dir_fd=fd)
+        self._times.rotate()
         os.close(self._fd)
-        self._fd = self._open()
-        self._size = 0
+        self._open()
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._times.close()
 
     def tail(self, size: int) -> bytes:
         """The last `size` bytes of the current file (a rotation starts it empty)."""
