@@ -194,6 +194,21 @@ def test_a_garbled_sidecar_loses_no_line_and_keeps_times_in_order(
     assert [when for when, _ in back] == sorted(when for when, _ in back)
 
 
+def test_a_sidecar_cut_short_while_it_is_written_leaves_the_log_going(
+    member_dir: PrivateDir,
+) -> None:
+    """`: > stdout.times` by hand, as one empties a log: no SIGBUS, the lines still there."""
+    log_file = LogFile(member_dir, "stdout.log")
+    try:
+        log_file.write(b"before\n")
+        os.truncate(member_dir.join("stdout.times"), 0)
+        time.sleep(0.002)
+        log_file.write(b"after\n")
+    finally:
+        log_file.close()
+    assert [text for _, text in read_back(member_dir)] == [b"before", b"after"]
+
+
 def test_a_new_holder_goes_on_with_the_times_of_a_log_it_appends_to(
     member_dir: PrivateDir,
 ) -> None:

@@ -1,15 +1,14 @@
 """The holder's half of protocol.logtimes: the sidecar of times beside a member's log.
 
-The sidecar is a memory mapping of a file whose space is reserved ahead (posix_fallocate, in
-doubling steps): recording a chunk's time is a store into memory, no system call, so the
-output relay costs what it did (a read and a write per chunk). Reserving the space first
-matters: a store into a mapped page that the filesystem cannot back (a full tmpfs) would be a
-SIGBUS, which kills the holder; a reservation that fails is an error here instead, and the
-log goes on without times (its lines then carry the last time recorded).
+A record is one pwrite, at most one a millisecond per log, only when a chunk arrives: the
+relay's read and write per chunk gain a third syscall at most. Not a memory mapping, which
+would save it: a store into a mapped page past the file's end (the file cut short by hand,
+`: > stdout.times`) or that a full tmpfs cannot back is a SIGBUS, which would kill the holder
+and every member with it. A write that fails (a full disk) is logged once, and the log goes
+on without times (its lines then carry the last time recorded).
 """
 
 import contextlib
-import mmap
 import os
 import time
 
@@ -20,9 +19,10 @@ from protocol.logtimes import RECORD, SIZE, header, is_header_of, times_name, va
 
 log = structlog.get_logger("fleetd.members")
 
-_FIRST_BYTES = 4096
-"""A page: 255 records, then the reservation doubles."""
 _NEVER = 1 << 64
+_MAX_RECORDS_READ = 1 << 16
+"""A sidecar continued after a holder's restart is read this far at most for its last record
+(1 MiB): one a millisecond for a minute; a longer one starts anew with its log's next chunk."""
 
 
 def _next_millisecond(ns: int) -> int:
@@ -33,60 +33,52 @@ class TimesFile:
     """The sidecar of the log `log_name` in `directory`, opened with the log (`open`), rotated
     with it (`rotate`)."""
 
-    __slots__ = ("_count", "_map", "_next", "directory", "name")
+    __slots__ = ("_count", "_fd", "_next", "directory", "name")
 
     def __init__(self, directory: PrivateDir, log_name: str) -> None:
         self.directory = directory
         self.name = times_name(log_name)
-        self._map: mmap.mmap | None = None
+        self._fd = -1
         self._count = 0
-        self._next = _NEVER
         """Header and records written: the next record goes at `_count * SIZE`."""
         self._next = _NEVER
         """When the next record may be (ns): the next millisecond after the last record (one
-        a millisecond is enough, and records never go back); never while nothing is mapped."""
+        a millisecond is enough, and records never go back); never while nothing is open."""
 
     def over(self, max_bytes: int) -> bool:
-        """Whether the sidecar passed its log's cap (or a page, for a cap below that): its log
+        """Whether the sidecar passed its log's cap (or 4 KiB, for a cap below that): its log
         is rotated then too, so that a member printing a byte a millisecond does not make a
         sidecar 16 times the size of its log."""
-        return self._count * SIZE > max(max_bytes, _FIRST_BYTES)
+        return self._count * SIZE > max(max_bytes, 4096)
 
     def open(self, log_status: os.stat_result) -> None:
-        """Map the sidecar of the log just opened: its records go on after the last one when the
-        log is one it has times of (a holder of the same runtime directory before), else it
-        starts anew."""
+        """Open the sidecar of the log just opened: its records go on after the last one when
+        the log is one it has times of (a holder of the same runtime directory before), else
+        it starts anew."""
         self.close()
         try:
-            fd = self.directory.open_file(self.name, os.O_RDWR | os.O_CREAT)
-        except OSError as exc:
-            log.warning("log_times_failed", file=self.name, error=str(exc))
-            return
-        try:
-            self._map_from(fd, log_status)
+            self._fd = self.directory.open_file(self.name, os.O_RDWR | os.O_CREAT)
+            self._continue_or_start(log_status)
         except OSError as exc:
             log.warning("log_times_failed", file=self.name, error=str(exc))
             self.close()
-        finally:
-            os.close(fd)
 
-    def _map_from(self, fd: int, log_status: os.stat_result) -> None:
-        size = os.fstat(fd).st_size
+    def _continue_or_start(self, log_status: os.stat_result) -> None:
+        size = os.fstat(self._fd).st_size
         if (
             log_status.st_size
-            and size >= _FIRST_BYTES
+            and SIZE < size <= SIZE * _MAX_RECORDS_READ
             and size % SIZE == 0
-            and is_header_of(os.pread(fd, SIZE, 0), log_status.st_ino)
+            and is_header_of(os.pread(self._fd, SIZE, 0), log_status.st_ino)
         ):
-            self._map = mmap.mmap(fd, size)
-            records = valid_records(self._map[SIZE:])
-            self._count = 1 + len(records)
-            self._next = _next_millisecond(records[-1][1]) if records else 0
-            return
-        os.ftruncate(fd, 0)
-        os.posix_fallocate(fd, 0, _FIRST_BYTES)
-        self._map = mmap.mmap(fd, _FIRST_BYTES)
-        self._map[:SIZE] = header(log_status.st_ino)
+            records = valid_records(os.pread(self._fd, size - SIZE, SIZE))
+            if records:
+                self._count = 1 + len(records)
+                self._next = _next_millisecond(records[-1][1])
+                os.ftruncate(self._fd, self._count * SIZE)  # what follows is garbled
+                return
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, header(log_status.st_ino), 0)
         self._count, self._next = 1, 0
 
     def record(self, start: int) -> None:
@@ -94,30 +86,14 @@ class TimesFile:
         now = time.time_ns()
         if now < self._next:
             return  # the same millisecond: the record before says it
-        assert self._map is not None
-        if self._count * SIZE == len(self._map) and not self._grow():
-            self._next = _NEVER  # no more times for this file: said once
-            return
-        RECORD.pack_into(self._map, self._count * SIZE, start, now)
-        self._count += 1
-        self._next = _next_millisecond(now)
-
-    def _grow(self) -> bool:
-        assert self._map is not None
-        size = 2 * len(self._map)
         try:
-            fd = self.directory.open_file(self.name, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, size)
-                grown = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
+            os.pwrite(self._fd, RECORD.pack(start, now), self._count * SIZE)
         except OSError as exc:
             log.warning("log_times_failed", file=self.name, error=str(exc))
-            return False
-        self._map.close()
-        self._map = grown
-        return True
+            self._next = _NEVER  # no more times for this file until its rotation: said once
+            return
+        self._count += 1
+        self._next = _next_millisecond(now)
 
     def rotate(self) -> None:
         """Move the sidecar to `.1` beside its log (call right after the log's rename); the
@@ -128,8 +104,8 @@ class TimesFile:
             os.replace(self.name, f"{self.name}.1", src_dir_fd=fd, dst_dir_fd=fd)
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._count = 0
         self._next = _NEVER
