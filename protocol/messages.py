@@ -22,11 +22,15 @@ from protocol.claims import (
 )
 from protocol.clusters import (
     CLUSTER_REQUEST_TYPES,
+    ClusterApply,
+    ClusterApplyToml,
     ClusterDown,
     ClusterUp,
     ClusterUpToml,
     MemberAdd,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -162,6 +166,10 @@ AnyRequest = (
     | MemberStop
     | MemberAdd
     | MemberLogs
+    | MemberStart
+    | MemberRestart
+    | ClusterApply
+    | ClusterApplyToml
     | ClaimAcquire
     | ClaimRelease
     | ClaimInspect

@@ -20,11 +20,15 @@ from protocol.claims import (
     ClaimRelease,
 )
 from protocol.clusters import (
+    ClusterApply,
+    ClusterApplyToml,
     ClusterDown,
     ClusterUp,
     ClusterUpToml,
     MemberAdd,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -146,6 +150,17 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         MemberAdd, id=ids, name=st.text(), sibling=st.text(), spec=st.none() | member_specs
     ),
     MemberLogs: st.builds(MemberLogs, id=ids, name=st.text()),
+    MemberStart: st.builds(MemberStart, id=ids, name=st.text()),
+    MemberRestart: st.builds(MemberRestart, id=ids, name=st.text()),
+    ClusterApply: st.builds(ClusterApply, id=ids, spec=cluster_specs),
+    ClusterApplyToml: st.builds(
+        ClusterApplyToml,
+        id=ids,
+        text=st.text(),
+        source=st.text(),
+        name=st.none() | st.text(),
+        directory=st.text(),
+    ),
     ClaimAcquire: st.builds(
         ClaimAcquire,
         id=ids,
