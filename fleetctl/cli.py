@@ -506,6 +506,14 @@ def _complete_clusters(ctx: click.Context, _: click.Parameter, incomplete: str) 
     return sorted(name for name in clusters if name.startswith(incomplete))
 
 
+def _complete_members_and_clusters(
+    ctx: click.Context, _: click.Parameter, incomplete: str
+) -> list[str]:
+    live = _live_members(ctx)
+    spelt = {f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in live}
+    return sorted(n for n in spelt | {m.cluster for m in live} if n.startswith(incomplete))
+
+
 _WAIT_TIMEOUT = click.option(
     "--timeout",
     "wait_timeout",
@@ -773,7 +781,7 @@ def start(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
 
 
 @cli.command("restart")
-@click.argument("name", shell_complete=_complete_members)
+@click.argument("name", shell_complete=_complete_members_and_clusters)
 @_WAIT
 @_WAIT_TIMEOUT
 @click.pass_obj

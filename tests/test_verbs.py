@@ -137,6 +137,31 @@ def test_start_of_the_last_member_to_stop_starts_its_holder_again(holders: Fleet
         text(holders, "down", "solo")
 
 
+def test_a_stopped_member_starts_on_its_port_after_a_fleetd_restart(
+    web: tuple[Fleetd, dict[str, Any]],
+) -> None:
+    daemon, envelope = web
+    before = members(daemon)
+    assert text(daemon, "stop", "a")[0] == 0
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    daemon.start()  # re-adopts the holder, which kept a's definition and port
+    code, started = ctl(daemon, "start", "a", "--wait")
+    assert code == 0 and started["outcome"] == "acquired", started
+    assert started["members"][0]["address"] == before["a"]["address"]
+    assert started["holder_pid"] == envelope["holder_pid"]
+
+
+def test_members_of_a_cluster_brought_down_are_not_started_again(holders: Fleetd) -> None:
+    up(holders, definition("gone", a=SLEEP))
+    assert text(holders, "down", "gone")[0] == 0
+    for verb, name in (("start", "a"), ("restart", "gone")):
+        code, envelope = ctl(holders, verb, name)
+        assert code == 11 and "brought down" in envelope["error"]["message"], envelope
+    code, envelope = ctl(holders, "status", "a")
+    assert envelope["members"][0]["state"] == "stopped"
+
+
 def test_start_and_restart_of_an_unknown_name_are_absent(holders: Fleetd) -> None:
     for verb in ("start", "restart"):
         code, envelope = ctl(holders, verb, "nope")

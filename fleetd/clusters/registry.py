@@ -8,7 +8,7 @@ restart and apply raise Unavailable: fleetd says it could not, rather than answe
 had.
 
 A holder exits when its last member leaves (stops). The cluster stays known, exited, until
-gc: start and restart of its members start a holder for it again, in the same runtime
+gc, or `down`: start and restart of its members start a holder for it again, in the same runtime
 directory, with the definition it had (members added since included), the members not
 named kept stopped, and every member's port as its state file last said.
 """
@@ -202,10 +202,20 @@ class HolderRegistry:
             held = self.index.live.get(request.cluster)
             if held is None:
                 if request.cluster in self.index.exited:
+                    await self._brought_down(request.cluster)
                     return ClusterResult(outcome=Outcome.ALREADY_RELEASED, cluster=request.cluster)
                 raise Absent(f"no cluster {request.cluster!r}", cluster=request.cluster)
             await self.follower.stop_holder(held)
+            await self._brought_down(request.cluster)
             return _result(held, Outcome.RELEASED)
+
+    async def _brought_down(self, cluster: str) -> None:
+        """Journal the exited cluster as brought down: its members are not started again
+        (start, restart) until it is brought up."""
+        record = self.index.exited.get(cluster)
+        if record is not None and not record.down:
+            self.index.add_exited(msgspec.structs.replace(record, down=True))
+            await self.journal.write(cluster)
 
     def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList | EncodedMemberList:
         if not request.names:
@@ -390,6 +400,11 @@ class HolderRegistry:
         record = self.index.exited.get(cluster)
         if record is None:
             raise Absent(f"no cluster {cluster!r}", cluster=cluster)
+        if record.down:
+            raise Absent(
+                f"cluster {cluster!r} was brought down: `fleetctl up` brings it up again",
+                cluster=cluster,
+            )
         runtime_dir = self.index.runtime_dir(cluster)
         specs = await anyio.to_thread.run_sync(current_specs, record)
         missing = set(members) - set(specs)
