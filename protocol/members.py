@@ -60,7 +60,8 @@ class StatusAll(Op[WatchResult], tag="status_all", frozen=True):
 
 class Stop(Op[MemberStatus], tag="stop", frozen=True):
     """Stop `name` (else the socket's member): stop_signal to its process group, SIGKILL after
-    stop_timeout. Answers once it is stopped. The holder exits when its last member leaves."""
+    stop_timeout. Answers once it is stopped. It leaves (its socket closes), its definition and
+    port kept for `start`. The holder exits when its last member leaves."""
 
     name: str | None = None
 
