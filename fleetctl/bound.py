@@ -366,8 +366,8 @@ class Cluster:
     async def _again(
         self, op: type[Start] | type[Restart], name: str, timeout: float
     ) -> MemberStatus:
-        # The answer is newer than every push before it, older than every push after it.
-        self._on_push(await self._opened().request(op, self._stop_time(name), name=name))
+        # The holder pushes what it did (the new process's status) before it answers.
+        await self._opened().request(op, self._stop_time(name), name=name)
         return (await self.wait_running([name], timeout))[name]
 
     def _stop_time(self, name: str) -> float:

@@ -8,6 +8,7 @@ appends its pid to {dir}/runs at every start, so the directory shows it was the 
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from fleetd.clusters.registry import plan_apply
 from protocol.clusters import Change
 from protocol.definitions import cluster_from_dict
 from protocol.members import MemberState
-from tests.processes import Fleetd, wait_gone
+from tests.processes import FLEETCTL, Fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
 
 SERVE = '["sh", "-c", "echo $$ >> {dir}/runs; exec python3 -m http.server {port} --bind 127.0.0.1"]'
@@ -346,3 +347,32 @@ def test_a_bound_clusters_member_restarts_and_starts_on_its_port() -> None:
         back = c.start("a")
         assert back.state == "running" and back.address == first.address
         assert c.start("a").pid == back.pid  # running: left alone
+
+
+def test_a_restart_answers_after_the_pushes_of_what_it_did() -> None:
+    """A member ready at spawn runs before the answer could be sent: the holder pushes its new
+    status first, so the answer never leaves a watcher with the old process's, or `stopped`."""
+    with fleetctl.cluster({"members": {"a": {"command": ["sleep", "60"]}}}) as c:
+        pids = {c.wait_running()["a"].pid}
+        for _ in range(10):
+            status = c.restart("a", timeout=5)
+            assert status.state == "running" and status.pid not in pids
+            pids.add(status.pid)
+
+
+def test_logs_follow_a_member_across_its_restart(web: tuple[Fleetd, dict[str, Any]]) -> None:
+    daemon, _ = web
+    follower = subprocess.Popen(
+        [*FLEETCTL, "logs", "-f", "--stderr", "a"], env=daemon.env, stdout=subprocess.PIPE
+    )
+    try:
+        assert text(daemon, "restart", "a", "--wait")[0] == 0
+        assert follower.poll() is None  # the member came back: still followed
+        assert text(daemon, "stop", "a")[0] == 0  # it left: the follower is done
+        assert follower.wait(timeout=10) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        assert follower.stdout is not None
+        follower.stdout.close()

@@ -5,12 +5,15 @@ stop, add, logs, start, restart and apply, over the index, the launcher and the 
 A member's op goes to its holder over the holder's watch connection. When fleetd has none
 (the holder was re-adopted while still starting, or does not answer), stop, add, start,
 restart and apply raise Unavailable: fleetd says it could not, rather than answer as if it
-had.
+had. The holder answers start, restart and remove only after it pushed what they did on that
+connection (the new process's `starting` first of all), so the index says it already when
+the answer comes: the answer's own status, possibly older than a push right behind it, is
+not used.
 
 A holder exits when its last member leaves (stops). The cluster stays known, exited, until
-gc, or `down`: start and restart of its members start a holder for it again, in the same runtime
-directory, with the definition it had (members added since included), the members not
-named kept stopped, and every member's port as its state file last said.
+gc or `down`: start and restart of its members start a holder for it again, in the same
+runtime directory, with the definition it had (members added since included), the members
+not named kept stopped, and every member's port as its state file last said.
 """
 
 import functools
@@ -294,8 +297,7 @@ class HolderRegistry:
         if self.index.status_in(held.name, name).state not in _STARTABLE:
             return _changed(held, Outcome.ALREADY_ACQUIRED, {name: Change.RUNNING}, self.index)
         link = reachable(held, name)
-        status = await start_member(link, name, self._stop_time(held, name))
-        self.index.update(held, status)
+        await start_member(link, name, self._stop_time(held, name))
         log.info("member_started", cluster=held.name, member=name)
         return _changed(held, Outcome.ACQUIRED, {name: Change.STARTED}, self.index)
 
@@ -323,8 +325,7 @@ class HolderRegistry:
         }
 
         async def again(name: str) -> None:
-            status = await restart_member(link, name, self._stop_time(held, name))
-            self.index.update(held, status)
+            await restart_member(link, name, self._stop_time(held, name))
 
         await _all_at_once(again, members)
         log.info("members_restarted", cluster=held.name, members=members)
@@ -381,14 +382,13 @@ class HolderRegistry:
         async def again(name: str) -> None:
             timeout = self._stop_time(held, name)
             if changes[name] is Change.RESTARTED:
-                status = await restart_member(link, name, timeout, spec.member(name))
+                await restart_member(link, name, timeout, spec.member(name))
             else:
-                status = await start_member(link, name, timeout)
-            self.index.update(held, status)
+                await start_member(link, name, timeout)
 
         async def remove(name: str) -> None:
-            status = await remove_member(link, name, self._stop_time(held, name))
-            self.index.update(held, status)
+            await remove_member(link, name, self._stop_time(held, name))
+            self.index.forget(held, name)
 
         await _all_at_once(add, named(Change.ADDED))
         await _all_at_once(again, named(Change.RESTARTED, Change.STARTED))

@@ -104,6 +104,8 @@ from protocol.messages import Empty, Message, Response
 
 log = structlog.get_logger("fleetd.holder")
 
+Push = MemberStatus | anyio.Event
+"""What goes down a watch's queue: a change, or a barrier (see _Session.pushed_first)."""
 _STARTABLE = (MemberState.STOPPED, MemberState.ERROR)
 """States in which `start` starts a member that is here afresh."""
 _EXIT_GRACE = 1.0
@@ -280,7 +282,7 @@ class Holder:
         self._ports: set[int] = set()
         """Ports given to members still here."""
         self._encoded_statuses: msgspec.Raw | None = None
-        self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
+        self._watchers: set[MemoryObjectSendStream[Push]] = set()
         self._unsaved: dict[str, Member] = {}
         self._save_soon = anyio.Event()
         self._tearing_down = False
@@ -535,8 +537,9 @@ class Holder:
             return self._members[name].status()
         definition = msgspec.structs.replace(spec, name=name) if spec is not None else kept[0]
         member = self._admit(definition, kept[1])
-        status = member.status()
         self._begin(member)
+        status = member.status()
+        self._announce(status)  # watchers last heard `stopped`; a first start publishes none
         self._open_door(name)
         self._save_cluster()
         log.info("member_restarted", member=name, changed=spec is not None)
@@ -708,16 +711,16 @@ class Holder:
         self,
     ) -> tuple[
         list[MemberStatus],
-        MemoryObjectSendStream[MemberStatus],
-        MemoryObjectReceiveStream[MemberStatus],
+        MemoryObjectSendStream[Push],
+        MemoryObjectReceiveStream[Push],
     ]:
         """Every member's status now, and a stream of every change from now on: its sending
         end, to give to `unwatch` when done, and its receiving end."""
-        send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
+        send, receive = anyio.create_memory_object_stream[Push](math.inf)
         self._watchers.add(send)
         return self.statuses(), send, receive
 
-    def unwatch(self, watcher: MemoryObjectSendStream[MemberStatus]) -> None:
+    def unwatch(self, watcher: MemoryObjectSendStream[Push]) -> None:
         self._watchers.discard(watcher)
         watcher.close()
 
@@ -784,6 +787,8 @@ class _Session:
         self.acked = False
         self.watches = 0
         """Watches this connection asked for: each costs a pusher until the connection ends."""
+        self._watchers: list[MemoryObjectSendStream[Push]] = []
+        """The sending end of each of this connection's watches (see pushed_first)."""
 
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
@@ -812,13 +817,36 @@ class _Session:
         return await self.holder.add_member(request.spec)
 
     async def start(self, request: Start, peer: Peer) -> MemberStatus:
-        return await self.holder.start_member(request.name)
+        status = await self.holder.start_member(request.name)
+        await self.pushed_first()
+        return status
 
     async def restart(self, request: Restart, peer: Peer) -> MemberStatus:
-        return await self.holder.restart_member(request.name, request.spec)
+        status = await self.holder.restart_member(request.name, request.spec)
+        await self.pushed_first()
+        return status
 
     async def remove(self, request: Remove, peer: Peer) -> MemberStatus:
-        return await self.holder.remove_member(request.name)
+        status = await self.holder.remove_member(request.name)
+        await self.pushed_first()
+        return status
+
+    async def pushed_first(self) -> None:
+        """Until this connection's watches have pushed every change made so far, so that the
+        answer follows the pushes of what it did (the new process's `starting` among them):
+        a client that watches reads the outcome from its pushes, never a stale one after
+        the answer. A barrier goes down each watch's queue behind the changes; its pusher
+        sets it once it sent them."""
+        barriers: list[anyio.Event] = []
+        for watcher in self._watchers:
+            barrier = anyio.Event()
+            try:
+                watcher.send_nowait(barrier)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                continue  # the watch ended: nothing more goes out on it
+            barriers.append(barrier)
+        for barrier in barriers:
+            await barrier.wait()
 
     def bind(self, request: Bind, peer: Peer) -> BindResult:
         if request.version != PROTOCOL_VERSION:
@@ -848,32 +876,48 @@ class _Session:
             )
         self.watches += 1
         snapshot, watcher, changes = self.holder.watch()
+        self._watchers.append(watcher)
         self.pushers.start_soon(self._push, request.id, watcher, changes)
         return WatchResult(members=snapshot)
 
     async def _push(
         self,
         request_id: int,
-        watcher: MemoryObjectSendStream[MemberStatus],
-        changes: MemoryObjectReceiveStream[MemberStatus],
+        watcher: MemoryObjectSendStream[Push],
+        changes: MemoryObjectReceiveStream[Push],
     ) -> None:
         """Until the connection ends (or the holder closes every watcher); then the holder
-        forgets the watcher at once, not at the next change."""
+        forgets the watcher at once, not at the next change. Barriers (pushed_first) are set
+        once what was queued before them is sent, or the watch ends."""
         assert self.connection is not None
+        barriers: list[anyio.Event] = []
         try:
             async with changes:
                 async for first in changes:
                     frames = bytearray()
-                    encode_response(Response(id=request_id, ok=True, result=first), frames)
+                    _take(first, request_id, frames, barriers)
                     while True:  # take along every change queued meanwhile: one write
                         try:
-                            status = changes.receive_nowait()
+                            _take(changes.receive_nowait(), request_id, frames, barriers)
                         except anyio.WouldBlock:
                             break
-                        encode_response(Response(id=request_id, ok=True, result=status), frames)
-                    await self.connection.send(frames)
+                    if frames:
+                        await self.connection.send(frames)
+                    for barrier in barriers:
+                        barrier.set()
+                    barriers.clear()
         finally:
+            for barrier in barriers:
+                barrier.set()
             self.holder.unwatch(watcher)
+            self._watchers.remove(watcher)
+
+
+def _take(item: Push, request_id: int, frames: bytearray, barriers: list[anyio.Event]) -> None:
+    if isinstance(item, anyio.Event):
+        barriers.append(item)
+    else:
+        encode_response(Response(id=request_id, ok=True, result=item), frames)
 
 
 # --- the command --------------------------------------------------------------------------
