@@ -787,7 +787,8 @@ def start(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
 @click.pass_obj
 def restart(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
     """Stop and start a member (NAME, or CLUSTER/NAME) with the same port and directory; for
-    the name of a cluster, every member of it, all at once. Stopped members are started.
+    the name of a cluster (that no member bears), every member of it, all at once. Stopped
+    members are started.
 
     Outcomes: acquired (0), absent (11)."""
 

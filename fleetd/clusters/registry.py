@@ -41,6 +41,7 @@ from fleetd.clusters.links import (
     status_on_disk,
     stop_member,
 )
+from fleetd.clusters.records import HolderRecord
 from fleetd.clusters.rundirs import current_specs
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.dirs import PrivateDir
@@ -381,8 +382,11 @@ class HolderRegistry:
 
         async def again(name: str) -> None:
             timeout = self._stop_time(held, name)
+            member = spec.member(name)
+            assert member is not None
             if changes[name] is Change.RESTARTED:
-                await restart_member(link, name, timeout, spec.member(name))
+                await restart_member(link, name, timeout, member)
+                held.specs[name] = member  # an apply that fails later need not redo it
             else:
                 await start_member(link, name, timeout)
 
@@ -406,11 +410,10 @@ class HolderRegistry:
                 cluster=cluster,
             )
         runtime_dir = self.index.runtime_dir(cluster)
-        specs = await anyio.to_thread.run_sync(current_specs, record)
+        specs, last = await anyio.to_thread.run_sync(_left_behind, record, runtime_dir)
         missing = set(members) - set(specs)
         if missing:
             raise Absent(f"no definition of {', '.join(sorted(missing))} in cluster {cluster!r}")
-        last = {name: status_on_disk(runtime_dir, name) for name in specs}
         ports = {name: port for name, status in last.items() if (port := port_of(status))}
         stopped = set(specs) - set(members)
         assert self._launcher is not None, "HolderRegistry.serve first"
@@ -461,6 +464,15 @@ def _new_member_spec(held: Held, request: MemberAdd, sibling: str) -> MemberSpec
     return msgspec.structs.replace(template, name=request.name)
 
 
+def _left_behind(
+    record: HolderRecord, runtime_dir: str
+) -> tuple[dict[str, MemberSpec], dict[str, MemberStatus]]:
+    """An exited cluster's members' definitions (members added since its start included)
+    and their last statuses on disk (blocking: run in a thread)."""
+    specs = current_specs(record)
+    return specs, {name: status_on_disk(runtime_dir, name) for name in specs}
+
+
 async def _unless_exiting(held: Held, call: Callable[[], Awaitable[T]]) -> T | None:
     """What `call` returns; None when the holder was on its way out (it answers Unavailable
     once its last member left, or while it stops everything) and is gone within EXIT_WAIT:
@@ -476,8 +488,9 @@ async def _unless_exiting(held: Held, call: Callable[[], Awaitable[T]]) -> T | N
 
 
 async def _all_at_once(call: Callable[[str], Awaitable[None]], names: Collection[str]) -> None:
-    """`call` for every name at once; the first FleetError raised (once all returned) is
-    raised, as itself, not in a group the dispatcher would take for a bug."""
+    """`call` for every name at once; the first exception raised (once all returned) is
+    raised as itself, not in a group (the dispatcher would take it for a bug, and answer
+    `internal` rather than the member's error)."""
     failures: list[Exception] = []
 
     async def one(name: str) -> None:
