@@ -138,6 +138,19 @@ def test_start_of_the_last_member_to_stop_starts_its_holder_again(holders: Fleet
         text(holders, "down", "solo")
 
 
+def test_stopping_every_member_twice_answers_stopped(holders: Fleetd) -> None:
+    """The second round asks a holder that exits as it is asked (its last member left), or
+    has exited: each member is stopped all the same."""
+    up(holders, definition("pair", a=SLEEP, b=SLEEP))
+    try:
+        for _ in range(2):
+            for name in ("a", "b"):
+                code, envelope = ctl(holders, "stop", name)
+                assert code == 0 and envelope["members"][0]["state"] == "stopped", envelope
+    finally:
+        text(holders, "down", "pair")
+
+
 def test_a_stopped_member_starts_on_its_port_after_a_fleetd_restart(
     web: tuple[Fleetd, dict[str, Any]],
 ) -> None:

@@ -253,14 +253,16 @@ class HolderRegistry:
         return self.index.status_in(*where)
 
     async def stop(self, request: MemberStop, peer: Peer) -> MemberStatus:
-        """A member of an exited cluster is stopped already: its status says so."""
+        """A member of an exited cluster is stopped already: its status says so; so is one
+        whose holder exits as it is asked (its last member left)."""
         held, member = self.index.find_live(request.name)
         if held is None:
             return self.index.status_or_absent(request.name)
         link = reachable(held, member)
-        spec = held.specs.get(member)
-        timeout = (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
-        status = await stop_member(link, member, timeout)
+        timeout = self._stop_time(held, member)
+        status = await _unless_exiting(held, functools.partial(stop_member, link, member, timeout))
+        if status is None:
+            return self.index.status_or_absent(request.name)
         return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
 
     async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
@@ -480,6 +482,8 @@ async def _unless_exiting(held: Held, call: Callable[[], Awaitable[T]]) -> T | N
     try:
         return await call()
     except Unavailable:
+        if held.link is None:  # never reached: not one on its way out
+            raise
         with anyio.move_on_after(EXIT_WAIT):
             await held.gone.wait()
         if not held.gone.is_set():
