@@ -2,18 +2,20 @@
 is of a container), serving one unix socket per member.
 
     python -m fleetd.holder --spec cluster.json --dir RUNTIME_DIR [--bind-pid PID] [--ready-fd FD]
+                            [--stopped NAME]... [--port NAME=PORT]...
 
 It becomes a child subreaper (orphans of members are re-parented to it and reaped) and gives
 each member a parent-death signal, so a holder that dies, even by SIGKILL, leaks no member.
-A stopped member leaves, but its definition and port are kept: `start` brings it back as it
-was, and `restart` stops and starts one without the holder exiting meanwhile. fleetd starting
-a holder again for a cluster whose last member stopped names those that stay stopped
-(`--stopped`) and the ports members had (`--port NAME=PORT`).
 A member's other processes end with it (descendants): where cgroup v2 is writable, each
 member has a cgroup under the holder's (`fleet-CLUSTER.PID-START/NAME.member`, beside the
 holder's own), which outlives a SIGKILLed holder for fleetd to end. It exits when its last
 member leaves (stop), or on SIGTERM/SIGINT after stopping them all, and ends whatever process
 is left as it goes.
+
+A stopped member leaves, its definition and port kept: `start` brings it back as it was, and
+`restart` stops and starts one without the holder exiting meanwhile (with a new definition,
+for fleetd's apply). fleetd starting a holder again for a cluster whose last member stopped
+names the members to keep stopped (`--stopped`) and the ports members had (`--port`).
 
 Bound mode (`--bind-pid`, the library's lifetime): the holder stops every member and exits as
 soon as the client process dies (pidfd) or a connection that completed bind + ack reaches EOF.
