@@ -74,6 +74,8 @@ from protocol.members import (
     Bind,
     MemberState,
     MemberStatus,
+    Restart,
+    Start,
     Status,
     StatusAll,
     Stop,
@@ -348,9 +350,29 @@ class Cluster:
 
     async def stop(self, name: str) -> MemberStatus:
         """Stop one member (its siblings keep running); returns its final status."""
+        return await self._opened().request(Stop, self._stop_time(name), name=name)
+
+    async def start(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> MemberStatus:
+        """Start a stopped member again, with the same port and directory, and wait until it
+        runs (one running already is left as it is). The holder exits with its last member:
+        once every member is stopped, there is nothing left to start."""
+        return await self._again(Start, name, timeout)
+
+    async def restart(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> MemberStatus:
+        """Stop a member and start it again, with the same port and directory (to test how
+        its clients reconnect), and wait until it runs."""
+        return await self._again(Restart, name, timeout)
+
+    async def _again(
+        self, op: type[Start] | type[Restart], name: str, timeout: float
+    ) -> MemberStatus:
+        # The holder pushes what it did (the new process's status) before it answers.
+        await self._opened().request(op, self._stop_time(name), name=name)
+        return (await self.wait_running([name], timeout))[name]
+
+    def _stop_time(self, name: str) -> float:
         spec = self.spec.member(name)
-        timeout = (spec.stop_timeout if spec else self.timeout) + _STOP_MARGIN
-        return await self._opened().request(Stop, timeout, name=name)
+        return (spec.stop_timeout if spec else self.timeout) + _STOP_MARGIN
 
     async def add(
         self,
@@ -513,6 +535,12 @@ class SyncCluster:
 
     def stop(self, name: str) -> MemberStatus:
         return self._portal.call(self.cluster.stop, name)
+
+    def start(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> MemberStatus:
+        return self._portal.call(lambda: self.cluster.start(name, timeout=timeout))
+
+    def restart(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> MemberStatus:
+        return self._portal.call(lambda: self.cluster.restart(name, timeout=timeout))
 
     def add(
         self,

@@ -506,6 +506,14 @@ def _complete_clusters(ctx: click.Context, _: click.Parameter, incomplete: str) 
     return sorted(name for name in clusters if name.startswith(incomplete))
 
 
+def _complete_members_and_clusters(
+    ctx: click.Context, _: click.Parameter, incomplete: str
+) -> list[str]:
+    live = _live_members(ctx)
+    spelt = {f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in live}
+    return sorted(n for n in spelt | {m.cluster for m in live} if n.startswith(incomplete))
+
+
 _WAIT_TIMEOUT = click.option(
     "--timeout",
     "wait_timeout",
@@ -667,15 +675,6 @@ def down(g: Globals, cluster: str) -> None:
     _client_call(g, call)
 
 
-def _complete_members_and_clusters(
-    ctx: click.Context, _: click.Parameter, incomplete: str
-) -> list[str]:
-    members = _live_members(ctx)
-    spelt = (f"{m.cluster}/{m.name}" if "/" in incomplete else m.name for m in members)
-    names = {*spelt, *(m.cluster for m in members)}
-    return sorted(name for name in names if name.startswith(incomplete))
-
-
 @cli.command("logs")
 @click.argument("name", metavar="NAME|CLUSTER", shell_complete=_complete_members_and_clusters)
 @click.option(
@@ -756,6 +755,108 @@ def _streams(cluster: bool, stderr: bool) -> tuple[str, ...]:
     if stderr:
         return ("stderr",)
     return ("stdout", "stderr") if cluster else ("stdout",)
+
+
+# --- start, restart, apply ---------------------------------------------------------------------
+
+
+def _emit_changes(g: Globals, client: Any, result: Any, wait: bool, wait_timeout: float) -> int:
+    """What start, restart or apply did to each member, then the members as they stand (as
+    they run, with --wait: every member that was not removed)."""
+    members = result.members
+    if wait:
+        names = [f"{result.cluster}/{m.name}" for m in members]
+        from fleetctl.progress import shown_while_waiting
+
+        with shown_while_waiting(g.socket_path, names):
+            members = client.member_wait(names, wait_timeout)
+    changes = {name: str(change) for name, change in result.changes.items()}
+    if not g.json:
+        head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
+        lines = [f"{name} {change}" for name, change in changes.items()]
+        table = status_table(msgspec.to_builtins(members))
+        return emit(False, "\n".join([head, *lines, table]), result.outcome)
+    return _emit_members(
+        g,
+        members,
+        result.outcome,
+        cluster=result.cluster,
+        holder_pid=result.holder_pid,
+        runtime_dir=result.runtime_dir,
+        changes=changes,
+    )
+
+
+_WAIT = click.option("--wait", is_flag=True, help="Then wait until the members run.")
+
+
+@cli.command("start")
+@click.argument("name", shell_complete=_complete_members)
+@_WAIT
+@_WAIT_TIMEOUT
+@click.pass_obj
+def start(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
+    """Start a stopped member again, with the same port and directory (and the definition
+    it had). One in error, or stopped after a clean exit, is started afresh; one preparing,
+    starting or running is left alone. When it was the last member of its cluster to stop,
+    fleetd starts the cluster's holder again, its other members kept stopped.
+
+    Outcomes: acquired (0, started), already_acquired (0, already running), absent (11)."""
+
+    def call(client: Any) -> int:
+        result = client.member_start(name, timeout=max(g.timeout, 60.0))
+        return _emit_changes(g, client, result, wait, wait_timeout)
+
+    _client_call(g, call)
+
+
+@cli.command("restart")
+@click.argument("name", shell_complete=_complete_members_and_clusters)
+@_WAIT
+@_WAIT_TIMEOUT
+@click.pass_obj
+def restart(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
+    """Stop and start a member (NAME, or CLUSTER/NAME) with the same port and directory; for
+    the name of a cluster (that no member bears), every member of it, all at once. Stopped
+    members are started.
+
+    Outcomes: acquired (0), absent (11)."""
+
+    def call(client: Any) -> int:
+        result = client.member_restart(name, timeout=max(g.timeout, 60.0))
+        return _emit_changes(g, client, result, wait, wait_timeout)
+
+    _client_call(g, call)
+
+
+@cli.command("apply")
+@click.option("-f", "--file", "path", default="fleet.toml", show_default=True, help="Definitions.")
+@click.option("--name", default=None, help="The cluster's name (default: the file's `name`).")
+@_WAIT
+@_WAIT_TIMEOUT
+@click.pass_obj
+def apply(g: Globals, *, path: str, name: str | None, wait: bool, wait_timeout: float) -> None:
+    """Bring a cluster to an edited fleet.toml, as `docker compose up` does: restart the
+    members whose definition changed (same port and directory), add new ones, remove those
+    the file no longer names, start stopped ones, leave the others running. A cluster that
+    is not up is started. Prints what happened to each member: unchanged, restarted, added,
+    removed or started.
+
+    Outcomes: acquired (0, started), already_acquired (0, nothing changed), ok (0, changed),
+    or the file's error (1)."""
+    from fleetctl.definitions import directory_of, read_toml
+
+    def call(client: Any) -> int:
+        result = client.cluster_apply_toml(
+            read_toml(path),
+            source=printable(path),
+            name=name,
+            directory=directory_of(path),
+            timeout=max(g.timeout, 90.0),
+        )
+        return _emit_changes(g, client, result, wait, wait_timeout)
+
+    _client_call(g, call)
 
 
 # --- --json after the command -------------------------------------------------------------------

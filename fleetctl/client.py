@@ -27,6 +27,8 @@ from protocol.claims import (
     ClaimResult,
 )
 from protocol.clusters import (
+    ClusterApply,
+    ClusterApplyToml,
     ClusterDown,
     ClusterResult,
     ClusterUp,
@@ -36,6 +38,8 @@ from protocol.clusters import (
     LogsNamed,
     MemberAdd,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -263,6 +267,43 @@ class Client:
         """The logs of member `name`, or of each member of the cluster `name` when no member is
         called that."""
         return await self.request(LogsNamed, name=name)
+
+    async def member_start(self, name: str, *, timeout: float = 60.0) -> ClusterResult:
+        """Start a stopped member again, same port and directory: acquired, or
+        already_acquired when it is on its way or running (see `changes`)."""
+        return await self.request(MemberStart, timeout=timeout, name=name)
+
+    async def member_restart(self, name: str, *, timeout: float = 60.0) -> ClusterResult:
+        """Stop and start a member (or every member of the cluster `name`), same port and
+        directory."""
+        return await self.request(MemberRestart, timeout=timeout, name=name)
+
+    async def cluster_apply(self, spec: ClusterSpec, *, timeout: float = 90.0) -> ClusterResult:
+        """Bring the cluster to `spec`: its `changes` say, by member, what was restarted,
+        added, removed, started or left unchanged. Its members run in this process's working
+        directory, or a relative `cwd` in it."""
+        spec = in_directory(spec, os.getcwd())
+        return await self.request(ClusterApply, timeout=timeout, spec=spec)
+
+    async def cluster_apply_toml(
+        self,
+        text: str,
+        *,
+        source: str = "fleet.toml",
+        name: str | None = None,
+        directory: str = "",
+        timeout: float = 90.0,
+    ) -> ClusterResult:
+        """cluster_apply of what `text`, a fleet.toml, defines, parsed by fleetd (as
+        cluster_up_toml)."""
+        return await self.request(
+            ClusterApplyToml,
+            timeout=timeout,
+            text=text,
+            source=source,
+            name=name,
+            directory=directory,
+        )
 
     async def request(self, op: type[Op[R]], *, timeout: float | None = None, **fields: Any) -> R:
         """Send one request and wait for its answer's result (`op`'s result type); the calls

@@ -48,6 +48,8 @@ from protocol.claims import (
     ClaimRelease,
 )
 from protocol.clusters import (
+    ClusterApply,
+    ClusterApplyToml,
     ClusterDown,
     ClusterResult,
     ClusterUp,
@@ -55,6 +57,8 @@ from protocol.clusters import (
     LogsNamed,
     MemberAdd,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -194,6 +198,10 @@ class Daemon:
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
         dispatcher.register(LogsNamed, self.holders.logs_named)
+        dispatcher.register(MemberStart, self.holders.start)
+        dispatcher.register(MemberRestart, self.holders.restart)
+        dispatcher.register(ClusterApply, self.holders.apply)
+        dispatcher.register(ClusterApplyToml, self.apply_toml)
         dispatcher.register(ClaimAcquire, self.claims.acquire)
         dispatcher.register(ClaimRelease, self.claims.release)
         dispatcher.register(ClaimInspect, self.claims.inspect)
@@ -219,6 +227,14 @@ class Daemon:
         spec = await anyio.to_thread.run_sync(parse, request.text)
         up = ClusterUp(id=request.id, spec=spec, idempotent=request.idempotent)
         return await self.holders.up(up, peer)
+
+    async def apply_toml(self, request: ClusterApplyToml, peer: Peer) -> ClusterResult:
+        """cluster_apply of a fleet.toml's text, parsed as up_toml parses it."""
+        parse = functools.partial(
+            parse_toml, source=request.source, name=request.name, directory=request.directory
+        )
+        spec = await anyio.to_thread.run_sync(parse, request.text)
+        return await self.holders.apply(ClusterApply(id=request.id, spec=spec), peer)
 
     async def scrape(self, request: Metrics, peer: Peer) -> MetricsText:
         return MetricsText(text=await self.metrics.render())

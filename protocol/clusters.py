@@ -8,12 +8,20 @@
     member_wait    -> MemberList      until every named member runs; error as soon as one fails
     member_stop    -> MemberStatus    stop one member; its siblings keep running
     member_add     -> MemberStatus    boot a new member into a sibling's live cluster
+    member_start   -> ClusterResult   start a stopped member again: same port, same directory
+    member_restart -> ClusterResult   stop and start a member, or every member of a cluster
+    cluster_apply  -> ClusterResult   bring a cluster to a new definition: restart the members
+                                      whose definition changed, add new ones, remove the others
+    cluster_apply_toml -> ClusterResult  the same, for the text of a fleet.toml
     member_logs    -> LogPaths        where a member's stdout and stderr are (same host)
     logs_named     -> LogPathsList    the same for a member, or for each member of a cluster
 
 A member is named `NAME` when that name is unique among the clusters fleetd knows, else
-`CLUSTER/NAME`. Statuses carry their `cluster`.
+`CLUSTER/NAME`. Statuses carry their `cluster`. start, restart and apply say in `changes` what
+happened to each member they looked at (Change).
 """
+
+from enum import StrEnum
 
 import msgspec
 
@@ -23,8 +31,27 @@ from protocol.outcomes import Outcome
 from protocol.status import MemberStatus
 
 
+class Change(StrEnum):
+    """What start, restart or apply did to one member."""
+
+    STARTED = "started"
+    """It was stopped (or had failed) and was started again."""
+    RUNNING = "running"
+    """start: it was preparing, starting or running already; nothing was done."""
+    RESTARTED = "restarted"
+    """Stopped and started again (apply: because its definition changed)."""
+    UNCHANGED = "unchanged"
+    """apply: same definition, running: nothing was done."""
+    ADDED = "added"
+    """apply: new in the definition, started."""
+    REMOVED = "removed"
+    """apply: gone from the definition, stopped and forgotten."""
+
+
 class ClusterResult(Message, frozen=True):
-    """What up and down did (`outcome`), and the cluster as it stands."""
+    """What up, down, start, restart and apply did (`outcome`; `changes`, by member, for the
+    last three), and the cluster as it stands (`members`: for start and restart, the members
+    named)."""
 
     outcome: Outcome
     cluster: str
@@ -32,6 +59,7 @@ class ClusterResult(Message, frozen=True):
     runtime_dir: str = ""
     members: list[MemberStatus] = msgspec.field(default_factory=list)
     message: str = ""
+    changes: dict[str, Change] = msgspec.field(default_factory=dict)
 
 
 class MemberList(Message, frozen=True):
@@ -124,6 +152,46 @@ class LogsNamed(Op[LogPathsList], tag="logs_named", frozen=True):
     name: str
 
 
+class MemberStart(Op[ClusterResult], tag="member_start", frozen=True):
+    """Start member `name` again, with the definition, port and directory it had: `acquired`
+    (started; one in error, or stopped after a clean exit, is started afresh) or
+    `already_acquired` (preparing, starting or running: untouched). When it was its cluster's
+    last member to stop, its holder exited: fleetd starts one again for the cluster, with the
+    other members kept stopped. An unknown name, or a cluster gc collected, is `absent`."""
+
+    name: str
+
+
+class MemberRestart(Op[ClusterResult], tag="member_restart", frozen=True):
+    """Stop and start member `name` with the same port and directory, or, for the name of a
+    cluster no member is called, every member of it at once (as member_status resolves
+    names). `acquired`. Stopped members are started (change `started`)."""
+
+    name: str
+
+
+class ClusterApply(Op[ClusterResult], tag="cluster_apply", frozen=True):
+    """Bring cluster `spec.name` to `spec`, as `docker compose up` does: members whose
+    definition changed are restarted with it (same port and directory), new ones added,
+    members it no longer names removed (stopped and forgotten, those added with member_add
+    too), stopped ones started, the others left running untouched. `acquired` when the
+    cluster was not up (it is started, as by cluster_up), `already_acquired` when nothing
+    changed, else `ok`. fleetd journals the new definition: cluster_up of it is then
+    `already_acquired` with `idempotent`, a fleetd restart included."""
+
+    spec: ClusterSpec
+
+
+class ClusterApplyToml(Op[ClusterResult], tag="cluster_apply_toml", frozen=True):
+    """cluster_apply of the cluster that `text`, a fleet.toml, defines; the fields mean what
+    cluster_up_toml's do."""
+
+    text: str
+    source: str = "fleet.toml"
+    name: str | None = None
+    directory: str = ""
+
+
 CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     ClusterUp,
     ClusterUpToml,
@@ -134,4 +202,8 @@ CLUSTER_REQUEST_TYPES: tuple[type[Request], ...] = (
     MemberAdd,
     MemberLogs,
     LogsNamed,
+    MemberStart,
+    MemberRestart,
+    ClusterApply,
+    ClusterApplyToml,
 )

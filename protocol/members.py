@@ -5,6 +5,11 @@ Same framing and response envelope as the control socket (protocol.framing), its
     status     -> MemberStatus   a member's status (default: the socket's own member)
     stop       -> MemberStatus   stop one member; the holder keeps serving its siblings
     addmember  -> MemberStatus   boot a new member into the live cluster, same peers
+    start      -> MemberStatus   start again a member stopped in this holder: same port, same
+                                 directory (one already running answers as it is)
+    restart    -> MemberStatus   stop a member and start it again, same port and directory,
+                                 with its definition or a new one
+    remove     -> MemberStatus   stop a member and forget it: its status is `absent` from now on
     bind       -> BindResult     exchange versions and pids (bound mode, step 1)
     ack        -> Empty          the client accepted the holder's version (step 2): only now
                                  does the holder treat this connection's EOF as the client dying
@@ -55,7 +60,8 @@ class StatusAll(Op[WatchResult], tag="status_all", frozen=True):
 
 class Stop(Op[MemberStatus], tag="stop", frozen=True):
     """Stop `name` (else the socket's member): stop_signal to its process group, SIGKILL after
-    stop_timeout. Answers once it is stopped. The holder exits when its last member leaves."""
+    stop_timeout. Answers once it is stopped. It leaves (its socket closes), its definition and
+    port kept for `start`. The holder exits when its last member leaves."""
 
     name: str | None = None
 
@@ -65,6 +71,32 @@ class AddMember(Op[MemberStatus], tag="addmember", frozen=True):
     watch or poll status to see it become ready."""
 
     spec: MemberSpec
+
+
+class Start(Op[MemberStatus], tag="start", frozen=True):
+    """Start `name` again: a member this holder stopped (or was started with as stopped, see
+    fleetd.holder's --stopped) comes back with the definition, port and directory it had;
+    one in `error`, or stopped after a clean exit, is started afresh. Answers at once (state
+    starting or preparing). A member preparing, starting or running answers its status
+    untouched; an unknown name is `absent`."""
+
+    name: str
+
+
+class Restart(Op[MemberStatus], tag="restart", frozen=True):
+    """Stop `name` (as `stop` does) if it runs, then start it again with the same port and
+    directory: as it was defined, or as `spec` (its new definition, named `name`). The holder
+    stays up meanwhile, even for its only member. Answers once it is starting again."""
+
+    name: str
+    spec: MemberSpec | None = None
+
+
+class Remove(Op[MemberStatus], tag="remove", frozen=True):
+    """Stop `name` if it runs, and forget it: it cannot be started again, watchers get a last
+    push with state `absent`, and so does this answer. The holder exits if it was the last."""
+
+    name: str
 
 
 class Bind(Op[BindResult], tag="bind", frozen=True):
@@ -84,12 +116,17 @@ class Watch(Op[WatchResult], tag="watch", frozen=True):
     """Every member's status now (a WatchResult), then a push per change (see above)."""
 
 
-AnyMemberRequest = Status | StatusAll | Stop | AddMember | Bind | Ack | Watch
+AnyMemberRequest = (
+    Status | StatusAll | Stop | AddMember | Start | Restart | Remove | Bind | Ack | Watch
+)
 MEMBER_REQUEST_TYPES: tuple[type[Request], ...] = (
     Status,
     StatusAll,
     Stop,
     AddMember,
+    Start,
+    Restart,
+    Remove,
     Bind,
     Ack,
     Watch,

@@ -22,12 +22,16 @@ from protocol.claims import (
 )
 from protocol.clusters import (
     CLUSTER_REQUEST_TYPES,
+    ClusterApply,
+    ClusterApplyToml,
     ClusterDown,
     ClusterUp,
     ClusterUpToml,
     LogsNamed,
     MemberAdd,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -164,6 +168,10 @@ AnyRequest = (
     | MemberAdd
     | MemberLogs
     | LogsNamed
+    | MemberStart
+    | MemberRestart
+    | ClusterApply
+    | ClusterApplyToml
     | ClaimAcquire
     | ClaimRelease
     | ClaimInspect

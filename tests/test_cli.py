@@ -277,9 +277,10 @@ def test_completion_offers_commands_and_the_live_members_and_clusters(holders: F
     with open(path, "w") as f:
         f.write('name = "web"\n[members.api]\ncommand = ["sleep", "60"]\n')
     assert fleetctl("up", "-f", path, "--wait", env=holders.env).returncode == 0
-    assert complete(holders, "st") == ["status", "stop"]
+    assert complete(holders, "st") == ["start", "status", "stop"]
     assert complete(holders, "logs", "a") == ["api"]
     assert complete(holders, "logs", "w") == ["web"]  # logs CLUSTER
+    assert complete(holders, "restart", "") == ["api", "web"]
     assert complete(holders, "status", "web/") == ["web/api"]
     assert complete(holders, "down", "w") == ["web"]
 

@@ -56,6 +56,15 @@ class MemberNames:
         for name in names:
             self.add(cluster, name)
 
+    def remove(self, cluster: str, name: str) -> None:
+        """`cluster` has no member `name` any more."""
+        self._members.get(cluster, set()).discard(name)
+        clusters = self._clusters.get(name)
+        if clusters is not None:
+            clusters.discard(cluster)
+            if not clusters:
+                del self._clusters[name]
+
     def drop(self, cluster: str) -> None:
         for name in self._members.pop(cluster, ()):
             clusters = self._clusters[name]
@@ -163,13 +172,37 @@ class ClusterIndex:
             event.set()
 
     def update(self, held: Held, status: MemberStatus) -> MemberStatus:
-        """A member's new status (a push, or a holder's answer), known from now on."""
+        """A member's new status (a push, or a holder's answer), known from now on; `absent`
+        is a member its holder removed (cluster_apply), forgotten."""
+        if status.state == MemberState.ABSENT:
+            self.forget(held, status.name)
+            return status
         _count_exits(held.statuses.get(status.name), status)
         status = held.update(status)
         if self.live.get(held.name) is held:
             self._names.add(held.name, status.name)
             self.changed_now(held.name)
         return status
+
+    def forget(self, held: Held, member: str) -> None:
+        """A live cluster's member removed: its name resolves no more."""
+        held.statuses.pop(member, None)
+        held.specs.pop(member, None)
+        if self.live.get(held.name) is held:
+            self._names.remove(held.name, member)
+            self.changed_now(held.name)
+
+    def targets(self, name: str) -> tuple[str, list[str]]:
+        """(cluster, [member]) for a member's name; for the name of a cluster no member is
+        called, (cluster, every member of it), as statuses_named reads names. Absent for
+        neither."""
+        found = self._names.resolve(name)
+        if found is not None:
+            return found[0], [found[1]]
+        members = self._names.members_of(name) if "/" not in name else []
+        if not members:
+            raise Absent(f"no member or cluster {name!r}")
+        return name, members
 
     def add_live(self, held: Held) -> None:
         self.live[held.name] = held

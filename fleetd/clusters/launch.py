@@ -19,7 +19,7 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -37,7 +37,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.core.pidfiles import process_start_time
 from fleetd.state import RUNTIME_SUBDIR
 from fleetd.store import Store
-from protocol.definitions import ClusterSpec
+from protocol.definitions import ClusterSpec, MemberSpec
 from protocol.errors import FleetError, InvalidRequest, Unavailable
 from protocol.members import CLUSTER_FILE, HOLDER_LOG, runtime_dir_problem
 from protocol.template import KEPT_FROM
@@ -48,6 +48,9 @@ GATE = 'read -r go && exec "$@" </dev/null'
 """An exec'd holder's first process: a shell that waits for fleetd's line on its stdin, then
 execs the holder in its place (same pid, same start time: what the journal already names); at
 EOF (fleetd died before it journaled the pid) it exits, and no holder ever runs."""
+
+_Args = Callable[[str, str, int], list[str]]
+"""holder_args with a launch's own options given: (spec file, runtime dir, ready fd)."""
 
 _SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _SCRUBBED_PREFIXES = ("LISTEN_",)
@@ -63,8 +66,20 @@ def holder_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def holder_args(spec_file: str, runtime_dir: str, ready_fd: int) -> list[str]:
-    return [f"--spec={spec_file}", f"--dir={runtime_dir}", f"--ready-fd={ready_fd}"]
+def holder_args(
+    spec_file: str,
+    runtime_dir: str,
+    ready_fd: int,
+    *,
+    stopped: Collection[str] = (),
+    ports: Mapping[str, int] | None = None,
+) -> list[str]:
+    """The holder's arguments; members in `stopped` are kept stopped, and `ports` are the
+    ports members get back (a cluster started again: see Launcher.launch)."""
+    args = [f"--spec={spec_file}", f"--dir={runtime_dir}", f"--ready-fd={ready_fd}"]
+    args += [f"--stopped={name}" for name in sorted(stopped)]
+    args += [f"--port={name}={port}" for name, port in sorted((ports or {}).items())]
+    return args
 
 
 def popen_detached(
@@ -136,27 +151,42 @@ class Launcher:
         self.follower = follower
         self.template = template
 
-    async def launch(self, spec: ClusterSpec, runtime_dir: str) -> Held:
-        problem = runtime_dir_problem(runtime_dir, [m.name for m in spec.members])
+    async def launch(
+        self,
+        spec: ClusterSpec,
+        runtime_dir: str,
+        *,
+        members: Sequence[MemberSpec] = (),
+        stopped: Collection[str] = (),
+        ports: Mapping[str, int] | None = None,
+    ) -> Held:
+        """A holder for `spec` (what the journal records as the cluster's definition),
+        serving it once ready. A cluster started again after its last member stopped (its
+        holder exited) is given `members` (its definition and the members added since),
+        those in `stopped` kept stopped, and the `ports` its members had."""
+        served = ClusterSpec(name=spec.name, members=list(members)) if members else spec
+        problem = runtime_dir_problem(runtime_dir, [m.name for m in served.members])
         if problem:
             raise InvalidRequest(problem, cluster=spec.name)
-        spec_file = self._write_definition(spec)
+        spec_file = self.write_definition(served)
         record = HolderRecord(spec=spec, dir=runtime_dir, log=os.path.join(runtime_dir, HOLDER_LOG))
         await self.store.put(holder_key(spec.name), encode(record))  # journaled before it exists
         log_fd = self._open_holder_log(spec.name)
+        extra = functools.partial(holder_args, stopped=stopped, ports=ports)
         try:
-            started, record = await self._spawn(spec_file, record, log_fd)
+            started, record = await self._spawn(spec_file, record, log_fd, extra)
         finally:
             os.close(log_fd)
         record = msgspec.structs.replace(record, state="live")
-        specs = {m.name: m for m in spec.members}
+        specs = {m.name: m for m in served.members}
         held = Held(spec.name, record, started.pidfd, specs, process=started.process)
         await self.follower.follow(held)
         log.info("holder_started", cluster=spec.name, pid=started.pid, dir=runtime_dir)
         return held
 
-    def _write_definition(self, spec: ClusterSpec) -> str:
-        """clusters/<name>/cluster.json in the state directory; its path."""
+    def write_definition(self, spec: ClusterSpec) -> str:
+        """clusters/<name>/cluster.json in the state directory (what a holder of it starts
+        with, and what apply made of it); its path."""
         try:
             with (
                 self.state.subdir(CLUSTERS_DIR) as clusters,
@@ -180,7 +210,7 @@ class Launcher:
             raise FleetError(f"cannot prepare cluster {cluster!r}: {exc}") from None
 
     async def _spawn(
-        self, spec_file: str, record: HolderRecord, log_fd: int
+        self, spec_file: str, record: HolderRecord, log_fd: int, args: "_Args"
     ) -> tuple[Started, HolderRecord]:
         """The holder, detached, its output to its log; and its record, which names it (pid
         and start time) in the journal before the gate opens. Returns once it is ready."""
@@ -193,7 +223,9 @@ class Launcher:
             os.close(fd)
 
         try:
-            started = await self._start(spec_file, record.dir, log_fd, gate_read, ready_write)
+            started = await self._start(
+                spec_file, record.dir, log_fd, gate_read, ready_write, args=args
+            )
             close(ready_write)
             close(gate_read)
             try:
@@ -214,15 +246,17 @@ class Launcher:
         return started, record
 
     async def _start(
-        self, spec_file: str, runtime_dir: str, log_fd: int, gate: int, ready: int
+        self, spec_file: str, runtime_dir: str, log_fd: int, gate: int, ready: int, *, args: "_Args"
     ) -> Started:
         """The holder at its gate: forked from the template if one serves, else exec'd."""
         if self.template is not None:
-            args = holder_args(spec_file, runtime_dir, KEPT_FROM)
-            forked = await self._fork(self.template, args, log_fd=log_fd, gate=gate, ready=ready)
+            forked_args = args(spec_file, runtime_dir, KEPT_FROM)
+            forked = await self._fork(
+                self.template, forked_args, log_fd=log_fd, gate=gate, ready=ready
+            )
             if forked is not None:
                 return Started(forked.pid, forked.pidfd)
-        command = [*HOLDER_COMMAND, *holder_args(spec_file, runtime_dir, ready)]
+        command = [*HOLDER_COMMAND, *args(spec_file, runtime_dir, ready)]
         process = await anyio.to_thread.run_sync(popen_detached, command, log_fd, gate, ready)
         return Started(process.pid, os.pidfd_open(process.pid), process)
 

@@ -9,7 +9,7 @@ import anyio
 
 from fleetctl.members_client import MemberLink, holder_log, holder_ready, status_on_disk
 from protocol.definitions import MemberSpec
-from protocol.members import AddMember, MemberStatus, Stop, Watch
+from protocol.members import AddMember, MemberStatus, Remove, Restart, Start, Stop, Watch
 
 __all__ = [
     "REQUEST_TIMEOUT",
@@ -18,6 +18,9 @@ __all__ = [
     "holder_log",
     "holder_ready",
     "open_watch",
+    "remove_member",
+    "restart_member",
+    "start_member",
     "status_on_disk",
     "stop_member",
 ]
@@ -48,3 +51,17 @@ async def stop_member(link: MemberLink, member: str, timeout: float) -> MemberSt
 
 async def add_member(link: MemberLink, spec: MemberSpec) -> MemberStatus:
     return await link.request(AddMember, REQUEST_TIMEOUT, spec=spec)
+
+
+async def start_member(link: MemberLink, member: str, timeout: float) -> MemberStatus:
+    return await link.request(Start, timeout, name=member)
+
+
+async def restart_member(
+    link: MemberLink, member: str, timeout: float, spec: MemberSpec | None = None
+) -> MemberStatus:
+    return await link.request(Restart, timeout, name=member, spec=spec)
+
+
+async def remove_member(link: MemberLink, member: str, timeout: float) -> MemberStatus:
+    return await link.request(Remove, timeout, name=member)

@@ -2,7 +2,8 @@
 every write a cluster makes is built here, so one place says what a crash can leave behind.
 
     holders/<cluster>            HolderRecord: definition, runtime dir, log, pid + start time
-                                 (from before the holder runs), state starting | live | exited
+                                 (from before the holder runs), state starting | live | exited,
+                                 and whether `down` ended it
     members/<cluster>/<member>   MemberRecord: its socket, directory and logs, owner holders/<c>
 
 `cluster_writes` is what the journal should say of a cluster, as one transaction: a live
@@ -37,6 +38,9 @@ class HolderRecord(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
     start_time: int = 0
     state: HolderState = "starting"
+    down: bool = False
+    """Exited because the cluster was brought down (not because its last member stopped):
+    its members are not started again."""
 
 
 class MemberRecord(msgspec.Struct, frozen=True, kw_only=True):

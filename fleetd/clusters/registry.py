@@ -1,12 +1,25 @@
 """The cluster control ops as the daemon's dispatcher calls them: up, down, status, wait,
-stop, add and logs, over the index, the launcher and the follower (fleetd.clusters).
+stop, add, logs, start, restart and apply, over the index, the launcher and the follower
+(fleetd.clusters).
 
 A member's op goes to its holder over the holder's watch connection. When fleetd has none
-(the holder was re-adopted while still starting, or does not answer), stop and add raise
-Unavailable: fleetd says it could not, rather than answer as if it had.
+(the holder was re-adopted while still starting, or does not answer), stop, add, start,
+restart and apply raise Unavailable: fleetd says it could not, rather than answer as if it
+had. The holder answers start, restart and remove only after it pushed what they did on that
+connection (the new process's `starting` first of all), so the index says it already when
+the answer comes: the answer's own status, possibly older than a push right behind it, is
+not used.
+
+A holder exits when its last member leaves (stops). The cluster stays known, exited, until
+gc or `down`: start and restart of its members start a holder for it again, in the same
+runtime directory, with the definition it had (members added since included), the members
+not named kept stopped, and every member's port as its state file last said.
 """
 
+import functools
 import os
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -18,12 +31,25 @@ from fleetd.clusters.follow import STOP_MARGIN, Follower
 from fleetd.clusters.index import ClusterIndex, EncodedMemberList, Held
 from fleetd.clusters.journaling import ClusterJournal
 from fleetd.clusters.launch import Launcher
-from fleetd.clusters.links import REQUEST_TIMEOUT, MemberLink, add_member, stop_member
+from fleetd.clusters.links import (
+    REQUEST_TIMEOUT,
+    MemberLink,
+    add_member,
+    remove_member,
+    restart_member,
+    start_member,
+    status_on_disk,
+    stop_member,
+)
+from fleetd.clusters.records import HolderRecord
+from fleetd.clusters.rundirs import current_specs
 from fleetd.clusters.warm import WarmTemplate
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.store import Store
 from protocol.clusters import (
+    Change,
+    ClusterApply,
     ClusterDown,
     ClusterResult,
     ClusterUp,
@@ -33,6 +59,8 @@ from protocol.clusters import (
     MemberAdd,
     MemberList,
     MemberLogs,
+    MemberRestart,
+    MemberStart,
     MemberStatusRequest,
     MemberStop,
     MemberWait,
@@ -58,6 +86,13 @@ turn each starts at full speed, and the first clusters serve first. Forked from 
 200 clusters came up no faster with more at once (bench section `clusters`)."""
 
 
+EXIT_WAIT = STOP_MARGIN
+"""Seconds a holder on its way out gets to exit before start, restart or apply starts its
+cluster again (it ends what is left of its members and its connections first)."""
+
+T = TypeVar("T")
+
+
 def decide_up(current: ClusterSpec | None, wanted: ClusterSpec, idempotent: bool) -> Outcome:
     """acquired (start it), already_acquired (it runs as asked), or contested."""
     if current is None:
@@ -65,6 +100,41 @@ def decide_up(current: ClusterSpec | None, wanted: ClusterSpec, idempotent: bool
     if idempotent and current == wanted:
         return Outcome.ALREADY_ACQUIRED
     return Outcome.CONTESTED
+
+
+def plan_apply(
+    current: Mapping[str, MemberSpec], states: Mapping[str, MemberState], wanted: ClusterSpec
+) -> dict[str, Change]:
+    """What apply does to each member: of `wanted`'s, in its order, added (not there),
+    restarted (defined otherwise), started (same definition, stopped or in error) or
+    unchanged; then each member of `current` that `wanted` does not name, removed. `states`
+    are the members' states now."""
+    changes: dict[str, Change] = {}
+    for spec in wanted.members:
+        before = current.get(spec.name)
+        if before is None:
+            changes[spec.name] = Change.ADDED
+        elif before != spec:
+            changes[spec.name] = Change.RESTARTED
+        elif states.get(spec.name, MemberState.STOPPED) in _STARTABLE:
+            changes[spec.name] = Change.STARTED
+        else:
+            changes[spec.name] = Change.UNCHANGED
+    for name in current:
+        if name not in changes:
+            changes[name] = Change.REMOVED
+    return changes
+
+
+_STARTABLE = (MemberState.STOPPED, MemberState.ERROR, MemberState.ABSENT)
+"""States in which start starts a member (and apply starts one it leaves defined as it was):
+stopped, failed, or not known to the holder any more."""
+
+
+def port_of(status: MemberStatus) -> int | None:
+    """The loopback port a member had, from its address; None for a unix socket or none."""
+    host, _, port = status.address.rpartition(":")
+    return int(port) if host == "127.0.0.1" and port.isdigit() else None
 
 
 def up_refusal(name: str, current: ClusterSpec, wanted: ClusterSpec) -> str:
@@ -138,10 +208,20 @@ class HolderRegistry:
             held = self.index.live.get(request.cluster)
             if held is None:
                 if request.cluster in self.index.exited:
+                    await self._brought_down(request.cluster)
                     return ClusterResult(outcome=Outcome.ALREADY_RELEASED, cluster=request.cluster)
                 raise Absent(f"no cluster {request.cluster!r}", cluster=request.cluster)
             await self.follower.stop_holder(held)
+            await self._brought_down(request.cluster)
             return _result(held, Outcome.RELEASED)
+
+    async def _brought_down(self, cluster: str) -> None:
+        """Journal the exited cluster as brought down: its members are not started again
+        (start, restart) until it is brought up."""
+        record = self.index.exited.get(cluster)
+        if record is not None and not record.down:
+            self.index.add_exited(msgspec.structs.replace(record, down=True))
+            await self.journal.write(cluster)
 
     def status(self, request: MemberStatusRequest, peer: Peer) -> MemberList | EncodedMemberList:
         if not request.names:
@@ -175,14 +255,16 @@ class HolderRegistry:
         return self.index.status_in(*where)
 
     async def stop(self, request: MemberStop, peer: Peer) -> MemberStatus:
-        """A member of an exited cluster is stopped already: its status says so."""
+        """A member of an exited cluster is stopped already: its status says so; so is one
+        whose holder exits as it is asked (its last member left)."""
         held, member = self.index.find_live(request.name)
         if held is None:
             return self.index.status_or_absent(request.name)
         link = reachable(held, member)
-        spec = held.specs.get(member)
-        timeout = (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
-        status = await stop_member(link, member, timeout)
+        timeout = self._stop_time(held, member)
+        status = await _unless_exiting(held, functools.partial(stop_member, link, member, timeout))
+        if status is None:
+            return self.index.status_or_absent(request.name)
         return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
 
     async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
@@ -201,6 +283,162 @@ class HolderRegistry:
         await self.journal.write(held.name)
         log.info("member_added", cluster=held.name, member=spec.name)
         return held.statuses[spec.name]
+
+    async def start(self, request: MemberStart, peer: Peer) -> ClusterResult:
+        found = self.index.resolve(request.name)
+        if found is None:
+            raise Absent(f"no member {request.name!r}")
+        cluster, name = found
+        async with self.index.lock(cluster):
+            held = self.index.live.get(cluster)
+            if held is not None:
+                done = await _unless_exiting(held, functools.partial(self._start_in, held, name))
+                if done is not None:
+                    return done
+            held = await self._start_again(cluster, {name})
+            return _changed(held, Outcome.ACQUIRED, {name: Change.STARTED}, self.index)
+
+    async def _start_in(self, held: Held, name: str) -> ClusterResult:
+        if self.index.status_in(held.name, name).state not in _STARTABLE:
+            return _changed(held, Outcome.ALREADY_ACQUIRED, {name: Change.RUNNING}, self.index)
+        link = reachable(held, name)
+        await start_member(link, name, self._stop_time(held, name))
+        log.info("member_started", cluster=held.name, member=name)
+        return _changed(held, Outcome.ACQUIRED, {name: Change.STARTED}, self.index)
+
+    async def restart(self, request: MemberRestart, peer: Peer) -> ClusterResult:
+        """Every member named at once (a cluster's: each stops as it would alone)."""
+        cluster, members = self.index.targets(request.name)
+        async with self.index.lock(cluster):
+            held = self.index.live.get(cluster)
+            if held is not None:
+                restart = functools.partial(self._restart_in, held, members)
+                done = await _unless_exiting(held, restart)
+                if done is not None:
+                    return done
+            held = await self._start_again(cluster, members)
+            changes = dict.fromkeys(members, Change.STARTED)
+            return _changed(held, Outcome.ACQUIRED, changes, self.index)
+
+    async def _restart_in(self, held: Held, members: list[str]) -> ClusterResult:
+        link = reachable(held, members[0])
+        changes = {
+            name: Change.STARTED
+            if self.index.status_in(held.name, name).state in _STARTABLE
+            else Change.RESTARTED
+            for name in members
+        }
+
+        async def again(name: str) -> None:
+            await restart_member(link, name, self._stop_time(held, name))
+
+        await _all_at_once(again, members)
+        log.info("members_restarted", cluster=held.name, members=members)
+        return _changed(held, Outcome.ACQUIRED, changes, self.index)
+
+    async def apply(self, request: ClusterApply, peer: Peer) -> ClusterResult:
+        """A cluster not up (or whose holder was exiting) is started as `up` would."""
+        spec = request.spec
+        async with self.index.lock(spec.name):
+            held = self.index.live.get(spec.name)
+            if held is not None:
+                done = await _unless_exiting(held, functools.partial(self._apply_in, held, spec))
+                if done is not None:
+                    return done
+            assert self._launcher is not None, "HolderRegistry.serve first"
+            async with self._launching:
+                held = await self._launcher.launch(spec, self.index.runtime_dir(spec.name))
+            changes = {m.name: Change.ADDED for m in spec.members}
+            return _changed(held, Outcome.ACQUIRED, changes, self.index, every=True)
+
+    async def _apply_in(self, held: Held, spec: ClusterSpec) -> ClusterResult:
+        """New members first, then the changed and stopped ones, removals last: the holder
+        never runs out of members (it would exit). The new definition is journaled (and
+        written in the state directory) once the holder did it all."""
+        link = reachable(held, spec.name)
+        states = {name: self.index.status_in(held.name, name).state for name in held.specs}
+        changes = plan_apply(held.specs, states, spec)
+        await self._carry_out(held, link, spec, changes)
+        held.record = msgspec.structs.replace(held.record, spec=spec)
+        held.specs = {m.name: m for m in spec.members}
+        await self.journal.write(held.name)
+        assert self._launcher is not None
+        await anyio.to_thread.run_sync(self._launcher.write_definition, spec)
+        unchanged = all(change is Change.UNCHANGED for change in changes.values())
+        outcome = Outcome.ALREADY_ACQUIRED if unchanged else Outcome.OK
+        log.info("cluster_applied", cluster=held.name, changes=changes)
+        return _changed(held, outcome, changes, self.index, every=True)
+
+    async def _carry_out(
+        self, held: Held, link: MemberLink, spec: ClusterSpec, changes: Mapping[str, Change]
+    ) -> None:
+        def named(*kinds: Change) -> list[str]:
+            return [name for name, change in changes.items() if change in kinds]
+
+        async def add(name: str) -> None:
+            member = spec.member(name)
+            assert member is not None
+            held.statuses.pop(name, None)  # as in `add`: the answer only fills a gap
+            status = await add_member(link, member)
+            held.specs[name] = member
+            if name not in held.statuses:
+                self.index.update(held, status)
+
+        async def again(name: str) -> None:
+            timeout = self._stop_time(held, name)
+            member = spec.member(name)
+            assert member is not None
+            if changes[name] is Change.RESTARTED:
+                await restart_member(link, name, timeout, member)
+                held.specs[name] = member  # an apply that fails later need not redo it
+            else:
+                await start_member(link, name, timeout)
+
+        async def remove(name: str) -> None:
+            await remove_member(link, name, self._stop_time(held, name))
+            self.index.forget(held, name)
+
+        await _all_at_once(add, named(Change.ADDED))
+        await _all_at_once(again, named(Change.RESTARTED, Change.STARTED))
+        await _all_at_once(remove, named(Change.REMOVED))
+
+    async def _start_again(self, cluster: str, members: Collection[str]) -> Held:
+        """A holder for an exited cluster, serving `members`; its other members stay stopped
+        (see the module's docstring). Absent once gc collected it."""
+        record = self.index.exited.get(cluster)
+        if record is None:
+            raise Absent(f"no cluster {cluster!r}", cluster=cluster)
+        if record.down:
+            raise Absent(
+                f"cluster {cluster!r} was brought down: `fleetctl up` brings it up again",
+                cluster=cluster,
+            )
+        runtime_dir = self.index.runtime_dir(cluster)
+        specs, last = await anyio.to_thread.run_sync(_left_behind, record, runtime_dir)
+        missing = set(members) - set(specs)
+        if missing:
+            raise Absent(f"no definition of {', '.join(sorted(missing))} in cluster {cluster!r}")
+        ports = {name: port for name, status in last.items() if (port := port_of(status))}
+        stopped = set(specs) - set(members)
+        assert self._launcher is not None, "HolderRegistry.serve first"
+        async with self._launching:
+            held = await self._launcher.launch(
+                record.spec,
+                runtime_dir,
+                members=list(specs.values()),
+                stopped=stopped,
+                ports=ports,
+            )
+        for name in stopped & set(last):  # listed as before, stopped (the holder pushes none)
+            if name not in held.statuses and last[name].state != MemberState.ABSENT:
+                self.index.update(held, last[name])
+        log.info("cluster_started_again", cluster=cluster, members=sorted(members))
+        return held
+
+    def _stop_time(self, held: Held, member: str) -> float:
+        """How long the holder may take to stop the member (and start it)."""
+        spec = held.specs.get(member)
+        return (spec.stop_timeout if spec else REQUEST_TIMEOUT) + STOP_MARGIN
 
     def logs(self, request: MemberLogs, peer: Peer) -> LogPaths:
         found = self.index.resolve(request.name)
@@ -240,6 +478,71 @@ def _new_member_spec(held: Held, request: MemberAdd, sibling: str) -> MemberSpec
     if template is None:
         raise InvalidRequest(f"no definition of {sibling!r} to reuse: give one with -f")
     return msgspec.structs.replace(template, name=request.name)
+
+
+def _left_behind(
+    record: HolderRecord, runtime_dir: str
+) -> tuple[dict[str, MemberSpec], dict[str, MemberStatus]]:
+    """An exited cluster's members' definitions (members added since its start included)
+    and their last statuses on disk (blocking: run in a thread)."""
+    specs = current_specs(record)
+    return specs, {name: status_on_disk(runtime_dir, name) for name in specs}
+
+
+async def _unless_exiting(held: Held, call: Callable[[], Awaitable[T]]) -> T | None:
+    """What `call` returns; None when the holder was on its way out (it answers Unavailable
+    once its last member left, or while it stops everything) and is gone within EXIT_WAIT:
+    the caller then starts the cluster again."""
+    try:
+        return await call()
+    except Unavailable:
+        if held.link is None:  # never reached: not one on its way out
+            raise
+        with anyio.move_on_after(EXIT_WAIT):
+            await held.gone.wait()
+        if not held.gone.is_set():
+            raise
+        return None
+
+
+async def _all_at_once(call: Callable[[str], Awaitable[None]], names: Collection[str]) -> None:
+    """`call` for every name at once; the first exception raised (once all returned) is
+    raised as itself, not in a group (the dispatcher would take it for a bug, and answer
+    `internal` rather than the member's error)."""
+    failures: list[Exception] = []
+
+    async def one(name: str) -> None:
+        try:
+            await call(name)
+        except Exception as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        for name in names:
+            tasks.start_soon(one, name)
+    if failures:
+        raise failures[0]
+
+
+def _changed(
+    held: Held,
+    outcome: Outcome,
+    changes: dict[str, Change],
+    index: ClusterIndex,
+    *,
+    every: bool = False,
+) -> ClusterResult:
+    """The result of start, restart or apply: the members changed (`every`: all the
+    cluster's, the removed ones aside) as they stand."""
+    names = list(held.specs) if every else list(changes)
+    return ClusterResult(
+        outcome=outcome,
+        cluster=held.name,
+        holder_pid=held.pid,
+        runtime_dir=held.record.dir,
+        members=[index.status_in(held.name, name) for name in names],
+        changes=changes,
+    )
 
 
 def _result(held: Held, outcome: Outcome) -> ClusterResult:

@@ -2,6 +2,7 @@
 is of a container), serving one unix socket per member.
 
     python -m fleetd.holder --spec cluster.json --dir RUNTIME_DIR [--bind-pid PID] [--ready-fd FD]
+                            [--stopped NAME]... [--port NAME=PORT]...
 
 It becomes a child subreaper (orphans of members are re-parented to it and reaped) and gives
 each member a parent-death signal, so a holder that dies, even by SIGKILL, leaks no member.
@@ -10,6 +11,11 @@ member has a cgroup under the holder's (`fleet-CLUSTER.PID-START/NAME.member`, b
 holder's own), which outlives a SIGKILLed holder for fleetd to end. It exits when its last
 member leaves (stop), or on SIGTERM/SIGINT after stopping them all, and ends whatever process
 is left as it goes.
+
+A stopped member leaves, its definition and port kept: `start` brings it back as it was, and
+`restart` stops and starts one without the holder exiting meanwhile (with a new definition,
+for fleetd's apply). fleetd starting a holder again for a cluster whose last member stopped
+names the members to keep stopped (`--stopped`) and the ports members had (`--port`).
 
 Bound mode (`--bind-pid`, the library's lifetime): the holder stops every member and exits as
 soon as the client process dies (pidfd) or a connection that completed bind + ack reaches EOF.
@@ -31,7 +37,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -66,7 +72,14 @@ from fleetd.holder.runenv import RunEnvs, member_nofile
 from fleetd.holder.spawn import Spawner, become_subreaper
 from protocol import PROTOCOL_VERSION
 from protocol.definitions import ClusterSpec, MemberSpec
-from protocol.errors import Absent, FleetError, Incompatible, InvalidRequest, LimitExceeded
+from protocol.errors import (
+    Absent,
+    FleetError,
+    Incompatible,
+    InvalidRequest,
+    LimitExceeded,
+    Unavailable,
+)
 from protocol.framing import encode_response
 from protocol.members import (
     CLUSTER_FILE,
@@ -78,6 +91,9 @@ from protocol.members import (
     BindResult,
     MemberState,
     MemberStatus,
+    Remove,
+    Restart,
+    Start,
     Status,
     StatusAll,
     Stop,
@@ -92,6 +108,10 @@ from protocol.messages import Empty, Message, Response
 
 log = structlog.get_logger("fleetd.holder")
 
+Push = MemberStatus | anyio.Event
+"""What goes down a watch's queue: a change, or a barrier (see _Session.pushed_first)."""
+_STARTABLE = (MemberState.STOPPED, MemberState.ERROR)
+"""States in which `start` starts a member that is here afresh."""
 _EXIT_GRACE = 1.0
 """Seconds connections get to receive their last answers once the last member left."""
 _SAVES_AT_ONCE = 16
@@ -230,13 +250,16 @@ class Holder:
         log_max_bytes: int = LOG_MAX_BYTES,
         limits: Limits | None = None,
         member_nofile: int | None = None,
+        stopped: Collection[str] = (),
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         """`runtime_dir` holds the sockets, logs and state; `bind_pid` is the client whose
         death (or whose acked connection's EOF) stops the cluster, in bound mode; `limits`
         bound what each connection to a member socket may hold (fleetd.core.bounds), with one
         budget of unfinished frames for them all; `member_nofile` is the soft open-file limit
-        members get (fleetd.holder.runenv; ours when None). Raises FleetError when a member's
-        user or limits cannot be had."""
+        members get (fleetd.holder.runenv; ours when None). The members named in `stopped` are
+        kept, stopped, for `start`; `ports` are the ports members get back. Raises FleetError
+        when a member's user or limits cannot be had."""
         self.spec = spec
         self.runenvs = RunEnvs(
             inherit=bind_pid is not None,
@@ -261,13 +284,20 @@ class Holder:
         self._log_max_bytes = log_max_bytes
         self._members: dict[str, Member] = {}
         self._departed: dict[str, MemberStatus] = {}
+        self._kept: dict[str, tuple[MemberSpec, int | None]] = {}
+        """Stopped members' definitions and ports, for `start`."""
+        self._returning: dict[str, int] = {}
+        """Members being restarted (how many restarts of each): their leaving does not end
+        the holder, nor close their socket."""
+        self._stopped = set(stopped)
+        self._given_ports = dict(ports or {})
         self._doorways: dict[str, _Doorway] = {}
         self._by_pid: dict[int, Member] = {}
         self._peers: Peers | None = None
         self._ports: set[int] = set()
         """Ports given to members still here."""
         self._encoded_statuses: msgspec.Raw | None = None
-        self._watchers: set[MemoryObjectSendStream[MemberStatus]] = set()
+        self._watchers: set[MemoryObjectSendStream[Push]] = set()
         self._unsaved: dict[str, Member] = {}
         self._save_soon = anyio.Event()
         self._tearing_down = False
@@ -297,11 +327,14 @@ class Holder:
                 if self._bind_pid is not None:
                     self._tasks.start_soon(self._watch_client, self._bind_pid)
                 async with anyio.create_task_group() as self._connections:
-                    for member in [self._admit(spec) for spec in self.spec.members]:
+                    starting = self._keep_stopped()
+                    for member in [
+                        self._admit(spec, self._given_ports.get(spec.name)) for spec in starting
+                    ]:
                         self._begin(member)
                     # The member sockets open while the spawning threads spawn; nobody may
                     # connect before every member is spawned and we report started.
-                    for spec in self.spec.members:
+                    for spec in starting:
                         self._open_door(spec.name)
                     await self._spawns_settled_wait()
                     log.info(
@@ -381,15 +414,43 @@ class Holder:
 
     # -- members joining and leaving
 
-    def _admit(self, spec: MemberSpec) -> Member:
+    def _keep_stopped(self) -> list[MemberSpec]:
+        """Keep the members named stopped (with their ports) for `start`; the others, to
+        start now."""
+        starting: list[MemberSpec] = []
+        for spec in self.spec.members:
+            if spec.name not in self._stopped:
+                starting.append(spec)
+                continue
+            port = self._given_ports.get(spec.name) if needs_port(spec) else None
+            self._kept[spec.name] = (spec, port)
+            if port is not None:
+                self._ports.add(port)
+            address = f"127.0.0.1:{port}" if port is not None else ""
+            self._departed[spec.name] = MemberStatus(
+                name=spec.name, state=MemberState.STOPPED, address=address
+            )
+        if not starting:
+            raise FleetError("no member to start: every member is named --stopped")
+        return starting
+
+    def _admit(self, spec: MemberSpec, port: int | None = None) -> Member:
         """A member joins, not yet supervised (`begin`; its socket opens with _open_door):
         every member of a start joins before the first spawns, so that each is given all
-        its peers."""
+        its peers. It gets `port` if it needs one and one is given (it had it before), else
+        a free one."""
+        kept = self._kept.pop(spec.name, None)
+        if kept is not None and kept[1] is not None and kept[1] != port:
+            self._ports.discard(kept[1])
+        if not needs_port(spec):
+            port = None
+        elif port is None:
+            port = free_port(self._ports)
         member = Member(
             spec,
             host=self,
             directory=member_dir(self.runtime_dir, spec.name),
-            port=free_port(self._ports) if needs_port(spec) else None,
+            port=port,
             log_max_bytes=self._log_max_bytes,
         )
         self._members[spec.name] = member
@@ -408,7 +469,7 @@ class Holder:
         """Open a member's socket, unless it left already."""
         assert self._connections is not None
         connections = self._connections
-        if name in self._members:
+        if name in self._members and name not in self._doorways:
             self._doorways[name] = _Doorway(
                 member_socket_path(self.runtime_dir, name),
                 self.readers,
@@ -416,13 +477,15 @@ class Holder:
             )
 
     def member_left(self, member: Member) -> None:
-        """A stopped member leaves: its socket closes (connections made through it stay)."""
+        """A stopped member leaves: its socket closes (connections made through it stay),
+        unless it is being restarted; its definition and port are kept for `start`."""
         self._members.pop(member.name, None)
-        self._ports.discard(member.port or 0)
         self._departed[member.name] = member.status()
-        doorway = self._doorways.pop(member.name, None)
-        if doorway is not None:
-            doorway.close()
+        self._kept[member.name] = (member.spec, member.port)
+        if member.name not in self._returning:
+            doorway = self._doorways.pop(member.name, None)
+            if doorway is not None:
+                doorway.close()
         self._peers = None
         self._encoded_statuses = None
         if not self._tearing_down:
@@ -431,21 +494,21 @@ class Holder:
             member.save()
             member.close_directory()
         log.info("member_left", member=member.name, remaining=len(self._members))
-        if not self._members:
+        self._finish_if_empty()
+
+    def _finish_if_empty(self) -> None:
+        """The last member left (and none is on its way back, unless everything stops)."""
+        if not self._members and (self._tearing_down or not self._returning):
             self._finished.set()
 
     async def add_member(self, spec: MemberSpec) -> MemberStatus:
-        if self._tearing_down:
-            raise InvalidRequest(f"cluster {self.cluster!r} is shutting down")
+        self._refuse_while_exiting()
         if spec.name in self._members:
             raise InvalidRequest(f"member {spec.name!r} is already in cluster {self.cluster!r}")
         problem = runtime_dir_problem(self.runtime_dir, [spec.name])
         if problem:
             raise InvalidRequest(problem)
-        try:
-            self.runenvs.of(spec)
-        except FleetError as exc:
-            raise InvalidRequest(exc.message) from None
+        self._check_runenv(spec)
         member = self._admit(spec)
         status = member.status()
         self._begin(member)
@@ -453,6 +516,92 @@ class Holder:
         self._save_cluster()
         log.info("member_added", member=spec.name)
         return status
+
+    def _check_runenv(self, spec: MemberSpec) -> None:
+        """Its user and limits can be had, before anything is stopped or started for it."""
+        try:
+            self.runenvs.of(spec)
+        except FleetError as exc:
+            raise InvalidRequest(exc.message) from None
+
+    async def start_member(self, name: str) -> MemberStatus:
+        """A stopped member back as it was; one in error, or stopped after a clean exit,
+        started afresh; one on its way or running, untouched."""
+        member = self._members.get(name)
+        if member is not None and member.status().state not in _STARTABLE:
+            return member.status()
+        return await self.restart_member(name)
+
+    async def restart_member(self, name: str, spec: MemberSpec | None = None) -> MemberStatus:
+        """Stop the member if it is here, then start it again with its port and directory,
+        as it was defined or as `spec`; the holder stays up meanwhile."""
+        self._refuse_while_exiting()
+        if spec is not None:
+            self._check_runenv(msgspec.structs.replace(spec, name=name))
+        member = self._members.get(name)
+        if member is not None:
+            kept = (member.spec, member.port)
+            self._returning[name] = self._returning.get(name, 0) + 1
+            coming_back = False
+            try:
+                await member.stop()
+                self._refuse_while_exiting()
+                coming_back = True
+            finally:
+                self._returning[name] -= 1
+                if not self._returning[name]:
+                    del self._returning[name]
+                if not coming_back:
+                    self._close_door_of_departed(name)
+                    self._finish_if_empty()
+        elif name in self._kept:
+            kept = self._kept[name]
+        else:
+            raise Absent(f"no member {name!r} in cluster {self.cluster!r}")
+        if name in self._members:  # another start brought it back meanwhile
+            return self._members[name].status()
+        definition = msgspec.structs.replace(spec, name=name) if spec is not None else kept[0]
+        member = self._admit(definition, kept[1])
+        self._begin(member)
+        status = member.status()
+        self._announce(status)  # watchers last heard `stopped`; a first start publishes none
+        self._open_door(name)
+        self._save_cluster()
+        log.info("member_restarted", member=name, changed=spec is not None)
+        return status
+
+    def _close_door_of_departed(self, name: str) -> None:
+        """A member that was to come back will not (the holder is tearing down, or the restart
+        was cancelled): its socket closes, as it would have when it left."""
+        if name not in self._members:
+            doorway = self._doorways.pop(name, None)
+            if doorway is not None:
+                doorway.close()
+
+    async def remove_member(self, name: str) -> MemberStatus:
+        """Stop the member if it is here, and forget it (`absent` from now on)."""
+        self._refuse_while_exiting()
+        member = self._members.get(name)
+        if member is None and name not in self._kept:
+            raise Absent(f"no member {name!r} in cluster {self.cluster!r}")
+        if member is not None:
+            await member.stop()
+        kept = self._kept.pop(name, None)
+        if kept is not None and kept[1] is not None:
+            self._ports.discard(kept[1])
+        self._departed.pop(name, None)
+        gone = MemberStatus(name=name, state=MemberState.ABSENT)
+        self._announce(gone)
+        log.info("member_removed", member=name)
+        return gone
+
+    def _refuse_while_exiting(self) -> None:
+        """Unavailable once the holder is on its way out (stopping everything, or its last
+        member left): fleetd then waits for it to exit, and starts the cluster again."""
+        if self._tearing_down:
+            raise Unavailable(f"cluster {self.cluster!r} is shutting down")
+        if self._finished.is_set():
+            raise Unavailable(f"cluster {self.cluster!r} is exiting: its last member left")
 
     async def stop_member(self, name: str) -> MemberStatus:
         member = self._members.get(name)
@@ -503,6 +652,10 @@ class Holder:
             pid=status.pid,
             error=status.error or None,
         )
+        self._announce(status)
+
+    def _announce(self, status: MemberStatus) -> None:
+        """Push a member's status to every watcher."""
         for watcher in list(self._watchers):
             try:
                 watcher.send_nowait(status)
@@ -599,16 +752,16 @@ class Holder:
         self,
     ) -> tuple[
         list[MemberStatus],
-        MemoryObjectSendStream[MemberStatus],
-        MemoryObjectReceiveStream[MemberStatus],
+        MemoryObjectSendStream[Push],
+        MemoryObjectReceiveStream[Push],
     ]:
         """Every member's status now, and a stream of every change from now on: its sending
         end, to give to `unwatch` when done, and its receiving end."""
-        send, receive = anyio.create_memory_object_stream[MemberStatus](math.inf)
+        send, receive = anyio.create_memory_object_stream[Push](math.inf)
         self._watchers.add(send)
         return self.statuses(), send, receive
 
-    def unwatch(self, watcher: MemoryObjectSendStream[MemberStatus]) -> None:
+    def unwatch(self, watcher: MemoryObjectSendStream[Push]) -> None:
         self._watchers.discard(watcher)
         watcher.close()
 
@@ -675,6 +828,8 @@ class _Session:
         self.acked = False
         self.watches = 0
         """Watches this connection asked for: each costs a pusher until the connection ends."""
+        self._watchers: list[MemoryObjectSendStream[Push]] = []
+        """The sending end of each of this connection's watches (see pushed_first)."""
 
     def dispatcher(self) -> Dispatcher:
         dispatcher = Dispatcher(decode_member_request)
@@ -682,6 +837,9 @@ class _Session:
         dispatcher.register(StatusAll, self.status_all)
         dispatcher.register(Stop, self.stop)
         dispatcher.register(AddMember, self.add_member)
+        dispatcher.register(Start, self.start)
+        dispatcher.register(Restart, self.restart)
+        dispatcher.register(Remove, self.remove)
         dispatcher.register(Bind, self.bind)
         dispatcher.register(Ack, self.ack)
         dispatcher.register(Watch, self.watch)
@@ -698,6 +856,38 @@ class _Session:
 
     async def add_member(self, request: AddMember, peer: Peer) -> MemberStatus:
         return await self.holder.add_member(request.spec)
+
+    async def start(self, request: Start, peer: Peer) -> MemberStatus:
+        status = await self.holder.start_member(request.name)
+        await self.pushed_first()
+        return status
+
+    async def restart(self, request: Restart, peer: Peer) -> MemberStatus:
+        status = await self.holder.restart_member(request.name, request.spec)
+        await self.pushed_first()
+        return status
+
+    async def remove(self, request: Remove, peer: Peer) -> MemberStatus:
+        status = await self.holder.remove_member(request.name)
+        await self.pushed_first()
+        return status
+
+    async def pushed_first(self) -> None:
+        """Until this connection's watches have pushed every change made so far, so that the
+        answer follows the pushes of what it did (the new process's `starting` among them):
+        a client that watches reads the outcome from its pushes, never a stale one after
+        the answer. A barrier goes down each watch's queue behind the changes; its pusher
+        sets it once it sent them."""
+        barriers: list[anyio.Event] = []
+        for watcher in self._watchers:
+            barrier = anyio.Event()
+            try:
+                watcher.send_nowait(barrier)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                continue  # the watch ended: nothing more goes out on it
+            barriers.append(barrier)
+        for barrier in barriers:
+            await barrier.wait()
 
     def bind(self, request: Bind, peer: Peer) -> BindResult:
         if request.version != PROTOCOL_VERSION:
@@ -727,32 +917,48 @@ class _Session:
             )
         self.watches += 1
         snapshot, watcher, changes = self.holder.watch()
+        self._watchers.append(watcher)
         self.pushers.start_soon(self._push, request.id, watcher, changes)
         return WatchResult(members=snapshot)
 
     async def _push(
         self,
         request_id: int,
-        watcher: MemoryObjectSendStream[MemberStatus],
-        changes: MemoryObjectReceiveStream[MemberStatus],
+        watcher: MemoryObjectSendStream[Push],
+        changes: MemoryObjectReceiveStream[Push],
     ) -> None:
         """Until the connection ends (or the holder closes every watcher); then the holder
-        forgets the watcher at once, not at the next change."""
+        forgets the watcher at once, not at the next change. Barriers (pushed_first) are set
+        once what was queued before them is sent, or the watch ends."""
         assert self.connection is not None
+        barriers: list[anyio.Event] = []
         try:
             async with changes:
                 async for first in changes:
                     frames = bytearray()
-                    encode_response(Response(id=request_id, ok=True, result=first), frames)
+                    _take(first, request_id, frames, barriers)
                     while True:  # take along every change queued meanwhile: one write
                         try:
-                            status = changes.receive_nowait()
+                            _take(changes.receive_nowait(), request_id, frames, barriers)
                         except anyio.WouldBlock:
                             break
-                        encode_response(Response(id=request_id, ok=True, result=status), frames)
-                    await self.connection.send(frames)
+                    if frames:
+                        await self.connection.send(frames)
+                    for barrier in barriers:
+                        barrier.set()
+                    barriers.clear()
         finally:
+            for barrier in barriers:
+                barrier.set()
             self.holder.unwatch(watcher)
+            self._watchers.remove(watcher)
+
+
+def _take(item: Push, request_id: int, frames: bytearray, barriers: list[anyio.Event]) -> None:
+    if isinstance(item, anyio.Event):
+        barriers.append(item)
+    else:
+        encode_response(Response(id=request_id, ok=True, result=item), frames)
 
 
 # --- the command --------------------------------------------------------------------------
@@ -771,9 +977,31 @@ def _parser() -> argparse.ArgumentParser:
         "--ephemeral", action="store_true", help="remove the runtime directory on exit"
     )
     parser.add_argument(
+        "--stopped",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a member to keep stopped, for `start` (repeatable)",
+    )
+    parser.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        type=_named_port,
+        metavar="NAME=PORT",
+        help="the port a member gets back (repeatable)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
+
+
+def _named_port(text: str) -> tuple[str, int]:
+    name, _, port = text.partition("=")
+    if not name or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not NAME=PORT: {text!r}")
+    return name, int(port)
 
 
 def _load_spec(path: str) -> ClusterSpec:
@@ -814,6 +1042,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bind_pid=args.bind_pid,
             limits=Limits.from_environ(os.environ),
             member_nofile=nofile,
+            stopped=args.stopped,
+            ports=dict(args.port),
         )
         anyio.run(
             _serve, holder, args.ready_fd, backend="asyncio", backend_options={"use_uvloop": True}
