@@ -568,18 +568,7 @@ def up(
             names = [f"{result.cluster}/{m.name}" for m in members]
             with shown_while_waiting(g.socket_path, names):
                 members = _wait_left_up(client, result.cluster, names, wait_timeout)
-        if not g.json:
-            head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
-            table = status_table(msgspec.to_builtins(members))
-            return emit(False, head + "\n" + table, result.outcome)
-        return _emit_members(
-            g,
-            members,
-            result.outcome,
-            cluster=result.cluster,
-            holder_pid=result.holder_pid,
-            runtime_dir=result.runtime_dir,
-        )
+        return _emit_cluster(g, result, members)
 
     _client_call(g, call)
 
@@ -771,9 +760,17 @@ def _emit_changes(g: Globals, client: Any, result: Any, wait: bool, wait_timeout
         with shown_while_waiting(g.socket_path, names):
             members = client.member_wait(names, wait_timeout)
     changes = {name: str(change) for name, change in result.changes.items()}
+    return _emit_cluster(g, result, members, changes)
+
+
+def _emit_cluster(
+    g: Globals, result: Any, members: list[Any], changes: dict[str, str] | None = None
+) -> int:
+    """A ClusterResult: its outcome and holder, what happened to each member when `changes`
+    says, then its members' table (or one JSON envelope)."""
     if not g.json:
         head = f"cluster {result.cluster} {result.outcome} (holder pid {result.holder_pid})"
-        lines = [f"{name} {change}" for name, change in changes.items()]
+        lines = [f"{name} {change}" for name, change in (changes or {}).items()]
         table = status_table(msgspec.to_builtins(members))
         return emit(False, "\n".join([head, *lines, table]), result.outcome)
     return _emit_members(
@@ -783,7 +780,7 @@ def _emit_changes(g: Globals, client: Any, result: Any, wait: bool, wait_timeout
         cluster=result.cluster,
         holder_pid=result.holder_pid,
         runtime_dir=result.runtime_dir,
-        changes=changes,
+        **({} if changes is None else {"changes": changes}),
     )
 
 
