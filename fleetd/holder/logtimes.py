@@ -20,9 +20,6 @@ from protocol.logtimes import RECORD, SIZE, header, is_header_of, times_name, va
 log = structlog.get_logger("fleetd.members")
 
 _NEVER = 1 << 64
-_MAX_RECORDS_READ = 1 << 16
-"""A sidecar continued after a holder's restart is read this far at most for its last record
-(1 MiB): one a millisecond for a minute; a longer one starts anew with its log's next chunk."""
 
 
 def _next_millisecond(ns: int) -> int:
@@ -67,7 +64,7 @@ class TimesFile:
         size = os.fstat(self._fd).st_size
         if (
             log_status.st_size
-            and SIZE < size <= SIZE * _MAX_RECORDS_READ
+            and size > SIZE
             and size % SIZE == 0
             and is_header_of(os.pread(self._fd, SIZE, 0), log_status.st_ino)
         ):
