@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+import pytest
+
 from fleetd.core import cgroups
 from fleetd.core.pidfiles import is_running, read_pidfile
 from protocol.members import HOLDER_PIDFILE
@@ -25,6 +27,11 @@ HOLDER_NAME = "fleetd-holder"
 TEMPLATE_NAME = "fleetd-template"
 """What `ps -e` shows for a holder and for a holder template (fleetd.holder.program.name_process):
 their command lines may be alike, a forked holder's being its template's."""
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="runs a member as another user: needs root (CI runs as root)"
+)
 
 
 def short_tempdir() -> str:

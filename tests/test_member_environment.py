@@ -23,7 +23,7 @@ from fleetd.holder import runenv
 from fleetd.holder.runenv import RunEnvs
 from protocol.definitions import MemberSpec
 from protocol.errors import FleetError, InvalidRequest
-from tests.processes import Fleetd, kill_holders, wait_until
+from tests.processes import Fleetd, kill_holders, needs_root, wait_until
 from tests.processes import fleetctl as run_fleetctl
 
 SHOW = ["env"]
@@ -92,7 +92,8 @@ def test_a_detached_member_gets_only_the_minimal_environment_and_its_own(
     seen = environment(env)
     extra = set(seen) - MINIMAL - FLEET_OWN - {"GIVEN", "LANG", "LANGUAGE"}
     assert {k for k in extra if not k.startswith("LC_")} == set()
-    assert seen["GIVEN"] == "yes" and seen["USER"] == "root" and seen["HOME"] == "/root"
+    me = pwd.getpwuid(os.geteuid())
+    assert seen["GIVEN"] == "yes" and seen["USER"] == me.pw_name and seen["HOME"] == me.pw_dir
     assert seen["PATH"] == os.environ["PATH"]
 
 
@@ -164,6 +165,7 @@ def test_an_open_file_limit_above_the_kernels_fails_the_cluster_start() -> None:
 # --- user and group (root) ----------------------------------------------------------------
 
 
+@needs_root
 def test_a_member_with_a_user_runs_as_that_user_and_its_output_is_collected() -> None:
     """Needs root."""
     show = ["sh", "-c", 'echo "$(id -u) $(id -g) $USER $HOME"; echo "$(id -G)" >&2']
@@ -176,6 +178,7 @@ def test_a_member_with_a_user_runs_as_that_user_and_its_output_is_collected() ->
     assert groups == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
 
 
+@needs_root
 def test_a_member_with_a_user_may_open_its_output_by_name() -> None:
     """As programs configured to log to /dev/stdout or /dev/stderr do (needs root)."""
     show = ["sh", "-c", "echo out > /dev/stdout; echo err > /dev/stderr"]
@@ -184,6 +187,7 @@ def test_a_member_with_a_user_may_open_its_output_by_name() -> None:
         wait_until(lambda: c.logs("who", stderr=True) == "err\n")
 
 
+@needs_root
 def test_a_member_with_a_group_by_number_runs_in_that_group() -> None:
     """Needs root."""
     show = ["sh", "-c", 'echo "$(id -u) $(id -g) $(id -G)"']
@@ -192,6 +196,7 @@ def test_a_member_with_a_group_by_number_runs_in_that_group() -> None:
     assert out[1] == "100" and "100" in out[2:]
 
 
+@needs_root
 @pytest.mark.skipif(
     shutil.which("systemd-notify") is None,
     reason="systemd-notify not installed (CI installs systemd, which has it)",

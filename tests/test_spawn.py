@@ -22,7 +22,7 @@ import pytest
 from fleetd.core import cgroups
 from fleetd.holder import spawn as spawn_module
 from fleetd.holder.spawn import TRAMPOLINE, Spawner
-from tests.processes import cgroup_problem
+from tests.processes import cgroup_problem, needs_root
 
 SETPRIV = spawn_module._SETPRIV
 
@@ -312,6 +312,7 @@ def test_a_spawned_program_gets_its_limits_from_its_first_instruction(path: str)
     assert re.search(r"^Max open files +100 +200 ", seen, re.MULTILINE), seen
 
 
+@needs_root
 @pytest.mark.parametrize("path", FALLBACKS)
 def test_a_spawned_program_runs_as_its_user_with_its_groups(path: str) -> None:
     """Needs root. setpriv would lose the parent-death signal: its path uses the preexec hook."""
@@ -328,6 +329,7 @@ def test_the_trampoline_that_cannot_set_a_limit_says_so_and_runs_nothing() -> No
     assert seen == "fleet: cannot set the member's limits\n"
 
 
+@needs_root
 @pytest.mark.parametrize("path", FALLBACKS)
 def test_a_program_spawned_as_another_user_still_dies_with_its_spawner(path: str) -> None:
     """A change of user clears the parent-death signal: it is set after (needs root)."""
