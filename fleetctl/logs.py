@@ -21,6 +21,7 @@ import ctypes
 import errno
 import heapq
 import os
+import resource
 import select
 import socket
 import time
@@ -558,6 +559,15 @@ def _last(lines: list[Line], tail: int | None) -> list[Line]:
     return lines[-tail:] if tail else []
 
 
+def _enough_descriptors() -> None:
+    """Raise our open-file limit to its hard limit: a cluster's logs are all open at once (a
+    descriptor per log, three while following it), and a shell's soft limit (1,024) is used
+    up by a few hundred members."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def print_lines(
     found: Sequence[LogPaths],
     printer: LinePrinter,
@@ -567,6 +577,7 @@ def print_lines(
 ) -> None:
     """What the members' logs hold, interleaved in time order (with `tail`, each member's last
     lines)."""
+    _enough_descriptors()
     logs = [MemberLines(paths, streams) for paths in found]
     try:
         printer.write(_merged({log.name: _last(log.read(final=True), tail) for log in logs}))
@@ -586,6 +597,7 @@ def follow_lines(
     """print_lines, then what the members write, interleaved in time order as it comes,
     until the member leaves its cluster (`cluster`: until every member has, the cluster is
     down); members added meanwhile are followed too. KeyboardInterrupt ends it earlier."""
+    _enough_descriptors()
     logs = {paths.member: MemberLines(paths, streams) for paths in found}
     presence = _presence(found, cluster)
     changes = Inotify()

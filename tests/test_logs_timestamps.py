@@ -12,6 +12,7 @@ import io
 import os
 import re
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -24,7 +25,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.holder.members import LogFile
 from protocol.clusters import LogPaths
 from protocol.logtimes import RECORD, SIZE, LineTimes, header, valid_records
-from tests.processes import Fleetd, wait_until
+from tests.processes import FLEETCTL, Fleetd, wait_until
 from tests.test_detached import client, ctl, definition, up
 from tests.test_logs import Follower
 
@@ -255,6 +256,21 @@ def test_logs_of_a_cluster_interleaves_its_members_in_the_order_they_printed(
     assert code == 0
     assert [line.split(" ", 1)[0] for line in out.splitlines()] == ["web", "worker"]
     assert [line.endswith(f"{TURNS}") for line in out.splitlines()] == [True, True]
+
+
+def test_logs_of_a_cluster_of_more_members_than_a_shells_open_file_limit_allows(
+    holders: Fleetd,
+) -> None:
+    """Every member's two logs are open at once: fleetctl raises its soft limit (32 here,
+    1,024 in a shell) to the hard one."""
+    talk = command("echo out $FLEET_MEMBER; echo err $FLEET_MEMBER >&2; exec sleep 60")
+    names = [f"m{i}" for i in range(20)]
+    up(holders, definition("crowd", **dict.fromkeys(names, talk)), "--wait")
+    wait_until(lambda: len(ctl(holders, "logs", "crowd")[1].splitlines()) == 2 * len(names))
+    limited = ["sh", "-c", 'ulimit -Sn 32 && exec "$@"', "sh", *FLEETCTL, "logs", "crowd"]
+    done = subprocess.run(limited, env=holders.env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2 * len(names)
 
 
 def test_a_member_name_means_the_member_even_where_a_cluster_has_it(holders: Fleetd) -> None:
