@@ -16,6 +16,7 @@ restarts. It reads the files and asks the member's holder, never fleetd: a fleet
 not end it. It imports nothing of fleetd.
 """
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -92,19 +93,24 @@ class LogReader:
     def read(self, write: Callable[[bytes], object]) -> None:
         """Pass everything written since the last call to `write`; the first call starts with
         PATH.1, the rotated part."""
+        for chunk in self.chunks():
+            write(chunk)
+
+    def chunks(self) -> Iterator[bytes]:
+        """What `read` passes on, one chunk at a time, as the caller asks for it."""
         if not self._started:
             self._started = True
             self._open()  # PATH first: a rotation now moves it to PATH.1, which is then skipped
-            self._whole(self.rotated, write, unless=(self._id,))
+            yield from self._whole(self.rotated, unless=(self._id,))
         while self._fd >= 0 or self._open():
-            self._rest(write)
+            yield from self._rest()
             current = _id_of(self.path)
             if current is None or current == self._id:
                 return  # still ours, or mid-rotation (the new PATH comes next)
-            self._rest(write)  # ours was rotated away: it is complete
+            yield from self._rest()  # ours was rotated away: it is complete
             self._finished = self._id
             self.close()
-            self._whole(self.rotated, write, unless=(self._finished, current))
+            yield from self._whole(self.rotated, unless=(self._finished, current))
 
     def _open(self) -> bool:
         try:
@@ -115,19 +121,16 @@ class LogReader:
         self._id = status.st_dev, status.st_ino
         return True
 
-    def _rest(self, write: Callable[[bytes], object]) -> None:
+    def _rest(self) -> Iterator[bytes]:
         self._from(self._fd, self._id)
-        for chunk in _chunks(self._fd):
-            write(chunk)
+        yield from _chunks(self._fd)
 
     def _from(self, fd: int, file_id: FileId | None) -> None:
         if self.on_file is not None and file_id != self._reading:
             self._reading = file_id
             self.on_file(fd)
 
-    def _whole(
-        self, path: str, write: Callable[[bytes], object], *, unless: tuple[FileId | None, ...]
-    ) -> None:
+    def _whole(self, path: str, *, unless: tuple[FileId | None, ...]) -> Iterator[bytes]:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -137,8 +140,7 @@ class LogReader:
             if (status.st_dev, status.st_ino) in unless:
                 return
             self._from(fd, (status.st_dev, status.st_ino))
-            for chunk in _chunks(fd):
-                write(chunk)
+            yield from _chunks(fd)
             self._finished = status.st_dev, status.st_ino
         finally:
             os.close(fd)
@@ -483,6 +485,13 @@ class MemberLines:
     def directories(self) -> set[str]:
         return {os.path.dirname(reader.path) for reader, _, _ in self._logs}
 
+    def lines(self) -> Iterator[Line]:
+        """Every line its logs hold, in time order, read as they are asked for (a member's
+        whole logs need not fit in memory); a last line with no newline comes too."""
+        return heapq.merge(
+            *(_lines_of(reader, timed, new) for reader, timed, new in self._logs), key=_time_of
+        )
+
     def read(self, *, final: bool = False) -> list[Line]:
         """The lines written since the last call, in time order; `final`: the member left, and
         a last line with no newline comes too."""
@@ -499,6 +508,17 @@ class MemberLines:
         for reader, timed, _ in self._logs:
             reader.close()
             timed.close()
+
+
+def _lines_of(reader: LogReader, timed: "TimedLog", new: list[Line]) -> Iterator[Line]:
+    """One log's lines with their times, a chunk's worth at a time."""
+    for chunk in reader.chunks():
+        timed.chunk(chunk)
+        yield from new
+        new.clear()
+    timed.end()
+    yield from new
+    new.clear()
 
 
 def _appender(lines: list[Line]) -> Callable[[int, bytes], None]:
@@ -543,20 +563,26 @@ class LinePrinter:
         self.out.flush()
 
 
-def _merged(batches: dict[str, list[Line]]) -> Iterator[tuple[int, str, bytes]]:
+def _merged(batches: dict[str, Iterable[Line]]) -> Iterator[tuple[int, str, bytes]]:
     """Every member's lines in time order; lines at equal times in the members' order."""
-    named = [[(when, name, line) for when, line in lines] for name, lines in batches.items()]
+    named = [_named(name, lines) for name, lines in batches.items()]
     return heapq.merge(*named, key=_time_of_named)
+
+
+def _named(name: str, lines: Iterable[Line]) -> Iterator[tuple[int, str, bytes]]:
+    for when, line in lines:
+        yield when, name, line
 
 
 def _time_of_named(line: tuple[int, str, bytes]) -> int:
     return line[0]
 
 
-def _last(lines: list[Line], tail: int | None) -> list[Line]:
+def _last(lines: Iterable[Line], tail: int | None) -> Iterable[Line]:
+    """All of `lines`, or the last `tail` of them (which reads them all, keeping only those)."""
     if tail is None:
         return lines
-    return lines[-tail:] if tail else []
+    return collections.deque(lines, maxlen=tail) if tail else ()
 
 
 def _enough_descriptors() -> None:
@@ -580,7 +606,7 @@ def print_lines(
     _enough_descriptors()
     logs = [MemberLines(paths, streams) for paths in found]
     try:
-        printer.write(_merged({log.name: _last(log.read(final=True), tail) for log in logs}))
+        printer.write(_merged({log.name: _last(log.lines(), tail) for log in logs}))
     finally:
         for log in logs:
             log.close()

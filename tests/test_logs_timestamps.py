@@ -14,6 +14,7 @@ import re
 import struct
 import subprocess
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -162,6 +163,25 @@ def test_a_sidecar_past_the_cap_rotates_its_log(member_dir: PrivateDir) -> None:
         log_file.close()
     assert os.path.getsize(member_dir.join("stdout.log.1")) < 300
     assert os.path.getsize(member_dir.join("stdout.times.1")) <= 2 * 4096
+
+
+def test_a_log_is_printed_as_it_is_read_not_held_in_memory_first(member_dir: PrivateDir) -> None:
+    log_file = LogFile(member_dir, "stdout.log", max_bytes=1 << 30)
+    try:
+        for _ in range(500):
+            log_file.write(b"%099d\n" % 0 * 100)  # 5 MB of 100-byte lines
+    finally:
+        log_file.close()
+    path = member_dir.join("stdout.log")
+    paths = LogPaths(cluster="c", member="m", stdout=path, stderr=path + ".none")
+    with open(os.devnull, "wb") as sink:
+        tracemalloc.start()
+        try:
+            print_lines([paths], LinePrinter(sink, timestamps=True), streams=["stdout"])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 1_000_000, peak
 
 
 def test_a_missing_sidecar_loses_no_line(member_dir: PrivateDir) -> None:
