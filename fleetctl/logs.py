@@ -586,9 +586,9 @@ def _last(lines: Iterable[Line], tail: int | None) -> Iterable[Line]:
 
 
 def _enough_descriptors() -> None:
-    """Raise our open-file limit to its hard limit: a cluster's logs are all open at once (a
-    descriptor per log, three while following it), and a shell's soft limit (1,024) is used
-    up by a few hundred members."""
+    """Raise our open-file limit to its hard limit: a cluster's logs are all open at once (up
+    to three descriptors per log: the file, a copy for its modification time, its sidecar),
+    and a shell's soft limit (1,024) is used up by some 170 members."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

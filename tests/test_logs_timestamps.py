@@ -281,8 +281,8 @@ def test_logs_of_a_cluster_interleaves_its_members_in_the_order_they_printed(
 def test_logs_of_a_cluster_of_more_members_than_a_shells_open_file_limit_allows(
     holders: Fleetd,
 ) -> None:
-    """Every member's two logs are open at once: fleetctl raises its soft limit (32 here,
-    1,024 in a shell) to the hard one."""
+    """Every member's logs are open at once: fleetctl raises its soft limit (32 here, 1,024
+    in a shell) to the hard one."""
     talk = command("echo out $FLEET_MEMBER; echo err $FLEET_MEMBER >&2; exec sleep 60")
     names = [f"m{i}" for i in range(20)]
     up(holders, definition("crowd", **dict.fromkeys(names, talk)), "--wait")
