@@ -157,12 +157,20 @@ FALLBACKS = {
 def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> None:
     if path == "trampoline" and platform.machine() != "x86_64":
         pytest.skip(NOT_X86_64)
+    assert_dies_with_its_spawner(path)
+
+
+def assert_dies_with_its_spawner(
+    path: str, setup: str = "spawn.NO_SETUP", uid: int | None = None
+) -> None:
+    """`sleep 60` spawned through `path` with `setup` (code), as user `uid` (else ours), dies
+    once the process that spawned it is SIGKILLed."""
     script = textwrap.dedent(
         f"""
         import os, sys, time
         from fleetd.holder import spawn
         {FALLBACKS[path]}
-        child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2)
+        child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2, setup={setup})
         print(child.pid, flush=True)
         time.sleep(60)
         """
@@ -175,6 +183,7 @@ def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> N
         # Running the program, past any trampoline (setpriv has no check for a parent that
         # died before its prctl: a spawner killed that early leaves the child behind).
         until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep"))
+        assert os.stat(f"/proc/{pid}").st_uid == (os.geteuid() if uid is None else uid)
         spawner.send_signal(signal.SIGKILL)
         spawner.wait()
         until(lambda: not os.path.exists(f"/proc/{pid}"))
@@ -335,27 +344,5 @@ def test_a_program_spawned_as_another_user_still_dies_with_its_spawner(path: str
     """A change of user clears the parent-death signal: it is set after (needs root)."""
     if path == "trampoline" and platform.machine() != "x86_64":
         pytest.skip(NOT_X86_64)
-    script = textwrap.dedent(
-        f"""
-        import os, sys, time
-        from fleetd.holder import spawn
-        {FALLBACKS[path]}
-        setup = spawn.Setup(credentials=spawn.Credentials(65534, 65534, (65534,)))
-        child = spawn.Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2, setup=setup)
-        print(child.pid, flush=True)
-        time.sleep(60)
-        """
-    )
-    spawner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert spawner.stdout is not None
-    with spawner.stdout:
-        pid = int(spawner.stdout.readline())
-    try:
-        until(lambda: os.readlink(f"/proc/{pid}/exe").endswith("/sleep"))
-        assert os.stat(f"/proc/{pid}").st_uid == 65534
-        spawner.send_signal(signal.SIGKILL)
-        spawner.wait()
-        until(lambda: not os.path.exists(f"/proc/{pid}"))
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    nobody = "spawn.Setup(credentials=spawn.Credentials(65534, 65534, (65534,)))"
+    assert_dies_with_its_spawner(path, nobody, uid=65534)
