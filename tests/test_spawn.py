@@ -122,27 +122,11 @@ def test_a_spawned_program_runs_in_its_cgroup(path: str) -> None:
     if path == "setpriv" and SETPRIV is None:
         pytest.skip("setpriv not installed (util-linux)")
     cgroup = writable_cgroup()
-    spawner = Spawner()
     try:
-        if path != "trampoline":
-            spawner._trampoline = None
-        if path == "preexec":
-            spawn_module._SETPRIV = None
-        read, write = os.pipe()
-        try:
-            later = "sleep 0.5; " if path == "setpriv" else ""
-            argv = ["sh", "-c", later + "cat /proc/self/cgroup"]
-            child = spawner.spawn(argv, dict(os.environ), None, write, write, cgroup=cgroup)
-        finally:
-            os.close(write)
-        with os.fdopen(read) as output:
-            seen = output.read()
-        os.waitpid(child.pid, 0)
-        if child.popen is not None:
-            child.popen.returncode = 0
+        later = "sleep 0.5; " if path == "setpriv" else ""
+        seen = spawned_through(path, ["sh", "-c", later + "cat /proc/self/cgroup"], cgroup=cgroup)
         assert f"0::{cgroups.Cgroup(cgroup).name}\n" in seen
     finally:
-        spawn_module._SETPRIV = SETPRIV
         assert cgroups.Cgroup(cgroup).remove()
 
 
@@ -281,8 +265,14 @@ async def test_where_unshare_is_refused_spawns_run_on_the_event_loops_thread(
     assert os.getcwd() == here
 
 
-def spawned_through(path: str, argv: list[str], setup: spawn_module.Setup) -> str:
-    """What `argv` prints, spawned through `path` (see FALLBACKS) with `setup`."""
+def spawned_through(
+    path: str,
+    argv: list[str],
+    setup: spawn_module.Setup = spawn_module.NO_SETUP,
+    *,
+    cgroup: str | None = None,
+) -> str:
+    """What `argv` prints, spawned through `path` (see FALLBACKS) with `setup`, in `cgroup`."""
     spawner = Spawner()
     try:
         if path != "trampoline":
@@ -292,7 +282,7 @@ def spawned_through(path: str, argv: list[str], setup: spawn_module.Setup) -> st
         read, write = os.pipe()
         try:
             env = {"PATH": os.environ["PATH"]}
-            child = spawner.spawn(argv, env, None, write, write, setup=setup)
+            child = spawner.spawn(argv, env, None, write, write, cgroup=cgroup, setup=setup)
         finally:
             os.close(write)
         with os.fdopen(read) as output:
