@@ -592,9 +592,7 @@ def _fork_bound(argv: list[str], log: int, ready: int, timeout: float) -> Forked
     working directory and environment. None when it cannot be: then exec it."""
     env = dict(os.environ)
     try:
-        template = bound_template()
-        if not template.serves(env):
-            return None
+        template = bound_template(env)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
             return template.fork(

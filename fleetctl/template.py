@@ -7,14 +7,17 @@ an interpreter's start-up (protocol.template is the wire).
                            session=True)   # its pid, and a pidfd (the template reaps it)
 
 fleetd keeps one (fleetd.clusters.warm). Bound clusters share one per client process,
-`bound_template()`: started by the first cluster, it exits with the process (it watches its
+`bound_template(env)`: started by the first cluster, it exits with the process (it watches its
 owner's pid), and a process forked from ours starts its own.
 
-A template serves holders whose interpreter would start as its own did: a holder asked for
-with other PYTHON* or loader variables (a test's PYTHONPATH with a sitecustomize, say) must
-be exec'd (`serves`). Every failure here is an Unavailable: the caller then execs the holder
-as it always could. A template that answered out of turn, or not in time, is killed: an
-answer that came late would be taken for the next one's.
+A template serves holders whose interpreter would start as its own did (`serves`): a holder
+asked for with other PYTHON* or loader variables (a test's PYTHONPATH with a sitecustomize,
+say) cannot be forked from it. fleetd then execs the holder; a bound cluster's process replaces
+its template with one started in the new environment.
+
+Every failure here is an Unavailable: the caller then execs the holder as it always could. A
+template that answered out of turn, or not in time, is killed: an answer that came late would
+be taken for the next one's.
 """
 
 import contextlib
@@ -247,13 +250,13 @@ class _BoundTemplate:
         self.lock = threading.Lock()
         self.template: Template | None = None
 
-    def get(self) -> Template:
+    def get(self, env: Mapping[str, str]) -> Template:
         with self.lock:
-            if self.template is not None and self.template.out_of_use():
+            if self.template is not None and not self.template.serves(env):
                 self.template.close()
                 self.template = None
             if self.template is None:
-                self.template = Template.start(os.environ)
+                self.template = Template.start(env)
             return self.template
 
     def forget(self) -> None:
@@ -268,10 +271,13 @@ _bound = _BoundTemplate()
 os.register_at_fork(after_in_child=_bound.forget)
 
 
-def bound_template() -> Template:
-    """This process's template for bound clusters: started on first use, and again once it
-    is out of use. Raises OSError if it cannot be started."""
-    return _bound.get()
+def bound_template(env: Mapping[str, str] | None = None) -> Template:
+    """This process's template for bound clusters, serving holders with environment `env`
+    (ours by default): started on first use, and again once it is out of use or was started
+    in another environment (the one template a process keeps follows its latest: a process
+    that went back and forth would start one each time, as an exec'd holder costs anyway).
+    Raises OSError if it cannot be started."""
+    return _bound.get(os.environ if env is None else env)
 
 
 def _readable(fd: int, timeout: float) -> bool:

@@ -354,15 +354,39 @@ def test_a_bound_holder_takes_the_environment_of_its_time(
             assert "late=yes" in c.logs("a")
 
 
-def test_a_bound_holder_with_another_pythonpath_is_execd(
+def test_a_bound_holder_with_another_pythonpath_forks_from_a_template_started_with_it(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A forked interpreter cannot start over with a new PYTHONPATH (a sitecustomize, say)."""
-    with cluster(SLEEPER):  # the template runs, started with this process's own
-        pass
+    """A forked interpreter cannot start over with a new PYTHONPATH (a sitecustomize, say):
+    the template it started with makes way for one started in the new environment."""
+    with cluster(SLEEPER) as first:
+        before = parent(first.holder_pid or 0)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
     with cluster(SLEEPER) as c:
-        assert parent(c.holder_pid or 0) == os.getpid()
+        template = parent(c.holder_pid or 0)
+        assert template != before and process_name(template) == TEMPLATE_NAME
+        assert f"PYTHONPATH={tempdir}".encode() in read_environ(template)
+    assert wait_gone(before, 10)
+
+
+def test_a_process_back_in_its_own_environment_forks_from_a_template_again(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template first started by a cluster in a passing environment (one test's PYTHONPATH)
+    is not kept for the rest of the process: later clusters fork from one of their own."""
+    with monkeypatch.context() as passing:
+        passing.setenv("PYTHONPATH", os.pathsep.join([tempdir, *sys.path]))
+        with cluster(SLEEPER):
+            pass
+    with cluster(SLEEPER, name="one") as one, cluster(SLEEPER, name="two") as two:
+        template = parent(one.holder_pid or 0)
+        assert parent(two.holder_pid or 0) == template and process_name(template) == TEMPLATE_NAME
+        assert tempdir.encode() not in read_environ(template)
+
+
+def read_environ(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
 
 
 CLIENT = textwrap.dedent(
