@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -e '.[test,lint,etcd]'
 	touch $(STAMP) $(RUN_STAMP)
 
 # fleetd alone needs only the runtime packages: a first `make run` installs no test or lint tools.
@@ -72,7 +72,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= frames responses toml argv
 
 $(FUZZ_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,lint,fuzz]'
+	$(BIN)/pip install --quiet -e '.[test,lint,etcd,fuzz]'
 	touch $(FUZZ_STAMP)
 
 fuzz: $(FUZZ_STAMP)

@@ -24,7 +24,8 @@
     ├── Contested                  contested, exit 12
     ├── Timeout                    timeout, exit 13
     ├── Unavailable                unavailable, exit 14: no daemon answers at the socket
-    │   └── ConnectionLost         connection_lost: the daemon went away mid-conversation
+    │   ├── ConnectionLost         connection_lost: the daemon went away mid-conversation
+    │   └── StoreUnavailable       store_unavailable: fleetd's store (etcd) does not answer
     └── Incompatible               incompatible, exit 15: protocol versions differ
 
 The daemon turns an exception into an error frame with ``code``; the client turns the code
@@ -211,6 +212,13 @@ class ConnectionLost(Unavailable):
     """The daemon closed the connection or died with requests in flight."""
 
     code = "connection_lost"
+
+
+class StoreUnavailable(Unavailable):
+    """fleetd's store does not answer (etcd down, unreachable, or without a quorum): the
+    request did not happen, or may have if it was a write. fleetd goes on; try again."""
+
+    code = "store_unavailable"
 
 
 class Incompatible(FleetError):

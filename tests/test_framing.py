@@ -610,7 +610,7 @@ BRIEF_ERROR_EXITS = {
     "unsupported": 1, "internal": 1, "no_space": 1, "already_running": 1, "closed": 1,
     "permission_denied": 1, "limit_exceeded": 1, "not_owned": 10, "not_enabled": 10,
     "absent": 11, "contested": 12, "timeout": 13, "unavailable": 14, "connection_lost": 14,
-    "incompatible": 15,
+    "store_unavailable": 14, "incompatible": 15,
 }  # fmt: skip
 """Each wire code and its exit code, from the tree in protocol/errors.py and the brief's table."""
 

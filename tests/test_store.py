@@ -10,8 +10,8 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from fleetd.store import (
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
+from tests.etcd_server import EtcdServer, need_etcd
 
 HISTORY_KEPT = 2000
 """Revisions of history the SQLite test stores keep: enough for a slow watcher, small to
@@ -79,14 +80,52 @@ class SQLiteBackend:
         assert store.statistics().compact_revision >= revision
 
 
-BACKENDS: dict[str, Callable[[str], Backend]] = {"sqlite": SQLiteBackend}
-"""Harnesses by backend name, made from a temp dir: an etcd one starts its own server there,
+class EtcdBackend:
+    """An etcd server of its own in the temp dir, started by the first open: closing the
+    store stops it, so that opening again is a restart on the same data."""
+
+    ttl = 1.0
+
+    def __init__(self, directory: str) -> None:
+        self.server = EtcdServer(directory)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Store]:
+        from fleetd.store.etcd import EtcdStore
+
+        await anyio.to_thread.run_sync(self.server.start)
+        try:
+            async with EtcdStore.open(self.server.url) as store:
+                yield store
+        finally:
+            await anyio.to_thread.run_sync(self.server.stop)
+
+    async def compact(self, store: Store, revision: int) -> None:
+        """etcd forgets the revisions before the one it compacts at: write one more, then
+        compact at it."""
+        from fleetd.store.etcd import EtcdStore
+
+        assert isinstance(store, EtcdStore)
+        await store.compact(await store.put("compact/after", b"v"))
+        assert store.statistics().compact_revision >= revision
+
+    def close(self) -> None:
+        self.server.stop(signal.SIGKILL)
+
+
+BACKENDS: dict[str, Callable[[str], Backend]] = {"sqlite": SQLiteBackend, "etcd": EtcdBackend}
+"""Harnesses by backend name, made from a temp dir: the etcd one starts its own server there,
 restarts it to reopen, and compacts with etcd's compaction."""
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest, tempdir: str) -> Backend:
-    return BACKENDS[request.param](tempdir)
+def backend(request: pytest.FixtureRequest, tempdir: str) -> Iterator[Backend]:
+    if request.param == "etcd":
+        need_etcd()
+    harness = BACKENDS[request.param](tempdir)
+    yield harness
+    if isinstance(harness, EtcdBackend):
+        harness.close()
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ ERROR_OUTCOMES = {
     "timeout": "timeout",
     "unavailable": "unavailable",
     "connection_lost": "unavailable",
+    "store_unavailable": "unavailable",
     "incompatible": "incompatible",
 }
 """Every error code of protocol/errors.py (which imports typing) and its outcome; a code
