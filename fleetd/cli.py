@@ -10,12 +10,13 @@ RestartPreventExitStatus):
     70  EX_SOFTWARE    a bug (the traceback is logged at debug level)
     73  EX_CANTCREAT   a directory or the socket cannot be made
     75  EX_TEMPFAIL    another fleetd holds the lock (or holders of an old state still run),
-                       or the store's disk is too full to open it
+                       the store's disk is too full to open it, or its etcd does not answer
     77  EX_NOPERM      a path is a symbolic link, another user's, or writable by others
     78  EX_CONFIG      anything else about the configuration (a socket path too long...)
 
-The plain start (`fleetd`, with --socket, --state-dir and --log-level) is read here, without
-click: the daemon would keep click's modules, most of a megabyte, for its whole life. Every
+The plain start (`fleetd`, with --socket, --state-dir, --log-level, --metrics-listen and
+--store) is read here, without click: the daemon would keep click's modules, most of a
+megabyte, for its whole life. Every
 other line (--help, --version, reset-state, anything wrong) is read by click
 (fleetd.commands), which says what it has to say about it.
 """
@@ -46,6 +47,7 @@ from protocol.errors import (
     StateLost,
     StoreCorrupt,
     StoreFull,
+    StoreUnavailable,
     UnsafePath,
 )
 from protocol.paths import control_socket_path, state_dir_path
@@ -57,6 +59,7 @@ _EXIT_STATUS: tuple[tuple[type[FleetError], int], ...] = (
     (StoreCorrupt, EX_DATAERR),
     (AlreadyRunning, EX_TEMPFAIL),
     (StoreFull, EX_TEMPFAIL),
+    (StoreUnavailable, EX_TEMPFAIL),
     (UnsafePath, EX_NOPERM),
     (StartupError, EX_CONFIG),
 )
@@ -103,6 +106,9 @@ def one_line_on_failure(run: Callable[[], None]) -> None:
 
 LOG_LEVEL_ENV = "FLEET_LOG_LEVEL"
 """The log level when --log-level is not given (`debug` logs every request)."""
+STORE_ENV = "FLEET_STORE"
+"""The store when --store is not given: etcd://HOST:PORT[,HOST:PORT…], or empty for SQLite in
+the state directory."""
 METRICS_LISTEN_ENV = "FLEET_METRICS_LISTEN"
 """Where to serve the metrics over HTTP when --metrics-listen is not given (a unit's
 Environment=, say)."""
@@ -113,6 +119,7 @@ _OPTIONS = {
     "--state-dir": "state_dir",
     "--log-level": "log_level",
     "--metrics-listen": "metrics_listen",
+    "--store": "store",
 }
 
 
@@ -128,11 +135,12 @@ class PlainStart:
     state_dir: str | None = None
     log_level: str = DEFAULT_LOG_LEVEL
     metrics_listen: str = ""
+    store: str = ""
 
 
 def plain_start(argv: Sequence[str]) -> PlainStart | None:
-    """`argv` read as a plain start: only --socket, --state-dir, --log-level and
-    --metrics-listen, each as `--option VALUE` or `--option=VALUE` (the last one counts, as
+    """`argv` read as a plain start: only --socket, --state-dir, --log-level, --metrics-listen
+    and --store, each as `--option VALUE` or `--option=VALUE` (the last one counts, as
     in click). None for a line click must read: a command, help, --version, a log level
     click would refuse (from $FLEET_LOG_LEVEL too), a value that looks like an option (click
     decides what that means), anything else."""
@@ -155,7 +163,7 @@ def plain_start(argv: Sequence[str]) -> PlainStart | None:
 
 
 def daemon_config(
-    socket_path: str | None, state_dir: str | None, metrics_listen: str = ""
+    socket_path: str | None, state_dir: str | None, metrics_listen: str = "", store: str = ""
 ) -> daemon.DaemonConfig:
     """The daemon's places, the defaults (from the environment) for those not given."""
     return daemon.DaemonConfig(
@@ -164,6 +172,7 @@ def daemon_config(
         ),
         state_dir=os.path.abspath(state_dir_path(os.environ) if state_dir is None else state_dir),
         metrics_listen=metrics_listen or os.environ.get(METRICS_LISTEN_ENV, ""),
+        store=store or os.environ.get(STORE_ENV, ""),
     )
 
 
@@ -198,5 +207,7 @@ def main() -> None:
 
         cli()
     else:
-        config = daemon_config(start.socket_path, start.state_dir, start.metrics_listen)
+        config = daemon_config(
+            start.socket_path, start.state_dir, start.metrics_listen, start.store
+        )
         serve(config, start.log_level)

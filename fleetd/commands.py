@@ -46,19 +46,31 @@ from protocol.paths import control_socket_path, state_dir_path
     help="Also serve the metrics (Prometheus text) over HTTP here, e.g. 127.0.0.1:9101 "
     "(default: $FLEET_METRICS_LISTEN, else nowhere).",
 )
+@click.option(
+    "--store",
+    default="",
+    metavar="etcd://HOST:PORT[,…]",
+    help="Keep leases and claims in etcd, shared with every fleetd pointed at it (default: "
+    "$FLEET_STORE, else SQLite in the state directory).",
+)
 @click.version_option(
     RELEASE, prog_name="fleetd", message=f"%(prog)s %(version)s (protocol {PROTOCOL_VERSION})"
 )
 @click.pass_context
-def cli(
-    ctx: click.Context, socket_path: str, state_dir: str, log_level: str, metrics_listen: str
+def cli(  # noqa: PLR0917 (click passes each option by position)
+    ctx: click.Context,
+    socket_path: str,
+    state_dir: str,
+    log_level: str,
+    metrics_listen: str,
+    store: str,
 ) -> None:
     """fleetd, the fleet supervisor daemon.
 
     With no command, run the daemon in the foreground until SIGTERM or SIGINT: this is what
     systemd (fleetd.service) and `make run` start. A failure to start is one `fleetd: ...`
     line and a sysexits code. The command below repairs a state directory instead."""
-    config = daemon_config(socket_path, state_dir, metrics_listen)
+    config = daemon_config(socket_path, state_dir, metrics_listen, store)
     ctx.obj = config
     if ctx.invoked_subcommand is None:
         serve(config, log_level)

@@ -57,6 +57,7 @@ PLAIN_STARTS = [
     ["--log-level", "debug", "--state-dir=/var/lib/x", "--log-level=warning"],
     ["--socket="],
     ["--metrics-listen", "127.0.0.1:9101", "--socket=/run/x/fleetd.sock"],
+    ["--store", "etcd://127.0.0.1:2379", "--store=etcd://10.0.0.1:2379,10.0.0.2:2379"],
 ]
 
 
@@ -65,11 +66,11 @@ def test_a_plain_start_is_read_as_click_reads_it(argv: list[str]) -> None:
     start = plain_start(argv)
     assert start is not None
     params = cli.make_context("fleetd", list(argv)).params
-    plain = daemon_config(start.socket_path, start.state_dir, start.metrics_listen)
-    assert (plain, start.log_level) == (
-        daemon_config(params["socket_path"], params["state_dir"], params["metrics_listen"]),
-        params["log_level"],
+    plain = daemon_config(start.socket_path, start.state_dir, start.metrics_listen, start.store)
+    clicked = daemon_config(
+        params["socket_path"], params["state_dir"], params["metrics_listen"], params["store"]
     )
+    assert (plain, start.log_level) == (clicked, params["log_level"])
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ The interface is shaped after etcd's v3 API so that an etcd backend fits it unch
 - watches over a key prefix, resumable from a past revision while the history keeps it
   (the history seam: see ``Store``).
 
-Backends: ``fleetd.store.sqlite`` (the embedded default). Values are opaque bytes; callers
+Backends: ``fleetd.store.sqlite`` (the embedded default) and ``fleetd.store.etcd`` (for many
+hosts). Values are opaque bytes; callers
 encode their own records.
 """
 
@@ -19,7 +20,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Literal, Protocol, TypeVar
 
+import anyio
 import msgspec
+from anyio.abc import TaskStatus
 
 from protocol.errors import Internal, InvalidRequest
 
@@ -212,6 +215,9 @@ class Store(Protocol):
     Every write is durable before the awaiting caller resumes. A caller cancelled while waiting
     may still see its write happen: make writes idempotent per owner.
 
+    ``shared``: other fleetd processes may write the same store (etcd), so that what a fleetd
+    remembers of a record may be stale (fleetd.presence, fleetd.leases, fleetd.claims).
+
     The history seam. ``watch`` (events under a prefix, resumable from ``start_revision``),
     with ``revision``, ``Event``, ``StoreStatistics.compact_revision`` and the ``Compacted``
     error, forms the store's history: an etcd-shaped record of every change. Today only tests
@@ -222,6 +228,12 @@ class Store(Protocol):
     are built on. tests/test_store.py ("Watches: the history seam") is its conformance suite,
     written against this interface for every backend to pass.
     """
+
+    shared: bool = False
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, then serve until cancelled; started once it answers requests."""
+        ...
 
     @property
     def revision(self) -> int:

@@ -179,6 +179,8 @@ class EtcdStore(Store):
     ready once etcd answered once (its revision then is `revision`'s start).
     """
 
+    shared = True
+
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
         self._prefix = endpoints.namespace.encode()
