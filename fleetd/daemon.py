@@ -11,7 +11,7 @@ import functools
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ from fleetd.core.metrics import KEPT, Registry
 from fleetd.core.server import ControlServer, socket_group
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
+from fleetd.presence import Presence
 from fleetd.state import (
     LOCK_FILE,
     STORE_FILE,
@@ -37,6 +38,7 @@ from fleetd.state import (
     check_store_files,
     exclusive_lock,
 )
+from fleetd.store import Store
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol import PROTOCOL_VERSION, RELEASE
@@ -64,7 +66,7 @@ from protocol.clusters import (
     MemberWait,
 )
 from protocol.definitions import parse_toml
-from protocol.errors import Incompatible, StartupError
+from protocol.errors import Incompatible, InvalidRequest, StartupError
 from protocol.messages import (
     Empty,
     Hello,
@@ -96,6 +98,8 @@ class DaemonConfig:
     state_dir: str
     metrics_listen: str = ""
     """HOST:PORT to serve the metrics over HTTP at (fleetd.metrics_http), or nobody."""
+    store: str = ""
+    """etcd://HOST:PORT[,…] (fleetd.store.etcd), or empty: SQLite in the state directory."""
 
 
 @dataclass(frozen=True)
@@ -154,19 +158,52 @@ async def run(config: DaemonConfig, template: WarmTemplate) -> None:
     holders from `template` (started before the event loop: fleetd.clusters.warm)."""
     if config.metrics_listen:
         metrics_http.parse_listen(config.metrics_listen)  # before anything is claimed
+    make_store = store_maker(config.store)  # before anything is claimed, as a bad address
     with claim_places(config) as places:
-        await Daemon(places, template, metrics_listen=config.metrics_listen).run()
+        store = make_store(places.state)
+        await Daemon(places, template, store, metrics_listen=config.metrics_listen).run()
+
+
+def store_maker(address: str) -> Callable[[PrivateDir], Store]:
+    """What makes the store, given the state directory: SQLite there (the default), or etcd
+    at an etcd:// address. etcd's module loads gRPC: only now, after the template was forked
+    (fleetd.store.etcd)."""
+    if not address:
+        return _sqlite_store
+    if not address.startswith("etcd://"):
+        raise StartupError(
+            f"--store {address!r}: give etcd://HOST:PORT[,HOST:PORT…], or nothing for SQLite "
+            "in the state directory"
+        )
+    try:
+        from fleetd.store.etcd import Endpoints, EtcdStore
+    except ImportError as exc:
+        raise StartupError(
+            f"the etcd store needs the etcd extra (pip install 'fleet[etcd]'): {exc}"
+        ) from None
+    try:
+        endpoints = Endpoints.parse(address)
+    except InvalidRequest as exc:
+        raise StartupError(exc.message) from None
+    return lambda _state: EtcdStore(endpoints)
+
+
+def _sqlite_store(state: PrivateDir) -> Store:
+    return SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
 
 
 class Daemon:
-    def __init__(self, places: Places, template: WarmTemplate, *, metrics_listen: str = "") -> None:
+    def __init__(
+        self, places: Places, template: WarmTemplate, store: Store, *, metrics_listen: str = ""
+    ) -> None:
         self.places = places
         self.metrics_listen = metrics_listen
         self.template = template
         self.socket_path = places.socket_path
         state = places.state
-        self.store = SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
-        self.leases = LeaseManager(self.store)
+        self.store = store
+        self.presence = Presence(store, state) if store.shared else None
+        self.leases = LeaseManager(self.store, presence=self.presence)
         self.holders = HolderRegistry(self.store, state, template)
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
@@ -257,6 +294,8 @@ class Daemon:
         async with anyio.create_task_group() as daemon:
             daemon.start_soon(self._watch_signals)
             await daemon.start(self.store.serve)
+            if self.presence is not None:
+                await daemon.start(self.presence.serve)
             await daemon.start(self.leases.serve)
             await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)

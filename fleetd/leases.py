@@ -24,7 +24,9 @@ Writes to one name are serialised by a lock of that name (a grant may have to wa
 to finish); reads and heartbeats never wait for it.
 """
 
+import contextlib
 import itertools
+import math
 import os
 import time
 import uuid
@@ -43,8 +45,17 @@ from fleetd.core.dispatch import Peer
 from fleetd.core.locks import NameLock, NameLocks
 from fleetd.core.metrics import LEASES_EXPIRED, Family, gauge
 from fleetd.core.timers import Alarm, DeadlineHeap
-from fleetd.store import Compare, Delete, Put, Store
-from protocol.errors import Compacted, Internal, InvalidRequest, StoreFull
+from fleetd.presence import Presence
+from fleetd.store import Compare, Delete, Event, KeyValue, Put, Range, RangeResult, Store, TxnResult
+from protocol.errors import (
+    Absent,
+    Compacted,
+    FleetError,
+    Internal,
+    InvalidRequest,
+    StoreFull,
+    StoreUnavailable,
+)
 from protocol.leases import (
     MAX_WAIT,
     EventType,
@@ -85,6 +96,22 @@ EVENTS_PER_ANSWER = 1_000
 EXPIRY_RETRY = 1.0
 """Seconds between tries of an expiry record a full disk kept from being written."""
 
+MOVED_RETRIES = 3
+"""Tries of an acquire whose record another fleetd keeps writing (a shared store)."""
+FOLLOW_RETRY = 1.0
+"""Seconds between tries to watch a shared store's lease records again."""
+
+
+class _Moved(Exception):
+    """The record was written by another fleetd since we read it (a shared store)."""
+
+
+_EVENT_OF: dict[LeaseState, EventType] = {
+    "held": "acquired",
+    "released": "released",
+    "expired": "expired",
+}
+
 
 class StoredLease(msgspec.Struct, frozen=True, kw_only=True):
     """A lease record as stored. The granting write cannot know its own revision, so it stores
@@ -96,6 +123,9 @@ class StoredLease(msgspec.Struct, frozen=True, kw_only=True):
     ttl: float
     state: LeaseState
     token: int = 0
+    keeper: int = 0
+    """On a shared store, the presence (fleetd.presence) of the fleetd that keeps this held
+    lease's deadline; 0 on SQLite, where there is one fleetd."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -112,6 +142,8 @@ class Entry:
     mod_revision: int
     deadline: float = 0.0
     dirty: bool = False
+    foreign: bool = False
+    """Held through another fleetd on a shared store, which keeps its deadline (here: inf)."""
 
     @property
     def token(self) -> int:
@@ -154,6 +186,8 @@ def decide_acquire(
     one that released it does not."""
     if entry is None or entry.record.state == "released":
         return _FREE
+    if entry.foreign and entry.record.state == "held":
+        return _CONTEST  # its fleetd keeps its deadline; never STONITH across fleetds
     if entry.record.state == "expired" or entry.deadline <= now:
         return AcquireDecision(Verdict.GRANT, entry, "expired")
     if not alive(entry.record.identity):
@@ -205,7 +239,7 @@ class LeaseTable:
     def install(self, entry: Entry) -> bool:
         """Make `entry` its name's record; whether its deadline is now the earliest."""
         self._entries[entry.name] = entry
-        if entry.record.state != "held":
+        if entry.record.state != "held" or entry.foreign:
             return False
         return self._deadlines.push(entry, entry.deadline)
 
@@ -222,8 +256,16 @@ class LeaseTable:
     def pop_expired(self, now: float) -> list[tuple[Entry, float]]:
         """Mark every lease past its deadline expired (dirty: to be written); returns each
         new entry with the deadline it missed."""
+        return self._expire(self._deadlines.pop_due(now))
+
+    def expire_all(self) -> list[tuple[Entry, float]]:
+        """Mark every held lease of ours expired at once (this fleetd lost its presence)."""
+        held = [e for e in self._entries.values() if e.record.state == "held" and not e.foreign]
+        return self._expire(held)
+
+    def _expire(self, due: Iterable[Entry]) -> list[tuple[Entry, float]]:
         expired = []
-        for entry in self._deadlines.pop_due(now):
+        for entry in list(due):
             gone = Entry(
                 entry.name,
                 msgspec.structs.replace(entry.record, state="expired"),
@@ -242,8 +284,10 @@ class LeaseTable:
 
 
 def info(entry: Entry, now: float, wall: float) -> LeaseInfo:
+    """A foreign lease shows its TTL as what remains: the most it can have."""
     record = entry.record
     remaining = max(0.0, entry.deadline - now) if record.state == "held" else 0.0
+    remaining = min(remaining, record.ttl)
     return LeaseInfo(
         name=entry.name,
         owner=record.owner,
@@ -324,6 +368,8 @@ class LeaseManager:
 
     Args:
         store: where records live.
+        presence: this fleetd's presence when the store is shared with other fleetd
+            processes (etcd): its held records are attached to it, theirs are watched.
         clock: the monotonic clock deadlines are measured on.
         grace: seconds between SIGTERM and SIGKILL when fencing a stale holder.
     """
@@ -332,10 +378,12 @@ class LeaseManager:
         self,
         store: Store,
         *,
+        presence: Presence | None = None,
         clock: Callable[[], float] = time.monotonic,
         grace: float = STONITH_GRACE,
     ) -> None:
         self._store = store
+        self._presence = presence
         self._clock = clock
         self._grace = grace
         self.table = LeaseTable()
@@ -348,11 +396,15 @@ class LeaseManager:
         """fleetd's own pid, which no lease may bind to (read once: a syscall per acquire)."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Load every record (held ones get their full TTL again), then expire until cancelled."""
-        await self._load()
+        """Load every record (held ones get their full TTL again), then expire until cancelled;
+        on a shared store, follow the other fleetds' writes too."""
+        loaded_at = await self._load()
         async with anyio.create_task_group() as writers:
             self._writers = writers
             writers.start_soon(self._expire_forever)
+            if self._presence is not None:
+                self._presence.on_lost = self._presence_lost
+                writers.start_soon(self._follow, loaded_at)
             task_status.started()
 
     def close_watches(self) -> None:
@@ -383,18 +435,28 @@ class LeaseManager:
             ),
         ]
 
-    async def _load(self) -> None:
-        now = self._clock()
-        held = 0
-        for kv in await self._store.range(PREFIX):
-            record = _decode_stored(kv.value)
-            if not record.token:
-                record = msgspec.structs.replace(record, token=kv.mod_revision)
-            name = kv.key.removeprefix(PREFIX)
-            deadline = now + record.ttl if record.state == "held" else 0.0
-            self.table.install(Entry(name, record, kv.mod_revision, deadline))
-            held += record.state == "held"
+    async def _load(self) -> int:
+        """Every record, read at one revision, which it returns."""
+        read = await self._store.txn((), (Range(PREFIX),))
+        (listed,) = read.responses
+        assert isinstance(listed, RangeResult)
+        for kv in listed.kvs:
+            self.table.install(self._entry_of(kv))
+        held = sum(entry.record.state == "held" for entry in self.table.entries())
         log.info("leases_loaded", records=len(self.table), held=held)
+        return read.revision
+
+    def _entry_of(self, kv: KeyValue) -> Entry:
+        """A stored record as an entry: ours gets its full TTL again (as at a restart)."""
+        record = _decode_stored(kv.value)
+        if not record.token:
+            record = msgspec.structs.replace(record, token=kv.mod_revision)
+        name = kv.key.removeprefix(PREFIX)
+        if record.state != "held":
+            return Entry(name, record, kv.mod_revision)
+        if self._presence is not None and record.keeper != self._presence.id:
+            return Entry(name, record, kv.mod_revision, math.inf, foreign=True)
+        return Entry(name, record, kv.mod_revision, self._clock() + record.ttl)
 
     # Handlers --------------------------------------------------------------------------------
 
@@ -416,7 +478,7 @@ class LeaseManager:
         check_name(request.name, "lease")
         now = self._clock()
         entry = self.table.get(request.name)
-        if not decide_heartbeat(entry, request.owner, request.token, now):
+        if not (decide_heartbeat(entry, request.owner, request.token, now) and self._present(now)):
             return self._not_owned(entry, request.owner, now)
         assert entry is not None
         self.table.renew(entry, now)
@@ -438,7 +500,14 @@ class LeaseManager:
             if refused is not None:
                 return refused
             assert entry is not None
-            released = self._info(await self._write(entry, state="released"))
+            try:
+                released = self._info(await self._write(entry, state="released"))
+            except _Moved:  # another fleetd wrote it: answered as the record is now
+                await self._refresh(name)
+                refused = self._release_refused(request, self.table.get(name))
+                if refused is None:
+                    raise StoreUnavailable(f"lease {name!r} changed under another fleetd") from None
+                return refused
             self.events.append("released", released)
         finally:
             self._locks.release(name)
@@ -530,6 +599,18 @@ class LeaseManager:
     async def _acquire_locked(
         self, request: LeaseAcquire, holder: Identity, peer: Peer
     ) -> LeaseResult:
+        """Decided on the record as known here; on a shared store another fleetd may have
+        written it since, and then it is read again and decided anew."""
+        for _ in range(MOVED_RETRIES):
+            try:
+                return await self._acquire_once(request, holder, peer)
+            except _Moved:
+                await self._refresh(request.name)
+        raise StoreUnavailable(f"lease {request.name!r} kept changing under other fleetds")
+
+    async def _acquire_once(
+        self, request: LeaseAcquire, holder: Identity, peer: Peer
+    ) -> LeaseResult:
         entry = self.table.get(request.name)
         decision = decide_acquire(entry, request.owner, self._clock(), proc.is_alive)
         match decision.verdict:
@@ -586,16 +667,20 @@ class LeaseManager:
         return outcome
 
     async def _grant(self, request: LeaseAcquire, holder: Identity, entry: Entry | None) -> Entry:
-        record = StoredLease(owner=request.owner, identity=holder, ttl=request.ttl, state="held")
+        record = StoredLease(
+            owner=request.owner,
+            identity=holder,
+            ttl=request.ttl,
+            state="held",
+            keeper=self._keeper(),
+        )
         key = PREFIX + request.name
         guard = (
             Compare(key, "mod", "==", entry.mod_revision)
             if entry is not None
             else Compare(key, "create", "==", 0)
         )
-        result = await self._store.txn((guard,), (Put(key, _encode(record)),))
-        if not result.succeeded:
-            raise Internal(f"lease record {request.name!r} changed behind the lease manager")
+        result = await self._put(key, guard, record)
         granted = Entry(
             request.name,
             msgspec.structs.replace(record, token=result.revision),
@@ -612,16 +697,53 @@ class LeaseManager:
         record = msgspec.structs.replace(
             entry.record, state=state, ttl=entry.record.ttl if ttl is None else ttl
         )
+        if state == "held":
+            record = msgspec.structs.replace(record, keeper=self._keeper())
         key = PREFIX + entry.name
-        result = await self._store.txn(
-            (Compare(key, "mod", "==", entry.mod_revision),), (Put(key, _encode(record)),)
-        )
-        if not result.succeeded:
-            raise Internal(f"lease record {entry.name!r} changed behind the lease manager")
+        result = await self._put(key, Compare(key, "mod", "==", entry.mod_revision), record)
         deadline = self._clock() + record.ttl if state == "held" else 0.0
         written = Entry(entry.name, record, result.revision, deadline)
         self._install(written)
         return written
+
+    async def _put(self, key: str, guard: Compare, record: StoredLease) -> TxnResult:
+        """Write `record` if `guard` holds; a held one with our presence (shared store).
+        Raises _Moved when another fleetd wrote the key since (a bug on a store of our own)."""
+        lease = record.keeper if record.state == "held" else 0
+        try:
+            result = await self._store.txn((guard,), (Put(key, _encode(record), lease),))
+        except Absent:  # the presence expired between our check and the write
+            raise StoreUnavailable(
+                "fleetd's presence in the store lapsed; it is being renewed: try again"
+            ) from None
+        if result.succeeded:
+            return result
+        if self._presence is None:
+            raise Internal(f"lease record {key!r} changed behind the lease manager")
+        raise _Moved
+
+    def _keeper(self) -> int:
+        """Our presence, for a held record (0 with a store of our own). Raises
+        StoreUnavailable while we have none (etcd was lost; fleetd keeps trying)."""
+        if self._presence is None:
+            return 0
+        if not self._presence.valid(self._clock()):
+            raise StoreUnavailable(
+                "fleetd has lost touch with its store (etcd): no lease can be granted until "
+                "it is back"
+            )
+        return self._presence.id
+
+    def _present(self, now: float) -> bool:
+        return self._presence is None or self._presence.valid(now)
+
+    async def _refresh(self, name: str) -> None:
+        """Read `name`'s record again (another fleetd wrote it)."""
+        kv = await self._store.get(PREFIX + name)
+        if kv is None:
+            self.table.remove(name)
+        else:
+            self._install(self._entry_of(kv))
 
     def _install(self, entry: Entry) -> None:
         if self.table.install(entry):
@@ -640,7 +762,7 @@ class LeaseManager:
                 self._expired(expired)
             await self._alarm.sleep_until(self.table.next_deadline())
 
-    def _expired(self, expired: Iterable[tuple[Entry, float]]) -> None:
+    def _expired(self, expired: Iterable[tuple[Entry, float]], *, persist: bool = True) -> None:
         assert self._writers is not None
         now = self._clock()
         for entry, deadline in expired:
@@ -651,7 +773,8 @@ class LeaseManager:
                 owner=entry.record.owner,
                 late_ms=round((now - deadline) * 1e3, 1),
             )
-            self._writers.start_soon(self._persist_expiry, entry)
+            if persist:
+                self._writers.start_soon(self._persist_expiry, entry)
 
     async def _persist_expiry(self, entry: Entry) -> None:
         """Write an expiry decided in memory, unless the name moved on meanwhile. A full disk
@@ -667,9 +790,55 @@ class LeaseManager:
             except StoreFull:
                 log.warning("lease_expiry_postponed", lease=entry.name, reason="disk full")
                 await anyio.sleep(EXPIRY_RETRY)
+            except _Moved:  # another fleetd wrote it after our presence lapsed
+                with contextlib.suppress(FleetError):
+                    await self._refresh(entry.name)
+                return
             except Exception as exc:
                 log.warning("lease_expiry_not_written", lease=entry.name, error=repr(exc))
                 return
+
+    # A shared store ---------------------------------------------------------------------------
+
+    def _presence_lost(self) -> None:
+        """Every lease held through us is lost at once: etcd deletes (or has deleted) their
+        records with our presence. Their holders hear not_owned at their next heartbeat."""
+        self._expired(self.table.expire_all(), persist=False)
+
+    async def _follow(self, loaded_at: int) -> None:
+        """Apply the other fleetds' writes to the table as the store's watch reports them,
+        from the revision after our load; resumed (gRPC reconnects) or, once the history is
+        compacted, everything read again."""
+        after = loaded_at
+        while True:
+            try:
+                async with self._store.watch(PREFIX, start_revision=after + 1) as events:
+                    async for event in events:
+                        self._apply(event)
+                        after = event.revision
+            except Compacted:
+                after = await self._load()
+            except FleetError as exc:
+                log.warning("lease_watch_broken", error=exc.message)
+                await anyio.sleep(FOLLOW_RETRY)
+
+    def _apply(self, event: Event) -> None:
+        name = event.kv.key.removeprefix(PREFIX)
+        current = self.table.get(name)
+        if current is not None and event.revision <= current.mod_revision:
+            return  # our own write, or one we read since
+        if event.type == "delete":
+            if current is not None:
+                self.table.remove(name)
+                if current.foreign and current.record.state == "held":
+                    gone = msgspec.structs.replace(current.record, state="expired")
+                    self.events.append("expired", self._info(Entry(name, gone, event.revision)))
+            return
+        entry = self._entry_of(event.kv)
+        if self._presence is not None and entry.record.keeper == self._presence.id:
+            return  # our own write, which this fleetd installed (or is installing) itself
+        self._install(entry)
+        self.events.append(_EVENT_OF[entry.record.state], self._info(entry))
 
     # Answers ---------------------------------------------------------------------------------
 
