@@ -54,6 +54,7 @@ planted in the inbox is moved aside as a link, never followed.
 import contextlib
 import hashlib
 import os
+import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -90,7 +91,14 @@ from protocol.claims import (
     check_key,
     check_kind,
 )
-from protocol.errors import FleetError, Internal, StoreFull, UnsafePath
+from protocol.errors import (
+    FleetError,
+    Internal,
+    InvalidRequest,
+    StoreFull,
+    StoreUnavailable,
+    UnsafePath,
+)
 from protocol.outcomes import Outcome
 
 log = structlog.get_logger("fleetd.claims")
@@ -104,6 +112,8 @@ QUARANTINE = "quarantine"
 GC_CONCURRENCY = 32
 """Claims gc collects at once: enough for the store to batch their deletions."""
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
+MOVED_RETRIES = 3
+"""Tries of a request whose record other fleetds keep writing (a shared store)."""
 RECENT = 4096
 """Claim records kept in memory, the most recently used: a request for one of them needs no
 store read before its write."""
@@ -123,6 +133,9 @@ class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
     staged: str = ""
     """The staging file its content was flushed to before the rename into place: start-up
     rolls a held claim forward from it (fleetd.delivery)."""
+    home: str = ""
+    """On a shared store, the fleetd whose state directory holds the file (`home_of`): only it
+    can withdraw, deliver again, collect or reconcile it. Empty: this fleetd's."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -135,6 +148,16 @@ Entries = list[ClaimInfo]
 
 def record_key(kind: str, key: str) -> str:
     return f"{PREFIX}{kind}/{key}"
+
+
+def home_of(state: PrivateDir) -> str:
+    """A fleetd's home on a shared store: its host and state directory, which hold the files
+    of the claims delivered through it."""
+    return f"{socket.gethostname()}:{state.path}"
+
+
+class _Moved(Exception):
+    """The record was written by another fleetd since we read it (a shared store)."""
 
 
 # Decisions ---------------------------------------------------------------------------------
@@ -239,7 +262,9 @@ class ClaimService:
         self.max_bytes = min(max_bytes or _configured_max(), MAX_CONTENT)
         self._locks = NameLocks()
         self._files = FileBatches(state)
-        self._recent = _Recent(RECENT)
+        self._shared = store.shared
+        self._home = home_of(state) if store.shared else ""
+        self._recent = _Recent(0 if store.shared else RECENT)  # others write a shared store
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Reconcile the files with the journal, then gc; a full disk postpones the gc (it
@@ -258,7 +283,7 @@ class ClaimService:
         """After a crash: roll held claims forward from their staging files, drop held
         records whose file is in neither place, clear staging, withdraw released claims'
         files, and quarantine files that no record explains."""
-        kvs = await self._store.range(PREFIX)
+        kvs = [kv for kv in await self._store.range(PREFIX) if self._ours(_decode(kv.value))]
         records = {kv.key: (kv, _decode(kv.value)) for kv in kvs}
         explained: dict[Where, ClaimState] = {}
         staged: dict[Where, StoredClaim] = {}
@@ -316,18 +341,35 @@ class ClaimService:
 
     # Handlers --------------------------------------------------------------------------------
 
+    def _ours(self, record: StoredClaim | None) -> bool:
+        """Whether the claim's file is in our state directory."""
+        return record is not None and record.home == self._home
+
+    async def _retried(self, request: Callable[[], Awaitable[ClaimResult]]) -> ClaimResult:
+        """`request` again, on what the store holds now, while other fleetds wrote its record
+        between our read and our write (a shared store)."""
+        for _ in range(MOVED_RETRIES):
+            try:
+                return await request()
+            except _Moved:
+                continue
+        raise StoreUnavailable("the claim kept changing under other fleetds: try again")
+
     async def acquire(self, request: ClaimAcquire, peer: Peer) -> ClaimResult:
         check_kind(request.kind, writable=True)
         check_component("key", request.key)
         check_component("owner", request.owner)
         check_content(request.content, self.max_bytes)
+        return await self._retried(lambda: self._acquire(request))
+
+    async def _acquire(self, request: ClaimAcquire) -> ClaimResult:
         digest = hashlib.sha256(request.content).hexdigest()
         key = record_key(request.kind, request.key)
         parts = relative_path(request.kind, request.key, request.owner)
         async with self._locks.hold(key):
             found = await self._current(key)
             outcome = decide_acquire(found.record, request.owner, digest)
-            if outcome is Outcome.ALREADY_ACQUIRED:
+            if outcome is Outcome.ALREADY_ACQUIRED and self._ours(found.record):
                 await self._redeliver_if_missing(parts, request.content)
             if outcome is not Outcome.ACQUIRED:
                 assert found.record is not None
@@ -355,6 +397,7 @@ class ClaimService:
             size=len(request.content),
             acquired_at=round(time.time(), 3),
             staged=job.staged,
+            home=self._home,
         )
         try:
             record = await self._write(key, found, record)
@@ -399,6 +442,9 @@ class ClaimService:
         check_kind(request.kind, writable=True)
         check_component("key", request.key)
         check_component("owner", request.owner)
+        return await self._retried(lambda: self._release(request))
+
+    async def _release(self, request: ClaimRelease) -> ClaimResult:
         key = record_key(request.kind, request.key)
         async with self._locks.hold(key):
             found = await self._current(key)
@@ -406,6 +452,13 @@ class ClaimService:
             if outcome is not Outcome.RELEASED:
                 return self._refused(request.kind, request.key, found, outcome, request.owner)
             assert found.record is not None
+            if not self._ours(found.record):
+                raise InvalidRequest(
+                    f"{request.kind} {request.key!r} was delivered through the fleetd at "
+                    f"{found.record.home or 'a store of its own'}, which holds its file: "
+                    "release it there",
+                    home=found.record.home,
+                )
             record = msgspec.structs.replace(
                 found.record, state="released", released_at=round(time.time(), 3)
             )
@@ -483,7 +536,9 @@ class ClaimService:
         found = [
             (kv.key, record)
             for kv in await self._store.range(PREFIX)
-            if (record := _stored(kv)).state == "held" and owners.gone(record.owner)
+            if (record := _stored(kv)).state == "held"
+            and self._ours(record)
+            and owners.gone(record.owner)
         ]
         done = [True] * len(found) if dry_run else await _concurrently(self._collect, found)
         removed: Entries = []
@@ -536,6 +591,8 @@ class ClaimService:
         )
         result = await self._txn(key, guard, Put(key, _encode(record)))
         if not result.succeeded:
+            if self._shared:
+                raise _Moved
             raise Internal(f"claim record {key!r} changed behind the claims journal")
         if not record.revision:
             record = msgspec.structs.replace(record, revision=result.revision)
