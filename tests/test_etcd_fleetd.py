@@ -1,0 +1,229 @@
+"""fleetd on etcd (`--store etcd://…`): one fleetd serves as on SQLite; several fleetd with
+state directories of their own (as on separate hosts) sharing one etcd see one set of leases
+and claims; a dead fleetd's leases come free once its presence expires; an etcd that stops
+answering gives clear errors, and lease holders lose their leases at their own deadline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fleetctl import SyncClient
+from fleetd import presence
+from tests.etcd_server import EtcdServer, need_etcd
+from tests.processes import FLEETCTL, Fleetd, fleetctl, run_fleetd, wait_until
+
+
+@pytest.fixture
+def etcd(tempdir: str) -> Iterator[EtcdServer]:
+    need_etcd()
+    with EtcdServer(tempdir) as server:
+        yield server
+
+
+def on_etcd(root: str, server: EtcdServer) -> Fleetd:
+    os.makedirs(root, exist_ok=True)
+    return Fleetd(root, extra_env={"FLEET_STORE": server.url}).start()
+
+
+@pytest.fixture
+def one(tempdir: str, etcd: EtcdServer) -> Iterator[Fleetd]:
+    daemon = on_etcd(os.path.join(tempdir, "one"), etcd)
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture
+def two(tempdir: str, etcd: EtcdServer) -> Iterator[Fleetd]:
+    daemon = on_etcd(os.path.join(tempdir, "two"), etcd)
+    yield daemon
+    daemon.close()
+
+
+def cli(daemon: Fleetd, *args: str, content: bytes | None = None) -> tuple[int, dict[str, object]]:
+    done = fleetctl(*args, env=daemon.env, input=content)
+    return done.returncode, json.loads(done.stdout)
+
+
+def lease(daemon: Fleetd, verb: str, name: str, *args: str) -> tuple[int, str]:
+    code, answer = cli(daemon, "lease", verb, name, *args)
+    return code, str(answer["outcome"])
+
+
+def error_of(answer: dict[str, object]) -> str:
+    return str(answer["error"]["message"])  # type: ignore[index]
+
+
+def claim(daemon: Fleetd, verb: str, key: str, owner: str) -> tuple[int, dict[str, object]]:
+    args = ["claims", verb, "--kind", "prompt_inbox", "--key", key, "--owner", owner]
+    return cli(daemon, *args, content=b"do the thing\n" if verb == "acquire" else None)
+
+
+# One fleetd ---------------------------------------------------------------------------------
+
+
+def test_a_fleetd_on_etcd_grants_leases_with_increasing_tokens(one: Fleetd) -> None:
+    first = cli(one, "lease", "acquire", "build", "--owner", "a", "--ttl", "30s")[1]
+    cli(one, "lease", "release", "build", "--owner", "a")
+    again = cli(one, "lease", "acquire", "build", "--owner", "b", "--ttl", "30s")[1]
+    tokens = [answer["lease"]["token"] for answer in (first, again)]  # type: ignore[index]
+    assert tokens[1] > tokens[0] > 0
+
+
+def test_a_fleetd_on_etcd_delivers_and_withdraws_claims(one: Fleetd) -> None:
+    code, answer = claim(one, "acquire", "k1", "agent")
+    path = answer["claim"]["path"]  # type: ignore[index]
+    with open(path, "rb") as delivered:
+        assert code == 0 and delivered.read() == b"do the thing\n"
+    assert claim(one, "release", "k1", "agent")[0] == 0
+    wait_until(lambda: not os.path.exists(path))
+
+
+def test_a_bad_store_address_is_refused_before_anything_starts(tempdir: str) -> None:
+    env = {**os.environ, "FLEET_STATE_DIR": tempdir, "FLEET_SOCKET": f"{tempdir}/f.sock"}
+    for address, says in [
+        ("redis://127.0.0.1:6379", "give etcd://HOST:PORT"),
+        ("etcd://127.0.0.1:notaport", "is not HOST:PORT"),
+        ("etcd://user@127.0.0.1:2379", "only hosts, ports and a namespace"),
+    ]:
+        done = run_fleetd(env, "--store", address)
+        assert (done.returncode, done.stdout) == (78, ""), done.stderr
+        assert done.stderr.startswith("fleetd: ") and says in done.stderr
+    assert os.listdir(tempdir) == []
+
+
+def test_an_etcd_that_does_not_answer_at_start_is_a_temporary_failure(tempdir: str) -> None:
+    need_etcd()
+    env = {**os.environ, "FLEET_STATE_DIR": tempdir, "FLEET_SOCKET": f"{tempdir}/f.sock"}
+    done = run_fleetd(env, "--store", "etcd://127.0.0.1:1")
+    assert done.returncode == 75  # EX_TEMPFAIL: systemd may try again
+    assert "etcd at etcd://127.0.0.1:1/fleet does not answer" in done.stderr
+
+
+# Two fleetds, one etcd -----------------------------------------------------------------------
+
+
+def test_a_lease_acquired_through_one_fleetd_is_contested_through_another(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "30s") == (0, "acquired")
+    wait_until(lambda: lease(two, "inspect", "build")[1] == "ok")
+    assert lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s") == (12, "contested")
+
+
+def test_a_lease_released_through_one_fleetd_is_granted_through_another(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "30s")[1] == "acquired"
+    assert lease(one, "release", "build", "--owner", "a")[1] == "released"
+    wait_until(
+        lambda: lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "acquired"
+    )
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "30s")[1] == "contested"
+
+
+def test_a_lease_watch_through_one_fleetd_sees_grants_through_another(
+    one: Fleetd, two: Fleetd
+) -> None:
+    with SyncClient(two.socket_path) as client:
+        start = client.lease_watch("build")
+        lease(one, "acquire", "build", "--owner", "a", "--ttl", "30s")
+        answer = client.lease_watch("build", start.cursor, epoch=start.epoch, wait=10)
+    assert [(e.type, e.lease.owner) for e in answer.events] == [("acquired", "a")]
+
+
+def test_a_claim_acquired_through_one_fleetd_is_contested_through_another(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert claim(one, "acquire", "k1", "agent-a")[0] == 0
+    code, answer = claim(two, "acquire", "k1", "agent-b")
+    assert (code, answer["outcome"]) == (12, "contested")
+
+
+def test_a_claim_is_released_only_through_the_fleetd_that_holds_its_file(
+    one: Fleetd, two: Fleetd
+) -> None:
+    code, answer = claim(one, "acquire", "k1", "agent")
+    path = answer["claim"]["path"]  # type: ignore[index]
+    code, answer = claim(two, "release", "k1", "agent")
+    assert code == 1 and "release it there" in error_of(answer)
+    assert os.path.exists(path)
+    assert claim(one, "release", "k1", "agent")[0] == 0
+
+
+@pytest.mark.slow
+def test_the_leases_of_a_killed_fleetd_come_free_once_its_presence_expires(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "300s")[1] == "acquired"
+    assert one.process is not None
+    one.process.kill()
+    one.process.wait()
+    killed = time.monotonic()
+    wait_until(
+        lambda: lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "acquired", 20
+    )
+    assert time.monotonic() - killed < presence.TTL + 3
+
+
+def test_a_restarted_fleetd_takes_its_presence_and_its_leases_back(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "300s")[1] == "acquired"
+    one.stop()
+    one.start()
+    assert "presence_taken_back" in one.log()
+    assert lease(one, "heartbeat", "build", "--owner", "a")[1] == "renewed"
+    assert lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "contested"
+
+
+# etcd gone ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_while_etcd_is_down_requests_fail_clearly_and_leases_lapse_at_their_deadline(
+    one: Fleetd, etcd: EtcdServer
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "300s")[1] == "acquired"
+    etcd.stop(signal.SIGKILL)
+    lost_at = time.monotonic() + presence.TTL
+    code, answer = cli(one, "lease", "acquire", "other", "--owner", "a", "--ttl", "30s")
+    assert (code, answer["outcome"]) == (14, "unavailable")
+    assert "does not answer" in error_of(answer)
+    assert lease(one, "heartbeat", "build", "--owner", "a")[1] == "renewed"  # within its deadline
+    wait_until(lambda: lease(one, "heartbeat", "build", "--owner", "a")[1] == "not_owned", 20)
+    assert time.monotonic() > lost_at - 1  # not before the presence could have lapsed
+    etcd.start()
+    wait_until(
+        lambda: lease(one, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "acquired", 20
+    )
+    assert one.process is not None and one.process.poll() is None
+
+
+def test_coord_run_kills_its_child_once_etcd_is_gone_past_the_deadline(
+    one: Fleetd, etcd: EtcdServer, tempdir: str
+) -> None:
+    marker = os.path.join(tempdir, "started")
+    child = f"import time; open({marker!r}, 'w').close(); time.sleep(120)"
+    run = subprocess.Popen(
+        [*FLEETCTL, "coord-run", "--agent", "a", "--lease", "job", "--ttl", "3s", "--",
+         sys.executable, "-c", child],
+        env=one.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: os.path.exists(marker))
+        etcd.stop(signal.SIGKILL)
+        _, stderr = run.communicate(timeout=presence.TTL + 15)
+        assert run.returncode != 0 and "lost" in stderr, stderr
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
