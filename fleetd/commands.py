@@ -8,7 +8,7 @@ import click
 
 from fleetd.cli import LOG_LEVELS, daemon_config, default_log_level, one_line_on_failure, serve
 from fleetd.daemon import DaemonConfig
-from fleetd.state import reset_state
+from fleetd.state import reset_etcd_state, reset_state
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.paths import control_socket_path, state_dir_path
 
@@ -95,7 +95,13 @@ def reset_state_command(config: DaemonConfig, keep_store: bool) -> None:
 
     def reset() -> None:
         runtime_root = os.path.dirname(config.socket_path)
-        for line in reset_state(config.state_dir, runtime_root, keep_store=keep_store):
+        if config.store:
+            lines = reset_etcd_state(
+                config.state_dir, runtime_root, config.store, keep_store=keep_store
+            )
+        else:
+            lines = reset_state(config.state_dir, runtime_root, keep_store=keep_store)
+        for line in lines:
             click.echo(f"fleetd: {line}")
 
     one_line_on_failure(reset)

@@ -32,6 +32,7 @@ from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.presence import Presence
 from fleetd.state import (
+    ETCD_WATERMARK_FILE,
     LOCK_FILE,
     STORE_FILE,
     WATERMARK_FILE,
@@ -185,7 +186,7 @@ def store_maker(address: str) -> Callable[[PrivateDir], Store]:
         endpoints = Endpoints.parse(address)
     except InvalidRequest as exc:
         raise StartupError(exc.message) from None
-    return lambda _state: EtcdStore(endpoints)
+    return lambda state: EtcdStore(endpoints, watermark=Watermark(state, ETCD_WATERMARK_FILE))
 
 
 def _sqlite_store(state: PrivateDir) -> Store:

@@ -3,6 +3,8 @@
     fleetd.lock                            held by the running fleetd (its pid inside)
     fleet.db, fleet.db-wal, fleet.db-shm   the store (fleetd.store.sqlite)
     fleet.watermark                        which store this is, and the revision it reached
+    etcd.watermark, presence               the same of an etcd store; this fleetd's presence
+                                           there (fleetd.store.etcd, fleetd.presence)
     claims-staging/ files/ inbox/          claims (fleetd.claims; their files: fleetd.delivery)
     clusters/                              definitions of detached clusters (fleetd.clusters)
     quarantine/                            files found at start-up that no record explains
@@ -15,22 +17,30 @@ archives rather than deletes.
 """
 
 import fcntl
+import functools
 import os
 import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import anyio
 
 from fleetd.core.dirs import PrivateDir, unsafe_reason
 from fleetd.core.pidfiles import is_running
 from fleetd.store.sqlite import peek_revision, restart_from
 from fleetd.store.watermark import Mark, Watermark
-from protocol.errors import AlreadyRunning, FleetError, StoreCorrupt, UnsafePath
+from protocol.errors import AlreadyRunning, FleetError, StateLost, StoreCorrupt, UnsafePath
 from protocol.members import HOLDER_PIDFILE
+
+if TYPE_CHECKING:
+    from fleetd.store.etcd import Endpoints
 
 LOCK_FILE = "fleetd.lock"
 STORE_FILE = "fleet.db"
 WATERMARK_FILE = "fleet.watermark"
+ETCD_WATERMARK_FILE = "etcd.watermark"
 ARCHIVE_DIR = "archive"
 STORE_FILES = (STORE_FILE, f"{STORE_FILE}-wal", f"{STORE_FILE}-shm", f"{STORE_FILE}-journal")
 RUNTIME_SUBDIR = "c"
@@ -106,6 +116,68 @@ def reset_state(state_path: str, runtime_root: str, *, keep_store: bool) -> list
             ) from None
         notes.append(_restarted(mark, floor, keep_store))
         return notes
+
+
+def reset_etcd_state(
+    state_path: str, runtime_root: str, address: str, *, keep_store: bool
+) -> list[str]:
+    """`reset_state` for a state directory whose store is in etcd (`address`). Without
+    `keep_store`, where etcd holds no fleet store (wiped, or another cluster): archive the
+    state directory and start a new store there whose revisions continue above the old
+    watermark's. With it: join the store etcd holds, its revisions moved above the
+    watermark's if etcd was rolled back. A store other fleetds may use is never replaced."""
+    from fleetd.store.etcd import Endpoints  # loads gRPC: only for an etcd store
+
+    endpoints = Endpoints.parse(address)
+    with PrivateDir.open(state_path) as state, exclusive_lock(state, LOCK_FILE):
+        _refuse_live_holders(runtime_root)
+        watermark = Watermark(state, ETCD_WATERMARK_FILE)
+        notes = []
+        try:
+            mark = watermark.read()
+        except StoreCorrupt:
+            mark, notes = None, [f"{watermark.path} was damaged: going by etcd alone"]
+        floor = mark.revision if mark is not None else 0
+        reset = functools.partial(_reset_etcd, endpoints, state, watermark, floor, keep_store)
+        return notes + anyio.run(reset, backend="asyncio")
+
+
+async def _reset_etcd(
+    endpoints: "Endpoints", state: PrivateDir, watermark: Watermark, floor: int, keep: bool
+) -> list[str]:
+    from fleetd.store.etcd import EtcdStore, StoreMeta, new_store_id
+
+    store = EtcdStore(endpoints)
+    notes = []
+    async with store.connected():
+        meta = await store.read_meta()
+        at = store.revision  # etcd's own: no base applied yet
+        if keep:
+            if meta is None:
+                raise StateLost(
+                    f"etcd at {endpoints} holds no fleet store to keep: run `fleetd --store "
+                    "… reset-state` without --keep-store to start one"
+                )
+            if at + meta.base <= floor:
+                moved = StoreMeta(meta.id, floor - at + 1)
+                await store.replace_meta(meta, moved)
+                meta = moved
+                notes.append(f"moved store {meta.id:x}'s revisions above {floor}")
+            notes.append(f"kept store {meta.id:x} in etcd at {endpoints}")
+        else:
+            if meta is not None:
+                raise StateLost(
+                    f"etcd at {endpoints} holds store {meta.id:x}, which other fleetds may "
+                    "use: run `fleetd --store … reset-state --keep-store` to join it (nothing "
+                    "was changed)"
+                )
+            notes.append(_archive(state))
+            meta = await store.create_meta(StoreMeta(new_store_id(), base=floor))
+            tail = f"; revisions and fencing tokens continue above {floor}" if floor else ""
+            notes.append(f"started store {meta.id:x} in etcd at {endpoints}{tail}")
+    watermark.create(Mark.at(meta.id, at + meta.base))
+    watermark.close()
+    return notes
 
 
 def _highest_revision(state: PrivateDir, watermark: Watermark) -> tuple[int, list[str]]:

@@ -5,6 +5,7 @@ answering gives clear errors, and lease holders lose their leases at their own d
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,9 @@ import pytest
 
 from fleetctl import SyncClient
 from fleetd import presence
+from fleetd.core.dirs import PrivateDir
+from fleetd.state import ETCD_WATERMARK_FILE
+from fleetd.store.watermark import Watermark
 from tests.etcd_server import EtcdServer, need_etcd
 from tests.processes import FLEETCTL, Fleetd, fleetctl, run_fleetd, wait_until
 
@@ -227,3 +231,72 @@ def test_coord_run_kills_its_child_once_etcd_is_gone_past_the_deadline(
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+# Continuity --------------------------------------------------------------------------------
+
+
+def token_of(daemon: Fleetd, name: str) -> int:
+    answer = cli(daemon, "lease", "acquire", name, "--owner", "a", "--ttl", "30s")[1]
+    return int(answer["lease"]["token"])  # type: ignore[index]
+
+
+def refusal(daemon: Fleetd) -> tuple[int, str]:
+    done = run_fleetd(daemon.env)
+    return done.returncode, done.stderr
+
+
+def reset(daemon: Fleetd, *args: str) -> str:
+    done = run_fleetd(daemon.env, "reset-state", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def wipe(server: EtcdServer) -> None:
+    server.stop()
+    shutil.rmtree(server.data_dir)
+    server.start()
+
+
+def test_a_fleetd_refuses_an_etcd_that_was_wiped_until_reset_above_its_tokens(
+    one: Fleetd, etcd: EtcdServer
+) -> None:
+    before = token_of(one, "build")
+    one.stop()
+    wipe(etcd)
+    code, stderr = refusal(one)
+    assert code == 65 and "holds no fleet store" in stderr and "was wiped" in stderr
+    assert "started store" in reset(one)
+    one.start()
+    assert token_of(one, "build") > before
+
+
+def test_a_fleetd_refuses_another_store_until_told_to_join_it(
+    one: Fleetd, etcd: EtcdServer, tempdir: str
+) -> None:
+    token_of(one, "build")
+    one.stop()
+    wipe(etcd)
+    other = on_etcd(os.path.join(tempdir, "other"), etcd)  # makes a store of its own there
+    other.close()
+    code, stderr = refusal(one)
+    assert code == 65 and "it is another store" in stderr
+    assert "kept store" in reset(one, "--keep-store")
+    one.start()
+
+
+def test_a_fleetd_refuses_an_etcd_behind_the_revision_it_saw(one: Fleetd, etcd: EtcdServer) -> None:
+    token_of(one, "build")
+    one.stop()
+    with PrivateDir.open(one.state_dir) as state:  # as if etcd came back from an old snapshot
+        watermark = Watermark(state, ETCD_WATERMARK_FILE)
+        mark = watermark.read()
+        assert mark is not None
+        watermark.open()
+        watermark.advance(mark.revision + 1000, mark.revision + 1000)
+        watermark.close()
+    code, stderr = refusal(one)
+    assert code == 65 and "was rolled back" in stderr
+    assert "moved store" in reset(one, "--keep-store")
+    one.start()
+    assert token_of(one, "other") > mark.revision + 1000

@@ -30,6 +30,7 @@ import asyncio
 import ipaddress
 import math
 import os
+import secrets
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -42,6 +43,8 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"  # before grpc is imported: see the
 
 import anyio
 import grpc
+import msgspec
+import structlog
 from aetcd import rpc
 from anyio.abc import TaskStatus
 
@@ -65,17 +68,26 @@ from fleetd.store import (
     TxnResult,
     check_branch,
 )
+from fleetd.store.watermark import Mark, Watermark
 from protocol.errors import (
     Absent,
     Compacted,
     FleetError,
     Internal,
     InvalidRequest,
+    StateLost,
     StoreFull,
     StoreUnavailable,
 )
 
+log = structlog.get_logger("fleetd.store.etcd")
+
 SCHEME = "etcd"
+META_SUFFIX = b":store"
+"""The key of the store's identity: the namespace's name and this (``fleet:store``), outside
+the namespace's keys, so that no range of the store's sees it."""
+MARK_EVERY = 1.0
+"""Seconds between writes of the revision reached to the state directory's watermark."""
 DEFAULT_PORT = 2379
 DEFAULT_NAMESPACE = "fleet/"
 CALL_TIMEOUT = 5.0
@@ -103,6 +115,21 @@ _UNAVAILABLE = {
 }
 
 T = TypeVar("T")
+
+
+class StoreMeta(msgspec.Struct, frozen=True):
+    """A store's identity in etcd: a random id, and the base added to etcd's revisions (above
+    zero once a state directory's store was reset onto an etcd that had lost it)."""
+
+    id: int
+    base: int = 0
+
+
+_decode_meta = msgspec.json.Decoder(StoreMeta).decode
+
+
+def new_store_id() -> int:
+    return secrets.randbits(63) or 1
 
 
 @dataclass(frozen=True)
@@ -181,8 +208,10 @@ class EtcdStore(Store):
 
     shared = True
 
-    def __init__(self, endpoints: Endpoints) -> None:
+    def __init__(self, endpoints: Endpoints, *, watermark: Watermark | None = None) -> None:
         self.endpoints = endpoints
+        self._watermark = watermark
+        self._meta_key = endpoints.namespace.rstrip("/").encode() + META_SUFFIX
         self._prefix = endpoints.namespace.encode()
         self._channel: grpc.aio.Channel | None = None
         self._kv: Any = None
@@ -192,6 +221,9 @@ class EtcdStore(Store):
         self._keepalive: _KeepAlive | None = None
         self._revision = 0
         self._compacted = 0
+        self._marked = 0
+        self._base = 0
+        """Added to etcd's revisions (fleetd.store.etcd's docstring: Continuity)."""
         self._transactions = 0
         self._operations = 0
         self._in_flight = 0
@@ -212,22 +244,140 @@ class EtcdStore(Store):
                 tg.cancel_scope.cancel()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Connects, reads the revision, then holds the connection until cancelled."""
+        """Connects, checks that etcd holds the store the watermark describes (StateLost if
+        not), then serves until cancelled, keeping the watermark up to date."""
+        async with self.connected():
+            meta = await self.read_meta()
+            mark = self._watermark.read() if self._watermark is not None else None
+            self._check_continuity(mark, meta)
+            if meta is None:
+                meta = await self.create_meta(StoreMeta(id=new_store_id()))
+            self._base = meta.base
+            await self.read_meta()  # the revision, now on our side of the base
+            if self._watermark is not None:
+                await anyio.to_thread.run_sync(self._mark, meta, mark is None)
+            task_status.started()
+            try:
+                await self._keep_marking()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._advance_mark)
+
+    @asynccontextmanager
+    async def connected(self) -> AsyncIterator[None]:
+        """The channel and its stubs, for the duration of the block (`serve` holds them; so
+        does `fleetd reset-state`, which needs no more)."""
         self._channel = grpc.aio.insecure_channel(self.endpoints.target())
+        keepalive = _KeepAlive(rpc.LeaseStub(self._channel))
         try:
             self._kv = rpc.KVStub(self._channel)
             self._leases = rpc.LeaseStub(self._channel)
             self._watches = rpc.WatchStub(self._channel)
             self._maintenance = rpc.MaintenanceStub(self._channel)
-            self._keepalive = _KeepAlive(self._leases)
-            await self._range_request(rpc.RangeRequest(key=self._prefix, limit=1, keys_only=True))
-            task_status.started()
-            await anyio.sleep_forever()
+            self._keepalive = keepalive
+            yield
         finally:
             with anyio.CancelScope(shield=True):
-                if self._keepalive is not None:
-                    self._keepalive.close()
+                keepalive.close()
                 await self._channel.close()
+
+    # Continuity -------------------------------------------------------------------------------
+
+    async def read_meta(self) -> "StoreMeta | None":
+        """The store's identity in etcd, or None where etcd holds no fleet store; reads the
+        current revision along."""
+        answer = await self._range_request(rpc.RangeRequest(key=self._meta_key))
+        return _decode_meta(answer.kvs[0].value) if answer.kvs else None
+
+    async def create_meta(self, meta: "StoreMeta") -> "StoreMeta":
+        """Write the identity of a new store, unless another fleetd just did: then that one."""
+        absent = rpc.Compare(
+            result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=self._meta_key
+        )
+        put = rpc.PutRequest(key=self._meta_key, value=msgspec.json.encode(meta))
+        get = rpc.RangeRequest(key=self._meta_key)
+        answer = await self._call(
+            self._kv.Txn,
+            rpc.TxnRequest(
+                compare=[absent],
+                success=[rpc.RequestOp(request_put=put)],
+                failure=[rpc.RequestOp(request_range=get)],
+            ),
+        )
+        if answer.succeeded:
+            log.info("etcd_store_created", store=f"{meta.id:x}", base=meta.base)
+            return meta
+        return _decode_meta(answer.responses[0].response_range.kvs[0].value)
+
+    async def replace_meta(self, old: "StoreMeta", new: "StoreMeta") -> None:
+        """Rewrite the store's identity if it is still `old` (a reset moving its base up)."""
+        same = rpc.Compare(
+            result=rpc.Compare.EQUAL,
+            target=rpc.Compare.VALUE,
+            key=self._meta_key,
+            value=msgspec.json.encode(old),
+        )
+        put = rpc.PutRequest(key=self._meta_key, value=msgspec.json.encode(new))
+        answer = await self._call(
+            self._kv.Txn, rpc.TxnRequest(compare=[same], success=[rpc.RequestOp(request_put=put)])
+        )
+        if not answer.succeeded:
+            raise StateLost(f"the store's identity in etcd at {self.endpoints} changed meanwhile")
+
+    def _check_continuity(self, mark: Mark | None, meta: "StoreMeta | None") -> None:
+        """Whether etcd holds the store this state directory used, at or past the revision
+        it saw; StateLost saying what went wrong and what to do if not."""
+        if mark is None:
+            return
+        where = f"etcd at {self.endpoints}"
+        if meta is None:
+            raise StateLost(
+                f"{where} holds no fleet store, but this state directory used store "
+                f"{mark.store_id:x} there up to revision {mark.revision}: etcd was wiped, or "
+                "this is another etcd cluster. Point --store at the right one, or run `fleetd "
+                "--store … reset-state` to start a new store there (revisions and fencing "
+                f"tokens continue above {mark.revision})"
+            )
+        if meta.id != mark.store_id:
+            raise StateLost(
+                f"{where} holds store {meta.id:x}, not store {mark.store_id:x} that this state "
+                "directory used: it is another store. Point --store at the right etcd, or run "
+                "`fleetd --store … reset-state --keep-store` to join this one"
+            )
+        revision = self._revision + meta.base
+        if revision < mark.revision:
+            raise StateLost(
+                f"{where} is at revision {revision}, but this state directory saw it reach "
+                f"revision {mark.revision}: etcd was rolled back (restored from an older "
+                "snapshot). Restore the newer one, or run `fleetd --store … reset-state "
+                f"--keep-store` to go on from this one (revisions continue above {mark.revision})"
+            )
+
+    def _mark(self, meta: "StoreMeta", new: bool) -> None:
+        assert self._watermark is not None
+        if new:
+            self._watermark.create(Mark.at(meta.id, self._revision))
+        else:
+            self._watermark.open()
+        self._marked = self._revision
+
+    async def _keep_marking(self) -> None:
+        """Every MARK_EVERY seconds, write down the revision reached, if it moved."""
+        while True:
+            await anyio.sleep(MARK_EVERY)
+            if self._watermark is not None and self._revision != self._marked:
+                await anyio.to_thread.run_sync(self._advance_mark)
+
+    def _advance_mark(self) -> None:
+        if self._watermark is None or self._revision == self._marked:
+            return
+        revision = self._revision
+        try:
+            self._watermark.advance(revision, revision)
+        except OSError as exc:
+            log.warning("etcd_watermark_not_written", error=str(exc))
+            return
+        self._marked = revision
 
     # Store -----------------------------------------------------------------------------------
 
@@ -256,7 +406,7 @@ class EtcdStore(Store):
         responses = tuple(
             self._response(op, r) for op, r in zip(ops, answer.responses, strict=True)
         )
-        return TxnResult(answer.succeeded, answer.header.revision, responses)
+        return TxnResult(answer.succeeded, self._ours(answer.header.revision), responses)
 
     async def grant(self, ttl: float) -> tuple[int, float]:
         answer = await self._call(
@@ -311,7 +461,8 @@ class EtcdStore(Store):
 
     async def compact(self, revision: int) -> None:
         """Make etcd forget the history before `revision` (tests and maintenance)."""
-        await self._call(self._kv.Compact, rpc.CompactionRequest(revision=revision, physical=True))
+        request = rpc.CompactionRequest(revision=self._etcds(revision), physical=True)
+        await self._call(self._kv.Compact, request)
         self._compacted = max(self._compacted, revision - 1)
 
     async def status(self) -> Any:
@@ -325,12 +476,23 @@ class EtcdStore(Store):
 
     def _compare(self, compare: Compare) -> Any:
         target, field = _TARGETS[compare.target]
+        operand = compare.operand
+        if compare.target in ("create", "mod") and isinstance(operand, int) and operand > 0:
+            operand = operand - self._base if operand > self._base else -1  # before the base
         return rpc.Compare(
             result=_RESULTS[compare.op],
             target=target,
             key=self._key(compare.key),
-            **{field: compare.operand},
+            **{field: operand},
         )
+
+    def _ours(self, revision: int) -> int:
+        """etcd's revision as this store's: above every one a reset store had (its base)."""
+        return revision + self._base if revision else 0
+
+    def _etcds(self, revision: int) -> int:
+        """This store's revision as etcd's (a revision before the base: etcd's first)."""
+        return max(revision - self._base, 1)
 
     def _request_op(self, op: Operation) -> Any:
         match op:
@@ -371,8 +533,8 @@ class EtcdStore(Store):
         return KeyValue(
             key=kv.key[len(self._prefix) :].decode(),
             value=kv.value,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
+            create_revision=self._ours(kv.create_revision),
+            mod_revision=self._ours(kv.mod_revision),
             version=kv.version,
             lease=kv.lease,
         )
@@ -381,7 +543,7 @@ class EtcdStore(Store):
         prev = self._kv_of(event.prev_kv) if event.HasField("prev_kv") else None
         if event.type == rpc.Event.DELETE:
             key = event.kv.key[len(self._prefix) :].decode()
-            deleted = KeyValue(key, b"", 0, event.kv.mod_revision, 0)
+            deleted = KeyValue(key, b"", 0, self._ours(event.kv.mod_revision), 0)
             return Event("delete", deleted, prev)
         return Event("put", self._kv_of(event.kv), prev)
 
@@ -393,7 +555,7 @@ class EtcdStore(Store):
         return answer
 
     def _seen(self, header: Any) -> None:
-        self._revision = max(self._revision, header.revision)
+        self._revision = max(self._revision, self._ours(header.revision))
         self.cluster_id = header.cluster_id
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
@@ -454,8 +616,8 @@ class _Watch:
     def __init__(self, store: EtcdStore, prefix: bytes, start_revision: int | None) -> None:
         self._store = store
         self._prefix = prefix
-        self._next = start_revision or 0
-        """The revision to resume from; 0: the next write (etcd's default)."""
+        self._next = store._etcds(start_revision) if start_revision else 0
+        """etcd's revision to resume from; 0: the next write (etcd's default)."""
         self._stream: Any = None
         self._pending: deque[Event] = deque()
         self._closed = False
@@ -488,10 +650,11 @@ class _Watch:
 
     def _check(self, answer: Any) -> None:
         if answer.compact_revision:
+            compacted = self._store._ours(answer.compact_revision)
             raise Compacted(
-                f"etcd no longer holds revision {self._next} (compacted up to "
-                f"{answer.compact_revision}): read again, then watch from that read",
-                compact_revision=answer.compact_revision,
+                f"etcd no longer holds revision {self._store._ours(self._next)} (compacted up "
+                f"to {compacted}): read again, then watch from that read",
+                compact_revision=compacted,
             )
         if answer.canceled:
             raise StoreUnavailable(f"etcd cancelled the watch: {answer.cancel_reason}")
