@@ -57,6 +57,12 @@ def _holders() -> list[Figure]:
     return measure()
 
 
+def _etcd() -> list[Figure]:
+    from bench.etcd import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
@@ -66,6 +72,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "bounds": _bounds,
     "clusters": _clusters,
     "holders": _holders,
+    "etcd": _etcd,
 }
 
 

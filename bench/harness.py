@@ -123,9 +123,12 @@ class Fleetd:
 
 @contextmanager
 def running_fleetd(
-    ready_timeout: float = 15.0, command: Sequence[str] = (str(BIN / "fleetd"),)
+    ready_timeout: float = 15.0,
+    command: Sequence[str] = (str(BIN / "fleetd"),),
+    store: str = "",
 ) -> Iterator[Fleetd]:
-    """Start `fleetd` (or `command`, a variant of it) and yield it once it has said READY=1.
+    """Start `fleetd` (or `command`, a variant of it) and yield it once it has said READY=1;
+    with its store in etcd when `store` is an etcd:// address.
 
     Laid out as in production: the state directory on the disk (a fresh short /tmp
     directory), the socket and the holders' runtime directories beside it on tmpfs (where
@@ -147,6 +150,7 @@ def running_fleetd(
             "FLEET_SOCKET": os.path.join(runtime, "fleetd.sock"),
             "FLEET_STATE_DIR": os.path.join(root, "state"),
             "NOTIFY_SOCKET": notify_path,
+            "FLEET_STORE": store,
         }
         with open(os.path.join(root, "fleetd.log"), "wb") as log:
             process = subprocess.Popen(

@@ -454,16 +454,42 @@ async def test_slow_watcher_loses_no_event(store: Store) -> None:
     assert [e.revision for e in seen] == sorted(e.revision for e in seen)
 
 
-# SQLite only -------------------------------------------------------------------------------
+# Group commit ------------------------------------------------------------------------------
 
 
-async def test_concurrent_puts_share_commits(tempdir: str) -> None:
-    async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
-        before = store.statistics()
-        await put_concurrently(store, [f"g/{n}" for n in range(100)])
-        after = store.statistics()
+async def test_concurrent_puts_share_commits(store: Store) -> None:
+    before = store.statistics()
+    await put_concurrently(store, [f"g/{n}" for n in range(100)])
+    after = store.statistics()
     assert after.transactions - before.transactions == 100
     assert after.commits - before.commits <= 10
+
+
+async def test_concurrent_writes_of_one_key_all_land_in_order(store: Store) -> None:
+    """Transactions on one key never share a commit they could not both be in."""
+    await put_concurrently(store, ["same"] * 50)
+    kv = await store.get("same")
+    assert kv is not None and kv.version == 50
+
+
+async def test_a_failing_transaction_fails_alone_among_concurrent_ones(store: Store) -> None:
+    results: dict[str, object] = {}
+
+    async def put(key: str, lease: int) -> None:
+        try:
+            results[key] = await store.put(key, b"v", lease)
+        except Absent as exc:
+            results[key] = exc
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(put, f"f/{n}", 987654321 if n == 7 else 0)
+    assert isinstance(results.pop("f/7"), Absent)
+    assert all(isinstance(revision, int) for revision in results.values())
+    assert len(await store.range("f/")) == 19
+
+
+# SQLite only -------------------------------------------------------------------------------
 
 
 async def test_overdue_lease_is_lost_at_keepalive_and_expires_at_once(tempdir: str) -> None:
