@@ -54,7 +54,6 @@ planted in the inbox is moved aside as a link, never followed.
 import contextlib
 import hashlib
 import os
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -72,6 +71,7 @@ from fleetd.core.locks import NameLocks
 from fleetd.core.metrics import Family, gauge
 from fleetd.delivery import STAGING, FileBatches, Where, place, present, sync, withdraw
 from fleetd.journal import JournalProvider, Owners
+from fleetd.presence import home_of
 from fleetd.store import Compare, Delete, KeyValue, Put, Store, TxnResult
 from protocol.claims import (
     KINDS,
@@ -148,12 +148,6 @@ Entries = list[ClaimInfo]
 
 def record_key(kind: str, key: str) -> str:
     return f"{PREFIX}{kind}/{key}"
-
-
-def home_of(state: PrivateDir) -> str:
-    """A fleetd's home on a shared store: its host and state directory, which hold the files
-    of the claims delivered through it."""
-    return f"{socket.gethostname()}:{state.path}"
 
 
 class _Moved(Exception):

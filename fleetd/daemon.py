@@ -30,7 +30,7 @@ from fleetd.core.metrics import KEPT, Registry
 from fleetd.core.server import ControlServer, socket_group
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
-from fleetd.presence import Presence
+from fleetd.presence import Presence, home_of
 from fleetd.state import (
     ETCD_WATERMARK_FILE,
     LOCK_FILE,
@@ -40,6 +40,7 @@ from fleetd.state import (
     exclusive_lock,
 )
 from fleetd.store import Store
+from fleetd.store.scoped import Scoped
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol import PROTOCOL_VERSION, RELEASE
@@ -189,6 +190,12 @@ def store_maker(address: str) -> Callable[[PrivateDir], Store]:
     return lambda state: EtcdStore(endpoints, watermark=Watermark(state, ETCD_WATERMARK_FILE))
 
 
+def _ours_alone(store: Store, state: PrivateDir) -> Store:
+    """The part of the store only this fleetd uses (its holders' journal): all of it, unless
+    other fleetds share it (etcd), where it is this fleetd's home's scope."""
+    return Scoped(store, f"homes/{home_of(state)}/") if store.shared else store
+
+
 def _sqlite_store(state: PrivateDir) -> Store:
     return SQLiteStore(state.join(STORE_FILE), watermark=Watermark(state, WATERMARK_FILE))
 
@@ -205,7 +212,7 @@ class Daemon:
         self.store = store
         self.presence = Presence(store, state) if store.shared else None
         self.leases = LeaseManager(self.store, presence=self.presence)
-        self.holders = HolderRegistry(self.store, state, template)
+        self.holders = HolderRegistry(_ours_alone(store, state), state, template)
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )

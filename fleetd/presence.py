@@ -17,6 +17,7 @@ The presence's id is kept in the state directory, so that a fleetd restarted wit
 takes its presence, and so its leases, back.
 """
 
+import socket
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,12 @@ TTL = 10.0
 stay held before another fleetd may grant them."""
 MIN_PAUSE = 0.1
 FILE = "presence"
+
+
+def home_of(state: PrivateDir) -> str:
+    """A fleetd's home on a shared store: its host and state directory, which hold what only
+    it may touch (the files of the claims delivered through it, its holders' journal)."""
+    return f"{socket.gethostname()}:{state.path}"
 
 
 class Presence:

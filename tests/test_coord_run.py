@@ -248,11 +248,11 @@ def test_reconnects_after_a_fleetd_restart_and_keeps_its_token(
     fleetd: Fleetd, coord_run: Start, tempdir: str
 ) -> None:
     go = os.path.join(tempdir, "go")
-    run = coord_run(fleetd.env, "wait", go, ttl="1s")
+    run = coord_run(fleetd.env, "wait", go, ttl="2s")  # 1s lapsed on a loaded machine
     token = run.wait_started()
     fleetd.stop()
     fleetd.start()
-    time.sleep(1.5)  # past the full TTL the restart gave: only re-affirmed heartbeats keep it
+    time.sleep(2.5)  # past the full TTL the restart gave: only re-affirmed heartbeats keep it
     assert inspect(fleetd) == ("held", token, "ag")
     open(go, "w").close()
     assert run.finish()[0] == 0

@@ -160,6 +160,29 @@ def test_a_claim_is_released_only_through_the_fleetd_that_holds_its_file(
     assert claim(one, "release", "k1", "agent")[0] == 0
 
 
+def up_sleeper(daemon: Fleetd) -> int:
+    """`up --wait` of a cluster named web, the same name on every fleetd; its member's pid."""
+    path = os.path.join(daemon.root, "fleet.toml")
+    with open(path, "w") as f:
+        f.write('name = "web"\n[members.a]\ncommand = ["sleep", "300"]\n')
+    assert cli(daemon, "--json", "up", "-f", path, "--wait")[0] == 0
+    (member,) = cli(daemon, "--json", "status")[1]["members"]  # type: ignore[misc]
+    return int(member["pid"])
+
+
+def test_fleetds_on_one_etcd_keep_their_holders_apart(one: Fleetd, two: Fleetd) -> None:
+    """Each fleetd's journal of holders is its own (pids are its host's): a cluster of the
+    same name on each, and a restart of one, leave the other's alone."""
+    ours, theirs = up_sleeper(one), up_sleeper(two)
+    for daemon in (one, two):
+        daemon.stop()
+        daemon.start()
+    assert [m["pid"] for m in cli(two, "--json", "status")[1]["members"]] == [theirs]  # type: ignore[attr-defined]
+    assert [m["pid"] for m in cli(one, "--json", "status")[1]["members"]] == [ours]  # type: ignore[attr-defined]
+    for daemon in (one, two):
+        assert cli(daemon, "--json", "down", "web")[0] == 0
+
+
 @pytest.mark.slow
 def test_the_leases_of_a_killed_fleetd_come_free_once_its_presence_expires(
     one: Fleetd, two: Fleetd

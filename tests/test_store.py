@@ -37,6 +37,7 @@ from fleetd.store import (
     Store,
     Target,
 )
+from fleetd.store.scoped import Scoped
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
@@ -113,7 +114,23 @@ class EtcdBackend:
         self.server.stop(signal.SIGKILL)
 
 
-BACKENDS: dict[str, Callable[[str], Backend]] = {"sqlite": SQLiteBackend, "etcd": EtcdBackend}
+class ScopedBackend(SQLiteBackend):
+    """SQLite seen through a scope (fleetd.store.scoped: a fleetd's own part of a shared
+    store), with a key of its own beside the scope that the scoped store must never see."""
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[Store]:
+        async with SQLiteStore.open(self.path, history=HISTORY_KEPT) as store:
+            if await store.get("beside") is None:
+                await store.put("beside", b"not in the scope")
+            yield Scoped(store, "homes/h:/state/")
+
+
+BACKENDS: dict[str, Callable[[str], Backend]] = {
+    "sqlite": SQLiteBackend,
+    "etcd": EtcdBackend,
+    "scoped": ScopedBackend,
+}
 """Harnesses by backend name, made from a temp dir: the etcd one starts its own server there,
 restarts it to reopen, and compacts with etcd's compaction."""
 
