@@ -437,14 +437,34 @@ class LeaseManager:
 
     async def _load(self) -> int:
         """Every record, read at one revision, which it returns."""
-        read = await self._store.txn((), (Range(PREFIX),))
-        (listed,) = read.responses
-        assert isinstance(listed, RangeResult)
-        for kv in listed.kvs:
+        revision, stored = await self._read_all()
+        for kv in stored:
             self.table.install(self._entry_of(kv))
         held = sum(entry.record.state == "held" for entry in self.table.entries())
         log.info("leases_loaded", records=len(self.table), held=held)
-        return read.revision
+        return revision
+
+    async def _reload(self) -> int:
+        """The table made the store's again, once the watch lost its place (the store's
+        history was compacted past it): a record still at the revision we have keeps its
+        entry (and deadline); one gone is forgotten."""
+        revision, stored = await self._read_all()
+        by_name = {kv.key.removeprefix(PREFIX): kv for kv in stored}
+        for entry in self.table.entries():
+            if entry.name not in by_name:
+                self.table.remove(entry.name)
+        for name, kv in by_name.items():
+            current = self.table.get(name)
+            if current is None or current.mod_revision != kv.mod_revision:
+                self._install(self._entry_of(kv))
+        log.info("leases_reloaded", records=len(self.table), revision=revision)
+        return revision
+
+    async def _read_all(self) -> tuple[int, tuple[KeyValue, ...]]:
+        read = await self._store.txn((), (Range(PREFIX),))
+        (listed,) = read.responses
+        assert isinstance(listed, RangeResult)
+        return read.revision, listed.kvs
 
     def _entry_of(self, kv: KeyValue) -> Entry:
         """A stored record as an entry: ours gets its full TTL again (as at a restart)."""
@@ -817,7 +837,7 @@ class LeaseManager:
                         self._apply(event)
                         after = event.revision
             except Compacted:
-                after = await self._load()
+                after = await self._reload()
             except FleetError as exc:
                 log.warning("lease_watch_broken", error=exc.message)
                 await anyio.sleep(FOLLOW_RETRY)

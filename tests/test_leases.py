@@ -387,3 +387,34 @@ async def test_empty_owner_is_refused_and_unknown_owner_cannot_release(fleetd: F
         refused = await client.lease_release("t", "stranger")
     assert refused.outcome is Outcome.NOT_OWNED
     assert "last held by 'a', not 'stranger'" in refused.message
+
+
+async def test_a_reload_forgets_records_gone_and_keeps_the_deadlines_of_the_others(
+    tempdir: str,
+) -> None:
+    """What a fleetd on a shared store does once its watch of the others' writes lost its
+    place (etcd compacted past it): the table made the store's again."""
+    from fleetd.core.dispatch import Peer
+    from fleetd.leases import LeaseManager
+    from fleetd.store.sqlite import SQLiteStore
+    from protocol.messages import LeaseAcquire
+
+    path = os.path.join(tempdir, "store.db")
+    async with (
+        await anyio.open_process(["sleep", "60"]) as holder,
+        SQLiteStore.open(path) as store,
+        anyio.create_task_group() as tg,
+    ):
+        me = Peer(holder.pid, os.getuid(), os.getgid())  # not fleetd (here, this process)
+        manager = LeaseManager(store)
+        await tg.start(manager.serve)
+        for name in ("kept", "gone"):
+            await manager.acquire(LeaseAcquire(id=0, name=name, owner="a", ttl=60), me)
+        kept = manager.table.get("kept")
+        assert kept is not None
+        await store.delete("leases/gone")  # as another fleetd's presence expiring would
+        await manager._reload()
+        assert manager.table.get("gone") is None
+        assert manager.table.get("kept") is kept
+        tg.cancel_scope.cancel()
+        holder.kill()
