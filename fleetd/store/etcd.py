@@ -115,7 +115,10 @@ class Endpoints:
     @classmethod
     def parse(cls, url: str) -> "Endpoints":
         """Raises InvalidRequest saying what is wrong with `url`."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an unclosed or non-IPv6 bracket
+            raise InvalidRequest(f"{url!r} is not an etcd address: {exc}") from None
         if parts.scheme != SCHEME or not parts.netloc:
             raise InvalidRequest(f"{url!r} is not an etcd address: etcd://HOST:PORT[,HOST:PORT…]")
         if parts.query or parts.fragment or "@" in parts.netloc:
@@ -141,7 +144,7 @@ class Endpoints:
         return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
 
     def __str__(self) -> str:
-        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
         return f"{SCHEME}://{hosts}/{self.namespace.rstrip('/')}"
 
 
@@ -155,7 +158,8 @@ def _host_port(url: str, item: str) -> tuple[str, int]:
         host, colon, port = item.partition(":")
         port = port if colon else str(DEFAULT_PORT)
         valid = ":" not in port
-    if not valid or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    digits = port.isascii() and port.isdigit()  # ASCII: int() takes other scripts' digits too
+    if not valid or not host or not digits or not 0 < int(port) < 65536:
         raise InvalidRequest(f"{url!r}: {item!r} is not HOST:PORT")
     return host, int(port)
 
