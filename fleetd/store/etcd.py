@@ -81,6 +81,10 @@ DEFAULT_NAMESPACE = "fleet/"
 CALL_TIMEOUT = 5.0
 """Seconds a call to etcd may take before the request that made it fails StoreUnavailable:
 longer than an election (1 s by default), shorter than a client's patience."""
+RECONNECT_BACKOFF = (100, 1000)
+"""First and longest pause (ms) between gRPC's tries to reconnect to an etcd that went away:
+gRPC's own (1 s, growing to 120 s) left fleetd without its store for seconds, up to minutes,
+after etcd was back."""
 WATCH_RETRY = (0.05, 2.0)
 """First and longest pause between tries to resume a broken watch (doubling)."""
 
@@ -215,7 +219,14 @@ class EtcdStore(Store):
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connects, reads the revision, then holds the connection until cancelled."""
-        self._channel = grpc.aio.insecure_channel(self.endpoints.target())
+        first, longest = RECONNECT_BACKOFF
+        self._channel = grpc.aio.insecure_channel(
+            self.endpoints.target(),
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", first),
+                ("grpc.max_reconnect_backoff_ms", longest),
+            ],
+        )
         try:
             self._kv = rpc.KVStub(self._channel)
             self._leases = rpc.LeaseStub(self._channel)
