@@ -10,10 +10,10 @@ state, and with it three rules:
   be reached, or has lost its quorum, is StoreUnavailable: the request fails with a clear
   error, fleetd goes on, and the next request tries again (gRPC reconnects by itself, to the
   next endpoint listed when one is down).
-- A call runs as a task of its own, and its caller waits for it shielded: gRPC answers a
-  cancellation of its await with a bare asyncio.CancelledError that escapes anyio's cancel
-  scopes and tears down task groups (../shared/ETCD-NOTES.md). A write whose caller went away
-  may still commit, as the Store interface allows.
+- A call runs as a task of its own, which a cancelled caller cancels and leaves at once: gRPC
+  answers a cancellation of its await with a bare asyncio.CancelledError that escapes anyio's
+  cancel scopes and tears down task groups (../shared/ETCD-NOTES.md), and it stays in that
+  task. A write whose caller went away may still commit, as the Store interface allows.
 - A watch survives a reconnect: it resumes from the revision after the last event it passed
   on, so that a broken stream loses nothing (or raises Compacted, if etcd forgot it meanwhile).
 
@@ -417,19 +417,18 @@ class EtcdStore(Store):
         return await self._shielded(method(request, timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER))
 
     async def _shielded(self, call: Awaitable[T]) -> T:
-        """`call` as a task of its own, awaited shielded (see the module docstring)."""
+        """`call` as a task of its own, which a cancelled caller cancels and leaves at once
+        (see the module docstring): gRPC's answer to that stays in the task."""
         self._in_flight += 1
-        task = asyncio.ensure_future(call)
         try:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait((task,))
+            task = await _cancellable(call)
         finally:
             self._in_flight -= 1
         try:
             return task.result()
         except grpc.aio.AioRpcError as exc:
             raise translated(exc, self.endpoints) from None
-        except asyncio.CancelledError:  # not ours (shielded): the channel closed under it
+        except asyncio.CancelledError:  # not ours (we would have left): the channel closed
             raise StoreUnavailable(f"the connection to etcd at {self.endpoints} closed") from None
 
 
@@ -526,7 +525,7 @@ class _Watch:
             if self._closed:
                 raise StopAsyncIteration
             try:
-                answer = await _cancellable(self._stream.read())
+                answer = (await _cancellable(self._stream.read())).result()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _UNAVAILABLE:
                     raise translated(exc, self._store.endpoints) from None
@@ -557,24 +556,33 @@ class _Watch:
 
 
 async def _within(step: Awaitable[T]) -> T:
-    """One step of a stream (a write, a read) within CALL_TIMEOUT, timed out as asyncio does
+    """One step of a stream (a write, a read) within CALL_TIMEOUT, timed out on our side
     (gRPC's own deadline would end the whole stream)."""
-    try:
-        return await asyncio.wait_for(step, CALL_TIMEOUT)
-    except TimeoutError:
-        raise StoreUnavailable(f"etcd did not answer within {CALL_TIMEOUT}s") from None
+    return (await _cancellable(step, CALL_TIMEOUT)).result()
 
 
-async def _cancellable(step: Awaitable[T]) -> T:
-    """`step` as a task of its own, which our cancellation cancels: gRPC's answer to it (a
-    bare asyncio.CancelledError) stays in that task and never reaches anyio's scopes."""
+async def _cancellable(step: Awaitable[T], timeout: float | None = None) -> "asyncio.Future[T]":
+    """`step` run to its end as a task of its own, which our cancellation (or `timeout`)
+    cancels: gRPC's answer to it (a bare asyncio.CancelledError) stays in that task and never
+    reaches anyio's scopes. Not asyncio.wait_for, which drops a step's error that races the
+    cancellation, for asyncio to log ("Task exception was never retrieved")."""
     task = asyncio.ensure_future(step)
     try:
-        await asyncio.wait((task,))
+        await asyncio.wait((task,), timeout=timeout)
     except BaseException:
-        task.cancel()
+        _abandon(task)
         raise
-    return task.result()
+    if not task.done():
+        _abandon(task)
+        raise StoreUnavailable(f"etcd did not answer within {timeout}s")
+    return task
+
+
+def _abandon(task: "asyncio.Future[Any]") -> None:
+    """Cancels a step its caller left, and takes its outcome when it comes, so that asyncio
+    does not log it."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    task.cancel()
 
 
 def _prefix_end(prefix: bytes) -> bytes:
