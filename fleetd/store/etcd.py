@@ -443,12 +443,15 @@ class _KeepAlive:
 
     async def renew(self, lease: int) -> int:
         async with self._lock:
-            if self._stream is None:
+            if self._stream is None or self._stream.done():  # broke since the last renewal
                 self._stream = self._leases.LeaseKeepAlive()
             stream = self._stream
             try:
                 await _within(stream.write(rpc.LeaseKeepAliveRequest(ID=lease)))
                 answer = await _within(stream.read())
+            except asyncio.InvalidStateError:  # broke between the check and the write
+                self.close()
+                raise StoreUnavailable("etcd ended the lease keepalive stream") from None
             except BaseException:
                 self.close()
                 raise
