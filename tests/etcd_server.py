@@ -1,13 +1,18 @@
-"""Throwaway etcd servers for tests: single members on loopback, each with its own data
-directory and ports, with test-only raft timings (ready in about 0.1 s; TTLs of 1 s allowed).
+"""Throwaway etcd servers for tests: members on loopback, each with its own data directory
+and ports, with test-only raft timings (ready in about 0.1 s; TTLs of 1 s allowed).
 
     with EtcdServer(directory) as server:     # started; server.url is etcd://127.0.0.1:PORT
         server.stop(); server.start()         # a restart on the same data
+
+    with EtcdCluster(directory) as cluster:   # three members; cluster.url lists all three
+        cluster.leader().stop(SIGKILL)        # the leader, as etcd's own status says
+        cluster.members["b"].start()          # one member back, on its data
 
 Without an `etcd` binary (or the `etcd` extra) the tests that need one skip, unless
 FLEET_REQUIRE_ETCD=1 (CI sets it): then they fail, so that CI never passes by skipping them.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +20,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -51,7 +57,8 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    """One etcd member alone in its cluster, on 127.0.0.1."""
+    """One etcd member on 127.0.0.1: alone in its cluster, unless an EtcdCluster names its
+    peers in `initial_cluster`."""
 
     def __init__(self, directory: str, name: str = "solo") -> None:
         self.name = name
@@ -59,6 +66,7 @@ class EtcdServer:
         self.log_path = os.path.join(directory, f"etcd-{name}.log")
         self.client_port = free_port()
         self.peer_port = free_port()
+        self.initial_cluster = f"{name}={self.peer_url}"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,12 +74,16 @@ class EtcdServer:
         return f"http://127.0.0.1:{self.client_port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
     def url(self) -> str:
         """The address fleetd's --store takes."""
         return f"etcd://127.0.0.1:{self.client_port}"
 
     def command(self) -> list[str]:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
         return [
             "etcd",
             f"--name={self.name}",
@@ -80,7 +92,7 @@ class EtcdServer:
             f"--advertise-client-urls={self.client_url}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster={self.name}={peer}",
+            f"--initial-cluster={self.initial_cluster}",
             "--initial-cluster-state=new",
             "--heartbeat-interval=10",
             "--election-timeout=100",
@@ -89,12 +101,17 @@ class EtcdServer:
         ]
 
     def start(self) -> "EtcdServer":
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Starts the process without waiting: a member of a cluster is healthy only once a
+        quorum of its peers runs too."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
-        self.wait_healthy()
-        return self
 
     def wait_healthy(self, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -113,11 +130,40 @@ class EtcdServer:
         except OSError:
             return False
 
+    def status(self) -> dict[str, str]:
+        """etcd's Maintenance Status RPC for this member, through etcd's JSON gateway: its
+        `member_id` (in `header`), `leader`, `raftTerm`; 64-bit numbers as strings."""
+        request = urllib.request.Request(f"{self.client_url}/v3/maintenance/status", data=b"{}")
+        with urllib.request.urlopen(request, timeout=1) as answer:
+            status: dict[str, Any] = json.load(answer)
+        return {"member_id": status["header"]["member_id"], "leader": status.get("leader", "0")}
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def pause(self) -> None:
+        """Freezes the process (SIGSTOP): connections stay open, nothing answers. Returns once
+        every thread of it is stopped: a signal is delivered, not obeyed, at once."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = f"/proc/{self.process.pid}/task"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(_stopped(f"{tasks}/{tid}/stat") for tid in os.listdir(tasks)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd not stopped within {READY_TIMEOUT}s")
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self, signum: int = signal.SIGTERM) -> None:
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signum)
+            self.process.send_signal(signal.SIGCONT)  # a paused member must run to exit
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -134,6 +180,78 @@ class EtcdServer:
 
     def __enter__(self) -> "EtcdServer":
         return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def _stopped(stat_path: str) -> bool:
+    """Whether the thread whose /proc stat this is has stopped (state T), or is gone."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rpartition(")")[2].split()[0] == "T"
+    except OSError:
+        return True
+
+
+class EtcdCluster:
+    """Three etcd members on 127.0.0.1 forming one cluster, started together."""
+
+    NAMES = ("a", "b", "c")
+
+    def __init__(self, directory: str) -> None:
+        self.members = {name: EtcdServer(directory, name) for name in self.NAMES}
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members.values())
+        for member in self.members.values():
+            member.initial_cluster = initial
+
+    @property
+    def url(self) -> str:
+        """Every member's client endpoint, as fleetd's --store takes them."""
+        return self.url_starting_at(self.members[self.NAMES[0]])
+
+    def url_starting_at(self, first: EtcdServer) -> str:
+        """The url with `first` listed first: the member a store connects to (gRPC's
+        pick_first), and leaves for the next when it goes."""
+        members = [first, *(m for m in self.members.values() if m is not first)]
+        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in members)
+
+    def start(self) -> "EtcdCluster":
+        for member in self.members.values():
+            member.launch()
+        for member in self.members.values():
+            member.wait_healthy()
+        return self
+
+    def running(self) -> list[EtcdServer]:
+        return [m for m in self.members.values() if m.running]
+
+    def leader(self, timeout: float = READY_TIMEOUT) -> EtcdServer:
+        """The member the running members agree leads (after an election, once one is won)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                statuses = [(m, m.status()) for m in self.running()]
+            except OSError:
+                statuses = []
+            leaders = {status["leader"] for _, status in statuses}
+            for member, status in statuses:
+                if leaders == {status["member_id"]}:
+                    return member
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no leader agreed within {timeout}s: {statuses}")
+            time.sleep(0.02)
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        for member in self.members.values():
+            member.stop(signum)
+
+    def __enter__(self) -> "EtcdCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def __exit__(self, *_: object) -> None:
         self.stop(signal.SIGKILL)

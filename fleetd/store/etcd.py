@@ -10,10 +10,12 @@ state, and with it three rules:
   be reached, or has lost its quorum, is StoreUnavailable: the request fails with a clear
   error, fleetd goes on, and the next request tries again (gRPC reconnects by itself, to the
   next endpoint listed when one is down).
-- A call runs as a task of its own, and its caller waits for it shielded: gRPC answers a
-  cancellation of its await with a bare asyncio.CancelledError that escapes anyio's cancel
-  scopes and tears down task groups (../shared/ETCD-NOTES.md). A write whose caller went away
-  may still commit, as the Store interface allows.
+- A call runs as a task of its own, which a cancelled caller cancels and leaves at once: gRPC
+  answers a cancellation of its await with a bare asyncio.CancelledError that escapes anyio's
+  cancel scopes and tears down task groups (../shared/ETCD-NOTES.md), and it stays in that
+  task. Transactions go to etcd in batches (_Batches), which a cancelled caller leaves at once
+  too, while its batch goes on. A write whose caller went away may still commit, as the Store
+  interface allows.
 - A watch survives a reconnect: it resumes from the revision after the last event it passed
   on, so that a broken stream loses nothing (or raises Compacted, if etcd forgot it meanwhile).
 
@@ -99,6 +101,10 @@ BATCH_BYTES = 1 << 20
 CALL_TIMEOUT = 5.0
 """Seconds a call to etcd may take before the request that made it fails StoreUnavailable:
 longer than an election (1 s by default), shorter than a client's patience."""
+RECONNECT_BACKOFF = (100, 1000)
+"""First and longest pause (ms) between gRPC's tries to reconnect to an etcd that went away:
+gRPC's own (1 s, growing to 120 s) left fleetd without its store for seconds, up to minutes,
+after etcd was back."""
 WATCH_RETRY = (0.05, 2.0)
 """First and longest pause between tries to resume a broken watch (doubling)."""
 
@@ -119,6 +125,10 @@ _UNAVAILABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
 }
+
+_REQUIRE_LEADER = (("hasleader", "true"),)
+"""Asks etcd to refuse a call at once ("no leader") while the member has no leader (no
+quorum), as etcd's own client does, rather than let it wait out CALL_TIMEOUT."""
 
 T = TypeVar("T")
 
@@ -148,7 +158,10 @@ class Endpoints:
     @classmethod
     def parse(cls, url: str) -> "Endpoints":
         """Raises InvalidRequest saying what is wrong with `url`."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # an unclosed or non-IPv6 bracket
+            raise InvalidRequest(f"{url!r} is not an etcd address: {exc}") from None
         if parts.scheme != SCHEME or not parts.netloc:
             raise InvalidRequest(f"{url!r} is not an etcd address: etcd://HOST:PORT[,HOST:PORT…]")
         if parts.query or parts.fragment or "@" in parts.netloc:
@@ -174,7 +187,7 @@ class Endpoints:
         return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
 
     def __str__(self) -> str:
-        hosts = ",".join(f"{host}:{port}" for host, port in self.hosts)
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
         return f"{SCHEME}://{hosts}/{self.namespace.rstrip('/')}"
 
 
@@ -188,7 +201,8 @@ def _host_port(url: str, item: str) -> tuple[str, int]:
         host, colon, port = item.partition(":")
         port = port if colon else str(DEFAULT_PORT)
         valid = ":" not in port
-    if not valid or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    digits = port.isascii() and port.isdigit()  # ASCII: int() takes other scripts' digits too
+    if not valid or not host or not digits or not 0 < int(port) < 65536:
         raise InvalidRequest(f"{url!r}: {item!r} is not HOST:PORT")
     return host, int(port)
 
@@ -274,7 +288,14 @@ class EtcdStore(Store):
     async def connected(self) -> AsyncIterator[None]:
         """The channel and its stubs, for the duration of the block (`serve` holds them; so
         does `fleetd reset-state`, which needs no more)."""
-        self._channel = grpc.aio.insecure_channel(self.endpoints.target())
+        first, longest = RECONNECT_BACKOFF
+        self._channel = grpc.aio.insecure_channel(
+            self.endpoints.target(),
+            options=[
+                ("grpc.initial_reconnect_backoff_ms", first),
+                ("grpc.max_reconnect_backoff_ms", longest),
+            ],
+        )
         keepalive = _KeepAlive(rpc.LeaseStub(self._channel))
         try:
             self._kv = rpc.KVStub(self._channel)
@@ -413,8 +434,7 @@ class EtcdStore(Store):
         try:
             assert self._batches is not None
             self._batches.add(queued)
-            with anyio.CancelScope(shield=True):  # it may commit anyway: know how it went
-                succeeded, answers, revision = await queued.answer
+            succeeded, answers, revision = await _left_if_cancelled(queued.answer)
         finally:
             self._in_flight -= 1
         self._revision = max(self._revision, self._ours(revision))
@@ -585,22 +605,21 @@ class EtcdStore(Store):
         self.cluster_id = header.cluster_id
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        return await self._shielded(method(request, timeout=CALL_TIMEOUT))
+        return await self._shielded(method(request, timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER))
 
     async def _shielded(self, call: Awaitable[T]) -> T:
-        """`call` as a task of its own, awaited shielded (see the module docstring)."""
+        """`call` as a task of its own, which a cancelled caller cancels and leaves at once
+        (see the module docstring): gRPC's answer to that stays in the task."""
         self._in_flight += 1
-        task = asyncio.ensure_future(call)
         try:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait((task,))
+            task = await _cancellable(call)
         finally:
             self._in_flight -= 1
         try:
             return task.result()
         except grpc.aio.AioRpcError as exc:
             raise translated(exc, self.endpoints) from None
-        except asyncio.CancelledError:  # not ours (shielded): the channel closed under it
+        except asyncio.CancelledError:  # not ours (we would have left): the channel closed
             raise StoreUnavailable(f"the connection to etcd at {self.endpoints} closed") from None
 
 
@@ -718,10 +737,14 @@ class _Batches:
     async def _call(self, batch: list[_Queued]) -> list[tuple[bool, Any, int]]:
         self.sent += 1
         if len(batch) == 1:
-            answer = await self._kv.Txn(batch[0].request, timeout=CALL_TIMEOUT)
+            answer = await self._kv.Txn(
+                batch[0].request, timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER
+            )
             return [(answer.succeeded, answer.responses, answer.header.revision)]
         nested = [rpc.RequestOp(request_txn=queued.request) for queued in batch]
-        answer = await self._kv.Txn(rpc.TxnRequest(success=nested), timeout=CALL_TIMEOUT)
+        answer = await self._kv.Txn(
+            rpc.TxnRequest(success=nested), timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER
+        )
         revision = answer.header.revision
         return [
             (r.response_txn.succeeded, r.response_txn.responses, revision) for r in answer.responses
@@ -744,12 +767,15 @@ class _KeepAlive:
 
     async def renew(self, lease: int) -> int:
         async with self._lock:
-            if self._stream is None:
+            if self._stream is None or self._stream.done():  # broke since the last renewal
                 self._stream = self._leases.LeaseKeepAlive()
             stream = self._stream
             try:
                 await _within(stream.write(rpc.LeaseKeepAliveRequest(ID=lease)))
                 answer = await _within(stream.read())
+            except asyncio.InvalidStateError:  # broke between the check and the write
+                self.close()
+                raise StoreUnavailable("etcd ended the lease keepalive stream") from None
             except BaseException:
                 self.close()
                 raise
@@ -827,7 +853,7 @@ class _Watch:
             if self._closed:
                 raise StopAsyncIteration
             try:
-                answer = await _cancellable(self._stream.read())
+                answer = (await _cancellable(self._stream.read())).result()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _UNAVAILABLE:
                     raise translated(exc, self._store.endpoints) from None
@@ -858,24 +884,43 @@ class _Watch:
 
 
 async def _within(step: Awaitable[T]) -> T:
-    """One step of a stream (a write, a read) within CALL_TIMEOUT, timed out as asyncio does
+    """One step of a stream (a write, a read) within CALL_TIMEOUT, timed out on our side
     (gRPC's own deadline would end the whole stream)."""
-    try:
-        return await asyncio.wait_for(step, CALL_TIMEOUT)
-    except TimeoutError:
-        raise StoreUnavailable(f"etcd did not answer within {CALL_TIMEOUT}s") from None
+    return (await _cancellable(step, CALL_TIMEOUT)).result()
 
 
-async def _cancellable(step: Awaitable[T]) -> T:
-    """`step` as a task of its own, which our cancellation cancels: gRPC's answer to it (a
-    bare asyncio.CancelledError) stays in that task and never reaches anyio's scopes."""
+async def _cancellable(step: Awaitable[T], timeout: float | None = None) -> "asyncio.Future[T]":
+    """`step` run to its end as a task of its own, which our cancellation (or `timeout`)
+    cancels: gRPC's answer to it (a bare asyncio.CancelledError) stays in that task and never
+    reaches anyio's scopes. Not asyncio.wait_for, which drops a step's error that races the
+    cancellation, for asyncio to log ("Task exception was never retrieved")."""
     task = asyncio.ensure_future(step)
     try:
-        await asyncio.wait((task,))
+        await asyncio.wait((task,), timeout=timeout)
     except BaseException:
-        task.cancel()
+        _abandon(task)
         raise
-    return task.result()
+    if not task.done():
+        _abandon(task)
+        raise StoreUnavailable(f"etcd did not answer within {timeout}s")
+    return task
+
+
+async def _left_if_cancelled(answer: "asyncio.Future[T]") -> T:
+    """A batch's answer, which a cancelled caller leaves without cancelling it (the batch is
+    others' too), its outcome then taken so that asyncio does not log it."""
+    try:
+        return await asyncio.shield(answer)
+    except BaseException:
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
+
+
+def _abandon(task: "asyncio.Future[Any]") -> None:
+    """Cancels a step its caller left, and takes its outcome when it comes, so that asyncio
+    does not log it."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    task.cancel()
 
 
 def _prefix_end(prefix: bytes) -> bytes:
