@@ -3,14 +3,18 @@ state directories of their own (as on separate hosts) sharing one etcd see one s
 and claims; a dead fleetd's leases come free once its presence expires; an etcd that stops
 answering gives clear errors, and lease holders lose their leases at their own deadline."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
 
 import pytest
 
@@ -19,7 +23,8 @@ from fleetd import presence
 from fleetd.core.dirs import PrivateDir
 from fleetd.state import ETCD_WATERMARK_FILE
 from fleetd.store.watermark import Watermark
-from tests.etcd_server import EtcdServer, need_etcd
+from protocol.errors import StoreUnavailable
+from tests.etcd_server import EtcdCluster, EtcdServer, need_etcd
 from tests.processes import FLEETCTL, Fleetd, fleetctl, run_fleetd, wait_until
 
 
@@ -356,3 +361,93 @@ def test_children_spawned_under_uvloop_with_grpc_loaded_do_not_crash(etcd: EtcdS
         timeout=120,
     )
     assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["0"]), done.stderr
+
+
+# Two fleetds on a three-member etcd cluster -------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """A client of one fleetd acquiring a new lease and a new claim per round, keeping what
+    was acknowledged (tokens in the order given) and the errors it met."""
+
+    daemon: Fleetd
+    tag: str
+    tokens: list[int] = field(default_factory=list)
+    claims: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with SyncClient(self.daemon.socket_path, timeout=15) as client:
+            for n in count():
+                if self.stop.is_set():
+                    return
+                try:
+                    lease = client.lease_acquire(f"{self.tag}-{n}", self.tag, 60)
+                    assert lease.lease is not None
+                    self.tokens.append(lease.lease.token)
+                    key = f"{self.tag}-{n}"
+                    client.claim_acquire("prompt_inbox", key, self.tag, b"work\n")
+                    self.claims.append(key)
+                except StoreUnavailable as exc:
+                    self.errors.append(exc.message)
+                    time.sleep(0.05)
+
+    def acknowledged(self) -> int:
+        return len(self.tokens) + len(self.claims)
+
+
+@pytest.mark.slow
+def test_two_fleetds_keep_working_through_a_leader_kill_and_resume_after_quorum_returns(
+    tempdir: str,
+) -> None:
+    need_etcd()
+    with EtcdCluster(tempdir) as cluster, contextlib.ExitStack() as daemons:
+        leader = cluster.leader()
+        store = cluster.url_starting_at(leader)  # both on the member that will die
+        loads = [
+            Workload(daemons.enter_context(on_cluster(tempdir, name, store)), name)
+            for name in ("one", "two")
+        ]
+        threads = [threading.Thread(target=load.run) for load in loads]
+        try:
+            for thread in threads:
+                thread.start()
+            more_acknowledged(loads, 20)
+            leader.stop(signal.SIGKILL)  # with quorum: work goes on
+            more_acknowledged(loads, 20)
+            second = cluster.running()[0]
+            second.stop(signal.SIGKILL)  # no quorum: clear errors
+            wait_until(lambda: all(load.errors for load in loads), 20)
+            second.start()
+            more_acknowledged(loads, 20, timeout=30)
+        finally:
+            for load in loads:
+                load.stop.set()
+            for thread in threads:
+                thread.join(30)
+        for load in loads:
+            assert load.tokens == sorted(set(load.tokens))  # never backwards, never repeated
+            assert all("etcd" in error for error in load.errors), load.errors
+        for load, other in zip(loads, reversed(loads), strict=True):  # none acknowledged lost
+            with SyncClient(other.daemon.socket_path) as client:
+                for key in load.claims:
+                    assert client.claim_inspect("prompt_inbox", key).outcome == "ok"
+
+
+@contextlib.contextmanager
+def on_cluster(tempdir: str, name: str, store: str) -> Iterator[Fleetd]:
+    root = os.path.join(tempdir, name)
+    os.makedirs(root)
+    daemon = Fleetd(root, extra_env={"FLEET_STORE": store}).start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def more_acknowledged(loads: list[Workload], count: int, timeout: float = 20.0) -> None:
+    targets = [load.acknowledged() + count for load in loads]
+    pairs = list(zip(loads, targets, strict=True))
+    wait_until(lambda: all(load.acknowledged() >= target for load, target in pairs), timeout)
