@@ -98,7 +98,7 @@ def test_a_bad_store_address_is_refused_before_anything_starts(tempdir: str) -> 
     for address, says in [
         ("redis://127.0.0.1:6379", "give etcd://HOST:PORT"),
         ("etcd://127.0.0.1:notaport", "is not HOST:PORT"),
-        ("etcd://user@127.0.0.1:2379", "only hosts, ports and a namespace"),
+        ("etcd://user:secret@127.0.0.1:2379", "takes no user or password"),
     ]:
         done = run_fleetd(env, "--store", address)
         assert (done.returncode, done.stdout) == (78, ""), done.stderr

@@ -41,7 +41,7 @@ from fleetd.store.scoped import Scoped
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
-from tests.etcd_server import EtcdServer, need_etcd
+from tests.etcd_server import GRPC_DRAIN, EtcdServer, need_etcd
 
 HISTORY_KEPT = 2000
 """Revisions of history the SQLite test stores keep: enough for a slow watcher, small to
@@ -99,6 +99,7 @@ class EtcdBackend:
             async with EtcdStore.open(self.server.url) as store:
                 yield store
         finally:
+            await anyio.sleep(GRPC_DRAIN)  # see tests/test_store_etcd.py's open_store
             await anyio.to_thread.run_sync(self.server.stop)
 
     async def compact(self, store: Store, revision: int) -> None:

@@ -164,7 +164,9 @@ class Endpoints:
             raise InvalidRequest(f"{url!r} is not an etcd address: {exc}") from None
         if parts.scheme != SCHEME or not parts.netloc:
             raise InvalidRequest(f"{url!r} is not an etcd address: etcd://HOST:PORT[,HOST:PORT…]")
-        if parts.query or parts.fragment or "@" in parts.netloc:
+        if "@" in parts.netloc:  # the message must not repeat a password
+            raise InvalidRequest("an etcd address takes no user or password (etcd://HOST:PORT)")
+        if parts.query or parts.fragment:
             raise InvalidRequest(f"{url!r}: only hosts, ports and a namespace are understood")
         hosts = tuple(_host_port(url, item) for item in parts.netloc.split(","))
         namespace = parts.path.strip("/")
@@ -177,11 +179,17 @@ class Endpoints:
         v4: list[str] = []
         v6: list[str] = []
         for host, port in self.hosts:
-            for address in _addresses(host, port):
+            found = _addresses(host, port)
+            ours = [a for a in found if a.version == 4] or found  # IPv4 where a host has both
+            for address in ours:
                 if isinstance(address, ipaddress.IPv4Address):
                     v4.append(f"{address}:{port}")
                 else:
                     v6.append(f"[{address}]:{port}")
+        if v4 and v6:  # one gRPC target takes one family
+            raise StoreUnavailable(
+                f"etcd at {self} mixes IPv4 and IPv6 endpoints: give them all in one family"
+            )
         if not v4 and not v6:
             raise StoreUnavailable(f"no address found for etcd at {self}")
         return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
