@@ -220,12 +220,12 @@ class Store(Protocol):
 
     The history seam. ``watch`` (events under a prefix, resumable from ``start_revision``),
     with ``revision``, ``Event``, ``StoreStatistics.compact_revision`` and the ``Compacted``
-    error, forms the store's history: an etcd-shaped record of every change. Today only tests
-    and benchmarks watch the store (fleetd answers ``lease_watch`` from the lease manager's own
-    event buffer), yet every write pays for the history. It stays, on purpose: it is the seam
-    the etcd backend (issue 14: lease watches become etcd watches resuming from a revision)
-    and the task event log (issue 15: one ordered record per run, whichever host wrote it)
-    are built on. tests/test_store.py ("Watches: the history seam") is its conformance suite,
+    error, forms the store's history: an etcd-shaped record of every change. On a shared
+    store (etcd) fleetd's lease manager follows the other fleetds' writes through it; on
+    SQLite only tests and benchmarks watch it (fleetd answers ``lease_watch`` from the lease
+    manager's own event buffer), yet every write pays for the history: it is also the seam the
+    task event log (issue 15: one ordered record per run, whichever host wrote it) is to be
+    built on. tests/test_store.py ("Watches: the history seam") is its conformance suite,
     written against this interface for every backend to pass.
     """
 
