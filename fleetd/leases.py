@@ -203,14 +203,15 @@ def owns(entry: Entry, owner: str, token: int) -> bool:
 
 
 def decide_heartbeat(entry: Entry | None, owner: str, token: int, now: float) -> bool:
-    """Renew only a lease still live: one past its deadline is lost even if not yet taken."""
-    return entry is not None and entry.live(now) and owns(entry, owner, token)
+    """Renew only a lease still live: one past its deadline is lost even if not yet taken;
+    and only where its deadline is kept (not a lease held through another fleetd)."""
+    return entry is not None and not entry.foreign and entry.live(now) and owns(entry, owner, token)
 
 
 def decide_release(entry: Entry | None, owner: str, token: int, now: float) -> Outcome:
     if entry is None:
         return Outcome.ABSENT
-    if not owns(entry, owner, token):
+    if not owns(entry, owner, token) or entry.foreign:
         return Outcome.NOT_OWNED
     return Outcome.RELEASED if entry.live(now) else Outcome.ALREADY_RELEASED
 
@@ -878,7 +879,9 @@ class LeaseManager:
         if entry is None:
             return LeaseResult(outcome=Outcome.NOT_OWNED, message="no such lease")
         lease = info(entry, now, time.time())
-        if entry.record.owner != owner:
+        if entry.foreign:
+            why = "it is held through another fleetd, which keeps its deadline: use that one"
+        elif entry.record.owner != owner:
             why = f"it was last held by {entry.record.owner!r}, not {owner!r}"
         elif entry.live(now):
             why = f"{owner!r} holds it under a newer token ({entry.token})"

@@ -125,6 +125,18 @@ def test_a_lease_acquired_through_one_fleetd_is_contested_through_another(
     assert lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s") == (12, "contested")
 
 
+def test_a_lease_is_renewed_and_released_only_through_the_fleetd_it_was_acquired_through(
+    one: Fleetd, two: Fleetd
+) -> None:
+    assert lease(one, "acquire", "build", "--owner", "a", "--ttl", "30s")[1] == "acquired"
+    wait_until(lambda: lease(two, "inspect", "build")[1] == "ok")
+    for verb in ("heartbeat", "release"):
+        code, answer = cli(two, "lease", verb, "build", "--owner", "a")
+        assert (code, answer["outcome"]) == (10, "not_owned")
+        assert "held through another fleetd" in str(answer["message"])
+    assert lease(one, "heartbeat", "build", "--owner", "a")[1] == "renewed"
+
+
 def test_a_lease_released_through_one_fleetd_is_granted_through_another(
     one: Fleetd, two: Fleetd
 ) -> None:

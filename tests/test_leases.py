@@ -418,3 +418,13 @@ async def test_a_reload_forgets_records_gone_and_keeps_the_deadlines_of_the_othe
         assert manager.table.get("kept") is kept
         tg.cancel_scope.cancel()
         holder.kill()
+
+
+def test_a_lease_held_through_another_fleetd_is_neither_renewed_nor_released_here() -> None:
+    """Its deadline is kept by the fleetd it was acquired through (a shared store): a
+    heartbeat here would renew nothing there, a release here would go unseen there."""
+    foreign = held(deadline=math.inf)
+    foreign.foreign = True
+    assert not decide_heartbeat(foreign, "a", 7, 5.0)
+    assert decide_release(foreign, "a", 7, 5.0) is Outcome.NOT_OWNED
+    assert decide_acquire(foreign, "a", 5.0, alive).verdict is Verdict.CONTEST
