@@ -70,7 +70,8 @@ class Presence:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Take the presence back, or grant one; then keep it alive until cancelled."""
-        await self._take_back() or await self._grant()
+        if not await self._take_back():
+            await self._grant()
         task_status.started()
         while True:
             await anyio.sleep(self._pause())
@@ -97,14 +98,13 @@ class Presence:
             return True
         return False
 
-    async def _grant(self) -> bool:
+    async def _grant(self) -> None:
         sent = self._clock()
         self.id, ttl = await self._store.grant(self._ttl)
         self._ttl = ttl
         self.valid_until = sent + ttl
         self._state.write_atomically(FILE, str(self.id).encode(), durable=True)
         log.info("presence_granted", presence=f"{self.id:x}", ttl=ttl)
-        return True
 
     async def _renew(self) -> None:
         sent = self._clock()

@@ -25,7 +25,7 @@ from fleetd.state import ETCD_WATERMARK_FILE
 from fleetd.store.watermark import Watermark
 from protocol.errors import StoreUnavailable
 from tests.etcd_server import EtcdCluster, EtcdServer, need_etcd
-from tests.processes import FLEETCTL, Fleetd, fleetctl, run_fleetd, wait_until
+from tests.processes import FLEETCTL, Fleetd, fleetctl, run_fleetd, wait_gone, wait_until
 
 
 @pytest.fixture
@@ -209,6 +209,7 @@ def test_the_leases_of_a_killed_fleetd_come_free_once_its_presence_expires(
     one.process.kill()
     one.process.wait()
     killed = time.monotonic()
+    assert lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "contested"
     wait_until(
         lambda: lease(two, "acquire", "build", "--owner", "b", "--ttl", "30s")[1] == "acquired", 20
     )
@@ -253,7 +254,11 @@ def test_coord_run_kills_its_child_once_etcd_is_gone_past_the_deadline(
     one: Fleetd, etcd: EtcdServer, tempdir: str
 ) -> None:
     marker = os.path.join(tempdir, "started")
-    child = f"import time; open({marker!r}, 'w').close(); time.sleep(120)"
+    child = (
+        "import os, time\n"
+        f"with open({marker!r} + '.tmp', 'w') as f: f.write(str(os.getpid()))\n"
+        f"os.rename({marker!r} + '.tmp', {marker!r}); time.sleep(120)"
+    )
     run = subprocess.Popen(
         [*FLEETCTL, "coord-run", "--agent", "a", "--lease", "job", "--ttl", "3s", "--",
          sys.executable, "-c", child],
@@ -264,9 +269,12 @@ def test_coord_run_kills_its_child_once_etcd_is_gone_past_the_deadline(
     )  # fmt: skip
     try:
         wait_until(lambda: os.path.exists(marker))
+        with open(marker) as f:
+            child_pid = int(f.read())
         etcd.stop(signal.SIGKILL)
         _, stderr = run.communicate(timeout=presence.TTL + 15)
         assert run.returncode != 0 and "lost" in stderr, stderr
+        assert wait_gone(child_pid, 5)
     finally:
         if run.poll() is None:
             run.kill()

@@ -28,6 +28,8 @@ SETPRIV = spawn_module._SETPRIV
 
 NOT_X86_64 = "the trampoline is an x86-64 executable"
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason=NOT_X86_64)
+PATHS = [pytest.param("trampoline", marks=x86_64_only), "setpriv", "preexec"]
+"""The three ways a holder spawns (see FALLBACKS): the trampoline where it can run."""
 
 
 def trampoline_fd() -> int:
@@ -112,13 +114,11 @@ def writable_cgroup() -> str:
     return path
 
 
-@pytest.mark.parametrize("path", ["trampoline", "setpriv", "preexec"])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_spawned_program_runs_in_its_cgroup(path: str) -> None:
     """From its first instruction (its first child sees the cgroup), but through setpriv,
     whose child the holder moves once posix_spawn returns: a cgroup move may wait for an RCU
     grace period, milliseconds, so only what the program forks after that is sure to be in."""
-    if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
     if path == "setpriv" and SETPRIV is None:
         pytest.skip("setpriv not installed (util-linux)")
     cgroup = writable_cgroup()
@@ -137,10 +137,8 @@ FALLBACKS = {
 }
 
 
-@pytest.mark.parametrize("path", FALLBACKS)
+@pytest.mark.parametrize("path", PATHS)
 def test_a_spawned_program_dies_with_the_process_that_spawned_it(path: str) -> None:
-    if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
     assert_dies_with_its_spawner(path)
 
 
@@ -301,22 +299,18 @@ AS_NOBODY = spawn_module.Setup(
 )
 
 
-@pytest.mark.parametrize("path", FALLBACKS)
+@pytest.mark.parametrize("path", PATHS)
 def test_a_spawned_program_gets_its_limits_from_its_first_instruction(path: str) -> None:
     """Through setpriv, the holder sets them once posix_spawn returns (see the module)."""
-    if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
     later = "sleep 0.5; " if path == "setpriv" else ""
     seen = spawned_through(path, ["sh", "-c", later + "cat /proc/self/limits"], LIMITED)
     assert re.search(r"^Max open files +100 +200 ", seen, re.MULTILINE), seen
 
 
 @needs_root
-@pytest.mark.parametrize("path", FALLBACKS)
+@pytest.mark.parametrize("path", PATHS)
 def test_a_spawned_program_runs_as_its_user_with_its_groups(path: str) -> None:
     """Needs root. setpriv would lose the parent-death signal: its path uses the preexec hook."""
-    if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
     seen = spawned_through(path, ["sh", "-c", "id -u; id -g; id -G; ulimit -c"], AS_NOBODY)
     assert seen.split("\n") == ["65534", "65534", "65534 100", "unlimited", ""]
 
@@ -329,10 +323,8 @@ def test_the_trampoline_that_cannot_set_a_limit_says_so_and_runs_nothing() -> No
 
 
 @needs_root
-@pytest.mark.parametrize("path", FALLBACKS)
+@pytest.mark.parametrize("path", PATHS)
 def test_a_program_spawned_as_another_user_still_dies_with_its_spawner(path: str) -> None:
     """A change of user clears the parent-death signal: it is set after (needs root)."""
-    if path == "trampoline" and platform.machine() != "x86_64":
-        pytest.skip(NOT_X86_64)
     nobody = "spawn.Setup(credentials=spawn.Credentials(65534, 65534, (65534,)))"
     assert_dies_with_its_spawner(path, nobody, uid=65534)

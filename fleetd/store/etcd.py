@@ -257,8 +257,6 @@ class EtcdStore(Store):
         self._operations = 0
         self._in_flight = 0
         self._watchers = 0
-        self.cluster_id = 0
-        """etcd's cluster id, as its answers carry it."""
 
     @classmethod
     @asynccontextmanager
@@ -472,7 +470,7 @@ class EtcdStore(Store):
 
     async def keepalive(self, lease: int) -> float:
         assert self._keepalive is not None
-        return float(await self._shielded(self._keepalive.renew(lease)))
+        return float(await self._in_own_task(self._keepalive.renew(lease)))
 
     async def revoke(self, lease: int) -> None:
         await self._call(self._leases.LeaseRevoke, rpc.LeaseRevokeRequest(ID=lease))
@@ -520,7 +518,7 @@ class EtcdStore(Store):
         self._compacted = max(self._compacted, revision - 1)
 
     async def status(self) -> Any:
-        """etcd's status of the member we are connected to (its leader, its revision)."""
+        """etcd's status of the member we are connected to (its leader, its member id)."""
         return await self._call(self._maintenance.Status, rpc.StatusRequest())
 
     # Translation ------------------------------------------------------------------------------
@@ -605,17 +603,15 @@ class EtcdStore(Store):
 
     async def _range_request(self, request: Any) -> Any:
         answer = await self._call(self._kv.Range, request)
-        self._seen(answer.header)
+        self._revision = max(self._revision, self._ours(answer.header.revision))
         return answer
 
-    def _seen(self, header: Any) -> None:
-        self._revision = max(self._revision, self._ours(header.revision))
-        self.cluster_id = header.cluster_id
-
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        return await self._shielded(method(request, timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER))
+        return await self._in_own_task(
+            method(request, timeout=CALL_TIMEOUT, metadata=_REQUIRE_LEADER)
+        )
 
-    async def _shielded(self, call: Awaitable[T]) -> T:
+    async def _in_own_task(self, call: Awaitable[T]) -> T:
         """`call` as a task of its own, which a cancelled caller cancels and leaves at once
         (see the module docstring): gRPC's answer to that stays in the task."""
         self._in_flight += 1
@@ -822,7 +818,7 @@ class _Watch:
             start_revision=self._next,
             prev_kv=True,
         )
-        answer = await self._store._shielded(self._open(stream, create))
+        answer = await self._store._in_own_task(self._open(stream, create))
         if not self._next:
             self._next = answer.header.revision + 1
         self._take(answer)
