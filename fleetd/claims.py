@@ -277,8 +277,8 @@ class ClaimService:
         """After a crash: roll held claims forward from their staging files, drop held
         records whose file is in neither place, clear staging, withdraw released claims'
         files, and quarantine files that no record explains."""
-        kvs = [kv for kv in await self._store.range(PREFIX) if self._ours(_decode(kv.value))]
-        records = {kv.key: (kv, _decode(kv.value)) for kv in kvs}
+        decoded = [(kv, _decode(kv.value)) for kv in await self._store.range(PREFIX)]
+        records = {kv.key: (kv, record) for kv, record in decoded if self._ours(record)}
         explained: dict[Where, ClaimState] = {}
         staged: dict[Where, StoredClaim] = {}
         for key, (_, record) in records.items():
@@ -297,7 +297,7 @@ class ClaimService:
                 dropped += await self._drop(key, kv.mod_revision, record)
         log.info(
             "claims_loaded",
-            records=len(kvs) - dropped,
+            records=len(records) - dropped,
             held=sum(state == "held" for state in explained.values()) - dropped,
             rolled_forward=len(swept.rolled_forward),
             dropped=dropped,
