@@ -5,7 +5,7 @@ Registered on fleetctl.cli's group when it loads this module (at its end)."""
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -73,15 +73,11 @@ def runs_list(g: Globals) -> None:
 
     def call(client: Any) -> int:
         result = client.request(RunListRequest)
-        rows = [
-            (r.id, r.status, _counts(r.tasks), r.created_at, r.name) for r in result.runs
-        ]
+        rows = [(r.id, r.status, _counts(r.tasks), r.created_at, r.name) for r in result.runs]
         human = _table(("RUN", "STATUS", "TASKS", "CREATED", "NAME"), rows)
         if result.draining:
             human += "\n(dispatch is drained: `fleetctl drain --resume` starts it again)"
-        return emit(
-            g.json, human, runs=_to_builtins(result.runs), draining=result.draining
-        )
+        return emit(g.json, human, runs=_to_builtins(result.runs), draining=result.draining)
 
     _client_call(g, call)
 
@@ -99,7 +95,7 @@ def runs_show(g: Globals, run: str) -> None:
         detail = client.request(RunShow, run=run)
         summary = detail.summary
         workers = ", ".join(
-            f"{w.id} ×{w.max_concurrent_tasks or 1}" for w in detail.run.worker_specs
+            f"{w.id} x{w.max_concurrent_tasks or 1}" for w in detail.run.worker_specs
         )
         human = (
             f"{summary.id} {summary.name!r}: {summary.status}, created {summary.created_at}"
@@ -375,11 +371,10 @@ def _counts(tasks: dict[str, int]) -> str:
     return " ".join(f"{state}={n}" for state, n in sorted(tasks.items())) or "-"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = [
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in (header, *rows)
     ]
     return "\n".join(lines)
-

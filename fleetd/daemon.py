@@ -273,14 +273,14 @@ class Daemon:
         dispatcher.register(ClaimListRequest, self.claims.list)
         dispatcher.register(ClaimGc, self.claims.gc)
         dispatcher.register(RunSubmit, self.tasks.submit)
-        dispatcher.register(RunListRequest, self.tasks.list)
+        dispatcher.register(RunListRequest, self.tasks.list_runs)
         dispatcher.register(RunShow, self.tasks.show)
         dispatcher.register(RunCancel, self.tasks.cancel)
-        dispatcher.register(TaskListRequest, self.tasks.tasks)
+        dispatcher.register(TaskListRequest, self.tasks.list_tasks)
         dispatcher.register(EventList, self.tasks.events, waits=_event_list_waits)
         dispatcher.register(EventEmit, self.tasks.emit)
         dispatcher.register(ReceiptListRequest, self.tasks.receipts)
-        dispatcher.register(ReceiptScore, self.tasks.score)
+        dispatcher.register(ReceiptScore, self.tasks.score_receipt)
         dispatcher.register(Drain, self.tasks.drain, waits=_drain_waits)
         return dispatcher
 

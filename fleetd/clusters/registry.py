@@ -454,9 +454,7 @@ class HolderRegistry:
                     assert self._launcher is not None, "HolderRegistry.serve first"
                     wanted = ClusterSpec(name=cluster, members=[spec])
                     async with self._launching:
-                        held = await self._launcher.launch(
-                            wanted, self.index.runtime_dir(cluster)
-                        )
+                        held = await self._launcher.launch(wanted, self.index.runtime_dir(cluster))
                     return self.index.status_in(cluster, spec.name)
         link = reachable(held, spec.name)
         if spec.name in held.specs:

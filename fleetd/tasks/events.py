@@ -153,4 +153,3 @@ async def read_stored(store: Store, run: str, after: int, limit: int) -> list[by
 async def stored_last_seq(store: Store, run: str) -> int:
     kv = await store.get(seq_key(run))
     return int(kv.value) if kv is not None else 0
-

@@ -61,13 +61,18 @@ def score(scorer: Scorer | None, workspace: str, exit_code: int | None) -> Verdi
             return Verdict(None, "awaiting a manual verdict")
         case FileExistsScorer(path=path):
             found = _read(workspace, path, want_content=False) is not None
-            return Verdict("pass" if found else "fail", f"{path} {'exists' if found else 'missing'}")
+            return Verdict(
+                "pass" if found else "fail", f"{path} {'exists' if found else 'missing'}"
+            )
         case RegexMatchScorer(path=path, pattern=pattern):
             content = _read(workspace, path)
             if content is None:
                 return Verdict("fail", f"{path} missing")
             matched = re.search(pattern, content.decode("utf-8", "replace"), re.MULTILINE)
-            return Verdict("pass" if matched else "fail", f"/{pattern}/ {'matched' if matched else 'not found'} in {path}")
+            return Verdict(
+                "pass" if matched else "fail",
+                f"/{pattern}/ {'matched' if matched else 'not found'} in {path}",
+            )
         case JsonPathScorer(path=path, expression=expression):
             return _score_json(workspace, path, expression)
     raise AssertionError(f"unknown scorer {scorer!r}")

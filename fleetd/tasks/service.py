@@ -27,6 +27,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import anyio
 import msgspec
@@ -39,7 +40,7 @@ from fleetd.core.dispatch import Peer
 from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.store import Compare, DeleteRange, Operation, Put, Store
 from fleetd.tasks import records
-from fleetd.tasks.events import EventLog, read_stored, stored_last_seq
+from fleetd.tasks.events import EventLog, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
 from fleetd.tasks.scoring import Verdict, result_line, score
 from protocol.definitions import MemberSpec
@@ -80,8 +81,8 @@ from protocol.tasks import (
     Failed,
     Heartbeat,
     InboxEntry,
-    LocalHost,
     Leased,
+    LocalHost,
     Queued,
     Receipt,
     ResultMessage,
@@ -104,6 +105,8 @@ DEFAULT_MAX_WORKERS = 64
 WRITE_CHUNK = 100
 """Keys per transaction when a run is submitted (etcd takes 128 operations at most)."""
 FINAL = frozenset({"done", "failed", "cancelled"})
+CANCEL_WAIT = 30.0
+"""Seconds a cancel waits for the run's workers to stop."""
 
 _encode = msgspec.json.Encoder().encode
 _decode_task = msgspec.json.Decoder(TaskRecord).decode
@@ -154,6 +157,8 @@ class RunState:
     slots: list[Slot]
     ready: list[tuple[int, float, int, str]] = field(default_factory=list)
     """Queued tasks due now: (-priority, enqueued_at, order, task id), a heap."""
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    """Set (and replaced) whenever one of its attempts ended."""
 
     @property
     def cluster(self) -> str:
@@ -197,6 +202,16 @@ class _Observer:
         for slot in self.run.slots:
             if slot.task is not None:
                 self.service.attempt_lost(self.run, slot, "its holder exited")
+
+
+class Envelope(TypedDict):
+    """What fleetd fills in every event: the seq is given as it is appended."""
+
+    seq: int
+    run_id: str
+    worker_id: str
+    task_id: str
+    timestamp: str
 
 
 Timer = tuple[str, str, str, str]
@@ -246,9 +261,12 @@ class TaskService:
         return self._tasks
 
     async def _load(self) -> None:
-        known = {kv.key[len(records.INDEX) :]: _decode_run(kv.value) for kv in await self.store.range(records.INDEX)}
+        known = {
+            kv.key[len(records.INDEX) :]: _decode_run(kv.value)
+            for kv in await self.store.range(records.INDEX)
+        }
         await self._remove_half_submitted(set(known))
-        for run_id, record in sorted(known.items(), key=lambda item: _number(item[0])):
+        for record in sorted(known.values(), key=lambda record: _number(record.run.id)):
             await self._load_run(record)
 
     async def _remove_half_submitted(self, known: set[str]) -> None:
@@ -344,7 +362,7 @@ class TaskService:
 
     def _head(self, run: RunState) -> tuple[int, float, int, str] | None:
         """The run's best queued task that one of its free slots can take now."""
-        if run.run.status != "running" and run.run.status != "queued":
+        if run.run.status not in {"running", "queued"}:
             return None
         skipped = []
         head = None
@@ -366,7 +384,9 @@ class TaskService:
 
     def _queue(self, run: RunState, task: TaskRecord) -> None:
         if task.not_before > time.time():
-            self._push_timer(("backoff", run.run.id, task.task_id, task.attempt_id), task.not_before)
+            self._push_timer(
+                ("backoff", run.run.id, task.task_id, task.attempt_id), task.not_before
+            )
             return
         entry = (-task.priority, task.enqueued_at, next(self._order), task.task_id)
         heapq.heappush(run.ready, entry)
@@ -408,7 +428,9 @@ class TaskService:
                 run,
                 task,
                 [
-                    Leased(**self._envelope(run, task), lease_expires_at=timestamp(slot.lease_deadline)),
+                    Leased(
+                        **self._envelope(run, task), lease_expires_at=timestamp(slot.lease_deadline)
+                    ),
                     Starting(**self._envelope(run, task)),
                 ],
             )
@@ -439,10 +461,10 @@ class TaskService:
             if slot.task is task and task.attempt_id == mine:
                 self.attempt_lost(run, slot, f"cannot start: {exc.strerror or exc}")
             return
-        if status.state == MemberState.ERROR and slot.task is task and task.attempt_id == mine:
-            if status.started_at is None or status.started_at < task.started_at:
-                self.attempt_lost(run, slot, status.error or "cannot start")
-                return
+        ours = slot.task is task and task.attempt_id == mine
+        if ours and status.state == MemberState.ERROR and not _is_attempts(status, task):
+            self.attempt_lost(run, slot, status.error or "cannot start")
+            return
         self.member_changed(run, status)
 
     def _prepare_files(self, run_id: str, spec: TaskSpec) -> tuple[str, str]:
@@ -459,7 +481,9 @@ class TaskService:
     def _arm(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         self._push_timer(("lease", run.run.id, task.task_id, task.attempt_id), slot.lease_deadline)
         if slot.timeout_at:
-            self._push_timer(("timeout", run.run.id, task.task_id, task.attempt_id), slot.timeout_at)
+            self._push_timer(
+                ("timeout", run.run.id, task.task_id, task.attempt_id), slot.timeout_at
+            )
 
     # -- following attempts ------------------------------------------------------------------
 
@@ -472,7 +496,8 @@ class TaskService:
             slot.running = True
             if task.state == "leased":
                 task.state = "running"
-            self._group.start_soon(self._append, run, task, [Running(**self._envelope(run, task))])
+            running: list[WorkerEvent] = [Running(**self._envelope(run, task))]
+            self._group.start_soon(self._append, run, task, running)
         elif status.state in (MemberState.STOPPED, MemberState.ERROR):
             self._group.start_soon(self._attempt_ended, run, slot, status, "")
 
@@ -488,7 +513,6 @@ class TaskService:
             return
         slot.task = None  # once: a second push of the same end finds the slot free
         self._busy -= 1
-        spec = run.specs[task.task_id]
         exit_code = status.exit_code if status is not None else None
         log_path = member_log_path(self.holders.index.runtime_dir(run.cluster), slot.member)
         result = await anyio.to_thread.run_sync(result_line, log_path, task.log_offset)
@@ -503,6 +527,8 @@ class TaskService:
                 await self._succeeded(run, task, slot, exit_code, reported)
         finally:
             self._release_idle()
+            settled, run.settled = run.settled, anyio.Event()
+            settled.set()
             self._finish_if_done(run)
             self.kick()
 
@@ -519,7 +545,9 @@ class TaskService:
         verdict: Verdict = await anyio.to_thread.run_sync(score, spec.scorer, workspace, exit_code)
         task.state = "done" if verdict.result is not None else "scoring"
         task.result = verdict.result
-        receipt = self._receipt(run, task, slot, verdict, exit_code, reported)
+        receipt = self._receipt(
+            run=run, task=task, slot=slot, verdict=verdict, exit_code=exit_code, reported=reported
+        )
         summary = reported.summary if reported is not None and reported.summary else None
         await self._append(
             run,
@@ -543,22 +571,40 @@ class TaskService:
                 task,
                 [
                     Failed(**self._envelope(run, task), reason=why, recoverable=True),
-                    Queued(**self._envelope(run, task), extra={"not_before": timestamp(task.not_before)}),
+                    Queued(
+                        **self._envelope(run, task),
+                        extra={"not_before": timestamp(task.not_before)},
+                    ),
                 ],
             )
-            log.info("task_retried", run=run.run.id, task=task.task_id, reason=why, attempts=task.attempts)
+            log.info(
+                "task_retried",
+                run=run.run.id,
+                task=task.task_id,
+                reason=why,
+                attempts=task.attempts,
+            )
             self._queue(run, task)
             return
         task.state = "failed"
         task.result = "timeout" if slot.ending == "timeout" else "fail"
-        receipt = self._receipt(run, task, slot, Verdict(task.result, why), exit_code, task.reported)
+        receipt = self._receipt(
+            run=run,
+            task=task,
+            slot=slot,
+            verdict=Verdict(task.result, why),
+            exit_code=exit_code,
+            reported=task.reported,
+        )
         await self._append(
             run,
             task,
             [Failed(**self._envelope(run, task), reason=why)],
             [Put(records.receipt_key(run.run.id, task.task_id), _encode(receipt))],
         )
-        log.info("task_failed", run=run.run.id, task=task.task_id, reason=why, attempts=task.attempts)
+        log.info(
+            "task_failed", run=run.run.id, task=task.task_id, reason=why, attempts=task.attempts
+        )
 
     async def _cancelled(self, run: RunState, task: TaskRecord, by: str) -> None:
         task.state = "cancelled"
@@ -566,6 +612,7 @@ class TaskService:
 
     def _receipt(
         self,
+        *,
         run: RunState,
         task: TaskRecord,
         slot: Slot,
@@ -604,7 +651,9 @@ class TaskService:
             return
         if any(task.state not in FINAL for task in run.tasks.values()):
             return
-        passed = all(t.result in ("pass", "skip") for t in run.tasks.values() if t.state != "cancelled")
+        passed = all(
+            t.result in ("pass", "skip") for t in run.tasks.values() if t.state != "cancelled"
+        )
         cancelled = any(t.state == "cancelled" for t in run.tasks.values())
         status = "cancelled" if cancelled else "completed" if passed else "failed"
         now = _now()
@@ -655,7 +704,9 @@ class TaskService:
                     continue
                 slot = run.slot_of(task.member)
                 assert slot is not None
-                self._group.start_soon(self._stop_attempt, run, task, slot, "stale" if kind == "lease" else "timeout")
+                self._group.start_soon(
+                    self._stop_attempt, run, task, slot, "stale" if kind == "lease" else "timeout"
+                )
 
     async def _stop_attempt(self, run: RunState, task: TaskRecord, slot: Slot, why: str) -> None:
         if slot.task is not task or slot.ending:
@@ -663,7 +714,14 @@ class TaskService:
         slot.ending = why
         if why == "stale":
             await self._append(
-                run, task, [Stale(**self._envelope(run, task), last_heartbeat_at=timestamp(slot.last_heartbeat))]
+                run,
+                task,
+                [
+                    Stale(
+                        **self._envelope(run, task),
+                        last_heartbeat_at=timestamp(slot.last_heartbeat),
+                    )
+                ],
             )
         log.info("task_stopping", run=run.run.id, task=task.task_id, why=why)
         try:
@@ -674,7 +732,7 @@ class TaskService:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _envelope(self, run: RunState, task: TaskRecord) -> dict[str, object]:
+    def _envelope(self, run: RunState, task: TaskRecord) -> Envelope:
         return {
             "seq": 0,
             "run_id": run.run.id,
@@ -751,7 +809,13 @@ class TaskService:
             self._queue(state, task)
         self._any_event.set()
         self._any_event = anyio.Event()
-        log.info("run_submitted", run=run_id, name=spec.name, tasks=len(tasks), workers=len(spec.worker_specs))
+        log.info(
+            "run_submitted",
+            run=run_id,
+            name=spec.name,
+            tasks=len(tasks),
+            workers=len(spec.worker_specs),
+        )
         return RunResult(outcome=Outcome.ACQUIRED, run=state.summary())
 
     async def _next_number(self) -> int:
@@ -763,13 +827,11 @@ class TaskService:
                 if kv is not None
                 else Compare(records.NEXT_KEY, "create", "==", 0)
             )
-            result = await self.store.txn(
-                [guard], [Put(records.NEXT_KEY, str(last + 1).encode())]
-            )
+            result = await self.store.txn([guard], [Put(records.NEXT_KEY, str(last + 1).encode())])
             if result.succeeded:
                 return last + 1
 
-    def list(self, request: RunListRequest, peer: Peer) -> RunList:
+    def list_runs(self, request: RunListRequest, peer: Peer) -> RunList:
         runs = sorted(self.runs.values(), key=lambda r: _number(r.run.id), reverse=True)
         return RunList(runs=[r.summary() for r in runs], draining=self.draining)
 
@@ -778,7 +840,7 @@ class TaskService:
         full = msgspec.structs.replace(run.run, task_specs=list(run.specs.values()))
         return RunDetail(run=full, summary=run.summary(), tasks=self._views(run))
 
-    def tasks(self, request: TaskListRequest, peer: Peer) -> TaskList:
+    def list_tasks(self, request: TaskListRequest, peer: Peer) -> TaskList:
         runs = [self._run(request.run)] if request.run else self._ordered_runs()
         return TaskList(tasks=[view for run in runs for view in self._views(run)])
 
@@ -833,9 +895,9 @@ class TaskService:
             if task.state == "scoring":
                 await self._cancelled(run, task, f"pid {peer.pid}")
         self._finish_if_done(run)
-        with anyio.move_on_after(10):
+        with anyio.move_on_after(CANCEL_WAIT):
             while any(slot.task is not None for slot in run.slots):
-                await anyio.sleep(0.01)
+                await run.settled.wait()
         log.info("run_cancelled", run=run.run.id, by=peer.pid)
         return RunResult(outcome=Outcome.RELEASED, run=run.summary())
 
@@ -856,7 +918,9 @@ class TaskService:
             return EventPage(heads=heads)
         found: list[msgspec.Raw] = []
         for run in runs:
-            after = request.after.get(run.run.id, 0 if not request.from_now else run.events.last_seq)
+            after = request.after.get(
+                run.run.id, 0 if not request.from_now else run.events.last_seq
+            )
             if after >= run.events.last_seq:
                 continue
             for data in await run.events.read(after, request.limit - len(found)):
@@ -914,7 +978,7 @@ class TaskService:
             found.extend(_decode_receipt(kv.value) for kv in kvs)
         return ReceiptList(receipts=found)
 
-    async def score(self, request: ReceiptScore, peer: Peer) -> ReceiptResult:
+    async def score_receipt(self, request: ReceiptScore, peer: Peer) -> ReceiptResult:
         run, task = self._find_task(request.task)
         kv = await self.store.get(records.receipt_key(run.run.id, task.task_id))
         if kv is None or task.state not in ("scoring", "done"):
@@ -1015,8 +1079,10 @@ def _failure(status: MemberStatus | None, reported: ResultMessage | None) -> str
     if status.exit_code is None:
         return status.error or "its worker did not run"
     if status.exit_code != 0:
-        return f"exited with code {status.exit_code}" if status.exit_code > 0 else (
-            f"killed by signal {-status.exit_code}"
+        return (
+            f"exited with code {status.exit_code}"
+            if status.exit_code > 0
+            else (f"killed by signal {-status.exit_code}")
         )
     if reported is not None and reported.kind == "fail":
         return f"reported fail: {reported.summary}" if reported.summary else "reported fail"
@@ -1032,14 +1098,15 @@ def _reported(event: Completed | Failed) -> ResultMessage:
 _EMITTABLE = msgspec.json.Decoder(WorkerEvent)
 
 
-def _event_of(payload: dict[str, object], envelope: dict[str, object]) -> WorkerEvent:
+def _event_of(payload: dict[str, object], envelope: Envelope) -> WorkerEvent:
     """A worker's event: its payload in the envelope fleetd fills (the payload cannot set
     the envelope's fields)."""
     state = payload.get("state")
     if state in ("queued", "leased", "starting", "stale", "restarted", "escalated", "cancelled"):
         raise InvalidRequest(f"event state {state!r} is fleetd's to report, not a worker's")
     try:
-        return msgspec.convert({**payload, **envelope}, WorkerEvent)
+        event: WorkerEvent = msgspec.convert({**payload, **envelope}, WorkerEvent)
+        return event
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid event: {exc}") from None
 
@@ -1058,4 +1125,3 @@ def _number(run_id: str) -> int:
 
 def _now() -> str:
     return timestamp(time.time())
-
