@@ -354,7 +354,7 @@ class TaskService:
             if best is None:
                 return
             head, run = best
-            heapq.heappop(run.ready)
+            _take(run.ready, head)
             task = run.tasks[head[3]]
             slot = run.free_slot(run.specs[task.task_id])
             assert slot is not None
@@ -1035,6 +1035,15 @@ class TaskService:
             while self._busy:
                 await self._idle.wait()
         return DrainResult(draining=True, in_flight=self._busy)
+
+
+def _take(heap: list[tuple[int, float, int, str]], entry: tuple[int, float, int, str]) -> None:
+    """Take `entry` out of `heap`: its head, or one behind tasks no free slot could take."""
+    if heap[0] == entry:
+        heapq.heappop(heap)
+        return
+    heap.remove(entry)
+    heapq.heapify(heap)
 
 
 def _slots(run: Run) -> list[Slot]:

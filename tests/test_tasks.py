@@ -1,0 +1,533 @@
+"""Task runs under a real fleetd: runs submitted, tasks dispatched to worker slots (members of
+the run's cluster, real processes), followed through their events to receipts.
+
+Workers are tests/task_worker.py: each does what its task's instructions (a JSON plan) say.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fleetctl.sync import SyncClient
+from protocol.errors import Absent, InvalidRequest, Unsupported
+from protocol.outcomes import Outcome
+from protocol.runs import (
+    Drain,
+    EventEmit,
+    EventList,
+    ReceiptListRequest,
+    ReceiptScore,
+    RunCancel,
+    RunDetail,
+    RunShow,
+    RunSubmit,
+    TaskListRequest,
+)
+from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
+
+WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
+
+
+@pytest.fixture
+def daemon(tempdir: str) -> Iterator[Fleetd]:
+    with running_fleetd(tempdir) as fleetd:
+        try:
+            yield fleetd
+        finally:
+            kill_holders(fleetd)
+
+
+def worker(wid: str = "w1", slots: int = 1, **fields: Any) -> dict[str, Any]:
+    return {
+        "id": wid,
+        "name": f"worker {wid}",
+        "host": {"kind": "local"},
+        "command": WORKER,
+        "max_concurrent_tasks": slots,
+        **fields,
+    }
+
+
+def task(tid: str, plan: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    return {"id": tid, "name": f"task {tid}", "instructions": json.dumps(plan or {}), **fields}
+
+
+def submit(daemon: Fleetd, tasks: list[dict[str, Any]], workers: list[dict[str, Any]]) -> str:
+    text = json.dumps({"name": "test run", "task_specs": tasks, "worker_specs": workers})
+    with SyncClient(daemon.socket_path) as client:
+        result = client.request(RunSubmit, text=text, format="json", source="run.json")
+    assert result.outcome is Outcome.ACQUIRED
+    return str(result.run.id)
+
+
+def show(daemon: Fleetd, run: str) -> RunDetail:
+    with SyncClient(daemon.socket_path) as client:
+        return client.request(RunShow, run=run)
+
+
+def wait_run(daemon: Fleetd, run: str, timeout: float = 20.0) -> RunDetail:
+    """The run once it ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        detail = show(daemon, run)
+        if detail.summary.status in ("completed", "failed", "cancelled"):
+            return detail
+        assert time.monotonic() < deadline, (detail.summary, daemon.log()[-3000:])
+        time.sleep(0.05)
+
+
+def wait_task(daemon: Fleetd, run: str, tid: str, state: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        views = {t.entry.task_id: t for t in show(daemon, run).tasks}
+        if views[tid].state == state:
+            return views[tid]
+        assert time.monotonic() < deadline, (views[tid], daemon.log()[-3000:])
+        time.sleep(0.02)
+
+
+def events(daemon: Fleetd, run: str, after: int = 0) -> list[dict[str, Any]]:
+    with SyncClient(daemon.socket_path) as client:
+        page = client.request(EventList, run=run, after={run: after}, limit=100000)
+    return [json.loads(bytes(raw)) for raw in page.events]
+
+
+def receipts(daemon: Fleetd, run: str) -> dict[str, Any]:
+    with SyncClient(daemon.socket_path) as client:
+        found = client.request(ReceiptListRequest, run=run).receipts
+    return {r.task_id: r for r in found}
+
+
+def marks(path: str) -> list[list[str]]:
+    """What task_worker's `mark` wrote: one [task, attempt, pid, cwd] per start."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as file:
+        return [line.split() for line in file]
+
+
+def wait_marked(path: str, count: int, timeout: float = 20.0) -> list[list[str]]:
+    deadline = time.monotonic() + timeout
+    while len(found := marks(path)) < count:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.02)
+    return found
+
+
+# -- a run completes ------------------------------------------------------------------------
+
+
+def test_a_run_of_twenty_tasks_over_four_workers_completes_with_a_receipt_each(
+    daemon: Fleetd,
+) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    tasks = [task(f"t{n}", {"mark": mark, "sleep": 0.05}) for n in range(20)]
+    workers = [worker(f"w{n}") for n in range(4)]
+    run = submit(daemon, tasks, workers)
+    detail = wait_run(daemon, run)
+    assert detail.summary.status == "completed"
+    assert detail.summary.tasks == {"done": 20}
+    found = receipts(daemon, run)
+    assert sorted(found) == sorted(f"t{n}" for n in range(20))
+    assert {r.result for r in found.values()} == {"pass"}
+    assert {r.worker_id for r in found.values()} == {"w0", "w1", "w2", "w3"}
+
+
+def test_at_most_max_concurrent_tasks_run_on_a_worker_at_once(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    tasks = [task(f"t{n}", {"mark": mark, "sleep": 1.5}) for n in range(4)]
+    run = submit(daemon, tasks, [worker(slots=2)])
+    wait_marked(mark, 2)
+    time.sleep(0.5)
+    assert len(marks(mark)) == 2
+    assert wait_run(daemon, run).summary.tasks == {"done": 4}
+
+
+def test_the_run_is_over_when_its_cluster_is_brought_down(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t1")], [worker()])
+    wait_run(daemon, run)
+    deadline = time.monotonic() + 10
+    while True:
+        with SyncClient(daemon.socket_path) as client:
+            states = {m.state for m in client.member_status([f"{run}.workers"])}
+        if states <= {"stopped"}:
+            break
+        assert time.monotonic() < deadline, states
+        time.sleep(0.05)
+
+
+def test_a_worker_is_given_its_task_by_flags_and_runs_in_its_workspace(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    space = os.path.join(daemon.root, "space")
+    os.mkdir(space)
+    run = submit(daemon, [task("t1", {"mark": mark}, workspace=space)], [worker()])
+    wait_run(daemon, run)
+    ((tid, attempt, _, cwd),) = marks(mark)
+    assert (tid, attempt, cwd) == ("t1", f"{run}/t1/1", space)
+
+
+def test_higher_priority_tasks_are_dispatched_first_then_older_ones(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    tasks = [
+        task("low", {"mark": mark}),
+        task("high", {"mark": mark}, priority=5),
+        task("low2", {"mark": mark}),
+        task("mid", {"mark": mark}, priority=1),
+    ]
+    run = submit(daemon, tasks, [worker()])
+    wait_run(daemon, run)
+    assert [m[0] for m in marks(mark)] == ["high", "mid", "low", "low2"]
+
+
+def test_tasks_go_only_to_workers_with_their_capabilities_and_labels(daemon: Fleetd) -> None:
+    tasks = [
+        task("gpu", capabilities=["gpu"]),
+        task("eu", labels={"region": "eu"}),
+        task("any"),
+    ]
+    workers = [worker("plain"), worker("big", capabilities=["gpu"], labels={"region": "eu"})]
+    run = submit(daemon, tasks, workers)
+    wait_run(daemon, run)
+    found = receipts(daemon, run)
+    assert found["gpu"].worker_id == "big"
+    assert found["eu"].worker_id == "big"
+
+
+def test_a_task_no_worker_can_take_is_refused_at_submit(daemon: Fleetd) -> None:
+    with pytest.raises(InvalidRequest, match="no worker has its capabilities"):
+        submit(daemon, [task("t", capabilities=["gpu"])], [worker()])
+
+
+@pytest.mark.parametrize(
+    "host", [{"kind": "ssh", "host": "example.org"}, {"kind": "docker", "image": "alpine"}]
+)
+def test_workers_on_other_hosts_are_refused_as_unsupported(
+    daemon: Fleetd, host: dict[str, str]
+) -> None:
+    with pytest.raises(Unsupported, match="not supported yet"):
+        submit(daemon, [task("t")], [worker(host=host)])
+
+
+# -- failures and retries -------------------------------------------------------------------
+
+
+def test_a_failed_attempt_is_retried_after_the_backoff_until_its_attempts_run_out(
+    daemon: Fleetd,
+) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    policy = {"max_attempts": 3, "initial_backoff_seconds": 0.3, "backoff_multiplier": 2}
+    run = submit(daemon, [task("t", {"mark": mark, "exit": 3}, retry_policy=policy)], [worker()])
+    detail = wait_run(daemon, run)
+    assert detail.summary.status == "failed"
+    (view,) = detail.tasks
+    assert (view.state, view.entry.attempts, view.result) == ("failed", 3, "fail")
+    found = events(daemon, run)
+    starts = [e["timestamp"] for e in found if e["state"] == "starting"]
+    failed = [e for e in found if e["state"] == "failed"]
+    assert [e.get("recoverable", False) for e in failed] == [True, True, False]
+    assert all(e["reason"] == "exited with code 3" for e in failed)
+    gaps = [_seconds(b) - _seconds(a) for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[0] >= 0.3 and gaps[1] >= 0.6, gaps
+    assert receipts(daemon, run)["t"].result == "fail"
+
+
+def test_a_worker_killed_mid_task_is_seen_and_its_task_retried(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    policy = {"initial_backoff_seconds": 0.2}
+    run = submit(daemon, [task("t", {"mark": mark, "sleep": 30}, retry_policy=policy)], [worker()])
+    ((_, _, pid, _),) = wait_marked(mark, 1)
+    os.kill(int(pid), signal.SIGKILL)
+    second = wait_marked(mark, 2)
+    assert second[1][1] == f"{run}/t/2"
+    reasons = [e["reason"] for e in events(daemon, run) if e["state"] == "failed"]
+    assert reasons == ["killed by signal 9"]
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)
+
+
+def test_a_worker_that_stops_heartbeating_is_declared_stale_and_its_task_requeued(
+    daemon: Fleetd,
+) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    policy = {"max_attempts": 2, "initial_backoff_seconds": 0.1}
+    plan = {"mark": mark, "sleep": 30}
+    run = submit(
+        daemon,
+        [task("t", plan, retry_policy=policy)],
+        [worker(lease_seconds=0.5)],
+    )
+    first = wait_marked(mark, 1)
+    wait_marked(mark, 2, timeout=10)
+    assert wait_gone(int(first[0][2]), 5)  # the stale worker was stopped
+    states = [e["state"] for e in events(daemon, run)]
+    assert "stale" in states
+    stale = next(e for e in events(daemon, run) if e["state"] == "stale")
+    assert "last_heartbeat_at" in stale
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)
+
+
+def test_a_worker_that_heartbeats_outlives_its_lease(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 1.5, "heartbeat": 0.1})], [worker(lease_seconds=0.5)])
+    detail = wait_run(daemon, run)
+    assert detail.tasks[0].entry.attempts == 1
+    assert detail.summary.status == "completed"
+
+
+def test_a_task_past_its_timeout_is_stopped_and_receipted_timeout(daemon: Fleetd) -> None:
+    policy = {"max_attempts": 1}
+    run = submit(
+        daemon,
+        [task("t", {"sleep": 30, "heartbeat": 0.1}, timeout_seconds=0.5, retry_policy=policy)],
+        [worker()],
+    )
+    started = time.monotonic()
+    detail = wait_run(daemon, run)
+    assert time.monotonic() - started < 10
+    assert detail.tasks[0].result == "timeout"
+    assert receipts(daemon, run)["t"].result == "timeout"
+
+
+def test_a_fail_result_line_fails_the_attempt(daemon: Fleetd) -> None:
+    plan = {"result": {"kind": "fail", "summary": "tests red"}}
+    run = submit(daemon, [task("t", plan, retry_policy={"max_attempts": 1})], [worker()])
+    detail = wait_run(daemon, run)
+    assert detail.tasks[0].error == "reported fail: tests red"
+
+
+def test_a_success_result_line_is_kept_in_the_receipt(daemon: Fleetd) -> None:
+    plan = {"result": {"kind": "fork", "summary": "forked", "branch": "b1", "rev": "abc"}}
+    run = submit(daemon, [task("t", plan)], [worker()])
+    wait_run(daemon, run)
+    outcome = receipts(daemon, run)["t"].outcome
+    assert (outcome.kind, outcome.branch, outcome.rev) == ("fork", "b1", "abc")
+
+
+# -- scorers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scorer", "write", "result"),
+    [
+        ({"kind": "file_exists", "path": "out.txt"}, {"out.txt": "x"}, "pass"),
+        ({"kind": "file_exists", "path": "out.txt"}, {}, "fail"),
+        ({"kind": "regex_match", "path": "out.txt", "pattern": "^ok [0-9]+$"}, {"out.txt": "a\nok 12\n"}, "pass"),
+        ({"kind": "regex_match", "path": "out.txt", "pattern": "^ok$"}, {"out.txt": "no"}, "fail"),
+        ({"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"}, {"r.json": '{"tests": {"passed": true}}'}, "pass"),
+        ({"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"}, {"r.json": '{"tests": {"passed": false}}'}, "fail"),
+    ],
+)
+def test_a_scorer_gives_the_receipt_its_result(
+    daemon: Fleetd, scorer: dict[str, str], write: dict[str, str], result: str
+) -> None:
+    run = submit(daemon, [task("t", {"write": write}, scorer=scorer)], [worker()])
+    wait_run(daemon, run)
+    assert receipts(daemon, run)["t"].result == result
+
+
+def test_a_scorer_does_not_follow_a_link_out_of_the_workspace(daemon: Fleetd) -> None:
+    space = os.path.join(daemon.root, "space")
+    os.mkdir(space)
+    secret = os.path.join(daemon.root, "secret")
+    with open(secret, "w") as file:
+        file.write("ok")
+    os.symlink(secret, os.path.join(space, "out.txt"))
+    scorer = {"kind": "regex_match", "path": "out.txt", "pattern": "ok"}
+    run = submit(daemon, [task("t", workspace=space, scorer=scorer)], [worker()])
+    wait_run(daemon, run)
+    assert receipts(daemon, run)["t"].result == "fail"
+
+
+def test_a_manual_scorer_leaves_the_receipt_pending_until_scored(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", scorer={"kind": "manual"})], [worker()])
+    wait_task(daemon, run, "t", "scoring")
+    assert receipts(daemon, run)["t"].pending
+    assert show(daemon, run).summary.status == "running"
+    with SyncClient(daemon.socket_path) as client:
+        scored = client.request(ReceiptScore, task="t", result="pass", notes="looks right")
+        again = client.request(ReceiptScore, task=f"{run}/t", result="pass")
+    assert scored.outcome is Outcome.OK
+    assert again.outcome is Outcome.ALREADY_ACQUIRED
+    receipt = receipts(daemon, run)["t"]
+    assert (receipt.result, receipt.pending, receipt.score.notes) == ("pass", False, "looks right")
+    assert wait_run(daemon, run).summary.status == "completed"
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def test_events_are_numbered_without_gaps_in_each_run(daemon: Fleetd) -> None:
+    runs = [
+        submit(daemon, [task(f"t{n}", {"heartbeat": 0.01, "sleep": 0.1}) for n in range(5)], [worker(slots=3)])
+        for _ in range(2)
+    ]
+    for run in runs:
+        wait_run(daemon, run)
+        seqs = [e["seq"] for e in events(daemon, run)]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert {e["run_id"] for e in events(daemon, run)} == {run}
+
+
+def test_events_resume_after_a_seq(daemon: Fleetd) -> None:
+    run = submit(daemon, [task(f"t{n}") for n in range(3)], [worker()])
+    wait_run(daemon, run)
+    every = events(daemon, run)
+    assert events(daemon, run, after=4) == every[4:]
+
+
+def test_a_follower_gets_each_new_event_as_it_is_appended(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 0.3})], [worker()])
+    seen: list[dict[str, Any]] = []
+    cursor: dict[str, int] = {}
+    deadline = time.monotonic() + 20
+    with SyncClient(daemon.socket_path) as client:
+        while not any(e["state"] == "completed" for e in seen):
+            page = client.request(EventList, run=run, after=cursor, wait=5.0, timeout=10.0)
+            for raw in page.events:
+                event = json.loads(bytes(raw))
+                cursor[run] = event["seq"]
+                seen.append(event)
+            assert time.monotonic() < deadline
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+
+
+def test_a_worker_reports_its_events_under_its_attempt(daemon: Fleetd) -> None:
+    emitted = [
+        {"state": "model_wait", "model": "m1"},
+        {"state": "running_tool", "tool": "bash", "call_id": "c1"},
+        {"state": "artifact", "kind": "coverage.xml", "path": "cov.xml", "size_bytes": 10},
+    ]
+    run = submit(daemon, [task("t", {"emit": emitted})], [worker()])
+    wait_run(daemon, run)
+    found = [e for e in events(daemon, run) if e["state"] in ("model_wait", "running_tool", "artifact")]
+    assert [e["state"] for e in found] == ["model_wait", "running_tool", "artifact"]
+    assert found[1]["tool"] == "bash"
+    (artifact,) = receipts(daemon, run)["t"].artifacts
+    assert (artifact.kind, artifact.path) == ("coverage.xml", "cov.xml")
+
+
+def test_a_result_reported_twice_is_counted_once(daemon: Fleetd) -> None:
+    emitted = [{"state": "completed", "summary": "one"}, {"state": "completed", "summary": "two"}]
+    run = submit(daemon, [task("t", {"emit": emitted})], [worker()])
+    wait_run(daemon, run)
+    completed = [e for e in events(daemon, run) if e["state"] == "completed"]
+    summaries = [e.get("summary") for e in completed]
+    assert summaries == ["one", "one"]  # the worker's own report, then its exit's
+
+
+def test_an_event_under_an_attempt_that_is_not_the_tasks_own_is_not_owned(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t")], [worker()])
+    wait_run(daemon, run)
+    with SyncClient(daemon.socket_path) as client:
+        result = client.request(EventEmit, attempt_id=f"{run}/t/1", event={"state": "heartbeat"})
+        with pytest.raises(InvalidRequest, match="attempt id"):
+            client.request(EventEmit, attempt_id="nonsense", event={"state": "heartbeat"})
+        with pytest.raises(Absent):
+            client.request(EventEmit, attempt_id="run-99/t/1", event={"state": "heartbeat"})
+    assert result.outcome is Outcome.NOT_OWNED
+
+
+def test_a_worker_cannot_report_a_state_that_is_fleetds_to_report(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 30})], [worker()])
+    wait_task(daemon, run, "t", "running")
+    with SyncClient(daemon.socket_path) as client:
+        with pytest.raises(InvalidRequest, match="fleetd's to report"):
+            client.request(EventEmit, attempt_id=f"{run}/t/1", event={"state": "stale"})
+        with pytest.raises(InvalidRequest, match="invalid event"):
+            client.request(EventEmit, attempt_id=f"{run}/t/1", event={"state": "running_tool"})
+        client.request(RunCancel, run=run)
+
+
+# -- cancel, drain, restart -----------------------------------------------------------------
+
+
+def test_cancel_stops_the_workers_and_cancels_every_task(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    run = submit(daemon, [task(f"t{n}", {"mark": mark, "sleep": 30}) for n in range(4)], [worker(slots=2)])
+    running = wait_marked(mark, 2)
+    with SyncClient(daemon.socket_path) as client:
+        result = client.request(RunCancel, run=run)
+        again = client.request(RunCancel, run=run)
+    assert result.outcome is Outcome.RELEASED
+    assert again.outcome is Outcome.ALREADY_RELEASED
+    for _, _, pid, _ in running:
+        assert wait_gone(int(pid), 5)
+    detail = show(daemon, run)
+    assert detail.summary.status == "cancelled"
+    assert {t.state for t in detail.tasks} == {"cancelled"}
+    assert len(marks(mark)) == 2
+
+
+def test_drain_waits_for_the_tasks_in_flight_and_dispatches_no_more(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    run = submit(daemon, [task(f"t{n}", {"mark": mark, "sleep": 0.5}) for n in range(3)], [worker()])
+    wait_marked(mark, 1)
+    with SyncClient(daemon.socket_path) as client:
+        started = time.monotonic()
+        drained = client.request(Drain, wait=10.0, timeout=15.0)
+        waited = time.monotonic() - started
+        time.sleep(0.5)
+        assert len(marks(mark)) == 1
+        client.request(Drain, resume=True)
+    assert (drained.draining, drained.in_flight) == (True, 0)
+    assert waited > 0.2
+    assert wait_run(daemon, run).summary.tasks == {"done": 3}
+
+
+def test_a_run_goes_on_after_fleetd_is_killed_mid_run(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    tasks = [task(f"t{n}", {"mark": mark, "sleep": 1.0}) for n in range(4)]
+    run = submit(daemon, tasks, [worker(slots=2)])
+    running = wait_marked(mark, 2)
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait()
+    daemon.start()
+    detail = wait_run(daemon, run)
+    assert detail.summary.status == "completed"
+    assert detail.summary.tasks == {"done": 4}
+    attempts = {t.entry.task_id: t.entry.attempts for t in detail.tasks}
+    assert attempts == {"t0": 1, "t1": 1, "t2": 1, "t3": 1}, (attempts, running)
+
+
+def test_a_worker_that_died_while_fleetd_was_down_is_retried(daemon: Fleetd) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    run = submit(
+        daemon,
+        [task("t", {"mark": mark, "sleep": 30}, retry_policy={"initial_backoff_seconds": 0.1})],
+        [worker()],
+    )
+    ((_, _, pid, _),) = wait_marked(mark, 1)
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait()
+    os.kill(int(pid), signal.SIGKILL)
+    wait_gone(int(pid), 5)
+    daemon.start()
+    second = wait_marked(mark, 2)
+    assert second[1][1] == f"{run}/t/2"
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)
+
+
+def test_tasks_list_shows_each_tasks_state_and_attempt(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("a", {"sleep": 30}), task("b")], [worker()])
+    wait_task(daemon, run, "a", "running")
+    with SyncClient(daemon.socket_path) as client:
+        views = {t.entry.task_id: t for t in client.request(TaskListRequest, run=run).tasks}
+        client.request(RunCancel, run=run)
+    assert views["a"].attempt_id == f"{run}/a/1"
+    assert views["a"].entry.lease_deadline
+    assert views["b"].state == "queued"
+
+
+def _seconds(stamp: str) -> float:
+    from protocol.tasks import epoch
+
+    return epoch(stamp)
