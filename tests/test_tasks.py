@@ -274,7 +274,8 @@ def test_a_worker_that_stops_heartbeating_is_declared_stale_and_its_task_requeue
 
 
 def test_a_worker_that_heartbeats_outlives_its_lease(daemon: Fleetd) -> None:
-    run = submit(daemon, [task("t", {"sleep": 1.5, "heartbeat": 0.1})], [worker(lease_seconds=0.5)])
+    plan = {"sleep": 4.0, "heartbeat": 0.1}
+    run = submit(daemon, [task("t", plan)], [worker(lease_seconds=2.0)])
     detail = wait_run(daemon, run)
     assert detail.tasks[0].entry.attempts == 1
     assert detail.summary.status == "completed"
