@@ -4,6 +4,8 @@ the run's cluster, real processes), followed through their events to receipts.
 Workers are tests/task_worker.py: each does what its task's instructions (a JSON plan) say.
 """
 
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -29,6 +31,7 @@ from protocol.runs import (
     RunSubmit,
     TaskListRequest,
 )
+from tests.etcd_server import EtcdServer, need_etcd
 from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
@@ -37,6 +40,24 @@ WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.p
 @pytest.fixture
 def daemon(tempdir: str) -> Iterator[Fleetd]:
     with running_fleetd(tempdir) as fleetd:
+        try:
+            yield fleetd
+        finally:
+            kill_holders(fleetd)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def on_either(request: pytest.FixtureRequest, tempdir: str) -> Iterator[Fleetd]:
+    """fleetd on SQLite, then on a real etcd."""
+    with contextlib.ExitStack() as stack:
+        env = {}
+        if request.param == "etcd":
+            need_etcd()
+            etcd = stack.enter_context(EtcdServer(tempdir))
+            env["FLEET_STORE"] = etcd.url
+        root = os.path.join(tempdir, "d")
+        os.mkdir(root)
+        fleetd = stack.enter_context(running_fleetd(root, **env))
         try:
             yield fleetd
         finally:
@@ -124,8 +145,9 @@ def wait_marked(path: str, count: int, timeout: float = 20.0) -> list[list[str]]
 
 
 def test_a_run_of_twenty_tasks_over_four_workers_completes_with_a_receipt_each(
-    daemon: Fleetd,
+    on_either: Fleetd,
 ) -> None:
+    daemon = on_either
     mark = os.path.join(daemon.root, "marks")
     tasks = [task(f"t{n}", {"mark": mark, "sleep": 0.05}) for n in range(20)]
     workers = [worker(f"w{n}") for n in range(4)]
@@ -218,8 +240,9 @@ def test_workers_on_other_hosts_are_refused_as_unsupported(
 
 
 def test_a_failed_attempt_is_retried_after_the_backoff_until_its_attempts_run_out(
-    daemon: Fleetd,
+    on_either: Fleetd,
 ) -> None:
+    daemon = on_either
     mark = os.path.join(daemon.root, "marks")
     policy = {"max_attempts": 3, "initial_backoff_seconds": 0.3, "backoff_multiplier": 2}
     run = submit(daemon, [task("t", {"mark": mark, "exit": 3}, retry_policy=policy)], [worker()])
@@ -232,7 +255,7 @@ def test_a_failed_attempt_is_retried_after_the_backoff_until_its_attempts_run_ou
     failed = [e for e in found if e["state"] == "failed"]
     assert [e.get("recoverable", False) for e in failed] == [True, True, False]
     assert all(e["reason"] == "exited with code 3" for e in failed)
-    gaps = [_seconds(b) - _seconds(a) for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [_seconds(b) - _seconds(a) for a, b in itertools.pairwise(starts)]
     assert gaps[0] >= 0.3 and gaps[1] >= 0.6, gaps
     assert receipts(daemon, run)["t"].result == "fail"
 
@@ -255,22 +278,19 @@ def test_a_worker_that_stops_heartbeating_is_declared_stale_and_its_task_requeue
     daemon: Fleetd,
 ) -> None:
     mark = os.path.join(daemon.root, "marks")
+    silent = worker(lease_seconds=1.0, command=["sh", "-c", f"echo $$ >> {mark}; exec sleep 30"])
     policy = {"max_attempts": 2, "initial_backoff_seconds": 0.1}
-    plan = {"mark": mark, "sleep": 30}
-    run = submit(
-        daemon,
-        [task("t", plan, retry_policy=policy)],
-        [worker(lease_seconds=0.5)],
-    )
-    first = wait_marked(mark, 1)
-    wait_marked(mark, 2, timeout=10)
-    assert wait_gone(int(first[0][2]), 5)  # the stale worker was stopped
-    states = [e["state"] for e in events(daemon, run)]
-    assert "stale" in states
-    stale = next(e for e in events(daemon, run) if e["state"] == "stale")
-    assert "last_heartbeat_at" in stale
-    with SyncClient(daemon.socket_path) as client:
-        client.request(RunCancel, run=run)
+    run = submit(daemon, [task("t", retry_policy=policy)], [silent])
+    detail = wait_run(daemon, run)
+    assert (detail.tasks[0].state, detail.tasks[0].entry.attempts) == ("failed", 2)
+    found = events(daemon, run)
+    stale = [e for e in found if e["state"] == "stale"]
+    assert len(stale) == 2
+    assert all("last_heartbeat_at" in e for e in stale)
+    assert [e.get("recoverable", False) for e in found if e["state"] == "failed"] == [True, False]
+    with open(mark) as pids:
+        for pid in pids.read().split():
+            assert wait_gone(int(pid), 5)  # each stale worker was stopped
 
 
 def test_a_worker_that_heartbeats_outlives_its_lease(daemon: Fleetd) -> None:
@@ -310,6 +330,10 @@ def test_a_success_result_line_is_kept_in_the_receipt(daemon: Fleetd) -> None:
     assert (outcome.kind, outcome.branch, outcome.rev) == ("fork", "b1", "abc")
 
 
+REGEX = {"kind": "regex_match", "path": "out.txt"}
+JSON_PATH = {"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"}
+
+
 # -- scorers --------------------------------------------------------------------------------
 
 
@@ -318,10 +342,22 @@ def test_a_success_result_line_is_kept_in_the_receipt(daemon: Fleetd) -> None:
     [
         ({"kind": "file_exists", "path": "out.txt"}, {"out.txt": "x"}, "pass"),
         ({"kind": "file_exists", "path": "out.txt"}, {}, "fail"),
-        ({"kind": "regex_match", "path": "out.txt", "pattern": "^ok [0-9]+$"}, {"out.txt": "a\nok 12\n"}, "pass"),
+        (
+            {"kind": "regex_match", "path": "out.txt", "pattern": "^ok [0-9]+$"},
+            {"out.txt": "a\nok 12\n"},
+            "pass",
+        ),
         ({"kind": "regex_match", "path": "out.txt", "pattern": "^ok$"}, {"out.txt": "no"}, "fail"),
-        ({"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"}, {"r.json": '{"tests": {"passed": true}}'}, "pass"),
-        ({"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"}, {"r.json": '{"tests": {"passed": false}}'}, "fail"),
+        (
+            {"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"},
+            {"r.json": '{"tests": {"passed": true}}'},
+            "pass",
+        ),
+        (
+            {"kind": "json_path", "path": "r.json", "expression": "$.tests.passed"},
+            {"r.json": '{"tests": {"passed": false}}'},
+            "fail",
+        ),
     ],
 )
 def test_a_scorer_gives_the_receipt_its_result(
@@ -345,7 +381,8 @@ def test_a_scorer_does_not_follow_a_link_out_of_the_workspace(daemon: Fleetd) ->
     assert receipts(daemon, run)["t"].result == "fail"
 
 
-def test_a_manual_scorer_leaves_the_receipt_pending_until_scored(daemon: Fleetd) -> None:
+def test_a_manual_scorer_leaves_the_receipt_pending_until_scored(on_either: Fleetd) -> None:
+    daemon = on_either
     run = submit(daemon, [task("t", scorer={"kind": "manual"})], [worker()])
     wait_task(daemon, run, "t", "scoring")
     assert receipts(daemon, run)["t"].pending
@@ -363,9 +400,14 @@ def test_a_manual_scorer_leaves_the_receipt_pending_until_scored(daemon: Fleetd)
 # -- events ---------------------------------------------------------------------------------
 
 
-def test_events_are_numbered_without_gaps_in_each_run(daemon: Fleetd) -> None:
+def test_events_are_numbered_without_gaps_in_each_run(on_either: Fleetd) -> None:
+    daemon = on_either
     runs = [
-        submit(daemon, [task(f"t{n}", {"heartbeat": 0.01, "sleep": 0.1}) for n in range(5)], [worker(slots=3)])
+        submit(
+            daemon,
+            [task(f"t{n}", {"heartbeat": 0.01, "sleep": 0.1}) for n in range(5)],
+            [worker(slots=3)],
+        )
         for _ in range(2)
     ]
     for run in runs:
@@ -406,7 +448,9 @@ def test_a_worker_reports_its_events_under_its_attempt(daemon: Fleetd) -> None:
     ]
     run = submit(daemon, [task("t", {"emit": emitted})], [worker()])
     wait_run(daemon, run)
-    found = [e for e in events(daemon, run) if e["state"] in ("model_wait", "running_tool", "artifact")]
+    found = [
+        e for e in events(daemon, run) if e["state"] in ("model_wait", "running_tool", "artifact")
+    ]
     assert [e["state"] for e in found] == ["model_wait", "running_tool", "artifact"]
     assert found[1]["tool"] == "bash"
     (artifact,) = receipts(daemon, run)["t"].artifacts
@@ -450,7 +494,9 @@ def test_a_worker_cannot_report_a_state_that_is_fleetds_to_report(daemon: Fleetd
 
 def test_cancel_stops_the_workers_and_cancels_every_task(daemon: Fleetd) -> None:
     mark = os.path.join(daemon.root, "marks")
-    run = submit(daemon, [task(f"t{n}", {"mark": mark, "sleep": 30}) for n in range(4)], [worker(slots=2)])
+    run = submit(
+        daemon, [task(f"t{n}", {"mark": mark, "sleep": 30}) for n in range(4)], [worker(slots=2)]
+    )
     running = wait_marked(mark, 2)
     with SyncClient(daemon.socket_path) as client:
         result = client.request(RunCancel, run=run)
@@ -467,7 +513,9 @@ def test_cancel_stops_the_workers_and_cancels_every_task(daemon: Fleetd) -> None
 
 def test_drain_waits_for_the_tasks_in_flight_and_dispatches_no_more(daemon: Fleetd) -> None:
     mark = os.path.join(daemon.root, "marks")
-    run = submit(daemon, [task(f"t{n}", {"mark": mark, "sleep": 0.5}) for n in range(3)], [worker()])
+    run = submit(
+        daemon, [task(f"t{n}", {"mark": mark, "sleep": 0.5}) for n in range(3)], [worker()]
+    )
     wait_marked(mark, 1)
     with SyncClient(daemon.socket_path) as client:
         started = time.monotonic()
@@ -481,7 +529,8 @@ def test_drain_waits_for_the_tasks_in_flight_and_dispatches_no_more(daemon: Flee
     assert wait_run(daemon, run).summary.tasks == {"done": 3}
 
 
-def test_a_run_goes_on_after_fleetd_is_killed_mid_run(daemon: Fleetd) -> None:
+def test_a_run_goes_on_after_fleetd_is_killed_mid_run(on_either: Fleetd) -> None:
+    daemon = on_either
     mark = os.path.join(daemon.root, "marks")
     tasks = [task(f"t{n}", {"mark": mark, "sleep": 1.0}) for n in range(4)]
     run = submit(daemon, tasks, [worker(slots=2)])

@@ -9,8 +9,9 @@
     runs/receipt/RUN/TASK          the task's Receipt
 
 Events are bucketed so that reading a run's events after a seq ranges over the buckets from
-that seq's on, never over the whole run. A run is visible (runs/index) only once every key of
-its submit is written: start-up removes the keys of a run submitted half-way.
+that seq's on, never over the whole run. A run is dispatched only once every key of its
+submit is written (its index record says `pending` until then): start-up removes a run
+submitted half-way.
 """
 
 import msgspec
@@ -63,6 +64,8 @@ class RunRecord(msgspec.Struct, omit_defaults=True):
     once it ended, its tasks counted by state."""
 
     run: Run
+    home: str = ""
+    """The fleetd that dispatches it, on a shared store (fleetd.presence.home_of)."""
     counts: dict[str, int] = {}
 
 

@@ -38,6 +38,7 @@ from fleetd.clusters.registry import HolderRegistry
 from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.core.timers import Alarm, DeadlineHeap
+from fleetd.presence import home_of
 from fleetd.store import Compare, DeleteRange, Operation, Put, Store
 from fleetd.tasks import records
 from fleetd.tasks.events import EventLog, stored_last_seq
@@ -105,6 +106,7 @@ DEFAULT_MAX_WORKERS = 64
 WRITE_CHUNK = 100
 """Keys per transaction when a run is submitted (etcd takes 128 operations at most)."""
 FINAL = frozenset({"done", "failed", "cancelled"})
+_ENDED = (MemberState.STOPPED, MemberState.ERROR)
 CANCEL_WAIT = 30.0
 """Seconds a cancel waits for the run's workers to stop."""
 
@@ -232,6 +234,8 @@ class TaskService:
         self.state = state
         self.socket_path = socket_path
         self.max_workers = max_workers
+        self.home = home_of(state) if store.shared else ""
+        """Whose runs this fleetd dispatches: on a shared store, those submitted to it."""
         self.runs: dict[str, RunState] = {}
         self.draining = False
         self._busy = 0
@@ -261,23 +265,24 @@ class TaskService:
         return self._tasks
 
     async def _load(self) -> None:
-        known = {
-            kv.key[len(records.INDEX) :]: _decode_run(kv.value)
-            for kv in await self.store.range(records.INDEX)
-        }
-        await self._remove_half_submitted(set(known))
-        for record in sorted(known.values(), key=lambda record: _number(record.run.id)):
+        """This fleetd's runs: on a shared store (etcd), the others' are theirs to dispatch.
+        One whose submit never finished (still pending) is removed."""
+        found = [_decode_run(kv.value) for kv in await self.store.range(records.INDEX)]
+        for record in sorted(found, key=lambda record: _number(record.run.id)):
+            if record.home != self.home:
+                continue
+            if record.run.status == "pending":
+                await self._remove_run(record.run.id)
+                log.warning("run_half_submitted_removed", run=record.run.id)
+                continue
             await self._load_run(record)
 
-    async def _remove_half_submitted(self, known: set[str]) -> None:
-        """Keys of a run whose submit never finished (it has no index record)."""
-        for prefix in (records.SPECS, records.TASKS, records.SEQS, records.EVENTS):
-            runs = {kv.key[len(prefix) :].split("/", 1)[0] for kv in await self.store.range(prefix)}
-            for run in runs - known:
-                await self.store.txn((), (DeleteRange(f"{prefix}{run}/"),))
-                if prefix == records.SEQS:
-                    await self.store.delete(records.seq_key(run))
-                log.warning("run_half_submitted_removed", run=run, keys=prefix)
+    async def _remove_run(self, run_id: str) -> None:
+        prefixes = (records.SPECS, records.TASKS, records.EVENTS, records.RECEIPTS)
+        for prefix in prefixes:
+            await self.store.txn((), (DeleteRange(f"{prefix}{run_id}/"),))
+        await self.store.delete(records.seq_key(run_id))
+        await self.store.delete(records.index_key(run_id))
 
     async def _load_run(self, record: RunRecord) -> None:
         run = record.run
@@ -303,8 +308,9 @@ class TaskService:
         self._finish_if_done(state)
 
     def _take_up(self, run: RunState, task: TaskRecord) -> None:
-        """A task that was leased or running when fleetd stopped: followed again if its
-        worker runs, finished if it ended, retried if it is gone."""
+        """A task that was leased or running when fleetd stopped: finished if its worker
+        ended, followed again if it runs (or its holder was not heard from yet: then its
+        lease decides), retried if it is gone."""
         slot = run.slot_of(task.member)
         if slot is None or slot.task is not None:
             task.state = "queued"
@@ -312,22 +318,22 @@ class TaskService:
             return
         slot.task = task
         self._busy += 1
-        status = self._status_of(run, slot)
-        if status is not None and _is_attempts(status, task):
-            if status.state in (MemberState.STOPPED, MemberState.ERROR):
-                self._group.start_soon(self._attempt_ended, run, slot, status, "")
-                return
+        held = self.holders.index.live.get(run.cluster)
+        status = held.statuses.get(slot.member) if held is not None else None
+        ours = status is not None and _is_attempts(status, task)
+        if ours and status is not None and status.state in _ENDED:
+            self._group.start_soon(self._attempt_ended, run, slot, task, status, "")
+        elif held is not None and (status is None or ours):
+            spec = run.specs[task.task_id]
             now = time.time()
             slot.last_heartbeat = now
             slot.lease_deadline = now + slot.worker.lease_seconds
+            slot.timeout_at = task.started_at + spec.timeout_seconds if spec.timeout_seconds else 0
+            slot.running = task.state == "running"
             self._arm(run, task, slot)
             log.info("task_taken_up", run=run.run.id, task=task.task_id, member=slot.member)
-            return
-        self.attempt_lost(run, slot, "its worker was gone when fleetd started")
-
-    def _status_of(self, run: RunState, slot: Slot) -> MemberStatus | None:
-        held = self.holders.index.live.get(run.cluster)
-        return held.statuses.get(slot.member) if held is not None else None
+        else:
+            self.attempt_lost(run, slot, "its worker was gone when fleetd started")
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -498,18 +504,24 @@ class TaskService:
                 task.state = "running"
             running: list[WorkerEvent] = [Running(**self._envelope(run, task))]
             self._group.start_soon(self._append, run, task, running)
-        elif status.state in (MemberState.STOPPED, MemberState.ERROR):
-            self._group.start_soon(self._attempt_ended, run, slot, status, "")
+        elif status.state in _ENDED:
+            self._group.start_soon(self._attempt_ended, run, slot, task, status, "")
 
     def attempt_lost(self, run: RunState, slot: Slot, reason: str) -> None:
         """The attempt ended without an exit to read: failed with `reason`."""
-        self._group.start_soon(self._attempt_ended, run, slot, None, reason)
+        self._group.start_soon(self._attempt_ended, run, slot, slot.task, None, reason)
 
     async def _attempt_ended(
-        self, run: RunState, slot: Slot, status: MemberStatus | None, lost: str
+        self,
+        run: RunState,
+        slot: Slot,
+        task: TaskRecord | None,
+        status: MemberStatus | None,
+        lost: str,
     ) -> None:
-        task = slot.task
-        if task is None:
+        """`task`'s attempt on `slot` ended (with `status`, else `lost` says why): once,
+        whoever else heard of its end."""
+        if task is None or slot.task is not task:
             return
         slot.task = None  # once: a second push of the same end finds the slot free
         self._busy -= 1
@@ -670,8 +682,11 @@ class TaskService:
             log.warning("run_cluster_not_down", run=run.run.id, error=exc.message)
 
     async def _write_run(self, run: RunState) -> None:
-        record = RunRecord(run=run.run, counts=run.counts() if run.run.completed_at else {})
-        await self.store.put(records.index_key(run.run.id), _encode(record))
+        await self._write_run_record(run.run, run.counts() if run.run.completed_at else {})
+
+    async def _write_run_record(self, run: Run, counts: dict[str, int] | None = None) -> None:
+        record = RunRecord(run=run, home=self.home, counts=counts or {})
+        await self.store.put(records.index_key(run.id), _encode(record))
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -725,10 +740,13 @@ class TaskService:
             )
         log.info("task_stopping", run=run.run.id, task=task.task_id, why=why)
         try:
-            await self.holders.stop_named(f"{run.cluster}/{slot.member}")
+            status = await self.holders.stop_named(f"{run.cluster}/{slot.member}")
         except FleetError as exc:
             log.warning("task_stop_failed", run=run.run.id, task=task.task_id, error=exc.message)
             self.attempt_lost(run, slot, why)
+            return
+        if slot.task is task and not _is_attempts(status, task):
+            self.attempt_lost(run, slot, why)  # its worker never ran: no exit will come
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -771,11 +789,12 @@ class TaskService:
         run = Run(
             id=run_id,
             name=spec.name,
-            status="queued",
+            status="pending",
             created_at=now,
             worker_specs=spec.worker_specs,
             labels=spec.labels,
         )
+        await self._write_run_record(run)
         wall = time.time()
         tasks = {
             t.id: TaskRecord(task_id=t.id, priority=t.priority, enqueued_at=wall)
@@ -802,7 +821,8 @@ class TaskService:
                 ],
                 [Put(records.task_key(run_id, t.id), _encode(tasks[t.id])) for t in chunk],
             )
-        await self.store.put(records.index_key(run_id), _encode(RunRecord(run=run)))
+        state.run = run = msgspec.structs.replace(run, status="queued")
+        await self._write_run_record(run)
         self.runs[run_id] = state
         self.holders.index.observe(state.cluster, _Observer(self, state))
         for task in tasks.values():
