@@ -171,17 +171,16 @@ def test_at_most_max_concurrent_tasks_run_on_a_worker_at_once(daemon: Fleetd) ->
     assert wait_run(daemon, run).summary.tasks == {"done": 4}
 
 
-def test_the_run_is_over_when_its_cluster_is_brought_down(daemon: Fleetd) -> None:
-    run = submit(daemon, [task("t1")], [worker()])
+def test_a_workers_slots_are_members_of_the_tasks_cluster_and_stay_once_it_ended(
+    daemon: Fleetd,
+) -> None:
+    run = submit(daemon, [task("t1"), task("t2")], [worker(slots=2)])
     wait_run(daemon, run)
-    deadline = time.monotonic() + 10
-    while True:
-        with SyncClient(daemon.socket_path) as client:
-            states = {m.state for m in client.member_status([f"{run}.workers"])}
-        if states <= {"stopped"}:
-            break
-        assert time.monotonic() < deadline, states
-        time.sleep(0.05)
+    with SyncClient(daemon.socket_path) as client:
+        slots = {m.name: m for m in client.member_status(["fleetd.tasks"])}
+    assert sorted(slots) == [f"{run}.w1.1", f"{run}.w1.2"]
+    assert {m.state for m in slots.values()} == {"stopped"}
+    assert {m.exit_code for m in slots.values()} == {0}
 
 
 def test_a_worker_is_given_its_task_by_flags_and_runs_in_its_workspace(daemon: Fleetd) -> None:

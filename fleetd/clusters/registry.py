@@ -466,6 +466,16 @@ class HolderRegistry:
         await self.journal.write(held.name)
         return status
 
+    async def remove_named(self, cluster: str, member: str) -> None:
+        """Remove `member` from `cluster` if it runs (fleetd.tasks: a worker slot of an ended
+        run); stopped first if it runs."""
+        held = self.index.live.get(cluster)
+        if held is None or member not in held.specs:
+            return
+        link = reachable(held, member)
+        await remove_member(link, member, self._stop_time(held, member))
+        self.index.forget(held, member)
+
     def _stop_time(self, held: Held, member: str) -> float:
         """How long the holder may take to stop the member (and start it)."""
         spec = held.specs.get(member)

@@ -1,11 +1,12 @@
 """The dispatcher: runs submitted, their tasks leased to worker slots, followed to a receipt.
 
-A run's workers are members of one cluster, `RUN.workers`, served by a holder like any other:
-each worker spec has `max_concurrent_tasks` slots, members named `WORKER.N`, and a slot given
+Workers are members of one cluster, `fleetd.tasks`, served by a holder like any other: each
+worker spec has `max_concurrent_tasks` slots, members named `RUN.WORKER.N`, and a slot given
 a task runs the worker's command with the task's flags appended (protocol.tasks.worker_flags;
 flags only, as the dispatch seed's BuildWorkerCommand), started again with that definition for
 each task (HolderRegistry.run_member). A slot that is done stays, exited, until its next task,
-so that the holder (which ends with its last member) stays up as long as the run.
+and the slots of ended runs stay a while (KEPT_ENDED): the holder, which ends with its last
+member, stays up for the next run, whose first worker then starts at once.
 
 The task's attempt is followed through the holder's pushes (fleetd.clusters.index Observer):
 a status whose spawn is the attempt's own (`started_at`) and that ended says how it ended. A
@@ -22,6 +23,7 @@ worker still runs is followed again, one whose worker ended is finished as it en
 whose worker is gone is retried.
 """
 
+import collections
 import heapq
 import itertools
 import os
@@ -107,6 +109,11 @@ WRITE_CHUNK = 100
 """Keys per transaction when a run is submitted (etcd takes 128 operations at most)."""
 FINAL = frozenset({"done", "failed", "cancelled"})
 _ENDED = (MemberState.STOPPED, MemberState.ERROR)
+CLUSTER = "fleetd.tasks"
+"""The cluster every run's worker slots are members of (a name fleetd keeps for itself)."""
+KEPT_ENDED = 64
+"""Worker slots of ended runs kept (exited, their logs readable) before the oldest go: the
+holder lives as long as it has a member, so that the next run's first worker starts in it."""
 CANCEL_WAIT = 30.0
 """Seconds a cancel waits for the run's workers to stop."""
 
@@ -162,10 +169,6 @@ class RunState:
     settled: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) whenever one of its attempts ended."""
 
-    @property
-    def cluster(self) -> str:
-        return f"{self.run.id}.workers"
-
     def slot_of(self, member: str) -> Slot | None:
         return next((s for s in self.slots if s.member == member), None)
 
@@ -191,19 +194,20 @@ class RunState:
 
 
 class _Observer:
-    """The run's cluster, as the index hears of it."""
+    """The tasks' cluster, as the index hears of it."""
 
-    def __init__(self, service: "TaskService", run: RunState) -> None:
+    def __init__(self, service: "TaskService") -> None:
         self.service = service
-        self.run = run
 
     def member_changed(self, status: MemberStatus) -> None:
-        self.service.member_changed(self.run, status)
+        found = self.service.slots.get(status.name)
+        if found is not None:
+            self.service.member_changed(*found, status)
 
     def holder_gone(self) -> None:
-        for slot in self.run.slots:
+        for run, slot in list(self.service.slots.values()):
             if slot.task is not None:
-                self.service.attempt_lost(self.run, slot, "its holder exited")
+                self.service.attempt_lost(run, slot, "its holder exited")
 
 
 class Envelope(TypedDict):
@@ -237,6 +241,9 @@ class TaskService:
         self.home = home_of(state) if store.shared else ""
         """Whose runs this fleetd dispatches: on a shared store, those submitted to it."""
         self.runs: dict[str, RunState] = {}
+        self.slots: dict[str, tuple[RunState, Slot]] = {}
+        """Every run's slots by member name."""
+        self._ended_slots: collections.deque[str] = collections.deque()
         self.draining = False
         self._busy = 0
         self._idle = anyio.Event()
@@ -252,6 +259,7 @@ class TaskService:
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load the runs, take up their tasks where their records say, then dispatch until
         cancelled (which leaves every worker running: a restarted fleetd follows them)."""
+        self.holders.index.observe(CLUSTER, _Observer(self))
         async with anyio.create_task_group() as self._tasks:
             await self._load()
             self._tasks.start_soon(self._dispatch_forever)
@@ -298,8 +306,9 @@ class TaskService:
         state = RunState(run, specs, tasks, EventLog(self.store, run.id, last), _slots(run))
         self.runs[run.id] = state
         if run.status in ("completed", "failed", "cancelled"):
+            self._ended_slots.extend(slot.member for slot in state.slots)
             return
-        self.holders.index.observe(state.cluster, _Observer(self, state))
+        self._add_slots(state)
         for task in tasks.values():
             if task.state == "queued":
                 self._queue(state, task)
@@ -318,7 +327,7 @@ class TaskService:
             return
         slot.task = task
         self._busy += 1
-        held = self.holders.index.live.get(run.cluster)
+        held = self.holders.index.live.get(CLUSTER)
         status = held.statuses.get(slot.member) if held is not None else None
         ours = status is not None and _is_attempts(status, task)
         if ours and status is not None and status.state in _ENDED:
@@ -428,7 +437,7 @@ class TaskService:
             workspace, instructions = await anyio.to_thread.run_sync(
                 self._prepare_files, run.run.id, spec
             )
-            log_path = member_log_path(self.holders.index.runtime_dir(run.cluster), slot.member)
+            log_path = member_log_path(self.holders.index.runtime_dir(CLUSTER), slot.member)
             task.log_offset = _size(log_path)
             await self._append(
                 run,
@@ -458,7 +467,7 @@ class TaskService:
                 stop_timeout=5.0,
             )
             self._arm(run, task, slot)
-            status = await self.holders.run_member(run.cluster, member)
+            status = await self.holders.run_member(CLUSTER, member)
         except FleetError as exc:
             if slot.task is task and task.attempt_id == mine:
                 self.attempt_lost(run, slot, f"cannot start: {exc.message}")
@@ -471,7 +480,7 @@ class TaskService:
         if ours and status.state == MemberState.ERROR and not _is_attempts(status, task):
             self.attempt_lost(run, slot, status.error or "cannot start")
             return
-        self.member_changed(run, status)
+        self.member_changed(run, slot, status)
 
     def _prepare_files(self, run_id: str, spec: TaskSpec) -> tuple[str, str]:
         """The task's workspace (its own, or one fleetd makes) and its instructions file."""
@@ -493,9 +502,12 @@ class TaskService:
 
     # -- following attempts ------------------------------------------------------------------
 
-    def member_changed(self, run: RunState, status: MemberStatus) -> None:
-        slot = run.slot_of(status.name)
-        if slot is None or slot.task is None or not _is_attempts(status, slot.task):
+    def _add_slots(self, run: RunState) -> None:
+        for slot in run.slots:
+            self.slots[slot.member] = (run, slot)
+
+    def member_changed(self, run: RunState, slot: Slot, status: MemberStatus) -> None:
+        if slot.task is None or not _is_attempts(status, slot.task):
             return
         task = slot.task
         if status.state == MemberState.RUNNING and not slot.running:
@@ -526,7 +538,7 @@ class TaskService:
         slot.task = None  # once: a second push of the same end finds the slot free
         self._busy -= 1
         exit_code = status.exit_code if status is not None else None
-        log_path = member_log_path(self.holders.index.runtime_dir(run.cluster), slot.member)
+        log_path = member_log_path(self.holders.index.runtime_dir(CLUSTER), slot.member)
         result = await anyio.to_thread.run_sync(result_line, log_path, task.log_offset)
         reported = task.reported or result
         why = slot.ending or lost or _failure(status, reported)
@@ -670,16 +682,20 @@ class TaskService:
         status = "cancelled" if cancelled else "completed" if passed else "failed"
         now = _now()
         run.run = msgspec.structs.replace(run.run, status=status, updated_at=now, completed_at=now)
-        self.holders.index.observe(run.cluster, None)
+        for slot in run.slots:
+            self.slots.pop(slot.member, None)
+            self._ended_slots.append(slot.member)
         self._group.start_soon(self._end_run, run)
 
     async def _end_run(self, run: RunState) -> None:
         await self._write_run(run)
         log.info("run_ended", run=run.run.id, status=run.run.status, tasks=run.counts())
-        try:
-            await self.holders.bring_down(run.cluster)
-        except FleetError as exc:
-            log.warning("run_cluster_not_down", run=run.run.id, error=exc.message)
+        while len(self._ended_slots) > KEPT_ENDED:
+            member = self._ended_slots.popleft()
+            try:
+                await self.holders.remove_named(CLUSTER, member)
+            except FleetError as exc:
+                log.warning("task_slot_not_removed", member=member, error=exc.message)
 
     async def _write_run(self, run: RunState) -> None:
         await self._write_run_record(run.run, run.counts() if run.run.completed_at else {})
@@ -740,7 +756,7 @@ class TaskService:
             )
         log.info("task_stopping", run=run.run.id, task=task.task_id, why=why)
         try:
-            status = await self.holders.stop_named(f"{run.cluster}/{slot.member}")
+            status = await self.holders.stop_named(f"{CLUSTER}/{slot.member}")
         except FleetError as exc:
             log.warning("task_stop_failed", run=run.run.id, task=task.task_id, error=exc.message)
             self.attempt_lost(run, slot, why)
@@ -782,9 +798,9 @@ class TaskService:
             )
 
         spec = await anyio.to_thread.run_sync(parse)
-        _check_dispatchable(spec)
         number = await self._next_number()
         run_id = f"run-{number}"
+        _check_dispatchable(spec, run_id)
         now = _now()
         run = Run(
             id=run_id,
@@ -824,7 +840,7 @@ class TaskService:
         state.run = run = msgspec.structs.replace(run, status="queued")
         await self._write_run_record(run)
         self.runs[run_id] = state
-        self.holders.index.observe(state.cluster, _Observer(self, state))
+        self._add_slots(state)
         for task in tasks.values():
             self._queue(state, task)
         self._any_event.set()
@@ -1068,13 +1084,13 @@ def _take(heap: list[tuple[int, float, int, str]], entry: tuple[int, float, int,
 
 def _slots(run: Run) -> list[Slot]:
     return [
-        Slot(worker, f"{worker.id}.{n}")
+        Slot(worker, f"{run.id}.{worker.id}.{n}")
         for worker in run.worker_specs
         for n in range(1, (worker.max_concurrent_tasks or 1) + 1)
     ]
 
 
-def _check_dispatchable(spec: RunSpec) -> None:
+def _check_dispatchable(spec: RunSpec, run_id: str) -> None:
     """What the run file's parser cannot know: which hosts this fleetd runs workers on, and
     whether every task has a worker that may take it."""
     for worker in spec.worker_specs:
@@ -1086,7 +1102,7 @@ def _check_dispatchable(spec: RunSpec) -> None:
                 worker=worker.id,
             )
         for n in (1, worker.max_concurrent_tasks or 1):
-            check_name(f"{worker.id}.{n}")
+            check_name(f"{run_id}.{worker.id}.{n}")
     for task in spec.task_specs:
         if not any(matches(worker, task) for worker in spec.worker_specs):
             raise InvalidRequest(
