@@ -135,7 +135,7 @@ def _shaped(document: dict[str, Any], fmt: RunFileFormat) -> RunSpec:
     """`document` as a RunSpec: first the keys (an unknown one is the likelier mistake than
     the missing key it was meant to be), then msgspec's types."""
     _unwritable(document, ())
-    _stray_keys(document, _RUN_SPEC, ())
+    _stray_keys(document, _RUN_SPEC, (), fmt)
     try:
         return msgspec.convert(document, RunSpec)
     except msgspec.ValidationError as exc:
@@ -172,9 +172,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _stray_keys(value: Any, info: msgspec.inspect.Type, path: Path) -> None:
-    """A problem at the first key of `value` that its type `info` does not have, or at a
-    tagged table whose tag names no kind; values of another shape are msgspec's to refuse."""
+def _stray_keys(value: Any, info: msgspec.inspect.Type, path: Path, fmt: RunFileFormat) -> None:
+    """A problem at the first key of `value` that its type `info` does not have, at a tagged
+    table whose tag names no kind, or at a table's value that is not the string it must be
+    (msgspec does not name a table's keys); other wrong shapes are msgspec's to refuse."""
     if isinstance(info, msgspec.inspect.UnionType):
         structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
         if not (structs and isinstance(value, dict)):
@@ -189,13 +190,16 @@ def _stray_keys(value: Any, info: msgspec.inspect.Type, path: Path) -> None:
                 raise _Problem((*path, key), f"unknown key: use {', '.join(keys)}")
         for name, field in fields.items():
             if name in value:
-                _stray_keys(value[name], field.type, (*path, name))
+                _stray_keys(value[name], field.type, (*path, name), fmt)
     elif isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
         for index, item in enumerate(value):
-            _stray_keys(item, info.item_type, (*path, index))
+            _stray_keys(item, info.item_type, (*path, index), fmt)
     elif isinstance(info, msgspec.inspect.DictType) and isinstance(value, dict):
         for key, item in value.items():
-            _stray_keys(item, info.value_type, (*path, key))
+            if isinstance(info.value_type, msgspec.inspect.StrType) and not isinstance(item, str):
+                got = _type_words(_JSON_TYPES.get(type(item), type(item).__name__), fmt)
+                raise _Problem((*path, key), f"expected a string, got {got}")
+            _stray_keys(item, info.value_type, (*path, key), fmt)
 
 
 def _variant(
@@ -222,6 +226,8 @@ _MSGSPEC_ERROR = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.D
 _STEP = re.compile(r"\.(?P<key>[^.\[]+)|\[(?P<index>\d+)\]|\[\.\.\.\]")
 _TYPE_MISMATCH = re.compile(r"Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
+_JSON_TYPES = {bool: "bool", int: "int", float: "float", list: "array", dict: "object"}
+"""The names msgspec gives the types of values in a decoded document."""
 _TYPE_WORDS = {
     "str": "a string",
     "int": "an integer",
