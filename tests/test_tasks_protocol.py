@@ -310,7 +310,7 @@ CASES: dict[str, tuple[Any, Any]] = {
             completed_at="2026-06-12T17:05:00Z",
             result="fail",
             artifacts=[ArtifactRef(kind="log", path="task-1.log", size_bytes=10)],
-            score=Score(value=0, max=1, notes="2 of 3 tests failed"),
+            score=Score(value=0.0, max=1.0, notes="2 of 3 tests failed"),
             attempt_id="task-1.3",
             attempts=3,
             exit_code=1,
@@ -375,6 +375,18 @@ def test_an_event_state_is_flattened_beside_the_envelope() -> None:
     assert encoded["state"] == "running_tool"
     assert encoded["tool"] == "bash"
     assert encoded["seq"] == 7
+
+
+def test_an_artifact_event_gives_the_artifact_a_receipt_lists() -> None:
+    event = EVENTS["artifact"]
+    assert isinstance(event, Artifact)
+    assert event.ref() == ArtifactRef(
+        kind="patch",
+        path="out/fix.patch",
+        checksum="sha256:abc",
+        mime_type="text/x-diff",
+        size_bytes=2048,
+    )
 
 
 def test_unknown_fields_are_ignored_on_decode() -> None:
