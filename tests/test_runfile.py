@@ -1,12 +1,15 @@
 """protocol.runfile: a run file parses into a RunSpec, and every mistake in one is refused with
 an InvalidRequest that names the file and the key (and the task or worker it is in)."""
 
+import contextlib
 import copy
 import json
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import InvalidRequest
 from protocol.runfile import RunSpec, check_run_spec, parse_run_file, render_path
@@ -19,6 +22,7 @@ from protocol.tasks import (
     TaskSpec,
     WorkerSpec,
 )
+from tests.records import json_values, records_of
 
 EXAMPLE = """\
 name = "nightly"
@@ -442,3 +446,35 @@ def test_a_spec_from_the_wire_is_checked_the_same() -> None:
     spec = RunSpec(name="r", task_specs=[task, task])
     with pytest.raises(InvalidRequest, match=r"^run: task_specs\[1\]\.id: duplicate task id"):
         check_run_spec(spec)
+
+
+# --- any input --------------------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(records_of(RunSpec))
+def test_a_run_spec_written_as_json_reads_back_or_is_refused_for_a_value(spec: RunSpec) -> None:
+    try:
+        parsed = parse_run_file(msgspec.json.encode(spec).decode(), source="r", fmt="json")
+    except InvalidRequest as exc:
+        assert not any(
+            shape in exc.message for shape in ("unknown key", "expected ", "missing required")
+        ), exc.message
+    else:
+        assert parsed == spec
+
+
+@settings(deadline=None)
+@given(json_values() | st.dictionaries(st.sampled_from(["name", "task_specs"]), json_values()))
+def test_any_json_document_parses_or_is_refused(doc: Any) -> None:
+    with contextlib.suppress(InvalidRequest):
+        parse_json(doc)
+
+
+@settings(deadline=None)
+@given(st.text())
+def test_any_text_parses_or_is_refused(text: str) -> None:
+    with contextlib.suppress(InvalidRequest):
+        parse_run_file(text, source="r", fmt="toml")
+    with contextlib.suppress(InvalidRequest):
+        parse_run_file(text, source="r", fmt="json")
