@@ -73,13 +73,13 @@ class RunSpec(Record, frozen=True):
     worker_specs: list[WorkerSpec] = msgspec.field(default_factory=list)
 
 
-Path = tuple[str | int, ...]
+KeyPath = tuple[str | int, ...]
 
 
 class _Problem(Exception):
     """What is wrong, and at which key, before the file's name is known."""
 
-    def __init__(self, path: Path, message: str) -> None:
+    def __init__(self, path: KeyPath, message: str) -> None:
         super().__init__(message)
         self.path = path
         self.message = message
@@ -135,7 +135,7 @@ def _shaped(document: dict[str, Any], fmt: RunFileFormat) -> RunSpec:
     """`document` as a RunSpec: first the keys (an unknown one is the likelier mistake than
     the missing key it was meant to be), then msgspec's types."""
     _unwritable(document, ())
-    _stray_keys(document, _RUN_SPEC, ())
+    _stray_keys(document, _RUN_SPEC, (), fmt)
     try:
         return msgspec.convert(document, RunSpec)
     except msgspec.ValidationError as exc:
@@ -146,7 +146,7 @@ _INT64 = range(-(2**63), 2**64)
 """The integers JSON on the wire carries (msgspec's range)."""
 
 
-def _unwritable(value: Any, path: Path) -> None:
+def _unwritable(value: Any, path: KeyPath) -> None:
     """A problem where `value` holds what the wire cannot carry: a lone surrogate (TOML
     takes one in a string), an integer past 64 bits."""
     if isinstance(value, str):
@@ -172,9 +172,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _stray_keys(value: Any, info: msgspec.inspect.Type, path: Path) -> None:
-    """A problem at the first key of `value` that its type `info` does not have, or at a
-    tagged table whose tag names no kind; values of another shape are msgspec's to refuse."""
+def _stray_keys(value: Any, info: msgspec.inspect.Type, path: KeyPath, fmt: RunFileFormat) -> None:
+    """A problem at the first key of `value` that its type `info` does not have, at a tagged
+    table whose tag names no kind, or at a table's value that is not the string it must be
+    (msgspec does not name a table's keys); other wrong shapes are msgspec's to refuse."""
     if isinstance(info, msgspec.inspect.UnionType):
         structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
         if not (structs and isinstance(value, dict)):
@@ -189,17 +190,20 @@ def _stray_keys(value: Any, info: msgspec.inspect.Type, path: Path) -> None:
                 raise _Problem((*path, key), f"unknown key: use {', '.join(keys)}")
         for name, field in fields.items():
             if name in value:
-                _stray_keys(value[name], field.type, (*path, name))
+                _stray_keys(value[name], field.type, (*path, name), fmt)
     elif isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
         for index, item in enumerate(value):
-            _stray_keys(item, info.item_type, (*path, index))
+            _stray_keys(item, info.item_type, (*path, index), fmt)
     elif isinstance(info, msgspec.inspect.DictType) and isinstance(value, dict):
         for key, item in value.items():
-            _stray_keys(item, info.value_type, (*path, key))
+            if isinstance(info.value_type, msgspec.inspect.StrType) and not isinstance(item, str):
+                got = _type_words(_JSON_TYPES.get(type(item), type(item).__name__), fmt)
+                raise _Problem((*path, key), f"expected a string, got {got}")
+            _stray_keys(item, info.value_type, (*path, key), fmt)
 
 
 def _variant(
-    value: dict[str, Any], structs: list[msgspec.inspect.StructType], path: Path
+    value: dict[str, Any], structs: list[msgspec.inspect.StructType], path: KeyPath
 ) -> msgspec.inspect.StructType:
     """The struct of a union that `value` is: the one its tag names."""
     if len(structs) == 1 and structs[0].tag_field is None:
@@ -222,6 +226,8 @@ _MSGSPEC_ERROR = re.compile(r"(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.D
 _STEP = re.compile(r"\.(?P<key>[^.\[]+)|\[(?P<index>\d+)\]|\[\.\.\.\]")
 _TYPE_MISMATCH = re.compile(r"Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`")
 _MISSING = re.compile(r"Object missing required field `(?P<field>[^`]*)`")
+_JSON_TYPES = {bool: "bool", int: "int", float: "float", list: "array", dict: "object"}
+"""The names msgspec gives the types of values in a decoded document."""
 _TYPE_WORDS = {
     "str": "a string",
     "int": "an integer",
@@ -237,7 +243,7 @@ def _reworded(message: str, fmt: RunFileFormat) -> _Problem:
     """msgspec's ValidationError said as a run file's author reads it."""
     match = _MSGSPEC_ERROR.fullmatch(message)
     assert match is not None  # the pattern matches any text
-    path: Path = tuple(
+    path: KeyPath = tuple(
         int(step["index"]) if step["index"] else step["key"] or "[...]"
         for step in _STEP.finditer(match["path"] or "")
     )
@@ -296,7 +302,7 @@ def _check_ids(what: str, ids: list[str], section: str) -> None:
         first[id_] = index
 
 
-def _check_task(task: TaskSpec, path: Path) -> None:
+def _check_task(task: TaskSpec, path: KeyPath) -> None:
     if task.timeout_seconds is not None:
         _check_number(task.timeout_seconds, (*path, "timeout_seconds"), positive=True)
     if task.workspace is not None:
@@ -309,7 +315,7 @@ def _check_task(task: TaskSpec, path: Path) -> None:
         _check_alerts(task.alert_policy, (*path, "alert_policy"))
 
 
-def _check_scorer(scorer: Scorer, path: Path) -> None:
+def _check_scorer(scorer: Scorer, path: KeyPath) -> None:
     if isinstance(scorer, FileExistsScorer | RegexMatchScorer | JsonPathScorer):
         _check_inside_workspace(scorer.path, (*path, "path"))
     if isinstance(scorer, RegexMatchScorer):
@@ -318,7 +324,7 @@ def _check_scorer(scorer: Scorer, path: Path) -> None:
         _checked((*path, "expression"), lambda: check_json_path(scorer.expression))
 
 
-def _check_inside_workspace(scorer_path: str, path: Path) -> None:
+def _check_inside_workspace(scorer_path: str, path: KeyPath) -> None:
     _checked(path, lambda: _check_path_text(scorer_path))
     if scorer_path.startswith("/"):
         raise _Problem(
@@ -344,7 +350,7 @@ def _check_regex(pattern: str) -> None:
         raise InvalidRequest(f"regular expression too large: {exc}") from None
 
 
-def _check_retry(policy: RetryPolicy, path: Path) -> None:
+def _check_retry(policy: RetryPolicy, path: KeyPath) -> None:
     if policy.max_attempts < 1:
         raise _Problem((*path, "max_attempts"), "must be at least 1 (the first attempt)")
     _check_number(policy.initial_backoff_seconds, (*path, "initial_backoff_seconds"))
@@ -354,7 +360,7 @@ def _check_retry(policy: RetryPolicy, path: Path) -> None:
         raise _Problem((*path, "backoff_multiplier"), "must be at least 1 (backoff never shrinks)")
 
 
-def _check_alerts(policy: AlertPolicy, path: Path) -> None:
+def _check_alerts(policy: AlertPolicy, path: KeyPath) -> None:
     if policy.after_attempts is not None and policy.after_attempts < 1:
         raise _Problem((*path, "after_attempts"), "must be at least 1")
     if policy.after_minutes_stale is not None:
@@ -372,12 +378,12 @@ def _check_alerts(policy: AlertPolicy, path: Path) -> None:
             )
 
 
-def _check_url(url: str, path: Path) -> None:
+def _check_url(url: str, path: KeyPath) -> None:
     if not url.startswith(("http://", "https://")) or "\0" in url:
         raise _Problem(path, f"{url[:80]!r} is not an http:// or https:// URL")
 
 
-def _check_worker(worker: WorkerSpec, path: Path) -> None:
+def _check_worker(worker: WorkerSpec, path: KeyPath) -> None:
     if worker.max_concurrent_tasks is not None and worker.max_concurrent_tasks < 1:
         raise _Problem((*path, "max_concurrent_tasks"), "must be at least 1")
     _check_number(worker.lease_seconds, (*path, "lease_seconds"), positive=True)
@@ -394,7 +400,7 @@ def _check_worker(worker: WorkerSpec, path: Path) -> None:
         raise _Problem((*path, "host", "port"), "must be a port number, 1 to 65535")
 
 
-def _check_number(value: float, path: Path, *, positive: bool = False) -> None:
+def _check_number(value: float, path: KeyPath, *, positive: bool = False) -> None:
     if not math.isfinite(value):
         raise _Problem(path, f"must be a finite number, not {value}")
     if positive and value <= 0:
@@ -403,7 +409,7 @@ def _check_number(value: float, path: Path, *, positive: bool = False) -> None:
         raise _Problem(path, f"must not be negative, not {value}")
 
 
-def _checked(path: Path, check: Callable[[], object]) -> None:
+def _checked(path: KeyPath, check: Callable[[], object]) -> None:
     """`check`'s InvalidRequest as a problem at `path`."""
     try:
         check()

@@ -39,9 +39,6 @@ import msgspec
 
 from protocol.errors import InvalidRequest
 
-FLEET_PROTOCOL_VERSION = "0.1.0"
-"""The seed's protocol version these shapes follow."""
-
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The options of every task record; apart from protocol.base.Message so that records
@@ -294,7 +291,8 @@ class InboxEntry(Record, frozen=True):
 
 class WorkerEventBase(Record, frozen=True, tag_field="state"):
     """A worker event's envelope; its payload's fields sit beside these (serde's flatten).
-    `seq` numbers a run's events from 1, without gaps."""
+    `seq` numbers a run's events from 1, without gaps. Each state sets kw_only again, as
+    msgspec does not inherit it, so that its required fields may follow `extra`."""
 
     seq: int
     run_id: str
@@ -335,13 +333,23 @@ class Heartbeat(WorkerEventBase, frozen=True, kw_only=True, tag="heartbeat"):
 
 
 class Artifact(WorkerEventBase, frozen=True, kw_only=True, tag="artifact"):
-    """An ArtifactRef's fields, flattened (ArtifactRef(**fields) rebuilds it)."""
+    """An ArtifactRef's fields, flattened."""
 
     kind: str
     path: str
     checksum: str | None = None
     mime_type: str | None = None
     size_bytes: int | None = None
+
+    def ref(self) -> ArtifactRef:
+        """The artifact, as a receipt lists it."""
+        return ArtifactRef(
+            kind=self.kind,
+            path=self.path,
+            checksum=self.checksum,
+            mime_type=self.mime_type,
+            size_bytes=self.size_bytes,
+        )
 
 
 class Completed(WorkerEventBase, frozen=True, kw_only=True, tag="completed"):

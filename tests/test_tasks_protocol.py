@@ -69,6 +69,7 @@ from protocol.tasks import (
     timestamp,
     worker_flags,
 )
+from tests.records import records_of
 
 GOLDEN = Path(__file__).parent / "golden" / "tasks"
 UPDATE = os.environ.get("FLEET_UPDATE_GOLDEN") == "1"
@@ -310,7 +311,7 @@ CASES: dict[str, tuple[Any, Any]] = {
             completed_at="2026-06-12T17:05:00Z",
             result="fail",
             artifacts=[ArtifactRef(kind="log", path="task-1.log", size_bytes=10)],
-            score=Score(value=0, max=1, notes="2 of 3 tests failed"),
+            score=Score(value=0.0, max=1.0, notes="2 of 3 tests failed"),
             attempt_id="task-1.3",
             attempts=3,
             exit_code=1,
@@ -375,6 +376,18 @@ def test_an_event_state_is_flattened_beside_the_envelope() -> None:
     assert encoded["state"] == "running_tool"
     assert encoded["tool"] == "bash"
     assert encoded["seq"] == 7
+
+
+def test_an_artifact_event_gives_the_artifact_a_receipt_lists() -> None:
+    event = EVENTS["artifact"]
+    assert isinstance(event, Artifact)
+    assert event.ref() == ArtifactRef(
+        kind="patch",
+        path="out/fix.patch",
+        checksum="sha256:abc",
+        mime_type="text/x-diff",
+        size_bytes=2048,
+    )
 
 
 def test_unknown_fields_are_ignored_on_decode() -> None:
@@ -707,46 +720,6 @@ def test_evaluate_json_path_refuses_an_invalid_expression() -> None:
 
 
 # --- every record round-trips ----------------------------------------------------------------
-
-
-def json_values() -> st.SearchStrategy[Any]:
-    scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | finite | st.text()
-    return st.recursive(
-        scalars,
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
-        max_leaves=8,
-    )
-
-
-finite = st.floats(allow_nan=False, allow_infinity=False)
-
-
-def strategy_for(info: msgspec.inspect.Type) -> st.SearchStrategy[Any]:
-    """Any value of the type msgspec describes as `info`, that JSON carries exactly."""
-    inspect = msgspec.inspect
-    if isinstance(info, inspect.StructType):
-        return st.builds(info.cls, **{f.name: strategy_for(f.type) for f in info.fields})
-    if isinstance(info, inspect.UnionType):
-        return st.one_of([strategy_for(t) for t in info.types])
-    if isinstance(info, inspect.ListType):
-        return st.lists(strategy_for(info.item_type), max_size=3)
-    if isinstance(info, inspect.DictType):
-        return st.dictionaries(st.text(), strategy_for(info.value_type), max_size=3)
-    if isinstance(info, inspect.LiteralType):
-        return st.sampled_from(info.values)
-    simple: dict[type, st.SearchStrategy[Any]] = {
-        inspect.StrType: st.text(),
-        inspect.IntType: st.integers(-(2**63), 2**63 - 1),
-        inspect.FloatType: finite,
-        inspect.BoolType: st.booleans(),
-        inspect.NoneType: st.none(),
-        inspect.AnyType: json_values(),
-    }
-    return simple[type(info)]
-
-
-def records_of(kind: Any) -> st.SearchStrategy[Any]:
-    return strategy_for(msgspec.inspect.type_info(kind))
 
 
 def assert_round_trips(kind: Any, value: Any) -> None:
