@@ -108,6 +108,7 @@ DEFAULT_MAX_WORKERS = 64
 WRITE_CHUNK = 100
 """Keys per transaction when a run is submitted (etcd takes 128 operations at most)."""
 FINAL = frozenset({"done", "failed", "cancelled"})
+RUN_ENDED = frozenset({"completed", "failed", "cancelled"})
 _ENDED = (MemberState.STOPPED, MemberState.ERROR)
 CLUSTER = "fleetd.tasks"
 """The cluster every run's worker slots are members of (a name fleetd keeps for itself)."""
@@ -166,8 +167,10 @@ class RunState:
     slots: list[Slot]
     ready: list[tuple[int, float, int, str]] = field(default_factory=list)
     """Queued tasks due now: (-priority, enqueued_at, order, task id), a heap."""
+    cancelling: bool = False
+    """A cancel is under way: nothing more of it is dispatched."""
     settled: anyio.Event = field(default_factory=anyio.Event)
-    """Set (and replaced) whenever one of its attempts ended."""
+    """Set (and replaced) whenever one of its attempts ended, and its status says so."""
 
     def slot_of(self, member: str) -> Slot | None:
         return next((s for s in self.slots if s.member == member), None)
@@ -305,7 +308,7 @@ class TaskService:
         last = await stored_last_seq(self.store, run.id)
         state = RunState(run, specs, tasks, EventLog(self.store, run.id, last), _slots(run))
         self.runs[run.id] = state
-        if run.status in ("completed", "failed", "cancelled"):
+        if run.status in RUN_ENDED:
             self._ended_slots.extend(slot.member for slot in state.slots)
             return
         self._add_slots(state)
@@ -377,7 +380,7 @@ class TaskService:
 
     def _head(self, run: RunState) -> tuple[int, float, int, str] | None:
         """The run's best queued task that one of its free slots can take now."""
-        if run.run.status not in {"running", "queued"}:
+        if run.cancelling or run.run.status not in {"running", "queued"}:
             return None
         skipped = []
         head = None
@@ -551,9 +554,9 @@ class TaskService:
                 await self._succeeded(run, task, slot, exit_code, reported)
         finally:
             self._release_idle()
+            self._finish_if_done(run)
             settled, run.settled = run.settled, anyio.Event()
             settled.set()
-            self._finish_if_done(run)
             self.kick()
 
     async def _succeeded(
@@ -671,7 +674,7 @@ class TaskService:
     def _finish_if_done(self, run: RunState) -> None:
         """A run whose every task ended is completed (failed if any task did not pass), its
         cluster brought down."""
-        if run.run.status in ("completed", "failed", "cancelled"):
+        if run.run.status in RUN_ENDED:
             return
         if any(task.state not in FINAL for task in run.tasks.values()):
             return
@@ -917,8 +920,9 @@ class TaskService:
 
     async def cancel(self, request: RunCancel, peer: Peer) -> RunResult:
         run = self._run(request.run)
-        if run.run.status in ("completed", "failed", "cancelled"):
+        if run.run.status in RUN_ENDED:
             return RunResult(outcome=Outcome.ALREADY_RELEASED, run=run.summary())
+        run.cancelling = True
         for task in run.tasks.values():
             if task.state == "queued":
                 await self._cancelled(run, task, f"pid {peer.pid}")
@@ -932,7 +936,7 @@ class TaskService:
                 await self._cancelled(run, task, f"pid {peer.pid}")
         self._finish_if_done(run)
         with anyio.move_on_after(CANCEL_WAIT):
-            while any(slot.task is not None for slot in run.slots):
+            while run.run.status not in RUN_ENDED:
                 await run.settled.wait()
         log.info("run_cancelled", run=run.run.id, by=peer.pid)
         return RunResult(outcome=Outcome.RELEASED, run=run.summary())
@@ -994,15 +998,7 @@ class TaskService:
                 )
             task.reported = _reported(event)
         elif isinstance(event, Artifact):
-            slot.artifacts.append(
-                ArtifactRef(
-                    kind=event.kind,
-                    path=event.path,
-                    checksum=event.checksum,
-                    mime_type=event.mime_type,
-                    size_bytes=event.size_bytes,
-                )
-            )
+            slot.artifacts.append(event.ref())
         (seq,) = await self._append(run, task, [event])
         return EmitResult(outcome=Outcome.OK, seq=seq)
 
