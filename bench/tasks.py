@@ -285,7 +285,8 @@ def _follow_lag(fleetd: Fleetd) -> float:
                     EventEmit, attempt_id=f"{run}/t0/1", event={"state": "heartbeat"}
                 )
                 if not emitted.seq:
-                    raise RuntimeError(f"heartbeat not appended: {emitted.message}")
+                    failed = [e for e in _events_of(client, run) if e["state"] == "failed"]
+                    raise RuntimeError(f"heartbeat not appended: {emitted.message}; {failed}")
                 follower.stdout.readline()
                 lags.append((time.perf_counter() - sent) * 1e3)
         finally:
