@@ -99,7 +99,7 @@ DURATION = Duration()
 )
 @click.option(
     "--timeout",
-    default=10.0,
+    default="10s",
     show_default=True,
     type=Duration(0.001, MAX_TIMEOUT),
     help="How long to wait for fleetd (a duration: 10, 2.5, 1m30s, 500ms).",

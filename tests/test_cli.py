@@ -103,6 +103,7 @@ def test_bad_flag_is_a_usage_error_exit_2(tempdir: str) -> None:
 
 def test_the_global_timeout_is_a_duration(fleetd: Fleetd) -> None:
     assert fleetctl("--timeout", "1m30s", "ping", env=fleetd.env).returncode == 0
+    assert "[default: 10s]" in fleetctl("--help", env=fleetd.env).stdout  # as the commands'
 
 
 @pytest.mark.parametrize("bad", ["-1", "0", "nan", "2y"])
