@@ -75,6 +75,7 @@ def test_a_failed_up_wait_says_the_cluster_was_left_up_and_how_to_stop_it(
     path = write(holders, "fleet.toml", definition("crash", m=CRASHING))
     code, _, err = ctl(holders, "up", "-f", path, "--wait")
     assert code == 1
+    assert "exited with code 3 before it was ready; stderr: boom" in err  # why it failed
     assert "cluster crash was left up: `fleetctl down crash` stops it" in err
     code, out, _ = ctl(holders, "--json", "up", "-f", path, "--wait", "--idempotent")
     assert code == 1
