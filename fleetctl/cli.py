@@ -577,7 +577,8 @@ def up(
 @click.argument("names", nargs=-1, shell_complete=_complete_members)
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
-    """Show members' status (NAME, or CLUSTER/NAME); every live member without NAMEs.
+    """Show members' status (NAME, CLUSTER/NAME, or a CLUSTER's members); every live member
+    without NAMEs. A member's name wins over a cluster's.
 
     Outcomes: ok (0), absent (11)."""
     _client_call(g, lambda client: _emit_members(g, client.member_status(names)))

@@ -227,6 +227,11 @@ def test_help_lists_the_commands() -> None:
     assert "ping" in result.stdout and "version" in result.stdout
 
 
+def test_status_help_says_a_cluster_name_shows_its_members() -> None:
+    result = fleetctl("status", "--help", env=dict(os.environ))
+    assert "or a CLUSTER's members" in " ".join(result.stdout.split())
+
+
 def test_the_fast_path_refuses_an_answer_to_another_request(tempdir: str) -> None:
     """fleetctl._fast checks each answer's id against the request it waits for."""
     path = os.path.join(tempdir, "wrong.sock")
