@@ -809,7 +809,7 @@ def start(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
 
 
 @cli.command("restart")
-@click.argument("name", shell_complete=_complete_members_and_clusters)
+@click.argument("name", metavar="NAME|CLUSTER", shell_complete=_complete_members_and_clusters)
 @_WAIT
 @_WAIT_TIMEOUT
 @click.pass_obj

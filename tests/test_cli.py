@@ -232,6 +232,11 @@ def test_status_help_says_a_cluster_name_shows_its_members() -> None:
     assert "or a CLUSTER's members" in " ".join(result.stdout.split())
 
 
+def test_restart_usage_names_a_cluster_too() -> None:
+    result = fleetctl("restart", "--help", env=dict(os.environ))
+    assert result.stdout.startswith("Usage: fleetctl restart [OPTIONS] NAME|CLUSTER\n")
+
+
 def test_the_fast_path_refuses_an_answer_to_another_request(tempdir: str) -> None:
     """fleetctl._fast checks each answer's id against the request it waits for."""
     path = os.path.join(tempdir, "wrong.sock")
