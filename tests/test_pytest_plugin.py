@@ -167,6 +167,31 @@ def test_a_crashing_members_stderr_is_in_the_error_and_in_the_report(
     shutil.rmtree(kept)
 
 
+def test_a_cluster_that_fails_in_a_fixture_of_the_tests_is_reported_and_kept(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        CRASH = ["sh", "-c", "echo 'boom: DATABASE_URL not set' >&2; exit 3"]
+
+        @pytest.fixture
+        def db(fleet_cluster):
+            return fleet_cluster({"members": {"db": {"command": CRASH, "ready": "tcp"}}})
+
+        def test_uses_db(db):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fleet cluster * (kept: *)*", "--- db stderr ---", "boom: *"])
+    kept = result.stdout.str().split(" (kept: ", 1)[1].split(")", 1)[0]
+    assert os.path.isdir(kept)
+    shutil.rmtree(kept)
+
+
 def test_module_and_session_clusters_outlive_a_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
