@@ -68,8 +68,8 @@ def test_no_daemon_says_how_to_start_one_or_where_to_point(tempdir: str, argv: l
 
 @pytest.mark.parametrize(
     "argv",
-    [["version"], ["lease", "list"], ["gc", "--dry-run"]],
-    ids=["fast", "click", "click-with-options"],
+    [["version"], ["lease", "list"], ["gc", "--dry-run"], ["status"], ["status", "nope"]],
+    ids=["fast", "click", "click-with-options", "status", "status-absent"],
 )
 def test_json_after_the_command_means_what_it_means_before(fleetd: Fleetd, argv: list[str]) -> None:
     before = fleetctl("--json", *argv, env=fleetd.env)
