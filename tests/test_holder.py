@@ -233,8 +233,14 @@ def test_a_missing_env_file_fails_the_start_naming_it(tmp_path: Path) -> None:
     spec = {"command": ["sleep", "60"], "env_file": str(tmp_path / "missing.env")}
     with fleetctl.cluster(members(m=spec)) as c, pytest.raises(MemberFailed) as failed:
         c.wait_running(timeout=10)
-    assert "No such file or directory" in failed.value.message
-    assert "missing.env" in failed.value.message
+    assert f"env_file: No such file or directory: '{tmp_path}/missing.env'" in failed.value.message
+
+
+def test_a_missing_cwd_fails_the_start_naming_it(tmp_path: Path) -> None:
+    spec = {"command": ["sleep", "60"], "cwd": str(tmp_path / "gone")}
+    with fleetctl.cluster(members(m=spec)) as c, pytest.raises(MemberFailed) as failed:
+        c.wait_running(timeout=10)
+    assert f"cwd: No such file or directory: '{tmp_path}/gone'" in failed.value.message
 
 
 def test_a_killed_member_is_restarted_with_a_new_pid() -> None:

@@ -64,9 +64,14 @@ async def test_label_values_are_escaped_so_that_they_parse_back(value: str) -> N
 
 
 async def test_an_empty_metric_still_says_what_it_is() -> None:
-    text = await Registry([Counter("t_total", "Nothing yet.")]).render()
+    text = await Registry([Counter("t_total", "Nothing yet.", ("op",))]).render()
     assert text == "# HELP t_total Nothing yet.\n# TYPE t_total counter\n"
     assert parsed(text) == {"t": []}
+
+
+async def test_a_counter_without_labels_is_zero_before_anything_happened() -> None:
+    text = await Registry([Counter("t_total", "Nothing yet.")]).render()
+    assert parsed(text) == {"t": [("t_total", {}, 0.0)]}
 
 
 # -- from fleetd ---------------------------------------------------------------------------------

@@ -887,8 +887,11 @@ class Member:
         if self.spec.env_file is None:
             return {}
         path = self.expand(self.spec.env_file)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:  # else it reads as the program's error
+            raise OSError(exc.errno, f"env_file: {exc.strerror}", path) from None
         try:
             return parse_env_file(text)
         except ValueError as exc:
