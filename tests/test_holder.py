@@ -205,6 +205,17 @@ def test_a_failed_members_error_ends_with_what_it_printed_last() -> None:
     ), failed.value.message
 
 
+def test_a_restarted_members_error_says_what_its_last_run_printed_only() -> None:
+    script = "n=$(cat {dir}/runs 2>/dev/null || echo 0); echo $((n+1)) > {dir}/runs; "
+    script += "echo run $((n+1)) >&2; exit 3"
+    spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
+    with fleetctl.cluster(members(crash=spec)) as c:
+        wait_until(lambda: c.status("crash").restarts >= 2)
+        error = c.status("crash").error
+    run = re.search(r"stderr: run (\d+)", error)
+    assert run is not None and "|" not in error.split("stderr: ")[1], error
+
+
 def test_a_member_stopped_for_its_start_timeout_says_what_it_printed_last() -> None:
     spec = {
         "command": ["sh", "-c", "echo still loading >&2; exec sleep 60"],

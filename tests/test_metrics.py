@@ -126,6 +126,8 @@ def test_members_by_state_and_their_exits_by_code(holders: Fleetd) -> None:
     assert value(families, "fleet_member_exits_total", code="3") >= 1
     assert value(families, "fleet_members", state="running") >= 1
     assert value(families, "fleet_clusters", state="live") == 1
+    assert value(families, "fleet_holders", reached="yes") == 1
+    assert value(families, "fleet_holders", reached="no") == 0
 
 
 def test_metrics_listen_serves_the_same_text_over_http(tempdir: str) -> None:
