@@ -99,7 +99,7 @@ DURATION = Duration()
 )
 @click.option(
     "--timeout",
-    default=10.0,
+    default="10s",
     show_default=True,
     type=Duration(0.001, MAX_TIMEOUT),
     help="How long to wait for fleetd (a duration: 10, 2.5, 1m30s, 500ms).",
@@ -577,7 +577,8 @@ def up(
 @click.argument("names", nargs=-1, shell_complete=_complete_members)
 @click.pass_obj
 def status(g: Globals, names: tuple[str, ...]) -> None:
-    """Show members' status (NAME, or CLUSTER/NAME); every live member without NAMEs.
+    """Show members' status (NAME, CLUSTER/NAME, or a CLUSTER's members); every live member
+    without NAMEs. A member's name wins over a cluster's.
 
     Outcomes: ok (0), absent (11)."""
     _client_call(g, lambda client: _emit_members(g, client.member_status(names)))
@@ -808,7 +809,7 @@ def start(g: Globals, name: str, wait: bool, wait_timeout: float) -> None:
 
 
 @cli.command("restart")
-@click.argument("name", shell_complete=_complete_members_and_clusters)
+@click.argument("name", metavar="NAME|CLUSTER", shell_complete=_complete_members_and_clusters)
 @_WAIT
 @_WAIT_TIMEOUT
 @click.pass_obj

@@ -103,30 +103,37 @@ def _tail(path: str) -> str:
     return ""
 
 
+FACTORIES = pytest.StashKey[dict[str, ClusterFactory]]()
+"""On the node a factory lasts for (the test, its module, the session), by fixture name: a
+failed test finds those it used there, also through a fixture of its own that failed."""
+
+
 @contextlib.contextmanager
-def _factory(here: Path) -> Iterator[ClusterFactory]:
+def _factory(request: pytest.FixtureRequest, here: Path) -> Iterator[ClusterFactory]:
     with ExitStack() as clusters:
-        yield ClusterFactory(clusters, here)
+        factory = ClusterFactory(clusters, here)
+        request.node.stash.setdefault(FACTORIES, {})[request.fixturename] = factory
+        yield factory
 
 
 @pytest.fixture
 def fleet_cluster(request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
     """Clusters bound to the test: see the module."""
-    with _factory(request.path.parent) as factory:
+    with _factory(request, request.path.parent) as factory:
         yield factory
 
 
 @pytest.fixture(scope="module")
 def fleet_cluster_module(request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
     """Clusters that last for the module's tests."""
-    with _factory(request.path.parent) as factory:
+    with _factory(request, request.path.parent) as factory:
         yield factory
 
 
 @pytest.fixture(scope="session")
 def fleet_cluster_session(request: pytest.FixtureRequest) -> Iterator[ClusterFactory]:
     """Clusters that last for the session; relative files are found under the rootdir."""
-    with _factory(request.config.rootpath) as factory:
+    with _factory(request, request.config.rootpath) as factory:
         yield factory
 
 
@@ -134,12 +141,12 @@ def fleet_cluster_session(request: pytest.FixtureRequest) -> Iterator[ClusterFac
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.failed:
-        funcargs = getattr(item, "funcargs", {})
-        for fixture in FIXTURES:
-            factory = funcargs.get(fixture)
-            if isinstance(factory, ClusterFactory) and factory.clusters:
-                factory.failed = True
-                report.sections.extend(factory.report_sections())
+        used = getattr(item, "fixturenames", ())
+        for node in item.listchain():
+            for fixture, factory in node.stash.get(FACTORIES, {}).items():
+                if fixture in used and factory.clusters:
+                    factory.failed = True
+                    report.sections.extend(factory.report_sections())
     return report
 
 

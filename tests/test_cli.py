@@ -68,8 +68,8 @@ def test_no_daemon_says_how_to_start_one_or_where_to_point(tempdir: str, argv: l
 
 @pytest.mark.parametrize(
     "argv",
-    [["version"], ["lease", "list"], ["gc", "--dry-run"]],
-    ids=["fast", "click", "click-with-options"],
+    [["version"], ["lease", "list"], ["gc", "--dry-run"], ["status"], ["status", "nope"]],
+    ids=["fast", "click", "click-with-options", "status", "status-absent"],
 )
 def test_json_after_the_command_means_what_it_means_before(fleetd: Fleetd, argv: list[str]) -> None:
     before = fleetctl("--json", *argv, env=fleetd.env)
@@ -103,6 +103,7 @@ def test_bad_flag_is_a_usage_error_exit_2(tempdir: str) -> None:
 
 def test_the_global_timeout_is_a_duration(fleetd: Fleetd) -> None:
     assert fleetctl("--timeout", "1m30s", "ping", env=fleetd.env).returncode == 0
+    assert "[default: 10s]" in fleetctl("--help", env=fleetd.env).stdout  # as the commands'
 
 
 @pytest.mark.parametrize("bad", ["-1", "0", "nan", "2y"])
@@ -224,6 +225,16 @@ def test_help_lists_the_commands() -> None:
     result = fleetctl("--help", env=dict(os.environ))
     assert result.returncode == 0
     assert "ping" in result.stdout and "version" in result.stdout
+
+
+def test_status_help_says_a_cluster_name_shows_its_members() -> None:
+    result = fleetctl("status", "--help", env=dict(os.environ))
+    assert "or a CLUSTER's members" in " ".join(result.stdout.split())
+
+
+def test_restart_usage_names_a_cluster_too() -> None:
+    result = fleetctl("restart", "--help", env=dict(os.environ))
+    assert result.stdout.startswith("Usage: fleetctl restart [OPTIONS] NAME|CLUSTER\n")
 
 
 def test_the_fast_path_refuses_an_answer_to_another_request(tempdir: str) -> None:

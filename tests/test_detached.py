@@ -206,7 +206,8 @@ def test_idempotent_up_and_contested(holders: Fleetd) -> None:
         code, out, _ = ctl(
             holders, "--json", "up", "-f", write(holders, "o.toml", other), "--idempotent"
         )
-        assert code == 12 and "another definition" in json.loads(out)["error"]["message"]
+        message = json.loads(out)["error"]["message"]
+        assert code == 12 and "another definition: `fleetctl apply` brings it" in message
     finally:
         ctl(holders, "down", "web")
 

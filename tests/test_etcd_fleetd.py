@@ -200,6 +200,25 @@ def test_fleetds_on_one_etcd_keep_their_holders_apart(one: Fleetd, two: Fleetd) 
         assert cli(daemon, "--json", "down", "web")[0] == 0
 
 
+def test_a_cluster_of_more_members_than_one_etcd_transaction_takes_is_journaled(
+    one: Fleetd,
+) -> None:
+    """etcd takes 128 operations per transaction; a cluster's journal has one per member."""
+    path = os.path.join(one.root, "fleet.toml")
+    tables = "".join(f'[members.m{n}]\ncommand = ["sleep", "300"]\n' for n in range(200))
+    with open(path, "w") as f:
+        f.write(f'name = "big"\n{tables}')
+    try:
+        assert cli(one, "--json", "up", "-f", path, "--wait")[0] == 0
+        one.stop()
+        one.start()
+        members = cli(one, "--json", "status", "big")[1]["members"]
+        assert len(members) == 200  # type: ignore[arg-type]
+        assert {m["state"] for m in members} == {"running"}  # type: ignore[union-attr]
+    finally:
+        assert cli(one, "--json", "down", "big")[0] == 0
+
+
 @pytest.mark.slow
 def test_the_leases_of_a_killed_fleetd_come_free_once_its_presence_expires(
     one: Fleetd, two: Fleetd

@@ -205,6 +205,17 @@ def test_a_failed_members_error_ends_with_what_it_printed_last() -> None:
     ), failed.value.message
 
 
+def test_a_restarted_members_error_says_what_its_last_run_printed_only() -> None:
+    script = "n=$(cat {dir}/runs 2>/dev/null || echo 0); echo $((n+1)) > {dir}/runs; "
+    script += "echo run $((n+1)) >&2; exit 3"
+    spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
+    with fleetctl.cluster(members(crash=spec)) as c:
+        wait_until(lambda: c.status("crash").restarts >= 2)
+        error = c.status("crash").error
+    run = re.search(r"stderr: run (\d+)", error)
+    assert run is not None and "|" not in error.split("stderr: ")[1], error
+
+
 def test_a_member_stopped_for_its_start_timeout_says_what_it_printed_last() -> None:
     spec = {
         "command": ["sh", "-c", "echo still loading >&2; exec sleep 60"],
@@ -233,8 +244,14 @@ def test_a_missing_env_file_fails_the_start_naming_it(tmp_path: Path) -> None:
     spec = {"command": ["sleep", "60"], "env_file": str(tmp_path / "missing.env")}
     with fleetctl.cluster(members(m=spec)) as c, pytest.raises(MemberFailed) as failed:
         c.wait_running(timeout=10)
-    assert "No such file or directory" in failed.value.message
-    assert "missing.env" in failed.value.message
+    assert f"env_file: No such file or directory: '{tmp_path}/missing.env'" in failed.value.message
+
+
+def test_a_missing_cwd_fails_the_start_naming_it(tmp_path: Path) -> None:
+    spec = {"command": ["sleep", "60"], "cwd": str(tmp_path / "gone")}
+    with fleetctl.cluster(members(m=spec)) as c, pytest.raises(MemberFailed) as failed:
+        c.wait_running(timeout=10)
+    assert f"cwd: No such file or directory: '{tmp_path}/gone'" in failed.value.message
 
 
 def test_a_killed_member_is_restarted_with_a_new_pid() -> None:

@@ -64,9 +64,14 @@ async def test_label_values_are_escaped_so_that_they_parse_back(value: str) -> N
 
 
 async def test_an_empty_metric_still_says_what_it_is() -> None:
-    text = await Registry([Counter("t_total", "Nothing yet.")]).render()
+    text = await Registry([Counter("t_total", "Nothing yet.", ("op",))]).render()
     assert text == "# HELP t_total Nothing yet.\n# TYPE t_total counter\n"
     assert parsed(text) == {"t": []}
+
+
+async def test_a_counter_without_labels_is_zero_before_anything_happened() -> None:
+    text = await Registry([Counter("t_total", "Nothing yet.")]).render()
+    assert parsed(text) == {"t": [("t_total", {}, 0.0)]}
 
 
 # -- from fleetd ---------------------------------------------------------------------------------
@@ -121,6 +126,8 @@ def test_members_by_state_and_their_exits_by_code(holders: Fleetd) -> None:
     assert value(families, "fleet_member_exits_total", code="3") >= 1
     assert value(families, "fleet_members", state="running") >= 1
     assert value(families, "fleet_clusters", state="live") == 1
+    assert value(families, "fleet_holders", reached="yes") == 1
+    assert value(families, "fleet_holders", reached="no") == 0
 
 
 def test_metrics_listen_serves_the_same_text_over_http(tempdir: str) -> None:

@@ -37,12 +37,15 @@ def test_the_fixture_starts_clusters_and_stops_them_at_test_end(pytester: pytest
                 json.dump(pids, f)
 
         def test_failure_still_tears_down(fleet_cluster):
-            fleet_cluster({"members": {"a": SLEEP}})
+            c = fleet_cluster({"members": {"a": SLEEP}})
+            with open("kept.txt", "w") as f:
+                f.write(c.runtime_dir)
             raise AssertionError("on purpose")
         """
     )
     result = pytester.runpytest_subprocess(*plugin_args())
     result.assert_outcomes(passed=1, failed=1)
+    shutil.rmtree((pytester.path / "kept.txt").read_text())  # kept for a look: ours to remove
     pids = json.loads((pytester.path / "pids.json").read_text())
     assert len(pids) == 5
     for pid in pids:
@@ -135,6 +138,57 @@ def test_a_failed_tests_report_shows_its_clusters_logs_and_keeps_their_directory
     with open(member_log_path(kept, "talker")) as log:
         assert log.read() == "hello out\n"
     assert not os.path.exists((pytester.path / "removed.txt").read_text())
+    shutil.rmtree(kept)
+
+
+def test_a_crashing_members_stderr_is_in_the_error_and_in_the_report(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        CRASH = ["sh", "-c", "echo 'boom: DATABASE_URL not set' >&2; exit 3"]
+
+        def test_crashes(fleet_cluster):
+            fleet_cluster({"members": {"db": {"command": CRASH, "ready": "tcp"}}}, name="crashy")
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E *MemberFailed: member 'db' failed: exited with code 3 before it was ready; "
+            "stderr: boom: DATABASE_URL not set",
+            "*fleet cluster crashy (kept: *)*",
+            "--- db stderr ---",
+            "boom: DATABASE_URL not set",
+        ]
+    )
+    kept = result.stdout.str().split("fleet cluster crashy (kept: ", 1)[1].split(")", 1)[0]
+    shutil.rmtree(kept)
+
+
+def test_a_cluster_that_fails_in_a_fixture_of_the_tests_is_reported_and_kept(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        CRASH = ["sh", "-c", "echo 'boom: DATABASE_URL not set' >&2; exit 3"]
+
+        @pytest.fixture
+        def db(fleet_cluster):
+            return fleet_cluster({"members": {"db": {"command": CRASH, "ready": "tcp"}}})
+
+        def test_uses_db(db):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*plugin_args())
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fleet cluster * (kept: *)*", "--- db stderr ---", "boom: *"])
+    kept = result.stdout.str().split(" (kept: ", 1)[1].split(")", 1)[0]
+    assert os.path.isdir(kept)
     shutil.rmtree(kept)
 
 

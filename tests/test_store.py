@@ -320,6 +320,21 @@ async def test_txn_puts_share_one_revision_and_report_prev_kv(store: Store) -> N
     assert [kv.mod_revision for kv in await store.range("")] == [old + 1, old + 1]
 
 
+async def test_concurrent_transactions_as_wide_as_the_store_takes_all_commit(
+    store: Store,
+) -> None:
+    """Batched together (etcd's nested transactions), they must not exceed etcd's limit."""
+    width = store.max_operations or 128
+
+    async def wide(n: int) -> None:
+        await store.txn((), [Put(f"wide/{n}/{k:03d}", b"v") for k in range(width - n % 2)])
+
+    async with anyio.create_task_group() as tg:
+        for n in range(6):
+            tg.start_soon(wide, n)
+    assert len(await store.range("wide/")) == sum(width - n % 2 for n in range(6))
+
+
 async def test_txn_writing_a_key_twice_is_refused(store: Store) -> None:
     with pytest.raises(InvalidRequest):
         await store.txn((), (Put("a", b"1"), Delete("a")))

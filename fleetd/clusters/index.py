@@ -256,6 +256,7 @@ class ClusterIndex:
         self.changed_now(cluster)
 
     async def metrics(self) -> list[Family]:
+        reached = sum(held.link is not None for held in self.live.values())
         states: dict[str, int] = {}
         for held in self.live.values():
             for status in held.statuses.values():
@@ -270,6 +271,12 @@ class ClusterIndex:
                 "fleet_clusters",
                 "Clusters by state: live (a holder runs it), exited (until gc).",
                 [({"state": "live"}, len(self.live)), ({"state": "exited"}, len(self.exited))],
+            ),
+            gauge(
+                "fleet_holders",
+                "Holder processes fleetd follows, by whether it reaches them (unreached: "
+                "still starting, or not answering).",
+                [({"reached": "yes"}, reached), ({"reached": "no"}, len(self.live) - reached)],
             ),
         ]
 

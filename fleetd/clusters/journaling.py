@@ -39,7 +39,7 @@ from fleetd.clusters.rundirs import (
 )
 from fleetd.core.dirs import PrivateDir
 from fleetd.journal import Owners
-from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Store
+from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
 from protocol.claims import ClaimInfo
 from protocol.errors import StoreFull, UnsafePath
 
@@ -73,7 +73,8 @@ class ClusterJournal:
             stored = {kv.key for kv in await self.store.range(members_prefix(name))}
             record, members = self._remembered(name)
             if record is not None:
-                await self.store.txn((), cluster_writes(record, members, stored))
+                for chunk in chunked(cluster_writes(record, members, stored), self.store):
+                    await self.store.txn((), chunk)
         except StoreFull:
             if name not in self._unwritten:
                 log.warning("journal_write_postponed", cluster=name, reason="disk full")
@@ -207,3 +208,15 @@ class ClusterJournal:
         self.index.remove_exited(name)
         log.info("holder_collected", cluster=name, dir=record.dir, items=len(found))
         return found
+
+
+def chunked(writes: list[Put | Delete], store: Store) -> list[list[Put | Delete]]:
+    """`writes` in one transaction, or in as many as the store's limit needs (etcd's, for a
+    cluster of more than a hundred members): member records first, the holder's record (the
+    first write) last, so that a holder recorded live has every member recorded."""
+    limit = store.max_operations
+    if not limit or len(writes) <= limit:
+        return [writes]
+    holder, rest = writes[0], writes[1:]
+    chunks = [rest[start : start + limit] for start in range(0, len(rest), limit)]
+    return [*chunks, [holder]]

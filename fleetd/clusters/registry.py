@@ -140,7 +140,10 @@ def port_of(status: MemberStatus) -> int | None:
 def up_refusal(name: str, current: ClusterSpec, wanted: ClusterSpec) -> str:
     if current == wanted:
         return f"cluster {name!r} is already up with this definition (use --idempotent)"
-    return f"cluster {name!r} is already up with another definition: `fleetctl down {name}` first"
+    return (
+        f"cluster {name!r} is already up with another definition: `fleetctl apply` brings it "
+        f"to this one, restarting only what changed (or `fleetctl down {name}` first)"
+    )
 
 
 def reachable(held: Held, member: str) -> MemberLink:

@@ -63,9 +63,12 @@ class Family:
 
 
 class Counter:
+    """Without labels it starts at 0, as prometheus_client's does: a series that shows up only
+    once something happened leaves rate() and absent() alerts with nothing to read."""
+
     def __init__(self, name: str, help: str, labels: Labels = ()) -> None:
         self.name, self.help, self.labels = name, help, labels
-        self.values: dict[Labels, float] = {}
+        self.values: dict[Labels, float] = {} if labels else {(): 0.0}
 
     def inc(self, *values: str, amount: float = 1.0) -> None:
         self.values[values] = self.values.get(values, 0.0) + amount

@@ -98,7 +98,7 @@ class LogFile:
     `<name>.1`. The file is created on the first write: a silent member costs no file (and
     its two LogFiles are slots, their path joined only when it is said)."""
 
-    __slots__ = ("_fd", "_size", "_times", "directory", "max_bytes", "name")
+    __slots__ = ("_fd", "_run_start", "_size", "_times", "directory", "max_bytes", "name")
 
     def __init__(self, directory: PrivateDir, name: str, max_bytes: int = LOG_MAX_BYTES) -> None:
         self.directory = directory
@@ -106,6 +106,8 @@ class LogFile:
         self.max_bytes = max_bytes
         self._fd = -1
         self._size = 0
+        self._run_start = -1
+        """Where the current run's output starts in the file (-1: where it stands once open)."""
         self._times = TimesFile(directory, name)
         """When each chunk was read (protocol.logtimes), for `fleetctl logs --timestamps`."""
 
@@ -117,6 +119,8 @@ class LogFile:
         self._fd = self.directory.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         status = os.fstat(self._fd)
         self._size = status.st_size
+        if self._run_start < 0:
+            self._run_start = status.st_size
         self._times.open(status)
 
     def write(self, data: bytes) -> None:
@@ -139,6 +143,7 @@ class LogFile:
         os.replace(self.name, f"{self.name}.1", src_dir_fd=fd, dst_dir_fd=fd)
         self._times.rotate()
         os.close(self._fd)
+        self._run_start = 0
         self._open()
 
     def close(self) -> None:
@@ -147,14 +152,19 @@ class LogFile:
             self._fd = -1
         self._times.close()
 
+    def begin_run(self) -> None:
+        """What is written from now on is a new run's (`tail` reads only that)."""
+        self._run_start = self._size if self._fd >= 0 else -1
+
     def tail(self, size: int) -> bytes:
-        """The last `size` bytes of the current file (a rotation starts it empty)."""
+        """The last `size` bytes the current run wrote to the current file (a rotation
+        starts it empty)."""
+        if self._fd < 0:
+            return b""  # nothing written since this holder began the run
+        fd = self.directory.open_file(self.name, os.O_RDONLY)
         try:
-            fd = self.directory.open_file(self.name, os.O_RDONLY)
-        except FileNotFoundError:
-            return b""  # the member printed nothing
-        try:
-            return os.pread(fd, size, max(0, os.fstat(fd).st_size - size))
+            start = max(self._run_start, self._size - size)
+            return os.pread(fd, self._size - start, start)
         finally:
             os.close(fd)
 
@@ -794,6 +804,8 @@ class Member:
         """Hand the spawn to the holder's spawner; its outcome comes back through `_spawned`,
         before any other event (see `_spawning`)."""
         assert self._logs is not None, "spawned outside run()"
+        for log_file in self._logs:
+            log_file.begin_run()
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
@@ -887,8 +899,11 @@ class Member:
         if self.spec.env_file is None:
             return {}
         path = self.expand(self.spec.env_file)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:  # else it reads as the program's error
+            raise OSError(exc.errno, f"env_file: {exc.strerror}", path) from None
         try:
             return parse_env_file(text)
         except ValueError as exc:

@@ -605,7 +605,10 @@ def _working_directory(cwd: str | None) -> Iterator[None]:
         yield
         return
     previous = os.getcwd()
-    os.chdir(cwd)
+    try:
+        os.chdir(cwd)
+    except OSError as exc:  # else it reads as the program's error
+        raise OSError(exc.errno, f"cwd: {exc.strerror}", cwd) from None
     try:
         yield
     finally:

@@ -230,6 +230,9 @@ class Store(Protocol):
     """
 
     shared: bool = False
+    max_operations: int = 0
+    """Operations one transaction may hold at most (etcd: --max-txn-ops), 0 for no limit: a
+    writer with more splits them where it may (fleetd.clusters.journaling)."""
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open the store, then serve until cancelled; started once it answers requests."""

@@ -95,7 +95,8 @@ DEFAULT_NAMESPACE = "fleet/"
 BATCHES_IN_FLIGHT = 2
 """Batches on their way to etcd at once (see _Batches): one sent while the other waits."""
 BATCH_OPS = 128
-"""Transactions in a batch at most: etcd's --max-txn-ops, by default."""
+"""etcd's --max-txn-ops, by default: a batch's transactions, plus the most operations any of
+them has, at most (etcd gives a nested transaction what its parent's count leaves)."""
 BATCH_BYTES = 1 << 20
 """A batch's size at most, under etcd's request limit (1.5 MiB by default)."""
 CALL_TIMEOUT = 5.0
@@ -235,6 +236,7 @@ class EtcdStore(Store):
     """
 
     shared = True
+    max_operations = BATCH_OPS
 
     def __init__(self, endpoints: Endpoints, *, watermark: Watermark | None = None) -> None:
         self.endpoints = endpoints
@@ -640,6 +642,11 @@ class _Queued:
     alone: bool = False
 
 
+def _width(request: Any) -> int:
+    """What etcd counts of a transaction against --max-txn-ops: its widest branch."""
+    return max(len(request.compare), len(request.success), len(request.failure))
+
+
 class _Batches:
     """Transactions sent to etcd many at a time, as SQLite's group commit does: each a nested
     transaction of one Txn call, so that a batch costs one gRPC call and one raft entry, where
@@ -692,11 +699,16 @@ class _Batches:
         blocked = set(self._busy)
         left: deque[_Queued] = deque()
         size = 0
+        widest = 0
         while self._queue:
             queued = self._queue.popleft()
             keys = queued.keys
             alone = keys is None or queued.alone
-            fits = len(taken) < BATCH_OPS and size + queued.request.ByteSize() < BATCH_BYTES
+            width = max(widest, _width(queued.request))
+            fits = not taken or (  # one alone is sent as it is: etcd judges it
+                len(taken) + 1 + width <= BATCH_OPS
+                and size + queued.request.ByteSize() < BATCH_BYTES
+            )
             if alone and not taken and not (keys or set()) & blocked:
                 left.extend(self._queue)
                 self._queue.clear()
@@ -710,6 +722,7 @@ class _Batches:
             blocked |= keys
             taken.append(queued)
             size += queued.request.ByteSize()
+            widest = width
         self._queue = left
         return taken
 

@@ -41,6 +41,7 @@ class Scoped(Store):
         self._store = store
         self._scope = scope
         self.shared = store.shared
+        self.max_operations = store.max_operations
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
