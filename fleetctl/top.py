@@ -106,7 +106,8 @@ class Watcher:
             found = self._read(0.0, limit=last * len(shown))
             found.sort(key=lambda e: (e.get("timestamp", ""), e["run_id"], e["seq"]))
             self.view.events.extend(found[-last:])
-        self.cursor.update(heads)  # what the backlog left unread is past, not news
+        for run, head in heads.items():  # what the backlog left unread is past, not news
+            self.cursor[run] = max(self.cursor[run], head)
 
     def follow(self, wait: float) -> list[dict[str, Any]]:
         """The events after the cursor, waiting up to `wait` seconds for one."""
@@ -238,7 +239,7 @@ def plain(view: View, now: float) -> str:
     return "\n\n".join(
         [
             runs,
-            _table(WORKER_COLUMNS, workers) if workers else "no workers busy",
+            _table(WORKER_COLUMNS, workers) if workers else "no workers",
             _table(EVENT_COLUMNS, events) if events else "no events",
         ]
     )

@@ -296,6 +296,18 @@ def test_quitting_exits_0_with_the_terminal_restored(
     assert termios.tcgetattr(term.slave) == term.before
 
 
+def test_when_fleetd_goes_away_the_view_ends_unavailable_with_the_terminal_restored(
+    daemon: Fleetd, terminal: Callable[..., Terminal]
+) -> None:
+    term = terminal(env=daemon.env)
+    term.read_until(lambda seen: HIDE_CURSOR in seen)
+    daemon.stop()
+    assert term.wait() == 14
+    assert term.seen.rfind(SHOW_CURSOR) > term.seen.rfind(HIDE_CURSOR)
+    assert b"fleetctl: " in term.seen.rsplit(SHOW_CURSOR, 1)[-1]
+    assert termios.tcgetattr(term.slave) == term.before
+
+
 def test_rich_is_loaded_by_top_alone() -> None:
     probe = "import sys, fleetctl.cli; print('rich' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
