@@ -267,7 +267,9 @@ def rich_view(view: View, now: float, header: str) -> "RenderableType":
 
     def table(
         title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], state: int
-    ) -> Table:
+    ) -> Table | Text:
+        if not rows:
+            return Text(f"no {title}", style="dim")
         grid = Table(title=title, title_justify="left", box=None, expand=False, pad_edge=False)
         for column in columns:
             grid.add_column(column, no_wrap=column != columns[-1], overflow="ellipsis")
