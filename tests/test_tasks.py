@@ -5,11 +5,16 @@ Workers are tests/task_worker.py: each does what its task's instructions (a JSON
 """
 
 import contextlib
+import hashlib
+import hmac
+import http.server
 import itertools
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -580,3 +585,80 @@ def _seconds(stamp: str) -> float:
     from protocol.tasks import epoch
 
     return epoch(stamp)
+
+
+# -- alerts ---------------------------------------------------------------------------------
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    received: "queue.Queue[tuple[dict[str, str], bytes]]"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.put((dict(self.headers), body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[tuple[str, "queue.Queue[tuple[dict[str, str], bytes]]"]]:
+    """A local webhook receiver: its URL and what it received."""
+    received: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
+    handler = type("Handler", (Hook,), {"received": received})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_alert_after_n_attempts_is_posted_signed_and_recorded_as_escalated(
+    daemon: Fleetd, hook: tuple[str, "queue.Queue[tuple[dict[str, str], bytes]]"]
+) -> None:
+    url, received = hook
+    policy = {
+        "channels": [{"kind": "webhook", "url": url, "secret": "s3cret"}],
+        "after_attempts": 2,
+    }
+    retry = {"max_attempts": 3, "initial_backoff_seconds": 0.1}
+    run = submit(
+        daemon, [task("t", {"exit": 3}, retry_policy=retry, alert_policy=policy)], [worker()]
+    )
+    headers, body = received.get(timeout=20)
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Fleet-Signature-256"], expected)
+    alert = json.loads(body)
+    assert (alert["run_id"], alert["task_id"], alert["reason"], alert["attempts"]) == (
+        run,
+        "t",
+        "attempts",
+        2,
+    )
+    assert "exited with code 3" in alert["summary"]
+    wait_run(daemon, run)
+    deadline = time.monotonic() + 10
+    while not (escalated := [e for e in events(daemon, run) if e["state"] == "escalated"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert escalated[0]["channel"] == "webhook"
+    assert escalated[0]["alert_id"] == alert["alert_id"]
+    assert received.empty()  # once, not at every attempt
+
+
+def test_an_alert_fires_once_a_task_has_been_stale_for_its_minutes(
+    daemon: Fleetd, hook: tuple[str, "queue.Queue[tuple[dict[str, str], bytes]]"]
+) -> None:
+    url, received = hook
+    policy = {"channels": [{"kind": "webhook", "url": url}], "after_minutes_stale": 0.01}
+    silent = worker(lease_seconds=0.5, command=["sh", "-c", "exec sleep 30", "silent"])
+    run = submit(daemon, [task("t", alert_policy=policy)], [silent])
+    _, body = received.get(timeout=20)
+    assert json.loads(body)["reason"] == "stale"
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)

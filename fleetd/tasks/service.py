@@ -43,6 +43,7 @@ from fleetd.core.timers import Alarm, DeadlineHeap
 from fleetd.presence import home_of
 from fleetd.store import Compare, DeleteRange, Operation, Put, Store
 from fleetd.tasks import records
+from fleetd.tasks.alerts import Alert, Alerter, task_alert
 from fleetd.tasks.events import EventLog, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
 from fleetd.tasks.scoring import Verdict, result_line, score
@@ -81,6 +82,7 @@ from protocol.tasks import (
     ArtifactRef,
     Cancelled,
     Completed,
+    Escalated,
     Failed,
     Heartbeat,
     InboxEntry,
@@ -256,6 +258,9 @@ class TaskService:
         self._timers: DeadlineHeap[Timer] = DeadlineHeap(self._deadline_of)
         self._alarm = Alarm(time.time)
         self._tasks: TaskGroup | None = None
+        self._stale_since: dict[tuple[str, str], float] = {}
+        """Tasks whose worker went stale, since when, until one of its attempts ends well."""
+        self.alerter = Alerter(on_delivered=self._escalated)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -264,6 +269,7 @@ class TaskService:
         cancelled (which leaves every worker running: a restarted fleetd follows them)."""
         self.holders.index.observe(CLUSTER, _Observer(self))
         async with anyio.create_task_group() as self._tasks:
+            await self._tasks.start(self.alerter.serve)
             await self._load()
             self._tasks.start_soon(self._dispatch_forever)
             self._tasks.start_soon(self._timers_forever)
@@ -570,6 +576,7 @@ class TaskService:
         spec = run.specs[task.task_id]
         workspace = spec.workspace or self._own_workspace(run.run.id, spec.id)
         verdict: Verdict = await anyio.to_thread.run_sync(score, spec.scorer, workspace, exit_code)
+        self._stale_since.pop((run.run.id, task.task_id), None)
         task.state = "done" if verdict.result is not None else "scoring"
         task.result = verdict.result
         receipt = self._receipt(
@@ -590,6 +597,7 @@ class TaskService:
         spec = run.specs[task.task_id]
         policy = spec.retry_policy or DEFAULT_RETRY
         task.error = why
+        self._alert_on_attempts(run, task, why)
         if not policy.exhausted(task.attempts):
             task.state = "queued"
             task.not_before = time.time() + policy.backoff(task.attempts)
@@ -717,10 +725,12 @@ class TaskService:
         kind, run_id, task_id, attempt = timer
         run = self.runs.get(run_id)
         task = run.tasks.get(task_id) if run is not None else None
-        if run is None or task is None or task.attempt_id != attempt:
+        if run is None or task is None or (kind != "escalate" and task.attempt_id != attempt):
             return None
         if kind == "backoff":
             return task.not_before if task.state == "queued" else None
+        if kind == "escalate":
+            return self._escalation_due(run, task)
         slot = run.slot_of(task.member)
         if slot is None or slot.task is not task or slot.ending:
             return None
@@ -736,6 +746,9 @@ class TaskService:
                     task.not_before = 0.0
                     self._queue(run, task)
                     continue
+                if kind == "escalate":
+                    self._alert_on_stale(run, task)
+                    continue
                 slot = run.slot_of(task.member)
                 assert slot is not None
                 self._group.start_soon(
@@ -747,6 +760,7 @@ class TaskService:
             return
         slot.ending = why
         if why == "stale":
+            self._went_stale(run, task)
             await self._append(
                 run,
                 task,
@@ -766,6 +780,67 @@ class TaskService:
             return
         if slot.task is task and not _is_attempts(status, task):
             self.attempt_lost(run, slot, why)  # its worker never ran: no exit will come
+
+    # -- alerts ----------------------------------------------------------------------------
+
+    def _alert_on_attempts(self, run: RunState, task: TaskRecord, why: str) -> None:
+        """The task's alert policy fires once, as its `after_attempts`th attempt fails."""
+        policy = run.specs[task.task_id].alert_policy
+        if policy is None or policy.after_attempts is None:
+            return
+        if task.attempts == policy.after_attempts:
+            alert = task_alert(
+                run.run.id,
+                task.task_id,
+                reason="attempts",
+                attempts=task.attempts,
+                detail=why,
+                now=time.time(),
+            )
+            self.alerter.fire(policy, alert)
+
+    def _went_stale(self, run: RunState, task: TaskRecord) -> None:
+        """From its first stale worker on, the task is watched for `after_minutes_stale`."""
+        key = (run.run.id, task.task_id)
+        if key in self._stale_since:
+            return
+        self._stale_since[key] = time.time()
+        due = self._escalation_due(run, task)
+        if due is not None:
+            self._push_timer(("escalate", run.run.id, task.task_id, ""), due)
+
+    def _escalation_due(self, run: RunState, task: TaskRecord) -> float | None:
+        since = self._stale_since.get((run.run.id, task.task_id))
+        policy = run.specs[task.task_id].alert_policy
+        if since is None or policy is None or policy.after_minutes_stale is None:
+            return None
+        if task.state in FINAL and task.result == "pass":
+            return None
+        return since + policy.after_minutes_stale * 60
+
+    def _alert_on_stale(self, run: RunState, task: TaskRecord) -> None:
+        policy = run.specs[task.task_id].alert_policy
+        if policy is None or policy.after_minutes_stale is None:
+            return
+        minutes = policy.after_minutes_stale
+        alert = task_alert(
+            run.run.id,
+            task.task_id,
+            reason="stale",
+            attempts=task.attempts,
+            detail=f"no worker of it heartbeat for {minutes:g} minutes",
+            now=time.time(),
+        )
+        self.alerter.fire(policy, alert)
+
+    async def _escalated(self, alert: Alert, channel: str, alert_id: str) -> None:
+        """A delivered alert is an `escalated` event of its task."""
+        run = self.runs.get(alert.run_id)
+        task = run.tasks.get(alert.task_id) if run is not None else None
+        if run is None or task is None:
+            return
+        envelope = self._envelope(run, task)
+        await self._append(run, task, [Escalated(**envelope, channel=channel, alert_id=alert_id)])
 
     # -- writing -----------------------------------------------------------------------------
 
