@@ -270,5 +270,6 @@ def test_stonith_ends_a_stopped_coord_run_and_its_child(fleetd: Fleetd, coord_ru
     assert taken.lease is not None and taken.lease.token > token
     code, _ = run.finish()
     assert code in (10, 128 + signal.SIGTERM)
-    assert run.report()[1:] == [f"signal {signal.SIGTERM}"]
+    # fleetd's STONITH and coord-run's own lease-loss stop may both reach the child first
+    assert set(run.report()[1:]) == {f"signal {signal.SIGTERM}"}
     assert run.cleanups() == [str(code)]

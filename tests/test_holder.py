@@ -210,7 +210,7 @@ def test_a_restarted_members_error_says_what_its_last_run_printed_only() -> None
     script += "echo run $((n+1)) >&2; exit 3"
     spec = {"command": ["sh", "-c", script], "restart": "on-failure"}
     with fleetctl.cluster(members(crash=spec)) as c:
-        wait_until(lambda: c.status("crash").restarts >= 2)
+        wait_until(lambda: c.status("crash").restarts >= 2 and "stderr" in c.status("crash").error)
         error = c.status("crash").error
     run = re.search(r"stderr: run (\d+)", error)
     assert run is not None and "|" not in error.split("stderr: ")[1], error
