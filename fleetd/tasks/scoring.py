@@ -9,6 +9,7 @@ cannot make fleetd read another file for it.
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 from protocol.tasks import (
@@ -50,6 +51,11 @@ def result_line(log_path: str, offset: int) -> ResultMessage | None:
     except OSError:
         return None
     return last_result(text)
+
+
+def reads_files(scorer: Scorer | None) -> bool:
+    """Whether scoring reads the workspace (then it runs in a thread)."""
+    return isinstance(scorer, FileExistsScorer | RegexMatchScorer | JsonPathScorer)
 
 
 def score(scorer: Scorer | None, workspace: str, exit_code: int | None) -> Verdict:
@@ -122,6 +128,4 @@ def _read(workspace: str, path: str, *, want_content: bool = True) -> bytes | No
 
 
 def _is_regular(fd: int) -> bool:
-    import stat
-
     return stat.S_ISREG(os.fstat(fd).st_mode)

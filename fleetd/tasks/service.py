@@ -46,7 +46,7 @@ from fleetd.tasks import records
 from fleetd.tasks.alerts import Alert, Alerter, task_alert
 from fleetd.tasks.events import EventLog, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
-from fleetd.tasks.scoring import Verdict, result_line, score
+from fleetd.tasks.scoring import Verdict, reads_files, result_line, score
 from protocol.definitions import MemberSpec
 from protocol.errors import Absent, FleetError, InvalidRequest, Unsupported
 from protocol.members import MemberState, MemberStatus, member_log_path
@@ -74,6 +74,7 @@ from protocol.runs import (
     RunSummary,
     TaskList,
     TaskListRequest,
+    TaskState,
     TaskView,
 )
 from protocol.tasks import (
@@ -169,6 +170,8 @@ class RunState:
     slots: list[Slot]
     ready: list[tuple[int, float, int, str]] = field(default_factory=list)
     """Queued tasks due now: (-priority, enqueued_at, order, task id), a heap."""
+    tally: dict[str, int] = field(default_factory=dict)
+    """Its tasks by state (RunState.move keeps it)."""
     cancelling: bool = False
     """A cancel is under way: nothing more of it is dispatched."""
     settled: anyio.Event = field(default_factory=anyio.Event)
@@ -180,11 +183,23 @@ class RunState:
     def free_slot(self, spec: TaskSpec) -> Slot | None:
         return next((s for s in self.slots if s.task is None and matches(s.worker, spec)), None)
 
-    def counts(self) -> dict[str, int]:
-        counted: dict[str, int] = {}
+    def __post_init__(self) -> None:
         for task in self.tasks.values():
-            counted[task.state] = counted.get(task.state, 0) + 1
-        return counted
+            self.tally[task.state] = self.tally.get(task.state, 0) + 1
+
+    def move(self, task: TaskRecord, state: TaskState) -> None:
+        """The one way a task changes state: its run keeps them counted."""
+        self.tally[task.state] -= 1
+        if not self.tally[task.state]:
+            del self.tally[task.state]
+        task.state = state
+        self.tally[state] = self.tally.get(state, 0) + 1
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.tally)
+
+    def unfinished(self) -> int:
+        return sum(n for state, n in self.tally.items() if state not in FINAL)
 
     def summary(self) -> RunSummary:
         run = self.run
@@ -331,7 +346,7 @@ class TaskService:
         lease decides), retried if it is gone."""
         slot = run.slot_of(task.member)
         if slot is None or slot.task is not None:
-            task.state = "queued"
+            run.move(task, "queued")
             self._queue(run, task)
             return
         slot.task = task
@@ -418,7 +433,7 @@ class TaskService:
 
     def _lease(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         task.attempts += 1
-        task.state = "leased"
+        run.move(task, "leased")
         task.attempt_id = attempt_id(run.run.id, task.task_id, task.attempts)
         task.worker_id = slot.worker.id
         task.member = slot.member
@@ -522,7 +537,7 @@ class TaskService:
         if status.state == MemberState.RUNNING and not slot.running:
             slot.running = True
             if task.state == "leased":
-                task.state = "running"
+                run.move(task, "running")
             running: list[WorkerEvent] = [Running(**self._envelope(run, task))]
             self._group.start_soon(self._append, run, task, running)
         elif status.state in _ENDED:
@@ -575,9 +590,12 @@ class TaskService:
     ) -> None:
         spec = run.specs[task.task_id]
         workspace = spec.workspace or self._own_workspace(run.run.id, spec.id)
-        verdict: Verdict = await anyio.to_thread.run_sync(score, spec.scorer, workspace, exit_code)
+        if reads_files(spec.scorer):
+            verdict = await anyio.to_thread.run_sync(score, spec.scorer, workspace, exit_code)
+        else:
+            verdict = score(spec.scorer, workspace, exit_code)
         self._stale_since.pop((run.run.id, task.task_id), None)
-        task.state = "done" if verdict.result is not None else "scoring"
+        run.move(task, "done" if verdict.result is not None else "scoring")
         task.result = verdict.result
         receipt = self._receipt(
             run=run, task=task, slot=slot, verdict=verdict, exit_code=exit_code, reported=reported
@@ -599,7 +617,7 @@ class TaskService:
         task.error = why
         self._alert_on_attempts(run, task, why)
         if not policy.exhausted(task.attempts):
-            task.state = "queued"
+            run.move(task, "queued")
             task.not_before = time.time() + policy.backoff(task.attempts)
             await self._append(
                 run,
@@ -621,7 +639,7 @@ class TaskService:
             )
             self._queue(run, task)
             return
-        task.state = "failed"
+        run.move(task, "failed")
         task.result = "timeout" if slot.ending == "timeout" else "fail"
         receipt = self._receipt(
             run=run,
@@ -642,7 +660,7 @@ class TaskService:
         )
 
     async def _cancelled(self, run: RunState, task: TaskRecord, by: str) -> None:
-        task.state = "cancelled"
+        run.move(task, "cancelled")
         await self._append(run, task, [Cancelled(**self._envelope(run, task), cancelled_by=by)])
 
     def _receipt(
@@ -684,7 +702,7 @@ class TaskService:
         cluster brought down."""
         if run.run.status in RUN_ENDED:
             return
-        if any(task.state not in FINAL for task in run.tasks.values()):
+        if run.unfinished():
             return
         passed = all(
             t.result in ("pass", "skip") for t in run.tasks.values() if t.state != "cancelled"
@@ -1107,7 +1125,7 @@ class TaskService:
             completed_at=_now(),
             score=Score(value=value, max=1.0, notes=request.notes or "scored by hand"),
         )
-        task.state = "done"
+        run.move(task, "done")
         task.result = request.result
         await self._append(
             run,
