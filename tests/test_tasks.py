@@ -547,7 +547,9 @@ def test_a_run_goes_on_after_fleetd_is_killed_mid_run(on_either: Fleetd) -> None
     assert detail.summary.status == "completed"
     assert detail.summary.tasks == {"done": 4}
     attempts = {t.entry.task_id: t.entry.attempts for t in detail.tasks}
-    assert attempts == {"t0": 1, "t1": 1, "t2": 1, "t3": 1}, (attempts, running)
+    # the workers that ran through the kill were followed again, not started again; a task
+    # leased at the moment of the kill may have had its worker not started yet: retried
+    assert {attempts[tid] for tid, *_ in running} == {1}, (attempts, running)
 
 
 def test_a_worker_that_died_while_fleetd_was_down_is_retried(daemon: Fleetd) -> None:
