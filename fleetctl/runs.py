@@ -11,10 +11,13 @@ from typing import Any
 import click
 import msgspec
 
-from fleetctl.cli import DURATION, Exit, Globals, _client_call, cli
-from fleetctl.output import emit, printable, usage
+from fleetctl.cli import DURATION, Globals, _client_call, cli
+from fleetctl.output import emit, printable
+from protocol import MAX_FRAME
 from protocol.outcomes import Outcome
 
+MAX_RUN_FILE = MAX_FRAME - 4096
+"""Bytes of a run file at most: it travels in one frame, with the request around it."""
 FOLLOW_WAIT = 30.0
 """Seconds one long poll of `events --follow` waits for a new event."""
 
@@ -45,7 +48,12 @@ def runs_submit(g: Globals, path: str) -> None:
         with open(path, encoding="utf-8") as file:
             text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise Exit(usage(g.json, f"cannot read {printable(path)}: {exc}")) from None
+        raise click.UsageError(f"cannot read {printable(path)}: {exc}") from None
+    if len(text.encode()) > MAX_RUN_FILE:
+        raise click.UsageError(
+            f"{printable(path)} is {len(text.encode()):,} bytes; fleetd takes run files of "
+            "up to 1 MiB: split the run, or move long instructions into files its workers read"
+        )
     fmt = "json" if path.endswith(".json") else "toml"
     directory = os.path.dirname(os.path.abspath(path))
 
@@ -86,7 +94,8 @@ def runs_list(g: Globals) -> None:
 @click.argument("run")
 @click.pass_obj
 def runs_show(g: Globals, run: str) -> None:
-    """Show a run: its status, workers and tasks.
+    """Show a run: its status, workers and tasks counted by state (`tasks list --run RUN`
+    lists them).
 
     Outcomes: ok (0), absent (11)."""
     from protocol.runs import RunShow
@@ -100,10 +109,9 @@ def runs_show(g: Globals, run: str) -> None:
         human = (
             f"{summary.id} {summary.name!r}: {summary.status}, created {summary.created_at}"
             + (f", ended {summary.completed_at}" if summary.completed_at else "")
-            + f"\nworkers: {workers}\n"
-            + _tasks_table(detail.tasks)
+            + f"\nworkers: {workers}\ntasks: {_counts(summary.tasks)}"
         )
-        return emit(g.json, human, run=_to_builtins(detail.run), tasks=_to_builtins(detail.tasks))
+        return emit(g.json, human, run=_to_builtins(detail.run), summary=_to_builtins(summary))
 
     _client_call(g, call)
 
@@ -138,13 +146,25 @@ def tasks_group() -> None:
 @click.pass_obj
 def tasks_list(g: Globals, run: str) -> None:
     """List tasks with their state, attempts and worker."""
-    from protocol.runs import TaskListRequest
 
     def call(client: Any) -> int:
-        result = client.request(TaskListRequest, run=run)
-        return emit(g.json, _tasks_table(result.tasks), tasks=_to_builtins(result.tasks))
+        tasks = list(_every_task(client, run))
+        return emit(g.json, _tasks_table(tasks), tasks=_to_builtins(tasks))
 
     _client_call(g, call)
+
+
+def _every_task(client: Any, run: str) -> Iterator[Any]:
+    """The tasks, page after page."""
+    from protocol.runs import TaskListRequest
+
+    after = ""
+    while True:
+        page = client.request(TaskListRequest, run=run, after=after)
+        yield from page.tasks
+        if not page.next:
+            return
+        after = page.next
 
 
 def _tasks_table(tasks: list[Any]) -> str:
@@ -179,9 +199,9 @@ def events_group(ctx: click.Context, run: str, since: int | None, follow: bool) 
         return
     g: Globals = ctx.obj
     if since is not None and not run:
-        raise Exit(usage(g.json, "--since needs --run: each run numbers its own events"))
+        raise click.UsageError("--since needs --run: each run numbers its own events")
     if since is not None and since < 0:
-        raise Exit(usage(g.json, "--since takes a seq of 0 or more"))
+        raise click.UsageError("--since takes a seq of 0 or more")
     after = {run: since} if since is not None else {}
     _client_call(g, lambda client: _print_events(client, run, after, follow))
 
@@ -241,7 +261,7 @@ def events_emit(g: Globals, attempt_id: str, state: str, fields: tuple[str, ...]
     for pair in fields:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise Exit(usage(g.json, f"{printable(pair)!r}: give FIELD=VALUE"))
+            raise click.UsageError(f"{printable(pair)!r}: give FIELD=VALUE")
         event[key] = _field_value(value)
 
     def call(client: Any) -> int:
@@ -308,7 +328,7 @@ def receipts_score(g: Globals, task: str, verdict: str | None, notes: str) -> No
     from protocol.runs import ReceiptScore
 
     if verdict is None:
-        raise Exit(usage(g.json, "give --pass or --fail"))
+        raise click.UsageError("give --pass or --fail")
 
     def call(client: Any) -> int:
         result = client.request(ReceiptScore, task=task, result=verdict, notes=notes)

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 ENDED = ("completed", "failed", "cancelled")
 """Run statuses after which no worker runs."""
 LIVE_STATES = ("leased", "running")
+MAX_SLOTS = 5000
+"""Tasks with a worker of one run asked for: its busy slots (fleetd runs 64 by default)."""
 """A task in one of these states occupies its worker slot."""
 RUNS_SHOWN = 10
 """At most this many runs, those going first, then the newest."""
@@ -89,7 +91,9 @@ class Watcher:
             task
             for summary in self.view.runs
             if summary.status not in ENDED
-            for task in self.client.request(TaskListRequest, run=summary.id).tasks
+            for task in self.client.request(
+                TaskListRequest, run=summary.id, states=list(LIVE_STATES), limit=MAX_SLOTS
+            ).tasks
         ]
 
     def backlog(self) -> None:

@@ -2,9 +2,9 @@
 
     run_submit     -> RunResult      acquired: the run file's tasks are queued
     run_list       -> RunList        every run, newest first, with its tasks counted by state
-    run_show       -> RunDetail      one run: its definition, status and tasks
+    run_show       -> RunDetail      one run: its definition (but its task specs) and status
     run_cancel     -> RunResult      released (its workers are stopped) | already_released
-    task_list      -> TaskList       tasks (of one run), in dispatch order
+    task_list      -> TaskList       tasks (of one run, in some states), a page at a time
     event_list     -> EventPage      events after a cursor, waiting up to `wait` for one
     event_emit     -> EmitResult     ok | already_acquired (that result was counted already)
                                      | not_owned (the attempt is no longer the task's own)
@@ -82,13 +82,17 @@ class RunList(Message, frozen=True):
 
 
 class RunDetail(Message, frozen=True):
+    """The run as submitted, but its task specs (task_list pages through its tasks)."""
+
     run: Run
     summary: RunSummary
-    tasks: list[TaskView] = msgspec.field(default_factory=list)
 
 
 class TaskList(Message, frozen=True):
+    """One page: `next`, when not empty, is the `after` of the next one."""
+
     tasks: list[TaskView] = msgspec.field(default_factory=list)
+    next: str = ""
 
 
 class EventPage(Message, frozen=True):
@@ -141,7 +145,13 @@ class RunCancel(Op[RunResult], tag="run_cancel", frozen=True):
 
 
 class TaskListRequest(Op[TaskList], tag="task_list", frozen=True):
+    """Tasks of `run` (every run's, RUN/TASK order, without), in their states (any without),
+    after the task `after` names (TASK, or RUN/TASK without `run`), `limit` at most."""
+
     run: str = ""
+    states: list[TaskState] = msgspec.field(default_factory=list)
+    after: str = ""
+    limit: int = 1000
 
 
 class EventList(Op[EventPage], tag="event_list", frozen=True):

@@ -35,9 +35,11 @@ from protocol.runs import (
     RunShow,
     RunSubmit,
     TaskListRequest,
+    TaskView,
 )
 from tests.etcd_server import EtcdServer, need_etcd
 from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
+from tests.processes import fleetctl as run_fleetctl
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
 
@@ -97,6 +99,19 @@ def show(daemon: Fleetd, run: str) -> RunDetail:
         return client.request(RunShow, run=run)
 
 
+def views(daemon: Fleetd, run: str) -> list[TaskView]:
+    """The run's tasks, every page."""
+    found: list[TaskView] = []
+    after = ""
+    with SyncClient(daemon.socket_path) as client:
+        while True:
+            page = client.request(TaskListRequest, run=run, after=after)
+            found += page.tasks
+            if not page.next:
+                return found
+            after = page.next
+
+
 def wait_run(daemon: Fleetd, run: str, timeout: float = 20.0) -> RunDetail:
     """The run once it ended."""
     deadline = time.monotonic() + timeout
@@ -111,10 +126,10 @@ def wait_run(daemon: Fleetd, run: str, timeout: float = 20.0) -> RunDetail:
 def wait_task(daemon: Fleetd, run: str, tid: str, state: str, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
-        views = {t.entry.task_id: t for t in show(daemon, run).tasks}
-        if views[tid].state == state:
-            return views[tid]
-        assert time.monotonic() < deadline, (views[tid], daemon.log()[-3000:])
+        found = {t.entry.task_id: t for t in views(daemon, run)}
+        if found[tid].state == state:
+            return found[tid]
+        assert time.monotonic() < deadline, (found[tid], daemon.log()[-3000:])
         time.sleep(0.02)
 
 
@@ -252,7 +267,7 @@ def test_a_failed_attempt_is_retried_after_the_backoff_until_its_attempts_run_ou
     run = submit(daemon, [task("t", {"mark": mark, "exit": 3}, retry_policy=policy)], [worker()])
     detail = wait_run(daemon, run)
     assert detail.summary.status == "failed"
-    (view,) = detail.tasks
+    (view,) = views(daemon, run)
     assert (view.state, view.entry.attempts, view.result) == ("failed", 3, "fail")
     found = events(daemon, run)
     starts = [e["timestamp"] for e in found if e["state"] == "starting"]
@@ -285,8 +300,9 @@ def test_a_worker_that_stops_heartbeating_is_declared_stale_and_its_task_requeue
     silent = worker(lease_seconds=1.0, command=["sh", "-c", f"echo $$ >> {mark}; exec sleep 30"])
     policy = {"max_attempts": 2, "initial_backoff_seconds": 0.1}
     run = submit(daemon, [task("t", retry_policy=policy)], [silent])
-    detail = wait_run(daemon, run)
-    assert (detail.tasks[0].state, detail.tasks[0].entry.attempts) == ("failed", 2)
+    wait_run(daemon, run)
+    (view,) = views(daemon, run)
+    assert (view.state, view.entry.attempts) == ("failed", 2)
     found = events(daemon, run)
     stale = [e for e in found if e["state"] == "stale"]
     assert len(stale) == 2
@@ -301,7 +317,7 @@ def test_a_worker_that_heartbeats_outlives_its_lease(daemon: Fleetd) -> None:
     plan = {"sleep": 4.0, "heartbeat": 0.1}
     run = submit(daemon, [task("t", plan)], [worker(lease_seconds=2.0)])
     detail = wait_run(daemon, run)
-    assert detail.tasks[0].entry.attempts == 1
+    assert views(daemon, run)[0].entry.attempts == 1
     assert detail.summary.status == "completed"
 
 
@@ -313,17 +329,17 @@ def test_a_task_past_its_timeout_is_stopped_and_receipted_timeout(daemon: Fleetd
         [worker()],
     )
     started = time.monotonic()
-    detail = wait_run(daemon, run)
+    wait_run(daemon, run)
     assert time.monotonic() - started < 10
-    assert detail.tasks[0].result == "timeout"
+    assert views(daemon, run)[0].result == "timeout"
     assert receipts(daemon, run)["t"].result == "timeout"
 
 
 def test_a_fail_result_line_fails_the_attempt(daemon: Fleetd) -> None:
     plan = {"result": {"kind": "fail", "summary": "tests red"}}
     run = submit(daemon, [task("t", plan, retry_policy={"max_attempts": 1})], [worker()])
-    detail = wait_run(daemon, run)
-    assert detail.tasks[0].error == "reported fail: tests red"
+    wait_run(daemon, run)
+    assert views(daemon, run)[0].error == "reported fail: tests red"
 
 
 def test_a_success_result_line_is_kept_in_the_receipt(daemon: Fleetd) -> None:
@@ -511,7 +527,7 @@ def test_cancel_stops_the_workers_and_cancels_every_task(daemon: Fleetd) -> None
         assert wait_gone(int(pid), 5)
     detail = show(daemon, run)
     assert detail.summary.status == "cancelled"
-    assert {t.state for t in detail.tasks} == {"cancelled"}
+    assert {t.state for t in views(daemon, run)} == {"cancelled"}
     assert len(marks(mark)) == 2
 
 
@@ -546,7 +562,7 @@ def test_a_run_goes_on_after_fleetd_is_killed_mid_run(on_either: Fleetd) -> None
     detail = wait_run(daemon, run)
     assert detail.summary.status == "completed"
     assert detail.summary.tasks == {"done": 4}
-    attempts = {t.entry.task_id: t.entry.attempts for t in detail.tasks}
+    attempts = {t.entry.task_id: t.entry.attempts for t in views(daemon, run)}
     # the workers that ran through the kill were followed again, not started again; a task
     # leased at the moment of the kill may have had its worker not started yet: retried
     assert {attempts[tid] for tid, *_ in running} == {1}, (attempts, running)
@@ -576,11 +592,11 @@ def test_tasks_list_shows_each_tasks_state_and_attempt(daemon: Fleetd) -> None:
     run = submit(daemon, [task("a", {"sleep": 30}), task("b")], [worker()])
     wait_task(daemon, run, "a", "running")
     with SyncClient(daemon.socket_path) as client:
-        views = {t.entry.task_id: t for t in client.request(TaskListRequest, run=run).tasks}
+        listed = {t.entry.task_id: t for t in client.request(TaskListRequest, run=run).tasks}
         client.request(RunCancel, run=run)
-    assert views["a"].attempt_id == f"{run}/a/1"
-    assert views["a"].entry.lease_deadline
-    assert views["b"].state == "queued"
+    assert listed["a"].attempt_id == f"{run}/a/1"
+    assert listed["a"].entry.lease_deadline
+    assert listed["b"].state == "queued"
 
 
 def _seconds(stamp: str) -> float:
@@ -664,3 +680,47 @@ def test_an_alert_fires_once_a_task_has_been_stale_for_its_minutes(
     assert json.loads(body)["reason"] == "stale"
     with SyncClient(daemon.socket_path) as client:
         client.request(RunCancel, run=run)
+
+
+def test_tasks_are_listed_a_page_at_a_time_and_by_state(daemon: Fleetd) -> None:
+    run = submit(daemon, [task(f"t{n}", {"sleep": 30}) for n in range(7)], [worker(slots=2)])
+    wait_task(daemon, run, "t1", "running")
+    with SyncClient(daemon.socket_path) as client:
+        first = client.request(TaskListRequest, run=run, limit=3)
+        second = client.request(TaskListRequest, run=run, limit=3, after=first.next)
+        third = client.request(TaskListRequest, run=run, limit=3, after=second.next)
+        busy = client.request(TaskListRequest, run=run, states=["leased", "running"])
+        every = client.request(TaskListRequest, limit=4)
+        rest = client.request(TaskListRequest, after=every.next)
+        with pytest.raises(InvalidRequest, match="a page holds"):
+            client.request(TaskListRequest, limit=0)
+        client.request(RunCancel, run=run)
+    pages = [[t.entry.task_id for t in page.tasks] for page in (first, second, third)]
+    assert pages == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6"]]
+    assert (first.next, second.next, third.next) == ("t2", "t5", "")
+    assert [t.entry.task_id for t in busy.tasks] == ["t0", "t1"]
+    assert every.next == f"{run}/t3"
+    assert len(every.tasks) + len(rest.tasks) == 7
+
+
+def test_a_run_of_thousands_of_tasks_is_shown_and_listed_whole(daemon: Fleetd) -> None:
+    """More tasks than one answer's frame holds (1 MiB): the list comes in pages."""
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    run = submit(daemon, [task(f"task-{n:05d}") for n in range(4000)], [worker()])
+    shown = run_fleetctl("--json", "runs", "show", run, env=daemon.env)
+    listed = run_fleetctl("--json", "tasks", "list", "--run", run, env=daemon.env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["summary"]["tasks"] == {"queued": 4000}
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["tasks"]) == 4000
+
+
+def test_a_run_file_larger_than_a_frame_is_refused_clearly(daemon: Fleetd) -> None:
+    path = os.path.join(daemon.root, "big.json")
+    tasks = [task(f"t{n}", description="x" * 2000) for n in range(600)]
+    with open(path, "w") as file:
+        json.dump({"name": "big", "task_specs": tasks, "worker_specs": [worker()]}, file)
+    done = run_fleetctl("runs", "submit", path, env=daemon.env)
+    assert done.returncode == 2
+    assert "bytes; fleetd takes run files of up to 1 MiB" in done.stderr

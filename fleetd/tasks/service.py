@@ -28,6 +28,7 @@ import heapq
 import itertools
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypedDict
 
@@ -118,6 +119,8 @@ CLUSTER = "fleetd.tasks"
 KEPT_ENDED = 64
 """Worker slots of ended runs kept (exited, their logs readable) before the oldest go: the
 holder lives as long as it has a member, so that the next run's first worker starts in it."""
+MAX_PAGE = 5000
+"""Tasks in one task_list answer at most (10,000 would not fit a frame)."""
 CANCEL_WAIT = 30.0
 """Seconds a cancel waits for the run's workers to stop."""
 
@@ -969,15 +972,40 @@ class TaskService:
 
     def show(self, request: RunShow, peer: Peer) -> RunDetail:
         run = self._run(request.run)
-        full = msgspec.structs.replace(run.run, task_specs=list(run.specs.values()))
-        return RunDetail(run=full, summary=run.summary(), tasks=self._views(run))
+        return RunDetail(run=run.run, summary=run.summary())
 
     def list_tasks(self, request: TaskListRequest, peer: Peer) -> TaskList:
+        if not 1 <= request.limit <= MAX_PAGE:
+            raise InvalidRequest(f"a page holds 1 to {MAX_PAGE} tasks, not {request.limit}")
         runs = [self._run(request.run)] if request.run else self._ordered_runs()
-        return TaskList(tasks=[view for run in runs for view in self._views(run)])
+        wanted = set(request.states)
+        page: list[TaskView] = []
+        for run, task in self._tasks_after(runs, request.after, qualified=not request.run):
+            if wanted and task.state not in wanted:
+                continue
+            if len(page) == request.limit:
+                last = page[-1].entry
+                after = last.task_id if request.run else f"{last.run_id}/{last.task_id}"
+                return TaskList(tasks=page, next=after)
+            page.append(self._view(run, task))
+        return TaskList(tasks=page)
 
-    def _views(self, run: RunState) -> list[TaskView]:
-        return [self._view(run, task) for task in run.tasks.values()]
+    def _tasks_after(
+        self, runs: list[RunState], after: str, *, qualified: bool
+    ) -> Iterator[tuple[RunState, TaskRecord]]:
+        """Every task of `runs` in order, from the one after `after` on."""
+        run_id, _, task_id = after.rpartition("/") if qualified else ("", "", after)
+        started = not after
+        for run in runs:
+            if not started and qualified and run.run.id != run_id:
+                continue
+            tasks = iter(run.tasks.values())
+            if not started:
+                tasks = itertools.dropwhile(lambda task: task.task_id != task_id, tasks)
+                next(tasks, None)
+                started = True
+            for task in tasks:
+                yield run, task
 
     def _view(self, run: RunState, task: TaskRecord) -> TaskView:
         slot = run.slot_of(task.member) if task.member else None
