@@ -322,6 +322,8 @@ def _stale_lag(fleetd: Fleetd) -> float:
             ended = next(
                 e for e in found if e["task_id"] == event["task_id"] and e["state"] == "failed"
             )
+            if ended["reason"] != "stale":
+                raise RuntimeError(f"task {event['task_id']} failed otherwise: {ended['reason']}")
             lags.append((_epoch(ended["timestamp"]) - deadline) * 1e3)
     return max(lags)
 

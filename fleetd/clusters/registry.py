@@ -446,19 +446,26 @@ class HolderRegistry:
 
     async def run_member(self, cluster: str, spec: MemberSpec) -> MemberStatus:
         """Run `spec` in `cluster`, for fleetd's own use (fleetd.tasks: a worker slot given
-        its next task): the cluster is brought up with it if it does not run, a new member is
-        added, and one it has is started again with this definition (its directory and logs
-        kept). The holder's answer; pushes say what follows, to the index's observer."""
+        its next task): the cluster is brought up with it if it does not run (or its holder
+        is on its way out: its last member left), a new member is added, and one it has is
+        started again with this definition (its directory and logs kept). The holder's
+        answer; pushes say what follows, to the index's observer."""
         held = self.index.live.get(cluster)
-        if held is None:
-            async with self.index.lock(cluster):
-                held = self.index.live.get(cluster)
-                if held is None:
-                    assert self._launcher is not None, "HolderRegistry.serve first"
-                    wanted = ClusterSpec(name=cluster, members=[spec])
-                    async with self._launching:
-                        held = await self._launcher.launch(wanted, self.index.runtime_dir(cluster))
-                    return self.index.status_in(cluster, spec.name)
+        if held is not None:
+            status = await _unless_exiting(held, functools.partial(self._run_in, held, spec))
+            if status is not None:
+                return status
+        async with self.index.lock(cluster):
+            held = self.index.live.get(cluster)
+            if held is None:
+                assert self._launcher is not None, "HolderRegistry.serve first"
+                wanted = ClusterSpec(name=cluster, members=[spec])
+                async with self._launching:
+                    held = await self._launcher.launch(wanted, self.index.runtime_dir(cluster))
+                return self.index.status_in(cluster, spec.name)
+        return await self._run_in(held, spec)
+
+    async def _run_in(self, held: Held, spec: MemberSpec) -> MemberStatus:
         link = reachable(held, spec.name)
         if spec.name in held.specs:
             status = await restart_member(link, spec.name, self._stop_time(held, spec.name), spec)

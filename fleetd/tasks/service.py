@@ -158,6 +158,8 @@ class Slot:
     """Why fleetd is stopping its attempt: timeout, stale or cancelled."""
     running: bool = False
     """The attempt's `running` was reported."""
+    launched: bool = False
+    """Its holder took the attempt's worker (so its holder's exit ends it)."""
     lease_deadline: float = 0.0
     timeout_at: float = 0.0
     last_heartbeat: float = 0.0
@@ -229,7 +231,7 @@ class _Observer:
 
     def holder_gone(self) -> None:
         for run, slot in list(self.service.slots.values()):
-            if slot.task is not None:
+            if slot.task is not None and slot.launched:
                 self.service.attempt_lost(run, slot, "its holder exited")
 
 
@@ -366,6 +368,7 @@ class TaskService:
             slot.lease_deadline = now + slot.worker.lease_seconds
             slot.timeout_at = task.started_at + spec.timeout_seconds if spec.timeout_seconds else 0
             slot.running = task.state == "running"
+            slot.launched = True
             self._arm(run, task, slot)
             log.info("task_taken_up", run=run.run.id, task=task.task_id, member=slot.member)
         else:
@@ -445,6 +448,7 @@ class TaskService:
         slot.task = task
         slot.ending = ""
         slot.running = False
+        slot.launched = False
         slot.artifacts = []
         self._busy += 1
         if run.run.status == "queued":
@@ -495,6 +499,7 @@ class TaskService:
             )
             self._arm(run, task, slot)
             status = await self.holders.run_member(CLUSTER, member)
+            slot.launched = slot.task is task
         except FleetError as exc:
             if slot.task is task and task.attempt_id == mine:
                 self.attempt_lost(run, slot, f"cannot start: {exc.message}")
