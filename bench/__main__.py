@@ -63,6 +63,12 @@ def _etcd() -> list[Figure]:
     return measure()
 
 
+def _tasks() -> list[Figure]:
+    from bench.tasks import measure
+
+    return measure()
+
+
 SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "control": control.measure,
     "store": _store,
@@ -73,6 +79,7 @@ SECTIONS: dict[str, Callable[[], list[Figure]]] = {
     "clusters": _clusters,
     "holders": _holders,
     "etcd": _etcd,
+    "tasks": _tasks,
 }
 
 

@@ -883,4 +883,7 @@ def _accept_json_after_the_command(group: click.Group) -> None:
         )
 
 
+from fleetctl import runs as _runs  # noqa: E402, F401  (registers its commands on cli)
+from fleetctl import top as _top  # noqa: E402, F401  (registers its command on cli)
+
 _accept_json_after_the_command(cli)

@@ -43,6 +43,7 @@ from fleetd.store import Store
 from fleetd.store.scoped import Scoped
 from fleetd.store.sqlite import SQLiteStore
 from fleetd.store.watermark import Watermark
+from fleetd.tasks.service import TaskService, max_workers_from
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.claims import (
     ClaimAcquire,
@@ -87,6 +88,18 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.paths import socket_path_problem
+from protocol.runs import (
+    Drain,
+    EventEmit,
+    EventList,
+    ReceiptListRequest,
+    ReceiptScore,
+    RunCancel,
+    RunListRequest,
+    RunShow,
+    RunSubmit,
+    TaskListRequest,
+)
 
 log = structlog.get_logger("fleetd")
 
@@ -216,6 +229,13 @@ class Daemon:
         self.claims = ClaimService(
             self.store, state, providers=(self.holders.journal, LeaseJournal(self.leases))
         )
+        self.tasks = TaskService(
+            self.store,
+            self.holders,
+            state,
+            places.socket_path,
+            max_workers=max_workers_from(os.environ),
+        )
         self.metrics = Registry(KEPT)
         for collector in (self.holders.index.metrics, self.leases.metrics, self.claims.metrics):
             self.metrics.add(collector)
@@ -252,6 +272,16 @@ class Daemon:
         dispatcher.register(ClaimInspect, self.claims.inspect)
         dispatcher.register(ClaimListRequest, self.claims.list)
         dispatcher.register(ClaimGc, self.claims.gc)
+        dispatcher.register(RunSubmit, self.tasks.submit)
+        dispatcher.register(RunListRequest, self.tasks.list_runs)
+        dispatcher.register(RunShow, self.tasks.show)
+        dispatcher.register(RunCancel, self.tasks.cancel)
+        dispatcher.register(TaskListRequest, self.tasks.list_tasks)
+        dispatcher.register(EventList, self.tasks.events, waits=_event_list_waits)
+        dispatcher.register(EventEmit, self.tasks.emit)
+        dispatcher.register(ReceiptListRequest, self.tasks.receipts)
+        dispatcher.register(ReceiptScore, self.tasks.score_receipt)
+        dispatcher.register(Drain, self.tasks.drain, waits=_drain_waits)
         return dispatcher
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
@@ -308,6 +338,7 @@ class Daemon:
             await daemon.start(self.template.serve)
             await daemon.start(self.holders.serve, places.runtime)
             await daemon.start(self.claims.serve)  # its start-up gc needs leases and holders
+            await daemon.start(self.tasks.serve)  # its workers are members of holders
             if self.metrics_listen:
                 await daemon.start(metrics_http.serve, self.metrics_listen, self.metrics.render)
             try:
@@ -366,6 +397,14 @@ def _watch_waits(request: LeaseWatch) -> bool:
 
 
 def _member_wait_waits(request: MemberWait) -> bool:
+    return request.wait > 0
+
+
+def _event_list_waits(request: EventList) -> bool:
+    return request.wait > 0
+
+
+def _drain_waits(request: Drain) -> bool:
     return request.wait > 0
 
 

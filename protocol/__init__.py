@@ -12,6 +12,8 @@ Submodules:
     leases       lease records and their checks (owner, TTL); the ops are in messages
     claims       the claims journal's ops, kinds and checks
     definitions  MemberSpec, ClusterSpec and the strict fleet.toml parser
+    tasks        task runs as data (the seed's shapes): specs, inbox, events, receipts
+    runfile      RunSpec and the strict run file parser (TOML or JSON)
     status       a member's states and status
     outcomes     the outcome enum and its stable exit codes
     errors       one exception tree, a code per class, mapped to outcomes

@@ -38,6 +38,19 @@ from protocol.clusters import (
 )
 from protocol.leases import DEFAULT_TTL, MAX_WAIT, LeaseEvent, LeaseInfo
 from protocol.outcomes import Outcome
+from protocol.runs import (
+    RUN_REQUEST_TYPES,
+    Drain,
+    EventEmit,
+    EventList,
+    ReceiptListRequest,
+    ReceiptScore,
+    RunCancel,
+    RunListRequest,
+    RunShow,
+    RunSubmit,
+    TaskListRequest,
+)
 
 
 class HelloResult(Message, frozen=True):
@@ -177,6 +190,16 @@ AnyRequest = (
     | ClaimInspect
     | ClaimListRequest
     | ClaimGc
+    | RunSubmit
+    | RunListRequest
+    | RunShow
+    | RunCancel
+    | TaskListRequest
+    | EventList
+    | EventEmit
+    | ReceiptListRequest
+    | ReceiptScore
+    | Drain
 )
 REQUEST_TYPES: tuple[type[Request], ...] = (
     Hello,
@@ -192,6 +215,7 @@ REQUEST_TYPES: tuple[type[Request], ...] = (
     LeaseWatch,
     *CLUSTER_REQUEST_TYPES,
     *CLAIM_REQUEST_TYPES,
+    *RUN_REQUEST_TYPES,
 )
 OPS: frozenset[str] = frozenset(str(t.__struct_config__.tag) for t in REQUEST_TYPES)
 

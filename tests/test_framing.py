@@ -76,6 +76,18 @@ from protocol.messages import (
     Version,
 )
 from protocol.outcomes import EXIT_CODES, Outcome
+from protocol.runs import (
+    Drain,
+    EventEmit,
+    EventList,
+    ReceiptListRequest,
+    ReceiptScore,
+    RunCancel,
+    RunListRequest,
+    RunShow,
+    RunSubmit,
+    TaskListRequest,
+)
 
 # Every property runs with deadline=None: these are pure functions, and on a loaded machine
 # Hypothesis's default 200 ms deadline would only measure the load.
@@ -175,6 +187,42 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
     ClaimInspect: st.builds(ClaimInspect, id=ids, kind=st.text(), key=st.text()),
     ClaimListRequest: st.builds(ClaimListRequest, id=ids, kind=st.text(), owner=st.text()),
     ClaimGc: st.builds(ClaimGc, id=ids, dry_run=st.booleans()),
+    RunSubmit: st.builds(
+        RunSubmit,
+        id=ids,
+        text=st.text(),
+        format=st.sampled_from(["toml", "json"]),
+        source=st.text(),
+        directory=st.text(),
+    ),
+    RunListRequest: st.builds(RunListRequest, id=ids),
+    RunShow: st.builds(RunShow, id=ids, run=st.text()),
+    RunCancel: st.builds(RunCancel, id=ids, run=st.text()),
+    TaskListRequest: st.builds(TaskListRequest, id=ids, run=st.text()),
+    EventList: st.builds(
+        EventList,
+        id=ids,
+        run=st.text(),
+        after=st.dictionaries(st.text(), st.integers(0, 2**63 - 1), max_size=3),
+        from_now=st.booleans(),
+        wait=st.floats(0, 1e6),
+        limit=st.integers(0, 2**31),
+    ),
+    EventEmit: st.builds(
+        EventEmit,
+        id=ids,
+        attempt_id=st.text(),
+        event=st.dictionaries(st.text(), st.text() | st.integers(-(2**63), 2**63 - 1), max_size=3),
+    ),
+    ReceiptListRequest: st.builds(ReceiptListRequest, id=ids, run=st.text()),
+    ReceiptScore: st.builds(
+        ReceiptScore,
+        id=ids,
+        task=st.text(),
+        result=st.sampled_from(["pass", "fail"]),
+        notes=st.text(),
+    ),
+    Drain: st.builds(Drain, id=ids, wait=st.floats(0, 1e6), resume=st.booleans()),
 }
 requests = st.one_of(*REQUEST_STRATEGIES.values())
 

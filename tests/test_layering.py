@@ -141,7 +141,16 @@ def top_level(modules: set[str]) -> set[str]:
     return {name.split(".")[0] for name in modules}
 
 
-@pytest.mark.parametrize("module", ["protocol.framing", "protocol.messages", "protocol.errors"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "protocol.framing",
+        "protocol.messages",
+        "protocol.errors",
+        "protocol.tasks",
+        "protocol.runfile",
+    ],
+)
 def test_protocol_imports_only_msgspec(module: str) -> None:
     third_party = top_level(modules_after(f"import {module}")) & {
         "anyio",

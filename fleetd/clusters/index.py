@@ -19,6 +19,7 @@ import os
 import subprocess
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -128,6 +129,15 @@ class EncodedMemberList(Message, frozen=True):
     members: msgspec.Raw
 
 
+class Observer(Protocol):
+    """Who is told of one cluster's changes as they are known (fleetd.tasks follows the
+    clusters its workers run in): called on the event loop, it must not block."""
+
+    def member_changed(self, status: MemberStatus) -> None: ...
+
+    def holder_gone(self) -> None: ...
+
+
 class ClusterIndex:
     """Live clusters (their Held) and exited ones (their record, until gc collects it), each
     name under one lock for whatever changes it (up, down, gc)."""
@@ -144,6 +154,14 @@ class ClusterIndex:
         self._encoded: dict[str, bytes] = {}
         """Per live cluster, its members' statuses encoded as list items, since its last change."""
         self._every_encoded: EncodedMemberList | None = None
+        self._observers: dict[str, Observer] = {}
+
+    def observe(self, cluster: str, observer: Observer | None) -> None:
+        """Tell `observer` of every change of `cluster` from now on (None: nobody)."""
+        if observer is None:
+            self._observers.pop(cluster, None)
+        else:
+            self._observers[cluster] = observer
 
     def lock(self, cluster: str) -> NameLock:
         return self._locks.hold(cluster)
@@ -182,6 +200,9 @@ class ClusterIndex:
         if self.live.get(held.name) is held:
             self._names.add(held.name, status.name)
             self.changed_now(held.name)
+        observer = self._observers.get(held.name)
+        if observer is not None:
+            observer.member_changed(status)
         return status
 
     def forget(self, held: Held, member: str) -> None:
@@ -215,6 +236,9 @@ class ClusterIndex:
             del self.live[held.name]
             self._names.drop(held.name)
             self.changed_now(held.name)
+            observer = self._observers.get(held.name)
+            if observer is not None:
+                observer.holder_gone()
 
     def add_exited(self, record: HolderRecord) -> None:
         """`record` (state exited) stands for its cluster until gc collects it."""

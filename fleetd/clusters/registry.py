@@ -206,16 +206,19 @@ class HolderRegistry:
             return _result(held, outcome)
 
     async def down(self, request: ClusterDown, peer: Peer) -> ClusterResult:
-        check_name(request.cluster, "cluster")
-        async with self.index.lock(request.cluster):
-            held = self.index.live.get(request.cluster)
+        return await self.bring_down(request.cluster)
+
+    async def bring_down(self, cluster: str) -> ClusterResult:
+        check_name(cluster, "cluster")
+        async with self.index.lock(cluster):
+            held = self.index.live.get(cluster)
             if held is None:
-                if request.cluster in self.index.exited:
-                    await self._brought_down(request.cluster)
-                    return ClusterResult(outcome=Outcome.ALREADY_RELEASED, cluster=request.cluster)
-                raise Absent(f"no cluster {request.cluster!r}", cluster=request.cluster)
+                if cluster in self.index.exited:
+                    await self._brought_down(cluster)
+                    return ClusterResult(outcome=Outcome.ALREADY_RELEASED, cluster=cluster)
+                raise Absent(f"no cluster {cluster!r}", cluster=cluster)
             await self.follower.stop_holder(held)
-            await self._brought_down(request.cluster)
+            await self._brought_down(cluster)
             return _result(held, Outcome.RELEASED)
 
     async def _brought_down(self, cluster: str) -> None:
@@ -260,14 +263,17 @@ class HolderRegistry:
     async def stop(self, request: MemberStop, peer: Peer) -> MemberStatus:
         """A member of an exited cluster is stopped already: its status says so; so is one
         whose holder exits as it is asked (its last member left)."""
-        held, member = self.index.find_live(request.name)
+        return await self.stop_named(request.name)
+
+    async def stop_named(self, name: str) -> MemberStatus:
+        held, member = self.index.find_live(name)
         if held is None:
-            return self.index.status_or_absent(request.name)
+            return self.index.status_or_absent(name)
         link = reachable(held, member)
         timeout = self._stop_time(held, member)
         status = await _unless_exiting(held, functools.partial(stop_member, link, member, timeout))
         if status is None:
-            return self.index.status_or_absent(request.name)
+            return self.index.status_or_absent(name)
         return msgspec.structs.replace(status, cluster=held.name)  # pushes keep the memory
 
     async def add(self, request: MemberAdd, peer: Peer) -> MemberStatus:
@@ -437,6 +443,48 @@ class HolderRegistry:
                 self.index.update(held, last[name])
         log.info("cluster_started_again", cluster=cluster, members=sorted(members))
         return held
+
+    async def run_member(self, cluster: str, spec: MemberSpec) -> MemberStatus:
+        """Run `spec` in `cluster`, for fleetd's own use (fleetd.tasks: a worker slot given
+        its next task): the cluster is brought up with it if it does not run (or its holder
+        is on its way out: its last member left), a new member is added, and one it has is
+        started again with this definition (its directory and logs kept). The holder's
+        answer; pushes say what follows, to the index's observer."""
+        held = self.index.live.get(cluster)
+        if held is not None:
+            status = await _unless_exiting(held, functools.partial(self._run_in, held, spec))
+            if status is not None:
+                return status
+        async with self.index.lock(cluster):
+            held = self.index.live.get(cluster)
+            if held is None:
+                assert self._launcher is not None, "HolderRegistry.serve first"
+                wanted = ClusterSpec(name=cluster, members=[spec])
+                async with self._launching:
+                    held = await self._launcher.launch(wanted, self.index.runtime_dir(cluster))
+                return self.index.status_in(cluster, spec.name)
+        return await self._run_in(held, spec)
+
+    async def _run_in(self, held: Held, spec: MemberSpec) -> MemberStatus:
+        link = reachable(held, spec.name)
+        if spec.name in held.specs:
+            status = await restart_member(link, spec.name, self._stop_time(held, spec.name), spec)
+            held.specs[spec.name] = spec
+            return status
+        status = await add_member(link, spec)
+        held.specs[spec.name] = spec
+        await self.journal.write(held.name)
+        return status
+
+    async def remove_named(self, cluster: str, member: str) -> None:
+        """Remove `member` from `cluster` if it runs (fleetd.tasks: a worker slot of an ended
+        run); stopped first if it runs."""
+        held = self.index.live.get(cluster)
+        if held is None or member not in held.specs:
+            return
+        link = reachable(held, member)
+        await remove_member(link, member, self._stop_time(held, member))
+        self.index.forget(held, member)
 
     def _stop_time(self, held: Held, member: str) -> float:
         """How long the holder may take to stop the member (and start it)."""

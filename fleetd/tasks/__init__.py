@@ -1,0 +1,1 @@
+"""Task runs in fleetd: the dispatcher and what it stands on."""

@@ -1,0 +1,155 @@
+"""A run's events: one ordered record, `seq` from 1 without gaps, appended durably in batches.
+
+Appends that arrive while a write is under way wait for the next one, which carries them
+all (with the records written alongside: a task's state and its events are one transaction),
+as the store's own group commit does: a run's events cost a commit per batch, not per event.
+The caller that finds no write under way writes: there is no writer task to keep. A batch
+stays within what one etcd transaction takes.
+
+The run's last TAIL events are kept encoded, so that a follower at the head reads memory.
+"""
+
+import collections
+from collections.abc import Sequence
+
+import anyio
+import msgspec
+
+from fleetd.store import Compare, Operation, Put, Store
+from fleetd.tasks.records import EVENT_BUCKET, event_bucket, event_key, seq_key
+from protocol.errors import Internal
+from protocol.tasks import WorkerEvent
+
+BATCH_OPS = 120
+"""Operations in one append's transaction: etcd refuses more than 128 by default."""
+TAIL = 4096
+"""Events of each run kept in memory, encoded."""
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Append:
+    __slots__ = ("done", "error", "events", "ops", "seqs")
+
+    def __init__(self, events: Sequence[WorkerEvent], ops: Sequence[Operation]) -> None:
+        self.events = events
+        self.ops = ops
+        self.seqs: list[int] = []
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class EventLog:
+    """One run's events. `changed` is set (and replaced) after every write: followers wait
+    on it."""
+
+    def __init__(self, store: Store, run: str, last_seq: int) -> None:
+        self.store = store
+        self.run = run
+        self.last_seq = last_seq
+        self.tail: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=TAIL)
+        self.changed = anyio.Event()
+        self._queue: list[_Append] = []
+        self._writing = False
+
+    async def append(
+        self, events: Sequence[WorkerEvent], ops: Sequence[Operation] = ()
+    ) -> list[int]:
+        """Write `events` (their seq is given here) with `ops`, durably; their seqs.
+        `ops` of appends that share a batch may put the same key: the later put wins."""
+        mine = _Append(events, ops)
+        self._queue.append(mine)
+        if not self._writing:
+            self._writing = True
+            try:
+                while self._queue:
+                    await self._write(self._take_batch())
+            finally:
+                self._writing = False
+        await mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+        return mine.seqs
+
+    def _take_batch(self) -> list[_Append]:
+        batch: list[_Append] = []
+        size = 0
+        while self._queue:
+            cost = len(self._queue[0].events) + len(self._queue[0].ops)
+            if batch and size + cost > BATCH_OPS:
+                break
+            batch.append(self._queue.pop(0))
+            size += cost
+        return batch
+
+    async def _write(self, batch: list[_Append]) -> None:
+        seq = self.last_seq
+        puts: dict[str, Operation] = {}
+        encoded: list[tuple[int, bytes]] = []
+        for item in batch:
+            for event in item.events:
+                seq += 1
+                data = _encode(msgspec.structs.replace(event, seq=seq))
+                encoded.append((seq, data))
+                item.seqs.append(seq)
+                puts[event_key(self.run, seq)] = Put(event_key(self.run, seq), data)
+            for op in item.ops:
+                puts[getattr(op, "key", "")] = op
+        guard = self._seq_guard()
+        if seq != self.last_seq:
+            puts[seq_key(self.run)] = Put(seq_key(self.run), str(seq).encode())
+        try:
+            with anyio.CancelScope(shield=True):  # others wait on this write: it must end
+                result = await self.store.txn(guard, list(puts.values()))
+            if not result.succeeded:
+                raise Internal(f"run {self.run}: its events were appended by another fleetd")
+        except Exception as exc:
+            for item in batch:
+                item.seqs.clear()
+                item.error = exc
+                item.done.set()
+            return
+        self.last_seq = seq
+        self.tail.extend(encoded)
+        for item in batch:
+            item.done.set()
+        changed, self.changed = self.changed, anyio.Event()
+        changed.set()
+
+    def _seq_guard(self) -> list[Compare]:
+        key = seq_key(self.run)
+        if self.last_seq == 0:
+            return [Compare(key, "create", "==", 0)]
+        return [Compare(key, "value", "==", str(self.last_seq).encode())]
+
+    async def read(self, after: int, limit: int) -> list[bytes]:
+        """Up to `limit` encoded events with seq > `after`, in order."""
+        if after >= self.last_seq:
+            return []
+        if self.tail and self.tail[0][0] <= after + 1:
+            start = after + 1 - self.tail[0][0]
+            return [data for _, data in list(self.tail)[start : start + limit]]
+        return await read_stored(self.store, self.run, after, limit)
+
+
+async def read_stored(store: Store, run: str, after: int, limit: int) -> list[bytes]:
+    """Events of `run` after seq `after`, from the store: bucket by bucket from its own."""
+    found: list[bytes] = []
+    bucket = (after + 1) // EVENT_BUCKET
+    while len(found) < limit:
+        kvs = await store.range(event_bucket(run, bucket))
+        if not kvs:
+            break
+        for kv in kvs:
+            seq = int(kv.key.rsplit("/", 1)[1])
+            if seq > after:
+                found.append(kv.value)
+                if len(found) == limit:
+                    break
+        bucket += 1
+    return found
+
+
+async def stored_last_seq(store: Store, run: str) -> int:
+    kv = await store.get(seq_key(run))
+    return int(kv.value) if kv is not None else 0
