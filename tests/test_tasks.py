@@ -45,12 +45,9 @@ WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.p
 
 
 @pytest.fixture
-def daemon(tempdir: str) -> Iterator[Fleetd]:
-    with running_fleetd(tempdir) as fleetd:
-        try:
-            yield fleetd
-        finally:
-            kill_holders(fleetd)
+def daemon(holders: Fleetd) -> Fleetd:
+    """fleetd, whose holders (its task workers' too) are gone at the end."""
+    return holders
 
 
 @pytest.fixture(params=["sqlite", "etcd"])

@@ -22,7 +22,7 @@ from fleetctl.sync import SyncClient
 from fleetctl.top import age_of, event_line, worker_rows
 from protocol.runs import RunCancel, TaskView
 from protocol.tasks import InboxEntry, timestamp
-from tests.processes import FLEETCTL, Fleetd, fleetctl, kill_holders, running_fleetd
+from tests.processes import FLEETCTL, Fleetd, fleetctl
 from tests.test_tasks import submit, task, wait_run, wait_task, worker
 
 SHOW_CURSOR = b"\x1b[?25h"
@@ -31,12 +31,9 @@ CURSOR_UP = b"\x1b[1A"
 
 
 @pytest.fixture
-def daemon(tempdir: str) -> Iterator[Fleetd]:
-    with running_fleetd(tempdir) as fleetd:
-        try:
-            yield fleetd
-        finally:
-            kill_holders(fleetd)
+def daemon(holders: Fleetd) -> Fleetd:
+    """fleetd, whose holders (its task workers' too) are gone at the end."""
+    return holders
 
 
 def cancel(daemon: Fleetd, run: str) -> None:
