@@ -28,9 +28,9 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import anyio
 import msgspec
@@ -296,10 +296,11 @@ class TaskService:
             task_status.started()
             self.kick()
 
-    @property
-    def _group(self) -> TaskGroup:
+    def _soon(self, call: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run `call` beside the dispatcher. A store that fails it (etcd gone, a full disk)
+        is logged, and leaves fleetd serving: the store still says what it last wrote."""
         assert self._tasks is not None, "TaskService.serve first"
-        return self._tasks
+        self._tasks.start_soon(_logging_failures, call, *args)
 
     async def _load(self) -> None:
         """This fleetd's runs: on a shared store (etcd), the others' are theirs to dispatch.
@@ -360,7 +361,7 @@ class TaskService:
         status = held.statuses.get(slot.member) if held is not None else None
         ours = status is not None and _is_attempts(status, task)
         if ours and status is not None and status.state in _ENDED:
-            self._group.start_soon(self._attempt_ended, run, slot, task, status, "")
+            self._soon(self._attempt_ended, run, slot, task, status, "")
         elif held is not None and (status is None or ours):
             spec = run.specs[task.task_id]
             now = time.time()
@@ -453,8 +454,8 @@ class TaskService:
         self._busy += 1
         if run.run.status == "queued":
             run.run = msgspec.structs.replace(run.run, status="running", updated_at=_now())
-            self._group.start_soon(self._write_run, run)
-        self._group.start_soon(self._start_attempt, run, task, slot)
+            self._soon(self._write_run, run)
+        self._soon(self._start_attempt, run, task, slot)
 
     async def _start_attempt(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         spec = run.specs[task.task_id]
@@ -547,13 +548,13 @@ class TaskService:
             if task.state == "leased":
                 run.move(task, "running")
             running: list[WorkerEvent] = [Running(**self._envelope(run, task))]
-            self._group.start_soon(self._append, run, task, running)
+            self._soon(self._append, run, task, running)
         elif status.state in _ENDED:
-            self._group.start_soon(self._attempt_ended, run, slot, task, status, "")
+            self._soon(self._attempt_ended, run, slot, task, status, "")
 
     def attempt_lost(self, run: RunState, slot: Slot, reason: str) -> None:
         """The attempt ended without an exit to read: failed with `reason`."""
-        self._group.start_soon(self._attempt_ended, run, slot, slot.task, None, reason)
+        self._soon(self._attempt_ended, run, slot, slot.task, None, reason)
 
     async def _attempt_ended(
         self,
@@ -722,7 +723,7 @@ class TaskService:
         for slot in run.slots:
             self.slots.pop(slot.member, None)
             self._ended_slots.append(slot.member)
-        self._group.start_soon(self._end_run, run)
+        self._soon(self._end_run, run)
 
     async def _end_run(self, run: RunState) -> None:
         await self._write_run(run)
@@ -777,7 +778,7 @@ class TaskService:
                     continue
                 slot = run.slot_of(task.member)
                 assert slot is not None
-                self._group.start_soon(
+                self._soon(
                     self._stop_attempt, run, task, slot, "stale" if kind == "lease" else "timeout"
                 )
 
@@ -1193,6 +1194,13 @@ class TaskService:
             while self._busy:
                 await self._idle.wait()
         return DrainResult(draining=True, in_flight=self._busy)
+
+
+async def _logging_failures(call: Callable[..., Awaitable[object]], *args: Any) -> None:
+    try:
+        await call(*args)
+    except FleetError as exc:
+        log.error("task_work_failed", work=call.__name__, error=exc.message, code=exc.code)
 
 
 def _take(heap: list[tuple[int, float, int, str]], entry: tuple[int, float, int, str]) -> None:
