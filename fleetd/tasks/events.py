@@ -20,8 +20,9 @@ from fleetd.tasks.records import EVENT_BUCKET, event_bucket, event_key, seq_key
 from protocol.errors import Internal
 from protocol.tasks import WorkerEvent
 
-BATCH_OPS = 120
-"""Operations in one append's transaction: etcd refuses more than 128 by default."""
+BATCH_OPS = 1000
+"""Operations in one append's transaction at most, unless the store takes fewer (etcd: 128;
+its batch then keeps a few for the sequence key and the store's own nesting)."""
 TAIL = 4096
 """Events of each run kept in memory, encoded."""
 
@@ -45,6 +46,9 @@ class EventLog:
 
     def __init__(self, store: Store, run: str, last_seq: int) -> None:
         self.store = store
+        self.batch_ops = (
+            min(BATCH_OPS, store.max_operations - 8) if store.max_operations else BATCH_OPS
+        )
         self.run = run
         self.last_seq = last_seq
         self.tail: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=TAIL)
@@ -76,7 +80,7 @@ class EventLog:
         size = 0
         while self._queue:
             cost = len(self._queue[0].events) + len(self._queue[0].ops)
-            if batch and size + cost > BATCH_OPS:
+            if batch and size + cost > self.batch_ops:
                 break
             batch.append(self._queue.pop(0))
             size += cost

@@ -886,10 +886,13 @@ class TaskService:
         task: TaskRecord,
         events: list[WorkerEvent],
         ops: list[Operation] | None = None,
+        *,
+        record: bool = True,
     ) -> list[int]:
-        """`events` with the task's record as it is now, in one transaction."""
-        put = Put(records.task_key(run.run.id, task.task_id), _encode(task))
-        seqs = await run.events.append(events, [put, *(ops or ())])
+        """`events` with the task's record as it is now (unless `record` is False: the event
+        changed nothing it keeps), in one transaction."""
+        put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
+        seqs = await run.events.append(events, [*put, *(ops or ())])
         self._any_event.set()
         self._any_event = anyio.Event()
         return seqs
@@ -1126,7 +1129,8 @@ class TaskService:
             task.reported = _reported(event)
         elif isinstance(event, Artifact):
             slot.artifacts.append(event.ref())
-        (seq,) = await self._append(run, task, [event])
+        keeps = isinstance(event, Completed | Failed)  # the record keeps what was reported
+        (seq,) = await self._append(run, task, [event], record=keeps)
         return EmitResult(outcome=Outcome.OK, seq=seq)
 
     async def receipts(self, request: ReceiptListRequest, peer: Peer) -> ReceiptList:
