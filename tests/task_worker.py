@@ -33,15 +33,16 @@ def main() -> int:
     for name, content in plan.get("write", {}).items():
         with open(os.path.join(args.workspace, name), "w") as out:
             out.write(content)
-    with SyncClient(os.environ["FLEET_SOCKET"]) as client:
-        for event in plan.get("emit", []):
-            client.request(EventEmit, attempt_id=args.attempt_id, event=event)
-        deadline = time.monotonic() + plan.get("sleep", 0)
-        beat = plan.get("heartbeat")
-        while time.monotonic() < deadline:
-            if beat:
+    deadline = time.monotonic() + plan.get("sleep", 0)
+    if "emit" in plan or "heartbeat" in plan:  # else it needs no fleetd (one may be restarting)
+        with SyncClient(os.environ["FLEET_SOCKET"]) as client:
+            for event in plan.get("emit", []):
+                client.request(EventEmit, attempt_id=args.attempt_id, event=event)
+            beat = plan.get("heartbeat", 1.0)
+            while time.monotonic() < deadline:
                 client.request(EventEmit, attempt_id=args.attempt_id, event={"state": "heartbeat"})
-            time.sleep(min(beat or 1.0, max(0.0, deadline - time.monotonic())))
+                time.sleep(min(beat, max(0.0, deadline - time.monotonic())))
+    time.sleep(max(0.0, deadline - time.monotonic()))
     if "result" in plan:
         print(format_result(ResultMessage(**plan["result"])), flush=True)
     return int(plan.get("exit", 0))

@@ -562,7 +562,8 @@ def test_a_run_goes_on_after_fleetd_is_killed_mid_run(on_either: Fleetd) -> None
     attempts = {t.entry.task_id: t.entry.attempts for t in views(daemon, run)}
     # the workers that ran through the kill were followed again, not started again; a task
     # leased at the moment of the kill may have had its worker not started yet: retried
-    assert {attempts[tid] for tid, *_ in running} == {1}, (attempts, running)
+    failures = [e.get("reason") for e in events(daemon, run) if e["state"] == "failed"]
+    assert {attempts[tid] for tid, *_ in running} == {1}, (attempts, running, failures)
 
 
 def test_a_worker_that_died_while_fleetd_was_down_is_retried(daemon: Fleetd) -> None:
