@@ -232,15 +232,9 @@ def _events(client: Any, run: str, after: dict[str, int], follow: bool) -> Itera
             event = json.loads(text)
             cursor[event["run_id"]] = event["seq"]
             yield text
-        if not page.events and not follow:
+        read_all = all(cursor.get(run_id, 0) >= head for run_id, head in page.heads.items())
+        if not follow and (read_all or not page.events):
             return
-        for run_id, head in page.heads.items():
-            cursor.setdefault(run_id, 0)
-            if not follow and cursor[run_id] < head:
-                break
-        else:
-            if not follow:
-                return
 
 
 @events_group.command("emit")

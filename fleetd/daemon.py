@@ -258,7 +258,7 @@ class Daemon:
         dispatcher.register(ClusterUpToml, self.up_toml)
         dispatcher.register(ClusterDown, self.holders.down)
         dispatcher.register(MemberStatusRequest, self.holders.status)
-        dispatcher.register(MemberWait, self.holders.wait, waits=_member_wait_waits)
+        dispatcher.register(MemberWait, self.holders.wait, waits=_asks_to_wait)
         dispatcher.register(MemberStop, self.holders.stop)
         dispatcher.register(MemberAdd, self.holders.add)
         dispatcher.register(MemberLogs, self.holders.logs)
@@ -277,11 +277,11 @@ class Daemon:
         dispatcher.register(RunShow, self.tasks.show)
         dispatcher.register(RunCancel, self.tasks.cancel)
         dispatcher.register(TaskListRequest, self.tasks.list_tasks)
-        dispatcher.register(EventList, self.tasks.events, waits=_event_list_waits)
+        dispatcher.register(EventList, self.tasks.events, waits=_asks_to_wait)
         dispatcher.register(EventEmit, self.tasks.emit)
         dispatcher.register(ReceiptListRequest, self.tasks.receipts)
         dispatcher.register(ReceiptScore, self.tasks.score_receipt)
-        dispatcher.register(Drain, self.tasks.drain, waits=_drain_waits)
+        dispatcher.register(Drain, self.tasks.drain, waits=_asks_to_wait)
         return dispatcher
 
     def hello(self, request: Hello, peer: Peer) -> HelloResult:
@@ -396,15 +396,8 @@ def _watch_waits(request: LeaseWatch) -> bool:
     return request.after is not None and request.wait > 0
 
 
-def _member_wait_waits(request: MemberWait) -> bool:
-    return request.wait > 0
-
-
-def _event_list_waits(request: EventList) -> bool:
-    return request.wait > 0
-
-
-def _drain_waits(request: Drain) -> bool:
+def _asks_to_wait(request: MemberWait | EventList | Drain) -> bool:
+    """A request with a `wait` of seconds is a long poll when it gives some."""
     return request.wait > 0
 
 

@@ -41,8 +41,7 @@ class _Append:
 
 
 class EventLog:
-    """One run's events. `changed` is set (and replaced) after every write: followers wait
-    on it."""
+    """One run's events: `last_seq` is the last one written, `tail` the latest, encoded."""
 
     def __init__(self, store: Store, run: str, last_seq: int) -> None:
         self.store = store
@@ -52,8 +51,7 @@ class EventLog:
         self.run = run
         self.last_seq = last_seq
         self.tail: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=TAIL)
-        self.changed = anyio.Event()
-        self._queue: list[_Append] = []
+        self._queue: collections.deque[_Append] = collections.deque()
         self._writing = False
 
     async def append(
@@ -82,7 +80,7 @@ class EventLog:
             cost = len(self._queue[0].events) + len(self._queue[0].ops)
             if batch and size + cost > self.batch_ops:
                 break
-            batch.append(self._queue.pop(0))
+            batch.append(self._queue.popleft())
             size += cost
         return batch
 
@@ -117,8 +115,6 @@ class EventLog:
         self.tail.extend(encoded)
         for item in batch:
             item.done.set()
-        changed, self.changed = self.changed, anyio.Event()
-        changed.set()
 
     def _seq_guard(self) -> list[Compare]:
         key = seq_key(self.run)

@@ -149,7 +149,7 @@ def matches(worker: WorkerSpec, task: TaskSpec) -> bool:
 
 @dataclass(eq=False)
 class Slot:
-    """A worker slot: one member of the run's cluster, running one task at a time."""
+    """A worker slot: one member of the tasks cluster, running one task at a time."""
 
     worker: WorkerSpec
     member: str
@@ -181,9 +181,6 @@ class RunState:
     """A cancel is under way: nothing more of it is dispatched."""
     settled: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) whenever one of its attempts ended, and its status says so."""
-
-    def slot_of(self, member: str) -> Slot | None:
-        return next((s for s in self.slots if s.member == member), None)
 
     def free_slot(self, spec: TaskSpec) -> Slot | None:
         return next((s for s in self.slots if s.task is None and matches(s.worker, spec)), None)
@@ -246,7 +243,8 @@ class Envelope(TypedDict):
 
 
 Timer = tuple[str, str, str, str]
-"""(kind, run, task, attempt id): kind lease, timeout or backoff."""
+"""(kind, run, task, attempt id): kind lease, timeout, backoff or escalate (no attempt id:
+a task's stale time spans its attempts)."""
 
 
 class TaskService:
@@ -267,7 +265,9 @@ class TaskService:
         """Whose runs this fleetd dispatches: on a shared store, those submitted to it."""
         self.runs: dict[str, RunState] = {}
         self.slots: dict[str, tuple[RunState, Slot]] = {}
-        """Every run's slots by member name."""
+        """Every live run's slots by member name."""
+        self._active: dict[str, RunState] = {}
+        """The runs not ended: those dispatch looks at."""
         self._ended_slots: collections.deque[str] = collections.deque()
         self.draining = False
         self._busy = 0
@@ -350,7 +350,7 @@ class TaskService:
         """A task that was leased or running when fleetd stopped: finished if its worker
         ended, followed again if it runs (or its holder was not heard from yet: then its
         lease decides), retried if it is gone."""
-        slot = run.slot_of(task.member)
+        slot = self._slot(task.member)
         if slot is None or slot.task is not None:
             run.move(task, "queued")
             self._queue(run, task)
@@ -393,7 +393,7 @@ class TaskService:
             return
         while self._busy < self.max_workers:
             best: tuple[tuple[int, float, int, str], RunState] | None = None
-            for run in self.runs.values():
+            for run in self._active.values():
                 head = self._head(run)
                 if head is not None and (best is None or head < best[0]):
                     best = (head, run)
@@ -538,6 +538,12 @@ class TaskService:
     def _add_slots(self, run: RunState) -> None:
         for slot in run.slots:
             self.slots[slot.member] = (run, slot)
+        self._active[run.run.id] = run
+
+    def _slot(self, member: str) -> Slot | None:
+        """A live run's slot by member name (an ended run's slots are nobody's)."""
+        found = self.slots.get(member)
+        return found[1] if found is not None else None
 
     def member_changed(self, run: RunState, slot: Slot, status: MemberStatus) -> None:
         if slot.task is None or not _is_attempts(status, slot.task):
@@ -707,8 +713,8 @@ class TaskService:
             self._idle = anyio.Event()
 
     def _finish_if_done(self, run: RunState) -> None:
-        """A run whose every task ended is completed (failed if any task did not pass), its
-        cluster brought down."""
+        """A run whose every task ended is completed (failed if any task did not pass); its
+        slots join those of ended runs."""
         if run.run.status in RUN_ENDED:
             return
         if run.unfinished():
@@ -723,6 +729,7 @@ class TaskService:
         for slot in run.slots:
             self.slots.pop(slot.member, None)
             self._ended_slots.append(slot.member)
+        del self._active[run.run.id]
         self._soon(self._end_run, run)
 
     async def _end_run(self, run: RunState) -> None:
@@ -758,7 +765,7 @@ class TaskService:
             return task.not_before if task.state == "queued" else None
         if kind == "escalate":
             return self._escalation_due(run, task)
-        slot = run.slot_of(task.member)
+        slot = self._slot(task.member)
         if slot is None or slot.task is not task or slot.ending:
             return None
         return slot.lease_deadline if kind == "lease" else slot.timeout_at
@@ -776,7 +783,7 @@ class TaskService:
                 if kind == "escalate":
                     self._alert_on_stale(run, task)
                     continue
-                slot = run.slot_of(task.member)
+                slot = self._slot(task.member)
                 assert slot is not None
                 self._soon(
                     self._stop_attempt, run, task, slot, "stale" if kind == "lease" else "timeout"
@@ -841,8 +848,6 @@ class TaskService:
         policy = run.specs[task.task_id].alert_policy
         if since is None or policy is None or policy.after_minutes_stale is None:
             return None
-        if task.state in FINAL and task.result == "pass":
-            return None
         return since + policy.after_minutes_stale * 60
 
     def _alert_on_stale(self, run: RunState, task: TaskRecord) -> None:
@@ -893,9 +898,13 @@ class TaskService:
         changed nothing it keeps), in one transaction."""
         put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
         seqs = await run.events.append(events, [*put, *(ops or ())])
-        self._any_event.set()
-        self._any_event = anyio.Event()
+        self._events_appended()
         return seqs
+
+    def _events_appended(self) -> None:
+        """Wake the event_list long polls."""
+        appended, self._any_event = self._any_event, anyio.Event()
+        appended.set()
 
     # -- ops ---------------------------------------------------------------------------------
 
@@ -924,9 +933,7 @@ class TaskService:
             t.id: TaskRecord(task_id=t.id, priority=t.priority, enqueued_at=wall)
             for t in spec.task_specs
         }
-        writes: list[Operation] = []
-        for task_spec in spec.task_specs:
-            writes.append(Put(records.spec_key(run_id, task_spec.id), _encode(task_spec)))
+        writes = [Put(records.spec_key(run_id, t.id), _encode(t)) for t in spec.task_specs]
         for start in range(0, len(writes), WRITE_CHUNK):
             await self.store.txn((), writes[start : start + WRITE_CHUNK])
         state = RunState(
@@ -951,8 +958,7 @@ class TaskService:
         self._add_slots(state)
         for task in tasks.values():
             self._queue(state, task)
-        self._any_event.set()
-        self._any_event = anyio.Event()
+        self._events_appended()
         log.info(
             "run_submitted",
             run=run_id,
@@ -1017,7 +1023,7 @@ class TaskService:
                 yield run, task
 
     def _view(self, run: RunState, task: TaskRecord) -> TaskView:
-        slot = run.slot_of(task.member) if task.member else None
+        slot = self._slot(task.member)
         live = slot is not None and slot.task is task
         return TaskView(
             entry=InboxEntry(
@@ -1108,7 +1114,7 @@ class TaskService:
         task = run.tasks.get(task_id)
         if task is None:
             raise Absent(f"no task {task_id!r} in run {run_id!r}")
-        slot = run.slot_of(task.member)
+        slot = self._slot(task.member)
         if task.attempt_id != request.attempt_id or slot is None or slot.task is not task:
             return EmitResult(
                 outcome=Outcome.NOT_OWNED,
