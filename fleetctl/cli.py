@@ -16,7 +16,7 @@ from fleetctl import _stdout
 from fleetctl.output import emit, fail, printable, usage
 from fleetctl.table import status_table
 from protocol import PROTOCOL_VERSION, RELEASE
-from protocol.errors import FleetError, InvalidRequest
+from protocol.errors import Absent, FleetError, InvalidRequest
 from protocol.paths import client_socket_path
 from protocol.texts import left_up
 
@@ -710,6 +710,8 @@ def logs(
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: exit 0
     try:
         named = _client_result(g, lambda client: client.logs_named(name))
+        if not named.logs:  # fleetd names at least one; an answer without any is absent too
+            raise Absent(f"no member or cluster {name!r}")
         sys.stdout.flush()
         out = sys.stdout.buffer
         if named.cluster or timestamps:

@@ -695,6 +695,15 @@ def test_fleetctl_exits_with_a_documented_code_and_one_envelope_with_json(
     check_command_line(fake_fleetd, argv, stdin)
 
 
+@pytest.mark.parametrize("options", [[], ["-f"], ["-t"], ["-f", "-t"]])
+def test_logs_of_an_answer_that_names_no_log_is_absent(
+    fake_fleetd: FakeFleetd, options: list[str]
+) -> None:
+    code, out, err = run_fleetctl(["--socket", fake_fleetd.path, "logs", "a", *options], b"")
+    assert (code, out) == (EXIT_CODES[Outcome.ABSENT], b""), err
+    assert b"no member or cluster 'a'" in err
+
+
 def check_command_line(daemon: FakeFleetd, argv: list[str], stdin: bytes) -> None:
     """fleetctl's contract on `argv` (tests/fuzz_targets.py checks it too), and when the
     start-up fast path takes `argv`, that it does exactly what the click command does."""
