@@ -49,6 +49,7 @@ from protocol.framing import (
 from protocol.members import MEMBER_OPS, BindResult, WatchResult, decode_member_request
 from protocol.messages import (
     OPS,
+    REQUEST_TYPES,
     Empty,
     HelloResult,
     LeaseEvents,
@@ -61,6 +62,7 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.outcomes import EXIT_CODES, Outcome
+from protocol.runs import DrainResult, EmitResult, ReceiptResult, RunDetail, RunResult
 from protocol.status import MemberStatus
 from tests.processes import short_tempdir
 
@@ -509,6 +511,16 @@ def test_a_dict_definition_loads_or_is_an_invalid_request(document: Any) -> None
 # -- fleetctl's argv ----------------------------------------------------------------------------
 
 
+_RUN = {"id": "run-1", "name": "r", "status": "running", "created_at": "2026-01-01T00:00:00Z"}
+_RECEIPT = {
+    "run_id": "run-1",
+    "task_id": "t",
+    "worker_id": "w",
+    "completed_at": "2026-01-01T00:00:00Z",
+    "result": "pass",
+}
+
+
 class FakeFleetd:
     """A control socket that answers hello as fleetd does and every other request with what
     `answer` says: an error code, or a canned result of the op's result type. It decodes every
@@ -532,6 +544,12 @@ class FakeFleetd:
         LeaseList: {"leases": []},
         VersionResult: {"version": RELEASE, "protocol": PROTOCOL_VERSION},
         MetricsText: {"text": "# HELP fleet_up Up.\n# TYPE fleet_up gauge\nfleet_up 1\n"},
+        LeaseEvents: {"cursor": 1, "epoch": "e"},
+        RunResult: {"outcome": "acquired", "run": _RUN},
+        RunDetail: {"run": _RUN, "summary": _RUN},
+        EmitResult: {"outcome": "acquired", "seq": 1},
+        ReceiptResult: {"outcome": "acquired", "receipt": _RECEIPT},
+        DrainResult: {"draining": True},
     }
 
     def __init__(self, path: str) -> None:
@@ -591,6 +609,13 @@ class FakeFleetd:
                 canned["outcome"] = str(self.answer)
             result = msgspec.convert(canned, request.result_type)
         return Response(id=request.id, ok=True, result=result)
+
+
+def test_the_fake_fleetd_has_an_answer_for_every_op() -> None:
+    """A result type it cannot make would kill its thread, and every later example would hang."""
+    for op in REQUEST_TYPES:
+        if op.result_type is not HelloResult:
+            msgspec.convert(FakeFleetd.CANNED.get(op.result_type, {}), op.result_type)
 
 
 @pytest.fixture
