@@ -22,6 +22,9 @@ from protocol.connection import ClientConnection, decode_result
 from protocol.errors import ConnectionLost, FleetError, Timeout
 
 _READ_SIZE = 65536
+_LONGEST = 1e9
+"""Seconds (31 years): any longer timeout waits as long, and a socket's cannot hold much more
+(Python's about 9e9 s, a struct timeval's C long 9e18)."""
 _POLL_MOST = 1e-3
 """The longest a request polls for its answer before it blocks."""
 
@@ -37,7 +40,7 @@ class BlockingConnection:
         names it in the message)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(timeout)
+            sock.settimeout(timeout if timeout is None else min(timeout, _LONGEST))
             sock.connect(path)
             check_peer(sock, path, peer)
         except BaseException:
@@ -105,7 +108,7 @@ class BlockingConnection:
 
 def _timeval(seconds: float) -> bytes:
     """A struct timeval of at least a millisecond (zero would mean no limit at all)."""
-    seconds = max(seconds, 0.001)
+    seconds = min(max(seconds, 0.001), _LONGEST)
     whole = int(seconds)
     return struct.pack("@ll", whole, int((seconds - whole) * 1e6))
 

@@ -11,7 +11,7 @@ from typing import Any
 import click
 import msgspec
 
-from fleetctl.cli import DURATION, Globals, _client_call, cli
+from fleetctl.cli import MAX_TIMEOUT, Duration, Globals, _client_call, cli
 from fleetctl.output import emit, printable
 from protocol import MAX_FRAME
 from protocol.outcomes import Outcome
@@ -344,7 +344,7 @@ def receipts_score(g: Globals, task: str, verdict: str | None, notes: str) -> No
 @click.option(
     "--wait",
     "wait_for",
-    type=DURATION,
+    type=Duration(0.0, MAX_TIMEOUT),
     default="1h",
     show_default=True,
     help="How long to wait for the tasks in flight.",

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from fleetctl import _fast
 from fleetctl.cli import cli, json_requested, run
+from fleetctl.sync import SyncClient
 from protocol import PROTOCOL_VERSION, RELEASE
 from protocol.claims import ClaimGcResult, ClaimList, ClaimResult
 from protocol.clusters import ClusterResult, ClusterUp, LogPaths, MemberList
@@ -780,12 +781,21 @@ NOT_UTF8 = b"\xff".decode(errors="surrogateescape")
         (["--json", "status", NOT_UTF8], 1),
         (["claims", "inspect", "--kind", "file", "--key", "k", NOT_UTF8], 2),
         (["--socket", f"/tmp/{NOT_UTF8}/none", "ping"], 14),
+        # A wait of 1e23 s made the blocking client's socket timeout overflow a C long.
+        (["drain", "--wait", "9" * 23], 2),
     ],
 )
 def test_command_lines_fuzzing_found(fake_fleetd: FakeFleetd, argv: list[str], code: int) -> None:
     if "--socket" not in argv:
         argv = ["--socket", fake_fleetd.path, *argv]
     assert run_fleetctl(argv, b"")[0] == code
+
+
+def test_the_blocking_client_takes_a_timeout_past_what_a_c_long_holds(
+    fake_fleetd: FakeFleetd,
+) -> None:
+    with SyncClient(fake_fleetd.path, timeout=1e23) as client:
+        client.request(Ping, timeout=1e23)
 
 
 def test_the_fast_path_leaves_what_is_not_utf8_to_click_and_takes_any_socket_path() -> None:
