@@ -7,7 +7,8 @@
     task_list      -> TaskList       tasks (of one run, in some states), a page at a time
     event_list     -> EventPage      events after a cursor, waiting up to `wait` for one
     event_emit     -> EmitResult     ok | already_acquired (that result was counted already)
-                                     | not_owned (the attempt is no longer the task's own)
+                                     | not_owned (the attempt is no longer the task's own);
+                                     one event, or a batch appended in one write
     receipt_list   -> ReceiptList    receipts (of one run)
     receipt_score  -> ReceiptResult  a manual scorer's verdict
     drain          -> DrainResult    no new dispatch; answers once nothing is in flight
@@ -103,6 +104,9 @@ class EventPage(Message, frozen=True):
 
 
 class EmitResult(Message, frozen=True):
+    """`seq` is the last appended event's: a batch's events have the seqs up to it, in order,
+    without gaps (0 when nothing was appended)."""
+
     outcome: Outcome
     seq: int = 0
     message: str = ""
@@ -162,12 +166,19 @@ class EventList(Op[EventPage], tag="event_list", frozen=True):
     limit: int = 1000
 
 
+MAX_EMITTED = 1000
+"""Events in one event_emit at most."""
+
+
 class EventEmit(Op[EmitResult], tag="event_emit", frozen=True):
     """An event a worker reports under its attempt: `event` is a WorkerEvent's payload (its
-    `state` and that state's fields; the envelope is fleetd's to fill)."""
+    `state` and that state's fields; the envelope is fleetd's to fill). Or `events`, up to
+    MAX_EMITTED of them, appended in order in one write: a worker with many events to report
+    costs a request per batch, not per event. One invalid event refuses them all."""
 
     attempt_id: str
-    event: dict[str, object]
+    event: dict[str, object] = msgspec.field(default_factory=dict)
+    events: list[dict[str, object]] = msgspec.field(default_factory=list)
 
 
 class ReceiptListRequest(Op[ReceiptList], tag="receipt_list", frozen=True):

@@ -30,6 +30,7 @@ index, negative from the end). `$.results[0]['pass rate']` selects a value of
 ``{"results": [{"pass rate": 1}]}``.
 """
 
+import functools
 import math
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -66,9 +67,14 @@ def timestamp(epoch: float) -> str:
     """`epoch` (seconds since 1970) as RFC 3339 UTC, to the microsecond: the fraction is
     left out when it is zero (`2026-06-12T17:00:00Z`, `2026-06-12T17:00:00.123456Z`)."""
     seconds, micros = divmod(round(epoch * 1_000_000), 1_000_000)
-    moment = _EPOCH + timedelta(seconds=seconds)
-    whole = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    whole = _whole_seconds(seconds)
     return f"{whole}.{micros:06d}Z" if micros else f"{whole}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_seconds(seconds: int) -> str:
+    """Formatted once a second, not once an event (strftime is most of a timestamp's cost)."""
+    return (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def epoch(ts: str) -> float:

@@ -96,6 +96,7 @@ from protocol.runs import (
 
 ids = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.integers()
 """Request ids: the client counts up from 1, but the codec must carry any JSON integer."""
+payloads = st.dictionaries(st.text(), st.text() | st.integers(-(2**63), 2**63 - 1), max_size=3)
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 """JSON has no NaN or infinity: a float field carries any finite double."""
@@ -212,7 +213,8 @@ REQUEST_STRATEGIES: dict[type[Request], st.SearchStrategy[Request]] = {
         EventEmit,
         id=ids,
         attempt_id=st.text(),
-        event=st.dictionaries(st.text(), st.text() | st.integers(-(2**63), 2**63 - 1), max_size=3),
+        event=payloads,
+        events=st.lists(payloads, max_size=3),
     ),
     ReceiptListRequest: st.builds(ReceiptListRequest, id=ids, run=st.text()),
     ReceiptScore: st.builds(

@@ -506,6 +506,58 @@ def test_a_worker_cannot_report_a_state_that_is_fleetds_to_report(daemon: Fleetd
         client.request(RunCancel, run=run)
 
 
+def test_a_batch_of_events_is_appended_in_order_with_consecutive_seqs(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 30})], [worker()])
+    wait_task(daemon, run, "t", "running")
+    batch = [{"state": "model_wait", "model": "m"}, {"state": "heartbeat"}, {"state": "heartbeat"}]
+    with SyncClient(daemon.socket_path) as client:
+        result = client.request(EventEmit, attempt_id=f"{run}/t/1", events=batch)
+        client.request(RunCancel, run=run)
+    found = {e["seq"]: e["state"] for e in events(daemon, run)}
+    seqs = range(result.seq - 2, result.seq + 1)
+    assert (result.outcome, [found[seq] for seq in seqs]) == (
+        Outcome.OK,
+        ["model_wait", "heartbeat", "heartbeat"],
+    )
+
+
+def test_one_invalid_event_refuses_its_whole_batch(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 30})], [worker()])
+    wait_task(daemon, run, "t", "running")
+    batch = [{"state": "heartbeat"}, {"state": "running_tool"}]
+    with SyncClient(daemon.socket_path) as client:
+        with pytest.raises(InvalidRequest, match="invalid event"):
+            client.request(EventEmit, attempt_id=f"{run}/t/1", events=batch)
+        client.request(RunCancel, run=run)
+    assert "heartbeat" not in [e["state"] for e in events(daemon, run)]
+
+
+def test_a_result_reported_twice_in_one_batch_is_counted_once(daemon: Fleetd) -> None:
+    run = submit(daemon, [task("t", {"sleep": 30})], [worker()])
+    wait_task(daemon, run, "t", "running")
+    batch = [{"state": "completed", "summary": "one"}, {"state": "completed", "summary": "two"}]
+    with SyncClient(daemon.socket_path) as client:
+        result = client.request(EventEmit, attempt_id=f"{run}/t/1", events=batch)
+        client.request(RunCancel, run=run)
+    completed = [e.get("summary") for e in events(daemon, run) if e["state"] == "completed"]
+    assert (result.outcome, completed) == (Outcome.ALREADY_ACQUIRED, ["one"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "an event or a batch"),
+        ({"event": {"state": "heartbeat"}, "events": [{"state": "heartbeat"}]}, "not both"),
+        ({"events": [{"state": "heartbeat"}] * 1001}, "at most 1000"),
+    ],
+)
+def test_an_emit_gives_one_event_or_a_batch_of_at_most_1000(
+    daemon: Fleetd, fields: dict[str, Any], message: str
+) -> None:
+    with SyncClient(daemon.socket_path) as client, pytest.raises(InvalidRequest, match=message):
+        client.request(EventEmit, attempt_id="run-1/t/1", **fields)
+
+
 # -- cancel, drain, restart -----------------------------------------------------------------
 
 

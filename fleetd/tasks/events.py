@@ -94,7 +94,8 @@ class EventLog:
                 data = _encode(msgspec.structs.replace(event, seq=seq))
                 encoded.append((seq, data))
                 item.seqs.append(seq)
-                puts[event_key(self.run, seq)] = Put(event_key(self.run, seq), data)
+                key = event_key(self.run, seq)
+                puts[key] = Put(key, data)
             for op in item.ops:
                 puts[getattr(op, "key", "")] = op
         guard = self._seq_guard()
