@@ -29,7 +29,9 @@ TAIL = 4096
 _encode = msgspec.json.Encoder().encode
 
 
-class _Append:
+class Pending:
+    """Events (with the ops written alongside) waiting for their write."""
+
     __slots__ = ("done", "error", "events", "ops", "seqs")
 
     def __init__(self, events: Sequence[WorkerEvent], ops: Sequence[Operation]) -> None:
@@ -51,7 +53,7 @@ class EventLog:
         self.run = run
         self.last_seq = last_seq
         self.tail: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=TAIL)
-        self._queue: collections.deque[_Append] = collections.deque()
+        self._queue: collections.deque[Pending] = collections.deque()
         self._writing = False
 
     async def append(
@@ -59,8 +61,17 @@ class EventLog:
     ) -> list[int]:
         """Write `events` (their seq is given here) with `ops`, durably; their seqs.
         `ops` of appends that share a batch may put the same key: the later put wins."""
-        mine = _Append(events, ops)
+        return await self.written(self.enqueue(events, ops))
+
+    def enqueue(self, events: Sequence[WorkerEvent], ops: Sequence[Operation] = ()) -> Pending:
+        """`events` take their place in the run's order now, to be written once `written` is
+        awaited (so that what happens meanwhile is ordered after them)."""
+        mine = Pending(events, ops)
         self._queue.append(mine)
+        return mine
+
+    async def written(self, mine: Pending) -> list[int]:
+        """The seqs of `mine`, once it is durable."""
         if not self._writing:
             self._writing = True
             try:
@@ -73,8 +84,8 @@ class EventLog:
             raise mine.error
         return mine.seqs
 
-    def _take_batch(self) -> list[_Append]:
-        batch: list[_Append] = []
+    def _take_batch(self) -> list[Pending]:
+        batch: list[Pending] = []
         size = 0
         while self._queue:
             cost = len(self._queue[0].events) + len(self._queue[0].ops)
@@ -84,7 +95,7 @@ class EventLog:
             size += cost
         return batch
 
-    async def _write(self, batch: list[_Append]) -> None:
+    async def _write(self, batch: list[Pending]) -> None:
         seq = self.last_seq
         puts: dict[str, Operation] = {}
         encoded: list[tuple[int, bytes]] = []

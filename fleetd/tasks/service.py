@@ -45,7 +45,7 @@ from fleetd.presence import home_of
 from fleetd.store import Compare, DeleteRange, Operation, Put, Store
 from fleetd.tasks import records
 from fleetd.tasks.alerts import Alert, Alerter, task_alert
-from fleetd.tasks.events import EventLog, stored_last_seq
+from fleetd.tasks.events import EventLog, Pending, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
 from fleetd.tasks.scoring import Verdict, reads_files, result_line, score
 from protocol.definitions import MemberSpec
@@ -459,6 +459,8 @@ class TaskService:
         self._soon(self._start_attempt, run, task, slot)
 
     async def _start_attempt(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
+        """Start the worker while its lease is written: at least once allows a worker that a
+        crash before the write forgets (its slot is started afresh after the restart)."""
         spec = run.specs[task.task_id]
         now = time.time()
         task.started_at = now
@@ -467,12 +469,10 @@ class TaskService:
         slot.timeout_at = now + spec.timeout_seconds if spec.timeout_seconds else 0.0
         mine = task.attempt_id
         try:
-            workspace, instructions = await anyio.to_thread.run_sync(
-                self._prepare_files, run.run.id, spec
-            )
+            workspace, instructions = self._prepare_files(run.run.id, spec, task.attempts)
             log_path = member_log_path(self.holders.index.runtime_dir(CLUSTER), slot.member)
             task.log_offset = _size(log_path)
-            await self._append(
+            leased = self._enqueue(
                 run,
                 task,
                 [
@@ -500,8 +500,13 @@ class TaskService:
                 stop_timeout=5.0,
             )
             self._arm(run, task, slot)
-            status = await self.holders.run_member(CLUSTER, member)
+            failed: list[Exception] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._written, run, leased, failed)
+                status = await self.holders.run_member(CLUSTER, member)
             slot.launched = slot.task is task
+            if failed:
+                raise failed[0]
         except FleetError as exc:
             if slot.task is task and task.attempt_id == mine:
                 self.attempt_lost(run, slot, f"cannot start: {exc.message}")
@@ -516,11 +521,14 @@ class TaskService:
             return
         self.member_changed(run, slot, status)
 
-    def _prepare_files(self, run_id: str, spec: TaskSpec) -> tuple[str, str]:
-        """The task's workspace (its own, or one fleetd makes) and its instructions file."""
+    def _prepare_files(self, run_id: str, spec: TaskSpec, attempt: int) -> tuple[str, str]:
+        """The task's workspace (its own, or one fleetd makes) and its instructions file,
+        written by its first attempt (a few small writes: cheaper here than a thread's round
+        trip)."""
         with self.state.subdir("runs") as runs, runs.subdir(run_id) as run_dir:
             with run_dir.subdir("instructions") as instructions:
-                instructions.write_atomically(f"{spec.id}.md", spec.instructions.encode())
+                if attempt == 1 or instructions.entry(f"{spec.id}.md") is None:
+                    instructions.write_atomically(f"{spec.id}.md", spec.instructions.encode())
                 instructions_path = instructions.join(f"{spec.id}.md")
             if spec.workspace:
                 return spec.workspace, instructions_path
@@ -579,7 +587,7 @@ class TaskService:
         self._busy -= 1
         exit_code = status.exit_code if status is not None else None
         log_path = member_log_path(self.holders.index.runtime_dir(CLUSTER), slot.member)
-        result = await anyio.to_thread.run_sync(result_line, log_path, task.log_offset)
+        result = result_line(log_path, task.log_offset)  # its last RESULT_WINDOW bytes at most
         reported = task.reported or result
         why = slot.ending or lost or _failure(status, reported)
         try:
@@ -897,10 +905,29 @@ class TaskService:
     ) -> list[int]:
         """`events` with the task's record as it is now (unless `record` is False: the event
         changed nothing it keeps), in one transaction."""
-        put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
-        seqs = await run.events.append(events, [*put, *(ops or ())])
+        seqs = await run.events.written(self._enqueue(run, task, events, ops, record=record))
         self._events_appended()
         return seqs
+
+    def _enqueue(
+        self,
+        run: RunState,
+        task: TaskRecord,
+        events: list[WorkerEvent],
+        ops: list[Operation] | None = None,
+        *,
+        record: bool = True,
+    ) -> Pending:
+        put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
+        return run.events.enqueue(events, [*put, *(ops or ())])
+
+    async def _written(self, run: RunState, pending: Pending, failed: list[Exception]) -> None:
+        """Wait for `pending`'s write; its failure is put in `failed`."""
+        try:
+            await run.events.written(pending)
+        except Exception as exc:
+            failed.append(exc)
+        self._events_appended()
 
     def _events_appended(self) -> None:
         """Wake the event_list long polls."""
