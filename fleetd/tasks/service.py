@@ -112,6 +112,8 @@ DEFAULT_MAX_WORKERS = 64
 """Workers running at once over every run, unless FLEET_MAX_WORKERS says otherwise."""
 WRITE_CHUNK = 100
 """Keys per transaction when a run is submitted (etcd takes 128 operations at most)."""
+PARSED_INLINE = 64 * 1024
+"""Characters of a run file parsed on the event loop (a bigger one is parsed in a thread)."""
 FINAL = frozenset({"done", "failed", "cancelled"})
 RUN_ENDED = frozenset({"completed", "failed", "cancelled"})
 _ENDED = (MemberState.STOPPED, MemberState.ERROR)
@@ -942,7 +944,10 @@ class TaskService:
                 request.text, source=request.source, fmt=request.format, directory=request.directory
             )
 
-        spec = await anyio.to_thread.run_sync(parse)
+        if len(request.text) <= PARSED_INLINE:
+            spec = parse()
+        else:
+            spec = await anyio.to_thread.run_sync(parse)
         number = await self._next_number()
         run_id = f"run-{number}"
         _check_dispatchable(spec, run_id)
@@ -955,15 +960,11 @@ class TaskService:
             worker_specs=spec.worker_specs,
             labels=spec.labels,
         )
-        await self._write_run_record(run)
         wall = time.time()
         tasks = {
             t.id: TaskRecord(task_id=t.id, priority=t.priority, enqueued_at=wall)
             for t in spec.task_specs
         }
-        writes = [Put(records.spec_key(run_id, t.id), _encode(t)) for t in spec.task_specs]
-        for start in range(0, len(writes), WRITE_CHUNK):
-            await self.store.txn((), writes[start : start + WRITE_CHUNK])
         state = RunState(
             run,
             {t.id: t for t in spec.task_specs},
@@ -971,17 +972,10 @@ class TaskService:
             EventLog(self.store, run_id, 0),
             _slots(run),
         )
-        for chunk_start in range(0, len(spec.task_specs), WRITE_CHUNK // 2):
-            chunk = spec.task_specs[chunk_start : chunk_start + WRITE_CHUNK // 2]
-            await state.events.append(
-                [
-                    Queued(seq=0, run_id=run_id, worker_id="", task_id=t.id, timestamp=now)
-                    for t in chunk
-                ],
-                [Put(records.task_key(run_id, t.id), _encode(tasks[t.id])) for t in chunk],
-            )
-        state.run = run = msgspec.structs.replace(run, status="queued")
-        await self._write_run_record(run)
+        if 3 * len(tasks) + 1 <= WRITE_CHUNK:
+            await self._write_at_once(state, now)
+        else:
+            await self._write_in_steps(state, now)
         self.runs[run_id] = state
         self._add_slots(state)
         for task in tasks.values():
@@ -995,6 +989,42 @@ class TaskService:
             workers=len(spec.worker_specs),
         )
         return RunResult(outcome=Outcome.ACQUIRED, run=state.summary())
+
+    async def _write_at_once(self, state: RunState, now: str) -> None:
+        """A small run: its record, tasks and queued events in one transaction."""
+        run_id = state.run.id
+        state.run = msgspec.structs.replace(state.run, status="queued")
+        record = RunRecord(run=state.run, home=self.home, counts={})
+        await state.events.append(
+            [_queued(run_id, task_id, now) for task_id in state.tasks],
+            [
+                Put(records.index_key(run_id), _encode(record)),
+                *self._task_writes(state),
+            ],
+        )
+
+    async def _write_in_steps(self, state: RunState, now: str) -> None:
+        """A run too big for one transaction: its record says `pending` until every part is
+        written (a restart removes a pending run)."""
+        run_id = state.run.id
+        await self._write_run_record(state.run)
+        writes = self._task_writes(state)
+        for start in range(0, len(writes), WRITE_CHUNK):
+            await self.store.txn((), writes[start : start + WRITE_CHUNK])
+        ids = list(state.tasks)
+        for start in range(0, len(ids), WRITE_CHUNK // 2):
+            chunk = ids[start : start + WRITE_CHUNK // 2]
+            await state.events.append([_queued(run_id, task_id, now) for task_id in chunk])
+        state.run = msgspec.structs.replace(state.run, status="queued")
+        await self._write_run_record(state.run)
+
+    def _task_writes(self, state: RunState) -> list[Operation]:
+        """Each task's spec and record."""
+        run_id = state.run.id
+        return [
+            *(Put(records.spec_key(run_id, t.id), _encode(t)) for t in state.specs.values()),
+            *(Put(records.task_key(run_id, t.task_id), _encode(t)) for t in state.tasks.values()),
+        ]
 
     async def _next_number(self) -> int:
         while True:
@@ -1355,6 +1385,10 @@ class _Carried(msgspec.Struct, frozen=True):
     union's, which convert() otherwise builds anew each call (30 times the cost)."""
 
     event: WorkerEvent
+
+
+def _queued(run_id: str, task_id: str, now: str) -> Queued:
+    return Queued(seq=0, run_id=run_id, worker_id="", task_id=task_id, timestamp=now)
 
 
 def _size(path: str) -> int:
