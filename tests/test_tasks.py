@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fleetctl.sync import SyncClient
+from protocol.claims import ClaimListRequest
 from protocol.errors import Absent, InvalidRequest, Unsupported
 from protocol.outcomes import Outcome
 from protocol.runs import (
@@ -556,6 +557,21 @@ def test_an_emit_gives_one_event_or_a_batch_of_at_most_1000(
 ) -> None:
     with SyncClient(daemon.socket_path) as client, pytest.raises(InvalidRequest, match=message):
         client.request(EventEmit, attempt_id="run-1/t/1", **fields)
+
+
+def test_a_runs_worker_slots_are_journaled_as_members_of_the_tasks_cluster(
+    daemon: Fleetd,
+) -> None:
+    run = submit(daemon, [task(f"t{n}") for n in range(3)], [worker(slots=3)])
+    wait_run(daemon, run)
+    wanted = {f"fleetd.tasks:{run}.w1.{n}" for n in (1, 2, 3)}
+    with SyncClient(daemon.socket_path) as client:
+        for _ in range(100):
+            keys = {c.key for c in client.request(ClaimListRequest, kind="member").claims}
+            if wanted <= keys:
+                break
+            time.sleep(0.05)
+    assert wanted <= keys
 
 
 # -- cancel, drain, restart -----------------------------------------------------------------

@@ -64,6 +64,9 @@ class ClusterJournal:
         """Per cluster being written, its latest write's number (forgotten once it ends)."""
         self._attempts = itertools.count(1)
         self._retry_due = anyio.Event()
+        self._due: set[str] = set()
+        """Clusters `write_soon` was asked for, not yet written."""
+        self._due_set = anyio.Event()
 
     async def write(self, name: str) -> None:
         """Make the store say what memory says of cluster `name`: live (its record and a
@@ -95,6 +98,21 @@ class ClusterJournal:
         if held is not None:
             return held.record, {*held.specs, *held.statuses}
         return self.index.exited.get(name), set()
+
+    def write_soon(self, name: str) -> None:
+        """`write`, by `write_due`: the caller does not wait, and what is asked for while a
+        write is under way makes one write after it (fleetd.tasks adds a member per worker
+        slot, in bursts)."""
+        self._due.add(name)
+        self._due_set.set()
+
+    async def write_due(self) -> None:
+        """Until cancelled: write what write_soon was asked for."""
+        while True:
+            await self._due_set.wait()
+            self._due_set = anyio.Event()
+            while self._due:
+                await self.write(self._due.pop())
 
     async def retry_postponed(self) -> None:
         """Until cancelled: write again, every RETRY_INTERVAL, what a full disk postponed."""

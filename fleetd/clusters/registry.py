@@ -186,6 +186,7 @@ class HolderRegistry:
         self._launcher = Launcher(self.store, self.state, runtime, self.follower, self.template)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self.journal.retry_postponed)
+            tasks.start_soon(self.journal.write_due)
             await tasks.start(self.follower.serve)
             await adopt(self.store, self.follower)
             task_status.started()
@@ -473,7 +474,7 @@ class HolderRegistry:
             return status
         status = await add_member(link, spec)
         held.specs[spec.name] = spec
-        await self.journal.write(held.name)
+        self.journal.write_soon(held.name)  # adoption reads the holder's cluster file: this may lag
         return status
 
     async def remove_named(self, cluster: str, member: str) -> None:
