@@ -28,7 +28,7 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -524,18 +524,27 @@ class TaskService:
         self.member_changed(run, slot, status)
 
     def _prepare_files(self, run_id: str, spec: TaskSpec, attempt: int) -> tuple[str, str]:
-        """The task's workspace (its own, or one fleetd makes) and its instructions file,
-        written by its first attempt (a few small writes: cheaper here than a thread's round
-        trip)."""
+        """The task's workspace and instructions file: written when its run was submitted,
+        and again for each later attempt (a restart, or a hand, may have removed them)."""
+        workspace = spec.workspace or self._own_workspace(run_id, spec.id)
+        instructions = os.path.join(
+            self.state.path, "runs", run_id, "instructions", f"{spec.id}.md"
+        )
+        if attempt > 1:
+            self._write_files(run_id, [spec])
+        return workspace, instructions
+
+    def _write_files(self, run_id: str, specs: Iterable[TaskSpec]) -> None:
+        """Each task's instructions file, and the workspace fleetd makes for a task without
+        one; never through a link."""
         with self.state.subdir("runs") as runs, runs.subdir(run_id) as run_dir:
             with run_dir.subdir("instructions") as instructions:
-                if attempt == 1 or instructions.entry(f"{spec.id}.md") is None:
+                for spec in specs:
                     instructions.write_atomically(f"{spec.id}.md", spec.instructions.encode())
-                instructions_path = instructions.join(f"{spec.id}.md")
-            if spec.workspace:
-                return spec.workspace, instructions_path
-            with run_dir.subdir("workspaces") as workspaces, workspaces.subdir(spec.id) as own:
-                return own.path, instructions_path
+            with run_dir.subdir("workspaces") as workspaces:
+                for spec in specs:
+                    if not spec.workspace:
+                        workspaces.subdir(spec.id).close()
 
     def _arm(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         self._push_timer(("lease", run.run.id, task.task_id, task.attempt_id), slot.lease_deadline)
@@ -951,6 +960,7 @@ class TaskService:
         number = await self._next_number()
         run_id = f"run-{number}"
         _check_dispatchable(spec, run_id)
+        await anyio.to_thread.run_sync(self._write_files, run_id, spec.task_specs)
         now = _now()
         run = Run(
             id=run_id,
