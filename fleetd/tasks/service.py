@@ -461,8 +461,9 @@ class TaskService:
         self._soon(self._start_attempt, run, task, slot)
 
     async def _start_attempt(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
-        """Start the worker while its lease is written: at least once allows a worker that a
-        crash before the write forgets (its slot is started afresh after the restart)."""
+        """Start the worker, then write its lease with its `running` (one commit, not two): at
+        least once allows a worker that a crash before the write forgets (its slot is started
+        afresh after the restart), and one whose lease cannot be written is stopped."""
         spec = run.specs[task.task_id]
         now = time.time()
         task.started_at = now
@@ -502,13 +503,8 @@ class TaskService:
                 stop_timeout=5.0,
             )
             self._arm(run, task, slot)
-            failed: list[Exception] = []
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._written, run, leased, failed)
-                status = await self.holders.run_member(CLUSTER, member)
+            status = await self.holders.run_member(CLUSTER, member)
             slot.launched = slot.task is task
-            if failed:
-                raise failed[0]
         except FleetError as exc:
             if slot.task is task and task.attempt_id == mine:
                 self.attempt_lost(run, slot, f"cannot start: {exc.message}")
@@ -522,6 +518,11 @@ class TaskService:
             self.attempt_lost(run, slot, status.error or "cannot start")
             return
         self.member_changed(run, slot, status)
+        try:
+            await self._committed(run, leased)
+        except Exception as exc:  # the store's failure, whatever its kind
+            if slot.task is task and task.attempt_id == mine:
+                await self._stop_attempt(run, task, slot, f"cannot start: {exc}")
 
     def _prepare_files(self, run_id: str, spec: TaskSpec, attempt: int) -> tuple[str, str]:
         """The task's workspace and instructions file: written when its run was submitted,
@@ -573,8 +574,8 @@ class TaskService:
             slot.running = True
             if task.state == "leased":
                 run.move(task, "running")
-            running: list[WorkerEvent] = [Running(**self._envelope(run, task))]
-            self._soon(self._append, run, task, running)
+            running = self._enqueue(run, task, [Running(**self._envelope(run, task))])
+            self._soon(self._committed, run, running)  # queued now: after the lease, in order
         elif status.state in _ENDED:
             self._soon(self._attempt_ended, run, slot, task, status, "")
 
@@ -916,9 +917,9 @@ class TaskService:
     ) -> list[int]:
         """`events` with the task's record as it is now (unless `record` is False: the event
         changed nothing it keeps), in one transaction."""
-        seqs = await run.events.written(self._enqueue(run, task, events, ops, record=record))
-        self._events_appended()
-        return seqs
+        pending = self._enqueue(run, task, events, ops, record=record)
+        await self._committed(run, pending)
+        return pending.seqs
 
     def _enqueue(
         self,
@@ -932,13 +933,12 @@ class TaskService:
         put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
         return run.events.enqueue(events, [*put, *(ops or ())])
 
-    async def _written(self, run: RunState, pending: Pending, failed: list[Exception]) -> None:
-        """Wait for `pending`'s write; its failure is put in `failed`."""
+    async def _committed(self, run: RunState, pending: Pending) -> None:
+        """`pending` written (with whatever else of its run waits for the next write)."""
         try:
             await run.events.written(pending)
-        except Exception as exc:
-            failed.append(exc)
-        self._events_appended()
+        finally:
+            self._events_appended()
 
     def _events_appended(self) -> None:
         """Wake the event_list long polls."""
