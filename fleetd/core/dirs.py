@@ -116,6 +116,15 @@ class PrivateDir:
             raise
         return PrivateDir._checked(fd, self.join(name))
 
+    def make_subdir(self, name: str) -> None:
+        """`name` inside, made 0700 if missing, as `subdir` makes it, but not opened when it
+        is new (a tenth of the cost); one already there is checked as `subdir` checks it."""
+        _check_component(name)
+        try:
+            os.mkdir(name, 0o700, dir_fd=self.fd)
+        except FileExistsError:
+            self.subdir(name, create=False).close()
+
     def _kind_of(self, name: str) -> str:
         try:
             st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
@@ -149,6 +158,23 @@ class PrivateDir:
         fd = self.open_file(name, os.O_RDONLY)
         try:
             return os.read(fd, limit)
+        finally:
+            os.close(fd)
+
+    def write_new(self, name: str, data: bytes) -> None:
+        """A file of `data` where there is none (else written atomically): no reader knows a
+        new file yet, so it needs neither a temporary nor a rename (a third of the cost)."""
+        try:
+            fd = self.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            self.write_atomically(name, data)
+            return
+        try:
+            write_all(fd, data)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(name, dir_fd=self.fd)
+            raise
         finally:
             os.close(fd)
 

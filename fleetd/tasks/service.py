@@ -541,11 +541,11 @@ class TaskService:
         with self.state.subdir("runs") as runs, runs.subdir(run_id) as run_dir:
             with run_dir.subdir("instructions") as instructions:
                 for spec in specs:
-                    instructions.write_atomically(f"{spec.id}.md", spec.instructions.encode())
+                    instructions.write_new(f"{spec.id}.md", spec.instructions.encode())
             with run_dir.subdir("workspaces") as workspaces:
                 for spec in specs:
                     if not spec.workspace:
-                        workspaces.subdir(spec.id).close()
+                        workspaces.make_subdir(spec.id)
 
     def _arm(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         self._push_timer(("lease", run.run.id, task.task_id, task.attempt_id), slot.lease_deadline)
