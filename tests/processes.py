@@ -407,6 +407,19 @@ def mount_tmpfs(path: str, size: str) -> bool:
     return mounted.returncode == 0
 
 
+def fill_disk(directory: str) -> str:
+    """Fill the disk under `directory` to the last block; the filler's path."""
+    filler = os.path.join(directory, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        return filler
+    finally:
+        os.close(fd)
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
     """Poll `condition` until it holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

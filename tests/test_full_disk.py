@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.processes import Fleetd, fleetctl, kill_holders, mount_tmpfs
+from tests.processes import Fleetd, fill_disk, fleetctl, kill_holders, mount_tmpfs
 
 SPEC = '[members.m]\ncommand = ["sleep", "1000"]\nready = "none"\n'
 
@@ -27,19 +27,6 @@ def on_small_disk(tempdir: str) -> Iterator[Fleetd]:
         kill_holders(daemon)
         daemon.close()
         subprocess.run(["umount", "-l", daemon.state_dir], check=False)
-
-
-def _fill(directory: str) -> str:
-    """Fill the disk under `directory` to the last block; the filler's path."""
-    filler = os.path.join(directory, "filler")
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        return filler
-    finally:
-        os.close(fd)
 
 
 def _json(*args: str, env: dict[str, str]) -> tuple[int, dict[str, object]]:
@@ -61,7 +48,7 @@ def test_a_holder_leaving_on_a_full_disk_keeps_fleetd_serving_until_space_return
     with open(spec, "w") as f:
         f.write(SPEC)
     assert fleetctl("up", "-f", spec, "--name", "web", "--wait", env=env).returncode == 0
-    filler = _fill(daemon.state_dir)
+    filler = fill_disk(daemon.state_dir)
 
     code, down = _json("down", "web", env=env)
     assert (code, down["outcome"]) == (0, "released")
@@ -87,7 +74,7 @@ def test_start_up_on_a_full_disk_serves_reads(on_small_disk: Fleetd) -> None:
     daemon, env = on_small_disk, on_small_disk.env
     assert fleetctl("lease", "acquire", "build", "--owner", "a", env=env).returncode == 0
     daemon.stop()
-    filler = _fill(daemon.state_dir)
+    filler = fill_disk(daemon.state_dir)
     daemon.start()
     code, envelope = _json("lease", "inspect", "build", env=env)
     assert (code, envelope["outcome"]) == (0, "ok")
@@ -100,7 +87,7 @@ def test_a_lease_expiring_on_a_full_disk_is_recorded_once_space_returns(
     daemon, env = on_small_disk, on_small_disk.env
     code = fleetctl("lease", "acquire", "brief", "--owner", "a", "--ttl", "1s", env=env)
     assert code.returncode == 0
-    filler = _fill(daemon.state_dir)
+    filler = fill_disk(daemon.state_dir)
     deadline = time.monotonic() + 10
     while "lease_expiry_postponed" not in daemon.log() and time.monotonic() < deadline:
         time.sleep(0.2)

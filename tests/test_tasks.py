@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ from protocol.runs import (
     TaskView,
 )
 from tests.etcd_server import EtcdServer, need_etcd
-from tests.processes import Fleetd, kill_holders, running_fleetd, wait_gone
+from tests.processes import Fleetd, fill_disk, kill_holders, mount_tmpfs, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
@@ -652,6 +653,44 @@ def test_a_worker_that_died_while_fleetd_was_down_is_retried(daemon: Fleetd) -> 
     assert second[1][1] == f"{run}/t/2"
     with SyncClient(daemon.socket_path) as client:
         client.request(RunCancel, run=run)
+
+
+def test_a_run_on_a_full_disk_loses_no_event_and_ends_once_space_returns(tempdir: str) -> None:
+    daemon = Fleetd(tempdir)
+    if not mount_tmpfs(daemon.state_dir, "2m"):
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    try:
+        daemon.start()
+        mark = os.path.join(daemon.root, "marks")
+        tasks = [task(f"t{n}", {"mark": mark, "sleep": 0.3}) for n in range(3)]
+        run = submit(daemon, tasks, [worker()])
+        wait_marked(mark, 1)
+        filler = fill_disk(daemon.state_dir)
+        wait_marked(mark, 3)  # the tasks go on: their files were written at submit
+        assert wait_run(daemon, run).summary.tasks == {"done": 3}
+        assert "events_write_postponed" in daemon.log()
+        os.unlink(filler)
+        deadline = time.monotonic() + 10
+        while "events_written_late" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            time.sleep(0.1)
+        assert daemon.process is not None
+        daemon.process.kill()  # what memory held is in the store: a restart finds it all
+        daemon.process.wait()
+        daemon.start()
+        assert wait_run(daemon, run).summary.tasks == {"done": 3}
+        found = events(daemon, run)
+        assert [e["seq"] for e in found] == list(range(1, len(found) + 1))
+        assert sorted(e["task_id"] for e in found if e["state"] == "completed") == [
+            "t0",
+            "t1",
+            "t2",
+        ]
+        assert sorted(receipts(daemon, run)) == ["t0", "t1", "t2"]
+    finally:
+        kill_holders(daemon)
+        daemon.close()
+        subprocess.run(["umount", "-l", daemon.state_dir], check=False)
 
 
 def test_tasks_list_shows_each_tasks_state_and_attempt(daemon: Fleetd) -> None:

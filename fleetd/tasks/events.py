@@ -7,6 +7,11 @@ The caller that finds no write under way writes: there is no writer task to keep
 stays within what one etcd transaction takes.
 
 The run's last TAIL events are kept encoded, so that a follower at the head reads memory.
+
+A full disk fails the writes of a log that is not `patient` (a run being submitted: its
+submitter is told no_space); a patient log (its run was submitted) waits it out, trying again
+every RETRY_FULL seconds, and what was appended meanwhile is written once space returns, in
+order: nothing fleetd saw of a running task is lost to a full disk.
 """
 
 import collections
@@ -14,10 +19,11 @@ from collections.abc import Sequence
 
 import anyio
 import msgspec
+import structlog
 
-from fleetd.store import Compare, Operation, Put, Store
+from fleetd.store import Compare, Operation, Put, Store, TxnResult
 from fleetd.tasks.records import EVENT_BUCKET, event_bucket, event_key, seq_key
-from protocol.errors import Internal
+from protocol.errors import Internal, StoreFull
 from protocol.tasks import WorkerEvent
 
 BATCH_OPS = 1000
@@ -25,6 +31,10 @@ BATCH_OPS = 1000
 its batch then keeps a few for the sequence key and the store's own nesting)."""
 TAIL = 4096
 """Events of each run kept in memory, encoded."""
+RETRY_FULL = 1.0
+"""Seconds between tries of a patient log's write that a full disk refused."""
+
+log = structlog.get_logger("fleetd.tasks")
 
 _encode = msgspec.json.Encoder().encode
 
@@ -45,7 +55,7 @@ class Pending:
 class EventLog:
     """One run's events: `last_seq` is the last one written, `tail` the latest, encoded."""
 
-    def __init__(self, store: Store, run: str, last_seq: int) -> None:
+    def __init__(self, store: Store, run: str, last_seq: int, *, patient: bool = True) -> None:
         self.store = store
         self.batch_ops = (
             min(BATCH_OPS, store.max_operations - 8) if store.max_operations else BATCH_OPS
@@ -55,6 +65,8 @@ class EventLog:
         self.tail: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=TAIL)
         self._queue: collections.deque[Pending] = collections.deque()
         self._writing = False
+        self.patient = patient
+        """Whether a full disk is waited out (see the module)."""
 
     async def append(
         self, events: Sequence[WorkerEvent], ops: Sequence[Operation] = ()
@@ -113,8 +125,7 @@ class EventLog:
         if seq != self.last_seq:
             puts[seq_key(self.run)] = Put(seq_key(self.run), str(seq).encode())
         try:
-            with anyio.CancelScope(shield=True):  # others wait on this write: it must end
-                result = await self.store.txn(guard, list(puts.values()))
+            result = await self._commit(guard, list(puts.values()))
             if not result.succeeded:
                 raise Internal(f"run {self.run}: its events were appended by another fleetd")
         except Exception as exc:
@@ -127,6 +138,24 @@ class EventLog:
         self.tail.extend(encoded)
         for item in batch:
             item.done.set()
+
+    async def _commit(self, guard: list[Compare], puts: list[Operation]) -> TxnResult:
+        full = False
+        while True:
+            try:
+                with anyio.CancelScope(shield=True):  # others wait on this write: it must end
+                    result = await self.store.txn(guard, puts)
+            except StoreFull:
+                if not self.patient:
+                    raise
+                if not full:
+                    log.warning("events_write_postponed", run=self.run, reason="disk full")
+                full = True
+                await anyio.sleep(RETRY_FULL)
+                continue
+            if full:
+                log.info("events_written_late", run=self.run)
+            return result
 
     def _seq_guard(self) -> list[Compare]:
         key = seq_key(self.run)

@@ -604,17 +604,18 @@ class TaskService:
         why = slot.ending or lost or _failure(status, reported)
         try:
             if slot.ending == "cancelled":
-                await self._cancelled(run, task, "cancel")
+                ended = self._cancelled(run, task, "cancel")
             elif why:
-                await self._failed(run, task, slot, why, exit_code)
+                ended = self._failed(run, task, slot, why, exit_code)
             else:
-                await self._succeeded(run, task, slot, exit_code, reported)
-        finally:
+                ended = await self._succeeded(run, task, slot, exit_code, reported)
+        finally:  # the slot is free now, whenever its end is durable (a full disk waits)
             self._release_idle()
             self._finish_if_done(run)
             settled, run.settled = run.settled, anyio.Event()
             settled.set()
             self.kick()
+        await self._committed(run, ended)
 
     async def _succeeded(
         self,
@@ -623,7 +624,7 @@ class TaskService:
         slot: Slot,
         exit_code: int | None,
         reported: ResultMessage | None,
-    ) -> None:
+    ) -> Pending:
         spec = run.specs[task.task_id]
         workspace = spec.workspace or self._own_workspace(run.run.id, spec.id)
         if reads_files(spec.scorer):
@@ -637,17 +638,17 @@ class TaskService:
             run=run, task=task, slot=slot, verdict=verdict, exit_code=exit_code, reported=reported
         )
         summary = reported.summary if reported is not None and reported.summary else None
-        await self._append(
+        log.info("task_done", run=run.run.id, task=task.task_id, result=task.result)
+        return self._enqueue(
             run,
             task,
             [Completed(**self._envelope(run, task), exit_code=exit_code, summary=summary)],
             [Put(records.receipt_key(run.run.id, task.task_id), _encode(receipt))],
         )
-        log.info("task_done", run=run.run.id, task=task.task_id, result=task.result)
 
-    async def _failed(
+    def _failed(
         self, run: RunState, task: TaskRecord, slot: Slot, why: str, exit_code: int | None
-    ) -> None:
+    ) -> Pending:
         spec = run.specs[task.task_id]
         policy = spec.retry_policy or DEFAULT_RETRY
         task.error = why
@@ -655,7 +656,7 @@ class TaskService:
         if not policy.exhausted(task.attempts):
             run.move(task, "queued")
             task.not_before = time.time() + policy.backoff(task.attempts)
-            await self._append(
+            retried = self._enqueue(
                 run,
                 task,
                 [
@@ -674,7 +675,7 @@ class TaskService:
                 attempts=task.attempts,
             )
             self._queue(run, task)
-            return
+            return retried
         run.move(task, "failed")
         task.result = "timeout" if slot.ending == "timeout" else "fail"
         receipt = self._receipt(
@@ -685,19 +686,19 @@ class TaskService:
             exit_code=exit_code,
             reported=task.reported,
         )
-        await self._append(
+        log.info(
+            "task_failed", run=run.run.id, task=task.task_id, reason=why, attempts=task.attempts
+        )
+        return self._enqueue(
             run,
             task,
             [Failed(**self._envelope(run, task), reason=why)],
             [Put(records.receipt_key(run.run.id, task.task_id), _encode(receipt))],
         )
-        log.info(
-            "task_failed", run=run.run.id, task=task.task_id, reason=why, attempts=task.attempts
-        )
 
-    async def _cancelled(self, run: RunState, task: TaskRecord, by: str) -> None:
+    def _cancelled(self, run: RunState, task: TaskRecord, by: str) -> Pending:
         run.move(task, "cancelled")
-        await self._append(run, task, [Cancelled(**self._envelope(run, task), cancelled_by=by)])
+        return self._enqueue(run, task, [Cancelled(**self._envelope(run, task), cancelled_by=by)])
 
     def _receipt(
         self,
@@ -764,7 +765,11 @@ class TaskService:
                 log.warning("task_slot_not_removed", member=member, error=exc.message)
 
     async def _write_run(self, run: RunState) -> None:
-        await self._write_run_record(run.run, run.counts() if run.run.completed_at else {})
+        """The run's record, in order after what its log was given before (and as patient)."""
+        record = RunRecord(
+            run=run.run, home=self.home, counts=run.counts() if run.run.completed_at else {}
+        )
+        await run.events.append([], [Put(records.index_key(run.run.id), _encode(record))])
 
     async def _write_run_record(self, run: Run, counts: dict[str, int] | None = None) -> None:
         record = RunRecord(run=run, home=self.home, counts=counts or {})
@@ -979,13 +984,14 @@ class TaskService:
             run,
             {t.id: t for t in spec.task_specs},
             tasks,
-            EventLog(self.store, run_id, 0),
+            EventLog(self.store, run_id, 0, patient=False),  # no_space fails the submit
             _slots(run),
         )
         if 3 * len(tasks) + 1 <= WRITE_CHUNK:
             await self._write_at_once(state, now)
         else:
             await self._write_in_steps(state, now)
+        state.events.patient = True
         self.runs[run_id] = state
         self._add_slots(state)
         for task in tasks.values():
@@ -1127,9 +1133,10 @@ class TaskService:
         if run.run.status in RUN_ENDED:
             return RunResult(outcome=Outcome.ALREADY_RELEASED, run=run.summary())
         run.cancelling = True
-        for task in run.tasks.values():
-            if task.state == "queued":
-                await self._cancelled(run, task, f"pid {peer.pid}")
+        by = f"pid {peer.pid}"
+        queued = [self._cancelled(run, t, by) for t in run.tasks.values() if t.state == "queued"]
+        for pending in queued:  # a few writes, not one a task
+            await self._committed(run, pending)
         stopping = [slot for slot in run.slots if slot.task is not None]
         async with anyio.create_task_group() as tg:
             for slot in stopping:
@@ -1137,7 +1144,7 @@ class TaskService:
                 tg.start_soon(self._stop_attempt, run, slot.task, slot, "cancelled")
         for task in run.tasks.values():
             if task.state == "scoring":
-                await self._cancelled(run, task, f"pid {peer.pid}")
+                await self._committed(run, self._cancelled(run, task, by))
         self._finish_if_done(run)
         with anyio.move_on_after(CANCEL_WAIT):
             while run.run.status not in RUN_ENDED:
