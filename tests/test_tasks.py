@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -691,6 +692,35 @@ def test_a_run_on_a_full_disk_loses_no_event_and_ends_once_space_returns(tempdir
         kill_holders(daemon)
         daemon.close()
         subprocess.run(["umount", "-l", daemon.state_dir], check=False)
+
+
+def test_a_worker_whose_lease_a_crash_kept_from_the_store_is_stopped_and_its_attempt_counted(
+    daemon: Fleetd,
+) -> None:
+    """A worker starts before its lease is durable: fleetd killed in between leaves a worker
+    running for a task the store says is queued."""
+    mark = os.path.join(daemon.root, "marks")
+    run = submit(daemon, [task("t", {"mark": mark, "sleep": 30})], [worker()])
+    ((_, _, pid, _),) = wait_marked(mark, 1)
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait()
+    key = f"runs/task/{run}/t"
+    with contextlib.closing(sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db"))) as db:
+        (value,) = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        unleased = {
+            k: v
+            for k, v in json.loads(value).items()
+            if k in ("task_id", "priority", "enqueued_at")
+        }
+        db.execute("UPDATE kv SET value = ? WHERE key = ?", (json.dumps(unleased), key))
+        db.commit()
+    daemon.start()
+    wait_gone(int(pid), 10)
+    second = wait_marked(mark, 2)
+    assert second[1][1] == f"{run}/t/2"
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)
 
 
 def test_tasks_list_shows_each_tasks_state_and_attempt(daemon: Fleetd) -> None:

@@ -342,12 +342,34 @@ class TaskService:
             self._ended_slots.extend(slot.member for slot in state.slots)
             return
         self._add_slots(state)
+        await self._stop_unrecorded(state)
         for task in tasks.values():
             if task.state == "queued":
                 self._queue(state, task)
             elif task.state in ("leased", "running"):
                 self._take_up(state, task)
         self._finish_if_done(state)
+
+    async def _stop_unrecorded(self, run: RunState) -> None:
+        """Workers started for an attempt whose lease a crash kept from the store (a worker
+        starts before its lease is durable): stopped, and their attempt counted, so that the
+        task's next attempt has an id of its own."""
+        held = self.holders.index.live.get(CLUSTER)
+        if held is None:
+            return
+        async with anyio.create_task_group() as tg:
+            for slot in run.slots:
+                spec = held.specs.get(slot.member)
+                found = parse_attempt_id(_flag(spec.command, "--attempt-id")) if spec else None
+                if found is None or found[0] != run.run.id or found[1] not in run.tasks:
+                    continue
+                task = run.tasks[found[1]]
+                if task.state == "queued" and found[2] > task.attempts:
+                    task.attempts = found[2]
+                    log.info("task_unrecorded_attempt", run=run.run.id, task=task.task_id)
+                    tg.start_soon(
+                        _logging_failures, self.holders.stop_named, f"{CLUSTER}/{slot.member}"
+                    )
 
     def _take_up(self, run: RunState, task: TaskRecord) -> None:
         """A task that was leased or running when fleetd stopped: finished if its worker
@@ -1402,6 +1424,14 @@ class _Carried(msgspec.Struct, frozen=True):
     union's, which convert() otherwise builds anew each call (30 times the cost)."""
 
     event: WorkerEvent
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    """The value after the last `flag` in `argv` ("" without one)."""
+    for index in range(len(argv) - 2, -1, -1):
+        if argv[index] == flag:
+            return argv[index + 1]
+    return ""
 
 
 def _queued(run_id: str, task_id: str, now: str) -> Queued:
