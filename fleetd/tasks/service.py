@@ -631,13 +631,14 @@ class TaskService:
                 ended = self._failed(run, task, slot, why, exit_code)
             else:
                 ended = await self._succeeded(run, task, slot, exit_code, reported)
-        finally:  # the slot is free now, whenever its end is durable (a full disk waits)
+            self.kick()  # the slot is free: dispatch goes on while the end is written
+            await self._committed(run, ended)
+        finally:  # the run ends once its last events are durable (a full disk waits)
             self._release_idle()
             self._finish_if_done(run)
             settled, run.settled = run.settled, anyio.Event()
             settled.set()
             self.kick()
-        await self._committed(run, ended)
 
     async def _succeeded(
         self,
