@@ -234,6 +234,42 @@ def test_a_clone3_child_killed_at_birth_by_its_cgroup_is_spawned_again_by_a_writ
     assert not member_cgroup.born_into
 
 
+def test_a_spawner_in_a_cgroup_that_was_killed_joins_even_fresh_cgroups_by_a_write(
+    member_cgroup: cgroups.Cgroup,
+) -> None:
+    """Linux 6.18 kills at birth a child born into a fresh cgroup when the spawner's own
+    cgroup was killed once (it compares the two): the first such child is spawned again by a
+    write, and births stop there, in every cgroup."""
+    holder = os.path.dirname(member_cgroup.path)
+    script = textwrap.dedent(
+        f"""
+        import os
+        from fleetd.core.cgroups import Cgroup
+        from fleetd.holder import spawn
+        own = Cgroup({holder!r} + "/spawner")
+        own.create()
+        own.kill()
+        own.move(os.getpid())
+        spawner = spawn.Spawner()
+        for name in ("a.member", "b.member"):
+            cgroup = Cgroup({holder!r} + "/" + name)
+            cgroup.create()
+            child = spawner.spawn(["cat", "/proc/self/cgroup"], dict(os.environ), None, 1, 2,
+                                  cgroup=cgroup)
+            os.waitpid(child.pid, 0)
+        print(spawner._clone._births, flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    name = cgroups.Cgroup(holder).name
+    seen = [line for line in done.stdout.splitlines() if line.startswith(("0::", "False"))]
+    assert seen == [f"0::{name}/a.member", f"0::{name}/b.member", "False"]
+    assert done.stdout.count("cgroup_births_killed") == 1, done.stdout
+
+
 @pytest.mark.parametrize("born_into", [True, False])
 def test_a_clone3_spawn_into_a_missing_cgroup_fails_and_runs_nothing(
     tempdir: str, born_into: bool, spawner_through: Callable[[str], Spawner]

@@ -589,6 +589,11 @@ class _CloneSpawn:
             code = ctypes.get_errno()
             raise OSError(code, f"mprotect: {os.strerror(code)}")
         self._call = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(address)
+        self._births = True
+        """Whether children may be born into their cgroups at all: Linux 6.18 compares the
+        target's count of cgroup.kill writes with that of the *spawner's* cgroup, so where a
+        holder lives in a cgroup that was killed once, every birth into a fresh one is killed
+        too. The first refused birth turns them off."""
 
     def spawn(
         self,
@@ -604,8 +609,8 @@ class _CloneSpawn:
         """The child's pid; OSError as posix_spawn raises it (the program's exec failed, no
         such cgroup, a limit or user refused); _CloneUnavailable when clone3 cannot be used
         here. A child is born into its cgroup while `cgroup.born_into` allows; one killed at
-        birth there says the kernel would not have it so (see `Cgroup.born_into`): the
-        cgroup is joined by a write from then on, beginning with this spawn's second try."""
+        birth there says the kernel would not have it so (see `Cgroup.born_into` and
+        `_births`): the cgroup is joined by a write, beginning with this spawn's second try."""
         argv_array = _c_strings([_c_string(arg) for arg in argv])
         envp_array = _c_strings([_environment_entry(key, value) for key, value in env.items()])
         limits, groups = _setup_arrays(setup)
@@ -623,7 +628,7 @@ class _CloneSpawn:
             if setup.credentials is not None:
                 args.groups, args.group_count = ctypes.addressof(groups), len(groups)
                 args.uid, args.gid = setup.credentials.uid, setup.credentials.gid
-            born_into = cgroup is not None and cgroup.born_into
+            born_into = self._births and cgroup is not None and cgroup.born_into
             if cgroup is not None and born_into:
                 try:
                     args.cgroup = os.open(cgroup.path, _CGROUP_DIRECTORY)
@@ -639,9 +644,21 @@ class _CloneSpawn:
                     os.close(args.cgroup)
             if born_into and (pid < 0 or not args.born):
                 assert cgroup is not None
-                _refused_birth(cgroup, pid)
+                self._refused_birth(cgroup, pid)
                 continue
             return self._outcome(pid, args, program, cgroup)
+
+    def _refused_birth(self, cgroup: Cgroup, pid: int) -> None:
+        """clone3 would not give `cgroup` a child: an error (this cgroup is joined by a write
+        from now on), or the child killed at birth (every cgroup is: see `_births`)."""
+        cgroup.born_into = False
+        if pid < 0:
+            log.info("cgroup_birth_refused", cgroup=cgroup.path, error=os.strerror(-pid))
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # (or the reaper, if it was first)
+        self._births = False
+        log.warning("cgroup_births_killed", cgroup=cgroup.path)
 
     def _outcome(self, pid: int, args: _CloneArgs, program: str, cgroup: Cgroup | None) -> int:
         if pid < 0:
@@ -663,16 +680,6 @@ class _CloneSpawn:
 
 
 _CGROUP_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-def _refused_birth(cgroup: Cgroup, pid: int) -> None:
-    """clone3 would not give `cgroup` a child (an error, or the child killed at birth): it is
-    joined by a write from now on."""
-    if pid > 0:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)  # (or the reaper, if it was first)
-    cgroup.born_into = False
-    log.info("cgroup_joined_by_write", cgroup=cgroup.path, error=-pid if pid < 0 else None)
 
 
 _per_thread = threading.local()
