@@ -121,7 +121,7 @@ class Cgroup:
         """Whether a child may be born into it (clone3's CLONE_INTO_CGROUP) rather than join
         it by a write to cgroup.procs, which waits for an RCU grace period (milliseconds):
         only while it is one `create` made and `kill` never emptied. Linux 6.18 SIGKILLs at
-        birth a child born into a cgroup that cgroup.kill emptied (a restarted member's)."""
+        birth a child born into a cgroup that cgroup.kill emptied (see fleetd.holder.spawn)."""
         root = hierarchy() or ""
         self.name = path[len(root) :] or "/"
         """As /proc/PID/cgroup names it."""

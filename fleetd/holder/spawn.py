@@ -28,18 +28,20 @@ members get their limits from the holder right after the spawn (prlimit), which 
 program's first instructions as the cgroup move does.
 
 A member with a cgroup (fleetd.core.cgroups) must be in it before its program runs its first
-instruction, or a child it forks at once would start outside. The clone3 child is born in a
-fresh one (CLONE_INTO_CGROUP: `Cgroup.born_into`), a member's first start; otherwise it, the
+instruction, or a child it forks at once would start outside. The clone3 child is born in it
+(CLONE_INTO_CGROUP) while it is one the holder made and never killed (`Cgroup.born_into`: a
+member's first start, and restarts until its processes outlived it once); otherwise it, the
 trampoline and the preexec hook move the process there themselves, writing "0" to the cgroup's
 `cgroup.procs` before the exec (the move, which takes the kernel's cgroup locks, is then the
 child's cost, not the holder's event loop's): a program never runs outside its cgroup. That
 write waits for an RCU grace period (6-9 ms here), which a CLONE_VFORK parent thread waits
 through too; a birth costs nothing of the kind, but Linux 6.18 SIGKILLs at birth a child born
-into a cgroup that cgroup.kill emptied (a restarted member's), so such a cgroup is joined by
-the write, and a child killed at birth all the same (a kill of the cgroup above it, that the
-member's `Cgroup` did not see) is spawned again that way. setpriv cannot, so the holder moves
-that child right after posix_spawn returns, then anything it forked meanwhile. That path races:
-a move may wait for an RCU grace period (milliseconds), and a child the program forks and that
+into a cgroup that cgroup.kill emptied, so such a cgroup is joined by the write; a child killed
+at birth all the same (the kernel compares the cgroup's kills with the spawner's own cgroup's:
+a holder in a cgroup that was killed once, or a kill of the cgroup above the member's) is
+spawned again that way, and births stop for good. setpriv cannot, so the holder moves that
+child right after posix_spawn returns, then anything it forked meanwhile. That path races: a
+move may wait for an RCU grace period (milliseconds), and a child the program forks and that
 exits within it ran outside (one that lives on is moved).
 
 Spawns run on two spawning threads (`Spawner.spawn_soon`), so that two members start at once
