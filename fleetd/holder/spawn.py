@@ -359,23 +359,23 @@ NO_SETUP = Setup()
 # (Assembled with GNU as from the listing in the comments, then objdump -d.)
 _CLONE_SPAWN_CODE = bytes.fromhex(
     "53"  #   0  spawn: push rbx
-    "4889fb"  #   1  mov rbx, rdi                   rbx -> the _CloneArgs
-    "6aff"  #   4  push -1                        a full signal mask
-    "b80e000000"  #   6  mov eax, 14                    rt_sigprocmask
-    "31ff"  #   b  xor edi, edi                   SIG_BLOCK
+    "4889fb"  #   1  mov rbx, rdi                  rbx -> the _CloneArgs
+    "6aff"  #   4  push -1                       a full signal mask
+    "b80e000000"  #   6  mov eax, 14                   rt_sigprocmask
+    "31ff"  #   b  xor edi, edi                  SIG_BLOCK
     "4889e6"  #   d  mov rsi, rsp
-    "488d9390000000"  #  10  lea rdx, [rbx+144]             the mask to restore
+    "488d9390000000"  #  10  lea rdx, [rbx+144]            the mask to restore
     "41ba08000000"  #  17  mov r10d, 8
     "0f05"  #  1d  syscall
-    "4889df"  #  1f  mov rdi, rbx                   struct clone_args
+    "4889df"  #  1f  mov rdi, rbx                  struct clone_args
     "be58000000"  #  22  mov esi, 88
-    "b8b3010000"  #  27  mov eax, 435                   clone3
+    "b8b3010000"  #  27  mov eax, 435                  clone3
     "0f05"  #  2c  syscall
     "4885c0"  #  2e  test rax, rax
     "7424"  #  31  je child
-    "4989c0"  #  33  mov r8, rax                    the parent: the pid, or -errno
-    "b80e000000"  #  36  mov eax, 14                    rt_sigprocmask
-    "bf02000000"  #  3b  mov edi, 2                     SIG_SETMASK
+    "4989c0"  #  33  mov r8, rax                   the parent: the pid, or -errno
+    "b80e000000"  #  36  mov eax, 14                   rt_sigprocmask
+    "bf02000000"  #  3b  mov edi, 2                    SIG_SETMASK
     "488db390000000"  #  40  lea rsi, [rbx+144]
     "31d2"  #  47  xor edx, edx
     "41ba08000000"  #  49  mov r10d, 8
@@ -385,87 +385,87 @@ _CLONE_SPAWN_CODE = bytes.fromhex(
     "5b"  #  55  pop rbx
     "c3"  #  56  ret
     "48c783e000000001000000"  #  57  child: mov qword [rbx+224], 1  born (unless killed at birth)
-    "488bbba0000000"  #  62  mov rdi, qword [rbx+160]       a cgroup.procs path, or NULL
+    "488bbba0000000"  #  62  mov rdi, qword [rbx+160]      a cgroup.procs path, or NULL
     "4885ff"  #  69  test rdi, rdi
     "7446"  #  6c  je limits
-    "be01000800"  #  6e  mov esi, 0x80001               O_WRONLY | O_CLOEXEC
-    "b802000000"  #  73  mov eax, 2                     open
+    "be01000800"  #  6e  mov esi, 0x80001              O_WRONLY | O_CLOEXEC
+    "b802000000"  #  73  mov eax, 2                    open
     "0f05"  #  78  syscall
     "4885c0"  #  7a  test rax, rax
     "7825"  #  7d  js cgroup_failed
     "89c7"  #  7f  mov edi, eax
-    "6a30"  #  81  push 48                        "0": the writer itself
+    "6a30"  #  81  push 48                       "0": the writer itself
     "4889e6"  #  83  mov rsi, rsp
     "ba01000000"  #  86  mov edx, 1
-    "b801000000"  #  8b  mov eax, 1                     write
+    "b801000000"  #  8b  mov eax, 1                    write
     "0f05"  #  90  syscall
     "4883f801"  #  92  cmp rax, 1
     "741c"  #  96  je limits
     "4885c0"  #  98  test rax, rax
     "7807"  #  9b  js cgroup_failed
-    "48c7c0fbffffff"  #  9d  mov rax, -5                    EIO
-    "48c783a800000001000000"  #  a4  cgroup_failed: mov qword [rbx+168], 1 failed: the cgroup
+    "48c7c0fbffffff"  #  9d  mov rax, -5                   EIO
+    "48c783a800000001000000"  #  a4  cgroup_failed: mov qword [rbx+168], 1  failed: the cgroup
     "e9a5010000"  #  af  jmp fail
-    "4c8ba3b0000000"  #  b4  limits: mov r12, qword [rbx+176] -> {resource, soft, hard}...
-    "4c8babb8000000"  #  bb  mov r13, qword [rbx+184]       how many
+    "4c8ba3b0000000"  #  b4  limits: mov r12, qword [rbx+176]  -> {resource, soft, hard}...
+    "4c8babb8000000"  #  bb  mov r13, qword [rbx+184]      how many
     "4d85ed"  #  c2  limit: test r13, r13
     "7433"  #  c5  je user
-    "b82e010000"  #  c7  mov eax, 302                   prlimit64
-    "31ff"  #  cc  xor edi, edi                   pid 0: this process
+    "b82e010000"  #  c7  mov eax, 302                  prlimit64
+    "31ff"  #  cc  xor edi, edi                  pid 0: this process
     "498b3424"  #  ce  mov rsi, qword [r12]
-    "498d542408"  #  d2  lea rdx, [r12+8]               struct rlimit64 {soft, hard}
-    "4531d2"  #  d7  xor r10d, r10d                 no old limits
+    "498d542408"  #  d2  lea rdx, [r12+8]              struct rlimit64 {soft, hard}
+    "4531d2"  #  d7  xor r10d, r10d                no old limits
     "0f05"  #  da  syscall
     "4885c0"  #  dc  test rax, rax
     "7509"  #  df  jne limits_failed
     "4983c418"  #  e1  add r12, 24
     "49ffcd"  #  e5  dec r13
     "ebd8"  #  e8  jmp limit
-    "48c783a800000002000000"  #  ea  limits_failed: mov qword [rbx+168], 2 failed: a limit
+    "48c783a800000002000000"  #  ea  limits_failed: mov qword [rbx+168], 2  failed: a limit
     "e95f010000"  #  f5  jmp fail
-    "488bbbc8000000"  #  fa  user: mov rdi, qword [rbx+200] groups; 0: the same user
+    "488bbbc8000000"  #  fa  user: mov rdi, qword [rbx+200]  groups; 0: the same user
     "4885ff"  # 101  test rdi, rdi
     "7455"  # 104  je pdeathsig
-    "488bb3c0000000"  # 106  mov rsi, qword [rbx+192]       the groups, as gid_t
-    "b874000000"  # 10d  mov eax, 116                   setgroups
+    "488bb3c0000000"  # 106  mov rsi, qword [rbx+192]      the groups, as gid_t
+    "b874000000"  # 10d  mov eax, 116                  setgroups
     "0f05"  # 112  syscall
     "4885c0"  # 114  test rax, rax
     "7532"  # 117  jne user_failed
-    "488bbbd8000000"  # 119  mov rdi, qword [rbx+216]       the gid
+    "488bbbd8000000"  # 119  mov rdi, qword [rbx+216]      the gid
     "4889fe"  # 120  mov rsi, rdi
     "4889fa"  # 123  mov rdx, rdi
-    "b877000000"  # 126  mov eax, 119                   setresgid
+    "b877000000"  # 126  mov eax, 119                  setresgid
     "0f05"  # 12b  syscall
     "4885c0"  # 12d  test rax, rax
     "7519"  # 130  jne user_failed
-    "488bbbd0000000"  # 132  mov rdi, qword [rbx+208]       the uid
+    "488bbbd0000000"  # 132  mov rdi, qword [rbx+208]      the uid
     "4889fe"  # 139  mov rsi, rdi
     "4889fa"  # 13c  mov rdx, rdi
-    "b875000000"  # 13f  mov eax, 117                   setresuid
+    "b875000000"  # 13f  mov eax, 117                  setresuid
     "0f05"  # 144  syscall
     "4885c0"  # 146  test rax, rax
     "7410"  # 149  je pdeathsig
-    "48c783a800000003000000"  # 14b  user_failed: mov qword [rbx+168], 3 failed: the user
+    "48c783a800000003000000"  # 14b  user_failed: mov qword [rbx+168], 3  failed: the user
     "e9fe000000"  # 156  jmp fail
-    "b89d000000"  # 15b  pdeathsig: mov eax, 157        prctl (a change of user clears it)
-    "bf01000000"  # 160  mov edi, 1                     PR_SET_PDEATHSIG
-    "be09000000"  # 165  mov esi, 9                     SIGKILL
+    "b89d000000"  # 15b  pdeathsig: mov eax, 157       prctl (a change of user clears it)
+    "bf01000000"  # 160  mov edi, 1                    PR_SET_PDEATHSIG
+    "be09000000"  # 165  mov esi, 9                    SIGKILL
     "0f05"  # 16a  syscall
     "4885c0"  # 16c  test rax, rax
     "0f85e4000000"  # 16f  jne fail
-    "b86e000000"  # 175  mov eax, 110                   getppid
+    "b86e000000"  # 175  mov eax, 110                  getppid
     "0f05"  # 17a  syscall
-    "483b8388000000"  # 17c  cmp rax, qword [rbx+136]       the parent's pid
-    "48c7c0fdffffff"  # 183  mov rax, -3                    ESRCH: the parent died before
+    "483b8388000000"  # 17c  cmp rax, qword [rbx+136]      the parent's pid
+    "48c7c0fdffffff"  # 183  mov rax, -3                   ESRCH: the parent died before
     "0f85c9000000"  # 18a  jne fail
-    "4883ec40"  # 190  sub rsp, 64                    a sigaction read, a SIG_DFL one
+    "4883ec40"  # 190  sub rsp, 64                   a sigaction read, a SIG_DFL one
     "31c0"  # 194  xor eax, eax
     "4889442420"  # 196  mov qword [rsp+32], rax
     "4889442428"  # 19b  mov qword [rsp+40], rax
     "4889442430"  # 1a0  mov qword [rsp+48], rax
     "4889442438"  # 1a5  mov qword [rsp+56], rax
     "41bc01000000"  # 1aa  mov r12d, 1
-    "b80d000000"  # 1b0  query: mov eax, 13             rt_sigaction
+    "b80d000000"  # 1b0  query: mov eax, 13            rt_sigaction
     "4489e7"  # 1b5  mov edi, r12d
     "31f6"  # 1b8  xor esi, esi
     "4889e2"  # 1ba  mov rdx, rsp
@@ -473,13 +473,13 @@ _CLONE_SPAWN_CODE = bytes.fromhex(
     "0f05"  # 1c3  syscall
     "4885c0"  # 1c5  test rax, rax
     "752a"  # 1c8  jne next
-    "48833c2401"  # 1ca  cmp qword [rsp], 1             a handler (not DFL/IGN)
+    "48833c2401"  # 1ca  cmp qword [rsp], 1            a handler (not DFL/IGN)
     "770c"  # 1cf  ja reset
-    "4183fc0d"  # 1d1  cmp r12d, 13                   SIGPIPE, ignored by Python
+    "4183fc0d"  # 1d1  cmp r12d, 13                  SIGPIPE, ignored by Python
     "7406"  # 1d5  je reset
-    "4183fc19"  # 1d7  cmp r12d, 25                   SIGXFSZ, ignored by Python
+    "4183fc19"  # 1d7  cmp r12d, 25                  SIGXFSZ, ignored by Python
     "7517"  # 1db  jne next
-    "b80d000000"  # 1dd  reset: mov eax, 13             rt_sigaction
+    "b80d000000"  # 1dd  reset: mov eax, 13            rt_sigaction
     "4489e7"  # 1e2  mov edi, r12d
     "488d742420"  # 1e5  lea rsi, [rsp+32]
     "31d2"  # 1ea  xor edx, edx
@@ -489,7 +489,7 @@ _CLONE_SPAWN_CODE = bytes.fromhex(
     "4183fc40"  # 1f7  cmp r12d, 64
     "76b3"  # 1fb  jbe query
     "4531e4"  # 1fd  xor r12d, r12d
-    "b821000000"  # 200  dup: mov eax, 33               dup2: stdin, stdout, stderr -> 0, 1, 2
+    "b821000000"  # 200  dup: mov eax, 33              dup2: stdin, stdout, stderr -> 0, 1, 2
     "4a8b7ce370"  # 205  mov rdi, qword [rbx+r12*8+112]
     "4489e6"  # 20a  mov esi, r12d
     "0f05"  # 20d  syscall
@@ -498,27 +498,27 @@ _CLONE_SPAWN_CODE = bytes.fromhex(
     "41ffc4"  # 214  inc r12d
     "4183fc03"  # 217  cmp r12d, 3
     "72e3"  # 21b  jb dup
-    "b86d000000"  # 21d  mov eax, 109                   setpgid (0, 0): a group of its own
+    "b86d000000"  # 21d  mov eax, 109                  setpgid (0, 0): a group of its own
     "31ff"  # 222  xor edi, edi
     "31f6"  # 224  xor esi, esi
     "0f05"  # 226  syscall
     "4885c0"  # 228  test rax, rax
     "752c"  # 22b  jne fail
-    "b80e000000"  # 22d  mov eax, 14                    rt_sigprocmask
-    "bf02000000"  # 232  mov edi, 2                     SIG_SETMASK: nothing blocked
+    "b80e000000"  # 22d  mov eax, 14                   rt_sigprocmask
+    "bf02000000"  # 232  mov edi, 2                    SIG_SETMASK: nothing blocked
     "488d742420"  # 237  lea rsi, [rsp+32]
     "31d2"  # 23c  xor edx, edx
     "41ba08000000"  # 23e  mov r10d, 8
     "0f05"  # 244  syscall
-    "488b7b58"  # 246  mov rdi, qword [rbx+88]        the program
-    "488b7360"  # 24a  mov rsi, qword [rbx+96]        argv
-    "488b5368"  # 24e  mov rdx, qword [rbx+104]       envp
-    "b83b000000"  # 252  mov eax, 59                    execve
+    "488b7b58"  # 246  mov rdi, qword [rbx+88]       the program
+    "488b7360"  # 24a  mov rsi, qword [rbx+96]       argv
+    "488b5368"  # 24e  mov rdx, qword [rbx+104]      envp
+    "b83b000000"  # 252  mov eax, 59                   execve
     "0f05"  # 257  syscall
     "48f7d8"  # 259  fail: neg rax
-    "48898398000000"  # 25c  mov qword [rbx+152], rax       the errno, for the parent
+    "48898398000000"  # 25c  mov qword [rbx+152], rax      the errno, for the parent
     "bf7f000000"  # 263  mov edi, 127
-    "b83c000000"  # 268  mov eax, 60                    exit
+    "b83c000000"  # 268  mov eax, 60                   exit
     "0f05"  # 26d  syscall
 )
 _CLONE_VM = 0x100
