@@ -19,7 +19,14 @@ import pytest
 
 import fleetctl
 from fleetd.core import cgroups
-from fleetd.holder.descendants import Lineage, Process, TreeDescendants, member_of
+from fleetd.holder.descendants import (
+    CgroupDescendants,
+    Lineage,
+    Process,
+    TreeDescendants,
+    member_of,
+)
+from fleetd.holder.spawn import Spawner
 from protocol.members import MemberState
 from tests.processes import (
     Fleetd,
@@ -290,6 +297,50 @@ def test_each_member_has_a_cgroup_of_its_own_removed_when_it_leaves(
         assert processes.alive() == [] and not os.path.exists(paths["a"])
         assert os.path.exists(paths["b"])
     assert not os.path.exists(holder_cgroup)
+
+
+@pytest.fixture
+def member_cgroup(cgroup_mode: None) -> Iterator[cgroups.Cgroup]:
+    """A fresh cgroup under ours, made as a holder makes a member's."""
+    holder = cgroups.Cgroup(
+        os.path.join(cgroups.own_directory() or "", f"fleet-test-descendants.{os.getpid()}")
+    )
+    holder.create()
+    member = cgroups.Cgroup(os.path.join(holder.path, "m.member"))
+    member.create()
+    yield member
+    holder.kill()
+    assert holder.remove()
+
+
+async def ended_after(descendants: CgroupDescendants, argv: list[str]) -> int:
+    """`argv` spawned into the member's cgroup and reaped, then the member's end, as its
+    supervisor calls it once the main process exited: how many processes linger."""
+    assert descendants.cgroup is not None
+    child = Spawner().spawn(argv, dict(os.environ), None, 1, 2, cgroup=descendants.cgroup)
+    _, status = await anyio.to_thread.run_sync(os.waitpid, child.pid, 0)
+    child.reaped(os.waitstatus_to_exitcode(status))
+    with anyio.fail_after(5):
+        return await descendants.end()
+
+
+async def test_a_member_that_left_nothing_behind_keeps_a_cgroup_its_restart_is_born_into(
+    member_cgroup: cgroups.Cgroup,
+) -> None:
+    """No cgroup.kill of an empty cgroup: a restart then joins it without a write to
+    cgroup.procs, and its wait for an RCU grace period (fleetd.holder.spawn)."""
+    descendants = CgroupDescendants(member_cgroup)
+    assert await ended_after(descendants, ["true"]) == 0
+    assert member_cgroup.born_into
+
+
+async def test_a_member_that_left_a_process_behind_has_it_killed_and_is_joined_by_a_write(
+    member_cgroup: cgroups.Cgroup,
+) -> None:
+    descendants = CgroupDescendants(member_cgroup)
+    assert await ended_after(descendants, ["sh", "-c", "sleep 1000 &"]) == 0
+    assert not member_cgroup.populated()
+    assert not member_cgroup.born_into
 
 
 # --- detached clusters ----------------------------------------------------------------------------

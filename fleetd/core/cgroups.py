@@ -113,10 +113,15 @@ def within_hierarchy(path: str) -> bool:
 class Cgroup:
     """One cgroup directory. Reads and writes are single syscalls on kernfs: none blocks."""
 
-    __slots__ = ("name", "path")  # one per member of a holder
+    __slots__ = ("born_into", "name", "path")  # one per member of a holder
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.born_into = False
+        """Whether a child may be born into it (clone3's CLONE_INTO_CGROUP) rather than join
+        it by a write to cgroup.procs, which waits for an RCU grace period (milliseconds):
+        only while it is one `create` made and `kill` never emptied. Linux 6.18 SIGKILLs at
+        birth a child born into a cgroup that cgroup.kill emptied (see fleetd.holder.spawn)."""
         root = hierarchy() or ""
         self.name = path[len(root) :] or "/"
         """As /proc/PID/cgroup names it."""
@@ -129,9 +134,13 @@ class Cgroup:
         return os.path.join(self.path, PROCS_FILE)
 
     def create(self) -> None:
-        """Make it; one that exists already is taken as it is. Raises OSError."""
-        with contextlib.suppress(FileExistsError):
+        """Make it; one that exists already is taken as it is (whatever was done to it, a
+        child joins it by a write). Raises OSError."""
+        try:
             os.mkdir(self.path, 0o755)
+        except FileExistsError:
+            return
+        self.born_into = True
 
     def exists(self) -> bool:
         return os.path.isdir(self.path)
@@ -163,6 +172,7 @@ class Cgroup:
 
     def kill(self) -> None:
         """SIGKILL every process in it and below it, and any it forks meanwhile (Linux 5.14+)."""
+        self.born_into = False
         with (
             contextlib.suppress(FileNotFoundError),
             open(os.path.join(self.path, KILL_FILE), "w") as f,

@@ -384,8 +384,8 @@ class Descendants:
 
     __slots__ = ()
 
-    cgroup: str = ""
-    """The member's cgroup directory, or "" when it has none."""
+    cgroup: Cgroup | None = None
+    """The member's cgroup, when it has one."""
 
     def signal(self, signum: int, main: int) -> None:
         """A stop begins: send `signum`, then SIGCONT, to every process of the member outside
@@ -476,7 +476,7 @@ class CgroupDescendants(Descendants):
 
     def __init__(self, cgroup: Cgroup) -> None:
         self._cgroup = cgroup
-        self.cgroup = cgroup.path
+        self.cgroup = cgroup
 
     def signal(self, signum: int, main: int) -> None:
         for pid in self._cgroup.processes():

@@ -809,7 +809,7 @@ class Member:
         cwd = self.expand(self.spec.cwd) if self.spec.cwd else None
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
-        cgroup = self._descendants.cgroup if self._descendants is not None else ""
+        cgroup = self._descendants.cgroup if self._descendants is not None else None
         self._spawning = True
         try:
             runenv = self._host.runenvs.of(self.spec)  # known since the member was admitted
@@ -821,7 +821,7 @@ class Member:
                 out_write,
                 err_write,
                 done=functools.partial(self._spawned, out_read, err_read),
-                cgroup=cgroup or None,
+                cgroup=cgroup,
                 setup=runenv.setup,
             )
         except OSError as exc:  # not even handed over
