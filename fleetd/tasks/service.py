@@ -477,10 +477,10 @@ class TaskService:
         slot.launched = False
         slot.artifacts = []
         self._busy += 1
-        if run.run.status == "queued":
+        self._soon(self._start_attempt, run, task, slot)
+        if run.run.status == "queued":  # written after the worker is on its way
             run.run = msgspec.structs.replace(run.run, status="running", updated_at=_now())
             self._soon(self._write_run, run)
-        self._soon(self._start_attempt, run, task, slot)
 
     async def _start_attempt(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         """Start the worker, then write its lease with its `running` (one commit, not two): at
