@@ -61,6 +61,7 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.outcomes import EXIT_CODES, Outcome
+from protocol.runs import RunDetail, TaskList
 from protocol.status import MemberStatus
 from tests.processes import short_tempdir
 
@@ -532,6 +533,18 @@ class FakeFleetd:
         LeaseList: {"leases": []},
         VersionResult: {"version": RELEASE, "protocol": PROTOCOL_VERSION},
         MetricsText: {"text": "# HELP fleet_up Up.\n# TYPE fleet_up gauge\nfleet_up 1\n"},
+        RunDetail: {
+            "run": {"id": "run-1", "name": "r", "status": "queued", "created_at": "t"},
+            "summary": {"id": "run-1", "name": "r", "status": "queued", "created_at": "t"},
+        },
+        TaskList: {
+            "tasks": [
+                {
+                    "entry": {"run_id": "run-1", "task_id": "a", "priority": 0, "enqueued_at": "t"},
+                    "state": "queued",
+                },
+            ]
+        },
     }
 
     def __init__(self, path: str) -> None:

@@ -70,7 +70,8 @@ class TaskViews:
         kept = self._runs.get(run_id)
         ran = [id(task) for task in running]
         if kept is None or kept.running != ran or now >= kept.expires or kept.records != records:
-            kept = self._runs[run_id] = self._remade(kept, records, ran, make, now)
+            kept = self._runs[run_id] = self._remade(kept, records, ran, make)
+            return kept.views
         if not kept.fresh:
             return kept.views
         views = list(kept.views)
@@ -84,7 +85,6 @@ class TaskViews:
         records: list[TaskRecord],
         running: list[int],
         make: Callable[[TaskRecord], TaskView],
-        now: float,
     ) -> _Kept:
         """The views made again, each from the old one where its record is unchanged."""
         kept = _Kept()
