@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from fleetctl._fast.argv import Command
-    from fleetctl._fast.tasks import Page
     from fleetctl._fast.wire import Fields
 
 
@@ -319,23 +318,29 @@ def _is_int(value: object) -> bool:
 
 def _tasks_list(command: Command) -> int:
     """As fleetctl.runs.tasks_list: every page (fleetctl._fast.tasks reads them), then the
-    table or the envelope."""
+    table or the envelope. The next page is asked for before this one is read: fleetd makes
+    it meanwhile."""
     from fleetctl._fast.tasks import columns, page  # its expression compiles in 0.5 ms
 
     run = quote(command.params["run"])
-    pages: list[Page] = []
+    texts: list[str] = []
+    table: list[list[str]] = [[] for _ in range(7)]
     with _connect(command) as connection:
         connection.hello(then=_task_list(run, ""))
         while True:
-            pages.append(page(connection.receive_text()))
-            if not pages[-1].next:
+            each = page(connection.receive_text())
+            if each.next:
+                connection.send(_task_list(run, each.next))
+            for column, cells in zip(table, columns(each), strict=True):
+                column.extend(cells)
+            if each.text:
+                texts.append(each.text)
+            if not each.next:
                 break
-            connection.send(_task_list(run, pages[-1].next))
-    table = tasks_table(columns(pages))  # click's path makes it with --json too: it checks
+    text = tasks_table(table)  # the click command makes it with --json too: it checks them
     if command.json:
-        tasks = ",".join(each.text for each in pages if each.text)
-        return _envelope(f'{{"outcome":"ok","tasks":[{tasks}]}}')
-    return _print(table)
+        return _envelope(f'{{"outcome":"ok","tasks":[{",".join(texts)}]}}')
+    return _print(text)
 
 
 def _task_list(run: str, after: str) -> str:

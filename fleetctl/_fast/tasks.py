@@ -70,17 +70,11 @@ def page(result: str) -> Page:
     return Page(text[1:-1].strip(), cursor, tasks)
 
 
-def columns(pages: list[Page]) -> list[list[str]]:
-    """The cells of the table's columns (fleetctl.table.TASK_COLUMNS), every page's tasks in
-    order, as fleetctl.runs makes them of TaskViews."""
-    table: list[list[str]] = [[] for _ in range(7)]
-    for each in pages:
-        part = _plain_columns(each.text) if each.tasks is None else None
-        if part is None:
-            part = _decoded_columns(_decoded(each))
-        for column, cells in zip(table, part, strict=True):
-            column.extend(cells)
-    return table
+def columns(each: Page) -> list[list[str]]:
+    """The cells of a page's tasks, in the table's columns (fleetctl.table.TASK_COLUMNS), as
+    fleetctl.runs makes them of TaskViews."""
+    found = _plain_columns(each.text) if each.tasks is None else None
+    return _decoded_columns(_decoded(each)) if found is None else found
 
 
 def _decoded(each: Page) -> list[Any]:
