@@ -11,7 +11,7 @@ import time
 from binascii import b2a_base64
 
 from fleetctl import _stdout
-from fleetctl._fast.wire import Connection, Failure, malformed, quote
+from fleetctl._fast.wire import Connection, Failure, is_int, malformed, quote
 from fleetctl.table import status_table, tasks_table
 from protocol import MAX_CLAIM_CONTENT, MAX_TASK_PAGE, PROTOCOL_VERSION, RELEASE
 from protocol.paths import client_socket_path
@@ -272,16 +272,17 @@ def _runs_show(command: Command) -> int:
     with _connect(command) as connection:
         connection.hello(then=f'"op":"run_show","run":{quote(command.params["run"])}')
         detail = connection.receive()
-    run, summary = _value(detail, "run", dict), _value(detail, "summary", dict)
-    if command.json:
+    text = _run_text(_value(detail, "run", dict), _value(detail, "summary", dict))
+    if command.json:  # what it prints is checked all the same, as click decodes it
         return _envelope(
             f'{{"outcome":"ok","run":{_text(detail, "run", "")},'
             f'"summary":{_text(detail, "summary", "")}}}'
         )
-    return _print(_run_text(run, summary))
+    return _print(text)
 
 
 def _run_text(run: dict[str, Any], summary: dict[str, Any]) -> str:
+    """As fleetctl.runs.runs_show says it, of the result's JSON form."""
     workers = run.get("worker_specs", [])
     tasks = summary.get("tasks", {})
     ended = summary.get("completed_at", "")
@@ -292,7 +293,7 @@ def _run_text(run: dict[str, Any], summary: dict[str, Any]) -> str:
         and isinstance(workers, list)
         and all(_is_worker(worker) for worker in workers)
         and isinstance(tasks, dict)
-        and all(_is_int(count) for count in tasks.values())
+        and all(is_int(count) for count in tasks.values())
     ):
         raise malformed()
     slots = ", ".join(f"{w['id']} x{w.get('max_concurrent_tasks') or 1}" for w in workers)
@@ -309,11 +310,7 @@ def _is_worker(worker: object) -> bool:
     if not isinstance(worker, dict) or not isinstance(worker.get("id"), str):
         return False
     slots = worker.get("max_concurrent_tasks")
-    return slots is None or _is_int(slots)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return slots is None or is_int(slots)
 
 
 def _tasks_list(command: Command) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from fleetctl._fast.wire import _scan, fields, malformed
+from fleetctl._fast.wire import _scan, fields, is_int, malformed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -165,8 +165,3 @@ def _cells(task: dict[str, Any]) -> tuple[str, str, str, str]:
         raise malformed()
     note = error or (f"retry after {retry}" if retry else "")
     return str(attempts), worker or "-", result or "-", note
-
-
-def is_int(value: object) -> bool:
-    """Whether `value` decodes as msgspec decodes an int (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -117,6 +117,11 @@ def fields(text: str, *, inner: str = "") -> Fields:
     return found
 
 
+def is_int(value: object) -> bool:
+    """Whether `value` decodes as msgspec decodes an int (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def malformed() -> Failure:
     """A result the command cannot read, reported as protocol.connection.decode_result would."""
     return Failure("error", "bad_frame", "malformed result")
