@@ -13,7 +13,8 @@ import msgspec
 
 from fleetctl.cli import MAX_TIMEOUT, Duration, Globals, _client_call, cli
 from fleetctl.output import emit, printable
-from protocol import MAX_FRAME
+from fleetctl.table import tasks_table
+from protocol import MAX_FRAME, MAX_TASK_PAGE
 from protocol.outcomes import Outcome
 
 MAX_RUN_FILE = MAX_FRAME - 4096
@@ -155,12 +156,12 @@ def tasks_list(g: Globals, run: str) -> None:
 
 
 def _every_task(client: Any, run: str) -> Iterator[Any]:
-    """The tasks, page after page."""
+    """The tasks, page after page (as many as fleetd puts in one)."""
     from protocol.runs import TaskListRequest
 
     after = ""
     while True:
-        page = client.request(TaskListRequest, run=run, after=after)
+        page = client.request(TaskListRequest, run=run, after=after, limit=MAX_TASK_PAGE)
         yield from page.tasks
         if not page.next:
             return
@@ -168,19 +169,17 @@ def _every_task(client: Any, run: str) -> Iterator[Any]:
 
 
 def _tasks_table(tasks: list[Any]) -> str:
-    rows = [
-        (
-            t.entry.run_id,
-            t.entry.task_id,
-            t.state,
-            str(t.entry.attempts),
-            t.worker_id or "-",
-            t.result or "-",
-            t.error or (f"retry after {t.not_before}" if t.not_before else ""),
-        )
-        for t in tasks
-    ]
-    return _table(("RUN", "TASK", "STATE", "ATTEMPTS", "WORKER", "RESULT", "NOTE"), rows)
+    return tasks_table(
+        [
+            [t.entry.run_id for t in tasks],
+            [t.entry.task_id for t in tasks],
+            [t.state for t in tasks],
+            [str(t.entry.attempts) for t in tasks],
+            [t.worker_id or "-" for t in tasks],
+            [t.result or "-" for t in tasks],
+            [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in tasks],
+        ]
+    )
 
 
 # -- events ---------------------------------------------------------------------------------

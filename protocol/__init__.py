@@ -37,3 +37,8 @@ MAX_FRAME = 1 << 20
 MAX_CLAIM_CONTENT = 512 * 1024
 """Bytes: the most a claim may deliver (protocol.claims.MAX_CONTENT), here for fleetctl's fast
 path, which refuses more before it sends anything. Base64 on the wire must fit a frame."""
+
+MAX_TASK_PAGE = 5000
+"""Tasks one task_list answer holds at most (protocol.runs.TaskListRequest's `limit`), here
+for fleetctl's fast path, which pages through them with the largest. fleetd ends a page
+sooner when its views would not fit a frame."""

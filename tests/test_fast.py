@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import click
 import msgspec
@@ -30,15 +30,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetctl import _fast
+from fleetctl._fast import tasks as fast_tasks
 from fleetctl._fast.argv import _GLOBAL as GLOBAL_OPTIONS
 from fleetctl._fast.argv import LEAST_TIMEOUT, MOST_TIMEOUT, SPECS, Command, _text
 from fleetctl._fast.wire import ERROR_OUTCOMES, quote
 from fleetctl.cli import MAX_TIMEOUT, cli
+from fleetctl.runs import _table, _tasks_table
 from fleetctl.sync import SyncClient
+from fleetctl.table import TASK_COLUMNS, tasks_table
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION
 from protocol.errors import ERRORS_BY_CODE, MemberFailed
 from protocol.paths import client_socket_path
+from protocol.runs import TASK_STATES, Drain, TaskList, TaskView
+from protocol.tasks import InboxEntry, TaskResult
 from tests.processes import FLEETCTL, Fleetd, kill_holders, running_fleetd
+from tests.test_tasks import submit, task, views, wait_run, worker
 
 CLICK = [
     sys.executable,
@@ -149,8 +155,9 @@ WORDS = [
     *("--name", "--wait", "--wait=1", "--idempotent", "--timeout=0"),
     *("15s", "1m30s", "500ms", "0", "0.0005", "-1", "+5", " 7 ", "1_0", "٣", "1e3", "nan"),
     *("99999999999999999999999", "31536001", "2y", "a", "web/a", "file", "", NOT_UTF8),
+    *("runs", "tasks", "show", "--run", "--run=", "--run=run-1", "run-1"),
 ]
-PREFIXES = [[], ["lease"], ["claims"], *(name.split() for name in SPECS)]
+PREFIXES = [[], ["lease"], ["claims"], ["runs"], ["tasks"], *(name.split() for name in SPECS)]
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -248,6 +255,11 @@ def test_command_lines_of_fast_commands_are_read_as_click_reads_them_or_not_at_a
         ["status", "--json"],
         ["lease", "acquire", "build", "--owner", "a", "--json"],
         ["claims", "inspect", "--json", "--kind", "lease", "--key", "build"],
+        ["runs", "show", "run-1"],
+        ["runs", "show", "run-1", "--json"],
+        ["tasks", "list", "--run", "run-1"],
+        ["--json", "tasks", "list", "--run=run-1"],
+        ["tasks", "list"],
     ],
 )
 def test_the_command_lines_scripts_write_take_the_fast_path(argv: list[str]) -> None:
@@ -277,6 +289,13 @@ def test_the_command_lines_scripts_write_take_the_fast_path(argv: list[str]) -> 
         ["lease", "list"],
         ["claims", "acquire", "--kind", "file", "--key", "k"],
         ["status", NOT_UTF8],
+        ["runs", "show"],
+        ["runs", "show", "a", "b"],
+        ["runs", "list"],
+        ["tasks"],
+        ["tasks", "list", "--run"],
+        ["tasks", "list", "--state", "queued"],
+        ["tasks", "list", "stray"],
     ],
 )
 def test_what_the_fast_path_does_not_take_is_left_to_click(argv: list[str]) -> None:
@@ -592,6 +611,9 @@ EVERY_COMMAND = [
     ["claims", "acquire", "--kind", "file", "--key", "k", "--owner", "a"],
     ["claims", "release", "--kind", "file", "--key", "k", "--owner", "a"],
     ["claims", "inspect", "--kind", "file", "--key", "k"],
+    ["runs", "show", "run-1"],
+    ["tasks", "list"],
+    ["tasks", "list", "--run", "run-1"],
 ]
 EVERY_LINE = [
     pytest.param([*head, *argv], id=" ".join([*head, *argv[:2]]))
@@ -602,8 +624,9 @@ EVERY_LINE = [
 
 class FakeDaemon:
     """A control socket that answers hello as `hello` says (None: never answers anything),
-    each op in `answers` with its result (encoded as fleetd encodes it, and written a few
-    bytes at a time), and leaves every other request unanswered."""
+    each op in `answers` with its result (or what a function of the request returns; encoded
+    as fleetd encodes it, and written a few bytes at a time), and leaves every other request
+    unanswered."""
 
     def __init__(
         self, path: str, hello: dict[str, Any] | None, answers: dict[str, Any] | None = None
@@ -641,6 +664,8 @@ class FakeDaemon:
                         conn.sendall(json.dumps(answer).encode() + b"\n")
                     elif request["op"] in self.answers:
                         result = self.answers[request["op"]]
+                        if callable(result):
+                            result = result(request)
                         answer = {"id": request["id"], "ok": True, "result": result}
                         self._dribble(conn, msgspec.json.encode(answer) + b"\n")
 
@@ -762,3 +787,167 @@ def test_ctrl_c_while_waiting_is_reported_as_click_reports_it(tempdir: str) -> N
             out, err = process.communicate(timeout=30)
             results.append((process.returncode, out, err))
     assert results[0] == results[1] == (1, b"", b"\nfleetctl: aborted\n")
+
+
+# -- runs and tasks ---------------------------------------------------------------------------
+
+
+def test_the_fast_paths_task_states_and_results_are_the_protocols() -> None:
+    assert set(TASK_STATES) == fast_tasks.TASK_STATES
+    assert set(get_args(TaskResult)) == fast_tasks.TASK_RESULTS
+
+
+CELLS = st.text(max_size=8) | st.sampled_from(["-", "", " ", "a ", "é", "\u3000", "x\x1c"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            CELLS, CELLS, CELLS, CELLS, CELLS, st.sampled_from(["-", "pass", "timeout"]), CELLS
+        ),
+        max_size=6,
+    )
+)
+def test_the_tasks_table_is_the_row_by_row_table(rows: list[tuple[str, ...]]) -> None:
+    columns = [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(7)]
+    assert tasks_table(columns) == _table(TASK_COLUMNS, rows)
+
+
+TEXTS = st.text(max_size=12) | st.sampled_from(["", "w1", 'a"b', "x}y{", "é\\n", "t\u2028"])
+VIEWS = st.builds(
+    TaskView,
+    entry=st.builds(
+        InboxEntry,
+        run_id=st.sampled_from(["run-1", "run-22"]),
+        task_id=TEXTS,
+        priority=st.integers(-3, 3),
+        enqueued_at=st.just("2026-12-03T23:41:05.350165Z"),
+        attempts=st.integers(0, 12),
+        worker_id=st.none() | TEXTS,
+        not_before=st.none() | TEXTS,
+    ),
+    state=st.sampled_from(TASK_STATES),
+    name=TEXTS,
+    worker_id=TEXTS,
+    attempt_id=TEXTS,
+    not_before=TEXTS,
+    result=st.none() | st.sampled_from(get_args(TaskResult)),
+    error=TEXTS,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(VIEWS, max_size=5), min_size=1, max_size=3))
+def test_pages_read_without_decoding_them_make_clicks_table(pages: list[list[TaskView]]) -> None:
+    """Whatever the tasks hold (escapes, braces, tasks never run or run): the columns read
+    from each page's text are those fleetctl.runs makes of the decoded tasks."""
+    read = [
+        fast_tasks.page(msgspec.json.encode(TaskList(tasks=tasks, next="t")).decode())
+        for tasks in pages
+    ]
+    everything = [view for tasks in pages for view in tasks]
+    table: list[list[str]] = [[] for _ in range(7)]
+    for each in read:
+        for column, cells in zip(table, fast_tasks.columns(each), strict=True):
+            column.extend(cells)
+    assert tasks_table(table) == _tasks_table(everything)
+    assert ",".join(each.text for each in read if each.text) == ",".join(
+        msgspec.json.encode(view).decode() for view in everything
+    )
+
+
+@pytest.fixture
+def runs(holders: Fleetd) -> Iterator[tuple[Fleetd, dict[str, str]]]:
+    """fleetd with runs in each state a listing shows: one ended (a task passed, one failed),
+    one whose task waits for its retry, and two queued while dispatch is drained (one whose
+    task name holds quotes and braces, which fleetd escapes or the fast path reads apart)."""
+    daemon = holders
+    ended = submit(
+        daemon,
+        [task("ok"), task("bad", {"exit": 3}, retry_policy={"max_attempts": 1})],
+        [worker()],
+    )
+    waiting = submit(
+        daemon,
+        [task("again", {"exit": 3}, retry_policy={"initial_backoff_seconds": 300})],
+        [worker("w2")],
+    )
+    wait_run(daemon, ended)
+    deadline = time.monotonic() + 20
+    while (view := views(daemon, waiting)[0]).entry.attempts != 1 or view.state != "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    queued = submit(daemon, [task(f"t{n}") for n in range(30)], [worker(slots=3)])
+    odd = submit(daemon, [{**task("t1"), "name": 'say "hi" {now} é'}], [worker()])
+    yield daemon, {"ended": ended, "waiting": waiting, "queued": queued, "odd": odd}
+
+
+def test_runs_show_prints_and_exits_as_click_does(runs: tuple[Fleetd, dict[str, str]]) -> None:
+    daemon, ids = runs
+    for run, code in [*((run, 0) for run in ids.values()), ("run-999", 11)]:
+        for argv in (["runs", "show", run], ["--json", "runs", "show", run]):
+            fast, slow = fleetctl_both(argv, daemon.env, daemon.env)
+            assert fast == slow, argv
+            assert fast[0] == code, (argv, fast)
+    shown = fleetctl_both(["runs", "show", ids["ended"]], daemon.env, daemon.env)[0][1]
+    assert ", ended " in shown and "tasks: done=1 failed=1" in shown
+
+
+def test_tasks_list_prints_and_exits_as_click_does(runs: tuple[Fleetd, dict[str, str]]) -> None:
+    daemon, ids = runs
+    for run, code in [("", 0), *((run, 0) for run in ids.values()), ("run-999", 11)]:
+        for argv in (["tasks", "list", "--run", run], ["tasks", "list", f"--run={run}", "--json"]):
+            fast, slow = fleetctl_both(argv, daemon.env, daemon.env)
+            assert fast == slow, argv
+            assert fast[0] == code, (argv, fast)
+    listed = fleetctl_both(
+        ["--json", "tasks", "list", "--run", ids["waiting"]], daemon.env, daemon.env
+    )
+    assert '"not_before":' in listed[0][1]
+
+
+@pytest.mark.parametrize("json_mode", [False, True], ids=["table", "json"])
+def test_pages_of_thousands_of_tasks_print_as_with_click(tempdir: str, json_mode: bool) -> None:
+    """Pages of tasks of every kind (never run, run, failed, waiting; names and errors with
+    escapes and braces), each over many reads, then the next page."""
+    tasks = [
+        TaskView(
+            entry=InboxEntry(
+                run_id="run-7", task_id=f"t{n}", priority=0, enqueued_at="2026-01-01T00:00:00Z"
+            ),
+            state="queued",
+            name=f"task {n}",
+        )
+        for n in range(8000)
+    ]
+    for n in range(0, 8000, 7):
+        tasks[n] = msgspec.structs.replace(
+            tasks[n],
+            state="done",
+            entry=msgspec.structs.replace(tasks[n].entry, attempts=n % 3 + 1),
+            worker_id="w1",
+            result="pass",
+        )
+    tasks[100] = msgspec.structs.replace(tasks[100], state="failed", error="exited 3")
+    tasks[5001] = msgspec.structs.replace(tasks[5001], error='exited 3\n"again" {x}')
+    tasks[5002] = msgspec.structs.replace(tasks[5002], not_before="2026-01-01T00:05:00Z")
+    pages = {"": (tasks[:5000], "t4999"), "t4999": (tasks[5000:], "")}
+
+    def page_after(request: dict[str, Any]) -> Any:
+        assert request["limit"] == 5000
+        listed, after = pages[request.get("after", "")]
+        return msgspec.to_builtins(TaskList(tasks=listed, next=after))
+
+    hello = {"version": PROTOCOL_VERSION, "server": "0.1.0", "pid": 1}
+    argv = ["--json", "tasks", "list"] if json_mode else ["tasks", "list"]
+    with fake_daemon(tempdir, hello, {"task_list": page_after}) as env:
+        fast, slow = fleetctl_both(argv, env, env)
+    assert fast == slow
+    assert fast[0] == 0
+    if json_mode:
+        assert json.loads(fast[1]) == {"outcome": "ok", "tasks": msgspec.to_builtins(tasks)}
+    else:
+        assert fast[1].count("\nrun-7 ") == 8000

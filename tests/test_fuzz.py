@@ -63,7 +63,7 @@ from protocol.messages import (
     VersionResult,
 )
 from protocol.outcomes import EXIT_CODES, Outcome
-from protocol.runs import DrainResult, EmitResult, ReceiptResult, RunDetail, RunResult
+from protocol.runs import DrainResult, EmitResult, ReceiptResult, RunDetail, RunResult, TaskList
 from protocol.status import MemberStatus
 from tests.processes import short_tempdir
 
@@ -551,6 +551,14 @@ class FakeFleetd:
         EmitResult: {"outcome": "acquired", "seq": 1},
         ReceiptResult: {"outcome": "acquired", "receipt": _RECEIPT},
         DrainResult: {"draining": True},
+        TaskList: {
+            "tasks": [
+                {
+                    "entry": {"run_id": "run-1", "task_id": "a", "priority": 0, "enqueued_at": "t"},
+                    "state": "queued",
+                },
+            ]
+        },
     }
 
     def __init__(self, path: str) -> None:

@@ -243,6 +243,8 @@ FAST_COMMANDS = [
     ["claims", "acquire", "--kind", "file", "--key", "k", "--owner", "a"],
     ["claims", "inspect", "--kind", "file", "--key", "k"],
     ["claims", "release", "--kind", "file", "--key", "k", "--owner", "a"],
+    ["runs", "show", "run-1"],
+    ["tasks", "list"],
 ]
 
 
@@ -250,7 +252,33 @@ FAST_COMMANDS = [
 def test_each_fast_command_runs_without_click_msgspec_or_typing(
     argv: list[str], fleetd: Fleetd
 ) -> None:
-    """Each command run to its end against a real fleetd, what it loaded listed after."""
+    assert not top_level(loaded_by(argv, fleetd)) & SLOW_TO_IMPORT, argv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["runs", "show", "run-1"], ["tasks", "list"], ["--json", "tasks", "list", "--run", "run-1"]],
+    ids=" ".join,
+)
+def test_the_run_commands_read_a_run_without_click_msgspec_or_typing(
+    argv: list[str], fleetd: Fleetd
+) -> None:
+    from fleetctl.sync import SyncClient
+    from protocol.runs import Drain, RunSubmit
+
+    run = {
+        "name": "r",
+        "task_specs": [{"id": f"t{n}", "name": "t", "instructions": "x"} for n in range(3)],
+        "worker_specs": [{"id": "w", "name": "w", "host": {"kind": "local"}, "command": ["true"]}],
+    }
+    with SyncClient(fleetd.socket_path) as client:
+        client.request(Drain)
+        client.request(RunSubmit, text=json.dumps(run), format="json")
+    assert not top_level(loaded_by(argv, fleetd)) & SLOW_TO_IMPORT, argv
+
+
+def loaded_by(argv: list[str], fleetd: Fleetd) -> set[str]:
+    """What a fast command loaded, run to its end against `fleetd`."""
     probe = (
         "import sys; from fleetctl import _fast; "
         f"code = _fast.run(_fast.parse({argv!r})); loaded = sorted(sys.modules); import json; "
@@ -263,5 +291,4 @@ def test_each_fast_command_runs_without_click_msgspec_or_typing(
         capture_output=True,
         check=True,
     )
-    loaded = json.loads(done.stderr.decode().splitlines()[-1])
-    assert not top_level(set(loaded)) & SLOW_TO_IMPORT, argv
+    return set(json.loads(done.stderr.decode().splitlines()[-1]))

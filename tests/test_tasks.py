@@ -850,6 +850,24 @@ def test_a_run_of_thousands_of_tasks_is_shown_and_listed_whole(daemon: Fleetd) -
     assert len(json.loads(listed.stdout)["tasks"]) == 4000
 
 
+def test_a_page_of_tasks_ends_before_it_outgrows_a_frame(daemon: Fleetd) -> None:
+    """2,400 tasks of long names: their views would be over a megabyte in one page."""
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    tasks = [{**task(f"t{n}"), "name": "n" * 300} for n in range(2400)]
+    run = submit(daemon, tasks, [worker()])
+    with SyncClient(daemon.socket_path) as client:
+        first = client.request(TaskListRequest, run=run, limit=5000)
+        rest = client.request(TaskListRequest, run=run, limit=5000, after=first.next)
+    assert 0 < len(first.tasks) < 2400
+    assert first.next == first.tasks[-1].entry.task_id
+    assert len(first.tasks) + len(rest.tasks) == 2400
+    assert rest.next == ""
+    listed = run_fleetctl("tasks", "list", "--run", run, env=daemon.env)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 2401
+
+
 def test_a_run_file_larger_than_a_frame_is_refused_clearly(daemon: Fleetd) -> None:
     path = os.path.join(daemon.root, "big.json")
     tasks = [task(f"t{n}", description="x" * 2000) for n in range(600)]

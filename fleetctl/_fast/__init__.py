@@ -11,6 +11,7 @@ and failure alike (tests/test_fast.py runs both and compares):
     up [-f FILE] [--name N] [--wait] [--timeout D] [--idempotent]
     lease acquire|heartbeat|release|inspect   with their options
     claims acquire|release|inspect            with their options; acquire reads stdin
+    runs show RUN, tasks list [--run RUN]     --json or not; tasks list pages through
 
 Anything else (another command, an option spelt otherwise, --help, a typo) is parsed as None
 and goes through click, which prints the usage error. Nothing here imports click, msgspec or
@@ -19,6 +20,7 @@ typing at run time (tests/test_layering.py runs each command and looks).
     argv        command lines read as click reads them, or None
     commands    each command: its requests, what it prints, its exit code
     wire        the control socket: one request or two at a time, answers read with _json
+    tasks       task_list's pages, read without decoding every task
 """
 
 from fleetctl._fast.argv import Command as Command

@@ -164,10 +164,12 @@ SPECS = {
     "claims acquire": _CLAIM_CHANGE,
     "claims release": _CLAIM_CHANGE,
     "claims inspect": _Spec(_KIND_KEY, required=("kind", "key")),
+    "runs show": _Spec({}, arguments=("run", "1")),
+    "tasks list": _Spec({"--run": ("run", _text)}, defaults={"run": ""}),
 }
-"""Each command the fast path serves, as fleetctl/cli.py declares it."""
+"""Each command the fast path serves, as fleetctl/cli.py and fleetctl/runs.py declare it."""
 
-_GROUPS = ("lease", "claims")
+_GROUPS = ("lease", "claims", "runs", "tasks")
 
 
 def parse(argv: list[str]) -> Command | None:

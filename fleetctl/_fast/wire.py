@@ -117,6 +117,11 @@ def fields(text: str, *, inner: str = "") -> Fields:
     return found
 
 
+def is_int(value: object) -> bool:
+    """Whether `value` decodes as msgspec decodes an int (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def malformed() -> Failure:
     """A result the command cannot read, reported as protocol.connection.decode_result would."""
     return Failure("error", "bad_frame", "malformed result")
@@ -261,13 +266,32 @@ class Connection:
     def receive(self) -> Fields:
         """The fields of the result of the oldest answer not yet read; raises Failure for an
         error answer, or none in time."""
+        line, expected = self._next_line()
+        return self._result(line, expected)[0]
+
+    def receive_text(self) -> str:
+        """The JSON text of the result of the oldest answer not yet read, as `receive` reads
+        it, but not decoded when the answer is laid out as fleetd lays out a successful one
+        (`{"id":N,"ok":true,"result":RESULT}`): its caller reads what it needs of a page of
+        thousands of tasks."""
+        line, expected = self._next_line()
+        head = f'{{"id":{expected},"ok":true,"result":{{'
+        if line.startswith(head) and line.endswith("}}"):
+            return line[len(head) - 1 : -1]
+        return self._result(line, expected)[1]
+
+    def _next_line(self) -> tuple[str, int]:
+        """The oldest answer not yet read, and the id it must carry."""
         expected, seconds = self.unanswered.pop(0)
         try:
-            line = self._read_line(time.monotonic() + seconds)
+            return self._read_line(time.monotonic() + seconds), expected
         except TimeoutError:
             raise self._timeout(seconds) from None
         except OSError as exc:
             raise self._lost(exc) from None
+
+    def _result(self, line: str, expected: int) -> tuple[Fields, str]:
+        """The result of answer `line` to request `expected`, and its text."""
         try:
             response = fields(line, inner="result")
         except ValueError:
@@ -276,10 +300,10 @@ class Connection:
         if answered != expected and answered is not None:  # null: a request fleetd could not read
             raise _bad_frame(f"the answer to request {answered!r}, not {expected}")
         if response.get("ok", (None, ""))[0] is True:
-            result = response.get("result", (None, ""))[0]
+            result, text = response.get("result", (None, ""))
             if not isinstance(result, dict):
                 raise malformed()
-            return result
+            return result, text
         error = response.get("error", (None, ""))[0]
         if not isinstance(error, dict):
             raise _bad_frame()

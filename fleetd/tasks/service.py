@@ -28,8 +28,9 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypedDict
 
 import anyio
@@ -48,6 +49,8 @@ from fleetd.tasks.alerts import Alert, Alerter, task_alert
 from fleetd.tasks.events import EventLog, Pending, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
 from fleetd.tasks.scoring import Verdict, reads_files, result_line, score
+from fleetd.tasks.views import EncodedTaskList, TaskViews, fill
+from protocol import MAX_TASK_PAGE
 from protocol.definitions import MemberSpec
 from protocol.errors import Absent, FleetError, InvalidRequest, Unsupported
 from protocol.members import MemberState, MemberStatus, member_log_path
@@ -74,7 +77,6 @@ from protocol.runs import (
     RunShow,
     RunSubmit,
     RunSummary,
-    TaskList,
     TaskListRequest,
     TaskState,
     TaskView,
@@ -122,8 +124,6 @@ CLUSTER = "fleetd.tasks"
 KEPT_ENDED = 64
 """Worker slots of ended runs kept (exited, their logs readable) before the oldest go: the
 holder lives as long as it has a member, so that the next run's first worker starts in it."""
-MAX_PAGE = 5000
-"""Tasks in one task_list answer at most (10,000 would not fit a frame)."""
 CANCEL_WAIT = 30.0
 """Seconds a cancel waits for the run's workers to stop."""
 
@@ -284,6 +284,8 @@ class TaskService:
         self._stale_since: dict[tuple[str, str], float] = {}
         """Tasks whose worker went stale, since when, until one of its attempts ends well."""
         self.alerter = Alerter(on_delivered=self._escalated)
+        self._views = TaskViews()
+        """task_list's views, encoded (fleetd.tasks.views)."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -1086,38 +1088,53 @@ class TaskService:
         run = self._run(request.run)
         return RunDetail(run=run.run, summary=run.summary())
 
-    def list_tasks(self, request: TaskListRequest, peer: Peer) -> TaskList:
-        if not 1 <= request.limit <= MAX_PAGE:
-            raise InvalidRequest(f"a page holds 1 to {MAX_PAGE} tasks, not {request.limit}")
+    def list_tasks(self, request: TaskListRequest, peer: Peer) -> EncodedTaskList:
+        """A page of views (kept encoded: fleetd.tasks.views), up to `limit` and PAGE_BYTES;
+        `next` when a task is left."""
+        limit = request.limit
+        if not 1 <= limit <= MAX_TASK_PAGE:
+            raise InvalidRequest(f"a page holds 1 to {MAX_TASK_PAGE} tasks, not {limit}")
         runs = [self._run(request.run)] if request.run else self._ordered_runs()
         wanted = set(request.states)
-        page: list[TaskView] = []
-        for run, task in self._tasks_after(runs, request.after, qualified=not request.run):
-            if wanted and task.state not in wanted:
-                continue
-            if len(page) == request.limit:
-                last = page[-1].entry
-                after = last.task_id if request.run else f"{last.run_id}/{last.task_id}"
-                return TaskList(tasks=page, next=after)
-            page.append(self._view(run, task))
-        return TaskList(tasks=page)
+        page: list[msgspec.Raw] = []
+        size = 0
+        last = ""
+        self._views.forget_but(self.runs)
+        for run, start in self._tasks_after(runs, request.after, qualified=not request.run):
+            records = list(run.tasks.values())
+            running = [slot.task for slot in run.slots if slot.task is not None]
+            views = self._views.of_run(run.run.id, records, running, partial(self._view, run))
+            chosen: Sequence[int] = range(start, len(records))
+            if wanted:
+                chosen = [at for at in chosen if records[at].state in wanted]
+            offered = [views[at] for at in chosen] if wanted else views[start:]
+            taken, size = fill(page, offered, limit, size)
+            if taken:
+                last = self._cursor(request, run, records[chosen[taken - 1]])
+            if taken < len(chosen):
+                return EncodedTaskList(tasks=page, next=last)
+        return EncodedTaskList(tasks=page)
+
+    @staticmethod
+    def _cursor(request: TaskListRequest, run: RunState, task: TaskRecord) -> str:
+        """The `after` that follows `task`."""
+        return task.task_id if request.run else f"{run.run.id}/{task.task_id}"
 
     def _tasks_after(
         self, runs: list[RunState], after: str, *, qualified: bool
-    ) -> Iterator[tuple[RunState, TaskRecord]]:
-        """Every task of `runs` in order, from the one after `after` on."""
+    ) -> Iterator[tuple[RunState, int]]:
+        """Each of `runs` whose tasks follow `after`, with the position of the first of them."""
         run_id, _, task_id = after.rpartition("/") if qualified else ("", "", after)
         started = not after
         for run in runs:
             if not started and qualified and run.run.id != run_id:
                 continue
-            tasks = iter(run.tasks.values())
+            start = 0
             if not started:
-                tasks = itertools.dropwhile(lambda task: task.task_id != task_id, tasks)
-                next(tasks, None)
+                ids = list(run.tasks)
+                start = ids.index(task_id) + 1 if task_id in run.tasks else len(ids)
                 started = True
-            for task in tasks:
-                yield run, task
+            yield run, start
 
     def _view(self, run: RunState, task: TaskRecord) -> TaskView:
         slot = self._slot(task.member)
@@ -1127,7 +1144,7 @@ class TaskService:
                 run_id=run.run.id,
                 task_id=task.task_id,
                 priority=task.priority,
-                enqueued_at=timestamp(task.enqueued_at),
+                enqueued_at=self._views.stamp(task.enqueued_at),
                 lease_deadline=timestamp(slot.lease_deadline) if live and slot else None,
                 attempts=task.attempts,
             ),
