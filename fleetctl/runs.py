@@ -13,7 +13,7 @@ import msgspec
 
 from fleetctl.cli import MAX_TIMEOUT, Duration, Globals, _client_call, cli
 from fleetctl.output import emit, printable
-from fleetctl.table import tasks_table
+from fleetctl.table import TASK_COLUMNS, tasks_table
 from protocol import MAX_FRAME, MAX_TASK_PAGE
 from protocol.outcomes import Outcome
 
@@ -149,37 +149,31 @@ def tasks_list(g: Globals, run: str) -> None:
     """List tasks with their state, attempts and worker."""
 
     def call(client: Any) -> int:
-        tasks = list(_every_task(client, run))
-        return emit(g.json, _tasks_table(tasks), tasks=_to_builtins(tasks))
+        if g.json:
+            tasks = [task for page in _pages(client, run, cells=False) for task in page.tasks]
+            return emit(True, "", tasks=_to_builtins(tasks))
+        columns: list[list[str]] = [[] for _ in TASK_COLUMNS]
+        for page in _pages(client, run, cells=True):
+            for column, cells in zip(columns, page.cells or [[]] * len(columns), strict=True):
+                column += cells
+        return emit(False, tasks_table(columns))
 
     _client_call(g, call)
 
 
-def _every_task(client: Any, run: str) -> Iterator[Any]:
-    """The tasks, page after page (as many as fleetd puts in one)."""
+def _pages(client: Any, run: str, *, cells: bool) -> Iterator[Any]:
+    """The pages of tasks (as many as fleetd puts in one): their views, or their `cells`."""
     from protocol.runs import TaskListRequest
 
     after = ""
     while True:
-        page = client.request(TaskListRequest, run=run, after=after, limit=MAX_TASK_PAGE)
-        yield from page.tasks
+        page = client.request(
+            TaskListRequest, run=run, after=after, limit=MAX_TASK_PAGE, cells=cells
+        )
+        yield page
         if not page.next:
             return
         after = page.next
-
-
-def _tasks_table(tasks: list[Any]) -> str:
-    return tasks_table(
-        [
-            [t.entry.run_id for t in tasks],
-            [t.entry.task_id for t in tasks],
-            [t.state for t in tasks],
-            [str(t.entry.attempts) for t in tasks],
-            [t.worker_id or "-" for t in tasks],
-            [t.result or "-" for t in tasks],
-            [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in tasks],
-        ]
-    )
 
 
 # -- events ---------------------------------------------------------------------------------

@@ -33,11 +33,12 @@ from fleetctl import _fast
 from fleetctl._fast import tasks as fast_tasks
 from fleetctl._fast.argv import _GLOBAL as GLOBAL_OPTIONS
 from fleetctl._fast.argv import LEAST_TIMEOUT, MOST_TIMEOUT, SPECS, Command, _text
-from fleetctl._fast.wire import ERROR_OUTCOMES, quote
+from fleetctl._fast.wire import ERROR_OUTCOMES, Failure, quote
 from fleetctl.cli import MAX_TIMEOUT, cli
-from fleetctl.runs import _table, _tasks_table
+from fleetctl.runs import _table
 from fleetctl.sync import SyncClient
 from fleetctl.table import TASK_COLUMNS, tasks_table
+from fleetd.tasks.views import EncodedTaskList
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION
 from protocol.errors import ERRORS_BY_CODE, MemberFailed
 from protocol.paths import client_socket_path
@@ -837,11 +838,26 @@ VIEWS = st.builds(
 )
 
 
+def cells_of_views(tasks: list[TaskView]) -> list[list[str]]:
+    """protocol.runs.TaskList's cells, as its docstring defines them from the views."""
+    return [
+        [t.entry.run_id for t in tasks],
+        [t.entry.task_id for t in tasks],
+        [t.state for t in tasks],
+        [str(t.entry.attempts) for t in tasks],
+        [t.worker_id or "-" for t in tasks],
+        [t.result or "-" for t in tasks],
+        [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in tasks],
+    ]
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.lists(VIEWS, max_size=5), min_size=1, max_size=3))
-def test_pages_read_without_decoding_them_make_clicks_table(pages: list[list[TaskView]]) -> None:
+def test_pages_read_without_decoding_them_make_the_views_cells(
+    pages: list[list[TaskView]],
+) -> None:
     """Whatever the tasks hold (escapes, braces, tasks never run or run): the columns read
-    from each page's text are those fleetctl.runs makes of the decoded tasks."""
+    from each page's text (what --json checks) are the cells of the decoded tasks."""
     read = [
         fast_tasks.page(msgspec.json.encode(TaskList(tasks=tasks, next="t")).decode())
         for tasks in pages
@@ -851,10 +867,40 @@ def test_pages_read_without_decoding_them_make_clicks_table(pages: list[list[Tas
     for each in read:
         for column, cells in zip(table, fast_tasks.columns(each), strict=True):
             column.extend(cells)
-    assert tasks_table(table) == _tasks_table(everything)
+    assert table == cells_of_views(everything)
     assert ",".join(each.text for each in read if each.text) == ",".join(
         msgspec.json.encode(view).decode() for view in everything
     )
+
+
+CELL_TEXTS = st.text(max_size=10) | st.sampled_from(["", '"', "\\", '","', '"],["', "[]", "]"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 4), st.data(), st.sampled_from(["", "t9", "run-1/t9"]))
+def test_a_page_of_cells_is_read_as_fleetd_wrote_it(
+    count: int, data: st.DataObject, cursor: str
+) -> None:
+    """Quotes, backslashes, brackets and the separators themselves in any cell: the columns
+    read, quickly or by decoding, are those fleetd encoded."""
+    cells = [data.draw(st.lists(CELL_TEXTS, min_size=count, max_size=count)) for _ in range(7)]
+    text = msgspec.json.encode(EncodedTaskList(cells=cells, next=cursor)).decode()
+    found = fast_tasks.cells_page(text)
+    assert (found.cells, found.next) == (cells, cursor)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"cells":[["a"],["b"]]}',
+        '{"cells":[["a"],["b"],["c"],["d"],["e"],["f"],["g","h"]]}',
+        '{"cells":[["a"],["b"],["c"],["d"],["e"],["f"],[1]]}',
+        '{"cells":"x"}',
+    ],
+)
+def test_a_page_of_cells_that_is_not_seven_equal_columns_is_malformed(text: str) -> None:
+    with pytest.raises(Failure):
+        fast_tasks.cells_page(text)
 
 
 @pytest.fixture

@@ -868,6 +868,29 @@ def test_a_page_of_tasks_ends_before_it_outgrows_a_frame(daemon: Fleetd) -> None
     assert len(listed.stdout.splitlines()) == 2401
 
 
+def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd) -> None:
+    ended = submit(daemon, [task("ok"), task("bad", {"exit": 3})], [worker()])
+    wait_run(daemon, ended)
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    queued = submit(daemon, [task(f"t{n}") for n in range(5)], [worker()])
+    with SyncClient(daemon.socket_path) as client:
+        every = client.request(TaskListRequest).tasks
+        first = client.request(TaskListRequest, cells=True, limit=4)
+        rest = client.request(TaskListRequest, cells=True, after=first.next)
+    cells = [a + b for a, b in zip(first.cells, rest.cells, strict=True)]
+    assert first.next == f"{queued}/t1"
+    assert cells == [
+        [t.entry.run_id for t in every],
+        [t.entry.task_id for t in every],
+        [t.state for t in every],
+        [str(t.entry.attempts) for t in every],
+        [t.worker_id or "-" for t in every],
+        [t.result or "-" for t in every],
+        [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in every],
+    ]
+
+
 def test_a_run_file_larger_than_a_frame_is_refused_clearly(daemon: Fleetd) -> None:
     path = os.path.join(daemon.root, "big.json")
     tasks = [task(f"t{n}", description="x" * 2000) for n in range(600)]

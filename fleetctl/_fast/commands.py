@@ -19,7 +19,7 @@ from protocol.texts import left_up
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any, NoReturn
 
     from fleetctl._fast.argv import Command
@@ -314,34 +314,44 @@ def _is_worker(worker: object) -> bool:
 
 
 def _tasks_list(command: Command) -> int:
-    """As fleetctl.runs.tasks_list: every page (fleetctl._fast.tasks reads them), then the
-    table or the envelope. The next page is asked for before this one is read: fleetd makes
-    it meanwhile."""
-    from fleetctl._fast.tasks import columns, page  # its expression compiles in 0.5 ms
+    """As fleetctl.runs.tasks_list: every page, then the envelope of the tasks' views, or the
+    table of the cells fleetd makes of them (fleetctl._fast.tasks reads both)."""
+    from fleetctl._fast.tasks import cells_page, columns, page  # compiles in 0.5 ms
 
-    run = quote(command.params["run"])
-    texts: list[str] = []
-    table: list[list[str]] = [[] for _ in range(7)]
-    with _connect(command) as connection:
-        connection.hello(then=_task_list(run, ""))
-        while True:
-            each = page(connection.receive_text())
-            if each.next:
-                connection.send(_task_list(run, each.next))
-            for column, cells in zip(table, columns(each), strict=True):
-                column.extend(cells)
+    if command.json:
+        texts = []
+        for each in _task_pages(command, page, cells=False):
+            columns(each)  # checked as click decodes it, whatever it prints
             if each.text:
                 texts.append(each.text)
-            if not each.next:
-                break
-    text = tasks_table(table)  # the click command makes it with --json too: it checks them
-    if command.json:
         return _envelope(f'{{"outcome":"ok","tasks":[{",".join(texts)}]}}')
-    return _print(text)
+    table: list[list[str]] = [[] for _ in range(7)]
+    for found in _task_pages(command, cells_page, cells=True):
+        for column, more in zip(table, found.cells, strict=True):
+            column.extend(more)
+    return _print(tasks_table(table))
 
 
-def _task_list(run: str, after: str) -> str:
-    return f'"op":"task_list","run":{run},"after":{quote(after)},"limit":{MAX_TASK_PAGE}'
+def _task_pages(command: Command, read: Callable[[str], Any], *, cells: bool) -> Iterator[Any]:
+    """The pages of task_list, each `read` from its text. The next page is asked for before
+    this one is read: fleetd makes it meanwhile."""
+    run = quote(command.params["run"])
+    with _connect(command) as connection:
+        connection.hello(then=_task_list(run, "", cells))
+        while True:
+            each = read(connection.receive_text())
+            if each.next:
+                connection.send(_task_list(run, each.next, cells))
+            yield each
+            if not each.next:
+                return
+
+
+def _task_list(run: str, after: str, cells: bool) -> str:
+    return (
+        f'"op":"task_list","run":{run},"after":{quote(after)},"limit":{MAX_TASK_PAGE}'
+        + (',"cells":true' if cells else "")
+    )
 
 
 # --- printing --------------------------------------------------------------------------------

@@ -70,6 +70,73 @@ def page(result: str) -> Page:
     return Page(text[1:-1].strip(), cursor, tasks)
 
 
+class Cells:
+    """One answer asked for with `cells`: a list a column, and `next`."""
+
+    __slots__ = ("cells", "next")
+
+    def __init__(self, cells: list[list[str]], next: str) -> None:
+        self.cells = cells
+        self.next = next
+
+
+_CELLS, _NEXT_CELLS = '{"cells":[', '","cells":['
+_COLUMNS = 7
+
+
+def cells_page(result: str) -> Cells:
+    """The page of task_list result `result` asked for with `cells`. Where no string holds
+    an escape, every quote begins or ends a string: split at them, the strings are the cells
+    and what is between them must be the commas and brackets of seven equal columns."""
+    if "\\" not in result:
+        found = _plain_cells(result)
+        if found is not None:
+            return found
+    try:
+        decoded = fields(result)
+    except ValueError:
+        raise malformed() from None
+    cells = decoded.get("cells", ([], ""))[0]
+    cursor = decoded.get("next", ("", ""))[0]
+    if not isinstance(cursor, str) or not _columns(cells):
+        raise malformed()
+    return Cells(cells or [[] for _ in range(_COLUMNS)], cursor)
+
+
+def _plain_cells(result: str) -> Cells | None:
+    cursor, rest = "", ""
+    if result.startswith('{"next":"'):
+        cursor, _, rest = result[len('{"next":"') :].partition(_NEXT_CELLS)
+    elif result.startswith(_CELLS):
+        rest = result[len(_CELLS) :]
+    body = rest[:-2]
+    if not rest.endswith("]}") or not body.startswith("["):
+        return None
+    parts = body.split('"')
+    strings, between = parts[1::2], parts[0::2]
+    count, left = divmod(len(strings), _COLUMNS)
+    if left or '"' in cursor:
+        return None
+    if not count:
+        return Cells([[] for _ in range(_COLUMNS)], cursor) if body == "[]" + ",[]" * 6 else None
+    inner = between[1:-1]
+    if between[0] != "[" or between[-1] != "]" or inner.count(",") != len(inner) - 6:
+        return None
+    if any(inner[column * count - 1] != "],[" for column in range(1, _COLUMNS)):
+        return None
+    return Cells([strings[at : at + count] for at in range(0, len(strings), count)], cursor)
+
+
+def _columns(cells: object) -> bool:
+    """Whether `cells` is seven equal columns of strings (or none at all)."""
+    if not isinstance(cells, list) or (cells and len(cells) != _COLUMNS):
+        return False
+    lengths = {len(column) if isinstance(column, list) else -1 for column in cells}
+    return len(lengths) <= 1 and -1 not in lengths and all(
+        isinstance(cell, str) for column in cells for cell in column
+    )
+
+
 def columns(each: Page) -> list[list[str]]:
     """The cells of a page's tasks, in the table's columns (fleetctl.table.TASK_COLUMNS), as
     fleetctl.runs makes them of TaskViews."""

@@ -28,9 +28,11 @@ import heapq
 import itertools
 import os
 import time
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from typing import Any, TypedDict
 
 import anyio
@@ -49,7 +51,15 @@ from fleetd.tasks.alerts import Alert, Alerter, task_alert
 from fleetd.tasks.events import EventLog, Pending, stored_last_seq
 from fleetd.tasks.records import RunRecord, TaskRecord, attempt_id, parse_attempt_id
 from fleetd.tasks.scoring import Verdict, reads_files, result_line, score
-from fleetd.tasks.views import EncodedTaskList, TaskViews, fill
+from fleetd.tasks.views import (
+    PAGE_BYTES,
+    TASK_CELLS,
+    EncodedTaskList,
+    TaskViews,
+    cell_sizes,
+    cells_of,
+    fill,
+)
 from protocol import MAX_TASK_PAGE
 from protocol.definitions import MemberSpec
 from protocol.errors import Absent, FleetError, InvalidRequest, Unsupported
@@ -1095,6 +1105,8 @@ class TaskService:
         if not 1 <= limit <= MAX_TASK_PAGE:
             raise InvalidRequest(f"a page holds 1 to {MAX_TASK_PAGE} tasks, not {limit}")
         runs = [self._run(request.run)] if request.run else self._ordered_runs()
+        if request.cells:
+            return self._cells_page(request, runs)
         wanted = set(request.states)
         page: list[msgspec.Raw] = []
         size = 0
@@ -1114,6 +1126,29 @@ class TaskService:
             if taken < len(chosen):
                 return EncodedTaskList(tasks=page, next=last)
         return EncodedTaskList(tasks=page)
+
+    def _cells_page(self, request: TaskListRequest, runs: list[RunState]) -> EncodedTaskList:
+        """list_tasks' page of cells (protocol.runs.TaskList), up to `limit` and PAGE_BYTES."""
+        wanted = set(request.states)
+        now = time.time()
+        cells: list[list[str]] = [[] for _ in range(TASK_CELLS)]
+        count = size = 0
+        last = ""
+        for run, start in self._tasks_after(runs, request.after, qualified=not request.run):
+            records = list(run.tasks.values())[start:]
+            if wanted:
+                records = [task for task in records if task.state in wanted]
+            offered = cells_of(records[: request.limit - count], run.run.id, now)
+            ends = list(accumulate(cell_sizes(offered), initial=size))
+            taken = max(bisect_right(ends, PAGE_BYTES) - 1, 1 if count == 0 and records else 0)
+            for column, more in zip(cells, offered, strict=True):
+                column += more[:taken]
+            count, size = count + taken, ends[taken]
+            if taken:
+                last = self._cursor(request, run, records[taken - 1])
+            if taken < len(records):
+                return EncodedTaskList(cells=cells, next=last)
+        return EncodedTaskList(cells=cells)
 
     @staticmethod
     def _cursor(request: TaskListRequest, run: RunState, task: TaskRecord) -> str:

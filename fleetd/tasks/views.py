@@ -13,7 +13,7 @@ are made anew each time. The dispatcher changes records in place and never tells
 
 import time
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 
 import msgspec
@@ -34,6 +34,7 @@ class EncodedTaskList(Message, frozen=True):
 
     tasks: list[msgspec.Raw] = msgspec.field(default_factory=list)
     next: str = ""
+    cells: list[list[str]] = msgspec.field(default_factory=list)
 
 
 class _Kept:
@@ -123,6 +124,29 @@ class TaskViews:
                 self._stamps.clear()
             text = self._stamps[epoch] = timestamp(epoch)
         return text
+
+
+TASK_CELLS = 7
+"""Cells a task has in protocol.runs.TaskList's `cells`: run, task, state, attempts, worker,
+result, note."""
+
+
+def cells_of(records: Sequence[TaskRecord], run_id: str, now: float) -> list[list[str]]:
+    """protocol.runs.TaskList's cells of `records`, a list a column."""
+    return [
+        [run_id] * len(records),
+        [t.task_id for t in records],
+        [t.state for t in records],
+        [str(t.attempts) for t in records],
+        [t.worker_id or "-" for t in records],
+        [t.result or "-" for t in records],
+        [t.error or (f"retry after {timestamp(t.not_before)}" if t.not_before > now else "") for t in records],
+    ]
+
+
+def cell_sizes(cells: list[list[str]]) -> list[int]:
+    """Each task's bytes in an answer (its cells, their quotes and commas; no escapes)."""
+    return [sum(row) + 3 * len(cells) for row in zip(*(map(len, column) for column in cells), strict=True)]
 
 
 def fill(
