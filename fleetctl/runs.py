@@ -155,7 +155,7 @@ def tasks_list(g: Globals, run: str) -> None:
         columns: list[list[str]] = [[] for _ in TASK_COLUMNS]
         for page in _pages(client, run, cells=True):
             for column, cells in zip(columns, page.cells or [[]] * len(columns), strict=True):
-                column += cells
+                column.extend(cells)
         return emit(False, tasks_table(columns))
 
     _client_call(g, call)

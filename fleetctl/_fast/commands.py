@@ -348,9 +348,8 @@ def _task_pages(command: Command, read: Callable[[str], Any], *, cells: bool) ->
 
 
 def _task_list(run: str, after: str, cells: bool) -> str:
-    return (
-        f'"op":"task_list","run":{run},"after":{quote(after)},"limit":{MAX_TASK_PAGE}'
-        + (',"cells":true' if cells else "")
+    return f'"op":"task_list","run":{run},"after":{quote(after)},"limit":{MAX_TASK_PAGE}' + (
+        ',"cells":true' if cells else ""
     )
 
 

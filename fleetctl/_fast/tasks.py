@@ -132,8 +132,10 @@ def _columns(cells: object) -> bool:
     if not isinstance(cells, list) or (cells and len(cells) != _COLUMNS):
         return False
     lengths = {len(column) if isinstance(column, list) else -1 for column in cells}
-    return len(lengths) <= 1 and -1 not in lengths and all(
-        isinstance(cell, str) for column in cells for cell in column
+    return (
+        len(lengths) <= 1
+        and -1 not in lengths
+        and all(isinstance(cell, str) for column in cells for cell in column)
     )
 
 

@@ -1142,7 +1142,7 @@ class TaskService:
             ends = list(accumulate(cell_sizes(offered), initial=size))
             taken = max(bisect_right(ends, PAGE_BYTES) - 1, 1 if count == 0 and records else 0)
             for column, more in zip(cells, offered, strict=True):
-                column += more[:taken]
+                column.extend(more[:taken])
             count, size = count + taken, ends[taken]
             if taken:
                 last = self._cursor(request, run, records[taken - 1])

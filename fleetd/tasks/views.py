@@ -140,13 +140,19 @@ def cells_of(records: Sequence[TaskRecord], run_id: str, now: float) -> list[lis
         [str(t.attempts) for t in records],
         [t.worker_id or "-" for t in records],
         [t.result or "-" for t in records],
-        [t.error or (f"retry after {timestamp(t.not_before)}" if t.not_before > now else "") for t in records],
+        [
+            t.error or (f"retry after {timestamp(t.not_before)}" if t.not_before > now else "")
+            for t in records
+        ],
     ]
 
 
 def cell_sizes(cells: list[list[str]]) -> list[int]:
     """Each task's bytes in an answer (its cells, their quotes and commas; no escapes)."""
-    return [sum(row) + 3 * len(cells) for row in zip(*(map(len, column) for column in cells), strict=True)]
+    return [
+        sum(row) + 3 * len(cells)
+        for row in zip(*(map(len, column) for column in cells), strict=True)
+    ]
 
 
 def fill(
