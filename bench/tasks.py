@@ -365,9 +365,8 @@ def _queued() -> list[Figure]:
             before = rss_mib(fleetd.pid)
             run = _submit(client, text)
             rss = rss_mib(fleetd.pid)
-        show = _wall(fleetd, "runs", "show", run)
-        listed = _wall(fleetd, "tasks", "list", "--run", run)
-    bare = _wall(None, sys.executable, "-c", "pass")
+        show, show_bare = _walls(fleetd, "runs", "show", run)
+        listed, listed_bare = _walls(fleetd, "tasks", "list", "--run", run)
     return [
         Figure(
             "queued_10k_fleetd_rss_mib",
@@ -380,14 +379,14 @@ def _queued() -> list[Figure]:
         Figure(
             "queued_10k_runs_show_ratio",
             "  `fleetctl runs show` ÷ python -c pass",
-            show / bare,
+            show / show_bare,
             "x",
             Target(1.5),
         ),
         Figure(
             "queued_10k_tasks_list_ratio",
             "  `fleetctl tasks list` ÷ python -c pass",
-            listed / bare,
+            listed / listed_bare,
             "x",
             Target(1.5),
         ),
@@ -395,16 +394,17 @@ def _queued() -> list[Figure]:
     ]
 
 
-def _wall(fleetd: Fleetd | None, *argv: str) -> float:
-    """Median wall milliseconds of a process (fleetctl ARGV when `fleetd` is given)."""
-    command = [str(BIN / "fleetctl"), *argv] if fleetd is not None else list(argv)
-    env = fleetd.env if fleetd is not None else None
-    times = []
+def _walls(fleetd: Fleetd, *argv: str) -> tuple[float, float]:
+    """Median wall milliseconds of `fleetctl ARGV`, and of `python -c pass` run in turn with
+    it (so that both see the same load as it drifts)."""
+    commands = ([str(BIN / "fleetctl"), *argv], fleetd.env), ([sys.executable, "-c", "pass"], None)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(CLI_RUNS):
-        started = time.perf_counter()
-        subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True)
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+        for (command, env), taken in zip(commands, times, strict=True):
+            started = time.perf_counter()
+            subprocess.run(command, env=env, stdout=subprocess.DEVNULL, check=True)
+            taken.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _epoch(stamp: str) -> float:

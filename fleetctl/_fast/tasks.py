@@ -85,9 +85,9 @@ _COLUMNS = 7
 
 
 def cells_page(result: str) -> Cells:
-    """The page of task_list result `result` asked for with `cells`. Where no string holds
-    an escape, every quote begins or ends a string: split at them, the strings are the cells
-    and what is between them must be the commas and brackets of seven equal columns."""
+    """The page of task_list result `result` asked for with `cells`. Where no cell holds an
+    escape, no quote is inside one: a column's cells are split at `","`, and the columns at
+    `"],["`, each sequence found nowhere else (a count of the quotes checks it)."""
     if "\\" not in result:
         found = _plain_cells(result)
         if found is not None:
@@ -110,21 +110,19 @@ def _plain_cells(result: str) -> Cells | None:
     elif result.startswith(_CELLS):
         rest = result[len(_CELLS) :]
     body = rest[:-2]
-    if not rest.endswith("]}") or not body.startswith("["):
+    if not rest.endswith("]}") or '"' in cursor:
         return None
-    parts = body.split('"')
-    strings, between = parts[1::2], parts[0::2]
-    count, left = divmod(len(strings), _COLUMNS)
-    if left or '"' in cursor:
+    if body == "[]" + ",[]" * (_COLUMNS - 1):
+        return Cells([[] for _ in range(_COLUMNS)], cursor)
+    if not (body.startswith('["') and body.endswith('"]')):
         return None
-    if not count:
-        return Cells([[] for _ in range(_COLUMNS)], cursor) if body == "[]" + ",[]" * 6 else None
-    inner = between[1:-1]
-    if between[0] != "[" or between[-1] != "]" or inner.count(",") != len(inner) - 6:
+    columns = [column.split('","') for column in body[2:-2].split('"],["')]
+    count = len(columns[0])
+    if len(columns) != _COLUMNS or any(len(column) != count for column in columns):
         return None
-    if any(inner[column * count - 1] != "],[" for column in range(1, _COLUMNS)):
+    if body.count('"') != 2 * _COLUMNS * count:
         return None
-    return Cells([strings[at : at + count] for at in range(0, len(strings), count)], cursor)
+    return Cells(columns, cursor)
 
 
 def _columns(cells: object) -> bool:

@@ -1139,11 +1139,16 @@ class TaskService:
             if wanted:
                 records = [task for task in records if task.state in wanted]
             offered = cells_of(records[: request.limit - count], run.run.id, now)
-            ends = list(accumulate(cell_sizes(offered), initial=size))
-            taken = max(bisect_right(ends, PAGE_BYTES) - 1, 1 if count == 0 and records else 0)
+            widest = sum(max(map(len, column), default=0) + 3 for column in offered)
+            if size + widest * len(offered[0]) <= PAGE_BYTES:  # all fit: no task's size needed
+                taken, size = len(offered[0]), size + widest * len(offered[0])
+            else:
+                ends = list(accumulate(cell_sizes(offered), initial=size))
+                taken = max(bisect_right(ends, PAGE_BYTES) - 1, 1 if not count and records else 0)
+                size = ends[taken]
             for column, more in zip(cells, offered, strict=True):
                 column.extend(more[:taken])
-            count, size = count + taken, ends[taken]
+            count += taken
             if taken:
                 last = self._cursor(request, run, records[taken - 1])
             if taken < len(records):
