@@ -45,7 +45,7 @@ from protocol.paths import client_socket_path
 from protocol.runs import TASK_STATES, Drain, TaskList, TaskView
 from protocol.tasks import InboxEntry, TaskResult
 from tests.processes import FLEETCTL, Fleetd, kill_holders, running_fleetd
-from tests.test_tasks import submit, task, views, wait_run, worker
+from tests.test_tasks import cells_of_views, submit, task, views, wait_run, worker
 
 CLICK = [
     sys.executable,
@@ -836,19 +836,6 @@ VIEWS = st.builds(
     result=st.none() | st.sampled_from(get_args(TaskResult)),
     error=TEXTS,
 )
-
-
-def cells_of_views(tasks: list[TaskView]) -> list[list[str]]:
-    """protocol.runs.TaskList's cells, as its docstring defines them from the views."""
-    return [
-        [t.entry.run_id for t in tasks],
-        [t.entry.task_id for t in tasks],
-        [t.state for t in tasks],
-        [str(t.entry.attempts) for t in tasks],
-        [t.worker_id or "-" for t in tasks],
-        [t.result or "-" for t in tasks],
-        [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in tasks],
-    ]
 
 
 @settings(max_examples=500, deadline=None)

@@ -880,14 +880,19 @@ def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd
         rest = client.request(TaskListRequest, cells=True, after=first.next)
     cells = [a + b for a, b in zip(first.cells, rest.cells, strict=True)]
     assert first.next == f"{queued}/t1"
-    assert cells == [
-        [t.entry.run_id for t in every],
-        [t.entry.task_id for t in every],
-        [t.state for t in every],
-        [str(t.entry.attempts) for t in every],
-        [t.worker_id or "-" for t in every],
-        [t.result or "-" for t in every],
-        [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in every],
+    assert cells == cells_of_views(every)
+
+
+def cells_of_views(tasks: list[TaskView]) -> list[list[str]]:
+    """protocol.runs.TaskList's cells, as its docstring defines them from the views."""
+    return [
+        [t.entry.run_id for t in tasks],
+        [t.entry.task_id for t in tasks],
+        [t.state for t in tasks],
+        [str(t.entry.attempts) for t in tasks],
+        [t.worker_id or "-" for t in tasks],
+        [t.result or "-" for t in tasks],
+        [t.error or (f"retry after {t.not_before}" if t.not_before else "") for t in tasks],
     ]
 
 
