@@ -41,7 +41,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.journal import Owners
 from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
 from protocol.claims import ClaimInfo
-from protocol.errors import StoreFull, UnsafePath
+from protocol.errors import FleetError, StoreFull, UnsafePath
 
 log = structlog.get_logger("fleetd.clusters")
 
@@ -107,12 +107,17 @@ class ClusterJournal:
         self._due_set.set()
 
     async def write_due(self) -> None:
-        """Until cancelled: write what write_soon was asked for."""
+        """Until cancelled: write what write_soon was asked for. A write that fails (the
+        store unreachable) is logged; the cluster's next change writes it whole again."""
         while True:
             await self._due_set.wait()
             self._due_set = anyio.Event()
             while self._due:
-                await self.write(self._due.pop())
+                name = self._due.pop()
+                try:
+                    await self.write(name)
+                except FleetError as exc:
+                    log.warning("journal_write_failed", cluster=name, error=exc.message)
 
     async def retry_postponed(self) -> None:
         """Until cancelled: write again, every RETRY_INTERVAL, what a full disk postponed."""
