@@ -9,9 +9,11 @@ from contextlib import suppress
 import pytest
 import structlog
 
+from fleetd.core import cgroups
 from tests.processes import (
     RUN_TAG,
     Fleetd,
+    cgroup_problem,
     kill_holders,
     running_fleetd,
     short_tempdir,
@@ -84,3 +86,21 @@ def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
         yield fleetd
     finally:
         kill_holders(fleetd)
+
+
+@pytest.fixture
+def member_cgroup() -> Iterator[cgroups.Cgroup]:
+    """A fresh cgroup under ours, made as a holder makes a member's, or skip: cgroup v2 must
+    be mounted and writable here."""
+    problem = cgroup_problem()
+    if problem:
+        pytest.skip(problem)
+    holder = cgroups.Cgroup(
+        os.path.join(cgroups.own_directory() or "", f"fleet-test-member.{os.getpid()}")
+    )
+    holder.create()
+    member = cgroups.Cgroup(os.path.join(holder.path, "m.member"))
+    member.create()
+    yield member
+    holder.kill()
+    assert holder.remove()

@@ -299,20 +299,6 @@ def test_each_member_has_a_cgroup_of_its_own_removed_when_it_leaves(
     assert not os.path.exists(holder_cgroup)
 
 
-@pytest.fixture
-def member_cgroup(cgroup_mode: None) -> Iterator[cgroups.Cgroup]:
-    """A fresh cgroup under ours, made as a holder makes a member's."""
-    holder = cgroups.Cgroup(
-        os.path.join(cgroups.own_directory() or "", f"fleet-test-descendants.{os.getpid()}")
-    )
-    holder.create()
-    member = cgroups.Cgroup(os.path.join(holder.path, "m.member"))
-    member.create()
-    yield member
-    holder.kill()
-    assert holder.remove()
-
-
 async def ended_after(descendants: CgroupDescendants, argv: list[str]) -> int:
     """`argv` spawned into the member's cgroup and reaped, then the member's end, as its
     supervisor calls it once the main process exited: how many processes linger."""

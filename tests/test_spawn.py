@@ -16,7 +16,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -24,7 +24,7 @@ import pytest
 from fleetd.core import cgroups
 from fleetd.holder import spawn as spawn_module
 from fleetd.holder.spawn import TRAMPOLINE, Spawner
-from tests.processes import cgroup_problem, needs_root
+from tests.processes import needs_root
 
 SETPRIV = spawn_module._SETPRIV
 
@@ -75,8 +75,6 @@ def spawner_through(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Spawner]
     got it."""
 
     def through(path: str) -> Spawner:
-        if path in ("clone3", "trampoline") and platform.machine() != "x86_64":
-            pytest.skip(NOT_X86_64)
         if path == "setpriv" and SETPRIV is None:
             pytest.skip("setpriv not installed (util-linux)")
         spawner = Spawner()
@@ -145,24 +143,6 @@ def test_the_trampoline_that_cannot_join_its_cgroup_says_so_and_runs_nothing(
     if where == "a regular file":
         with open(procs, "rb") as f:
             assert f.read() == b"\x7fELF"
-
-
-@pytest.fixture
-def member_cgroup() -> Iterator[cgroups.Cgroup]:
-    """A fresh cgroup under ours, made as a holder makes a member's, or skip: cgroup v2 must
-    be mounted and writable here."""
-    problem = cgroup_problem()
-    if problem:
-        pytest.skip(problem)
-    holder = cgroups.Cgroup(
-        os.path.join(cgroups.own_directory() or "", f"fleet-test-spawn.{os.getpid()}")
-    )
-    holder.create()
-    member = cgroups.Cgroup(os.path.join(holder.path, "m.member"))
-    member.create()
-    yield member
-    holder.kill()
-    assert holder.remove()
 
 
 @pytest.mark.parametrize("path", PATHS)
