@@ -801,14 +801,12 @@ class TaskService:
 
     async def _write_run(self, run: RunState) -> None:
         """The run's record, in order after what its log was given before (and as patient)."""
-        record = RunRecord(
-            run=run.run, home=self.home, counts=run.counts() if run.run.completed_at else {}
-        )
-        await run.events.append([], [Put(records.index_key(run.run.id), _encode(record))])
+        counts = run.counts() if run.run.completed_at else {}
+        await run.events.append([], [self._run_record(run.run, counts)])
 
-    async def _write_run_record(self, run: Run, counts: dict[str, int] | None = None) -> None:
+    def _run_record(self, run: Run, counts: dict[str, int] | None = None) -> Put:
         record = RunRecord(run=run, home=self.home, counts=counts or {})
-        await self.store.put(records.index_key(run.id), _encode(record))
+        return Put(records.index_key(run.id), _encode(record))
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -856,16 +854,10 @@ class TaskService:
         slot.ending = why
         if why == "stale":
             self._went_stale(run, task)
-            await self._append(
-                run,
-                task,
-                [
-                    Stale(
-                        **self._envelope(run, task),
-                        last_heartbeat_at=timestamp(slot.last_heartbeat),
-                    )
-                ],
+            stale = Stale(
+                **self._envelope(run, task), last_heartbeat_at=timestamp(slot.last_heartbeat)
             )
+            await self._committed(run, self._enqueue(run, task, [stale]))
         log.info("task_stopping", run=run.run.id, task=task.task_id, why=why)
         try:
             status = await self.holders.stop_named(f"{CLUSTER}/{slot.member}")
@@ -933,7 +925,8 @@ class TaskService:
         if run is None or task is None:
             return
         envelope = self._envelope(run, task)
-        await self._append(run, task, [Escalated(**envelope, channel=channel, alert_id=alert_id)])
+        escalated = Escalated(**envelope, channel=channel, alert_id=alert_id)
+        await self._committed(run, self._enqueue(run, task, [escalated]))
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -946,21 +939,6 @@ class TaskService:
             "timestamp": _now(),
         }
 
-    async def _append(
-        self,
-        run: RunState,
-        task: TaskRecord,
-        events: list[WorkerEvent],
-        ops: list[Operation] | None = None,
-        *,
-        record: bool = True,
-    ) -> list[int]:
-        """`events` with the task's record as it is now (unless `record` is False: the event
-        changed nothing it keeps), in one transaction."""
-        pending = self._enqueue(run, task, events, ops, record=record)
-        await self._committed(run, pending)
-        return pending.seqs
-
     def _enqueue(
         self,
         run: RunState,
@@ -970,6 +948,9 @@ class TaskService:
         *,
         record: bool = True,
     ) -> Pending:
+        """`events` with the task's record as it is now (unless `record` is False: the event
+        changed nothing it keeps), in the run's order from now, to be written in one
+        transaction (`_committed` waits for it)."""
         put = [Put(records.task_key(run.run.id, task.task_id), _encode(task))] if record else []
         return run.events.enqueue(events, [*put, *(ops or ())])
 
@@ -1045,20 +1026,16 @@ class TaskService:
         """A small run: its record, tasks and queued events in one transaction."""
         run_id = state.run.id
         state.run = msgspec.structs.replace(state.run, status="queued")
-        record = RunRecord(run=state.run, home=self.home, counts={})
         await state.events.append(
             [_queued(run_id, task_id, now) for task_id in state.tasks],
-            [
-                Put(records.index_key(run_id), _encode(record)),
-                *self._task_writes(state),
-            ],
+            [self._run_record(state.run), *self._task_writes(state)],
         )
 
     async def _write_in_steps(self, state: RunState, now: str) -> None:
         """A run too big for one transaction: its record says `pending` until every part is
         written (a restart removes a pending run)."""
         run_id = state.run.id
-        await self._write_run_record(state.run)
+        await self.store.txn((), [self._run_record(state.run)])
         writes = self._task_writes(state)
         for start in range(0, len(writes), WRITE_CHUNK):
             await self.store.txn((), writes[start : start + WRITE_CHUNK])
@@ -1067,7 +1044,7 @@ class TaskService:
             chunk = ids[start : start + WRITE_CHUNK // 2]
             await state.events.append([_queued(run_id, task_id, now) for task_id in chunk])
         state.run = msgspec.structs.replace(state.run, status="queued")
-        await self._write_run_record(state.run)
+        await self.store.txn((), [self._run_record(state.run)])
 
     def _task_writes(self, state: RunState) -> list[Operation]:
         """Each task's spec and record."""
@@ -1287,7 +1264,9 @@ class TaskService:
         seq = 0
         if kept:
             keeps = any(isinstance(event, Completed | Failed) for event in kept)  # the record
-            seq = (await self._append(run, task, kept, record=keeps))[-1]  # keeps the result
+            appended = self._enqueue(run, task, kept, record=keeps)  # keeps the result
+            await self._committed(run, appended)
+            seq = appended.seqs[-1]
         if len(kept) < len(events):
             return EmitResult(
                 outcome=Outcome.ALREADY_ACQUIRED,
@@ -1344,12 +1323,8 @@ class TaskService:
         )
         run.move(task, "done")
         task.result = request.result
-        await self._append(
-            run,
-            task,
-            [],
-            [Put(records.receipt_key(run.run.id, task.task_id), _encode(receipt))],
-        )
+        receipt_put = Put(records.receipt_key(run.run.id, task.task_id), _encode(receipt))
+        await self._committed(run, self._enqueue(run, task, [], [receipt_put]))
         self._finish_if_done(run)
         return ReceiptResult(outcome=Outcome.OK, receipt=receipt)
 
