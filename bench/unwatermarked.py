@@ -1,7 +1,7 @@
 """fleetd with its watermark never advanced: the baseline that the watermark's cost per write
 is measured against (bench.leases runs both in one run). fleetd itself has no such switch."""
 
-from fleetd.cli import main
+from fleetd.__main__ import main
 from fleetd.store.watermark import Watermark
 
 

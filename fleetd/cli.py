@@ -182,6 +182,8 @@ def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     os.environ[MEMBER_NOFILE_ENV] = str(raise_fd_limit())  # for holder_env: see the constant
     load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
+    gc.freeze()  # fleetd's collections then leave alone the objects the template shares
+    gc.freeze()  # fleetd's collections then leave alone the objects the template shares
     # Forked before the event loop and its threads (fleetd.clusters.warm), and before anything
     # logs: structlog keeps a logger from its first use, which the holders would inherit.
     template.start()

@@ -28,6 +28,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Dispatcher, Peer
 from fleetd.core.metrics import KEPT, Registry
 from fleetd.core.server import ControlServer, socket_group
+from fleetd.core.startup import return_free_memory
 from fleetd.journal import LeaseJournal
 from fleetd.leases import LeaseManager
 from fleetd.presence import Presence, home_of
@@ -373,6 +374,7 @@ class Daemon:
 
     def _announce_ready(self, daemon: anyio.abc.TaskGroup) -> None:
         systemd.notify("READY=1", f"STATUS=serving {self.socket_path}")
+        return_free_memory()  # start-up (the store loaded, holders adopted) left MiBs of it
         interval = systemd.watchdog_interval()
         if interval:
             daemon.start_soon(_pet_watchdog, interval)

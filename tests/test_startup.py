@@ -1,10 +1,16 @@
 """What fleetd and the holder share as they start (fleetd.core.startup)."""
 
+import os
+import re
 import resource
 import subprocess
 import sys
+import textwrap
+
+import pytest
 
 from fleetd.core.startup import leaf_errors
+from tests.processes import FLEETD
 
 
 def test_the_leaves_of_nested_groups_are_every_error_in_order() -> None:
@@ -53,3 +59,40 @@ def test_memory_freed_in_the_middle_of_the_heap_goes_back_to_the_kernel() -> Non
     )
     freed_pages = int(result.stdout)
     assert freed_pages * resource.getpagesize() > 10 << 20
+
+
+# --- rich left out (leave_rich_out) ---------------------------------------------------------
+
+LOADED_RICH = re.compile(r"\|\s*(rich\.|pygments)", re.MULTILINE)
+"""A module of rich or pygments in -X importtime's lines: rich itself is listed even when its
+import is refused, its modules only when it loads."""
+
+BOUND_CLUSTER = textwrap.dedent(
+    """
+    import fleetctl
+    with fleetctl.cluster({"members": {"a": {"command": ["sleep", "60"]}}}) as c:
+        c.wait_running()
+    """
+)
+
+
+def imports(argv: list[str]) -> str:
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[*FLEETD, "--help"], [sys.executable, "-m", "fleetd.holder", "--help"]],
+    ids=["fleetd", "holder"],
+)
+def test_a_fleetd_program_imports_structlog_without_rich(argv: list[str]) -> None:
+    loaded = imports(argv)
+    assert "structlog.dev" in loaded and not LOADED_RICH.search(loaded)
+
+
+def test_a_bound_template_and_its_holders_import_structlog_without_rich() -> None:
+    loaded = imports([sys.executable, "-c", BOUND_CLUSTER])
+    assert "fleetd.holder.program" in loaded and not LOADED_RICH.search(loaded)

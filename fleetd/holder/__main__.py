@@ -1,5 +1,13 @@
 import sys
 
-from fleetd.holder.program import main
+from fleetd.core.startup import leave_rich_out
 
-sys.exit(main())
+
+def run() -> int:
+    leave_rich_out()  # before the holder program imports structlog
+    from fleetd.holder.program import main
+
+    return main()
+
+
+sys.exit(run())

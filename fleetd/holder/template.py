@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 import msgspec
 
 from fleetd.core.startup import (
+    leave_rich_out,
     load_what_anyio_loads_as_it_runs,
     name_process,
     return_free_memory,
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owner is None:
         return 0
     gc.disable()  # a collection while importing would leave holes in pages every holder shares
+    leave_rich_out()
     load_what_anyio_loads_as_it_runs()  # what a holder imports, loaded once here
     from fleetd.holder import program
 
