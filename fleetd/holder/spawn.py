@@ -722,13 +722,27 @@ def _c_string(text: str) -> bytes:
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
-@functools.lru_cache(maxsize=128)
+REMEMBERED_VALUE = 256
+"""Characters of the longest environment value whose entry is remembered: a longer one is
+most likely a member's own (FLEET_PEERS lists every other member: 6 KB each in a cluster of
+1,000), which a cache would keep 128 copies of, never to be used again."""
+
+
 def _environment_entry(key: str, value: str) -> bytes:
-    """`key=value`, checked as posix_spawn checks it; remembered, since most of every
-    member's environment is the holder's own (encoding it was most of a spawn's Python)."""
+    """`key=value`, checked as posix_spawn checks it; remembered when short, since most of
+    every member's environment is the holder's own (encoding it was most of a spawn's Python)."""
+    if len(value) > REMEMBERED_VALUE:
+        return _checked_entry(key, value)
+    return _remembered_entry(key, value)
+
+
+def _checked_entry(key: str, value: str) -> bytes:
     if not key or "=" in key:
         raise ValueError("illegal environment variable name")
     return _c_string(f"{key}={value}")
+
+
+_remembered_entry = functools.lru_cache(maxsize=128)(_checked_entry)
 
 
 def _c_strings(items: list[bytes]) -> "ctypes.Array[ctypes.c_char_p]":
