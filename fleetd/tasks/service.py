@@ -1116,9 +1116,9 @@ class TaskService:
             if wanted:
                 records = [task for task in records if task.state in wanted]
             offered = cells_of(records[: request.limit - count], run.run.id, now)
-            widest = sum(max(map(len, column), default=0) + 3 for column in offered)
-            if size + widest * len(offered[0]) <= PAGE_BYTES:  # all fit: no task's size needed
-                taken, size = len(offered[0]), size + widest * len(offered[0])
+            total = sum(len("".join(column)) + 3 * len(column) for column in offered)
+            if size + total <= PAGE_BYTES:  # all fit: no task's size needed
+                taken, size = len(offered[0]), size + total
             else:
                 ends = list(accumulate(cell_sizes(offered), initial=size))
                 taken = max(bisect_right(ends, PAGE_BYTES) - 1, 1 if not count and records else 0)
