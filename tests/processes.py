@@ -305,9 +305,12 @@ def kill_holders(daemon: Fleetd) -> None:
     """SIGTERM every live holder of this fleetd's runtime root (it stops its members), SIGKILL
     its session if it does not go."""
     for pidfile in holder_pidfiles(daemon):
-        if not is_running(pidfile):
+        try:
+            if not is_running(pidfile):
+                continue
+            pid, _ = read_pidfile(pidfile)
+        except FileNotFoundError:  # the holder exited since it was listed, and took it along
             continue
-        pid, _ = read_pidfile(pidfile)
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         if not wait_gone(pid, 10.0):
