@@ -13,9 +13,9 @@ import msgspec
 
 from fleetctl.cli import MAX_TIMEOUT, Duration, Globals, _client_call, cli
 from fleetctl.output import emit, printable
-from fleetctl.table import TASK_COLUMNS, tasks_table
 from protocol import MAX_FRAME, MAX_TASK_PAGE
 from protocol.outcomes import Outcome
+from protocol.tables import TASK_COLUMNS, tasks_table
 
 MAX_RUN_FILE = MAX_FRAME - 4096
 """Bytes of a run file at most: it travels in one frame, with the request around it."""
@@ -154,6 +154,8 @@ def tasks_list(g: Globals, run: str) -> None:
             return emit(True, "", tasks=_to_builtins(tasks))
         columns: list[list[str]] = [[] for _ in TASK_COLUMNS]
         for page in _pages(client, run, cells=True):
+            if page.table:  # the whole table, made by fleetd
+                return emit(False, page.table)
             for column, cells in zip(columns, page.cells or [[]] * len(columns), strict=True):
                 column.extend(cells)
         return emit(False, tasks_table(columns))
@@ -162,13 +164,19 @@ def tasks_list(g: Globals, run: str) -> None:
 
 
 def _pages(client: Any, run: str, *, cells: bool) -> Iterator[Any]:
-    """The pages of tasks (as many as fleetd puts in one): their views, or their `cells`."""
+    """The pages of tasks (as many as fleetd puts in one): their views, or their `cells`,
+    the first asking for the whole table (protocol.runs.TaskListRequest's `table`)."""
     from protocol.runs import TaskListRequest
 
     after = ""
     while True:
         page = client.request(
-            TaskListRequest, run=run, after=after, limit=MAX_TASK_PAGE, cells=cells
+            TaskListRequest,
+            run=run,
+            after=after,
+            limit=MAX_TASK_PAGE,
+            cells=cells,
+            table=cells and not after,
         )
         yield page
         if not page.next:

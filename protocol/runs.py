@@ -98,6 +98,8 @@ class TaskList(Message, frozen=True):
     tasks: list[TaskView] = msgspec.field(default_factory=list)
     next: str = ""
     cells: list[list[str]] = msgspec.field(default_factory=list)
+    table: str = ""
+    """Asked for with `table`: protocol.tables.tasks_table of every task asked for."""
 
 
 class EventPage(Message, frozen=True):
@@ -156,13 +158,16 @@ class TaskListRequest(Op[TaskList], tag="task_list", frozen=True):
     """Tasks of `run` (every run's, RUN/TASK order, without), in their states (any without),
     after the task `after` names (TASK, or RUN/TASK without `run`), `limit` at most. With
     `cells`, the answer holds what `fleetctl tasks list` prints of them (`cells`), not their
-    views: a tenth of the bytes, for a table of thousands of tasks."""
+    views: a tenth of the bytes, for a table of thousands of tasks. With `table`, it holds
+    the table itself, of every task asked for (`limit` aside), when it fits one answer, else
+    it is the first page of their cells."""
 
     run: str = ""
     states: list[TaskState] = msgspec.field(default_factory=list)
     after: str = ""
     limit: int = 1000
     cells: bool = False
+    table: bool = False
 
 
 class EventList(Op[EventPage], tag="event_list", frozen=True):

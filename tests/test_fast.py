@@ -37,12 +37,12 @@ from fleetctl._fast.wire import ERROR_OUTCOMES, Failure, quote
 from fleetctl.cli import MAX_TIMEOUT, cli
 from fleetctl.runs import _table
 from fleetctl.sync import SyncClient
-from fleetctl.table import TASK_COLUMNS, tasks_table
 from fleetd.tasks.views import EncodedTaskList
 from protocol import MAX_CLAIM_CONTENT, PROTOCOL_VERSION
 from protocol.errors import ERRORS_BY_CODE, MemberFailed
 from protocol.paths import client_socket_path
 from protocol.runs import TASK_STATES, Drain, TaskList, TaskView
+from protocol.tables import TASK_COLUMNS, tasks_table
 from protocol.tasks import InboxEntry, TaskResult
 from tests.processes import FLEETCTL, Fleetd, kill_holders, running_fleetd
 from tests.test_tasks import cells_of_views, submit, task, views, wait_run, worker
@@ -883,9 +883,14 @@ def test_a_page_of_cells_is_read_as_fleetd_wrote_it(
         '{"cells":[["a"],["b"],["c"],["d"],["e"],["f"],["g","h"]]}',
         '{"cells":[["a"],["b"],["c"],["d"],["e"],["f"],[1]]}',
         '{"cells":"x"}',
+        '{"table":5}',
+        '{"table":""}',
+        '{"table":"RUN\\n',
     ],
 )
-def test_a_page_of_cells_that_is_not_seven_equal_columns_is_malformed(text: str) -> None:
+def test_a_page_of_cells_that_is_not_seven_equal_columns_nor_a_table_is_malformed(
+    text: str,
+) -> None:
     with pytest.raises(Failure):
         fast_tasks.cells_page(text)
 
@@ -942,10 +947,17 @@ def test_tasks_list_prints_and_exits_as_click_does(runs: tuple[Fleetd, dict[str,
     assert '"not_before":' in listed[0][1]
 
 
-@pytest.mark.parametrize("json_mode", [False, True], ids=["table", "json"])
-def test_pages_of_thousands_of_tasks_print_as_with_click(tempdir: str, json_mode: bool) -> None:
+@pytest.mark.parametrize(
+    ("json_mode", "made_table"),
+    [(False, False), (False, True), (True, False)],
+    ids=["cells", "table", "json"],
+)
+def test_pages_of_thousands_of_tasks_print_as_with_click(
+    tempdir: str, json_mode: bool, made_table: bool
+) -> None:
     """Pages of tasks of every kind (never run, run, failed, waiting; names and errors with
-    escapes and braces), each over many reads, then the next page."""
+    escapes and braces), each over many reads, then the next page; or, where fleetd makes
+    it, the table in one answer."""
     tasks = [
         TaskView(
             entry=InboxEntry(
@@ -971,7 +983,11 @@ def test_pages_of_thousands_of_tasks_print_as_with_click(tempdir: str, json_mode
 
     def page_after(request: dict[str, Any]) -> Any:
         assert request["limit"] == 5000
+        first = not request.get("after")
+        assert request.get("table", False) is (request.get("cells", False) and first)
         listed, after = pages[request.get("after", "")]
+        if request.get("table") and made_table:
+            return msgspec.to_builtins(TaskList(table=tasks_table(cells_of_views(tasks))))
         if request.get("cells"):
             return msgspec.to_builtins(TaskList(cells=cells_of_views(listed), next=after))
         return msgspec.to_builtins(TaskList(tasks=listed, next=after))

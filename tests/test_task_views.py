@@ -85,6 +85,57 @@ def test_views_of_a_run_that_is_gone_are_forgotten() -> None:
     assert make.made == ["t0", "t0"]
 
 
+class Tables:
+    """Makes a run's table of its records as they are when asked, counting the tables made."""
+
+    def __init__(self, tasks: list[TaskRecord]) -> None:
+        self.tasks = tasks
+        self.made = 0
+
+    def __call__(self) -> str:
+        self.made += 1
+        now = time.time()
+        return "\n".join(f"{t.task_id} {t.state} {t.not_before > now}" for t in self.tasks)
+
+
+def test_a_table_is_made_once_while_its_records_are_unchanged() -> None:
+    views, tasks = TaskViews(), records(3)
+    make = Tables(tasks)
+    first = views.table_of("r", tasks, make)
+    assert views.table_of("r", tasks, make) == first
+    assert make.made == 1
+
+
+def test_a_record_changed_in_place_makes_the_table_again() -> None:
+    views, tasks = TaskViews(), records(3)
+    make = Tables(tasks)
+    views.table_of("r", tasks, make)
+    tasks[2].state = "done"
+    assert "t2 done" in views.table_of("r", tasks, make)
+    assert make.made == 2
+
+
+def test_a_table_is_made_again_once_a_retrys_wait_ends() -> None:
+    views, tasks = TaskViews(), records(2)
+    tasks[1].not_before = time.time() + 0.2
+    make = Tables(tasks)
+    assert "t1 queued True" in views.table_of("r", tasks, make)
+    views.table_of("r", tasks, make)
+    assert make.made == 1
+    time.sleep(0.25)
+    assert "t1 queued False" in views.table_of("r", tasks, make)
+    assert make.made == 2
+
+
+def test_the_table_of_a_run_that_is_gone_is_forgotten() -> None:
+    views, tasks = TaskViews(), records(1)
+    make = Tables(tasks)
+    views.table_of("r", tasks, make)
+    views.forget_but({"other"})
+    views.table_of("r", tasks, make)
+    assert make.made == 2
+
+
 def test_a_page_holds_what_its_limit_and_a_frame_let_it() -> None:
     small = [msgspec.Raw(b'{"x":1}')] * 10
     page: list[msgspec.Raw] = []

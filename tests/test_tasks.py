@@ -40,6 +40,7 @@ from protocol.runs import (
     TaskListRequest,
     TaskView,
 )
+from protocol.tables import tasks_table
 from tests.etcd_server import EtcdServer, need_etcd
 from tests.processes import Fleetd, fill_disk, kill_holders, mount_tmpfs, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
@@ -881,6 +882,56 @@ def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd
     cells = [a + b for a, b in zip(first.cells, rest.cells, strict=True)]
     assert first.next == f"{queued}/t1"
     assert cells == cells_of_views(every)
+
+
+def test_a_table_is_every_task_asked_for_as_its_cells_make_it(daemon: Fleetd) -> None:
+    ended = submit(daemon, [task("ok"), task("bad", {"exit": 3})], [worker()])
+    wait_run(daemon, ended)
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    queued = submit(daemon, [task(f"t{n}") for n in range(5)], [worker()])
+    asked: list[dict[str, Any]] = [
+        {},
+        {"run": queued},
+        {"run": ended, "states": ["failed"]},
+        {"after": f"{queued}/t1"},
+        {"run": queued, "after": "t3"},
+    ]
+    with SyncClient(daemon.socket_path) as client:
+        for fields in asked:
+            every = client.request(TaskListRequest, **fields).tasks
+            for _ in range(2):  # made, then kept
+                answer = client.request(TaskListRequest, table=True, **fields)
+                assert answer.table == tasks_table(cells_of_views(every)), fields
+                assert (answer.cells, answer.next) == ([], "")
+
+
+def test_a_runs_table_is_made_again_once_its_tasks_change(daemon: Fleetd) -> None:
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    run = submit(daemon, [task("a"), task("b")], [worker()])
+    with SyncClient(daemon.socket_path) as client:
+        before = client.request(TaskListRequest, run=run, table=True).table
+        client.request(RunCancel, run=run)
+        after = client.request(TaskListRequest, run=run, table=True).table
+    assert before.count(" queued ") == 2
+    assert after.count(" cancelled ") == 2
+
+
+def test_a_table_that_outgrows_one_answer_comes_as_pages_of_cells(daemon: Fleetd) -> None:
+    """12,000 tasks of the longest ids, over three runs (a run file must fit a frame): their
+    table would be over a megabyte."""
+    with SyncClient(daemon.socket_path) as client:
+        client.request(Drain)
+    for part in range(3):
+        submit(daemon, [task(f"{part}-{n:05d}-{'x' * 55}") for n in range(4000)], [worker()])
+    with SyncClient(daemon.socket_path) as client:
+        first = client.request(TaskListRequest, table=True, limit=5000)
+    assert first.table == ""
+    assert len(first.cells[0]) == 5000 and first.next
+    listed = run_fleetctl("tasks", "list", env=daemon.env)
+    assert listed.returncode == 0, listed.stderr
+    assert len(listed.stdout.splitlines()) == 12_001
 
 
 def cells_of_views(tasks: list[TaskView]) -> list[list[str]]:

@@ -12,7 +12,7 @@ from binascii import b2a_base64
 
 from fleetctl import _stdout
 from fleetctl._fast.wire import Connection, Failure, is_int, malformed, quote
-from fleetctl.table import status_table, tasks_table
+from fleetctl.table import status_table
 from protocol import MAX_CLAIM_CONTENT, MAX_TASK_PAGE, PROTOCOL_VERSION, RELEASE
 from protocol.paths import client_socket_path
 from protocol.texts import left_up
@@ -327,8 +327,12 @@ def _tasks_list(command: Command) -> int:
         return _envelope(f'{{"outcome":"ok","tasks":[{",".join(texts)}]}}')
     table: list[list[str]] = [[] for _ in range(7)]
     for found in _task_pages(command, cells_page, cells=True):
+        if found.table:  # the whole table, made by fleetd
+            return _print(found.table)
         for column, more in zip(table, found.cells, strict=True):
             column.extend(more)
+    from protocol.tables import tasks_table
+
     return _print(tasks_table(table))
 
 
@@ -348,8 +352,9 @@ def _task_pages(command: Command, read: Callable[[str], Any], *, cells: bool) ->
 
 
 def _task_list(run: str, after: str, cells: bool) -> str:
+    """The request for the page `after`; of cells, the first asks for the whole table."""
     return f'"op":"task_list","run":{run},"after":{quote(after)},"limit":{MAX_TASK_PAGE}' + (
-        ',"cells":true' if cells else ""
+        (',"cells":true,"table":true' if not after else ',"cells":true') if cells else ""
     )
 
 

@@ -71,16 +71,18 @@ def page(result: str) -> Page:
 
 
 class Cells:
-    """One answer asked for with `cells`: a list a column, and `next`."""
+    """One answer asked for with `cells`: a list a column, and `next`; or, asked for with
+    `table` too, the whole `table` (protocol.runs.TaskListRequest)."""
 
-    __slots__ = ("cells", "next")
+    __slots__ = ("cells", "next", "table")
 
-    def __init__(self, cells: list[list[str]], next: str) -> None:
+    def __init__(self, cells: list[list[str]], next: str, table: str = "") -> None:
         self.cells = cells
         self.next = next
+        self.table = table
 
 
-_CELLS, _NEXT_CELLS = '{"cells":[', '","cells":['
+_CELLS, _NEXT_CELLS, _TABLE = '{"cells":[', '","cells":[', '{"table":'
 _COLUMNS = 7
 
 
@@ -88,6 +90,8 @@ def cells_page(result: str) -> Cells:
     """The page of task_list result `result` asked for with `cells`. Where no cell holds an
     escape, no quote is inside one: a column's cells are split at `","`, and the columns at
     `"],["`, each sequence found nowhere else (a count of the quotes checks it)."""
+    if result.startswith(_TABLE):
+        return _table(result)
     if "\\" not in result:
         found = _plain_cells(result)
         if found is not None:
@@ -101,6 +105,16 @@ def cells_page(result: str) -> Cells:
     if not isinstance(cursor, str) or not _columns(cells):
         raise malformed()
     return Cells(cells or [[] for _ in range(_COLUMNS)], cursor)
+
+
+def _table(result: str) -> Cells:
+    try:
+        table = fields(result).get("table", (None, ""))[0]
+    except ValueError:
+        raise malformed() from None
+    if not isinstance(table, str) or not table:
+        raise malformed()
+    return Cells([], "", table)
 
 
 def _plain_cells(result: str) -> Cells | None:
@@ -138,7 +152,7 @@ def _columns(cells: object) -> bool:
 
 
 def columns(each: Page) -> list[list[str]]:
-    """The cells of a page's tasks, in the table's columns (fleetctl.table.TASK_COLUMNS), as
+    """The cells of a page's tasks, in the table's columns (protocol.tables.TASK_COLUMNS), as
     fleetctl.runs makes them of TaskViews."""
     found = _plain_columns(each.text) if each.tasks is None else None
     return _decoded_columns(_decoded(each)) if found is None else found

@@ -91,6 +91,7 @@ from protocol.runs import (
     TaskState,
     TaskView,
 )
+from protocol.tables import tasks_table
 from protocol.tasks import (
     DEFAULT_RETRY,
     Artifact,
@@ -1082,6 +1083,8 @@ class TaskService:
         if not 1 <= limit <= MAX_TASK_PAGE:
             raise InvalidRequest(f"a page holds 1 to {MAX_TASK_PAGE} tasks, not {limit}")
         runs = [self._run(request.run)] if request.run else self._ordered_runs()
+        if request.table:
+            return self._table(request, runs)
         if request.cells:
             return self._cells_page(request, runs)
         wanted = set(request.states)
@@ -1103,6 +1106,35 @@ class TaskService:
             if taken < len(chosen):
                 return EncodedTaskList(tasks=page, next=last)
         return EncodedTaskList(tasks=page)
+
+    def _table(self, request: TaskListRequest, runs: list[RunState]) -> EncodedTaskList:
+        """The table of every task asked for when it fits one answer, else the first page of
+        their cells. Made here, it costs `fleetctl tasks list` one read and one write: the
+        cells of 10,000 tasks took a new process longer to split and pad than to start. A
+        run's whole table is kept while its tasks stay as they are (fleetd.tasks.views)."""
+        make = partial(self._made_table, request, runs)
+        if request.run and not request.states and not request.after:
+            self._views.forget_but(self.runs)
+            table = self._views.table_of(request.run, list(runs[0].tasks.values()), make)
+        else:
+            table = make()
+        return EncodedTaskList(table=table) if table else self._cells_page(request, runs)
+
+    def _made_table(self, request: TaskListRequest, runs: list[RunState]) -> str:
+        """The table of every task asked for, or "" when it does not fit one answer."""
+        wanted = set(request.states)
+        now = time.time()
+        columns: list[list[str]] = [[] for _ in range(TASK_CELLS)]
+        for run, start in self._tasks_after(runs, request.after, qualified=not request.run):
+            records = list(run.tasks.values())[start:]
+            if wanted:
+                records = [task for task in records if task.state in wanted]
+            for column, more in zip(columns, cells_of(records, run.run.id, now), strict=True):
+                column.extend(more)
+        if sum(len("".join(column)) for column in columns) > PAGE_BYTES:
+            return ""
+        table = tasks_table(columns)
+        return table if len(_encode(table)) <= PAGE_BYTES else ""  # a newline is two bytes
 
     def _cells_page(self, request: TaskListRequest, runs: list[RunState]) -> EncodedTaskList:
         """list_tasks' page of cells (protocol.runs.TaskList), up to `limit` and PAGE_BYTES."""

@@ -35,6 +35,7 @@ class EncodedTaskList(Message, frozen=True):
     tasks: list[msgspec.Raw] = msgspec.field(default_factory=list)
     next: str = ""
     cells: list[list[str]] = msgspec.field(default_factory=list)
+    table: str = ""
 
 
 class _Kept:
@@ -52,9 +53,22 @@ class _Kept:
         self.expires = 0.0
 
 
+class _Table:
+    """One run's table as last made, of `records` (copies), until `expires` (the first
+    retry's wait to end: its note, "retry after …", goes then)."""
+
+    __slots__ = ("expires", "records", "text")
+
+    def __init__(self, records: list[TaskRecord], text: str, expires: float) -> None:
+        self.records = records
+        self.text = text
+        self.expires = expires
+
+
 class TaskViews:
     def __init__(self) -> None:
         self._runs: dict[str, _Kept] = {}
+        self._tables: dict[str, _Table] = {}
         self._stamps: dict[float, str] = {}
         self._encode = msgspec.json.Encoder().encode
 
@@ -107,10 +121,24 @@ class TaskViews:
             kept.records.append(msgspec.structs.replace(record))
         return kept
 
+    def table_of(self, run_id: str, records: list[TaskRecord], make: Callable[[], str]) -> str:
+        """The table of run `run_id`'s tasks (`records`, in order), made by `make` again only
+        once a record changed or a retry's wait ended: it is made of nothing else."""
+        now = time.time()
+        kept = self._tables.get(run_id)
+        if kept is not None and now < kept.expires and kept.records == records:
+            return kept.text
+        waits = [task.not_before for task in records if task.not_before > now]
+        copies = [msgspec.structs.replace(record) for record in records]
+        kept = self._tables[run_id] = _Table(copies, make(), min(waits, default=float("inf")))
+        return kept.text
+
     def forget_but(self, run_ids: object) -> None:
-        """Drop the views of the runs not in `run_ids` (a container of run ids)."""
+        """Drop the views and tables of the runs not in `run_ids` (a container of run ids)."""
         for run_id in [r for r in self._runs if r not in run_ids]:  # type: ignore[operator]
             del self._runs[run_id]
+        for run_id in [r for r in self._tables if r not in run_ids]:  # type: ignore[operator]
+            del self._tables[run_id]
 
     def _encoded(self, view: TaskView) -> msgspec.Raw:
         return msgspec.Raw(self._encode(view))
