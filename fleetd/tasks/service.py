@@ -491,9 +491,9 @@ class TaskService:
         slot.artifacts = []
         self._busy += 1
         self._soon(self._start_attempt, run, task, slot)
-        if run.run.status == "queued":  # written after the worker is on its way
+        if run.run.status == "queued":  # written with the lease, once the worker is on its way
             run.run = msgspec.structs.replace(run.run, status="running", updated_at=_now())
-            self._soon(self._write_run, run)
+            run.events.enqueue([], [self._run_record(run.run)])
 
     async def _start_attempt(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         """Start the worker, then write its lease with its `running` (one commit, not two): at
