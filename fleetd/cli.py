@@ -183,7 +183,6 @@ def serve(config: daemon.DaemonConfig, log_level: str) -> None:
     load_what_anyio_loads_as_it_runs()  # before the template is forked: both share it
     template = WarmTemplate(holder_env(os.environ))
     gc.freeze()  # fleetd's collections then leave alone the objects the template shares
-    gc.freeze()  # fleetd's collections then leave alone the objects the template shares
     # Forked before the event loop and its threads (fleetd.clusters.warm), and before anything
     # logs: structlog keeps a logger from its first use, which the holders would inherit.
     template.start()
