@@ -1,6 +1,7 @@
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from tests.processes import (
     Fleetd,
     cgroup_problem,
     kill_holders,
+    mount_tmpfs,
     running_fleetd,
     short_tempdir,
     tagged_processes,
@@ -86,6 +88,21 @@ def holders(fleetd: Fleetd) -> Iterator[Fleetd]:
         yield fleetd
     finally:
         kill_holders(fleetd)
+
+
+@pytest.fixture
+def on_small_disk(tempdir: str) -> Iterator[Fleetd]:
+    """fleetd with its state directory on a 2 MiB tmpfs of its own."""
+    daemon = Fleetd(tempdir)
+    if not mount_tmpfs(daemon.state_dir, "2m"):
+        pytest.skip("needs root and tmpfs to fill a real disk")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        kill_holders(daemon)
+        daemon.close()
+        subprocess.run(["umount", "-l", daemon.state_dir], check=False)
 
 
 @pytest.fixture

@@ -3,30 +3,11 @@ served, what could not be written is written once space returns, with no restart
 
 import json
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from tests.processes import Fleetd, fill_disk, fleetctl, kill_holders, mount_tmpfs
+from tests.processes import Fleetd, fill_disk, fleetctl
 
 SPEC = '[members.m]\ncommand = ["sleep", "1000"]\nready = "none"\n'
-
-
-@pytest.fixture
-def on_small_disk(tempdir: str) -> Iterator[Fleetd]:
-    """fleetd with its state directory on a 2 MiB tmpfs of its own."""
-    daemon = Fleetd(tempdir)
-    if not mount_tmpfs(daemon.state_dir, "2m"):
-        pytest.skip("needs root and tmpfs to fill a real disk")
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        kill_holders(daemon)
-        daemon.close()
-        subprocess.run(["umount", "-l", daemon.state_dir], check=False)
 
 
 def _json(*args: str, env: dict[str, str]) -> tuple[int, dict[str, object]]:

@@ -14,7 +14,6 @@ import os
 import queue
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ from protocol.runs import (
 )
 from protocol.tables import tasks_table
 from tests.etcd_server import EtcdServer, need_etcd
-from tests.processes import Fleetd, fill_disk, kill_holders, mount_tmpfs, running_fleetd, wait_gone
+from tests.processes import Fleetd, fill_disk, kill_holders, running_fleetd, wait_gone
 from tests.processes import fleetctl as run_fleetctl
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
@@ -657,41 +656,35 @@ def test_a_worker_that_died_while_fleetd_was_down_is_retried(daemon: Fleetd) -> 
         client.request(RunCancel, run=run)
 
 
-def test_a_run_on_a_full_disk_loses_no_event_and_ends_once_space_returns(tempdir: str) -> None:
-    daemon = Fleetd(tempdir)
-    if not mount_tmpfs(daemon.state_dir, "2m"):
-        pytest.skip("needs root and tmpfs to fill a real disk")
-    try:
-        daemon.start()
-        mark = os.path.join(daemon.root, "marks")
-        tasks = [task(f"t{n}", {"mark": mark, "sleep": 0.3}) for n in range(3)]
-        run = submit(daemon, tasks, [worker()])
-        wait_marked(mark, 1)
-        filler = fill_disk(daemon.state_dir)
-        wait_marked(mark, 3)  # the tasks go on: their files were written at submit
-        time.sleep(0.5)
-        assert show(daemon, run).summary.status == "running"  # until its end is durable
-        assert "events_write_postponed" in daemon.log()
-        os.unlink(filler)
-        assert wait_run(daemon, run).summary.tasks == {"done": 3}
-        assert "events_written_late" in daemon.log()
-        assert daemon.process is not None
-        daemon.process.kill()  # what memory held is in the store: a restart finds it all
-        daemon.process.wait()
-        daemon.start()
-        assert wait_run(daemon, run).summary.tasks == {"done": 3}
-        found = events(daemon, run)
-        assert [e["seq"] for e in found] == list(range(1, len(found) + 1))
-        assert sorted(e["task_id"] for e in found if e["state"] == "completed") == [
-            "t0",
-            "t1",
-            "t2",
-        ]
-        assert sorted(receipts(daemon, run)) == ["t0", "t1", "t2"]
-    finally:
-        kill_holders(daemon)
-        daemon.close()
-        subprocess.run(["umount", "-l", daemon.state_dir], check=False)
+def test_a_run_on_a_full_disk_loses_no_event_and_ends_once_space_returns(
+    on_small_disk: Fleetd,
+) -> None:
+    daemon = on_small_disk
+    mark = os.path.join(daemon.root, "marks")
+    tasks = [task(f"t{n}", {"mark": mark, "sleep": 0.3}) for n in range(3)]
+    run = submit(daemon, tasks, [worker()])
+    wait_marked(mark, 1)
+    filler = fill_disk(daemon.state_dir)
+    wait_marked(mark, 3)  # the tasks go on: their files were written at submit
+    time.sleep(0.5)
+    assert show(daemon, run).summary.status == "running"  # until its end is durable
+    assert "events_write_postponed" in daemon.log()
+    os.unlink(filler)
+    assert wait_run(daemon, run).summary.tasks == {"done": 3}
+    assert "events_written_late" in daemon.log()
+    assert daemon.process is not None
+    daemon.process.kill()  # what memory held is in the store: a restart finds it all
+    daemon.process.wait()
+    daemon.start()
+    assert wait_run(daemon, run).summary.tasks == {"done": 3}
+    found = events(daemon, run)
+    assert [e["seq"] for e in found] == list(range(1, len(found) + 1))
+    assert sorted(e["task_id"] for e in found if e["state"] == "completed") == [
+        "t0",
+        "t1",
+        "t2",
+    ]
+    assert sorted(receipts(daemon, run)) == ["t0", "t1", "t2"]
 
 
 def test_a_worker_whose_lease_a_crash_kept_from_the_store_is_stopped_and_its_attempt_counted(
@@ -869,12 +862,19 @@ def test_a_page_of_tasks_ends_before_it_outgrows_a_frame(daemon: Fleetd) -> None
     assert len(listed.stdout.splitlines()) == 2401
 
 
-def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd) -> None:
+def ended_and_queued(daemon: Fleetd) -> tuple[str, str]:
+    """A run that ended (a task passed, one failed), then one of five tasks queued while
+    dispatch is drained: the listings' runs."""
     ended = submit(daemon, [task("ok"), task("bad", {"exit": 3})], [worker()])
     wait_run(daemon, ended)
     with SyncClient(daemon.socket_path) as client:
         client.request(Drain)
     queued = submit(daemon, [task(f"t{n}") for n in range(5)], [worker()])
+    return ended, queued
+
+
+def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd) -> None:
+    _, queued = ended_and_queued(daemon)
     with SyncClient(daemon.socket_path) as client:
         every = client.request(TaskListRequest).tasks
         first = client.request(TaskListRequest, cells=True, limit=4)
@@ -885,11 +885,7 @@ def test_a_page_of_cells_holds_what_the_table_prints_of_each_view(daemon: Fleetd
 
 
 def test_a_table_is_every_task_asked_for_as_its_cells_make_it(daemon: Fleetd) -> None:
-    ended = submit(daemon, [task("ok"), task("bad", {"exit": 3})], [worker()])
-    wait_run(daemon, ended)
-    with SyncClient(daemon.socket_path) as client:
-        client.request(Drain)
-    queued = submit(daemon, [task(f"t{n}") for n in range(5)], [worker()])
+    ended, queued = ended_and_queued(daemon)
     asked: list[dict[str, Any]] = [
         {},
         {"run": queued},
