@@ -549,6 +549,7 @@ class Member:
         "_run",
         "_saved_pid",
         "_side_jobs",
+        "_spawn_settled",
         "_spawning",
         "_status",
         "_timer",
@@ -598,6 +599,8 @@ class Member:
         self._spawning = False
         """A spawn is on its way: events wait for its outcome, which comes first (as if the
         spawn had taken no time, which is what the lifecycle assumes)."""
+        self._spawn_settled: anyio.Event | None = None
+        """Made by `spawn_settled` while a spawn is on its way; set with its outcome."""
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._watch: anyio.CancelScope | None = None
@@ -688,6 +691,13 @@ class Member:
             self._supervision_failed(exc)
         else:
             self._feed(Begin())
+
+    async def spawn_settled(self) -> None:
+        """Returns once no spawn of the member is on its way: its outcome is known."""
+        if self._spawning:
+            if self._spawn_settled is None:
+                self._spawn_settled = anyio.Event()
+            await self._spawn_settled.wait()
 
     async def _end(self) -> None:
         """Stopped: wait for the side jobs to return (a cancelled one may still be unwinding)
@@ -855,6 +865,9 @@ class Member:
             else:
                 failure = outcome
         self._spawning = False
+        if self._spawn_settled is not None:
+            self._spawn_settled.set()
+            self._spawn_settled = None
         if failure is not None:
             self._supervision_failed(failure)
         else:
