@@ -1014,6 +1014,8 @@ class TaskService:
         for task in tasks.values():
             self._queue(state, task)
         self._events_appended()
+        self._dispatch()  # and one turn of the loop, in which its first workers' starts go
+        await anyio.lowlevel.checkpoint()  # out, before this answer and its log line
         log.info(
             "run_submitted",
             run=run_id,
