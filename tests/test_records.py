@@ -16,7 +16,8 @@ def keys(operations: list[Put | Delete]) -> list[tuple[str, str]]:
 
 
 def test_a_live_holder_and_its_members_are_one_transaction() -> None:
-    operations = cluster_writes(LIVE, {"b", "a"}, {"members/web/a", "members/web/gone"})
+    stored = {"members/web/a": b"{}", "members/web/gone": b"{}"}
+    operations = cluster_writes(LIVE, {"b", "a"}, stored)
     assert keys(operations) == [
         ("Put", "holders/web"),
         ("Delete", "members/web/gone"),
@@ -28,5 +29,12 @@ def test_a_live_holder_and_its_members_are_one_transaction() -> None:
 
 
 def test_an_exited_holder_keeps_its_record_and_loses_its_members() -> None:
-    operations = cluster_writes(EXITED, {"a"}, {"members/web/a"})
+    operations = cluster_writes(EXITED, {"a"}, {"members/web/a": b"{}"})
     assert keys(operations) == [("Put", "holders/web"), ("Delete", "members/web/a")]
+
+
+def test_a_member_record_the_store_holds_as_it_should_be_is_not_written_again() -> None:
+    first = cluster_writes(LIVE, {"a"}, {})
+    stored = {op.key: op.value for op in first if isinstance(op, Put) and op.key != "holders/web"}
+    operations = cluster_writes(LIVE, {"a", "b"}, stored)
+    assert keys(operations) == [("Put", "holders/web"), ("Put", "members/web/b")]

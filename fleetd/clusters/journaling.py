@@ -3,9 +3,10 @@ cluster, and lists and collects those records for the claims journal (it is the 
 fleetd.journal.JournalProvider, as LeaseJournal is the leases').
 
 Writes are made from memory when they are submitted, so a later write always says what is
-newer, and each is one transaction (fleetd.clusters.records.cluster_writes). A full disk
-postpones a write, which is retried until it lands: fleetd keeps following its holders and
-answering from memory meanwhile, and the caller is not failed for it.
+newer, and each is one transaction (fleetd.clusters.records.cluster_writes). A cluster's
+writes take turns: each reads what the store holds of it, and writes only the difference.
+A full disk postpones a write, which is retried until it lands: fleetd keeps following its
+holders and answering from memory meanwhile, and the caller is not failed for it.
 
 Collection removes an exited holder's files first, then its records: a crash in between
 leaves records whose files are gone, which the next gc deletes; never files no record names.
@@ -38,6 +39,7 @@ from fleetd.clusters.rundirs import (
     still_running,
 )
 from fleetd.core.dirs import PrivateDir
+from fleetd.core.locks import NameLocks
 from fleetd.journal import Owners
 from fleetd.store import Compare, Delete, DeleteRange, KeyValue, Put, Store
 from protocol.claims import ClaimInfo
@@ -67,17 +69,20 @@ class ClusterJournal:
         self._due: set[str] = set()
         """Clusters `write_soon` was asked for, not yet written."""
         self._due_set = anyio.Event()
+        self._turns = NameLocks()
+        """A cluster's writes, one at a time (see the module)."""
 
     async def write(self, name: str) -> None:
         """Make the store say what memory says of cluster `name`: live (its record and a
         record per member) or exited (its record alone); nothing once gc collected it."""
         self._writes[name] = attempt = next(self._attempts)
         try:
-            stored = {kv.key for kv in await self.store.range(members_prefix(name))}
-            record, members = self._remembered(name)
-            if record is not None:
-                for chunk in chunked(cluster_writes(record, members, stored), self.store):
-                    await self.store.txn((), chunk)
+            async with self._turns.hold(name):
+                stored = {kv.key: kv.value for kv in await self.store.range(members_prefix(name))}
+                record, members = self._remembered(name)
+                if record is not None:
+                    for chunk in chunked(cluster_writes(record, members, stored), self.store):
+                        await self.store.txn((), chunk)
         except StoreFull:
             if name not in self._unwritten:
                 log.warning("journal_write_postponed", cluster=name, reason="disk full")

@@ -9,7 +9,10 @@ every write a cluster makes is built here, so one place says what a crash can le
 `cluster_writes` is what the journal should say of a cluster, as one transaction: a live
 holder's record together with a record per member (a crash between two writes would leave a
 live holder whose members the journal does not name), or an exited holder's record alone
-(its members' sockets are gone; its directory and logs stay, owned by it, until gc).
+(its members' sockets are gone; its directory and logs stay, owned by it, until gc). Of the
+member records, only those the store does not hold as they should be are written: a cluster
+that gains a member costs one record, not one per member it has (fleetd.tasks keeps dozens
+of worker slots in one cluster, and adds one per task).
 protocol.claims documents the entries.
 """
 
@@ -27,6 +30,8 @@ from protocol.members import MemberStatus, member_dir, member_log_path, member_s
 
 HOLDERS = "holders/"
 MEMBERS = "members/"
+MEMBER_PUTS = 4096
+"""Member records kept built (each a few path joins and an encoding)."""
 
 HolderState = Literal["starting", "live", "exited"]
 
@@ -69,6 +74,7 @@ def cluster_of(member_key: str) -> str:
     return member_key.removeprefix(MEMBERS).partition("/")[0]
 
 
+@functools.lru_cache(maxsize=MEMBER_PUTS)
 def member_put(cluster: str, runtime_dir: str, name: str) -> Put:
     record = MemberRecord(
         owner=holder_key(cluster),
@@ -81,15 +87,17 @@ def member_put(cluster: str, runtime_dir: str, name: str) -> Put:
 
 
 def cluster_writes(
-    record: HolderRecord, members: Iterable[str], stored: Iterable[str]
+    record: HolderRecord, members: Iterable[str], stored: Mapping[str, bytes]
 ) -> list[Put | Delete]:
-    """The holder's record, a record per member (none once it exited), and the deletion of
-    every other member record `stored` names: one transaction's operations."""
+    """The holder's record, a record per member (none once it exited) that `stored` (the
+    cluster's member records: key → value) does not hold as it should be, and the deletion
+    of every other member record `stored` has: one transaction's operations."""
     cluster = record.spec.name
     names = sorted(members) if record.state != "exited" else []
     puts = [member_put(cluster, record.dir, name) for name in names]
-    stale = set(stored) - {put.key for put in puts}
-    return [Put(holder_key(cluster), encode(record)), *map(Delete, sorted(stale)), *puts]
+    stale = stored.keys() - {put.key for put in puts}
+    changed = [put for put in puts if stored.get(put.key) != put.value]
+    return [Put(holder_key(cluster), encode(record)), *map(Delete, sorted(stale)), *changed]
 
 
 # --- as claims-journal entries ------------------------------------------------------------
