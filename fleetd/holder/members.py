@@ -693,11 +693,16 @@ class Member:
             self._feed(Begin())
 
     async def spawn_settled(self) -> None:
-        """Returns once no spawn of the member is on its way: its outcome is known."""
+        """Returns once no spawn of the member is on its way. The holder waits for this before
+        opening an added member's socket and writing its cluster file: the spawning thread
+        needs the GIL for its part (the child's argv and environment, clone3's arguments), and
+        that work done meanwhile put off the child's exec by about a quarter of a millisecond
+        (a task's dispatch takes about 4). Shielded: the outcome always comes."""
         if self._spawning:
             if self._spawn_settled is None:
                 self._spawn_settled = anyio.Event()
-            await self._spawn_settled.wait()
+            with anyio.CancelScope(shield=True):
+                await self._spawn_settled.wait()
 
     async def _end(self) -> None:
         """Stopped: wait for the side jobs to return (a cancelled one may still be unwinding)

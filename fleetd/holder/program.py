@@ -512,21 +512,11 @@ class Holder:
         member = self._admit(spec)
         status = member.status()
         self._begin(member)
-        await self._after_its_spawn(member)
+        await member.spawn_settled()  # the socket and the cluster file wait: see there
         self._open_door(spec.name)
         self._save_cluster()
         log.info("member_added", member=spec.name)
         return status
-
-    @staticmethod
-    async def _after_its_spawn(member: Member) -> None:
-        """Until the member's first spawn is out of the way. The spawning thread needs the GIL
-        for its part (the child's argv and environment, clone3's arguments): opening the
-        member's socket and writing the cluster file meanwhile put off the child's exec by
-        about a quarter of a millisecond (a task's dispatch takes about 4). Shielded: the
-        spawn's outcome always comes, and the socket must then open."""
-        with anyio.CancelScope(shield=True):
-            await member.spawn_settled()
 
     def _check_runenv(self, spec: MemberSpec) -> None:
         """Its user and limits can be had, before anything is stopped or started for it."""
@@ -576,7 +566,7 @@ class Holder:
         self._begin(member)
         status = member.status()
         self._announce(status)  # watchers last heard `stopped`; a first start publishes none
-        await self._after_its_spawn(member)
+        await member.spawn_settled()  # the socket and the cluster file wait: see there
         self._open_door(name)
         self._save_cluster()
         log.info("member_restarted", member=name, changed=spec is not None)
