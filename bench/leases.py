@@ -110,10 +110,11 @@ async def _pipelined(socket_path: str) -> list[Figure]:
 
 
 def _watermark_cost() -> list[Figure]:
-    """Every commit advances the watermark (a pwrite and an fdatasync) before it is answered.
-    The pipelined load against fleetd as it is and against one whose watermark is never
-    written, alternately (each first in turn), WATERMARK_ROUNDS times each (this VM's noise
-    is larger than the cost): the medians, and the cost between them."""
+    """Every commit notes its floor in the watermark (a pwrite), and one in RESERVED
+    revisions, or once a second, advances it (a pwrite and an fdatasync) before its answer
+    (fleetd.store.sqlite). The pipelined load against fleetd as it is and against one whose
+    watermark is never written, alternately (each first in turn), WATERMARK_ROUNDS times each
+    (this VM's noise is larger than the cost): the medians, and the cost between them."""
     marked: list[float] = []
     unmarked: list[float] = []
     pair = [(UNWATERMARKED, unmarked), (FLEETD, marked)]

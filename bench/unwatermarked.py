@@ -5,9 +5,14 @@ from fleetd.__main__ import main
 from fleetd.store.watermark import Watermark
 
 
-def _not_written(self: Watermark, floor: int, revision: int) -> None:
+def _not_advanced(self: Watermark, floor: int, revision: int) -> None:
     return None
 
 
-Watermark.advance = _not_written  # type: ignore[method-assign]
+def _not_noted(self: Watermark, floor: int) -> None:
+    return None
+
+
+Watermark.advance = _not_advanced  # type: ignore[method-assign]
+Watermark.note = _not_noted  # type: ignore[method-assign]
 main()

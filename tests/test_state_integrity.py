@@ -16,10 +16,13 @@ from collections.abc import Iterator
 import pytest
 
 from fleetctl import SyncClient
+from fleetd.core.dirs import PrivateDir
 from fleetd.store.watermark import (
+    SLOT_SIZE,
     Continuity,
     Mark,
     StoreIdentity,
+    Watermark,
     check_continuity,
     decode_slot,
     encode_slot,
@@ -126,6 +129,57 @@ def test_a_watermark_from_before_floors_reads_with_its_revision_as_floor() -> No
     slot = (body + struct.pack("<I", zlib.crc32(body))).ljust(64, b"\0")
     assert decode_slot(slot) == (Mark(1, 5, 5), 3)
     assert latest(slot + encode_slot(Mark(1, 7, 5), 4)) == (Mark(1, 7, 5), 4)
+
+
+def _tear_newest_slot(path: str) -> None:
+    """What a crash in the middle of the last write leaves: its slot garbled."""
+    with open(path, "r+b") as f:
+        data = f.read(2 * SLOT_SIZE)
+        slots = [decode_slot(data[i * SLOT_SIZE : (i + 1) * SLOT_SIZE]) for i in (0, 1)]
+        newest = max((0, 1), key=lambda i: slots[i][1] if slots[i] else -1)  # type: ignore[index]
+        f.seek(newest * SLOT_SIZE + 20)
+        f.write(b"\xff" * (SLOT_SIZE - 20))
+
+
+@pytest.mark.parametrize(
+    ("writes", "left"),
+    [
+        ([("note", 5)], Mark(1, 100, 0)),
+        ([("note", 5), ("note", 6)], Mark(1, 100, 0)),
+        ([("note", 5), ("advance", 200)], Mark(1, 100, 0)),
+        ([("note", 5), ("advance", 200), ("note", 7)], Mark(1, 200, 5)),
+        ([("note", 5), ("sync", 0), ("note", 7)], Mark(1, 100, 5)),
+    ],
+)
+def test_a_write_torn_by_a_crash_leaves_the_last_flushed_mark(
+    tempdir: str, writes: list[tuple[str, int]], left: Mark
+) -> None:
+    """Notes and advances go beside the last flushed mark, never over it."""
+    with PrivateDir.open(tempdir) as state:
+        watermark = Watermark(state, "wm")
+        watermark.create(Mark.at(1, 0))
+        watermark.advance(0, 100)
+        for write, revision in writes:
+            if write == "note":
+                watermark.note(revision)
+            elif write == "advance":
+                assert watermark.mark is not None
+                watermark.advance(watermark.mark.floor, revision)
+            else:
+                watermark.sync()
+        watermark.close()
+        _tear_newest_slot(state.join("wm"))
+        assert Watermark(state, "wm").read() == left
+
+
+def test_a_note_moves_the_floor_and_keeps_the_revision(tempdir: str) -> None:
+    with PrivateDir.open(tempdir) as state:
+        watermark = Watermark(state, "wm")
+        watermark.create(Mark.at(1, 0))
+        watermark.advance(0, 100)
+        watermark.note(42)
+        assert Watermark(state, "wm").read() == watermark.mark == Mark(1, 100, 42)
+        watermark.close()
 
 
 # -- a lost store is refused -------------------------------------------------------------------

@@ -36,9 +36,10 @@ from fleetd.store import (
     RangeResult,
     Store,
     Target,
+    sqlite,
 )
 from fleetd.store.scoped import Scoped
-from fleetd.store.sqlite import SQLiteStore
+from fleetd.store.sqlite import NOTES_FLUSHED_WITHIN, SQLiteStore
 from fleetd.store.watermark import Watermark
 from protocol.errors import Absent, Compacted, Incompatible, Internal, InvalidRequest, StoreFull
 from tests.etcd_server import GRPC_DRAIN, EtcdServer, need_etcd
@@ -552,7 +553,8 @@ import sys
 
 import anyio
 
-from fleetd.store.sqlite import SQLiteStore
+from fleetd.store import sqlite
+from fleetd.store.sqlite import NOTES_FLUSHED_WITHIN, SQLiteStore
 
 
 async def write(store, worker):
@@ -676,6 +678,50 @@ async def test_a_caller_cancelled_while_its_write_commits_leaves_the_others_answ
             await store.put("cancelled", b"1")
         await put_concurrently(store, [f"k/{n}" for n in range(20)])
         assert len(await store.range("k/")) == 20
+
+
+@asynccontextmanager
+async def watermarked(tempdir: str) -> AsyncIterator[tuple[SQLiteStore, Watermark, PrivateDir]]:
+    """A SQLite store serving with its watermark, "wm" in `tempdir`; it stops on exit."""
+    with PrivateDir.open(tempdir) as state:
+        watermark = Watermark(state, "wm")
+        store = SQLiteStore(state.join("store.db"), watermark=watermark)
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.serve)
+            yield store, watermark, state
+            tg.cancel_scope.cancel()
+
+
+async def test_every_answered_commit_is_within_the_watermark_and_notes_its_floor(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "RESERVED", 3)
+    async with watermarked(tempdir) as (store, _, state):
+        for n in range(10):
+            revision = await store.put("a", b"%d" % n)
+            mark = Watermark(state, "wm").read()
+            assert mark is not None
+            assert mark.floor == revision - 1
+            assert revision <= mark.revision <= revision + 3
+
+
+async def test_an_idle_store_flushes_its_notes_within_a_second(tempdir: str) -> None:
+    async with watermarked(tempdir) as (store, watermark, _):
+        await store.put("a", b"1")  # past the watermark: advanced
+        await store.put("a", b"2")  # within it: noted
+        assert watermark.noted_at is not None
+        with anyio.fail_after(NOTES_FLUSHED_WITHIN + 2):
+            # noted_at is cleared by the database thread: polled, as no event says so
+            while watermark.noted_at is not None:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
+
+
+async def test_a_store_that_stops_flushes_its_notes(tempdir: str) -> None:
+    async with watermarked(tempdir) as (store, watermark, _):
+        await store.put("a", b"1")
+        await store.put("a", b"2")
+        assert watermark.noted_at is not None
+    assert watermark.noted_at is None
 
 
 async def test_a_watermark_that_fails_leaves_the_batch_committed_once(

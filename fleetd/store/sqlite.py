@@ -27,10 +27,11 @@ etcd backend (issue 14) and the task event log (issue 15) build on. Its parts he
 `SQLiteStore.watch`.
 
 Continuity: given a `Watermark` (fleetd.store.watermark), the store refuses to open a database
-that is not the one the watermark describes, or that went back behind it, and advances the
-watermark with each commit (on a thread of its own, its flush alongside the COMMIT's), before
-the batch is answered. A file that SQLite cannot read as a
-database is refused with StoreCorrupt, never opened as a new one.
+that is not the one the watermark describes, or that went back behind it. Before a batch is
+answered, the watermark holds a revision no less than the batch's: a commit that would pass
+it advances it RESERVED revisions ahead (on a thread of its own, its flush alongside the
+COMMIT's); the others only note the floor, flushed within NOTES_FLUSHED_WITHIN. A file that
+SQLite cannot read as a database is refused with StoreCorrupt, never opened as a new one.
 """
 
 import asyncio
@@ -114,6 +115,15 @@ WATCH_QUEUE = 1024
 
 REVOKE_RETRY = 1.0
 """Seconds before retrying to delete an expired lease's keys after the disk was full."""
+
+RESERVED = 1 << 16
+"""Revisions the watermark is advanced past the store's when a commit would pass it: the
+commits meanwhile only note theirs, with no flush to wait for (fleetd.store.watermark). A
+reset skips at most this many."""
+
+NOTES_FLUSHED_WITHIN = 1.0
+"""Seconds within which a noted floor is flushed: by the next commit's advance, or by the
+database thread once idle."""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -383,11 +393,18 @@ class _DatabaseThread:
             self.failed.set_exception(error)
 
     def _next_batch(self) -> list["_Job[Any]"]:
-        with self._wake:
-            while not self._queued and not self._stopping:
-                self._wake.wait()
-            batch, self._queued = self._queued, []
-        return batch
+        """The jobs queued; while none are, the watermark's notes are flushed when due (out of
+        the lock: the event loop queues under it)."""
+        while True:
+            with self._wake:
+                due = self._database.notes_due_in()
+                while not (self._queued or self._stopping) and (due is None or due > 0):
+                    self._wake.wait(due)
+                    due = self._database.notes_due_in()
+                if self._queued or self._stopping:
+                    batch, self._queued = self._queued, []
+                    return batch
+            self._database.flush_notes()
 
 
 def _done(future: "asyncio.Future[None]") -> None:
@@ -475,6 +492,7 @@ class _Database:
         self._db.close()
         self._marking.shutdown()
         if self._watermark is not None:
+            self.flush_notes()
             self._watermark.close()
 
     def leases(self) -> list[tuple[int, float]]:
@@ -502,12 +520,40 @@ class _Database:
         return _Report(tuple(self.events), self.state.copy())
 
     def _advance_watermark(self, floor: int) -> "Future[None] | None":
-        """The watermark's write, started on its own thread just before the COMMIT, so that
-        its flush and the database's run together; `floor` is the revision committed before
-        this transaction (see fleetd.store.watermark)."""
-        if self._watermark is None or self.state.revision == floor:
+        """Just before the COMMIT, the watermark's write: an advance past this commit's
+        revision, started on its own thread so that its flush and the database's run
+        together, when the commit would pass the mark or notes are due; else a note of the
+        floor, at once. `floor` is the revision committed before this transaction (see
+        fleetd.store.watermark)."""
+        watermark = self._watermark
+        if watermark is None or watermark.mark is None or self.state.revision == floor:
             return None
-        return self._marking.submit(self._watermark.advance, floor, self.state.revision)
+        due = self.notes_due_in()
+        if self.state.revision <= watermark.mark.revision and (due is None or due > 0):
+            try:
+                watermark.note(floor)
+            except OSError as exc:
+                log.error("watermark_not_written", path=watermark.path, error=str(exc))
+            return None
+        return self._marking.submit(watermark.advance, floor, self.state.revision + RESERVED)
+
+    def notes_due_in(self) -> float | None:
+        """Seconds until the watermark's notes are due for a flush; None without notes."""
+        noted_at = self._watermark.noted_at if self._watermark is not None else None
+        if noted_at is None:
+            return None
+        return noted_at + NOTES_FLUSHED_WITHIN - time.monotonic()
+
+    def flush_notes(self) -> None:
+        """A failure is logged, and the notes are flushed again a while later (or by a
+        commit's advance)."""
+        if self._watermark is None:
+            return
+        try:
+            self._watermark.sync()
+        except OSError as exc:
+            log.error("watermark_not_written", path=self._watermark.path, error=str(exc))
+            self._watermark.noted_at = time.monotonic()  # tried again when due again
 
     def _advanced(self, marking: "Future[None] | None") -> None:
         """Before the batch is answered. A failure (an I/O error: the write is in place and

@@ -5,22 +5,30 @@ A store's files can go missing or backwards without SQLite noticing: deleted or 
 WAL removed after a crash, an older copy restored. Opened again, what is left looks like a
 store that simply has less in it, so fleetd would list no leases and grant fencing tokens it
 had granted before. A mark holds two revisions: the `floor` the store had durably reached
-when the mark was written, and the `revision` of the commit under way then. The store writes
-it alongside each commit (the two flushes run together) and answers only once both are
-durable, so the store is never behind the floor, and nothing above the revision was ever
-acknowledged: at start-up `check_continuity` tells a new state directory from one whose store
-was lost, replaced or rolled back (behind the floor), and a reset starts the revisions above
-the revision, so tokens never repeat. A crash between the two flushes leaves the store at the
-floor or at the revision; either is sound (the commit was not answered).
+when the mark was written, and a `revision` no commit answered so far is above. At start-up
+`check_continuity` tells a new state directory from one whose store was lost, replaced or
+rolled back (behind the floor), and a reset starts the revisions above the revision, so
+tokens never repeat.
 
-The file is 4 KiB written once, then updated in place: two 64-byte slots written in turn
-(pwrite, fdatasync; no block is allocated, so a full disk cannot fail it), each with a
-sequence number and a CRC. A write torn by a crash loses only the slot being written; the
-other still holds a revision no greater than the store's.
+Two kinds of write keep it so. `advance` is durable (pwrite, fdatasync): the store calls it,
+its flush alongside the COMMIT's, when a commit would pass the revision, and then reserves
+revisions ahead (fleetd.store.sqlite), so that most commits need no flush of the watermark.
+`note` records a new floor without waiting for the disk: a start-up after fleetd stopped or
+crashed reads it from the page cache, and the store flushes it (`sync`) within a second.
+Only a power loss in that second can take a note back, and then the floor read is an older
+one, which is still sound: a floor is only ever a revision the store had made durable.
+
+The file is 4 KiB written once, then updated in place: two 64-byte slots, each with a
+sequence number and a CRC; the valid one with the higher sequence is the mark. A write never
+goes to the slot holding the last flushed mark: notes and the next advance go to the other,
+which becomes the flushed one once its fdatasync returns. So a write torn by a crash loses
+only what it wrote, and the slot left holds a revision no commit answered is above. No
+write allocates a block, so a full disk cannot fail one.
 """
 
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from enum import Enum
@@ -128,14 +136,20 @@ def decode_slot(data: bytes) -> tuple[Mark, int] | None:
 
 def latest(data: bytes) -> tuple[Mark, int] | None:
     """The valid slot with the highest sequence."""
-    slots = [decode_slot(data[i : i + SLOT_SIZE]) for i in (0, SLOT_SIZE)]
-    valid = [slot for slot in slots if slot is not None]
-    return max(valid, key=lambda slot: slot[1]) if valid else None
+    found = _latest_slot(data)
+    return found[1:] if found is not None else None
+
+
+def _latest_slot(data: bytes) -> tuple[int, Mark, int] | None:
+    """The index, mark and sequence of the valid slot with the highest sequence."""
+    slots = [(i, decode_slot(data[i * SLOT_SIZE : (i + 1) * SLOT_SIZE])) for i in (0, 1)]
+    valid = [(i, *slot) for i, slot in slots if slot is not None]
+    return max(valid, key=lambda slot: slot[2]) if valid else None
 
 
 class Watermark:
-    """The watermark file `name` in `directory`; `read` it, then `create` or `open` it and
-    `advance` it with each commit. Not thread-safe: one thread at a time advances it."""
+    """The watermark file `name` in `directory`; `read` it, then `create` or `open` it, and
+    `advance` or `note` it as the store commits. Not thread-safe: one thread at a time writes."""
 
     def __init__(self, directory: PrivateDir, name: str) -> None:
         self.directory = directory
@@ -144,6 +158,10 @@ class Watermark:
         self._fd = -1
         self._sequence = 0
         self._mark: Mark | None = None
+        self._spare = 1
+        """The slot the next write goes to: not the one holding the last flushed mark."""
+        self.noted_at: float | None = None
+        """When the first note not flushed yet was written (time.monotonic), if one is."""
 
     def read(self) -> Mark | None:
         """The mark, or None when there is no file; StoreCorrupt when neither slot is valid."""
@@ -165,30 +183,55 @@ class Watermark:
         self.open()
 
     def open(self) -> None:
+        """Open the file to write it, flushed first: what a crash left in the page cache is
+        then the flushed mark, whose slot is kept."""
         self._fd = self.directory.open_file(self.name, os.O_RDWR)
-        found = latest(os.pread(self._fd, FILE_SIZE, 0))
+        found = _latest_slot(os.pread(self._fd, FILE_SIZE, 0))
         if found is None:
             raise StoreCorrupt(f"{self.path} is damaged", path=self.path)
-        self._mark, self._sequence = found
+        os.fdatasync(self._fd)
+        index, self._mark, self._sequence = found
+        self._spare = 1 - index
 
     @property
     def mark(self) -> Mark | None:
         return self._mark
 
     def advance(self, floor: int, revision: int) -> None:
-        """Record durably that the store reached `floor` and commits `revision` now (no-op
-        when that is the mark already)."""
+        """Record durably that the store reached `floor` and answers no commit above
+        `revision` (no-op when that is the flushed mark already)."""
         if self._mark is None:
             return
         mark = Mark(self._mark.store_id, revision, floor)
-        if mark == self._mark:
+        if mark == self._mark and self.noted_at is None:
             return
+        self._write(mark)
+        self._flush()
+        self._mark = mark  # only once durable: a failed flush leaves the last flushed mark
+
+    def note(self, floor: int) -> None:
+        """Record that the store reached `floor`, not waiting for the disk (see the module's
+        docstring); `sync` flushes it."""
+        if self._mark is None or floor == self._mark.floor:
+            return
+        self._mark = Mark(self._mark.store_id, self._mark.revision, floor)
+        self._write(self._mark)
+        if self.noted_at is None:
+            self.noted_at = time.monotonic()
+
+    def sync(self) -> None:
+        """Flush the notes written since the last flush, if any."""
+        if self.noted_at is not None:
+            self._flush()
+
+    def _write(self, mark: Mark) -> None:
         self._sequence += 1
-        slot = encode_slot(mark, self._sequence)
-        offset = (self._sequence % 2) * SLOT_SIZE
-        _write_all_at(self._fd, slot, offset)
+        _write_all_at(self._fd, encode_slot(mark, self._sequence), self._spare * SLOT_SIZE)
+
+    def _flush(self) -> None:
         os.fdatasync(self._fd)
-        self._mark = mark
+        self._spare = 1 - self._spare
+        self.noted_at = None
 
     def close(self) -> None:
         if self._fd >= 0:
