@@ -34,6 +34,7 @@ from protocol.runs import (
     ReceiptScore,
     RunCancel,
     RunDetail,
+    RunListRequest,
     RunShow,
     RunSubmit,
     TaskListRequest,
@@ -714,6 +715,18 @@ def test_a_worker_whose_lease_a_crash_kept_from_the_store_is_stopped_and_its_att
     assert second[1][1] == f"{run}/t/2"
     with SyncClient(daemon.socket_path) as client:
         client.request(RunCancel, run=run)
+
+
+def test_runs_are_listed_newest_first_a_new_one_at_the_top(daemon: Fleetd) -> None:
+    def listed() -> list[str]:
+        with SyncClient(daemon.socket_path) as client:
+            return [summary.id for summary in client.request(RunListRequest).runs]
+
+    first = submit(daemon, [task("a")], [worker()])
+    second = submit(daemon, [task("a")], [worker()])
+    assert listed() == [second, first]
+    third = submit(daemon, [task("a")], [worker()])
+    assert listed() == [third, second, first]
 
 
 def test_tasks_list_shows_each_tasks_state_and_attempt(daemon: Fleetd) -> None:

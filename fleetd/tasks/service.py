@@ -278,6 +278,8 @@ class TaskService:
         self.home = home_of(state) if store.shared else ""
         """Whose runs this fleetd dispatches: on a shared store, those submitted to it."""
         self.runs: dict[str, RunState] = {}
+        self._in_order: list[RunState] | None = None
+        """The runs oldest first, until one is added (see _ordered_runs)."""
         self.slots: dict[str, tuple[RunState, Slot]] = {}
         """Every live run's slots by member name."""
         self._active: dict[str, RunState] = {}
@@ -350,7 +352,7 @@ class TaskService:
         }
         last = await stored_last_seq(self.store, run.id)
         state = RunState(run, specs, tasks, EventLog(self.store, run.id, last), _slots(run))
-        self.runs[run.id] = state
+        self._add_run(state)
         if run.status in RUN_ENDED:
             self._ended_slots.extend(slot.member for slot in state.slots)
             return
@@ -1009,7 +1011,7 @@ class TaskService:
         else:
             await self._write_in_steps(state, now)
         state.events.patient = True
-        self.runs[run_id] = state
+        self._add_run(state)
         self._add_slots(state)
         for task in tasks.values():
             self._queue(state, task)
@@ -1071,7 +1073,7 @@ class TaskService:
                 return last + 1
 
     def list_runs(self, request: RunListRequest, peer: Peer) -> RunList:
-        runs = sorted(self.runs.values(), key=lambda r: _number(r.run.id), reverse=True)
+        runs = reversed(self._ordered_runs())
         return RunList(runs=[r.summary() for r in runs], draining=self.draining)
 
     def show(self, request: RunShow, peer: Peer) -> RunDetail:
@@ -1210,8 +1212,16 @@ class TaskService:
             error=task.error,
         )
 
+    def _add_run(self, state: RunState) -> None:
+        self.runs[state.run.id] = state
+        self._in_order = None
+
     def _ordered_runs(self) -> list[RunState]:
-        return sorted(self.runs.values(), key=lambda r: _number(r.run.id))
+        """Oldest first (not to be changed): sorted again only once a run was added, as
+        runs are listed far more often than submitted (a script polling `runs list`)."""
+        if self._in_order is None:
+            self._in_order = sorted(self.runs.values(), key=lambda r: _number(r.run.id))
+        return self._in_order
 
     def _run(self, run_id: str) -> RunState:
         run = self.runs.get(run_id)
