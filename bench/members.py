@@ -61,6 +61,9 @@ IDLE_SECONDS = 5
 CLI_WARMUP, CLI_RUNS = 2, 10
 STATUS_WARMUP, STATUS_SECONDS = 200, 1.0
 ALL_STATUS_SECONDS = 1.0
+RATE_WINDOWS = 3
+"""A rate is the median of this many windows of its seconds: a burst of the machine's other
+load (this VM is shared) then moves one window, not the figure."""
 XMLRPC_POLL = 0.010
 XMLRPC_KILLS = 10
 LOG_POLL = 0.001
@@ -244,15 +247,19 @@ async def _fleet_restart(cluster: Cluster, name: str) -> float:
 
 
 async def rate(call: Any, seconds: float) -> float:
-    """Sequential calls per second, after a short warm-up."""
+    """Sequential calls per second over `seconds` (the median of RATE_WINDOWS windows),
+    after a short warm-up."""
     for _ in range(10):
         await call()
-    done = 0
-    started = time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        await call()
-        done += 1
-    return done / elapsed
+    rates = []
+    for _ in range(RATE_WINDOWS):
+        done = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds / RATE_WINDOWS:
+            await call()
+            done += 1
+        rates.append(done / elapsed)
+    return statistics.median(rates)
 
 
 async def costed_rate(call: Any, seconds: float, server: int) -> Costed:
@@ -587,14 +594,18 @@ def _blocking_rates(n: int) -> list[Figure]:
 
 
 def _blocking_rate(call: Any, seconds: float) -> float:
+    """As `rate`, blocking."""
     for _ in range(10):
         call()
-    done = 0
-    started = time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        call()
-        done += 1
-    return done / elapsed
+    rates = []
+    for _ in range(RATE_WINDOWS):
+        done = 0
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < seconds / RATE_WINDOWS:
+            call()
+            done += 1
+        rates.append(done / elapsed)
+    return statistics.median(rates)
 
 
 async def _library_rates(fleetd: Fleetd) -> tuple[float, Costed]:
