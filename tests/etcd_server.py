@@ -26,6 +26,7 @@ import pytest
 
 REQUIRE_ENV = "FLEET_REQUIRE_ETCD"
 READY_TIMEOUT = 20.0
+PORT_TRIES = 3
 GRPC_DRAIN = 0.05
 """Seconds for gRPC to deliver the completions of the calls a store's close cancelled, on the
 loop they started on (grpc/grpc#25364: one that arrives after a test's loop closed fails the
@@ -105,9 +106,25 @@ class EtcdServer:
         ]
 
     def start(self) -> "EtcdServer":
-        self.launch()
-        self.wait_healthy()
-        return self
+        """Start it and wait until it is healthy. A first start of a lone member whose port
+        was taken meanwhile (free_port finds one free only a moment before etcd binds it) is
+        tried again on new ports."""
+        tries_left = PORT_TRIES
+        while True:
+            tries_left -= 1
+            first = not os.path.exists(self.data_dir)
+            self.launch()
+            try:
+                self.wait_healthy()
+                return self
+            except RuntimeError:
+                alone = self.initial_cluster == f"{self.name}={self.peer_url}"
+                if not (tries_left and first and alone and "address already in use" in self.log()):
+                    raise
+            self.stop(signal.SIGKILL)
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.client_port, self.peer_port = free_port(), free_port()
+            self.initial_cluster = f"{self.name}={self.peer_url}"
 
     def launch(self) -> None:
         """Starts the process without waiting: a member of a cluster is healthy only once a

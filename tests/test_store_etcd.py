@@ -8,6 +8,7 @@ Each test starts its own etcd (tests/etcd_server.py) with test-only raft timings
 
 import random
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -432,3 +433,17 @@ def test_endpoints_of_both_address_families_are_refused_not_dropped() -> None:
     with pytest.raises(StoreUnavailable, match="mixes IPv4 and IPv6"):
         Endpoints.parse("etcd://127.0.0.1:2379,[::1]:2379").target()
     assert Endpoints.parse("etcd://localhost:2379").target().startswith("ipv4:127.0.0.1")
+
+
+def test_a_test_etcd_whose_port_was_taken_meanwhile_starts_on_another(tempdir: str) -> None:
+    """tests/etcd_server.py's own guard: free_port finds a port free only a moment before
+    etcd binds it, and a parallel test's process may take it in between."""
+    need_etcd()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = EtcdServer(tempdir)
+        server.client_port = taken.getsockname()[1]
+        with server:
+            assert server.client_port != taken.getsockname()[1]
+            assert server.healthy()
