@@ -508,13 +508,25 @@ def _keys() -> Iterator[int | None]:
 
 
 def _wait_for_quit(keys: int | None, ended: int) -> None:
-    """Until `q` is typed on `keys`, or `ended` is readable."""
+    """Until `q` is typed on `keys`, or `ended` is readable; a signal (Ctrl-C) raises here.
+    The kernel may give a signal to the feed thread, whose handler only marks it for this
+    one: the wake-up fd then ends the wait, which would otherwise last until a key."""
     import select
 
-    watched = [ended] if keys is None else [ended, keys]
-    while True:
-        readable = select.select(watched, [], [])[0]
-        if ended in readable:
-            return
-        if keys in readable and b"q" in os.read(keys, 64).lower():
-            return
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    previous = signal.set_wakeup_fd(wake)
+    try:
+        watched = [ended, woken] if keys is None else [ended, woken, keys]
+        while True:
+            readable = select.select(watched, [], [])[0]
+            if ended in readable:
+                return
+            if woken in readable:
+                os.read(woken, 64)  # the handler has run, or runs at the next instruction
+            if keys in readable and b"q" in os.read(keys, 64).lower():
+                return
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(woken)
+        os.close(wake)

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from fleetctl.sync import SyncClient
-from fleetctl.top import age_of, event_line, worker_rows
+from fleetctl.top import _wait_for_quit, age_of, event_line, worker_rows
 from protocol.runs import RunCancel, TaskView
 from protocol.tasks import InboxEntry, timestamp
 from tests.processes import FLEETCTL, Fleetd, fleetctl
@@ -224,7 +225,10 @@ class Terminal:
 
 
 def _take_the_terminal() -> None:
+    """As an interactive shell starts a job: on its terminal, with Ctrl-C's default (a test
+    runner started in the background inherits SIGINT ignored, and passes it on)."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -303,6 +307,35 @@ def test_when_fleetd_goes_away_the_view_ends_unavailable_with_the_terminal_resto
     assert term.seen.rfind(SHOW_CURSOR) > term.seen.rfind(HIDE_CURSOR)
     assert b"fleetctl: " in term.seen.rsplit(SHOW_CURSOR, 1)[-1]
     assert termios.tcgetattr(term.slave) == term.before
+
+
+def test_a_ctrl_c_the_kernel_gives_another_thread_still_ends_the_view() -> None:
+    """The view's main thread waits for a key; the kernel may deliver SIGINT to its feed
+    thread instead, as here, and the wait must end all the same (not at the next key)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    ended, end = os.pipe()
+    gave_up: list[bool] = []
+
+    def give_up() -> None:  # what ends the wait when the signal did not: the failure
+        gave_up.append(True)
+        os.write(end, b"!")
+
+    interrupter = threading.Timer(
+        0.1, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    )
+    fallback = threading.Timer(5.0, give_up)
+    try:
+        interrupter.start()
+        fallback.start()
+        with pytest.raises(KeyboardInterrupt):
+            _wait_for_quit(None, ended)
+        assert not gave_up
+    finally:
+        fallback.cancel()
+        interrupter.join()
+        signal.signal(signal.SIGINT, previous)
+        os.close(ended)
+        os.close(end)
 
 
 def test_rich_is_loaded_by_top_alone() -> None:
