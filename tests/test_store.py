@@ -553,8 +553,7 @@ import sys
 
 import anyio
 
-from fleetd.store import sqlite
-from fleetd.store.sqlite import NOTES_FLUSHED_WITHIN, SQLiteStore
+from fleetd.store.sqlite import SQLiteStore
 
 
 async def write(store, worker):
