@@ -2,12 +2,11 @@
 through the library (sequential, and from concurrent callers), each beside the same figure for
 leases, and `fleetctl gc` over 1,000 claims.
 
-Every acquire is durable before it is answered: its staging file flushed (its data, and a new
-file's directory entry; a released claim's file is reused) and its journal record committed,
-together in one trip to the disk, then the file renamed into the inbox; a release commits its
-record, then moves the file out. Concurrent requests share their flushes (fleetd.delivery:
-one syncfs for a large batch; and the store's group commit). The figures include all of that
-(fleetd.claims says what each answer promises).
+Every acquire is durable before it is answered: its record committed with its content (the
+store's one flush), its staging file written out meanwhile (fleetd.delivery: no flush of its
+own), then renamed into the inbox; a release commits its record, then moves the file out.
+Concurrent requests share their disk work (fleetd.delivery's batches, and the store's group
+commit). The figures include all of that (fleetd.claims says what each answer promises).
 """
 
 import json
@@ -88,8 +87,8 @@ def _cli(fleetd: Fleetd) -> list[Figure]:
 # -- the library -------------------------------------------------------------------------------
 #
 # Claims beside leases, in the same fleetd and the same run: a lease pair is two durable store
-# writes, a claim pair the same two with its file's flush alongside the first, and a rename
-# after each, so the gap between them is what the files cost.
+# writes, a claim pair the same two (with the content in the first) with its file written
+# alongside the first, and a rename after each, so the gap between them is what the files cost.
 
 
 async def _sequential(socket_path: str) -> list[Figure]:

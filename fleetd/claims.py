@@ -12,40 +12,44 @@ which the pieces become durable is free, and start-up repairs what a crash leave
 - ACQUIRED means the record and the content are durable, and the file is visible now and
   after any crash once fleetd has started again. Acquire writes the content to a staging
   file (a new one, or a withdrawn one reused: fleetd.delivery), then in one round,
-  concurrently, flushes it (its data, and a new file's staging directory entry) and commits
-  the record, which names its staging file (``staged``) and the content's size and digest.
-  When both have succeeded the staging file is renamed into place and the answer is given;
-  the fsync of the inbox directory is not awaited (a file batch does it). If the commit
-  fails, the staging file goes back to the pool (or is removed) and nothing has changed.
-  If the flush fails (a full disk can show only there) after the record committed, the
-  previous record is written back (or the new one deleted), the staging file removed and
-  the flush's error answered; should that write fail too, it is logged, and start-up drops
-  the record (below).
+  concurrently, writes it out (no flush) and commits the record, which names its staging
+  file (``staged``) and the content's size and digest, together with the content itself
+  (``claim-contents/KIND/KEY``, kept until the release). So the store's commit is the one
+  flush an acquire waits for. When both have succeeded the staging file is renamed into
+  place and the answer is given; the fsync of the inbox directory is not awaited (a file
+  batch does it). If the commit fails, the staging file goes back to the pool (or is
+  removed) and nothing has changed. If the write-out fails (a full disk can show there)
+  after the record committed, the previous record is written back (or the new one deleted),
+  the staging file removed and the write-out's error answered; should that write fail too,
+  it is logged, and start-up delivers the claim (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
-  restart: release commits the record, moves the file out of its directory (a rename into
-  the staging directory, where it waits to be reused: fleetd.delivery) and answers; the
-  directory's fsync is not awaited, since start-up removes released claims' files (and
-  clears staging).
+  restart: release commits the record (and deletes the content), moves the file out of its
+  directory (a rename into the staging directory, where it waits to be reused:
+  fleetd.delivery) and answers; the directory's fsync is not awaited, since start-up
+  removes released claims' files (and clears staging).
 - ALREADY_ACQUIRED means the file is in place: an idempotent retry whose file is missing
   delivers it again (one stat per such request).
-- The inbox never shows a partial file, even after a power loss: only flushed files are
-  renamed in. This relies on rename being atomic across a crash, as on a journaling file
-  system (ext4, XFS, btrfs), where the state directory must live.
+- The inbox never shows a partial file, even after a power loss: a file is renamed in only
+  once it is written out, and the journal commit that makes the rename durable flushes the
+  disk's cache first. This relies on rename being atomic across a crash, as on a journaling
+  file system (ext4, XFS, btrfs), where the state directory must live.
 - Each request fails or succeeds alone; a full disk answers StoreFull and loses nothing.
 
 Start-up (``reconcile``, before fleetd serves): a held record whose staging file is still
 there, with the record's size and digest, is rolled forward (the file renamed into place and
-fsynced); a held record whose file is in neither place was never answered (or its
-compensation failed), and is dropped with a warning (a retry by its caller delivers again).
-Staging files no held record names are removed, released claims' files too, and files no
-record explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's
-only copy).
+fsynced); a held record whose file is in neither place (a power loss took its rename or its
+staging, or its compensation failed) is delivered again from its content in the store; one
+whose content the store lacks (a record of a fleetd before contents were kept) was never
+answered, and is dropped with a warning (a retry by its caller delivers again). Staging
+files no held record names are removed, released claims' files too, and files no record
+explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's only
+copy).
 
-Concurrent requests share their disk work: the staging of many acquires is flushed together
-(fleetd.delivery), and their records committed together (the store's group commit). Each
-claim's steps happen in order under its own lock (NameLocks). The records of the claims used
-lately are kept in memory (``_Recent``), so that a request waits for no store read before
-its write.
+Concurrent requests share their disk work: the staging of many acquires is written out
+together (fleetd.delivery), and their records committed together (the store's group
+commit). Each claim's steps happen in order under its own lock (NameLocks). The records of
+the claims used lately are kept in memory (``_Recent``), so that a request waits for no
+store read before its write.
 
 Every file operation goes through the state directory's descriptor (fleetd.core.dirs): a link
 planted in the inbox is moved aside as a link, never followed.
@@ -105,6 +109,9 @@ log = structlog.get_logger("fleetd.claims")
 
 PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
+CONTENTS = "claim-contents/"
+"""Where a held claim's content lives in the store, beside its record: ``claim-contents/KIND/KEY``
+(kept apart, so that listing or caching records never reads contents)."""
 
 INBOX = "inbox"
 FILES = "files"
@@ -148,6 +155,11 @@ Entries = list[ClaimInfo]
 
 def record_key(kind: str, key: str) -> str:
     return f"{PREFIX}{kind}/{key}"
+
+
+def contents_key(record: str) -> str:
+    """Where the content of the claim whose record is at `record` lives."""
+    return CONTENTS + record.removeprefix(PREFIX)
 
 
 class _Moved(Exception):
@@ -291,22 +303,43 @@ class ClaimService:
             log.info("claim_rolled_forward", path=path)
         for path, moved_to in swept.quarantined:
             log.warning("claim_file_quarantined", path=path, moved_to=moved_to)
-        dropped = 0
+        delivered = dropped = 0
         for key, (kv, record) in records.items():
-            if _parts_of(key, record.owner) in swept.missing:
+            parts = _parts_of(key, record.owner)
+            if parts not in swept.missing:
+                continue
+            content = await self._store.get(contents_key(key))
+            if content is None:
                 dropped += await self._drop(key, kv.mod_revision, record)
+            else:
+                delivered += await self._deliver_again(parts, record, content.value)
         log.info(
             "claims_loaded",
             records=len(records) - dropped,
             held=sum(state == "held" for state in explained.values()) - dropped,
             rolled_forward=len(swept.rolled_forward),
+            delivered_again=delivered,
             dropped=dropped,
             removed=swept.removed,
             quarantined=len(swept.quarantined),
         )
 
+    async def _deliver_again(self, parts: Where, record: StoredClaim, content: bytes) -> bool:
+        """A held claim whose file a crash took (a power loss can take its rename, or its
+        staging: neither is flushed when the acquire is answered), delivered from its content
+        in the store. One that cannot be (a full disk) keeps its record: the next start-up,
+        or a retried acquire, delivers it."""
+        try:
+            await self._files.deliver(parts, content)
+        except FleetError as exc:
+            log.error("claim_not_delivered", path=record.path, error=exc.message)
+            return False
+        log.warning("claim_delivered_again", path=record.path)
+        return True
+
     async def _drop(self, key: str, mod_revision: int, record: StoredClaim) -> bool:
-        """A held record whose file is nowhere: its acquire was never answered."""
+        """A held record whose file is nowhere, and whose content the store does not have
+        (written by a fleetd that kept no contents): its acquire was never answered."""
         result = await self._store.txn((Compare(key, "mod", "==", mod_revision),), (Delete(key),))
         if result.succeeded:
             log.warning(
@@ -394,7 +427,7 @@ class ClaimService:
             home=self._home,
         )
         try:
-            record = await self._write(key, found, record)
+            record = await self._write(key, found, record, Put(contents_key(key), request.content))
         except BaseException:
             with contextlib.suppress(FleetError):
                 await self._files.staged(job)
@@ -417,7 +450,7 @@ class ClaimService:
             Delete(key) if found.record is None else Put(key, _encode(found.record))
         )
         try:
-            result = await self._txn(key, guard, undo)
+            result = await self._txn(key, guard, undo, Delete(contents_key(key)))
         except Exception as exc:
             log.error("claim_not_withdrawn", claim=key.removeprefix(PREFIX), error=repr(exc))
             return
@@ -456,7 +489,7 @@ class ClaimService:
             record = msgspec.structs.replace(
                 found.record, state="released", released_at=round(time.time(), 3)
             )
-            await self._write(key, found, record)
+            await self._write(key, found, record, Delete(contents_key(key)))
             self._files.withdraw(relative_path(request.kind, request.key, record.owner))
             return ClaimResult(
                 outcome=Outcome.RELEASED,
@@ -548,9 +581,8 @@ class ClaimService:
             found = await self._current(key)
             if found.record != seen:
                 return False
-            result = await self._txn(
-                key, Compare(key, "mod", "==", found.mod_revision), Delete(key)
-            )
+            guard = Compare(key, "mod", "==", found.mod_revision)
+            result = await self._txn(key, guard, Delete(key), Delete(contents_key(key)))
             if not result.succeeded:
                 return False
             self._recent.put(key, _Found(None, 0))
@@ -576,14 +608,17 @@ class ClaimService:
             self._recent.put(key, found)
         return found
 
-    async def _write(self, key: str, found: _Found, record: StoredClaim) -> StoredClaim:
-        """Put `record` guarded on `found` (under the key's lock); returns it with its revision."""
+    async def _write(
+        self, key: str, found: _Found, record: StoredClaim, content: Put | Delete
+    ) -> StoredClaim:
+        """Put `record` guarded on `found` (under the key's lock), with the write of its
+        `content` (its Put, or its Delete); returns it with its revision."""
         guard = (
             Compare(key, "mod", "==", found.mod_revision)
             if found.record is not None
             else Compare(key, "create", "==", 0)
         )
-        result = await self._txn(key, guard, Put(key, _encode(record)))
+        result = await self._txn(key, guard, Put(key, _encode(record)), content)
         if not result.succeeded:
             if self._shared:
                 raise _Moved
@@ -593,11 +628,11 @@ class ClaimService:
         self._recent.put(key, _Found(record, result.revision))
         return record
 
-    async def _txn(self, key: str, guard: Compare, write: Put | Delete) -> TxnResult:
-        """One guarded write of `key`; what is remembered of it is forgotten unless it succeeds
-        (a failed or cancelled write may or may not have happened)."""
+    async def _txn(self, key: str, guard: Compare, *writes: Put | Delete) -> TxnResult:
+        """One guarded write of `key` (and its content); what is remembered of it is forgotten
+        unless it succeeds (a failed or cancelled write may or may not have happened)."""
         self._recent.forget(key)
-        return await self._store.txn((guard,), (write,))
+        return await self._store.txn((guard,), writes)
 
     def _refused(
         self, kind: str, key: str, found: _Found, outcome: Outcome, owner: str

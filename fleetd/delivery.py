@@ -1,49 +1,50 @@
-"""The claims' files: staged and flushed many at a time, then renamed into place.
+"""The claims' files: staged many at a time, then renamed into place.
 
     staged_name     a staging file's name, unique across fleetd runs (a claim record names it)
-    StageJob        one file to stage: its content written to claims-staging/ and flushed
+    StageJob        one file to stage: its content written to claims-staging/ and out to the disk
     run_batch       a batch of them in one pass over the disk (blocking)
-    FileBatches     how the claim handlers reach the disk: group commit, renames, reused files
+    FileBatches     how the claim handlers reach the disk: batches, renames, reused files
     place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
     deliver / withdraw   one file, durably (start-up, tests)
 
 A delivery has two steps. Staging writes the content to a file in ``claims-staging/`` and
-makes it durable: its data (fdatasync) and its name (an fsync of the staging directory).
-Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader never sees a
-partial file: only flushed files are renamed in, and a rename is atomic, after a power loss
-too, on a journaling file system (ext4, XFS, btrfs), which is what fleetd's state directory
-must live on. A withdrawal moves the file out of its directory, by a rename into the staging
-directory, where it waits to be reused (below).
+writes it out to the disk (sync_file_range: written and waited for, not flushed from the
+disk's cache). Placing renames it into its directory (``inbox/OWNER``, ``files``). A reader
+never sees a partial file, after a power loss too: a file is renamed in only once its data
+is written out, and the journal commit that makes a rename durable flushes the disk's cache
+first (ext4's jbd2, XFS's log; a rename is atomic across a crash on a journaling file system,
+which is what fleetd's state directory must live on). A withdrawal moves the file out of its
+directory, by a rename into the staging directory, where it waits to be reused (below).
 
-What waits for the disk. Staging does, and its callers wait for it (fleetd.claims awaits it
-together with the claim's store commit). Placing and withdrawing do not: a rename waits for
-no disk, so they are done on the event loop (an unlink may wait for the file system's
-journal, ~0.2 ms on ext4, so it is left to a batch), and the directories they touch are
-fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never lost silently: a
-failure is logged). Until then a power loss may undo the rename; fleetd.claims's start-up
-reconciliation redoes it from the records, which are durable.
+Staging makes no file durable by itself: the content is durable in the claim's record, which
+fleetd.claims commits alongside, and from which start-up delivers again a file a power loss
+took (fleetd.claims). So an acquire waits for one flush, the store's, where flushing its file
+too cost a second one: this VM's disk runs flushes one after the other.
 
-Group commit. Each flush waits for the disk, and a journaling file system commits together
-the flushes it is asked for together: so the handlers queue their staging, and a runner
-takes all of it into one thread hop (``run_batch``) that writes every file, then flushes all
-of them at once, with the staging directory when a new name is in it and the directories
-renamed into or out of when they have waited IDLE_SYNC_DELAY. Only then are its callers
-answered. Two runners take turns, so that one batch writes while the other waits for the
-disk.
+What waits for the disk. Staging does (a write, no flush), and its callers wait for it
+(fleetd.claims awaits it together with the claim's store commit). Placing and withdrawing do
+not: a rename waits for no disk, so they are done on the event loop (an unlink may wait for
+the file system's journal, ~0.2 ms on ext4, so it is left to a batch), and the directories
+they touch are fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never
+lost silently: a failure is logged). Until then a power loss may undo the rename;
+fleetd.claims's start-up reconciliation redoes it from the records, which are durable.
+
+Batches. The handlers queue their staging, and a runner takes all of it into one thread hop
+(``run_batch``) that writes every file, then writes them all out at once, and fsyncs the
+directories renamed into or out of when they have waited IDLE_SYNC_DELAY. Only then are its
+callers answered. Two runners take turns, so that one batch writes while the other waits for
+the disk.
 
 Reused files. Creating a file and unlinking it cost the file system more than the rest of a
-claim's file work (allocating an inode, freeing it), and a new file's name needs the staging
-directory's fsync. So a withdrawn file is not unlinked: a batch fsyncs the staging directory
-it was moved into (one that does so anyway, or when PROMOTE_AT of them wait), and from then
-on its name is durable and it waits there, in the pool (at most POOL files; more are
-unlinked), for a later staging to overwrite it (write, truncate, fdatasync) instead of
-creating a file. A staging into a pooled file needs no fsync of the staging directory. What
-is in the file until its fdatasync returns (the old content, or a mix) is never placed: a
-claim is answered only after it, and start-up rolls a held claim forward only from a staging
-file whose size and digest match its record (fleetd.claims).
+claim's file work (allocating an inode, freeing it). So a withdrawn file is not unlinked: the
+next batch checks that it is a plain file and puts it in the pool (at most POOL files; more
+are unlinked), for a later staging to overwrite (write, truncate, write out) instead of
+creating a file. What a pooled file holds before its write-out returns (the old content, or a
+mix) is never placed: it is renamed in only after it, and start-up rolls a held claim forward
+only from a staging file whose size and digest match its record (fleetd.claims).
 
-Each job succeeds or fails alone: a file that cannot be written or flushed (a full disk shows
-at the write or at the flush) fails its own request and its staging file is removed; the
+Each job succeeds or fails alone: a file that cannot be written (a full disk shows at the
+write or at the write-out) fails its own request and its staging file is removed; the
 others go on. Every file operation goes through the state directory's descriptor
 (fleetd.core.dirs): a link planted in the inbox is refused, never followed.
 """
@@ -82,25 +83,17 @@ DIRECTORIES = 256
 """Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
 POOLED = 16 * 1024
 """The largest file kept for reuse: the pool holds at most POOL * POOLED bytes of disk."""
-SPARES = 8
-"""Empty files a batch that makes a new one makes alongside (see run_batch)."""
-POOL_LOW = 4
-"""Files left in the pool under which a batch takes the withdrawn ones along."""
-PROMOTE_AT = 16
-"""Withdrawn files waiting for a batch to make their names durable (see FileBatches)."""
-SYNCFS_AT = 8
-"""Files in a batch from which one syncfs flushes them all (see _flush)."""
 SYNC_THREADS = 16
-"""Files and directories flushed at once, at most (see _SYNCERS)."""
+"""Directories fsynced at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
 """Seconds a runner with only directories to fsync (or withdrawn files to unlink) waits for
 staging work to join them: under load the next batch takes them along, and the disk is
 spared a flush of its own."""
 
-_SYNCERS = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-fdatasync")
-"""fdatasync of many files at once: a journaling file system commits together the flushes it
-is asked for together (ext4's jbd2, XFS's log force), where one after the other each new
-file would cost a journal commit of its own. Its threads start on first use."""
+_SYNCERS = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="fleetd-dirsync")
+"""fsync of many directories at once: a journaling file system commits together the flushes
+it is asked for together (ext4's jbd2, XFS's log force), where one after the other each would
+cost a journal commit of its own. Its threads start on first use."""
 _BATCHES = ThreadPoolExecutor(BATCHES_AT_ONCE, thread_name_prefix="fleetd-claim-files")
 """Where the batches run: a hop through an executor of our own costs the event loop about
 half of one through anyio.to_thread (no cancel scope, limiter or backend lookup), which an
@@ -127,7 +120,7 @@ class StageJob:
     content: bytes
     staged: str = field(default_factory=staged_name)
     reused: bool = False
-    """`staged` is a pooled file, whose name is durable already: it is overwritten."""
+    """`staged` is a pooled file: it is overwritten."""
     error: FleetError | None = None
     settled: bool = False
     """Its batch has run (FileBatches)."""
@@ -150,15 +143,12 @@ def run_batch(
     withdrawn: Sequence[str] = (),
     keep: int = 0,
 ) -> list[str]:
-    """Stage `jobs` in one pass over the disk: write every file, then flush at once their
-    data, the staging directory (when a new name is in it) and the `dirty` directories (those
-    placed into or withdrawn from since the last batch). Of the `withdrawn` files (moved from
-    their place to the staging directory), up to `keep` plain files are kept, and returned
-    once the staging directory's fsync has made their names durable; the rest are unlinked
-    meanwhile. A batch that makes a new file (the pool was empty) makes SPARES more, empty,
-    kept alike (within `keep`): the staging directory's fsync is paid for already. Every
-    job ends with `error` set or not, and a failed job leaves no staging file; this never
-    raises for one job's failure."""
+    """Stage `jobs` in one pass over the disk: write every file, then write them all out,
+    and fsync the `dirty` directories (those placed into or withdrawn from since the last
+    batch). Of the `withdrawn` files (moved from their place to the staging directory), up to
+    `keep` plain files are kept, and returned; the rest are unlinked. Every job ends with
+    `error` set or not, and a failed job leaves no staging file; this never raises for one
+    job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
@@ -166,15 +156,14 @@ def run_batch(
             job.fail(translated(exc, state, job.parts))
         staging = None
     try:
-        if staging is None:
-            _flush(state, None, jobs, dirty, [])
-            return []
-        for job in jobs:
-            _write(state, staging, job)
-        kept = _keep(staging, withdrawn, keep)
-        if any(not job.reused and job.error is None for job in jobs):
-            kept += _spares(staging, min(SPARES, keep - len(kept)))
-        return _flush(state, staging, jobs, dirty, kept)
+        kept: list[str] = []
+        if staging is not None:
+            for job in jobs:
+                _write(state, staging, job)
+            kept = _keep(staging, withdrawn, keep)
+            _write_out(state, [job for job in jobs if job.error is None])
+        _sync_directories(state, dirty)
+        return kept
     finally:
         for job in jobs:
             _close(job)
@@ -199,17 +188,6 @@ def _poolable(size: int, pool: Sequence[str]) -> bool:
     return size <= POOLED and len(pool) < POOL
 
 
-def _spares(staging: PrivateDir, count: int) -> list[str]:
-    """Up to `count` new empty files, for stagings to come (one that fails is left out)."""
-    made = []
-    for _ in range(count):
-        name = staged_name()
-        with contextlib.suppress(OSError, FleetError):
-            os.close(staging.open_file(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
-            made.append(name)
-    return made
-
-
 def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
     """The first `keep` withdrawn plain files of at most POOLED bytes (a link or a directory
     moved aside from the inbox is no file to reuse); the others are unlinked."""
@@ -224,56 +202,34 @@ def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]
     return kept
 
 
-def _flush(
-    state: PrivateDir,
-    staging: PrivateDir | None,
-    jobs: Sequence[StageJob],
-    dirty: Iterable[Where],
-    kept: list[str],
-) -> list[str]:
-    """Everything at once: the files' data, the dirty directories, and the staging directory
-    when a new file or a `kept` one is in it (the unlinked ones need no flush: start-up
-    clears staging); the kept files are returned when that fsync succeeded, else unlinked. A
-    full disk may show only at the fdatasync, as the file system allocates blocks for the
-    data written earlier.
+def _write_out(state: PrivateDir, jobs: Sequence[StageJob]) -> None:
+    """Each file's data written to the disk and waited for, without a flush of the disk's
+    cache: started for them all, then waited for one by one. A full disk may show only
+    here, as the file system allocates blocks for the data written earlier."""
+    for job in jobs:
+        _sync_file_range(job._fd, _START)
+    for job in jobs:
+        error = _sync_file_range(job._fd, _START_AND_WAIT)
+        if error is not None:
+            job.fail(translated(error, state, job.parts))
 
-    A batch of SYNCFS_AT files or more is flushed by one syncfs of the file system instead,
-    which makes all of it durable, directories included, for a fraction of the CPU and
-    time of a flush a file (the README gives the figures). The price: it also waits for
-    whatever else is dirty on that file system. When it fails, the error may be anybody's:
-    the flushes a file then tell which job it is."""
-    written = [job for job in jobs if job.error is None]
-    named = staging is not None and (kept or any(not job.reused for job in written))
-    if staging is not None and len(written) >= SYNCFS_AT and _syncfs(staging) is None:
-        return kept
+
+def _sync_directories(state: PrivateDir, dirty: Iterable[Where]) -> None:
+    """Fsync the `dirty` directories, all at once; a failure is logged (nothing waits for
+    them: see the module's docstring)."""
     directories = _open_dirty(state, dirty)
     try:
-        flushes = [partial(_fdatasync, job._fd) for job in written]
-        flushes += [partial(_fsync, d) for _, d in directories]
-        if named:
-            assert staging is not None
-            flushes.append(partial(_fsync, staging))
-        errors = _all_at_once(flushes)
+        errors = _all_at_once([partial(_fsync, directory) for _, directory in directories])
     finally:
         for _, directory in directories:
             directory.close()
-    staging_error = errors.pop() if named else None
-    for job, flushed in zip(written, errors[: len(written)], strict=True):
-        error = flushed or (None if job.reused else staging_error)
-        if error is not None:
-            job.fail(translated(error, state, job.parts))
-    for (where, _), error in zip(directories, errors[len(written) :], strict=True):
+    for (where, _), error in zip(directories, errors, strict=True):
         if error is not None:
             log.error(
                 "claims_directory_not_synced",
                 path=os.path.join(state.path, *where),
                 error=str(error),
             )
-    if staging_error is not None and staging is not None:
-        for name in kept:
-            _discard_quietly(staging, name)
-        return []
-    return kept
 
 
 def _all_at_once(flushes: Sequence[Callable[[], OSError | None]]) -> list[OSError | None]:
@@ -302,23 +258,20 @@ def _open_dirty(state: PrivateDir, dirty: Iterable[Where]) -> list[tuple[Where, 
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_START = 2
+"""SYNC_FILE_RANGE_WRITE: start writing the dirty pages out."""
+_START_AND_WAIT = 1 | 2 | 4
+"""SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER: every dirty page written out, and waited
+for (its error, if any, reported)."""
 
 
-def _syncfs(directory: PrivateDir) -> OSError | None:
-    """syncfs(2) (not in Python's os): every dirty file and directory of the file system
-    holding `directory` written and flushed to the disk."""
-    if _LIBC.syncfs(directory.fd) == 0:
+def _sync_file_range(fd: int, flags: int) -> OSError | None:
+    """sync_file_range(2) over the whole file (not in Python's os)."""
+    if _LIBC.sync_file_range(fd, 0, 0, flags) == 0:
         return None
     code = ctypes.get_errno()
     return OSError(code, os.strerror(code))
-
-
-def _fdatasync(fd: int) -> OSError | None:
-    try:
-        os.fdatasync(fd)
-    except OSError as exc:
-        return exc
-    return None
 
 
 def _fsync(directory: PrivateDir) -> OSError | None:
@@ -551,8 +504,8 @@ def translated(
 class FileBatches:
     """The claim handlers' file work. Serve it with ``await tg.start(files.serve)``; then
     ``files.stage(parts, content)`` queues a staging and returns its job at once, and
-    ``await files.staged(job)`` returns once that file is durable in the staging directory
-    (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
+    ``await files.staged(job)`` returns once that file is written out in the staging
+    directory (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
     moves a file out of its place, both at once, their directories fsynced by the next batch,
     which pools the withdrawn files for stagings to reuse."""
 
@@ -564,7 +517,7 @@ class FileBatches:
         self._dirty: set[Where] = set()
         self._withdrawn: list[str] = []
         self._pool: list[str] = []
-        """Staging files whose names are durable, free to be overwritten."""
+        """Staging files free to be overwritten."""
         self._pooling = 0
         """Places in the pool promised to the batches on their way."""
         self._dirty_seen: float | None = None
@@ -614,9 +567,9 @@ class FileBatches:
             self._wake()
 
     def discard(self, job: StageJob) -> None:
-        """Its staging file will not be placed: one its batch made durable goes back to the
-        pool, as a pooled file (what it holds is never placed: see fleetd.claims), any
-        other is removed; a failure is logged (start-up removes it)."""
+        """Its staging file will not be placed: one its batch wrote goes back to the pool
+        (what it holds is never placed: see fleetd.claims), any other is removed; a failure
+        is logged (start-up removes it)."""
         if job.settled and job.error is None and _poolable(len(job.content), self._pool):
             self._pool.append(job.staged)
             return
@@ -679,21 +632,6 @@ class FileBatches:
         dirty, self._dirty, self._dirty_seen = self._dirty, set(), None
         return dirty
 
-    def _take_withdrawn(self, jobs: Sequence[StageJob]) -> list[str]:
-        """The withdrawn files, when this batch fsyncs the staging directory anyway (a new
-        file), has no staging work, or the pool needs them (under POOL_LOW left), or
-        PROMOTE_AT of them wait: one fsync then makes all of their names durable."""
-        promote = (
-            not jobs
-            or len(self._pool) < POOL_LOW
-            or len(self._withdrawn) >= PROMOTE_AT
-            or any(not job.reused for job in jobs)
-        )
-        if not promote:
-            return []
-        withdrawn, self._withdrawn = self._withdrawn, []
-        return withdrawn
-
     async def _run_batches(self) -> None:
         while True:
             while not (self._queue or self._dirty or self._withdrawn):
@@ -704,7 +642,7 @@ class FileBatches:
                         await self._wait_for_work(idle=False)
             jobs, self._queue = self._queue, []
             dirty = self._take_dirty(idle=not jobs)
-            withdrawn = self._take_withdrawn(jobs)
+            withdrawn, self._withdrawn = self._withdrawn, []
             if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()

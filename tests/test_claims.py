@@ -24,6 +24,7 @@ from fleetd import delivery
 from fleetd.claims import (
     ClaimService,
     StoredClaim,
+    contents_key,
     decide_acquire,
     decide_release,
     record_key,
@@ -33,6 +34,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.delivery import STAGING, deliver
 from fleetd.state import STORE_FILE
+from fleetd.store import Delete
 from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import (
     MAX_CONTENT,
@@ -219,17 +221,28 @@ async def test_full_disk_while_delivering_writes_nothing(
         assert _staged_contents(claims.state.path) == []
 
 
-async def test_a_flush_that_fails_after_the_record_committed_restores_the_previous_record(
+def _write_out_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every staging's write-out fails, as on a full disk (its first sight of it may be there)."""
+    sync_file_range = delivery._sync_file_range
+
+    def full(fd: int, flags: int) -> OSError | None:
+        if flags == delivery._START_AND_WAIT:
+            return OSError(errno.ENOSPC, "No space left on device")
+        return sync_file_range(fd, flags)
+
+    monkeypatch.setattr(delivery, "_sync_file_range", full)
+
+
+async def test_a_write_out_that_fails_after_the_record_committed_restores_the_previous_record(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The record and the flush go to disk together; a full disk may show only at the flush,
-    when the record is already committed: it is taken back, and the error answered."""
+    """The record and the write-out go to disk together; a full disk may show only at the
+    write-out, when the record is already committed: it is taken back, and the error
+    answered."""
     async with service(tempdir) as claims:
         await claims.acquire(_acquire("k", b"first\n"), PEER)
         released = (await claims.release(_release("k"), PEER)).claim
-        monkeypatch.setattr(
-            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
-        )
+        _write_out_fails(monkeypatch)
         with pytest.raises(StoreFull, match="the disk is full"):
             await claims.acquire(_acquire("k", b"second\n", owner="bob"), PEER)
         monkeypatch.undo()
@@ -241,13 +254,11 @@ async def test_a_flush_that_fails_after_the_record_committed_restores_the_previo
         assert b"second\n" not in kept, "the failed staging is gone (a released file may stay)"
 
 
-async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
+async def test_a_write_out_that_fails_for_a_new_claim_leaves_no_record(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with service(tempdir) as claims:
-        monkeypatch.setattr(
-            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
-        )
+        _write_out_fails(monkeypatch)
         with pytest.raises(StoreFull):
             await claims.acquire(_acquire("k", b"x"), PEER)
         monkeypatch.undo()
@@ -255,15 +266,15 @@ async def test_a_flush_that_fails_for_a_new_claim_leaves_no_record(
         assert (await claims.acquire(_acquire("k", b"x"), PEER)).outcome is Outcome.ACQUIRED
 
 
-async def test_a_failed_take_back_is_logged_and_start_up_drops_the_record(
+async def test_a_failed_take_back_is_logged_and_start_up_delivers_the_claim(
     tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The flush failed after the record committed, and so did writing the record back: the
-    caller was answered the flush's error, and start-up finds a held record with no file."""
+    """The write-out failed after the record committed, and so did writing the record back:
+    the caller was answered the write-out's error, and start-up finds a held record with no
+    file, and its content in the store: the claim is held, so its file is delivered (the
+    caller's retry answers already_acquired)."""
     async with service(tempdir) as claims:
-        monkeypatch.setattr(
-            delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
-        )
+        _write_out_fails(monkeypatch)
         txn, calls = claims._txn, []
 
         async def second_fails(*args: Any) -> Any:
@@ -281,7 +292,10 @@ async def test_a_failed_take_back_is_logged_and_start_up_drops_the_record(
         ]
         assert len((await claims.list(ClaimListRequest(id=1), PEER)).claims) == 1
     async with service(tempdir) as claims:
-        assert (await claims.list(ClaimListRequest(id=1), PEER)).claims == []
+        [held] = (await claims.list(ClaimListRequest(id=1), PEER)).claims
+        assert (held.state, _read(held.path)) == ("held", b"x")
+        retried = await claims.acquire(_acquire("k", b"x"), PEER)
+        assert retried.outcome is Outcome.ALREADY_ACQUIRED
 
 
 async def test_a_retried_acquire_whose_file_went_missing_delivers_it_again(tempdir: str) -> None:
@@ -429,6 +443,25 @@ def _stored_record(daemon: Fleetd, key: str) -> StoredClaim | None:
     return anyio.run(read)
 
 
+def _stored_content(daemon: Fleetd, key: str) -> bytes | None:
+    """The content the store of a stopped fleetd keeps for prompt_inbox claim `key`."""
+
+    async def read() -> bytes | None:
+        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
+            kv = await store.get(contents_key(record_key("prompt_inbox", key)))
+            return None if kv is None else kv.value
+
+    return anyio.run(read)
+
+
+def _delete_stored_content(daemon: Fleetd, key: str) -> None:
+    async def delete() -> None:
+        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
+            await store.txn((), (Delete(contents_key(record_key("prompt_inbox", key))),))
+
+    anyio.run(delete)
+
+
 def _stopped_with_claim(tempdir: str, key: str, content: bytes, *, release: bool = False) -> Fleetd:
     """A fleetd that acquired (and, if `release`, released) alice's claim `key`, now stopped."""
     daemon = Fleetd(tempdir).start()
@@ -471,8 +504,8 @@ def test_a_held_claim_found_only_staged_is_rolled_forward_at_start_up(tempdir: s
 def test_a_staged_file_that_is_not_the_records_content_is_not_rolled_forward(
     tempdir: str,
 ) -> None:
-    """A crash before the staged file's flush (a reused file may still hold what it held
-    before): the acquire was never answered, and no partial file reaches the inbox."""
+    """A power loss before the staged file was written out (a reused file may still hold what
+    it held before): that file never reaches the inbox; the content in the store does."""
     daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
     try:
         record = _stored_record(daemon, "p")
@@ -480,9 +513,9 @@ def test_a_staged_file_that_is_not_the_records_content_is_not_rolled_forward(
         os.unlink(_inbox_file(daemon, "p"))
         _write(_staging_file(daemon, record.staged), b"prompX\n")
         daemon.start()
-        assert not os.path.exists(_inbox_file(daemon, "p"))
+        assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
         assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
-        assert _claim(daemon, "p").outcome == "absent"
+        assert _claim(daemon, "p").claim.state == "held"
     finally:
         daemon.close()
 
@@ -517,7 +550,8 @@ def test_rolling_forward_through_a_planted_link_is_refused_and_fleetd_starts(
         os.symlink(elsewhere, owner)
         daemon.start()
         assert os.listdir(elsewhere) == []
-        assert _claim(daemon, "p").outcome == "absent"
+        assert _read(_inbox_file(daemon, "p")) == b"prompt\n", "delivered from the store"
+        assert not os.path.islink(os.path.dirname(_inbox_file(daemon, "p")))
         assert os.listdir(os.path.join(daemon.state_dir, STAGING)) == []
         assert any(re.fullmatch(r"quarantine/[^/]+/inbox/alice", f) for f in _links(daemon))
     finally:
@@ -534,11 +568,43 @@ def _links(daemon: Fleetd) -> list[str]:
     return found
 
 
-def test_a_held_claim_whose_file_is_nowhere_is_dropped_with_a_warning(tempdir: str) -> None:
-    """Its acquire was never answered (the crash came before the staged file was durable),
-    or its compensation failed: a retry by the caller delivers again."""
+def test_a_held_claim_whose_file_is_nowhere_is_delivered_again_from_the_store(
+    tempdir: str,
+) -> None:
+    """A power loss took its rename and its staging (neither is flushed when the acquire is
+    answered): its content is in the store."""
     daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
     try:
+        os.unlink(_inbox_file(daemon, "p"))
+        daemon.start()
+        assert _read(_inbox_file(daemon, "p")) == b"prompt\n"
+        assert _claim(daemon, "p").claim.state == "held"
+        assert any(
+            '"claim_delivered_again"' in line and _inbox_file(daemon, "p") in line
+            for line in daemon.log().splitlines()
+        )
+    finally:
+        daemon.close()
+
+
+def test_a_released_claim_leaves_no_content_in_the_store(tempdir: str) -> None:
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n", release=True)
+    try:
+        assert _stored_content(daemon, "p") is None
+    finally:
+        daemon.close()
+
+
+def test_a_held_claim_without_stored_content_whose_file_is_nowhere_is_dropped(
+    tempdir: str,
+) -> None:
+    """A record written before fleetd kept contents, whose file is nowhere: its acquire was
+    never answered (that fleetd flushed the file first), so a retry by the caller delivers
+    again."""
+    daemon = _stopped_with_claim(tempdir, "p", b"prompt\n")
+    try:
+        assert _stored_content(daemon, "p") == b"prompt\n"
+        _delete_stored_content(daemon, "p")
         os.unlink(_inbox_file(daemon, "p"))
         daemon.start()
         assert _claim(daemon, "p").outcome == "absent"

@@ -55,9 +55,8 @@ def _staging(state: PrivateDir) -> list[str]:
 
 
 def _staged_contents(state: PrivateDir) -> list[bytes]:
-    """What the staging files hold, but for the empty ones (spares, see run_batch)."""
-    contents = [_read(state, STAGING, name) for name in _staging(state)]
-    return sorted(content for content in contents if content)
+    """What the staging files hold."""
+    return sorted(_read(state, STAGING, name) or b"" for name in _staging(state))
 
 
 @pytest.fixture
@@ -69,16 +68,33 @@ async def files(state: PrivateDir) -> AsyncIterator[FileBatches]:
         tasks.cancel_scope.cancel()
 
 
-def _failing_flush(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flush of a file of `content`'s size (and only it) fails as on a full disk."""
-    fdatasync = delivery._fdatasync
+def _failing_write_out(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write-out of a file of `content`'s size (and only it) fails as on a full disk."""
+    sync_file_range = delivery._sync_file_range
 
-    def full(fd: int) -> OSError | None:
-        if os.fstat(fd).st_size == len(content):
+    def full(fd: int, flags: int) -> OSError | None:
+        if flags == delivery._START_AND_WAIT and os.fstat(fd).st_size == len(content):
             return OSError(errno.ENOSPC, "No space left on device")
-        return fdatasync(fd)
+        return sync_file_range(fd, flags)
 
-    monkeypatch.setattr(delivery, "_fdatasync", full)
+    monkeypatch.setattr(delivery, "_sync_file_range", full)
+
+
+@pytest.fixture
+def written_out(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What the files written out and waited for held, in order."""
+    done: list[bytes] = []
+    sync_file_range = delivery._sync_file_range
+
+    def recorded(fd: int, flags: int) -> OSError | None:
+        error = sync_file_range(fd, flags)
+        if flags == delivery._START_AND_WAIT:
+            with open(f"/proc/self/fd/{fd}", "rb") as written:
+                done.append(written.read())
+        return error
+
+    monkeypatch.setattr(delivery, "_sync_file_range", recorded)
+    return done
 
 
 def _full_for(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,13 +109,18 @@ def _full_for(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(delivery.os, "write", full)
 
 
-def test_a_batch_stages_every_file_durably(state: PrivateDir, synced: list[str]) -> None:
+def test_a_batch_writes_every_file_out_and_flushes_nothing(
+    state: PrivateDir, synced: list[str], written_out: list[bytes]
+) -> None:
+    """The content is durable in the claim's record: the file needs only to be on the disk
+    before its rename, which the rename's journal commit then flushes with it."""
     jobs = [StageJob(("inbox", "a", f"k{n}"), f"{n}".encode()) for n in range(5)]
     run_batch(state, jobs)
     assert [job.error for job in jobs] == [None] * 5
     assert _staging(state) == sorted(job.staged for job in jobs)
     assert [_read(state, STAGING, job.staged) for job in jobs] == [b"0", b"1", b"2", b"3", b"4"]
-    assert synced == [STAGING], "the staging directory, once for the batch"
+    assert written_out == [b"0", b"1", b"2", b"3", b"4"]
+    assert synced == [], "no directory: a staging file's name need not be durable"
 
 
 def test_a_batch_fsyncs_the_directories_made_dirty_since_the_last(
@@ -108,7 +129,7 @@ def test_a_batch_fsyncs_the_directories_made_dirty_since_the_last(
     delivery.deliver(state, ("inbox", "a", "old"), b"old")
     synced.clear()
     run_batch(state, [StageJob(("files", "k"), b"x")], dirty={("inbox", "a"), ("files",)})
-    assert sorted(synced) == sorted([STAGING, "inbox/a"]), "files/ does not exist yet"
+    assert synced == ["inbox/a"], "files/ does not exist yet"
 
 
 def test_staged_names_are_never_reused() -> None:
@@ -132,11 +153,11 @@ def test_a_full_disk_fails_only_the_stagings_that_hit_it(
     assert _staging(state) == sorted([jobs[0].staged, jobs[2].staged])
 
 
-def test_a_flush_that_fails_fails_its_job_and_removes_its_staging_file(
+def test_a_write_out_that_fails_fails_its_job_and_removes_its_staging_file(
     state: PrivateDir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full disk may show only at the fdatasync."""
-    _failing_flush(b"unlucky", monkeypatch)
+    """A full disk may show only at the write-out."""
+    _failing_write_out(b"unlucky", monkeypatch)
     jobs = [StageJob(("files", "a"), b"a"), StageJob(("files", "b"), b"unlucky")]
     run_batch(state, jobs)
     assert isinstance(jobs[1].error, StoreFull) and jobs[0].error is None
@@ -276,7 +297,7 @@ async def test_a_failing_caller_does_not_fail_its_batch_mates(
             tasks.start_soon(deliver, f"k{n}", b"too big" if n % 4 == 1 else b"ok")
     assert sorted(failed) == sorted(f"k{n}" for n in range(1, 16, 4))
     assert len(os.listdir(os.path.join(state.path, "files"))) == 12
-    assert _staged_contents(state) == [], "only the empty spares made for the pool"
+    assert _staged_contents(state) == []
 
 
 async def test_a_placed_files_directory_is_fsynced_in_the_background(
@@ -299,13 +320,13 @@ async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
 async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     state: PrivateDir, files: FileBatches
 ) -> None:
-    """No inode is made or freed: the next batch keeps the file (its name made durable),
-    and the staging after it overwrites it, a shorter content cutting it short."""
+    """No inode is made or freed: the next batch keeps the file, and the staging after it
+    overwrites it, a shorter content cutting it short."""
     delivery.deliver(state, ("inbox", "a", "k"), b"old and longer")
     files.withdraw(("inbox", "a", "k"))
     assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
     await files.deliver(("files", "first"), b"1")
-    assert _staged_contents(state) == [b"old and longer"], "kept, with the empty spares"
+    assert _staged_contents(state) == [b"old and longer"], "kept"
     pooled = {os.stat(os.path.join(state.path, STAGING, name)).st_ino for name in _staging(state)}
     for n in range(len(pooled)):
         await files.deliver(("files", f"k{n}"), b"new")
@@ -315,27 +336,6 @@ async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     assert reused == pooled
     assert _staging(state) == []
     assert all(_read(state, "files", f"k{n}") == b"new" for n in range(len(pooled)))
-
-
-def test_a_batch_that_makes_a_new_file_makes_spares_for_the_pool(state: PrivateDir) -> None:
-    job = StageJob(("files", "k"), b"x")
-    spares = run_batch(state, [job], keep=3)
-    assert len(spares) == 3
-    assert _staging(state) == sorted([job.staged, *spares])
-    assert _staged_contents(state) == [b"x"]
-
-
-def test_a_staging_into_a_kept_file_needs_no_fsync_of_the_staging_directory(
-    state: PrivateDir, synced: list[str]
-) -> None:
-    delivery.deliver(state, ("files", "k"), b"x")
-    assert delivery.set_aside(state, ("files", "k"), "kept.tmp", set())
-    assert run_batch(state, [], withdrawn=["kept.tmp"], keep=1) == ["kept.tmp"]
-    synced.clear()
-    job = StageJob(("files", "again"), b"reused", "kept.tmp", reused=True)
-    assert run_batch(state, [job]) == []
-    assert job.error is None and _read(state, STAGING, "kept.tmp") == b"reused"
-    assert synced == []
 
 
 def test_a_batch_keeps_only_as_many_withdrawn_plain_files_as_asked(
