@@ -13,17 +13,17 @@ which the pieces become durable is free, and start-up repairs what a crash leave
   after any crash once fleetd has started again. Acquire writes the content to a staging
   file (a new one, or a withdrawn one reused: fleetd.delivery), then in one round,
   concurrently, writes it out (no flush) and commits the record, which names its staging
-  file (``staged``) and the content's size and digest, together with the content itself
-  (``claim-contents/KIND/KEY``, kept until the release). So the store's commit is the one
-  flush an acquire waits for. When both have succeeded the staging file is renamed into
-  place and the answer is given; the fsync of the inbox directory is not awaited (a file
-  batch does it). If the commit fails, the staging file goes back to the pool (or is
-  removed) and nothing has changed. If the write-out fails (a full disk can show there)
-  after the record committed, the previous record is written back (or the new one deleted),
-  the staging file removed and the write-out's error answered; should that write fail too,
-  it is logged, and start-up delivers the claim (below).
+  file (``staged``) and the content's size and digest, and the content itself (Delivered:
+  the release's record leaves it out). So the store's commit is the one flush an acquire
+  waits for. When both have succeeded the staging file is renamed into place and the answer
+  is given; the fsync of the inbox directory is not awaited (a file batch does it). If the
+  commit fails, the staging file goes back to the pool (or is removed) and nothing has
+  changed. If the write-out fails (a full disk can show there) after the record committed,
+  the previous record is written back (or the new one deleted), the staging file removed and
+  the write-out's error answered; should that write fail too, it is logged, and start-up
+  delivers the claim (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
-  restart: release commits the record (and deletes the content), moves the file out of its
+  restart: release commits the record (without the content), moves the file out of its
   directory (a rename into the staging directory, where it waits to be reused:
   fleetd.delivery) and answers; the directory's fsync is not awaited, since start-up
   removes released claims' files (and clears staging).
@@ -109,9 +109,6 @@ log = structlog.get_logger("fleetd.claims")
 
 PREFIX = "claims/"
 """Where claim records live in the store: ``claims/KIND/KEY``."""
-CONTENTS = "claim-contents/"
-"""Where a held claim's content lives in the store, beside its record: ``claim-contents/KIND/KEY``
-(kept apart, so that listing or caching records never reads contents)."""
 
 INBOX = "inbox"
 FILES = "files"
@@ -145,8 +142,18 @@ class StoredClaim(msgspec.Struct, frozen=True, kw_only=True):
     can withdraw, deliver again, collect or reconcile it. Empty: this fleetd's."""
 
 
+class Delivered(StoredClaim, frozen=True, kw_only=True):
+    """A held claim's record as its acquire writes it: with the content, so that the content
+    is durable in the store's commit (the one flush an acquire waits for), and start-up can
+    deliver the file again. Read as a StoredClaim, the content is skipped: listings and the
+    records kept in memory never hold it. The release's record leaves it out."""
+
+    content: bytes = b""
+
+
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(StoredClaim).decode
+_decode_delivered = msgspec.json.Decoder(Delivered).decode
 
 
 Entries = list[ClaimInfo]
@@ -155,11 +162,6 @@ Entries = list[ClaimInfo]
 
 def record_key(kind: str, key: str) -> str:
     return f"{PREFIX}{kind}/{key}"
-
-
-def contents_key(record: str) -> str:
-    """Where the content of the claim whose record is at `record` lives."""
-    return CONTENTS + record.removeprefix(PREFIX)
 
 
 class _Moved(Exception):
@@ -308,11 +310,11 @@ class ClaimService:
             parts = _parts_of(key, record.owner)
             if parts not in swept.missing:
                 continue
-            content = await self._store.get(contents_key(key))
-            if content is None:
+            content = _decode_delivered(kv.value).content
+            if hashlib.sha256(content).hexdigest() != record.sha256:
                 dropped += await self._drop(key, kv.mod_revision, record)
             else:
-                delivered += await self._deliver_again(parts, record, content.value)
+                delivered += await self._deliver_again(parts, record, content)
         log.info(
             "claims_loaded",
             records=len(records) - dropped,
@@ -427,7 +429,7 @@ class ClaimService:
             home=self._home,
         )
         try:
-            record = await self._write(key, found, record, Put(contents_key(key), request.content))
+            record = await self._write(key, found, record, request.content)
         except BaseException:
             with contextlib.suppress(FleetError):
                 await self._files.staged(job)
@@ -450,7 +452,7 @@ class ClaimService:
             Delete(key) if found.record is None else Put(key, _encode(found.record))
         )
         try:
-            result = await self._txn(key, guard, undo, Delete(contents_key(key)))
+            result = await self._txn(key, guard, undo)
         except Exception as exc:
             log.error("claim_not_withdrawn", claim=key.removeprefix(PREFIX), error=repr(exc))
             return
@@ -489,7 +491,7 @@ class ClaimService:
             record = msgspec.structs.replace(
                 found.record, state="released", released_at=round(time.time(), 3)
             )
-            await self._write(key, found, record, Delete(contents_key(key)))
+            await self._write(key, found, record)
             self._files.withdraw(relative_path(request.kind, request.key, record.owner))
             return ClaimResult(
                 outcome=Outcome.RELEASED,
@@ -582,7 +584,7 @@ class ClaimService:
             if found.record != seen:
                 return False
             guard = Compare(key, "mod", "==", found.mod_revision)
-            result = await self._txn(key, guard, Delete(key), Delete(contents_key(key)))
+            result = await self._txn(key, guard, Delete(key))
             if not result.succeeded:
                 return False
             self._recent.put(key, _Found(None, 0))
@@ -609,16 +611,19 @@ class ClaimService:
         return found
 
     async def _write(
-        self, key: str, found: _Found, record: StoredClaim, content: Put | Delete
+        self, key: str, found: _Found, record: StoredClaim, content: bytes = b""
     ) -> StoredClaim:
-        """Put `record` guarded on `found` (under the key's lock), with the write of its
-        `content` (its Put, or its Delete); returns it with its revision."""
+        """Put `record` guarded on `found` (under the key's lock), with the `content` it
+        delivers, if any (Delivered); returns it (without) with its revision."""
         guard = (
             Compare(key, "mod", "==", found.mod_revision)
             if found.record is not None
             else Compare(key, "create", "==", 0)
         )
-        result = await self._txn(key, guard, Put(key, _encode(record)), content)
+        written = record
+        if content:
+            written = Delivered(**msgspec.structs.asdict(record), content=content)
+        result = await self._txn(key, guard, Put(key, _encode(written)))
         if not result.succeeded:
             if self._shared:
                 raise _Moved
@@ -628,11 +633,11 @@ class ClaimService:
         self._recent.put(key, _Found(record, result.revision))
         return record
 
-    async def _txn(self, key: str, guard: Compare, *writes: Put | Delete) -> TxnResult:
-        """One guarded write of `key` (and its content); what is remembered of it is forgotten
-        unless it succeeds (a failed or cancelled write may or may not have happened)."""
+    async def _txn(self, key: str, guard: Compare, write: Put | Delete) -> TxnResult:
+        """One guarded write of `key`; what is remembered of it is forgotten unless it succeeds
+        (a failed or cancelled write may or may not have happened)."""
         self._recent.forget(key)
-        return await self._store.txn((guard,), writes)
+        return await self._store.txn((guard,), (write,))
 
     def _refused(
         self, kind: str, key: str, found: _Found, outcome: Outcome, owner: str

@@ -22,26 +22,29 @@ took (fleetd.claims). So an acquire waits for one flush, the store's, where flus
 too cost a second one: this VM's disk runs flushes one after the other.
 
 What waits for the disk. Staging does (a write, no flush), and its callers wait for it
-(fleetd.claims awaits it together with the claim's store commit). Placing and withdrawing do
+(fleetd.claims awaits it together with the claim's store commit: a lone staging's wait then
+finds it done). Placing and withdrawing do
 not: a rename waits for no disk, so they are done on the event loop (an unlink may wait for
 the file system's journal, ~0.2 ms on ext4, so it is left to a batch), and the directories
 they touch are fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never
 lost silently: a failure is logged). Until then a power loss may undo the rename;
 fleetd.claims's start-up reconciliation redoes it from the records, which are durable.
 
-Batches. The handlers queue their staging, and a runner takes all of it into one thread hop
-(``run_batch``) that writes every file, then writes them all out at once, and fsyncs the
-directories renamed into or out of when they have waited IDLE_SYNC_DELAY. Only then are its
-callers answered. Two runners take turns, so that one batch writes while the other waits for
-the disk.
+Batches. Concurrent handlers queue their staging, and a runner takes all of it into one
+thread hop (``run_batch``) that writes every file, then writes them all out at once, and
+fsyncs the directories renamed into or out of when they have waited IDLE_SYNC_DELAY. Only
+then are its callers answered. Two runners take turns, so that one batch writes while the
+other waits for the disk. A lone staging into a pooled file is done on the event loop
+instead (FileBatches.stage): a hop to a thread and back would cost it more than its writes.
 
 Reused files. Creating a file and unlinking it cost the file system more than the rest of a
-claim's file work (allocating an inode, freeing it). So a withdrawn file is not unlinked: the
-next batch checks that it is a plain file and puts it in the pool (at most POOL files; more
-are unlinked), for a later staging to overwrite (write, truncate, write out) instead of
-creating a file. What a pooled file holds before its write-out returns (the old content, or a
-mix) is never placed: it is renamed in only after it, and start-up rolls a held claim forward
-only from a staging file whose size and digest match its record (fleetd.claims).
+claim's file work (allocating an inode; freeing its blocks, which on a file system mounted
+with ``discard`` waits for the disk). So a withdrawn file is not unlinked: it goes to the
+pool once it is found a plain file (at most POOL files; the next batch unlinks the others),
+for a later staging to overwrite (write, truncate, write out) instead of creating a file.
+What a pooled file holds before its write-out returns (the old content, or a mix) is never
+placed: it is renamed in only after it, and start-up rolls a held claim forward only from a
+staging file whose size and digest match its record (fleetd.claims).
 
 Each job succeeds or fails alone: a file that cannot be written (a full disk shows at the
 write or at the write-out) fails its own request and its staging file is removed; the
@@ -83,6 +86,8 @@ DIRECTORIES = 256
 """Directories FileBatches holds open (the staging directory, the inbox, owners' inboxes)."""
 POOLED = 16 * 1024
 """The largest file kept for reuse: the pool holds at most POOL * POOLED bytes of disk."""
+SYNCFS_AT = 8
+"""Files in a batch from which one syncfs writes them all out (see _write_out)."""
 SYNC_THREADS = 16
 """Directories fsynced at once, at most (see _SYNCERS)."""
 IDLE_SYNC_DELAY = 0.2
@@ -141,14 +146,12 @@ def run_batch(
     jobs: Sequence[StageJob],
     dirty: Iterable[Where] = (),
     withdrawn: Sequence[str] = (),
-    keep: int = 0,
-) -> list[str]:
+) -> None:
     """Stage `jobs` in one pass over the disk: write every file, then write them all out,
-    and fsync the `dirty` directories (those placed into or withdrawn from since the last
-    batch). Of the `withdrawn` files (moved from their place to the staging directory), up to
-    `keep` plain files are kept, and returned; the rest are unlinked. Every job ends with
-    `error` set or not, and a failed job leaves no staging file; this never raises for one
-    job's failure."""
+    unlink the `withdrawn` files (moved from their place to the staging directory, not
+    pooled), and fsync the `dirty` directories (those placed into or withdrawn from since the
+    last batch). Every job ends with `error` set or not, and a failed job leaves no staging
+    file; this never raises for one job's failure."""
     try:
         staging = state.subdir(STAGING) if jobs or withdrawn else None
     except (OSError, FleetError) as exc:
@@ -156,14 +159,13 @@ def run_batch(
             job.fail(translated(exc, state, job.parts))
         staging = None
     try:
-        kept: list[str] = []
         if staging is not None:
             for job in jobs:
                 _write(state, staging, job)
-            kept = _keep(staging, withdrawn, keep)
             _write_out(state, [job for job in jobs if job.error is None])
+            for name in withdrawn:
+                _discard_quietly(staging, name)
         _sync_directories(state, dirty)
-        return kept
     finally:
         for job in jobs:
             _close(job)
@@ -184,28 +186,29 @@ def _write(state: PrivateDir, staging: PrivateDir, job: StageJob) -> None:
             write_all(job._fd, job.content)
 
 
-def _poolable(size: int, pool: Sequence[str]) -> bool:
-    return size <= POOLED and len(pool) < POOL
-
-
-def _keep(staging: PrivateDir, withdrawn: Sequence[str], keep: int) -> list[str]:
-    """The first `keep` withdrawn plain files of at most POOLED bytes (a link or a directory
-    moved aside from the inbox is no file to reuse); the others are unlinked."""
-    kept: list[str] = []
-    for name in withdrawn:
-        if len(kept) < keep:
-            entry = staging.entry(name)
-            if entry is not None and stat.S_ISREG(entry.st_mode) and entry.st_size <= POOLED:
-                kept.append(name)
-                continue
-        _discard_quietly(staging, name)
-    return kept
+def _poolable(entry: os.stat_result | None, pool: Sequence[str]) -> bool:
+    """A plain file of at most POOLED bytes (a link or a directory moved aside from the inbox
+    is no file to reuse), while the pool has room."""
+    return (
+        entry is not None
+        and stat.S_ISREG(entry.st_mode)
+        and entry.st_size <= POOLED
+        and len(pool) < POOL
+    )
 
 
 def _write_out(state: PrivateDir, jobs: Sequence[StageJob]) -> None:
     """Each file's data written to the disk and waited for, without a flush of the disk's
     cache: started for them all, then waited for one by one. A full disk may show only
-    here, as the file system allocates blocks for the data written earlier."""
+    here, as the file system allocates blocks for the data written earlier.
+
+    SYNCFS_AT files or more are written out by one syncfs of their file system instead,
+    which also flushes them: a sync_file_range a file costs more CPU than the flush saves
+    once many files share it. The price: it also waits for whatever else is dirty on that
+    file system. When it fails, the error may be anybody's: a write-out a file then tells
+    which job it is."""
+    if len(jobs) >= SYNCFS_AT and _syncfs(jobs[0]._fd) is None:
+        return
     for job in jobs:
         _sync_file_range(job._fd, _START)
     for job in jobs:
@@ -264,6 +267,15 @@ _START = 2
 _START_AND_WAIT = 1 | 2 | 4
 """SYNC_FILE_RANGE_WAIT_BEFORE | WRITE | WAIT_AFTER: every dirty page written out, and waited
 for (its error, if any, reported)."""
+
+
+def _syncfs(fd: int) -> OSError | None:
+    """syncfs(2) (not in Python's os): every dirty file and directory of the file system
+    holding `fd` written and flushed to the disk."""
+    if _LIBC.syncfs(fd) == 0:
+        return None
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
 
 
 def _sync_file_range(fd: int, flags: int) -> OSError | None:
@@ -503,11 +515,11 @@ def translated(
 
 class FileBatches:
     """The claim handlers' file work. Serve it with ``await tg.start(files.serve)``; then
-    ``files.stage(parts, content)`` queues a staging and returns its job at once, and
-    ``await files.staged(job)`` returns once that file is written out in the staging
-    directory (or raises why not); ``files.place(job)`` renames it into place and ``files.withdraw``
-    moves a file out of its place, both at once, their directories fsynced by the next batch,
-    which pools the withdrawn files for stagings to reuse."""
+    ``files.stage(parts, content)`` stages a file (into a pooled file at once, else queued
+    for a batch) and returns its job, and ``await files.staged(job)`` returns once that file
+    is written out in the staging directory (or raises why not); ``files.place(job)``
+    renames it into place and ``files.withdraw`` moves a file out of its place into the
+    pool, both at once, their directories fsynced by a later batch."""
 
     def __init__(self, state: PrivateDir, *, at_once: int = BATCHES_AT_ONCE) -> None:
         self._state = state
@@ -517,9 +529,9 @@ class FileBatches:
         self._dirty: set[Where] = set()
         self._withdrawn: list[str] = []
         self._pool: list[str] = []
-        """Staging files free to be overwritten."""
-        self._pooling = 0
-        """Places in the pool promised to the batches on their way."""
+        """Staging files free to be overwritten: plain files of at most POOLED bytes."""
+        self._in_flight: set[StageJob] = set()
+        """Jobs staged, not yet placed or discarded."""
         self._dirty_seen: float | None = None
         """When a runner first found the directories dirty now (see _take_dirty)."""
         self._queued_done = anyio.Event()
@@ -540,27 +552,67 @@ class FileBatches:
             self._directories.close()
 
     def stage(self, parts: Where, content: bytes) -> StageJob:
-        if self._pool:
-            job = StageJob(parts, content, self._pool.pop(), reused=True, done=self._queued_done)
+        """A lone staging (no other placed or discarded yet) into a pooled file is written
+        now, on the event loop, and its write-out started: a write to the page cache costs
+        less than a hop to a thread and back, and the write-out is done by the time its
+        caller has committed the record. Concurrent stagings share batches instead, which
+        keep their file work off the event loop; a new file goes to a batch too (allocating
+        its inode may wait for the journal)."""
+        if self._pool and not self._in_flight and len(content) <= POOLED:
+            job = StageJob(parts, content, self._pool.pop(), reused=True, settled=True)
+            self._write_now(job)
         else:
-            job = StageJob(parts, content, done=self._queued_done)
-        self._queue.append(job)
-        self._wake(staging=True)
+            if self._pool:
+                job = StageJob(parts, content, self._pool.pop(), reused=True)
+            else:
+                job = StageJob(parts, content)
+            job.done = self._queued_done
+            self._queue.append(job)
+            self._wake(staging=True)
+        self._in_flight.add(job)
         return job
 
     async def staged(self, job: StageJob) -> None:
         """Shielded: file work cannot be taken back half done, so a caller cancelled meanwhile
         learns so once its batch has run (and discards its file, if it must)."""
-        assert job.done is not None
-        if not job.settled:  # often it is: its batch ran while its record was committed
+        if job.done is None:
+            self._written_out_now(job)
+        elif not job.settled:  # often it is: its batch ran while its record was committed
             with anyio.CancelScope(shield=True):
                 await job.done.wait()
         if job.error is not None:
             raise job.error
 
+    def _write_now(self, job: StageJob) -> None:
+        with _failing(self._state, job):
+            staging = self._directories.open((STAGING,), create=False, dirty=None)
+            _write(self._state, staging, job)
+        if job.error is None:
+            _sync_file_range(job._fd, _START)  # an error shows at the wait
+        else:
+            self._remove_now(job)
+
+    def _written_out_now(self, job: StageJob) -> None:
+        """The wait for a pooled file's write-out (`_write_now`), once: after a store commit
+        it returns at once. A failed job's file is removed, as a batch's is."""
+        if job._fd < 0:
+            return
+        _write_out(self._state, [job])
+        _close(job)
+        if job.error is not None:
+            self._remove_now(job)
+
+    def _remove_now(self, job: StageJob) -> None:
+        """A failed job's staging file, closed and removed (start-up clears what is left)."""
+        _close(job)
+        with contextlib.suppress(OSError, FleetError):
+            self._directories.open((STAGING,), create=False, dirty=None).unlink(job.staged)
+
     def place(self, job: StageJob) -> None:
+        """Raises what failed it: its caller then discards it."""
         try:
             self._directories.place(job.staged, job.parts, self._dirty)
+            self._in_flight.discard(job)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, job.parts) from None
         finally:
@@ -570,7 +622,9 @@ class FileBatches:
         """Its staging file will not be placed: one its batch wrote goes back to the pool
         (what it holds is never placed: see fleetd.claims), any other is removed; a failure
         is logged (start-up removes it)."""
-        if job.settled and job.error is None and _poolable(len(job.content), self._pool):
+        self._in_flight.discard(job)
+        written = job.settled and job.error is None
+        if written and len(job.content) <= POOLED and len(self._pool) < POOL:
             self._pool.append(job.staged)
             return
         try:
@@ -580,11 +634,16 @@ class FileBatches:
 
     def withdraw(self, parts: Where) -> None:
         """Gone from its place at once, by a rename into the staging directory (an unlink
-        may wait for the file system's journal); the next batch unlinks it."""
+        may wait for the file system's journal), and into the pool; what the pool does not
+        take, the next batch unlinks."""
         name = staged_name()
         try:
             if self._directories.set_aside(parts, name, self._dirty):
-                self._withdrawn.append(name)
+                staging = self._directories.open((STAGING,), create=False, dirty=None)
+                if _poolable(staging.entry(name), self._pool):
+                    self._pool.append(name)
+                else:
+                    self._withdrawn.append(name)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None
         finally:
@@ -646,19 +705,16 @@ class FileBatches:
             if not (jobs or dirty or withdrawn):
                 continue
             done, self._queued_done = self._queued_done, anyio.Event()
-            room = max(0, POOL - len(self._pool) - self._pooling)
-            self._pooling += room
             with anyio.CancelScope(shield=True):  # callers wait for every batch to end
                 try:
-                    self._pool += await asyncio.get_running_loop().run_in_executor(
-                        _BATCHES, run_batch, self._state, jobs, dirty, withdrawn, room
+                    await asyncio.get_running_loop().run_in_executor(
+                        _BATCHES, run_batch, self._state, jobs, dirty, withdrawn
                     )
                 except Exception as exc:  # a bug: these callers hear of it, the next batch runs
                     log.exception("claim_files_failed", jobs=len(jobs))
                     for job in jobs:
                         job.fail(Internal(f"the claims' file batch failed: {exc!r}"))
                 finally:
-                    self._pooling -= room
                     for job in jobs:
                         job.settled = True
                     done.set()

@@ -23,8 +23,8 @@ from fleetctl import SyncClient
 from fleetd import delivery
 from fleetd.claims import (
     ClaimService,
+    Delivered,
     StoredClaim,
-    contents_key,
     decide_acquire,
     decide_release,
     record_key,
@@ -34,7 +34,7 @@ from fleetd.core.dirs import PrivateDir
 from fleetd.core.dispatch import Peer
 from fleetd.delivery import STAGING, deliver
 from fleetd.state import STORE_FILE
-from fleetd.store import Delete
+from fleetd.store import Put
 from fleetd.store.sqlite import SQLiteStore
 from protocol.claims import (
     MAX_CONTENT,
@@ -443,23 +443,29 @@ def _stored_record(daemon: Fleetd, key: str) -> StoredClaim | None:
     return anyio.run(read)
 
 
-def _stored_content(daemon: Fleetd, key: str) -> bytes | None:
-    """The content the store of a stopped fleetd keeps for prompt_inbox claim `key`."""
+def _stored_content(daemon: Fleetd, key: str) -> bytes:
+    """The content the record of prompt_inbox claim `key` keeps (a stopped fleetd's)."""
 
-    async def read() -> bytes | None:
+    async def read() -> bytes:
         async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
-            kv = await store.get(contents_key(record_key("prompt_inbox", key)))
-            return None if kv is None else kv.value
+            kv = await store.get(record_key("prompt_inbox", key))
+            assert kv is not None
+            return msgspec.json.decode(kv.value, type=Delivered).content
 
     return anyio.run(read)
 
 
 def _delete_stored_content(daemon: Fleetd, key: str) -> None:
-    async def delete() -> None:
-        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
-            await store.txn((), (Delete(contents_key(record_key("prompt_inbox", key))),))
+    """The record rewritten as a fleetd from before contents were kept wrote it."""
 
-    anyio.run(delete)
+    async def rewrite() -> None:
+        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
+            kv = await store.get(record_key("prompt_inbox", key))
+            assert kv is not None
+            record = msgspec.json.decode(kv.value, type=StoredClaim)
+            await store.txn((), (Put(kv.key, msgspec.json.encode(record)),))
+
+    anyio.run(rewrite)
 
 
 def _stopped_with_claim(tempdir: str, key: str, content: bytes, *, release: bool = False) -> Fleetd:
@@ -590,7 +596,7 @@ def test_a_held_claim_whose_file_is_nowhere_is_delivered_again_from_the_store(
 def test_a_released_claim_leaves_no_content_in_the_store(tempdir: str) -> None:
     daemon = _stopped_with_claim(tempdir, "p", b"prompt\n", release=True)
     try:
-        assert _stored_content(daemon, "p") is None
+        assert _stored_content(daemon, "p") == b""
     finally:
         daemon.close()
 

@@ -18,6 +18,9 @@ from fleetd.delivery import STAGING, FileBatches, StageJob, Where, run_batch
 from protocol.errors import StoreFull, UnsafePath
 from tests.processes import wait_until
 
+UNPOOLED = b"x" * (delivery.POOLED + 1)
+"""A content no pooled file takes: it goes to a batch."""
+
 
 @pytest.fixture
 def state(tempdir: str) -> Iterator[PrivateDir]:
@@ -66,6 +69,21 @@ async def files(state: PrivateDir) -> AsyncIterator[FileBatches]:
         await tasks.start(batches.serve)
         yield batches
         tasks.cancel_scope.cancel()
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The jobs of each batch run from now on."""
+    ran: list[int] = []
+
+    def counted(
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
+        ran.append(len(jobs))
+        run_batch(state, jobs, dirty, withdrawn)
+
+    monkeypatch.setattr(delivery, "run_batch", counted)
+    return ran
 
 
 def _failing_write_out(content: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,11 +244,11 @@ async def test_concurrent_callers_share_batches(
     batches: list[int] = []
 
     def counted(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
-    ) -> list[str]:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
         if jobs:
             batches.append(len(jobs))
-        return run_batch(state, jobs, dirty, withdrawn, keep)
+        run_batch(state, jobs, dirty, withdrawn)
 
     monkeypatch.setattr(delivery, "run_batch", counted)
     async with anyio.create_task_group() as tasks:
@@ -258,22 +276,22 @@ async def test_two_batches_are_on_their_way_at_once_whatever_came_before(
     loop = asyncio.get_running_loop()
 
     def waiting_for_the_disk(
-        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str], keep: int
-    ) -> list[str]:
+        state: PrivateDir, jobs: list[StageJob], dirty: set[Where], withdrawn: list[str]
+    ) -> None:
         if jobs:
             running.append(len(jobs))
             loop.call_soon_threadsafe(taken[len(running) - 1].set)
             if len(running) == 1:
                 held.wait(10)
-        return run_batch(state, jobs, dirty, withdrawn, keep)
+        run_batch(state, jobs, dirty, withdrawn)
 
     monkeypatch.setattr(delivery, "run_batch", waiting_for_the_disk)
     async with anyio.create_task_group() as tasks:
         try:
-            tasks.start_soon(files.deliver, ("files", "first"), b"1")
+            tasks.start_soon(files.deliver, ("files", "first"), UNPOOLED)
             with anyio.fail_after(5):
                 await taken[0].wait()
-            tasks.start_soon(files.deliver, ("files", "second"), b"2")
+            tasks.start_soon(files.deliver, ("files", "second"), UNPOOLED)
             with anyio.fail_after(5):
                 await taken[1].wait()
         finally:
@@ -320,35 +338,81 @@ async def test_a_withdrawn_files_directory_is_fsynced_in_the_background(
 async def test_a_withdrawn_file_is_set_aside_then_reused_by_a_later_staging(
     state: PrivateDir, files: FileBatches
 ) -> None:
-    """No inode is made or freed: the next batch keeps the file, and the staging after it
+    """No inode is made or freed: the file goes to the pool, and the staging after it
     overwrites it, a shorter content cutting it short."""
     delivery.deliver(state, ("inbox", "a", "k"), b"old and longer")
+    inode = os.stat(os.path.join(state.path, "inbox", "a", "k")).st_ino
     files.withdraw(("inbox", "a", "k"))
     assert os.listdir(os.path.join(state.path, "inbox", "a")) == []
-    await files.deliver(("files", "first"), b"1")
-    assert _staged_contents(state) == [b"old and longer"], "kept"
-    pooled = {os.stat(os.path.join(state.path, STAGING, name)).st_ino for name in _staging(state)}
-    for n in range(len(pooled)):
-        await files.deliver(("files", f"k{n}"), b"new")
-    reused = {
-        os.stat(os.path.join(state.path, "files", f"k{n}")).st_ino for n in range(len(pooled))
-    }
-    assert reused == pooled
+    assert _staged_contents(state) == [b"old and longer"], "pooled"
+    await files.deliver(("files", "new"), b"new")
+    assert os.stat(os.path.join(state.path, "files", "new")).st_ino == inode
+    assert _read(state, "files", "new") == b"new"
     assert _staging(state) == []
-    assert all(_read(state, "files", f"k{n}") == b"new" for n in range(len(pooled)))
 
 
-def test_a_batch_keeps_only_as_many_withdrawn_plain_files_as_asked(
-    state: PrivateDir, tempdir: str
+async def test_a_staging_into_a_pooled_file_needs_no_batch(
+    state: PrivateDir, files: FileBatches, batches: list[int]
 ) -> None:
+    """It is written on the event loop: a hop to a batch's thread and back would cost more."""
+    await files.deliver(("files", "k"), b"first")
+    files.withdraw(("files", "k"))
+    batches.clear()
+    await files.deliver(("files", "k"), b"again")
+    assert _read(state, "files", "k") == b"again"
+    assert not any(batches)
+
+
+async def test_concurrent_stagings_share_batches_and_reuse_pooled_files(
+    state: PrivateDir, files: FileBatches, batches: list[int]
+) -> None:
+    """Each makes no file while the pool has one: freeing a file's blocks is the dearest of
+    its file work."""
+    for n in range(8):
+        await files.deliver(("files", f"old{n}"), b"old")
+    pooled = {os.stat(os.path.join(state.path, "files", f"old{n}")).st_ino for n in range(8)}
+    for n in range(8):
+        files.withdraw(("files", f"old{n}"))
+    batches.clear()
+    jobs = [files.stage(("files", f"new{n}"), b"new") for n in range(8)]
+    for job in jobs:
+        await files.staged(job)
+        files.place(job)
+    assert sum(batches) == 7, "all but the first, which was alone"
+    reused = {os.stat(os.path.join(state.path, "files", f"new{n}")).st_ino for n in range(8)}
+    assert reused == pooled
+
+
+async def test_a_pooled_staging_whose_write_out_fails_fails_and_removes_its_file(
+    state: PrivateDir, files: FileBatches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await files.deliver(("files", "k"), b"first")
+    files.withdraw(("files", "k"))
+    _failing_write_out(b"unlucky", monkeypatch)
+    with pytest.raises(StoreFull, match="the disk is full"):
+        await files.deliver(("files", "k"), b"unlucky")
+    assert _read(state, "files", "k") is None
+    assert _staging(state) == []
+
+
+async def test_a_withdrawn_link_is_not_pooled_and_the_next_batch_unlinks_it(
+    state: PrivateDir, files: FileBatches, tempdir: str
+) -> None:
+    os.makedirs(os.path.join(state.path, "files"), mode=0o700)
+    os.symlink(tempdir, os.path.join(state.path, "files", "planted"))
+    files.withdraw(("files", "planted"))
+    await files.deliver(("files", "k"), b"x")
+    await anyio.to_thread.run_sync(wait_until, lambda: _staging(state) == [])
+
+
+def test_a_batch_unlinks_the_withdrawn_files_it_is_given(state: PrivateDir, tempdir: str) -> None:
     staging = os.path.join(state.path, STAGING)
     os.makedirs(staging, mode=0o700)
     os.symlink(tempdir, os.path.join(staging, "link.tmp"))
-    for name in ("a.tmp", "b.tmp", "c.tmp"):
-        _write_file(os.path.join(staging, name), b"x")
-    kept = run_batch(state, [], withdrawn=["link.tmp", "a.tmp", "b.tmp", "c.tmp"], keep=2)
-    assert kept == ["a.tmp", "b.tmp"]
-    assert _staging(state) == ["a.tmp", "b.tmp"]
+    _write_file(os.path.join(staging, "a.tmp"), b"x")
+    run_batch(state, [], withdrawn=["link.tmp", "a.tmp"])
+    assert _staging(state) == []
+    assert os.path.isdir(tempdir)
 
 
 def _write_file(path: str, content: bytes) -> None:
