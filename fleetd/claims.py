@@ -15,13 +15,14 @@ which the pieces become durable is free, and start-up repairs what a crash leave
   concurrently, writes it out (no flush) and commits the record, which names its staging
   file (``staged``) and the content's size and digest, and the content itself (Delivered:
   the release's record leaves it out). So the store's commit is the one flush an acquire
-  waits for. When both have succeeded the staging file is renamed into place and the answer
-  is given; the fsync of the inbox directory is not awaited (a file batch does it). If the
-  commit fails, the staging file goes back to the pool (or is removed) and nothing has
-  changed. If the write-out fails (a full disk can show there) after the record committed,
-  the previous record is written back (or the new one deleted), the staging file removed and
-  the write-out's error answered; should that write fail too, it is logged, and start-up
-  delivers the claim (below).
+  waits for. A content over RECORDED stays out of its record, and its file is flushed
+  instead (its data, and its name) alongside the commit. When both have succeeded the
+  staging file is renamed into place and the answer is given; the fsync of the inbox
+  directory is not awaited (a file batch does it). If the commit fails, the staging file
+  goes back to the pool (or is removed) and nothing has changed. If the write-out fails (a
+  full disk can show there) after the record committed, the previous record is written back
+  (or the new one deleted), the staging file removed and the write-out's error answered;
+  should that write fail too, it is logged, and start-up delivers the claim (below).
 - RELEASED means the ``released`` record is durable and the file gone, now and after any
   restart: release commits the record (without the content), moves the file out of its
   directory (a rename into the staging directory, where it waits to be reused:
@@ -39,11 +40,11 @@ Start-up (``reconcile``, before fleetd serves): a held record whose staging file
 there, with the record's size and digest, is rolled forward (the file renamed into place and
 fsynced); a held record whose file is in neither place (a power loss took its rename or its
 staging, or its compensation failed) is delivered again from its content in the store; one
-whose content the store lacks (a record of a fleetd before contents were kept) was never
-answered, and is dropped with a warning (a retry by its caller delivers again). Staging
-files no held record names are removed, released claims' files too, and files no record
-explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's only
-copy).
+that does not hold its content (over RECORDED, or a record of a fleetd before contents were
+kept) had its file flushed before any answer, so it was never answered, and is dropped with
+a warning (a retry by its caller delivers again). Staging files no held record names are
+removed, released claims' files too, and files no record explains are moved to
+``quarantine/`` (logged, never deleted: it may be somebody's only copy).
 
 Concurrent requests share their disk work: the staging of many acquires is written out
 together (fleetd.delivery), and their records committed together (the store's group
@@ -118,6 +119,10 @@ GC_CONCURRENCY = 32
 MAX_BYTES_ENV = "FLEET_CLAIM_MAX_BYTES"
 MOVED_RETRIES = 3
 """Tries of a request whose record other fleetds keep writing (a shared store)."""
+RECORDED = 16 * 1024
+"""Bytes: the largest content its record holds (Delivered), so that its file needs no flush
+of its own. A larger one's file is flushed: in the record it would cost the store more than
+the flush (it is written to the store's history twice, with the acquire and the release)."""
 RECENT = 4096
 """Claim records kept in memory, the most recently used: a request for one of them needs no
 store read before its write."""
@@ -340,8 +345,9 @@ class ClaimService:
         return True
 
     async def _drop(self, key: str, mod_revision: int, record: StoredClaim) -> bool:
-        """A held record whose file is nowhere, and whose content the store does not have
-        (written by a fleetd that kept no contents): its acquire was never answered."""
+        """A held record whose file is nowhere, and which does not hold its content (one over
+        RECORDED, or written by a fleetd that kept none): its file was flushed before any
+        answer, so the acquire was never answered (or its compensation failed)."""
         result = await self._store.txn((Compare(key, "mod", "==", mod_revision),), (Delete(key),))
         if result.succeeded:
             log.warning(
@@ -416,8 +422,9 @@ class ClaimService:
     async def _deliver(
         self, key: str, found: _Found, parts: Where, request: ClaimAcquire, digest: str
     ) -> StoredClaim:
-        """The staging file flushed and the record committed in one round, then the rename."""
-        job = self._files.stage(parts, request.content)
+        """The staging file written out (or flushed: `_durably`) and the record committed in one
+        round, then the rename."""
+        job = self._files.stage(parts, request.content, durable=_durably(request.content))
         record = StoredClaim(
             owner=request.owner,
             state="held",
@@ -429,7 +436,8 @@ class ClaimService:
             home=self._home,
         )
         try:
-            record = await self._write(key, found, record, request.content)
+            recorded = b"" if job.durable else request.content
+            record = await self._write(key, found, record, recorded)
         except BaseException:
             with contextlib.suppress(FleetError):
                 await self._files.staged(job)
@@ -465,7 +473,7 @@ class ClaimService:
         if not present(self.state, parts):
             log.warning("claim_file_redelivered", path=os.path.join(self.state.path, *parts))
             with anyio.CancelScope(shield=True):
-                await self._files.deliver(parts, content)
+                await self._files.deliver(parts, content, durable=_durably(content))
 
     async def release(self, request: ClaimRelease, peer: Peer) -> ClaimResult:
         check_kind(request.kind, writable=True)
@@ -713,6 +721,11 @@ def _info(kind: str, key: str, record: StoredClaim) -> ClaimInfo:
 
 def _absent(kind: str, key: str) -> str:
     return f"no {kind} claim {key!r}"
+
+
+def _durably(content: bytes) -> bool:
+    """Whether its file must be flushed: its record does not hold it (RECORDED)."""
+    return len(content) > RECORDED
 
 
 def _configured_max() -> int:

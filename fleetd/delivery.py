@@ -16,10 +16,12 @@ first (ext4's jbd2, XFS's log; a rename is atomic across a crash on a journaling
 which is what fleetd's state directory must live on). A withdrawal moves the file out of its
 directory, by a rename into the staging directory, where it waits to be reused (below).
 
-Staging makes no file durable by itself: the content is durable in the claim's record, which
-fleetd.claims commits alongside, and from which start-up delivers again a file a power loss
-took (fleetd.claims). So an acquire waits for one flush, the store's, where flushing its file
-too cost a second one: this VM's disk runs flushes one after the other.
+Staging makes no file durable by itself: a small content is durable in the claim's record,
+which fleetd.claims commits alongside, and from which start-up delivers again a file a power
+loss took (fleetd.claims). So such an acquire waits for one flush, the store's, where flushing
+its file too cost a second one: this VM's disk runs flushes one after the other. A larger
+content, which the record does not hold, is staged `durable`: its file is flushed, its data
+and its name (the staging directory's fsync).
 
 What waits for the disk. Staging does (a write, no flush), and its callers wait for it
 (fleetd.claims awaits it together with the claim's store commit: a lone staging's wait then
@@ -126,6 +128,9 @@ class StageJob:
     staged: str = field(default_factory=staged_name)
     reused: bool = False
     """`staged` is a pooled file: it is overwritten."""
+    durable: bool = False
+    """Flushed, its data and its name, rather than written out: for a content that nothing
+    else holds durably (fleetd.claims keeps only small ones in their records)."""
     error: FleetError | None = None
     settled: bool = False
     """Its batch has run (FileBatches)."""
@@ -162,7 +167,7 @@ def run_batch(
         if staging is not None:
             for job in jobs:
                 _write(state, staging, job)
-            _write_out(state, [job for job in jobs if job.error is None])
+            _write_out(state, staging, [job for job in jobs if job.error is None])
             for name in withdrawn:
                 _discard_quietly(staging, name)
         _sync_directories(state, dirty)
@@ -197,20 +202,34 @@ def _poolable(entry: os.stat_result | None, pool: Sequence[str]) -> bool:
     )
 
 
-def _write_out(state: PrivateDir, jobs: Sequence[StageJob]) -> None:
+def _write_out(state: PrivateDir, staging: PrivateDir, jobs: Sequence[StageJob]) -> None:
     """Each file's data written to the disk and waited for, without a flush of the disk's
-    cache: started for them all, then waited for one by one. A full disk may show only
+    cache (started for them all, then waited for one by one); a `durable` job's flushed
+    instead, with the staging directory (its name), all at once. A full disk may show only
     here, as the file system allocates blocks for the data written earlier.
 
     SYNCFS_AT files or more are written out by one syncfs of their file system instead,
-    which also flushes them: a sync_file_range a file costs more CPU than the flush saves
-    once many files share it. The price: it also waits for whatever else is dirty on that
-    file system. When it fails, the error may be anybody's: a write-out a file then tells
-    which job it is."""
-    if len(jobs) >= SYNCFS_AT and _syncfs(jobs[0]._fd) is None:
+    which also flushes them: a call a file costs more CPU than the flush saves once many
+    files share it. The price: it also waits for whatever else is dirty on that file
+    system. When it fails, the error may be anybody's: a call a file then tells which job
+    it is."""
+    if len(jobs) >= SYNCFS_AT and _syncfs(staging.fd) is None:
         return
-    for job in jobs:
+    flushed = [job for job in jobs if job.durable]
+    written = [job for job in jobs if not job.durable]
+    for job in written:
         _sync_file_range(job._fd, _START)
+    if flushed:
+        flushes = [partial(_fdatasync, job._fd) for job in flushed]
+        *errors, staging_error = _all_at_once([*flushes, partial(_fsync, staging)])
+        for job, error in zip(flushed, errors, strict=True):
+            if (failure := error or staging_error) is not None:
+                job.fail(translated(failure, state, job.parts))
+    _wait_written(state, written)
+
+
+def _wait_written(state: PrivateDir, jobs: Sequence[StageJob]) -> None:
+    """Wait for each file's write-out (started, or not yet), and fail the jobs it fails."""
     for job in jobs:
         error = _sync_file_range(job._fd, _START_AND_WAIT)
         if error is not None:
@@ -284,6 +303,14 @@ def _sync_file_range(fd: int, flags: int) -> OSError | None:
         return None
     code = ctypes.get_errno()
     return OSError(code, os.strerror(code))
+
+
+def _fdatasync(fd: int) -> OSError | None:
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _fsync(directory: PrivateDir) -> OSError | None:
@@ -479,7 +506,7 @@ def withdraw(state: PrivateDir, parts: Where) -> None:
 
 def deliver(state: PrivateDir, parts: Where, content: bytes) -> None:
     """Deliver one file now, durably (start-up and tests); raises what failed it."""
-    job = StageJob(parts, content)
+    job = StageJob(parts, content, durable=True)
     run_batch(state, (job,))
     if job.error is not None:
         raise job.error
@@ -551,21 +578,22 @@ class FileBatches:
         finally:
             self._directories.close()
 
-    def stage(self, parts: Where, content: bytes) -> StageJob:
+    def stage(self, parts: Where, content: bytes, *, durable: bool = False) -> StageJob:
         """A lone staging (no other placed or discarded yet) into a pooled file is written
         now, on the event loop, and its write-out started: a write to the page cache costs
         less than a hop to a thread and back, and the write-out is done by the time its
         caller has committed the record. Concurrent stagings share batches instead, which
         keep their file work off the event loop; a new file goes to a batch too (allocating
-        its inode may wait for the journal)."""
-        if self._pool and not self._in_flight and len(content) <= POOLED:
+        its inode may wait for the journal), and so does a `durable` one (its flushes)."""
+        lone = not self._in_flight and not durable
+        if lone and self._pool and len(content) <= POOLED:
             job = StageJob(parts, content, self._pool.pop(), reused=True, settled=True)
             self._write_now(job)
         else:
             if self._pool:
-                job = StageJob(parts, content, self._pool.pop(), reused=True)
+                job = StageJob(parts, content, self._pool.pop(), reused=True, durable=durable)
             else:
-                job = StageJob(parts, content)
+                job = StageJob(parts, content, durable=durable)
             job.done = self._queued_done
             self._queue.append(job)
             self._wake(staging=True)
@@ -597,7 +625,7 @@ class FileBatches:
         it returns at once. A failed job's file is removed, as a batch's is."""
         if job._fd < 0:
             return
-        _write_out(self._state, [job])
+        _wait_written(self._state, [job])
         _close(job)
         if job.error is not None:
             self._remove_now(job)
@@ -649,9 +677,9 @@ class FileBatches:
         finally:
             self._wake()
 
-    async def deliver(self, parts: Where, content: bytes) -> None:
+    async def deliver(self, parts: Where, content: bytes, *, durable: bool = False) -> None:
         """Stage, then place: for a file whose record is already durable."""
-        job = self.stage(parts, content)
+        job = self.stage(parts, content, durable=durable)
         await self.staged(job)
         try:
             self.place(job)

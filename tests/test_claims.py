@@ -20,6 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from fleetctl import SyncClient
+from fleetd import claims as claims_module
 from fleetd import delivery
 from fleetd.claims import (
     ClaimService,
@@ -597,6 +598,22 @@ def test_a_released_claim_leaves_no_content_in_the_store(tempdir: str) -> None:
     daemon = _stopped_with_claim(tempdir, "p", b"prompt\n", release=True)
     try:
         assert _stored_content(daemon, "p") == b""
+    finally:
+        daemon.close()
+
+
+def test_a_large_claims_record_leaves_its_content_out_and_its_file_is_flushed(
+    tempdir: str,
+) -> None:
+    """Over RECORDED, the content would cost the store more than the file's flush: so its
+    file, found nowhere at start-up, was never answered, and its record is dropped."""
+    large = b"x" * (claims_module.RECORDED + 1)
+    daemon = _stopped_with_claim(tempdir, "p", large)
+    try:
+        assert _stored_content(daemon, "p") == b""
+        os.unlink(_inbox_file(daemon, "p"))
+        daemon.start()
+        assert _claim(daemon, "p").outcome == "absent"
     finally:
         daemon.close()
 

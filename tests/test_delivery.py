@@ -141,6 +141,37 @@ def test_a_batch_writes_every_file_out_and_flushes_nothing(
     assert synced == [], "no directory: a staging file's name need not be durable"
 
 
+def test_a_durable_job_is_flushed_with_the_staging_directory(
+    state: PrivateDir, synced: list[str], written_out: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its content is durable nowhere else."""
+    flushed: list[int] = []
+    fdatasync = delivery._fdatasync
+
+    def counted(fd: int) -> OSError | None:
+        flushed.append(fd)
+        return fdatasync(fd)
+
+    monkeypatch.setattr(delivery, "_fdatasync", counted)
+    jobs = [StageJob(("files", "big"), b"big", durable=True), StageJob(("files", "small"), b"s")]
+    run_batch(state, jobs)
+    assert [job.error for job in jobs] == [None, None]
+    assert len(flushed) == 1 and synced == [STAGING]
+    assert written_out == [b"s"]
+
+
+def test_a_durable_job_whose_flush_fails_fails_alone_and_leaves_no_file(
+    state: PrivateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        delivery, "_fdatasync", lambda fd: OSError(errno.ENOSPC, "No space left on device")
+    )
+    jobs = [StageJob(("files", "big"), b"big", durable=True), StageJob(("files", "small"), b"s")]
+    run_batch(state, jobs)
+    assert isinstance(jobs[0].error, StoreFull) and jobs[1].error is None
+    assert _staging(state) == [jobs[1].staged]
+
+
 def test_a_batch_fsyncs_the_directories_made_dirty_since_the_last(
     state: PrivateDir, synced: list[str]
 ) -> None:
