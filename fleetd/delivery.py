@@ -4,7 +4,7 @@
     StageJob        one file to stage: its content written to claims-staging/ and out to the disk
     run_batch       a batch of them in one pass over the disk (blocking)
     FileBatches     how the claim handlers reach the disk: batches, renames, reused files
-    place / set_aside / unlink / sync   single renames, unlinks and fsyncs (blocking)
+    place / unlink / sync   single renames, unlinks and fsyncs (blocking)
     deliver / withdraw   one file, durably (start-up, tests)
 
 A delivery has two steps. Staging writes the content to a file in ``claims-staging/`` and
@@ -388,13 +388,6 @@ def unlink(state: PrivateDir, parts: Where, dirty: set[Where]) -> None:
             dirty.add(parts[:-1])
 
 
-def set_aside(state: PrivateDir, parts: Where, name: str, dirty: set[Where]) -> bool:
-    """Move the file at `parts` to the staging directory as `name`; False when there is none
-    (or no directory of it). Its directory is added to `dirty`."""
-    with Directories(state) as directories:
-        return directories.set_aside(parts, name, dirty)
-
-
 class Directories:
     """The directories that files are renamed into and out of, held open between renames:
     opening one link-free costs an open, an fstat and a close a level, and a claim's renames
@@ -436,19 +429,21 @@ class Directories:
         staging.move(staged, target, parts[-1])
         dirty.add(parts[:-1])
 
-    def set_aside(self, parts: Where, name: str, dirty: set[Where]) -> bool:
-        """As `set_aside` (the module's function)."""
+    def set_aside(self, parts: Where, name: str, dirty: set[Where]) -> os.stat_result | None:
+        """Move the file at `parts` to the staging directory as `name`, and return what it is
+        there (a link is not followed); None when there is none (or no directory of it). Its
+        directory is added to `dirty`."""
         try:
             directory = self.open(parts[:-1], create=False, dirty=None)
         except FileNotFoundError:
-            return False
+            return None
         staging = self.open((STAGING,), create=True, dirty=dirty)
         try:
             directory.move(parts[-1], staging, name)
         except FileNotFoundError:
-            return False
+            return None
         dirty.add(parts[:-1])
-        return True
+        return staging.entry(name)
 
     def _level(
         self, parent: PrivateDir, where: Where, create: bool, dirty: set[Where] | None
@@ -666,12 +661,11 @@ class FileBatches:
         take, the next batch unlinks."""
         name = staged_name()
         try:
-            if self._directories.set_aside(parts, name, self._dirty):
-                staging = self._directories.open((STAGING,), create=False, dirty=None)
-                if _poolable(staging.entry(name), self._pool):
-                    self._pool.append(name)
-                else:
-                    self._withdrawn.append(name)
+            entry = self._directories.set_aside(parts, name, self._dirty)
+            if _poolable(entry, self._pool):
+                self._pool.append(name)
+            elif entry is not None:
+                self._withdrawn.append(name)
         except (OSError, FleetError) as exc:
             raise translated(exc, self._state, parts, "remove") from None
         finally:
