@@ -18,19 +18,19 @@ directory, by a rename into the staging directory, where it waits to be reused (
 
 Staging makes no file durable by itself: a small content is durable in the claim's record,
 which fleetd.claims commits alongside, and from which start-up delivers again a file a power
-loss took (fleetd.claims). So such an acquire waits for one flush, the store's, where flushing
-its file too cost a second one: this VM's disk runs flushes one after the other. A larger
+loss took (fleetd.claims). So such an acquire waits for one flush, the store's, where
+flushing its file too cost a second one: a disk runs flushes one after the other. A larger
 content, which the record does not hold, is staged `durable`: its file is flushed, its data
 and its name (the staging directory's fsync).
 
 What waits for the disk. Staging does (a write, no flush), and its callers wait for it
 (fleetd.claims awaits it together with the claim's store commit: a lone staging's wait then
-finds it done). Placing and withdrawing do
-not: a rename waits for no disk, so they are done on the event loop (an unlink may wait for
-the file system's journal, ~0.2 ms on ext4, so it is left to a batch), and the directories
-they touch are fsynced in the background within about IDLE_SYNC_DELAY, by a batch (never
-lost silently: a failure is logged). Until then a power loss may undo the rename;
-fleetd.claims's start-up reconciliation redoes it from the records, which are durable.
+finds it done). Placing and withdrawing do not: a rename waits for no disk, so they are done
+on the event loop (an unlink may wait for the file system's journal, ~0.2 ms on ext4, so it
+is left to a batch), and the directories they touch are fsynced in the background within
+about IDLE_SYNC_DELAY, by a batch (never lost silently: a failure is logged). Until then a
+power loss may undo the rename; fleetd.claims's start-up reconciliation redoes it from the
+records, which are durable.
 
 Batches. Concurrent handlers queue their staging, and a runner takes all of it into one
 thread hop (``run_batch``) that writes every file, then writes them all out at once, and
