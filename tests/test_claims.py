@@ -10,9 +10,9 @@ import re
 import signal
 import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -433,40 +433,39 @@ async def test_start_up_reconciles_what_a_crash_left(tempdir: str) -> None:
 # -- crash states, built on disk, and fleetd started on them -------------------------------------
 
 
-def _stored_record(daemon: Fleetd, key: str) -> StoredClaim | None:
-    """The record of prompt_inbox claim `key`, read from the store of a stopped fleetd."""
+T = TypeVar("T")
 
-    async def read() -> StoredClaim | None:
+
+def _in_store(daemon: Fleetd, use: Callable[[SQLiteStore], Awaitable[T]]) -> T:
+    """What `use` makes of the store of a stopped fleetd."""
+
+    async def opened() -> T:
         async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
-            kv = await store.get(record_key("prompt_inbox", key))
-            return None if kv is None else msgspec.json.decode(kv.value, type=StoredClaim)
+            return await use(store)
 
-    return anyio.run(read)
+    return anyio.run(opened)
+
+
+def _stored_value(daemon: Fleetd, key: str) -> bytes:
+    """The record of prompt_inbox claim `key` as the store of a stopped fleetd holds it."""
+    kv = _in_store(daemon, lambda store: store.get(record_key("prompt_inbox", key)))
+    assert kv is not None
+    return kv.value
+
+
+def _stored_record(daemon: Fleetd, key: str) -> StoredClaim:
+    return msgspec.json.decode(_stored_value(daemon, key), type=StoredClaim)
 
 
 def _stored_content(daemon: Fleetd, key: str) -> bytes:
     """The content the record of prompt_inbox claim `key` keeps (a stopped fleetd's)."""
-
-    async def read() -> bytes:
-        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
-            kv = await store.get(record_key("prompt_inbox", key))
-            assert kv is not None
-            return msgspec.json.decode(kv.value, type=Delivered).content
-
-    return anyio.run(read)
+    return msgspec.json.decode(_stored_value(daemon, key), type=Delivered).content
 
 
 def _delete_stored_content(daemon: Fleetd, key: str) -> None:
     """The record rewritten as a fleetd from before contents were kept wrote it."""
-
-    async def rewrite() -> None:
-        async with SQLiteStore.open(os.path.join(daemon.state_dir, STORE_FILE)) as store:
-            kv = await store.get(record_key("prompt_inbox", key))
-            assert kv is not None
-            record = msgspec.json.decode(kv.value, type=StoredClaim)
-            await store.txn((), (Put(kv.key, msgspec.json.encode(record)),))
-
-    anyio.run(rewrite)
+    put = Put(record_key("prompt_inbox", key), msgspec.json.encode(_stored_record(daemon, key)))
+    _in_store(daemon, lambda store: store.txn((), (put,)))
 
 
 def _stopped_with_claim(tempdir: str, key: str, content: bytes, *, release: bool = False) -> Fleetd:
