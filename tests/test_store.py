@@ -5,6 +5,7 @@ The conformance tests take the `backend` fixture, parametrized by backend name; 
 harness says how to open (and reopen) a store on the same data and which short TTL it grants.
 """
 
+import contextlib
 import operator
 import os
 import signal
@@ -521,6 +522,34 @@ async def test_a_failing_transaction_fails_alone_among_concurrent_ones(store: St
     assert isinstance(results.pop("f/7"), Absent)
     assert all(isinstance(revision, int) for revision in results.values())
     assert len(await store.range("f/")) == 19
+
+
+async def test_a_write_rolled_back_with_a_failed_neighbour_is_written_once(store: Store) -> None:
+    async def put(key: str, lease: int) -> None:
+        with contextlib.suppress(Absent):
+            await store.put(key, b"v", lease)
+
+    async with anyio.create_task_group() as tg:  # one batch, whose first try fails
+        tg.start_soon(put, "r/kept", 0)
+        tg.start_soon(put, "r/lost", 987654321)
+    kept = await store.get("r/kept")
+    assert kept is not None and (kept.version, kept.create_revision) == (1, kept.mod_revision)
+    assert await store.get("r/lost") is None
+
+
+async def test_a_watch_resumed_beside_a_write_sees_it(store: Store) -> None:
+    """The watch's read of the history and the write go in one batch, the write first."""
+    start = await store.put("h/a", b"1") + 1
+    seen: list[Event] = []
+
+    async def watch() -> None:
+        async with store.watch("h/", start_revision=start) as events:
+            seen.extend(await next_events(events, 1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.put, "h/b", b"2")
+        tg.start_soon(watch)
+    assert [(e.kv.key, e.kv.mod_revision) for e in seen] == [("h/b", start)]
 
 
 # SQLite only -------------------------------------------------------------------------------

@@ -13,7 +13,11 @@ database thread together, which runs everything it has been handed in one SQLite
 callers, so an answer always means durable. Reads queue the same way: no database work is ever
 done on the event loop. The thread is the store's own (`_DatabaseThread`), not a pool's: a
 job then costs the loop no task wake-up and no worker hand-off, about half of what a hop
-through anyio.to_thread cost.
+through anyio.to_thread cost. Each statement costs the database thread a release of the GIL
+and a wait to take it back from the event loop, which holds it most of the time, so a batch
+runs few: its history rows go in at the end in one INSERT, and a compare reads the row from
+memory when the thread read or wrote it lately (`_Database._known`, exact: the connection
+is the table's only writer), so a guarded write is one statement, not three.
 
 Leases follow etcd: grant and revoke are durable writes, a keepalive only moves a deadline in
 memory, and a reopened store gives every lease its full TTL again, because the time that passed
@@ -36,6 +40,7 @@ SQLite cannot read as a database is refused with StoreCorrupt, never opened as a
 
 import asyncio
 import errno
+import functools
 import operator
 import os
 import sqlite3
@@ -121,6 +126,13 @@ RESERVED = 1 << 16
 commits meanwhile only note theirs, with no flush to wait for (fleetd.store.watermark). A
 reset skips at most this many."""
 
+KNOWN, KNOWN_BYTES = 4096, 1024
+"""Rows the database thread remembers, and the largest value it keeps (see `_Database._get`)."""
+
+HISTORY_ROWS = 256
+"""History rows a statement inserts at most (3 parameters each: SQLite before 3.32 allows
+999)."""
+
 NOTES_FLUSHED_WITHIN = 1.0
 """Seconds within which a noted floor is flushed: by the next commit's advance, or by the
 database thread once idle."""
@@ -142,6 +154,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Schema migrations in order: applying entry i moves ``PRAGMA user_version`` from i to i + 1.
 Append only; never edit an entry that has shipped."""
+
+
+@functools.cache
+def _insert_history(rows: int) -> str:
+    return "INSERT INTO history (revision, key, event) VALUES " + ", ".join(["(?, ?, ?)"] * rows)
+
 
 _SELECT_KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
 _COMPARATORS: dict[CompareOp, Callable[[Any, Any], bool]] = {
@@ -432,6 +450,11 @@ class _Database:
         self.state = _State(meta["revision"], meta["compact_revision"], meta["next_lease"])
         self.identity = StoreIdentity(meta["store_id"], meta["revision"], bool(meta["watermarked"]))
         self.events: list[Event] = []
+        self._unrecorded = 0
+        """How many of `events` are in the history table."""
+        self._known: dict[str, KeyValue | None] = {}
+        """Rows (None: no row) as the kv table has them, the last KNOWN read from it or
+        written: exact, as this connection is the table's only writer."""
         self._watermark: Watermark | None = None
         self._marking = ThreadPoolExecutor(1, thread_name_prefix="fleetd-watermark")
 
@@ -514,6 +537,7 @@ class _Database:
         only on that rare path.
         """
         self.events = []
+        self._unrecorded = 0
         if not (self._commit(jobs, savepoints=False) or self._commit(jobs, savepoints=True)):
             for job in jobs:
                 self._commit([job], savepoints=True)
@@ -581,6 +605,7 @@ class _Database:
                     self._run(job)
                 else:
                     job.succeed(job.apply(self))
+            self._write_history()
             self._compact()
             self._save(before)
             marking = self._advance_watermark(before.revision)
@@ -592,7 +617,7 @@ class _Database:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             self.state = before
-            del self.events[mark:]
+            self._rolled_back(mark)
             if savepoints and len(jobs) == 1:
                 jobs[0].fail(_translate(error))
             return False
@@ -610,7 +635,7 @@ class _Database:
             self._db.execute("ROLLBACK TO job")
             self._db.execute("RELEASE job")
             self.state = before
-            del self.events[mark:]
+            self._rolled_back(mark)
             job.fail(_translate(error))
         else:
             self._db.execute("RELEASE job")
@@ -667,6 +692,7 @@ class _Database:
         """Events under `prefix` from `revision` on, and the revision they are complete to."""
         if revision <= self.state.compact_revision:
             raise _compacted(revision, self.state.compact_revision)
+        self._write_history()  # this batch's writes so far
         condition, parameters = _under(prefix)
         rows = self._db.execute(
             f"SELECT event FROM history WHERE revision >= ? AND {condition} ORDER BY id",
@@ -716,6 +742,7 @@ class _Database:
         version = prev.version + 1 if prev else 1
         kv = KeyValue(put.key, put.value, create, revision, version, put.lease)
         self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)", astuple(kv))
+        self._know(put.key, kv)
         self._record(Event("put", kv, prev))
         return PutResult(prev)
 
@@ -730,19 +757,49 @@ class _Database:
     def _delete(self, kvs: tuple[KeyValue, ...], revision: int) -> tuple[KeyValue, ...]:
         self._db.executemany("DELETE FROM kv WHERE key = ?", [(kv.key,) for kv in kvs])
         for kv in kvs:
+            self._know(kv.key, None)
             self._record(Event("delete", KeyValue(kv.key, b"", 0, revision, 0), kv))
         return kvs
 
     def _record(self, event: Event) -> None:
-        self._db.execute(
-            "INSERT INTO history (revision, key, event) VALUES (?, ?, ?)",
-            (event.revision, event.kv.key, _ENCODE_EVENT(event)),
-        )
+        """Into the history with the batch's others (`_write_history`)."""
         self.events.append(event)
 
+    def _write_history(self) -> None:
+        """The events not yet in the history table, in one INSERT per HISTORY_ROWS: a
+        statement each cost the database thread a release and a wait for the GIL (the event
+        loop holds it most of the time), a third of a write's statements."""
+        pending = self.events[self._unrecorded :]
+        for start in range(0, len(pending), HISTORY_ROWS):
+            chunk = pending[start : start + HISTORY_ROWS]
+            self._db.execute(
+                _insert_history(len(chunk)),
+                [v for e in chunk for v in (e.revision, e.kv.key, _ENCODE_EVENT(e))],
+            )
+        self._unrecorded = len(self.events)
+
+    def _rolled_back(self, mark: int) -> None:
+        """Events from `mark` on were rolled back, with whatever of them was in the history;
+        what `_known` says may have been."""
+        del self.events[mark:]
+        self._unrecorded = min(self._unrecorded, mark)
+        self._known.clear()
+
     def _get(self, key: str) -> KeyValue | None:
+        if key in self._known:
+            return self._known[key]
         kvs = self._select("key = ?", (key,))
-        return kvs[0] if kvs else None
+        kv = kvs[0] if kvs else None
+        self._know(key, kv)
+        return kv
+
+    def _know(self, key: str, kv: KeyValue | None) -> None:
+        """Remember the row, when small: a compare's read was a statement per write."""
+        self._known.pop(key, None)
+        if kv is None or len(kv.value) <= KNOWN_BYTES:
+            self._known[key] = kv
+            if len(self._known) > KNOWN:
+                del self._known[next(iter(self._known))]
 
     def _select(self, condition: str, parameters: tuple[Any, ...]) -> tuple[KeyValue, ...]:
         rows = self._db.execute(f"{_SELECT_KV} WHERE {condition}", parameters)
