@@ -524,15 +524,19 @@ async def test_a_failing_transaction_fails_alone_among_concurrent_ones(store: St
     assert len(await store.range("f/")) == 19
 
 
-async def test_a_write_rolled_back_with_a_failed_neighbour_is_written_once(store: Store) -> None:
-    async def put(key: str, lease: int) -> None:
+async def test_a_create_rolled_back_with_a_failed_neighbour_is_made_once(store: Store) -> None:
+    created: list[bool] = []
+
+    async def create(key: str, lease: int) -> None:
         with contextlib.suppress(Absent):
-            await store.put(key, b"v", lease)
+            absent = Compare(key, "create", "==", 0)
+            created.append((await store.txn((absent,), (Put(key, b"v", lease),))).succeeded)
 
     async with anyio.create_task_group() as tg:  # one batch, whose first try fails
-        tg.start_soon(put, "r/kept", 0)
-        tg.start_soon(put, "r/lost", 987654321)
+        tg.start_soon(create, "r/kept", 0)
+        tg.start_soon(create, "r/lost", 987654321)
     kept = await store.get("r/kept")
+    assert created == [True]
     assert kept is not None and (kept.version, kept.create_revision) == (1, kept.mod_revision)
     assert await store.get("r/lost") is None
 

@@ -14,10 +14,10 @@ callers, so an answer always means durable. Reads queue the same way: no databas
 done on the event loop. The thread is the store's own (`_DatabaseThread`), not a pool's: a
 job then costs the loop no task wake-up and no worker hand-off, about half of what a hop
 through anyio.to_thread cost. Each statement costs the database thread a release of the GIL
-and a wait to take it back from the event loop, which holds it most of the time, so a batch
-runs few: its history rows go in at the end in one INSERT, and a compare reads the row from
-memory when the thread read or wrote it lately (`_Database._known`, exact: the connection
-is the table's only writer), so a guarded write is one statement, not three.
+and a wait to take it back from the event loop, which holds it most of the time, so a compare
+reads its row from memory when the thread read it lately (`_Database._known`, exact: the
+connection is the table's only writer): a guarded write of a key in use is two statements,
+not three.
 
 Leases follow etcd: grant and revoke are durable writes, a keepalive only moves a deadline in
 memory, and a reopened store gives every lease its full TTL again, because the time that passed
@@ -40,7 +40,6 @@ SQLite cannot read as a database is refused with StoreCorrupt, never opened as a
 
 import asyncio
 import errno
-import functools
 import operator
 import os
 import sqlite3
@@ -126,12 +125,8 @@ RESERVED = 1 << 16
 commits meanwhile only note theirs, with no flush to wait for (fleetd.store.watermark). A
 reset skips at most this many."""
 
-KNOWN, KNOWN_BYTES = 4096, 1024
+KNOWN, KNOWN_BYTES = 256, 1024
 """Rows the database thread remembers, and the largest value it keeps (see `_Database._get`)."""
-
-HISTORY_ROWS = 256
-"""History rows a statement inserts at most (3 parameters each: SQLite before 3.32 allows
-999)."""
 
 NOTES_FLUSHED_WITHIN = 1.0
 """Seconds within which a noted floor is flushed: by the next commit's advance, or by the
@@ -154,12 +149,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Schema migrations in order: applying entry i moves ``PRAGMA user_version`` from i to i + 1.
 Append only; never edit an entry that has shipped."""
-
-
-@functools.cache
-def _insert_history(rows: int) -> str:
-    return "INSERT INTO history (revision, key, event) VALUES " + ", ".join(["(?, ?, ?)"] * rows)
-
 
 _SELECT_KV = "SELECT key, value, create_revision, mod_revision, version, lease FROM kv"
 _COMPARATORS: dict[CompareOp, Callable[[Any, Any], bool]] = {
@@ -450,11 +439,9 @@ class _Database:
         self.state = _State(meta["revision"], meta["compact_revision"], meta["next_lease"])
         self.identity = StoreIdentity(meta["store_id"], meta["revision"], bool(meta["watermarked"]))
         self.events: list[Event] = []
-        self._unrecorded = 0
-        """How many of `events` are in the history table."""
         self._known: dict[str, KeyValue | None] = {}
-        """Rows (None: no row) as the kv table has them, the last KNOWN read from it or
-        written: exact, as this connection is the table's only writer."""
+        """Rows (None: no row) as the kv table has them, the last KNOWN read from it (and
+        written since): exact, as this connection is the table's only writer."""
         self._watermark: Watermark | None = None
         self._marking = ThreadPoolExecutor(1, thread_name_prefix="fleetd-watermark")
 
@@ -537,7 +524,6 @@ class _Database:
         only on that rare path.
         """
         self.events = []
-        self._unrecorded = 0
         if not (self._commit(jobs, savepoints=False) or self._commit(jobs, savepoints=True)):
             for job in jobs:
                 self._commit([job], savepoints=True)
@@ -605,7 +591,6 @@ class _Database:
                     self._run(job)
                 else:
                     job.succeed(job.apply(self))
-            self._write_history()
             self._compact()
             self._save(before)
             marking = self._advance_watermark(before.revision)
@@ -692,7 +677,6 @@ class _Database:
         """Events under `prefix` from `revision` on, and the revision they are complete to."""
         if revision <= self.state.compact_revision:
             raise _compacted(revision, self.state.compact_revision)
-        self._write_history()  # this batch's writes so far
         condition, parameters = _under(prefix)
         rows = self._db.execute(
             f"SELECT event FROM history WHERE revision >= ? AND {condition} ORDER BY id",
@@ -742,7 +726,8 @@ class _Database:
         version = prev.version + 1 if prev else 1
         kv = KeyValue(put.key, put.value, create, revision, version, put.lease)
         self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)", astuple(kv))
-        self._know(put.key, kv)
+        if put.key in self._known:
+            self._know(put.key, kv)
         self._record(Event("put", kv, prev))
         return PutResult(prev)
 
@@ -757,32 +742,21 @@ class _Database:
     def _delete(self, kvs: tuple[KeyValue, ...], revision: int) -> tuple[KeyValue, ...]:
         self._db.executemany("DELETE FROM kv WHERE key = ?", [(kv.key,) for kv in kvs])
         for kv in kvs:
-            self._know(kv.key, None)
+            if kv.key in self._known:
+                self._know(kv.key, None)
             self._record(Event("delete", KeyValue(kv.key, b"", 0, revision, 0), kv))
         return kvs
 
     def _record(self, event: Event) -> None:
-        """Into the history with the batch's others (`_write_history`)."""
+        self._db.execute(
+            "INSERT INTO history (revision, key, event) VALUES (?, ?, ?)",
+            (event.revision, event.kv.key, _ENCODE_EVENT(event)),
+        )
         self.events.append(event)
 
-    def _write_history(self) -> None:
-        """The events not yet in the history table, in one INSERT per HISTORY_ROWS: a
-        statement each cost the database thread a release and a wait for the GIL (the event
-        loop holds it most of the time), a third of a write's statements."""
-        pending = self.events[self._unrecorded :]
-        for start in range(0, len(pending), HISTORY_ROWS):
-            chunk = pending[start : start + HISTORY_ROWS]
-            self._db.execute(
-                _insert_history(len(chunk)),
-                [v for e in chunk for v in (e.revision, e.kv.key, _ENCODE_EVENT(e))],
-            )
-        self._unrecorded = len(self.events)
-
     def _rolled_back(self, mark: int) -> None:
-        """Events from `mark` on were rolled back, with whatever of them was in the history;
-        what `_known` says may have been."""
+        """Events from `mark` on were rolled back, and what `_known` says may have been."""
         del self.events[mark:]
-        self._unrecorded = min(self._unrecorded, mark)
         self._known.clear()
 
     def _get(self, key: str) -> KeyValue | None:
@@ -794,7 +768,9 @@ class _Database:
         return kv
 
     def _know(self, key: str, kv: KeyValue | None) -> None:
-        """Remember the row, when small: a compare's read was a statement per write."""
+        """Remember the row, when small: a compare's read was a statement per write. Only
+        rows read are remembered (and kept as they are written): most rows written without a
+        compare (a cluster's member records, a run's events) are never read again."""
         self._known.pop(key, None)
         if kv is None or len(kv.value) <= KNOWN_BYTES:
             self._known[key] = kv
