@@ -41,10 +41,11 @@ there, with the record's size and digest, is rolled forward (the file renamed in
 fsynced); a held record whose file is in neither place (a power loss took its rename or its
 staging, or its compensation failed) is delivered again from its content in the store; one
 that does not hold its content (over RECORDED, or a record of a fleetd before contents were
-kept) had its file flushed before any answer, so it was never answered, and is dropped with
-a warning (a retry by its caller delivers again). Staging files no held record names are
-removed, released claims' files too, and files no record explains are moved to
-``quarantine/`` (logged, never deleted: it may be somebody's only copy).
+kept) had its file flushed before any answer, so it was never answered (unless a hand removed
+the file since), and is dropped with a warning (a retry by its caller delivers again).
+Staging files no held record names are removed, released claims' files too, and files no
+record explains are moved to ``quarantine/`` (logged, never deleted: it may be somebody's
+only copy).
 
 Concurrent requests share their disk work: the staging of many acquires is written out
 together (fleetd.delivery), and their records committed together (the store's group
@@ -347,7 +348,8 @@ class ClaimService:
     async def _drop(self, key: str, mod_revision: int, record: StoredClaim) -> bool:
         """A held record whose file is nowhere, and which does not hold its content (one over
         RECORDED, or written by a fleetd that kept none): its file was flushed before any
-        answer, so the acquire was never answered (or its compensation failed)."""
+        answer, so the acquire was never answered (or its compensation failed), unless a hand
+        removed the file since."""
         result = await self._store.txn((Compare(key, "mod", "==", mod_revision),), (Delete(key),))
         if result.succeeded:
             log.warning(
@@ -355,7 +357,8 @@ class ClaimService:
                 claim=key.removeprefix(PREFIX),
                 owner=record.owner,
                 path=record.path,
-                reason="its file is neither in place nor staged: the acquire was never answered",
+                reason="its file is neither in place nor staged, and its record holds no"
+                " content: the acquire was never answered, or the file was removed by hand",
             )
         return result.succeeded
 
