@@ -26,6 +26,14 @@ from tests.processes import (
 LEAK_GRACE = 5.0
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C as Python takes it by default, even when the suite was started with SIGINT
+    ignored (a background job of a shell script): the programs the tests signal would
+    inherit the ignore, and tests of what Ctrl-C does would fail."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def run_tag() -> Iterator[str]:
     """Tag the environment that every spawned process inherits, to find leftovers."""
