@@ -3,6 +3,7 @@ process keeps for its bound clusters. A forked holder keeps every guarantee of a
 (its own session, journaled before it runs, adopted by the next fleetd); a template that is
 gone only means holders are exec'd again, until a new one runs."""
 
+import contextlib
 import json
 import os
 import select
@@ -111,8 +112,14 @@ def command_line(pid: int) -> list[bytes]:
 
 
 def descriptors(pid: int) -> dict[int, str]:
+    """What each open descriptor names; one closed between the listing and its read (fleetd
+    serves meanwhile) is left out."""
     directory = f"/proc/{pid}/fd"
-    return {int(fd): os.readlink(os.path.join(directory, fd)) for fd in os.listdir(directory)}
+    found: dict[int, str] = {}
+    for fd in os.listdir(directory):
+        with contextlib.suppress(FileNotFoundError):
+            found[int(fd)] = os.readlink(os.path.join(directory, fd))
+    return found
 
 
 def test_fleetds_first_template_is_forked_from_it_holding_none_of_its_descriptors(
