@@ -601,11 +601,29 @@ def test_a_released_claim_leaves_no_content_in_the_store(tempdir: str) -> None:
         daemon.close()
 
 
-def test_a_large_claims_record_leaves_its_content_out_and_its_file_is_flushed(
-    tempdir: str,
+async def test_only_a_claim_too_large_for_its_record_has_its_file_flushed(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Over RECORDED, the content would cost the store more than the file's flush: so its
-    file, found nowhere at start-up, was never answered, and its record is dropped."""
+    """A small content is durable in its record; a large one only in its file."""
+    flushed: list[int] = []
+    fdatasync = delivery._fdatasync
+
+    def counted(fd: int) -> OSError | None:
+        flushed.append(fd)
+        return fdatasync(fd)
+
+    monkeypatch.setattr(delivery, "_fdatasync", counted)
+    async with service(tempdir) as claims:
+        await claims.acquire(_acquire("small", b"s" * claims_module.RECORDED), PEER)
+        assert flushed == []
+        await claims.acquire(_acquire("large", b"x" * (claims_module.RECORDED + 1)), PEER)
+        assert len(flushed) == 1
+
+
+def test_a_large_claim_whose_file_is_nowhere_at_start_up_is_dropped(tempdir: str) -> None:
+    """Over RECORDED, the record leaves the content out (it would cost the store more than
+    the file's flush): so its file, found nowhere at start-up, was never answered, and its
+    record is dropped."""
     large = b"x" * (claims_module.RECORDED + 1)
     daemon = _stopped_with_claim(tempdir, "p", large)
     try:
