@@ -10,6 +10,7 @@ from contextlib import suppress
 import pytest
 import structlog
 
+from fleetd import delivery
 from fleetd.core import cgroups
 from tests.processes import (
     RUN_TAG,
@@ -32,6 +33,20 @@ def pytest_configure(config: pytest.Config) -> None:
     inherit the ignore, and tests of what Ctrl-C does would fail."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def flushed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors fleetd.delivery flushes (fdatasync) from now on, in order."""
+    fds: list[int] = []
+    fdatasync = delivery._fdatasync
+
+    def counted(fd: int) -> OSError | None:
+        fds.append(fd)
+        return fdatasync(fd)
+
+    monkeypatch.setattr(delivery, "_fdatasync", counted)
+    return fds
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -602,17 +602,9 @@ def test_a_released_claim_leaves_no_content_in_the_store(tempdir: str) -> None:
 
 
 async def test_only_a_claim_too_large_for_its_record_has_its_file_flushed(
-    tempdir: str, monkeypatch: pytest.MonkeyPatch
+    tempdir: str, flushed: list[int]
 ) -> None:
     """A small content is durable in its record; a large one only in its file."""
-    flushed: list[int] = []
-    fdatasync = delivery._fdatasync
-
-    def counted(fd: int) -> OSError | None:
-        flushed.append(fd)
-        return fdatasync(fd)
-
-    monkeypatch.setattr(delivery, "_fdatasync", counted)
     async with service(tempdir) as claims:
         await claims.acquire(_acquire("small", b"s" * claims_module.RECORDED), PEER)
         assert flushed == []
