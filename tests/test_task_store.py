@@ -93,6 +93,35 @@ async def test_events_are_read_after_a_seq_across_buckets(
     assert await log.read(40, 100) == []
 
 
+async def test_the_events_of_one_write_share_a_key_in_each_bucket_they_fall_in(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(records, "EVENT_BUCKET", 7)
+    monkeypatch.setattr(events_module, "EVENT_BUCKET", 7)
+    log = EventLog(store, "run-1", 0)
+    await log.append([heartbeat() for _ in range(10)])
+    await log.append([heartbeat()])
+    stored = await store.range(records.EVENTS)
+    assert [kv.key for kv in stored] == [
+        records.event_key("run-1", 1),
+        records.event_key("run-1", 7),
+        records.event_key("run-1", 11),
+    ]
+    assert seqs_of(await read_stored(store, "run-1", 5, 100)) == list(range(6, 12))
+
+
+async def test_events_stored_a_key_each_are_read_and_appended_to(store: Store) -> None:
+    """As fleetd wrote them before a write's events shared a key."""
+    for seq in (1, 2):
+        event = msgspec.json.encode(msgspec.structs.replace(heartbeat(), seq=seq))
+        await store.put(records.event_key("run-1", seq), event)
+    await store.put(records.seq_key("run-1"), b"2")
+    log = EventLog(store, "run-1", await stored_last_seq(store, "run-1"))
+    assert await log.append([heartbeat()]) == [3]
+    assert seqs_of(await read_stored(store, "run-1", 0, 100)) == [1, 2, 3]
+    assert seqs_of(await read_stored(store, "run-1", 1, 1)) == [2]
+
+
 async def test_a_reopened_log_goes_on_from_the_stored_seq(store: Store) -> None:
     await EventLog(store, "run-1", 0).append([heartbeat(), heartbeat()])
     again = EventLog(store, "run-1", await stored_last_seq(store, "run-1"))

@@ -2,7 +2,8 @@
 
 Appends that arrive while a write is under way wait for the next one, which carries them
 all (with the records written alongside: a task's state and its events are one transaction),
-as the store's own group commit does: a run's events cost a commit per batch, not per event.
+as the store's own group commit does: a run's events cost a commit per batch, not per event,
+and share a key (fleetd.tasks.records).
 The caller that finds no write under way writes: there is no writer task to keep. A batch
 stays within what one etcd transaction takes.
 
@@ -27,8 +28,9 @@ from protocol.errors import Internal, StoreFull
 from protocol.tasks import WorkerEvent
 
 BATCH_OPS = 1000
-"""Operations in one append's transaction at most, unless the store takes fewer (etcd: 128;
-its batch then keeps a few for the sequence key and the store's own nesting)."""
+"""Events and operations in one append's transaction at most, unless the store takes fewer
+operations (etcd: 128; its batch then keeps a few for the sequence key and the store's own
+nesting). Events share keys (fleetd.tasks.records), so this bounds the transaction's size."""
 TAIL = 4096
 """Events of each run kept in memory, encoded."""
 RETRY_FULL = 1.0
@@ -114,13 +116,13 @@ class EventLog:
         for item in batch:
             for event in item.events:
                 seq += 1
-                data = _encode(msgspec.structs.replace(event, seq=seq))
-                encoded.append((seq, data))
+                encoded.append((seq, _encode(msgspec.structs.replace(event, seq=seq))))
                 item.seqs.append(seq)
-                key = event_key(self.run, seq)
-                puts[key] = Put(key, data)
             for op in item.ops:
                 puts[getattr(op, "key", "")] = op
+        for first, lines in _by_bucket(encoded):
+            key = event_key(self.run, first)
+            puts[key] = Put(key, b"\n".join(lines))
         guard = self._seq_guard()
         if seq != self.last_seq:
             puts[seq_key(self.run)] = Put(seq_key(self.run), str(seq).encode())
@@ -173,8 +175,20 @@ class EventLog:
         return await read_stored(self.store, self.run, after, limit)
 
 
+def _by_bucket(encoded: list[tuple[int, bytes]]) -> list[tuple[int, list[bytes]]]:
+    """Consecutive events, split where a bucket begins: each part's first seq, and its events."""
+    parts: list[tuple[int, list[bytes]]] = []
+    for seq, data in encoded:
+        if not parts or seq % EVENT_BUCKET == 0:
+            parts.append((seq, []))
+        parts[-1][1].append(data)
+    return parts
+
+
 async def read_stored(store: Store, run: str, after: int, limit: int) -> list[bytes]:
-    """Events of `run` after seq `after`, from the store: bucket by bucket from its own."""
+    """Events of `run` after seq `after`, from the store: bucket by bucket from its own. A
+    key holds the events from its seq on, a line each (one, as stores written before
+    fleetd wrote them together hold)."""
     found: list[bytes] = []
     bucket = (after + 1) // EVENT_BUCKET
     while len(found) < limit:
@@ -182,11 +196,10 @@ async def read_stored(store: Store, run: str, after: int, limit: int) -> list[by
         if not kvs:
             break
         for kv in kvs:
-            seq = int(kv.key.rsplit("/", 1)[1])
-            if seq > after:
-                found.append(kv.value)
-                if len(found) == limit:
-                    break
+            skip = max(after + 1 - int(kv.key.rsplit("/", 1)[1]), 0)
+            found += kv.value.split(b"\n")[skip : skip + limit - len(found)]
+            if len(found) == limit:
+                break
         bucket += 1
     return found
 

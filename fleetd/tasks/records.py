@@ -5,13 +5,15 @@
     runs/spec/RUN/TASK             the TaskSpec, written once at submit
     runs/task/RUN/TASK             TaskRecord: where the task is (the seed's inbox entry)
     runs/seq/RUN                   the run's last event seq
-    runs/event/RUN/BUCKET/SEQ      a WorkerEvent, as its JSON (BUCKET = SEQ // EVENT_BUCKET)
+    runs/event/RUN/BUCKET/SEQ      WorkerEvents from SEQ on, written together: JSON lines
+                                   (BUCKET = SEQ // EVENT_BUCKET)
     runs/receipt/RUN/TASK          the task's Receipt
 
 Events are bucketed so that reading a run's events after a seq ranges over the buckets from
-that seq's on, never over the whole run. A run is dispatched only once every key of its
-submit is written (its index record says `pending` until then): start-up removes a run
-submitted half-way.
+that seq's on, never over the whole run. The events that one write appends share a key in
+each bucket they fall in (fleetd.tasks.events): a key per event made five of the twelve puts
+that a trivial task cost. A run is dispatched only once every key of its submit is written
+(its index record says `pending` until then): start-up removes a run submitted half-way.
 """
 
 import msgspec
