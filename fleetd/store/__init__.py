@@ -128,7 +128,9 @@ Operation = Put | Delete | DeleteRange | Get | Range
 
 
 class PutResult(msgspec.Struct, frozen=True):
-    prev_kv: KeyValue | None
+    """A put's answer: that it was done. Not the key's previous value, which etcd reads and
+    sends back for each put that asks for it, and which nothing here needs (a watch's events
+    carry it)."""
 
 
 class DeleteResult(msgspec.Struct, frozen=True):

@@ -551,7 +551,7 @@ class EtcdStore(Store):
     def _request_op(self, op: Operation) -> Any:
         match op:
             case Put(key, value, lease):
-                put = rpc.PutRequest(key=self._key(key), value=value, lease=lease, prev_kv=True)
+                put = rpc.PutRequest(key=self._key(key), value=value, lease=lease)
                 return rpc.RequestOp(request_put=put)
             case Delete(key):
                 delete = rpc.DeleteRangeRequest(key=self._key(key), prev_kv=True)
@@ -573,8 +573,7 @@ class EtcdStore(Store):
     def _response(self, op: Operation, response: Any) -> Response:
         match op:
             case Put():
-                put = response.response_put
-                return PutResult(self._kv_of(put.prev_kv) if put.HasField("prev_kv") else None)
+                return PutResult()
             case Delete() | DeleteRange():
                 deleted = response.response_delete_range.prev_kvs
                 return DeleteResult(tuple(self._kv_of(kv) for kv in deleted))

@@ -103,8 +103,8 @@ class Scoped(Store):
 
     def _out(self, response: Response) -> Response:
         match response:
-            case PutResult(prev_kv):
-                return PutResult(self._kv(prev_kv) if prev_kv is not None else None)
+            case PutResult():
+                return response
             case DeleteResult(deleted):
                 return DeleteResult(tuple(self._kv(kv) for kv in deleted))
             case RangeResult(kvs, more):

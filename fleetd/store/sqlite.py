@@ -729,7 +729,7 @@ class _Database:
         if put.key in self._known:
             self._know(put.key, kv)
         self._record(Event("put", kv, prev))
-        return PutResult(prev)
+        return PutResult()
 
     def _range(self, prefix: str, limit: int) -> RangeResult:
         """Reads one key past `limit` to tell whether there are more."""
