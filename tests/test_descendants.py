@@ -311,6 +311,26 @@ async def ended_after(descendants: CgroupDescendants, argv: list[str]) -> int:
         return await descendants.end()
 
 
+def test_a_cgroup_is_removed_with_the_cgroups_its_member_made_below_it(
+    member_cgroup: cgroups.Cgroup,
+) -> None:
+    below = cgroups.Cgroup(os.path.join(member_cgroup.path, "own", "deeper"))
+    os.makedirs(below.path)
+    assert member_cgroup.remove()
+    assert not os.path.exists(member_cgroup.path)
+
+
+def test_a_cgroup_a_process_is_in_is_not_removed(member_cgroup: cgroups.Cgroup) -> None:
+    child = Spawner().spawn(["sleep", "60"], dict(os.environ), None, 1, 2, cgroup=member_cgroup)
+    try:
+        assert not member_cgroup.remove()
+        assert member_cgroup.holds(child.pid)
+    finally:
+        member_cgroup.kill()
+        os.waitpid(child.pid, 0)
+        child.reaped(-9)
+
+
 async def test_a_member_that_left_nothing_behind_keeps_a_cgroup_its_restart_is_born_into(
     member_cgroup: cgroups.Cgroup,
 ) -> None:

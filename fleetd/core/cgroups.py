@@ -160,10 +160,13 @@ class Cgroup:
     def populated(self) -> bool:
         """Whether any process is in it or below it."""
         try:
-            with open(os.path.join(self.path, EVENTS_FILE), "rb") as f:
-                return _populated(f.read())
+            fd = os.open(os.path.join(self.path, EVENTS_FILE), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
+        try:
+            return _populated(os.read(fd, 256))
+        finally:
+            os.close(fd)
 
     def move(self, pid: int) -> None:
         """Move a process here (its threads along). Raises OSError."""
@@ -202,14 +205,23 @@ class Cgroup:
 
     def remove(self) -> bool:
         """Remove it, and any cgroup below it (a member may make its own), once empty; True
-        when it is gone, False when a process keeps it."""
+        when it is gone, False when a process keeps it. Those below are looked for only when
+        it cannot go: a cgroup lists some forty files."""
+        if self._removed():
+            return True
         try:
             entries = list(os.scandir(self.path))
         except FileNotFoundError:
             return True
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                Cgroup(entry.path).remove()
+        below = [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+        if not below:
+            return False
+        for path in below:
+            Cgroup(path).remove()
+        return self._removed()
+
+    def _removed(self) -> bool:
+        """rmdir: whether it is gone now (False when it is busy: processes, or cgroups below)."""
         try:
             os.rmdir(self.path)
         except FileNotFoundError:
