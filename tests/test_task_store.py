@@ -4,6 +4,8 @@ alongside, gap-free under concurrent appends, resumable after a seq."""
 
 # ruff: noqa: F811 (the tests take the conformance fixtures imported below)
 
+from typing import Any
+
 import anyio
 import msgspec
 import pytest
@@ -12,7 +14,7 @@ from fleetd.store import Put, Store
 from fleetd.tasks import events as events_module
 from fleetd.tasks import records
 from fleetd.tasks.events import EventLog, read_stored, stored_last_seq
-from protocol.errors import Internal
+from protocol.errors import Internal, StoreFull
 from protocol.tasks import Heartbeat, WorkerEvent
 from tests.test_store import backend, store  # noqa: F401 (the conformance fixtures)
 
@@ -76,6 +78,29 @@ async def test_an_append_after_another_writers_is_refused_and_writes_nothing(sto
         await ours.append([heartbeat()], [Put("runs/task/run-1/t", b"x")])
     assert await store.get("runs/task/run-1/t") is None
     assert await stored_last_seq(store, "run-1") == 1
+
+
+async def test_a_first_write_that_fails_unpatient_fails_every_append_after_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit's: nothing is written of a run whose submit was not."""
+    log = EventLog(store, "run-1", 0, patient=False)
+    txn, behind = store.txn, []
+
+    async def failing_with_one_more_queued(*args: Any) -> Any:
+        if not behind:  # appended while the first write is on its way
+            behind.append(log.enqueue([heartbeat()]))
+        raise StoreFull("the store's disk is full; nothing was written")
+
+    monkeypatch.setattr(store, "txn", failing_with_one_more_queued)
+    with pytest.raises(StoreFull):
+        await log.append([heartbeat()])
+    monkeypatch.setattr(store, "txn", txn)
+    with pytest.raises(StoreFull):
+        await log.written(behind[0])
+    with pytest.raises(StoreFull):
+        await log.append([heartbeat()], [Put("runs/task/run-1/t", b"x")])
+    assert await store.range("runs/") == ()
 
 
 async def test_events_are_read_after_a_seq_across_buckets(

@@ -20,11 +20,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 from fleetctl.sync import SyncClient
+from fleetd.clusters.registry import HolderRegistry
+from fleetd.core.dirs import PrivateDir
+from fleetd.core.dispatch import Peer
+from fleetd.store.sqlite import SQLiteStore
+from fleetd.tasks import records
+from fleetd.tasks.service import CLUSTER, TaskService
 from protocol.claims import ClaimListRequest
-from protocol.errors import Absent, InvalidRequest, Unsupported
+from protocol.errors import Absent, InvalidRequest, StoreFull, Unsupported
 from protocol.outcomes import Outcome
 from protocol.runs import (
     Drain,
@@ -46,6 +53,7 @@ from tests.processes import Fleetd, fill_disk, kill_holders, running_fleetd, wai
 from tests.processes import fleetctl as run_fleetctl
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
+ME = Peer(os.getpid(), os.getuid(), os.getgid())
 
 
 @pytest.fixture
@@ -93,6 +101,12 @@ def submit(daemon: Fleetd, tasks: list[dict[str, Any]], workers: list[dict[str, 
         result = client.request(RunSubmit, text=text, format="json", source="run.json")
     assert result.outcome is Outcome.ACQUIRED
     return str(result.run.id)
+
+
+def task_members(daemon: Fleetd) -> list[str]:
+    """The members of the workers' cluster."""
+    with SyncClient(daemon.socket_path) as client:
+        return [s.name for s in client.member_status() if s.cluster == "fleetd.tasks"]
 
 
 def show(daemon: Fleetd, run: str) -> RunDetail:
@@ -715,6 +729,68 @@ def test_a_worker_whose_lease_a_crash_kept_from_the_store_is_stopped_and_its_att
     assert second[1][1] == f"{run}/t/2"
     with SyncClient(daemon.socket_path) as client:
         client.request(RunCancel, run=run)
+
+
+def test_a_worker_of_a_run_a_crash_kept_from_the_store_is_removed_at_start_up(
+    daemon: Fleetd,
+) -> None:
+    """A small run's first workers start while its submit is written: fleetd killed in
+    between leaves a worker of a run the store does not have."""
+    mark = os.path.join(daemon.root, "marks")
+    run = submit(daemon, [task("t", {"mark": mark, "sleep": 30})], [worker()])
+    ((_, _, pid, _),) = wait_marked(mark, 1)
+    assert f"{run}.w1.1" in task_members(daemon)
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait()
+    with contextlib.closing(sqlite3.connect(os.path.join(daemon.state_dir, "fleet.db"))) as db:
+        db.execute("DELETE FROM kv WHERE key LIKE 'runs/%' AND key LIKE ?", (f"%/{run}%",))
+        db.commit()
+    daemon.start()
+    wait_gone(int(pid), 10)
+    with SyncClient(daemon.socket_path) as client, pytest.raises(Absent):
+        client.request(RunShow, run=run)
+    assert f"{run}.w1.1" not in task_members(daemon)
+    assert "task_stray_worker_removed" in daemon.log()
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_submit_is_not_written_is_refused_and_the_worker_it_started_stopped(
+    tempdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its first workers start while the submit's write is on its way: a write that fails
+    takes the run back (a full disk, here a store told to refuse it)."""
+    text = json.dumps(
+        {"name": "r", "task_specs": [task("t", {"sleep": 30})], "worker_specs": [worker()]}
+    )
+    async with SQLiteStore.open(os.path.join(tempdir, "store.db")) as store:
+        with (
+            PrivateDir.open(os.path.join(tempdir, "state")) as state,
+            PrivateDir.open(os.path.join(tempdir, "run")) as runtime,
+        ):
+            registry = HolderRegistry(store, state)
+            service = TaskService(store, registry, state, os.path.join(tempdir, "fleet.sock"))
+            async with anyio.create_task_group() as tg:
+                await tg.start(registry.serve, runtime)
+                await tg.start(service.serve)
+                txn = store.txn
+
+                async def refusing_submits(compares: Any, success: Any = (), *rest: Any) -> Any:
+                    if any(getattr(op, "key", "").startswith(records.SPECS) for op in success):
+                        raise StoreFull("the store's disk is full; nothing was written")
+                    return await txn(compares, success, *rest)
+
+                monkeypatch.setattr(store, "txn", refusing_submits)
+                with pytest.raises(StoreFull):
+                    await service.submit(RunSubmit(id=1, text=text, format="json"), ME)
+                (slot,) = registry.index.live[CLUSTER].statuses.values()
+                assert slot.started_at is not None and not slot.running
+                assert service.runs == {}
+                monkeypatch.undo()
+                again = await service.submit(RunSubmit(id=2, text=text, format="json"), ME)
+                assert again.run.id == "run-2" and again.run.status in ("queued", "running")
+                await registry.bring_down(CLUSTER)
+                tg.cancel_scope.cancel()
 
 
 def test_runs_are_listed_newest_first_a_new_one_at_the_top(daemon: Fleetd) -> None:

@@ -12,7 +12,10 @@ The run's last TAIL events are kept encoded, so that a follower at the head read
 A full disk fails the writes of a log that is not `patient` (a run being submitted: its
 submitter is told no_space); a patient log (its run was submitted) waits it out, trying again
 every RETRY_FULL seconds, and what was appended meanwhile is written once space returns, in
-order: nothing fleetd saw of a running task is lost to a full disk.
+order: nothing fleetd saw of a running task is lost to a full disk. When the first write of
+a log that is not patient fails, so do what was appended after it and every later append:
+nothing is written of a run whose submit was not (fleetd.tasks.service starts its first
+workers while that write is on its way).
 """
 
 import collections
@@ -69,6 +72,8 @@ class EventLog:
         self._writing = False
         self.patient = patient
         """Whether a full disk is waited out (see the module)."""
+        self._refused: BaseException | None = None
+        """Why its first write failed, not patient: every later write fails so."""
 
     async def append(
         self, events: Sequence[WorkerEvent], ops: Sequence[Operation] = ()
@@ -110,6 +115,9 @@ class EventLog:
         return batch
 
     async def _write(self, batch: list[Pending]) -> None:
+        if self._refused is not None:
+            _fail(batch, self._refused)
+            return
         seq = self.last_seq
         puts: dict[str, Operation] = {}
         encoded: list[tuple[int, bytes]] = []
@@ -131,10 +139,11 @@ class EventLog:
             if not result.succeeded:
                 raise Internal(f"run {self.run}: its events were appended by another fleetd")
         except Exception as exc:
-            for item in batch:
-                item.seqs.clear()
-                item.error = exc
-                item.done.set()
+            if not self.patient and self.last_seq == 0:
+                self._refused = exc
+                batch += self._queue
+                self._queue.clear()
+            _fail(batch, exc)
             return
         self.last_seq = seq
         self.tail.extend(encoded)
@@ -173,6 +182,13 @@ class EventLog:
             start = after + 1 - self.tail[0][0]
             return [data for _, data in list(self.tail)[start : start + limit]]
         return await read_stored(self.store, self.run, after, limit)
+
+
+def _fail(batch: list[Pending], error: BaseException) -> None:
+    for item in batch:
+        item.seqs.clear()
+        item.error = error
+        item.done.set()
 
 
 def _by_bucket(encoded: list[tuple[int, bytes]]) -> list[tuple[int, list[bytes]]]:

@@ -12,8 +12,10 @@
 Events are bucketed so that reading a run's events after a seq ranges over the buckets from
 that seq's on, never over the whole run. The events that one write appends share a key in
 each bucket they fall in (fleetd.tasks.events): a key per event made five of the twelve puts
-that a trivial task cost. A run is dispatched only once every key of its submit is written
-(its index record says `pending` until then): start-up removes a run submitted half-way.
+that a trivial task cost. A run too big for one transaction is written in steps and
+dispatched once every key is written (its index record says `pending` until then): start-up
+removes a run submitted half-way. A smaller run's one transaction is on its way while its
+first workers start (fleetd.tasks.service).
 """
 
 import msgspec

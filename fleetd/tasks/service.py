@@ -17,10 +17,12 @@ line or event, stale, timed out, or not startable) is retried after the retry po
 until its attempts run out; one that succeeded is scored into a receipt.
 
 Durability: a task's record and its events are one transaction (fleetd.tasks.events), written
-before what they say is done (a lease before the worker starts), so that after a restart every
-task is where its record says: queued ones are queued again, a leased or running one whose
-worker still runs is followed again, one whose worker ended is finished as it ended, and one
-whose worker is gone is retried.
+as what they say is done: a worker starts while its lease is written, and a small run's first
+workers while its submit is, so that a restart may find workers the store does not know of,
+which it stops (_stop_unrecorded, _stop_strays). Otherwise every task is where its record says:
+queued ones are queued again, a leased or running one whose worker still runs is followed
+again, one whose worker ended is finished as it ended, and one whose worker is gone is
+retried.
 """
 
 import collections
@@ -332,6 +334,20 @@ class TaskService:
                 log.warning("run_half_submitted_removed", run=record.run.id)
                 continue
             await self._load_run(record)
+        await self._stop_strays()
+
+    async def _stop_strays(self) -> None:
+        """Workers of runs the store does not have (a small run's first workers start before
+        its submit is durable: _submit_at_once), removed from the tasks' cluster."""
+        held = self.holders.index.live.get(CLUSTER)
+        if held is None:
+            return
+        known = {*self.slots, *self._ended_slots}
+        strays = [member for member in held.specs if member not in known]
+        async with anyio.create_task_group() as tg:
+            for member in strays:
+                log.info("task_stray_worker_removed", member=member)
+                tg.start_soon(_logging_failures, self.holders.remove_named, CLUSTER, member)
 
     async def _remove_run(self, run_id: str) -> None:
         prefixes = (records.SPECS, records.TASKS, records.EVENTS, records.RECEIPTS)
@@ -559,7 +575,8 @@ class TaskService:
             await self._committed(run, leased)
         except Exception as exc:  # the store's failure, whatever its kind
             if slot.task is task and task.attempt_id == mine:
-                await self._stop_attempt(run, task, slot, f"cannot start: {exc}")
+                why = "cancelled" if run.cancelling else f"cannot start: {exc}"
+                await self._stop_attempt(run, task, slot, why)
 
     def _prepare_files(self, run_id: str, spec: TaskSpec, attempt: int) -> tuple[str, str]:
         """The task's workspace and instructions file: written when its run was submitted,
@@ -1007,17 +1024,13 @@ class TaskService:
             _slots(run),
         )
         if 3 * len(tasks) + 1 <= WRITE_CHUNK:
-            await self._write_at_once(state, now)
+            await self._submit_at_once(state, now)
         else:
             await self._write_in_steps(state, now)
-        state.events.patient = True
-        self._add_run(state)
-        self._add_slots(state)
-        for task in tasks.values():
-            self._queue(state, task)
-        self._events_appended()
-        self._dispatch()  # and one turn of the loop, in which its first workers' starts go
-        await anyio.lowlevel.checkpoint()  # out, before this answer and its log line
+            state.events.patient = True
+            self._take_on(state)
+            await anyio.lowlevel.checkpoint()  # its first workers' starts go out, before this
+        self._events_appended()  # answer and its log line
         log.info(
             "run_submitted",
             run=run_id,
@@ -1027,14 +1040,52 @@ class TaskService:
         )
         return RunResult(outcome=Outcome.ACQUIRED, run=state.summary())
 
-    async def _write_at_once(self, state: RunState, now: str) -> None:
-        """A small run: its record, tasks and queued events in one transaction."""
+    def _take_on(self, state: RunState) -> None:
+        """The submitted run's tasks queued, and dispatched."""
+        self._add_run(state)
+        self._add_slots(state)
+        for task in state.tasks.values():
+            self._queue(state, task)
+        self._dispatch()
+
+    async def _submit_at_once(self, state: RunState, now: str) -> None:
+        """A small run: its record, tasks and queued events in one transaction, which its
+        first workers do not wait for (that write was a millisecond and more of a task's
+        dispatch latency on etcd). They start before their run is durable, as a worker does
+        before its lease is: fleetd killed meanwhile leaves workers of a run the store does
+        not have, which start-up stops (_stop_strays). A failed write takes the run back."""
         run_id = state.run.id
         state.run = msgspec.structs.replace(state.run, status="queued")
-        await state.events.append(
+        written = state.events.enqueue(
             [_queued(run_id, task_id, now) for task_id in state.tasks],
             [self._run_record(state.run), *self._task_writes(state)],
         )
+        self._take_on(state)
+        with anyio.CancelScope(shield=True):  # the run ends up kept or taken back, not neither
+            try:
+                await anyio.lowlevel.checkpoint()  # its first workers' starts go out
+                await state.events.written(written)
+            except Exception:
+                await self._withdraw(state)
+                raise
+        state.events.patient = True
+
+    async def _withdraw(self, run: RunState) -> None:
+        """A run whose submit was not written is forgotten once the workers it started meanwhile
+        stopped: their leases, written after the submit, fail with it (fleetd.tasks.events),
+        and each start stops its worker then (_start_attempt), as a cancel would."""
+        run.cancelling = True
+        run.run = msgspec.structs.replace(run.run, status="cancelled")
+        self.runs.pop(run.run.id, None)
+        self._active.pop(run.run.id, None)
+        self._in_order = None
+        with anyio.move_on_after(CANCEL_WAIT):
+            while any(slot.task is not None for slot in run.slots):
+                await run.settled.wait()
+        for slot in run.slots:
+            self.slots.pop(slot.member, None)
+            self._ended_slots.append(slot.member)
+        log.warning("run_withdrawn", run=run.run.id, reason="its submit was not written")
 
     async def _write_in_steps(self, state: RunState, now: str) -> None:
         """A run too big for one transaction: its record says `pending` until every part is
