@@ -538,7 +538,9 @@ class Holder:
         as it was defined or as `spec`; the holder stays up meanwhile."""
         self._refuse_while_exiting()
         if spec is not None:
-            self._check_runenv(msgspec.structs.replace(spec, name=name))
+            if spec.name != name:  # a replace validates the whole definition again
+                spec = msgspec.structs.replace(spec, name=name)
+            self._check_runenv(spec)
         member = self._members.get(name)
         if member is not None:
             kept = (member.spec, member.port)
@@ -561,7 +563,7 @@ class Holder:
             raise Absent(f"no member {name!r} in cluster {self.cluster!r}")
         if name in self._members:  # another start brought it back meanwhile
             return self._members[name].status()
-        definition = msgspec.structs.replace(spec, name=name) if spec is not None else kept[0]
+        definition = spec if spec is not None else kept[0]
         member = self._admit(definition, kept[1])
         self._begin(member)
         status = member.status()
