@@ -781,16 +781,19 @@ async def test_a_run_whose_submit_is_not_written_is_refused_and_the_worker_it_st
                     return await txn(compares, success, *rest)
 
                 monkeypatch.setattr(store, "txn", refusing_submits)
-                with pytest.raises(StoreFull):
-                    await service.submit(RunSubmit(id=1, text=text, format="json"), ME)
-                (slot,) = registry.index.live[CLUSTER].statuses.values()
-                assert slot.started_at is not None and not slot.running
-                assert service.runs == {}
-                monkeypatch.undo()
-                again = await service.submit(RunSubmit(id=2, text=text, format="json"), ME)
-                assert again.run.id == "run-2" and again.run.status in ("queued", "running")
-                await registry.bring_down(CLUSTER)
-                tg.cancel_scope.cancel()
+                try:
+                    with pytest.raises(StoreFull):
+                        await service.submit(RunSubmit(id=1, text=text, format="json"), ME)
+                    (slot,) = registry.index.live[CLUSTER].statuses.values()
+                    assert slot.started_at is not None and not slot.running
+                    assert service.runs == {}
+                    monkeypatch.undo()
+                    again = await service.submit(RunSubmit(id=2, text=text, format="json"), ME)
+                    assert again.run.id == "run-2" and again.run.status in ("queued", "running")
+                finally:  # its holder (a process of its own) goes, whatever failed
+                    with anyio.CancelScope(shield=True):
+                        await registry.bring_down(CLUSTER)
+                    tg.cancel_scope.cancel()
 
 
 def test_runs_are_listed_newest_first_a_new_one_at_the_top(daemon: Fleetd) -> None:
