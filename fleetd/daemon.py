@@ -234,6 +234,7 @@ class Daemon:
             self.store,
             self.holders,
             state,
+            places.runtime,
             places.socket_path,
             max_workers=max_workers_from(os.environ),
         )

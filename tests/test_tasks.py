@@ -228,6 +228,44 @@ def test_a_worker_is_given_its_task_by_flags_and_runs_in_its_workspace(daemon: F
     assert (tid, attempt, cwd) == ("t1", f"{run}/t1/1", space)
 
 
+def test_a_workers_instructions_are_beside_the_control_socket_until_its_run_ends(
+    daemon: Fleetd,
+) -> None:
+    mark = os.path.join(daemon.root, "marks")
+    plan = {"mark": mark, "sleep": 30}
+    run = submit(daemon, [task("t", plan)], [worker()])
+    wait_marked(mark, 1)
+    with open(os.path.join(daemon.root, "tasks", run, "t.md")) as file:
+        assert json.loads(file.read()) == plan
+    with SyncClient(daemon.socket_path) as client:
+        client.request(RunCancel, run=run)
+    wait_run(daemon, run)
+    assert not os.path.exists(os.path.join(daemon.root, "tasks", run))
+
+
+def test_instructions_are_not_written_through_a_link(daemon: Fleetd) -> None:
+    elsewhere = os.path.join(daemon.root, "elsewhere")
+    os.mkdir(elsewhere)
+    os.symlink(elsewhere, os.path.join(daemon.root, "tasks"))
+    run = submit(daemon, [task("t", retry_policy={"max_attempts": 1})], [worker()])
+    assert wait_run(daemon, run).summary.status == "failed"
+    (view,) = views(daemon, run)
+    assert "symbolic link" in view.error, view.error
+    assert os.listdir(elsewhere) == []
+
+
+def test_instructions_of_runs_no_longer_running_are_removed_at_start_up(daemon: Fleetd) -> None:
+    left = os.path.join(daemon.root, "tasks", "run-99")
+    os.makedirs(left)
+    with open(os.path.join(left, "t.md"), "w") as file:
+        file.write("{}")
+    assert daemon.process is not None
+    daemon.process.kill()
+    daemon.process.wait()
+    daemon.start()
+    assert not os.path.exists(left)
+
+
 def test_higher_priority_tasks_are_dispatched_first_then_older_ones(daemon: Fleetd) -> None:
     mark = os.path.join(daemon.root, "marks")
     tasks = [
@@ -769,7 +807,9 @@ async def test_a_run_whose_submit_is_not_written_is_refused_and_the_worker_it_st
             PrivateDir.open(os.path.join(tempdir, "run")) as runtime,
         ):
             registry = HolderRegistry(store, state)
-            service = TaskService(store, registry, state, os.path.join(tempdir, "fleet.sock"))
+            service = TaskService(
+                store, registry, state, runtime, os.path.join(tempdir, "fleet.sock")
+            )
             async with anyio.create_task_group() as tg:
                 await tg.start(registry.serve, runtime)
                 await tg.start(service.serve)

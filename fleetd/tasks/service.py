@@ -139,6 +139,8 @@ KEPT_ENDED = 64
 holder lives as long as it has a member, so that the next run's first worker starts in it."""
 CANCEL_WAIT = 30.0
 """Seconds a cancel waits for the run's workers to stop."""
+INSTRUCTIONS = "tasks"
+"""Beside the control socket: tasks/RUN/TASK.md, the instructions of a run's started tasks."""
 
 _encode = msgspec.json.Encoder().encode
 _decode_task = msgspec.json.Decoder(TaskRecord).decode
@@ -269,12 +271,17 @@ class TaskService:
         store: Store,
         holders: HolderRegistry,
         state: PrivateDir,
+        runtime: PrivateDir,
         socket_path: str,
+        *,
         max_workers: int = DEFAULT_MAX_WORKERS,
     ) -> None:
         self.store = store
         self.holders = holders
         self.state = state
+        self.runtime = runtime
+        """The control socket's directory (tmpfs under systemd): the started tasks'
+        instructions files (INSTRUCTIONS)."""
         self.socket_path = socket_path
         self.max_workers = max_workers
         self.home = home_of(state) if store.shared else ""
@@ -335,6 +342,8 @@ class TaskService:
                 continue
             await self._load_run(record)
         await self._stop_strays()
+        ended = [run for run in self._instruction_runs() if run not in self._active]
+        await anyio.to_thread.run_sync(self._remove_instructions, ended)
 
     async def _stop_strays(self) -> None:
         """Workers of runs the store does not have (a small run's first workers start before
@@ -579,27 +588,54 @@ class TaskService:
                 await self._stop_attempt(run, task, slot, why)
 
     def _prepare_files(self, run_id: str, spec: TaskSpec, attempt: int) -> tuple[str, str]:
-        """The task's workspace and instructions file: written when its run was submitted,
-        and again for each later attempt (a restart, or a hand, may have removed them)."""
+        """The task's workspace, made when its run was submitted and again for each later
+        attempt (a restart, or a hand, may have removed it), and its instructions file."""
         workspace = spec.workspace or self._own_workspace(run_id, spec.id)
-        instructions = os.path.join(
-            self.state.path, "runs", run_id, "instructions", f"{spec.id}.md"
-        )
         if attempt > 1:
-            self._write_files(run_id, [spec])
-        return workspace, instructions
+            self._make_workspaces(run_id, [spec])
+        return workspace, self._write_instructions(run_id, spec)
 
-    def _write_files(self, run_id: str, specs: Iterable[TaskSpec]) -> None:
-        """Each task's instructions file, and the workspace fleetd makes for a task without
-        one; never through a link."""
-        with self.state.subdir("runs") as runs, runs.subdir(run_id) as run_dir:
-            with run_dir.subdir("instructions") as instructions:
-                for spec in specs:
-                    instructions.write_new(f"{spec.id}.md", spec.instructions.encode())
-            with run_dir.subdir("workspaces") as workspaces:
-                for spec in specs:
-                    if not spec.workspace:
-                        workspaces.make_subdir(spec.id)
+    def _make_workspaces(self, run_id: str, specs: Iterable[TaskSpec]) -> None:
+        """The workspace fleetd makes for each task without one; never through a link."""
+        own = [spec.id for spec in specs if not spec.workspace]
+        if not own:
+            return
+        with (
+            self.state.subdir("runs") as runs,
+            runs.subdir(run_id) as run_dir,
+            run_dir.subdir("workspaces") as workspaces,
+        ):
+            for task_id in own:
+                workspaces.make_subdir(task_id)
+
+    def _write_instructions(self, run_id: str, spec: TaskSpec) -> str:
+        """The task's instructions, a copy of its spec's for its worker, written as each
+        attempt starts into the runtime directory, and removed with its run's end: a file
+        per task made on the state disk at the submit cost up to a millisecond each where
+        an ext4 file system has no journal (it scans its recently deleted inodes)."""
+        with self.runtime.subdir(INSTRUCTIONS) as tasks, tasks.subdir(run_id) as run_dir:
+            name = f"{spec.id}.md"
+            run_dir.write_new(name, spec.instructions.encode())
+            return run_dir.join(name)
+
+    def _instruction_runs(self) -> list[str]:
+        try:
+            with self.runtime.subdir(INSTRUCTIONS, create=False) as tasks:
+                return tasks.names()
+        except FileNotFoundError:
+            return []
+
+    def _remove_instructions(self, run_ids: Iterable[str]) -> None:
+        """The instructions of runs that ended (their workers with them); never through a
+        link. A failure is logged: the files are a copy, and fleetd goes on."""
+        try:
+            with self.runtime.subdir(INSTRUCTIONS, create=False) as tasks:
+                for run_id in run_ids:
+                    tasks.remove_tree(run_id)
+        except FileNotFoundError:
+            pass
+        except (OSError, FleetError) as exc:
+            log.warning("task_instructions_not_removed", error=str(exc))
 
     def _arm(self, run: RunState, task: TaskRecord, slot: Slot) -> None:
         self._push_timer(("lease", run.run.id, task.task_id, task.attempt_id), slot.lease_deadline)
@@ -810,6 +846,7 @@ class TaskService:
         self._soon(self._end_run, run)
 
     async def _end_run(self, run: RunState) -> None:
+        await anyio.to_thread.run_sync(self._remove_instructions, [run.run.id])
         await self._write_run(run)
         log.info("run_ended", run=run.run.id, status=run.run.status, tasks=run.counts())
         while len(self._ended_slots) > KEPT_ENDED:
@@ -1001,7 +1038,8 @@ class TaskService:
         number = await self._next_number()
         run_id = f"run-{number}"
         _check_dispatchable(spec, run_id)
-        await anyio.to_thread.run_sync(self._write_files, run_id, spec.task_specs)
+        if any(not task.workspace for task in spec.task_specs):
+            await anyio.to_thread.run_sync(self._make_workspaces, run_id, spec.task_specs)
         now = _now()
         run = Run(
             id=run_id,
@@ -1085,6 +1123,7 @@ class TaskService:
         for slot in run.slots:
             self.slots.pop(slot.member, None)
             self._ended_slots.append(slot.member)
+        await anyio.to_thread.run_sync(self._remove_instructions, [run.run.id])
         log.warning("run_withdrawn", run=run.run.id, reason="its submit was not written")
 
     async def _write_in_steps(self, state: RunState, now: str) -> None:
