@@ -49,7 +49,14 @@ from protocol.runs import (
 )
 from protocol.tables import tasks_table
 from tests.etcd_server import EtcdServer, need_etcd
-from tests.processes import Fleetd, fill_disk, kill_holders, running_fleetd, wait_gone
+from tests.processes import (
+    Fleetd,
+    fill_disk,
+    kill_holders,
+    running_fleetd,
+    wait_gone,
+    wait_until,
+)
 from tests.processes import fleetctl as run_fleetctl
 
 WORKER = [sys.executable, os.path.join(os.path.dirname(__file__), "task_worker.py")]
@@ -240,7 +247,7 @@ def test_a_workers_instructions_are_beside_the_control_socket_until_its_run_ends
     with SyncClient(daemon.socket_path) as client:
         client.request(RunCancel, run=run)
     wait_run(daemon, run)
-    assert not os.path.exists(os.path.join(daemon.root, "tasks", run))
+    wait_until(lambda: not os.path.exists(os.path.join(daemon.root, "tasks", run)))
 
 
 def test_instructions_are_not_written_through_a_link(daemon: Fleetd) -> None:

@@ -846,8 +846,8 @@ class TaskService:
         self._soon(self._end_run, run)
 
     async def _end_run(self, run: RunState) -> None:
-        await anyio.to_thread.run_sync(self._remove_instructions, [run.run.id])
         await self._write_run(run)
+        await anyio.to_thread.run_sync(self._remove_instructions, [run.run.id])
         log.info("run_ended", run=run.run.id, status=run.run.status, tasks=run.counts())
         while len(self._ended_slots) > KEPT_ENDED:
             member = self._ended_slots.popleft()
