@@ -834,6 +834,7 @@ async def test_a_run_whose_submit_is_not_written_is_refused_and_the_worker_it_st
                     (slot,) = registry.index.live[CLUSTER].statuses.values()
                     assert slot.started_at is not None and not slot.running
                     assert service.runs == {}
+                    assert not await anyio.Path(tempdir, "run", "tasks", "run-1").exists()
                     monkeypatch.undo()
                     again = await service.submit(RunSubmit(id=2, text=text, format="json"), ME)
                     assert again.run.id == "run-2" and again.run.status in ("queued", "running")

@@ -591,21 +591,18 @@ class TaskService:
         """The task's workspace, made when its run was submitted and again for each later
         attempt (a restart, or a hand, may have removed it), and its instructions file."""
         workspace = spec.workspace or self._own_workspace(run_id, spec.id)
-        if attempt > 1:
-            self._make_workspaces(run_id, [spec])
+        if attempt > 1 and not spec.workspace:
+            self._make_workspaces(run_id, [spec.id])
         return workspace, self._write_instructions(run_id, spec)
 
-    def _make_workspaces(self, run_id: str, specs: Iterable[TaskSpec]) -> None:
-        """The workspace fleetd makes for each task without one; never through a link."""
-        own = [spec.id for spec in specs if not spec.workspace]
-        if not own:
-            return
+    def _make_workspaces(self, run_id: str, task_ids: Sequence[str]) -> None:
+        """The workspaces fleetd makes for tasks without one; never through a link."""
         with (
             self.state.subdir("runs") as runs,
             runs.subdir(run_id) as run_dir,
             run_dir.subdir("workspaces") as workspaces,
         ):
-            for task_id in own:
+            for task_id in task_ids:
                 workspaces.make_subdir(task_id)
 
     def _write_instructions(self, run_id: str, spec: TaskSpec) -> str:
@@ -1038,8 +1035,9 @@ class TaskService:
         number = await self._next_number()
         run_id = f"run-{number}"
         _check_dispatchable(spec, run_id)
-        if any(not task.workspace for task in spec.task_specs):
-            await anyio.to_thread.run_sync(self._make_workspaces, run_id, spec.task_specs)
+        own = [task.id for task in spec.task_specs if not task.workspace]
+        if own:
+            await anyio.to_thread.run_sync(self._make_workspaces, run_id, own)
         now = _now()
         run = Run(
             id=run_id,
